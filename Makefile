@@ -1,0 +1,57 @@
+# Sigil build, test and benchmark entry points. `make test` is what CI runs.
+SHELL := /bin/bash
+export PATH := /usr/local/go/bin:$(PATH)
+GO ?= go
+# The Debian packages the tests drive for real (HSM, TPM, their CLIs).
+DEB_PACKAGES := softhsm2 swtpm swtpm-tools tpm2-tools opensc openssl
+# Packages whose behaviour is tested against hardware stand-ins share those
+# stand-ins' CPU: keep package parallelism modest on small machines.
+TEST_FLAGS ?= -count=1 -p 2 -timeout 20m
+BENCH_FLAGS ?= -run '^$$' -bench . -benchtime 2s
+
+.PHONY: all build test bench lint deps clean
+
+all: build
+
+build:
+	@mkdir -p bin
+	@if $(GO) list ./cmd/... >/dev/null 2>&1; then $(GO) build -trimpath -o bin/ ./cmd/...; else echo "no commands yet under cmd/"; fi
+
+# Idempotent: installs only what is missing (needs root when it installs).
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" != 0 ]; then echo "make deps: missing$$missing; run as root or apt-get install them" >&2; exit 1; fi; \
+		echo "make deps: installing$$missing"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+test: deps
+	$(GO) test $(TEST_FLAGS) ./...
+
+bench: deps
+	@$(GO) test $(BENCH_FLAGS) ./... | tee bench.out | awk ' \
+		/^Benchmark/ { name=$$1; rate=""; ratio=""; \
+			for (i = 2; i < NF; i++) { if ($$(i+1) ~ /\/s$$/) rate=$$i" "$$(i+1); if ($$(i+1) ~ /^x-/) ratio=$$i" "$$(i+1) } \
+			rows[++n]=sprintf("%-48s %-22s %s", name, rate, ratio) } \
+		END { printf "\n%-48s %-22s %s\n", "benchmark", "rate", "ratio to raw limit (same run)"; for (i = 1; i <= n; i++) print rows[i] }'
+
+# gofmt, vet, and the architecture rules that the compiler cannot enforce.
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	@bad=$$($(GO) list -f '{{.ImportPath}}: {{join .Imports " "}}' ./... | grep -v '/softhsm-testenv' | grep -E ' testing( |$$)' || true); \
+	if [ -n "$$bad" ]; then echo "non-test code imports testing (test helpers belong in packages only tests import):"; echo "$$bad"; exit 1; fi
+	@bad=$$($(GO) list -f '{{range .Imports}}{{$$.ImportPath}} -> {{.}}{{"\n"}}{{end}}' ./keystore/... | \
+		grep -E ' -> [^/]+\.[^/]+/' | grep -vE ' -> (github.com/miekg/pkcs11|github.com/google/go-tpm/|github.com/sigil-appliance/sigil/keystore)' || true); \
+	if [ -n "$$bad" ]; then echo "keystore may import only the standard library and HSM/TPM libraries:"; echo "$$bad"; exit 1; fi
+	@bad=$$($(GO) list -f '{{range .Imports}}{{$$.ImportPath}} -> {{.}}{{"\n"}}{{end}}' ./... | \
+		grep -E '/(appliance|raft|keystore)(/[^ ]*)? -> github.com/sigil-appliance/sigil/agent' || true); \
+	if [ -n "$$bad" ]; then echo "appliance, raft and keystore must not import agent:"; echo "$$bad"; exit 1; fi
+	@echo "lint ok"
+
+clean:
+	rm -rf bin bench.out
