@@ -130,6 +130,39 @@ func (tk *Token) ListObjects(t testing.TB) string {
 	return string(out)
 }
 
+// PrivateKeys parses pkcs11-tool --list-objects into the attributes it
+// prints for each private key ("Usage", "Access", ...), by label: what the
+// token itself says about its keys.
+func (tk *Token) PrivateKeys(t testing.TB) map[string]map[string]string {
+	t.Helper()
+	keys := map[string]map[string]string{}
+	var cur map[string]string
+	flush := func() {
+		if cur != nil {
+			keys[cur["label"]] = cur
+		}
+		cur = nil
+	}
+	for _, line := range strings.Split(tk.ListObjects(t), "\n") {
+		if !strings.HasPrefix(line, " ") {
+			flush()
+			if strings.HasPrefix(line, "Private Key Object") {
+				cur = map[string]string{}
+			}
+			continue
+		}
+		if k, v, ok := strings.Cut(strings.TrimSpace(line), ":"); ok && cur != nil {
+			cur[k] = strings.TrimSpace(v)
+		}
+	}
+	flush()
+	return keys
+}
+
+// NonExtractable is how pkcs11-tool shows a private key that was generated
+// in the token and can never leave it.
+const NonExtractable = "sensitive, always sensitive, never extractable, local"
+
 // FindSoftHSMModule returns the path of libsofthsm2.so.
 func FindSoftHSMModule(t testing.TB) string {
 	t.Helper()

@@ -31,6 +31,10 @@ type Options struct {
 	SessionsPerToken int
 	// Logger receives login failures and session recoveries; never PINs.
 	Logger *slog.Logger
+	// PIN supplies the user PIN for tokens whose URI has no pin-source, for
+	// callers that hold it only in memory (a PIN rebuilt from M-of-N shares
+	// during a key ceremony). The returned slice is cleared after login.
+	PIN func(ctx context.Context, token string) ([]byte, error)
 }
 
 // KeyStore implements keystore.Manager over any number of tokens, opened on
@@ -79,7 +83,10 @@ func (ks *KeyStore) token(ctx context.Context, u *URI) (*token, error) {
 	if t, ok := ks.tokens[u.tokenKey()]; ok {
 		return t, nil
 	}
-	t, err := openToken(ctx, u, ks.opts.SessionsPerToken, ks.log)
+	if u.PINSource == "" && ks.opts.PIN == nil {
+		return nil, fmt.Errorf("%w: URI for token %q has no pin-source and the key store has no PIN provider", keystore.ErrPINSource, u.Token)
+	}
+	t, err := openToken(ctx, u, ks.opts, ks.log)
 	if err != nil {
 		return nil, err
 	}

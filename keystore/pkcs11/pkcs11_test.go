@@ -115,12 +115,15 @@ func TestPrivateKeyIsSensitiveAndNeverExtractable(t *testing.T) {
 	if _, err := ks.CreateKey(ctx, keystore.CreateKeyRequest{URI: uri, Algorithm: keystore.ECDSAP256}); err != nil {
 		t.Fatal(err)
 	}
-	priv := privateKeyListing(t, tok.ListObjects(t), "ca")
+	priv, ok := tok.PrivateKeys(t)["ca"]
+	if !ok {
+		t.Fatal("pkcs11-tool lists no private key labelled ca")
+	}
 	if priv["Usage"] != "sign" {
 		t.Errorf("private key usage is %q, want sign only", priv["Usage"])
 	}
-	if priv["Access"] != "sensitive, always sensitive, never extractable, local" {
-		t.Errorf("private key access is %q, want sensitive, always sensitive, never extractable, local", priv["Access"])
+	if priv["Access"] != testenv.NonExtractable {
+		t.Errorf("private key access is %q, want %s", priv["Access"], testenv.NonExtractable)
 	}
 
 	// Reading the private value through PKCS#11 is refused by the token.
@@ -168,7 +171,7 @@ func TestCreateRefusesExistingLabelOrID(t *testing.T) {
 	if _, err := ks.CreateKey(ctx, keystore.CreateKeyRequest{URI: tok.KeyURI("c"), Algorithm: "ed448"}); !errors.Is(err, keystore.ErrUnsupportedAlgorithm) {
 		t.Fatalf("create ed448: %v", err)
 	}
-	if n := strings.Count(tok.ListObjects(t), "Private Key Object"); n != 2 {
+	if n := len(tok.PrivateKeys(t)); n != 2 {
 		t.Fatalf("token holds %d private keys, want 2", n)
 	}
 }
@@ -314,33 +317,6 @@ func TestConcurrentSigners(t *testing.T) {
 	}
 }
 
-// privateKeyListing picks the attributes pkcs11-tool --list-objects prints
-// for the private key labelled label.
-func privateKeyListing(t *testing.T, out, label string) map[string]string {
-	t.Helper()
-	var cur map[string]string
-	for _, line := range strings.Split(out, "\n") {
-		if !strings.HasPrefix(line, " ") {
-			if cur != nil && cur["label"] == label {
-				return cur
-			}
-			cur = nil
-			if strings.HasPrefix(line, "Private Key Object") {
-				cur = map[string]string{}
-			}
-			continue
-		}
-		if k, v, ok := strings.Cut(strings.TrimSpace(line), ":"); ok && cur != nil {
-			cur[k] = strings.TrimSpace(v)
-		}
-	}
-	if cur != nil && cur["label"] == label {
-		return cur
-	}
-	t.Fatalf("no private key labelled %q in:\n%s", label, out)
-	return nil
-}
-
 type syncBuffer struct {
 	mu sync.Mutex
 	b  bytes.Buffer
@@ -356,4 +332,25 @@ func (s *syncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+func TestPINProvider(t *testing.T) {
+	tok := testenv.ProcessHSM(t).NewToken(t, "provider")
+	ctx := context.Background()
+	noSource := strings.Replace(tok.KeyURI("k"), "&pin-source=file:"+tok.PINFile, "", 1)
+	if _, err := newStore(t).CreateKey(ctx, keystore.CreateKeyRequest{URI: noSource, Algorithm: keystore.ECDSAP256}); !errors.Is(err, keystore.ErrPINSource) {
+		t.Fatalf("no pin-source, no provider: %v, want ErrPINSource", err)
+	}
+	var asked []string
+	ks := New(Options{PIN: func(_ context.Context, token string) ([]byte, error) {
+		asked = append(asked, token)
+		return []byte(tok.PIN(t)), nil
+	}})
+	defer ks.Close()
+	if _, err := ks.CreateKey(ctx, keystore.CreateKeyRequest{URI: noSource, Algorithm: keystore.ECDSAP256}); err != nil {
+		t.Fatal(err)
+	}
+	if len(asked) != 1 || asked[0] != "provider" {
+		t.Fatalf("provider asked for %v", asked)
+	}
 }

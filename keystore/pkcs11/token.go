@@ -20,12 +20,13 @@ type token struct {
 	slot      uint
 	label     string
 	pinSource string
+	pinFunc   func(ctx context.Context, token string) ([]byte, error)
 	log       *slog.Logger
 
 	mu       sync.Mutex // guards gen and open
 	createMu sync.Mutex // serializes key creation: check-then-generate
-	gen  uint64     // bumped on every re-login; older sessions are discarded
-	open int        // sessions open, idle or in use
+	gen      uint64     // bumped on every re-login; older sessions are discarded
+	open     int        // sessions open, idle or in use
 
 	idle chan session
 	max  int
@@ -36,7 +37,7 @@ type session struct {
 	gen uint64
 }
 
-func openToken(ctx context.Context, u *URI, poolSize int, log *slog.Logger) (*token, error) {
+func openToken(ctx context.Context, u *URI, opts Options, log *slog.Logger) (*token, error) {
 	mod, err := acquireModule(u.ModulePath)
 	if err != nil {
 		return nil, err
@@ -46,14 +47,14 @@ func openToken(ctx context.Context, u *URI, poolSize int, log *slog.Logger) (*to
 		mod.release()
 		return nil, err
 	}
-	t := &token{mod: mod, slot: slot, label: label, pinSource: u.PINSource, log: log,
-		idle: make(chan session, poolSize), max: poolSize}
+	t := &token{mod: mod, slot: slot, label: label, pinSource: u.PINSource, pinFunc: opts.PIN, log: log,
+		idle: make(chan session, opts.SessionsPerToken), max: opts.SessionsPerToken}
 	s, err := t.newSession()
 	if err != nil {
 		mod.release()
 		return nil, err
 	}
-	if err := t.login(s.h); err != nil {
+	if err := t.login(ctx, s.h); err != nil {
 		mod.ctx.CloseSession(s.h)
 		mod.release()
 		return nil, err
@@ -120,8 +121,17 @@ func (t *token) newSession() (session, error) {
 }
 
 // login reads the PIN only now and drops it after the call.
-func (t *token) login(h pkcs11.SessionHandle) error {
-	pin, err := readPIN(t.pinSource)
+func (t *token) login(ctx context.Context, h pkcs11.SessionHandle) error {
+	var pin []byte
+	var err error
+	if t.pinSource != "" {
+		pin, err = readPIN(t.pinSource)
+	} else {
+		pin, err = t.pinFunc(ctx, t.label)
+		if err != nil {
+			err = fmt.Errorf("%w: %v", keystore.ErrPINSource, err)
+		}
+	}
 	if err != nil {
 		return err
 	}
@@ -206,7 +216,7 @@ func (t *token) discard(s session) {
 // login was lost (token reset, sessions closed). It retires every session of
 // that generation and logs in again on a fresh one. Only the first caller of
 // a generation does the work.
-func (t *token) recover(failed session) error {
+func (t *token) recover(ctx context.Context, failed session) error {
 	t.mu.Lock()
 	if failed.gen != t.gen {
 		t.mu.Unlock()
@@ -223,7 +233,7 @@ func (t *token) recover(failed session) error {
 	t.mu.Lock()
 	t.open++
 	t.mu.Unlock()
-	if err := t.login(s.h); err != nil {
+	if err := t.login(ctx, s.h); err != nil {
 		t.discard(s)
 		return err
 	}
@@ -241,7 +251,7 @@ func (t *token) do(ctx context.Context, op func(pkcs11.SessionHandle) error) err
 		}
 		err = op(s.h)
 		if err != nil && sessionLost(err) && attempt == 0 {
-			if rerr := t.recover(s); rerr != nil {
+			if rerr := t.recover(ctx, s); rerr != nil {
 				return fmt.Errorf("%v; re-login failed: %w", err, rerr)
 			}
 			continue

@@ -15,7 +15,8 @@ import (
 //
 // The PIN never appears in the URI: pin-value is refused, and pin-source
 // names a file (file:/path or an absolute path) or, as an extension, an
-// environment variable (env:NAME).
+// environment variable (env:NAME). A URI without pin-source needs a key
+// store with a PIN provider (Options.PIN).
 type URI struct {
 	// Token selection (path attributes). At least one of Token and Serial.
 	Token        string
@@ -116,11 +117,10 @@ func ParseURI(raw string) (*URI, error) {
 	if !strings.HasPrefix(u.ModulePath, "/") {
 		return bad("module-path %q is not absolute", u.ModulePath)
 	}
-	if u.PINSource == "" {
-		return bad("no pin-source query attribute")
-	}
-	if _, _, err := pinLocation(u.PINSource); err != nil {
-		return nil, err
+	if u.PINSource != "" {
+		if _, _, err := pinLocation(u.PINSource); err != nil {
+			return nil, err
+		}
 	}
 	return u, nil
 }

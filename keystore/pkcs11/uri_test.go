@@ -32,7 +32,6 @@ func TestParseURI(t *testing.T) {
 		{"pkcs11:object=a?" + mod + "&pin-source=/p", "token must be named"},
 		{"pkcs11:token=a;object=b", "no module-path"},
 		{"pkcs11:token=a?module-path=lib.so&pin-source=/p", "not absolute"},
-		{"pkcs11:token=a?" + mod, "no pin-source"},
 		{"pkcs11:token=a;pin-value=1234?" + mod + "&pin-source=/p", "pin-value is not allowed"},
 		{"pkcs11:token=a?" + mod + "&pin-value=1234", "pin-value is not allowed"},
 		{"pkcs11:token=a?" + mod + "&pin-source=relative/file", "must be file:/absolute/path or env:NAME"},

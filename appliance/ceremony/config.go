@@ -1,0 +1,587 @@
+package ceremony
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"go.yaml.in/yaml/v3"
+
+	"github.com/sigil-appliance/sigil/appliance/pinshare"
+)
+
+// Kinds of ceremony.
+const (
+	KindRoot        = "root"
+	KindReissueRoot = "reissue-root"
+	KindIssuingCSR  = "issuing-csr"
+	KindSignIssuing = "sign-issuing"
+	KindCRL         = "crl"
+	KindPINSplit    = "pin-split"
+)
+
+// Kinds lists every ceremony kind, in the order a new trust domain uses them.
+var Kinds = []string{KindPINSplit, KindRoot, KindIssuingCSR, KindSignIssuing, KindReissueRoot, KindCRL}
+
+// Config is a ceremony script: the whole input of one ceremony. Each kind
+// uses some sections and refuses the others, so a script cannot carry a
+// setting that silently does nothing.
+type Config struct {
+	Kind        string `yaml:"kind"`
+	TrustDomain string `yaml:"trust-domain"`
+	// Transcript is the JSON-lines file this ceremony appends to.
+	Transcript string `yaml:"transcript"`
+
+	HSM         *HSMConfig         `yaml:"hsm"`
+	Key         *KeyConfig         `yaml:"key"`
+	Root        *RootConfig        `yaml:"root"`
+	IssuingCSR  *IssuingCSRConfig  `yaml:"issuing-csr"`
+	SignIssuing *SignIssuingConfig `yaml:"sign-issuing"`
+	CRL         *CRLConfig         `yaml:"crl"`
+	PINSplit    *PINSplitConfig    `yaml:"pin-split"`
+
+	sha256 string // of the script as read, for the transcript
+}
+
+// HSMConfig names the token and how its PIN is given: a 0600 file, or M
+// share files from pin-split (the PIN is then rebuilt only in memory).
+type HSMConfig struct {
+	Module    string   `yaml:"module"`
+	Token     string   `yaml:"token"`
+	PINFile   string   `yaml:"pin-file"`
+	PINShares []string `yaml:"pin-shares"`
+}
+
+// KeyConfig names the key in the token.
+type KeyConfig struct {
+	Label string `yaml:"label"`
+	Curve string `yaml:"curve"`
+}
+
+// Subject is the distinguished name of a CA certificate.
+type Subject struct {
+	CommonName   string `yaml:"common-name"`
+	Organization string `yaml:"organization"`
+	Country      string `yaml:"country"`
+}
+
+// RootConfig is the self-signed trust anchor (kinds root and reissue-root).
+type RootConfig struct {
+	Subject  Subject  `yaml:"subject"`
+	Validity Duration `yaml:"validity"`
+	// NameConstraint limits every certificate below the root to the trust
+	// domain's SPIFFE IDs (default true).
+	NameConstraint *bool  `yaml:"name-constraint"`
+	Output         string `yaml:"output"`
+	// Previous (reissue-root only) is the certificate being replaced; its
+	// key must be the key in the HSM.
+	Previous string `yaml:"previous"`
+}
+
+// IssuingCSRConfig makes a node's issuing CA key and its CSR.
+type IssuingCSRConfig struct {
+	NodeID string `yaml:"node-id"`
+	Output string `yaml:"output"`
+}
+
+// SignIssuingConfig signs a node's CSR into its intermediate certificate.
+type SignIssuingConfig struct {
+	RootCertificate string   `yaml:"root-certificate"`
+	CSR             string   `yaml:"csr"`
+	NodeID          string   `yaml:"node-id"`
+	Validity        Duration `yaml:"validity"`
+	Output          string   `yaml:"output"`
+}
+
+// CRLConfig revokes retired intermediates.
+type CRLConfig struct {
+	RootCertificate string   `yaml:"root-certificate"`
+	Revoke          []string `yaml:"revoke"`
+	Number          int64    `yaml:"number"`
+	Validity        Duration `yaml:"validity"`
+	Output          string   `yaml:"output"`
+}
+
+// PINSplitConfig splits a token PIN into share files.
+type PINSplitConfig struct {
+	Token     string   `yaml:"token"`
+	PINFile   string   `yaml:"pin-file"`
+	Threshold int      `yaml:"threshold"`
+	Shares    []string `yaml:"shares"`
+}
+
+// Duration accepts Go durations and whole days or years ("90d", "1y", "10y";
+// a year is 365 days).
+type Duration struct{ time.Duration }
+
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	v, err := ParseDuration(n.Value)
+	if err != nil {
+		return fmt.Errorf("line %d: %w", n.Line, err)
+	}
+	d.Duration = v
+	return nil
+}
+
+// ParseDuration parses "8760h", "90d" or "10y".
+func ParseDuration(s string) (time.Duration, error) {
+	for suffix, unit := range map[string]time.Duration{"d": 24 * time.Hour, "y": 365 * 24 * time.Hour} {
+		if n, ok := strings.CutSuffix(s, suffix); ok {
+			v, err := strconv.Atoi(n)
+			if err != nil || v <= 0 {
+				return 0, fmt.Errorf("duration %q: want a positive whole number before %q", s, suffix)
+			}
+			return time.Duration(v) * unit, nil
+		}
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		return 0, fmt.Errorf("duration %q: %v (use e.g. 8760h, 90d, 1y)", s, err)
+	}
+	return d, nil
+}
+
+// Load parses a ceremony script strictly: unknown fields, a second YAML
+// document, or a kind other than the one the operator asked for are errors.
+func Load(path, kind string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	return Parse(data, kind)
+}
+
+// Parse is Load on bytes.
+func Parse(data []byte, kind string) (*Config, error) {
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	var c Config
+	if err := dec.Decode(&c); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, errors.New("config is empty")
+		}
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	var extra yaml.Node
+	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
+		return nil, errors.New("config: holds more than one YAML document; a ceremony script is exactly one")
+	}
+	sum := sha256.Sum256(data)
+	c.sha256 = hex.EncodeToString(sum[:])
+	if c.Kind != kind {
+		return nil, fmt.Errorf("kind is %q but the ceremony asked for is %q: wrong script?", c.Kind, kind)
+	}
+	return &c, nil
+}
+
+var (
+	labelRE  = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$`)
+	nodeIDRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
+)
+
+// NodeIDPattern is what node IDs look like (they become SPIFFE ID path
+// segments and certificate names).
+const NodeIDPattern = `[a-z0-9][a-z0-9-]{0,62}`
+
+// validation collects every problem in a script, so an officer fixes them
+// all in one pass rather than one per attempt.
+type validation struct{ errs []string }
+
+func (v *validation) add(field, format string, a ...any) {
+	v.errs = append(v.errs, field+" "+fmt.Sprintf(format, a...))
+}
+
+func (v *validation) err() error {
+	if len(v.errs) == 0 {
+		return nil
+	}
+	return fmt.Errorf("invalid ceremony config:\n  - %s", strings.Join(v.errs, "\n  - "))
+}
+
+// sections says which sections each kind needs; any other section is an
+// error.
+var sections = map[string][]string{
+	KindRoot:        {"hsm", "key", "root"},
+	KindReissueRoot: {"hsm", "key", "root"},
+	KindIssuingCSR:  {"hsm", "key", "issuing-csr"},
+	KindSignIssuing: {"hsm", "key", "sign-issuing"},
+	KindCRL:         {"hsm", "key", "crl"},
+	KindPINSplit:    {"pin-split"},
+}
+
+// Validate checks the whole script against the file system, without
+// touching any HSM: inputs exist and parse, outputs do not exist yet, PIN
+// sources are private, and shares rebuild a PIN. It returns what the run
+// needs that validation already read.
+func (c *Config) Validate(now time.Time) (*Plan, error) {
+	v := &validation{}
+	p := &Plan{Config: c}
+	need, ok := sections[c.Kind]
+	if !ok {
+		return nil, fmt.Errorf("kind %q is not one of %s", c.Kind, strings.Join(Kinds, ", "))
+	}
+	present := map[string]bool{"hsm": c.HSM != nil, "key": c.Key != nil, "root": c.Root != nil,
+		"issuing-csr": c.IssuingCSR != nil, "sign-issuing": c.SignIssuing != nil, "crl": c.CRL != nil, "pin-split": c.PINSplit != nil}
+	for name, there := range present {
+		wanted := false
+		for _, n := range need {
+			wanted = wanted || n == name
+		}
+		switch {
+		case wanted && !there:
+			v.add(name, "is required for kind %s", c.Kind)
+		case !wanted && there:
+			v.add(name, "is not used by kind %s; remove it", c.Kind)
+		}
+	}
+
+	if c.Kind != KindPINSplit {
+		td, err := spiffeid.TrustDomainFromString(c.TrustDomain)
+		if err != nil || strings.Contains(c.TrustDomain, "/") {
+			v.add("trust-domain", "must be a SPIFFE trust domain name like example.org (got %q)", c.TrustDomain)
+		}
+		p.TrustDomain = td
+	} else if c.TrustDomain != "" {
+		v.add("trust-domain", "is not used by kind pin-split; remove it")
+	}
+	if c.Transcript == "" {
+		v.add("transcript", "is required: every ceremony leaves a transcript")
+	} else if err := checkTranscript(c.Transcript); err != nil {
+		v.add("transcript", "%v", err)
+	}
+
+	if c.HSM != nil {
+		c.validateHSM(v, p)
+	}
+	if c.Key != nil {
+		if !labelRE.MatchString(c.Key.Label) {
+			v.add("key.label", "must be 1-32 characters of A-Z a-z 0-9 . _ - (got %q)", c.Key.Label)
+		}
+		switch c.Key.Curve {
+		case "":
+			c.Key.Curve = "P-384"
+			if c.Kind == KindIssuingCSR {
+				// Issuing keys sign every SVID: P-256 is twice as fast in
+				// HSMs and as strong as the TLS it protects.
+				c.Key.Curve = "P-256"
+			}
+		case "P-256", "P-384":
+		default:
+			v.add("key.curve", "must be P-256 or P-384 (got %q)", c.Key.Curve)
+		}
+	}
+	switch c.Kind {
+	case KindRoot, KindReissueRoot:
+		if c.Root != nil {
+			c.validateRoot(v, p, now)
+		}
+	case KindIssuingCSR:
+		if c.IssuingCSR != nil {
+			if !nodeIDRE.MatchString(c.IssuingCSR.NodeID) {
+				v.add("issuing-csr.node-id", "must match %s (got %q)", NodeIDPattern, c.IssuingCSR.NodeID)
+			}
+			checkOutput(v, "issuing-csr.output", c.IssuingCSR.Output, p)
+		}
+	case KindSignIssuing:
+		if c.SignIssuing != nil {
+			c.validateSignIssuing(v, p, now)
+		}
+	case KindCRL:
+		if c.CRL != nil {
+			c.validateCRL(v, p, now)
+		}
+	case KindPINSplit:
+		if c.PINSplit != nil {
+			c.validatePINSplit(v, p)
+		}
+	}
+	if err := v.err(); err != nil {
+		p.wipe()
+		return nil, err
+	}
+	return p, nil
+}
+
+func (c *Config) validateHSM(v *validation, p *Plan) {
+	h := c.HSM
+	if h.Module == "" {
+		v.add("hsm.module", "is required (the PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so)")
+	} else if st, err := os.Stat(h.Module); err != nil || !st.Mode().IsRegular() {
+		v.add("hsm.module", "%s is not a readable library", h.Module)
+	}
+	if h.Token == "" {
+		v.add("hsm.token", "is required (the token label)")
+	}
+	switch {
+	case h.PINFile == "" && len(h.PINShares) == 0:
+		v.add("hsm", "needs a PIN source: pin-file or pin-shares (PINs are never written in the script)")
+	case h.PINFile != "" && len(h.PINShares) > 0:
+		v.add("hsm", "has both pin-file and pin-shares; give one")
+	case h.PINFile != "":
+		if err := checkPrivateFile(h.PINFile); err != nil {
+			v.add("hsm.pin-file", "%v", err)
+		}
+	default:
+		var shares []pinshare.Share
+		for i, f := range h.PINShares {
+			s, err := readShare(f)
+			if err != nil {
+				v.add(fmt.Sprintf("hsm.pin-shares[%d]", i), "%v", err)
+				continue
+			}
+			shares = append(shares, s)
+		}
+		if len(shares) == len(h.PINShares) {
+			if shares[0].Token != h.Token {
+				v.add("hsm.pin-shares", "are for token %q, not %q", shares[0].Token, h.Token)
+			} else if pin, err := pinshare.Combine(shares); err != nil {
+				v.add("hsm.pin-shares", "%v", err)
+			} else {
+				p.pin = pin
+			}
+		}
+	}
+}
+
+func (c *Config) validateRoot(v *validation, p *Plan, now time.Time) {
+	r := c.Root
+	if r.Subject.CommonName == "" {
+		v.add("root.subject.common-name", "is required")
+	}
+	if len(r.Subject.Country) != 0 && len(r.Subject.Country) != 2 {
+		v.add("root.subject.country", "must be a two-letter code")
+	}
+	if r.Validity.Duration <= 0 {
+		v.add("root.validity", "is required (e.g. 10y)")
+	} else if r.Validity.Duration > 30*365*24*time.Hour {
+		v.add("root.validity", "%v is longer than 30 years", r.Validity.Duration)
+	}
+	checkOutput(v, "root.output", r.Output, p)
+	if c.Kind == KindRoot && r.Previous != "" {
+		v.add("root.previous", "is only for kind reissue-root")
+	}
+	if c.Kind == KindReissueRoot && r.Previous != "" {
+		cert, err := readCert(r.Previous)
+		if err != nil {
+			v.add("root.previous", "%v", err)
+		} else {
+			p.Previous = cert
+		}
+	}
+}
+
+func (c *Config) validateSignIssuing(v *validation, p *Plan, now time.Time) {
+	s := c.SignIssuing
+	root, err := readCert(s.RootCertificate)
+	if err != nil {
+		v.add("sign-issuing.root-certificate", "%v", err)
+	} else {
+		p.RootCert = root
+		if !root.IsCA {
+			v.add("sign-issuing.root-certificate", "%s is not a CA certificate", s.RootCertificate)
+		}
+		if now.After(root.NotAfter) {
+			v.add("sign-issuing.root-certificate", "expired on %s", root.NotAfter.Format(time.RFC3339))
+		}
+	}
+	if !nodeIDRE.MatchString(s.NodeID) {
+		v.add("sign-issuing.node-id", "must match %s (got %q)", NodeIDPattern, s.NodeID)
+	}
+	csr, err := readCSR(s.CSR)
+	if err != nil {
+		v.add("sign-issuing.csr", "%v", err)
+	} else if err := checkCSR(csr, p.TrustDomain, s.NodeID); err != nil {
+		v.add("sign-issuing.csr", "%v", err)
+	} else {
+		p.CSR = csr
+	}
+	if s.Validity.Duration <= 0 {
+		v.add("sign-issuing.validity", "is required (e.g. 1y)")
+	} else if root != nil && now.Add(s.Validity.Duration).After(root.NotAfter) {
+		v.add("sign-issuing.validity", "%v would outlive the root (expires %s)", s.Validity.Duration, root.NotAfter.Format(time.RFC3339))
+	}
+	checkOutput(v, "sign-issuing.output", s.Output, p)
+}
+
+func (c *Config) validateCRL(v *validation, p *Plan, now time.Time) {
+	s := c.CRL
+	root, err := readCert(s.RootCertificate)
+	if err != nil {
+		v.add("crl.root-certificate", "%v", err)
+	} else {
+		p.RootCert = root
+	}
+	if s.Number <= 0 {
+		v.add("crl.number", "must be a positive, increasing CRL number")
+	}
+	if s.Validity.Duration <= 0 {
+		v.add("crl.validity", "is required (time to the next update, e.g. 30d)")
+	}
+	for i, f := range s.Revoke {
+		cert, err := readCert(f)
+		if err != nil {
+			v.add(fmt.Sprintf("crl.revoke[%d]", i), "%v", err)
+			continue
+		}
+		if root != nil && cert.CheckSignatureFrom(root) != nil {
+			v.add(fmt.Sprintf("crl.revoke[%d]", i), "%s was not issued by the root", f)
+			continue
+		}
+		p.Revoked = append(p.Revoked, cert)
+	}
+	checkOutput(v, "crl.output", s.Output, p)
+}
+
+func (c *Config) validatePINSplit(v *validation, p *Plan) {
+	s := c.PINSplit
+	if s.Token == "" {
+		v.add("pin-split.token", "is required (the label of the token whose PIN this is)")
+	}
+	if err := checkPrivateFile(s.PINFile); err != nil {
+		v.add("pin-split.pin-file", "%v", err)
+	} else {
+		pin, err := readPINFile(s.PINFile)
+		if err != nil {
+			v.add("pin-split.pin-file", "%v", err)
+		}
+		p.pin = pin
+	}
+	if s.Threshold < 2 {
+		v.add("pin-split.threshold", "must be at least 2 (got %d)", s.Threshold)
+	}
+	if len(s.Shares) < s.Threshold {
+		v.add("pin-split.shares", "lists %d files, fewer than the threshold %d", len(s.Shares), s.Threshold)
+	}
+	if len(s.Shares) > 255 {
+		v.add("pin-split.shares", "lists more than 255 files")
+	}
+	for i, f := range s.Shares {
+		checkOutput(v, fmt.Sprintf("pin-split.shares[%d]", i), f, p)
+	}
+}
+
+// checkOutput refuses an output that exists (outputs are never overwritten)
+// or whose directory does not, and a path listed twice.
+func checkOutput(v *validation, field, path string, p *Plan) {
+	if path == "" {
+		v.add(field, "is required")
+		return
+	}
+	abs, _ := filepath.Abs(path)
+	for _, o := range p.outputs {
+		if o == abs {
+			v.add(field, "%s is listed twice", path)
+			return
+		}
+	}
+	if _, err := os.Lstat(path); err == nil {
+		v.add(field, "%s already exists; outputs are never overwritten", path)
+		return
+	}
+	if st, err := os.Stat(filepath.Dir(abs)); err != nil || !st.IsDir() {
+		v.add(field, "directory %s does not exist", filepath.Dir(abs))
+		return
+	}
+	p.outputs = append(p.outputs, abs)
+}
+
+func checkPrivateFile(path string) error {
+	if path == "" {
+		return errors.New("is required")
+	}
+	st, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	if !st.Mode().IsRegular() {
+		return fmt.Errorf("%s is not a regular file", path)
+	}
+	if st.Mode().Perm()&0o077 != 0 {
+		return fmt.Errorf("%s has mode %v; it must be readable by its owner only (chmod 600)", path, st.Mode().Perm())
+	}
+	return nil
+}
+
+func readPINFile(path string) ([]byte, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	pin := bytes.TrimRight(b, "\r\n")
+	if len(pin) == 0 {
+		return nil, fmt.Errorf("%s is empty", path)
+	}
+	if len(pin) > 255 {
+		return nil, fmt.Errorf("%s is longer than any PIN", path)
+	}
+	return pin, nil
+}
+
+func readShare(path string) (pinshare.Share, error) {
+	if err := checkPrivateFile(path); err != nil {
+		return pinshare.Share{}, err
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return pinshare.Share{}, err
+	}
+	s, err := pinshare.Parse(b)
+	if err != nil {
+		return pinshare.Share{}, fmt.Errorf("%s: %w", path, err)
+	}
+	return s, nil
+}
+
+func readCert(path string) (*x509.Certificate, error) {
+	der, err := readPEM(path, "CERTIFICATE")
+	if err != nil {
+		return nil, err
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %v", path, err)
+	}
+	return cert, nil
+}
+
+func readCSR(path string) (*x509.CertificateRequest, error) {
+	der, err := readPEM(path, "CERTIFICATE REQUEST")
+	if err != nil {
+		return nil, err
+	}
+	csr, err := x509.ParseCertificateRequest(der)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %v", path, err)
+	}
+	return csr, nil
+}
+
+func readPEM(path, typ string) ([]byte, error) {
+	if path == "" {
+		return nil, errors.New("is required")
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	block, rest := pem.Decode(b)
+	if block == nil || block.Type != typ {
+		return nil, fmt.Errorf("%s holds no PEM %s", path, typ)
+	}
+	if len(bytes.TrimSpace(rest)) != 0 {
+		return nil, fmt.Errorf("%s holds more than one PEM block", path)
+	}
+	return block.Bytes, nil
+}
