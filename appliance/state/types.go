@@ -1,0 +1,124 @@
+package state
+
+import (
+	"time"
+)
+
+// Selector is one property a workload (or agent) must show, "type:value"
+// as in SPIFFE registration entries: unix:uid:1000, tpm:ek-hash:ab12...
+type Selector struct {
+	Type  string `json:"type"`
+	Value string `json:"value"`
+}
+
+func (s Selector) String() string { return s.Type + ":" + s.Value }
+
+// Entry is a registration entry: who may get which SPIFFE ID.
+type Entry struct {
+	ID        string     `json:"id"`
+	SPIFFEID  string     `json:"spiffe_id"`
+	ParentID  string     `json:"parent_id"`
+	Selectors []Selector `json:"selectors"`
+	X509TTL   Seconds    `json:"x509_ttl,omitempty"`
+	JWTTTL    Seconds    `json:"jwt_ttl,omitempty"`
+	DNSNames  []string   `json:"dns_names,omitempty"`
+	Hint      string     `json:"hint,omitempty"`
+	// Admin entries give their workloads admin rights on the appliance.
+	Admin     bool      `json:"admin,omitempty"`
+	CreatedAt time.Time `json:"created_at"`
+	UpdatedAt time.Time `json:"updated_at"`
+	// Revision is the raft index of the last change, for watchers that
+	// resume from a revision.
+	Revision uint64 `json:"revision"`
+}
+
+// Seconds is a TTL in whole seconds (JSON number), so state snapshots stay
+// readable and stable.
+type Seconds int64
+
+func (s Seconds) Duration() time.Duration { return time.Duration(s) * time.Second }
+
+// Agent is an attested sigil-agent.
+type Agent struct {
+	ID              string            `json:"id"` // spiffe://<td>/sigil/agent/...
+	AttestationType string            `json:"attestation_type"`
+	Facts           map[string]string `json:"facts,omitempty"` // EK hash, AK name, PCR digest...
+	SerialNumber    string            `json:"serial_number,omitempty"`
+	ExpiresAt       time.Time         `json:"expires_at,omitzero"`
+	Banned          bool              `json:"banned,omitempty"`
+	JoinedAt        time.Time         `json:"joined_at"`
+	UpdatedAt       time.Time         `json:"updated_at"`
+	Revision        uint64            `json:"revision"`
+}
+
+// JoinPolicy decides which TPMs may join.
+type JoinPolicy struct {
+	// EKCAs are DER certificates of TPM manufacturer CAs (roots or
+	// intermediates) that EK certificates must chain to.
+	EKCAs []EKCA `json:"ek_cas,omitempty"`
+	// EKAllow lists hex SHA-256 hashes of EK public keys (PKIX DER)
+	// accepted without a certificate.
+	EKAllow []string `json:"ek_allow,omitempty"`
+	// PCRPolicy, when set, must be met by a quote at join.
+	PCRPolicy *PCRPolicy `json:"pcr_policy,omitempty"`
+	// JoinTokensDisabled turns off the join-token method.
+	JoinTokensDisabled bool `json:"join_tokens_disabled,omitempty"`
+}
+
+// EKCA is one trusted TPM manufacturer CA.
+type EKCA struct {
+	ID      string `json:"id"` // hex SHA-256 of DER
+	Subject string `json:"subject"`
+	DER     []byte `json:"der"`
+}
+
+// PCRPolicy pins PCR values in one bank.
+type PCRPolicy struct {
+	Bank string            `json:"bank"` // sha256
+	PCRs map[string]string `json:"pcrs"` // PCR index -> hex digest
+}
+
+// JoinToken is a one-time join secret. Only its SHA-256 is stored: the
+// token itself is shown once to the admin who created it.
+type JoinToken struct {
+	ID        string    `json:"id"` // hex SHA-256 of the token
+	ExpiresAt time.Time `json:"expires_at"`
+	CreatedBy string    `json:"created_by"`
+	CreatedAt time.Time `json:"created_at"`
+	UsedBy    string    `json:"used_by,omitempty"`
+	UsedAt    time.Time `json:"used_at,omitzero"`
+}
+
+// Bundle is the trust domain's trust bundle.
+type Bundle struct {
+	TrustDomain string `json:"trust_domain"`
+	// Roots are the X.509 authorities (DER), the ceremony's root certificates.
+	Roots [][]byte `json:"roots,omitempty"`
+	// JWTKeys are the JWT authorities of every node.
+	JWTKeys []JWTKey `json:"jwt_keys,omitempty"`
+	// Sequence increases on every change.
+	Sequence uint64 `json:"sequence"`
+}
+
+// JWTKey is a JWT signing key's public half, published before it signs.
+type JWTKey struct {
+	KID       string    `json:"kid"`
+	Node      string    `json:"node"`
+	PublicKey []byte    `json:"public_key"` // PKIX DER
+	NotAfter  time.Time `json:"not_after"`
+}
+
+// AuditRecord is one entry of the tamper-evident audit log. Hash is the
+// SHA-256 of the record's canonical JSON with Hash empty; Prev is the hash of
+// the record before, so the log is a chain from the first record.
+type AuditRecord struct {
+	Seq    uint64            `json:"seq"`
+	Index  uint64            `json:"index"` // raft index of the command
+	Time   time.Time         `json:"time"`
+	Actor  string            `json:"actor"`
+	Action string            `json:"action"`
+	Target string            `json:"target,omitempty"`
+	Detail map[string]string `json:"detail,omitempty"`
+	Prev   string            `json:"prev"`
+	Hash   string            `json:"hash"`
+}
