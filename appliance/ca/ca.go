@@ -1,0 +1,292 @@
+// Package ca is a node's certificate authority: the node's issuing CA key
+// (in its HSM, used through keystore's crypto.Signer) with the intermediate
+// the root ceremony signed for it. It issues the node's own TLS identity and
+// verifies the identities of peers, admins and agents against the root.
+package ca
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"fmt"
+	"math/big"
+	"net/url"
+	"regexp"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+)
+
+// NodeIDPattern is the form of node IDs (a SPIFFE path segment).
+var NodeIDPattern = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
+
+// Authority signs with one node's issuing CA.
+type Authority struct {
+	td      spiffeid.TrustDomain
+	nodeID  string
+	signer  crypto.Signer
+	issuing *x509.Certificate
+	bundle  *x509bundle.Bundle
+	now     func() time.Time
+}
+
+// New checks that the pieces belong together before anything is signed:
+// the signer holds the key of the intermediate, the intermediate is this
+// node's and chains to a root of the trust domain, and it is valid now.
+func New(td spiffeid.TrustDomain, nodeID string, signer crypto.Signer, issuing *x509.Certificate, roots []*x509.Certificate, now func() time.Time) (*Authority, error) {
+	if now == nil {
+		now = time.Now
+	}
+	if !NodeIDPattern.MatchString(nodeID) {
+		return nil, fmt.Errorf("node id %q: want %s", nodeID, NodeIDPattern)
+	}
+	if k, ok := signer.Public().(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(issuing.PublicKey) {
+		return nil, errors.New("the HSM key is not the key of the issuing CA certificate")
+	}
+	if issuing.Subject.CommonName != nodeID {
+		return nil, fmt.Errorf("issuing CA certificate is for node %q, this is node %q", issuing.Subject.CommonName, nodeID)
+	}
+	if !issuing.IsCA {
+		return nil, errors.New("issuing CA certificate is not a CA")
+	}
+	if len(roots) == 0 {
+		return nil, errors.New("no root certificates")
+	}
+	pool := x509.NewCertPool()
+	for _, r := range roots {
+		pool.AddCert(r)
+	}
+	if _, err := issuing.Verify(x509.VerifyOptions{Roots: pool, CurrentTime: now(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+		return nil, fmt.Errorf("issuing CA certificate does not chain to the root: %w", err)
+	}
+	return &Authority{td: td, nodeID: nodeID, signer: signer, issuing: issuing,
+		bundle: x509bundle.FromX509Authorities(td, roots), now: now}, nil
+}
+
+// TrustDomain served by this authority.
+func (a *Authority) TrustDomain() spiffeid.TrustDomain { return a.td }
+
+// NodeID of this node.
+func (a *Authority) NodeID() string { return a.nodeID }
+
+// Issuing is the node's intermediate certificate.
+func (a *Authority) Issuing() *x509.Certificate { return a.issuing }
+
+// Bundle is the X.509 trust bundle (the roots).
+func (a *Authority) Bundle() *x509bundle.Bundle { return a.bundle }
+
+// NodeSPIFFEID is spiffe://<td>/sigil/node/<id>.
+func NodeSPIFFEID(td spiffeid.TrustDomain, nodeID string) spiffeid.ID {
+	return spiffeid.RequireFromPath(td, "/sigil/node/"+nodeID)
+}
+
+// Leaf is what a leaf certificate says; Sign fills in the rest.
+type Leaf struct {
+	ID        spiffeid.ID
+	PublicKey crypto.PublicKey
+	TTL       time.Duration
+	DNSNames  []string
+	Subject   pkix.Name
+}
+
+// Sign issues a leaf X.509-SVID: exactly one URI SAN, not a CA,
+// digitalSignature (+ keyEncipherment for RSA), serverAuth and clientAuth,
+// never past the issuing CA's expiry. It returns leaf + intermediate.
+func (a *Authority) Sign(l Leaf) ([]*x509.Certificate, error) {
+	if !l.ID.MemberOf(a.td) || l.ID.Path() == "" {
+		return nil, fmt.Errorf("cannot sign %s: not a workload ID in %s", l.ID, a.td)
+	}
+	now := a.now()
+	notAfter := now.Add(l.TTL)
+	if notAfter.After(a.issuing.NotAfter) {
+		notAfter = a.issuing.NotAfter
+	}
+	if !notAfter.After(now) {
+		return nil, errors.New("the issuing CA has expired")
+	}
+	sn, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	if err != nil {
+		return nil, err
+	}
+	ku := x509.KeyUsageDigitalSignature
+	if _, ok := l.PublicKey.(*rsa.PublicKey); ok {
+		ku |= x509.KeyUsageKeyEncipherment
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          sn.Add(sn, big.NewInt(1)),
+		Subject:               l.Subject,
+		NotBefore:             now.Add(-30 * time.Second),
+		NotAfter:              notAfter,
+		KeyUsage:              ku,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		BasicConstraintsValid: true,
+		URIs:                  []*url.URL{l.ID.URL()},
+		DNSNames:              l.DNSNames,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, a.issuing, l.PublicKey, a.signer)
+	if err != nil {
+		return nil, fmt.Errorf("sign %s: %w", l.ID, err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, err
+	}
+	return []*x509.Certificate{leaf, a.issuing}, nil
+}
+
+// Role is what a verified peer is to this appliance.
+type Role int
+
+const (
+	RoleNone Role = iota
+	RoleNode
+	RoleAdmin
+	RoleAgent
+)
+
+func (r Role) String() string {
+	return [...]string{"none", "node", "admin", "agent"}[r]
+}
+
+// Peer is a verified TLS peer.
+type Peer struct {
+	ID   spiffeid.ID
+	Role Role
+	// Name is the node ID, admin name or agent path after the role prefix.
+	Name string
+}
+
+// Classify verifies a presented chain (leaf first) against the roots and
+// says who it is. A node certificate must be issued by that node's own
+// issuing CA, so one node's CA cannot mint another node's identity.
+func (a *Authority) Classify(raw [][]byte) (Peer, error) {
+	id, chains, err := x509svid.ParseAndVerify(raw, a.bundle)
+	if err != nil {
+		return Peer{}, err
+	}
+	p := Peer{ID: id}
+	switch path := id.Path(); {
+	case strings.HasPrefix(path, "/sigil/node/"):
+		p.Role, p.Name = RoleNode, strings.TrimPrefix(path, "/sigil/node/")
+		if !NodeIDPattern.MatchString(p.Name) {
+			return Peer{}, fmt.Errorf("node ID %q does not match %s", p.Name, NodeIDPattern)
+		}
+		ok := false
+		for _, ch := range chains {
+			ok = ok || len(ch) > 1 && ch[1].Subject.CommonName == p.Name
+		}
+		if !ok {
+			return Peer{}, fmt.Errorf("%s was not issued by node %s's own issuing CA", id, p.Name)
+		}
+	case strings.HasPrefix(path, "/sigil/admin/"):
+		p.Role, p.Name = RoleAdmin, strings.TrimPrefix(path, "/sigil/admin/")
+	case strings.HasPrefix(path, "/sigil/agent/"):
+		p.Role, p.Name = RoleAgent, strings.TrimPrefix(path, "/sigil/agent/")
+	default:
+		return Peer{}, fmt.Errorf("%s is not a Sigil node, admin or agent", id)
+	}
+	return p, nil
+}
+
+// NodeIdentity keeps this node's TLS certificate fresh: a key made in
+// memory per certificate (it protects transport sessions, not identities,
+// and dies with the process) certified by the HSM-held issuing CA.
+type NodeIdentity struct {
+	a   *Authority
+	ttl time.Duration
+
+	mu   sync.Mutex
+	cert *tls.Certificate
+}
+
+// NewNodeIdentity issues the first certificate at once.
+func NewNodeIdentity(a *Authority, ttl time.Duration) (*NodeIdentity, error) {
+	n := &NodeIdentity{a: a, ttl: ttl}
+	if _, err := n.rotate(); err != nil {
+		return nil, err
+	}
+	return n, nil
+}
+
+func (n *NodeIdentity) rotate() (*tls.Certificate, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	chain, err := n.a.Sign(Leaf{ID: NodeSPIFFEID(n.a.td, n.a.nodeID), PublicKey: &key.PublicKey, TTL: n.ttl,
+		Subject: pkix.Name{CommonName: n.a.nodeID}})
+	if err != nil {
+		return nil, err
+	}
+	c := &tls.Certificate{PrivateKey: key, Leaf: chain[0]}
+	for _, x := range chain {
+		c.Certificate = append(c.Certificate, x.Raw)
+	}
+	n.mu.Lock()
+	n.cert = c
+	n.mu.Unlock()
+	return c, nil
+}
+
+// Certificate returns the current certificate, renewing it past half life.
+func (n *NodeIdentity) Certificate() (*tls.Certificate, error) {
+	n.mu.Lock()
+	c := n.cert
+	n.mu.Unlock()
+	if half := c.Leaf.NotBefore.Add(c.Leaf.NotAfter.Sub(c.Leaf.NotBefore) / 2); n.a.now().After(half) {
+		if nc, err := n.rotate(); err == nil {
+			return nc, nil
+		}
+		// Keep serving the old certificate until it expires.
+	}
+	return c, nil
+}
+
+// TLSConfig is a mutual-TLS config for node-to-node and API traffic. Every
+// peer must present a chain to the roots; allow decides which roles may
+// connect (the caller authorizes per request beyond that).
+func (n *NodeIdentity) TLSConfig(allow ...Role) *tls.Config {
+	verify := func(cs tls.ConnectionState) error {
+		raw := make([][]byte, len(cs.PeerCertificates))
+		for i, c := range cs.PeerCertificates {
+			raw[i] = c.Raw
+		}
+		p, err := n.a.Classify(raw)
+		if err != nil {
+			return err
+		}
+		for _, r := range allow {
+			if p.Role == r {
+				return nil
+			}
+		}
+		return fmt.Errorf("%s (%s) may not connect here", p.ID, p.Role)
+	}
+	return &tls.Config{
+		MinVersion:           tls.VersionTLS13,
+		ClientAuth:           tls.RequireAnyClientCert, // verified in VerifyConnection against the roots
+		InsecureSkipVerify:   true,                     // ditto for servers: SPIFFE IDs, not host names
+		GetCertificate:       func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return n.Certificate() },
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return n.Certificate() },
+		VerifyConnection:     verify,
+	}
+}
+
+// PeerFromState classifies the peer of an established TLS connection.
+func (a *Authority) PeerFromState(cs tls.ConnectionState) (Peer, error) {
+	raw := make([][]byte, len(cs.PeerCertificates))
+	for i, c := range cs.PeerCertificates {
+		raw[i] = c.Raw
+	}
+	return a.Classify(raw)
+}

@@ -1,0 +1,127 @@
+package ca_test
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"net"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/sigil-appliance/sigil/appliance/ca"
+	"github.com/sigil-appliance/sigil/appliance/clustertest"
+	"github.com/sigil-appliance/sigil/keystore/pkcs11"
+	testenv "github.com/sigil-appliance/sigil/softhsm-testenv"
+)
+
+func TestMain(m *testing.M) { os.Exit(testenv.Main(m)) }
+
+func TestNodeIdentityAndPeerChecks(t *testing.T) {
+	tr := clustertest.NewTrust(t, "ca", []string{"node-1", "node-2"}, []string{"node-9"})
+	ks := pkcs11.New(pkcs11.Options{})
+	defer ks.Close()
+	a1 := tr.Authority(t, ks, "node-1")
+	a2 := tr.Authority(t, ks, "node-2")
+
+	// A leaf SVID from the HSM-held issuing CA verifies with go-spiffe.
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	id := spiffeid.RequireFromPath(tr.TrustDomain, "/web")
+	chain, err := a1.Sign(ca.Leaf{ID: id, PublicKey: &key.PublicKey, TTL: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	gotID, _, err := x509svid.Verify(chain, a1.Bundle())
+	if err != nil || gotID != id {
+		t.Fatalf("x509svid.Verify: %v %v", gotID, err)
+	}
+	leaf := chain[0]
+	if leaf.IsCA || len(leaf.URIs) != 1 || leaf.KeyUsage != x509.KeyUsageDigitalSignature || len(leaf.ExtKeyUsage) != 2 {
+		t.Fatalf("leaf: %+v", leaf)
+	}
+	if _, err := a1.Sign(ca.Leaf{ID: spiffeid.RequireFromPath(spiffeid.RequireTrustDomainFromString("evil.org"), "/x"), PublicKey: &key.PublicKey, TTL: time.Hour}); err == nil {
+		t.Fatal("signed an ID of another trust domain")
+	}
+	// Never past the issuing CA.
+	long, _ := a1.Sign(ca.Leaf{ID: id, PublicKey: &key.PublicKey, TTL: 5 * 365 * 24 * time.Hour})
+	if long[0].NotAfter.After(tr.Nodes["node-1"].Issuing.NotAfter) {
+		t.Fatal("leaf outlives its issuing CA")
+	}
+
+	// node-1 cannot pass off a certificate for node-2.
+	forged := clustertest.ClientCert(t, a1, "/sigil/node/node-2")
+	if _, err := a1.Classify(forged.Certificate); err == nil || !strings.Contains(err.Error(), "own issuing CA") {
+		t.Fatalf("forged node identity: %v", err)
+	}
+	for path, role := range map[string]ca.Role{"/sigil/node/node-2": ca.RoleNode, "/sigil/admin/alice": ca.RoleAdmin, "/sigil/agent/tpm/x": ca.RoleAgent} {
+		auth := a1
+		if role == ca.RoleNode {
+			auth = a2
+		}
+		c := clustertest.ClientCert(t, auth, path)
+		p, err := a1.Classify(c.Certificate)
+		if err != nil || p.Role != role {
+			t.Errorf("%s: %v %v", path, p, err)
+		}
+	}
+	if _, err := a1.Classify(clustertest.ClientCert(t, a1, "/web").Certificate); err == nil {
+		t.Fatal("a workload SVID was accepted as a Sigil peer")
+	}
+
+	// A node whose issuing CA the root did not sign cannot even build an
+	// authority, and its certificates are refused by real nodes.
+	s9, _ := ks.Signer(context.Background(), tr.Nodes["node-9"].KeyURI)
+	if _, err := ca.New(tr.TrustDomain, "node-9", s9, tr.Nodes["node-9"].Issuing, []*x509.Certificate{tr.Root}, nil); err == nil {
+		t.Fatal("rogue issuing CA accepted")
+	}
+
+	// mTLS between two node identities works; an admin may not connect
+	// where only nodes are allowed.
+	n1, err := ca.NewNodeIdentity(a1, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n2, _ := ca.NewNodeIdentity(a2, time.Hour)
+	ln, _ := tls.Listen("tcp", "127.0.0.1:0", n1.TLSConfig(ca.RoleNode))
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { c.(*tls.Conn).Handshake(); c.Write([]byte("ok")); c.Close() }()
+		}
+	}()
+	dial := func(cfg *tls.Config) error {
+		c, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", ln.Addr().String(), cfg)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		buf := make([]byte, 2)
+		_, err = c.Read(buf)
+		return err
+	}
+	if err := dial(n2.TLSConfig(ca.RoleNode)); err != nil {
+		t.Fatalf("node-2 to node-1: %v", err)
+	}
+	adminCert := clustertest.ClientCert(t, a2, "/sigil/admin/alice")
+	adminCfg := n2.TLSConfig(ca.RoleNode)
+	adminCfg.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &adminCert, nil }
+	if err := dial(adminCfg); err == nil {
+		t.Fatal("an admin certificate was accepted on a node-only listener")
+	}
+	noCert := n2.TLSConfig(ca.RoleNode)
+	noCert.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &tls.Certificate{}, nil }
+	if err := dial(noCert); err == nil {
+		t.Fatal("a client without a certificate was accepted")
+	}
+}

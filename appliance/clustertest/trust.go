@@ -1,0 +1,185 @@
+// Package clustertest builds real trust material for appliance tests: a
+// root and node issuing CAs made by running the key ceremony on SoftHSM
+// tokens, exactly as an operator would. Only tests import it.
+package clustertest
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/sigil-appliance/sigil/appliance/ca"
+	"github.com/sigil-appliance/sigil/appliance/ceremony"
+	"github.com/sigil-appliance/sigil/keystore/pkcs11"
+	testenv "github.com/sigil-appliance/sigil/softhsm-testenv"
+)
+
+// Trust is a trust domain's ceremony output.
+type Trust struct {
+	Dir         string
+	TrustDomain spiffeid.TrustDomain
+	RootPath    string
+	Root        *x509.Certificate
+	Nodes       map[string]*Node
+	Module      string
+	// RogueRootPath is the other root (same trust domain name) that signed
+	// the rogue nodes: what a rogue node would be configured to trust.
+	RogueRootPath string
+}
+
+// Node is one node's HSM token and issuing CA.
+type Node struct {
+	ID          string
+	Token       *testenv.Token
+	KeyURI      string // issuing CA key, with pin-source
+	IssuingPath string
+	Issuing     *x509.Certificate
+	// Rogue nodes' issuing CAs were signed by a different root.
+	Rogue bool
+}
+
+// NewTrust runs the ceremonies for nodes (signed by the root) and rogue
+// nodes (signed by another root of the same trust domain name). All tokens
+// are made first: SoftHSM shows a process only tokens that existed when
+// the module was initialized.
+func NewTrust(t testing.TB, prefix string, nodes []string, rogue []string) *Trust {
+	t.Helper()
+	hsm := testenv.ProcessHSM(t)
+	tr := &Trust{Dir: t.TempDir(), TrustDomain: spiffeid.RequireTrustDomainFromString("example.org"), Nodes: map[string]*Node{}, Module: hsm.Module}
+	rootTok := hsm.NewToken(t, prefix+"-root")
+	for _, id := range append(append([]string{}, nodes...), rogue...) {
+		tr.Nodes[id] = &Node{ID: id, Token: hsm.NewToken(t, prefix+"-"+id)}
+	}
+	for _, id := range rogue {
+		tr.Nodes[id].Rogue = true
+	}
+	run := func(kind, script string) {
+		t.Helper()
+		cfg, err := ceremony.Parse([]byte(script), kind)
+		if err != nil {
+			t.Fatalf("%s script: %v", kind, err)
+		}
+		plan, err := cfg.Validate(time.Now())
+		if err != nil {
+			t.Fatalf("%s: %v", kind, err)
+		}
+		if err := ceremony.Run(context.Background(), plan, ceremony.Options{}); err != nil {
+			t.Fatalf("%s ceremony: %v", kind, err)
+		}
+	}
+	hsmSection := func(tok *testenv.Token) string {
+		return fmt.Sprintf("hsm:\n  module: %s\n  token: %s\n  pin-file: %s\n", hsm.Module, tok.Label, tok.PINFile)
+	}
+	transcript := filepath.Join(tr.Dir, "transcript.jsonl")
+	rootScript := func(label, out string) string {
+		return fmt.Sprintf("kind: root\ntrust-domain: example.org\ntranscript: %s\n%skey:\n  label: %s\nroot:\n  subject:\n    common-name: Test Root %s\n  validity: 2y\n  output: %s\n",
+			transcript, hsmSection(rootTok), label, label, out)
+	}
+	tr.RootPath = filepath.Join(tr.Dir, "root.pem")
+	run(ceremony.KindRoot, rootScript("root", tr.RootPath))
+	rogueRoot := filepath.Join(tr.Dir, "rogue-root.pem")
+	tr.RogueRootPath = rogueRoot
+	if len(rogue) > 0 {
+		run(ceremony.KindRoot, rootScript("rogue-root", rogueRoot))
+	}
+	for _, id := range append(append([]string{}, nodes...), rogue...) {
+		n := tr.Nodes[id]
+		csr := filepath.Join(tr.Dir, id+".csr")
+		run(ceremony.KindIssuingCSR, fmt.Sprintf("kind: issuing-csr\ntrust-domain: example.org\ntranscript: %s\n%skey:\n  label: issuing\nissuing-csr:\n  node-id: %s\n  output: %s\n",
+			transcript, hsmSection(n.Token), id, csr))
+		label, root := "root", tr.RootPath
+		if n.Rogue {
+			label, root = "rogue-root", rogueRoot
+		}
+		n.IssuingPath = filepath.Join(tr.Dir, id+"-issuing.pem")
+		run(ceremony.KindSignIssuing, fmt.Sprintf("kind: sign-issuing\ntrust-domain: example.org\ntranscript: %s\n%skey:\n  label: %s\nsign-issuing:\n  root-certificate: %s\n  csr: %s\n  node-id: %s\n  validity: 1y\n  output: %s\n",
+			transcript, hsmSection(rootTok), label, root, csr, id, n.IssuingPath))
+		n.Issuing = readCert(t, n.IssuingPath)
+		n.KeyURI = n.Token.KeyURI("issuing")
+	}
+	tr.Root = readCert(t, tr.RootPath)
+	return tr
+}
+
+// Authority opens a node's issuing CA through a key store the caller
+// closes.
+func (tr *Trust) Authority(t testing.TB, ks *pkcs11.KeyStore, node string) *ca.Authority {
+	t.Helper()
+	n := tr.Nodes[node]
+	s, err := ks.Signer(context.Background(), n.KeyURI)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := ca.New(tr.TrustDomain, node, s, n.Issuing, []*x509.Certificate{tr.Root}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
+
+// ClientCert issues a certificate for a SPIFFE ID path (e.g.
+// /sigil/admin/alice) from a node's authority, with a fresh key.
+func ClientCert(t testing.TB, a *ca.Authority, path string) tls.Certificate {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	chain, err := a.Sign(ca.Leaf{ID: spiffeid.RequireFromPath(a.TrustDomain(), path), PublicKey: &key.PublicKey, TTL: time.Hour, Subject: pkix.Name{CommonName: path}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := tls.Certificate{PrivateKey: key, Leaf: chain[0]}
+	for _, x := range chain {
+		c.Certificate = append(c.Certificate, x.Raw)
+	}
+	return c
+}
+
+// WriteCredential writes a client certificate chain and key as PEM files
+// (cert 0644, key 0600) for CLI tests.
+func WriteCredential(t testing.TB, dir, name string, c tls.Certificate) (certPath, keyPath string) {
+	t.Helper()
+	certPath, keyPath = filepath.Join(dir, name+".pem"), filepath.Join(dir, name+".key")
+	var certPEM []byte
+	for _, der := range c.Certificate {
+		certPEM = append(certPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})...)
+	}
+	kd, err := x509.MarshalPKCS8PrivateKey(c.PrivateKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(certPath, certPEM, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyPath, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kd}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return certPath, keyPath
+}
+
+func readCert(t testing.TB, path string) *x509.Certificate {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	blk, _ := pem.Decode(b)
+	if blk == nil {
+		t.Fatalf("%s: no PEM", path)
+	}
+	c, err := x509.ParseCertificate(blk.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
