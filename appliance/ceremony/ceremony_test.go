@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -323,9 +324,9 @@ func TestRefusedCeremoniesChangeNothing(t *testing.T) {
 	damaged := e.path("damaged.share")
 	var sh map[string]any
 	json.Unmarshal([]byte(readFile(t, shares[1])), &sh)
-	v := []byte(sh["value"].(string))
+	v, _ := base64.StdEncoding.DecodeString(sh["value"].(string))
 	v[5] ^= 0x01
-	sh["value"] = string(v)
+	sh["value"] = base64.StdEncoding.EncodeToString(v)
 	b, _ := json.Marshal(sh)
 	os.WriteFile(damaged, b, 0o600)
 	openShare := e.path("open.share")

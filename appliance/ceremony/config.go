@@ -3,8 +3,8 @@ package ceremony
 import (
 	"bytes"
 	"crypto/sha256"
-	"encoding/hex"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"fmt"

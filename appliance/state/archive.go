@@ -58,7 +58,7 @@ func (f *FSM) WriteArchive(node string, now time.Time) ([]byte, ArchiveMeta, err
 }
 
 // ReadArchive verifies an archive and returns its state JSON, its metadata
-// and the archive's SHA-256. It checks the checksum, the layout, the trust
+// and the SHA-256 of the whole archive file (as sha256sum shows it). It checks the checksum, the layout, the trust
 // domain and the audit chain; it changes nothing.
 func (f *FSM) ReadArchive(archive []byte) ([]byte, ArchiveMeta, string, error) {
 	bad := func(format string, a ...any) ([]byte, ArchiveMeta, string, error) {
@@ -102,7 +102,8 @@ func (f *FSM) ReadArchive(archive []byte) ([]byte, ArchiveMeta, string, error) {
 	if _, err := f.decodeData(st); err != nil {
 		return bad("%v", err)
 	}
-	return st, meta, hex.EncodeToString(sum[:]), nil
+	whole := sha256.Sum256(archive)
+	return st, meta, hex.EncodeToString(whole[:]), nil
 }
 
 // cutLastLine splits off the final newline-terminated line.

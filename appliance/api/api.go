@@ -1,0 +1,313 @@
+// Package api is the appliance's public interface: the admin service used
+// by sigilctl (and, in later issues, the agent service used by sigil-agent),
+// their request and response types, and typed clients.
+//
+// It is gRPC over mutual TLS with a JSON codec: the messages are the
+// appliance's own Go types, so there is no second type tree to keep in step
+// and no code generator in the build. Other programs reach the same service
+// with any gRPC stack by using content-subtype "json".
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/encoding"
+
+	"github.com/sigil-appliance/sigil/appliance/state"
+)
+
+// Wire types shared with the state machine. Clients import only this
+// package.
+type (
+	Entry       = state.Entry
+	Selector    = state.Selector
+	Seconds     = state.Seconds
+	Agent       = state.Agent
+	JoinPolicy  = state.JoinPolicy
+	EKCA        = state.EKCA
+	PCRPolicy   = state.PCRPolicy
+	Bundle      = state.Bundle
+	JWTKey      = state.JWTKey
+	AuditRecord = state.AuditRecord
+	ArchiveMeta = state.ArchiveMeta
+)
+
+// VerifyAudit walks audit records and reports the first break.
+func VerifyAudit(recs []AuditRecord) (uint64, error) { return state.VerifyAudit(recs) }
+
+// Codec is the JSON codec both ends force; nothing is registered globally.
+type Codec struct{}
+
+func (Codec) Marshal(v any) ([]byte, error)      { return json.Marshal(v) }
+func (Codec) Unmarshal(data []byte, v any) error { return json.Unmarshal(data, v) }
+func (Codec) Name() string                       { return "json" }
+
+var _ encoding.Codec = Codec{}
+
+// ServerOptions are the gRPC options an appliance server needs.
+func ServerOptions() []grpc.ServerOption {
+	return []grpc.ServerOption{grpc.ForceServerCodec(Codec{}), grpc.MaxRecvMsgSize(64 << 20)}
+}
+
+// DialOptions are the options a client needs besides transport security.
+func DialOptions() []grpc.DialOption {
+	return []grpc.DialOption{grpc.WithDefaultCallOptions(grpc.ForceCodec(Codec{}), grpc.MaxCallRecvMsgSize(64<<20))}
+}
+
+// Messages.
+type (
+	Empty            struct{}
+	IDRequest        struct{ ID string }
+	EntryRequest     struct{ Entry Entry }
+	EntryListRequest struct {
+		ParentID string `json:",omitempty"`
+		SPIFFEID string `json:",omitempty"`
+	}
+	EntryList    struct{ Entries []Entry }
+	AgentList    struct{ Agents []Agent }
+	EKCARequest  struct{ DER []byte }
+	EKCAList     struct{ CAs []EKCA }
+	HashRequest  struct{ Hash string }
+	HashList     struct{ Hashes []string }
+	TokenRequest struct {
+		TTL Seconds
+	}
+	TokenResponse struct {
+		// Token is shown once; the appliance keeps only its SHA-256 (ID).
+		Token     string
+		ID        string
+		ExpiresAt time.Time
+	}
+	JoinRequest struct {
+		NodeID string
+		Addr   string
+	}
+	ClusterStatus struct {
+		NodeID       string
+		State        string
+		Term         uint64
+		LastIndex    uint64
+		CommitIndex  uint64
+		AppliedIndex uint64
+		LeaderID     string
+		LeaderAddr   string
+		Peers        []Peer
+	}
+	Peer struct {
+		ID          string
+		Addr        string
+		Suffrage    string
+		LastContact time.Time `json:",omitzero"`
+		LastIndex   uint64
+	}
+	SnapshotArchive struct {
+		Archive []byte
+		Meta    ArchiveMeta
+		SHA256  string
+	}
+	AuditRequest struct {
+		After uint64
+		Limit int
+	}
+	AuditList struct {
+		Records []AuditRecord
+		// Head is the newest record's sequence number at the time of the
+		// call, so auditors know whether they saw everything.
+		Head uint64
+	}
+	AuditVerify struct {
+		Records  uint64
+		Intact   bool
+		FirstBad uint64 `json:",omitempty"`
+		Error    string `json:",omitempty"`
+	}
+	BundleResponse struct {
+		Bundle Bundle
+		// SPIFFE is the bundle as a SPIFFE bundle document (JWKS).
+		SPIFFE json.RawMessage
+	}
+	AdminCertRequest struct {
+		Name string // becomes spiffe://<td>/sigil/admin/<name>
+		CSR  []byte // DER; the admin's key never leaves the admin
+		TTL  Seconds
+	}
+	CertChain struct {
+		Chain [][]byte // DER, leaf first
+	}
+)
+
+// AdminServer is the admin service. Every method requires an admin peer;
+// the server authorizes before it is called.
+type AdminServer interface {
+	EntryCreate(context.Context, *EntryRequest) (*Entry, error)
+	EntryUpdate(context.Context, *EntryRequest) (*Entry, error)
+	EntryDelete(context.Context, *IDRequest) (*Empty, error)
+	EntryShow(context.Context, *IDRequest) (*Entry, error)
+	EntryList(context.Context, *EntryListRequest) (*EntryList, error)
+	AgentList(context.Context, *Empty) (*AgentList, error)
+	AgentShow(context.Context, *IDRequest) (*Agent, error)
+	AgentBan(context.Context, *IDRequest) (*Empty, error)
+	AgentUnban(context.Context, *IDRequest) (*Empty, error)
+	EKCAAdd(context.Context, *EKCARequest) (*EKCA, error)
+	EKCAList(context.Context, *Empty) (*EKCAList, error)
+	EKCARemove(context.Context, *IDRequest) (*Empty, error)
+	EKAllowAdd(context.Context, *HashRequest) (*Empty, error)
+	EKAllowList(context.Context, *Empty) (*HashList, error)
+	EKAllowRemove(context.Context, *HashRequest) (*Empty, error)
+	TokenCreate(context.Context, *TokenRequest) (*TokenResponse, error)
+	ClusterStatus(context.Context, *Empty) (*ClusterStatus, error)
+	ClusterJoin(context.Context, *JoinRequest) (*Empty, error)
+	ClusterRemove(context.Context, *IDRequest) (*Empty, error)
+	SnapshotSave(context.Context, *Empty) (*SnapshotArchive, error)
+	SnapshotRestore(context.Context, *SnapshotArchive) (*SnapshotArchive, error)
+	AuditList(context.Context, *AuditRequest) (*AuditList, error)
+	AuditVerify(context.Context, *Empty) (*AuditVerify, error)
+	BundleShow(context.Context, *Empty) (*BundleResponse, error)
+	AdminCertIssue(context.Context, *AdminCertRequest) (*CertChain, error)
+}
+
+// AdminService is the gRPC service name.
+const AdminService = "sigil.admin.v1.Admin"
+
+func unary[S any, Req, Resp any](service, name string, call func(S, context.Context, *Req) (*Resp, error)) grpc.MethodDesc {
+	full := "/" + service + "/" + name
+	return grpc.MethodDesc{MethodName: name, Handler: func(srv any, ctx context.Context, dec func(any) error, ic grpc.UnaryServerInterceptor) (any, error) {
+		req := new(Req)
+		if err := dec(req); err != nil {
+			return nil, err
+		}
+		h := func(ctx context.Context, r any) (any, error) { return call(srv.(S), ctx, r.(*Req)) }
+		if ic == nil {
+			return h(ctx, req)
+		}
+		return ic(ctx, req, &grpc.UnaryServerInfo{Server: srv, FullMethod: full}, h)
+	}}
+}
+
+// RegisterAdmin adds the admin service to a gRPC server.
+func RegisterAdmin(s grpc.ServiceRegistrar, impl AdminServer) {
+	s.RegisterService(&grpc.ServiceDesc{
+		ServiceName: AdminService,
+		HandlerType: (*AdminServer)(nil),
+		Methods: []grpc.MethodDesc{
+			unary(AdminService, "EntryCreate", AdminServer.EntryCreate),
+			unary(AdminService, "EntryUpdate", AdminServer.EntryUpdate),
+			unary(AdminService, "EntryDelete", AdminServer.EntryDelete),
+			unary(AdminService, "EntryShow", AdminServer.EntryShow),
+			unary(AdminService, "EntryList", AdminServer.EntryList),
+			unary(AdminService, "AgentList", AdminServer.AgentList),
+			unary(AdminService, "AgentShow", AdminServer.AgentShow),
+			unary(AdminService, "AgentBan", AdminServer.AgentBan),
+			unary(AdminService, "AgentUnban", AdminServer.AgentUnban),
+			unary(AdminService, "EKCAAdd", AdminServer.EKCAAdd),
+			unary(AdminService, "EKCAList", AdminServer.EKCAList),
+			unary(AdminService, "EKCARemove", AdminServer.EKCARemove),
+			unary(AdminService, "EKAllowAdd", AdminServer.EKAllowAdd),
+			unary(AdminService, "EKAllowList", AdminServer.EKAllowList),
+			unary(AdminService, "EKAllowRemove", AdminServer.EKAllowRemove),
+			unary(AdminService, "TokenCreate", AdminServer.TokenCreate),
+			unary(AdminService, "ClusterStatus", AdminServer.ClusterStatus),
+			unary(AdminService, "ClusterJoin", AdminServer.ClusterJoin),
+			unary(AdminService, "ClusterRemove", AdminServer.ClusterRemove),
+			unary(AdminService, "SnapshotSave", AdminServer.SnapshotSave),
+			unary(AdminService, "SnapshotRestore", AdminServer.SnapshotRestore),
+			unary(AdminService, "AuditList", AdminServer.AuditList),
+			unary(AdminService, "AuditVerify", AdminServer.AuditVerify),
+			unary(AdminService, "BundleShow", AdminServer.BundleShow),
+			unary(AdminService, "AdminCertIssue", AdminServer.AdminCertIssue),
+		},
+	}, impl)
+}
+
+// AdminClient calls the admin service.
+type AdminClient struct{ cc grpc.ClientConnInterface }
+
+// NewAdminClient wraps a connection made with DialOptions.
+func NewAdminClient(cc grpc.ClientConnInterface) *AdminClient { return &AdminClient{cc: cc} }
+
+func call[Req, Resp any](ctx context.Context, cc grpc.ClientConnInterface, name string, req *Req) (*Resp, error) {
+	resp := new(Resp)
+	if err := cc.Invoke(ctx, "/"+AdminService+"/"+name, req, resp, grpc.ForceCodec(Codec{})); err != nil {
+		return nil, err
+	}
+	return resp, nil
+}
+
+func (c *AdminClient) EntryCreate(ctx context.Context, r *EntryRequest) (*Entry, error) {
+	return call[EntryRequest, Entry](ctx, c.cc, "EntryCreate", r)
+}
+func (c *AdminClient) EntryUpdate(ctx context.Context, r *EntryRequest) (*Entry, error) {
+	return call[EntryRequest, Entry](ctx, c.cc, "EntryUpdate", r)
+}
+func (c *AdminClient) EntryDelete(ctx context.Context, r *IDRequest) (*Empty, error) {
+	return call[IDRequest, Empty](ctx, c.cc, "EntryDelete", r)
+}
+func (c *AdminClient) EntryShow(ctx context.Context, r *IDRequest) (*Entry, error) {
+	return call[IDRequest, Entry](ctx, c.cc, "EntryShow", r)
+}
+func (c *AdminClient) EntryList(ctx context.Context, r *EntryListRequest) (*EntryList, error) {
+	return call[EntryListRequest, EntryList](ctx, c.cc, "EntryList", r)
+}
+func (c *AdminClient) AgentList(ctx context.Context, r *Empty) (*AgentList, error) {
+	return call[Empty, AgentList](ctx, c.cc, "AgentList", r)
+}
+func (c *AdminClient) AgentShow(ctx context.Context, r *IDRequest) (*Agent, error) {
+	return call[IDRequest, Agent](ctx, c.cc, "AgentShow", r)
+}
+func (c *AdminClient) AgentBan(ctx context.Context, r *IDRequest) (*Empty, error) {
+	return call[IDRequest, Empty](ctx, c.cc, "AgentBan", r)
+}
+func (c *AdminClient) AgentUnban(ctx context.Context, r *IDRequest) (*Empty, error) {
+	return call[IDRequest, Empty](ctx, c.cc, "AgentUnban", r)
+}
+func (c *AdminClient) EKCAAdd(ctx context.Context, r *EKCARequest) (*EKCA, error) {
+	return call[EKCARequest, EKCA](ctx, c.cc, "EKCAAdd", r)
+}
+func (c *AdminClient) EKCAList(ctx context.Context, r *Empty) (*EKCAList, error) {
+	return call[Empty, EKCAList](ctx, c.cc, "EKCAList", r)
+}
+func (c *AdminClient) EKCARemove(ctx context.Context, r *IDRequest) (*Empty, error) {
+	return call[IDRequest, Empty](ctx, c.cc, "EKCARemove", r)
+}
+func (c *AdminClient) EKAllowAdd(ctx context.Context, r *HashRequest) (*Empty, error) {
+	return call[HashRequest, Empty](ctx, c.cc, "EKAllowAdd", r)
+}
+func (c *AdminClient) EKAllowList(ctx context.Context, r *Empty) (*HashList, error) {
+	return call[Empty, HashList](ctx, c.cc, "EKAllowList", r)
+}
+func (c *AdminClient) EKAllowRemove(ctx context.Context, r *HashRequest) (*Empty, error) {
+	return call[HashRequest, Empty](ctx, c.cc, "EKAllowRemove", r)
+}
+func (c *AdminClient) TokenCreate(ctx context.Context, r *TokenRequest) (*TokenResponse, error) {
+	return call[TokenRequest, TokenResponse](ctx, c.cc, "TokenCreate", r)
+}
+func (c *AdminClient) ClusterStatus(ctx context.Context, r *Empty) (*ClusterStatus, error) {
+	return call[Empty, ClusterStatus](ctx, c.cc, "ClusterStatus", r)
+}
+func (c *AdminClient) ClusterJoin(ctx context.Context, r *JoinRequest) (*Empty, error) {
+	return call[JoinRequest, Empty](ctx, c.cc, "ClusterJoin", r)
+}
+func (c *AdminClient) ClusterRemove(ctx context.Context, r *IDRequest) (*Empty, error) {
+	return call[IDRequest, Empty](ctx, c.cc, "ClusterRemove", r)
+}
+func (c *AdminClient) SnapshotSave(ctx context.Context, r *Empty) (*SnapshotArchive, error) {
+	return call[Empty, SnapshotArchive](ctx, c.cc, "SnapshotSave", r)
+}
+func (c *AdminClient) SnapshotRestore(ctx context.Context, r *SnapshotArchive) (*SnapshotArchive, error) {
+	return call[SnapshotArchive, SnapshotArchive](ctx, c.cc, "SnapshotRestore", r)
+}
+func (c *AdminClient) AuditList(ctx context.Context, r *AuditRequest) (*AuditList, error) {
+	return call[AuditRequest, AuditList](ctx, c.cc, "AuditList", r)
+}
+func (c *AdminClient) AuditVerify(ctx context.Context, r *Empty) (*AuditVerify, error) {
+	return call[Empty, AuditVerify](ctx, c.cc, "AuditVerify", r)
+}
+func (c *AdminClient) BundleShow(ctx context.Context, r *Empty) (*BundleResponse, error) {
+	return call[Empty, BundleResponse](ctx, c.cc, "BundleShow", r)
+}
+func (c *AdminClient) AdminCertIssue(ctx context.Context, r *AdminCertRequest) (*CertChain, error) {
+	return call[AdminCertRequest, CertChain](ctx, c.cc, "AdminCertIssue", r)
+}

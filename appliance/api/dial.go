@@ -1,0 +1,123 @@
+package api
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+)
+
+// DialConfig says how a client reaches a node: over mutual TLS with a
+// certificate, or through the node's local socket as root.
+type DialConfig struct {
+	Addr     string // host:port of a node's API
+	CertFile string // client certificate chain (PEM, leaf first)
+	KeyFile  string // its private key (PEM, must be 0600)
+	RootFile string // the trust domain's root certificate(s)
+	Socket   string // local admin socket; used instead of Addr when set
+}
+
+// Dial connects and returns a connection for NewAdminClient. Over TLS the
+// server must prove a node identity (spiffe://<td>/sigil/node/...) that
+// chains to the roots: host names are not what Sigil trusts.
+func Dial(c DialConfig) (*grpc.ClientConn, error) {
+	if c.Socket != "" {
+		return grpc.NewClient("unix://"+c.Socket, append(DialOptions(), grpc.WithTransportCredentials(LocalCredentials()))...)
+	}
+	if c.Addr == "" {
+		return nil, errors.New("no server address (--server) or local socket (--socket)")
+	}
+	tlsCfg, err := ClientTLS(c.CertFile, c.KeyFile, c.RootFile)
+	if err != nil {
+		return nil, err
+	}
+	return grpc.NewClient(c.Addr, append(DialOptions(), grpc.WithTransportCredentials(credentials.NewTLS(tlsCfg)))...)
+}
+
+// ClientTLS builds the mutual-TLS client config.
+func ClientTLS(certFile, keyFile, rootFile string) (*tls.Config, error) {
+	if certFile == "" || keyFile == "" || rootFile == "" {
+		return nil, errors.New("mutual TLS needs a certificate, its key and the root certificate (--cert, --key, --root)")
+	}
+	if st, err := os.Stat(keyFile); err != nil {
+		return nil, err
+	} else if st.Mode().Perm()&0o077 != 0 {
+		return nil, fmt.Errorf("%s has mode %v; a private key must be readable by its owner only (chmod 600)", keyFile, st.Mode().Perm())
+	}
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return nil, fmt.Errorf("client credential: %w", err)
+	}
+	roots, err := ReadCerts(rootFile)
+	if err != nil {
+		return nil, err
+	}
+	var td spiffeid.TrustDomain
+	for _, r := range roots {
+		if len(r.URIs) == 1 {
+			if id, err := spiffeid.FromURI(r.URIs[0]); err == nil {
+				td = id.TrustDomain()
+			}
+		}
+	}
+	if td.IsZero() {
+		return nil, fmt.Errorf("%s: root certificate names no SPIFFE trust domain", rootFile)
+	}
+	bundle := x509bundle.FromX509Authorities(td, roots)
+	return &tls.Config{
+		MinVersion:         tls.VersionTLS13,
+		Certificates:       []tls.Certificate{cert},
+		InsecureSkipVerify: true, // verified below by SPIFFE ID, not host name
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			raw := make([][]byte, len(cs.PeerCertificates))
+			for i, c := range cs.PeerCertificates {
+				raw[i] = c.Raw
+			}
+			id, _, err := x509svid.ParseAndVerify(raw, bundle)
+			if err != nil {
+				return fmt.Errorf("server is not a node of %s: %w", td, err)
+			}
+			if !strings.HasPrefix(id.Path(), "/sigil/node/") {
+				return fmt.Errorf("server identity %s is not a Sigil node", id)
+			}
+			return nil
+		},
+	}, nil
+}
+
+// ReadCerts reads PEM certificates.
+func ReadCerts(path string) ([]*x509.Certificate, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var out []*x509.Certificate
+	for {
+		var blk *pem.Block
+		blk, b = pem.Decode(b)
+		if blk == nil {
+			break
+		}
+		if blk.Type != "CERTIFICATE" {
+			continue
+		}
+		c, err := x509.ParseCertificate(blk.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
+		out = append(out, c)
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("%s holds no certificate", path)
+	}
+	return out, nil
+}

@@ -1,0 +1,261 @@
+package clustertest
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/appliance/node"
+	"github.com/sigil-appliance/sigil/keystore/pkcs11"
+)
+
+// Cluster is a set of real sigild nodes in this process, on real TCP ports
+// on loopback, each with its own HSM-held issuing CA.
+type Cluster struct {
+	T     testing.TB
+	Trust *Trust
+	Dir   string
+	Log   *LogBuffer
+
+	mu      sync.Mutex
+	configs map[string]*node.Config
+	nodes   map[string]*node.Node
+
+	// Admin is an admin credential (files) issued by node-1's CA.
+	AdminCert, AdminKey string
+}
+
+// LogBuffer collects every node's structured log for assertions.
+type LogBuffer struct {
+	mu  sync.Mutex
+	buf strings.Builder
+}
+
+func (l *LogBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(p)
+}
+
+func (l *LogBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}
+
+// freePort reserves a loopback port number. Nodes keep their raft address
+// across restarts, so ports are chosen up front rather than with :0.
+func freePort(t testing.TB) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// NewCluster configures nodes (the first bootstraps, the rest join it) and
+// starts them. Call after NewTrust.
+func NewCluster(t testing.TB, tr *Trust, ids ...string) *Cluster {
+	t.Helper()
+	c := &Cluster{T: t, Trust: tr, Dir: t.TempDir(), Log: &LogBuffer{}, configs: map[string]*node.Config{}, nodes: map[string]*node.Node{}}
+	var first string
+	for i, id := range ids {
+		cfg := c.Config(id)
+		if i == 0 {
+			cfg.Cluster.Bootstrap = true
+			first = cfg.Cluster.Bind
+		} else {
+			cfg.Cluster.Join = []string{first}
+		}
+		c.configs[id] = cfg
+	}
+	t.Cleanup(c.StopAll)
+	for _, id := range ids {
+		c.Start(id)
+	}
+	c.WaitLeader(30 * time.Second)
+
+	// An admin credential from node-1's CA, through its own key store.
+	ks := pkcs11.New(pkcs11.Options{})
+	defer ks.Close()
+	cert := ClientCert(t, tr.Authority(t, ks, ids[0]), "/sigil/admin/test-admin")
+	c.AdminCert, c.AdminKey = WriteCredential(t, c.Dir, "admin", cert)
+	return c
+}
+
+// Config builds a node config with fresh ports and a private data dir.
+func (c *Cluster) Config(id string) *node.Config {
+	n := c.Trust.Nodes[id]
+	roots := []string{c.Trust.RootPath}
+	if n.Rogue {
+		roots = []string{c.Trust.RogueRootPath}
+	}
+	cfg := &node.Config{
+		NodeID:      id,
+		TrustDomain: c.Trust.TrustDomain.Name(),
+		DataDir:     filepath.Join(c.Dir, id),
+		IssuingKey:  n.KeyURI,
+		IssuingCert: n.IssuingPath,
+		RootCerts:   roots,
+		Cluster: node.ClusterConfig{Bind: freePort(c.T),
+			HeartbeatTimeout: node.Duration{Duration: 500 * time.Millisecond},
+			ElectionTimeout:  node.Duration{Duration: 500 * time.Millisecond}},
+		API:  node.APIConfig{Listen: freePort(c.T), LocalSocket: filepath.Join(c.Dir, id+"-admin.sock")},
+		HTTP: node.HTTPConfig{Listen: freePort(c.T)},
+	}
+	if err := cfg.Validate(); err != nil {
+		c.T.Fatal(err)
+	}
+	return cfg
+}
+
+// Start (re)starts a configured node.
+func (c *Cluster) Start(id string) *node.Node {
+	c.T.Helper()
+	c.mu.Lock()
+	cfg := c.configs[id]
+	c.mu.Unlock()
+	if cfg == nil {
+		c.T.Fatalf("no config for %s", id)
+	}
+	log := slog.New(slog.NewJSONHandler(c.Log, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	n, err := node.Start(context.Background(), cfg, log)
+	if err != nil {
+		c.T.Fatalf("start %s: %v", id, err)
+	}
+	c.mu.Lock()
+	c.nodes[id] = n
+	c.mu.Unlock()
+	return n
+}
+
+// StartWith starts a node that is not part of the configured set (a rogue
+// node, for example) and returns it and its error.
+func (c *Cluster) StartWith(cfg *node.Config) (*node.Node, error) {
+	log := slog.New(slog.NewJSONHandler(c.Log, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	n, err := node.Start(context.Background(), cfg, log)
+	if err == nil {
+		c.T.Cleanup(func() { n.Stop() })
+	}
+	return n, err
+}
+
+// Stop stops one node (its data stays).
+func (c *Cluster) Stop(id string) {
+	c.mu.Lock()
+	n := c.nodes[id]
+	delete(c.nodes, id)
+	c.mu.Unlock()
+	if n != nil {
+		n.Stop()
+	}
+}
+
+// StopAll stops every running node.
+func (c *Cluster) StopAll() {
+	c.mu.Lock()
+	ids := make([]string, 0, len(c.nodes))
+	for id := range c.nodes {
+		ids = append(ids, id)
+	}
+	c.mu.Unlock()
+	for _, id := range ids {
+		c.Stop(id)
+	}
+}
+
+// Node returns a running node.
+func (c *Cluster) Node(id string) *node.Node {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.nodes[id]
+}
+
+// ConfigOf returns a node's config.
+func (c *Cluster) ConfigOf(id string) *node.Config {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.configs[id]
+}
+
+// Running lists running node IDs.
+func (c *Cluster) Running() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var ids []string
+	for id := range c.nodes {
+		ids = append(ids, id)
+	}
+	return ids
+}
+
+// WaitLeader waits until every running node agrees on a leader and has the
+// trust bundle, and returns the leader's ID.
+func (c *Cluster) WaitLeader(timeout time.Duration) string {
+	c.T.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		leader, agreed := "", true
+		for _, id := range c.Running() {
+			n := c.Node(id)
+			if n == nil {
+				continue
+			}
+			st := n.Raft().Status(context.Background())
+			if st.LeaderID == "" || (leader != "" && st.LeaderID != leader) || len(n.State().Bundle().Roots) == 0 {
+				agreed = false
+				break
+			}
+			leader = st.LeaderID
+		}
+		if agreed && leader != "" && c.Node(leader) != nil {
+			return leader
+		}
+		if time.Now().After(deadline) {
+			c.T.Fatalf("no agreed leader with a trust bundle after %v\n%s", timeout, tail(c.Log.String(), 4000))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Admin dials a node's API with the admin credential.
+func (c *Cluster) Admin(id string) *api.AdminClient {
+	return c.Client(id, c.AdminCert, c.AdminKey)
+}
+
+// Client dials a node's API with any credential files.
+func (c *Cluster) Client(id, cert, key string) *api.AdminClient {
+	c.T.Helper()
+	conn, err := api.Dial(api.DialConfig{Addr: c.ConfigOf(id).API.Listen, CertFile: cert, KeyFile: key, RootFile: c.Trust.RootPath})
+	if err != nil {
+		c.T.Fatal(err)
+	}
+	c.T.Cleanup(func() { conn.Close() })
+	return api.NewAdminClient(conn)
+}
+
+// Eventually polls cond until it holds.
+func Eventually(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
+}

@@ -1,0 +1,377 @@
+package node
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"regexp"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/appliance/ca"
+	"github.com/sigil-appliance/sigil/appliance/state"
+	"github.com/sigil-appliance/sigil/raft"
+)
+
+// admin implements api.AdminServer. Writes go through raft (forwarded to
+// the leader by the raft package); reads wait for a linearizable read index
+// first, so a follower never answers with stale state.
+type admin struct{ n *Node }
+
+var _ api.AdminServer = (*admin)(nil)
+
+// write proposes a command as the caller and decodes the FSM's response.
+func write[T any](ctx context.Context, a *admin, typ string, payload any) (*T, error) {
+	c := callerFrom(ctx)
+	resp, err := a.n.apply(ctx, c.Actor, typ, payload)
+	if err != nil {
+		return nil, a.fail(typ, c, err)
+	}
+	out := new(T)
+	if len(resp) > 0 {
+		if err := json.Unmarshal(resp, out); err != nil {
+			return nil, status.Errorf(codes.Internal, "decode %s response: %v", typ, err)
+		}
+	}
+	a.n.log.Info("admin change", "command", typ, "actor", c.Actor)
+	return out, nil
+}
+
+// fail logs a refused or failed request and maps it to a gRPC status.
+func (a *admin) fail(what string, c caller, err error) error {
+	var ae *raft.ApplyError
+	switch {
+	case errors.Is(err, state.ErrRefused) || errors.As(err, &ae):
+		a.n.log.Warn("admin request refused", "request", what, "actor", c.Actor, "reason", err.Error())
+		return status.Error(codes.FailedPrecondition, err.Error())
+	case errors.Is(err, raft.ErrNoLeader), errors.Is(err, context.DeadlineExceeded):
+		a.n.log.Error("admin request failed: no quorum", "request", what, "actor", c.Actor, "err", err)
+		return status.Errorf(codes.Unavailable, "the cluster cannot commit now (no leader or no quorum): %v", err)
+	}
+	a.n.log.Error("admin request failed", "request", what, "actor", c.Actor, "err", err)
+	return status.Errorf(codes.Unavailable, "%s: %v", what, err)
+}
+
+func (a *admin) read(ctx context.Context, what string) error {
+	if err := a.n.raft.ReadIndex(ctx); err != nil {
+		return a.fail(what, callerFrom(ctx), err)
+	}
+	return nil
+}
+
+func (a *admin) EntryCreate(ctx context.Context, r *api.EntryRequest) (*api.Entry, error) {
+	e := r.Entry
+	if e.ID == "" {
+		e.ID = newID()
+	}
+	if err := state.ValidateEntry(a.n.td, &e); err != nil {
+		a.n.log.Warn("admin request refused", "request", state.CmdEntryCreate, "actor", callerFrom(ctx).Actor, "reason", err.Error())
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	return write[api.Entry](ctx, a, state.CmdEntryCreate, &e)
+}
+
+func (a *admin) EntryUpdate(ctx context.Context, r *api.EntryRequest) (*api.Entry, error) {
+	if err := state.ValidateEntry(a.n.td, &r.Entry); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	return write[api.Entry](ctx, a, state.CmdEntryUpdate, &r.Entry)
+}
+
+func (a *admin) EntryDelete(ctx context.Context, r *api.IDRequest) (*api.Empty, error) {
+	return write[api.Empty](ctx, a, state.CmdEntryDelete, state.EntryID{ID: r.ID})
+}
+
+func (a *admin) EntryShow(ctx context.Context, r *api.IDRequest) (*api.Entry, error) {
+	if err := a.read(ctx, "entry show"); err != nil {
+		return nil, err
+	}
+	e, ok := a.n.fsm.Entry(r.ID)
+	if !ok {
+		return nil, status.Errorf(codes.NotFound, "no entry %s", r.ID)
+	}
+	return &e, nil
+}
+
+func (a *admin) EntryList(ctx context.Context, r *api.EntryListRequest) (*api.EntryList, error) {
+	if err := a.read(ctx, "entry list"); err != nil {
+		return nil, err
+	}
+	out := &api.EntryList{}
+	for _, e := range a.n.fsm.Entries() {
+		if (r.ParentID == "" || e.ParentID == r.ParentID) && (r.SPIFFEID == "" || e.SPIFFEID == r.SPIFFEID) {
+			out.Entries = append(out.Entries, e)
+		}
+	}
+	return out, nil
+}
+
+func (a *admin) AgentList(ctx context.Context, _ *api.Empty) (*api.AgentList, error) {
+	if err := a.read(ctx, "agent list"); err != nil {
+		return nil, err
+	}
+	return &api.AgentList{Agents: a.n.fsm.Agents()}, nil
+}
+
+func (a *admin) AgentShow(ctx context.Context, r *api.IDRequest) (*api.Agent, error) {
+	if err := a.read(ctx, "agent show"); err != nil {
+		return nil, err
+	}
+	ag, ok := a.n.fsm.Agent(r.ID)
+	if !ok {
+		return nil, status.Errorf(codes.NotFound, "no agent %s", r.ID)
+	}
+	return &ag, nil
+}
+
+func (a *admin) AgentBan(ctx context.Context, r *api.IDRequest) (*api.Empty, error) {
+	return write[api.Empty](ctx, a, state.CmdAgentBan, state.AgentID{ID: r.ID})
+}
+
+func (a *admin) AgentUnban(ctx context.Context, r *api.IDRequest) (*api.Empty, error) {
+	return write[api.Empty](ctx, a, state.CmdAgentUnban, state.AgentID{ID: r.ID})
+}
+
+func (a *admin) EKCAAdd(ctx context.Context, r *api.EKCARequest) (*api.EKCA, error) {
+	return write[api.EKCA](ctx, a, state.CmdEKCAAdd, state.EKCAAdd{DER: r.DER})
+}
+
+func (a *admin) EKCAList(ctx context.Context, _ *api.Empty) (*api.EKCAList, error) {
+	if err := a.read(ctx, "ek-ca list"); err != nil {
+		return nil, err
+	}
+	return &api.EKCAList{CAs: a.n.fsm.Policy().EKCAs}, nil
+}
+
+func (a *admin) EKCARemove(ctx context.Context, r *api.IDRequest) (*api.Empty, error) {
+	return write[api.Empty](ctx, a, state.CmdEKCARemove, state.EKCARemove{ID: r.ID})
+}
+
+func (a *admin) EKAllowAdd(ctx context.Context, r *api.HashRequest) (*api.Empty, error) {
+	return write[api.Empty](ctx, a, state.CmdEKAllowAdd, state.EKHash{Hash: r.Hash})
+}
+
+func (a *admin) EKAllowList(ctx context.Context, _ *api.Empty) (*api.HashList, error) {
+	if err := a.read(ctx, "allow list"); err != nil {
+		return nil, err
+	}
+	return &api.HashList{Hashes: a.n.fsm.Policy().EKAllow}, nil
+}
+
+func (a *admin) EKAllowRemove(ctx context.Context, r *api.HashRequest) (*api.Empty, error) {
+	return write[api.Empty](ctx, a, state.CmdEKAllowRemove, state.EKHash{Hash: r.Hash})
+}
+
+// TokenCreate makes a 256-bit join token. Only its hash is replicated and
+// audited; the token itself is returned once, to this caller.
+func (a *admin) TokenCreate(ctx context.Context, r *api.TokenRequest) (*api.TokenResponse, error) {
+	ttl := r.TTL.Duration()
+	if ttl <= 0 {
+		ttl = time.Hour
+	}
+	if ttl > 7*24*time.Hour {
+		return nil, status.Errorf(codes.InvalidArgument, "token TTL %v is longer than 7 days", ttl)
+	}
+	raw := make([]byte, 32)
+	rand.Read(raw)
+	tok := base64.RawURLEncoding.EncodeToString(raw)
+	id := TokenID(tok)
+	exp := time.Now().Add(ttl).UTC().Truncate(time.Second)
+	if _, err := write[state.JoinToken](ctx, a, state.CmdTokenCreate, state.TokenCreate{ID: id, ExpiresAt: exp}); err != nil {
+		return nil, err
+	}
+	return &api.TokenResponse{Token: tok, ID: id, ExpiresAt: exp}, nil
+}
+
+// TokenID is how a join token is known to the state and the audit log.
+func TokenID(token string) string {
+	sum := sha256.Sum256([]byte(token))
+	return hex.EncodeToString(sum[:])
+}
+
+func (a *admin) ClusterStatus(ctx context.Context, _ *api.Empty) (*api.ClusterStatus, error) {
+	return clusterStatus(a.n.raft.Status(ctx)), nil
+}
+
+func clusterStatus(st raft.Status) *api.ClusterStatus {
+	out := &api.ClusterStatus{NodeID: st.NodeID, State: st.State, Term: st.Term, LastIndex: st.LastIndex,
+		CommitIndex: st.CommitIndex, AppliedIndex: st.AppliedIndex, LeaderID: st.LeaderID, LeaderAddr: st.LeaderAddr}
+	for _, p := range st.Peers {
+		out.Peers = append(out.Peers, api.Peer{ID: p.ID, Addr: p.Addr, Suffrage: p.Suffrage, LastContact: p.LastContact, LastIndex: p.LastIndex})
+	}
+	return out
+}
+
+func (a *admin) ClusterJoin(ctx context.Context, r *api.JoinRequest) (*api.Empty, error) {
+	if !ca.NodeIDPattern.MatchString(r.NodeID) {
+		return nil, status.Errorf(codes.InvalidArgument, "node id %q: want %s", r.NodeID, ca.NodeIDPattern)
+	}
+	if err := a.n.raft.Join(ctx, r.NodeID, r.Addr); err != nil {
+		return nil, a.fail("cluster join", callerFrom(ctx), err)
+	}
+	a.audit(ctx, "cluster.join", r.NodeID, map[string]string{"addr": r.Addr})
+	return &api.Empty{}, nil
+}
+
+func (a *admin) ClusterRemove(ctx context.Context, r *api.IDRequest) (*api.Empty, error) {
+	if err := a.n.raft.Remove(ctx, r.ID); err != nil {
+		return nil, a.fail("cluster remove", callerFrom(ctx), err)
+	}
+	a.audit(ctx, "cluster.remove", r.ID, nil)
+	return &api.Empty{}, nil
+}
+
+// audit records an action that is not itself a state change (membership
+// lives in raft's configuration, not in the FSM).
+func (a *admin) audit(ctx context.Context, action, target string, detail map[string]string) {
+	c := callerFrom(ctx)
+	if _, err := a.n.apply(ctx, c.Actor, state.CmdAudit, state.AuditAppend{Events: []state.AuditEvent{{Action: action, Target: target, Detail: detail}}}); err != nil {
+		a.n.log.Error("audit record failed", "action", action, "target", target, "err", err)
+	}
+}
+
+func (a *admin) SnapshotSave(ctx context.Context, _ *api.Empty) (*api.SnapshotArchive, error) {
+	if err := a.read(ctx, "snapshot save"); err != nil {
+		return nil, err
+	}
+	b, meta, err := a.n.fsm.WriteArchive(a.n.cfg.NodeID, time.Now())
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "snapshot: %v", err)
+	}
+	sum := sha256.Sum256(b)
+	a.n.log.Info("snapshot saved", "actor", callerFrom(ctx).Actor, "index", meta.Index, "bytes", len(b))
+	return &api.SnapshotArchive{Archive: b, Meta: meta, SHA256: hex.EncodeToString(sum[:])}, nil
+}
+
+// SnapshotRestore checks the archive completely (checksum, layout, trust
+// domain, audit chain) before it proposes the restore; a bad archive
+// changes nothing.
+func (a *admin) SnapshotRestore(ctx context.Context, r *api.SnapshotArchive) (*api.SnapshotArchive, error) {
+	st, meta, sum, err := a.n.fsm.ReadArchive(r.Archive)
+	if err != nil {
+		a.n.log.Warn("snapshot restore refused", "actor", callerFrom(ctx).Actor, "reason", err.Error())
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	if _, err := write[api.Empty](ctx, a, state.CmdStateRestore, state.StateRestore{State: st, Archive: sum}); err != nil {
+		return nil, err
+	}
+	return &api.SnapshotArchive{Meta: meta, SHA256: sum}, nil
+}
+
+func (a *admin) AuditList(ctx context.Context, r *api.AuditRequest) (*api.AuditList, error) {
+	if err := a.read(ctx, "audit list"); err != nil {
+		return nil, err
+	}
+	head, _ := a.n.fsm.AuditHead()
+	return &api.AuditList{Records: a.n.fsm.Audit(r.After, r.Limit), Head: head}, nil
+}
+
+func (a *admin) AuditVerify(ctx context.Context, _ *api.Empty) (*api.AuditVerify, error) {
+	if err := a.read(ctx, "audit verify"); err != nil {
+		return nil, err
+	}
+	head, _ := a.n.fsm.AuditHead()
+	bad, err := a.n.fsm.VerifyAuditLog()
+	out := &api.AuditVerify{Records: head, Intact: err == nil, FirstBad: bad}
+	if err != nil {
+		out.Error = err.Error()
+	}
+	return out, nil
+}
+
+func (a *admin) BundleShow(ctx context.Context, _ *api.Empty) (*api.BundleResponse, error) {
+	if err := a.read(ctx, "bundle show"); err != nil {
+		return nil, err
+	}
+	b := a.n.fsm.Bundle()
+	doc, err := SPIFFEBundle(a.n.td, b)
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "bundle: %v", err)
+	}
+	return &api.BundleResponse{Bundle: b, SPIFFE: doc}, nil
+}
+
+// SPIFFEBundle renders the trust bundle as a SPIFFE bundle document.
+func SPIFFEBundle(td spiffeid.TrustDomain, b state.Bundle) ([]byte, error) {
+	sb := spiffebundle.New(td)
+	for _, der := range b.Roots {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return nil, err
+		}
+		sb.AddX509Authority(c)
+	}
+	for _, k := range b.JWTKeys {
+		pub, err := x509.ParsePKIXPublicKey(k.PublicKey)
+		if err != nil {
+			return nil, err
+		}
+		if err := sb.AddJWTAuthority(k.KID, pub); err != nil {
+			return nil, err
+		}
+	}
+	sb.SetSequenceNumber(b.Sequence)
+	return sb.Marshal()
+}
+
+var adminNameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
+
+// AdminCertIssue certifies an admin's own key (from its CSR) as
+// spiffe://<td>/sigil/admin/<name>. The issuance is audited before the
+// certificate is returned: no audit, no certificate.
+func (a *admin) AdminCertIssue(ctx context.Context, r *api.AdminCertRequest) (*api.CertChain, error) {
+	c := callerFrom(ctx)
+	if !adminNameRE.MatchString(r.Name) {
+		return nil, status.Errorf(codes.InvalidArgument, "admin name %q: want %s", r.Name, adminNameRE)
+	}
+	csr, err := x509.ParseCertificateRequest(r.CSR)
+	if err != nil {
+		a.n.log.Warn("admin certificate refused: malformed CSR", "actor", c.Actor, "err", err)
+		return nil, status.Errorf(codes.InvalidArgument, "malformed CSR: %v", err)
+	}
+	if err := csr.CheckSignature(); err != nil {
+		a.n.log.Warn("admin certificate refused: CSR signature", "actor", c.Actor, "err", err)
+		return nil, status.Errorf(codes.InvalidArgument, "CSR signature does not verify: %v", err)
+	}
+	ttl := r.TTL.Duration()
+	if ttl <= 0 {
+		ttl = 8 * time.Hour
+	}
+	if ttl > a.n.cfg.API.AdminCertMaxTTL.Duration {
+		return nil, status.Errorf(codes.InvalidArgument, "TTL %v exceeds this node's admin-cert-max-ttl %v", ttl, a.n.cfg.API.AdminCertMaxTTL.Duration)
+	}
+	id := spiffeid.RequireFromPath(a.n.td, "/sigil/admin/"+r.Name)
+	chain, err := a.n.auth.Sign(ca.Leaf{ID: id, PublicKey: csr.PublicKey, TTL: ttl, Subject: pkix.Name{CommonName: r.Name}})
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "sign: %v", err)
+	}
+	if _, err := a.n.apply(ctx, c.Actor, state.CmdAudit, state.AuditAppend{Events: []state.AuditEvent{{
+		Action: "admin.cert.issue", Target: id.String(), Detail: map[string]string{
+			"serial": fmt.Sprintf("%x", chain[0].SerialNumber), "not_after": chain[0].NotAfter.UTC().Format(time.RFC3339)}}}}); err != nil {
+		return nil, a.fail("admin cert audit", c, err)
+	}
+	out := &api.CertChain{}
+	for _, x := range chain {
+		out.Chain = append(out.Chain, x.Raw)
+	}
+	return out, nil
+}
+
+func newID() string {
+	b := make([]byte, 16)
+	rand.Read(b)
+	h := hex.EncodeToString(b)
+	return h[:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
+}

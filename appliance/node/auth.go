@@ -1,0 +1,97 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/appliance/ca"
+)
+
+type callerKey struct{}
+
+// caller is who made a request, as audit records name them.
+type caller struct {
+	Actor string
+	Role  ca.Role
+}
+
+func callerFrom(ctx context.Context) caller {
+	c, _ := ctx.Value(callerKey{}).(caller)
+	return c
+}
+
+// authenticate identifies mTLS callers from their verified certificate
+// chain and lets only admins call the admin service.
+func (n *Node) authenticate(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return nil, status.Error(codes.Unauthenticated, "no peer")
+	}
+	ti, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok {
+		return nil, status.Error(codes.Unauthenticated, "not a TLS connection")
+	}
+	who, err := n.auth.PeerFromState(ti.State)
+	if err != nil {
+		n.log.Warn("api call refused: unverified client", "method", info.FullMethod, "remote", p.Addr.String(), "err", err)
+		return nil, status.Error(codes.Unauthenticated, "client certificate not accepted")
+	}
+	if strings.HasPrefix(info.FullMethod, "/"+api.AdminService+"/") && who.Role != ca.RoleAdmin {
+		n.log.Warn("admin call refused: not an admin", "method", info.FullMethod, "caller", who.ID.String(), "role", who.Role.String())
+		return nil, status.Errorf(codes.PermissionDenied, "%s is not an admin (admin IDs are under spiffe://%s/sigil/admin/)", who.ID, n.td.Name())
+	}
+	return h(context.WithValue(ctx, callerKey{}, caller{Actor: who.ID.String(), Role: who.Role}), req)
+}
+
+// authenticateLocal admits root (or sigild's own user) on the local socket:
+// whoever is root on a node can already read its HSM PIN, so this grants
+// nothing new, and it is how the first admin certificate is issued.
+func (n *Node) authenticateLocal(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	la, ok := api.LocalPeer(ctx)
+	if !ok {
+		return nil, status.Error(codes.Unauthenticated, "no peer credentials")
+	}
+	if la.UID != 0 && la.UID != uint32(os.Getuid()) {
+		n.log.Warn("local admin call refused", "method", info.FullMethod, "uid", la.UID, "pid", la.PID)
+		return nil, status.Errorf(codes.PermissionDenied, "uid %d may not use the local admin socket", la.UID)
+	}
+	actor := fmt.Sprintf("local:uid=%d@%s", la.UID, n.cfg.NodeID)
+	return h(context.WithValue(ctx, callerKey{}, caller{Actor: actor, Role: ca.RoleAdmin}), req)
+}
+
+// listenLocal makes the socket 0600 in a 0700 directory before anyone can
+// connect.
+func listenLocal(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, err
+	}
+	if st, err := os.Lstat(path); err == nil {
+		if st.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("%s exists and is not a socket", path)
+		}
+		os.Remove(path)
+	}
+	old := syscall.Umask(0o177)
+	ln, err := net.Listen("unix", path)
+	syscall.Umask(old)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	return ln, nil
+}

@@ -1,0 +1,185 @@
+package node
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"go.yaml.in/yaml/v3"
+
+	"github.com/sigil-appliance/sigil/appliance/ca"
+	"github.com/sigil-appliance/sigil/keystore/pkcs11"
+)
+
+// Config is sigild's configuration file.
+type Config struct {
+	NodeID      string `yaml:"node-id"`
+	TrustDomain string `yaml:"trust-domain"`
+	DataDir     string `yaml:"data-dir"`
+	// IssuingKey is the pkcs11: URI of this node's issuing CA key, with
+	// pin-source (the PIN never appears here).
+	IssuingKey  string   `yaml:"issuing-key"`
+	IssuingCert string   `yaml:"issuing-cert"`
+	RootCerts   []string `yaml:"root-certs"`
+
+	Cluster ClusterConfig `yaml:"cluster"`
+	API     APIConfig     `yaml:"api"`
+	HTTP    HTTPConfig    `yaml:"http"`
+	Log     LogConfig     `yaml:"log"`
+}
+
+// ClusterConfig is raft membership and transport.
+type ClusterConfig struct {
+	Bind      string `yaml:"bind"`      // host:port for raft (mTLS)
+	Advertise string `yaml:"advertise"` // default: bind
+	// Bootstrap makes this node a one-node cluster on first start; exactly
+	// one node of a new cluster sets it.
+	Bootstrap bool `yaml:"bootstrap"`
+	// Join lists members' raft addresses to ask for membership on first
+	// start.
+	Join []string `yaml:"join"`
+	// Timeouts (defaults suit a LAN: 500ms heartbeat and election).
+	HeartbeatTimeout Duration `yaml:"heartbeat-timeout"`
+	ElectionTimeout  Duration `yaml:"election-timeout"`
+}
+
+// APIConfig is the gRPC API.
+type APIConfig struct {
+	Listen string `yaml:"listen"` // host:port, mutual TLS
+	// LocalSocket serves the admin API to root on this host without a
+	// certificate: how the first admin credential is made.
+	LocalSocket string `yaml:"local-socket"`
+	// AdminCertMaxTTL bounds admin certificates issued here (default 24h).
+	AdminCertMaxTTL Duration `yaml:"admin-cert-max-ttl"`
+}
+
+// HTTPConfig serves /healthz, /readyz and /metrics (no secrets).
+type HTTPConfig struct {
+	Listen string `yaml:"listen"`
+}
+
+// LogConfig is slog's level and format.
+type LogConfig struct {
+	Level  string `yaml:"level"`  // debug, info, warn, error
+	Format string `yaml:"format"` // json (default) or text
+}
+
+// Duration is a YAML time.Duration.
+type Duration struct{ time.Duration }
+
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	v, err := time.ParseDuration(n.Value)
+	if err != nil {
+		return fmt.Errorf("line %d: %v", n.Line, err)
+	}
+	d.Duration = v
+	return nil
+}
+
+// LoadConfig reads and validates a config file strictly.
+func LoadConfig(path string) (*Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	return ParseConfig(b)
+}
+
+// ParseConfig parses strictly (unknown fields, a second document) and
+// validates every field, reporting all problems at once.
+func ParseConfig(b []byte) (*Config, error) {
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	var c Config
+	if err := dec.Decode(&c); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, errors.New("config is empty")
+		}
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	var extra yaml.Node
+	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
+		return nil, errors.New("config: more than one YAML document")
+	}
+	return &c, c.Validate()
+}
+
+// Validate checks every field and fills defaults.
+func (c *Config) Validate() error {
+	var errs []string
+	bad := func(field, format string, a ...any) { errs = append(errs, field+" "+fmt.Sprintf(format, a...)) }
+	if !ca.NodeIDPattern.MatchString(c.NodeID) {
+		bad("node-id", "must match %s (got %q)", ca.NodeIDPattern, c.NodeID)
+	}
+	if _, err := spiffeid.TrustDomainFromString(c.TrustDomain); err != nil || c.TrustDomain == "" {
+		bad("trust-domain", "must be a trust domain name like example.org (got %q)", c.TrustDomain)
+	}
+	if c.DataDir == "" {
+		bad("data-dir", "is required")
+	}
+	if u, err := pkcs11.ParseURI(c.IssuingKey); err != nil {
+		bad("issuing-key", "%v", err)
+	} else if u.PINSource == "" {
+		bad("issuing-key", "needs pin-source=file:/path (the PIN is never in the config)")
+	}
+	for field, p := range map[string]string{"issuing-cert": c.IssuingCert} {
+		if _, err := os.Stat(p); err != nil {
+			bad(field, "%v", err)
+		}
+	}
+	if len(c.RootCerts) == 0 {
+		bad("root-certs", "needs the root certificate(s) from the ceremony")
+	}
+	for i, p := range c.RootCerts {
+		if _, err := os.Stat(p); err != nil {
+			bad(fmt.Sprintf("root-certs[%d]", i), "%v", err)
+		}
+	}
+	if _, _, err := net.SplitHostPort(c.Cluster.Bind); err != nil {
+		bad("cluster.bind", "must be host:port (got %q)", c.Cluster.Bind)
+	}
+	if c.Cluster.Advertise != "" {
+		if h, _, err := net.SplitHostPort(c.Cluster.Advertise); err != nil || h == "" || h == "0.0.0.0" || h == "::" {
+			bad("cluster.advertise", "must be a reachable host:port (got %q)", c.Cluster.Advertise)
+		}
+	}
+	if c.Cluster.Bootstrap && len(c.Cluster.Join) > 0 {
+		bad("cluster", "sets both bootstrap and join; a new cluster has one bootstrap node, the others join it")
+	}
+	for i, j := range c.Cluster.Join {
+		if _, _, err := net.SplitHostPort(j); err != nil {
+			bad(fmt.Sprintf("cluster.join[%d]", i), "must be host:port (got %q)", j)
+		}
+	}
+	if _, _, err := net.SplitHostPort(c.API.Listen); err != nil {
+		bad("api.listen", "must be host:port (got %q)", c.API.Listen)
+	}
+	if c.HTTP.Listen != "" {
+		if _, _, err := net.SplitHostPort(c.HTTP.Listen); err != nil {
+			bad("http.listen", "must be host:port (got %q)", c.HTTP.Listen)
+		}
+	}
+	if c.API.AdminCertMaxTTL.Duration == 0 {
+		c.API.AdminCertMaxTTL.Duration = 24 * time.Hour
+	}
+	switch strings.ToLower(c.Log.Level) {
+	case "", "debug", "info", "warn", "error":
+	default:
+		bad("log.level", "must be debug, info, warn or error (got %q)", c.Log.Level)
+	}
+	switch c.Log.Format {
+	case "", "json", "text":
+	default:
+		bad("log.format", "must be json or text (got %q)", c.Log.Format)
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("invalid sigild config:\n  - %s", strings.Join(errs, "\n  - "))
+	}
+	return nil
+}

@@ -1,0 +1,103 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// metrics is per node (a registry of its own, not the global one), so
+// several nodes in one test process do not collide.
+type metrics struct {
+	reg       *prometheus.Registry
+	apply     *prometheus.HistogramVec
+	applyErrs *prometheus.CounterVec
+}
+
+func newMetrics(n *Node) *metrics {
+	m := &metrics{reg: prometheus.NewRegistry()}
+	m.apply = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name:    "sigil_raft_apply_seconds",
+		Help:    "Time to commit and apply a command through raft, from this node.",
+		Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
+	}, []string{"command"})
+	m.applyErrs = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sigil_raft_apply_errors_total",
+		Help: "Commands that were refused or could not be committed.",
+	}, []string{"command"})
+	status := func(f func(s statusView) float64) func() float64 {
+		return func() float64 {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+			st := n.raft.Status(ctx)
+			return f(statusView{leader: st.State == "leader", term: st.Term, last: st.LastIndex, commit: st.CommitIndex, applied: st.AppliedIndex, known: st.LeaderID != "", peers: len(st.Peers)})
+		}
+	}
+	gauge := func(name, help string, f func() float64) prometheus.Collector {
+		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, f)
+	}
+	b2f := func(b bool) float64 {
+		if b {
+			return 1
+		}
+		return 0
+	}
+	m.reg.MustRegister(m.apply, m.applyErrs,
+		gauge("sigil_raft_is_leader", "1 if this node is the raft leader.", status(func(s statusView) float64 { return b2f(s.leader) })),
+		gauge("sigil_raft_leader_known", "1 if this node knows a leader (it is ready).", status(func(s statusView) float64 { return b2f(s.known) })),
+		gauge("sigil_raft_term", "Current raft term.", status(func(s statusView) float64 { return float64(s.term) })),
+		gauge("sigil_raft_last_index", "Last raft log index.", status(func(s statusView) float64 { return float64(s.last) })),
+		gauge("sigil_raft_commit_index", "Raft commit index.", status(func(s statusView) float64 { return float64(s.commit) })),
+		gauge("sigil_raft_applied_index", "Last index applied to the state.", status(func(s statusView) float64 { return float64(s.applied) })),
+		gauge("sigil_raft_peers", "Voters in the raft configuration.", status(func(s statusView) float64 { return float64(s.peers) })),
+		gauge("sigil_entries", "Registration entries.", func() float64 { e, _, _ := n.fsm.Counts(); return float64(e) }),
+		gauge("sigil_agents", "Attested agents.", func() float64 { _, a, _ := n.fsm.Counts(); return float64(a) }),
+		gauge("sigil_audit_records", "Records in the audit log.", func() float64 { _, _, r := n.fsm.Counts(); return float64(r) }),
+		gauge("sigil_bundle_sequence", "Trust bundle sequence number.", func() float64 { return float64(n.fsm.Bundle().Sequence) }),
+		gauge("sigil_issuing_ca_expiry_seconds", "Seconds until this node's issuing CA expires.", func() float64 {
+			return time.Until(n.auth.Issuing().NotAfter).Seconds()
+		}),
+	)
+	return m
+}
+
+type statusView struct {
+	leader, known               bool
+	term, last, commit, applied uint64
+	peers                       int
+}
+
+func (m *metrics) observeApply(cmd string, d time.Duration, err error) {
+	if m == nil {
+		return
+	}
+	m.apply.WithLabelValues(cmd).Observe(d.Seconds())
+	if err != nil {
+		m.applyErrs.WithLabelValues(cmd).Inc()
+	}
+}
+
+func (m *metrics) unregister() {}
+
+// httpHandler serves liveness, readiness (a leader is known, so writes can
+// commit) and Prometheus metrics. Nothing here is secret.
+func (n *Node) httpHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		st := n.raft.Status(r.Context())
+		if st.LeaderID == "" {
+			http.Error(w, "not ready: no raft leader known", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintf(w, "ready: leader %s, term %d, applied %d\n", st.LeaderID, st.Term, st.AppliedIndex)
+	})
+	mux.Handle("GET /metrics", promhttp.HandlerFor(n.metrics.reg, promhttp.HandlerOpts{}))
+	return mux
+}

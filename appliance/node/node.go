@@ -1,0 +1,341 @@
+// Package node is one sigild appliance node: it opens the node's issuing CA
+// in its HSM, joins the raft cluster over mutual TLS with the node's SPIFFE
+// identity, applies the replicated state, and serves the admin API (mutual
+// TLS for admins, a root-only Unix socket on the host) and the HTTP health
+// and metrics endpoints.
+package node
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+
+	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/appliance/ca"
+	"github.com/sigil-appliance/sigil/appliance/state"
+	"github.com/sigil-appliance/sigil/keystore/pkcs11"
+	"github.com/sigil-appliance/sigil/raft"
+)
+
+// Node is a running appliance node.
+type Node struct {
+	cfg   *Config
+	log   *slog.Logger
+	td    spiffeid.TrustDomain
+	roots []*x509.Certificate
+
+	ks    *pkcs11.KeyStore
+	auth  *ca.Authority
+	ident *ca.NodeIdentity
+	fsm   *state.FSM
+	raft  *raft.Node
+
+	apiLn   net.Listener
+	localLn net.Listener
+	grpc    *grpc.Server
+	local   *grpc.Server
+	http    *http.Server
+	httpLn  net.Listener
+	metrics *metrics
+
+	stop     context.CancelFunc
+	wg       sync.WaitGroup
+	stopOnce sync.Once
+}
+
+// raftFSM adapts the state machine to the raft package.
+type raftFSM struct{ *state.FSM }
+
+func (r raftFSM) Snapshot() (raft.Snapshot, error) { return r.FSM.Snapshot() }
+
+// Start opens the HSM, raft and the listeners. It fails closed: any problem
+// with keys, certificates or listeners stops the node before it serves.
+func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
+	if log == nil {
+		log = slog.Default()
+	}
+	log = log.With("node", cfg.NodeID)
+	n := &Node{cfg: cfg, log: log, td: spiffeid.RequireTrustDomainFromString(cfg.TrustDomain)}
+	ok := false
+	defer func() {
+		if !ok {
+			n.Stop()
+		}
+	}()
+
+	issuing, err := readCertFile(cfg.IssuingCert)
+	if err != nil {
+		return nil, fmt.Errorf("issuing-cert: %w", err)
+	}
+	for _, p := range cfg.RootCerts {
+		r, err := readCertFile(p)
+		if err != nil {
+			return nil, fmt.Errorf("root-certs: %w", err)
+		}
+		n.roots = append(n.roots, r)
+	}
+	n.ks = pkcs11.New(pkcs11.Options{Logger: log})
+	signer, err := n.ks.Signer(ctx, cfg.IssuingKey)
+	if err != nil {
+		return nil, fmt.Errorf("issuing CA key: %w", err)
+	}
+	if n.auth, err = ca.New(n.td, cfg.NodeID, signer, issuing, n.roots, nil); err != nil {
+		return nil, err
+	}
+	if n.ident, err = ca.NewNodeIdentity(n.auth, 24*time.Hour); err != nil {
+		return nil, fmt.Errorf("node TLS identity: %w", err)
+	}
+	log.Info("issuing CA opened", "issuing_ca", issuing.Subject.String(), "not_after", issuing.NotAfter)
+
+	n.fsm = state.New(n.td)
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, err
+	}
+	n.raft, err = raft.New(ctx, raft.Config{
+		NodeID:        cfg.NodeID,
+		BindAddr:      cfg.Cluster.Bind,
+		AdvertiseAddr: cfg.Cluster.Advertise,
+		DataDir:       filepath.Join(cfg.DataDir, "raft"),
+		TLS:           n.ident.TLSConfig(ca.RoleNode),
+		PeerNodeID: func(cs tls.ConnectionState) (string, error) {
+			p, err := n.auth.PeerFromState(cs)
+			if err != nil {
+				return "", err
+			}
+			if p.Role != ca.RoleNode {
+				return "", fmt.Errorf("%s is not a node", p.ID)
+			}
+			return p.Name, nil
+		},
+		Logger:           log,
+		HeartbeatTimeout: cfg.Cluster.HeartbeatTimeout.Duration,
+		ElectionTimeout:  cfg.Cluster.ElectionTimeout.Duration,
+	}, raftFSM{n.fsm})
+	if err != nil {
+		return nil, fmt.Errorf("raft: %w", err)
+	}
+	n.metrics = newMetrics(n)
+
+	runCtx, cancel := context.WithCancel(context.Background())
+	n.stop = cancel
+	if cfg.Cluster.Bootstrap {
+		switch err := n.raft.Bootstrap(ctx); {
+		case err == nil:
+			log.Info("bootstrapped a new cluster")
+		case errors.Is(err, raft.ErrExistingState):
+			log.Info("cluster state exists; bootstrap skipped")
+		default:
+			return nil, fmt.Errorf("bootstrap: %w", err)
+		}
+	}
+	if len(cfg.Cluster.Join) > 0 {
+		n.wg.Add(1)
+		go func() { defer n.wg.Done(); n.joinLoop(runCtx) }()
+	}
+	n.wg.Add(1)
+	go func() { defer n.wg.Done(); n.bundleLoop(runCtx) }()
+
+	// The API: admins (and later agents) over mutual TLS.
+	if n.apiLn, err = net.Listen("tcp", cfg.API.Listen); err != nil {
+		return nil, fmt.Errorf("api.listen: %w", err)
+	}
+	tlsCfg := n.ident.TLSConfig(ca.RoleAdmin, ca.RoleAgent)
+	n.grpc = grpc.NewServer(append(api.ServerOptions(),
+		grpc.Creds(credentials.NewTLS(tlsCfg)),
+		grpc.ChainUnaryInterceptor(n.authenticate))...)
+	api.RegisterAdmin(n.grpc, &admin{n: n})
+	n.serve(func() error { return n.grpc.Serve(n.apiLn) })
+
+	if cfg.API.LocalSocket != "" {
+		if n.localLn, err = listenLocal(cfg.API.LocalSocket); err != nil {
+			return nil, fmt.Errorf("api.local-socket: %w", err)
+		}
+		n.local = grpc.NewServer(append(api.ServerOptions(),
+			grpc.Creds(api.LocalCredentials()),
+			grpc.ChainUnaryInterceptor(n.authenticateLocal))...)
+		api.RegisterAdmin(n.local, &admin{n: n})
+		n.serve(func() error { return n.local.Serve(n.localLn) })
+	}
+
+	if cfg.HTTP.Listen != "" {
+		if n.httpLn, err = net.Listen("tcp", cfg.HTTP.Listen); err != nil {
+			return nil, fmt.Errorf("http.listen: %w", err)
+		}
+		n.http = &http.Server{Handler: n.httpHandler(), ReadHeaderTimeout: 5 * time.Second}
+		n.serve(func() error {
+			if err := n.http.Serve(n.httpLn); !errors.Is(err, http.ErrServerClosed) {
+				return err
+			}
+			return nil
+		})
+	}
+	log.Info("node started", "raft", n.raft.Addr(), "api", n.apiLn.Addr().String())
+	ok = true
+	return n, nil
+}
+
+func (n *Node) serve(fn func() error) {
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		if err := fn(); err != nil {
+			n.log.Error("listener stopped", "err", err)
+		}
+	}()
+}
+
+// joinLoop asks the configured members to add this node until one does.
+func (n *Node) joinLoop(ctx context.Context) {
+	backoff := 200 * time.Millisecond
+	for {
+		if st := n.raft.Status(ctx); st.LeaderID != "" && memberOf(st, n.cfg.NodeID) {
+			return
+		}
+		for _, addr := range n.cfg.Cluster.Join {
+			jctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			err := n.raft.JoinCluster(jctx, addr)
+			cancel()
+			if err == nil {
+				n.log.Info("joined the cluster", "via", addr)
+				return
+			}
+			n.log.Warn("join failed", "via", addr, "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 5*time.Second)
+	}
+}
+
+func memberOf(st raft.Status, id string) bool {
+	for _, p := range st.Peers {
+		if p.ID == id {
+			return true
+		}
+	}
+	return false
+}
+
+// bundleLoop puts the configured roots into the replicated trust bundle
+// once a leader exists and the bundle has none (a new cluster).
+func (n *Node) bundleLoop(ctx context.Context) {
+	for {
+		if len(n.fsm.Bundle().Roots) > 0 {
+			return
+		}
+		if n.raft.IsLeader() {
+			var ders [][]byte
+			for _, r := range n.roots {
+				ders = append(ders, r.Raw)
+			}
+			if _, err := n.apply(ctx, n.actor(), state.CmdBundleSetRoots, state.BundleRoots{Roots: ders}); err != nil {
+				n.log.Warn("setting the trust bundle roots failed", "err", err)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-n.fsm.Changed():
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+// actor is how this node appears in audit records.
+func (n *Node) actor() string { return ca.NodeSPIFFEID(n.td, n.cfg.NodeID).String() }
+
+// apply proposes a command and returns the FSM's response.
+func (n *Node) apply(ctx context.Context, actor, typ string, payload any) ([]byte, error) {
+	cmd, err := state.NewCommand(typ, actor, time.Now(), payload)
+	if err != nil {
+		return nil, err
+	}
+	start := time.Now()
+	resp, err := n.raft.Apply(ctx, cmd)
+	n.metrics.observeApply(typ, time.Since(start), err)
+	return resp, err
+}
+
+// Addrs are the bound addresses (useful with :0 in tests).
+func (n *Node) RaftAddr() string { return n.raft.Addr() }
+func (n *Node) APIAddr() string  { return n.apiLn.Addr().String() }
+func (n *Node) HTTPAddr() string {
+	if n.httpLn == nil {
+		return ""
+	}
+	return n.httpLn.Addr().String()
+}
+
+// Authority is the node's CA (tests issue admin certificates with it).
+func (n *Node) Authority() *ca.Authority { return n.auth }
+
+// State is the node's replica (read-only use).
+func (n *Node) State() *state.FSM { return n.fsm }
+
+// Raft is the node's raft member.
+func (n *Node) Raft() *raft.Node { return n.raft }
+
+// Stop shuts the node down: API first, then raft, then the HSM.
+func (n *Node) Stop() error {
+	n.stopOnce.Do(func() {
+		if n.stop != nil {
+			n.stop()
+		}
+		if n.grpc != nil {
+			n.grpc.Stop()
+		}
+		if n.local != nil {
+			n.local.Stop()
+		}
+		if n.http != nil {
+			n.http.Close()
+		}
+		for _, ln := range []net.Listener{n.apiLn, n.localLn, n.httpLn} {
+			if ln != nil {
+				ln.Close()
+			}
+		}
+		if n.raft != nil {
+			if err := n.raft.Shutdown(); err != nil {
+				n.log.Warn("raft shutdown", "err", err)
+			}
+		}
+		n.wg.Wait()
+		if n.ks != nil {
+			n.ks.Close()
+		}
+		if n.metrics != nil {
+			n.metrics.unregister()
+		}
+	})
+	return nil
+}
+
+func readCertFile(path string) (*x509.Certificate, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	blk, _ := pem.Decode(b)
+	if blk == nil || blk.Type != "CERTIFICATE" {
+		return nil, fmt.Errorf("%s: no PEM certificate", path)
+	}
+	return x509.ParseCertificate(blk.Bytes)
+}

@@ -1,0 +1,622 @@
+// Package raft is Sigil's replication layer: a hashicorp/raft member with
+// bolt log and stable stores (fsync on every write) and file snapshots,
+// reached over one mutual-TLS listener that carries both raft traffic and a
+// small RPC for forwarded writes, linearizable reads and membership.
+//
+// It replicates opaque commands into an FSM and knows nothing about what
+// they mean.
+package raft
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	hraft "github.com/hashicorp/raft"
+	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+)
+
+// FSM is the replicated state machine. Apply must be deterministic; its
+// error means the command was refused (and must have changed nothing).
+type FSM interface {
+	Apply(index uint64, cmd []byte) ([]byte, error)
+	Snapshot() (Snapshot, error)
+	Restore(r io.Reader) error
+}
+
+// Snapshot is a point-in-time FSM state; Persist may run concurrently with
+// Apply.
+type Snapshot interface {
+	Persist(w io.Writer) error
+	Release()
+}
+
+// Config configures a Node.
+type Config struct {
+	NodeID        string
+	BindAddr      string // host:port; ":0" picks a port (see Node.Addr)
+	AdvertiseAddr string // default: the listener's address
+	DataDir       string
+	// TLS is used to accept and to dial. It must require and verify client
+	// certificates: New refuses a config that would let anyone in.
+	TLS *tls.Config
+	// PeerNodeID, when set, names the node behind a verified connection,
+	// so that a node can only ask to add itself.
+	PeerNodeID func(tls.ConnectionState) (string, error)
+	Logger     *slog.Logger
+
+	HeartbeatTimeout   time.Duration
+	ElectionTimeout    time.Duration
+	LeaderLeaseTimeout time.Duration
+	CommitTimeout      time.Duration
+	SnapshotInterval   time.Duration
+	SnapshotThreshold  uint64
+	TrailingLogs       uint64
+	ApplyTimeout       time.Duration
+}
+
+var (
+	// ErrNoLeader: no leader could be reached before the deadline (no
+	// quorum, or an election in progress).
+	ErrNoLeader = errors.New("raft: no leader")
+	// ErrExistingState: Bootstrap on a node that already has raft state.
+	ErrExistingState = errors.New("raft: node already has cluster state")
+	// ErrNotMember: a membership request from a node outside the cluster.
+	ErrNotMember = errors.New("raft: not a cluster member")
+)
+
+// ApplyError is a command the FSM refused. Across forwarding only the
+// message survives; locally Unwrap gives the FSM's own error.
+type ApplyError struct {
+	Msg string
+	err error
+}
+
+func (e *ApplyError) Error() string { return e.Msg }
+func (e *ApplyError) Unwrap() error { return e.err }
+
+// Status is a node's view of the cluster.
+type Status struct {
+	NodeID       string
+	State        string
+	Term         uint64
+	LastIndex    uint64
+	CommitIndex  uint64
+	AppliedIndex uint64
+	LeaderID     string
+	LeaderAddr   string
+	Peers        []Peer
+}
+
+// Peer is one member of the configuration. LastContact and LastIndex are
+// the leader's view (zero elsewhere or when unknown).
+type Peer struct {
+	ID          string
+	Addr        string
+	Suffrage    string
+	LastContact time.Time
+	LastIndex   uint64
+}
+
+// Node is a raft member.
+type Node struct {
+	cfg   Config
+	log   *slog.Logger
+	fsm   FSM
+	r     *hraft.Raft
+	ln    net.Listener
+	layer *streamLayer
+	trans *hraft.NetworkTransport
+	store *raftboltdb.BoltStore
+	pool  *rpcPool
+
+	leaderReady atomic.Uint64 // term in which this leader committed a barrier
+
+	statsMu sync.Mutex
+	stats   map[string]Peer
+
+	ctx      context.Context
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
+	shutOnce sync.Once
+	shutErr  error
+}
+
+func (c *Config) defaults() error {
+	if c.NodeID == "" {
+		return errors.New("raft: NodeID is required")
+	}
+	if c.TLS == nil || len(c.TLS.Certificates) == 0 && c.TLS.GetCertificate == nil {
+		return errors.New("raft: TLS config with a certificate is required")
+	}
+	verifies := c.TLS.ClientAuth == tls.RequireAndVerifyClientCert ||
+		c.TLS.ClientAuth == tls.RequireAnyClientCert && (c.TLS.VerifyConnection != nil || c.TLS.VerifyPeerCertificate != nil)
+	if !verifies {
+		return errors.New("raft: TLS config must require and verify client certificates")
+	}
+	set := func(d *time.Duration, v time.Duration) {
+		if *d == 0 {
+			*d = v
+		}
+	}
+	set(&c.HeartbeatTimeout, 500*time.Millisecond)
+	set(&c.ElectionTimeout, 500*time.Millisecond)
+	set(&c.LeaderLeaseTimeout, c.HeartbeatTimeout/2)
+	set(&c.CommitTimeout, 50*time.Millisecond)
+	set(&c.SnapshotInterval, 2*time.Minute)
+	set(&c.ApplyTimeout, 10*time.Second)
+	if c.SnapshotThreshold == 0 {
+		c.SnapshotThreshold = 8192
+	}
+	if c.TrailingLogs == 0 {
+		c.TrailingLogs = 10240
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return nil
+}
+
+// New opens the stores, starts the listener and the raft member. A node
+// with existing state rejoins its cluster; a new one waits for Bootstrap
+// or to be added.
+func New(ctx context.Context, cfg Config, fsm FSM) (*Node, error) {
+	if err := cfg.defaults(); err != nil {
+		return nil, err
+	}
+	n := &Node{cfg: cfg, log: cfg.Logger.With("component", "raft"), fsm: fsm, stats: map[string]Peer{}}
+	n.ctx, n.cancel = context.WithCancel(context.Background())
+	ok := false
+	defer func() {
+		if !ok {
+			n.Shutdown()
+		}
+	}()
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, err
+	}
+	var err error
+	n.store, err = raftboltdb.New(raftboltdb.Options{Path: filepath.Join(cfg.DataDir, "raft.db")})
+	if err != nil {
+		return nil, fmt.Errorf("raft: open log store: %w", err)
+	}
+	hlog := hclog.New(&hclog.LoggerOptions{Name: "raft", Level: hclog.Warn, Output: &slogWriter{n.log}, JSONFormat: true})
+	snaps, err := hraft.NewFileSnapshotStoreWithLogger(cfg.DataDir, 3, hlog)
+	if err != nil {
+		return nil, fmt.Errorf("raft: open snapshot store: %w", err)
+	}
+	if n.ln, err = net.Listen("tcp", cfg.BindAddr); err != nil {
+		return nil, fmt.Errorf("raft: listen on %s: %w", cfg.BindAddr, err)
+	}
+	adv := cfg.AdvertiseAddr
+	if adv == "" {
+		adv = n.ln.Addr().String()
+	}
+	n.cfg.AdvertiseAddr = adv
+	n.layer = &streamLayer{n: n, addr: advAddr(adv), conns: make(chan net.Conn, 16), closed: make(chan struct{})}
+	n.pool = &rpcPool{n: n, idle: map[string][]*rpcConn{}}
+	n.trans = hraft.NewNetworkTransportWithConfig(&hraft.NetworkTransportConfig{
+		Stream: n.layer, MaxPool: 4, Timeout: 10 * time.Second, Logger: hlog,
+	})
+	rc := hraft.DefaultConfig()
+	rc.LocalID = hraft.ServerID(cfg.NodeID)
+	rc.HeartbeatTimeout = cfg.HeartbeatTimeout
+	rc.ElectionTimeout = cfg.ElectionTimeout
+	rc.LeaderLeaseTimeout = cfg.LeaderLeaseTimeout
+	rc.CommitTimeout = cfg.CommitTimeout
+	rc.SnapshotInterval = cfg.SnapshotInterval
+	rc.SnapshotThreshold = cfg.SnapshotThreshold
+	rc.TrailingLogs = cfg.TrailingLogs
+	rc.Logger = hlog
+	n.r, err = hraft.NewRaft(rc, &fsmAdapter{n.fsm}, n.store, n.store, snaps, n.trans)
+	if err != nil {
+		return nil, fmt.Errorf("raft: start: %w", err)
+	}
+	n.wg.Add(2)
+	go func() { defer n.wg.Done(); n.acceptLoop() }()
+	go func() { defer n.wg.Done(); n.statsLoop() }()
+	ok = true
+	return n, nil
+}
+
+// Addr is the advertised raft address.
+func (n *Node) Addr() string { return n.cfg.AdvertiseAddr }
+
+// Bootstrap makes this node a one-voter cluster. It refuses when the node
+// already has state, so a restart never re-bootstraps.
+func (n *Node) Bootstrap(ctx context.Context) error {
+	snaps, err := hraft.NewFileSnapshotStoreWithLogger(n.cfg.DataDir, 3, hclog.NewNullLogger())
+	if err != nil {
+		return err
+	}
+	has, err := hraft.HasExistingState(n.store, n.store, snaps)
+	if err != nil {
+		return err
+	}
+	if has {
+		return ErrExistingState
+	}
+	return n.r.BootstrapCluster(hraft.Configuration{Servers: []hraft.Server{{
+		ID: hraft.ServerID(n.cfg.NodeID), Address: hraft.ServerAddress(n.cfg.AdvertiseAddr), Suffrage: hraft.Voter,
+	}}}).Error()
+}
+
+// IsLeader reports whether this node leads.
+func (n *Node) IsLeader() bool { return n.r.State() == hraft.Leader }
+
+func (n *Node) timeout(ctx context.Context) time.Duration {
+	if d, ok := ctx.Deadline(); ok {
+		return max(time.Until(d), time.Millisecond)
+	}
+	return n.cfg.ApplyTimeout
+}
+
+// Apply commits cmd and returns the FSM's response. On a follower the
+// command is forwarded to the leader; while there is no leader it waits
+// (bounded by ctx, or ApplyTimeout) for one.
+func (n *Node) Apply(ctx context.Context, cmd []byte) ([]byte, error) {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, n.cfg.ApplyTimeout)
+		defer cancel()
+	}
+	for {
+		if n.IsLeader() {
+			resp, err := n.applyLocal(ctx, cmd)
+			if !errors.Is(err, hraft.ErrNotLeader) && !errors.Is(err, hraft.ErrLeadershipLost) {
+				return resp, err
+			}
+		} else if _, leader := n.leader(); leader != "" {
+			var r rpcResponse
+			err := n.pool.call(ctx, leader, &rpcRequest{Op: opApply, Cmd: cmd}, &r)
+			if err == nil && !r.NotLeader {
+				if r.Refused {
+					return nil, &ApplyError{Msg: r.Err}
+				}
+				if r.Err != "" {
+					return nil, errors.New(r.Err)
+				}
+				return r.Resp, nil
+			}
+			if err != nil {
+				n.log.Debug("forward to leader failed", "leader", leader, "err", err)
+			}
+		}
+		if err := n.waitLeaderChange(ctx); err != nil {
+			return nil, err
+		}
+	}
+}
+
+// waitLeaderChange backs off briefly, or fails when ctx ends.
+func (n *Node) waitLeaderChange(ctx context.Context) error {
+	select {
+	case <-ctx.Done():
+		return fmt.Errorf("%w: %v", ErrNoLeader, ctx.Err())
+	case <-n.ctx.Done():
+		return fmt.Errorf("%w: node shut down", ErrNoLeader)
+	case <-time.After(25 * time.Millisecond):
+		return nil
+	}
+}
+
+type applyResult struct {
+	resp []byte
+	err  error
+}
+
+func (n *Node) applyLocal(ctx context.Context, cmd []byte) ([]byte, error) {
+	f := n.r.Apply(cmd, n.timeout(ctx))
+	if err := f.Error(); err != nil {
+		return nil, err
+	}
+	res, _ := f.Response().(applyResult)
+	if res.err != nil {
+		return nil, &ApplyError{Msg: res.err.Error(), err: res.err}
+	}
+	return res.resp, nil
+}
+
+func (n *Node) leader() (id, addr string) {
+	a, i := n.r.LeaderWithID()
+	return string(i), string(a)
+}
+
+// ReadIndex is a linearizable read barrier: when it returns, this node's
+// FSM reflects every write acknowledged before the call.
+func (n *Node) ReadIndex(ctx context.Context) error {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, n.cfg.ApplyTimeout)
+		defer cancel()
+	}
+	for {
+		var idx uint64
+		var err error
+		if n.IsLeader() {
+			idx, err = n.leaderReadIndex(ctx)
+		} else if _, leader := n.leader(); leader != "" {
+			var r rpcResponse
+			if err = n.pool.call(ctx, leader, &rpcRequest{Op: opReadIndex}, &r); err == nil {
+				if r.NotLeader {
+					err = hraft.ErrNotLeader
+				} else if r.Err != "" {
+					err = errors.New(r.Err)
+				}
+				idx = r.Index
+			}
+		} else {
+			err = ErrNoLeader
+		}
+		if err == nil {
+			return n.waitApplied(ctx, idx)
+		}
+		if werr := n.waitLeaderChange(ctx); werr != nil {
+			return fmt.Errorf("%w (last error: %v)", werr, err)
+		}
+	}
+}
+
+// leaderReadIndex follows the raft read-index rule: the commit index is
+// only safe once this leader has committed an entry of its own term, and
+// only if it is still the leader after taking it.
+func (n *Node) leaderReadIndex(ctx context.Context) (uint64, error) {
+	term := n.r.CurrentTerm()
+	if n.leaderReady.Load() != term {
+		if err := n.r.Barrier(n.timeout(ctx)).Error(); err != nil {
+			return 0, err
+		}
+		n.leaderReady.Store(term)
+	}
+	idx := n.r.CommitIndex()
+	if err := n.r.VerifyLeader().Error(); err != nil {
+		return 0, err
+	}
+	return idx, nil
+}
+
+func (n *Node) waitApplied(ctx context.Context, idx uint64) error {
+	for n.r.AppliedIndex() < idx {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("raft: waiting to apply index %d (at %d): %w", idx, n.r.AppliedIndex(), ctx.Err())
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+	return nil
+}
+
+// Join adds a voter (an operator's request), via the leader.
+func (n *Node) Join(ctx context.Context, nodeID, addr string) error {
+	if nodeID == "" || addr == "" {
+		return errors.New("raft: join needs a node ID and an address")
+	}
+	return n.membership(ctx, &rpcRequest{Op: opJoin, NodeID: nodeID, Addr: addr})
+}
+
+// JoinCluster asks a member (any) to add this node.
+func (n *Node) JoinCluster(ctx context.Context, memberAddr string) error {
+	var r rpcResponse
+	if err := n.pool.call(ctx, memberAddr, &rpcRequest{Op: opJoin, NodeID: n.cfg.NodeID, Addr: n.cfg.AdvertiseAddr, Self: true}, &r); err != nil {
+		return fmt.Errorf("raft: join via %s: %w", memberAddr, err)
+	}
+	if r.Err != "" {
+		return fmt.Errorf("raft: join via %s: %s", memberAddr, r.Err)
+	}
+	return nil
+}
+
+// Remove takes a node out of the configuration, via the leader.
+func (n *Node) Remove(ctx context.Context, nodeID string) error {
+	return n.membership(ctx, &rpcRequest{Op: opRemove, NodeID: nodeID})
+}
+
+func (n *Node) membership(ctx context.Context, req *rpcRequest) error {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, n.cfg.ApplyTimeout)
+		defer cancel()
+	}
+	for {
+		if n.IsLeader() {
+			return n.changeMembership(ctx, req)
+		}
+		if _, leader := n.leader(); leader != "" {
+			var r rpcResponse
+			err := n.pool.call(ctx, leader, req, &r)
+			if err == nil && !r.NotLeader {
+				if r.Err != "" {
+					return errors.New(r.Err)
+				}
+				return nil
+			}
+		}
+		if err := n.waitLeaderChange(ctx); err != nil {
+			return err
+		}
+	}
+}
+
+func (n *Node) changeMembership(ctx context.Context, req *rpcRequest) error {
+	switch req.Op {
+	case opJoin:
+		cfg, err := n.configuration()
+		if err != nil {
+			return err
+		}
+		for _, s := range cfg.Servers {
+			if string(s.ID) == req.NodeID && string(s.Address) == req.Addr && s.Suffrage == hraft.Voter {
+				return nil // already a member: joining is idempotent
+			}
+		}
+		n.log.Info("adding voter", "node", req.NodeID, "addr", req.Addr)
+		return n.r.AddVoter(hraft.ServerID(req.NodeID), hraft.ServerAddress(req.Addr), 0, n.timeout(ctx)).Error()
+	case opRemove:
+		if req.NodeID == "" {
+			return errors.New("raft: remove needs a node ID")
+		}
+		n.log.Info("removing server", "node", req.NodeID)
+		return n.r.RemoveServer(hraft.ServerID(req.NodeID), 0, n.timeout(ctx)).Error()
+	}
+	return fmt.Errorf("raft: unknown membership op %q", req.Op)
+}
+
+func (n *Node) configuration() (hraft.Configuration, error) {
+	f := n.r.GetConfiguration()
+	if err := f.Error(); err != nil {
+		return hraft.Configuration{}, err
+	}
+	return f.Configuration(), nil
+}
+
+func (n *Node) isMember(id string) bool {
+	cfg, err := n.configuration()
+	if err != nil {
+		return false
+	}
+	for _, s := range cfg.Servers {
+		if string(s.ID) == id {
+			return true
+		}
+	}
+	return false
+}
+
+// Status reports this node's view.
+func (n *Node) Status(ctx context.Context) Status {
+	leaderAddr, leaderID := n.r.LeaderWithID()
+	st := Status{
+		NodeID: n.cfg.NodeID, State: strings.ToLower(n.r.State().String()), Term: n.r.CurrentTerm(),
+		LastIndex: n.r.LastIndex(), CommitIndex: n.r.CommitIndex(), AppliedIndex: n.r.AppliedIndex(),
+		LeaderID: string(leaderID), LeaderAddr: string(leaderAddr),
+	}
+	if cfg, err := n.configuration(); err == nil {
+		n.statsMu.Lock()
+		for _, s := range cfg.Servers {
+			p := Peer{ID: string(s.ID), Addr: string(s.Address), Suffrage: strings.ToLower(s.Suffrage.String())}
+			if seen, ok := n.stats[p.ID]; ok && n.IsLeader() {
+				p.LastContact, p.LastIndex = seen.LastContact, seen.LastIndex
+			}
+			if p.ID == n.cfg.NodeID {
+				p.LastContact, p.LastIndex = time.Now(), st.LastIndex
+			}
+			st.Peers = append(st.Peers, p)
+		}
+		n.statsMu.Unlock()
+	}
+	return st
+}
+
+// statsLoop has the leader ask every peer for its last index each second;
+// the answers give operators each peer's last contact.
+func (n *Node) statsLoop() {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-t.C:
+		}
+		if !n.IsLeader() {
+			continue
+		}
+		cfg, err := n.configuration()
+		if err != nil {
+			continue
+		}
+		for _, s := range cfg.Servers {
+			if string(s.ID) == n.cfg.NodeID {
+				continue
+			}
+			ctx, cancel := context.WithTimeout(n.ctx, 800*time.Millisecond)
+			var r rpcResponse
+			err := n.pool.call(ctx, string(s.Address), &rpcRequest{Op: opStats}, &r)
+			cancel()
+			if err == nil {
+				n.statsMu.Lock()
+				n.stats[string(s.ID)] = Peer{LastContact: time.Now(), LastIndex: r.Index}
+				n.statsMu.Unlock()
+			}
+		}
+	}
+}
+
+// Shutdown stops raft, the listener and the stores. It is idempotent.
+func (n *Node) Shutdown() error {
+	n.shutOnce.Do(func() {
+		n.cancel()
+		if n.r != nil {
+			n.shutErr = n.r.Shutdown().Error()
+		}
+		if n.trans != nil {
+			n.trans.Close()
+		}
+		if n.ln != nil {
+			n.ln.Close()
+		}
+		if n.pool != nil {
+			n.pool.closeAll()
+		}
+		n.wg.Wait()
+		if n.store != nil {
+			n.store.Close()
+		}
+	})
+	return n.shutErr
+}
+
+// fsmAdapter turns our FSM into hashicorp's.
+type fsmAdapter struct{ fsm FSM }
+
+func (a *fsmAdapter) Apply(l *hraft.Log) any {
+	if l.Type != hraft.LogCommand {
+		return nil
+	}
+	resp, err := a.fsm.Apply(l.Index, l.Data)
+	return applyResult{resp: resp, err: err}
+}
+
+func (a *fsmAdapter) Snapshot() (hraft.FSMSnapshot, error) {
+	s, err := a.fsm.Snapshot()
+	if err != nil {
+		return nil, err
+	}
+	return &snapAdapter{s}, nil
+}
+
+func (a *fsmAdapter) Restore(rc io.ReadCloser) error {
+	defer rc.Close()
+	return a.fsm.Restore(rc)
+}
+
+type snapAdapter struct{ s Snapshot }
+
+func (s *snapAdapter) Persist(sink hraft.SnapshotSink) error {
+	if err := s.s.Persist(sink); err != nil {
+		sink.Cancel()
+		return err
+	}
+	return sink.Close()
+}
+
+func (s *snapAdapter) Release() { s.s.Release() }
+
+// slogWriter carries hashicorp's log lines (warnings and worse) into slog.
+type slogWriter struct{ log *slog.Logger }
+
+func (w *slogWriter) Write(p []byte) (int, error) {
+	w.log.Warn("raft library", "line", strings.TrimSpace(string(p)))
+	return len(p), nil
+}

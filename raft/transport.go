@@ -1,0 +1,362 @@
+package raft
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	hraft "github.com/hashicorp/raft"
+)
+
+// After the TLS handshake the dialer sends one byte saying what the
+// connection carries.
+const (
+	protoRaft byte = 0x01
+	protoRPC  byte = 0x02
+)
+
+const (
+	maxFrame         = 64 << 20
+	handshakeTimeout = 10 * time.Second
+	rpcIdleTimeout   = 2 * time.Minute
+)
+
+type advAddr string
+
+func (a advAddr) Network() string { return "tcp" }
+func (a advAddr) String() string  { return string(a) }
+
+// streamLayer hands raft the connections that announced protoRaft and
+// dials raft connections to peers.
+type streamLayer struct {
+	n      *Node
+	addr   net.Addr
+	conns  chan net.Conn
+	closed chan struct{}
+	once   sync.Once
+}
+
+func (s *streamLayer) Accept() (net.Conn, error) {
+	select {
+	case c := <-s.conns:
+		return c, nil
+	case <-s.closed:
+		return nil, net.ErrClosed
+	}
+}
+
+func (s *streamLayer) Close() error {
+	s.once.Do(func() { close(s.closed) })
+	return nil
+}
+
+func (s *streamLayer) Addr() net.Addr { return s.addr }
+
+func (s *streamLayer) Dial(address hraft.ServerAddress, timeout time.Duration) (net.Conn, error) {
+	return s.n.dial(string(address), protoRaft, timeout)
+}
+
+func (n *Node) dial(addr string, proto byte, timeout time.Duration) (net.Conn, error) {
+	d := &net.Dialer{Timeout: timeout}
+	c, err := tls.DialWithDialer(d, "tcp", addr, n.cfg.TLS.Clone())
+	if err != nil {
+		return nil, err
+	}
+	c.SetWriteDeadline(time.Now().Add(timeout))
+	if _, err := c.Write([]byte{proto}); err != nil {
+		c.Close()
+		return nil, err
+	}
+	c.SetWriteDeadline(time.Time{})
+	return c, nil
+}
+
+func (n *Node) acceptLoop() {
+	for {
+		c, err := n.ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			n.log.Warn("accept", "err", err)
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
+		go n.handleConn(c)
+	}
+}
+
+// handleConn does the TLS handshake (the config verifies the peer) and
+// routes the connection by its first byte.
+func (n *Node) handleConn(raw net.Conn) {
+	c := tls.Server(raw, n.cfg.TLS)
+	c.SetDeadline(time.Now().Add(handshakeTimeout))
+	if err := c.Handshake(); err != nil {
+		n.log.Warn("refused connection: TLS handshake failed", "remote", raw.RemoteAddr().String(), "err", err)
+		c.Close()
+		return
+	}
+	var b [1]byte
+	if _, err := io.ReadFull(c, b[:]); err != nil {
+		c.Close()
+		return
+	}
+	c.SetDeadline(time.Time{})
+	switch b[0] {
+	case protoRaft:
+		select {
+		case n.layer.conns <- c:
+		case <-n.layer.closed:
+			c.Close()
+		}
+	case protoRPC:
+		n.serveRPC(c)
+	default:
+		n.log.Warn("refused connection: unknown protocol", "remote", raw.RemoteAddr().String(), "byte", b[0])
+		c.Close()
+	}
+}
+
+// RPC ops.
+const (
+	opApply     = "apply"
+	opReadIndex = "read-index"
+	opJoin      = "join"
+	opRemove    = "remove"
+	opStats     = "stats"
+)
+
+type rpcRequest struct {
+	Op     string
+	Cmd    []byte `json:",omitempty"`
+	NodeID string `json:",omitempty"`
+	Addr   string `json:",omitempty"`
+	// Self marks a node asking to add itself (checked against its TLS
+	// identity); otherwise a member forwards an operator's request.
+	Self bool `json:",omitempty"`
+}
+
+type rpcResponse struct {
+	Resp      []byte `json:",omitempty"`
+	Err       string `json:",omitempty"`
+	Refused   bool   `json:",omitempty"`
+	NotLeader bool   `json:",omitempty"`
+	Index     uint64 `json:",omitempty"`
+}
+
+func writeFrame(w io.Writer, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	if len(b) > maxFrame {
+		return fmt.Errorf("raft rpc: frame of %d bytes exceeds %d", len(b), maxFrame)
+	}
+	var hdr [4]byte
+	binary.BigEndian.PutUint32(hdr[:], uint32(len(b)))
+	if _, err := w.Write(hdr[:]); err != nil {
+		return err
+	}
+	_, err = w.Write(b)
+	return err
+}
+
+func readFrame(r io.Reader, v any) error {
+	var hdr [4]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return err
+	}
+	size := binary.BigEndian.Uint32(hdr[:])
+	if size > maxFrame {
+		return fmt.Errorf("raft rpc: frame of %d bytes exceeds %d", size, maxFrame)
+	}
+	b := make([]byte, size)
+	if _, err := io.ReadFull(r, b); err != nil {
+		return err
+	}
+	return json.Unmarshal(b, v)
+}
+
+// serveRPC answers requests on one connection until it closes or idles.
+func (n *Node) serveRPC(c *tls.Conn) {
+	defer c.Close()
+	peer := ""
+	if n.cfg.PeerNodeID != nil {
+		id, err := n.cfg.PeerNodeID(c.ConnectionState())
+		if err != nil {
+			n.log.Warn("refused rpc connection: peer identity", "remote", c.RemoteAddr().String(), "err", err)
+			return
+		}
+		peer = id
+	}
+	for {
+		c.SetReadDeadline(time.Now().Add(rpcIdleTimeout))
+		var req rpcRequest
+		if err := readFrame(c, &req); err != nil {
+			if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+				n.log.Debug("rpc read", "remote", c.RemoteAddr().String(), "err", err)
+			}
+			return
+		}
+		c.SetReadDeadline(time.Time{})
+		resp := n.handleRPC(&req, peer)
+		c.SetWriteDeadline(time.Now().Add(30 * time.Second))
+		if err := writeFrame(c, resp); err != nil {
+			return
+		}
+	}
+}
+
+func (n *Node) handleRPC(req *rpcRequest, peer string) *rpcResponse {
+	ctx, cancel := context.WithTimeout(n.ctx, n.cfg.ApplyTimeout)
+	defer cancel()
+	switch req.Op {
+	case opStats:
+		return &rpcResponse{Index: n.r.LastIndex()}
+	case opApply:
+		if !n.IsLeader() {
+			return &rpcResponse{NotLeader: true}
+		}
+		resp, err := n.applyLocal(ctx, req.Cmd)
+		var ae *ApplyError
+		switch {
+		case errors.As(err, &ae):
+			return &rpcResponse{Refused: true, Err: ae.Msg}
+		case errors.Is(err, hraft.ErrNotLeader), errors.Is(err, hraft.ErrLeadershipLost):
+			return &rpcResponse{NotLeader: true}
+		case err != nil:
+			return &rpcResponse{Err: err.Error()}
+		}
+		return &rpcResponse{Resp: resp}
+	case opReadIndex:
+		if !n.IsLeader() {
+			return &rpcResponse{NotLeader: true}
+		}
+		idx, err := n.leaderReadIndex(ctx)
+		if err != nil {
+			return &rpcResponse{NotLeader: true, Err: err.Error()}
+		}
+		return &rpcResponse{Index: idx}
+	case opJoin, opRemove:
+		if err := n.authorizeMembership(req, peer); err != nil {
+			n.log.Warn("membership request refused", "op", req.Op, "node", req.NodeID, "peer", peer, "err", err)
+			return &rpcResponse{Err: err.Error()}
+		}
+		// Any member may receive a join; it goes to the leader from here.
+		if err := n.membership(ctx, req); err != nil {
+			return &rpcResponse{Err: err.Error()}
+		}
+		return &rpcResponse{}
+	}
+	return &rpcResponse{Err: fmt.Sprintf("raft rpc: unknown op %q", req.Op)}
+}
+
+// authorizeMembership: a node may ask to add itself (its TLS identity must
+// be the node ID it asks for); anything else must come from a member.
+func (n *Node) authorizeMembership(req *rpcRequest, peer string) error {
+	if n.cfg.PeerNodeID == nil {
+		return nil
+	}
+	if req.Op == opJoin && req.Self {
+		if peer != req.NodeID {
+			return fmt.Errorf("%w: %s asked to add %s", ErrNotMember, peer, req.NodeID)
+		}
+		return nil
+	}
+	if !n.isMember(peer) {
+		return fmt.Errorf("%w: %s", ErrNotMember, peer)
+	}
+	return nil
+}
+
+// rpcPool keeps a few idle RPC connections per peer: a TLS handshake per
+// forwarded write would cost more than the write.
+type rpcPool struct {
+	n    *Node
+	mu   sync.Mutex
+	idle map[string][]*rpcConn
+}
+
+type rpcConn struct {
+	c    net.Conn
+	addr string
+}
+
+const maxIdlePerPeer = 8
+
+func (p *rpcPool) get(ctx context.Context, addr string) (*rpcConn, error) {
+	p.mu.Lock()
+	if l := p.idle[addr]; len(l) > 0 {
+		c := l[len(l)-1]
+		p.idle[addr] = l[:len(l)-1]
+		p.mu.Unlock()
+		return c, nil
+	}
+	p.mu.Unlock()
+	timeout := 5 * time.Second
+	if d, ok := ctx.Deadline(); ok {
+		timeout = min(timeout, max(time.Until(d), time.Millisecond))
+	}
+	c, err := p.n.dial(addr, protoRPC, timeout)
+	if err != nil {
+		return nil, err
+	}
+	return &rpcConn{c: c, addr: addr}, nil
+}
+
+func (p *rpcPool) put(c *rpcConn) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.idle[c.addr]) >= maxIdlePerPeer || p.n.ctx.Err() != nil {
+		c.c.Close()
+		return
+	}
+	p.idle[c.addr] = append(p.idle[c.addr], c)
+}
+
+func (p *rpcPool) closeAll() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for a, l := range p.idle {
+		for _, c := range l {
+			c.c.Close()
+		}
+		delete(p.idle, a)
+	}
+}
+
+// call sends one request; a pooled connection that went stale is retried
+// once on a fresh one.
+func (p *rpcPool) call(ctx context.Context, addr string, req *rpcRequest, resp *rpcResponse) error {
+	for attempt := 0; attempt < 2; attempt++ {
+		c, err := p.get(ctx, addr)
+		if err != nil {
+			return err
+		}
+		deadline := time.Now().Add(p.n.cfg.ApplyTimeout + 5*time.Second)
+		if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+			deadline = d
+		}
+		c.c.SetDeadline(deadline)
+		if err = writeFrame(c.c, req); err == nil {
+			err = readFrame(c.c, resp)
+		}
+		if err == nil {
+			c.c.SetDeadline(time.Time{})
+			p.put(c)
+			return nil
+		}
+		c.c.Close()
+		if ctx.Err() != nil {
+			return err
+		}
+	}
+	return fmt.Errorf("raft rpc to %s failed twice", addr)
+}
