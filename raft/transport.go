@@ -289,7 +289,9 @@ type rpcConn struct {
 	addr string
 }
 
-const maxIdlePerPeer = 8
+// maxIdlePerPeer matches the concurrency a node sees from its API clients;
+// below it, bursts of forwarded writes would each pay a TLS handshake.
+const maxIdlePerPeer = 64
 
 func (p *rpcPool) get(ctx context.Context, addr string) (*rpcConn, error) {
 	p.mu.Lock()

@@ -180,14 +180,34 @@ func sortSelectors(s []Selector) {
 	slices.SortFunc(s, func(a, b Selector) int { return strings.Compare(a.String(), b.String()) })
 }
 
+// registrationKey identifies what an entry registers; two entries may not
+// register the same thing.
+func registrationKey(e *Entry) string {
+	var b strings.Builder
+	b.WriteString(e.SPIFFEID + "\x00" + e.ParentID)
+	for _, s := range e.Selectors {
+		b.WriteString("\x00" + s.String())
+	}
+	return b.String()
+}
+
+// sameEntryExists looks the registration up in an index (rebuilt from the
+// entries on restore): a scan per write would make writes O(entries).
 func (f *FSM) sameEntryExists(e *Entry) string {
-	for _, id := range sortedKeys(f.d.Entries) {
-		o := f.d.Entries[id]
-		if id != e.ID && o.SPIFFEID == e.SPIFFEID && o.ParentID == e.ParentID && slices.Equal(o.Selectors, e.Selectors) {
-			return id
-		}
+	if f.regIndex == nil {
+		f.rebuildIndex()
+	}
+	if id, ok := f.regIndex[registrationKey(e)]; ok && id != e.ID {
+		return id
 	}
 	return ""
+}
+
+func (f *FSM) rebuildIndex() {
+	f.regIndex = make(map[string]string, len(f.d.Entries))
+	for id, e := range f.d.Entries {
+		f.regIndex[registrationKey(e)] = id
+	}
 }
 
 func entryAudit(action string, e *Entry) AuditEvent {
@@ -212,6 +232,7 @@ func applyEntryCreate(f *FSM, c *Command, index uint64, e *Entry) (any, []AuditE
 	}
 	e.CreatedAt, e.UpdatedAt, e.Revision = c.Time, c.Time, index
 	f.d.Entries[e.ID] = e
+	f.regIndex[registrationKey(e)] = e.ID
 	return e, []AuditEvent{entryAudit(c.Type, e)}, nil
 }
 
@@ -228,7 +249,9 @@ func applyEntryUpdate(f *FSM, c *Command, index uint64, e *Entry) (any, []AuditE
 		return nil, nil, refuse("entry %s already registers %s for parent %s with these selectors", dup, e.SPIFFEID, e.ParentID)
 	}
 	e.CreatedAt, e.UpdatedAt, e.Revision = old.CreatedAt, c.Time, index
+	delete(f.regIndex, registrationKey(old))
 	f.d.Entries[e.ID] = e
+	f.regIndex[registrationKey(e)] = e.ID
 	return e, []AuditEvent{entryAudit(c.Type, e)}, nil
 }
 
@@ -238,6 +261,9 @@ func applyEntryDelete(f *FSM, c *Command, index uint64, p *EntryID) (any, []Audi
 		return nil, nil, refuse("no entry %s", p.ID)
 	}
 	delete(f.d.Entries, p.ID)
+	if f.regIndex != nil {
+		delete(f.regIndex, registrationKey(e))
+	}
 	return nil, []AuditEvent{entryAudit(c.Type, e)}, nil
 }
 
@@ -435,6 +461,7 @@ func applyStateRestore(f *FSM, c *Command, index uint64, p *StateRestore) (any, 
 		prevSeq, prevHash = f.d.Audit[n-1].Seq, f.d.Audit[n-1].Hash
 	}
 	f.d = d
+	f.regIndex = nil
 	return nil, []AuditEvent{{Action: c.Type, Detail: map[string]string{
 		"archive_sha256":   p.Archive,
 		"restored_index":   fmt.Sprint(d.Index),

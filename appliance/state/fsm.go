@@ -69,6 +69,9 @@ type FSM struct {
 
 	mu sync.RWMutex
 	d  *data
+	// regIndex maps registrationKey -> entry ID; derived from d.Entries,
+	// nil until first needed and after a restore.
+	regIndex map[string]string
 	// watchers are woken (channel closed) on every applied change.
 	watch chan struct{}
 }
@@ -200,6 +203,7 @@ func (f *FSM) Restore(r io.Reader) error {
 	}
 	f.mu.Lock()
 	f.d = d
+	f.regIndex = nil
 	close(f.watch)
 	f.watch = make(chan struct{})
 	f.mu.Unlock()

@@ -369,3 +369,28 @@ func TestSnapshotArchive(t *testing.T) {
 		t.Fatal("failed raft restore changed the state")
 	}
 }
+
+// The registration index follows updates, deletes and restores.
+func TestRegistrationIndex(t *testing.T) {
+	a := newApplier(t)
+	a.must(CmdEntryCreate, entry("entry-0001", "spiffe://example.org/a", "unix:uid:1"))
+	// Updating entry-0001 away from uid:1 frees that registration.
+	a.must(CmdEntryUpdate, entry("entry-0001", "spiffe://example.org/a", "unix:uid:2"))
+	a.must(CmdEntryCreate, entry("entry-0002", "spiffe://example.org/a", "unix:uid:1"))
+	if _, err := a.apply(CmdEntryCreate, t0, entry("entry-0003", "spiffe://example.org/a", "unix:uid:2")); err == nil {
+		t.Fatal("duplicate of the updated registration accepted")
+	}
+	a.must(CmdEntryDelete, EntryID{ID: "entry-0002"})
+	a.must(CmdEntryCreate, entry("entry-0004", "spiffe://example.org/a", "unix:uid:1"))
+	// After a raft snapshot restore the index is rebuilt from the entries.
+	snap, _ := a.fsm.Snapshot()
+	var buf bytes.Buffer
+	snap.Persist(&buf)
+	b := &applier{t: t, fsm: New(td), index: a.index}
+	if err := b.fsm.Restore(&buf); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.apply(CmdEntryCreate, t0, entry("entry-0005", "spiffe://example.org/a", "unix:uid:1")); err == nil {
+		t.Fatal("duplicate accepted after restore")
+	}
+}
