@@ -266,11 +266,8 @@ func (n *Node) timeout(ctx context.Context) time.Duration {
 // command is forwarded to the leader; while there is no leader it waits
 // (bounded by ctx, or ApplyTimeout) for one.
 func (n *Node) Apply(ctx context.Context, cmd []byte) ([]byte, error) {
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, n.cfg.ApplyTimeout)
-		defer cancel()
-	}
+	ctx, cancel := n.bounded(ctx)
+	defer cancel()
 	for {
 		if n.IsLeader() {
 			resp, err := n.applyLocal(ctx, cmd)
@@ -297,6 +294,15 @@ func (n *Node) Apply(ctx context.Context, cmd []byte) ([]byte, error) {
 			return nil, err
 		}
 	}
+}
+
+// bounded gives a context without a deadline the ApplyTimeout, so no
+// caller can wait forever for a leader.
+func (n *Node) bounded(ctx context.Context) (context.Context, context.CancelFunc) {
+	if _, ok := ctx.Deadline(); ok {
+		return ctx, func() {}
+	}
+	return context.WithTimeout(ctx, n.cfg.ApplyTimeout)
 }
 
 // waitLeaderChange backs off briefly, or fails when ctx ends.
@@ -336,11 +342,8 @@ func (n *Node) leader() (id, addr string) {
 // ReadIndex is a linearizable read barrier: when it returns, this node's
 // FSM reflects every write acknowledged before the call.
 func (n *Node) ReadIndex(ctx context.Context) error {
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, n.cfg.ApplyTimeout)
-		defer cancel()
-	}
+	ctx, cancel := n.bounded(ctx)
+	defer cancel()
 	for {
 		var idx uint64
 		var err error
@@ -423,11 +426,8 @@ func (n *Node) Remove(ctx context.Context, nodeID string) error {
 }
 
 func (n *Node) membership(ctx context.Context, req *rpcRequest) error {
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, n.cfg.ApplyTimeout)
-		defer cancel()
-	}
+	ctx, cancel := n.bounded(ctx)
+	defer cancel()
 	for {
 		if n.IsLeader() {
 			return n.changeMembership(ctx, req)

@@ -360,7 +360,9 @@ func TestSnapshotsAndRestart(t *testing.T) {
 	c.addrs["a"] = ln.Addr().String()
 	ln.Close()
 	t.Cleanup(func() { c.stop("a") })
-	small := func(cfg *Config) { cfg.SnapshotThreshold, cfg.TrailingLogs, cfg.SnapshotInterval = 16, 4, 50*time.Millisecond }
+	small := func(cfg *Config) {
+		cfg.SnapshotThreshold, cfg.TrailingLogs, cfg.SnapshotInterval = 16, 4, 50*time.Millisecond
+	}
 	n := c.start("a", small)
 	ctx := context.Background()
 	n.Bootstrap(ctx)

@@ -8,7 +8,6 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -19,6 +18,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.yaml.in/yaml/v3"
 
+	"github.com/sigil-appliance/sigil/appliance/internal/strictyaml"
 	"github.com/sigil-appliance/sigil/appliance/pinshare"
 )
 
@@ -165,18 +165,9 @@ func Load(path, kind string) (*Config, error) {
 
 // Parse is Load on bytes.
 func Parse(data []byte, kind string) (*Config, error) {
-	dec := yaml.NewDecoder(bytes.NewReader(data))
-	dec.KnownFields(true)
 	var c Config
-	if err := dec.Decode(&c); err != nil {
-		if errors.Is(err, io.EOF) {
-			return nil, errors.New("config is empty")
-		}
-		return nil, fmt.Errorf("config: %w", err)
-	}
-	var extra yaml.Node
-	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
-		return nil, errors.New("config: holds more than one YAML document; a ceremony script is exactly one")
+	if err := strictyaml.Decode(data, &c); err != nil {
+		return nil, err
 	}
 	sum := sha256.Sum256(data)
 	c.sha256 = hex.EncodeToString(sum[:])

@@ -1,10 +1,7 @@
 package node
 
 import (
-	"bytes"
-	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"strings"
@@ -14,6 +11,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/sigil-appliance/sigil/appliance/ca"
+	"github.com/sigil-appliance/sigil/appliance/internal/strictyaml"
 	"github.com/sigil-appliance/sigil/keystore/pkcs11"
 )
 
@@ -94,18 +92,9 @@ func LoadConfig(path string) (*Config, error) {
 // ParseConfig parses strictly (unknown fields, a second document) and
 // validates every field, reporting all problems at once.
 func ParseConfig(b []byte) (*Config, error) {
-	dec := yaml.NewDecoder(bytes.NewReader(b))
-	dec.KnownFields(true)
 	var c Config
-	if err := dec.Decode(&c); err != nil {
-		if errors.Is(err, io.EOF) {
-			return nil, errors.New("config is empty")
-		}
-		return nil, fmt.Errorf("config: %w", err)
-	}
-	var extra yaml.Node
-	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
-		return nil, errors.New("config: more than one YAML document")
+	if err := strictyaml.Decode(b, &c); err != nil {
+		return nil, err
 	}
 	return &c, c.Validate()
 }
