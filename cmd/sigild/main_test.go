@@ -1,0 +1,233 @@
+package main_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/appliance/clustertest"
+	"github.com/sigil-appliance/sigil/appliance/node"
+	"github.com/sigil-appliance/sigil/keystore/pkcs11"
+	testenv "github.com/sigil-appliance/sigil/softhsm-testenv"
+)
+
+func TestMain(m *testing.M) { os.Exit(testenv.Main(m)) }
+
+type proc struct {
+	cfgPath string
+	cmd     *exec.Cmd
+	done    chan struct{}
+	api     string
+}
+
+// Three sigild processes built from this command, configured by files,
+// each with its own HSM token. The leader is killed with SIGKILL under a
+// steady write load, three times over; no acknowledged write may be lost.
+func TestSigildProcessesSurviveKill9(t *testing.T) {
+	bin := filepath.Join(t.TempDir(), "sigild")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	ids := []string{"node-1", "node-2", "node-3"}
+	tr := clustertest.NewTrust(t, "kill", ids, nil)
+	c := &clustertest.Cluster{T: t, Trust: tr, Dir: t.TempDir()}
+	procs := map[string]*proc{}
+	var first string
+	for i, id := range ids {
+		cfg := c.Config(id)
+		if i == 0 {
+			cfg.Cluster.Bootstrap, first = true, cfg.Cluster.Bind
+		} else {
+			cfg.Cluster.Join = []string{first}
+		}
+		procs[id] = &proc{cfgPath: writeConfig(t, c.Dir, cfg), api: cfg.API.Listen}
+	}
+	start := func(id string) {
+		p := procs[id]
+		p.cmd = exec.Command(bin, "--config", p.cfgPath)
+		p.cmd.Env = append(os.Environ(), "SOFTHSM2_CONF="+os.Getenv("SOFTHSM2_CONF"))
+		logf, _ := os.OpenFile(filepath.Join(c.Dir, id+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+		p.cmd.Stdout, p.cmd.Stderr = logf, logf
+		p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+		if err := p.cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		p.done = make(chan struct{})
+		go func() { p.cmd.Wait(); logf.Close(); close(p.done) }()
+	}
+	kill := func(id string) {
+		procs[id].cmd.Process.Kill()
+		<-procs[id].done
+	}
+	t.Cleanup(func() {
+		for _, p := range procs {
+			if p.cmd != nil && p.cmd.ProcessState == nil {
+				p.cmd.Process.Signal(syscall.SIGTERM)
+				select {
+				case <-p.done:
+				case <-time.After(10 * time.Second):
+					p.cmd.Process.Kill()
+				}
+			}
+		}
+	})
+	for _, id := range ids {
+		start(id)
+	}
+
+	ks := pkcs11.New(pkcs11.Options{})
+	admin := clustertest.ClientCert(t, tr.Authority(t, ks, "node-1"), "/sigil/admin/ops")
+	ks.Close()
+	certPath, keyPath := clustertest.WriteCredential(t, c.Dir, "ops", admin)
+	client := func(id string) *api.AdminClient {
+		conn, err := api.Dial(api.DialConfig{Addr: procs[id].api, CertFile: certPath, KeyFile: keyPath, RootFile: tr.RootPath})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		return api.NewAdminClient(conn)
+	}
+	clients := map[string]*api.AdminClient{}
+	for _, id := range ids {
+		clients[id] = client(id)
+	}
+	leaderOf := func(exclude string) string {
+		var leader string
+		clustertest.Eventually(t, 60*time.Second, "a leader with three voters", func() bool {
+			for _, id := range ids {
+				if id == exclude {
+					continue
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+				st, err := clients[id].ClusterStatus(ctx, &api.Empty{})
+				cancel()
+				if err == nil && st.LeaderID != "" && st.LeaderID != exclude && len(st.Peers) == 3 {
+					leader = st.LeaderID
+					return true
+				}
+			}
+			return false
+		})
+		return leader
+	}
+	leaderOf("")
+
+	var mu sync.Mutex
+	var acked []string
+	dead := map[string]bool{}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := 0; w < 4; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				mu.Lock()
+				var target string
+				for _, id := range ids {
+					if !dead[id] && (target == "" || (i+w)%3 == 0) {
+						target = id
+					}
+				}
+				mu.Unlock()
+				ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+				e, err := clients[target].EntryCreate(ctx, &api.EntryRequest{Entry: api.Entry{
+					SPIFFEID:  fmt.Sprintf("spiffe://example.org/w/%d/%d", w, i),
+					ParentID:  "spiffe://example.org/sigil/agent/tpm/h",
+					Selectors: []api.Selector{{Type: "unix", Value: fmt.Sprintf("uid:%d", i)}},
+				}})
+				cancel()
+				if err == nil {
+					mu.Lock()
+					acked = append(acked, e.ID)
+					mu.Unlock()
+				}
+			}
+		}(w)
+	}
+
+	for round := 0; round < 3; round++ {
+		time.Sleep(500 * time.Millisecond)
+		leader := leaderOf("")
+		mu.Lock()
+		dead[leader] = true
+		mu.Unlock()
+		killedAt := time.Now()
+		kill(leader)
+		next := leaderOf(leader)
+		t.Logf("round %d: killed %s (SIGKILL), %s leads after %v", round, leader, next, time.Since(killedAt).Round(time.Millisecond))
+		start(leader)
+		mu.Lock()
+		dead[leader] = false
+		mu.Unlock()
+	}
+	time.Sleep(500 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	t.Logf("%d writes acknowledged across three leader kills", len(acked))
+	if len(acked) < 50 {
+		t.Fatalf("only %d writes acknowledged: the cluster was mostly unavailable", len(acked))
+	}
+
+	// Every node, including the restarted ones, has every acknowledged write.
+	for _, id := range ids {
+		clustertest.Eventually(t, 60*time.Second, id+" to hold every acknowledged write", func() bool {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			l, err := clients[id].EntryList(ctx, &api.EntryListRequest{})
+			if err != nil {
+				return false
+			}
+			have := map[string]bool{}
+			for _, e := range l.Entries {
+				have[e.ID] = true
+			}
+			for _, a := range acked {
+				if !have[a] {
+					return false
+				}
+			}
+			return true
+		})
+	}
+	v, err := clients["node-2"].AuditVerify(context.Background(), &api.Empty{})
+	if err != nil || !v.Intact {
+		t.Fatalf("audit chain after kills: %+v %v", v, err)
+	}
+}
+
+func writeConfig(t *testing.T, dir string, cfg *node.Config) string {
+	t.Helper()
+	m := map[string]any{
+		"node-id": cfg.NodeID, "trust-domain": cfg.TrustDomain, "data-dir": cfg.DataDir,
+		"issuing-key": cfg.IssuingKey, "issuing-cert": cfg.IssuingCert, "root-certs": cfg.RootCerts,
+		"cluster": map[string]any{"bind": cfg.Cluster.Bind, "bootstrap": cfg.Cluster.Bootstrap, "join": cfg.Cluster.Join,
+			"heartbeat-timeout": "500ms", "election-timeout": "500ms"},
+		"api":  map[string]any{"listen": cfg.API.Listen, "local-socket": cfg.API.LocalSocket},
+		"http": map[string]any{"listen": cfg.HTTP.Listen},
+		"log":  map[string]any{"level": "info", "format": "json"},
+	}
+	b, err := yaml.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(dir, cfg.NodeID+".yaml")
+	if err := os.WriteFile(p, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
