@@ -137,6 +137,9 @@ type (
 	CertChain struct {
 		Chain [][]byte // DER, leaf first
 	}
+	RevokeRequest struct {
+		Serial string // hex, as in the issuance audit record
+	}
 )
 
 // AdminServer is the admin service. Every method requires an admin peer;
@@ -167,6 +170,7 @@ type AdminServer interface {
 	AuditVerify(context.Context, *Empty) (*AuditVerify, error)
 	BundleShow(context.Context, *Empty) (*BundleResponse, error)
 	AdminCertIssue(context.Context, *AdminCertRequest) (*CertChain, error)
+	SVIDRevoke(context.Context, *RevokeRequest) (*Empty, error)
 }
 
 // AdminService is the gRPC service name.
@@ -218,6 +222,7 @@ func RegisterAdmin(s grpc.ServiceRegistrar, impl AdminServer) {
 			unary(AdminService, "AuditVerify", AdminServer.AuditVerify),
 			unary(AdminService, "BundleShow", AdminServer.BundleShow),
 			unary(AdminService, "AdminCertIssue", AdminServer.AdminCertIssue),
+			unary(AdminService, "SVIDRevoke", AdminServer.SVIDRevoke),
 		},
 	}, impl)
 }
@@ -310,4 +315,7 @@ func (c *AdminClient) BundleShow(ctx context.Context, r *Empty) (*BundleResponse
 }
 func (c *AdminClient) AdminCertIssue(ctx context.Context, r *AdminCertRequest) (*CertChain, error) {
 	return call[AdminCertRequest, CertChain](ctx, c.cc, "AdminCertIssue", r)
+}
+func (c *AdminClient) SVIDRevoke(ctx context.Context, r *RevokeRequest) (*Empty, error) {
+	return call[RevokeRequest, Empty](ctx, c.cc, "SVIDRevoke", r)
 }

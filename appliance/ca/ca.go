@@ -290,3 +290,13 @@ func (a *Authority) PeerFromState(cs tls.ConnectionState) (Peer, error) {
 	}
 	return a.Classify(raw)
 }
+
+// CRL signs a revocation list of this issuing CA's revoked serials.
+func (a *Authority) CRL(number uint64, serials []*big.Int, nextUpdate time.Duration) ([]byte, error) {
+	now := a.now()
+	tmpl := &x509.RevocationList{Number: new(big.Int).SetUint64(number), ThisUpdate: now.Add(-time.Minute), NextUpdate: now.Add(nextUpdate)}
+	for _, s := range serials {
+		tmpl.RevokedCertificateEntries = append(tmpl.RevokedCertificateEntries, x509.RevocationListEntry{SerialNumber: s, RevocationTime: now})
+	}
+	return x509.CreateRevocationList(rand.Reader, tmpl, a.issuing, a.signer)
+}

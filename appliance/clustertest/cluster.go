@@ -107,8 +107,9 @@ func (c *Cluster) Config(id string) *node.Config {
 		Cluster: node.ClusterConfig{Bind: freePort(c.T),
 			HeartbeatTimeout: node.Duration{Duration: 500 * time.Millisecond},
 			ElectionTimeout:  node.Duration{Duration: 500 * time.Millisecond}},
-		API:  node.APIConfig{Listen: freePort(c.T), LocalSocket: filepath.Join(c.Dir, id+"-admin.sock")},
-		HTTP: node.HTTPConfig{Listen: freePort(c.T)},
+		API:    node.APIConfig{Listen: freePort(c.T), LocalSocket: filepath.Join(c.Dir, id+"-admin.sock")},
+		HTTP:   node.HTTPConfig{Listen: freePort(c.T)},
+		Bundle: node.BundleConfig{Listen: freePort(c.T)},
 	}
 	if err := cfg.Validate(); err != nil {
 		c.T.Fatal(err)

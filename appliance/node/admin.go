@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
@@ -367,6 +368,24 @@ func (a *admin) AdminCertIssue(ctx context.Context, r *api.AdminCertRequest) (*a
 		out.Chain = append(out.Chain, x.Raw)
 	}
 	return out, nil
+}
+
+// SVIDRevoke revokes an X.509-SVID by serial. The issuance audit record
+// says which node's issuing CA signed it and until when, so that node's CRL
+// lists it.
+func (a *admin) SVIDRevoke(ctx context.Context, r *api.RevokeRequest) (*api.Empty, error) {
+	if err := a.read(ctx, "svid revoke"); err != nil {
+		return nil, err
+	}
+	serial := strings.ToLower(strings.TrimLeft(r.Serial, "0"))
+	for _, rec := range a.n.fsm.Audit(0, 0) {
+		if rec.Action != "svid.x509.issue" || rec.Detail["serial"] != serial {
+			continue
+		}
+		exp, _ := time.Parse(time.RFC3339, rec.Detail["expires"])
+		return write[api.Empty](ctx, a, state.CmdRevoke, state.Revoke{Serial: serial, Node: rec.Detail["node"], NotAfter: exp})
+	}
+	return nil, status.Errorf(codes.NotFound, "no X.509-SVID with serial %s was issued", serial)
 }
 
 func newID() string {

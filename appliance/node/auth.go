@@ -48,12 +48,59 @@ func (n *Node) authenticate(ctx context.Context, req any, info *grpc.UnaryServer
 		n.log.Warn("api call refused: unverified client", "method", info.FullMethod, "remote", p.Addr.String(), "err", err)
 		return nil, status.Error(codes.Unauthenticated, "client certificate not accepted")
 	}
-	if strings.HasPrefix(info.FullMethod, "/"+api.AdminService+"/") && who.Role != ca.RoleAdmin {
-		n.log.Warn("admin call refused: not an admin", "method", info.FullMethod, "caller", who.ID.String(), "role", who.Role.String())
-		return nil, status.Errorf(codes.PermissionDenied, "%s is not an admin (admin IDs are under spiffe://%s/sigil/admin/)", who.ID, n.td.Name())
+	if err := n.authorize(info.FullMethod, who); err != nil {
+		return nil, err
 	}
 	return h(context.WithValue(ctx, callerKey{}, caller{Actor: who.ID.String(), Role: who.Role}), req)
 }
+
+// authorize lets admins call the admin service and agents the agent
+// service, nothing else.
+func (n *Node) authorize(method string, who ca.Peer) error {
+	switch {
+	case strings.HasPrefix(method, "/"+api.AdminService+"/"):
+		if who.Role != ca.RoleAdmin {
+			n.log.Warn("admin call refused: not an admin", "method", method, "caller", who.ID.String(), "role", who.Role.String())
+			return status.Errorf(codes.PermissionDenied, "%s is not an admin (admin IDs are under spiffe://%s/sigil/admin/)", who.ID, n.td.Name())
+		}
+	case strings.HasPrefix(method, "/"+api.AgentService+"/"):
+		if who.Role != ca.RoleAgent {
+			n.log.Warn("agent call refused: not an agent", "method", method, "caller", who.ID.String(), "role", who.Role.String())
+			return status.Errorf(codes.PermissionDenied, "%s is not an agent", who.ID)
+		}
+	default:
+		return status.Errorf(codes.PermissionDenied, "unknown service %s", method)
+	}
+	return nil
+}
+
+// authenticateStream is authenticate for streaming calls.
+func (n *Node) authenticateStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+	ctx := ss.Context()
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return status.Error(codes.Unauthenticated, "no peer")
+	}
+	ti, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok {
+		return status.Error(codes.Unauthenticated, "not a TLS connection")
+	}
+	who, err := n.auth.PeerFromState(ti.State)
+	if err != nil {
+		return status.Error(codes.Unauthenticated, "client certificate not accepted")
+	}
+	if err := n.authorize(info.FullMethod, who); err != nil {
+		return err
+	}
+	return h(srv, &callerStream{ServerStream: ss, ctx: context.WithValue(ctx, callerKey{}, caller{Actor: who.ID.String(), Role: who.Role})})
+}
+
+type callerStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (s *callerStream) Context() context.Context { return s.ctx }
 
 // authenticateLocal admits root (or sigild's own user) on the local socket:
 // whoever is root on a node can already read its HSM PIN, so this grants

@@ -29,7 +29,21 @@ type Config struct {
 	Cluster ClusterConfig `yaml:"cluster"`
 	API     APIConfig     `yaml:"api"`
 	HTTP    HTTPConfig    `yaml:"http"`
+	Bundle  BundleConfig  `yaml:"bundle"`
+	JWT     JWTConfig     `yaml:"jwt"`
 	Log     LogConfig     `yaml:"log"`
+}
+
+// BundleConfig is the federation bundle endpoint (https_spiffe profile:
+// served over TLS with this node's SPIFFE identity).
+type BundleConfig struct {
+	Listen string `yaml:"listen"`
+}
+
+// JWTConfig is this node's JWT key schedule.
+type JWTConfig struct {
+	// RotateEvery is how long one JWT key signs (default 24h).
+	RotateEvery Duration `yaml:"rotate-every"`
 }
 
 // ClusterConfig is raft membership and transport.
@@ -153,6 +167,17 @@ func (c *Config) Validate() error {
 		if _, _, err := net.SplitHostPort(c.HTTP.Listen); err != nil {
 			bad("http.listen", "must be host:port (got %q)", c.HTTP.Listen)
 		}
+	}
+	if c.Bundle.Listen != "" {
+		if _, _, err := net.SplitHostPort(c.Bundle.Listen); err != nil {
+			bad("bundle.listen", "must be host:port (got %q)", c.Bundle.Listen)
+		}
+	}
+	if c.JWT.RotateEvery.Duration == 0 {
+		c.JWT.RotateEvery.Duration = 24 * time.Hour
+	}
+	if c.JWT.RotateEvery.Duration < time.Second {
+		bad("jwt.rotate-every", "must be at least 1s (got %v)", c.JWT.RotateEvery.Duration)
 	}
 	if c.API.AdminCertMaxTTL.Duration == 0 {
 		c.API.AdminCertMaxTTL.Duration = 24 * time.Hour

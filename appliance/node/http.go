@@ -101,3 +101,33 @@ func (n *Node) httpHandler() http.Handler {
 	mux.Handle("GET /metrics", promhttp.HandlerFor(n.metrics.reg, promhttp.HandlerOpts{}))
 	return mux
 }
+
+// bundleHandler serves the SPIFFE bundle (federation, https_spiffe
+// profile) and this node's CRL of revoked leaves.
+func (n *Node) bundleHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /", func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/" {
+			http.NotFound(w, r)
+			return
+		}
+		doc, err := SPIFFEBundle(n.td, n.fsm.Bundle())
+		if err != nil {
+			http.Error(w, "bundle unavailable", http.StatusInternalServerError)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.Write(doc)
+	})
+	mux.HandleFunc("GET /crl", func(w http.ResponseWriter, r *http.Request) {
+		der, err := n.crl()
+		if err != nil {
+			n.log.Error("CRL", "err", err)
+			http.Error(w, "CRL unavailable", http.StatusInternalServerError)
+			return
+		}
+		w.Header().Set("Content-Type", "application/pkix-crl")
+		w.Write(der)
+	})
+	return mux
+}

@@ -44,13 +44,18 @@ type Node struct {
 	fsm   *state.FSM
 	raft  *raft.Node
 
-	apiLn   net.Listener
-	localLn net.Listener
-	grpc    *grpc.Server
-	local   *grpc.Server
-	http    *http.Server
-	httpLn  net.Listener
-	metrics *metrics
+	apiLn    net.Listener
+	localLn  net.Listener
+	grpc     *grpc.Server
+	local    *grpc.Server
+	http     *http.Server
+	httpLn   net.Listener
+	bundle   *http.Server
+	bundleLn net.Listener
+	metrics  *metrics
+	batch    *auditBatcher
+	jwt      *jwtKeys
+	crls     crlCache
 
 	stop     context.CancelFunc
 	wg       sync.WaitGroup
@@ -132,6 +137,11 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 
 	runCtx, cancel := context.WithCancel(context.Background())
 	n.stop = cancel
+	n.batch = newAuditBatcher(n)
+	n.jwt = &jwtKeys{n: n, rotate: cfg.JWT.RotateEvery.Duration}
+	n.wg.Add(2)
+	go func() { defer n.wg.Done(); n.batch.run(runCtx) }()
+	go func() { defer n.wg.Done(); n.jwt.maintain(runCtx) }()
 	if cfg.Cluster.Bootstrap {
 		switch err := n.raft.Bootstrap(ctx); {
 		case err == nil:
@@ -156,8 +166,10 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 	tlsCfg := n.ident.TLSConfig(ca.RoleAdmin, ca.RoleAgent)
 	n.grpc = grpc.NewServer(append(api.ServerOptions(),
 		grpc.Creds(credentials.NewTLS(tlsCfg)),
-		grpc.ChainUnaryInterceptor(n.authenticate))...)
+		grpc.ChainUnaryInterceptor(n.authenticate),
+		grpc.ChainStreamInterceptor(n.authenticateStream))...)
 	api.RegisterAdmin(n.grpc, &admin{n: n})
+	api.RegisterAgent(n.grpc, &agentSvc{n: n})
 	n.serve(func() error { return n.grpc.Serve(n.apiLn) })
 
 	if cfg.API.LocalSocket != "" {
@@ -178,6 +190,20 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 		n.http = &http.Server{Handler: n.httpHandler(), ReadHeaderTimeout: 5 * time.Second}
 		n.serve(func() error {
 			if err := n.http.Serve(n.httpLn); !errors.Is(err, http.ErrServerClosed) {
+				return err
+			}
+			return nil
+		})
+	}
+	if cfg.Bundle.Listen != "" {
+		if n.bundleLn, err = net.Listen("tcp", cfg.Bundle.Listen); err != nil {
+			return nil, fmt.Errorf("bundle.listen: %w", err)
+		}
+		bcfg := &tls.Config{MinVersion: tls.VersionTLS12,
+			GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return n.ident.Certificate() }}
+		n.bundle = &http.Server{Handler: n.bundleHandler(), ReadHeaderTimeout: 5 * time.Second, TLSConfig: bcfg}
+		n.serve(func() error {
+			if err := n.bundle.ServeTLS(n.bundleLn, "", ""); !errors.Is(err, http.ErrServerClosed) {
 				return err
 			}
 			return nil
@@ -258,6 +284,22 @@ func (n *Node) bundleLoop(ctx context.Context) {
 	}
 }
 
+// raftReady reports whether a leader is known.
+func (n *Node) raftReady() bool {
+	return n.raft.Status(context.Background()).LeaderID != ""
+}
+
+// JWTRotate makes and publishes a new JWT key now (operators and tests).
+func (n *Node) JWTRotate(ctx context.Context) (string, error) { return n.jwt.Rotate(ctx) }
+
+// BundleAddr is the bundle endpoint's address, if configured.
+func (n *Node) BundleAddr() string {
+	if n.bundleLn == nil {
+		return ""
+	}
+	return n.bundleLn.Addr().String()
+}
+
 // actor is how this node appears in audit records.
 func (n *Node) actor() string { return ca.NodeSPIFFEID(n.td, n.cfg.NodeID).String() }
 
@@ -307,7 +349,10 @@ func (n *Node) Stop() error {
 		if n.http != nil {
 			n.http.Close()
 		}
-		for _, ln := range []net.Listener{n.apiLn, n.localLn, n.httpLn} {
+		if n.bundle != nil {
+			n.bundle.Close()
+		}
+		for _, ln := range []net.Listener{n.apiLn, n.localLn, n.httpLn, n.bundleLn} {
 			if ln != nil {
 				ln.Close()
 			}

@@ -1,6 +1,7 @@
 package state
 
 import (
+	"crypto"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
@@ -33,6 +34,9 @@ const (
 	CmdTokenUse         = "token.use"
 	CmdBundleSetRoots   = "bundle.roots.set"
 	CmdStateRestore     = "state.restore"
+	CmdJWTKeyAdd        = "bundle.jwt.add"
+	CmdJWTKeyRemove     = "bundle.jwt.remove"
+	CmdRevoke           = "svid.revoke"
 	CmdAudit            = "audit.append"
 )
 
@@ -60,7 +64,13 @@ type (
 		State   []byte // exported state JSON
 		Archive string // SHA-256 of the archive it came from
 	}
-	AuditAppend struct{ Events []AuditEvent }
+	AuditAppend  struct{ Events []AuditEvent }
+	JWTKeyRemove struct{ KID string }
+	Revoke       struct {
+		Serial   string
+		Node     string
+		NotAfter time.Time
+	}
 )
 
 func init() {
@@ -87,6 +97,9 @@ func init() {
 	register(CmdTokenUse, applyTokenUse)
 	register(CmdBundleSetRoots, applyBundleRoots)
 	register(CmdStateRestore, applyStateRestore)
+	register(CmdJWTKeyAdd, applyJWTKeyAdd)
+	register(CmdJWTKeyRemove, applyJWTKeyRemove)
+	register(CmdRevoke, applyRevoke)
 	register(CmdAudit, func(f *FSM, c *Command, i uint64, p *AuditAppend) (any, []AuditEvent, error) {
 		if len(p.Events) == 0 {
 			return nil, nil, refuse("audit.append with no events")
@@ -468,4 +481,89 @@ func applyStateRestore(f *FSM, c *Command, index uint64, p *StateRestore) (any, 
 		"replaced_head":    fmt.Sprintf("%d:%.16s", prevSeq, prevHash),
 		"restored_entries": fmt.Sprint(len(d.Entries)),
 	}}}, nil
+}
+
+// nodeOf returns the node name of a node actor, or "".
+func (f *FSM) nodeOf(actor string) string {
+	id, err := spiffeid.FromString(actor)
+	if err != nil || !id.MemberOf(f.td) {
+		return ""
+	}
+	name, ok := strings.CutPrefix(id.Path(), "/sigil/node/")
+	if !ok {
+		return ""
+	}
+	return name
+}
+
+var kidRE = regexp.MustCompile(`^[A-Za-z0-9_-]{8,64}$`)
+
+// applyJWTKeyAdd publishes a node's JWT key. Only the node itself may
+// publish its keys, so a compromised admin cannot slip a key into the
+// bundle under a node's name.
+func applyJWTKeyAdd(f *FSM, c *Command, index uint64, k *JWTKey) (any, []AuditEvent, error) {
+	if node := f.nodeOf(c.Actor); node == "" || node != k.Node {
+		return nil, nil, refuse("JWT key for node %q proposed by %s: a node publishes only its own keys", k.Node, c.Actor)
+	}
+	if !kidRE.MatchString(k.KID) {
+		return nil, nil, refuse("kid %q: want 8-64 characters of A-Z a-z 0-9 _ -", k.KID)
+	}
+	pub, err := x509.ParsePKIXPublicKey(k.PublicKey)
+	if err != nil {
+		return nil, nil, refuse("JWT key %s: %v", k.KID, err)
+	}
+	if _, ok := pub.(interface{ Equal(crypto.PublicKey) bool }); !ok {
+		return nil, nil, refuse("JWT key %s: unsupported key type %T", k.KID, pub)
+	}
+	if !k.NotAfter.After(c.Time) {
+		return nil, nil, refuse("JWT key %s would be published already expired", k.KID)
+	}
+	for _, o := range f.d.Bundle.JWTKeys {
+		if o.KID == k.KID {
+			return nil, nil, refuse("kid %s is already in the bundle", k.KID)
+		}
+	}
+	f.d.Bundle.JWTKeys = append(f.d.Bundle.JWTKeys, *k)
+	f.d.Bundle.Sequence++
+	return f.d.Bundle, []AuditEvent{{Action: c.Type, Target: k.KID, Detail: map[string]string{
+		"node": k.Node, "not_after": k.NotAfter.UTC().Format(time.RFC3339), "sequence": fmt.Sprint(f.d.Bundle.Sequence)}}}, nil
+}
+
+// applyJWTKeyRemove retires a key; only after every token it signed has
+// expired (its NotAfter), so validators never lose a key they still need.
+func applyJWTKeyRemove(f *FSM, c *Command, index uint64, p *JWTKeyRemove) (any, []AuditEvent, error) {
+	i := slices.IndexFunc(f.d.Bundle.JWTKeys, func(k JWTKey) bool { return k.KID == p.KID })
+	if i < 0 {
+		return nil, nil, refuse("no JWT key %s in the bundle", p.KID)
+	}
+	k := f.d.Bundle.JWTKeys[i]
+	if k.NotAfter.After(c.Time) {
+		return nil, nil, refuse("JWT key %s may still have valid tokens until %s", p.KID, k.NotAfter.UTC().Format(time.RFC3339))
+	}
+	f.d.Bundle.JWTKeys = slices.Delete(f.d.Bundle.JWTKeys, i, i+1)
+	f.d.Bundle.Sequence++
+	return nil, []AuditEvent{{Action: c.Type, Target: p.KID, Detail: map[string]string{"node": k.Node, "sequence": fmt.Sprint(f.d.Bundle.Sequence)}}}, nil
+}
+
+var serialRE = regexp.MustCompile(`^[0-9a-f]{1,40}$`)
+
+func applyRevoke(f *FSM, c *Command, index uint64, p *Revoke) (any, []AuditEvent, error) {
+	s := strings.ToLower(strings.TrimLeft(p.Serial, "0"))
+	if !serialRE.MatchString(s) {
+		return nil, nil, refuse("serial %q: want hex", p.Serial)
+	}
+	if p.Node == "" {
+		return nil, nil, refuse("revocation of %s names no issuing node", s)
+	}
+	for _, r := range f.d.Bundle.Revoked {
+		if r.Serial == s && r.Node == p.Node {
+			return nil, nil, refuse("serial %s of node %s is already revoked", s, p.Node)
+		}
+	}
+	// Expired revocations are dropped: an expired certificate is refused
+	// anyway, and the CRL stays small.
+	f.d.Bundle.Revoked = slices.DeleteFunc(f.d.Bundle.Revoked, func(r Revocation) bool { return !r.NotAfter.After(c.Time) })
+	f.d.Bundle.Revoked = append(f.d.Bundle.Revoked, Revocation{Serial: s, Node: p.Node, NotAfter: p.NotAfter.UTC(), At: c.Time})
+	f.d.Bundle.Sequence++
+	return nil, []AuditEvent{{Action: c.Type, Target: s, Detail: map[string]string{"node": p.Node, "not_after": p.NotAfter.UTC().Format(time.RFC3339)}}}, nil
 }

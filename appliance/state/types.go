@@ -96,6 +96,9 @@ type Bundle struct {
 	Roots [][]byte `json:"roots,omitempty"`
 	// JWTKeys are the JWT authorities of every node.
 	JWTKeys []JWTKey `json:"jwt_keys,omitempty"`
+	// Revoked lists revoked leaf serials per issuing node; each node signs
+	// a CRL of its own.
+	Revoked []Revocation `json:"revoked,omitempty"`
 	// Sequence increases on every change.
 	Sequence uint64 `json:"sequence"`
 }
@@ -106,6 +109,14 @@ type JWTKey struct {
 	Node      string    `json:"node"`
 	PublicKey []byte    `json:"public_key"` // PKIX DER
 	NotAfter  time.Time `json:"not_after"`
+}
+
+// Revocation is a revoked X.509-SVID, until it would have expired anyway.
+type Revocation struct {
+	Serial   string    `json:"serial"` // hex
+	Node     string    `json:"node"`   // the node whose issuing CA signed it
+	NotAfter time.Time `json:"not_after"`
+	At       time.Time `json:"at"`
 }
 
 // AuditRecord is one entry of the tamper-evident audit log. Hash is the

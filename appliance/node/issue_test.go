@@ -1,0 +1,368 @@
+package node_test
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/json"
+	"encoding/pem"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/appliance/clustertest"
+	"github.com/sigil-appliance/sigil/appliance/state"
+	"github.com/sigil-appliance/sigil/keystore/pkcs11"
+)
+
+const agentID = "spiffe://example.org/sigil/agent/tpm/host-a"
+
+// issuer is a cluster with one joined agent and its credential.
+type issuer struct {
+	c         *clustertest.Cluster
+	tr        *clustertest.Trust
+	agentCert string
+	agentKey  string
+}
+
+func newIssuer(t *testing.T, prefix string) *issuer {
+	tr := clustertest.NewTrust(t, prefix, []string{"node-1", "node-2", "node-3"}, nil)
+	c := clustertest.NewCluster(t, tr, "node-1", "node-2", "node-3")
+	// The agent joins (issue #6 does this by TPM attestation); here the
+	// node records it directly.
+	leader := c.WaitLeader(30 * time.Second)
+	cmd, _ := state.NewCommand(state.CmdAgentUpsert, "spiffe://example.org/sigil/node/"+leader, time.Now(),
+		&state.Agent{ID: agentID, AttestationType: "test"})
+	if _, err := c.Node(leader).Raft().Apply(context.Background(), cmd); err != nil {
+		t.Fatal(err)
+	}
+	ks := pkcs11.New(pkcs11.Options{})
+	defer ks.Close()
+	cert := clustertest.ClientCert(t, tr.Authority(t, ks, "node-2"), "/sigil/agent/tpm/host-a")
+	ic := &issuer{c: c, tr: tr}
+	ic.agentCert, ic.agentKey = clustertest.WriteCredential(t, c.Dir, "agent", cert)
+	return ic
+}
+
+func (ic *issuer) agent(t *testing.T, node string) *api.AgentClient {
+	conn, err := api.Dial(api.DialConfig{Addr: ic.c.ConfigOf(node).API.Listen, CertFile: ic.agentCert, KeyFile: ic.agentKey, RootFile: ic.tr.RootPath})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return api.NewAgentClient(conn)
+}
+
+func (ic *issuer) entry(t *testing.T, spiffeID, parent string, dns ...string) api.Entry {
+	e, err := ic.c.Admin("node-1").EntryCreate(context.Background(), &api.EntryRequest{Entry: api.Entry{
+		SPIFFEID: spiffeID, ParentID: parent, Selectors: []api.Selector{{Type: "unix", Value: "uid:1000"}},
+		X509TTL: 600, DNSNames: dns,
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return *e
+}
+
+func csrFor(t *testing.T, uri string) []byte {
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.CertificateRequest{}
+	if uri != "" {
+		u, _ := url.Parse(uri)
+		tmpl.URIs = []*url.URL{u}
+	}
+	der, err := x509.CreateCertificateRequest(rand.Reader, tmpl, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return der
+}
+
+func auditActions(t *testing.T, c *clustertest.Cluster, node string) map[string][]api.AuditRecord {
+	recs, err := c.Admin(node).AuditList(context.Background(), &api.AuditRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string][]api.AuditRecord{}
+	for _, r := range recs.Records {
+		out[r.Action] = append(out[r.Action], r)
+	}
+	return out
+}
+
+func TestX509SVIDIssuance(t *testing.T) {
+	ic := newIssuer(t, "x5")
+	ctx := context.Background()
+	web := ic.entry(t, "spiffe://example.org/web", agentID, "web.example.org")
+	other := ic.entry(t, "spiffe://example.org/db", "spiffe://example.org/sigil/agent/tpm/host-b")
+
+	badSig := csrFor(t, "")
+	badSig[len(badSig)-3] ^= 0xff
+	res, err := ic.agent(t, "node-2").SignX509SVIDs(ctx, &api.X509SVIDBatch{Requests: []api.X509SVIDRequest{
+		{EntryID: web.ID, CSR: csrFor(t, "")},
+		{EntryID: web.ID, CSR: csrFor(t, "spiffe://example.org/web")},
+		{EntryID: other.ID, CSR: csrFor(t, "")},                         // not this agent's entry
+		{EntryID: web.ID, CSR: badSig},                                  // signature broken
+		{EntryID: web.ID, CSR: csrFor(t, "spiffe://example.org/admin")}, // asks for another ID
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509bundle.FromX509Authorities(ic.tr.TrustDomain, []*x509.Certificate{ic.tr.Root})
+	var serials []string
+	for i, r := range res.Results[:2] {
+		if r.Error != "" {
+			t.Fatalf("request %d: %s", i, r.Error)
+		}
+		var chain []*x509.Certificate
+		for _, der := range r.Chain {
+			c, _ := x509.ParseCertificate(der)
+			chain = append(chain, c)
+		}
+		id, _, err := x509svid.Verify(chain, roots)
+		if err != nil || id.String() != "spiffe://example.org/web" {
+			t.Fatalf("x509svid.Verify: %v %v", id, err)
+		}
+		leaf := chain[0]
+		if leaf.IsCA || len(leaf.URIs) != 1 || len(leaf.DNSNames) != 1 || leaf.DNSNames[0] != "web.example.org" ||
+			leaf.NotAfter.Sub(leaf.NotBefore) > 11*time.Minute || len(leaf.ExtKeyUsage) != 2 || chain[1].Subject.CommonName != "node-2" {
+			t.Fatalf("leaf %d: CA=%v URIs=%v DNS=%v life=%v EKU=%v issuer=%s", i, leaf.IsCA, leaf.URIs, leaf.DNSNames,
+				leaf.NotAfter.Sub(leaf.NotBefore), leaf.ExtKeyUsage, chain[1].Subject)
+		}
+		serials = append(serials, leaf.SerialNumber.Text(16))
+		if i == 0 {
+			dir := t.TempDir()
+			write := func(name string, c *x509.Certificate) string {
+				p := filepath.Join(dir, name)
+				os.WriteFile(p, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}), 0o644)
+				return p
+			}
+			out, err := exec.Command("openssl", "verify", "-CAfile", ic.tr.RootPath, "-untrusted", write("inter.pem", chain[1]), write("leaf.pem", leaf)).CombinedOutput()
+			if err != nil || !strings.Contains(string(out), ": OK") {
+				t.Fatalf("openssl verify: %v %s", err, out)
+			}
+		}
+	}
+	for i, want := range map[int]string{2: "not this agent", 3: "signature does not verify", 4: "asks for"} {
+		if !strings.Contains(res.Results[i].Error, want) || len(res.Results[i].Chain) != 0 {
+			t.Errorf("request %d: %+v, want refusal %q", i, res.Results[i], want)
+		}
+	}
+	// The audit records were committed before the answer: another node
+	// has them now.
+	acts := auditActions(t, ic.c, "node-3")
+	issued := map[string]bool{}
+	for _, r := range acts["svid.x509.issue"] {
+		issued[r.Detail["serial"]] = r.Detail["agent"] == agentID && r.Detail["entry"] == web.ID && r.Detail["expires"] != ""
+	}
+	for _, s := range serials {
+		if !issued[s] {
+			t.Fatalf("issuance of serial %s is not audited on node-3: %v", s, acts["svid.x509.issue"])
+		}
+	}
+	if n := len(acts["svid.x509.refuse"]); n != 3 {
+		t.Fatalf("%d refusals audited, want 3", n)
+	}
+
+	// Revocation by serial: node-2's CRL lists it, signed by its issuing CA.
+	if _, err := ic.c.Admin("node-1").SVIDRevoke(ctx, &api.RevokeRequest{Serial: serials[0]}); err != nil {
+		t.Fatal(err)
+	}
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	clustertest.Eventually(t, 10*time.Second, "the CRL to list the serial", func() bool {
+		resp, err := client.Get("https://" + ic.c.Node("node-2").BundleAddr() + "/crl")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		der, _ := io.ReadAll(resp.Body)
+		crl, err := x509.ParseRevocationList(der)
+		if err != nil || crl.CheckSignatureFrom(ic.tr.Nodes["node-2"].Issuing) != nil {
+			return false
+		}
+		for _, e := range crl.RevokedCertificateEntries {
+			if e.SerialNumber.Text(16) == serials[0] {
+				return true
+			}
+		}
+		return false
+	})
+
+	// The bundle endpoint serves the SPIFFE bundle document.
+	resp, err := client.Get("https://" + ic.c.Node("node-3").BundleAddr() + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	b, err := spiffebundle.Parse(ic.tr.TrustDomain, body)
+	if err != nil || len(b.X509Authorities()) != 1 || !b.X509Authorities()[0].Equal(ic.tr.Root) {
+		t.Fatalf("bundle endpoint: %v %s", err, body)
+	}
+	if seq, ok := b.SequenceNumber(); !ok || seq == 0 {
+		t.Fatal("bundle has no sequence number")
+	}
+}
+
+func TestJWTSVIDAndRotation(t *testing.T) {
+	ic := newIssuer(t, "jw")
+	ctx := context.Background()
+	web := ic.entry(t, "spiffe://example.org/web", agentID)
+	ag := ic.agent(t, "node-1")
+	first, err := ag.SignJWTSVID(ctx, &api.JWTSVIDRequest{EntryID: web.ID, Audience: []string{"db"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	jwtBundle := func() *jwtbundle.Bundle {
+		resp, err := ic.c.Admin("node-3").BundleShow(ctx, &api.Empty{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := spiffebundle.Parse(ic.tr.TrustDomain, resp.SPIFFE)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b.JWTBundle()
+	}
+	svid, err := jwtsvid.ParseAndValidate(first.Token, jwtBundle(), []string{"db"})
+	if err != nil || svid.ID.String() != "spiffe://example.org/web" {
+		t.Fatalf("jwtsvid.ParseAndValidate: %v %v", svid, err)
+	}
+	if _, err := jwtsvid.ParseAndValidate(first.Token, jwtBundle(), []string{"other"}); err == nil {
+		t.Fatal("token valid for the wrong audience")
+	}
+	if got := svid.Expiry.Sub(time.Now()); got > 5*time.Minute+time.Second || got < 4*time.Minute {
+		t.Fatalf("token lifetime %v, want the 5 minute default", got)
+	}
+
+	// Rotate: a new key is published (the bundle now holds both) and signs
+	// from now on; the old token still validates.
+	kid, err := ic.c.Node("node-1").JWTRotate(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, err := ag.SignJWTSVID(ctx, &api.JWTSVIDRequest{EntryID: web.ID, Audience: []string{"db"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := jwtBundle()
+	if len(b.JWTAuthorities()) < 2 {
+		t.Fatalf("bundle after rotation has %d JWT keys", len(b.JWTAuthorities()))
+	}
+	if _, err := jwtsvid.ParseAndValidate(first.Token, b, []string{"db"}); err != nil {
+		t.Fatalf("token from before the rotation: %v", err)
+	}
+	s2, err := jwtsvid.ParseAndValidate(second.Token, b, []string{"db"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s2.ID != svid.ID {
+		t.Fatal("second token is for another ID")
+	}
+	if got := tokenKID(t, second.Token); got != kid {
+		t.Fatalf("token after rotation signed with %s, want the new key %s", got, kid)
+	}
+	if tokenKID(t, first.Token) == kid {
+		t.Fatal("token before rotation claims the new key")
+	}
+
+	// Empty audience: refused and audited.
+	if _, err := ag.SignJWTSVID(ctx, &api.JWTSVIDRequest{EntryID: web.ID}); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("empty audience: %v", err)
+	}
+	acts := auditActions(t, ic.c, "node-2")
+	if len(acts["svid.jwt.issue"]) != 2 || len(acts["svid.jwt.refuse"]) != 1 || len(acts["bundle.jwt.add"]) < 2 {
+		t.Fatalf("audit: issue %d, refuse %d, keys %d", len(acts["svid.jwt.issue"]), len(acts["svid.jwt.refuse"]), len(acts["bundle.jwt.add"]))
+	}
+}
+
+func tokenKID(t *testing.T, tok string) string {
+	b, err := base64.RawURLEncoding.DecodeString(strings.Split(tok, ".")[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	var hdr struct{ Alg, Kid string }
+	if err := json.Unmarshal(b, &hdr); err != nil || hdr.Alg != "ES256" {
+		t.Fatalf("JWT header %s: %v", b, err)
+	}
+	return hdr.Kid
+}
+
+func TestBanAndNoQuorum(t *testing.T) {
+	ic := newIssuer(t, "ban")
+	ctx := context.Background()
+	web := ic.entry(t, "spiffe://example.org/web", agentID)
+	ag := ic.agent(t, "node-3")
+
+	// The sync stream delivers the agent's entries at once, and changes.
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := ag.Sync(sctx, &api.SyncRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	u, err := stream.Recv()
+	if err != nil || len(u.Entries) != 1 || u.Entries[0].ID != web.ID || len(u.Bundle.Roots) != 1 {
+		t.Fatalf("first sync: %+v %v", u, err)
+	}
+	ic.entry(t, "spiffe://example.org/api", agentID)
+	u2, err := stream.Recv()
+	if err != nil || len(u2.Entries) != 2 || u2.Revision <= u.Revision {
+		t.Fatalf("second sync: %+v %v", u2, err)
+	}
+
+	if _, err := ic.c.Admin("node-1").AgentBan(ctx, &api.IDRequest{ID: agentID}); err != nil {
+		t.Fatal(err)
+	}
+	// At once, on any node.
+	_, err = ag.SignX509SVIDs(ctx, &api.X509SVIDBatch{Requests: []api.X509SVIDRequest{{EntryID: web.ID, CSR: csrFor(t, "")}}})
+	if status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), "banned") {
+		t.Fatalf("banned agent: %v", err)
+	}
+	if _, err := stream.Recv(); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("sync stream of a banned agent: %v", err)
+	}
+	acts := auditActions(t, ic.c, "node-1")
+	found := false
+	for _, r := range acts["svid.x509.refuse"] {
+		found = found || r.Detail["reason"] == "agent is banned"
+	}
+	if !found {
+		t.Fatal("banned agent's request not audited")
+	}
+	ic.c.Admin("node-1").AgentUnban(ctx, &api.IDRequest{ID: agentID})
+
+	// A node that cannot reach a quorum issues nothing.
+	ic.c.Stop("node-1")
+	ic.c.Stop("node-2")
+	qctx, qcancel := context.WithTimeout(ctx, 15*time.Second)
+	defer qcancel()
+	res, err := ag.SignX509SVIDs(qctx, &api.X509SVIDBatch{Requests: []api.X509SVIDRequest{{EntryID: web.ID, CSR: csrFor(t, "")}}})
+	if status.Code(err) != codes.Unavailable || res != nil {
+		t.Fatalf("minority node: %v %+v", err, res)
+	}
+	jctx, jcancel := context.WithTimeout(ctx, 15*time.Second)
+	defer jcancel()
+	if _, err := ag.SignJWTSVID(jctx, &api.JWTSVIDRequest{EntryID: web.ID, Audience: []string{"db"}}); status.Code(err) != codes.Unavailable {
+		t.Fatalf("minority node JWT: %v", err)
+	}
+}
