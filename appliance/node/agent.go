@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -35,19 +36,24 @@ type agentSvc struct{ n *Node }
 
 var _ api.AgentServer = (*agentSvc)(nil)
 
-// agent returns the calling agent after a linearizable read, so a ban
-// committed before the request started is always seen.
+// agent returns the calling agent from this node's state. That may lag a
+// just-committed ban by a moment; the authority is the FSM, which refuses
+// to record an issuance for a banned agent, and nothing unrecorded is sent.
 func (s *agentSvc) agent(ctx context.Context, what string) (state.Agent, error) {
 	c := callerFrom(ctx)
-	// Answer "no quorum" within a few seconds rather than at the caller's
-	// deadline: the agent should fall back to its cache, not hang.
-	rctx, cancel := context.WithTimeout(ctx, quorumWait)
-	defer cancel()
-	if err := s.n.raft.ReadIndex(rctx); err != nil {
-		s.n.log.Error("agent request refused: no quorum", "request", what, "agent", c.Actor, "err", err)
-		return state.Agent{}, status.Errorf(codes.Unavailable, "this node cannot reach a quorum, so it issues nothing: %v", err)
+	if !s.n.raftReady() {
+		s.n.log.Error("agent request refused: no leader", "request", what, "agent", c.Actor)
+		return state.Agent{}, status.Errorf(codes.Unavailable, "this node knows no raft leader, so it issues nothing")
 	}
 	a, ok := s.n.fsm.Agent(c.Actor)
+	if !ok || a.Banned {
+		// A negative answer may be this node lagging (a join or unban not
+		// applied yet): confirm it against the leader before refusing.
+		if err := s.catchUp(ctx); err != nil {
+			return state.Agent{}, err
+		}
+		a, ok = s.n.fsm.Agent(c.Actor)
+	}
 	reason := ""
 	switch {
 	case !ok:
@@ -82,6 +88,14 @@ func (s *agentSvc) SignX509SVIDs(ctx context.Context, b *api.X509SVIDBatch) (*ap
 	if err != nil {
 		return nil, err
 	}
+	for _, r := range b.Requests {
+		if _, ok := s.n.fsm.Entry(r.EntryID); !ok {
+			if err := s.catchUp(ctx); err != nil {
+				return nil, err
+			}
+			break
+		}
+	}
 	out := &api.X509SVIDBatchResult{Results: make([]api.X509SVIDResult, len(b.Requests))}
 	var events []state.AuditEvent
 	for i, r := range b.Requests {
@@ -107,10 +121,29 @@ func (s *agentSvc) SignX509SVIDs(ctx context.Context, b *api.X509SVIDBatch) (*ap
 	// No record, no certificate: if the batch cannot commit, nothing that
 	// was signed leaves this node.
 	if err := s.n.batch.record(ctx, events...); err != nil {
-		s.n.log.Error("issuance withheld: audit not committed", "agent", a.ID, "svids", len(events), "err", err)
-		return nil, status.Errorf(codes.Unavailable, "the audit record could not be committed (no quorum?), so nothing is issued: %v", err)
+		return nil, s.withheld(a.ID, err)
 	}
 	return out, nil
+}
+
+// catchUp waits (bounded) until this node has applied everything committed
+// before the call.
+func (s *agentSvc) catchUp(ctx context.Context) error {
+	rctx, cancel := context.WithTimeout(ctx, quorumWait)
+	defer cancel()
+	if err := s.n.raft.ReadIndex(rctx); err != nil {
+		return status.Errorf(codes.Unavailable, "this node cannot reach a quorum, so it issues nothing: %v", err)
+	}
+	return nil
+}
+
+// withheld explains why signed SVIDs were not returned.
+func (s *agentSvc) withheld(agent string, err error) error {
+	s.n.log.Error("issuance withheld: not recorded", "agent", agent, "err", err)
+	if errors.Is(err, errRefusedAtCommit) {
+		return status.Errorf(codes.PermissionDenied, "%s: agent is banned", agent)
+	}
+	return status.Errorf(codes.Unavailable, "the audit record could not be committed (no quorum?), so nothing is issued: %v", err)
 }
 
 // signOne checks one request and signs it; reason says why not.
@@ -153,6 +186,12 @@ func (s *agentSvc) SignJWTSVID(ctx context.Context, r *api.JWTSVIDRequest) (*api
 		return nil, err
 	}
 	e, ok := s.n.fsm.Entry(r.EntryID)
+	if !ok {
+		if err := s.catchUp(ctx); err != nil {
+			return nil, err
+		}
+		e, ok = s.n.fsm.Entry(r.EntryID)
+	}
 	reason := ""
 	switch {
 	case !ok:
@@ -186,7 +225,7 @@ func (s *agentSvc) SignJWTSVID(ctx context.Context, r *api.JWTSVIDRequest) (*api
 	if err := s.n.batch.record(ctx, state.AuditEvent{Action: "svid.jwt.issue", Target: e.SPIFFEID, Detail: map[string]string{
 		"jti": hex.EncodeToString(jti), "agent": a.ID, "entry": e.ID, "kid": key.kid, "node": s.n.cfg.NodeID,
 		"audience": strings.Join(r.Audience, ","), "expires": now.Add(ttl).UTC().Format(time.RFC3339)}}); err != nil {
-		return nil, status.Errorf(codes.Unavailable, "the audit record could not be committed (no quorum?), so nothing is issued: %v", err)
+		return nil, s.withheld(a.ID, err)
 	}
 	return &api.JWTSVIDResult{Token: tok, SPIFFEID: e.SPIFFEID, ExpiresAt: now.Add(ttl)}, nil
 }

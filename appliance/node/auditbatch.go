@@ -2,6 +2,8 @@ package node
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"time"
 
 	"github.com/sigil-appliance/sigil/appliance/state"
@@ -17,6 +19,10 @@ type auditBatcher struct {
 	maxWait time.Duration
 	maxSize int
 }
+
+// errRefusedAtCommit: the FSM refused the issuance when it committed (the
+// agent was banned or removed meanwhile).
+var errRefusedAtCommit = errors.New("refused when recorded: the agent is banned or unknown")
 
 type auditJob struct {
 	events []state.AuditEvent
@@ -71,11 +77,27 @@ func (b *auditBatcher) run(ctx context.Context) {
 		sem <- struct{}{}
 		go func() {
 			defer func() { <-sem }()
-			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			_, err := b.n.apply(cctx, b.n.actor(), state.CmdAudit, state.AuditAppend{Events: events})
+			cctx, cancel := context.WithTimeout(ctx, quorumWait)
+			resp, err := b.n.apply(cctx, b.n.actor(), state.CmdIssue, state.AuditAppend{Events: events})
 			cancel()
+			var res state.IssueResult
+			if err == nil {
+				err = json.Unmarshal(resp, &res)
+			}
+			refused := map[int]bool{}
+			for _, i := range res.Refused {
+				refused[i] = true
+			}
+			at := 0
 			for _, j := range jobs {
-				j.done <- err
+				jerr := err
+				for range j.events {
+					if refused[at] && jerr == nil {
+						jerr = errRefusedAtCommit
+					}
+					at++
+				}
+				j.done <- jerr
 			}
 		}()
 	}

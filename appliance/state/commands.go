@@ -37,6 +37,7 @@ const (
 	CmdJWTKeyAdd        = "bundle.jwt.add"
 	CmdJWTKeyRemove     = "bundle.jwt.remove"
 	CmdRevoke           = "svid.revoke"
+	CmdIssue            = "svid.issue"
 	CmdAudit            = "audit.append"
 )
 
@@ -100,6 +101,7 @@ func init() {
 	register(CmdJWTKeyAdd, applyJWTKeyAdd)
 	register(CmdJWTKeyRemove, applyJWTKeyRemove)
 	register(CmdRevoke, applyRevoke)
+	register(CmdIssue, applyIssue)
 	register(CmdAudit, func(f *FSM, c *Command, i uint64, p *AuditAppend) (any, []AuditEvent, error) {
 		if len(p.Events) == 0 {
 			return nil, nil, refuse("audit.append with no events")
@@ -566,4 +568,40 @@ func applyRevoke(f *FSM, c *Command, index uint64, p *Revoke) (any, []AuditEvent
 	f.d.Bundle.Revoked = append(f.d.Bundle.Revoked, Revocation{Serial: s, Node: p.Node, NotAfter: p.NotAfter.UTC(), At: c.Time})
 	f.d.Bundle.Sequence++
 	return nil, []AuditEvent{{Action: c.Type, Target: s, Detail: map[string]string{"node": p.Node, "not_after": p.NotAfter.UTC().Format(time.RFC3339)}}}, nil
+}
+
+// IssueResult lists the events of an svid.issue command the FSM refused.
+type IssueResult struct {
+	Refused []int `json:"refused,omitempty"`
+}
+
+// applyIssue records issuances, checking at commit time, in log order,
+// that each requesting agent is known and not banned: a ban committed
+// before this record makes it a refusal, whatever the issuing node saw.
+func applyIssue(f *FSM, c *Command, index uint64, p *AuditAppend) (any, []AuditEvent, error) {
+	if len(p.Events) == 0 {
+		return nil, nil, refuse("svid.issue with no events")
+	}
+	res := &IssueResult{}
+	events := make([]AuditEvent, 0, len(p.Events))
+	for i, e := range p.Events {
+		if e.Action == "" {
+			return nil, nil, refuse("issue event without action")
+		}
+		if strings.HasSuffix(e.Action, ".issue") {
+			a, ok := f.d.Agents[e.Detail["agent"]]
+			if !ok || a.Banned {
+				res.Refused = append(res.Refused, i)
+				reason := "agent is banned"
+				if !ok {
+					reason = "agent unknown"
+				}
+				events = append(events, AuditEvent{Action: strings.TrimSuffix(e.Action, ".issue") + ".refuse", Target: e.Target,
+					Detail: map[string]string{"agent": e.Detail["agent"], "entry": e.Detail["entry"], "reason": reason + " (at commit)"}})
+				continue
+			}
+		}
+		events = append(events, e)
+	}
+	return res, events, nil
 }
