@@ -9,7 +9,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"runtime"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -97,27 +99,25 @@ func (s *agentSvc) SignX509SVIDs(ctx context.Context, b *api.X509SVIDBatch) (*ap
 		}
 	}
 	out := &api.X509SVIDBatchResult{Results: make([]api.X509SVIDResult, len(b.Requests))}
-	var events []state.AuditEvent
-	for i, r := range b.Requests {
-		res := &out.Results[i]
-		res.EntryID = r.EntryID
-		e, chain, reason := s.signOne(a, r)
-		if reason != "" {
-			res.Error = reason
-			s.n.log.Warn("issuance refused", "request", "svid.x509", "agent", a.ID, "entry", r.EntryID, "reason", reason)
-			events = append(events, state.AuditEvent{Action: "svid.x509.refuse", Target: e.SPIFFEID,
-				Detail: map[string]string{"agent": a.ID, "entry": r.EntryID, "reason": reason}})
-			continue
-		}
-		leaf := chain[0]
-		res.SPIFFEID, res.ExpiresAt = e.SPIFFEID, leaf.NotAfter
-		for _, c := range chain {
-			res.Chain = append(res.Chain, c.Raw)
-		}
-		events = append(events, state.AuditEvent{Action: "svid.x509.issue", Target: e.SPIFFEID, Detail: map[string]string{
-			"serial": leaf.SerialNumber.Text(16), "agent": a.ID, "entry": e.ID, "node": s.n.cfg.NodeID,
-			"expires": leaf.NotAfter.UTC().Format(time.RFC3339)}})
+	// Sign in parallel: the HSM has a session pool and the CSR checks are
+	// CPU work; one goroutine per batch would leave cores idle.
+	events := make([]state.AuditEvent, len(b.Requests))
+	var wg sync.WaitGroup
+	work := make(chan int)
+	for w := 0; w < min(len(b.Requests), 2*runtime.GOMAXPROCS(0)); w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range work {
+				events[i] = s.signInto(a, b.Requests[i], &out.Results[i])
+			}
+		}()
 	}
+	for i := range b.Requests {
+		work <- i
+	}
+	close(work)
+	wg.Wait()
 	// No record, no certificate: if the batch cannot commit, nothing that
 	// was signed leaves this node.
 	if err := s.n.batch.record(ctx, events...); err != nil {
@@ -144,6 +144,26 @@ func (s *agentSvc) withheld(agent string, err error) error {
 		return status.Errorf(codes.PermissionDenied, "%s: agent is banned", agent)
 	}
 	return status.Errorf(codes.Unavailable, "the audit record could not be committed (no quorum?), so nothing is issued: %v", err)
+}
+
+// signInto fills one result and returns its audit event.
+func (s *agentSvc) signInto(a state.Agent, r api.X509SVIDRequest, res *api.X509SVIDResult) state.AuditEvent {
+	res.EntryID = r.EntryID
+	e, chain, reason := s.signOne(a, r)
+	if reason != "" {
+		res.Error = reason
+		s.n.log.Warn("issuance refused", "request", "svid.x509", "agent", a.ID, "entry", r.EntryID, "reason", reason)
+		return state.AuditEvent{Action: "svid.x509.refuse", Target: e.SPIFFEID,
+			Detail: map[string]string{"agent": a.ID, "entry": r.EntryID, "reason": reason}}
+	}
+	leaf := chain[0]
+	res.SPIFFEID, res.ExpiresAt = e.SPIFFEID, leaf.NotAfter
+	for _, c := range chain {
+		res.Chain = append(res.Chain, c.Raw)
+	}
+	return state.AuditEvent{Action: "svid.x509.issue", Target: e.SPIFFEID, Detail: map[string]string{
+		"serial": leaf.SerialNumber.Text(16), "agent": a.ID, "entry": e.ID, "node": s.n.cfg.NodeID,
+		"expires": leaf.NotAfter.UTC().Format(time.RFC3339)}}
 }
 
 // signOne checks one request and signs it; reason says why not.
