@@ -64,6 +64,12 @@ func freePort(t testing.TB) string {
 // starts them. Call after NewTrust.
 func NewCluster(t testing.TB, tr *Trust, ids ...string) *Cluster {
 	t.Helper()
+	return NewClusterWith(t, tr, nil, ids...)
+}
+
+// NewClusterWith is NewCluster with a hook that adjusts each node's config.
+func NewClusterWith(t testing.TB, tr *Trust, mod func(*node.Config), ids ...string) *Cluster {
+	t.Helper()
 	c := &Cluster{T: t, Trust: tr, Dir: t.TempDir(), Log: &LogBuffer{}, configs: map[string]*node.Config{}, nodes: map[string]*node.Node{}}
 	var first string
 	for i, id := range ids {
@@ -73,6 +79,9 @@ func NewCluster(t testing.TB, tr *Trust, ids ...string) *Cluster {
 			first = cfg.Cluster.Bind
 		} else {
 			cfg.Cluster.Join = []string{first}
+		}
+		if mod != nil {
+			mod(cfg)
 		}
 		c.configs[id] = cfg
 	}

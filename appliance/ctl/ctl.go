@@ -60,7 +60,7 @@ func NewCommand(out io.Writer) *cobra.Command {
 	f.StringVarP(&g.output, "output", "o", "text", "output format: text or json")
 	f.DurationVar(&g.timeout, "timeout", 30*time.Second, "time limit for the request")
 
-	root.AddCommand(entryCmd(g), agentCmd(g), tpmCmd(g), tokenCmd(g), clusterCmd(g), snapshotCmd(g), auditCmd(g), bundleCmd(g), adminCmd(g))
+	root.AddCommand(entryCmd(g), agentCmd(g), tpmCmd(g), tokenCmd(g), clusterCmd(g), snapshotCmd(g), auditCmd(g), bundleCmd(g), adminCmd(g), svidCmd(g))
 	return root
 }
 
@@ -533,5 +533,17 @@ func adminCmd(g *globals) *cobra.Command {
 	issue.Flags().StringVar(&certOut, "cert-out", "", "where to write the certificate chain")
 	issue.Flags().DurationVar(&ttl, "ttl", 8*time.Hour, "certificate lifetime")
 	cmd.AddCommand(issue)
+	return cmd
+}
+
+func svidCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "svid", Short: "Issued SVIDs"}
+	cmd.AddCommand(&cobra.Command{Use: "revoke SERIAL", Args: cobra.ExactArgs(1),
+		Short: "Revoke an X.509-SVID by serial (hex, as in the audit log); the issuing node's CRL lists it",
+		RunE: func(_ *cobra.Command, args []string) error {
+			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
+				return c.SVIDRevoke(ctx, &api.RevokeRequest{Serial: args[0]})
+			}, ok("revoked "+args[0]))
+		}})
 	return cmd
 }

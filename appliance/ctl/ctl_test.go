@@ -94,6 +94,9 @@ func TestSigilctl(t *testing.T) {
 	if out := must(with("audit", "list")...); !strings.Contains(out, "admin.cert.issue") || !strings.Contains(out, "local:uid=") {
 		t.Fatalf("audit list lacks the bootstrap credential:\n%s", out)
 	}
+	if _, err := run(with("svid", "revoke", "deadbeef")...); err == nil || !strings.Contains(err.Error(), "no X.509-SVID with serial deadbeef") {
+		t.Fatalf("revoke of an unknown serial: %v", err)
+	}
 	// No credential, no service.
 	if _, err := run("--server", c.ConfigOf("node-1").API.Listen, "--root", tr.RootPath, "entry", "list"); err == nil {
 		t.Fatal("entry list without a credential")

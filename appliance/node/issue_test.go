@@ -30,6 +30,7 @@ import (
 
 	"github.com/sigil-appliance/sigil/appliance/api"
 	"github.com/sigil-appliance/sigil/appliance/clustertest"
+	"github.com/sigil-appliance/sigil/appliance/node"
 	"github.com/sigil-appliance/sigil/appliance/state"
 	"github.com/sigil-appliance/sigil/keystore/pkcs11"
 )
@@ -45,8 +46,12 @@ type issuer struct {
 }
 
 func newIssuer(t testing.TB, prefix string) *issuer {
+	return newIssuerWith(t, prefix, nil)
+}
+
+func newIssuerWith(t testing.TB, prefix string, mod func(*node.Config)) *issuer {
 	tr := clustertest.NewTrust(t, prefix, []string{"node-1", "node-2", "node-3"}, nil)
-	c := clustertest.NewCluster(t, tr, "node-1", "node-2", "node-3")
+	c := clustertest.NewClusterWith(t, tr, mod, "node-1", "node-2", "node-3")
 	// The agent joins (issue #6 does this by TPM attestation); here the
 	// node records it directly.
 	leader := c.WaitLeader(30 * time.Second)
@@ -387,5 +392,36 @@ func TestBanAndNoQuorum(t *testing.T) {
 	defer jcancel()
 	if _, err := ag.SignJWTSVID(jctx, &api.JWTSVIDRequest{EntryID: web.ID, Audience: []string{"db"}}); status.Code(err) != codes.Unavailable {
 		t.Fatalf("minority node JWT: %v", err)
+	}
+}
+
+// The schedule rotates keys by itself: with a 2 s signing period a new key
+// is published and used, and tokens from the old one still validate.
+func TestJWTRotationSchedule(t *testing.T) {
+	ic := newIssuerWith(t, "jr", func(c *node.Config) { c.JWT.RotateEvery = node.Duration{Duration: 2 * time.Second} })
+	ctx := context.Background()
+	web := ic.entry(t, "spiffe://example.org/web", agentID)
+	ag := ic.agent(t, "node-1")
+	first, err := ag.SignJWTSVID(ctx, &api.JWTSVIDRequest{EntryID: web.ID, Audience: []string{"db"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var later *api.JWTSVIDResult
+	clustertest.Eventually(t, 20*time.Second, "a token from a rotated key", func() bool {
+		later, err = ag.SignJWTSVID(ctx, &api.JWTSVIDRequest{EntryID: web.ID, Audience: []string{"db"}})
+		return err == nil && tokenKID(t, later.Token) != tokenKID(t, first.Token)
+	})
+	resp, err := ic.c.Admin("node-2").BundleShow(ctx, &api.Empty{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := spiffebundle.Parse(ic.tr.TrustDomain, resp.SPIFFE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tok := range []string{first.Token, later.Token} {
+		if _, err := jwtsvid.ParseAndValidate(tok, b.JWTBundle(), []string{"db"}); err != nil {
+			t.Fatalf("token %s after scheduled rotation: %v", tokenKID(t, tok), err)
+		}
 	}
 }
