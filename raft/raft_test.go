@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"math/big"
+	mrand "math/rand/v2"
 	"net"
 	"path/filepath"
 	"strings"
@@ -187,9 +188,7 @@ func (c *testCluster) leader() (string, *Node) {
 func newTestCluster(t testing.TB, ids ...string) *testCluster {
 	c := &testCluster{t: t, ca: newCA(t), dir: t.TempDir(), nodes: map[string]*Node{}, fsms: map[string]*kv{}, addrs: map[string]string{}}
 	for _, id := range ids {
-		ln, _ := net.Listen("tcp", "127.0.0.1:0")
-		c.addrs[id] = ln.Addr().String()
-		ln.Close()
+		c.addrs[id] = stablePort(t)
 	}
 	t.Cleanup(func() {
 		for _, id := range ids {
@@ -212,6 +211,20 @@ func newTestCluster(t testing.TB, ids ...string) *testCluster {
 		}
 	}
 	return c
+}
+
+// stablePort picks a free port below the ephemeral range, so no outgoing
+// connection takes it while its node restarts.
+func stablePort(t testing.TB) string {
+	for i := 0; i < 1000; i++ {
+		addr := fmt.Sprintf("127.0.0.1:%d", 10000+mrand.IntN(20000))
+		if ln, err := net.Listen("tcp", addr); err == nil {
+			ln.Close()
+			return addr
+		}
+	}
+	t.Fatal("no free port")
+	return ""
 }
 
 func eventually(t testing.TB, what string, cond func() bool) {
@@ -356,9 +369,7 @@ func TestTLSRefusesStrangers(t *testing.T) {
 
 func TestSnapshotsAndRestart(t *testing.T) {
 	c := &testCluster{t: t, ca: newCA(t), dir: t.TempDir(), nodes: map[string]*Node{}, fsms: map[string]*kv{}, addrs: map[string]string{"a": "127.0.0.1:0"}}
-	ln, _ := net.Listen("tcp", "127.0.0.1:0")
-	c.addrs["a"] = ln.Addr().String()
-	ln.Close()
+	c.addrs["a"] = stablePort(t)
 	t.Cleanup(func() { c.stop("a") })
 	small := func(cfg *Config) {
 		cfg.SnapshotThreshold, cfg.TrailingLogs, cfg.SnapshotInterval = 16, 4, 50*time.Millisecond

@@ -2,8 +2,11 @@ package clustertest
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
+	mrand "math/rand/v2"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -49,15 +52,30 @@ func (l *LogBuffer) String() string {
 	return l.buf.String()
 }
 
-// freePort reserves a loopback port number. Nodes keep their raft address
-// across restarts, so ports are chosen up front rather than with :0.
+// freePort picks a free loopback port. Nodes keep their raft address
+// across restarts, so ports are chosen up front rather than with :0, and
+// from below the kernel's ephemeral range: a port handed out by :0 can be
+// taken as the source port of an outgoing connection before (or while) the
+// node that owns it is down.
 func freePort(t testing.TB) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	t.Helper()
+	low := 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		fmt.Sscan(string(b), &low)
 	}
-	defer ln.Close()
-	return ln.Addr().String()
+	lo := 10000
+	if low-lo < 2000 {
+		t.Fatalf("ephemeral ports start at %d: no room for test ports below them", low)
+	}
+	for i := 0; i < 1000; i++ {
+		addr := fmt.Sprintf("127.0.0.1:%d", lo+mrand.IntN(low-lo))
+		if ln, err := net.Listen("tcp", addr); err == nil {
+			ln.Close()
+			return addr
+		}
+	}
+	t.Fatal("no free loopback port")
+	return ""
 }
 
 // NewCluster configures nodes (the first bootstraps, the rest join it) and

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -25,6 +26,8 @@ import (
 	"github.com/sigil-appliance/sigil/keystore/pkcs11"
 	testenv "github.com/sigil-appliance/sigil/softhsm-testenv"
 )
+
+var trustSeq atomic.Int64
 
 // Trust is a trust domain's ceremony output.
 type Trust struct {
@@ -56,6 +59,8 @@ type Node struct {
 // the module was initialized.
 func NewTrust(t testing.TB, prefix string, nodes []string, rogue []string) *Trust {
 	t.Helper()
+	// Token labels are unique per process, so tests can run with -count.
+	prefix = fmt.Sprintf("%s%d", prefix, trustSeq.Add(1))
 	hsm := testenv.ProcessHSM(t)
 	tr := &Trust{Dir: t.TempDir(), TrustDomain: spiffeid.RequireTrustDomainFromString("example.org"), Nodes: map[string]*Node{}, Module: hsm.Module}
 	rootTok := hsm.NewToken(t, prefix+"-root")
