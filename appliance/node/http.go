@@ -81,8 +81,6 @@ func (m *metrics) observeApply(cmd string, d time.Duration, err error) {
 	}
 }
 
-func (m *metrics) unregister() {}
-
 // httpHandler serves liveness, readiness (a leader is known, so writes can
 // commit) and Prometheus metrics. Nothing here is secret.
 func (n *Node) httpHandler() http.Handler {

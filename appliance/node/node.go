@@ -366,9 +366,6 @@ func (n *Node) Stop() error {
 		if n.ks != nil {
 			n.ks.Close()
 		}
-		if n.metrics != nil {
-			n.metrics.unregister()
-		}
 	})
 	return nil
 }
