@@ -262,7 +262,7 @@ func (s *agentSvc) Sync(r *api.SyncRequest, stream grpc.ServerStreamingServer[ap
 	var last []byte
 	sent := r.Revision
 	for {
-		changed := s.n.fsm.Changed()
+		changed := s.n.fsm.ConfigChanged()
 		ag, ok := s.n.fsm.Agent(a.ID)
 		if !ok || ag.Banned {
 			return status.Errorf(codes.PermissionDenied, "%s is banned or gone", a.ID)

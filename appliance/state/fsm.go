@@ -72,13 +72,15 @@ type FSM struct {
 	// regIndex maps registrationKey -> entry ID; derived from d.Entries,
 	// nil until first needed and after a restore.
 	regIndex map[string]string
-	// watchers are woken (channel closed) on every applied change.
-	watch chan struct{}
+	// watchers are woken (channel closed) on every applied change;
+	// cfgWatch only on changes to what agents see (not audit records).
+	watch    chan struct{}
+	cfgWatch chan struct{}
 }
 
 // New returns an empty state for a trust domain.
 func New(td spiffeid.TrustDomain) *FSM {
-	return &FSM{td: td, d: emptyData(td), watch: make(chan struct{})}
+	return &FSM{td: td, d: emptyData(td), watch: make(chan struct{}), cfgWatch: make(chan struct{})}
 }
 
 func emptyData(td spiffeid.TrustDomain) *data {
@@ -147,6 +149,10 @@ func (f *FSM) Apply(index uint64, cmd []byte) ([]byte, error) {
 	f.d.Index = index
 	close(f.watch)
 	f.watch = make(chan struct{})
+	if c.Type != CmdAudit && c.Type != CmdIssue {
+		close(f.cfgWatch)
+		f.cfgWatch = make(chan struct{})
+	}
 	if resp == nil {
 		return nil, nil
 	}
@@ -158,6 +164,15 @@ func (f *FSM) Changed() <-chan struct{} {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
 	return f.watch
+}
+
+// ConfigChanged returns a channel closed at the next change to entries,
+// agents, policy or the bundle; audit and issuance records do not wake it,
+// so agents' sync streams sleep through issuance traffic.
+func (f *FSM) ConfigChanged() <-chan struct{} {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.cfgWatch
 }
 
 // Index is the raft index of the last applied change.
@@ -206,6 +221,8 @@ func (f *FSM) Restore(r io.Reader) error {
 	f.regIndex = nil
 	close(f.watch)
 	f.watch = make(chan struct{})
+	close(f.cfgWatch)
+	f.cfgWatch = make(chan struct{})
 	f.mu.Unlock()
 	return nil
 }

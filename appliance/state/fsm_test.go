@@ -394,3 +394,25 @@ func TestRegistrationIndex(t *testing.T) {
 		t.Fatal("duplicate accepted after restore")
 	}
 }
+
+func TestConfigChangedIgnoresAudit(t *testing.T) {
+	a := newApplier(t)
+	cfg, any := a.fsm.ConfigChanged(), a.fsm.Changed()
+	a.must(CmdAudit, AuditAppend{Events: []AuditEvent{{Action: "x"}}})
+	select {
+	case <-cfg:
+		t.Fatal("an audit record woke config watchers")
+	default:
+	}
+	select {
+	case <-any:
+	default:
+		t.Fatal("Changed did not fire")
+	}
+	a.must(CmdEntryCreate, entry("entry-0001", "spiffe://example.org/a", "unix:uid:1"))
+	select {
+	case <-cfg:
+	default:
+		t.Fatal("an entry change did not wake config watchers")
+	}
+}
