@@ -14,44 +14,52 @@ import (
 	testenv "github.com/sigil-appliance/sigil/softhsm-testenv"
 )
 
-// BenchmarkSignP256 reports TPM ECDSA P-256 signatures per second next to
-// pure Go in the same run ("x-pure-go" is the ratio). The agent signs with
-// its TPM key only at join and renewal, never per workload SVID.
-func BenchmarkSignP256(b *testing.B) {
+// BenchmarkTPMSignP256 reports TPM ECDSA P-256 signatures per second and,
+// in the same run, pure-Go ecdsa.SignASN1 ("x-pure-go" is the TPM's rate
+// as a fraction of it). The agent signs with its TPM key only at join and
+// renewal, never per workload SVID, so the ratio only has to be tolerable.
+func BenchmarkTPMSignP256(b *testing.B) {
+	ctx := context.Background()
 	tp := testenv.NewTPM(b)
-	k, err := Open(context.Background(), Config{Path: tp.Socket})
+	k, err := Open(ctx, Config{Path: tp.Socket})
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer k.Close()
 	uri := "tpmkey:file=" + filepath.Join(b.TempDir(), "bench.key")
-	if _, err := k.CreateKey(context.Background(), keystore.CreateKeyRequest{URI: uri, Algorithm: keystore.ECDSAP256}); err != nil {
+	if _, err := k.CreateKey(ctx, keystore.CreateKeyRequest{URI: uri, Algorithm: keystore.ECDSAP256}); err != nil {
 		b.Fatal(err)
 	}
-	tpmSigner, err := k.Signer(context.Background(), uri)
+	tpmSigner, err := k.Signer(ctx, uri)
 	if err != nil {
 		b.Fatal(err)
 	}
-	soft, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	d := sha256.Sum256([]byte("bench"))
-	var pure float64
-	for _, c := range []struct {
-		name string
-		s    crypto.Signer
-	}{{"pure-go", soft}, {"tpm", tpmSigner}} {
-		b.Run(c.name, func(b *testing.B) {
-			for i := 0; i < b.N; i++ {
-				if _, err := c.s.Sign(rand.Reader, d[:], crypto.SHA256); err != nil {
-					b.Fatal(err)
-				}
-			}
-			rate := float64(b.N) / b.Elapsed().Seconds()
-			b.ReportMetric(rate, "sigs/s")
-			if c.name == "pure-go" {
-				pure = rate
-			} else if pure > 0 {
-				b.ReportMetric(rate/pure, "x-pure-go")
-			}
-		})
+	soft, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		b.Fatal(err)
 	}
+	d := sha256.Sum256([]byte("bench"))
+
+	var pure float64
+	b.Run("pure-go", func(b *testing.B) {
+		for b.Loop() {
+			if _, err := ecdsa.SignASN1(rand.Reader, soft, d[:]); err != nil {
+				b.Fatal(err)
+			}
+		}
+		pure = float64(b.N) / b.Elapsed().Seconds()
+		b.ReportMetric(pure, "sigs/s")
+	})
+	b.Run("tpm", func(b *testing.B) {
+		for b.Loop() {
+			if _, err := tpmSigner.Sign(rand.Reader, d[:], crypto.SHA256); err != nil {
+				b.Fatal(err)
+			}
+		}
+		rate := float64(b.N) / b.Elapsed().Seconds()
+		b.ReportMetric(rate, "sigs/s")
+		if pure > 0 {
+			b.ReportMetric(rate/pure, "x-pure-go")
+		}
+	})
 }
