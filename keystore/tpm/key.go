@@ -107,7 +107,7 @@ func (t *TPM) createBlob(ctx context.Context, curve tpm2.TPMECCCurve, pcrs []uin
 		return nil, nil, err
 	}
 	// TPM2_Create uses a transient slot while it runs.
-	t.evictLRU(t.maxKeys - 1)
+	t.evictLRU(t.capacity() - 1)
 	var policy, pcrDigest []byte
 	if len(pcrs) > 0 {
 		var err error
@@ -297,7 +297,7 @@ func (t *TPM) loadLocked(kb *keyBlob, file string) (*loadedKey, error) {
 		k.used = t.useTick
 		return k, nil
 	}
-	t.evictLRU(t.maxKeys - 1)
+	t.evictLRU(t.capacity() - 1)
 	rsp, err := tpm2.Load{
 		ParentHandle: tpm2.AuthHandle{Handle: t.srk.Handle, Name: t.srk.Name, Auth: tpm2.PasswordAuth(nil)},
 		InPrivate:    kb.priv,

@@ -67,10 +67,12 @@ type TPM struct {
 	// TPM) and guards everything below.
 	mu      sync.Mutex
 	maxKeys int
-	srk     tpm2.NamedHandle
-	loaded  map[[32]byte]*loadedKey // by keyBlob.id
-	useTick uint64
-	closed  bool
+	// reserved slots are held by attestation keys (see NewAK).
+	reserved int
+	srk      tpm2.NamedHandle
+	loaded   map[[32]byte]*loadedKey // by keyBlob.id
+	useTick  uint64
+	closed   bool
 }
 
 var _ keystore.Manager = (*TPM)(nil)
@@ -191,6 +193,9 @@ func (t *TPM) opError(op string, err error) error {
 	}
 	return fmt.Errorf("%s: %w", op, err)
 }
+
+// capacity is how many cached keys may be loaded now. Called with mu held.
+func (t *TPM) capacity() int { return t.maxKeys - t.reserved }
 
 // checkOpen is called with mu held.
 func (t *TPM) checkOpen() error {

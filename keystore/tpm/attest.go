@@ -1,0 +1,289 @@
+package tpm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
+
+	"github.com/sigil-appliance/sigil/keystore"
+)
+
+// The TCG EK Credential Profile's places for the RSA-2048 EK: the
+// persistent key swtpm_setup and most platforms provision, and the NV
+// index holding its certificate.
+const (
+	rsaEKPersistent = tpm2.TPMHandle(0x81010001)
+	rsaEKCertIndex  = tpm2.TPMHandle(0x01c00002)
+	maxNVChunk      = 512
+)
+
+// EK is the TPM's endorsement key as evidence: its public area and, when
+// the manufacturer provisioned one, its certificate.
+type EK struct {
+	Public []byte // TPM2B_PUBLIC
+	Cert   []byte // DER; nil without a certificate
+}
+
+// EndorsementKey reads the RSA EK and its certificate.
+func (t *TPM) EndorsementKey(ctx context.Context) (*EK, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if err := t.checkOpen(); err != nil {
+		return nil, err
+	}
+	h, flush, err := t.ekLocked()
+	if err != nil {
+		return nil, err
+	}
+	defer flush()
+	rp, err := tpm2.ReadPublic{ObjectHandle: h.Handle}.Execute(t.tpm)
+	if err != nil {
+		return nil, t.opError("TPM2_ReadPublic EK", err)
+	}
+	ek := &EK{Public: tpm2.Marshal(rp.OutPublic)}
+	ek.Cert, err = t.nvReadLocked(rsaEKCertIndex)
+	if err != nil && !errors.Is(err, errNoIndex) {
+		return nil, err
+	}
+	return ek, nil
+}
+
+var errNoIndex = errors.New("NV index not defined")
+
+// ekLocked returns the EK's handle: the persistent key if provisioned,
+// else one created from the TCG template (same seed, same key), flushed by
+// the returned function.
+func (t *TPM) ekLocked() (tpm2.NamedHandle, func(), error) {
+	if rp, err := (tpm2.ReadPublic{ObjectHandle: rsaEKPersistent}).Execute(t.tpm); err == nil {
+		return tpm2.NamedHandle{Handle: rsaEKPersistent, Name: rp.Name}, func() {}, nil
+	}
+	t.evictLRU(t.capacity() - 1)
+	rsp, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHEndorsement, InPublic: tpm2.New2B(tpm2.RSAEKTemplate)}.Execute(t.tpm)
+	if err != nil {
+		return tpm2.NamedHandle{}, nil, t.opError("create EK", err)
+	}
+	return tpm2.NamedHandle{Handle: rsp.ObjectHandle, Name: rsp.Name}, func() {
+		tpm2.FlushContext{FlushHandle: rsp.ObjectHandle}.Execute(t.tpm)
+	}, nil
+}
+
+func (t *TPM) nvReadLocked(index tpm2.TPMHandle) ([]byte, error) {
+	pub, err := tpm2.NVReadPublic{NVIndex: index}.Execute(t.tpm)
+	if err != nil {
+		if errors.Is(err, tpm2.TPMRCHandle) {
+			return nil, errNoIndex
+		}
+		return nil, t.opError("TPM2_NV_ReadPublic", err)
+	}
+	contents, err := pub.NVPublic.Contents()
+	if err != nil {
+		return nil, err
+	}
+	var out []byte
+	for off := uint16(0); off < contents.DataSize; {
+		n := min(maxNVChunk, contents.DataSize-off)
+		rd, err := tpm2.NVRead{
+			AuthHandle: tpm2.AuthHandle{Handle: index, Name: pub.NVName, Auth: tpm2.PasswordAuth(nil)},
+			NVIndex:    tpm2.NamedHandle{Handle: index, Name: pub.NVName},
+			Size:       n, Offset: off,
+		}.Execute(t.tpm)
+		if err != nil {
+			return nil, t.opError("TPM2_NV_Read", err)
+		}
+		out = append(out, rd.Data.Buffer...)
+		off += n
+	}
+	return trimDER(out), nil
+}
+
+// trimDER cuts NV padding after a DER SEQUENCE.
+func trimDER(b []byte) []byte {
+	if len(b) < 4 || b[0] != 0x30 {
+		return b
+	}
+	n, hdr := int(b[1]), 2
+	if n&0x80 != 0 {
+		l := n & 0x7f
+		if l > 3 || len(b) < 2+l {
+			return b
+		}
+		n, hdr = 0, 2+l
+		for _, c := range b[2 : 2+l] {
+			n = n<<8 | int(c)
+		}
+	}
+	if hdr+n <= len(b) {
+		return b[:hdr+n]
+	}
+	return b
+}
+
+// AK is an attestation key: restricted (it signs only TPM-made structures,
+// never a digest chosen by the caller), fixedTPM, fixedParent,
+// sensitiveDataOrigin. It lives for one attestation and holds a transient
+// slot until Close.
+type AK struct {
+	t      *TPM
+	handle tpm2.NamedHandle
+	// Public is the AK's TPM2B_PUBLIC, for the verifier.
+	Public []byte
+}
+
+func akTemplate() tpm2.TPMTPublic {
+	return tpm2.TPMTPublic{
+		Type:    tpm2.TPMAlgECC,
+		NameAlg: tpm2.TPMAlgSHA256,
+		ObjectAttributes: tpm2.TPMAObject{
+			FixedTPM: true, FixedParent: true, SensitiveDataOrigin: true,
+			UserWithAuth: true, Restricted: true, SignEncrypt: true, NoDA: true,
+		},
+		Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgECC, &tpm2.TPMSECCParms{
+			CurveID: tpm2.TPMECCNistP256,
+			Scheme: tpm2.TPMTECCScheme{Scheme: tpm2.TPMAlgECDSA,
+				Details: tpm2.NewTPMUAsymScheme(tpm2.TPMAlgECDSA, &tpm2.TPMSSigSchemeECDSA{HashAlg: tpm2.TPMAlgSHA256})},
+		}),
+		Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{}),
+	}
+}
+
+// NewAK creates and loads a fresh attestation key under the SRK.
+func (t *TPM) NewAK(ctx context.Context) (*AK, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if err := t.checkOpen(); err != nil {
+		return nil, err
+	}
+	// The AK's slot is taken from the key cache until Close.
+	t.reserved++
+	t.evictLRU(t.capacity() - 1)
+	tmpl := akTemplate()
+	rsp, err := tpm2.CreateLoaded{
+		ParentHandle: tpm2.AuthHandle{Handle: t.srk.Handle, Name: t.srk.Name, Auth: tpm2.PasswordAuth(nil)},
+		InPublic:     tpm2.New2BTemplate(&tmpl),
+	}.Execute(t.tpm)
+	if err != nil {
+		t.reserved--
+		return nil, t.opError("create AK", err)
+	}
+	return &AK{t: t, handle: tpm2.NamedHandle{Handle: rsp.ObjectHandle, Name: rsp.Name}, Public: tpm2.Marshal(rsp.OutPublic)}, nil
+}
+
+// Close unloads the AK.
+func (ak *AK) Close() error {
+	t := ak.t
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if ak.handle.Handle == 0 {
+		return nil
+	}
+	tpm2.FlushContext{FlushHandle: ak.handle.Handle}.Execute(t.tpm)
+	ak.handle.Handle = 0
+	t.reserved--
+	return nil
+}
+
+func (ak *AK) auth() tpm2.AuthHandle {
+	return tpm2.AuthHandle{Handle: ak.handle.Handle, Name: ak.handle.Name, Auth: tpm2.PasswordAuth(nil)}
+}
+
+// Certification is TPM2_Certify's evidence: the AK's signature over a
+// TPMS_ATTEST naming the certified key, and that key's public area.
+type Certification struct {
+	Attest    []byte // TPMS_ATTEST as signed
+	Signature []byte // TPMT_SIGNATURE
+	Public    []byte // the certified key's TPM2B_PUBLIC
+}
+
+// Certify has the AK certify the key at keyURI (one of this TPM's blobs),
+// binding the verifier's nonce.
+func (ak *AK) Certify(ctx context.Context, keyURI string, nonce []byte) (*Certification, error) {
+	u, err := ParseKeyURI(keyURI)
+	if err != nil {
+		return nil, err
+	}
+	kb, err := readBlob(u.File)
+	if err != nil {
+		return nil, err
+	}
+	t := ak.t
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if err := t.checkOpen(); err != nil {
+		return nil, err
+	}
+	if ak.handle.Handle == 0 {
+		return nil, errors.New("tpm: AK is closed")
+	}
+	k, err := t.loadLocked(kb, u.File)
+	if err != nil {
+		return nil, err
+	}
+	rsp, err := tpm2.Certify{
+		ObjectHandle:   tpm2.AuthHandle{Handle: k.handle.Handle, Name: k.handle.Name, Auth: tpm2.PasswordAuth(nil)},
+		SignHandle:     ak.auth(),
+		QualifyingData: tpm2.TPM2BData{Buffer: nonce},
+		InScheme:       tpm2.TPMTSigScheme{Scheme: tpm2.TPMAlgNull},
+	}.Execute(t.tpm)
+	if err != nil {
+		return nil, t.opError("TPM2_Certify", err)
+	}
+	return &Certification{Attest: rsp.CertifyInfo.Bytes(), Signature: tpm2.Marshal(rsp.Signature), Public: tpm2.Marshal(kb.pub)}, nil
+}
+
+// ActivateCredential recovers a secret the verifier encrypted to this
+// TPM's EK for this AK's name: only the TPM holding both can.
+func (ak *AK) ActivateCredential(ctx context.Context, idObject, encSecret []byte) ([]byte, error) {
+	t := ak.t
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if err := t.checkOpen(); err != nil {
+		return nil, err
+	}
+	ek, flush, err := t.ekLocked()
+	if err != nil {
+		return nil, err
+	}
+	defer flush()
+	// The EK's authPolicy is PolicySecret(TPM_RH_ENDORSEMENT).
+	sess := tpm2.Policy(tpm2.TPMAlgSHA256, 16, func(tp transport.TPM, h tpm2.TPMISHPolicy, nonceTPM tpm2.TPM2BNonce) error {
+		_, err := tpm2.PolicySecret{
+			AuthHandle:    tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: tpm2.PasswordAuth(nil)},
+			PolicySession: h, NonceTPM: nonceTPM,
+		}.Execute(tp)
+		return err
+	})
+	rsp, err := tpm2.ActivateCredential{
+		ActivateHandle: ak.auth(),
+		KeyHandle:      tpm2.AuthHandle{Handle: ek.Handle, Name: ek.Name, Auth: sess},
+		CredentialBlob: tpm2.TPM2BIDObject{Buffer: idObject},
+		Secret:         tpm2.TPM2BEncryptedSecret{Buffer: encSecret},
+	}.Execute(t.tpm)
+	if err != nil {
+		return nil, fmt.Errorf("%w: TPM2_ActivateCredential: %v", keystore.ErrWrongDevice, err)
+	}
+	return rsp.CertInfo.Buffer, nil
+}
+
+// Quote has the AK sign the current values of the selected sha256 PCRs
+// with the verifier's nonce.
+func (ak *AK) Quote(ctx context.Context, nonce []byte, pcrs []uint) (attest, sig []byte, err error) {
+	t := ak.t
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if err := t.checkOpen(); err != nil {
+		return nil, nil, err
+	}
+	rsp, err := tpm2.Quote{
+		SignHandle:     ak.auth(),
+		QualifyingData: tpm2.TPM2BData{Buffer: nonce},
+		InScheme:       tpm2.TPMTSigScheme{Scheme: tpm2.TPMAlgNull},
+		PCRSelect:      pcrSelection(pcrs),
+	}.Execute(t.tpm)
+	if err != nil {
+		return nil, nil, t.opError("TPM2_Quote", err)
+	}
+	return rsp.Quoted.Bytes(), tpm2.Marshal(rsp.Signature), nil
+}
