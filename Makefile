@@ -54,6 +54,9 @@ lint:
 	@bad=$$($(GO) list -f '{{range .Imports}}{{$$.ImportPath}} -> {{.}}{{"\n"}}{{end}}' ./... | \
 		grep -E '/(appliance|raft|keystore)(/[^ ]*)? -> github.com/sigil-appliance/sigil/agent' || true); \
 	if [ -n "$$bad" ]; then echo "appliance, raft and keystore must not import agent:"; echo "$$bad"; exit 1; fi
+	@bad=$$($(GO) list -f '{{range .Imports}}{{$$.ImportPath}} -> {{.}}{{"\n"}}{{end}}' ./agent/... | \
+		grep -E ' -> github.com/sigil-appliance/sigil/(appliance/|raft)' | grep -vE ' -> github.com/sigil-appliance/sigil/appliance/api$$' || true); \
+	if [ -n "$$bad" ]; then echo "agent reaches the appliance only through appliance/api:"; echo "$$bad"; exit 1; fi
 	@echo "lint ok"
 
 clean:

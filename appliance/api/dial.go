@@ -24,6 +24,11 @@ type DialConfig struct {
 	KeyFile  string // its private key (PEM, must be 0600)
 	RootFile string // the trust domain's root certificate(s)
 	Socket   string // local admin socket; used instead of Addr when set
+	// Certificate, when set, replaces CertFile/KeyFile: for keys that live
+	// in a TPM (the agent's), whose signer is not a file.
+	Certificate func() (*tls.Certificate, error)
+	// Anonymous dials without a client certificate (an agent joining).
+	Anonymous bool
 }
 
 // Dial connects and returns a connection for NewAdminClient. Over TLS the
@@ -36,27 +41,44 @@ func Dial(c DialConfig) (*grpc.ClientConn, error) {
 	if c.Addr == "" {
 		return nil, errors.New("no server address (--server) or local socket (--socket)")
 	}
-	tlsCfg, err := ClientTLS(c.CertFile, c.KeyFile, c.RootFile)
+	tlsCfg, err := clientTLS(c)
 	if err != nil {
 		return nil, err
 	}
 	return grpc.NewClient(c.Addr, append(DialOptions(), grpc.WithTransportCredentials(credentials.NewTLS(tlsCfg)))...)
 }
 
-// ClientTLS builds the mutual-TLS client config.
+// ClientTLS builds the mutual-TLS client config from credential files.
 func ClientTLS(certFile, keyFile, rootFile string) (*tls.Config, error) {
-	if certFile == "" || keyFile == "" || rootFile == "" {
-		return nil, errors.New("mutual TLS needs a certificate, its key and the root certificate (--cert, --key, --root)")
+	return clientTLS(DialConfig{CertFile: certFile, KeyFile: keyFile, RootFile: rootFile})
+}
+
+func clientTLS(c DialConfig) (*tls.Config, error) {
+	if c.RootFile == "" {
+		return nil, errors.New("TLS to a node needs the trust domain's root certificate (--root)")
 	}
-	if st, err := os.Stat(keyFile); err != nil {
-		return nil, err
-	} else if st.Mode().Perm()&0o077 != 0 {
-		return nil, fmt.Errorf("%s has mode %v; a private key must be readable by its owner only (chmod 600)", keyFile, st.Mode().Perm())
+	var getCert func(*tls.CertificateRequestInfo) (*tls.Certificate, error)
+	switch {
+	case c.Anonymous:
+		getCert = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &tls.Certificate{}, nil }
+	case c.Certificate != nil:
+		getCert = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return c.Certificate() }
+	default:
+		if c.CertFile == "" || c.KeyFile == "" {
+			return nil, errors.New("mutual TLS needs a certificate, its key and the root certificate (--cert, --key, --root)")
+		}
+		if st, err := os.Stat(c.KeyFile); err != nil {
+			return nil, err
+		} else if st.Mode().Perm()&0o077 != 0 {
+			return nil, fmt.Errorf("%s has mode %v; a private key must be readable by its owner only (chmod 600)", c.KeyFile, st.Mode().Perm())
+		}
+		cert, err := tls.LoadX509KeyPair(c.CertFile, c.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("client credential: %w", err)
+		}
+		getCert = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &cert, nil }
 	}
-	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
-	if err != nil {
-		return nil, fmt.Errorf("client credential: %w", err)
-	}
+	rootFile := c.RootFile
 	roots, err := ReadCerts(rootFile)
 	if err != nil {
 		return nil, err
@@ -74,9 +96,9 @@ func ClientTLS(certFile, keyFile, rootFile string) (*tls.Config, error) {
 	}
 	bundle := x509bundle.FromX509Authorities(td, roots)
 	return &tls.Config{
-		MinVersion:         tls.VersionTLS13,
-		Certificates:       []tls.Certificate{cert},
-		InsecureSkipVerify: true, // verified below by SPIFFE ID, not host name
+		MinVersion:           tls.VersionTLS13,
+		GetClientCertificate: getCert,
+		InsecureSkipVerify:   true, // verified below by SPIFFE ID, not host name
 		VerifyConnection: func(cs tls.ConnectionState) error {
 			raw := make([][]byte, len(cs.PeerCertificates))
 			for i, c := range cs.PeerCertificates {

@@ -282,6 +282,22 @@ func (n *NodeIdentity) TLSConfig(allow ...Role) *tls.Config {
 	}
 }
 
+// TLSConfigAllowAnonymous is TLSConfig for a listener that also admits
+// clients without a certificate (agents joining); such a connection has no
+// role, and the server must authorize every request by role.
+func (n *NodeIdentity) TLSConfigAllowAnonymous(allow ...Role) *tls.Config {
+	c := n.TLSConfig(allow...)
+	verify := c.VerifyConnection
+	c.ClientAuth = tls.RequestClientCert
+	c.VerifyConnection = func(cs tls.ConnectionState) error {
+		if len(cs.PeerCertificates) == 0 && !cs.DidResume {
+			return nil
+		}
+		return verify(cs)
+	}
+	return c
+}
+
 // PeerFromState classifies the peer of an established TLS connection.
 func (a *Authority) PeerFromState(cs tls.ConnectionState) (Peer, error) {
 	raw := make([][]byte, len(cs.PeerCertificates))

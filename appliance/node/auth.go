@@ -25,6 +25,7 @@ type callerKey struct{}
 type caller struct {
 	Actor string
 	Role  ca.Role
+	Peer  ca.Peer
 }
 
 func callerFrom(ctx context.Context) caller {
@@ -43,15 +44,22 @@ func (n *Node) authenticate(ctx context.Context, req any, info *grpc.UnaryServer
 	if !ok {
 		return nil, status.Error(codes.Unauthenticated, "not a TLS connection")
 	}
-	who, err := n.auth.PeerFromState(ti.State)
-	if err != nil {
-		n.log.Warn("api call refused: unverified client", "method", info.FullMethod, "remote", p.Addr.String(), "err", err)
-		return nil, status.Error(codes.Unauthenticated, "client certificate not accepted")
+	who := ca.Peer{Role: ca.RoleNone}
+	if len(ti.State.PeerCertificates) > 0 {
+		var err error
+		if who, err = n.auth.PeerFromState(ti.State); err != nil {
+			n.log.Warn("api call refused: unverified client", "method", info.FullMethod, "remote", p.Addr.String(), "err", err)
+			return nil, status.Error(codes.Unauthenticated, "client certificate not accepted")
+		}
 	}
 	if err := n.authorize(info.FullMethod, who); err != nil {
 		return nil, err
 	}
-	return h(context.WithValue(ctx, callerKey{}, caller{Actor: who.ID.String(), Role: who.Role}), req)
+	actor := who.ID.String()
+	if who.Role == ca.RoleNone {
+		actor = "anonymous@" + p.Addr.String()
+	}
+	return h(context.WithValue(ctx, callerKey{}, caller{Actor: actor, Role: who.Role, Peer: who}), req)
 }
 
 // authorize lets admins call the admin service and agents the agent
@@ -63,6 +71,12 @@ func (n *Node) authorize(method string, who ca.Peer) error {
 			n.log.Warn("admin call refused: not an admin", "method", method, "caller", who.ID.String(), "role", who.Role.String())
 			return status.Errorf(codes.PermissionDenied, "%s is not an admin (admin IDs are under spiffe://%s/sigil/admin/)", who.ID, n.td.Name())
 		}
+	case method == "/"+api.JoinService+"/Renew":
+		if who.Role != ca.RoleAgent {
+			return status.Errorf(codes.PermissionDenied, "renewal needs the agent's current certificate")
+		}
+	case strings.HasPrefix(method, "/"+api.JoinService+"/"):
+		// Joining is open to anyone: the evidence is the credential.
 	case strings.HasPrefix(method, "/"+api.AgentService+"/"):
 		if who.Role != ca.RoleAgent {
 			n.log.Warn("agent call refused: not an agent", "method", method, "caller", who.ID.String(), "role", who.Role.String())
@@ -84,6 +98,9 @@ func (n *Node) authenticateStream(srv any, ss grpc.ServerStream, info *grpc.Stre
 	ti, ok := p.AuthInfo.(credentials.TLSInfo)
 	if !ok {
 		return status.Error(codes.Unauthenticated, "not a TLS connection")
+	}
+	if len(ti.State.PeerCertificates) == 0 {
+		return status.Error(codes.Unauthenticated, "a client certificate is required")
 	}
 	who, err := n.auth.PeerFromState(ti.State)
 	if err != nil {

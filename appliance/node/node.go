@@ -163,13 +163,14 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 	if n.apiLn, err = net.Listen("tcp", cfg.API.Listen); err != nil {
 		return nil, fmt.Errorf("api.listen: %w", err)
 	}
-	tlsCfg := n.ident.TLSConfig(ca.RoleAdmin, ca.RoleAgent)
+	tlsCfg := n.ident.TLSConfigAllowAnonymous(ca.RoleAdmin, ca.RoleAgent)
 	n.grpc = grpc.NewServer(append(api.ServerOptions(),
 		grpc.Creds(credentials.NewTLS(tlsCfg)),
 		grpc.ChainUnaryInterceptor(n.authenticate),
 		grpc.ChainStreamInterceptor(n.authenticateStream))...)
 	api.RegisterAdmin(n.grpc, &admin{n: n})
 	api.RegisterAgent(n.grpc, &agentSvc{n: n})
+	api.RegisterJoin(n.grpc, newJoinSvc(n))
 	n.serve(func() error { return n.grpc.Serve(n.apiLn) })
 
 	if cfg.API.LocalSocket != "" {

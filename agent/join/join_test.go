@@ -1,0 +1,289 @@
+package join_test
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/sigil-appliance/sigil/agent/join"
+	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/appliance/clustertest"
+	"github.com/sigil-appliance/sigil/keystore/tpm"
+	testenv "github.com/sigil-appliance/sigil/softhsm-testenv"
+)
+
+func TestMain(m *testing.M) { os.Exit(testenv.Main(m)) }
+
+type env struct {
+	c  *clustertest.Cluster
+	tr *clustertest.Trust
+}
+
+func newEnv(t *testing.T) *env {
+	tr := clustertest.NewTrust(t, "jn", []string{"node-1", "node-2", "node-3"}, nil)
+	return &env{c: clustertest.NewCluster(t, tr, "node-1", "node-2", "node-3"), tr: tr}
+}
+
+// trustTPMVendor adds an swtpm's local CA (root and issuer) as EK CAs.
+func (e *env) trustTPMVendor(t *testing.T, sw *testenv.TPM) {
+	for _, p := range []string{sw.EKCARoot, sw.EKCAIssuer} {
+		certs, err := api.ReadCerts(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := e.c.Admin("node-1").EKCAAdd(context.Background(), &api.EKCARequest{DER: certs[0].Raw}); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func (e *env) joinClient(t *testing.T, node string, cert func() (*tls.Certificate, error)) *api.JoinClient {
+	cfg := api.DialConfig{Addr: e.c.ConfigOf(node).API.Listen, RootFile: e.tr.RootPath, Anonymous: cert == nil, Certificate: cert}
+	conn, err := api.Dial(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return api.NewJoinClient(conn)
+}
+
+type host struct {
+	sw  *testenv.TPM
+	tpm *tpm.TPM
+	key string
+}
+
+func newHost(t *testing.T) *host {
+	sw := testenv.NewTPM(t)
+	h := &host{sw: sw, key: "tpmkey:file=" + filepath.Join(t.TempDir(), "agent.key")}
+	h.open(t)
+	if err := join.EnsureKey(context.Background(), h.tpm, h.key); err != nil {
+		t.Fatal(err)
+	}
+	return h
+}
+
+func (h *host) open(t *testing.T) {
+	k, err := tpm.Open(context.Background(), tpm.Config{Path: h.sw.Socket})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.tpm = k
+	t.Cleanup(func() { k.Close() })
+}
+
+func TestTPMJoinRenewRestart(t *testing.T) {
+	e := newEnv(t)
+	h := newHost(t)
+	e.trustTPMVendor(t, h.sw)
+	ctx := context.Background()
+
+	svid, err := join.TPM(ctx, e.joinClient(t, "node-2", nil), h.tpm, h.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(svid.ID, "spiffe://example.org/sigil/agent/tpm/") {
+		t.Fatalf("agent ID %s", svid.ID)
+	}
+	roots := x509bundle.FromX509Authorities(e.tr.TrustDomain, []*x509.Certificate{e.tr.Root})
+	if id, _, err := x509svid.Verify(svid.Chain, roots); err != nil || id.String() != svid.ID {
+		t.Fatalf("agent SVID: %v %v", id, err)
+	}
+	a, err := e.c.Admin("node-3").AgentShow(ctx, &api.IDRequest{ID: svid.ID})
+	if err != nil || a.AttestationType != "tpm" || a.Facts["ek_method"] != "ek-cert" || a.SerialNumber != svid.Chain[0].SerialNumber.Text(16) {
+		t.Fatalf("recorded agent: %+v %v", a, err)
+	}
+
+	// Renew over mutual TLS signed by the TPM key; same key, new serial.
+	renewed, err := join.Renew(ctx, e.joinClient(t, "node-1", func() (*tls.Certificate, error) { return svid.TLSCertificate(), nil }), svid.Signer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if renewed.ID != svid.ID || renewed.Chain[0].SerialNumber.Cmp(svid.Chain[0].SerialNumber) == 0 {
+		t.Fatal("renewal returned the same certificate or another ID")
+	}
+
+	// The host reboots: TPM restarts, the agent reloads its blob and
+	// renews with the SVID it kept, without joining again.
+	h.tpm.Close()
+	h.sw.Stop(t)
+	h.sw.Start(t)
+	h.open(t)
+	signer, err := h.tpm.Signer(ctx, h.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept := &join.SVID{ID: renewed.ID, Chain: renewed.Chain, Signer: signer}
+	again, err := join.Renew(ctx, e.joinClient(t, "node-3", func() (*tls.Certificate, error) { return kept.TLSCertificate(), nil }), signer)
+	if err != nil {
+		t.Fatalf("renew after restart: %v", err)
+	}
+	if b, _ := e.c.Admin("node-1").AgentShow(ctx, &api.IDRequest{ID: svid.ID}); !b.JoinedAt.Equal(a.JoinedAt) {
+		t.Fatal("renewal after restart counted as a new join")
+	}
+
+	// The agent's TPM-held identity gets workload SVIDs.
+	ent, err := e.c.Admin("node-1").EntryCreate(ctx, &api.EntryRequest{Entry: api.Entry{SPIFFEID: "spiffe://example.org/web", ParentID: svid.ID,
+		Selectors: []api.Selector{{Type: "unix", Value: "uid:1000"}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := api.Dial(api.DialConfig{Addr: e.c.ConfigOf("node-2").API.Listen, RootFile: e.tr.RootPath,
+		Certificate: func() (*tls.Certificate, error) {
+			return (&join.SVID{Chain: again.Chain, Signer: signer}).TLSCertificate(), nil
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	wk, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	csr, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, wk)
+	clustertest.Eventually(t, 10*time.Second, "node-2 to know the entry", func() bool { return e.c.Node("node-2").State().Entries() != nil })
+	res, err := api.NewAgentClient(conn).SignX509SVIDs(ctx, &api.X509SVIDBatch{Requests: []api.X509SVIDRequest{{EntryID: ent.ID, CSR: csr}}})
+	if err != nil || res.Results[0].Error != "" {
+		t.Fatalf("workload SVID through the TPM-joined agent: %v %+v", err, res)
+	}
+
+	// A banned agent cannot renew.
+	if _, err := e.c.Admin("node-1").AgentBan(ctx, &api.IDRequest{ID: svid.ID}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = join.Renew(ctx, e.joinClient(t, "node-2", func() (*tls.Certificate, error) { return kept.TLSCertificate(), nil }), signer)
+	if status.Code(errorsUnwrap(err)) != codes.PermissionDenied {
+		t.Fatalf("banned agent renewing: %v", err)
+	}
+	if !strings.Contains(e.c.Log.String(), "join refused") {
+		t.Fatal("refusal not logged")
+	}
+	if !hasAudit(t, e, "join.renew.refuse") {
+		t.Fatal("refused renewal not audited")
+	}
+}
+
+func TestTPMJoinRefused(t *testing.T) {
+	e := newEnv(t)
+	h := newHost(t)
+	ctx := context.Background()
+
+	// No EK CA and no allowlist: the EK is unknown.
+	if _, err := join.TPM(ctx, e.joinClient(t, "node-1", nil), h.tpm, h.key); err == nil || !strings.Contains(err.Error(), "does not chain") && !strings.Contains(err.Error(), "no EK CA") {
+		t.Fatalf("unknown EK: %v", err)
+	}
+	e.trustTPMVendor(t, h.sw)
+
+	// A replayed proof: the nonce is single-use.
+	jc := e.joinClient(t, "node-1", nil)
+	ek, _ := h.tpm.EndorsementKey(ctx)
+	ak, err := h.tpm.NewAK(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch, err := jc.TPMHello(ctx, &api.JoinTPMHello{EKPublic: ek.Public, EKCert: ek.Cert, AKPublic: ak.Public})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := ak.Certify(ctx, h.key, ch.Nonce)
+	secret, _ := ak.ActivateCredential(ctx, ch.IDObject, ch.EncSecret)
+	signer, _ := h.tpm.Signer(ctx, h.key)
+	csr, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, signer)
+	proof := &api.JoinTPMProof{Nonce: ch.Nonce, CertifyAttest: cert.Attest, CertifySignature: cert.Signature, AgentKeyPublic: cert.Public, Secret: secret, CSR: csr}
+
+	// Wrong activation secret first (a fresh challenge for it).
+	ch2, _ := jc.TPMHello(ctx, &api.JoinTPMHello{EKPublic: ek.Public, EKCert: ek.Cert, AKPublic: ak.Public})
+	cert2, _ := ak.Certify(ctx, h.key, ch2.Nonce)
+	bad := &api.JoinTPMProof{Nonce: ch2.Nonce, CertifyAttest: cert2.Attest, CertifySignature: cert2.Signature, AgentKeyPublic: cert2.Public,
+		Secret: make([]byte, 32), CSR: csr}
+	if _, err := jc.TPMProve(ctx, bad); err == nil || !strings.Contains(err.Error(), "wrong secret") {
+		t.Fatalf("wrong activation secret: %v", err)
+	}
+	if _, err := jc.TPMProve(ctx, proof); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := jc.TPMProve(ctx, proof); err == nil || !strings.Contains(err.Error(), "already used nonce") {
+		t.Fatalf("replayed proof: %v", err)
+	}
+
+	// A CSR for a key other than the certified one.
+	ch3, _ := jc.TPMHello(ctx, &api.JoinTPMHello{EKPublic: ek.Public, EKCert: ek.Cert, AKPublic: ak.Public})
+	cert3, _ := ak.Certify(ctx, h.key, ch3.Nonce)
+	secret3, _ := ak.ActivateCredential(ctx, ch3.IDObject, ch3.EncSecret)
+	soft, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	softCSR, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, soft)
+	if _, err := jc.TPMProve(ctx, &api.JoinTPMProof{Nonce: ch3.Nonce, CertifyAttest: cert3.Attest, CertifySignature: cert3.Signature,
+		AgentKeyPublic: cert3.Public, Secret: secret3, CSR: softCSR}); err == nil || !strings.Contains(err.Error(), "another key") {
+		t.Fatalf("CSR for another key: %v", err)
+	}
+	ak.Close()
+
+	// The agent key blob copied to another host's TPM is useless there.
+	other := newHost(t)
+	stolen := filepath.Join(t.TempDir(), "stolen.key")
+	data, _ := os.ReadFile(strings.TrimPrefix(h.key, "tpmkey:file="))
+	os.WriteFile(stolen, data, 0o600)
+	if _, err := join.TPM(ctx, e.joinClient(t, "node-1", nil), other.tpm, "tpmkey:file="+stolen); err == nil {
+		t.Fatal("joined with a key blob copied from another TPM")
+	}
+
+	// Join tokens: one use, and not after expiry.
+	tok, err := e.c.Admin("node-1").TokenCreate(ctx, &api.TokenRequest{TTL: 60})
+	if err != nil {
+		t.Fatal(err)
+	}
+	k1, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	s, err := join.Token(ctx, e.joinClient(t, "node-2", nil), tok.Token, k1)
+	if err != nil || !strings.Contains(s.ID, "/sigil/agent/join_token/") {
+		t.Fatalf("token join: %v", err)
+	}
+	if _, err := join.Token(ctx, e.joinClient(t, "node-3", nil), tok.Token, k1); err == nil || !strings.Contains(err.Error(), "already used") {
+		t.Fatalf("reused token: %v", err)
+	}
+	if _, err := join.Token(ctx, e.joinClient(t, "node-3", nil), "not-a-token", k1); err == nil || !strings.Contains(err.Error(), "unknown join token") {
+		t.Fatalf("unknown token: %v", err)
+	}
+	for _, action := range []string{"join.tpm.refuse", "join.token.refuse"} {
+		if !hasAudit(t, e, action) {
+			t.Errorf("no %s audit record", action)
+		}
+	}
+}
+
+func hasAudit(t *testing.T, e *env, action string) bool {
+	recs, err := e.c.Admin("node-1").AuditList(context.Background(), &api.AuditRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range recs.Records {
+		if r.Action == action && r.Detail["reason"] != "" {
+			return true
+		}
+	}
+	return false
+}
+
+// errorsUnwrap digs the gRPC status out of a wrapped error.
+func errorsUnwrap(err error) error {
+	for err != nil {
+		if _, ok := status.FromError(err); ok {
+			return err
+		}
+		u, ok := err.(interface{ Unwrap() error })
+		if !ok {
+			return err
+		}
+		err = u.Unwrap()
+	}
+	return nil
+}

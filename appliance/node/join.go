@@ -1,0 +1,254 @@
+package node
+
+import (
+	"context"
+	"crypto"
+	"crypto/sha256"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/appliance/attest"
+	"github.com/sigil-appliance/sigil/appliance/ca"
+	"github.com/sigil-appliance/sigil/appliance/state"
+	"github.com/sigil-appliance/sigil/raft"
+)
+
+const (
+	agentSVIDTTL = time.Hour
+	// challengeTTL bounds a TPM join's two calls; a real TPM's certify
+	// and activation take well under a second each.
+	challengeTTL = time.Minute
+)
+
+// joinSvc admits agents: by TPM evidence (appliance/attest decides) or by
+// a one-time join token, and renews their SVIDs. Every decision is logged
+// and audited; the agent is recorded before its SVID is returned.
+type joinSvc struct {
+	n *Node
+
+	mu      sync.Mutex
+	pending map[string]*challenge // by nonce; single use
+}
+
+type challenge struct {
+	ek      *attest.EK
+	ak      *attest.AK
+	cred    *attest.Credential
+	pcrs    map[uint][]byte
+	expires time.Time
+}
+
+func newJoinSvc(n *Node) *joinSvc { return &joinSvc{n: n, pending: map[string]*challenge{}} }
+
+var _ api.JoinServer = (*joinSvc)(nil)
+
+// refuse logs and audits a refused join and returns the caller's error.
+func (j *joinSvc) refuse(ctx context.Context, method, subject string, code codes.Code, err error) error {
+	c := callerFrom(ctx)
+	j.n.log.Warn("join refused", "method", method, "caller", c.Actor, "subject", subject, "reason", err.Error())
+	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	if aerr := j.n.batch.record(actx, state.AuditEvent{Action: "join." + method + ".refuse", Target: subject,
+		Detail: map[string]string{"caller": c.Actor, "reason": err.Error()}}); aerr != nil {
+		j.n.log.Error("audit of refused join failed", "err", aerr)
+	}
+	return status.Error(code, err.Error())
+}
+
+func (j *joinSvc) TPMHello(ctx context.Context, r *api.JoinTPMHello) (*api.JoinTPMChallenge, error) {
+	verify := func() (*attest.EK, state.JoinPolicy, error) {
+		pol := j.n.fsm.Policy()
+		var cas []*x509.Certificate
+		for _, c := range pol.EKCAs {
+			if cert, err := x509.ParseCertificate(c.DER); err == nil {
+				cas = append(cas, cert)
+			}
+		}
+		ek, err := attest.VerifyEK(r.EKPublic, r.EKCert, cas, pol.EKAllow)
+		return ek, pol, err
+	}
+	ek, pol, err := verify()
+	if err != nil {
+		// The policy may have just changed on the leader: confirm the
+		// refusal against the latest committed policy.
+		if cerr := (&agentSvc{n: j.n}).catchUp(ctx); cerr != nil {
+			return nil, cerr
+		}
+		ek, pol, err = verify()
+	}
+	if err != nil {
+		return nil, j.refuse(ctx, "tpm", "", codes.PermissionDenied, err)
+	}
+	ak, err := attest.CheckAK(r.AKPublic)
+	if err != nil {
+		return nil, j.refuse(ctx, "tpm", ek.Hash, codes.PermissionDenied, err)
+	}
+	cred, err := attest.MakeCredential(ek, ak)
+	if err != nil {
+		return nil, j.refuse(ctx, "tpm", ek.Hash, codes.InvalidArgument, err)
+	}
+	ch := &challenge{ek: ek, ak: ak, cred: cred, expires: time.Now().Add(challengeTTL)}
+	out := &api.JoinTPMChallenge{IDObject: cred.IDObject, EncSecret: cred.EncSecret}
+	if p := pol.PCRPolicy; p != nil {
+		ch.pcrs = map[uint][]byte{}
+		for k, v := range p.PCRs {
+			i, _ := strconv.Atoi(k)
+			b, _ := hex.DecodeString(v)
+			ch.pcrs[uint(i)] = b
+			out.PCRs = append(out.PCRs, uint(i))
+		}
+	}
+	nonces := attest.NewNonces(challengeTTL)
+	out.Nonce = nonces.Issue()
+	j.mu.Lock()
+	for k, c := range j.pending {
+		if time.Now().After(c.expires) {
+			delete(j.pending, k)
+		}
+	}
+	j.pending[string(out.Nonce)] = ch
+	j.mu.Unlock()
+	return out, nil
+}
+
+func (j *joinSvc) TPMProve(ctx context.Context, r *api.JoinTPMProof) (*api.AgentSVID, error) {
+	j.mu.Lock()
+	ch, ok := j.pending[string(r.Nonce)]
+	delete(j.pending, string(r.Nonce))
+	j.mu.Unlock()
+	if !ok {
+		return nil, j.refuse(ctx, "tpm", "", codes.PermissionDenied, errors.New("unknown or already used nonce (a replay, or the challenge came from another node)"))
+	}
+	if time.Now().After(ch.expires) {
+		return nil, j.refuse(ctx, "tpm", ch.ek.Hash, codes.PermissionDenied, errors.New("challenge expired"))
+	}
+	agentKey, err := attest.VerifyCertify(ch.ak, attest.Certification{Attest: r.CertifyAttest, Signature: r.CertifySignature, Public: r.AgentKeyPublic}, r.Nonce)
+	if err != nil {
+		return nil, j.refuse(ctx, "tpm", ch.ek.Hash, codes.PermissionDenied, err)
+	}
+	if err := ch.cred.Check(r.Secret); err != nil {
+		return nil, j.refuse(ctx, "tpm", ch.ek.Hash, codes.PermissionDenied, err)
+	}
+	if ch.pcrs != nil {
+		if err := attest.VerifyQuote(ch.ak, r.QuoteAttest, r.QuoteSignature, r.Nonce, ch.pcrs); err != nil {
+			return nil, j.refuse(ctx, "tpm", ch.ek.Hash, codes.PermissionDenied, err)
+		}
+	}
+	if err := checkCSRKey(r.CSR, agentKey); err != nil {
+		return nil, j.refuse(ctx, "tpm", ch.ek.Hash, codes.PermissionDenied, err)
+	}
+	keyDER, _ := x509.MarshalPKIXPublicKey(agentKey)
+	keySum := sha256.Sum256(keyDER)
+	id := spiffeid.RequireFromPath(j.n.td, "/sigil/agent/tpm/"+ch.ek.Hash)
+	return j.issue(ctx, "tpm", id, agentKey, "tpm", map[string]string{
+		"ek_hash": ch.ek.Hash, "ek_method": ch.ek.Method, "ek_issuer": ch.ek.Issuer,
+		"ak_name": hex.EncodeToString(ch.ak.Name), "agent_key_sha256": hex.EncodeToString(keySum[:]),
+		"pcr_policy": strconv.FormatBool(ch.pcrs != nil),
+	})
+}
+
+func (j *joinSvc) Token(ctx context.Context, r *api.JoinTokenRequest) (*api.AgentSVID, error) {
+	csr, err := x509.ParseCertificateRequest(r.CSR)
+	if err == nil {
+		err = csr.CheckSignature()
+	}
+	if err != nil {
+		return nil, j.refuse(ctx, "token", "", codes.InvalidArgument, fmt.Errorf("CSR: %v", err))
+	}
+	tokID := TokenID(r.Token)
+	id := spiffeid.RequireFromPath(j.n.td, "/sigil/agent/join_token/"+tokID[:16])
+	if _, err := j.n.apply(ctx, j.n.actor(), state.CmdTokenUse, state.TokenUse{ID: tokID, Agent: id.String()}); err != nil {
+		if !refused(err) {
+			return nil, status.Errorf(codes.Unavailable, "the token could not be redeemed (no quorum?): %v", err)
+		}
+		return nil, j.refuse(ctx, "token", tokID[:12], codes.PermissionDenied, err)
+	}
+	return j.issue(ctx, "token", id, csr.PublicKey, "join_token", map[string]string{"token": tokID[:12]})
+}
+
+// Renew re-issues the calling agent's SVID for the same key (the TPM key:
+// the TLS handshake that got here was signed by it). A banned agent gets
+// nothing.
+func (j *joinSvc) Renew(ctx context.Context, r *api.RenewRequest) (*api.AgentSVID, error) {
+	c := callerFrom(ctx)
+	p, _ := peer.FromContext(ctx)
+	ti, _ := p.AuthInfo.(credentials.TLSInfo)
+	if len(ti.State.PeerCertificates) == 0 {
+		return nil, status.Error(codes.Unauthenticated, "no certificate")
+	}
+	if err := checkCSRKey(r.CSR, ti.State.PeerCertificates[0].PublicKey); err != nil {
+		return nil, j.refuse(ctx, "renew", c.Actor, codes.PermissionDenied, err)
+	}
+	a, ok := j.n.fsm.Agent(c.Actor)
+	if !ok || a.Banned {
+		if err := (&agentSvc{n: j.n}).catchUp(ctx); err != nil {
+			return nil, err
+		}
+		a, ok = j.n.fsm.Agent(c.Actor)
+	}
+	if !ok || a.Banned {
+		return nil, j.refuse(ctx, "renew", c.Actor, codes.PermissionDenied, errors.New("agent is banned or unknown"))
+	}
+	id := spiffeid.RequireFromString(c.Actor)
+	return j.issue(ctx, "renew", id, ti.State.PeerCertificates[0].PublicKey, a.AttestationType, a.Facts)
+}
+
+// issue signs the agent's SVID and records the agent (audited) before
+// returning it; the state machine refuses a banned agent at that point.
+func (j *joinSvc) issue(ctx context.Context, op string, id spiffeid.ID, pub crypto.PublicKey, method string, facts map[string]string) (*api.AgentSVID, error) {
+	chain, err := j.n.auth.Sign(ca.Leaf{ID: id, PublicKey: pub, TTL: agentSVIDTTL, Subject: pkix.Name{CommonName: "sigil-agent"}})
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "sign agent SVID: %v", err)
+	}
+	leaf := chain[0]
+	if _, err := j.n.apply(ctx, j.n.actor(), state.CmdAgentUpsert, &state.Agent{
+		ID: id.String(), AttestationType: method, Facts: facts,
+		SerialNumber: leaf.SerialNumber.Text(16), ExpiresAt: leaf.NotAfter.UTC(),
+	}); err != nil {
+		if refused(err) {
+			return nil, j.refuse(ctx, op, id.String(), codes.PermissionDenied, err)
+		}
+		return nil, status.Errorf(codes.Unavailable, "the agent could not be recorded (no quorum?), so no SVID is issued: %v", err)
+	}
+	j.n.log.Info("agent admitted", "agent", id.String(), "method", method, "serial", leaf.SerialNumber.Text(16), "expires", leaf.NotAfter)
+	out := &api.AgentSVID{AgentID: id.String(), ExpiresAt: leaf.NotAfter}
+	for _, c := range chain {
+		out.Chain = append(out.Chain, c.Raw)
+	}
+	return out, nil
+}
+
+// refused tells a command the state machine refused from a failure to
+// commit it.
+func refused(err error) bool {
+	var ae *raft.ApplyError
+	return errors.Is(err, state.ErrRefused) || errors.As(err, &ae)
+}
+
+func checkCSRKey(der []byte, want crypto.PublicKey) error {
+	csr, err := x509.ParseCertificateRequest(der)
+	if err != nil {
+		return fmt.Errorf("CSR: %v", err)
+	}
+	if err := csr.CheckSignature(); err != nil {
+		return fmt.Errorf("CSR signature does not verify: %v", err)
+	}
+	k, ok := csr.PublicKey.(interface{ Equal(crypto.PublicKey) bool })
+	if !ok || !k.Equal(want) {
+		return errors.New("CSR is for another key than the attested (or presented) one")
+	}
+	return nil
+}
