@@ -1,0 +1,293 @@
+// Package agent is sigil-agent's core: the host's identity towards the
+// appliance. It keeps its key in the TPM (a TSS2 blob in the data
+// directory), joins by TPM attestation, stores its SVID, renews it at about
+// half its lifetime over mutual TLS signed by the TPM key, and re-attests
+// only when the SVID has expired or the appliance refuses to renew it.
+// It reaches the appliance only through appliance/api (and agent/join).
+// The Workload API served to local workloads builds on this (issue #7).
+package agent
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	mrand "math/rand/v2"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/sigil-appliance/sigil/agent/join"
+	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/keystore/tpm"
+)
+
+// Config is sigil-agent's configuration.
+type Config struct {
+	// Servers are appliance API addresses (host:port), tried in order.
+	Servers []string `yaml:"servers"`
+	// RootCert is the trust domain's root certificate.
+	RootCert string `yaml:"root-cert"`
+	// DataDir holds agent.key (the TPM-wrapped key blob, 0600) and
+	// agent-svid.pem.
+	DataDir string `yaml:"data-dir"`
+	// TPM is /dev/tpmrm0 on hosts (an swtpm socket in tests).
+	TPM string `yaml:"tpm"`
+}
+
+// Agent is a running agent identity.
+type Agent struct {
+	cfg Config
+	log *slog.Logger
+	tpm *tpm.TPM
+	key string
+
+	mu   sync.Mutex
+	svid *join.SVID
+
+	// Joins and Renewals count what the agent did, for tests and metrics.
+	Joins, Renewals int
+}
+
+// New opens the TPM and makes sure the agent key exists in it.
+func New(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
+	if log == nil {
+		log = slog.Default()
+	}
+	if len(cfg.Servers) == 0 || cfg.RootCert == "" || cfg.DataDir == "" || cfg.TPM == "" {
+		return nil, errors.New("agent config needs servers, root-cert, data-dir and tpm")
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, err
+	}
+	t, err := tpm.Open(ctx, tpm.Config{Path: cfg.TPM})
+	if err != nil {
+		return nil, err
+	}
+	a := &Agent{cfg: cfg, log: log, tpm: t, key: "tpmkey:file=" + filepath.Join(cfg.DataDir, "agent.key")}
+	if err := join.EnsureKey(ctx, t, a.key); err != nil {
+		t.Close()
+		return nil, fmt.Errorf("agent key: %w", err)
+	}
+	return a, nil
+}
+
+// Close releases the TPM.
+func (a *Agent) Close() error { return a.tpm.Close() }
+
+func (a *Agent) svidPath() string { return filepath.Join(a.cfg.DataDir, "agent-svid.pem") }
+
+// SVID returns the current identity.
+func (a *Agent) SVID() *join.SVID {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.svid
+}
+
+// Start brings the identity up: the stored SVID if it is still valid and
+// for this TPM's key, else a new join.
+func (a *Agent) Start(ctx context.Context) error {
+	signer, err := a.tpm.Signer(ctx, a.key)
+	if err != nil {
+		return err
+	}
+	if s, err := a.load(signer); err == nil && time.Now().Before(s.Chain[0].NotAfter) {
+		a.set(s)
+		a.log.Info("agent identity loaded", "agent", s.ID, "expires", s.Chain[0].NotAfter)
+		return nil
+	} else if err != nil && !errors.Is(err, os.ErrNotExist) {
+		a.log.Warn("stored SVID unusable; joining again", "err", err)
+	}
+	return a.Join(ctx)
+}
+
+// Join attests the TPM to the first appliance node that answers.
+func (a *Agent) Join(ctx context.Context) error {
+	var last error
+	for _, srv := range a.cfg.Servers {
+		jc, closeConn, err := a.dial(srv, nil)
+		if err != nil {
+			last = err
+			continue
+		}
+		s, err := join.TPM(ctx, jc, a.tpm, a.key)
+		closeConn()
+		if err != nil {
+			last = err
+			a.log.Warn("join failed", "server", srv, "err", err)
+			continue
+		}
+		a.Joins++
+		a.log.Info("joined", "agent", s.ID, "server", srv, "expires", s.Chain[0].NotAfter)
+		return a.store(s)
+	}
+	return fmt.Errorf("join failed on every server: %w", last)
+}
+
+// Renew asks for a new SVID for the same TPM key over mutual TLS.
+func (a *Agent) Renew(ctx context.Context) error {
+	cur := a.SVID()
+	if cur == nil {
+		return errors.New("no identity to renew")
+	}
+	var last error
+	for _, srv := range a.cfg.Servers {
+		jc, closeConn, err := a.dial(srv, cur)
+		if err != nil {
+			last = err
+			continue
+		}
+		s, err := join.Renew(ctx, jc, cur.Signer)
+		closeConn()
+		if err != nil {
+			last = err
+			continue
+		}
+		a.Renewals++
+		a.log.Info("renewed", "agent", s.ID, "server", srv, "expires", s.Chain[0].NotAfter)
+		return a.store(s)
+	}
+	return last
+}
+
+// Run renews at about half the SVID's life (with jitter, so a fleet does
+// not renew in step) until ctx ends. When the SVID has expired, or the
+// appliance refuses this identity, it attests again.
+func (a *Agent) Run(ctx context.Context) {
+	for {
+		cur := a.SVID()
+		wait := time.Second
+		if cur != nil {
+			life := cur.Chain[0].NotAfter.Sub(cur.Chain[0].NotBefore)
+			at := cur.Chain[0].NotBefore.Add(life/2 - time.Duration(mrand.Int64N(int64(life/10)+1)))
+			wait = max(time.Until(at), time.Second)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+		var err error
+		switch cur := a.SVID(); {
+		case cur == nil || time.Now().After(cur.Chain[0].NotAfter):
+			err = a.Join(ctx)
+		default:
+			if err = a.Renew(ctx); refusedIdentity(err) {
+				a.log.Warn("renewal refused; attesting again", "err", err)
+				err = a.Join(ctx)
+			}
+		}
+		if err != nil {
+			a.log.Error("identity not refreshed; will retry", "err", err)
+		}
+	}
+}
+
+func refusedIdentity(err error) bool {
+	c := status.Code(unwrapStatus(err))
+	return c == codes.PermissionDenied || c == codes.Unauthenticated
+}
+
+func unwrapStatus(err error) error {
+	for err != nil {
+		if _, ok := status.FromError(err); ok {
+			return err
+		}
+		err = errors.Unwrap(err)
+	}
+	return nil
+}
+
+func (a *Agent) dial(server string, cur *join.SVID) (*api.JoinClient, func(), error) {
+	cfg := api.DialConfig{Addr: server, RootFile: a.cfg.RootCert, Anonymous: cur == nil}
+	if cur != nil {
+		cfg.Certificate = func() (*tls.Certificate, error) { return cur.TLSCertificate(), nil }
+	}
+	conn, err := api.Dial(cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	return api.NewJoinClient(conn), func() { conn.Close() }, nil
+}
+
+func (a *Agent) set(s *join.SVID) {
+	a.mu.Lock()
+	a.svid = s
+	a.mu.Unlock()
+}
+
+// store keeps the SVID for restarts (certificates only: the key is in the
+// TPM) and makes it current.
+func (a *Agent) store(s *join.SVID) error {
+	var b []byte
+	for _, c := range s.Chain {
+		b = append(b, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
+	}
+	tmp := a.svidPath() + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, a.svidPath()); err != nil {
+		return err
+	}
+	a.set(s)
+	return nil
+}
+
+func (a *Agent) load(signer crypto.Signer) (*join.SVID, error) {
+	b, err := os.ReadFile(a.svidPath())
+	if err != nil {
+		return nil, err
+	}
+	s := &join.SVID{Signer: signer}
+	for {
+		var blk *pem.Block
+		blk, b = pem.Decode(b)
+		if blk == nil {
+			break
+		}
+		c, err := x509.ParseCertificate(blk.Bytes)
+		if err != nil {
+			return nil, err
+		}
+		s.Chain = append(s.Chain, c)
+	}
+	if len(s.Chain) == 0 || len(s.Chain[0].URIs) != 1 {
+		return nil, errors.New("stored SVID is empty or malformed")
+	}
+	if k, ok := s.Chain[0].PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(signer.Public()) {
+		return nil, errors.New("stored SVID is for another key than this TPM's agent key")
+	}
+	s.ID = s.Chain[0].URIs[0].String()
+	return s, nil
+}
+
+// LoadConfig reads a strict YAML config: unknown fields and extra
+// documents are errors.
+func LoadConfig(path string) (Config, error) {
+	var c Config
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return c, err
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	if err := dec.Decode(&c); err != nil {
+		return c, fmt.Errorf("%s: %w", path, err)
+	}
+	if err := dec.Decode(new(yaml.Node)); !errors.Is(err, io.EOF) {
+		return c, fmt.Errorf("%s: more than one YAML document", path)
+	}
+	return c, nil
+}

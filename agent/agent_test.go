@@ -1,0 +1,90 @@
+package agent_test
+
+import (
+	"context"
+	"log/slog"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/sigil-appliance/sigil/agent"
+	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/appliance/clustertest"
+	testenv "github.com/sigil-appliance/sigil/softhsm-testenv"
+)
+
+func TestMain(m *testing.M) { os.Exit(testenv.Main(m)) }
+
+// The agent joins once, keeps its key in the TPM and its SVID on disk,
+// and after a restart of host and TPM renews without joining again.
+func TestAgentJoinsOnceAndRenewsAfterRestart(t *testing.T) {
+	tr := clustertest.NewTrust(t, "ag", []string{"node-1", "node-2", "node-3"}, nil)
+	c := clustertest.NewCluster(t, tr, "node-1", "node-2", "node-3")
+	sw := testenv.NewTPM(t)
+	ctx := context.Background()
+	for _, p := range []string{sw.EKCARoot, sw.EKCAIssuer} {
+		certs, _ := api.ReadCerts(p)
+		if _, err := c.Admin("node-1").EKCAAdd(ctx, &api.EKCARequest{DER: certs[0].Raw}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cfg := agent.Config{
+		Servers:  []string{c.ConfigOf("node-3").API.Listen, c.ConfigOf("node-1").API.Listen},
+		RootCert: tr.RootPath, DataDir: t.TempDir(), TPM: sw.Socket,
+	}
+	log := slog.New(slog.NewTextHandler(c.Log, nil))
+	a, err := agent.New(ctx, cfg, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	first := a.SVID()
+	if a.Joins != 1 || first == nil {
+		t.Fatalf("joins %d", a.Joins)
+	}
+	if st, _ := os.Stat(cfg.DataDir + "/agent.key"); st.Mode().Perm() != 0o600 {
+		t.Fatalf("key blob mode %v", st.Mode().Perm())
+	}
+	a.Close()
+
+	// Host and TPM restart.
+	sw.Stop(t)
+	sw.Start(t)
+	b, err := agent.New(ctx, cfg, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	if err := b.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if b.Joins != 0 || b.SVID().ID != first.ID {
+		t.Fatalf("restart joined again (%d) or changed identity", b.Joins)
+	}
+	// The first node is down: renewal goes to the next one.
+	c.Stop("node-3")
+	if err := b.Renew(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if b.Renewals != 1 || b.SVID().Chain[0].SerialNumber.Cmp(first.Chain[0].SerialNumber) == 0 {
+		t.Fatal("not renewed")
+	}
+	ag, err := c.Admin("node-1").AgentShow(ctx, &api.IDRequest{ID: first.ID})
+	if err != nil || ag.SerialNumber != b.SVID().Chain[0].SerialNumber.Text(16) || time.Until(ag.ExpiresAt) < 50*time.Minute {
+		t.Fatalf("appliance's record of the agent: %+v %v", ag, err)
+	}
+}
+
+func TestLoadConfig(t *testing.T) {
+	c, err := agent.LoadConfig("../packaging/agent.yaml")
+	if err != nil || len(c.Servers) != 3 || c.TPM != "/dev/tpmrm0" {
+		t.Fatalf("example config: %+v %v", c, err)
+	}
+	p := t.TempDir() + "/bad.yaml"
+	os.WriteFile(p, []byte("servers: [a:1]\ncolour: blue\n"), 0o600)
+	if _, err := agent.LoadConfig(p); err == nil {
+		t.Fatal("unknown field accepted")
+	}
+}
