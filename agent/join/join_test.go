@@ -44,7 +44,7 @@ func (e *env) trustTPMVendor(t *testing.T, sw *testenv.TPM) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := e.c.Admin("node-1").EKCAAdd(context.Background(), &api.EKCARequest{DER: certs[0].Raw}); err != nil {
+		if _, err := e.c.Admin("node-1").EKCAAdd(context.Background(), &api.EKCARequest{DER: certs[0].Raw}); err != nil && !strings.Contains(err.Error(), "already trusted") {
 			t.Fatal(err)
 		}
 	}
@@ -173,91 +173,164 @@ func TestTPMJoinRenewRestart(t *testing.T) {
 	}
 }
 
+// Each refusal the issue names, on its own: the caller gets the reason,
+// the appliance logs it, and the audit log records it.
 func TestTPMJoinRefused(t *testing.T) {
 	e := newEnv(t)
-	h := newHost(t)
+	h, other := newHost(t), newHost(t)
 	ctx := context.Background()
-
-	// No EK CA and no allowlist: the EK is unknown.
-	if _, err := join.TPM(ctx, e.joinClient(t, "node-1", nil), h.tpm, h.key); err == nil || !strings.Contains(err.Error(), "does not chain") && !strings.Contains(err.Error(), "no EK CA") {
-		t.Fatalf("unknown EK: %v", err)
-	}
-	e.trustTPMVendor(t, h.sw)
-
-	// A replayed proof: the nonce is single-use.
 	jc := e.joinClient(t, "node-1", nil)
-	ek, _ := h.tpm.EndorsementKey(ctx)
-	ak, err := h.tpm.NewAK(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ch, err := jc.TPMHello(ctx, &api.JoinTPMHello{EKPublic: ek.Public, EKCert: ek.Cert, AKPublic: ak.Public})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := ak.Certify(ctx, h.key, ch.Nonce)
-	secret, _ := ak.ActivateCredential(ctx, ch.IDObject, ch.EncSecret)
-	signer, _ := h.tpm.Signer(ctx, h.key)
-	csr, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, signer)
-	proof := &api.JoinTPMProof{Nonce: ch.Nonce, CertifyAttest: cert.Attest, CertifySignature: cert.Signature, AgentKeyPublic: cert.Public, Secret: secret, CSR: csr}
-
-	// Wrong activation secret first (a fresh challenge for it).
-	ch2, _ := jc.TPMHello(ctx, &api.JoinTPMHello{EKPublic: ek.Public, EKCert: ek.Cert, AKPublic: ak.Public})
-	cert2, _ := ak.Certify(ctx, h.key, ch2.Nonce)
-	bad := &api.JoinTPMProof{Nonce: ch2.Nonce, CertifyAttest: cert2.Attest, CertifySignature: cert2.Signature, AgentKeyPublic: cert2.Public,
-		Secret: make([]byte, 32), CSR: csr}
-	if _, err := jc.TPMProve(ctx, bad); err == nil || !strings.Contains(err.Error(), "wrong secret") {
-		t.Fatalf("wrong activation secret: %v", err)
-	}
-	if _, err := jc.TPMProve(ctx, proof); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := jc.TPMProve(ctx, proof); err == nil || !strings.Contains(err.Error(), "already used nonce") {
-		t.Fatalf("replayed proof: %v", err)
-	}
-
-	// A CSR for a key other than the certified one.
-	ch3, _ := jc.TPMHello(ctx, &api.JoinTPMHello{EKPublic: ek.Public, EKCert: ek.Cert, AKPublic: ak.Public})
-	cert3, _ := ak.Certify(ctx, h.key, ch3.Nonce)
-	secret3, _ := ak.ActivateCredential(ctx, ch3.IDObject, ch3.EncSecret)
-	soft, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	softCSR, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, soft)
-	if _, err := jc.TPMProve(ctx, &api.JoinTPMProof{Nonce: ch3.Nonce, CertifyAttest: cert3.Attest, CertifySignature: cert3.Signature,
-		AgentKeyPublic: cert3.Public, Secret: secret3, CSR: softCSR}); err == nil || !strings.Contains(err.Error(), "another key") {
-		t.Fatalf("CSR for another key: %v", err)
-	}
-	ak.Close()
-
-	// The agent key blob copied to another host's TPM is useless there.
-	other := newHost(t)
-	stolen := filepath.Join(t.TempDir(), "stolen.key")
-	data, _ := os.ReadFile(strings.TrimPrefix(h.key, "tpmkey:file="))
-	os.WriteFile(stolen, data, 0o600)
-	if _, err := join.TPM(ctx, e.joinClient(t, "node-1", nil), other.tpm, "tpmkey:file="+stolen); err == nil {
-		t.Fatal("joined with a key blob copied from another TPM")
-	}
-
-	// Join tokens: one use, and not after expiry.
-	tok, err := e.c.Admin("node-1").TokenCreate(ctx, &api.TokenRequest{TTL: 60})
-	if err != nil {
-		t.Fatal(err)
-	}
-	k1, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	s, err := join.Token(ctx, e.joinClient(t, "node-2", nil), tok.Token, k1)
-	if err != nil || !strings.Contains(s.ID, "/sigil/agent/join_token/") {
-		t.Fatalf("token join: %v", err)
-	}
-	if _, err := join.Token(ctx, e.joinClient(t, "node-3", nil), tok.Token, k1); err == nil || !strings.Contains(err.Error(), "already used") {
-		t.Fatalf("reused token: %v", err)
-	}
-	if _, err := join.Token(ctx, e.joinClient(t, "node-3", nil), "not-a-token", k1); err == nil || !strings.Contains(err.Error(), "unknown join token") {
-		t.Fatalf("unknown token: %v", err)
-	}
-	for _, action := range []string{"join.tpm.refuse", "join.token.refuse"} {
-		if !hasAudit(t, e, action) {
-			t.Errorf("no %s audit record", action)
+	refused := func(t *testing.T, err error, reason, action string) {
+		t.Helper()
+		if err == nil || !strings.Contains(err.Error(), reason) {
+			t.Fatalf("got %v, want a refusal saying %q", err, reason)
+		}
+		if !strings.Contains(e.c.Log.String(), reason) {
+			t.Fatalf("appliance log does not say %q", reason)
+		}
+		if !hasAuditReason(t, e, action, reason) {
+			t.Fatalf("no %s audit record saying %q", action, reason)
 		}
 	}
+	// hello+certify+activate for h's TPM, returning the pieces to tamper.
+	evidence := func(t *testing.T) (*tpm.AK, *api.JoinTPMChallenge, *api.JoinTPMProof) {
+		t.Helper()
+		ek, _ := h.tpm.EndorsementKey(ctx)
+		ak, err := h.tpm.NewAK(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ak.Close() })
+		ch, err := jc.TPMHello(ctx, &api.JoinTPMHello{EKPublic: ek.Public, EKCert: ek.Cert, AKPublic: ak.Public})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cert, _ := ak.Certify(ctx, h.key, ch.Nonce)
+		secret, _ := ak.ActivateCredential(ctx, ch.IDObject, ch.EncSecret)
+		signer, _ := h.tpm.Signer(ctx, h.key)
+		csr, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, signer)
+		return ak, ch, &api.JoinTPMProof{Nonce: ch.Nonce, CertifyAttest: cert.Attest, CertifySignature: cert.Signature,
+			AgentKeyPublic: cert.Public, Secret: secret, CSR: csr}
+	}
+
+	t.Run("EK not chained and not allowlisted", func(t *testing.T) {
+		e.trustTPMVendor(t, other.sw) // another vendor's CA only
+		_, err := join.TPM(ctx, jc, h.tpm, h.key)
+		refused(t, err, "does not chain to a trusted EK CA", "join.tpm.refuse")
+		e.trustTPMVendor(t, h.sw)
+	})
+	t.Run("AK without the required attributes", func(t *testing.T) {
+		ek, _ := h.tpm.EndorsementKey(ctx)
+		_, _, proof := evidence(t)
+		// The agent key (unrestricted) offered as the attestation key.
+		_, err := jc.TPMHello(ctx, &api.JoinTPMHello{EKPublic: ek.Public, EKCert: ek.Cert, AKPublic: proof.AgentKeyPublic})
+		refused(t, err, "AK is not a restricted signing key", "join.tpm.refuse")
+	})
+	t.Run("wrong activation secret", func(t *testing.T) {
+		_, _, proof := evidence(t)
+		proof.Secret = make([]byte, 32)
+		_, err := jc.TPMProve(ctx, proof)
+		refused(t, err, "wrong secret", "join.tpm.refuse")
+	})
+	t.Run("replayed nonce", func(t *testing.T) {
+		_, _, proof := evidence(t)
+		if _, err := jc.TPMProve(ctx, proof); err != nil {
+			t.Fatal(err)
+		}
+		_, err := jc.TPMProve(ctx, proof)
+		refused(t, err, "already used nonce", "join.tpm.refuse")
+	})
+	t.Run("certify of a key that is not the agent key", func(t *testing.T) {
+		ak, _, proof := evidence(t)
+		second := "tpmkey:file=" + filepath.Join(t.TempDir(), "second.key")
+		if err := join.EnsureKey(ctx, h.tpm, second); err != nil {
+			t.Fatal(err)
+		}
+		c2, err := ak.Certify(ctx, second, []byte("x"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		proof.AgentKeyPublic = c2.Public // presents another key than the certified one
+		_, err = jc.TPMProve(ctx, proof)
+		refused(t, err, "the AK certified another key", "join.tpm.refuse")
+	})
+	t.Run("agent key blob copied to another TPM", func(t *testing.T) {
+		stolen := filepath.Join(t.TempDir(), "stolen.key")
+		data, _ := os.ReadFile(strings.TrimPrefix(h.key, "tpmkey:file="))
+		os.WriteFile(stolen, data, 0o600)
+		// The other TPM cannot load it at all...
+		if _, err := join.TPM(ctx, jc, other.tpm, "tpmkey:file="+stolen); err == nil {
+			t.Fatal("joined with a copied key blob")
+		}
+		// ...and presenting the stolen key's public area with a
+		// certification of one of its own keys is refused.
+		ek, _ := other.tpm.EndorsementKey(ctx)
+		own := "tpmkey:file=" + filepath.Join(t.TempDir(), "own.key")
+		join.EnsureKey(ctx, other.tpm, own)
+		ak, err := other.tpm.NewAK(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ak.Close()
+		e.trustTPMVendor(t, other.sw)
+		ch, err := jc.TPMHello(ctx, &api.JoinTPMHello{EKPublic: ek.Public, EKCert: ek.Cert, AKPublic: ak.Public})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cert, _ := ak.Certify(ctx, own, ch.Nonce)
+		secret, _ := ak.ActivateCredential(ctx, ch.IDObject, ch.EncSecret)
+		_, _, hp := evidence(t)
+		_, err = jc.TPMProve(ctx, &api.JoinTPMProof{Nonce: ch.Nonce, CertifyAttest: cert.Attest, CertifySignature: cert.Signature,
+			AgentKeyPublic: hp.AgentKeyPublic, Secret: secret, CSR: hp.CSR})
+		refused(t, err, "the AK certified another key", "join.tpm.refuse")
+	})
+	t.Run("quote not matching the PCR policy", func(t *testing.T) {
+		zero := strings.Repeat("00", 32)
+		if _, err := e.c.Admin("node-1").PCRPolicySet(ctx, &api.PCRPolicyRequest{Policy: &api.PCRPolicy{Bank: "sha256", PCRs: map[string]string{"23": zero}}}); err != nil {
+			t.Fatal(err)
+		}
+		defer e.c.Admin("node-1").PCRPolicySet(ctx, &api.PCRPolicyRequest{})
+		// PCR 23 is still zero: the quote matches and the join succeeds.
+		clustertest.Eventually(t, 10*time.Second, "policy on node-1", func() bool { return e.c.Node("node-1").State().Policy().PCRPolicy != nil })
+		if _, err := join.TPM(ctx, jc, h.tpm, h.key); err != nil {
+			t.Fatalf("join with matching PCRs: %v", err)
+		}
+		if _, err := h.sw.Tool(ctx, "tpm2_pcrextend", "23:sha256="+strings.Repeat("ab", 32)); err != nil {
+			t.Fatal(err)
+		}
+		_, err := join.TPM(ctx, jc, h.tpm, h.key)
+		refused(t, err, "PCR values do not match the policy", "join.tpm.refuse")
+	})
+	t.Run("used or expired join token", func(t *testing.T) {
+		k1, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		tok, err := e.c.Admin("node-1").TokenCreate(ctx, &api.TokenRequest{TTL: 60})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := join.Token(ctx, e.joinClient(t, "node-2", nil), tok.Token, k1)
+		if err != nil || !strings.Contains(s.ID, "/sigil/agent/join_token/") {
+			t.Fatalf("token join: %v", err)
+		}
+		_, err = join.Token(ctx, e.joinClient(t, "node-3", nil), tok.Token, k1)
+		refused(t, err, "was already used", "join.token.refuse")
+		short, _ := e.c.Admin("node-1").TokenCreate(ctx, &api.TokenRequest{TTL: 1})
+		time.Sleep(2 * time.Second)
+		_, err = join.Token(ctx, e.joinClient(t, "node-2", nil), short.Token, k1)
+		refused(t, err, "expired", "join.token.refuse")
+	})
+}
+
+func hasAuditReason(t *testing.T, e *env, action, reason string) bool {
+	recs, err := e.c.Admin("node-1").AuditList(context.Background(), &api.AuditRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range recs.Records {
+		if r.Action == action && strings.Contains(r.Detail["reason"], reason) {
+			return true
+		}
+	}
+	return false
 }
 
 func hasAudit(t *testing.T, e *env, action string) bool {

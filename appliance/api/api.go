@@ -140,6 +140,11 @@ type (
 	RevokeRequest struct {
 		Serial string // hex, as in the issuance audit record
 	}
+	// PCRPolicyRequest sets (or, with nil, clears) the PCR values a joining
+	// TPM must quote.
+	PCRPolicyRequest struct {
+		Policy *PCRPolicy
+	}
 )
 
 // AdminServer is the admin service. Every method requires an admin peer;
@@ -171,6 +176,7 @@ type AdminServer interface {
 	BundleShow(context.Context, *Empty) (*BundleResponse, error)
 	AdminCertIssue(context.Context, *AdminCertRequest) (*CertChain, error)
 	SVIDRevoke(context.Context, *RevokeRequest) (*Empty, error)
+	PCRPolicySet(context.Context, *PCRPolicyRequest) (*Empty, error)
 }
 
 // AdminService is the gRPC service name.
@@ -223,6 +229,7 @@ func RegisterAdmin(s grpc.ServiceRegistrar, impl AdminServer) {
 			unary(AdminService, "BundleShow", AdminServer.BundleShow),
 			unary(AdminService, "AdminCertIssue", AdminServer.AdminCertIssue),
 			unary(AdminService, "SVIDRevoke", AdminServer.SVIDRevoke),
+			unary(AdminService, "PCRPolicySet", AdminServer.PCRPolicySet),
 		},
 	}, impl)
 }
@@ -318,4 +325,8 @@ func (c *AdminClient) AdminCertIssue(ctx context.Context, r *AdminCertRequest) (
 }
 func (c *AdminClient) SVIDRevoke(ctx context.Context, r *RevokeRequest) (*Empty, error) {
 	return call[RevokeRequest, Empty](ctx, c.cc, "SVIDRevoke", r)
+}
+
+func (c *AdminClient) PCRPolicySet(ctx context.Context, r *PCRPolicyRequest) (*Empty, error) {
+	return call[PCRPolicyRequest, Empty](ctx, c.cc, "PCRPolicySet", r)
 }

@@ -291,7 +291,28 @@ func tpmCmd(g *globals) *cobra.Command {
 			}, ok("removed "+args[0]))
 		}},
 	)
-	cmd.AddCommand(ekca, allow)
+	pcr := &cobra.Command{Use: "pcr", Short: "PCR values a joining TPM must quote"}
+	pcr.AddCommand(
+		&cobra.Command{Use: "set INDEX=SHA256HEX...", Args: cobra.MinimumNArgs(1), Short: "Require these sha256 PCR values at join", RunE: func(_ *cobra.Command, args []string) error {
+			p := &api.PCRPolicy{Bank: "sha256", PCRs: map[string]string{}}
+			for _, a := range args {
+				k, v, ok := strings.Cut(a, "=")
+				if !ok {
+					return fmt.Errorf("%q: want INDEX=SHA256HEX", a)
+				}
+				p.PCRs[k] = strings.ToLower(v)
+			}
+			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
+				return c.PCRPolicySet(ctx, &api.PCRPolicyRequest{Policy: p})
+			}, ok("PCR policy set"))
+		}},
+		&cobra.Command{Use: "clear", Args: cobra.NoArgs, Short: "Stop requiring PCR values", RunE: func(*cobra.Command, []string) error {
+			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
+				return c.PCRPolicySet(ctx, &api.PCRPolicyRequest{})
+			}, ok("PCR policy cleared"))
+		}},
+	)
+	cmd.AddCommand(ekca, allow, pcr)
 	return cmd
 }
 

@@ -370,6 +370,11 @@ func (a *admin) AdminCertIssue(ctx context.Context, r *api.AdminCertRequest) (*a
 	return out, nil
 }
 
+// PCRPolicySet sets the PCR values a joining TPM must quote.
+func (a *admin) PCRPolicySet(ctx context.Context, r *api.PCRPolicyRequest) (*api.Empty, error) {
+	return write[api.Empty](ctx, a, state.CmdPCRPolicySet, state.PCRPolicySet{Policy: r.Policy})
+}
+
 // SVIDRevoke revokes an X.509-SVID by serial. The issuance audit record
 // says which node's issuing CA signed it and until when, so that node's CRL
 // lists it.
