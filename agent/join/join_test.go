@@ -32,13 +32,17 @@ type env struct {
 	tr *clustertest.Trust
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t *testing.T) *env { return newEnvB(t) }
+
+func newEnvB(t testing.TB) *env {
 	tr := clustertest.NewTrust(t, "jn", []string{"node-1", "node-2", "node-3"}, nil)
 	return &env{c: clustertest.NewCluster(t, tr, "node-1", "node-2", "node-3"), tr: tr}
 }
 
 // trustTPMVendor adds an swtpm's local CA (root and issuer) as EK CAs.
-func (e *env) trustTPMVendor(t *testing.T, sw *testenv.TPM) {
+func (e *env) trustTPMVendorB(t testing.TB, h *host) { e.trustTPMVendor(t, h.sw) }
+
+func (e *env) trustTPMVendor(t testing.TB, sw *testenv.TPM) {
 	for _, p := range []string{sw.EKCARoot, sw.EKCAIssuer} {
 		certs, err := api.ReadCerts(p)
 		if err != nil {
@@ -50,7 +54,11 @@ func (e *env) trustTPMVendor(t *testing.T, sw *testenv.TPM) {
 	}
 }
 
-func (e *env) joinClient(t *testing.T, node string, cert func() (*tls.Certificate, error)) *api.JoinClient {
+func (e *env) joinClientB(t testing.TB, node string, cert func() (*tls.Certificate, error)) *api.JoinClient {
+	return e.joinClient(t, node, cert)
+}
+
+func (e *env) joinClient(t testing.TB, node string, cert func() (*tls.Certificate, error)) *api.JoinClient {
 	cfg := api.DialConfig{Addr: e.c.ConfigOf(node).API.Listen, RootFile: e.tr.RootPath, Anonymous: cert == nil, Certificate: cert}
 	conn, err := api.Dial(cfg)
 	if err != nil {
@@ -66,7 +74,9 @@ type host struct {
 	key string
 }
 
-func newHost(t *testing.T) *host {
+func newHost(t *testing.T) *host { return newHostB(t) }
+
+func newHostB(t testing.TB) *host {
 	sw := testenv.NewTPM(t)
 	h := &host{sw: sw, key: "tpmkey:file=" + filepath.Join(t.TempDir(), "agent.key")}
 	h.open(t)
@@ -76,7 +86,7 @@ func newHost(t *testing.T) *host {
 	return h
 }
 
-func (h *host) open(t *testing.T) {
+func (h *host) open(t testing.TB) {
 	k, err := tpm.Open(context.Background(), tpm.Config{Path: h.sw.Socket})
 	if err != nil {
 		t.Fatal(err)

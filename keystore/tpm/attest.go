@@ -221,6 +221,7 @@ func (ak *AK) Certify(ctx context.Context, keyURI string, nonce []byte) (*Certif
 	if err != nil {
 		return nil, err
 	}
+	t.signatures.Add(1)
 	rsp, err := tpm2.Certify{
 		ObjectHandle:   tpm2.AuthHandle{Handle: k.handle.Handle, Name: k.handle.Name, Auth: tpm2.PasswordAuth(nil)},
 		SignHandle:     ak.auth(),
@@ -276,6 +277,7 @@ func (ak *AK) Quote(ctx context.Context, nonce []byte, pcrs []uint) (attest, sig
 	if err := t.checkOpen(); err != nil {
 		return nil, nil, err
 	}
+	t.signatures.Add(1)
 	rsp, err := tpm2.Quote{
 		SignHandle:     ak.auth(),
 		QualifyingData: tpm2.TPM2BData{Buffer: nonce},

@@ -77,6 +77,7 @@ func (s *signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 // signLocked runs TPM2_Sign, in a PolicyPCR session for a PCR-bound key.
 // Called with mu held.
 func (t *TPM) signLocked(k *loadedKey, pcrs []uint, digest []byte, alg tpm2.TPMIAlgHash) (*tpm2.SignResponse, error) {
+	t.signatures.Add(1)
 	var auth tpm2.Session = tpm2.PasswordAuth(nil)
 	if len(pcrs) > 0 {
 		sess, closeSess, err := tpm2.PolicySession(t.tpm, tpm2.TPMAlgSHA256, 16)

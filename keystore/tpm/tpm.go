@@ -28,6 +28,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/go-tpm/tpm2"
@@ -69,10 +70,12 @@ type TPM struct {
 	maxKeys int
 	// reserved slots are held by attestation keys (see NewAK).
 	reserved int
-	srk      tpm2.NamedHandle
-	loaded   map[[32]byte]*loadedKey // by keyBlob.id
-	useTick  uint64
-	closed   bool
+	// signatures counts TPM signing operations (Sign, Certify, Quote).
+	signatures atomic.Int64
+	srk        tpm2.NamedHandle
+	loaded     map[[32]byte]*loadedKey // by keyBlob.id
+	useTick    uint64
+	closed     bool
 }
 
 var _ keystore.Manager = (*TPM)(nil)
@@ -192,6 +195,17 @@ func (t *TPM) opError(op string, err error) error {
 			keystore.ErrUnavailable, t.path, op, err)
 	}
 	return fmt.Errorf("%s: %w", op, err)
+}
+
+// Stats counts what this TPM handle has done, for benchmarks and metrics.
+type Stats struct {
+	Commands   int64 // TPM commands sent
+	Signatures int64 // signing operations: TPM2_Sign, TPM2_Certify, TPM2_Quote
+}
+
+// Stats returns the counts so far.
+func (t *TPM) Stats() Stats {
+	return Stats{Commands: t.tpm.commands.Load(), Signatures: t.signatures.Load()}
 }
 
 // capacity is how many cached keys may be loaded now. Called with mu held.

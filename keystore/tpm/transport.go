@@ -98,10 +98,11 @@ var errTransportClosed = errors.New("TPM connection closed")
 // TPM without a resource manager cannot interleave them), and the "not
 // now" answers are resent instead of surfacing as errors.
 type retrying struct {
-	mu      sync.Mutex
-	inner   transport.TPMCloser
-	closed  bool
-	retries atomic.Int64 // answers retried, for tests and diagnostics
+	mu       sync.Mutex
+	inner    transport.TPMCloser
+	closed   bool
+	retries  atomic.Int64 // answers retried, for tests and diagnostics
+	commands atomic.Int64 // commands sent (each retry counts)
 }
 
 func (r *retrying) Send(cmd []byte) ([]byte, error) {
@@ -112,6 +113,7 @@ func (r *retrying) Send(cmd []byte) ([]byte, error) {
 	}
 	backoff := firstBackoff
 	for attempt := 0; ; attempt++ {
+		r.commands.Add(1)
 		rsp, err := r.inner.Send(cmd)
 		if err != nil {
 			return nil, err
