@@ -21,6 +21,7 @@ import (
 	"github.com/sigil-appliance/sigil/agent/join"
 	"github.com/sigil-appliance/sigil/appliance/api"
 	"github.com/sigil-appliance/sigil/appliance/clustertest"
+	"github.com/sigil-appliance/sigil/appliance/node"
 	"github.com/sigil-appliance/sigil/keystore/tpm"
 	testenv "github.com/sigil-appliance/sigil/softhsm-testenv"
 )
@@ -328,6 +329,21 @@ func TestTPMJoinRefused(t *testing.T) {
 		_, err = join.Token(ctx, e.joinClient(t, "node-2", nil), short.Token, k1)
 		refused(t, err, "expired", "join.token.refuse")
 	})
+}
+
+func TestJoinTokensDisabledByConfig(t *testing.T) {
+	tr := clustertest.NewTrust(t, "nt", []string{"node-1"}, nil)
+	c := clustertest.NewClusterWith(t, tr, func(cfg *node.Config) { cfg.Join.DisableTokens = true }, "node-1")
+	e := &env{c: c, tr: tr}
+	ctx := context.Background()
+	tok, err := c.Admin("node-1").TokenCreate(ctx, &api.TokenRequest{TTL: 60})
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if _, err := join.Token(ctx, e.joinClient(t, "node-1", nil), tok.Token, k); err == nil || !strings.Contains(err.Error(), "join tokens are disabled") {
+		t.Fatalf("token join with tokens disabled: %v", err)
+	}
 }
 
 func hasAuditReason(t *testing.T, e *env, action, reason string) bool {

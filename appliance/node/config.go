@@ -31,6 +31,7 @@ type Config struct {
 	HTTP    HTTPConfig    `yaml:"http"`
 	Bundle  BundleConfig  `yaml:"bundle"`
 	JWT     JWTConfig     `yaml:"jwt"`
+	Join    JoinConfig    `yaml:"join"`
 	Log     LogConfig     `yaml:"log"`
 }
 
@@ -38,6 +39,13 @@ type Config struct {
 // served over TLS with this node's SPIFFE identity).
 type BundleConfig struct {
 	Listen string `yaml:"listen"`
+}
+
+// JoinConfig says how agents may join through this node.
+type JoinConfig struct {
+	// DisableTokens refuses one-time join tokens here: only TPM
+	// attestation admits agents.
+	DisableTokens bool `yaml:"disable-tokens"`
 }
 
 // JWTConfig is this node's JWT key schedule.

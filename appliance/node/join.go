@@ -161,6 +161,9 @@ func (j *joinSvc) TPMProve(ctx context.Context, r *api.JoinTPMProof) (*api.Agent
 }
 
 func (j *joinSvc) Token(ctx context.Context, r *api.JoinTokenRequest) (*api.AgentSVID, error) {
+	if j.n.cfg.Join.DisableTokens {
+		return nil, j.refuse(ctx, "token", "", codes.PermissionDenied, errors.New("join tokens are disabled on this node (join.disable-tokens)"))
+	}
 	csr, err := x509.ParseCertificateRequest(r.CSR)
 	if err == nil {
 		err = csr.CheckSignature()
