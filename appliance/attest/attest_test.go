@@ -223,3 +223,54 @@ func bytesOf(b byte, n int) []byte {
 	}
 	return out
 }
+
+// The same evidence with the TPM's ECC P-384 EK (TCG high-range template,
+// certificate at 0x01c00016), which swtpm provisions next to the RSA EK.
+func TestJoinEvidenceECCP384EK(t *testing.T) {
+	sw := testenv.NewTPM(t)
+	ctx := context.Background()
+	k, err := tpm.Open(ctx, tpm.Config{Path: sw.Socket, EK: "ecc-p384"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.Close()
+	key := "tpmkey:file=" + filepath.Join(t.TempDir(), "agent.key")
+	if _, err := k.CreateKey(ctx, keystore.CreateKeyRequest{URI: key, Algorithm: keystore.ECDSAP256}); err != nil {
+		t.Fatal(err)
+	}
+	ekEv, err := k.EndorsementKey(ctx)
+	if err != nil || ekEv.Kind != "ecc-p384" || len(ekEv.Cert) == 0 {
+		t.Fatalf("P-384 EK: %+v %v", ekEv, err)
+	}
+	ek, err := VerifyEK(ekEv.Public, ekEv.Cert, readCerts(t, sw.EKCARoot, sw.EKCAIssuer), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	akh, err := k.NewAK(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer akh.Close()
+	ak, err := CheckAK(akh.Public)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cred, err := MakeCredential(ek, ak)
+	if err != nil {
+		t.Fatal(err)
+	}
+	secret, err := akh.ActivateCredential(ctx, cred.IDObject, cred.EncSecret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cred.Check(secret); err != nil {
+		t.Fatal(err)
+	}
+	// The RSA EK of the same TPM is a different identity.
+	k2, _ := tpm.Open(ctx, tpm.Config{Path: sw.Socket, EK: "rsa"})
+	defer k2.Close()
+	rsaEv, _ := k2.EndorsementKey(ctx)
+	if rsaEv.Kind != "rsa" {
+		t.Fatalf("rsa EK kind %s", rsaEv.Kind)
+	}
+}

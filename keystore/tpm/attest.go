@@ -11,20 +11,32 @@ import (
 	"github.com/sigil-appliance/sigil/keystore"
 )
 
-// The TCG EK Credential Profile's places for the RSA-2048 EK: the
-// persistent key swtpm_setup and most platforms provision, and the NV
-// index holding its certificate.
-const (
-	rsaEKPersistent = tpm2.TPMHandle(0x81010001)
-	rsaEKCertIndex  = tpm2.TPMHandle(0x01c00002)
-	maxNVChunk      = 512
-)
+// The TCG EK Credential Profile's places for EKs: the persistent keys
+// platforms (and swtpm_setup) provision and the NV indexes holding their
+// certificates. Without a persistent key, the RSA and P-256 EKs can be
+// recreated from their (low-range) templates; the P-384 one must be
+// persistent.
+type ekSpec struct {
+	kind       string
+	persistent tpm2.TPMHandle
+	certIndex  tpm2.TPMHandle
+	template   *tpm2.TPMTPublic
+}
+
+var ekSpecs = []ekSpec{
+	{"rsa", 0x81010001, 0x01c00002, &tpm2.RSAEKTemplate},
+	{"ecc-p384", 0x81010016, 0x01c00016, nil},
+	{"ecc-p256", 0x81010002, 0x01c0000a, &tpm2.ECCEKTemplate},
+}
+
+const maxNVChunk = 512
 
 // EK is the TPM's endorsement key as evidence: its public area and, when
 // the manufacturer provisioned one, its certificate.
 type EK struct {
 	Public []byte // TPM2B_PUBLIC
 	Cert   []byte // DER; nil without a certificate
+	Kind   string // rsa, ecc-p384 or ecc-p256
 }
 
 // EndorsementKey reads the RSA EK and its certificate.
@@ -34,7 +46,11 @@ func (t *TPM) EndorsementKey(ctx context.Context) (*EK, error) {
 	if err := t.checkOpen(); err != nil {
 		return nil, err
 	}
-	h, flush, err := t.ekLocked()
+	spec, err := t.ekSpecLocked()
+	if err != nil {
+		return nil, err
+	}
+	h, flush, err := t.ekLocked(spec)
 	if err != nil {
 		return nil, err
 	}
@@ -43,12 +59,27 @@ func (t *TPM) EndorsementKey(ctx context.Context) (*EK, error) {
 	if err != nil {
 		return nil, t.opError("TPM2_ReadPublic EK", err)
 	}
-	ek := &EK{Public: tpm2.Marshal(rp.OutPublic)}
-	ek.Cert, err = t.nvReadLocked(rsaEKCertIndex)
+	ek := &EK{Public: tpm2.Marshal(rp.OutPublic), Kind: spec.kind}
+	ek.Cert, err = t.nvReadLocked(spec.certIndex)
 	if err != nil && !errors.Is(err, errNoIndex) {
 		return nil, err
 	}
 	return ek, nil
+}
+
+// ekSpecLocked picks the configured EK, or the first with a certificate.
+func (t *TPM) ekSpecLocked() (ekSpec, error) {
+	for _, s := range ekSpecs {
+		if s.kind == t.ekKind {
+			return s, nil
+		}
+	}
+	for _, s := range ekSpecs {
+		if _, err := (tpm2.NVReadPublic{NVIndex: s.certIndex}).Execute(t.tpm); err == nil {
+			return s, nil
+		}
+	}
+	return ekSpecs[0], nil
 }
 
 var errNoIndex = errors.New("NV index not defined")
@@ -56,12 +87,15 @@ var errNoIndex = errors.New("NV index not defined")
 // ekLocked returns the EK's handle: the persistent key if provisioned,
 // else one created from the TCG template (same seed, same key), flushed by
 // the returned function.
-func (t *TPM) ekLocked() (tpm2.NamedHandle, func(), error) {
-	if rp, err := (tpm2.ReadPublic{ObjectHandle: rsaEKPersistent}).Execute(t.tpm); err == nil {
-		return tpm2.NamedHandle{Handle: rsaEKPersistent, Name: rp.Name}, func() {}, nil
+func (t *TPM) ekLocked(spec ekSpec) (tpm2.NamedHandle, func(), error) {
+	if rp, err := (tpm2.ReadPublic{ObjectHandle: spec.persistent}).Execute(t.tpm); err == nil {
+		return tpm2.NamedHandle{Handle: spec.persistent, Name: rp.Name}, func() {}, nil
+	}
+	if spec.template == nil {
+		return tpm2.NamedHandle{}, nil, fmt.Errorf("%w: no persistent %s EK at 0x%x", keystore.ErrNotFound, spec.kind, uint32(spec.persistent))
 	}
 	t.evictLRU(t.capacity() - 1)
-	rsp, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHEndorsement, InPublic: tpm2.New2B(tpm2.RSAEKTemplate)}.Execute(t.tpm)
+	rsp, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHEndorsement, InPublic: tpm2.New2B(*spec.template)}.Execute(t.tpm)
 	if err != nil {
 		return tpm2.NamedHandle{}, nil, t.opError("create EK", err)
 	}
@@ -243,19 +277,36 @@ func (ak *AK) ActivateCredential(ctx context.Context, idObject, encSecret []byte
 	if err := t.checkOpen(); err != nil {
 		return nil, err
 	}
-	ek, flush, err := t.ekLocked()
+	spec, err := t.ekSpecLocked()
+	if err != nil {
+		return nil, err
+	}
+	ek, flush, err := t.ekLocked(spec)
 	if err != nil {
 		return nil, err
 	}
 	defer flush()
-	// The EK's authPolicy is PolicySecret(TPM_RH_ENDORSEMENT).
-	sess := tpm2.Policy(tpm2.TPMAlgSHA256, 16, func(tp transport.TPM, h tpm2.TPMISHPolicy, nonceTPM tpm2.TPM2BNonce) error {
-		_, err := tpm2.PolicySecret{
-			AuthHandle:    tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: tpm2.PasswordAuth(nil)},
-			PolicySession: h, NonceTPM: nonceTPM,
-		}.Execute(tp)
-		return err
-	})
+	rp, err := tpm2.ReadPublic{ObjectHandle: ek.Handle}.Execute(t.tpm)
+	if err != nil {
+		return nil, t.opError("TPM2_ReadPublic EK", err)
+	}
+	pub, err := rp.OutPublic.Contents()
+	if err != nil {
+		return nil, err
+	}
+	// Low-range EK templates (RSA, P-256) allow use only through
+	// PolicySecret(TPM_RH_ENDORSEMENT); the high-range P-384 template sets
+	// userWithAuth, so its empty password works.
+	var sess tpm2.Session = tpm2.PasswordAuth(nil)
+	if !pub.ObjectAttributes.UserWithAuth {
+		sess = tpm2.Policy(tpm2.TPMAlgSHA256, 16, func(tp transport.TPM, h tpm2.TPMISHPolicy, nonceTPM tpm2.TPM2BNonce) error {
+			_, err := tpm2.PolicySecret{
+				AuthHandle:    tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: tpm2.PasswordAuth(nil)},
+				PolicySession: h, NonceTPM: nonceTPM,
+			}.Execute(tp)
+			return err
+		})
+	}
 	rsp, err := tpm2.ActivateCredential{
 		ActivateHandle: ak.auth(),
 		KeyHandle:      tpm2.AuthHandle{Handle: ek.Handle, Name: ek.Name, Auth: sess},

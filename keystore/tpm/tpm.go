@@ -48,6 +48,10 @@ type Config struct {
 	// slots). Keys beyond it are flushed least recently used first and
 	// reloaded from their blob when next used.
 	MaxLoadedKeys int
+	// EK chooses the endorsement key used for attestation: "rsa",
+	// "ecc-p384" or "ecc-p256"; empty picks the first one with a
+	// certificate in NV (RSA, then P-384, then P-256), else RSA.
+	EK string
 }
 
 // Socket timeouts: swtpm answers in milliseconds, so these only keep a
@@ -70,6 +74,7 @@ type TPM struct {
 	maxKeys int
 	// reserved slots are held by attestation keys (see NewAK).
 	reserved int
+	ekKind   string
 	// signatures counts TPM signing operations (Sign, Certify, Quote).
 	signatures atomic.Int64
 	srk        tpm2.NamedHandle
@@ -109,7 +114,13 @@ func Open(ctx context.Context, cfg Config) (*TPM, error) {
 	default:
 		return nil, fmt.Errorf("%w: %s is neither a TPM character device nor a socket (mode %v)", keystore.ErrUnavailable, cfg.Path, st.Mode())
 	}
-	t := &TPM{path: cfg.Path, tpm: &retrying{inner: dev}, maxKeys: cfg.MaxLoadedKeys, loaded: map[[32]byte]*loadedKey{}}
+	switch cfg.EK {
+	case "", "rsa", "ecc-p384", "ecc-p256":
+	default:
+		dev.Close()
+		return nil, fmt.Errorf("%w: EK %q: want rsa, ecc-p384 or ecc-p256", keystore.ErrInvalidURI, cfg.EK)
+	}
+	t := &TPM{path: cfg.Path, tpm: &retrying{inner: dev}, maxKeys: cfg.MaxLoadedKeys, loaded: map[[32]byte]*loadedKey{}, ekKind: cfg.EK}
 	fail := func(format string, a ...any) (*TPM, error) {
 		t.tpm.Close()
 		return nil, fmt.Errorf("%w: TPM %s: %s", keystore.ErrUnavailable, cfg.Path, fmt.Sprintf(format, a...))
