@@ -11,6 +11,9 @@ import (
 	"bytes"
 	"context"
 	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
@@ -44,14 +47,22 @@ type Config struct {
 	DataDir string `yaml:"data-dir"`
 	// TPM is /dev/tpmrm0 on hosts (an swtpm socket in tests).
 	TPM string `yaml:"tpm"`
+	// EK selects the endorsement key: rsa, ecc-p384, ecc-p256, or empty
+	// for the first with a certificate.
+	EK string `yaml:"ek"`
+	// JoinTokenFile, on hosts without a TPM (tpm empty), holds a one-time
+	// join token; the agent key is then a software key in the data dir.
+	JoinTokenFile string `yaml:"join-token-file"`
 }
 
 // Agent is a running agent identity.
 type Agent struct {
 	cfg Config
 	log *slog.Logger
-	tpm *tpm.TPM
+	tpm *tpm.TPM // nil for token-joined agents
 	key string
+	// soft is the software key of a token-joined agent.
+	soft crypto.Signer
 
 	mu   sync.Mutex
 	svid *join.SVID
@@ -65,13 +76,21 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	if len(cfg.Servers) == 0 || cfg.RootCert == "" || cfg.DataDir == "" || cfg.TPM == "" {
-		return nil, errors.New("agent config needs servers, root-cert, data-dir and tpm")
+	if len(cfg.Servers) == 0 || cfg.RootCert == "" || cfg.DataDir == "" || (cfg.TPM == "") == (cfg.JoinTokenFile == "") {
+		return nil, errors.New("agent config needs servers, root-cert, data-dir, and either tpm or join-token-file")
 	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, err
 	}
-	t, err := tpm.Open(ctx, tpm.Config{Path: cfg.TPM})
+	if cfg.TPM == "" {
+		k, err := softKey(filepath.Join(cfg.DataDir, "agent-key.pem"))
+		if err != nil {
+			return nil, err
+		}
+		log.Warn("no TPM configured: the agent key is a software key on disk", "file", filepath.Join(cfg.DataDir, "agent-key.pem"))
+		return &Agent{cfg: cfg, log: log, soft: k}, nil
+	}
+	t, err := tpm.Open(ctx, tpm.Config{Path: cfg.TPM, EK: cfg.EK})
 	if err != nil {
 		return nil, err
 	}
@@ -84,7 +103,19 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 }
 
 // Close releases the TPM.
-func (a *Agent) Close() error { return a.tpm.Close() }
+func (a *Agent) Close() error {
+	if a.tpm == nil {
+		return nil
+	}
+	return a.tpm.Close()
+}
+
+func (a *Agent) signer(ctx context.Context) (crypto.Signer, error) {
+	if a.tpm == nil {
+		return a.soft, nil
+	}
+	return a.tpm.Signer(ctx, a.key)
+}
 
 func (a *Agent) svidPath() string { return filepath.Join(a.cfg.DataDir, "agent-svid.pem") }
 
@@ -98,7 +129,7 @@ func (a *Agent) SVID() *join.SVID {
 // Start brings the identity up: the stored SVID if it is still valid and
 // for this TPM's key, else a new join.
 func (a *Agent) Start(ctx context.Context) error {
-	signer, err := a.tpm.Signer(ctx, a.key)
+	signer, err := a.signer(ctx)
 	if err != nil {
 		return err
 	}
@@ -121,7 +152,12 @@ func (a *Agent) Join(ctx context.Context) error {
 			last = err
 			continue
 		}
-		s, err := join.TPM(ctx, jc, a.tpm, a.key)
+		var s *join.SVID
+		if a.tpm != nil {
+			s, err = join.TPM(ctx, jc, a.tpm, a.key)
+		} else {
+			s, err = a.tokenJoin(ctx, jc)
+		}
 		closeConn()
 		if err != nil {
 			last = err
@@ -192,6 +228,53 @@ func (a *Agent) Run(ctx context.Context) {
 			a.log.Error("identity not refreshed; will retry", "err", err)
 		}
 	}
+}
+
+// tokenJoin redeems the one-time token (it cannot be used again, so a
+// token-joined agent that loses its identity needs a new token).
+func (a *Agent) tokenJoin(ctx context.Context, jc *api.JoinClient) (*join.SVID, error) {
+	b, err := os.ReadFile(a.cfg.JoinTokenFile)
+	if err != nil {
+		return nil, err
+	}
+	return join.Token(ctx, jc, string(bytes.TrimSpace(b)), a.soft)
+}
+
+// softKey loads or creates a token-joined agent's P-256 key (0600).
+func softKey(path string) (crypto.Signer, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			return nil, err
+		}
+		der, _ := x509.MarshalPKCS8PrivateKey(k)
+		f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		if err != nil {
+			return nil, err
+		}
+		defer f.Close()
+		if err := pem.Encode(f, &pem.Block{Type: "PRIVATE KEY", Bytes: der}); err != nil {
+			return nil, err
+		}
+		return k, f.Sync()
+	}
+	if err != nil {
+		return nil, err
+	}
+	blk, _ := pem.Decode(b)
+	if blk == nil {
+		return nil, fmt.Errorf("%s: no PEM key", path)
+	}
+	k, err := x509.ParsePKCS8PrivateKey(blk.Bytes)
+	if err != nil {
+		return nil, err
+	}
+	s, ok := k.(crypto.Signer)
+	if !ok {
+		return nil, fmt.Errorf("%s: not a signing key", path)
+	}
+	return s, nil
 }
 
 func refusedIdentity(err error) bool {

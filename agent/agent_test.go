@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -86,5 +87,44 @@ func TestLoadConfig(t *testing.T) {
 	os.WriteFile(p, []byte("servers: [a:1]\ncolour: blue\n"), 0o600)
 	if _, err := agent.LoadConfig(p); err == nil {
 		t.Fatal("unknown field accepted")
+	}
+}
+
+// A host without a TPM joins with a one-time token; its key is a software
+// key kept 0600 in the data dir, and a restart reuses the identity.
+func TestAgentTokenJoin(t *testing.T) {
+	tr := clustertest.NewTrust(t, "at", []string{"node-1"}, nil)
+	c := clustertest.NewCluster(t, tr, "node-1")
+	ctx := context.Background()
+	tok, err := c.Admin("node-1").TokenCreate(ctx, &api.TokenRequest{TTL: 600})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	tokFile := dir + "/token"
+	os.WriteFile(tokFile, []byte(tok.Token+"\n"), 0o600)
+	cfg := agent.Config{Servers: []string{c.ConfigOf("node-1").API.Listen}, RootCert: tr.RootPath, DataDir: dir + "/data", JoinTokenFile: tokFile}
+	a, err := agent.New(ctx, cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(a.SVID().ID, "/sigil/agent/join_token/") {
+		t.Fatalf("token agent ID %s", a.SVID().ID)
+	}
+	if st, _ := os.Stat(cfg.DataDir + "/agent-key.pem"); st.Mode().Perm() != 0o600 {
+		t.Fatalf("software key mode %v", st.Mode().Perm())
+	}
+	b, err := agent.New(ctx, cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Start(ctx); err != nil || b.Joins != 0 || b.SVID().ID != a.SVID().ID {
+		t.Fatalf("restart of a token agent: joins %d, %v", b.Joins, err)
+	}
+	if err := b.Renew(ctx); err != nil {
+		t.Fatal(err)
 	}
 }
