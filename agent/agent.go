@@ -25,6 +25,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.yaml.in/yaml/v3"
@@ -67,9 +68,12 @@ type Agent struct {
 	mu   sync.Mutex
 	svid *join.SVID
 
-	// Joins and Renewals count what the agent did, for tests and metrics.
-	Joins, Renewals int
+	joins, renewals atomic.Int64
 }
+
+// Joins and Renewals count what the agent did, for tests and metrics.
+func (a *Agent) Joins() int64    { return a.joins.Load() }
+func (a *Agent) Renewals() int64 { return a.renewals.Load() }
 
 // New opens the TPM and makes sure the agent key exists in it.
 func New(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
@@ -164,7 +168,7 @@ func (a *Agent) Join(ctx context.Context) error {
 			a.log.Warn("join failed", "server", srv, "err", err)
 			continue
 		}
-		a.Joins++
+		a.joins.Add(1)
 		a.log.Info("joined", "agent", s.ID, "server", srv, "expires", s.Chain[0].NotAfter)
 		return a.store(s)
 	}
@@ -190,7 +194,7 @@ func (a *Agent) Renew(ctx context.Context) error {
 			last = err
 			continue
 		}
-		a.Renewals++
+		a.renewals.Add(1)
 		a.log.Info("renewed", "agent", s.ID, "server", srv, "expires", s.Chain[0].NotAfter)
 		return a.store(s)
 	}

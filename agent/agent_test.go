@@ -11,6 +11,7 @@ import (
 	"github.com/sigil-appliance/sigil/agent"
 	"github.com/sigil-appliance/sigil/appliance/api"
 	"github.com/sigil-appliance/sigil/appliance/clustertest"
+	"github.com/sigil-appliance/sigil/appliance/node"
 	testenv "github.com/sigil-appliance/sigil/softhsm-testenv"
 )
 
@@ -42,8 +43,8 @@ func TestAgentJoinsOnceAndRenewsAfterRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	first := a.SVID()
-	if a.Joins != 1 || first == nil {
-		t.Fatalf("joins %d", a.Joins)
+	if a.Joins() != 1 || first == nil {
+		t.Fatalf("joins %d", a.Joins())
 	}
 	if st, _ := os.Stat(cfg.DataDir + "/agent.key"); st.Mode().Perm() != 0o600 {
 		t.Fatalf("key blob mode %v", st.Mode().Perm())
@@ -61,15 +62,15 @@ func TestAgentJoinsOnceAndRenewsAfterRestart(t *testing.T) {
 	if err := b.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if b.Joins != 0 || b.SVID().ID != first.ID {
-		t.Fatalf("restart joined again (%d) or changed identity", b.Joins)
+	if b.Joins() != 0 || b.SVID().ID != first.ID {
+		t.Fatalf("restart joined again (%d) or changed identity", b.Joins())
 	}
 	// The first node is down: renewal goes to the next one.
 	c.Stop("node-3")
 	if err := b.Renew(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if b.Renewals != 1 || b.SVID().Chain[0].SerialNumber.Cmp(first.Chain[0].SerialNumber) == 0 {
+	if b.Renewals() != 1 || b.SVID().Chain[0].SerialNumber.Cmp(first.Chain[0].SerialNumber) == 0 {
 		t.Fatal("not renewed")
 	}
 	ag, err := c.Admin("node-1").AgentShow(ctx, &api.IDRequest{ID: first.ID})
@@ -121,10 +122,44 @@ func TestAgentTokenJoin(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := b.Start(ctx); err != nil || b.Joins != 0 || b.SVID().ID != a.SVID().ID {
-		t.Fatalf("restart of a token agent: joins %d, %v", b.Joins, err)
+	if err := b.Start(ctx); err != nil || b.Joins() != 0 || b.SVID().ID != a.SVID().ID {
+		t.Fatalf("restart of a token agent: joins %d, %v", b.Joins(), err)
 	}
 	if err := b.Renew(ctx); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// Run renews on its own at about half the SVID's lifetime.
+func TestAgentRenewsOnSchedule(t *testing.T) {
+	tr := clustertest.NewTrust(t, "rs", []string{"node-1"}, nil)
+	c := clustertest.NewClusterWith(t, tr, func(cfg *node.Config) { cfg.Join.AgentSVIDTTL = node.Duration{Duration: 4 * time.Second} }, "node-1")
+	sw := testenv.NewTPM(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	for _, p := range []string{sw.EKCARoot, sw.EKCAIssuer} {
+		certs, _ := api.ReadCerts(p)
+		c.Admin("node-1").EKCAAdd(ctx, &api.EKCARequest{DER: certs[0].Raw})
+	}
+	a, err := agent.New(ctx, agent.Config{Servers: []string{c.ConfigOf("node-1").API.Listen}, RootCert: tr.RootPath, DataDir: t.TempDir(), TPM: sw.Socket}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	if err := a.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	first := a.SVID()
+	go a.Run(ctx)
+	clustertest.Eventually(t, 20*time.Second, "a scheduled renewal", func() bool {
+		s := a.SVID()
+		return s.Chain[0].SerialNumber.Cmp(first.Chain[0].SerialNumber) != 0
+	})
+	renewedAt := time.Now()
+	if renewedAt.After(first.Chain[0].NotAfter) {
+		t.Fatal("renewed only after the SVID expired")
+	}
+	if a.Joins() != 1 {
+		t.Fatalf("renewal joined again (%d joins)", a.Joins())
 	}
 }

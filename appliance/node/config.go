@@ -46,6 +46,9 @@ type JoinConfig struct {
 	// DisableTokens refuses one-time join tokens here: only TPM
 	// attestation admits agents.
 	DisableTokens bool `yaml:"disable-tokens"`
+	// AgentSVIDTTL is the lifetime of agents' own SVIDs (default 1h);
+	// agents renew at about half of it.
+	AgentSVIDTTL Duration `yaml:"agent-svid-ttl"`
 }
 
 // JWTConfig is this node's JWT key schedule.
@@ -180,6 +183,12 @@ func (c *Config) Validate() error {
 		if _, _, err := net.SplitHostPort(c.Bundle.Listen); err != nil {
 			bad("bundle.listen", "must be host:port (got %q)", c.Bundle.Listen)
 		}
+	}
+	if c.Join.AgentSVIDTTL.Duration == 0 {
+		c.Join.AgentSVIDTTL.Duration = time.Hour
+	}
+	if c.Join.AgentSVIDTTL.Duration < time.Second || c.Join.AgentSVIDTTL.Duration > 30*24*time.Hour {
+		bad("join.agent-svid-ttl", "must be between 1s and 30 days (got %v)", c.Join.AgentSVIDTTL.Duration)
 	}
 	if c.JWT.RotateEvery.Duration == 0 {
 		c.JWT.RotateEvery.Duration = 24 * time.Hour

@@ -27,7 +27,6 @@ import (
 )
 
 const (
-	agentSVIDTTL = time.Hour
 	// challengeTTL bounds a TPM join's two calls; a real TPM's certify
 	// and activation take well under a second each.
 	challengeTTL = time.Minute
@@ -212,7 +211,7 @@ func (j *joinSvc) Renew(ctx context.Context, r *api.RenewRequest) (*api.AgentSVI
 // issue signs the agent's SVID and records the agent (audited) before
 // returning it; the state machine refuses a banned agent at that point.
 func (j *joinSvc) issue(ctx context.Context, op string, id spiffeid.ID, pub crypto.PublicKey, method string, facts map[string]string) (*api.AgentSVID, error) {
-	chain, err := j.n.auth.Sign(ca.Leaf{ID: id, PublicKey: pub, TTL: agentSVIDTTL, Subject: pkix.Name{CommonName: "sigil-agent"}})
+	chain, err := j.n.auth.Sign(ca.Leaf{ID: id, PublicKey: pub, TTL: j.n.cfg.Join.AgentSVIDTTL.Duration, Subject: pkix.Name{CommonName: "sigil-agent"}})
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "sign agent SVID: %v", err)
 	}
