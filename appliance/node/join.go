@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"crypto"
+	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
@@ -30,6 +31,9 @@ const (
 	// challengeTTL bounds a TPM join's two calls; a real TPM's certify
 	// and activation take well under a second each.
 	challengeTTL = time.Minute
+	// maxPending bounds the challenges anonymous callers can make a node
+	// hold (each costs memory until it expires).
+	maxPending = 10000
 )
 
 // joinSvc admits agents: by TPM evidence (appliance/attest decides) or by
@@ -110,16 +114,20 @@ func (j *joinSvc) TPMHello(ctx context.Context, r *api.JoinTPMHello) (*api.JoinT
 			out.PCRs = append(out.PCRs, uint(i))
 		}
 	}
-	nonces := attest.NewNonces(challengeTTL)
-	out.Nonce = nonces.Issue()
+	out.Nonce = make([]byte, 32)
+	rand.Read(out.Nonce)
 	j.mu.Lock()
+	defer j.mu.Unlock()
 	for k, c := range j.pending {
 		if time.Now().After(c.expires) {
 			delete(j.pending, k)
 		}
 	}
+	if len(j.pending) >= maxPending {
+		j.n.log.Warn("join refused: too many pending challenges", "pending", len(j.pending))
+		return nil, status.Errorf(codes.ResourceExhausted, "too many joins in progress on this node; retry later")
+	}
 	j.pending[string(out.Nonce)] = ch
-	j.mu.Unlock()
 	return out, nil
 }
 
