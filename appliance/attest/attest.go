@@ -22,8 +22,6 @@ import (
 	"math/big"
 	"slices"
 	"sort"
-	"sync"
-	"time"
 
 	"github.com/google/go-tpm/tpm2"
 )
@@ -326,49 +324,4 @@ func parsePublic(b []byte) (*tpm2.TPMTPublic, crypto.PublicKey, error) {
 func samePublic(a, b crypto.PublicKey) bool {
 	k, ok := a.(interface{ Equal(crypto.PublicKey) bool })
 	return ok && k.Equal(b)
-}
-
-// Nonces issues single-use, short-lived nonces.
-type Nonces struct {
-	ttl time.Duration
-	now func() time.Time
-
-	mu     sync.Mutex
-	issued map[string]time.Time
-}
-
-// NewNonces returns a nonce store whose nonces expire after ttl.
-func NewNonces(ttl time.Duration) *Nonces {
-	return &Nonces{ttl: ttl, now: time.Now, issued: map[string]time.Time{}}
-}
-
-// Issue makes a 32-byte nonce.
-func (n *Nonces) Issue() []byte {
-	b := make([]byte, 32)
-	rand.Read(b)
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	now := n.now()
-	for k, exp := range n.issued {
-		if now.After(exp) {
-			delete(n.issued, k)
-		}
-	}
-	n.issued[string(b)] = now.Add(n.ttl)
-	return b
-}
-
-// Consume accepts a nonce once, before it expires.
-func (n *Nonces) Consume(b []byte) error {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	exp, ok := n.issued[string(b)]
-	if !ok {
-		return refuse("nonce unknown or already used (replay?)")
-	}
-	delete(n.issued, string(b))
-	if n.now().After(exp) {
-		return refuse("nonce expired")
-	}
-	return nil
 }
