@@ -39,32 +39,43 @@ type EK struct {
 	Kind   string // rsa, ecc-p384 or ecc-p256
 }
 
-// EndorsementKey reads the RSA EK and its certificate.
+// EndorsementKey reads the chosen EK (see Config.EK) and its certificate.
 func (t *TPM) EndorsementKey(ctx context.Context) (*EK, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if err := t.checkOpen(); err != nil {
-		return nil, err
-	}
-	spec, err := t.ekSpecLocked()
-	if err != nil {
-		return nil, err
-	}
-	h, flush, err := t.ekLocked(spec)
+	spec, _, flush, rp, err := t.openEKLocked()
 	if err != nil {
 		return nil, err
 	}
 	defer flush()
-	rp, err := tpm2.ReadPublic{ObjectHandle: h.Handle}.Execute(t.tpm)
-	if err != nil {
-		return nil, t.opError("TPM2_ReadPublic EK", err)
-	}
 	ek := &EK{Public: tpm2.Marshal(rp.OutPublic), Kind: spec.kind}
 	ek.Cert, err = t.nvReadLocked(spec.certIndex)
 	if err != nil && !errors.Is(err, errNoIndex) {
 		return nil, err
 	}
 	return ek, nil
+}
+
+// openEKLocked makes the chosen EK usable and reads its public area; the
+// caller runs flush when done. Called with mu held.
+func (t *TPM) openEKLocked() (ekSpec, tpm2.NamedHandle, func(), *tpm2.ReadPublicResponse, error) {
+	if err := t.checkOpen(); err != nil {
+		return ekSpec{}, tpm2.NamedHandle{}, nil, nil, err
+	}
+	spec, err := t.ekSpecLocked()
+	if err != nil {
+		return ekSpec{}, tpm2.NamedHandle{}, nil, nil, err
+	}
+	h, flush, err := t.ekLocked(spec)
+	if err != nil {
+		return ekSpec{}, tpm2.NamedHandle{}, nil, nil, err
+	}
+	rp, err := tpm2.ReadPublic{ObjectHandle: h.Handle}.Execute(t.tpm)
+	if err != nil {
+		flush()
+		return ekSpec{}, tpm2.NamedHandle{}, nil, nil, t.opError("TPM2_ReadPublic EK", err)
+	}
+	return spec, h, flush, rp, nil
 }
 
 // ekSpecLocked picks the configured EK, or the first with a certificate.
@@ -274,22 +285,11 @@ func (ak *AK) ActivateCredential(ctx context.Context, idObject, encSecret []byte
 	t := ak.t
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if err := t.checkOpen(); err != nil {
-		return nil, err
-	}
-	spec, err := t.ekSpecLocked()
-	if err != nil {
-		return nil, err
-	}
-	ek, flush, err := t.ekLocked(spec)
+	_, ek, flush, rp, err := t.openEKLocked()
 	if err != nil {
 		return nil, err
 	}
 	defer flush()
-	rp, err := tpm2.ReadPublic{ObjectHandle: ek.Handle}.Execute(t.tpm)
-	if err != nil {
-		return nil, t.opError("TPM2_ReadPublic EK", err)
-	}
 	pub, err := rp.OutPublic.Contents()
 	if err != nil {
 		return nil, err
