@@ -24,6 +24,7 @@ import (
 	mrand "math/rand/v2"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -32,7 +33,10 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/sigil-appliance/sigil/agent/cache"
 	"github.com/sigil-appliance/sigil/agent/join"
+	"github.com/sigil-appliance/sigil/agent/output"
+	"github.com/sigil-appliance/sigil/agent/workload"
 	"github.com/sigil-appliance/sigil/appliance/api"
 	"github.com/sigil-appliance/sigil/keystore/tpm"
 )
@@ -54,6 +58,61 @@ type Config struct {
 	// JoinTokenFile, on hosts without a TPM (tpm empty), holds a one-time
 	// join token; the agent key is then a software key in the data dir.
 	JoinTokenFile string `yaml:"join-token-file"`
+
+	// WorkloadAPI is the SPIFFE Workload API socket served to local
+	// workloads.
+	WorkloadAPI WorkloadAPIConfig `yaml:"workload-api"`
+	// HealthListen is a local address for /healthz, /readyz and /metrics
+	// (empty: not served).
+	HealthListen string `yaml:"health-listen"`
+	// Outputs write SVIDs to files for workloads that cannot use the API.
+	Outputs []output.Config `yaml:"outputs"`
+}
+
+// WorkloadAPIConfig configures the Workload API socket.
+type WorkloadAPIConfig struct {
+	// Socket defaults to /run/sigil/agent.sock.
+	Socket string `yaml:"socket"`
+	// SocketMode is the socket's octal mode (default "0777": attestation,
+	// not file permissions, decides what a caller gets).
+	SocketMode string `yaml:"socket-mode"`
+	// AllowUnauthenticatedVerifiers lets callers with no identity fetch
+	// bundles and validate JWT-SVIDs.
+	AllowUnauthenticatedVerifiers bool            `yaml:"allow-unauthenticated-verifiers"`
+	Limits                        workload.Limits `yaml:"limits"`
+}
+
+// DefaultSocket is where workloads find the Workload API.
+const DefaultSocket = "/run/sigil/agent.sock"
+
+// Validate checks the whole configuration before anything starts.
+func (c Config) Validate() error {
+	if len(c.Servers) == 0 || c.RootCert == "" || c.DataDir == "" || (c.TPM == "") == (c.JoinTokenFile == "") {
+		return errors.New("agent config needs servers, root-cert, data-dir, and either tpm or join-token-file")
+	}
+	if _, err := c.socketMode(); err != nil {
+		return err
+	}
+	if c.WorkloadAPI.Socket != "" && !filepath.IsAbs(c.WorkloadAPI.Socket) {
+		return fmt.Errorf("workload-api.socket %q: must be an absolute path", c.WorkloadAPI.Socket)
+	}
+	for _, o := range c.Outputs {
+		if err := o.Validate(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (c Config) socketMode() (os.FileMode, error) {
+	if c.WorkloadAPI.SocketMode == "" {
+		return 0o777, nil
+	}
+	m, err := strconv.ParseUint(c.WorkloadAPI.SocketMode, 8, 32)
+	if err != nil || m > 0o777 {
+		return 0, fmt.Errorf("workload-api.socket-mode %q: want an octal mode such as 0770", c.WorkloadAPI.SocketMode)
+	}
+	return os.FileMode(m), nil
 }
 
 // Agent is a running agent identity.
@@ -67,6 +126,10 @@ type Agent struct {
 
 	mu   sync.Mutex
 	svid *join.SVID
+	wl   *workload.Server
+
+	app   *appliance
+	cache *cache.Cache
 
 	joins, renewals atomic.Int64
 }
@@ -80,8 +143,8 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	if len(cfg.Servers) == 0 || cfg.RootCert == "" || cfg.DataDir == "" || (cfg.TPM == "") == (cfg.JoinTokenFile == "") {
-		return nil, errors.New("agent config needs servers, root-cert, data-dir, and either tpm or join-token-file")
+	if err := cfg.Validate(); err != nil {
+		return nil, err
 	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, err
@@ -92,18 +155,26 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 			return nil, err
 		}
 		log.Warn("no TPM configured: the agent key is a software key on disk", "file", filepath.Join(cfg.DataDir, "agent-key.pem"))
-		return &Agent{cfg: cfg, log: log, soft: k}, nil
+		a := &Agent{cfg: cfg, log: log, soft: k}
+		a.init()
+		return a, nil
 	}
 	t, err := tpm.Open(ctx, tpm.Config{Path: cfg.TPM, EK: cfg.EK})
 	if err != nil {
 		return nil, err
 	}
 	a := &Agent{cfg: cfg, log: log, tpm: t, key: "tpmkey:file=" + filepath.Join(cfg.DataDir, "agent.key")}
+	a.init()
 	if err := join.EnsureKey(ctx, t, a.key); err != nil {
 		t.Close()
 		return nil, fmt.Errorf("agent key: %w", err)
 	}
 	return a, nil
+}
+
+func (a *Agent) init() {
+	a.app = &appliance{a: a}
+	a.cache = cache.New(a.app, cache.Options{Log: a.log})
 }
 
 // Close releases the TPM.

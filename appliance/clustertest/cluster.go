@@ -287,3 +287,6 @@ func tail(s string, n int) string {
 	}
 	return s
 }
+
+// FreePort returns a free loopback address below the ephemeral range.
+func FreePort(t testing.TB) string { t.Helper(); return freePort(t) }

@@ -1,0 +1,129 @@
+package agent
+
+import (
+	"context"
+	"crypto/tls"
+	"sync"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/sigil-appliance/sigil/appliance/api"
+)
+
+// appliance is the agent service on the appliance, reached over mutual
+// TLS with the agent's current SVID (the TPM key signs each handshake). It
+// stays on one server until that one fails, then moves to the next.
+type appliance struct {
+	a *Agent
+
+	mu   sync.Mutex
+	idx  int
+	conn *grpc.ClientConn
+}
+
+func (p *appliance) client() (*api.AgentClient, *grpc.ClientConn, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.conn == nil {
+		srv := p.a.cfg.Servers[p.idx%len(p.a.cfg.Servers)]
+		conn, err := api.Dial(api.DialConfig{Addr: srv, RootFile: p.a.cfg.RootCert,
+			Certificate: func() (*tls.Certificate, error) {
+				s := p.a.SVID()
+				if s == nil {
+					return &tls.Certificate{}, nil
+				}
+				return s.TLSCertificate(), nil
+			}})
+		if err != nil {
+			p.idx++
+			return nil, nil, err
+		}
+		p.conn = conn
+	}
+	return api.NewAgentClient(p.conn), p.conn, nil
+}
+
+// failed moves to the next server when conn could not reach its own.
+func (p *appliance) failed(conn *grpc.ClientConn, err error) {
+	if c := status.Code(err); c != codes.Unavailable && c != codes.DeadlineExceeded {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.conn == conn && conn != nil {
+		p.a.log.Warn("appliance server unreachable; trying the next", "server", p.a.cfg.Servers[p.idx%len(p.a.cfg.Servers)], "err", err)
+		conn.Close()
+		p.conn = nil
+		p.idx++
+	}
+}
+
+func (p *appliance) close() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.conn != nil {
+		p.conn.Close()
+		p.conn = nil
+	}
+}
+
+// unary tries each server at most once.
+func unaryCall[Req, Resp any](ctx context.Context, p *appliance, f func(*api.AgentClient, context.Context, *Req) (*Resp, error), r *Req) (*Resp, error) {
+	var last error
+	for range p.a.cfg.Servers {
+		c, conn, err := p.client()
+		if err != nil {
+			last = err
+			continue
+		}
+		resp, err := f(c, ctx, r)
+		if err == nil {
+			return resp, nil
+		}
+		last = err
+		p.failed(conn, err)
+		if c := status.Code(err); c != codes.Unavailable || ctx.Err() != nil {
+			break
+		}
+	}
+	return nil, last
+}
+
+func (p *appliance) SignX509SVIDs(ctx context.Context, r *api.X509SVIDBatch) (*api.X509SVIDBatchResult, error) {
+	return unaryCall(ctx, p, (*api.AgentClient).SignX509SVIDs, r)
+}
+
+func (p *appliance) SignJWTSVID(ctx context.Context, r *api.JWTSVIDRequest) (*api.JWTSVIDResult, error) {
+	return unaryCall(ctx, p, (*api.AgentClient).SignJWTSVID, r)
+}
+
+// Sync opens the update stream; the cache retries a failed one, which then
+// goes to the next server.
+func (p *appliance) Sync(ctx context.Context, r *api.SyncRequest) (grpc.ServerStreamingClient[api.SyncUpdate], error) {
+	c, conn, err := p.client()
+	if err != nil {
+		return nil, err
+	}
+	s, err := c.Sync(ctx, r)
+	if err != nil {
+		p.failed(conn, err)
+		return nil, err
+	}
+	return &syncStream{ServerStreamingClient: s, p: p, conn: conn}, nil
+}
+
+type syncStream struct {
+	grpc.ServerStreamingClient[api.SyncUpdate]
+	p    *appliance
+	conn *grpc.ClientConn
+}
+
+func (s *syncStream) Recv() (*api.SyncUpdate, error) {
+	u, err := s.ServerStreamingClient.Recv()
+	if err != nil {
+		s.p.failed(s.conn, err)
+	}
+	return u, err
+}

@@ -1,0 +1,536 @@
+// Package cache is the agent's store of what workloads receive: the
+// registration entries this agent is parent of and the trust bundle
+// (streamed from the appliance), and an X.509-SVID per entry whose key the
+// agent generated itself and never sends anywhere. SVIDs are signed in
+// batches and rotated at about half their lifetime, with jitter; what is
+// cached keeps being served while the appliance is unreachable, until it
+// expires.
+package cache
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	mrand "math/rand/v2"
+	"net/url"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc"
+
+	"github.com/sigil-appliance/sigil/appliance/api"
+)
+
+// Appliance is what the cache needs from the appliance's agent service.
+type Appliance interface {
+	SignX509SVIDs(context.Context, *api.X509SVIDBatch) (*api.X509SVIDBatchResult, error)
+	SignJWTSVID(context.Context, *api.JWTSVIDRequest) (*api.JWTSVIDResult, error)
+	Sync(context.Context, *api.SyncRequest) (grpc.ServerStreamingClient[api.SyncUpdate], error)
+}
+
+// SVID is one workload X.509-SVID with its private key.
+type SVID struct {
+	EntryID  string
+	SPIFFEID string
+	Hint     string
+	Chain    []*x509.Certificate
+	Key      crypto.Signer
+	KeyDER   []byte // PKCS#8
+	// ChainDER is the chain's certificates concatenated, as the Workload
+	// API carries it.
+	ChainDER []byte
+	NotAfter time.Time
+	rotateAt time.Time
+	entryKey string
+}
+
+// Serial is the leaf's serial number in hex, as the appliance records it.
+func (s *SVID) Serial() string { return s.Chain[0].SerialNumber.Text(16) }
+
+// Snapshot is an immutable view of the cache. A new one replaces it on
+// every change.
+type Snapshot struct {
+	Revision uint64
+	// Entries are sorted by creation time, so the first match is the
+	// oldest entry: a workload's default SVID does not change when
+	// entries are added.
+	Entries []api.Entry
+	SVIDs   map[string]*SVID // by entry ID
+	// Bundle is the trust domain's bundle (nil before the first sync).
+	Bundle   *spiffebundle.Bundle
+	Sequence uint64
+	// Revoked holds revoked leaf serials (hex): an SVID listed here is
+	// replaced at once. Serials are random, so one list serves every
+	// issuing node.
+	Revoked map[string]bool
+	// Synced is when the appliance last sent an update or signed.
+	Synced time.Time
+}
+
+// Match returns the entries whose selectors the caller all has.
+func (s *Snapshot) Match(has func(...string) bool) []api.Entry {
+	var out []api.Entry
+	for _, e := range s.Entries {
+		sel := make([]string, len(e.Selectors))
+		for i, x := range e.Selectors {
+			sel[i] = x.Type + ":" + x.Value
+		}
+		if has(sel...) {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// SVIDsFor returns the valid SVIDs for entries, in their order.
+func (s *Snapshot) SVIDsFor(entries []api.Entry, now time.Time) []*SVID {
+	var out []*SVID
+	for _, e := range entries {
+		if v := s.SVIDs[e.ID]; v != nil && now.Before(v.NotAfter) {
+			out = append(out, v)
+		}
+	}
+	return out
+}
+
+// Options tune the cache.
+type Options struct {
+	Log *slog.Logger
+	// BatchSize caps CSRs per signing request (default 64).
+	BatchSize int
+	// MaxBackoff caps the retry delay while the appliance is unreachable
+	// (default 30 s).
+	MaxBackoff time.Duration
+	// MaxJWTs caps cached JWT-SVIDs (default 4096).
+	MaxJWTs int
+}
+
+// Stats are counters for metrics.
+type Stats struct {
+	Rotations     atomic.Int64 // SVIDs signed
+	SignFailures  atomic.Int64 // failed signing requests
+	SyncFailures  atomic.Int64 // sync streams that failed or ended
+	JWTsSigned    atomic.Int64
+	JWTFailures   atomic.Int64
+	Connected    atomic.Bool  // the sync stream is up
+	LastSignTime atomic.Int64 // ns, the last full signing round
+}
+
+// Cache holds the agent's entries, bundle and workload SVIDs.
+type Cache struct {
+	app  Appliance
+	opts Options
+	log  *slog.Logger
+
+	mu      sync.Mutex
+	snap    *Snapshot
+	changed chan struct{}
+	force   bool
+
+	kick  chan struct{}
+	Stats Stats
+
+	jwtMu sync.Mutex
+	jwts  map[string]jwtItem
+}
+
+type jwtItem struct {
+	token     string
+	issued    time.Time
+	expiresAt time.Time
+}
+
+// New returns an empty cache; Run fills it.
+func New(app Appliance, opts Options) *Cache {
+	if opts.Log == nil {
+		opts.Log = slog.Default()
+	}
+	if opts.BatchSize <= 0 {
+		opts.BatchSize = 64
+	}
+	if opts.MaxBackoff <= 0 {
+		opts.MaxBackoff = 30 * time.Second
+	}
+	if opts.MaxJWTs <= 0 {
+		opts.MaxJWTs = 4096
+	}
+	return &Cache{
+		app: app, opts: opts, log: opts.Log,
+		snap:    &Snapshot{SVIDs: map[string]*SVID{}},
+		changed: make(chan struct{}),
+		kick:    make(chan struct{}, 1),
+		jwts:    map[string]jwtItem{},
+	}
+}
+
+// Current returns the snapshot and a channel closed at the next change.
+func (c *Cache) Current() (*Snapshot, <-chan struct{}) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.snap, c.changed
+}
+
+// update replaces the snapshot under the lock and wakes every watcher.
+func (c *Cache) update(f func(s *Snapshot)) {
+	c.mu.Lock()
+	next := *c.snap
+	next.SVIDs = make(map[string]*SVID, len(c.snap.SVIDs))
+	for k, v := range c.snap.SVIDs {
+		next.SVIDs[k] = v
+	}
+	f(&next)
+	c.snap = &next
+	close(c.changed)
+	c.changed = make(chan struct{})
+	c.mu.Unlock()
+}
+
+// Rotate re-signs every SVID now (after a suspected key compromise, or to
+// measure rotation).
+func (c *Cache) Rotate() {
+	c.mu.Lock()
+	c.force = true
+	c.mu.Unlock()
+	c.wake()
+}
+
+func (c *Cache) wake() {
+	select {
+	case c.kick <- struct{}{}:
+	default:
+	}
+}
+
+// Run syncs and rotates until ctx ends.
+func (c *Cache) Run(ctx context.Context) {
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); c.syncLoop(ctx) }()
+	go func() { defer wg.Done(); c.rotateLoop(ctx) }()
+	wg.Wait()
+}
+
+func (c *Cache) backoff(n int) time.Duration {
+	d := time.Second << min(n, 8)
+	d = min(d, c.opts.MaxBackoff)
+	return d/2 + time.Duration(mrand.Int64N(int64(d/2)+1))
+}
+
+func (c *Cache) syncLoop(ctx context.Context) {
+	fails := 0
+	for ctx.Err() == nil {
+		snap, _ := c.Current()
+		err := c.syncOnce(ctx, snap.Revision, &fails)
+		c.Stats.Connected.Store(false)
+		if ctx.Err() != nil {
+			return
+		}
+		c.Stats.SyncFailures.Add(1)
+		c.log.Warn("appliance sync stream ended; serving from cache", "err", err, "retry", fails)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(c.backoff(fails)):
+		}
+		fails++
+	}
+}
+
+func (c *Cache) syncOnce(ctx context.Context, rev uint64, fails *int) error {
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := c.app.Sync(sctx, &api.SyncRequest{Revision: rev})
+	if err != nil {
+		return err
+	}
+	for {
+		u, err := stream.Recv()
+		if err != nil {
+			return err
+		}
+		if err := c.apply(u); err != nil {
+			// A view we cannot use is not applied: the old one stays.
+			return fmt.Errorf("update at revision %d refused: %w", u.Revision, err)
+		}
+		*fails = 0
+		c.Stats.Connected.Store(true)
+	}
+}
+
+// apply installs an appliance view. Entries of other parents, or with IDs
+// outside the bundle's trust domain, cannot be signed anyway and are
+// dropped with a log line.
+func (c *Cache) apply(u *api.SyncUpdate) error {
+	td, err := spiffeid.TrustDomainFromString(u.Bundle.TrustDomain)
+	if err != nil {
+		return fmt.Errorf("bundle trust domain: %w", err)
+	}
+	b, err := spiffebundle.Parse(td, u.SPIFFE)
+	if err != nil {
+		return fmt.Errorf("bundle document: %w", err)
+	}
+	if len(b.X509Authorities()) == 0 {
+		return errors.New("bundle has no X.509 authorities")
+	}
+	entries := make([]api.Entry, 0, len(u.Entries))
+	for _, e := range u.Entries {
+		id, err := spiffeid.FromString(e.SPIFFEID)
+		if err != nil || id.TrustDomain() != td || len(e.Selectors) == 0 {
+			c.log.Warn("entry ignored", "entry", e.ID, "spiffe_id", e.SPIFFEID, "err", err)
+			continue
+		}
+		entries = append(entries, e)
+	}
+	sort.SliceStable(entries, func(i, j int) bool {
+		if !entries[i].CreatedAt.Equal(entries[j].CreatedAt) {
+			return entries[i].CreatedAt.Before(entries[j].CreatedAt)
+		}
+		return entries[i].ID < entries[j].ID
+	})
+	c.update(func(s *Snapshot) {
+		s.Revision, s.Entries, s.Bundle, s.Sequence, s.Synced = u.Revision, entries, b, u.Bundle.Sequence, time.Now()
+		s.Revoked = map[string]bool{}
+		for _, r := range u.Bundle.Revoked {
+			s.Revoked[r.Serial] = true
+		}
+		live := map[string]bool{}
+		for _, e := range entries {
+			live[e.ID] = true
+		}
+		for id := range s.SVIDs {
+			if !live[id] {
+				delete(s.SVIDs, id)
+			}
+		}
+	})
+	c.log.Info("appliance view applied", "revision", u.Revision, "entries", len(entries), "bundle_sequence", u.Bundle.Sequence)
+	c.wake()
+	return nil
+}
+
+// entryKey is what an SVID's content depends on: a change re-signs it.
+func entryKey(e api.Entry) string {
+	return fmt.Sprintf("%s|%d|%s|%s", e.SPIFFEID, e.X509TTL, strings.Join(e.DNSNames, ","), e.Hint)
+}
+
+// due lists entries whose SVID is missing, outdated, revoked, expired or
+// past its rotation time, and when the next one falls due.
+func (c *Cache) due(now time.Time) ([]api.Entry, time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := c.snap
+	var out []api.Entry
+	next := now.Add(time.Hour)
+	for _, e := range s.Entries {
+		v := s.SVIDs[e.ID]
+		if c.force || v == nil || v.entryKey != entryKey(e) || !now.Before(v.rotateAt) || s.Revoked[v.Serial()] {
+			out = append(out, e)
+			continue
+		}
+		if v.rotateAt.Before(next) {
+			next = v.rotateAt
+		}
+	}
+	c.force = false
+	return out, next
+}
+
+func (c *Cache) rotateLoop(ctx context.Context) {
+	fails := 0
+	for {
+		wait := time.Hour
+		if ctx.Err() != nil {
+			return
+		}
+		snap, _ := c.Current()
+		if snap.Bundle != nil {
+			due, next := c.due(time.Now())
+			wait = time.Until(next)
+			if len(due) > 0 {
+				if err := c.sign(ctx, due); err != nil {
+					c.Stats.SignFailures.Add(1)
+					c.log.Warn("SVID signing failed; cached SVIDs stay in use", "err", err, "due", len(due))
+					wait = c.backoff(fails)
+					fails++
+				} else {
+					fails = 0
+					continue
+				}
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-c.kick:
+		case <-time.After(max(wait, 10*time.Millisecond)):
+		}
+	}
+}
+
+// sign gets SVIDs for entries, in batches, with fresh keys.
+func (c *Cache) sign(ctx context.Context, entries []api.Entry) error {
+	start := time.Now()
+	for batch := range slices.Chunk(entries, c.opts.BatchSize) {
+		keys := make(map[string]*ecdsa.PrivateKey, len(batch))
+		req := &api.X509SVIDBatch{}
+		for _, e := range batch {
+			k, csr, err := newCSR(e.SPIFFEID)
+			if err != nil {
+				return err
+			}
+			keys[e.ID] = k
+			req.Requests = append(req.Requests, api.X509SVIDRequest{EntryID: e.ID, CSR: csr})
+		}
+		sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		res, err := c.app.SignX509SVIDs(sctx, req)
+		cancel()
+		if err != nil {
+			return err
+		}
+		byID := map[string]api.Entry{}
+		for _, e := range batch {
+			byID[e.ID] = e
+		}
+		got := map[string]*SVID{}
+		var refused []string
+		for _, r := range res.Results {
+			e, ok := byID[r.EntryID]
+			if !ok {
+				continue
+			}
+			if r.Error != "" {
+				refused = append(refused, r.EntryID+": "+r.Error)
+				continue
+			}
+			v, err := newSVID(e, keys[e.ID], r)
+			if err != nil {
+				refused = append(refused, r.EntryID+": "+err.Error())
+				continue
+			}
+			got[e.ID] = v
+		}
+		if len(got) > 0 {
+			c.update(func(s *Snapshot) {
+				for id, v := range got {
+					if _, live := entryIn(s.Entries, id); live {
+						s.SVIDs[id] = v
+					}
+				}
+				s.Synced = time.Now()
+			})
+			c.Stats.Rotations.Add(int64(len(got)))
+		}
+		if len(refused) > 0 {
+			return fmt.Errorf("appliance refused %d of %d: %s", len(refused), len(batch), strings.Join(refused, "; "))
+		}
+	}
+	c.Stats.LastSignTime.Store(int64(time.Since(start)))
+	return nil
+}
+
+func entryIn(es []api.Entry, id string) (api.Entry, bool) {
+	for _, e := range es {
+		if e.ID == id {
+			return e, true
+		}
+	}
+	return api.Entry{}, false
+}
+
+func newCSR(id string) (*ecdsa.PrivateKey, []byte, error) {
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
+	u, err := url.Parse(id)
+	if err != nil {
+		return nil, nil, err
+	}
+	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{URIs: []*url.URL{u}}, k)
+	return k, csr, err
+}
+
+// newSVID checks what the appliance returned before it is served: the
+// leaf must carry the entry's ID and the key we generated.
+func newSVID(e api.Entry, k *ecdsa.PrivateKey, r api.X509SVIDResult) (*SVID, error) {
+	if len(r.Chain) == 0 {
+		return nil, errors.New("empty chain")
+	}
+	v := &SVID{EntryID: e.ID, SPIFFEID: e.SPIFFEID, Hint: e.Hint, Key: k, entryKey: entryKey(e)}
+	for _, der := range r.Chain {
+		cert, err := x509.ParseCertificate(der)
+		if err != nil {
+			return nil, err
+		}
+		v.Chain = append(v.Chain, cert)
+		v.ChainDER = append(v.ChainDER, der...)
+	}
+	leaf := v.Chain[0]
+	if len(leaf.URIs) != 1 || leaf.URIs[0].String() != e.SPIFFEID {
+		return nil, fmt.Errorf("leaf is for %v, entry for %s", leaf.URIs, e.SPIFFEID)
+	}
+	if !k.PublicKey.Equal(leaf.PublicKey) {
+		return nil, errors.New("leaf certifies another key")
+	}
+	var err error
+	if v.KeyDER, err = x509.MarshalPKCS8PrivateKey(k); err != nil {
+		return nil, err
+	}
+	v.NotAfter = leaf.NotAfter
+	life := leaf.NotAfter.Sub(leaf.NotBefore)
+	v.rotateAt = leaf.NotBefore.Add(life/2 - time.Duration(mrand.Int64N(int64(life/10)+1)))
+	return v, nil
+}
+
+// JWTSVID returns a JWT-SVID for entry and audience, signed by the
+// appliance, reusing a cached token while more than half its life is left.
+func (c *Cache) JWTSVID(ctx context.Context, e api.Entry, audience []string) (string, time.Time, error) {
+	aud := slices.Clone(audience)
+	sort.Strings(aud)
+	key := e.ID + "\x00" + e.SPIFFEID + "\x00" + strings.Join(aud, "\x00")
+	now := time.Now()
+	c.jwtMu.Lock()
+	if it, ok := c.jwts[key]; ok && now.Before(it.issued.Add(it.expiresAt.Sub(it.issued)/2)) {
+		c.jwtMu.Unlock()
+		return it.token, it.expiresAt, nil
+	}
+	c.jwtMu.Unlock()
+	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	r, err := c.app.SignJWTSVID(sctx, &api.JWTSVIDRequest{EntryID: e.ID, Audience: aud})
+	if err != nil {
+		c.Stats.JWTFailures.Add(1)
+		return "", time.Time{}, err
+	}
+	if r.SPIFFEID != e.SPIFFEID {
+		c.Stats.JWTFailures.Add(1)
+		return "", time.Time{}, fmt.Errorf("appliance signed %s for entry %s (%s)", r.SPIFFEID, e.ID, e.SPIFFEID)
+	}
+	c.Stats.JWTsSigned.Add(1)
+	c.jwtMu.Lock()
+	defer c.jwtMu.Unlock()
+	if len(c.jwts) >= c.opts.MaxJWTs {
+		for k, it := range c.jwts {
+			if !now.Before(it.issued.Add(it.expiresAt.Sub(it.issued) / 2)) {
+				delete(c.jwts, k)
+			}
+		}
+		if len(c.jwts) >= c.opts.MaxJWTs {
+			clear(c.jwts)
+		}
+	}
+	c.jwts[key] = jwtItem{token: r.Token, issued: now, expiresAt: r.ExpiresAt}
+	return r.Token, r.ExpiresAt, nil
+}

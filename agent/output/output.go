@@ -1,0 +1,226 @@
+// Package output writes SVIDs to files for workloads that cannot speak the
+// Workload API: the chain, its key (0600, owned by the workload's user),
+// the bundle and optional JWT-SVIDs, each written atomically (a temporary
+// file in the same directory, synced, then renamed) and re-written when
+// the SVID rotates or the bundle changes.
+package output
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/sigil-appliance/sigil/agent/cache"
+	"github.com/sigil-appliance/sigil/appliance/api"
+)
+
+// Config is one output directory.
+type Config struct {
+	// Dir receives svid.pem, svid_key.pem, bundle.pem and, with
+	// jwt-audiences, jwt_svid.token and jwt_bundle.json.
+	Dir string `yaml:"dir"`
+	// Selectors describe the workload as attestation would ("unix:uid:1000",
+	// ...): the output gets the SVID of the first entry they satisfy.
+	Selectors []string `yaml:"selectors"`
+	// SPIFFEID, when set, picks that identity among the matches.
+	SPIFFEID string `yaml:"spiffe-id"`
+	// UID and GID own the files (the key is 0600, the rest 0644).
+	UID int `yaml:"uid"`
+	GID int `yaml:"gid"`
+	// JWTAudiences, when set, also writes a JWT-SVID for them.
+	JWTAudiences []string `yaml:"jwt-audiences"`
+}
+
+// Validate checks a config before anything is written.
+func (c Config) Validate() error {
+	if !filepath.IsAbs(c.Dir) {
+		return fmt.Errorf("output dir %q: must be an absolute path", c.Dir)
+	}
+	if len(c.Selectors) == 0 {
+		return fmt.Errorf("output %s: needs selectors", c.Dir)
+	}
+	for _, s := range c.Selectors {
+		if strings.Count(s, ":") < 2 {
+			return fmt.Errorf("output %s: selector %q: want type:key:value", c.Dir, s)
+		}
+	}
+	if c.UID < 0 || c.GID < 0 {
+		return fmt.Errorf("output %s: uid and gid must not be negative", c.Dir)
+	}
+	return nil
+}
+
+// Source is the agent's cache.
+type Source interface {
+	Current() (*cache.Snapshot, <-chan struct{})
+	JWTSVID(ctx context.Context, e api.Entry, audience []string) (string, time.Time, error)
+}
+
+// Run keeps one output current until ctx ends.
+func Run(ctx context.Context, src Source, c Config, log *slog.Logger) {
+	sel := map[string]bool{}
+	for _, s := range c.Selectors {
+		sel[s] = true
+	}
+	has := func(want ...string) bool {
+		for _, w := range want {
+			if !sel[w] {
+				return false
+			}
+		}
+		return true
+	}
+	var lastSVID, lastBundle [32]byte
+	var jwtRefresh time.Time
+	for {
+		snap, changed := src.Current()
+		wait := time.Hour
+		if snap.Bundle != nil {
+			entries := snap.Match(has)
+			if c.SPIFFEID != "" {
+				var keep []api.Entry
+				for _, e := range entries {
+					if e.SPIFFEID == c.SPIFFEID {
+						keep = append(keep, e)
+					}
+				}
+				entries = keep
+			}
+			if svids := snap.SVIDsFor(entries, time.Now()); len(svids) > 0 {
+				v := svids[0]
+				if fp := sha256.Sum256(v.ChainDER); fp != lastSVID {
+					if err := writeSVID(c, v); err != nil {
+						log.Error("output not written", "dir", c.Dir, "err", err)
+						wait = 5 * time.Second
+					} else {
+						lastSVID = fp
+						jwtRefresh = time.Time{}
+						log.Info("output written", "dir", c.Dir, "spiffe_id", v.SPIFFEID, "expires", v.NotAfter)
+					}
+				}
+				if len(c.JWTAudiences) > 0 && !time.Now().Before(jwtRefresh) {
+					e := entries[0]
+					for _, x := range entries {
+						if x.ID == v.EntryID {
+							e = x
+						}
+					}
+					tok, exp, err := src.JWTSVID(ctx, e, c.JWTAudiences)
+					if err != nil {
+						log.Warn("output JWT-SVID not refreshed", "dir", c.Dir, "err", err)
+						wait = 5 * time.Second
+					} else if err := writeFile(c, "jwt_svid.token", []byte(tok), 0o600); err != nil {
+						log.Error("output not written", "dir", c.Dir, "err", err)
+					} else {
+						jwtRefresh = time.Now().Add(time.Until(exp) / 2)
+					}
+				}
+				if !jwtRefresh.IsZero() {
+					wait = min(wait, max(time.Until(jwtRefresh), time.Second))
+				}
+			}
+			if fp := bundleFP(snap); fp != lastBundle {
+				if err := writeBundle(c, snap); err != nil {
+					log.Error("output bundle not written", "dir", c.Dir, "err", err)
+				} else {
+					lastBundle = fp
+				}
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		case <-time.After(wait):
+		}
+	}
+}
+
+func bundleFP(s *cache.Snapshot) [32]byte {
+	h := sha256.New()
+	for _, c := range s.Bundle.X509Authorities() {
+		h.Write(c.Raw)
+	}
+	jwks, _ := s.Bundle.JWTBundle().Marshal()
+	h.Write(jwks)
+	var out [32]byte
+	h.Sum(out[:0])
+	return out
+}
+
+func writeSVID(c Config, v *cache.SVID) error {
+	var chain []byte
+	for _, cert := range v.Chain {
+		chain = append(chain, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw})...)
+	}
+	// The key first: a reader that sees the new chain must find its key.
+	if err := writeFile(c, "svid_key.pem", pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: v.KeyDER}), 0o600); err != nil {
+		return err
+	}
+	return writeFile(c, "svid.pem", chain, 0o644)
+}
+
+func writeBundle(c Config, s *cache.Snapshot) error {
+	var b []byte
+	for _, cert := range s.Bundle.X509Authorities() {
+		b = append(b, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw})...)
+	}
+	if err := writeFile(c, "bundle.pem", b, 0o644); err != nil {
+		return err
+	}
+	if len(c.JWTAudiences) == 0 {
+		return nil
+	}
+	jwks, err := s.Bundle.JWTBundle().Marshal()
+	if err != nil {
+		return err
+	}
+	return writeFile(c, "jwt_bundle.json", jwks, 0o644)
+}
+
+// writeFile replaces Dir/name atomically. The temporary file gets its
+// final mode and owner before any secret is written into it.
+func writeFile(c Config, name string, data []byte, mode os.FileMode) error {
+	if err := os.MkdirAll(c.Dir, 0o755); err != nil {
+		return err
+	}
+	f, err := os.CreateTemp(c.Dir, "."+name+".*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	ok := false
+	defer func() {
+		if !ok {
+			f.Close()
+			os.Remove(tmp)
+		}
+	}()
+	if err := f.Chmod(mode); err != nil {
+		return err
+	}
+	if err := f.Chown(c.UID, c.GID); err != nil && !(errors.Is(err, os.ErrPermission) && c.UID == os.Getuid()) {
+		return fmt.Errorf("chown %s to %d:%d: %w", name, c.UID, c.GID, err)
+	}
+	if _, err := f.Write(data); err != nil {
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, filepath.Join(c.Dir, name)); err != nil {
+		return err
+	}
+	ok = true
+	return nil
+}

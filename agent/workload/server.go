@@ -1,0 +1,535 @@
+// Package workload serves the SPIFFE Workload API on the agent's Unix
+// socket. Every call is checked for the spec's security header, counted
+// against its caller's limits, and attested (agent/attestor) before the
+// cache's SVIDs and bundles are matched against the caller's selectors.
+// Callers see generic errors; the reasons go to the agent's log.
+package workload
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
+	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/structpb"
+
+	"github.com/sigil-appliance/sigil/agent/attestor"
+	"github.com/sigil-appliance/sigil/agent/cache"
+	"github.com/sigil-appliance/sigil/appliance/api"
+)
+
+// Source is what the server reads: the agent's cache.
+type Source interface {
+	Current() (*cache.Snapshot, <-chan struct{})
+	JWTSVID(ctx context.Context, e api.Entry, audience []string) (string, time.Time, error)
+}
+
+// Limits bound what one caller (one uid) may take.
+type Limits struct {
+	// StreamsPerCaller caps concurrent streams per uid (default 1024).
+	StreamsPerCaller int `yaml:"streams-per-caller"`
+	// RequestsPerSecond and Burst bound calls and stream opens per uid
+	// (defaults 50 and 200).
+	RequestsPerSecond float64 `yaml:"requests-per-second"`
+	Burst             int     `yaml:"burst"`
+}
+
+// Options configure the server.
+type Options struct {
+	Log    *slog.Logger
+	Limits Limits
+	// AllowUnauthenticatedVerifiers lets callers without an identity read
+	// bundles and validate JWT-SVIDs (off: only callers with at least one
+	// matching entry may).
+	AllowUnauthenticatedVerifiers bool
+}
+
+// Stats are counters for metrics.
+type Stats struct {
+	Attestations, AttestFailures atomic.Int64
+	Denied, Limited              atomic.Int64
+	Streams                      atomic.Int64
+}
+
+// Server is the Workload API.
+type Server struct {
+	workload.UnimplementedSpiffeWorkloadAPIServer
+	src   Source
+	att   *attestor.Attestor
+	log   *slog.Logger
+	opts  Options
+	Stats Stats
+
+	mu      sync.Mutex
+	callers map[uint32]*callerLimit
+}
+
+// New returns a Workload API server over src.
+func New(src Source, att *attestor.Attestor, opts Options) *Server {
+	if opts.Log == nil {
+		opts.Log = slog.Default()
+	}
+	if opts.Limits.StreamsPerCaller <= 0 {
+		opts.Limits.StreamsPerCaller = 1024
+	}
+	if opts.Limits.RequestsPerSecond <= 0 {
+		opts.Limits.RequestsPerSecond = 50
+	}
+	if opts.Limits.Burst <= 0 {
+		opts.Limits.Burst = 200
+	}
+	return &Server{src: src, att: att, log: opts.Log, opts: opts, callers: map[uint32]*callerLimit{}}
+}
+
+// Listen creates the socket: its directory 0755 (created if missing), the
+// socket itself with mode (0777 when 0) because the Workload API is open
+// to every local process and attestation decides what each one gets. A
+// stale socket from an earlier run is replaced.
+func Listen(path string, mode os.FileMode) (net.Listener, error) {
+	if mode == 0 {
+		mode = 0o777
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, err
+	}
+	if st, err := os.Lstat(path); err == nil {
+		if st.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("%s exists and is not a socket", path)
+		}
+		os.Remove(path)
+	}
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(path, mode); err != nil {
+		l.Close()
+		return nil, err
+	}
+	return l, nil
+}
+
+// GRPCServer returns a gRPC server with the Workload API registered on
+// the attesting transport.
+func (s *Server) GRPCServer() *grpc.Server {
+	g := grpc.NewServer(
+		grpc.Creds(attestor.Credentials()),
+		grpc.UnaryInterceptor(s.unary),
+		grpc.StreamInterceptor(s.stream),
+	)
+	workload.RegisterSpiffeWorkloadAPIServer(g, s)
+	return g
+}
+
+// Serve serves on l until ctx ends.
+func (s *Server) Serve(ctx context.Context, l net.Listener) error {
+	g := s.GRPCServer()
+	go func() {
+		<-ctx.Done()
+		g.Stop()
+	}()
+	err := g.Serve(l)
+	if ctx.Err() != nil {
+		return nil
+	}
+	return err
+}
+
+type callerKey struct{}
+
+type call struct {
+	caller *attestor.Caller
+	sel    attestor.Selectors
+}
+
+// admit checks the header, the caller's limits and attests it.
+func (s *Server) admit(ctx context.Context, method string) (context.Context, func(), error) {
+	md, _ := metadata.FromIncomingContext(ctx)
+	if v := md.Get("workload.spiffe.io"); len(v) != 1 || v[0] != "true" {
+		s.log.Warn("workload API call without the security header", "method", method)
+		return nil, nil, status.Error(codes.InvalidArgument, "security header missing from request")
+	}
+	c, ok := attestor.FromContext(ctx)
+	if !ok {
+		return nil, nil, status.Error(codes.Internal, "caller credentials missing")
+	}
+	lim := s.limit(c.UID)
+	if !lim.allow() {
+		s.Stats.Limited.Add(1)
+		s.log.Warn("workload API caller over its request rate", "method", method, "uid", c.UID, "pid", c.PID)
+		return nil, nil, status.Error(codes.ResourceExhausted, "too many requests")
+	}
+	done := func() {}
+	if isStream(method) {
+		if !lim.openStream(s.opts.Limits.StreamsPerCaller) {
+			s.Stats.Limited.Add(1)
+			s.log.Warn("workload API caller over its stream limit", "method", method, "uid", c.UID, "pid", c.PID)
+			return nil, nil, status.Error(codes.ResourceExhausted, "too many streams")
+		}
+		s.Stats.Streams.Add(1)
+		done = func() { lim.closeStream(); s.Stats.Streams.Add(-1) }
+	}
+	sel, err := s.att.Attest(ctx, c)
+	if err != nil {
+		done()
+		s.Stats.AttestFailures.Add(1)
+		s.log.Warn("workload attestation failed", "method", method, "uid", c.UID, "pid", c.PID, "err", err)
+		return nil, nil, status.Error(codes.PermissionDenied, "workload attestation failed")
+	}
+	s.Stats.Attestations.Add(1)
+	return context.WithValue(ctx, callerKey{}, &call{caller: c, sel: sel}), done, nil
+}
+
+func isStream(method string) bool {
+	switch method {
+	case workload.SpiffeWorkloadAPI_FetchX509SVID_FullMethodName,
+		workload.SpiffeWorkloadAPI_FetchX509Bundles_FullMethodName,
+		workload.SpiffeWorkloadAPI_FetchJWTBundles_FullMethodName,
+		workload.SpiffeWorkloadAPI_FetchWITSVID_FullMethodName,
+		workload.SpiffeWorkloadAPI_FetchWITBundles_FullMethodName:
+		return true
+	}
+	return false
+}
+
+func (s *Server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	ctx, done, err := s.admit(ctx, info.FullMethod)
+	if err != nil {
+		return nil, err
+	}
+	defer done()
+	return h(ctx, req)
+}
+
+type wrapped struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (w wrapped) Context() context.Context { return w.ctx }
+
+func (s *Server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+	ctx, done, err := s.admit(ss.Context(), info.FullMethod)
+	if err != nil {
+		return err
+	}
+	defer done()
+	return h(srv, wrapped{ss, ctx})
+}
+
+func callOf(ctx context.Context) *call { return ctx.Value(callerKey{}).(*call) }
+
+// deny logs why a caller gets nothing and returns the generic error.
+func (s *Server) deny(c *call, method, why string) error {
+	s.Stats.Denied.Add(1)
+	s.log.Warn("workload API request denied", "method", method, "uid", c.caller.UID, "gid", c.caller.GID,
+		"pid", c.caller.PID, "selectors", c.sel.List(), "reason", why)
+	return status.Error(codes.PermissionDenied, "no identity issued")
+}
+
+// FetchX509SVID sends the caller's SVIDs at once and again on every
+// change. While the caller's entries exist but no SVID has been signed yet
+// (the agent just started, the appliance is away), the stream waits.
+func (s *Server) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerStreamingServer[workload.X509SVIDResponse]) error {
+	ctx := stream.Context()
+	c := callOf(ctx)
+	var last [32]byte
+	first := true
+	for {
+		snap, changed := s.src.Current()
+		entries := snap.Match(c.sel.Has)
+		if len(entries) == 0 {
+			return s.deny(c, "FetchX509SVID", "no registration entry matches the caller's selectors")
+		}
+		now := time.Now()
+		svids := snap.SVIDsFor(entries, now)
+		var expiry <-chan time.Time
+		if len(svids) > 0 && snap.Bundle != nil {
+			resp := &workload.X509SVIDResponse{}
+			roots := rootsDER(snap)
+			soonest := svids[0].NotAfter
+			for _, v := range svids {
+				resp.Svids = append(resp.Svids, &workload.X509SVID{
+					SpiffeId: v.SPIFFEID, X509Svid: v.ChainDER, X509SvidKey: v.KeyDER, Bundle: roots, Hint: v.Hint,
+				})
+				soonest = minTime(soonest, v.NotAfter)
+			}
+			fp := fingerprint(resp.Svids, roots)
+			if first || fp != last {
+				if err := stream.Send(resp); err != nil {
+					return err
+				}
+				if first {
+					s.log.Debug("X.509-SVIDs served", "uid", c.caller.UID, "pid", c.caller.PID, "svids", len(svids))
+				}
+				first, last = false, fp
+			}
+			// An SVID that expires unrenewed must leave the stream.
+			expiry = time.After(time.Until(soonest) + time.Millisecond)
+		} else if !first && len(svids) == 0 {
+			return s.deny(c, "FetchX509SVID", "every SVID of the caller expired and none could be renewed")
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-changed:
+		case <-expiry:
+		}
+	}
+}
+
+func fingerprint(svids []*workload.X509SVID, roots []byte) [32]byte {
+	h := sha256.New()
+	for _, v := range svids {
+		h.Write(v.X509Svid)
+		h.Write([]byte(v.Hint))
+	}
+	h.Write(roots)
+	var out [32]byte
+	h.Sum(out[:0])
+	return out
+}
+
+func minTime(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
+}
+
+func rootsDER(s *cache.Snapshot) []byte {
+	var out []byte
+	for _, c := range s.Bundle.X509Authorities() {
+		out = append(out, c.Raw...)
+	}
+	return out
+}
+
+// verifier admits callers that may read bundles and validate tokens.
+func (s *Server) verifier(c *call, snap *cache.Snapshot, method string) error {
+	if s.opts.AllowUnauthenticatedVerifiers || len(snap.Match(c.sel.Has)) > 0 {
+		return nil
+	}
+	return s.deny(c, method, "no registration entry matches the caller's selectors (unauthenticated verifiers not allowed)")
+}
+
+// waitBundle returns the first snapshot that has a bundle.
+func (s *Server) waitBundle(ctx context.Context) (*cache.Snapshot, <-chan struct{}, error) {
+	for {
+		snap, changed := s.src.Current()
+		if snap.Bundle != nil {
+			return snap, changed, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, nil, ctx.Err()
+		case <-changed:
+		}
+	}
+}
+
+// FetchX509Bundles streams the trust domain's X.509 authorities.
+func (s *Server) FetchX509Bundles(_ *workload.X509BundlesRequest, stream grpc.ServerStreamingServer[workload.X509BundlesResponse]) error {
+	ctx := stream.Context()
+	c := callOf(ctx)
+	var last []byte
+	for {
+		snap, changed, err := s.waitBundle(ctx)
+		if err != nil {
+			return nil
+		}
+		if err := s.verifier(c, snap, "FetchX509Bundles"); err != nil {
+			return err
+		}
+		roots := rootsDER(snap)
+		if last == nil || string(roots) != string(last) {
+			td := snap.Bundle.TrustDomain().IDString()
+			if err := stream.Send(&workload.X509BundlesResponse{Bundles: map[string][]byte{td: roots}}); err != nil {
+				return err
+			}
+			last = roots
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-changed:
+		}
+	}
+}
+
+// FetchJWTBundles streams the trust domain's JWT authorities as a JWKS.
+func (s *Server) FetchJWTBundles(_ *workload.JWTBundlesRequest, stream grpc.ServerStreamingServer[workload.JWTBundlesResponse]) error {
+	ctx := stream.Context()
+	c := callOf(ctx)
+	var last []byte
+	for {
+		snap, changed, err := s.waitBundle(ctx)
+		if err != nil {
+			return nil
+		}
+		if err := s.verifier(c, snap, "FetchJWTBundles"); err != nil {
+			return err
+		}
+		jwks, err := snap.Bundle.JWTBundle().Marshal()
+		if err != nil {
+			return status.Error(codes.Internal, "JWT bundle unavailable")
+		}
+		if last == nil || string(jwks) != string(last) {
+			td := snap.Bundle.TrustDomain().IDString()
+			if err := stream.Send(&workload.JWTBundlesResponse{Bundles: map[string][]byte{td: jwks}}); err != nil {
+				return err
+			}
+			last = jwks
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-changed:
+		}
+	}
+}
+
+// FetchJWTSVID returns a JWT-SVID for each of the caller's identities (or
+// the one it names), signed by the appliance for the given audience.
+func (s *Server) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest) (*workload.JWTSVIDResponse, error) {
+	c := callOf(ctx)
+	if len(req.Audience) == 0 || slices.Contains(req.Audience, "") {
+		return nil, status.Error(codes.InvalidArgument, "audience must be specified")
+	}
+	if req.SpiffeId != "" {
+		if _, err := spiffeid.FromString(req.SpiffeId); err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "spiffe_id %q: %v", req.SpiffeId, err)
+		}
+	}
+	snap, _ := s.src.Current()
+	entries := snap.Match(c.sel.Has)
+	if req.SpiffeId != "" {
+		entries = slices.DeleteFunc(entries, func(e api.Entry) bool { return e.SPIFFEID != req.SpiffeId })
+	}
+	if len(entries) == 0 {
+		return nil, s.deny(c, "FetchJWTSVID", fmt.Sprintf("no registration entry for %q matches the caller's selectors", req.SpiffeId))
+	}
+	resp := &workload.JWTSVIDResponse{}
+	seen := map[string]bool{}
+	for _, e := range entries {
+		if seen[e.SPIFFEID] {
+			continue
+		}
+		seen[e.SPIFFEID] = true
+		tok, _, err := s.src.JWTSVID(ctx, e, req.Audience)
+		if err != nil {
+			s.log.Warn("JWT-SVID not available", "entry", e.ID, "spiffe_id", e.SPIFFEID, "uid", c.caller.UID, "pid", c.caller.PID, "err", err)
+			return nil, status.Error(codes.Unavailable, "could not fetch JWT-SVID")
+		}
+		resp.Svids = append(resp.Svids, &workload.JWTSVID{SpiffeId: e.SPIFFEID, Svid: tok, Hint: e.Hint})
+	}
+	return resp, nil
+}
+
+// ValidateJWTSVID checks a token against the trust domain's JWT bundle.
+func (s *Server) ValidateJWTSVID(ctx context.Context, req *workload.ValidateJWTSVIDRequest) (*workload.ValidateJWTSVIDResponse, error) {
+	c := callOf(ctx)
+	if req.Audience == "" {
+		return nil, status.Error(codes.InvalidArgument, "audience must be specified")
+	}
+	if req.Svid == "" {
+		return nil, status.Error(codes.InvalidArgument, "svid must be specified")
+	}
+	snap, _ := s.src.Current()
+	if snap.Bundle == nil {
+		return nil, status.Error(codes.Unavailable, "no trust bundle yet")
+	}
+	if err := s.verifier(c, snap, "ValidateJWTSVID"); err != nil {
+		return nil, err
+	}
+	svid, err := jwtsvid.ParseAndValidate(req.Svid, jwtbundle.NewSet(snap.Bundle.JWTBundle()), []string{req.Audience})
+	if err != nil {
+		s.log.Info("JWT-SVID failed validation", "uid", c.caller.UID, "pid", c.caller.PID, "err", err)
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	claims, err := toStruct(svid.Claims)
+	if err != nil {
+		return nil, status.Error(codes.Internal, "claims not representable")
+	}
+	return &workload.ValidateJWTSVIDResponse{SpiffeId: svid.ID.String(), Claims: claims}, nil
+}
+
+// toStruct goes through JSON so every claim type is one structpb knows.
+func toStruct(m map[string]any) (*structpb.Struct, error) {
+	b, err := json.Marshal(m)
+	if err != nil {
+		return nil, err
+	}
+	var plain map[string]any
+	if err := json.Unmarshal(b, &plain); err != nil {
+		return nil, err
+	}
+	return structpb.NewStruct(plain)
+}
+
+// callerLimit is a token bucket plus a stream count for one uid.
+type callerLimit struct {
+	mu      sync.Mutex
+	rate    float64
+	burst   float64
+	tokens  float64
+	last    time.Time
+	streams int
+}
+
+func (s *Server) limit(uid uint32) *callerLimit {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l := s.callers[uid]
+	if l == nil {
+		l = &callerLimit{rate: s.opts.Limits.RequestsPerSecond, burst: float64(s.opts.Limits.Burst),
+			tokens: float64(s.opts.Limits.Burst), last: time.Now()}
+		s.callers[uid] = l
+	}
+	return l
+}
+
+func (l *callerLimit) allow() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := time.Now()
+	l.tokens = min(l.burst, l.tokens+now.Sub(l.last).Seconds()*l.rate)
+	l.last = now
+	if l.tokens < 1 {
+		return false
+	}
+	l.tokens--
+	return true
+}
+
+func (l *callerLimit) openStream(max int) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.streams >= max {
+		return false
+	}
+	l.streams++
+	return true
+}
+
+func (l *callerLimit) closeStream() {
+	l.mu.Lock()
+	l.streams--
+	l.mu.Unlock()
+}
