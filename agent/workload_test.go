@@ -121,7 +121,7 @@ type workloadDir struct {
 	dir, socket, bin, binSum string
 }
 
-func newWorkloadDir(t *testing.T) *workloadDir {
+func newWorkloadDir(t testing.TB) *workloadDir {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "sigil-wl-")
 	if err != nil {
@@ -192,7 +192,7 @@ type agentEnv struct {
 
 // newAgentEnv starts a one-node appliance, an swtpm, and an agent joined
 // by TPM attestation and serving the Workload API.
-func newAgentEnv(t *testing.T, prefix string, mod func(*agent.Config)) *agentEnv {
+func newAgentEnv(t testing.TB, prefix string, mod func(*agent.Config)) *agentEnv {
 	t.Helper()
 	tr := clustertest.NewTrust(t, prefix, []string{"node-1"}, nil)
 	c := clustertest.NewCluster(t, tr, "node-1")
@@ -213,7 +213,7 @@ func newAgentEnv(t *testing.T, prefix string, mod func(*agent.Config)) *agentEnv
 	if mod != nil {
 		mod(&cfg)
 	}
-	log := slog.New(slog.NewJSONHandler(c.Log, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	log := slog.New(slog.NewJSONHandler(c.Log, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	a, err := agent.New(ctx, cfg, log)
 	if err != nil {
 		t.Fatal(err)
@@ -243,7 +243,7 @@ func newAgentEnv(t *testing.T, prefix string, mod func(*agent.Config)) *agentEnv
 	return e
 }
 
-func (e *agentEnv) entry(t *testing.T, path string, ttl int64, hint string, sel ...string) *api.Entry {
+func (e *agentEnv) entry(t testing.TB, path string, ttl int64, hint string, sel ...string) *api.Entry {
 	t.Helper()
 	r := &api.EntryRequest{Entry: api.Entry{SPIFFEID: e.td + path, ParentID: e.id, Hint: hint, X509TTL: api.Seconds(ttl)}}
 	for _, s := range sel {

@@ -50,12 +50,13 @@ func (c *Caller) process() (int, error) {
 }
 
 // stillSame checks that the pidfd taken at connect time still names a
-// live process with this pid. A pidfd becomes readable when its process
-// exits; it never follows a pid to a new process.
+// live process. A pidfd becomes readable when its process exits; it never
+// follows a pid to a new process, and the handshake checked that it names
+// pid, so a live pidfd means pid is still the caller.
 func (c *Caller) stillSame(pid int) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.pidfd < 0 {
+	if c.pidfd < 0 || pid != int(c.PID) {
 		return ErrGone
 	}
 	fds := []unix.PollFd{{Fd: int32(c.pidfd), Events: unix.POLLIN}}
@@ -70,17 +71,13 @@ func (c *Caller) stillSame(pid int) error {
 		if n > 0 {
 			return ErrGone
 		}
-		break
+		return nil
 	}
-	got, err := pidfdPID(c.pidfd)
-	if err != nil {
-		return err
-	}
-	if got != pid {
-		return ErrGone
-	}
-	return nil
 }
+
+// Pinned reports whether the kernel gave the caller's pidfd at connect
+// time (SO_PEERPIDFD) rather than the agent opening it by pid afterwards.
+func (c *Caller) Pinned() bool { return c.pinned }
 
 func (c *Caller) close() {
 	c.mu.Lock()
@@ -160,6 +157,12 @@ func (creds) ServerHandshake(nc net.Conn) (net.Conn, credentials.AuthInfo, error
 		if pidfd, err = unix.PidfdOpen(int(cred.Pid), 0); err != nil {
 			return nil, nil, fmt.Errorf("pidfd_open(%d): %w", cred.Pid, err)
 		}
+	}
+	// The pidfd must name the pid SO_PEERCRED reported (same pid
+	// namespace); afterwards only its liveness needs checking.
+	if got, err := pidfdPID(pidfd); err != nil || got != int(cred.Pid) {
+		unix.Close(pidfd)
+		return nil, nil, fmt.Errorf("caller pidfd names pid %d, peer credentials say %d: %v", got, cred.Pid, err)
 	}
 	c := &Caller{UID: cred.Uid, GID: cred.Gid, PID: cred.Pid, pidfd: pidfd, pinned: pinned}
 	return &conn{Conn: nc, caller: c}, c, nil

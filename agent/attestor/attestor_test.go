@@ -1,0 +1,136 @@
+package attestor_test
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sigil-appliance/sigil/agent/attestor"
+)
+
+const helperEnv = "SIGIL_ATTEST_HELPER"
+
+// TestMain lets the test binary act as a caller process: it connects to
+// the socket named in the environment and holds the connection until its
+// stdin closes.
+func TestMain(m *testing.M) {
+	if sock := os.Getenv(helperEnv); sock != "" {
+		c, err := net.Dial("unix", sock)
+		if err != nil {
+			os.Exit(2)
+		}
+		os.Stdout.WriteString("connected\n")
+		bufio.NewReader(os.Stdin).ReadString('\n')
+		c.Close()
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+func TestSystemdUnitAndContainer(t *testing.T) {
+	id := "4f1c0e2a9b7d6c5e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e"
+	for _, c := range []struct{ cgroup, unit, container string }{
+		{"0::/system.slice/web.service\n", "web.service", ""},
+		{"0::/user.slice/user-1000.slice/session-3.scope\n", "session-3.scope", ""},
+		{"0::/system.slice/docker-" + id + ".scope\n", "docker-" + id + ".scope", id},
+		{"0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/cri-containerd-" + id + ".scope\n", "cri-containerd-" + id + ".scope", id},
+		{"12:memory:/docker/" + id + "\n1:name=systemd:/docker/" + id + "\n0::/\n", "", id},
+		{"1:name=systemd:/system.slice/cron.service\n0::/\n", "cron.service", ""},
+		{"0::/\n", "", ""},
+		// 63 hex digits is not a container id.
+		{"0::/system.slice/x-" + id[1:] + ".scope\n", "x-" + id[1:] + ".scope", ""},
+	} {
+		if u := attestor.SystemdUnit([]byte(c.cgroup)); u != c.unit {
+			t.Errorf("%q: unit %q, want %q", c.cgroup, u, c.unit)
+		}
+		if got := attestor.ContainerID([]byte(c.cgroup)); got != c.container {
+			t.Errorf("%q: container %q, want %q", c.cgroup, got, c.container)
+		}
+	}
+}
+
+// serve accepts one connection and runs the attesting handshake on it.
+func serve(t *testing.T, l net.Listener) <-chan *attestor.Caller {
+	out := make(chan *attestor.Caller, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			close(out)
+			return
+		}
+		conn, info, err := attestor.Credentials().ServerHandshake(c)
+		if err != nil {
+			t.Error(err)
+			close(out)
+			return
+		}
+		t.Cleanup(func() { conn.Close() })
+		out <- info.(*attestor.Caller)
+	}()
+	return out
+}
+
+// A caller is attested from the kernel's view of it; once it exits,
+// attesting its connection fails instead of reading whatever process
+// holds the pid next.
+func TestAttestCallerAndExit(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "s")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	got := serve(t, l)
+	self, _ := os.Executable()
+	cmd := exec.Command(self)
+	cmd.Env = append(os.Environ(), helperEnv+"="+sock)
+	stdin, _ := cmd.StdinPipe()
+	out, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	if line, _ := bufio.NewReader(out).ReadString('\n'); line != "connected\n" {
+		t.Fatalf("helper: %q", line)
+	}
+	caller := <-got
+	if caller == nil || int(caller.PID) != cmd.Process.Pid {
+		t.Fatalf("caller %+v, helper pid %d", caller, cmd.Process.Pid)
+	}
+	var u unix.Utsname
+	unix.Uname(&u)
+	var major, minor int
+	fmt.Sscanf(unix.ByteSliceToString(u.Release[:]), "%d.%d", &major, &minor)
+	if (major > 6 || major == 6 && minor >= 5) && !caller.Pinned() {
+		t.Fatalf("kernel %d.%d has SO_PEERPIDFD but the pidfd was not taken from it", major, minor)
+	}
+	a := attestor.New("")
+	sel, err := a.Attest(context.Background(), caller)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(self)
+	sum := sha256.Sum256(b)
+	want := []string{"unix:uid:0", "unix:gid:0", "unix:user:root", "unix:group:root", "unix:path:" + self, "unix:sha256:" + hex.EncodeToString(sum[:])}
+	if os.Getuid() != 0 {
+		t.Skip("expects to run as root, as CI does")
+	}
+	if !sel.Has(want...) {
+		t.Fatalf("selectors %v, want %v", sel.List(), want)
+	}
+	stdin.Close()
+	cmd.Wait()
+	if _, err := a.Attest(context.Background(), caller); !errors.Is(err, attestor.ErrGone) {
+		t.Fatalf("after the caller exited: %v", err)
+	}
+}
