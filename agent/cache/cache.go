@@ -119,11 +119,11 @@ type Options struct {
 
 // Stats are counters for metrics.
 type Stats struct {
-	Rotations     atomic.Int64 // SVIDs signed
-	SignFailures  atomic.Int64 // failed signing requests
-	SyncFailures  atomic.Int64 // sync streams that failed or ended
-	JWTsSigned    atomic.Int64
-	JWTFailures   atomic.Int64
+	Rotations    atomic.Int64 // SVIDs signed
+	SignFailures atomic.Int64 // failed signing requests
+	SyncFailures atomic.Int64 // sync streams that failed or ended
+	JWTsSigned   atomic.Int64
+	JWTFailures  atomic.Int64
 	Connected    atomic.Bool  // the sync stream is up
 	LastSignTime atomic.Int64 // ns, the last full signing round
 }
