@@ -81,8 +81,25 @@ func TestAgentJoinsOnceAndRenewsAfterRestart(t *testing.T) {
 
 func TestLoadConfig(t *testing.T) {
 	c, err := agent.LoadConfig("../packaging/agent.yaml")
-	if err != nil || len(c.Servers) != 3 || c.TPM != "/dev/tpmrm0" {
+	if err != nil || len(c.Servers) != 3 || c.TPM != "/dev/tpmrm0" || c.WorkloadAPI.Socket != agent.DefaultSocket ||
+		c.WorkloadAPI.Limits.StreamsPerCaller != 1024 || len(c.Outputs) != 1 || c.Outputs[0].UID != 1500 {
 		t.Fatalf("example config: %+v %v", c, err)
+	}
+	if err := c.Validate(); err != nil {
+		t.Fatalf("example config: %v", err)
+	}
+	for name, mod := range map[string]func(*agent.Config){
+		"relative socket":     func(c *agent.Config) { c.WorkloadAPI.Socket = "agent.sock" },
+		"bad socket mode":     func(c *agent.Config) { c.WorkloadAPI.SocketMode = "rwx" },
+		"relative output dir": func(c *agent.Config) { c.Outputs[0].Dir = "out" },
+		"output selector":     func(c *agent.Config) { c.Outputs[0].Selectors = []string{"uid"} },
+		"tpm and token":       func(c *agent.Config) { c.JoinTokenFile = "/etc/sigil/token" },
+	} {
+		bad, _ := agent.LoadConfig("../packaging/agent.yaml")
+		mod(&bad)
+		if err := bad.Validate(); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
 	}
 	p := t.TempDir() + "/bad.yaml"
 	os.WriteFile(p, []byte("servers: [a:1]\ncolour: blue\n"), 0o600)

@@ -32,6 +32,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/sigil-appliance/sigil/agent"
+	"github.com/sigil-appliance/sigil/agent/inspect"
 	"github.com/sigil-appliance/sigil/agent/output"
 	"github.com/sigil-appliance/sigil/appliance/api"
 	"github.com/sigil-appliance/sigil/appliance/clustertest"
@@ -71,6 +72,13 @@ func workloadRun(ctx context.Context, role string) string {
 			ids = append(ids, s.ID.String()+"#"+s.Hint)
 		}
 		return "OK " + strings.Join(ids, ",")
+	case "inspect":
+		var buf strings.Builder
+		// No socket option: the address comes from SPIFFE_ENDPOINT_SOCKET.
+		if err := inspect.Run(ctx, inspect.Options{Audience: []string{"svc-i"}}, "/nonexistent.sock", &buf); err != nil {
+			return "ERR " + err.Error()
+		}
+		return "OK " + strings.ReplaceAll(buf.String(), "\n", "|")
 	case "bundles":
 		_, err := client.FetchJWTBundles(ctx)
 		return "CODE " + status.Code(err).String()
@@ -418,6 +426,18 @@ func TestWorkloadAPI(t *testing.T) {
 		logs := e.c.Log.String()
 		if !strings.Contains(logs, `"reason":"no registration entry matches the caller's selectors"`) || !strings.Contains(logs, `"unix:uid:1003"`) {
 			t.Fatal("the agent log does not say why the caller was refused")
+		}
+	})
+
+	t.Run("inspect", func(t *testing.T) {
+		got := e.w.result(t, 1002, "inspect")
+		for _, want := range []string{"OK X.509-SVIDs from unix://" + e.w.socket + ": 1", e.td + "/wl/b (default)", "chain[1]", "X.509 bundle example.org: 1 authorities", "JWT bundle example.org", "JWT-SVID " + e.td + "/wl/b aud=[svc-i]"} {
+			if !strings.Contains(got, want) {
+				t.Fatalf("inspect output lacks %q:\n%s", want, strings.ReplaceAll(got, "|", "\n"))
+			}
+		}
+		if got := e.w.result(t, 1003, "inspect"); !strings.HasPrefix(got, "ERR ") || !strings.Contains(got, "PermissionDenied") {
+			t.Fatalf("inspect for a caller with no entry: %q", got)
 		}
 	})
 
