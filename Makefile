@@ -3,14 +3,14 @@ SHELL := /bin/bash
 export PATH := /usr/local/go/bin:$(PATH)
 GO ?= go
 # The Debian packages the tests drive for real (HSM, TPM, their CLIs).
-DEB_PACKAGES := softhsm2 swtpm swtpm-tools tpm2-tools opensc openssl systemd
+DEB_PACKAGES := softhsm2 swtpm swtpm-tools tpm2-tools opensc openssl systemd curl util-linux
 # Packages whose behaviour is tested against hardware stand-ins share those
 # stand-ins' CPU: keep package parallelism modest on small machines.
 TEST_FLAGS ?= -count=1 -p 2 -timeout 20m
 BENCHTIME ?= 2s
 BENCH_FLAGS ?= -run '^$$' -bench . -benchtime $(BENCHTIME)
 
-.PHONY: all build test bench lint deps clean
+.PHONY: all build test bench lint deps clean demo demo-stop
 
 all: build
 
@@ -58,6 +58,14 @@ lint:
 		grep -E ' -> github.com/sigil-appliance/sigil/(appliance/|raft)' | grep -vE ' -> github.com/sigil-appliance/sigil/appliance/api$$' || true); \
 	if [ -n "$$bad" ]; then echo "agent reaches the appliance only through appliance/api:"; echo "$$bad"; exit 1; fi
 	@echo "lint ok"
+
+# The README's first command: a three-node appliance on SoftHSM, a
+# TPM-joined agent on swtpm, a workload fetching its SVIDs.
+demo: deps
+	packaging/demo/demo.sh
+
+demo-stop:
+	packaging/demo/demo-stop.sh
 
 clean:
 	rm -rf bin bench.out

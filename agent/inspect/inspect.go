@@ -89,6 +89,29 @@ func Run(ctx context.Context, opts Options, fallback string, w io.Writer) error 
 			fmt.Fprintf(w, "  subject=%q expires=%s sha256=%s\n", a.Subject.String(), a.NotAfter.UTC().Format(time.RFC3339), fp(a.Raw))
 		}
 	}
+	if len(opts.Audience) > 0 {
+		svids, err := c.FetchJWTSVIDs(ctx, jwtsvid.Params{Audience: opts.Audience[0], ExtraAudiences: opts.Audience[1:]})
+		if err != nil {
+			return fmt.Errorf("%s: JWT-SVIDs: %w", addr, err)
+		}
+		for _, s := range svids {
+			fmt.Fprintf(w, "JWT-SVID %s aud=%v expires=%s\n  %s\n", s.ID, s.Audience, s.Expiry.UTC().Format(time.RFC3339), s.Marshal())
+			// The signing key reaches the agent's bundle through the
+			// appliance's sync stream, a moment after the token.
+			var verr error
+			for range 20 {
+				if _, verr = c.ValidateJWTSVID(ctx, s.Marshal(), opts.Audience[0]); verr == nil {
+					break
+				}
+				time.Sleep(250 * time.Millisecond)
+			}
+			if verr != nil {
+				fmt.Fprintf(w, "  ValidateJWTSVID: %v\n", verr)
+			} else {
+				fmt.Fprintf(w, "  ValidateJWTSVID: valid for %s\n", opts.Audience[0])
+			}
+		}
+	}
 	jb, err := c.FetchJWTBundles(ctx)
 	if err != nil {
 		return fmt.Errorf("%s: JWT bundles: %w", addr, err)
@@ -100,15 +123,6 @@ func Run(ctx context.Context, opts Options, fallback string, w io.Writer) error 
 		}
 		sort.Strings(kids)
 		fmt.Fprintf(w, "JWT bundle %s: %d keys %v\n", b.TrustDomain(), len(kids), kids)
-	}
-	if len(opts.Audience) > 0 {
-		svids, err := c.FetchJWTSVIDs(ctx, jwtsvid.Params{Audience: opts.Audience[0], ExtraAudiences: opts.Audience[1:]})
-		if err != nil {
-			return fmt.Errorf("%s: JWT-SVIDs: %w", addr, err)
-		}
-		for _, s := range svids {
-			fmt.Fprintf(w, "JWT-SVID %s aud=%v expires=%s\n  %s\n", s.ID, s.Audience, s.Expiry.UTC().Format(time.RFC3339), s.Marshal())
-		}
 	}
 	return nil
 }

@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# packaging/demo/demo.sh: the whole of Sigil on one machine, in one
+# directory ($SIGIL_DEMO_DIR, default /var/tmp/sigil-demo):
+#   SoftHSM tokens -> key ceremony (root + three node issuing CAs)
+#   -> three sigild nodes on loopback -> an entry -> an swtpm
+#   -> sigil-agent joined by TPM attestation -> a workload (uid 65534)
+#   fetching its X.509-SVID and a JWT-SVID over the Workload API.
+# Run as root on Debian: `make demo` (installs the packages it needs first).
+# Stop with `make demo-stop`; running it again starts from scratch.
+set -euo pipefail
+umask 022
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+demo=${SIGIL_DEMO_DIR:-/var/tmp/sigil-demo}
+td=example.org
+bin="$demo/bin"
+n=0
+step() { n=$((n + 1)); printf '\n\033[1m[%d] %s\033[0m\n' "$n" "$*"; }
+die() { echo "demo: $*" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || die "run as root (it starts an swtpm, sigild nodes and an agent serving other uids)"
+
+"$repo/packaging/demo/demo-stop.sh" >/dev/null 2>&1 || true
+rm -rf "$demo"
+mkdir -p "$demo" "$bin"
+chmod 0755 "$demo"
+
+step "Build sigild, sigilctl, sigil-agent and sigil-ceremony into $bin"
+(cd "$repo" && go build -trimpath -o "$bin/" ./cmd/...)
+ls "$bin"
+
+step "Create SoftHSM tokens: sigil-root (the offline ceremony HSM) and one per node"
+hsm="$demo/hsm"
+for t in sigil-root sigil-node-1 sigil-node-2 sigil-node-3; do
+	eval "$("$repo/softhsm-testenv/softhsm-token.sh" "$hsm" "$t" | grep -E '^(SOFTHSM2_CONF|MODULE)=')"
+	echo "token $t, PIN in $hsm/$t.pin (0600)"
+done
+export SOFTHSM2_CONF
+
+mkdir -p "$demo/ceremony"
+cer="$demo/ceremony"
+ceremony() { # kind file
+	"$bin/sigil-ceremony" "$1" --config "$2" | sed 's/^/    /'
+}
+step "Key ceremony: the root key (P-384) is made inside the root token and never leaves it"
+cat >"$cer/root.yaml" <<Y
+kind: root
+trust-domain: $td
+transcript: $cer/transcript.jsonl
+hsm: {module: $MODULE, token: sigil-root, pin-file: $hsm/sigil-root.pin}
+key: {label: sigil-root, curve: P-384}
+root:
+  subject: {common-name: Sigil Demo Root CA, organization: Sigil Demo, country: US}
+  validity: 1y
+  name-constraint: true
+  output: $cer/root.pem
+Y
+ceremony root "$cer/root.yaml"
+
+for i in 1 2 3; do
+	step "Key ceremony: node-$i's issuing key is made in its own token; the root signs its CA certificate"
+	cat >"$cer/csr-$i.yaml" <<Y
+kind: issuing-csr
+trust-domain: $td
+transcript: $cer/transcript.jsonl
+hsm: {module: $MODULE, token: sigil-node-$i, pin-file: $hsm/sigil-node-$i.pin}
+key: {label: sigil-issuing, curve: P-256}
+issuing-csr: {node-id: node-$i, output: $cer/node-$i.csr}
+Y
+	ceremony issuing-csr "$cer/csr-$i.yaml"
+	cat >"$cer/sign-$i.yaml" <<Y
+kind: sign-issuing
+trust-domain: $td
+transcript: $cer/transcript.jsonl
+hsm: {module: $MODULE, token: sigil-root, pin-file: $hsm/sigil-root.pin}
+key: {label: sigil-root}
+sign-issuing: {root-certificate: $cer/root.pem, csr: $cer/node-$i.csr, node-id: node-$i, validity: 90d, output: $cer/node-$i-issuing.pem}
+Y
+	ceremony sign-issuing "$cer/sign-$i.yaml"
+done
+"$bin/sigil-ceremony" verify-transcript "$cer/transcript.jsonl"
+
+step "Start three sigild nodes on loopback (raft over mutual TLS, HSM-held CAs)"
+for i in 1 2 3; do
+	d="$demo/node-$i"
+	mkdir -p "$d"
+	if [ "$i" = 1 ]; then boot="bootstrap: true"; else boot="join: [127.0.0.1:17301]"; fi
+	cat >"$d/sigild.yaml" <<Y
+node-id: node-$i
+trust-domain: $td
+data-dir: $d/data
+issuing-key: "pkcs11:token=sigil-node-$i;object=sigil-issuing?module-path=$MODULE&pin-source=file:$hsm/sigil-node-$i.pin"
+issuing-cert: $cer/node-$i-issuing.pem
+root-certs: [$cer/root.pem]
+cluster:
+  bind: 127.0.0.1:1730$i
+  advertise: 127.0.0.1:1730$i
+  $boot
+  heartbeat-timeout: 500ms
+  election-timeout: 500ms
+api: {listen: 127.0.0.1:1740$i, local-socket: $d/admin.sock, admin-cert-max-ttl: 24h}
+http: {listen: 127.0.0.1:1760$i}
+bundle: {listen: 127.0.0.1:1750$i}
+log: {level: info, format: json}
+Y
+	setsid "$bin/sigild" --config "$d/sigild.yaml" >"$d/sigild.log" 2>&1 </dev/null &
+	echo $! >"$demo/sigild-$i.pid"
+	echo "node-$i: pid $!, API 127.0.0.1:1740$i, log $d/sigild.log"
+done
+wait_for() { # what, command...
+	local what=$1; shift
+	for _ in $(seq 1 120); do "$@" >/dev/null 2>&1 && return 0; sleep 0.5; done
+	die "timed out waiting for $what"
+}
+for i in 1 2 3; do wait_for "node-$i ready" curl -fsS "http://127.0.0.1:1760$i/readyz"; done
+
+step "Issue an admin credential through node-1's root-only local socket"
+mkdir -p "$demo/admin"
+"$bin/sigilctl" --socket "$demo/node-1/admin.sock" admin issue --name demo \
+	--key-out "$demo/admin/key.pem" --cert-out "$demo/admin/cert.pem"
+export SIGIL_SERVER=127.0.0.1:17402 SIGIL_CERT="$demo/admin/cert.pem" SIGIL_KEY="$demo/admin/key.pem" SIGIL_ROOT="$cer/root.pem"
+three_voters() { "$bin/sigilctl" -o json cluster status | grep -c '"ID"' | grep -qx 3; }
+wait_for "three voters" three_voters
+"$bin/sigilctl" cluster status
+
+step "Manufacture a software TPM (swtpm) with an EK certificate from a local vendor CA"
+eval "$("$repo/softhsm-testenv/swtpm-provision.sh" "$demo/tpm" | grep -E '^EK_CA_(ROOT|ISSUER)=')"
+"$repo/softhsm-testenv/swtpm-start.sh" "$demo/tpm" >/dev/null
+cp "$demo/tpm/swtpm.pid" "$demo/swtpm.pid"
+echo "swtpm on $demo/tpm/tpm.sock"
+"$bin/sigilctl" tpm ek-ca add "$EK_CA_ROOT"
+"$bin/sigilctl" tpm ek-ca add "$EK_CA_ISSUER"
+
+step "Start sigil-agent: it joins by TPM attestation and serves the Workload API"
+ad="$demo/agent"
+mkdir -p "$ad/run"
+chmod 0755 "$ad" "$ad/run"
+cat >"$ad/agent.yaml" <<Y
+servers: [127.0.0.1:17401, 127.0.0.1:17402, 127.0.0.1:17403]
+root-cert: $cer/root.pem
+data-dir: $ad/data
+tpm: $demo/tpm/tpm.sock
+workload-api: {socket: $ad/run/agent.sock}
+health-listen: 127.0.0.1:17701
+Y
+setsid "$bin/sigil-agent" --config "$ad/agent.yaml" >"$ad/agent.log" 2>&1 </dev/null &
+echo $! >"$demo/agent.pid"
+wait_for "the agent's Workload API" curl -fsS http://127.0.0.1:17701/readyz
+agent_id=$(grep -o '"agent":"spiffe://[^"]*' "$ad/agent.log" | head -1 | cut -d'"' -f4)
+[ -n "$agent_id" ] || die "agent ID not found in $ad/agent.log"
+echo "agent joined as $agent_id (key sealed in the TPM: $ad/data/agent.key)"
+"$bin/sigilctl" agent list
+
+step "Register the workload: uid 65534 running $bin/sigil-agent (by path and SHA-256)"
+sum=$(sha256sum "$bin/sigil-agent" | cut -d' ' -f1)
+"$bin/sigilctl" entry create --spiffe-id "spiffe://$td/demo/workload" --parent-id "$agent_id" \
+	--selector unix:uid:65534 --selector "unix:path:$bin/sigil-agent" --selector "unix:sha256:$sum" --hint demo
+
+step "The workload fetches its X.509-SVID and a JWT-SVID over the Workload API (as uid 65534)"
+fetch() {
+	setpriv --reuid=65534 --regid=65534 --clear-groups \
+		env SPIFFE_ENDPOINT_SOCKET="unix://$ad/run/agent.sock" "$bin/sigil-agent" inspect --audience demo-api
+}
+for _ in $(seq 1 40); do out=$(fetch 2>&1) && break; sleep 0.5; done
+echo "$out" | sed -E 's/^(  )(ey[A-Za-z0-9_-]{20})[A-Za-z0-9_.-]*/\1\2.../'
+echo "$out" | grep -q "spiffe://$td/demo/workload (default)" || die "the workload did not get its SVID"
+
+step "Audit: every issuance above is in the hash-chained log"
+"$bin/sigilctl" audit verify
+
+cat <<T
+
+Sigil demo running. Everything is in $demo:
+  node-N/sigild.log, agent/agent.log   logs
+  ceremony/                            root.pem, issuing certificates, transcript
+  agent/run/agent.sock                 the Workload API (SPIFFE_ENDPOINT_SOCKET=unix://$ad/run/agent.sock)
+Admin CLI:  SIGIL_SERVER=$SIGIL_SERVER SIGIL_CERT=$SIGIL_CERT SIGIL_KEY=$SIGIL_KEY SIGIL_ROOT=$SIGIL_ROOT $bin/sigilctl entry list
+Stop:       make demo-stop
+T
