@@ -10,7 +10,11 @@ TEST_FLAGS ?= -count=1 -p 2 -timeout 20m
 BENCHTIME ?= 2s
 BENCH_FLAGS ?= -run '^$$' -bench . -benchtime $(BENCHTIME)
 
-.PHONY: all build test bench lint deps clean demo demo-stop
+.PHONY: all build test bench lint deps clean demo demo-stop package
+VERSION ?= 0.8.0
+# nfpm is run at a pinned version from the module proxy (v2.45.0: later
+# releases need modules the proxy does not serve).
+NFPM ?= $(GO) run github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.45.0
 
 all: build
 
@@ -67,5 +71,14 @@ demo: deps
 demo-stop:
 	packaging/demo/demo-stop.sh
 
+# .deb packages into dist/: sigild (+sigilctl), sigil-agent, sigil-ceremony.
+package: build
+	@mkdir -p dist
+	@for p in sigild sigil-agent sigil-ceremony; do \
+		SIGIL_BIN=$(CURDIR)/bin VERSION=$(VERSION) ARCH=$$($(GO) env GOARCH) \
+			$(NFPM) package --config packaging/nfpm/$$p.yaml --packager deb --target dist/ || exit 1; \
+	done
+	@ls -l dist/*.deb
+
 clean:
-	rm -rf bin bench.out
+	rm -rf bin bench.out dist
