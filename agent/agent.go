@@ -431,21 +431,30 @@ func (a *Agent) load(signer crypto.Signer) (*join.SVID, error) {
 	return s, nil
 }
 
-// LoadConfig reads a strict YAML config: unknown fields and extra
-// documents are errors.
+// LoadConfig reads a strict YAML config file.
 func LoadConfig(path string) (Config, error) {
-	var c Config
 	b, err := os.ReadFile(path)
 	if err != nil {
-		return c, err
+		return Config{}, err
 	}
+	c, err := ParseConfig(b)
+	if err != nil {
+		return c, fmt.Errorf("%s: %w", path, err)
+	}
+	return c, nil
+}
+
+// ParseConfig decodes a strict YAML config: unknown fields and extra
+// documents are errors.
+func ParseConfig(b []byte) (Config, error) {
+	var c Config
 	dec := yaml.NewDecoder(bytes.NewReader(b))
 	dec.KnownFields(true)
 	if err := dec.Decode(&c); err != nil {
-		return c, fmt.Errorf("%s: %w", path, err)
+		return c, err
 	}
 	if err := dec.Decode(new(yaml.Node)); !errors.Is(err, io.EOF) {
-		return c, fmt.Errorf("%s: more than one YAML document", path)
+		return c, errors.New("more than one YAML document")
 	}
 	return c, nil
 }

@@ -3,7 +3,10 @@ package node
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/ed25519"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
@@ -175,15 +178,9 @@ func (s *agentSvc) signOne(a state.Agent, r api.X509SVIDRequest) (state.Entry, [
 	if e.ParentID != a.ID {
 		return e, nil, fmt.Sprintf("entry %s (%s) belongs to parent %s, not this agent", e.ID, e.SPIFFEID, e.ParentID)
 	}
-	csr, err := x509.ParseCertificateRequest(r.CSR)
+	csr, err := checkCSR(e, r.CSR)
 	if err != nil {
-		return e, nil, fmt.Sprintf("malformed CSR: %v", err)
-	}
-	if err := csr.CheckSignature(); err != nil {
-		return e, nil, fmt.Sprintf("CSR signature does not verify: %v", err)
-	}
-	if len(csr.URIs) > 1 || len(csr.URIs) == 1 && csr.URIs[0].String() != e.SPIFFEID {
-		return e, nil, fmt.Sprintf("CSR asks for %v, entry %s is for %s", csr.URIs, e.ID, e.SPIFFEID)
+		return e, nil, err.Error()
 	}
 	id, err := spiffeid.FromString(e.SPIFFEID)
 	if err != nil {
@@ -198,6 +195,27 @@ func (s *agentSvc) signOne(a state.Agent, r api.X509SVIDRequest) (state.Entry, [
 		return e, nil, fmt.Sprintf("signing failed: %v", err)
 	}
 	return e, chain, ""
+}
+
+// checkCSR parses a workload CSR from an agent: well-formed, signed by the
+// key it carries, asking for no ID or exactly the entry's.
+func checkCSR(e state.Entry, der []byte) (*x509.CertificateRequest, error) {
+	csr, err := x509.ParseCertificateRequest(der)
+	if err != nil {
+		return nil, fmt.Errorf("malformed CSR: %v", err)
+	}
+	if err := csr.CheckSignature(); err != nil {
+		return nil, fmt.Errorf("CSR signature does not verify: %v", err)
+	}
+	if len(csr.URIs) > 1 || len(csr.URIs) == 1 && csr.URIs[0].String() != e.SPIFFEID {
+		return nil, fmt.Errorf("CSR asks for %v, entry %s is for %s", csr.URIs, e.ID, e.SPIFFEID)
+	}
+	switch csr.PublicKey.(type) {
+	case *ecdsa.PublicKey, *rsa.PublicKey, ed25519.PublicKey:
+	default:
+		return nil, fmt.Errorf("CSR key type %T is not supported", csr.PublicKey)
+	}
+	return csr, nil
 }
 
 func (s *agentSvc) SignJWTSVID(ctx context.Context, r *api.JWTSVIDRequest) (*api.JWTSVIDResult, error) {
