@@ -10,7 +10,15 @@ TEST_FLAGS ?= -count=1 -p 2 -timeout 20m
 BENCHTIME ?= 2s
 BENCH_FLAGS ?= -run '^$$' -bench . -benchtime $(BENCHTIME)
 
-.PHONY: all build test bench lint deps clean demo demo-stop package
+.PHONY: all build test bench lint deps clean demo demo-stop package faults
+FUZZTIME ?= 20s
+# Every parser of outside input, as package:FuzzTarget.
+FUZZ_TARGETS := \
+	./appliance/node:FuzzCheckCSR ./appliance/node:FuzzParseConfig \
+	./appliance/attest:FuzzCheckAK ./appliance/attest:FuzzVerifyEK ./appliance/attest:FuzzVerifyCertify ./appliance/attest:FuzzVerifyQuote \
+	./appliance/state:FuzzReadArchive ./appliance/state:FuzzApply \
+	./appliance/ceremony:FuzzParse ./appliance/pinshare:FuzzCombine \
+	./agent:FuzzParseConfig ./agent/workload:FuzzValidateJWTSVID ./agent/workload:FuzzFetchJWTSVID
 VERSION ?= 0.8.0
 # nfpm is run at a pinned version from the module proxy (v2.45.0: later
 # releases need modules the proxy does not serve).
@@ -50,6 +58,7 @@ bench: deps
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) vet -tags faults ./faults/
 	@bad=$$($(GO) list -f '{{.ImportPath}}: {{join .Imports " "}}' ./... | grep -v '/softhsm-testenv' | grep -E ' testing( |$$)' || true); \
 	if [ -n "$$bad" ]; then echo "non-test code imports testing (test helpers belong in packages only tests import):"; echo "$$bad"; exit 1; fi
 	@bad=$$($(GO) list -f '{{range .Imports}}{{$$.ImportPath}} -> {{.}}{{"\n"}}{{end}}' ./keystore/... | \
@@ -71,6 +80,19 @@ demo: deps
 demo-stop:
 	packaging/demo/demo-stop.sh
 
+# The fault suite (root: network namespaces, tmpfs): three sigild processes
+# in their own namespaces and an agent, through a full disk, a partition,
+# 20 kill -9 of the leader under load and a whole-appliance stop; then each
+# fuzz target for $(FUZZTIME). Prints a table of the figures.
+faults: deps
+	@$(GO) test -tags faults -count=1 -v -timeout 30m -run TestFaults ./faults/ > faults.out 2>&1; rc=$$?; \
+		grep -E '^(FAULTS|--- |    --- )' faults.out; [ $$rc = 0 ] || { tail -50 faults.out; exit $$rc; }
+	@for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; fn=$${t##*:}; \
+		printf 'FUZZ   | %-24s %-22s ' $$pkg $$fn; \
+		out=$$($(GO) test -run '^$$' -fuzz "^$$fn\$$" -fuzztime $(FUZZTIME) $$pkg 2>&1) || { echo FAILED; echo "$$out" | tail -30; exit 1; }; \
+		echo "$$out" | grep -oE 'execs: [0-9]+' | tail -1; \
+	done
+
 # .deb packages into dist/: sigild (+sigilctl), sigil-agent, sigil-ceremony.
 package: build
 	@mkdir -p dist
@@ -81,4 +103,4 @@ package: build
 	@ls -l dist/*.deb
 
 clean:
-	rm -rf bin bench.out dist
+	rm -rf bin bench.out dist faults.out

@@ -1,0 +1,5 @@
+// Package faults holds the fault suite (`make faults`, build tag faults):
+// three sigild processes, each in its own network namespace, and a
+// sigil-agent, put through partitions, repeated kill -9 of the leader, a
+// full appliance stop and a full disk. It has no non-test code.
+package faults
