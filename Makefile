@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := /usr/local/go/bin:$(PATH)
 GO ?= go
 # The Debian packages the tests drive for real (HSM, TPM, their CLIs).
-DEB_PACKAGES := softhsm2 swtpm swtpm-tools tpm2-tools opensc openssl systemd curl util-linux
+DEB_PACKAGES := softhsm2 swtpm swtpm-tools tpm2-tools opensc openssl systemd curl util-linux iproute2
 # Packages whose behaviour is tested against hardware stand-ins share those
 # stand-ins' CPU: keep package parallelism modest on small machines.
 TEST_FLAGS ?= -count=1 -p 2 -timeout 20m
@@ -52,7 +52,9 @@ bench: deps
 				if (u ~ /^x-/) ratio=ratio $$i " " u " "; else m=m $$i " " u "  " } \
 			rows[++n]=sprintf("%-42s %-40s %s", $$1, m, ratio) } \
 		/^(FAIL|panic)/ { failed=1 } \
-		END { printf "\n%-42s %-40s %s\n", "benchmark", "measured", "ratio to the raw limit (same run)"; for (i = 1; i <= n; i++) print rows[i]; exit failed }'
+		END { printf "\n%-42s %-40s %s\n", "benchmark", "measured", "ratio to the raw limit (same run)"; for (i = 1; i <= n; i++) print rows[i]; \
+			printf "\nhow each is measured:\n"; while ((getline l < "bench-how.tsv") > 0) { split(l, f, "\t"); printf "  %-42s %s\n", f[1], f[2] }; \
+			exit failed }'
 
 # gofmt, vet, and the architecture rules that the compiler cannot enforce.
 lint:
