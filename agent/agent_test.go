@@ -24,12 +24,7 @@ func TestAgentJoinsOnceAndRenewsAfterRestart(t *testing.T) {
 	c := clustertest.NewCluster(t, tr, "node-1", "node-2", "node-3")
 	sw := testenv.NewTPM(t)
 	ctx := context.Background()
-	for _, p := range []string{sw.EKCARoot, sw.EKCAIssuer} {
-		certs, _ := api.ReadCerts(p)
-		if _, err := c.Admin("node-1").EKCAAdd(ctx, &api.EKCARequest{DER: certs[0].Raw}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	clustertest.TrustEKCAs(t, c.Admin("node-1"), sw.EKCARoot, sw.EKCAIssuer)
 	cfg := agent.Config{
 		Servers:  []string{c.ConfigOf("node-3").API.Listen, c.ConfigOf("node-1").API.Listen},
 		RootCert: tr.RootPath, DataDir: t.TempDir(), TPM: sw.Socket,
@@ -154,10 +149,7 @@ func TestAgentRenewsOnSchedule(t *testing.T) {
 	sw := testenv.NewTPM(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	for _, p := range []string{sw.EKCARoot, sw.EKCAIssuer} {
-		certs, _ := api.ReadCerts(p)
-		c.Admin("node-1").EKCAAdd(ctx, &api.EKCARequest{DER: certs[0].Raw})
-	}
+	clustertest.TrustEKCAs(t, c.Admin("node-1"), sw.EKCARoot, sw.EKCAIssuer)
 	a, err := agent.New(ctx, agent.Config{Servers: []string{c.ConfigOf("node-1").API.Listen}, RootCert: tr.RootPath, DataDir: t.TempDir(), TPM: sw.Socket}, nil)
 	if err != nil {
 		t.Fatal(err)

@@ -206,12 +206,7 @@ func newAgentEnv(t testing.TB, prefix string, mod func(*agent.Config)) *agentEnv
 	c := clustertest.NewCluster(t, tr, "node-1")
 	sw := testenv.NewTPM(t)
 	ctx := context.Background()
-	for _, p := range []string{sw.EKCARoot, sw.EKCAIssuer} {
-		certs, _ := api.ReadCerts(p)
-		if _, err := c.Admin("node-1").EKCAAdd(ctx, &api.EKCARequest{DER: certs[0].Raw}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	clustertest.TrustEKCAs(t, c.Admin("node-1"), sw.EKCARoot, sw.EKCAIssuer)
 	w := newWorkloadDir(t)
 	cfg := agent.Config{
 		Servers: []string{c.ConfigOf("node-1").API.Listen}, RootCert: tr.RootPath, DataDir: t.TempDir(), TPM: sw.Socket,

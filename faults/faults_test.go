@@ -599,12 +599,7 @@ type agentProc struct {
 func (s *suite) startAgent(t *testing.T) *agentProc {
 	sw := testenv.NewTPM(t)
 	ctx := context.Background()
-	for _, p := range []string{sw.EKCARoot, sw.EKCAIssuer} {
-		certs, _ := api.ReadCerts(p)
-		if _, err := s.admin[s.leader("")].EKCAAdd(ctx, &api.EKCARequest{DER: certs[0].Raw}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	clustertest.TrustEKCAs(t, s.admin[s.leader("")], sw.EKCARoot, sw.EKCAIssuer)
 	dir := filepath.Join(s.dir, "agent")
 	os.MkdirAll(dir, 0o700)
 	a := &agentProc{socket: filepath.Join(dir, "agent.sock"), health: clustertest.FreePort(t)}

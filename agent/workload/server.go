@@ -346,36 +346,25 @@ func (s *Server) waitBundle(ctx context.Context) (*cache.Snapshot, <-chan struct
 
 // FetchX509Bundles streams the trust domain's X.509 authorities.
 func (s *Server) FetchX509Bundles(_ *workload.X509BundlesRequest, stream grpc.ServerStreamingServer[workload.X509BundlesResponse]) error {
-	ctx := stream.Context()
-	c := callOf(ctx)
-	var last []byte
-	for {
-		snap, changed, err := s.waitBundle(ctx)
-		if err != nil {
-			return nil
-		}
-		if err := s.verifier(c, snap, "FetchX509Bundles"); err != nil {
-			return err
-		}
-		roots := rootsDER(snap)
-		if last == nil || string(roots) != string(last) {
-			td := snap.Bundle.TrustDomain().IDString()
-			if err := stream.Send(&workload.X509BundlesResponse{Bundles: map[string][]byte{td: roots}}); err != nil {
-				return err
-			}
-			last = roots
-		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-changed:
-		}
-	}
+	return s.streamBundle(stream.Context(), "FetchX509Bundles",
+		func(snap *cache.Snapshot) ([]byte, error) { return rootsDER(snap), nil },
+		func(td string, b []byte) error {
+			return stream.Send(&workload.X509BundlesResponse{Bundles: map[string][]byte{td: b}})
+		})
 }
 
 // FetchJWTBundles streams the trust domain's JWT authorities as a JWKS.
 func (s *Server) FetchJWTBundles(_ *workload.JWTBundlesRequest, stream grpc.ServerStreamingServer[workload.JWTBundlesResponse]) error {
-	ctx := stream.Context()
+	return s.streamBundle(stream.Context(), "FetchJWTBundles",
+		func(snap *cache.Snapshot) ([]byte, error) { return snap.Bundle.JWTBundle().Marshal() },
+		func(td string, b []byte) error {
+			return stream.Send(&workload.JWTBundlesResponse{Bundles: map[string][]byte{td: b}})
+		})
+}
+
+// streamBundle sends one rendering of the bundle at once and again
+// whenever it changes, to callers the verifier rule admits.
+func (s *Server) streamBundle(ctx context.Context, method string, render func(*cache.Snapshot) ([]byte, error), send func(td string, b []byte) error) error {
 	c := callOf(ctx)
 	var last []byte
 	for {
@@ -383,19 +372,18 @@ func (s *Server) FetchJWTBundles(_ *workload.JWTBundlesRequest, stream grpc.Serv
 		if err != nil {
 			return nil
 		}
-		if err := s.verifier(c, snap, "FetchJWTBundles"); err != nil {
+		if err := s.verifier(c, snap, method); err != nil {
 			return err
 		}
-		jwks, err := snap.Bundle.JWTBundle().Marshal()
+		b, err := render(snap)
 		if err != nil {
-			return status.Error(codes.Internal, "JWT bundle unavailable")
+			return status.Error(codes.Internal, "bundle unavailable")
 		}
-		if last == nil || string(jwks) != string(last) {
-			td := snap.Bundle.TrustDomain().IDString()
-			if err := stream.Send(&workload.JWTBundlesResponse{Bundles: map[string][]byte{td: jwks}}); err != nil {
+		if last == nil || string(b) != string(last) {
+			if err := send(snap.Bundle.TrustDomain().IDString(), b); err != nil {
 				return err
 			}
-			last = jwks
+			last = b
 		}
 		select {
 		case <-ctx.Done():

@@ -290,3 +290,18 @@ func tail(s string, n int) string {
 
 // FreePort returns a free loopback address below the ephemeral range.
 func FreePort(t testing.TB) string { t.Helper(); return freePort(t) }
+
+// TrustEKCAs makes the cluster trust TPM vendor CAs (PEM files, such as a
+// test swtpm's EKCARoot and EKCAIssuer).
+func TrustEKCAs(t testing.TB, admin *api.AdminClient, paths ...string) {
+	t.Helper()
+	for _, p := range paths {
+		certs, err := api.ReadCerts(p)
+		if err != nil || len(certs) == 0 {
+			t.Fatalf("EK CA %s: %v", p, err)
+		}
+		if _, err := admin.EKCAAdd(context.Background(), &api.EKCARequest{DER: certs[0].Raw}); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
