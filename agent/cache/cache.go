@@ -326,8 +326,9 @@ func entryKey(e api.Entry) string {
 }
 
 // due lists entries whose SVID is missing, outdated, revoked, expired or
-// past its rotation time, and when the next one falls due.
-func (c *Cache) due(now time.Time) ([]api.Entry, time.Time) {
+// past its rotation time, when the next one falls due, and whether a
+// forced rotation was asked for (kept if the signing fails).
+func (c *Cache) due(now time.Time) ([]api.Entry, time.Time, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	s := c.snap
@@ -343,8 +344,9 @@ func (c *Cache) due(now time.Time) ([]api.Entry, time.Time) {
 			next = v.rotateAt
 		}
 	}
+	forced := c.force
 	c.force = false
-	return out, next
+	return out, next, forced
 }
 
 func (c *Cache) rotateLoop(ctx context.Context) {
@@ -356,12 +358,15 @@ func (c *Cache) rotateLoop(ctx context.Context) {
 		}
 		snap, _ := c.Current()
 		if snap.Bundle != nil {
-			due, next := c.due(time.Now())
+			due, next, forced := c.due(time.Now())
 			wait = time.Until(next)
 			if len(due) > 0 {
 				if err := c.sign(ctx, due); err != nil {
 					c.Stats.SignFailures.Add(1)
 					c.log.Warn("SVID signing failed; cached SVIDs stay in use", "err", err, "due", len(due))
+					c.mu.Lock()
+					c.force = c.force || forced
+					c.mu.Unlock()
 					wait = c.backoff(fails)
 					fails++
 				} else {
