@@ -148,6 +148,9 @@ func newSuite(t *testing.T) *suite {
 		s.admin[id] = api.NewAdminClient(conn)
 	}
 	s.leader("")
+	for _, id := range ids {
+		s.ready(id)
+	}
 	s.joinLoadAgent()
 	return s
 }
@@ -165,6 +168,18 @@ func (s *suite) start(id string) {
 	p.cmd, p.done = cmd, make(chan struct{})
 	done := p.done
 	go func() { cmd.Wait(); logf.Close(); close(done) }()
+}
+
+// ready waits for node id's /readyz.
+func (s *suite) ready(id string) {
+	clustertest.Eventually(s.t, 60*time.Second, id+" ready", func() bool {
+		r, err := http.Get("http://" + s.nodes[id].http + "/readyz")
+		if err != nil {
+			return false
+		}
+		r.Body.Close()
+		return r.StatusCode == http.StatusOK
+	})
 }
 
 func (s *suite) kill(id string, sig syscall.Signal) {
@@ -406,6 +421,27 @@ func TestFaults(t *testing.T) {
 		}
 	})
 
+	// The agent serves a workload through every scenario: its cached SVID
+	// must stay available whatever happens to the appliance.
+	ag := s.startAgent(t)
+	if _, err := s.admin[s.leader("")].EntryCreate(context.Background(), &api.EntryRequest{Entry: api.Entry{
+		SPIFFEID: "spiffe://example.org/faults/workload", ParentID: ag.id,
+		Selectors: []api.Selector{{Type: "unix", Value: "uid:0"}}}}); err != nil {
+		t.Fatal(err)
+	}
+	var serial string
+	clustertest.Eventually(t, 30*time.Second, "the workload's SVID", func() bool {
+		serial = ag.fetch(1)
+		return serial != ""
+	})
+	workloadRow := func(sc string, w *watch) {
+		ok, failed := w.stop()
+		s.row(sc, "workload fetches from the agent ok / failed", fmt.Sprintf("%d / %d", ok, failed))
+		if failed != 0 {
+			t.Errorf("%s: the agent failed %d workload fetches", sc, failed)
+		}
+	}
+
 	t.Run("disk full on one node", func(t *testing.T) {
 		const sc = "disk full (node-1, tmpfs)"
 		role := "follower"
@@ -420,6 +456,8 @@ func TestFaults(t *testing.T) {
 		if !errors.Is(err, syscall.ENOSPC) {
 			t.Fatalf("filling the tmpfs: %v", err)
 		}
+		wl := ag.watch()
+		defer workloadRow(sc, wl)
 		l := s.startLoad("disk", func() []string { return []string{"node-2", "node-3"} })
 		time.Sleep(6 * time.Second)
 		var st *api.ClusterStatus
@@ -466,6 +504,8 @@ func TestFaults(t *testing.T) {
 				majority = append(majority, id)
 			}
 		}
+		wl := ag.watch()
+		defer workloadRow(sc, wl)
 		s.w.partition(k)
 		cut := time.Now()
 		var minority atomic.Int64
@@ -514,6 +554,8 @@ func TestFaults(t *testing.T) {
 
 	t.Run("kill -9 the leader 20 times", func(t *testing.T) {
 		const sc = "kill -9 leader x20 (load)"
+		wl := ag.watch()
+		defer workloadRow(sc, wl)
 		l := s.startLoad("kill", s.running)
 		began := time.Now()
 		var failovers []time.Duration
@@ -551,17 +593,7 @@ func TestFaults(t *testing.T) {
 
 	t.Run("whole appliance stopped, agent serves from cache", func(t *testing.T) {
 		const sc = "appliance stopped (agent)"
-		ag := s.startAgent(t)
 		ctx := context.Background()
-		if _, err := s.admin[s.leader("")].EntryCreate(ctx, &api.EntryRequest{Entry: api.Entry{SPIFFEID: "spiffe://example.org/faults/workload",
-			ParentID: ag.id, Selectors: []api.Selector{{Type: "unix", Value: "uid:0"}}}}); err != nil {
-			t.Fatal(err)
-		}
-		var serial string
-		clustertest.Eventually(t, 30*time.Second, "the workload's SVID", func() bool {
-			serial = ag.fetch(1)
-			return serial != ""
-		})
 		s.stopAll()
 		stopped := time.Now()
 		time.Sleep(3 * time.Second)
@@ -656,6 +688,41 @@ func (a *agentProc) fetch(n int) string {
 		return ""
 	}
 	return svids[0].Certificates[0].SerialNumber.Text(16)
+}
+
+// watch polls the agent as a workload would, with a new connection each
+// time, until stop.
+type watch struct {
+	ok, failed atomic.Int64
+	done       chan struct{}
+	wg         sync.WaitGroup
+}
+
+func (a *agentProc) watch() *watch {
+	w := &watch{done: make(chan struct{})}
+	w.wg.Add(1)
+	go func() {
+		defer w.wg.Done()
+		for {
+			select {
+			case <-w.done:
+				return
+			case <-time.After(250 * time.Millisecond):
+			}
+			if a.fetch(1) != "" {
+				w.ok.Add(1)
+			} else {
+				w.failed.Add(1)
+			}
+		}
+	}()
+	return w
+}
+
+func (w *watch) stop() (int64, int64) {
+	close(w.done)
+	w.wg.Wait()
+	return w.ok.Load(), w.failed.Load()
 }
 
 type quiet struct{}
