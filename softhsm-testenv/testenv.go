@@ -10,6 +10,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"net"
 	"os"
@@ -32,12 +34,17 @@ const processHSMEnv = "SIGIL_TESTENV_PROCESS_HSM"
 // the PKCS#11 module, and removes it afterwards. Use it as
 //
 //	func TestMain(m *testing.M) { os.Exit(testenv.Main(m)) }
+//
+// The directory is made only when a test first asks for it (ProcessHSM):
+// processes that never touch the HSM (fuzz workers, workload helpers a
+// test runs as other users) leave nothing behind even when killed.
 func Main(m *testing.M) int {
-	dir, err := os.MkdirTemp("", "sigil-softhsm-")
-	if err != nil {
+	var rnd [8]byte
+	if _, err := rand.Read(rnd[:]); err != nil {
 		fmt.Fprintln(os.Stderr, "testenv:", err)
 		return 1
 	}
+	dir := filepath.Join(os.TempDir(), "sigil-softhsm-"+hex.EncodeToString(rnd[:]))
 	defer os.RemoveAll(dir)
 	os.Setenv(processHSMEnv, dir)
 	os.Setenv("SOFTHSM2_CONF", filepath.Join(dir, "softhsm2.conf"))
@@ -58,6 +65,13 @@ func ProcessHSM(t testing.TB) *HSM {
 	dir := os.Getenv(processHSMEnv)
 	if dir == "" {
 		t.Fatal("testenv: ProcessHSM needs TestMain to call testenv.Main")
+	}
+	// The name is random; still refuse a directory someone else made.
+	if err := os.Mkdir(dir, 0o700); err != nil && !os.IsExist(err) {
+		t.Fatal(err)
+	}
+	if st, err := os.Lstat(dir); err != nil || !st.IsDir() || st.Mode().Perm() != 0o700 || st.Sys().(*syscall.Stat_t).Uid != uint32(os.Geteuid()) {
+		t.Fatalf("testenv: %s is not a private directory of this user", dir)
 	}
 	return &HSM{Dir: dir, Conf: filepath.Join(dir, "softhsm2.conf"), Module: FindSoftHSMModule(t)}
 }
