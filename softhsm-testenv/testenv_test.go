@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/x509"
+	"encoding/asn1"
 	"encoding/pem"
 	"os"
 	"os/exec"
@@ -28,7 +29,9 @@ func TestTPMsHaveDistinctCertifiedEKs(t *testing.T) {
 			}
 			b, _ := os.ReadFile(der)
 			// The NV index may be padded after the DER certificate.
-			cert, err := x509.ParseCertificate(trimDER(b))
+			var raw asn1.RawValue
+			asn1.Unmarshal(b, &raw)
+			cert, err := x509.ParseCertificate(raw.FullBytes)
 			if err != nil {
 				t.Fatalf("EK certificate at %s: %v", idx, err)
 			}
@@ -46,25 +49,6 @@ func TestTPMsHaveDistinctCertifiedEKs(t *testing.T) {
 	if bytes.Equal(eks[0], eks[1]) {
 		t.Fatal("two swtpm instances have the same EK")
 	}
-}
-
-// trimDER cuts a DER SEQUENCE to its encoded length.
-func trimDER(b []byte) []byte {
-	if len(b) < 4 || b[0] != 0x30 {
-		return b
-	}
-	n, hdr := int(b[1]), 2
-	if n&0x80 != 0 {
-		l := n & 0x7f
-		n, hdr = 0, 2+l
-		for _, c := range b[2 : 2+l] {
-			n = n<<8 | int(c)
-		}
-	}
-	if hdr+n <= len(b) {
-		return b[:hdr+n]
-	}
-	return b
 }
 
 func TestTokenFilesArePrivate(t *testing.T) {

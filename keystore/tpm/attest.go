@@ -2,6 +2,7 @@ package tpm
 
 import (
 	"context"
+	"encoding/asn1"
 	"errors"
 	"fmt"
 
@@ -144,26 +145,13 @@ func (t *TPM) nvReadLocked(index tpm2.TPMHandle) ([]byte, error) {
 	return trimDER(out), nil
 }
 
-// trimDER cuts NV padding after a DER SEQUENCE.
+// trimDER cuts NV padding after the DER certificate.
 func trimDER(b []byte) []byte {
-	if len(b) < 4 || b[0] != 0x30 {
+	var v asn1.RawValue
+	if _, err := asn1.Unmarshal(b, &v); err != nil {
 		return b
 	}
-	n, hdr := int(b[1]), 2
-	if n&0x80 != 0 {
-		l := n & 0x7f
-		if l > 3 || len(b) < 2+l {
-			return b
-		}
-		n, hdr = 0, 2+l
-		for _, c := range b[2 : 2+l] {
-			n = n<<8 | int(c)
-		}
-	}
-	if hdr+n <= len(b) {
-		return b[:hdr+n]
-	}
-	return b
+	return v.FullBytes
 }
 
 // AK is an attestation key: restricted (it signs only TPM-made structures,
