@@ -351,3 +351,22 @@ func readTail(path string) string {
 	}
 	return string(b)
 }
+
+// LogBuffer is a log destination that tests read back; safe for
+// concurrent writers.
+type LogBuffer struct {
+	mu  sync.Mutex
+	buf strings.Builder
+}
+
+func (l *LogBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(p)
+}
+
+func (l *LogBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}

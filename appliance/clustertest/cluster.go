@@ -8,7 +8,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -16,6 +15,7 @@ import (
 	"github.com/sigil-appliance/sigil/appliance/api"
 	"github.com/sigil-appliance/sigil/appliance/node"
 	"github.com/sigil-appliance/sigil/keystore/pkcs11"
+	testenv "github.com/sigil-appliance/sigil/softhsm-testenv"
 )
 
 // Cluster is a set of real sigild nodes in this process, on real TCP ports
@@ -35,22 +35,7 @@ type Cluster struct {
 }
 
 // LogBuffer collects every node's structured log for assertions.
-type LogBuffer struct {
-	mu  sync.Mutex
-	buf strings.Builder
-}
-
-func (l *LogBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *LogBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
+type LogBuffer = testenv.LogBuffer
 
 // freePort picks a free loopback port. Nodes keep their raft address
 // across restarts, so ports are chosen up front rather than with :0, and

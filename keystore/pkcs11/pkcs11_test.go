@@ -1,7 +1,6 @@
 package pkcs11
 
 import (
-	"bytes"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
@@ -235,7 +234,7 @@ func TestBadInputErrors(t *testing.T) {
 // failover), signers log in again by themselves.
 func TestReloginAfterSessionsLost(t *testing.T) {
 	tok := testenv.ProcessHSM(t).NewToken(t, "relogin")
-	var logBuf syncBuffer
+	var logBuf testenv.LogBuffer
 	ks := New(Options{Logger: slog.New(slog.NewTextHandler(&logBuf, nil))})
 	t.Cleanup(func() { ks.Close() })
 	ctx := context.Background()
@@ -315,23 +314,6 @@ func TestConcurrentSigners(t *testing.T) {
 	if open < 2 || open > 4 {
 		t.Fatalf("%d sessions open, want 2..4 (the pool bound)", open)
 	}
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 func TestPINProvider(t *testing.T) {
