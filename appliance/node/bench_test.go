@@ -159,21 +159,10 @@ func BenchmarkX509Issuance(b *testing.B) {
 	const workers = 4
 	var raw float64
 	b.Run("raw-hsm-sign", func(b *testing.B) {
-		var next atomic.Int64
-		var wg sync.WaitGroup
-		for g := 0; g < workers; g++ {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for next.Add(1) <= int64(b.N) {
-					if _, err := auth.Sign(ca.Leaf{ID: id, PublicKey: csr0.PublicKey, TTL: time.Hour}); err != nil {
-						b.Error(err)
-						return
-					}
-				}
-			}()
-		}
-		wg.Wait()
+		parallel(b, workers, func() error {
+			_, err := auth.Sign(ca.Leaf{ID: id, PublicKey: csr0.PublicKey, TTL: time.Hour})
+			return err
+		})
 		raw = float64(b.N) / b.Elapsed().Seconds()
 		b.ReportMetric(raw, "svids/s")
 	})
@@ -237,23 +226,6 @@ func BenchmarkJWTIssuance(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	parallel := func(b *testing.B, workers int, f func() error) {
-		var next atomic.Int64
-		var wg sync.WaitGroup
-		for g := 0; g < workers; g++ {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for next.Add(1) <= int64(b.N) {
-					if err := f(); err != nil {
-						b.Error(err)
-						return
-					}
-				}
-			}()
-		}
-		wg.Wait()
-	}
 	var raw float64
 	b.Run("raw-hsm-es256", func(b *testing.B) {
 		input := []byte(`eyJhbGciOiJFUzI1NiIsImtpZCI6Im5vZGUtMiJ9.eyJzdWIiOiJzcGlmZmU6Ly9leGFtcGxlLm9yZy93ZWIifQ`)
@@ -280,4 +252,23 @@ func BenchmarkJWTIssuance(b *testing.B) {
 			}
 		})
 	}
+}
+
+// parallel runs f b.N times across workers goroutines.
+func parallel(b *testing.B, workers int, f func() error) {
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for g := 0; g < workers; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for next.Add(1) <= int64(b.N) {
+				if err := f(); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
 }
