@@ -203,25 +203,7 @@ func (s *suite) stopAll() {
 }
 
 // leader waits for a leader other than exclude that sees three voters.
-func (s *suite) leader(exclude string) string {
-	var leader string
-	clustertest.Eventually(s.t, 60*time.Second, "a leader with three voters", func() bool {
-		for _, id := range ids {
-			if id == exclude || !s.nodes[id].running() {
-				continue
-			}
-			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-			st, err := s.admin[id].ClusterStatus(ctx, &api.Empty{})
-			cancel()
-			if err == nil && st.LeaderID != "" && st.LeaderID != exclude && len(st.Peers) == 3 {
-				leader = st.LeaderID
-				return true
-			}
-		}
-		return false
-	})
-	return leader
-}
+func (s *suite) leader(exclude string) string { return clustertest.LeaderVia(s.t, s.admin, exclude) }
 
 func (s *suite) joinLoadAgent() {
 	ctx := context.Background()
@@ -332,35 +314,36 @@ func (s *suite) startLoad(prefix string, targets func() []string) *load {
 	l := &load{stop: make(chan struct{})}
 	var seq atomic.Int64
 	for w := 0; w < 3; w++ {
-		l.wg.Add(1)
-		go func() {
-			defer l.wg.Done()
-			for i := w; ; i++ {
-				select {
-				case <-l.stop:
-					return
-				default:
-				}
-				ts := targets()
-				if len(ts) == 0 {
-					time.Sleep(50 * time.Millisecond)
-					continue
-				}
-				id, err := s.write(ts[i%len(ts)], fmt.Sprintf("%s-%d", prefix, seq.Add(1)))
-				l.mu.Lock()
-				if err == nil {
-					l.acked = append(l.acked, id)
-				} else {
-					l.failed++
-				}
-				l.mu.Unlock()
+		l.loop(w, targets, func(target string) {
+			id, err := s.write(target, fmt.Sprintf("%s-%d", prefix, seq.Add(1)))
+			l.mu.Lock()
+			defer l.mu.Unlock()
+			if err == nil {
+				l.acked = append(l.acked, id)
+			} else {
+				l.failed++
 			}
-		}()
+		})
 	}
+	l.loop(0, targets, func(target string) {
+		ok := s.issue(target, 2*time.Second)
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		if ok {
+			l.issued = append(l.issued, time.Now())
+		} else {
+			l.issueErr++
+		}
+	})
+	return l
+}
+
+// loop calls op on the current targets in turn, from offset, until stop.
+func (l *load) loop(offset int, targets func() []string, op func(target string)) {
 	l.wg.Add(1)
 	go func() {
 		defer l.wg.Done()
-		for i := 0; ; i++ {
+		for i := offset; ; i++ {
 			select {
 			case <-l.stop:
 				return
@@ -371,17 +354,9 @@ func (s *suite) startLoad(prefix string, targets func() []string) *load {
 				time.Sleep(50 * time.Millisecond)
 				continue
 			}
-			ok := s.issue(ts[i%len(ts)], 2*time.Second)
-			l.mu.Lock()
-			if ok {
-				l.issued = append(l.issued, time.Now())
-			} else {
-				l.issueErr++
-			}
-			l.mu.Unlock()
+			op(ts[i%len(ts)])
 		}
 	}()
-	return l
 }
 
 func (l *load) end() {

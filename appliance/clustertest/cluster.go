@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sort"
 	"sync"
 	"testing"
 	"time"
@@ -289,4 +290,33 @@ func TrustEKCAs(t testing.TB, admin *api.AdminClient, paths ...string) {
 			t.Fatal(err)
 		}
 	}
+}
+
+// LeaderVia waits for a leader other than exclude that sees three voters,
+// asking nodes through their admin APIs (for nodes run as processes);
+// exclude is not asked either.
+func LeaderVia(t testing.TB, clients map[string]*api.AdminClient, exclude string) string {
+	t.Helper()
+	ids := make([]string, 0, len(clients))
+	for id := range clients {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	var leader string
+	Eventually(t, 60*time.Second, "a leader with three voters", func() bool {
+		for _, id := range ids {
+			if id == exclude {
+				continue
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			st, err := clients[id].ClusterStatus(ctx, &api.Empty{})
+			cancel()
+			if err == nil && st.LeaderID != "" && st.LeaderID != exclude && len(st.Peers) == 3 {
+				leader = st.LeaderID
+				return true
+			}
+		}
+		return false
+	})
+	return leader
 }

@@ -100,25 +100,7 @@ func TestSigildProcessesSurviveKill9(t *testing.T) {
 	for _, id := range ids {
 		clients[id] = client(id)
 	}
-	leaderOf := func(exclude string) string {
-		var leader string
-		clustertest.Eventually(t, 60*time.Second, "a leader with three voters", func() bool {
-			for _, id := range ids {
-				if id == exclude {
-					continue
-				}
-				ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-				st, err := clients[id].ClusterStatus(ctx, &api.Empty{})
-				cancel()
-				if err == nil && st.LeaderID != "" && st.LeaderID != exclude && len(st.Peers) == 3 {
-					leader = st.LeaderID
-					return true
-				}
-			}
-			return false
-		})
-		return leader
-	}
+	leaderOf := func(exclude string) string { return clustertest.LeaderVia(t, clients, exclude) }
 	leaderOf("")
 
 	var mu sync.Mutex
