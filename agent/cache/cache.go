@@ -68,6 +68,8 @@ type Snapshot struct {
 	// entries are added.
 	Entries []api.Entry
 	SVIDs   map[string]*SVID // by entry ID
+	// selectors[i] are Entries[i]'s selectors as "type:value".
+	selectors [][]string
 	// Bundle is the trust domain's bundle (nil before the first sync).
 	Bundle   *spiffebundle.Bundle
 	Sequence uint64
@@ -81,14 +83,27 @@ type Snapshot struct {
 
 // Match returns the entries whose selectors the caller all has.
 func (s *Snapshot) Match(has func(...string) bool) []api.Entry {
+	sel := s.selectors
+	if len(sel) != len(s.Entries) { // a snapshot not made by apply
+		sel = selectorStrings(s.Entries)
+	}
 	var out []api.Entry
-	for _, e := range s.Entries {
-		sel := make([]string, len(e.Selectors))
-		for i, x := range e.Selectors {
-			sel[i] = x.Type + ":" + x.Value
-		}
-		if has(sel...) {
+	for i, e := range s.Entries {
+		if has(sel[i]...) {
 			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// selectorStrings renders each entry's selectors as "type:value", once
+// per update rather than on every Workload API call.
+func selectorStrings(entries []api.Entry) [][]string {
+	out := make([][]string, len(entries))
+	for i, e := range entries {
+		out[i] = make([]string, len(e.Selectors))
+		for j, x := range e.Selectors {
+			out[i][j] = x.Type + ":" + x.Value
 		}
 	}
 	return out
@@ -124,8 +139,7 @@ type Stats struct {
 	SyncFailures atomic.Int64 // sync streams that failed or ended
 	JWTsSigned   atomic.Int64
 	JWTFailures  atomic.Int64
-	Connected    atomic.Bool  // the sync stream is up
-	LastSignTime atomic.Int64 // ns, the last full signing round
+	Connected    atomic.Bool // the sync stream is up
 }
 
 // Cache holds the agent's entries, bundle and workload SVIDs.
@@ -301,6 +315,7 @@ func (c *Cache) apply(u *api.SyncUpdate) error {
 	})
 	c.update(func(s *Snapshot) {
 		s.Revision, s.Entries, s.Bundle, s.Sequence, s.Synced = u.Revision, entries, b, u.Bundle.Sequence, time.Now()
+		s.selectors = selectorStrings(entries)
 		s.Revoked = map[string]bool{}
 		for _, r := range u.Bundle.Revoked {
 			s.Revoked[r.Serial] = true
@@ -386,7 +401,6 @@ func (c *Cache) rotateLoop(ctx context.Context) {
 
 // sign gets SVIDs for entries, in batches, with fresh keys.
 func (c *Cache) sign(ctx context.Context, entries []api.Entry) error {
-	start := time.Now()
 	for batch := range slices.Chunk(entries, c.opts.BatchSize) {
 		keys := make(map[string]*ecdsa.PrivateKey, len(batch))
 		req := &api.X509SVIDBatch{}
@@ -441,7 +455,6 @@ func (c *Cache) sign(ctx context.Context, entries []api.Entry) error {
 			return fmt.Errorf("appliance refused %d of %d: %s", len(refused), len(batch), strings.Join(refused, "; "))
 		}
 	}
-	c.Stats.LastSignTime.Store(int64(time.Since(start)))
 	return nil
 }
 

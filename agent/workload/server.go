@@ -158,8 +158,10 @@ type call struct {
 	sel    attestor.Selectors
 }
 
-// admit checks the header, the caller's limits and attests it.
-func (s *Server) admit(ctx context.Context, method string) (context.Context, func(), error) {
+// admit checks the header, the caller's limits and attests it. Every
+// stream of the Workload API is a server stream that counts against the
+// caller's stream limit until done is called.
+func (s *Server) admit(ctx context.Context, method string, stream bool) (context.Context, func(), error) {
 	md, _ := metadata.FromIncomingContext(ctx)
 	if v := md.Get("workload.spiffe.io"); len(v) != 1 || v[0] != "true" {
 		s.log.Warn("workload API call without the security header", "method", method)
@@ -176,7 +178,7 @@ func (s *Server) admit(ctx context.Context, method string) (context.Context, fun
 		return nil, nil, status.Error(codes.ResourceExhausted, "too many requests")
 	}
 	done := func() {}
-	if isStream(method) {
+	if stream {
 		if !lim.openStream(s.opts.Limits.StreamsPerCaller) {
 			s.Stats.Limited.Add(1)
 			s.log.Warn("workload API caller over its stream limit", "method", method, "uid", c.UID, "pid", c.PID)
@@ -196,20 +198,8 @@ func (s *Server) admit(ctx context.Context, method string) (context.Context, fun
 	return context.WithValue(ctx, callerKey{}, &call{caller: c, sel: sel}), done, nil
 }
 
-func isStream(method string) bool {
-	switch method {
-	case workload.SpiffeWorkloadAPI_FetchX509SVID_FullMethodName,
-		workload.SpiffeWorkloadAPI_FetchX509Bundles_FullMethodName,
-		workload.SpiffeWorkloadAPI_FetchJWTBundles_FullMethodName,
-		workload.SpiffeWorkloadAPI_FetchWITSVID_FullMethodName,
-		workload.SpiffeWorkloadAPI_FetchWITBundles_FullMethodName:
-		return true
-	}
-	return false
-}
-
 func (s *Server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-	ctx, done, err := s.admit(ctx, info.FullMethod)
+	ctx, done, err := s.admit(ctx, info.FullMethod, false)
 	if err != nil {
 		return nil, err
 	}
@@ -225,7 +215,7 @@ type wrapped struct {
 func (w wrapped) Context() context.Context { return w.ctx }
 
 func (s *Server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-	ctx, done, err := s.admit(ss.Context(), info.FullMethod)
+	ctx, done, err := s.admit(ss.Context(), info.FullMethod, true)
 	if err != nil {
 		return err
 	}
