@@ -85,6 +85,20 @@ func (ic *issuer) agent(t testing.TB, node string) *api.AgentClient {
 	return api.NewAgentClient(conn)
 }
 
+// jwtBundle is the trust domain's JWT bundle as node serves it.
+func (ic *issuer) jwtBundle(t testing.TB, node string) *jwtbundle.Bundle {
+	t.Helper()
+	resp, err := ic.c.Admin(node).BundleShow(context.Background(), &api.Empty{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := spiffebundle.Parse(ic.tr.TrustDomain, resp.SPIFFE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b.JWTBundle()
+}
+
 func (ic *issuer) entry(t testing.TB, spiffeID, parent string, dns ...string) api.Entry {
 	e, err := ic.c.Admin("node-1").EntryCreate(context.Background(), &api.EntryRequest{Entry: api.Entry{
 		SPIFFEID: spiffeID, ParentID: parent, Selectors: []api.Selector{{Type: "unix", Value: "uid:1000"}},
@@ -245,17 +259,7 @@ func TestJWTSVIDAndRotation(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	jwtBundle := func() *jwtbundle.Bundle {
-		resp, err := ic.c.Admin("node-3").BundleShow(ctx, &api.Empty{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		b, err := spiffebundle.Parse(ic.tr.TrustDomain, resp.SPIFFE)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return b.JWTBundle()
-	}
+	jwtBundle := func() *jwtbundle.Bundle { return ic.jwtBundle(t, "node-3") }
 	svid, err := jwtsvid.ParseAndValidate(first.Token, jwtBundle(), []string{"db"})
 	if err != nil || svid.ID.String() != "spiffe://example.org/web" {
 		t.Fatalf("jwtsvid.ParseAndValidate: %v %v", svid, err)
@@ -411,16 +415,9 @@ func TestJWTRotationSchedule(t *testing.T) {
 		later, err = ag.SignJWTSVID(ctx, &api.JWTSVIDRequest{EntryID: web.ID, Audience: []string{"db"}})
 		return err == nil && tokenKID(t, later.Token) != tokenKID(t, first.Token)
 	})
-	resp, err := ic.c.Admin("node-2").BundleShow(ctx, &api.Empty{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := spiffebundle.Parse(ic.tr.TrustDomain, resp.SPIFFE)
-	if err != nil {
-		t.Fatal(err)
-	}
+	b := ic.jwtBundle(t, "node-2")
 	for _, tok := range []string{first.Token, later.Token} {
-		if _, err := jwtsvid.ParseAndValidate(tok, b.JWTBundle(), []string{"db"}); err != nil {
+		if _, err := jwtsvid.ParseAndValidate(tok, b, []string{"db"}); err != nil {
 			t.Fatalf("token %s after scheduled rotation: %v", tokenKID(t, tok), err)
 		}
 	}
