@@ -83,10 +83,10 @@ var ErrGone = errors.New("caller process exited during attestation")
 // Attest returns the caller's selectors. The uid and gid are those the
 // kernel recorded when the caller connected.
 func (a *Attestor) Attest(ctx context.Context, c *Caller) (Selectors, error) {
-	pid, err := c.process()
-	if err != nil {
+	if err := c.alive(); err != nil {
 		return nil, err
 	}
+	pid := int(c.PID)
 	s := Selectors{}
 	add := func(typ, val string) { s[typ+":"+val] = struct{}{} }
 	add("unix", "uid:"+strconv.FormatUint(uint64(c.UID), 10))
@@ -130,7 +130,7 @@ func (a *Attestor) Attest(ctx context.Context, c *Caller) (Selectors, error) {
 	}
 	// Everything above was read through the pid; it describes the caller
 	// only if the caller still holds that pid now.
-	if err := c.stillSame(pid); err != nil {
+	if err := c.alive(); err != nil {
 		return nil, err
 	}
 	return s, nil

@@ -40,23 +40,14 @@ func FromContext(ctx context.Context) (*Caller, bool) {
 	return c, ok
 }
 
-// process returns the caller's pid if the process that connected is still
-// alive.
-func (c *Caller) process() (int, error) {
-	if err := c.stillSame(int(c.PID)); err != nil {
-		return 0, err
-	}
-	return int(c.PID), nil
-}
-
-// stillSame checks that the pidfd taken at connect time still names a
-// live process. A pidfd becomes readable when its process exits; it never
+// alive checks that the pidfd taken at connect time still names a live
+// process. A pidfd becomes readable when its process exits; it never
 // follows a pid to a new process, and the handshake checked that it names
-// pid, so a live pidfd means pid is still the caller.
-func (c *Caller) stillSame(pid int) error {
+// PID, so a live pidfd means PID is still the caller.
+func (c *Caller) alive() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.pidfd < 0 || pid != int(c.PID) {
+	if c.pidfd < 0 {
 		return ErrGone
 	}
 	fds := []unix.PollFd{{Fd: int32(c.pidfd), Events: unix.POLLIN}}

@@ -71,14 +71,11 @@ type Snapshot struct {
 	// selectors[i] are Entries[i]'s selectors as "type:value".
 	selectors [][]string
 	// Bundle is the trust domain's bundle (nil before the first sync).
-	Bundle   *spiffebundle.Bundle
-	Sequence uint64
+	Bundle *spiffebundle.Bundle
 	// Revoked holds revoked leaf serials (hex): an SVID listed here is
 	// replaced at once. Serials are random, so one list serves every
 	// issuing node.
 	Revoked map[string]bool
-	// Synced is when the appliance last sent an update or signed.
-	Synced time.Time
 }
 
 // Match returns the entries whose selectors the caller all has.
@@ -314,7 +311,7 @@ func (c *Cache) apply(u *api.SyncUpdate) error {
 		return entries[i].ID < entries[j].ID
 	})
 	c.update(func(s *Snapshot) {
-		s.Revision, s.Entries, s.Bundle, s.Sequence, s.Synced = u.Revision, entries, b, u.Bundle.Sequence, time.Now()
+		s.Revision, s.Entries, s.Bundle = u.Revision, entries, b
 		s.selectors = selectorStrings(entries)
 		s.Revoked = map[string]bool{}
 		for _, r := range u.Bundle.Revoked {
@@ -447,7 +444,6 @@ func (c *Cache) sign(ctx context.Context, entries []api.Entry) error {
 						s.SVIDs[id] = v
 					}
 				}
-				s.Synced = time.Now()
 			})
 			c.Stats.Rotations.Add(int64(len(got)))
 		}

@@ -29,8 +29,8 @@ type Options struct {
 	Timeout  time.Duration
 }
 
-// Address turns a socket option into a Workload API address.
-func Address(socket, fallback string) string {
+// address turns a socket option into a Workload API address.
+func address(socket, fallback string) string {
 	if socket == "" {
 		socket = os.Getenv(workloadapi.SocketEnv)
 	}
@@ -53,7 +53,7 @@ func Run(ctx context.Context, opts Options, fallback string, w io.Writer) error 
 	}
 	ctx, cancel := context.WithTimeout(ctx, opts.Timeout)
 	defer cancel()
-	addr := Address(opts.Socket, fallback)
+	addr := address(opts.Socket, fallback)
 	c, err := workloadapi.New(ctx, workloadapi.WithAddr(addr))
 	if err != nil {
 		return fmt.Errorf("%s: %w", addr, err)
