@@ -581,7 +581,9 @@ func TestFaults(t *testing.T) {
 			s.start(id)
 		}
 		restarted := time.Now()
-		s.leader("")
+		for _, id := range ids {
+			s.ready(id)
+		}
 		if _, err := s.admin[s.leader("")].EntryCreate(ctx, &api.EntryRequest{Entry: api.Entry{SPIFFEID: "spiffe://example.org/faults/workload-2",
 			ParentID: ag.id, Selectors: []api.Selector{{Type: "unix", Value: "uid:0"}}}}); err != nil {
 			t.Fatal(err)
