@@ -21,6 +21,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/hashicorp/go-hclog"
 	hraft "github.com/hashicorp/raft"
@@ -30,7 +31,20 @@ import (
 // FSM is the replicated state machine. Apply must be deterministic; its
 // error means the command was refused (and must have changed nothing).
 type FSM interface {
-	Apply(index uint64, cmd []byte) ([]byte, error)
+	// Apply consumes the command at index. origin is the ID of the member
+	// that proposed it: the leader itself for a local Node.Apply, the
+	// authenticated peer (its TLS identity via Config.PeerNodeID) for one
+	// forwarded by a follower; "" when unknown (a forwarded command when
+	// Config.PeerNodeID is nil, or a log entry written without an origin).
+	// The origin travels in the replicated log, so every replica sees the
+	// same value.
+	Apply(index uint64, origin string, cmd []byte) ([]byte, error)
+	// AppliedIndex is the raft index of the last command the FSM has
+	// consumed (its own record, updated only after the change is visible
+	// to readers; after Restore, the index the snapshot covers). A refused
+	// command is consumed too: its index must be recorded, or a read
+	// barrier that follows it waits until its context ends.
+	AppliedIndex() uint64
 	Snapshot() (Snapshot, error)
 	Restore(r io.Reader) error
 }
@@ -51,8 +65,12 @@ type Config struct {
 	// TLS is used to accept and to dial. It must require and verify client
 	// certificates: New refuses a config that would let anyone in.
 	TLS *tls.Config
-	// PeerNodeID, when set, names the node behind a verified connection,
-	// so that a node can only ask to add itself.
+	// PeerNodeID, when set, names the node behind a verified connection:
+	// a node can only ask to add itself, only current members of the
+	// configuration may forward writes or ask for read indexes, and a
+	// forwarded command's origin (see FSM.Apply) is this ID. When nil
+	// (unit tests) any peer the TLS config accepts may forward, and
+	// forwarded commands reach the FSM with origin "".
 	PeerNodeID func(tls.ConnectionState) (string, error)
 	Logger     *slog.Logger
 
@@ -86,7 +104,9 @@ type ApplyError struct {
 func (e *ApplyError) Error() string { return e.Msg }
 func (e *ApplyError) Unwrap() error { return e.err }
 
-// Status is a node's view of the cluster.
+// Status is a node's view of the cluster. AppliedIndex is the FSM's own
+// (the last command it consumed), so it stays below CommitIndex while the
+// newest entries are no-ops, barriers or configuration changes.
 type Status struct {
 	NodeID       string
 	State        string
@@ -114,6 +134,7 @@ type Node struct {
 	cfg   Config
 	log   *slog.Logger
 	fsm   FSM
+	fsmA  *fsmAdapter
 	r     *hraft.Raft
 	ln    net.Listener
 	layer *streamLayer
@@ -175,7 +196,7 @@ func New(ctx context.Context, cfg Config, fsm FSM) (*Node, error) {
 	if err := cfg.defaults(); err != nil {
 		return nil, err
 	}
-	n := &Node{cfg: cfg, log: cfg.Logger.With("component", "raft"), fsm: fsm, stats: map[string]Peer{}}
+	n := &Node{cfg: cfg, log: cfg.Logger.With("component", "raft"), fsm: fsm, fsmA: newFSMAdapter(fsm), stats: map[string]Peer{}}
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	ok := false
 	defer func() {
@@ -219,7 +240,7 @@ func New(ctx context.Context, cfg Config, fsm FSM) (*Node, error) {
 	rc.SnapshotThreshold = cfg.SnapshotThreshold
 	rc.TrailingLogs = cfg.TrailingLogs
 	rc.Logger = hlog
-	n.r, err = hraft.NewRaft(rc, &fsmAdapter{n.fsm}, n.store, n.store, snaps, n.trans)
+	n.r, err = hraft.NewRaft(rc, n.fsmA, n.store, n.store, snaps, n.trans)
 	if err != nil {
 		return nil, fmt.Errorf("raft: start: %w", err)
 	}
@@ -255,6 +276,23 @@ func (n *Node) Bootstrap(ctx context.Context) error {
 // IsLeader reports whether this node leads.
 func (n *Node) IsLeader() bool { return n.r.State() == hraft.Leader }
 
+// Snapshot takes a raft snapshot of this node's FSM now (as the periodic
+// ones do: FSM.Snapshot, Persist into the snapshot store, log compaction)
+// and returns how long it took. ctx bounds only the wait: a snapshot that
+// has started runs to its end.
+func (n *Node) Snapshot(ctx context.Context) (time.Duration, error) {
+	start := time.Now()
+	f := n.r.Snapshot()
+	done := make(chan error, 1)
+	go func() { done <- f.Error() }()
+	select {
+	case err := <-done:
+		return time.Since(start), err
+	case <-ctx.Done():
+		return time.Since(start), ctx.Err()
+	}
+}
+
 func (n *Node) timeout(ctx context.Context) time.Duration {
 	if d, ok := ctx.Deadline(); ok {
 		return max(time.Until(d), time.Millisecond)
@@ -264,13 +302,15 @@ func (n *Node) timeout(ctx context.Context) time.Duration {
 
 // Apply commits cmd and returns the FSM's response. On a follower the
 // command is forwarded to the leader; while there is no leader it waits
-// (bounded by ctx, or ApplyTimeout) for one.
+// (bounded by ctx, or ApplyTimeout) for one. The FSM sees this node's ID as
+// the command's origin (the leader takes it from the TLS identity of the
+// forwarding connection, not from anything the follower says).
 func (n *Node) Apply(ctx context.Context, cmd []byte) ([]byte, error) {
 	ctx, cancel := n.bounded(ctx)
 	defer cancel()
 	for {
 		if n.IsLeader() {
-			resp, err := n.applyLocal(ctx, cmd)
+			resp, err := n.applyLocal(ctx, n.cfg.NodeID, cmd)
 			if !errors.Is(err, hraft.ErrNotLeader) && !errors.Is(err, hraft.ErrLeadershipLost) {
 				return resp, err
 			}
@@ -322,8 +362,10 @@ type applyResult struct {
 	err  error
 }
 
-func (n *Node) applyLocal(ctx context.Context, cmd []byte) ([]byte, error) {
-	f := n.r.Apply(cmd, n.timeout(ctx))
+// applyLocal proposes cmd on this (leader) node, recording origin in the
+// log entry's Extensions.
+func (n *Node) applyLocal(ctx context.Context, origin string, cmd []byte) ([]byte, error) {
+	f := n.r.ApplyLog(hraft.Log{Data: cmd, Extensions: encodeOrigin(origin)}, n.timeout(ctx))
 	if err := f.Error(); err != nil {
 		return nil, err
 	}
@@ -355,7 +397,9 @@ func (n *Node) ReadIndex(ctx context.Context) error {
 				if r.NotLeader {
 					err = hraft.ErrNotLeader
 				} else if r.Err != "" {
-					err = errors.New(r.Err)
+					// The leader refused us (not a member): retrying
+					// would not help.
+					return fmt.Errorf("raft: read index via %s: %s", leader, r.Err)
 				}
 				idx = r.Index
 			}
@@ -389,15 +433,94 @@ func (n *Node) leaderReadIndex(ctx context.Context) (uint64, error) {
 	return idx, nil
 }
 
+// waitApplied returns once the FSM reflects every command up to idx.
+//
+// hashicorp's AppliedIndex is set before the FSM goroutine has consumed the
+// entries (HARDWARE-NOTES gotcha 14), so it only tells us that the log up
+// to idx is committed and stored here. The FSM's own AppliedIndex is what
+// readers can trust, but it only moves on commands: no-ops, barriers and
+// configuration entries never reach it. So: wait for raft to reach idx,
+// find the last command at or below idx in the local log, and wait for the
+// FSM to have consumed that one.
 func (n *Node) waitApplied(ctx context.Context, idx uint64) error {
-	for n.r.AppliedIndex() < idx {
+	if err := n.waitRaftApplied(ctx, idx); err != nil {
+		return err
+	}
+	target, err := n.lastCommandAtOrBelow(idx)
+	if err != nil {
+		return err
+	}
+	for {
+		// Take the channel before reading the index, so an Apply between
+		// the two cannot be missed.
+		changed := n.fsmA.changed()
+		at := n.fsm.AppliedIndex()
+		if at >= target {
+			return nil
+		}
 		select {
+		case <-changed:
 		case <-ctx.Done():
-			return fmt.Errorf("raft: waiting to apply index %d (at %d): %w", idx, n.r.AppliedIndex(), ctx.Err())
-		case <-time.After(2 * time.Millisecond):
+			return fmt.Errorf("raft: waiting for the state machine to apply index %d (at %d): %w", target, at, ctx.Err())
+		case <-n.ctx.Done():
+			return fmt.Errorf("raft: waiting for the state machine to apply index %d: node shut down", target)
 		}
 	}
-	return nil
+}
+
+// waitRaftApplied waits for raft's own applied index to reach idx. Raft
+// gives no notification for it; the FSM's does the waking for commands (raft
+// moves its index just before handing them over), and a short backoff
+// covers no-ops, barriers and configuration entries.
+func (n *Node) waitRaftApplied(ctx context.Context, idx uint64) error {
+	backoff := 500 * time.Microsecond
+	var timer *time.Timer
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
+	for {
+		changed := n.fsmA.changed()
+		at := n.r.AppliedIndex()
+		if at >= idx {
+			return nil
+		}
+		if timer == nil {
+			timer = time.NewTimer(backoff)
+		} else {
+			timer.Reset(backoff)
+		}
+		select {
+		case <-changed:
+		case <-timer.C:
+			backoff = min(2*backoff, 5*time.Millisecond)
+		case <-ctx.Done():
+			return fmt.Errorf("raft: waiting to apply index %d (at %d): %w", idx, at, ctx.Err())
+		case <-n.ctx.Done():
+			return fmt.Errorf("raft: waiting to apply index %d: node shut down", idx)
+		}
+	}
+}
+
+// lastCommandAtOrBelow is the index of the last LogCommand entry at or
+// below idx, which raft has already applied here; 0 when there is none or
+// when the walk reaches entries compacted into a snapshot (the FSM has
+// restored or produced that snapshot, so it already covers them).
+func (n *Node) lastCommandAtOrBelow(idx uint64) (uint64, error) {
+	var l hraft.Log
+	for i := idx; i > 0; i-- {
+		if err := n.store.GetLog(i, &l); err != nil {
+			if errors.Is(err, hraft.ErrLogNotFound) {
+				return 0, nil
+			}
+			return 0, fmt.Errorf("raft: read log %d: %w", i, err)
+		}
+		if l.Type == hraft.LogCommand {
+			return i, nil
+		}
+	}
+	return 0, nil
 }
 
 // Join adds a voter (an operator's request), via the leader.
@@ -498,7 +621,7 @@ func (n *Node) Status(ctx context.Context) Status {
 	leaderAddr, leaderID := n.r.LeaderWithID()
 	st := Status{
 		NodeID: n.cfg.NodeID, State: strings.ToLower(n.r.State().String()), Term: n.r.CurrentTerm(),
-		LastIndex: n.r.LastIndex(), CommitIndex: n.r.CommitIndex(), AppliedIndex: n.r.AppliedIndex(),
+		LastIndex: n.r.LastIndex(), CommitIndex: n.r.CommitIndex(), AppliedIndex: n.fsm.AppliedIndex(),
 		LeaderID: string(leaderID), LeaderAddr: string(leaderAddr),
 	}
 	if cfg, err := n.configuration(); err == nil {
@@ -577,14 +700,59 @@ func (n *Node) Shutdown() error {
 	return n.shutErr
 }
 
-// fsmAdapter turns our FSM into hashicorp's.
-type fsmAdapter struct{ fsm FSM }
+// Origin encoding in a log entry's Extensions: a version byte, then the
+// proposing member's node ID as UTF-8. No Extensions means no origin.
+const originV1 byte = 0x01
+
+func encodeOrigin(origin string) []byte {
+	if origin == "" {
+		return nil
+	}
+	return append([]byte{originV1}, origin...)
+}
+
+// decodeOrigin returns "" for a missing or malformed (unknown version,
+// empty or invalid UTF-8 ID) encoding.
+func decodeOrigin(ext []byte) string {
+	if len(ext) < 2 || ext[0] != originV1 || !utf8.Valid(ext[1:]) {
+		return ""
+	}
+	return string(ext[1:])
+}
+
+// fsmAdapter turns our FSM into hashicorp's, and tells waiters each time
+// the FSM has consumed a command or restored a snapshot.
+type fsmAdapter struct {
+	fsm FSM
+
+	mu     sync.Mutex
+	notify chan struct{} // closed (and replaced) after each Apply and Restore
+}
+
+func newFSMAdapter(fsm FSM) *fsmAdapter {
+	return &fsmAdapter{fsm: fsm, notify: make(chan struct{})}
+}
+
+// changed returns a channel closed after the next Apply or Restore.
+func (a *fsmAdapter) changed() <-chan struct{} {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.notify
+}
+
+func (a *fsmAdapter) wake() {
+	a.mu.Lock()
+	close(a.notify)
+	a.notify = make(chan struct{})
+	a.mu.Unlock()
+}
 
 func (a *fsmAdapter) Apply(l *hraft.Log) any {
 	if l.Type != hraft.LogCommand {
 		return nil
 	}
-	resp, err := a.fsm.Apply(l.Index, l.Data)
+	defer a.wake()
+	resp, err := a.fsm.Apply(l.Index, decodeOrigin(l.Extensions), l.Data)
 	return applyResult{resp: resp, err: err}
 }
 
@@ -598,6 +766,7 @@ func (a *fsmAdapter) Snapshot() (hraft.FSMSnapshot, error) {
 
 func (a *fsmAdapter) Restore(rc io.ReadCloser) error {
 	defer rc.Close()
+	defer a.wake()
 	return a.fsm.Restore(rc)
 }
 

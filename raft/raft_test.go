@@ -13,25 +13,37 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"math/big"
 	mrand "math/rand/v2"
 	"net"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
 
 // kv is a tiny deterministic FSM: "set k v" commands; "fail" is refused.
+// It records each key's origin, and its applied index after the change.
 type kv struct {
-	mu sync.Mutex
-	m  map[string]string
+	delay time.Duration // a slow Apply, so raft's applied index runs ahead
+
+	mu      sync.Mutex
+	m       map[string]string
+	origins map[string]string
+	applied atomic.Uint64
 }
 
-func newKV() *kv { return &kv{m: map[string]string{}} }
+func newKV() *kv { return &kv{m: map[string]string{}, origins: map[string]string{}} }
 
-func (k *kv) Apply(index uint64, cmd []byte) ([]byte, error) {
+func (k *kv) Apply(index uint64, origin string, cmd []byte) ([]byte, error) {
+	defer k.applied.Store(index) // refused commands are consumed too
+	if k.delay > 0 {
+		time.Sleep(k.delay)
+	}
 	var c struct{ K, V string }
 	if err := json.Unmarshal(cmd, &c); err != nil {
 		return nil, err
@@ -42,8 +54,11 @@ func (k *kv) Apply(index uint64, cmd []byte) ([]byte, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.m[c.K] = c.V
+	k.origins[c.K] = origin
 	return []byte(fmt.Sprint(index)), nil
 }
+
+func (k *kv) AppliedIndex() uint64 { return k.applied.Load() }
 
 func (k *kv) get(key string) (string, bool) {
 	k.mu.Lock()
@@ -52,26 +67,51 @@ func (k *kv) get(key string) (string, bool) {
 	return v, ok
 }
 
+func (k *kv) origin(key string) (string, bool) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	o, ok := k.origins[key]
+	return o, ok
+}
+
+func (k *kv) size() int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return len(k.m)
+}
+
 type kvSnap struct{ b []byte }
 
 func (s *kvSnap) Persist(w io.Writer) error { _, err := w.Write(s.b); return err }
 func (s *kvSnap) Release()                  {}
 
+type kvState struct {
+	M, Origins map[string]string
+	Index      uint64
+}
+
 func (k *kv) Snapshot() (Snapshot, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	b, err := json.Marshal(k.m)
+	b, err := json.Marshal(kvState{k.m, k.origins, k.applied.Load()})
 	return &kvSnap{b}, err
 }
 
 func (k *kv) Restore(r io.Reader) error {
-	m := map[string]string{}
-	if err := json.NewDecoder(r).Decode(&m); err != nil {
+	var st kvState
+	if err := json.NewDecoder(r).Decode(&st); err != nil {
 		return err
 	}
+	if st.M == nil {
+		st.M = map[string]string{}
+	}
+	if st.Origins == nil {
+		st.Origins = map[string]string{}
+	}
 	k.mu.Lock()
-	k.m = m
+	k.m, k.origins = st.M, st.Origins
 	k.mu.Unlock()
+	k.applied.Store(st.Index)
 	return nil
 }
 
@@ -123,6 +163,9 @@ type testCluster struct {
 	t     testing.TB
 	ca    *testCA
 	dir   string
+	delay time.Duration // each FSM's Apply delay
+	opts  func(*Config) // applied to every node's config
+	logs  lockedBuffer  // every node's warnings
 	mu    sync.Mutex
 	nodes map[string]*Node
 	fsms  map[string]*kv
@@ -137,8 +180,31 @@ func peerID(cs tls.ConnectionState) (string, error) {
 }
 
 func (c *testCluster) config(id string) Config {
-	return Config{NodeID: id, BindAddr: c.addrs[id], DataDir: filepath.Join(c.dir, id), TLS: c.ca.tls(c.t, id),
-		PeerNodeID: peerID, HeartbeatTimeout: 300 * time.Millisecond, ElectionTimeout: 300 * time.Millisecond}
+	cfg := Config{NodeID: id, BindAddr: c.addrs[id], DataDir: filepath.Join(c.dir, id), TLS: c.ca.tls(c.t, id),
+		PeerNodeID: peerID, HeartbeatTimeout: 300 * time.Millisecond, ElectionTimeout: 300 * time.Millisecond,
+		Logger: slog.New(slog.NewTextHandler(&c.logs, &slog.HandlerOptions{Level: slog.LevelWarn})).With("node", id)}
+	if c.opts != nil {
+		c.opts(&cfg)
+	}
+	return cfg
+}
+
+// lockedBuffer collects log output from several goroutines.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 func (c *testCluster) start(id string, mod func(*Config)) *Node {
@@ -148,6 +214,7 @@ func (c *testCluster) start(id string, mod func(*Config)) *Node {
 		mod(&cfg)
 	}
 	fsm := newKV()
+	fsm.delay = c.delay
 	n, err := New(context.Background(), cfg, fsm)
 	if err != nil {
 		c.t.Fatalf("start %s: %v", id, err)
@@ -186,7 +253,16 @@ func (c *testCluster) leader() (string, *Node) {
 }
 
 func newTestCluster(t testing.TB, ids ...string) *testCluster {
+	return newTestClusterWith(t, nil, ids...)
+}
+
+// newTestClusterWith lets setup change the cluster (FSM delay, config
+// options) before any node starts.
+func newTestClusterWith(t testing.TB, setup func(*testCluster), ids ...string) *testCluster {
 	c := &testCluster{t: t, ca: newCA(t), dir: t.TempDir(), nodes: map[string]*Node{}, fsms: map[string]*kv{}, addrs: map[string]string{}}
+	if setup != nil {
+		setup(c)
+	}
 	for _, id := range ids {
 		c.addrs[id] = stablePort(t)
 	}
@@ -428,5 +504,257 @@ func TestNoLeaderFailsClosed(t *testing.T) {
 	}
 	if _, ok := c.fsms[survivor].get("minority"); ok {
 		t.Fatal("a minority applied a write")
+	}
+}
+
+func (c *testCluster) followers(leaderID string) []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var f []string
+	for id := range c.nodes {
+		if id != leaderID {
+			f = append(f, id)
+		}
+	}
+	sort.Strings(f)
+	return f
+}
+
+func TestOriginEncoding(t *testing.T) {
+	for _, id := range []string{"a", "node-1.example", "ünïcode"} {
+		if got := decodeOrigin(encodeOrigin(id)); got != id {
+			t.Errorf("round trip %q: %q", id, got)
+		}
+	}
+	for _, ext := range [][]byte{nil, {}, encodeOrigin(""), {originV1}, {0x02, 'a'}, {0x00, 'a'}, {originV1, 0xff, 0xfe}} {
+		if got := decodeOrigin(ext); got != "" {
+			t.Errorf("decodeOrigin(%x) = %q, want \"\"", ext, got)
+		}
+	}
+}
+
+// The origin of a command is the member that proposed it, carried in the
+// log: the same on every replica, after a restart too, and taken from the
+// forwarding connection's TLS identity, not from the request.
+func TestOriginReplicated(t *testing.T) {
+	c := newTestCluster(t, "a", "b", "c")
+	ctx := context.Background()
+	leaderID, leader := c.leader()
+	fol := c.followers(leaderID)
+	if _, err := c.nodes[fol[0]].Apply(ctx, set("via-follower", "1")); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := leader.Apply(ctx, set("on-leader", "1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A member that claims to forward for someone else is still recorded
+	// as itself.
+	var r rpcResponse
+	if err := c.nodes[fol[0]].pool.call(ctx, leader.Addr(), &rpcRequest{Op: opApply, Cmd: set("forged", "1"), NodeID: fol[1]}, &r); err != nil || r.Err != "" || r.NotLeader {
+		t.Fatalf("forward with a claimed node ID: %v %+v", err, r)
+	}
+	want := map[string]string{"via-follower": fol[0], "on-leader": leaderID, "forged": fol[0]}
+	check := func(id string) {
+		t.Helper()
+		for k, o := range want {
+			if got, ok := c.fsms[id].origin(k); !ok || got != o {
+				t.Errorf("%s: origin of %s = %q (present %v), want %q", id, k, got, ok, o)
+			}
+		}
+	}
+	for id, n := range c.nodes {
+		if err := n.ReadIndex(ctx); err != nil {
+			t.Fatal(err)
+		}
+		check(id)
+		var idx uint64
+		fmt.Sscan(string(resp), &idx)
+		if st := n.Status(ctx); st.AppliedIndex != c.fsms[id].AppliedIndex() || st.AppliedIndex < idx {
+			t.Errorf("%s: Status.AppliedIndex %d, FSM %d, write at %d", id, st.AppliedIndex, c.fsms[id].AppliedIndex(), idx)
+		}
+	}
+	// A follower restarted with an empty FSM replays the same origins from
+	// its log.
+	c.stop(fol[1])
+	c.start(fol[1], nil)
+	eventually(t, "restarted follower to replay", func() bool { return c.fsms[fol[1]].size() == len(want) })
+	check(fol[1])
+}
+
+// A process holding a valid peer certificate, but not in the raft
+// configuration, can neither write through nor take read indexes from any
+// member; nor can a member once it is removed.
+func TestAttackForwardFromNonMember(t *testing.T) {
+	c := newTestCluster(t, "a", "b", "c")
+	ctx := context.Background()
+	leaderID, leader := c.leader()
+	mallory := c.ca.tls(t, "m") // same CA: a genuine node certificate
+	attack := func(addr string, cfg *tls.Config) {
+		t.Helper()
+		conn, err := tls.Dial("tcp", addr, cfg)
+		if err != nil {
+			t.Fatalf("dial %s: %v", addr, err)
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := conn.Write([]byte{protoRPC}); err != nil {
+			t.Fatal(err)
+		}
+		for _, req := range []rpcRequest{
+			{Op: opApply, Cmd: set("evil", "x"), NodeID: leaderID},
+			{Op: opReadIndex, NodeID: leaderID},
+		} {
+			if err := writeFrame(conn, &req); err != nil {
+				t.Fatal(err)
+			}
+			var r rpcResponse
+			if err := readFrame(conn, &r); err != nil {
+				t.Fatalf("%s to %s: %v", req.Op, addr, err)
+			}
+			if !strings.Contains(r.Err, "not a cluster member") || r.Resp != nil || r.Index != 0 || r.NotLeader {
+				t.Fatalf("%s from a non-member to %s answered %+v", req.Op, addr, r)
+			}
+		}
+	}
+	for _, id := range []string{"a", "b", "c"} {
+		attack(c.addrs[id], mallory)
+	}
+	if logs := c.logs.String(); !strings.Contains(logs, "peer is not a cluster member") || !strings.Contains(logs, "peer=m") || !strings.Contains(logs, "remote=127.0.0.1:") {
+		t.Fatalf("refusal not logged with peer and remote address:\n%s", logs)
+	}
+
+	// A removed member is a stranger too: its old certificate still
+	// verifies, but it may not forward anything.
+	removed := c.followers(leaderID)[1]
+	if err := leader.Remove(ctx, removed); err != nil {
+		t.Fatal(err)
+	}
+	attack(leader.Addr(), c.ca.tls(t, removed))
+	rctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	var r rpcResponse
+	if err := c.nodes[removed].pool.call(rctx, leader.Addr(), &rpcRequest{Op: opApply, Cmd: set("evil", "y")}, &r); err != nil || !strings.Contains(r.Err, "not a cluster member") {
+		t.Fatalf("removed member's forward: %v %+v", err, r)
+	}
+
+	// A legitimate write afterwards reaches everyone; the attacks reached
+	// no one.
+	if _, err := leader.Apply(ctx, set("legit", "1")); err != nil {
+		t.Fatal(err)
+	}
+	for id, n := range c.nodes {
+		if id == removed {
+			continue
+		}
+		if err := n.ReadIndex(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if _, ok := c.fsms[id].get("legit"); !ok {
+			t.Fatalf("legit write missing on %s", id)
+		}
+	}
+	for id, f := range c.fsms {
+		if _, ok := f.get("evil"); ok {
+			t.Fatalf("a non-member's write was applied on %s", id)
+		}
+	}
+}
+
+// A read on a follower right after ReadIndex sees a write acknowledged
+// before it, even when the FSM is slower than raft's own applied index.
+func TestReadAfterWriteOnFollower(t *testing.T) {
+	c := newTestClusterWith(t, func(c *testCluster) {
+		c.delay = 3 * time.Millisecond
+		c.opts = func(cfg *Config) { cfg.CommitTimeout = 5 * time.Millisecond }
+	}, "a", "b", "c")
+	ctx := context.Background()
+	leaderID, leader := c.leader()
+	fol := c.followers(leaderID)
+	for i := 0; i < 200; i++ {
+		k, v := fmt.Sprint("k", i), fmt.Sprint("v", i)
+		if _, err := leader.Apply(ctx, set(k, v)); err != nil {
+			t.Fatal(err)
+		}
+		f := fol[i%2]
+		if err := c.nodes[f].ReadIndex(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if got, _ := c.fsms[f].get(k); got != v {
+			t.Fatalf("iteration %d: %s read %s=%q right after ReadIndex, want %q", i, f, k, got, v)
+		}
+	}
+	// A refused command is the last one in the log: reads still return.
+	if _, err := leader.Apply(ctx, set("fail", "x")); err == nil {
+		t.Fatal("refused command accepted")
+	}
+	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := c.nodes[fol[0]].ReadIndex(rctx); err != nil {
+		t.Fatalf("read after a refused command: %v", err)
+	}
+}
+
+// A follower that catches up by installing a snapshot (its log compacted
+// away) serves reads that see everything in it.
+func TestReadIndexAfterInstallSnapshot(t *testing.T) {
+	small := func(cfg *Config) {
+		cfg.SnapshotThreshold, cfg.TrailingLogs, cfg.SnapshotInterval = 16, 4, 50*time.Millisecond
+	}
+	c := newTestClusterWith(t, func(c *testCluster) { c.opts = small }, "a")
+	ctx := context.Background()
+	c.addrs["b"] = stablePort(t)
+	t.Cleanup(func() { c.stop("b") })
+	_, leader := c.leader()
+	for i := 0; i < 100; i++ {
+		if _, err := leader.Apply(ctx, set(fmt.Sprint("k", i), "v")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, "a snapshot", func() bool {
+		m, _ := filepath.Glob(filepath.Join(c.dir, "a", "snapshots", "*", "state.bin"))
+		return len(m) > 0
+	})
+	b := c.start("b", nil)
+	jctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := b.JoinCluster(jctx, leader.Addr()); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.ReadIndex(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 100; i++ {
+		if _, ok := c.fsms["b"].get(fmt.Sprint("k", i)); !ok {
+			t.Fatalf("k%d missing on b after ReadIndex", i)
+		}
+	}
+}
+
+// Without Config.PeerNodeID the leader cannot name a forwarding peer: the
+// command's origin is "" (a local write still names the leader).
+func TestOriginUnknownWithoutPeerNodeID(t *testing.T) {
+	c := newTestClusterWith(t, func(c *testCluster) {
+		c.opts = func(cfg *Config) { cfg.PeerNodeID = nil }
+	}, "a", "b")
+	ctx := context.Background()
+	leaderID, leader := c.leader()
+	fol := c.followers(leaderID)[0]
+	if _, err := c.nodes[fol].Apply(ctx, set("forwarded", "1")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := leader.Apply(ctx, set("local", "1")); err != nil {
+		t.Fatal(err)
+	}
+	for id, n := range c.nodes {
+		if err := n.ReadIndex(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if o, ok := c.fsms[id].origin("forwarded"); !ok || o != "" {
+			t.Errorf("%s: forwarded origin %q (present %v), want \"\"", id, o, ok)
+		}
+		if o, _ := c.fsms[id].origin("local"); o != leaderID {
+			t.Errorf("%s: local origin %q, want %q", id, o, leaderID)
+		}
 	}
 }

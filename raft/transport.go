@@ -206,7 +206,7 @@ func (n *Node) serveRPC(c *tls.Conn) {
 			return
 		}
 		c.SetReadDeadline(time.Time{})
-		resp := n.handleRPC(&req, peer)
+		resp := n.handleRPC(&req, peer, c.RemoteAddr().String())
 		c.SetWriteDeadline(time.Now().Add(30 * time.Second))
 		if err := writeFrame(c, resp); err != nil {
 			return
@@ -214,9 +214,18 @@ func (n *Node) serveRPC(c *tls.Conn) {
 	}
 }
 
-func (n *Node) handleRPC(req *rpcRequest, peer string) *rpcResponse {
+// handleRPC answers one request from peer, the node ID of the verified
+// connection ("" when Config.PeerNodeID is nil), at remote.
+func (n *Node) handleRPC(req *rpcRequest, peer, remote string) *rpcResponse {
 	ctx, cancel := context.WithTimeout(n.ctx, n.cfg.ApplyTimeout)
 	defer cancel()
+	switch req.Op {
+	case opApply, opReadIndex:
+		if err := n.authorizeMember(peer); err != nil {
+			n.log.Warn("rpc refused: peer is not a cluster member", "op", req.Op, "peer", peer, "remote", remote)
+			return &rpcResponse{Err: fmt.Sprintf("raft rpc %s refused: %v", req.Op, err)}
+		}
+	}
 	switch req.Op {
 	case opStats:
 		return &rpcResponse{Index: n.r.LastIndex()}
@@ -224,7 +233,9 @@ func (n *Node) handleRPC(req *rpcRequest, peer string) *rpcResponse {
 		if !n.IsLeader() {
 			return &rpcResponse{NotLeader: true}
 		}
-		resp, err := n.applyLocal(ctx, req.Cmd)
+		// The origin is the authenticated peer, never anything in the
+		// request ("" when Config.PeerNodeID is nil).
+		resp, err := n.applyLocal(ctx, peer, req.Cmd)
 		var ae *ApplyError
 		switch {
 		case errors.As(err, &ae):
@@ -256,6 +267,19 @@ func (n *Node) handleRPC(req *rpcRequest, peer string) *rpcResponse {
 		return &rpcResponse{}
 	}
 	return &rpcResponse{Err: fmt.Sprintf("raft rpc: unknown op %q", req.Op)}
+}
+
+// authorizeMember: forwarded writes and read indexes are for current
+// members of the configuration only. Without Config.PeerNodeID (unit tests)
+// the peer is unknown and anyone the TLS config accepts may ask.
+func (n *Node) authorizeMember(peer string) error {
+	if n.cfg.PeerNodeID == nil {
+		return nil
+	}
+	if peer == "" || !n.isMember(peer) {
+		return fmt.Errorf("%w: %q is not in the raft configuration", ErrNotMember, peer)
+	}
+	return nil
 }
 
 // authorizeMembership: a node may ask to add itself (its TLS identity must
