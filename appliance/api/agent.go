@@ -5,12 +5,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-
-	"github.com/sigil-appliance/sigil/appliance/state"
 )
-
-// Revocation is a revoked leaf serial.
-type Revocation = state.Revocation
 
 // Agent service messages.
 type (

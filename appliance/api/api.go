@@ -2,10 +2,11 @@
 // by sigilctl (and, in later issues, the agent service used by sigil-agent),
 // their request and response types, and typed clients.
 //
-// It is gRPC over mutual TLS with a JSON codec: the messages are the
-// appliance's own Go types, so there is no second type tree to keep in step
-// and no code generator in the build. Other programs reach the same service
-// with any gRPC stack by using content-subtype "json".
+// It is gRPC over mutual TLS with a JSON codec: the messages are plain Go
+// structs (types.go holds the data types, which the node converts from and
+// to its persisted state), so there is no code generator in the build.
+// Other programs reach the same service with any gRPC stack by using
+// content-subtype "json".
 package api
 
 import (
@@ -19,18 +20,9 @@ import (
 	"github.com/sigil-appliance/sigil/appliance/state"
 )
 
-// Wire types shared with the state machine. Clients import only this
+// Wire types still shared with the state machine. Clients import only this
 // package.
 type (
-	Entry       = state.Entry
-	Selector    = state.Selector
-	Seconds     = state.Seconds
-	Agent       = state.Agent
-	JoinPolicy  = state.JoinPolicy
-	EKCA        = state.EKCA
-	PCRPolicy   = state.PCRPolicy
-	Bundle      = state.Bundle
-	JWTKey      = state.JWTKey
 	AuditRecord = state.AuditRecord
 	ArchiveMeta = state.ArchiveMeta
 )
@@ -117,12 +109,21 @@ type (
 		// Head is the newest record's sequence number at the time of the
 		// call, so auditors know whether they saw everything.
 		Head uint64
+		// First is the first retained record; older ones were pruned to
+		// signed segment files on each node (sigilctl audit export).
+		First uint64 `json:",omitempty"`
 	}
 	AuditVerify struct {
 		Records  uint64
 		Intact   bool
 		FirstBad uint64 `json:",omitempty"`
 		Error    string `json:",omitempty"`
+		// From and To are the first and last records verified; records
+		// up to LastCheckpoint are covered by Checkpoints HSM signatures
+		// that chain to the root, later ones by the hash chain alone.
+		From, To       uint64
+		Checkpoints    int
+		LastCheckpoint uint64
 	}
 	BundleResponse struct {
 		Bundle Bundle
@@ -169,8 +170,9 @@ type AdminServer interface {
 	ClusterStatus(context.Context, *Empty) (*ClusterStatus, error)
 	ClusterJoin(context.Context, *JoinRequest) (*Empty, error)
 	ClusterRemove(context.Context, *IDRequest) (*Empty, error)
-	SnapshotSave(context.Context, *Empty) (*SnapshotArchive, error)
-	SnapshotRestore(context.Context, *SnapshotArchive) (*SnapshotArchive, error)
+	SnapshotSave(*Empty, grpc.ServerStreamingServer[SnapshotChunk]) error
+	SnapshotRestore(grpc.ClientStreamingServer[SnapshotChunk, SnapshotArchive]) error
+	AuditExport(*AuditRequest, grpc.ServerStreamingServer[AuditList]) error
 	AuditList(context.Context, *AuditRequest) (*AuditList, error)
 	AuditVerify(context.Context, *Empty) (*AuditVerify, error)
 	BundleShow(context.Context, *Empty) (*BundleResponse, error)
@@ -222,8 +224,6 @@ func RegisterAdmin(s grpc.ServiceRegistrar, impl AdminServer) {
 			unary(AdminService, "ClusterStatus", AdminServer.ClusterStatus),
 			unary(AdminService, "ClusterJoin", AdminServer.ClusterJoin),
 			unary(AdminService, "ClusterRemove", AdminServer.ClusterRemove),
-			unary(AdminService, "SnapshotSave", AdminServer.SnapshotSave),
-			unary(AdminService, "SnapshotRestore", AdminServer.SnapshotRestore),
 			unary(AdminService, "AuditList", AdminServer.AuditList),
 			unary(AdminService, "AuditVerify", AdminServer.AuditVerify),
 			unary(AdminService, "BundleShow", AdminServer.BundleShow),
@@ -231,6 +231,7 @@ func RegisterAdmin(s grpc.ServiceRegistrar, impl AdminServer) {
 			unary(AdminService, "SVIDRevoke", AdminServer.SVIDRevoke),
 			unary(AdminService, "PCRPolicySet", AdminServer.PCRPolicySet),
 		},
+		Streams: adminStreams,
 	}, impl)
 }
 
@@ -304,12 +305,6 @@ func (c *AdminClient) ClusterJoin(ctx context.Context, r *JoinRequest) (*Empty, 
 }
 func (c *AdminClient) ClusterRemove(ctx context.Context, r *IDRequest) (*Empty, error) {
 	return call[IDRequest, Empty](ctx, c.cc, "ClusterRemove", r)
-}
-func (c *AdminClient) SnapshotSave(ctx context.Context, r *Empty) (*SnapshotArchive, error) {
-	return call[Empty, SnapshotArchive](ctx, c.cc, "SnapshotSave", r)
-}
-func (c *AdminClient) SnapshotRestore(ctx context.Context, r *SnapshotArchive) (*SnapshotArchive, error) {
-	return call[SnapshotArchive, SnapshotArchive](ctx, c.cc, "SnapshotRestore", r)
 }
 func (c *AdminClient) AuditList(ctx context.Context, r *AuditRequest) (*AuditList, error) {
 	return call[AuditRequest, AuditList](ctx, c.cc, "AuditList", r)

@@ -99,13 +99,83 @@ type Leaf struct {
 	Subject   pkix.Name
 }
 
-// Sign issues a leaf X.509-SVID: exactly one URI SAN, not a CA,
+// Reserved paths: everything at or under /sigil names the appliance's own
+// principals, which Classify turns into roles. Only the methods for each
+// role sign them, each only its own prefix, so a workload registration (or
+// a bug on the path that signs workload SVIDs) can never mint a node, an
+// admin or an agent.
+const (
+	reservedPath = "/sigil"
+	agentPrefix  = "/sigil/agent/"
+	adminPrefix  = "/sigil/admin/"
+	nodePrefix   = "/sigil/node/"
+)
+
+// Reserved reports whether a SPIFFE ID path is the appliance's own
+// (/sigil or under /sigil/), which Sign refuses.
+func Reserved(path string) bool {
+	return path == reservedPath || strings.HasPrefix(path, reservedPath+"/")
+}
+
+// Sign issues a workload's leaf X.509-SVID: exactly one URI SAN, not a CA,
 // digitalSignature (+ keyEncipherment for RSA), serverAuth and clientAuth,
-// never past the issuing CA's expiry. It returns leaf + intermediate.
+// never past the issuing CA's expiry. It returns leaf + intermediate. It
+// refuses the reserved paths (/sigil and under): agents, admins and nodes
+// have their own methods.
 func (a *Authority) Sign(l Leaf) ([]*x509.Certificate, error) {
-	if !l.ID.MemberOf(a.td) || l.ID.Path() == "" {
-		return nil, fmt.Errorf("cannot sign %s: not a workload ID in %s", l.ID, a.td)
+	if err := a.member(l.ID); err != nil {
+		return nil, err
 	}
+	if Reserved(l.ID.Path()) {
+		return nil, fmt.Errorf("cannot sign %s as a workload: paths at or under %s are reserved for the appliance", l.ID, reservedPath)
+	}
+	return a.sign(l)
+}
+
+// SignAgent issues an agent's own SVID: only IDs under /sigil/agent/.
+func (a *Authority) SignAgent(l Leaf) ([]*x509.Certificate, error) {
+	if err := a.member(l.ID); err != nil {
+		return nil, err
+	}
+	if p := l.ID.Path(); !strings.HasPrefix(p, agentPrefix) || len(p) == len(agentPrefix) {
+		return nil, fmt.Errorf("cannot sign %s as an agent: agent IDs are under %s", l.ID, agentPrefix)
+	}
+	return a.sign(l)
+}
+
+// SignAdmin issues an admin credential: only /sigil/admin/<name>, one path
+// segment.
+func (a *Authority) SignAdmin(l Leaf) ([]*x509.Certificate, error) {
+	if err := a.member(l.ID); err != nil {
+		return nil, err
+	}
+	p := l.ID.Path()
+	name := strings.TrimPrefix(p, adminPrefix)
+	if !strings.HasPrefix(p, adminPrefix) || name == "" || strings.Contains(name, "/") {
+		return nil, fmt.Errorf("cannot sign %s as an admin: admin IDs are %s<name>", l.ID, adminPrefix)
+	}
+	return a.sign(l)
+}
+
+// SignNode issues this node's own identity, /sigil/node/<this node's ID>:
+// a node's issuing CA never signs another node's identity (Classify would
+// refuse it anyway).
+func (a *Authority) SignNode(l Leaf) ([]*x509.Certificate, error) {
+	if want := NodeSPIFFEID(a.td, a.nodeID); l.ID != want {
+		return nil, fmt.Errorf("cannot sign %s as a node identity: this issuing CA signs only %s", l.ID, want)
+	}
+	return a.sign(l)
+}
+
+func (a *Authority) member(id spiffeid.ID) error {
+	if !id.MemberOf(a.td) || id.Path() == "" {
+		return fmt.Errorf("cannot sign %s: not an ID with a path in %s", id, a.td)
+	}
+	return nil
+}
+
+// sign makes the certificate; callers have checked the ID.
+func (a *Authority) sign(l Leaf) ([]*x509.Certificate, error) {
 	now := a.now()
 	notAfter := now.Add(l.TTL)
 	if notAfter.After(a.issuing.NotAfter) {
@@ -223,7 +293,7 @@ func (n *NodeIdentity) rotate() (*tls.Certificate, error) {
 	if err != nil {
 		return nil, err
 	}
-	chain, err := n.a.Sign(Leaf{ID: NodeSPIFFEID(n.a.td, n.a.nodeID), PublicKey: &key.PublicKey, TTL: n.ttl,
+	chain, err := n.a.SignNode(Leaf{ID: NodeSPIFFEID(n.a.td, n.a.nodeID), PublicKey: &key.PublicKey, TTL: n.ttl,
 		Subject: pkix.Name{CommonName: n.a.nodeID}})
 	if err != nil {
 		return nil, err
@@ -305,6 +375,39 @@ func (a *Authority) PeerFromState(cs tls.ConnectionState) (Peer, error) {
 		raw[i] = c.Raw
 	}
 	return a.Classify(raw)
+}
+
+// SignCheckpoint signs an audit checkpoint digest (state.CheckpointDigest:
+// a SHA-256 over a domain-separated encoding of the chain head) with the
+// HSM-held issuing key: ECDSA (ASN.1 DER) or RSA PKCS #1 v1.5, as the
+// key's crypto.Signer does with crypto.SHA256. Verify with
+// VerifyCheckpoint and the issuing certificate. Pass only checkpoint
+// digests: the key signs whatever 32 bytes it is given.
+func (a *Authority) SignCheckpoint(digest []byte) ([]byte, error) {
+	if len(digest) != crypto.SHA256.Size() {
+		return nil, fmt.Errorf("checkpoint digest is %d bytes, want a SHA-256 (%d)", len(digest), crypto.SHA256.Size())
+	}
+	sig, err := a.signer.Sign(rand.Reader, digest, crypto.SHA256)
+	if err != nil {
+		return nil, fmt.Errorf("sign audit checkpoint: %w", err)
+	}
+	return sig, nil
+}
+
+// VerifyCheckpoint checks a SignCheckpoint signature over digest with the
+// public key of the issuing CA certificate that made it.
+func VerifyCheckpoint(issuing *x509.Certificate, digest, sig []byte) error {
+	switch k := issuing.PublicKey.(type) {
+	case *ecdsa.PublicKey:
+		if !ecdsa.VerifyASN1(k, digest, sig) {
+			return errors.New("checkpoint signature does not verify")
+		}
+		return nil
+	case *rsa.PublicKey:
+		return rsa.VerifyPKCS1v15(k, crypto.SHA256, digest, sig)
+	default:
+		return fmt.Errorf("checkpoint key type %T is not supported", issuing.PublicKey)
+	}
 }
 
 // CRL signs a revocation list of this issuing CA's revoked serials.

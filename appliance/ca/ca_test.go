@@ -7,7 +7,9 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"math/big"
 	"net"
+	"net/url"
 	"os"
 	"strings"
 	"testing"
@@ -55,9 +57,24 @@ func TestNodeIdentityAndPeerChecks(t *testing.T) {
 		t.Fatal("leaf outlives its issuing CA")
 	}
 
-	// node-1 cannot pass off a certificate for node-2.
-	forged := clustertest.ClientCert(t, a1, "/sigil/node/node-2")
-	if _, err := a1.Classify(forged.Certificate); err == nil || !strings.Contains(err.Error(), "own issuing CA") {
+	// node-1 cannot pass off a certificate for node-2: its authority
+	// refuses to sign one, and one made with its key directly (a
+	// compromised node) is refused by Classify.
+	if _, err := a1.SignNode(ca.Leaf{ID: ca.NodeSPIFFEID(tr.TrustDomain, "node-2"), PublicKey: &key.PublicKey, TTL: time.Hour}); err == nil {
+		t.Fatal("node-1's CA signed node-2's identity")
+	}
+	s1, err := ks.Signer(context.Background(), tr.Nodes["node-1"].KeyURI)
+	if err != nil {
+		t.Fatal(err)
+	}
+	forgedDER, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{SerialNumber: big.NewInt(7),
+		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, BasicConstraintsValid: true,
+		URIs: []*url.URL{ca.NodeSPIFFEID(tr.TrustDomain, "node-2").URL()}}, tr.Nodes["node-1"].Issuing, &key.PublicKey, s1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a1.Classify([][]byte{forgedDER, tr.Nodes["node-1"].Issuing.Raw}); err == nil || !strings.Contains(err.Error(), "own issuing CA") {
 		t.Fatalf("forged node identity: %v", err)
 	}
 	for path, role := range map[string]ca.Role{"/sigil/node/node-2": ca.RoleNode, "/sigil/admin/alice": ca.RoleAdmin, "/sigil/agent/tpm/x": ca.RoleAgent} {
@@ -123,5 +140,90 @@ func TestNodeIdentityAndPeerChecks(t *testing.T) {
 	noCert.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &tls.Certificate{}, nil }
 	if err := dial(noCert); err == nil {
 		t.Fatal("a client without a certificate was accepted")
+	}
+}
+
+// The issuing CA refuses to sign the appliance's reserved paths as
+// workloads, and each role's method signs only its own prefix: an entry or
+// a bug on one signing path cannot mint an admin, a node or an agent.
+func TestAttackReservedPathSigning(t *testing.T) {
+	tr := clustertest.NewTrust(t, "rp", []string{"node-1"}, nil)
+	ks := pkcs11.New(pkcs11.Options{})
+	defer ks.Close()
+	a := tr.Authority(t, ks, "node-1")
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	leaf := func(path string) ca.Leaf {
+		return ca.Leaf{ID: spiffeid.RequireFromPath(tr.TrustDomain, path), PublicKey: &key.PublicKey, TTL: time.Hour}
+	}
+	type method struct {
+		name string
+		sign func(ca.Leaf) ([]*x509.Certificate, error)
+	}
+	workload, agent := method{"Sign", a.Sign}, method{"SignAgent", a.SignAgent}
+	admin, node := method{"SignAdmin", a.SignAdmin}, method{"SignNode", a.SignNode}
+	for _, tc := range []struct {
+		path string
+		ok   []method // every other method must refuse it
+	}{
+		{"/web", []method{workload}},
+		{"/sigilx", []method{workload}},    // only /sigil itself and under it are reserved
+		{"/app/sigil", []method{workload}}, // ...not the word elsewhere
+		{"/sigil", nil},
+		{"/sigil/x", nil},
+		{"/sigil/admin", nil},
+		{"/sigil/agent", nil},
+		{"/sigil/node", nil},
+		{"/sigil/admin/x", []method{admin}},
+		{"/sigil/admin/x/y", nil}, // an admin name is one segment
+		{"/sigil/agent/x", []method{agent}},
+		{"/sigil/agent/tpm/abc", []method{agent}},
+		{"/sigil/agent/join_token/abc", []method{agent}},
+		{"/sigil/node/node-1", []method{node}},
+		{"/sigil/node/node-2", nil}, // another node's identity: never
+		{"/sigil/node/node-1/x", nil},
+	} {
+		for _, m := range []method{workload, agent, admin, node} {
+			want := false
+			for _, o := range tc.ok {
+				want = want || o.name == m.name
+			}
+			chain, err := m.sign(leaf(tc.path))
+			switch {
+			case want && err != nil:
+				t.Errorf("%s(%s) refused: %v", m.name, tc.path, err)
+			case !want && err == nil:
+				t.Errorf("%s(%s) signed %s", m.name, tc.path, chain[0].URIs)
+			case want:
+				if got := chain[0].URIs[0].String(); got != "spiffe://example.org"+tc.path {
+					t.Errorf("%s(%s) signed %s", m.name, tc.path, got)
+				}
+			}
+		}
+	}
+	// Another trust domain is refused by every method.
+	other := ca.Leaf{ID: spiffeid.RequireFromPath(spiffeid.RequireTrustDomainFromString("evil.org"), "/sigil/admin/x"), PublicKey: &key.PublicKey, TTL: time.Hour}
+	for _, m := range []method{workload, agent, admin, node} {
+		if _, err := m.sign(other); err == nil {
+			t.Errorf("%s signed an ID of another trust domain", m.name)
+		}
+	}
+
+	// Audit checkpoints: signed by the HSM key, verified with the issuing
+	// certificate; anything but a SHA-256 digest is refused.
+	digest := make([]byte, 32)
+	rand.Read(digest)
+	sig, err := a.SignCheckpoint(digest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ca.VerifyCheckpoint(tr.Nodes["node-1"].Issuing, digest, sig); err != nil {
+		t.Fatalf("checkpoint signature: %v", err)
+	}
+	digest[0] ^= 1
+	if ca.VerifyCheckpoint(tr.Nodes["node-1"].Issuing, digest, sig) == nil {
+		t.Fatal("checkpoint signature verifies over another digest")
+	}
+	if _, err := a.SignCheckpoint(make([]byte, 48)); err == nil {
+		t.Fatal("signed a 48-byte digest as a checkpoint")
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -139,7 +140,18 @@ func (tr *Trust) Authority(t testing.TB, ks *pkcs11.KeyStore, node string) *ca.A
 func ClientCert(t testing.TB, a *ca.Authority, path string) tls.Certificate {
 	t.Helper()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	chain, err := a.Sign(ca.Leaf{ID: spiffeid.RequireFromPath(a.TrustDomain(), path), PublicKey: &key.PublicKey, TTL: time.Hour, Subject: pkix.Name{CommonName: path}})
+	// The authority signs the reserved paths only through each role's own
+	// method.
+	sign := a.Sign
+	switch {
+	case strings.HasPrefix(path, "/sigil/admin/"):
+		sign = a.SignAdmin
+	case strings.HasPrefix(path, "/sigil/agent/"):
+		sign = a.SignAgent
+	case strings.HasPrefix(path, "/sigil/node/"):
+		sign = a.SignNode
+	}
+	chain, err := sign(ca.Leaf{ID: spiffeid.RequireFromPath(a.TrustDomain(), path), PublicKey: &key.PublicKey, TTL: time.Hour, Subject: pkix.Name{CommonName: path}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,6 +1,7 @@
 package node
 
 import (
+	"bufio"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -11,12 +12,16 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash"
+	"io"
+	"os"
 	"regexp"
 	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -73,7 +78,7 @@ func (a *admin) read(ctx context.Context, what string) error {
 }
 
 func (a *admin) EntryCreate(ctx context.Context, r *api.EntryRequest) (*api.Entry, error) {
-	e := r.Entry
+	e := stateEntry(r.Entry)
 	if e.ID == "" {
 		e.ID = newID()
 	}
@@ -81,14 +86,25 @@ func (a *admin) EntryCreate(ctx context.Context, r *api.EntryRequest) (*api.Entr
 		a.n.log.Warn("admin request refused", "request", state.CmdEntryCreate, "actor", callerFrom(ctx).Actor, "reason", err.Error())
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
-	return write[api.Entry](ctx, a, state.CmdEntryCreate, &e)
+	return writeEntry(ctx, a, state.CmdEntryCreate, &e)
 }
 
 func (a *admin) EntryUpdate(ctx context.Context, r *api.EntryRequest) (*api.Entry, error) {
-	if err := state.ValidateEntry(a.n.td, &r.Entry); err != nil {
+	e := stateEntry(r.Entry)
+	if err := state.ValidateEntry(a.n.td, &e); err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
-	return write[api.Entry](ctx, a, state.CmdEntryUpdate, &r.Entry)
+	return writeEntry(ctx, a, state.CmdEntryUpdate, &e)
+}
+
+// writeEntry proposes an entry command and serves the stored entry.
+func writeEntry(ctx context.Context, a *admin, typ string, e *state.Entry) (*api.Entry, error) {
+	stored, err := write[state.Entry](ctx, a, typ, e)
+	if err != nil {
+		return nil, err
+	}
+	out := apiEntry(*stored)
+	return &out, nil
 }
 
 func (a *admin) EntryDelete(ctx context.Context, r *api.IDRequest) (*api.Empty, error) {
@@ -103,7 +119,8 @@ func (a *admin) EntryShow(ctx context.Context, r *api.IDRequest) (*api.Entry, er
 	if !ok {
 		return nil, status.Errorf(codes.NotFound, "no entry %s", r.ID)
 	}
-	return &e, nil
+	out := apiEntry(e)
+	return &out, nil
 }
 
 func (a *admin) EntryList(ctx context.Context, r *api.EntryListRequest) (*api.EntryList, error) {
@@ -113,7 +130,7 @@ func (a *admin) EntryList(ctx context.Context, r *api.EntryListRequest) (*api.En
 	out := &api.EntryList{}
 	for _, e := range a.n.fsm.Entries() {
 		if (r.ParentID == "" || e.ParentID == r.ParentID) && (r.SPIFFEID == "" || e.SPIFFEID == r.SPIFFEID) {
-			out.Entries = append(out.Entries, e)
+			out.Entries = append(out.Entries, apiEntry(e))
 		}
 	}
 	return out, nil
@@ -123,7 +140,7 @@ func (a *admin) AgentList(ctx context.Context, _ *api.Empty) (*api.AgentList, er
 	if err := a.read(ctx, "agent list"); err != nil {
 		return nil, err
 	}
-	return &api.AgentList{Agents: a.n.fsm.Agents()}, nil
+	return &api.AgentList{Agents: apiAgents(a.n.fsm.Agents())}, nil
 }
 
 func (a *admin) AgentShow(ctx context.Context, r *api.IDRequest) (*api.Agent, error) {
@@ -134,7 +151,8 @@ func (a *admin) AgentShow(ctx context.Context, r *api.IDRequest) (*api.Agent, er
 	if !ok {
 		return nil, status.Errorf(codes.NotFound, "no agent %s", r.ID)
 	}
-	return &ag, nil
+	out := apiAgent(ag)
+	return &out, nil
 }
 
 func (a *admin) AgentBan(ctx context.Context, r *api.IDRequest) (*api.Empty, error) {
@@ -146,14 +164,19 @@ func (a *admin) AgentUnban(ctx context.Context, r *api.IDRequest) (*api.Empty, e
 }
 
 func (a *admin) EKCAAdd(ctx context.Context, r *api.EKCARequest) (*api.EKCA, error) {
-	return write[api.EKCA](ctx, a, state.CmdEKCAAdd, state.EKCAAdd{DER: r.DER})
+	c, err := write[state.EKCA](ctx, a, state.CmdEKCAAdd, state.EKCAAdd{DER: r.DER})
+	if err != nil {
+		return nil, err
+	}
+	out := apiEKCA(*c)
+	return &out, nil
 }
 
 func (a *admin) EKCAList(ctx context.Context, _ *api.Empty) (*api.EKCAList, error) {
 	if err := a.read(ctx, "ek-ca list"); err != nil {
 		return nil, err
 	}
-	return &api.EKCAList{CAs: a.n.fsm.Policy().EKCAs}, nil
+	return &api.EKCAList{CAs: apiEKCAs(a.n.fsm.Policy().EKCAs)}, nil
 }
 
 func (a *admin) EKCARemove(ctx context.Context, r *api.IDRequest) (*api.Empty, error) {
@@ -243,32 +266,140 @@ func (a *admin) audit(ctx context.Context, action, target string, detail map[str
 	}
 }
 
-func (a *admin) SnapshotSave(ctx context.Context, _ *api.Empty) (*api.SnapshotArchive, error) {
+// SnapshotSave streams an archive of the state from one read transaction;
+// commits go on while it is written.
+func (a *admin) SnapshotSave(_ *api.Empty, stream grpc.ServerStreamingServer[api.SnapshotChunk]) error {
+	ctx := stream.Context()
 	if err := a.read(ctx, "snapshot save"); err != nil {
-		return nil, err
+		return err
 	}
-	b, meta, err := a.n.fsm.WriteArchive(a.n.cfg.NodeID, time.Now())
+	start := time.Now()
+	w := &chunkWriter{send: func(b []byte) error { return stream.Send(&api.SnapshotChunk{Data: b}) }, h: sha256.New()}
+	meta, err := a.n.fsm.WriteArchive(w, a.n.cfg.NodeID, time.Now())
+	if err == nil {
+		err = w.flush()
+	}
 	if err != nil {
-		return nil, status.Errorf(codes.Internal, "snapshot: %v", err)
+		a.n.log.Warn("snapshot save failed", "actor", callerFrom(ctx).Actor, "err", err)
+		return status.Errorf(codes.Internal, "snapshot: %v", err)
 	}
-	sum := sha256.Sum256(b)
-	a.n.log.Info("snapshot saved", "actor", callerFrom(ctx).Actor, "index", meta.Index, "bytes", len(b))
-	return &api.SnapshotArchive{Archive: b, Meta: meta, SHA256: hex.EncodeToString(sum[:])}, nil
+	sum := hex.EncodeToString(w.h.Sum(nil))
+	a.n.log.Info("snapshot saved", "actor", callerFrom(ctx).Actor, "index", meta.Index, "bytes", meta.Size,
+		"audit_records", meta.AuditRecords, "seconds", time.Since(start).Seconds())
+	return stream.Send(&api.SnapshotChunk{Meta: &meta, SHA256: sum})
 }
 
-// SnapshotRestore checks the archive completely (checksum, layout, trust
-// domain, audit chain) before it proposes the restore; a bad archive
-// changes nothing.
-func (a *admin) SnapshotRestore(ctx context.Context, r *api.SnapshotArchive) (*api.SnapshotArchive, error) {
-	st, meta, sum, err := a.n.fsm.ReadArchive(r.Archive)
+// chunkWriter cuts a stream into messages of api.SnapshotChunkSize.
+type chunkWriter struct {
+	send func([]byte) error
+	buf  []byte
+	h    hash.Hash
+}
+
+func (w *chunkWriter) Write(p []byte) (int, error) {
+	w.h.Write(p)
+	n := len(p)
+	for len(p) > 0 {
+		take := min(len(p), api.SnapshotChunkSize-len(w.buf))
+		w.buf = append(w.buf, p[:take]...)
+		p = p[take:]
+		if len(w.buf) == api.SnapshotChunkSize {
+			if err := w.flush(); err != nil {
+				return 0, err
+			}
+		}
+	}
+	return n, nil
+}
+
+func (w *chunkWriter) flush() error {
+	if len(w.buf) == 0 {
+		return nil
+	}
+	err := w.send(w.buf)
+	w.buf = make([]byte, 0, api.SnapshotChunkSize)
+	return err
+}
+
+// MaxArchiveSize bounds an uploaded archive (spooled to the data
+// directory before it is checked).
+const MaxArchiveSize = 16 << 30
+
+// SnapshotRestore spools the uploaded archive to a private file, checks it
+// completely (checksum, layout, trust domain, every record, the audit
+// chain) and proposes the restore; the state machine then checks it
+// against the current state (history, bundle, agents, tokens). A bad
+// archive changes nothing.
+func (a *admin) SnapshotRestore(stream grpc.ClientStreamingServer[api.SnapshotChunk, api.SnapshotArchive]) error {
+	ctx := stream.Context()
+	c := callerFrom(ctx)
+	f, err := os.CreateTemp(a.n.scratchDir(), "restore-*.archive")
 	if err != nil {
-		a.n.log.Warn("snapshot restore refused", "actor", callerFrom(ctx).Actor, "reason", err.Error())
-		return nil, status.Error(codes.InvalidArgument, err.Error())
+		return status.Errorf(codes.Internal, "spool archive: %v", err)
 	}
-	if _, err := write[api.Empty](ctx, a, state.CmdStateRestore, state.StateRestore{State: st, Archive: sum}); err != nil {
-		return nil, err
+	defer os.Remove(f.Name())
+	defer f.Close()
+	var size int64
+	for {
+		ch, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return err
+		}
+		if size += int64(len(ch.Data)); size > MaxArchiveSize {
+			a.n.log.Warn("snapshot restore refused: archive too large", "actor", c.Actor, "bytes", size)
+			return status.Errorf(codes.InvalidArgument, "archive exceeds %d bytes", int64(MaxArchiveSize))
+		}
+		if _, err := f.Write(ch.Data); err != nil {
+			return status.Errorf(codes.Internal, "spool archive: %v", err)
+		}
 	}
-	return &api.SnapshotArchive{Meta: meta, SHA256: sum}, nil
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		return status.Errorf(codes.Internal, "spool archive: %v", err)
+	}
+	p, meta, sum, err := a.n.fsm.ReadArchive(bufio.NewReaderSize(f, 1<<20), a.n.scratchDir())
+	if err != nil {
+		a.n.log.Warn("snapshot restore refused", "actor", c.Actor, "reason", err.Error())
+		return status.Error(codes.InvalidArgument, err.Error())
+	}
+	if _, err := write[api.Empty](ctx, a, state.CmdStateRestore, p); err != nil {
+		return err
+	}
+	a.n.log.Info("snapshot restored", "actor", c.Actor, "archive_sha256", sum, "index", meta.Index, "entries", meta.Entries)
+	return stream.SendAndClose(&api.SnapshotArchive{Meta: meta, SHA256: sum})
+}
+
+// AuditExport streams every record after r.After: first the ones this node
+// exported to segment files when they were pruned, then the retained log.
+func (a *admin) AuditExport(r *api.AuditRequest, stream grpc.ServerStreamingServer[api.AuditList]) error {
+	ctx := stream.Context()
+	if err := a.read(ctx, "audit export"); err != nil {
+		return err
+	}
+	head, _ := a.n.fsm.AuditHead()
+	page := &api.AuditList{Head: head, First: a.n.fsm.AuditFirst()}
+	err := a.n.fsm.ExportAudit(r.After, func(rec *state.AuditRecord) error {
+		page.Records = append(page.Records, *rec)
+		if len(page.Records) < 1000 {
+			return ctx.Err()
+		}
+		err := stream.Send(page)
+		page.Records = page.Records[:0]
+		return err
+	})
+	if err == nil && len(page.Records) > 0 {
+		err = stream.Send(page)
+	}
+	if err != nil {
+		a.n.log.Warn("audit export failed", "actor", callerFrom(ctx).Actor, "err", err)
+		if status.Code(err) == codes.Unknown {
+			return status.Errorf(codes.Internal, "audit export: %v", err)
+		}
+		return err
+	}
+	return nil
 }
 
 func (a *admin) AuditList(ctx context.Context, r *api.AuditRequest) (*api.AuditList, error) {
@@ -276,20 +407,18 @@ func (a *admin) AuditList(ctx context.Context, r *api.AuditRequest) (*api.AuditL
 		return nil, err
 	}
 	head, _ := a.n.fsm.AuditHead()
-	return &api.AuditList{Records: a.n.fsm.Audit(r.After, r.Limit), Head: head}, nil
+	return &api.AuditList{Records: a.n.fsm.Audit(r.After, r.Limit), Head: head, First: a.n.fsm.AuditFirst()}, nil
 }
 
+// AuditVerify walks the retained chain and checks every checkpoint's HSM
+// signature against the roots this node was configured with.
 func (a *admin) AuditVerify(ctx context.Context, _ *api.Empty) (*api.AuditVerify, error) {
 	if err := a.read(ctx, "audit verify"); err != nil {
 		return nil, err
 	}
-	head, _ := a.n.fsm.AuditHead()
-	bad, err := a.n.fsm.VerifyAuditLog()
-	out := &api.AuditVerify{Records: head, Intact: err == nil, FirstBad: bad}
-	if err != nil {
-		out.Error = err.Error()
-	}
-	return out, nil
+	rep := a.n.fsm.VerifyAuditLog(a.n.roots)
+	return &api.AuditVerify{Records: rep.To, Intact: rep.Intact, FirstBad: rep.FirstBad, Error: rep.Error,
+		From: rep.From, To: rep.To, Checkpoints: rep.Checkpoints, LastCheckpoint: rep.LastCheckpoint}, nil
 }
 
 func (a *admin) BundleShow(ctx context.Context, _ *api.Empty) (*api.BundleResponse, error) {
@@ -301,7 +430,7 @@ func (a *admin) BundleShow(ctx context.Context, _ *api.Empty) (*api.BundleRespon
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "bundle: %v", err)
 	}
-	return &api.BundleResponse{Bundle: b, SPIFFE: doc}, nil
+	return &api.BundleResponse{Bundle: apiBundle(b), SPIFFE: doc}, nil
 }
 
 // SPIFFEBundle renders the trust bundle as a SPIFFE bundle document.
@@ -354,7 +483,7 @@ func (a *admin) AdminCertIssue(ctx context.Context, r *api.AdminCertRequest) (*a
 		return nil, status.Errorf(codes.InvalidArgument, "TTL %v exceeds this node's admin-cert-max-ttl %v", ttl, a.n.cfg.API.AdminCertMaxTTL.Duration)
 	}
 	id := spiffeid.RequireFromPath(a.n.td, "/sigil/admin/"+r.Name)
-	chain, err := a.n.auth.Sign(ca.Leaf{ID: id, PublicKey: csr.PublicKey, TTL: ttl, Subject: pkix.Name{CommonName: r.Name}})
+	chain, err := a.n.auth.SignAdmin(ca.Leaf{ID: id, PublicKey: csr.PublicKey, TTL: ttl, Subject: pkix.Name{CommonName: r.Name}})
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "sign: %v", err)
 	}
@@ -372,7 +501,7 @@ func (a *admin) AdminCertIssue(ctx context.Context, r *api.AdminCertRequest) (*a
 
 // PCRPolicySet sets the PCR values a joining TPM must quote.
 func (a *admin) PCRPolicySet(ctx context.Context, r *api.PCRPolicyRequest) (*api.Empty, error) {
-	return write[api.Empty](ctx, a, state.CmdPCRPolicySet, state.PCRPolicySet{Policy: r.Policy})
+	return write[api.Empty](ctx, a, state.CmdPCRPolicySet, state.PCRPolicySet{Policy: statePCRPolicy(r.Policy)})
 }
 
 // SVIDRevoke revokes an X.509-SVID by serial. The issuance audit record
@@ -383,14 +512,11 @@ func (a *admin) SVIDRevoke(ctx context.Context, r *api.RevokeRequest) (*api.Empt
 		return nil, err
 	}
 	serial := strings.ToLower(strings.TrimLeft(r.Serial, "0"))
-	for _, rec := range a.n.fsm.Audit(0, 0) {
-		if rec.Action != "svid.x509.issue" || rec.Detail["serial"] != serial {
-			continue
-		}
-		exp, _ := time.Parse(time.RFC3339, rec.Detail["expires"])
-		return write[api.Empty](ctx, a, state.CmdRevoke, state.Revoke{Serial: serial, Node: rec.Detail["node"], NotAfter: exp})
+	svid, ok := a.n.fsm.IssuedSVID(serial)
+	if !ok {
+		return nil, status.Errorf(codes.NotFound, "no X.509-SVID with serial %.64s was issued, or it has expired", serial)
 	}
-	return nil, status.Errorf(codes.NotFound, "no X.509-SVID with serial %s was issued", serial)
+	return write[api.Empty](ctx, a, state.CmdRevoke, state.Revoke{Serial: serial, Node: svid.Node, NotAfter: svid.NotAfter})
 }
 
 func newID() string {

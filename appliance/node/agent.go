@@ -76,6 +76,7 @@ func (s *agentSvc) agent(ctx context.Context, what string) (state.Agent, error) 
 // refuse logs and audits a refusal (best effort: refusals must not be
 // blocked by the audit, but they are recorded when the cluster can).
 func (s *agentSvc) refuse(ctx context.Context, what, agent, target, reason string) {
+	reason = auditReason(reason)
 	s.n.log.Warn("issuance refused", "request", what, "agent", agent, "target", target, "reason", reason)
 	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
@@ -155,9 +156,10 @@ func (s *agentSvc) signInto(a state.Agent, r api.X509SVIDRequest, res *api.X509S
 	e, chain, reason := s.signOne(a, r)
 	if reason != "" {
 		res.Error = reason
-		s.n.log.Warn("issuance refused", "request", "svid.x509", "agent", a.ID, "entry", r.EntryID, "reason", reason)
+		reason = auditReason(reason)
+		s.n.log.Warn("issuance refused", "request", "svid.x509", "agent", a.ID, "entry", shownID(r.EntryID), "reason", reason)
 		return state.AuditEvent{Action: "svid.x509.refuse", Target: e.SPIFFEID,
-			Detail: map[string]string{"agent": a.ID, "entry": r.EntryID, "reason": reason}}
+			Detail: map[string]string{"agent": a.ID, "entry": shownID(r.EntryID), "reason": reason}}
 	}
 	leaf := chain[0]
 	res.SPIFFEID, res.ExpiresAt = e.SPIFFEID, leaf.NotAfter
@@ -173,7 +175,7 @@ func (s *agentSvc) signInto(a state.Agent, r api.X509SVIDRequest, res *api.X509S
 func (s *agentSvc) signOne(a state.Agent, r api.X509SVIDRequest) (state.Entry, []*x509.Certificate, string) {
 	e, ok := s.n.fsm.Entry(r.EntryID)
 	if !ok {
-		return e, nil, fmt.Sprintf("no entry %q", r.EntryID)
+		return e, nil, fmt.Sprintf("no entry %q", shownID(r.EntryID))
 	}
 	if e.ParentID != a.ID {
 		return e, nil, fmt.Sprintf("entry %s (%s) belongs to parent %s, not this agent", e.ID, e.SPIFFEID, e.ParentID)
@@ -223,8 +225,11 @@ func (s *agentSvc) SignJWTSVID(ctx context.Context, r *api.JWTSVIDRequest) (*api
 	if err != nil {
 		return nil, err
 	}
+	// The audiences are bounded first (they go into the token and its
+	// audit record); then the entry must be this agent's.
+	audErr := validAudience(r.Audience)
 	e, ok := s.n.fsm.Entry(r.EntryID)
-	if !ok {
+	if !ok && audErr == nil {
 		if err := s.catchUp(ctx); err != nil {
 			return nil, err
 		}
@@ -232,14 +237,12 @@ func (s *agentSvc) SignJWTSVID(ctx context.Context, r *api.JWTSVIDRequest) (*api
 	}
 	reason := ""
 	switch {
+	case audErr != nil:
+		reason = audErr.Error()
 	case !ok:
-		reason = fmt.Sprintf("no entry %q", r.EntryID)
+		reason = fmt.Sprintf("no entry %q", shownID(r.EntryID))
 	case e.ParentID != a.ID:
 		reason = fmt.Sprintf("entry %s belongs to parent %s, not this agent", e.ID, e.ParentID)
-	default:
-		if err := validAudience(r.Audience); err != nil {
-			reason = err.Error()
-		}
 	}
 	if reason != "" {
 		s.refuse(ctx, "svid.jwt", a.ID, e.SPIFFEID, reason)
@@ -286,8 +289,8 @@ func (s *agentSvc) Sync(r *api.SyncRequest, stream grpc.ServerStreamingServer[ap
 			return status.Errorf(codes.PermissionDenied, "%s is banned or gone", a.ID)
 		}
 		b := s.n.fsm.Bundle()
-		u := &api.SyncUpdate{Revision: s.n.fsm.Index(), Entries: s.n.fsm.EntriesByParent(a.ID), Bundle: b}
-		view, _ := json.Marshal([]any{u.Entries, b})
+		u := &api.SyncUpdate{Revision: s.n.fsm.Index(), Entries: apiEntries(s.n.fsm.EntriesByParent(a.ID)), Bundle: apiBundle(b)}
+		view, _ := json.Marshal([]any{u.Entries, u.Bundle})
 		if u.Revision > sent && !bytes.Equal(view, last) {
 			if u.SPIFFE, err = SPIFFEBundle(s.n.td, b); err != nil {
 				return status.Errorf(codes.Internal, "bundle: %v", err)

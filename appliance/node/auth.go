@@ -123,16 +123,32 @@ func (s *callerStream) Context() context.Context { return s.ctx }
 // whoever is root on a node can already read its HSM PIN, so this grants
 // nothing new, and it is how the first admin certificate is issued.
 func (n *Node) authenticateLocal(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	c, err := n.localCaller(ctx, info.FullMethod)
+	if err != nil {
+		return nil, err
+	}
+	return h(context.WithValue(ctx, callerKey{}, c), req)
+}
+
+// authenticateLocalStream is authenticateLocal for streaming calls.
+func (n *Node) authenticateLocalStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+	c, err := n.localCaller(ss.Context(), info.FullMethod)
+	if err != nil {
+		return err
+	}
+	return h(srv, &callerStream{ServerStream: ss, ctx: context.WithValue(ss.Context(), callerKey{}, c)})
+}
+
+func (n *Node) localCaller(ctx context.Context, method string) (caller, error) {
 	la, ok := api.LocalPeer(ctx)
 	if !ok {
-		return nil, status.Error(codes.Unauthenticated, "no peer credentials")
+		return caller{}, status.Error(codes.Unauthenticated, "no peer credentials")
 	}
 	if la.UID != 0 && la.UID != uint32(os.Getuid()) {
-		n.log.Warn("local admin call refused", "method", info.FullMethod, "uid", la.UID, "pid", la.PID)
-		return nil, status.Errorf(codes.PermissionDenied, "uid %d may not use the local admin socket", la.UID)
+		n.log.Warn("local admin call refused", "method", method, "uid", la.UID, "pid", la.PID)
+		return caller{}, status.Errorf(codes.PermissionDenied, "uid %d may not use the local admin socket", la.UID)
 	}
-	actor := fmt.Sprintf("local:uid=%d@%s", la.UID, n.cfg.NodeID)
-	return h(context.WithValue(ctx, callerKey{}, caller{Actor: actor, Role: ca.RoleAdmin}), req)
+	return caller{Actor: fmt.Sprintf("local:uid=%d@%s", la.UID, n.cfg.NodeID), Role: ca.RoleAdmin}, nil
 }
 
 // listenLocal makes the socket 0600 in a 0700 directory before anyone can

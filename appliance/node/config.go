@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -32,8 +33,47 @@ type Config struct {
 	Bundle  BundleConfig  `yaml:"bundle"`
 	JWT     JWTConfig     `yaml:"jwt"`
 	Join    JoinConfig    `yaml:"join"`
+	Audit   AuditConfig   `yaml:"audit"`
 	Log     LogConfig     `yaml:"log"`
 }
+
+// AuditConfig bounds what reaches the replicated audit log and when the
+// leader signs its head.
+type AuditConfig struct {
+	// RefusalSummaryInterval is how often a node commits its summary of
+	// anonymous join refusals (counts per source and reason; default 1m).
+	// Refusals are not committed one by one.
+	RefusalSummaryInterval Duration `yaml:"refusal-summary-interval"`
+	// CheckpointEvery and CheckpointInterval: the leader signs the audit
+	// chain head with its issuing CA key after this many new records
+	// (default 10000) or this long (default 5m), whichever comes first.
+	CheckpointEvery    int      `yaml:"checkpoint-every"`
+	CheckpointInterval Duration `yaml:"checkpoint-interval"`
+	// Retain bounds the audit log held in the replicated state; the leader
+	// prunes older records, and every node first writes them to a signed
+	// segment file in ExportDir (default <data-dir>/audit).
+	Retain    AuditRetain `yaml:"retain"`
+	ExportDir string      `yaml:"export-dir"`
+}
+
+// AuditRetain is the audit retention policy: a record is pruned when it is
+// past either bound.
+type AuditRetain struct {
+	// Records kept at most (default 1000000; at least 1000).
+	Records int `yaml:"records"`
+	// Age kept at most (0: no age bound).
+	Age Duration `yaml:"age"`
+	// Every is how often the leader checks the policy (default 10s).
+	Every Duration `yaml:"every"`
+}
+
+// Audit defaults and bounds.
+const (
+	defaultRefusalSummaryInterval = time.Minute
+	defaultCheckpointEvery        = 10000
+	defaultCheckpointInterval     = 5 * time.Minute
+	defaultRetainRecords          = 1_000_000
+)
 
 // BundleConfig is the federation bundle endpoint (https_spiffe profile:
 // served over TLS with this node's SPIFFE identity).
@@ -198,6 +238,42 @@ func (c *Config) Validate() error {
 	}
 	if c.API.AdminCertMaxTTL.Duration == 0 {
 		c.API.AdminCertMaxTTL.Duration = 24 * time.Hour
+	}
+	if c.Audit.RefusalSummaryInterval.Duration == 0 {
+		c.Audit.RefusalSummaryInterval.Duration = defaultRefusalSummaryInterval
+	}
+	if d := c.Audit.RefusalSummaryInterval.Duration; d < 100*time.Millisecond || d > time.Hour {
+		bad("audit.refusal-summary-interval", "must be between 100ms and 1h (got %v)", d)
+	}
+	if c.Audit.CheckpointEvery == 0 {
+		c.Audit.CheckpointEvery = defaultCheckpointEvery
+	}
+	if n := c.Audit.CheckpointEvery; n < 1 || n > 10_000_000 {
+		bad("audit.checkpoint-every", "must be between 1 and 10000000 records (got %d)", n)
+	}
+	if c.Audit.CheckpointInterval.Duration == 0 {
+		c.Audit.CheckpointInterval.Duration = defaultCheckpointInterval
+	}
+	if d := c.Audit.CheckpointInterval.Duration; d < time.Second || d > 24*time.Hour {
+		bad("audit.checkpoint-interval", "must be between 1s and 24h (got %v)", d)
+	}
+	if c.Audit.Retain.Records == 0 {
+		c.Audit.Retain.Records = defaultRetainRecords
+	}
+	if n := c.Audit.Retain.Records; n < 1000 {
+		bad("audit.retain.records", "must be at least 1000 (got %d)", n)
+	}
+	if c.Audit.Retain.Every.Duration == 0 {
+		c.Audit.Retain.Every.Duration = 10 * time.Second
+	}
+	if d := c.Audit.Retain.Every.Duration; d < 100*time.Millisecond || d > time.Hour {
+		bad("audit.retain.every", "must be between 100ms and 1h (got %v)", d)
+	}
+	if d := c.Audit.Retain.Age.Duration; d < 0 || d > 0 && d < time.Hour {
+		bad("audit.retain.age", "must be 0 (no bound) or at least 1h (got %v)", d)
+	}
+	if c.Audit.ExportDir != "" && !filepath.IsAbs(c.Audit.ExportDir) {
+		bad("audit.export-dir", "must be an absolute path (got %q)", c.Audit.ExportDir)
 	}
 	switch strings.ToLower(c.Log.Level) {
 	case "", "debug", "info", "warn", "error":

@@ -24,6 +24,13 @@ func TestConfigParsing(t *testing.T) {
 		{"node-id: n1\nissuing-key: \"pkcs11:token=t;object=k?module-path=/x.so&pin-value=1234\"\n", "pin-value is not allowed"},
 		{"node-id: n1\ncluster:\n  bootstrap: true\n  join: [\"a:1\"]\n", "sets both bootstrap and join"},
 		{"node-id: n1\nlog:\n  level: loud\n", "log.level"},
+		{"node-id: n1\naudit:\n  refusal-summary-interval: 10ms\n", "audit.refusal-summary-interval must be between"},
+		{"node-id: n1\naudit:\n  refusal-summary-interval: 2h\n", "audit.refusal-summary-interval must be between"},
+		{"node-id: n1\naudit:\n  checkpoint-every: -5\n", "audit.checkpoint-every must be between"},
+		{"node-id: n1\naudit:\n  checkpoint-every: 20000000\n", "audit.checkpoint-every must be between"},
+		{"node-id: n1\naudit:\n  checkpoint-interval: 500ms\n", "audit.checkpoint-interval must be between"},
+		{"node-id: n1\naudit:\n  checkpoint-interval: 48h\n", "audit.checkpoint-interval must be between"},
+		{"node-id: n1\naudit:\n  checkpoints: 5\n", "field checkpoints not found"},
 	} {
 		_, err := ParseConfig([]byte(tc.yaml))
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

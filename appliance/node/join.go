@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -37,8 +38,11 @@ const (
 )
 
 // joinSvc admits agents: by TPM evidence (appliance/attest decides) or by
-// a one-time join token, and renews their SVIDs. Every decision is logged
-// and audited; the agent is recorded before its SVID is returned.
+// a one-time join token, and renews their SVIDs. Every decision is logged;
+// admissions and refusals of a proven identity (renewal, a banned agent)
+// are audited one by one, anonymous refusals are counted and summarized
+// (refusals.go) so that no anonymous caller can grow the audit log. The
+// agent is recorded before its SVID is returned.
 type joinSvc struct {
 	n *Node
 
@@ -58,16 +62,26 @@ func newJoinSvc(n *Node) *joinSvc { return &joinSvc{n: n, pending: map[string]*c
 
 var _ api.JoinServer = (*joinSvc)(nil)
 
-// refuse logs and audits a refused join and returns the caller's error.
+// refuse logs and audits a refused join of a proven identity (an agent
+// renewing with its certificate, a banned agent whose evidence checked
+// out) and returns the caller's error.
 func (j *joinSvc) refuse(ctx context.Context, method, subject string, code codes.Code, err error) error {
 	c := callerFrom(ctx)
-	j.n.log.Warn("join refused", "method", method, "caller", c.Actor, "subject", subject, "reason", err.Error())
+	reason := auditReason(err.Error())
+	j.n.log.Warn("join refused", "method", method, "caller", c.Actor, "subject", subject, "reason", reason)
 	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
 	if aerr := j.n.batch.record(actx, state.AuditEvent{Action: "join." + method + ".refuse", Target: subject,
-		Detail: map[string]string{"caller": c.Actor, "reason": err.Error()}}); aerr != nil {
+		Detail: map[string]string{"caller": c.Actor, "reason": reason}}); aerr != nil {
 		j.n.log.Error("audit of refused join failed", "err", aerr)
 	}
+	return status.Error(code, err.Error())
+}
+
+// refuseAnon refuses a caller that has proven no identity: logged
+// (rate-limited) and counted by source and class, not audited one by one.
+func (j *joinSvc) refuseAnon(ctx context.Context, method, class, subject string, code codes.Code, err error) error {
+	j.n.refusals.note(ctx, method, class, subject, err)
 	return status.Error(code, err.Error())
 }
 
@@ -93,15 +107,15 @@ func (j *joinSvc) TPMHello(ctx context.Context, r *api.JoinTPMHello) (*api.JoinT
 		ek, pol, err = verify()
 	}
 	if err != nil {
-		return nil, j.refuse(ctx, "tpm", "", codes.PermissionDenied, err)
+		return nil, j.refuseAnon(ctx, "tpm", classEKUntrusted, "", codes.PermissionDenied, err)
 	}
 	ak, err := attest.CheckAK(r.AKPublic)
 	if err != nil {
-		return nil, j.refuse(ctx, "tpm", ek.Hash, codes.PermissionDenied, err)
+		return nil, j.refuseAnon(ctx, "tpm", classAKInvalid, ek.Hash, codes.PermissionDenied, err)
 	}
 	cred, err := attest.MakeCredential(ek, ak)
 	if err != nil {
-		return nil, j.refuse(ctx, "tpm", ek.Hash, codes.InvalidArgument, err)
+		return nil, j.refuseAnon(ctx, "tpm", classMalformed, ek.Hash, codes.InvalidArgument, err)
 	}
 	ch := &challenge{ek: ek, ak: ak, cred: cred, expires: time.Now().Add(challengeTTL)}
 	out := &api.JoinTPMChallenge{IDObject: cred.IDObject, EncSecret: cred.EncSecret}
@@ -124,8 +138,8 @@ func (j *joinSvc) TPMHello(ctx context.Context, r *api.JoinTPMHello) (*api.JoinT
 		}
 	}
 	if len(j.pending) >= maxPending {
-		j.n.log.Warn("join refused: too many pending challenges", "pending", len(j.pending))
-		return nil, status.Errorf(codes.ResourceExhausted, "too many joins in progress on this node; retry later")
+		return nil, j.refuseAnon(ctx, "tpm", classBusy, ek.Hash, codes.ResourceExhausted,
+			fmt.Errorf("too many joins in progress on this node (%d challenges pending); retry later", len(j.pending)))
 	}
 	j.pending[string(out.Nonce)] = ch
 	return out, nil
@@ -137,25 +151,25 @@ func (j *joinSvc) TPMProve(ctx context.Context, r *api.JoinTPMProof) (*api.Agent
 	delete(j.pending, string(r.Nonce))
 	j.mu.Unlock()
 	if !ok {
-		return nil, j.refuse(ctx, "tpm", "", codes.PermissionDenied, errors.New("unknown or already used nonce (a replay, or the challenge came from another node)"))
+		return nil, j.refuseAnon(ctx, "tpm", classNonceUnknown, "", codes.PermissionDenied, errors.New("unknown or already used nonce (a replay, or the challenge came from another node)"))
 	}
 	if time.Now().After(ch.expires) {
-		return nil, j.refuse(ctx, "tpm", ch.ek.Hash, codes.PermissionDenied, errors.New("challenge expired"))
+		return nil, j.refuseAnon(ctx, "tpm", classNonceExpired, ch.ek.Hash, codes.PermissionDenied, errors.New("challenge expired"))
 	}
 	agentKey, err := attest.VerifyCertify(ch.ak, attest.Certification{Attest: r.CertifyAttest, Signature: r.CertifySignature, Public: r.AgentKeyPublic}, r.Nonce)
 	if err != nil {
-		return nil, j.refuse(ctx, "tpm", ch.ek.Hash, codes.PermissionDenied, err)
+		return nil, j.refuseAnon(ctx, "tpm", classCertifyMismatch, ch.ek.Hash, codes.PermissionDenied, err)
 	}
 	if err := ch.cred.Check(r.Secret); err != nil {
-		return nil, j.refuse(ctx, "tpm", ch.ek.Hash, codes.PermissionDenied, err)
+		return nil, j.refuseAnon(ctx, "tpm", classBadSecret, ch.ek.Hash, codes.PermissionDenied, err)
 	}
 	if ch.pcrs != nil {
 		if err := attest.VerifyQuote(ch.ak, r.QuoteAttest, r.QuoteSignature, r.Nonce, ch.pcrs); err != nil {
-			return nil, j.refuse(ctx, "tpm", ch.ek.Hash, codes.PermissionDenied, err)
+			return nil, j.refuseAnon(ctx, "tpm", classQuotePolicy, ch.ek.Hash, codes.PermissionDenied, err)
 		}
 	}
 	if err := checkCSRKey(r.CSR, agentKey); err != nil {
-		return nil, j.refuse(ctx, "tpm", ch.ek.Hash, codes.PermissionDenied, err)
+		return nil, j.refuseAnon(ctx, "tpm", classCSRMismatch, ch.ek.Hash, codes.PermissionDenied, err)
 	}
 	keyDER, _ := x509.MarshalPKIXPublicKey(agentKey)
 	keySum := sha256.Sum256(keyDER)
@@ -169,22 +183,33 @@ func (j *joinSvc) TPMProve(ctx context.Context, r *api.JoinTPMProof) (*api.Agent
 
 func (j *joinSvc) Token(ctx context.Context, r *api.JoinTokenRequest) (*api.AgentSVID, error) {
 	if j.n.cfg.Join.DisableTokens {
-		return nil, j.refuse(ctx, "token", "", codes.PermissionDenied, errors.New("join tokens are disabled on this node (join.disable-tokens)"))
+		return nil, j.refuseAnon(ctx, "token", classTokensDisabled, "", codes.PermissionDenied, errors.New("join tokens are disabled on this node (join.disable-tokens)"))
 	}
 	csr, err := x509.ParseCertificateRequest(r.CSR)
 	if err == nil {
 		err = csr.CheckSignature()
 	}
 	if err != nil {
-		return nil, j.refuse(ctx, "token", "", codes.InvalidArgument, fmt.Errorf("CSR: %v", err))
+		return nil, j.refuseAnon(ctx, "token", classMalformed, "", codes.InvalidArgument, fmt.Errorf("CSR: %v", err))
 	}
 	tokID := TokenID(r.Token)
+	// A token no one created is refused here, after a linearizable read,
+	// without a raft command: guessing tokens costs the cluster no log
+	// entries.
+	if _, ok := j.n.fsm.Token(tokID); !ok {
+		if err := (&agentSvc{n: j.n}).catchUp(ctx); err != nil {
+			return nil, err
+		}
+		if _, ok := j.n.fsm.Token(tokID); !ok {
+			return nil, j.refuseAnon(ctx, "token", classTokenUnknown, tokID[:12], codes.PermissionDenied, errors.New("unknown join token"))
+		}
+	}
 	id := spiffeid.RequireFromPath(j.n.td, "/sigil/agent/join_token/"+tokID[:16])
 	if _, err := j.n.apply(ctx, j.n.actor(), state.CmdTokenUse, state.TokenUse{ID: tokID, Agent: id.String()}); err != nil {
 		if !refused(err) {
 			return nil, status.Errorf(codes.Unavailable, "the token could not be redeemed (no quorum?): %v", err)
 		}
-		return nil, j.refuse(ctx, "token", tokID[:12], codes.PermissionDenied, err)
+		return nil, j.refuseAnon(ctx, "token", tokenClass(err), tokID[:12], codes.PermissionDenied, err)
 	}
 	return j.issue(ctx, "token", id, csr.PublicKey, "join_token", map[string]string{"token": tokID[:12]})
 }
@@ -219,7 +244,7 @@ func (j *joinSvc) Renew(ctx context.Context, r *api.RenewRequest) (*api.AgentSVI
 // issue signs the agent's SVID and records the agent (audited) before
 // returning it; the state machine refuses a banned agent at that point.
 func (j *joinSvc) issue(ctx context.Context, op string, id spiffeid.ID, pub crypto.PublicKey, method string, facts map[string]string) (*api.AgentSVID, error) {
-	chain, err := j.n.auth.Sign(ca.Leaf{ID: id, PublicKey: pub, TTL: j.n.cfg.Join.AgentSVIDTTL.Duration, Subject: pkix.Name{CommonName: "sigil-agent"}})
+	chain, err := j.n.auth.SignAgent(ca.Leaf{ID: id, PublicKey: pub, TTL: j.n.cfg.Join.AgentSVIDTTL.Duration, Subject: pkix.Name{CommonName: "sigil-agent"}})
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "sign agent SVID: %v", err)
 	}
@@ -239,6 +264,22 @@ func (j *joinSvc) issue(ctx context.Context, op string, id spiffeid.ID, pub cryp
 		out.Chain = append(out.Chain, c.Raw)
 	}
 	return out, nil
+}
+
+// tokenClass classifies the state machine's refusal of a token redemption.
+func tokenClass(err error) string {
+	msg := err.Error()
+	switch {
+	case strings.Contains(msg, "disabled"):
+		return classTokensDisabled
+	case strings.Contains(msg, "unknown"):
+		return classTokenUnknown
+	case strings.Contains(msg, "already used"):
+		return classTokenUsed
+	case strings.Contains(msg, "expired"):
+		return classTokenExpired
+	}
+	return classTokenRefused
 }
 
 // refused tells a command the state machine refused from a failure to

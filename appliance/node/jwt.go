@@ -17,6 +17,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/sigil-appliance/sigil/appliance/state"
 	"github.com/sigil-appliance/sigil/keystore"
@@ -204,13 +206,40 @@ func signJWT(k *jwtKey, sub string, aud []string, iat, exp time.Time, jti string
 	return signing + "." + enc.EncodeToString(raw), nil
 }
 
+// Bounds of a JWT-SVID request's audiences: they go into the token and its
+// audit record.
+const (
+	maxAudiences        = 8
+	maxAudienceBytes    = 256
+	maxAudienceTotalLen = 2048
+)
+
+// validAudience checks the audiences against the bounds. Errors say which
+// limit was hit and never echo the audiences themselves.
 func validAudience(aud []string) error {
 	if len(aud) == 0 {
 		return errors.New("audience is required")
 	}
+	if len(aud) > maxAudiences {
+		return fmt.Errorf("%d audiences: at most %d are allowed", len(aud), maxAudiences)
+	}
+	total := 0
 	for _, a := range aud {
-		if strings.TrimSpace(a) == "" || len(a) > 256 {
-			return fmt.Errorf("audience %q is empty or too long", a)
+		total += len(a)
+	}
+	if total > maxAudienceTotalLen {
+		return fmt.Errorf("audiences are %d bytes in total: at most %d are allowed", total, maxAudienceTotalLen)
+	}
+	for i, a := range aud {
+		switch {
+		case strings.TrimSpace(a) == "":
+			return fmt.Errorf("audience %d is empty", i+1)
+		case len(a) > maxAudienceBytes:
+			return fmt.Errorf("audience %d is %d bytes: at most %d are allowed", i+1, len(a), maxAudienceBytes)
+		case !utf8.ValidString(a):
+			return fmt.Errorf("audience %d is not valid UTF-8", i+1)
+		case strings.ContainsFunc(a, unicode.IsControl):
+			return fmt.Errorf("audience %d contains control characters", i+1)
 		}
 	}
 	return nil

@@ -54,6 +54,7 @@ type Node struct {
 	bundleLn net.Listener
 	metrics  *metrics
 	batch    *auditBatcher
+	refusals *refusals // anonymous join refusals, summarized (refusals.go)
 	jwt      *jwtKeys
 	crls     crlCache
 
@@ -62,8 +63,12 @@ type Node struct {
 	stopOnce sync.Once
 }
 
-// raftFSM adapts the state machine to the raft package.
+// raftFSM adapts the state machine to the raft package. Apply(index,
+// origin, cmd), AppliedIndex and Restore are state.FSM's own; only
+// Snapshot needs its return type converted.
 type raftFSM struct{ *state.FSM }
+
+var _ raft.FSM = raftFSM{}
 
 func (r raftFSM) Snapshot() (raft.Snapshot, error) { return r.FSM.Snapshot() }
 
@@ -106,9 +111,21 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 	}
 	log.Info("issuing CA opened", "issuing_ca", issuing.Subject.String(), "not_after", issuing.NotAfter)
 
-	n.fsm = state.New(n.td)
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, err
+	}
+	n.fsm, err = state.Open(n.td, state.Options{
+		Path:      filepath.Join(cfg.DataDir, "state", "state.db"),
+		NodeID:    cfg.NodeID,
+		Logger:    log,
+		ExportDir: n.auditExportDir(),
+		SignHead: func(digest []byte) ([]byte, []byte, error) {
+			sig, err := n.auth.SignCheckpoint(digest)
+			return sig, n.auth.Issuing().Raw, err
+		},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("state: %w", err)
 	}
 	n.raft, err = raft.New(ctx, raft.Config{
 		NodeID:        cfg.NodeID,
@@ -142,6 +159,12 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 	n.wg.Add(2)
 	go func() { defer n.wg.Done(); n.batch.run(runCtx) }()
 	go func() { defer n.wg.Done(); n.jwt.maintain(runCtx) }()
+	n.refusals = newNodeRefusals(n)
+	n.wg.Add(2)
+	go func() { defer n.wg.Done(); n.refusals.run() }()
+	go func() { defer n.wg.Done(); n.checkpointLoop(runCtx) }()
+	n.wg.Add(1)
+	go func() { defer n.wg.Done(); n.retentionLoop(runCtx) }()
 	if cfg.Cluster.Bootstrap {
 		switch err := n.raft.Bootstrap(ctx); {
 		case err == nil:
@@ -179,7 +202,8 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 		}
 		n.local = grpc.NewServer(append(api.ServerOptions(),
 			grpc.Creds(api.LocalCredentials()),
-			grpc.ChainUnaryInterceptor(n.authenticateLocal))...)
+			grpc.ChainUnaryInterceptor(n.authenticateLocal),
+			grpc.ChainStreamInterceptor(n.authenticateLocalStream))...)
 		api.RegisterAdmin(n.local, &admin{n: n})
 		n.serve(func() error { return n.local.Serve(n.localLn) })
 	}
@@ -358,12 +382,20 @@ func (n *Node) Stop() error {
 				ln.Close()
 			}
 		}
+		if n.refusals != nil {
+			n.refusals.close() // the last refusal summary, while raft runs
+		}
 		if n.raft != nil {
 			if err := n.raft.Shutdown(); err != nil {
 				n.log.Warn("raft shutdown", "err", err)
 			}
 		}
 		n.wg.Wait()
+		if n.fsm != nil {
+			if err := n.fsm.Close(); err != nil {
+				n.log.Warn("state close", "err", err)
+			}
+		}
 		if n.ks != nil {
 			n.ks.Close()
 		}
@@ -381,4 +413,22 @@ func readCertFile(path string) (*x509.Certificate, error) {
 		return nil, fmt.Errorf("%s: no PEM certificate", path)
 	}
 	return x509.ParseCertificate(blk.Bytes)
+}
+
+// auditExportDir holds the signed segments of pruned audit records.
+func (n *Node) auditExportDir() string {
+	if n.cfg.Audit.ExportDir != "" {
+		return n.cfg.Audit.ExportDir
+	}
+	return filepath.Join(n.cfg.DataDir, "audit")
+}
+
+// scratchDir is where uploaded archives are checked (0700, inside the data
+// directory).
+func (n *Node) scratchDir() string {
+	d := filepath.Join(n.cfg.DataDir, "scratch")
+	if err := os.MkdirAll(d, 0o700); err != nil {
+		n.log.Warn("scratch dir", "err", err)
+	}
+	return d
 }

@@ -1,6 +1,7 @@
 package state
 
 import (
+	"bytes"
 	"crypto"
 	"crypto/sha256"
 	"crypto/x509"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	bolt "go.etcd.io/bbolt"
 )
 
 // Command types. Adding one is a protocol change: nodes that do not know a
@@ -39,81 +41,130 @@ const (
 	CmdRevoke           = "svid.revoke"
 	CmdIssue            = "svid.issue"
 	CmdAudit            = "audit.append"
+	CmdAuditPrune       = "audit.prune"
 )
 
-// Payloads.
+// Payloads. Their JSON names are the stored command format.
 type (
-	EntryID      struct{ ID string }
-	AgentID      struct{ ID string }
-	EKCAAdd      struct{ DER []byte }
-	EKCARemove   struct{ ID string }
-	EKHash       struct{ Hash string }
-	PCRPolicySet struct {
-		Policy *PCRPolicy // nil clears
+	EntryID struct {
+		ID string `json:"id"`
 	}
-	JoinTokens  struct{ Enabled bool }
+	AgentID struct {
+		ID string `json:"id"`
+	}
+	EKCAAdd struct {
+		DER []byte `json:"der"`
+	}
+	EKCARemove struct {
+		ID string `json:"id"`
+	}
+	EKHash struct {
+		Hash string `json:"hash"`
+	}
+	PCRPolicySet struct {
+		Policy *PCRPolicy `json:"policy"` // nil clears
+	}
+	JoinTokens struct {
+		Enabled bool `json:"enabled"`
+	}
 	TokenCreate struct {
-		ID        string // hex SHA-256 of the token
-		ExpiresAt time.Time
+		ID        string    `json:"id"` // hex SHA-256 of the token
+		ExpiresAt time.Time `json:"expires_at"`
 	}
 	TokenUse struct {
-		ID    string
-		Agent string
+		ID    string `json:"id"`
+		Agent string `json:"agent"`
 	}
-	BundleRoots  struct{ Roots [][]byte }
-	StateRestore struct {
-		State   []byte // exported state JSON
-		Archive string // SHA-256 of the archive it came from
+	BundleRoots struct {
+		Roots [][]byte `json:"roots"`
 	}
-	AuditAppend  struct{ Events []AuditEvent }
-	JWTKeyRemove struct{ KID string }
-	Revoke       struct {
-		Serial   string
-		Node     string
-		NotAfter time.Time
+	AuditAppend struct {
+		Events []AuditEvent `json:"events"`
+	}
+	JWTKeyRemove struct {
+		KID string `json:"kid"`
+	}
+	Revoke struct {
+		Serial   string    `json:"serial"`
+		Node     string    `json:"node"`
+		NotAfter time.Time `json:"not_after"`
+	}
+	// AuditPrune removes audit records below Before (the first sequence
+	// number to keep); each node exports them to a segment file first.
+	AuditPrune struct {
+		Before uint64 `json:"before"`
 	}
 )
 
+// MaxEventsPerCommand bounds one audit or issuance command.
+const MaxEventsPerCommand = 4096
+
 func init() {
-	register(CmdEntryCreate, applyEntryCreate)
-	register(CmdEntryUpdate, applyEntryUpdate)
-	register(CmdEntryDelete, applyEntryDelete)
-	register(CmdAgentUpsert, applyAgentUpsert)
-	register(CmdAgentBan, func(f *FSM, c *Command, i uint64, p *AgentID) (any, []AuditEvent, error) {
-		return f.setBanned(c, i, p.ID, true)
+	register(CmdEntryCreate, byAdmin, applyEntryCreate)
+	register(CmdEntryUpdate, byAdmin, applyEntryUpdate)
+	register(CmdEntryDelete, byAdmin, applyEntryDelete)
+	register(CmdAgentUpsert, byNode, applyAgentUpsert)
+	register(CmdAgentBan, byAdmin, func(t *txn, p *AgentID) (any, []AuditEvent, error) { return t.setBanned(p.ID, true) })
+	register(CmdAgentUnban, byAdmin, func(t *txn, p *AgentID) (any, []AuditEvent, error) { return t.setBanned(p.ID, false) })
+	register(CmdEKCAAdd, byAdmin, applyEKCAAdd)
+	register(CmdEKCARemove, byAdmin, applyEKCARemove)
+	register(CmdEKAllowAdd, byAdmin, applyEKAllowAdd)
+	register(CmdEKAllowRemove, byAdmin, applyEKAllowRemove)
+	register(CmdPCRPolicySet, byAdmin, applyPCRPolicySet)
+	register(CmdJoinTokensToggle, byAdmin, func(t *txn, p *JoinTokens) (any, []AuditEvent, error) {
+		pol, err := t.policy()
+		if err != nil {
+			return nil, nil, err
+		}
+		pol.JoinTokensDisabled = !p.Enabled
+		return nil, []AuditEvent{{Action: t.c.Type, Detail: map[string]string{"enabled": strconv.FormatBool(p.Enabled)}}}, t.putPolicy(pol)
 	})
-	register(CmdAgentUnban, func(f *FSM, c *Command, i uint64, p *AgentID) (any, []AuditEvent, error) {
-		return f.setBanned(c, i, p.ID, false)
-	})
-	register(CmdEKCAAdd, applyEKCAAdd)
-	register(CmdEKCARemove, applyEKCARemove)
-	register(CmdEKAllowAdd, applyEKAllowAdd)
-	register(CmdEKAllowRemove, applyEKAllowRemove)
-	register(CmdPCRPolicySet, applyPCRPolicySet)
-	register(CmdJoinTokensToggle, func(f *FSM, c *Command, i uint64, p *JoinTokens) (any, []AuditEvent, error) {
-		f.d.Policy.JoinTokensDisabled = !p.Enabled
-		return nil, []AuditEvent{{Action: c.Type, Detail: map[string]string{"enabled": strconv.FormatBool(p.Enabled)}}}, nil
-	})
-	register(CmdTokenCreate, applyTokenCreate)
-	register(CmdTokenUse, applyTokenUse)
-	register(CmdBundleSetRoots, applyBundleRoots)
-	register(CmdStateRestore, applyStateRestore)
-	register(CmdJWTKeyAdd, applyJWTKeyAdd)
-	register(CmdJWTKeyRemove, applyJWTKeyRemove)
-	register(CmdRevoke, applyRevoke)
-	register(CmdIssue, applyIssue)
-	register(CmdAudit, func(f *FSM, c *Command, i uint64, p *AuditAppend) (any, []AuditEvent, error) {
-		if len(p.Events) == 0 {
-			return nil, nil, refuse("audit.append with no events")
+	register(CmdTokenCreate, byAdmin, applyTokenCreate)
+	register(CmdTokenUse, byNode, applyTokenUse)
+	register(CmdBundleSetRoots, byNode, applyBundleRoots)
+	register(CmdStateRestore, byAdmin, applyStateRestore)
+	register(CmdJWTKeyAdd, byNode, applyJWTKeyAdd)
+	register(CmdJWTKeyRemove, byNode, applyJWTKeyRemove)
+	register(CmdRevoke, byAdmin, applyRevoke)
+	register(CmdIssue, byNode, applyIssue)
+	register(CmdAudit, byAdminOrNode, func(t *txn, p *AuditAppend) (any, []AuditEvent, error) {
+		if err := checkEvents(p.Events); err != nil {
+			return nil, nil, err
 		}
 		for _, e := range p.Events {
-			if e.Action == "" {
-				return nil, nil, refuse("audit event without action")
+			if reservedAction(e.Action) {
+				return nil, nil, refuse("audit action %q is recorded only by its own command", e.Action)
 			}
 		}
 		return nil, p.Events, nil
 	})
+	register(CmdAuditCheckpoint, byNode, applyCheckpoint)
+	register(CmdAuditPrune, byNode, applyAuditPrune)
 }
+
+// reservedAction: actions that only the FSM itself writes (a plain
+// audit.append must not be able to fake a checkpoint or an issuance).
+func reservedAction(a string) bool {
+	return a == CmdAuditCheckpoint || a == CmdAuditPrune || a == CmdStateRestore ||
+		strings.HasSuffix(a, ".issue") && strings.HasPrefix(a, "svid.")
+}
+
+func checkEvents(events []AuditEvent) error {
+	if len(events) == 0 {
+		return refuse("no audit events")
+	}
+	if len(events) > MaxEventsPerCommand {
+		return refuse("%d audit events in one command; at most %d", len(events), MaxEventsPerCommand)
+	}
+	for _, e := range events {
+		if !actionRE.MatchString(e.Action) {
+			return refuse("audit action %q: want 1-64 characters of a-z 0-9 . _ -", truncate(e.Action, 80))
+		}
+	}
+	return nil
+}
+
+var actionRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,63}$`)
 
 var (
 	selectorTypeRE = regexp.MustCompile(`^[a-z][a-z0-9_-]{0,31}$`)
@@ -136,11 +187,11 @@ const (
 // runs it again because it is the authority.
 func ValidateEntry(td spiffeid.TrustDomain, e *Entry) error {
 	if !entryIDRE.MatchString(e.ID) {
-		return refuse("entry id %q: want 8-64 characters of A-Z a-z 0-9 -", e.ID)
+		return refuse("entry id %q: want 8-64 characters of A-Z a-z 0-9 -", truncate(e.ID, 64))
 	}
 	id, err := spiffeid.FromString(e.SPIFFEID)
 	if err != nil {
-		return refuse("spiffe_id %q: %v", e.SPIFFEID, err)
+		return refuse("spiffe_id %q: %v", truncate(e.SPIFFEID, 128), err)
 	}
 	if !id.MemberOf(td) {
 		return refuse("spiffe_id %s is not in trust domain %s", id, td)
@@ -153,10 +204,13 @@ func ValidateEntry(td spiffeid.TrustDomain, e *Entry) error {
 	}
 	parent, err := spiffeid.FromString(e.ParentID)
 	if err != nil {
-		return refuse("parent_id %q: %v", e.ParentID, err)
+		return refuse("parent_id %q: %v", truncate(e.ParentID, 128), err)
 	}
 	if !parent.MemberOf(td) {
 		return refuse("parent_id %s is not in trust domain %s", parent, td)
+	}
+	if !strings.HasPrefix(parent.Path(), "/sigil/agent/") && !strings.HasPrefix(parent.Path(), "/sigil/node/") {
+		return refuse("parent_id %s: a parent is an agent (spiffe://%s/sigil/agent/...) or a node", parent, td.Name())
 	}
 	if len(e.Selectors) == 0 {
 		return refuse("entry %s has no selectors: it would match every workload", id)
@@ -206,23 +260,77 @@ func registrationKey(e *Entry) string {
 	return b.String()
 }
 
-// sameEntryExists looks the registration up in an index (rebuilt from the
-// entries on restore): a scan per write would make writes O(entries).
-func (f *FSM) sameEntryExists(e *Entry) string {
-	if f.regIndex == nil {
-		f.rebuildIndex()
-	}
-	if id, ok := f.regIndex[registrationKey(e)]; ok && id != e.ID {
-		return id
-	}
-	return ""
+// policy reads the join policy in this transaction.
+func (t *txn) policy() (JoinPolicy, error) {
+	var p JoinPolicy
+	_, err := getJSON(t.tx.Bucket(bMeta), keyPolicy, &p)
+	return p, err
 }
 
-func (f *FSM) rebuildIndex() {
-	f.regIndex = make(map[string]string, len(f.d.Entries))
-	for id, e := range f.d.Entries {
-		f.regIndex[registrationKey(e)] = id
+func (t *txn) putPolicy(p JoinPolicy) error {
+	t.policyChanged = true
+	return putJSON(t.tx.Bucket(bMeta), keyPolicy, p)
+}
+
+func (t *txn) entry(id string) (*Entry, error) {
+	var e Entry
+	found, err := getJSON(t.tx.Bucket(bEntries), []byte(id), &e)
+	if err != nil || !found {
+		return nil, err
 	}
+	return &e, nil
+}
+
+func (t *txn) agent(id string) (*Agent, error) {
+	var a Agent
+	found, err := getJSON(t.tx.Bucket(bAgents), []byte(id), &a)
+	if err != nil || !found {
+		return nil, err
+	}
+	return &a, nil
+}
+
+// putEntry stores an entry and its index rows (old is the previous version
+// or nil).
+func putEntry(tx *bolt.Tx, old, e *Entry) error {
+	if old != nil {
+		if err := deleteEntryIndexes(tx, old); err != nil {
+			return err
+		}
+	}
+	if err := putJSON(tx.Bucket(bEntries), []byte(e.ID), e); err != nil {
+		return err
+	}
+	return putEntryIndexes(tx, e)
+}
+
+func putEntryIndexes(tx *bolt.Tx, e *Entry) error {
+	if err := tx.Bucket(bEntriesByParent).Put(indexKey(e.ParentID, e.ID), nil); err != nil {
+		return err
+	}
+	if err := tx.Bucket(bEntriesBySPIFFE).Put(indexKey(e.SPIFFEID, e.ID), nil); err != nil {
+		return err
+	}
+	return tx.Bucket(bEntriesByReg).Put([]byte(registrationKey(e)), []byte(e.ID))
+}
+
+func deleteEntryIndexes(tx *bolt.Tx, e *Entry) error {
+	if err := tx.Bucket(bEntriesByParent).Delete(indexKey(e.ParentID, e.ID)); err != nil {
+		return err
+	}
+	if err := tx.Bucket(bEntriesBySPIFFE).Delete(indexKey(e.SPIFFEID, e.ID)); err != nil {
+		return err
+	}
+	return tx.Bucket(bEntriesByReg).Delete([]byte(registrationKey(e)))
+}
+
+// sameEntryExists returns the ID of another entry registering the same
+// thing, or "".
+func (t *txn) sameEntryExists(e *Entry) string {
+	if id := t.tx.Bucket(bEntriesByReg).Get([]byte(registrationKey(e))); id != nil && string(id) != e.ID {
+		return string(id)
+	}
+	return ""
 }
 
 func entryAudit(action string, e *Entry) AuditEvent {
@@ -234,340 +342,454 @@ func entryAudit(action string, e *Entry) AuditEvent {
 		"entry": e.ID, "parent": e.ParentID, "selectors": strings.Join(sel, ","), "admin": strconv.FormatBool(e.Admin)}}
 }
 
-func applyEntryCreate(f *FSM, c *Command, index uint64, e *Entry) (any, []AuditEvent, error) {
+func applyEntryCreate(t *txn, e *Entry) (any, []AuditEvent, error) {
 	sortSelectors(e.Selectors)
-	if err := ValidateEntry(f.td, e); err != nil {
+	if err := ValidateEntry(t.f.td, e); err != nil {
 		return nil, nil, err
 	}
-	if _, ok := f.d.Entries[e.ID]; ok {
+	if old, err := t.entry(e.ID); err != nil || old != nil {
+		if err != nil {
+			return nil, nil, err
+		}
 		return nil, nil, refuse("entry id %s already exists", e.ID)
 	}
-	if dup := f.sameEntryExists(e); dup != "" {
+	if dup := t.sameEntryExists(e); dup != "" {
 		return nil, nil, refuse("entry %s already registers %s for parent %s with these selectors", dup, e.SPIFFEID, e.ParentID)
 	}
-	e.CreatedAt, e.UpdatedAt, e.Revision = c.Time, c.Time, index
-	f.d.Entries[e.ID] = e
-	f.regIndex[registrationKey(e)] = e.ID
-	return e, []AuditEvent{entryAudit(c.Type, e)}, nil
+	e.CreatedAt, e.UpdatedAt, e.Revision = t.c.Time, t.c.Time, t.index
+	t.configChanged = true
+	return e, []AuditEvent{entryAudit(t.c.Type, e)}, putEntry(t.tx, nil, e)
 }
 
-func applyEntryUpdate(f *FSM, c *Command, index uint64, e *Entry) (any, []AuditEvent, error) {
+func applyEntryUpdate(t *txn, e *Entry) (any, []AuditEvent, error) {
 	sortSelectors(e.Selectors)
-	old, ok := f.d.Entries[e.ID]
-	if !ok {
-		return nil, nil, refuse("no entry %s", e.ID)
-	}
-	if err := ValidateEntry(f.td, e); err != nil {
+	old, err := t.entry(e.ID)
+	if err != nil {
 		return nil, nil, err
 	}
-	if dup := f.sameEntryExists(e); dup != "" {
+	if old == nil {
+		return nil, nil, refuse("no entry %s", truncate(e.ID, 64))
+	}
+	if err := ValidateEntry(t.f.td, e); err != nil {
+		return nil, nil, err
+	}
+	if dup := t.sameEntryExists(e); dup != "" {
 		return nil, nil, refuse("entry %s already registers %s for parent %s with these selectors", dup, e.SPIFFEID, e.ParentID)
 	}
-	e.CreatedAt, e.UpdatedAt, e.Revision = old.CreatedAt, c.Time, index
-	delete(f.regIndex, registrationKey(old))
-	f.d.Entries[e.ID] = e
-	f.regIndex[registrationKey(e)] = e.ID
-	return e, []AuditEvent{entryAudit(c.Type, e)}, nil
+	e.CreatedAt, e.UpdatedAt, e.Revision = old.CreatedAt, t.c.Time, t.index
+	t.configChanged = true
+	return e, []AuditEvent{entryAudit(t.c.Type, e)}, putEntry(t.tx, old, e)
 }
 
-func applyEntryDelete(f *FSM, c *Command, index uint64, p *EntryID) (any, []AuditEvent, error) {
-	e, ok := f.d.Entries[p.ID]
-	if !ok {
-		return nil, nil, refuse("no entry %s", p.ID)
+func applyEntryDelete(t *txn, p *EntryID) (any, []AuditEvent, error) {
+	e, err := t.entry(p.ID)
+	if err != nil {
+		return nil, nil, err
 	}
-	delete(f.d.Entries, p.ID)
-	if f.regIndex != nil {
-		delete(f.regIndex, registrationKey(e))
+	if e == nil {
+		return nil, nil, refuse("no entry %s", truncate(p.ID, 64))
 	}
-	return nil, []AuditEvent{entryAudit(c.Type, e)}, nil
+	if err := deleteEntryIndexes(t.tx, e); err != nil {
+		return nil, nil, err
+	}
+	t.configChanged = true
+	return nil, []AuditEvent{entryAudit(t.c.Type, e)}, t.tx.Bucket(bEntries).Delete([]byte(e.ID))
 }
 
-func applyAgentUpsert(f *FSM, c *Command, index uint64, a *Agent) (any, []AuditEvent, error) {
-	id, err := spiffeid.FromString(a.ID)
-	if err != nil || !id.MemberOf(f.td) || !strings.HasPrefix(id.Path(), "/sigil/agent/") {
-		return nil, nil, refuse("agent id %q: want spiffe://%s/sigil/agent/...", a.ID, f.td.Name())
+func validAgentID(td spiffeid.TrustDomain, s string) bool {
+	id, err := spiffeid.FromString(s)
+	return err == nil && id.MemberOf(td) && strings.HasPrefix(id.Path(), "/sigil/agent/")
+}
+
+func applyAgentUpsert(t *txn, a *Agent) (any, []AuditEvent, error) {
+	if !validAgentID(t.f.td, a.ID) {
+		return nil, nil, refuse("agent id %q: want spiffe://%s/sigil/agent/...", truncate(a.ID, 128), t.f.td.Name())
 	}
 	if a.AttestationType == "" {
 		return nil, nil, refuse("agent %s: attestation type missing", a.ID)
 	}
-	if old, ok := f.d.Agents[a.ID]; ok {
+	old, err := t.agent(a.ID)
+	if err != nil {
+		return nil, nil, err
+	}
+	if old != nil {
 		if old.Banned {
 			return nil, nil, refuse("agent %s is banned", a.ID)
 		}
 		a.JoinedAt = old.JoinedAt
 	} else {
-		a.JoinedAt = c.Time
+		a.JoinedAt = t.c.Time
 	}
 	a.Banned = false
-	a.UpdatedAt, a.Revision = c.Time, index
-	f.d.Agents[a.ID] = a
+	a.UpdatedAt, a.Revision = t.c.Time, t.index
 	detail := map[string]string{"attestation": a.AttestationType, "serial": a.SerialNumber}
 	for k, v := range a.Facts {
 		detail["fact."+k] = v
 	}
-	return a, []AuditEvent{{Action: c.Type, Target: a.ID, Detail: detail}}, nil
+	t.configChanged = true
+	return a, []AuditEvent{{Action: t.c.Type, Target: a.ID, Detail: detail}}, putJSON(t.tx.Bucket(bAgents), []byte(a.ID), a)
 }
 
-func (f *FSM) setBanned(c *Command, index uint64, id string, banned bool) (any, []AuditEvent, error) {
-	a, ok := f.d.Agents[id]
-	if !ok {
-		return nil, nil, refuse("no agent %s", id)
+func (t *txn) setBanned(id string, banned bool) (any, []AuditEvent, error) {
+	a, err := t.agent(id)
+	if err != nil {
+		return nil, nil, err
+	}
+	if a == nil {
+		return nil, nil, refuse("no agent %s", truncate(id, 128))
 	}
 	if a.Banned == banned {
 		return nil, nil, refuse("agent %s is already %s", id, map[bool]string{true: "banned", false: "not banned"}[banned])
 	}
-	a.Banned, a.UpdatedAt, a.Revision = banned, c.Time, index
-	return a, []AuditEvent{{Action: c.Type, Target: id}}, nil
+	a.Banned, a.UpdatedAt, a.Revision = banned, t.c.Time, t.index
+	t.configChanged = true
+	return a, []AuditEvent{{Action: t.c.Type, Target: id}}, putJSON(t.tx.Bucket(bAgents), []byte(id), a)
 }
 
-func applyEKCAAdd(f *FSM, c *Command, index uint64, p *EKCAAdd) (any, []AuditEvent, error) {
-	cert, err := x509.ParseCertificate(p.DER)
+func checkEKCA(der []byte) (EKCA, error) {
+	cert, err := x509.ParseCertificate(der)
 	if err != nil {
-		return nil, nil, refuse("EK CA certificate: %v", err)
+		return EKCA{}, refuse("EK CA certificate: %v", err)
 	}
 	if !cert.IsCA {
-		return nil, nil, refuse("EK CA certificate %q is not a CA", cert.Subject)
+		return EKCA{}, refuse("EK CA certificate %q is not a CA", cert.Subject)
 	}
-	sum := sha256.Sum256(p.DER)
-	ca := EKCA{ID: hex.EncodeToString(sum[:]), Subject: cert.Subject.String(), DER: p.DER}
-	for _, o := range f.d.Policy.EKCAs {
+	sum := sha256.Sum256(der)
+	return EKCA{ID: hex.EncodeToString(sum[:]), Subject: cert.Subject.String(), DER: der}, nil
+}
+
+func applyEKCAAdd(t *txn, p *EKCAAdd) (any, []AuditEvent, error) {
+	ca, err := checkEKCA(p.DER)
+	if err != nil {
+		return nil, nil, err
+	}
+	pol, err := t.policy()
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, o := range pol.EKCAs {
 		if o.ID == ca.ID {
 			return nil, nil, refuse("EK CA %s is already trusted", ca.ID)
 		}
 	}
-	f.d.Policy.EKCAs = append(f.d.Policy.EKCAs, ca)
-	return ca, []AuditEvent{{Action: c.Type, Target: ca.ID, Detail: map[string]string{"subject": ca.Subject}}}, nil
+	pol.EKCAs = append(pol.EKCAs, ca)
+	return ca, []AuditEvent{{Action: t.c.Type, Target: ca.ID, Detail: map[string]string{"subject": ca.Subject}}}, t.putPolicy(pol)
 }
 
-func applyEKCARemove(f *FSM, c *Command, index uint64, p *EKCARemove) (any, []AuditEvent, error) {
-	i := slices.IndexFunc(f.d.Policy.EKCAs, func(e EKCA) bool { return e.ID == p.ID })
-	if i < 0 {
-		return nil, nil, refuse("no EK CA %s", p.ID)
+func applyEKCARemove(t *txn, p *EKCARemove) (any, []AuditEvent, error) {
+	pol, err := t.policy()
+	if err != nil {
+		return nil, nil, err
 	}
-	ca := f.d.Policy.EKCAs[i]
-	f.d.Policy.EKCAs = slices.Delete(f.d.Policy.EKCAs, i, i+1)
-	return nil, []AuditEvent{{Action: c.Type, Target: ca.ID, Detail: map[string]string{"subject": ca.Subject}}}, nil
+	i := slices.IndexFunc(pol.EKCAs, func(e EKCA) bool { return e.ID == p.ID })
+	if i < 0 {
+		return nil, nil, refuse("no EK CA %s", truncate(p.ID, 64))
+	}
+	ca := pol.EKCAs[i]
+	pol.EKCAs = slices.Delete(pol.EKCAs, i, i+1)
+	return nil, []AuditEvent{{Action: t.c.Type, Target: ca.ID, Detail: map[string]string{"subject": ca.Subject}}}, t.putPolicy(pol)
 }
 
-func applyEKAllowAdd(f *FSM, c *Command, index uint64, p *EKHash) (any, []AuditEvent, error) {
+func applyEKAllowAdd(t *txn, p *EKHash) (any, []AuditEvent, error) {
 	h := strings.ToLower(p.Hash)
 	if !hexHashRE.MatchString(h) {
-		return nil, nil, refuse("EK hash %q: want 64 hex digits (SHA-256 of the EK public key, PKIX DER)", p.Hash)
+		return nil, nil, refuse("EK hash %q: want 64 hex digits (SHA-256 of the EK public key, PKIX DER)", truncate(p.Hash, 80))
 	}
-	if slices.Contains(f.d.Policy.EKAllow, h) {
+	pol, err := t.policy()
+	if err != nil {
+		return nil, nil, err
+	}
+	if slices.Contains(pol.EKAllow, h) {
 		return nil, nil, refuse("EK %s is already allowed", h)
 	}
-	f.d.Policy.EKAllow = append(f.d.Policy.EKAllow, h)
-	slices.Sort(f.d.Policy.EKAllow)
-	return nil, []AuditEvent{{Action: c.Type, Target: h}}, nil
+	pol.EKAllow = append(pol.EKAllow, h)
+	slices.Sort(pol.EKAllow)
+	return nil, []AuditEvent{{Action: t.c.Type, Target: h}}, t.putPolicy(pol)
 }
 
-func applyEKAllowRemove(f *FSM, c *Command, index uint64, p *EKHash) (any, []AuditEvent, error) {
+func applyEKAllowRemove(t *txn, p *EKHash) (any, []AuditEvent, error) {
 	h := strings.ToLower(p.Hash)
-	i := slices.Index(f.d.Policy.EKAllow, h)
-	if i < 0 {
-		return nil, nil, refuse("EK %s is not on the allowlist", h)
+	pol, err := t.policy()
+	if err != nil {
+		return nil, nil, err
 	}
-	f.d.Policy.EKAllow = slices.Delete(f.d.Policy.EKAllow, i, i+1)
-	return nil, []AuditEvent{{Action: c.Type, Target: h}}, nil
+	i := slices.Index(pol.EKAllow, h)
+	if i < 0 {
+		return nil, nil, refuse("EK %s is not on the allowlist", truncate(h, 80))
+	}
+	pol.EKAllow = slices.Delete(pol.EKAllow, i, i+1)
+	return nil, []AuditEvent{{Action: t.c.Type, Target: h}}, t.putPolicy(pol)
 }
 
-func applyPCRPolicySet(f *FSM, c *Command, index uint64, p *PCRPolicySet) (any, []AuditEvent, error) {
-	if p.Policy != nil {
-		if p.Policy.Bank != "sha256" {
-			return nil, nil, refuse("PCR bank %q: only sha256 is supported", p.Policy.Bank)
+func checkPCRPolicy(p *PCRPolicy) error {
+	if p == nil {
+		return nil
+	}
+	if p.Bank != "sha256" {
+		return refuse("PCR bank %q: only sha256 is supported", truncate(p.Bank, 32))
+	}
+	if len(p.PCRs) == 0 {
+		return refuse("PCR policy names no PCRs")
+	}
+	for k, v := range p.PCRs {
+		n, err := strconv.Atoi(k)
+		if err != nil || n < 0 || n > 23 {
+			return refuse("PCR index %q: want 0-23", truncate(k, 16))
 		}
-		if len(p.Policy.PCRs) == 0 {
-			return nil, nil, refuse("PCR policy names no PCRs")
-		}
-		for k, v := range p.Policy.PCRs {
-			n, err := strconv.Atoi(k)
-			if err != nil || n < 0 || n > 23 {
-				return nil, nil, refuse("PCR index %q: want 0-23", k)
-			}
-			if !hexHashRE.MatchString(v) {
-				return nil, nil, refuse("PCR %s value %q: want 64 hex digits", k, v)
-			}
+		if !hexHashRE.MatchString(v) {
+			return refuse("PCR %s value %q: want 64 hex digits", k, truncate(v, 80))
 		}
 	}
-	f.d.Policy.PCRPolicy = p.Policy
+	return nil
+}
+
+func applyPCRPolicySet(t *txn, p *PCRPolicySet) (any, []AuditEvent, error) {
+	if err := checkPCRPolicy(p.Policy); err != nil {
+		return nil, nil, err
+	}
+	pol, err := t.policy()
+	if err != nil {
+		return nil, nil, err
+	}
+	pol.PCRPolicy = p.Policy
 	detail := map[string]string{}
 	if p.Policy != nil {
 		for k, v := range p.Policy.PCRs {
 			detail["pcr"+k] = v
 		}
 	}
-	return nil, []AuditEvent{{Action: c.Type, Detail: detail}}, nil
+	return nil, []AuditEvent{{Action: t.c.Type, Detail: detail}}, t.putPolicy(pol)
 }
 
-func applyTokenCreate(f *FSM, c *Command, index uint64, p *TokenCreate) (any, []AuditEvent, error) {
+func applyTokenCreate(t *txn, p *TokenCreate) (any, []AuditEvent, error) {
 	if !hexHashRE.MatchString(p.ID) {
 		return nil, nil, refuse("token id must be the token's SHA-256 in hex")
 	}
-	if !p.ExpiresAt.After(c.Time) {
+	if !p.ExpiresAt.After(t.c.Time) {
 		return nil, nil, refuse("token would expire before it is created")
 	}
-	if _, ok := f.d.Tokens[p.ID]; ok {
+	tokens := t.tx.Bucket(bTokens)
+	if tokens.Get([]byte(p.ID)) != nil {
 		return nil, nil, refuse("token %.12s exists", p.ID)
 	}
 	// Expired tokens are dropped here, deterministically, so the table
 	// does not grow forever.
-	for _, id := range sortedKeys(f.d.Tokens) {
-		if !f.d.Tokens[id].ExpiresAt.After(c.Time) {
-			delete(f.d.Tokens, id)
+	var expired [][]byte
+	err := tokens.ForEach(func(k, v []byte) error {
+		var o JoinToken
+		if err := decodeStrict(v, &o); err != nil {
+			return err
+		}
+		if !o.ExpiresAt.After(t.c.Time) {
+			expired = append(expired, bytes.Clone(k))
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, k := range expired {
+		if err := tokens.Delete(k); err != nil {
+			return nil, nil, err
 		}
 	}
-	t := &JoinToken{ID: p.ID, ExpiresAt: p.ExpiresAt.UTC(), CreatedBy: c.Actor, CreatedAt: c.Time}
-	f.d.Tokens[p.ID] = t
-	return t, []AuditEvent{{Action: c.Type, Target: p.ID[:12], Detail: map[string]string{"expires": t.ExpiresAt.Format(time.RFC3339)}}}, nil
+	tok := &JoinToken{ID: p.ID, ExpiresAt: p.ExpiresAt.UTC(), CreatedBy: t.c.Actor, CreatedAt: t.c.Time}
+	return tok, []AuditEvent{{Action: t.c.Type, Target: p.ID[:12], Detail: map[string]string{"expires": tok.ExpiresAt.Format(time.RFC3339)}}},
+		putJSON(tokens, []byte(p.ID), tok)
 }
 
-func applyTokenUse(f *FSM, c *Command, index uint64, p *TokenUse) (any, []AuditEvent, error) {
-	t, ok := f.d.Tokens[p.ID]
+func applyTokenUse(t *txn, p *TokenUse) (any, []AuditEvent, error) {
+	pol, err := t.policy()
+	if err != nil {
+		return nil, nil, err
+	}
+	var tok JoinToken
+	ok, err := getJSON(t.tx.Bucket(bTokens), []byte(p.ID), &tok)
+	if err != nil {
+		return nil, nil, err
+	}
 	switch {
-	case f.d.Policy.JoinTokensDisabled:
+	case pol.JoinTokensDisabled:
 		return nil, nil, refuse("join tokens are disabled")
 	case !ok:
 		return nil, nil, refuse("unknown join token")
-	case t.UsedBy != "":
-		return nil, nil, refuse("join token %.12s was already used by %s", p.ID, t.UsedBy)
-	case !t.ExpiresAt.After(c.Time):
-		return nil, nil, refuse("join token %.12s expired at %s", p.ID, t.ExpiresAt.Format(time.RFC3339))
+	case tok.UsedBy != "":
+		return nil, nil, refuse("join token %.12s was already used by %s", p.ID, tok.UsedBy)
+	case !tok.ExpiresAt.After(t.c.Time):
+		return nil, nil, refuse("join token %.12s expired at %s", p.ID, tok.ExpiresAt.Format(time.RFC3339))
+	case !validAgentID(t.f.td, p.Agent):
+		return nil, nil, refuse("join token used for %q, which is not an agent ID", truncate(p.Agent, 128))
 	}
-	t.UsedBy, t.UsedAt = p.Agent, c.Time
-	return t, []AuditEvent{{Action: c.Type, Target: p.ID[:12], Detail: map[string]string{"agent": p.Agent}}}, nil
+	tok.UsedBy, tok.UsedAt = p.Agent, t.c.Time
+	return tok, []AuditEvent{{Action: t.c.Type, Target: p.ID[:12], Detail: map[string]string{"agent": p.Agent}}},
+		putJSON(t.tx.Bucket(bTokens), []byte(p.ID), &tok)
 }
 
-func applyBundleRoots(f *FSM, c *Command, index uint64, p *BundleRoots) (any, []AuditEvent, error) {
+// checkRoot parses a trust-bundle root and returns its SHA-256.
+func checkRoot(td spiffeid.TrustDomain, i int, der []byte) (string, error) {
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return "", refuse("root %d: %v", i, err)
+	}
+	if !cert.IsCA || cert.CheckSignatureFrom(cert) != nil {
+		return "", refuse("root %d (%s) is not a self-signed CA certificate", i, cert.Subject)
+	}
+	if len(cert.URIs) != 1 || cert.URIs[0].String() != td.IDString() {
+		return "", refuse("root %d (%s) is not a root of %s", i, cert.Subject, td.IDString())
+	}
+	sum := sha256.Sum256(der)
+	return hex.EncodeToString(sum[:]), nil
+}
+
+func (t *txn) bumpBundle() (uint64, error) {
+	meta := t.tx.Bucket(bMeta)
+	seq := getU64(meta, keyBundleSequence) + 1
+	t.bundleChanged = true
+	return seq, putU64(meta, keyBundleSequence, seq)
+}
+
+func applyBundleRoots(t *txn, p *BundleRoots) (any, []AuditEvent, error) {
 	if len(p.Roots) == 0 {
 		return nil, nil, refuse("a trust bundle needs at least one root")
 	}
 	var fps []string
 	for i, der := range p.Roots {
-		cert, err := x509.ParseCertificate(der)
+		fp, err := checkRoot(t.f.td, i, der)
 		if err != nil {
-			return nil, nil, refuse("root %d: %v", i, err)
+			return nil, nil, err
 		}
-		if !cert.IsCA || cert.CheckSignatureFrom(cert) != nil {
-			return nil, nil, refuse("root %d (%s) is not a self-signed CA certificate", i, cert.Subject)
-		}
-		if len(cert.URIs) != 1 || cert.URIs[0].String() != f.td.IDString() {
-			return nil, nil, refuse("root %d (%s) is not a root of %s", i, cert.Subject, f.td.IDString())
-		}
-		sum := sha256.Sum256(der)
-		fps = append(fps, hex.EncodeToString(sum[:]))
+		fps = append(fps, fp)
 	}
-	f.d.Bundle.Roots = p.Roots
-	f.d.Bundle.Sequence++
-	return f.d.Bundle, []AuditEvent{{Action: c.Type, Detail: map[string]string{
-		"roots": strings.Join(fps, ","), "sequence": fmt.Sprint(f.d.Bundle.Sequence)}}}, nil
-}
-
-// applyStateRestore replaces the whole state with an archived one. The new
-// state is checked first (trust domain, audit chain); the restore itself is
-// then audited on top of the restored chain, so the log shows it.
-func applyStateRestore(f *FSM, c *Command, index uint64, p *StateRestore) (any, []AuditEvent, error) {
-	d, err := f.decodeData(p.State)
+	if err := putJSON(t.tx.Bucket(bMeta), keyRoots, p.Roots); err != nil {
+		return nil, nil, err
+	}
+	seq, err := t.bumpBundle()
 	if err != nil {
-		return nil, nil, refuse("restore: %v", err)
+		return nil, nil, err
 	}
-	prevSeq, prevHash := uint64(0), ""
-	if n := len(f.d.Audit); n > 0 {
-		prevSeq, prevHash = f.d.Audit[n-1].Seq, f.d.Audit[n-1].Hash
-	}
-	f.d = d
-	f.regIndex = nil
-	return nil, []AuditEvent{{Action: c.Type, Detail: map[string]string{
-		"archive_sha256":   p.Archive,
-		"restored_index":   fmt.Sprint(d.Index),
-		"replaced_head":    fmt.Sprintf("%d:%.16s", prevSeq, prevHash),
-		"restored_entries": fmt.Sprint(len(d.Entries)),
-	}}}, nil
-}
-
-// nodeOf returns the node name of a node actor, or "".
-func (f *FSM) nodeOf(actor string) string {
-	id, err := spiffeid.FromString(actor)
-	if err != nil || !id.MemberOf(f.td) {
-		return ""
-	}
-	name, ok := strings.CutPrefix(id.Path(), "/sigil/node/")
-	if !ok {
-		return ""
-	}
-	return name
+	b, err := readBundle(t.tx, t.f.td.Name())
+	return b, []AuditEvent{{Action: t.c.Type, Detail: map[string]string{
+		"roots": strings.Join(fps, ","), "sequence": fmt.Sprint(seq)}}}, err
 }
 
 var kidRE = regexp.MustCompile(`^[A-Za-z0-9_-]{8,64}$`)
 
-// applyJWTKeyAdd publishes a node's JWT key. Only the node itself may
-// publish its keys, so a compromised admin cannot slip a key into the
-// bundle under a node's name.
-func applyJWTKeyAdd(f *FSM, c *Command, index uint64, k *JWTKey) (any, []AuditEvent, error) {
-	if node := f.nodeOf(c.Actor); node == "" || node != k.Node {
-		return nil, nil, refuse("JWT key for node %q proposed by %s: a node publishes only its own keys", k.Node, c.Actor)
-	}
+// checkJWTKey validates a JWT key's form.
+func checkJWTKey(k *JWTKey) error {
 	if !kidRE.MatchString(k.KID) {
-		return nil, nil, refuse("kid %q: want 8-64 characters of A-Z a-z 0-9 _ -", k.KID)
+		return refuse("kid %q: want 8-64 characters of A-Z a-z 0-9 _ -", truncate(k.KID, 80))
 	}
 	pub, err := x509.ParsePKIXPublicKey(k.PublicKey)
 	if err != nil {
-		return nil, nil, refuse("JWT key %s: %v", k.KID, err)
+		return refuse("JWT key %s: %v", k.KID, err)
 	}
 	if _, ok := pub.(interface{ Equal(crypto.PublicKey) bool }); !ok {
-		return nil, nil, refuse("JWT key %s: unsupported key type %T", k.KID, pub)
+		return refuse("JWT key %s: unsupported key type %T", k.KID, pub)
 	}
-	if !k.NotAfter.After(c.Time) {
+	return nil
+}
+
+// applyJWTKeyAdd publishes a node's JWT key. Only the node itself may
+// publish its keys (the raft origin, not a field it chose), so neither an
+// admin nor another node can slip a key into the bundle under its name.
+func applyJWTKeyAdd(t *txn, k *JWTKey) (any, []AuditEvent, error) {
+	if k.Node != t.origin {
+		return nil, nil, refuse("JWT key for node %q proposed by node %s: a node publishes only its own keys", truncate(k.Node, 64), t.origin)
+	}
+	if err := checkJWTKey(k); err != nil {
+		return nil, nil, err
+	}
+	if !k.NotAfter.After(t.c.Time) {
 		return nil, nil, refuse("JWT key %s would be published already expired", k.KID)
 	}
-	for _, o := range f.d.Bundle.JWTKeys {
-		if o.KID == k.KID {
-			return nil, nil, refuse("kid %s is already in the bundle", k.KID)
-		}
+	keys := t.tx.Bucket(bJWTKeys)
+	if keys.Get([]byte(k.KID)) != nil {
+		return nil, nil, refuse("kid %s is already in the bundle", k.KID)
 	}
-	f.d.Bundle.JWTKeys = append(f.d.Bundle.JWTKeys, *k)
-	f.d.Bundle.Sequence++
-	return f.d.Bundle, []AuditEvent{{Action: c.Type, Target: k.KID, Detail: map[string]string{
-		"node": k.Node, "not_after": k.NotAfter.UTC().Format(time.RFC3339), "sequence": fmt.Sprint(f.d.Bundle.Sequence)}}}, nil
+	k.NotAfter = k.NotAfter.UTC()
+	if err := putJSON(keys, []byte(k.KID), k); err != nil {
+		return nil, nil, err
+	}
+	seq, err := t.bumpBundle()
+	if err != nil {
+		return nil, nil, err
+	}
+	b, err := readBundle(t.tx, t.f.td.Name())
+	return b, []AuditEvent{{Action: t.c.Type, Target: k.KID, Detail: map[string]string{
+		"node": k.Node, "not_after": k.NotAfter.Format(time.RFC3339), "sequence": fmt.Sprint(seq)}}}, err
 }
 
 // applyJWTKeyRemove retires a key; only after every token it signed has
 // expired (its NotAfter), so validators never lose a key they still need.
-func applyJWTKeyRemove(f *FSM, c *Command, index uint64, p *JWTKeyRemove) (any, []AuditEvent, error) {
-	i := slices.IndexFunc(f.d.Bundle.JWTKeys, func(k JWTKey) bool { return k.KID == p.KID })
-	if i < 0 {
-		return nil, nil, refuse("no JWT key %s in the bundle", p.KID)
+func applyJWTKeyRemove(t *txn, p *JWTKeyRemove) (any, []AuditEvent, error) {
+	var k JWTKey
+	ok, err := getJSON(t.tx.Bucket(bJWTKeys), []byte(p.KID), &k)
+	if err != nil {
+		return nil, nil, err
 	}
-	k := f.d.Bundle.JWTKeys[i]
-	if k.NotAfter.After(c.Time) {
+	if !ok {
+		return nil, nil, refuse("no JWT key %s in the bundle", truncate(p.KID, 80))
+	}
+	if k.NotAfter.After(t.c.Time) {
 		return nil, nil, refuse("JWT key %s may still have valid tokens until %s", p.KID, k.NotAfter.UTC().Format(time.RFC3339))
 	}
-	f.d.Bundle.JWTKeys = slices.Delete(f.d.Bundle.JWTKeys, i, i+1)
-	f.d.Bundle.Sequence++
-	return nil, []AuditEvent{{Action: c.Type, Target: p.KID, Detail: map[string]string{"node": k.Node, "sequence": fmt.Sprint(f.d.Bundle.Sequence)}}}, nil
+	if err := t.tx.Bucket(bJWTKeys).Delete([]byte(p.KID)); err != nil {
+		return nil, nil, err
+	}
+	seq, err := t.bumpBundle()
+	return nil, []AuditEvent{{Action: t.c.Type, Target: p.KID, Detail: map[string]string{"node": k.Node, "sequence": fmt.Sprint(seq)}}}, err
 }
 
 var serialRE = regexp.MustCompile(`^[0-9a-f]{1,40}$`)
 
-func applyRevoke(f *FSM, c *Command, index uint64, p *Revoke) (any, []AuditEvent, error) {
+func revocationKey(node, serial string) []byte { return indexKey(node, serial) }
+
+func applyRevoke(t *txn, p *Revoke) (any, []AuditEvent, error) {
 	s := strings.ToLower(strings.TrimLeft(p.Serial, "0"))
 	if !serialRE.MatchString(s) {
-		return nil, nil, refuse("serial %q: want hex", p.Serial)
+		return nil, nil, refuse("serial %q: want hex", truncate(p.Serial, 80))
 	}
-	if p.Node == "" {
+	if p.Node == "" || len(p.Node) > 64 {
 		return nil, nil, refuse("revocation of %s names no issuing node", s)
 	}
-	for _, r := range f.d.Bundle.Revoked {
-		if r.Serial == s && r.Node == p.Node {
-			return nil, nil, refuse("serial %s of node %s is already revoked", s, p.Node)
-		}
+	rev := t.tx.Bucket(bRevoked)
+	if rev.Get(revocationKey(p.Node, s)) != nil {
+		return nil, nil, refuse("serial %s of node %s is already revoked", s, p.Node)
 	}
 	// Expired revocations are dropped: an expired certificate is refused
 	// anyway, and the CRL stays small.
-	f.d.Bundle.Revoked = slices.DeleteFunc(f.d.Bundle.Revoked, func(r Revocation) bool { return !r.NotAfter.After(c.Time) })
-	f.d.Bundle.Revoked = append(f.d.Bundle.Revoked, Revocation{Serial: s, Node: p.Node, NotAfter: p.NotAfter.UTC(), At: c.Time})
-	f.d.Bundle.Sequence++
-	return nil, []AuditEvent{{Action: c.Type, Target: s, Detail: map[string]string{"node": p.Node, "not_after": p.NotAfter.UTC().Format(time.RFC3339)}}}, nil
+	if err := dropExpiredRevocations(rev, t.c.Time); err != nil {
+		return nil, nil, err
+	}
+	r := Revocation{Serial: s, Node: p.Node, NotAfter: p.NotAfter.UTC(), At: t.c.Time}
+	if err := putJSON(rev, revocationKey(p.Node, s), r); err != nil {
+		return nil, nil, err
+	}
+	_, err := t.bumpBundle()
+	return nil, []AuditEvent{{Action: t.c.Type, Target: s, Detail: map[string]string{"node": p.Node, "not_after": r.NotAfter.Format(time.RFC3339)}}}, err
+}
+
+func dropExpiredRevocations(rev *bolt.Bucket, now time.Time) error {
+	var expired [][]byte
+	err := rev.ForEach(func(k, v []byte) error {
+		var r Revocation
+		if err := decodeStrict(v, &r); err != nil {
+			return err
+		}
+		if !r.NotAfter.After(now) {
+			expired = append(expired, bytes.Clone(k))
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, k := range expired {
+		if err := rev.Delete(k); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // IssueResult lists the events of an svid.issue command the FSM refused.
@@ -575,25 +797,47 @@ type IssueResult struct {
 	Refused []int `json:"refused,omitempty"`
 }
 
+// IssuedSVID is what the state keeps of an X.509-SVID until it expires:
+// enough to revoke it by serial.
+type IssuedSVID struct {
+	Serial   string    `json:"serial"`
+	Node     string    `json:"node"`
+	NotAfter time.Time `json:"not_after"`
+	Seq      uint64    `json:"seq"` // its audit record
+}
+
+// maxSVIDPrunePerCommand bounds the expired-SVID cleanup one issuance
+// command does, so no command's cost depends on history.
+const maxSVIDPrunePerCommand = 4096
+
 // applyIssue records issuances, checking at commit time, in log order,
 // that each requesting agent is known and not banned: a ban committed
 // before this record makes it a refusal, whatever the issuing node saw.
-func applyIssue(f *FSM, c *Command, index uint64, p *AuditAppend) (any, []AuditEvent, error) {
-	if len(p.Events) == 0 {
-		return nil, nil, refuse("svid.issue with no events")
+func applyIssue(t *txn, p *AuditAppend) (any, []AuditEvent, error) {
+	if err := checkEvents(p.Events); err != nil {
+		return nil, nil, err
 	}
 	res := &IssueResult{}
 	events := make([]AuditEvent, 0, len(p.Events))
+	agents := map[string]*Agent{}
 	for i, e := range p.Events {
-		if e.Action == "" {
-			return nil, nil, refuse("issue event without action")
+		if e.Action == CmdAuditCheckpoint || e.Action == CmdAuditPrune || e.Action == CmdStateRestore {
+			return nil, nil, refuse("audit action %q is recorded only by its own command", e.Action)
 		}
 		if strings.HasSuffix(e.Action, ".issue") {
-			a, ok := f.d.Agents[e.Detail["agent"]]
-			if !ok || a.Banned {
+			id := e.Detail["agent"]
+			a, seen := agents[id]
+			if !seen {
+				var err error
+				if a, err = t.agent(id); err != nil {
+					return nil, nil, err
+				}
+				agents[id] = a
+			}
+			if a == nil || a.Banned {
 				res.Refused = append(res.Refused, i)
 				reason := "agent is banned"
-				if !ok {
+				if a == nil {
 					reason = "agent unknown"
 				}
 				events = append(events, AuditEvent{Action: strings.TrimSuffix(e.Action, ".issue") + ".refuse", Target: e.Target,
@@ -604,4 +848,71 @@ func applyIssue(f *FSM, c *Command, index uint64, p *AuditAppend) (any, []AuditE
 		events = append(events, e)
 	}
 	return res, events, nil
+}
+
+// recordSVID indexes an X.509-SVID issuance by serial (called as its
+// audit record is appended) and drops a bounded number of expired ones.
+func (t *txn) recordSVID(e AuditEvent, seq uint64) error {
+	serial := strings.ToLower(e.Detail["serial"])
+	exp, err := time.Parse(time.RFC3339, e.Detail["expires"])
+	if !serialRE.MatchString(serial) || err != nil {
+		return nil // not indexable; the audit record still says what happened
+	}
+	s := IssuedSVID{Serial: serial, Node: e.Detail["node"], NotAfter: exp.UTC(), Seq: seq}
+	if err := putJSON(t.tx.Bucket(bSVIDs), []byte(serial), s); err != nil {
+		return err
+	}
+	if err := t.tx.Bucket(bSVIDsByExpiry).Put(expiryKey(s.NotAfter, serial), nil); err != nil {
+		return err
+	}
+	return pruneExpiredSVIDs(t.tx, t.c.Time, maxSVIDPrunePerCommand)
+}
+
+func expiryKey(at time.Time, serial string) []byte {
+	return append(u64Key(uint64(at.Unix())), serial...)
+}
+
+func pruneExpiredSVIDs(tx *bolt.Tx, now time.Time, limit int) error {
+	byExp, svids := tx.Bucket(bSVIDsByExpiry), tx.Bucket(bSVIDs)
+	c := byExp.Cursor()
+	var drop [][]byte
+	for k, _ := c.First(); k != nil && len(drop) < limit; k, _ = c.Next() {
+		if len(k) < 8 || int64(u64FromKey(k)) >= now.Unix() {
+			break
+		}
+		drop = append(drop, bytes.Clone(k))
+	}
+	for _, k := range drop {
+		if err := byExp.Delete(k); err != nil {
+			return err
+		}
+		// The serial may have been reissued with a later expiry: keep it.
+		var s IssuedSVID
+		if ok, _ := getJSON(svids, k[8:], &s); ok && s.NotAfter.Unix() == int64(u64FromKey(k)) {
+			if err := svids.Delete(k[8:]); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func u64FromKey(k []byte) uint64 {
+	var v uint64
+	for _, b := range k[:8] {
+		v = v<<8 | uint64(b)
+	}
+	return v
+}
+
+// truncate cuts s to at most n bytes (on a rune boundary) and marks the cut.
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	cut := n - len("…")
+	for cut > 0 && cut < len(s) && s[cut]&0xC0 == 0x80 {
+		cut--
+	}
+	return s[:cut] + "…"
 }

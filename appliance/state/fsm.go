@@ -1,12 +1,21 @@
 // Package state is the appliance's replicated state machine: registration
 // entries, attested agents, the TPM join policy, one-time join tokens, the
-// trust bundle and the hash-chained audit log.
+// trust bundle, revocations, the index of issued X.509-SVIDs and the
+// hash-chained audit log.
+//
+// The data lives in a bbolt file, one bucket per kind with indexes where
+// queries need them, so memory holds only caches and the audit chain head
+// whatever the history. The file is rebuilt from raft (snapshot, then log)
+// every time the node starts, so it is written without fsync: raft's own
+// log is the durable copy.
 //
 // State changes only through typed, versioned commands applied in raft log
 // order. Apply is deterministic: it reads time from the command (stamped by
 // the proposer), never from the clock, and refuses unknown command types or
 // versions rather than guess, so replicas cannot diverge. Every change
-// appends an audit record; a refused command changes nothing.
+// appends an audit record in the same transaction; a refused command changes
+// nothing. Who may propose what is checked against the raft origin, the
+// authenticated member that proposed the command.
 package state
 
 import (
@@ -14,16 +23,26 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"sort"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	bolt "go.etcd.io/bbolt"
 )
 
 // CommandVersion is the only command envelope version this code applies.
-const CommandVersion = 1
+// Version 2: payloads have explicit JSON field names and commands are
+// checked against their raft origin.
+const CommandVersion = 2
+
+// MaxCommandSize bounds one command; a restore of a large state is the
+// biggest legitimate one.
+const MaxCommandSize = 48 << 20
 
 // Command is the envelope of every replicated change.
 type Command struct {
@@ -50,50 +69,132 @@ func refuse(format string, a ...any) error {
 	return fmt.Errorf("%w: %s", ErrRefused, fmt.Sprintf(format, a...))
 }
 
-// data is everything that is replicated; snapshots serialize exactly this.
-type data struct {
-	TrustDomain string                `json:"trust_domain"`
-	Entries     map[string]*Entry     `json:"entries"`
-	Agents      map[string]*Agent     `json:"agents"`
-	Policy      JoinPolicy            `json:"policy"`
-	Tokens      map[string]*JoinToken `json:"tokens"`
-	Bundle      Bundle                `json:"bundle"`
-	Audit       []*AuditRecord        `json:"audit"`
-	// Index is the raft index of the last applied command.
-	Index uint64 `json:"index"`
+// Options configure an FSM.
+type Options struct {
+	// Path is the state file. It is recreated by Open: raft restores it.
+	Path   string
+	NodeID string // this node, named in the segments it exports
+	Logger *slog.Logger
+	// ExportDir receives a signed JSON-lines segment of every range of
+	// audit records that a prune removes; "" keeps no copy (tests).
+	ExportDir string
+	// SignHead signs a checkpoint digest with the node's issuing key and
+	// returns the signature and the issuing certificate (DER); it signs
+	// exported segments. Nil leaves segments unsigned.
+	SignHead func(digest []byte) (sig, certDER []byte, err error)
 }
 
-// FSM holds the state. Reads take a read lock and return copies.
+// FSM is the state of one replica.
 type FSM struct {
-	td spiffeid.TrustDomain
+	td   spiffeid.TrustDomain
+	opts Options
+	log  *slog.Logger
 
-	mu sync.RWMutex
-	d  *data
-	// regIndex maps registrationKey -> entry ID; derived from d.Entries,
-	// nil until first needed and after a restore.
-	regIndex map[string]string
-	// watchers are woken (channel closed) on every applied change;
-	// cfgWatch only on changes to what agents see (not audit records).
+	// dbMu guards the db pointer: readers share it, a raft snapshot
+	// restore swaps in a new file under the write lock.
+	dbMu sync.RWMutex
+	db   *bolt.DB
+
+	applied atomic.Uint64
+
+	mu       sync.Mutex // watchers
 	watch    chan struct{}
 	cfgWatch chan struct{}
+
+	// Caches of small, hot values, replaced after each change.
+	bundle     atomic.Pointer[Bundle]
+	policy     atomic.Pointer[JoinPolicy]
+	head       atomic.Pointer[AuditHead]
+	checkpoint atomic.Uint64
+
+	exportFailures atomic.Uint64
 }
 
-// New returns an empty state for a trust domain.
-func New(td spiffeid.TrustDomain) *FSM {
-	return &FSM{td: td, d: emptyData(td), watch: make(chan struct{}), cfgWatch: make(chan struct{})}
+// AuditHead is the newest audit record's sequence number and hash, and the
+// first record still retained.
+type AuditHead struct {
+	Seq   uint64 `json:"seq"`
+	Hash  string `json:"hash"`
+	First uint64 `json:"first"`
 }
 
-func emptyData(td spiffeid.TrustDomain) *data {
-	return &data{TrustDomain: td.Name(), Entries: map[string]*Entry{}, Agents: map[string]*Agent{},
-		Tokens: map[string]*JoinToken{}, Bundle: Bundle{TrustDomain: td.Name()}}
+// Open creates an empty state file at opts.Path (removing an old one) for a
+// trust domain.
+func Open(td spiffeid.TrustDomain, opts Options) (*FSM, error) {
+	if opts.Path == "" {
+		return nil, errors.New("state: no path")
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	f := &FSM{td: td, opts: opts, log: opts.Logger.With("component", "state"),
+		watch: make(chan struct{}), cfgWatch: make(chan struct{})}
+	if err := os.MkdirAll(filepath.Dir(opts.Path), 0o700); err != nil {
+		return nil, err
+	}
+	db, err := openDB(opts.Path)
+	if err != nil {
+		return nil, err
+	}
+	f.db = db
+	if err := f.loadCaches(); err != nil {
+		db.Close()
+		return nil, err
+	}
+	return f, nil
+}
+
+// openDB makes a fresh state file. NoSync is safe because the file is never
+// trusted across a restart; the large initial mmap keeps a long snapshot
+// read transaction from blocking writers that grow the file.
+func openDB(path string) (*bolt.DB, error) {
+	for _, p := range []string{path, path + ".restore"} {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("state: remove old %s: %w", p, err)
+		}
+	}
+	return createDB(path)
+}
+
+func createDB(path string) (*bolt.DB, error) {
+	db, err := bolt.Open(path, 0o600, &bolt.Options{
+		Timeout: time.Second, NoSync: true, NoFreelistSync: true, FreelistType: bolt.FreelistMapType,
+		InitialMmapSize: 4 << 30,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("state: open %s: %w", path, err)
+	}
+	if err := db.Update(createBuckets); err != nil {
+		db.Close()
+		return nil, err
+	}
+	return db, nil
+}
+
+// Close releases the state file.
+func (f *FSM) Close() error {
+	f.dbMu.Lock()
+	defer f.dbMu.Unlock()
+	if f.db == nil {
+		return nil
+	}
+	err := f.db.Close()
+	f.db = nil
+	return err
 }
 
 // TrustDomain is the trust domain this state belongs to.
 func (f *FSM) TrustDomain() spiffeid.TrustDomain { return f.td }
 
-// handler applies one command type to d (already locked). It returns the
-// response for the proposer and the audit events for the change.
-type handler func(f *FSM, c *Command, index uint64) (any, []AuditEvent, error)
+// view runs fn in a read transaction.
+func (f *FSM) view(fn func(tx *bolt.Tx) error) error {
+	f.dbMu.RLock()
+	defer f.dbMu.RUnlock()
+	if f.db == nil {
+		return errors.New("state: closed")
+	}
+	return f.db.View(fn)
+}
 
 // AuditEvent is an audit record before it is chained.
 type AuditEvent struct {
@@ -102,67 +203,139 @@ type AuditEvent struct {
 	Detail map[string]string `json:"detail,omitempty"`
 }
 
-var handlers = map[string]handler{}
-
-// register binds a command type to a typed handler with strict payload
-// decoding. Called from init functions only.
-func register[P any](typ string, fn func(f *FSM, c *Command, index uint64, p *P) (any, []AuditEvent, error)) {
-	handlers[typ] = func(f *FSM, c *Command, index uint64) (any, []AuditEvent, error) {
-		var p P
-		dec := json.NewDecoder(bytes.NewReader(c.Payload))
-		dec.DisallowUnknownFields()
-		if err := dec.Decode(&p); err != nil {
-			return nil, nil, refuse("%s payload: %v", typ, err)
-		}
-		return fn(f, c, index, &p)
-	}
+// txn is one command being applied: the bolt transaction and what the
+// handlers need to know about the command.
+type txn struct {
+	tx     *bolt.Tx
+	f      *FSM
+	c      *Command
+	index  uint64
+	origin string
+	// what changed, for caches and watchers
+	bundleChanged, policyChanged, configChanged bool
 }
 
-// Apply applies one command at raft index.
-func (f *FSM) Apply(index uint64, cmd []byte) ([]byte, error) {
-	var c Command
-	dec := json.NewDecoder(bytes.NewReader(cmd))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&c); err != nil {
-		return nil, refuse("malformed command: %v", err)
-	}
-	if c.Version != CommandVersion {
-		return nil, refuse("command version %d; this node applies version %d (upgrade the node)", c.Version, CommandVersion)
-	}
-	h, ok := handlers[c.Type]
-	if !ok {
-		return nil, refuse("unknown command type %q (upgrade the node)", c.Type)
-	}
-	if c.Actor == "" || c.Time.IsZero() {
-		return nil, refuse("command %s has no actor or time", c.Type)
-	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	// Handlers validate before they mutate: a refusal leaves d untouched.
-	resp, events, err := h(f, &c, index)
+// handler applies one command type. It returns the response for the
+// proposer and the audit events for the change.
+type handler func(t *txn) (any, []AuditEvent, error)
+
+type registration struct {
+	h     handler
+	allow actorRule
+}
+
+var handlers = map[string]registration{}
+
+// register binds a command type to a typed handler with strict payload
+// decoding and the actors that may propose it. Called from init only.
+func register[P any](typ string, allow actorRule, fn func(t *txn, p *P) (any, []AuditEvent, error)) {
+	handlers[typ] = registration{allow: allow, h: func(t *txn) (any, []AuditEvent, error) {
+		var p P
+		dec := json.NewDecoder(bytes.NewReader(t.c.Payload))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&p); err != nil {
+			return nil, nil, refuse("%s payload: %v", t.c.Type, err)
+		}
+		return fn(t, &p)
+	}}
+}
+
+// Apply applies one command at a raft index. origin is the member that
+// proposed it, as raft authenticated it.
+func (f *FSM) Apply(index uint64, origin string, cmd []byte) ([]byte, error) {
+	defer f.applied.Store(index)
+	resp, t, err := f.apply(index, origin, cmd)
 	if err != nil {
+		f.log.Debug("command refused", "index", index, "origin", origin, "err", err)
 		return nil, err
 	}
-	for _, e := range events {
-		f.appendAudit(index, c.Time, c.Actor, e)
-	}
-	f.d.Index = index
-	close(f.watch)
-	f.watch = make(chan struct{})
-	if c.Type != CmdAudit && c.Type != CmdIssue {
-		close(f.cfgWatch)
-		f.cfgWatch = make(chan struct{})
-	}
+	f.afterChange(t)
 	if resp == nil {
 		return nil, nil
 	}
 	return json.Marshal(resp)
 }
 
+func (f *FSM) apply(index uint64, origin string, cmd []byte) (any, *txn, error) {
+	if len(cmd) > MaxCommandSize {
+		return nil, nil, refuse("command of %d bytes exceeds %d", len(cmd), MaxCommandSize)
+	}
+	var c Command
+	dec := json.NewDecoder(bytes.NewReader(cmd))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&c); err != nil {
+		return nil, nil, refuse("malformed command: %v", err)
+	}
+	if c.Version != CommandVersion {
+		return nil, nil, refuse("command version %d; this node applies version %d (upgrade the node)", c.Version, CommandVersion)
+	}
+	reg, ok := handlers[c.Type]
+	if !ok {
+		return nil, nil, refuse("unknown command type %q (upgrade the node)", c.Type)
+	}
+	if c.Actor == "" || c.Time.IsZero() {
+		return nil, nil, refuse("command %s has no actor or time", c.Type)
+	}
+	if err := f.authorize(reg.allow, &c, origin); err != nil {
+		return nil, nil, err
+	}
+	f.dbMu.RLock()
+	defer f.dbMu.RUnlock()
+	if f.db == nil {
+		return nil, nil, errors.New("state: closed")
+	}
+	var resp any
+	t := &txn{f: f, c: &c, index: index, origin: origin}
+	err := f.db.Update(func(tx *bolt.Tx) error {
+		t.tx = tx
+		r, events, err := reg.h(t)
+		if err != nil {
+			return err
+		}
+		for _, e := range events {
+			if err := t.appendAudit(e); err != nil {
+				return err
+			}
+		}
+		resp = r
+		return putU64(tx.Bucket(bMeta), keyIndex, index)
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	return resp, t, nil
+}
+
+// afterChange refreshes caches and wakes watchers.
+func (f *FSM) afterChange(t *txn) {
+	if t.bundleChanged || t.policyChanged {
+		if err := f.loadCaches(); err != nil {
+			f.log.Error("state caches", "err", err)
+		}
+	} else {
+		f.loadHead()
+	}
+	f.mu.Lock()
+	close(f.watch)
+	f.watch = make(chan struct{})
+	if t.configChanged || t.bundleChanged || t.policyChanged {
+		close(f.cfgWatch)
+		f.cfgWatch = make(chan struct{})
+	}
+	f.mu.Unlock()
+}
+
+// AppliedIndex is the raft index of the last command this replica has
+// consumed (applied or refused), or that its restored snapshot covers.
+func (f *FSM) AppliedIndex() uint64 { return f.applied.Load() }
+
+// Index is AppliedIndex (the revision agents resume from).
+func (f *FSM) Index() uint64 { return f.applied.Load() }
+
 // Changed returns a channel closed at the next applied change.
 func (f *FSM) Changed() <-chan struct{} {
-	f.mu.RLock()
-	defer f.mu.RUnlock()
+	f.mu.Lock()
+	defer f.mu.Unlock()
 	return f.watch
 }
 
@@ -170,108 +343,81 @@ func (f *FSM) Changed() <-chan struct{} {
 // agents, policy or the bundle; audit and issuance records do not wake it,
 // so agents' sync streams sleep through issuance traffic.
 func (f *FSM) ConfigChanged() <-chan struct{} {
-	f.mu.RLock()
-	defer f.mu.RUnlock()
+	f.mu.Lock()
+	defer f.mu.Unlock()
 	return f.cfgWatch
 }
 
-// Index is the raft index of the last applied change.
-func (f *FSM) Index() uint64 {
-	f.mu.RLock()
-	defer f.mu.RUnlock()
-	return f.d.Index
-}
+// actorRule says which actors may propose a command type.
+type actorRule int
 
-// Snapshot is the state at one instant, serialized.
-type Snapshot struct{ b []byte }
+const (
+	// byNode: only a node, and only the member that proposed it.
+	byNode actorRule = iota
+	// byAdmin: an admin (certificate or a node's local socket); the
+	// proposing node vouches for it and is recorded with it.
+	byAdmin
+	// byAdminOrNode: audit records of either.
+	byAdminOrNode
+)
 
-func (s *Snapshot) Persist(w io.Writer) error { _, err := w.Write(s.b); return err }
-func (s *Snapshot) Release()                  {}
-
-// Snapshot serializes the state at this instant; the copy is taken under
-// the lock, so Persist may run while commands apply.
-func (f *FSM) Snapshot() (*Snapshot, error) {
-	b, err := f.Export()
-	if err != nil {
-		return nil, err
+// authorize checks the actor against the raft origin: a node may speak only
+// for itself, and vouch only for the callers it authenticates (admins over
+// mutual TLS or its own local socket).
+func (f *FSM) authorize(rule actorRule, c *Command, origin string) error {
+	if origin == "" {
+		return refuse("%s by %s has no authenticated origin", c.Type, c.Actor)
 	}
-	return &Snapshot{b: b}, nil
-}
-
-// Export returns the state as JSON (the body of snapshots and archives).
-func (f *FSM) Export() ([]byte, error) {
-	f.mu.RLock()
-	defer f.mu.RUnlock()
-	return json.Marshal(f.d)
-}
-
-// Restore replaces the state with a raft snapshot. The snapshot is parsed
-// and checked completely before anything is replaced.
-func (f *FSM) Restore(r io.Reader) error {
-	b, err := io.ReadAll(r)
-	if err != nil {
-		return err
+	kind, name := f.actorKind(c.Actor)
+	switch kind {
+	case "node":
+		if name != origin {
+			return refuse("%s: node %s proposed a command as %s", c.Type, origin, c.Actor)
+		}
+		if rule == byAdmin {
+			return refuse("%s may be proposed only for an admin, not by node %s", c.Type, name)
+		}
+	case "local":
+		if name != origin {
+			return refuse("%s: node %s proposed a command as another node's local admin (%s)", c.Type, origin, c.Actor)
+		}
+		fallthrough
+	case "admin":
+		if rule == byNode {
+			return refuse("%s may be proposed only by a node itself, not by %s", c.Type, c.Actor)
+		}
+	default:
+		return refuse("%s: actor %q is not a node or an admin", c.Type, truncate(c.Actor, 128))
 	}
-	d, err := f.decodeData(b)
-	if err != nil {
-		return err
-	}
-	f.mu.Lock()
-	f.d = d
-	f.regIndex = nil
-	close(f.watch)
-	f.watch = make(chan struct{})
-	close(f.cfgWatch)
-	f.cfgWatch = make(chan struct{})
-	f.mu.Unlock()
 	return nil
 }
 
-// decodeData parses exported state and checks it belongs here and its audit
-// chain is intact.
-func (f *FSM) decodeData(b []byte) (*data, error) {
-	d := emptyData(f.td)
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(d); err != nil {
-		return nil, fmt.Errorf("state: %v", err)
+// actorKind classifies an actor string: "node", "admin" or "local" (root
+// on a node's local socket, "local:uid=N@<node>") and its name.
+func (f *FSM) actorKind(actor string) (kind, name string) {
+	if rest, ok := strings.CutPrefix(actor, "local:uid="); ok {
+		if i := strings.LastIndexByte(rest, '@'); i > 0 && i < len(rest)-1 {
+			return "local", rest[i+1:]
+		}
+		return "", ""
 	}
-	if dec.More() {
-		return nil, errors.New("state: trailing data")
+	id, err := spiffeid.FromString(actor)
+	if err != nil || !id.MemberOf(f.td) {
+		return "", ""
 	}
-	if d.TrustDomain != f.td.Name() {
-		return nil, fmt.Errorf("state is for trust domain %q, this appliance serves %q", d.TrustDomain, f.td.Name())
+	if n, ok := strings.CutPrefix(id.Path(), "/sigil/node/"); ok && n != "" && !strings.Contains(n, "/") {
+		return "node", n
 	}
-	if d.Entries == nil {
-		d.Entries = map[string]*Entry{}
+	if n, ok := strings.CutPrefix(id.Path(), "/sigil/admin/"); ok && n != "" && !strings.Contains(n, "/") {
+		return "admin", n
 	}
-	if d.Agents == nil {
-		d.Agents = map[string]*Agent{}
-	}
-	if d.Tokens == nil {
-		d.Tokens = map[string]*JoinToken{}
-	}
-	if n, err := verifyChain(d.Audit); err != nil {
-		return nil, fmt.Errorf("state: audit chain breaks at record %d: %v", n, err)
-	}
-	return d, nil
+	return "", ""
 }
 
-// sortedKeys gives deterministic iteration for responses.
-func sortedKeys[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
+// nodeOf returns the node name of a node actor, or "".
+func (f *FSM) nodeOf(actor string) string {
+	if k, n := f.actorKind(actor); k == "node" {
+		return n
 	}
-	sort.Strings(keys)
-	return keys
-}
-
-// clone deep-copies through JSON: state values are small and this keeps
-// readers from sharing memory with the FSM.
-func clone[T any](v T) T {
-	b, _ := json.Marshal(v)
-	var out T
-	json.Unmarshal(b, &out)
-	return out
+	return ""
 }

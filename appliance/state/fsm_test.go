@@ -5,15 +5,13 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
-	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"math/big"
 	"net/url"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -27,23 +25,46 @@ var (
 	admin = "spiffe://example.org/sigil/admin/alice"
 )
 
-// applier feeds commands with increasing raft indexes.
+const origin = "node-1"
+
+var nodeActor = "spiffe://example.org/sigil/node/" + origin
+
+// newFSM opens a state file in a test directory.
+func newFSM(t testing.TB) *FSM {
+	t.Helper()
+	f, err := Open(td, Options{Path: filepath.Join(t.TempDir(), "state.db"), NodeID: origin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
+}
+
+// applier feeds commands with increasing raft indexes, proposed by node-1:
+// admin commands as admin, node commands as the node itself.
 type applier struct {
 	t     *testing.T
 	fsm   *FSM
 	index uint64
 }
 
-func newApplier(t *testing.T) *applier { return &applier{t: t, fsm: New(td)} }
+func newApplier(t *testing.T) *applier { return &applier{t: t, fsm: newFSM(t)} }
+
+func actorFor(typ string) string {
+	if handlers[typ].allow == byNode {
+		return nodeActor
+	}
+	return admin
+}
 
 func (a *applier) apply(typ string, at time.Time, payload any) ([]byte, error) {
 	a.t.Helper()
-	cmd, err := NewCommand(typ, admin, at, payload)
+	cmd, err := NewCommand(typ, actorFor(typ), at, payload)
 	if err != nil {
 		a.t.Fatal(err)
 	}
 	a.index++
-	return a.fsm.Apply(a.index, cmd)
+	return a.fsm.Apply(a.index, origin, cmd)
 }
 
 func (a *applier) must(typ string, payload any) []byte {
@@ -101,13 +122,18 @@ func TestEntriesAndRefusals(t *testing.T) {
 		{"bad entry id", CmdEntryCreate, entry("x", "spiffe://example.org/db", "unix:uid:1"), "entry id"},
 		{"update missing", CmdEntryUpdate, entry("entry-9999", "spiffe://example.org/db", "unix:uid:1"), "no entry"},
 		{"delete missing", CmdEntryDelete, EntryID{ID: "entry-9999"}, "no entry"},
-		{"unknown payload field", CmdEntryDelete, map[string]string{"ID": "entry-0001", "Force": "yes"}, "unknown field"},
+		{"unknown payload field", CmdEntryDelete, map[string]string{"id": "entry-0001", "force": "yes"}, "unknown field"},
+		{"parent not an agent", CmdEntryCreate, func() *Entry {
+			e := entry("entry-0012", "spiffe://example.org/db", "unix:uid:1")
+			e.ParentID = "spiffe://example.org/web"
+			return e
+		}(), "a parent is an agent"},
 		{"unknown command", "entry.teleport", EntryID{ID: "entry-0001"}, "unknown command type"},
 		{"ban unknown agent", CmdAgentBan, AgentID{ID: "spiffe://example.org/sigil/agent/x"}, "no agent"},
 		{"bad EK hash", CmdEKAllowAdd, EKHash{Hash: "abc"}, "64 hex digits"},
 		{"non-CA EK CA", CmdEKCAAdd, EKCAAdd{DER: []byte("junk")}, "EK CA certificate"},
 		{"bad PCR", CmdPCRPolicySet, PCRPolicySet{Policy: &PCRPolicy{Bank: "sha256", PCRs: map[string]string{"24": strings.Repeat("0", 64)}}}, "PCR index"},
-		{"empty audit", CmdAudit, AuditAppend{}, "no events"},
+		{"empty audit", CmdAudit, AuditAppend{}, "no audit events"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := a.apply(tc.typ, t0, tc.payload)
@@ -122,12 +148,13 @@ func TestEntriesAndRefusals(t *testing.T) {
 
 	// Envelope problems are refused too.
 	for name, raw := range map[string]string{
-		"malformed":      `{"v":1,"type":`,
-		"future version": `{"v":2,"type":"entry.delete","actor":"a","time":"2026-01-01T00:00:00Z","payload":{}}`,
-		"no actor":       `{"v":1,"type":"entry.delete","time":"2026-01-01T00:00:00Z","payload":{"ID":"entry-0001"}}`,
-		"unknown field":  `{"v":1,"type":"entry.delete","actor":"a","time":"2026-01-01T00:00:00Z","payload":{"ID":"entry-0001"},"sudo":true}`,
+		"malformed":      `{"v":2,"type":`,
+		"old version":    `{"v":1,"type":"entry.delete","actor":"` + admin + `","time":"2026-01-01T00:00:00Z","payload":{"id":"entry-0001"}}`,
+		"future version": `{"v":3,"type":"entry.delete","actor":"` + admin + `","time":"2026-01-01T00:00:00Z","payload":{}}`,
+		"no actor":       `{"v":2,"type":"entry.delete","time":"2026-01-01T00:00:00Z","payload":{"id":"entry-0001"}}`,
+		"unknown field":  `{"v":2,"type":"entry.delete","actor":"` + admin + `","time":"2026-01-01T00:00:00Z","payload":{"id":"entry-0001"},"sudo":true}`,
 	} {
-		if _, err := a.fsm.Apply(99, []byte(raw)); !errors.Is(err, ErrRefused) {
+		if _, err := a.fsm.Apply(99, origin, []byte(raw)); !errors.Is(err, ErrRefused) {
 			t.Errorf("%s: %v, want refusal", name, err)
 		}
 	}
@@ -179,8 +206,8 @@ func TestAuditChainDetectsTampering(t *testing.T) {
 	for i := 0; i < 5; i++ {
 		a.must(CmdEntryCreate, entry(fmt.Sprintf("entry-%04d", i), fmt.Sprintf("spiffe://example.org/s/%d", i), "unix:uid:1"))
 	}
-	if n, err := a.fsm.VerifyAuditLog(); err != nil {
-		t.Fatalf("intact chain reported broken at %d: %v", n, err)
+	if rep := a.fsm.VerifyAuditLog(nil); !rep.Intact || rep.From != 1 || rep.To != 5 {
+		t.Fatalf("intact chain reported %+v", rep)
 	}
 	recs := a.fsm.Audit(0, 0)
 	if len(recs) != 5 || recs[0].Prev != "" || recs[1].Prev != recs[0].Hash {
@@ -273,88 +300,85 @@ func TestSnapshotArchive(t *testing.T) {
 	for i := 0; i < 10; i++ {
 		a.must(CmdEntryCreate, entry(fmt.Sprintf("entry-%04d", i), fmt.Sprintf("spiffe://example.org/s/%d", i), "unix:uid:1"))
 	}
-	arch, meta, err := a.fsm.WriteArchive("node-1", t0)
+	var arch bytes.Buffer
+	meta, err := a.fsm.WriteArchive(&arch, "node-1", t0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if meta.Index != 10 {
-		t.Fatalf("meta index %d", meta.Index)
+	if meta.Index != 10 || meta.AuditHeadSeq != 10 {
+		t.Fatalf("meta %+v", meta)
 	}
-
-	// A second appliance of the same trust domain restores it through a
-	// command, and the restore is audited on top of the restored chain.
-	b := newApplier(t)
-	b.must(CmdEntryCreate, entry("entry-zzzz", "spiffe://example.org/lost", "unix:uid:9"))
-	st, _, sum, err := b.fsm.ReadArchive(arch)
+	// Changes after the save, then a restore rolls the entries back and
+	// keeps the history, with the restore recorded on top.
+	a.must(CmdEntryDelete, EntryID{ID: "entry-0003"})
+	a.must(CmdEntryCreate, entry("entry-zzzz", "spiffe://example.org/later", "unix:uid:9"))
+	p, rmeta, sum, err := a.fsm.ReadArchive(bytes.NewReader(arch.Bytes()), t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
-	b.must(CmdStateRestore, StateRestore{State: st, Archive: sum})
-	if len(b.fsm.Entries()) != 10 {
-		t.Fatalf("%d entries after restore", len(b.fsm.Entries()))
+	if rmeta.Entries != 10 || rmeta.AuditRecords != 10 {
+		t.Fatalf("read meta %+v", rmeta)
 	}
-	recs := b.fsm.Audit(0, 0)
-	if last := recs[len(recs)-1]; last.Action != CmdStateRestore || last.Detail["archive_sha256"] != sum || len(recs) != 11 {
+	a.must(CmdStateRestore, p)
+	if got := a.fsm.Entries(); len(got) != 10 || got[3].ID != "entry-0003" {
+		t.Fatalf("%d entries after restore", len(got))
+	}
+	recs := a.fsm.Audit(0, 0)
+	last := recs[len(recs)-1]
+	if last.Action != CmdStateRestore || last.Detail["archive_sha256"] != sum || len(recs) != 13 ||
+		last.Detail["entries_added"] != "1" || last.Detail["entries_removed"] != "1" {
 		t.Fatalf("restore audit: %+v (%d records)", last, len(recs))
 	}
-	if _, err := b.fsm.VerifyAuditLog(); err != nil {
-		t.Fatal(err)
+	if rep := a.fsm.VerifyAuditLog(nil); !rep.Intact {
+		t.Fatal(rep.Error)
 	}
 
 	// Damaged archives are refused before anything is parsed or replaced.
-	before, _ := b.fsm.Export()
-	flip := append([]byte(nil), arch...)
-	flip[len(arch)/2] ^= 0x20
+	before, _ := a.fsm.Export()
+	b := arch.Bytes()
+	flip := append([]byte(nil), b...)
+	flip[len(b)/2] ^= 0x20
 	badTD := func() []byte {
-		o := New(spiffeid.RequireTrustDomainFromString("other.org"))
-		x, _, _ := o.WriteArchive("n", t0)
-		return x
-	}()
-	// An archive whose checksum is recomputed after editing the audit log
-	// still fails: the audit chain does not verify.
-	forged := func() []byte {
-		s := strings.Replace(string(st), `"actor":"`+admin, `"actor":"spiffe://example.org/sigil/admin/mallory`, 1)
-		ss := sha256.Sum256([]byte(s))
-		var m ArchiveMeta
-		json.Unmarshal([]byte(strings.SplitN(string(arch), "\n", 3)[1]), &m)
-		m.Size, m.StateSHA256 = len(s), hex.EncodeToString(ss[:])
-		mb, _ := json.Marshal(m)
-		body := archiveMagic + string(mb) + "\n" + s + "\n"
-		all := sha256.Sum256([]byte(body))
-		return []byte(body + "sha256 " + hex.EncodeToString(all[:]) + "\n")
+		o, err := Open(spiffeid.RequireTrustDomainFromString("other.org"), Options{Path: filepath.Join(t.TempDir(), "o.db")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer o.Close()
+		var x bytes.Buffer
+		o.WriteArchive(&x, "n", t0)
+		return x.Bytes()
 	}()
 	cases := map[string][]byte{
 		"empty":             nil,
 		"not an archive":    []byte("hello\n"),
-		"truncated header":  arch[:10],
-		"truncated middle":  arch[:len(arch)/2],
-		"missing last byte": arch[:len(arch)-1],
-		"no trailer":        arch[:bytes.LastIndex(arch[:len(arch)-1], []byte("\n"))+1],
+		"truncated header":  b[:10],
+		"truncated middle":  b[:len(b)/2],
+		"missing last byte": b[:len(b)-1],
+		"no trailer":        b[:bytes.LastIndex(b[:len(b)-1], []byte("\n"))+1],
 		"flipped byte":      flip,
 		"other domain":      badTD,
-		"forged audit":      forged,
+		"trailing data":     append(append([]byte(nil), b...), 'x'),
 	}
 	for name, c := range cases {
-		_, _, _, err := b.fsm.ReadArchive(c)
+		_, _, _, err := a.fsm.ReadArchive(bytes.NewReader(c), t.TempDir())
 		t.Logf("%s: %v", name, err)
 		if !errors.Is(err, ErrBadArchive) {
 			t.Errorf("%s: %v, want ErrBadArchive", name, err)
 		}
 	}
-	// The FSM refuses forged state even if a caller skips ReadArchive.
-	if _, err := b.apply(CmdStateRestore, t0, StateRestore{State: []byte(strings.SplitN(string(forged), "\n", 4)[2]), Archive: "x"}); !errors.Is(err, ErrRefused) {
-		t.Fatalf("forged restore command: %v", err)
-	}
-	if after, _ := b.fsm.Export(); !bytes.Equal(before, after) {
+	if after, _ := a.fsm.Export(); !bytes.Equal(before, after) {
 		t.Fatal("refused archives changed the state")
 	}
 
 	// Raft snapshots round-trip too.
 	snap, _ := a.fsm.Snapshot()
 	var buf bytes.Buffer
-	snap.Persist(&buf)
-	c := New(td)
-	if err := c.Restore(&buf); err != nil {
+	if err := snap.Persist(&buf); err != nil {
+		t.Fatal(err)
+	}
+	snap.Release()
+	c := newFSM(t)
+	if err := c.Restore(bytes.NewReader(buf.Bytes())); err != nil {
 		t.Fatal(err)
 	}
 	x, _ := a.fsm.Export()
@@ -362,8 +386,17 @@ func TestSnapshotArchive(t *testing.T) {
 	if !bytes.Equal(x, y) {
 		t.Fatal("snapshot restore differs")
 	}
-	if err := c.Restore(strings.NewReader(`{"trust_domain":"example.org"`)); err == nil {
-		t.Fatal("truncated raft snapshot accepted")
+	if c.AppliedIndex() != a.index {
+		t.Fatalf("restored applied index %d, want %d", c.AppliedIndex(), a.index)
+	}
+	for name, bad := range map[string][]byte{"truncated": buf.Bytes()[:buf.Len()/2], "flipped": func() []byte {
+		f := append([]byte(nil), buf.Bytes()...)
+		f[len(f)-100] ^= 1
+		return f
+	}()} {
+		if err := c.Restore(bytes.NewReader(bad)); err == nil {
+			t.Fatalf("%s raft snapshot accepted", name)
+		}
 	}
 	if z, _ := c.Export(); !bytes.Equal(x, z) {
 		t.Fatal("failed raft restore changed the state")
@@ -386,7 +419,8 @@ func TestRegistrationIndex(t *testing.T) {
 	snap, _ := a.fsm.Snapshot()
 	var buf bytes.Buffer
 	snap.Persist(&buf)
-	b := &applier{t: t, fsm: New(td), index: a.index}
+	snap.Release()
+	b := &applier{t: t, fsm: newFSM(t), index: a.index}
 	if err := b.fsm.Restore(&buf); err != nil {
 		t.Fatal(err)
 	}

@@ -1,90 +1,164 @@
 package state
 
-// Entries returns every entry, ordered by ID.
-func (f *FSM) Entries() []Entry {
-	f.mu.RLock()
-	defer f.mu.RUnlock()
-	out := make([]Entry, 0, len(f.d.Entries))
-	for _, id := range sortedKeys(f.d.Entries) {
-		out = append(out, clone(*f.d.Entries[id]))
-	}
-	return out
-}
+import (
+	bolt "go.etcd.io/bbolt"
+)
 
-// Entry returns one entry.
-func (f *FSM) Entry(id string) (Entry, bool) {
-	f.mu.RLock()
-	defer f.mu.RUnlock()
-	e, ok := f.d.Entries[id]
-	if !ok {
-		return Entry{}, false
-	}
-	return clone(*e), true
-}
+// Reads run in their own read transactions and return decoded copies;
+// they never wait for Apply.
 
-// EntriesByParent returns the entries an agent (or node) is parent of.
-func (f *FSM) EntriesByParent(parent string) []Entry {
-	f.mu.RLock()
-	defer f.mu.RUnlock()
-	var out []Entry
-	for _, id := range sortedKeys(f.d.Entries) {
-		if e := f.d.Entries[id]; e.ParentID == parent {
-			out = append(out, clone(*e))
+func (f *FSM) entriesFrom(tx *bolt.Tx, ids []string) []Entry {
+	b := tx.Bucket(bEntries)
+	out := make([]Entry, 0, len(ids))
+	for _, id := range ids {
+		var e Entry
+		if ok, err := getJSON(b, []byte(id), &e); err != nil {
+			f.log.Error("stored entry unreadable", "entry", id, "err", err)
+		} else if ok {
+			out = append(out, e)
 		}
 	}
 	return out
 }
 
+// Entries returns every entry, ordered by ID.
+func (f *FSM) Entries() []Entry {
+	var out []Entry
+	f.view(func(tx *bolt.Tx) error {
+		return tx.Bucket(bEntries).ForEach(func(k, v []byte) error {
+			var e Entry
+			if err := decodeStrict(v, &e); err != nil {
+				f.log.Error("stored entry unreadable", "entry", string(k), "err", err)
+				return nil
+			}
+			out = append(out, e)
+			return nil
+		})
+	})
+	return out
+}
+
+// Entry returns one entry.
+func (f *FSM) Entry(id string) (Entry, bool) {
+	var e Entry
+	var ok bool
+	f.view(func(tx *bolt.Tx) error {
+		var err error
+		ok, err = getJSON(tx.Bucket(bEntries), []byte(id), &e)
+		return err
+	})
+	return e, ok
+}
+
+// EntriesByParent returns the entries an agent (or node) is parent of,
+// ordered by ID.
+func (f *FSM) EntriesByParent(parent string) []Entry {
+	var out []Entry
+	f.view(func(tx *bolt.Tx) error {
+		out = f.entriesFrom(tx, idsWithPrefix(tx.Bucket(bEntriesByParent), parent))
+		return nil
+	})
+	return out
+}
+
+// EntriesBySPIFFEID returns the entries for one SPIFFE ID, ordered by ID.
+func (f *FSM) EntriesBySPIFFEID(id string) []Entry {
+	var out []Entry
+	f.view(func(tx *bolt.Tx) error {
+		out = f.entriesFrom(tx, idsWithPrefix(tx.Bucket(bEntriesBySPIFFE), id))
+		return nil
+	})
+	return out
+}
+
 // Agents returns every agent, ordered by ID.
 func (f *FSM) Agents() []Agent {
-	f.mu.RLock()
-	defer f.mu.RUnlock()
-	out := make([]Agent, 0, len(f.d.Agents))
-	for _, id := range sortedKeys(f.d.Agents) {
-		out = append(out, clone(*f.d.Agents[id]))
-	}
+	var out []Agent
+	f.view(func(tx *bolt.Tx) error {
+		return tx.Bucket(bAgents).ForEach(func(k, v []byte) error {
+			var a Agent
+			if err := decodeStrict(v, &a); err != nil {
+				f.log.Error("stored agent unreadable", "agent", string(k), "err", err)
+				return nil
+			}
+			out = append(out, a)
+			return nil
+		})
+	})
 	return out
 }
 
 // Agent returns one agent.
 func (f *FSM) Agent(id string) (Agent, bool) {
-	f.mu.RLock()
-	defer f.mu.RUnlock()
-	a, ok := f.d.Agents[id]
-	if !ok {
-		return Agent{}, false
-	}
-	return clone(*a), true
+	var a Agent
+	var ok bool
+	f.view(func(tx *bolt.Tx) error {
+		var err error
+		ok, err = getJSON(tx.Bucket(bAgents), []byte(id), &a)
+		return err
+	})
+	return a, ok
 }
 
 // Policy returns the join policy.
 func (f *FSM) Policy() JoinPolicy {
-	f.mu.RLock()
-	defer f.mu.RUnlock()
-	return clone(f.d.Policy)
+	if p := f.policy.Load(); p != nil {
+		return clonePolicy(*p)
+	}
+	return JoinPolicy{}
+}
+
+func clonePolicy(p JoinPolicy) JoinPolicy {
+	out := p
+	out.EKCAs = append([]EKCA(nil), p.EKCAs...)
+	out.EKAllow = append([]string(nil), p.EKAllow...)
+	if p.PCRPolicy != nil {
+		pp := &PCRPolicy{Bank: p.PCRPolicy.Bank, PCRs: map[string]string{}}
+		for k, v := range p.PCRPolicy.PCRs {
+			pp.PCRs[k] = v
+		}
+		out.PCRPolicy = pp
+	}
+	return out
 }
 
 // Token returns a join token by its hash.
 func (f *FSM) Token(id string) (JoinToken, bool) {
-	f.mu.RLock()
-	defer f.mu.RUnlock()
-	t, ok := f.d.Tokens[id]
-	if !ok {
-		return JoinToken{}, false
-	}
-	return *t, true
+	var t JoinToken
+	var ok bool
+	f.view(func(tx *bolt.Tx) error {
+		var err error
+		ok, err = getJSON(tx.Bucket(bTokens), []byte(id), &t)
+		return err
+	})
+	return t, ok
 }
 
 // Bundle returns the trust bundle.
 func (f *FSM) Bundle() Bundle {
-	f.mu.RLock()
-	defer f.mu.RUnlock()
-	return clone(f.d.Bundle)
+	b := f.bundle.Load()
+	if b == nil {
+		return Bundle{TrustDomain: f.td.Name()}
+	}
+	out := *b
+	out.Roots = append([][]byte(nil), b.Roots...)
+	out.JWTKeys = append([]JWTKey(nil), b.JWTKeys...)
+	out.Revoked = append([]Revocation(nil), b.Revoked...)
+	return out
 }
 
-// Counts is for metrics.
+// Counts is for metrics: entries, agents and retained audit records.
 func (f *FSM) Counts() (entries, agents, audit int) {
-	f.mu.RLock()
-	defer f.mu.RUnlock()
-	return len(f.d.Entries), len(f.d.Agents), len(f.d.Audit)
+	f.view(func(tx *bolt.Tx) error {
+		entries = tx.Bucket(bEntries).Stats().KeyN
+		agents = tx.Bucket(bAgents).Stats().KeyN
+		return nil
+	})
+	if h := f.head.Load(); h != nil && h.Seq > 0 {
+		audit = int(h.Seq - max(h.First, 1) + 1)
+	}
+	return entries, agents, audit
 }
+
+// ExportFailures counts audit segments this node failed to write.
+func (f *FSM) ExportFailures() uint64 { return f.exportFailures.Load() }

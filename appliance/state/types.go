@@ -123,10 +123,13 @@ type Revocation struct {
 // SHA-256 of the record's canonical JSON with Hash empty; Prev is the hash of
 // the record before, so the log is a chain from the first record.
 type AuditRecord struct {
-	Seq    uint64            `json:"seq"`
-	Index  uint64            `json:"index"` // raft index of the command
-	Time   time.Time         `json:"time"`
-	Actor  string            `json:"actor"`
+	Seq   uint64    `json:"seq"`
+	Index uint64    `json:"index"` // raft index of the command
+	Time  time.Time `json:"time"`
+	Actor string    `json:"actor"`
+	// Origin is the cluster member that proposed the command, as raft
+	// authenticated it: the node that vouches for Actor.
+	Origin string            `json:"origin,omitempty"`
 	Action string            `json:"action"`
 	Target string            `json:"target,omitempty"`
 	Detail map[string]string `json:"detail,omitempty"`

@@ -1,0 +1,308 @@
+package state
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+// StateRestore rolls the appliance's configuration back to an archive.
+//
+// What a restore may change and what it may not:
+//   - entries and the join policy become the archive's (each checked as
+//     the commands that made them would check it);
+//   - agents are never rolled back: the archive may name only agents this
+//     appliance knows, and every ban in force stays in force;
+//   - join tokens are the archive's that this appliance still holds, with
+//     this appliance's used/unused state (a restore cannot revive a used
+//     token or plant a new one);
+//   - the trust bundle keeps the current roots and JWT keys (the archive may
+//     hold no others) and the union of both revocation lists;
+//   - the audit log is never replaced: the archive's chain head must be a
+//     record of this log, and the restore is appended to it.
+type StateRestore struct {
+	Archive      string       `json:"archive_sha256"`
+	Index        uint64       `json:"archive_index"`
+	AuditHeadSeq uint64       `json:"audit_head_seq"`
+	AuditHead    string       `json:"audit_head"`
+	Entries      []Entry      `json:"entries"`
+	Agents       []string     `json:"agents"`
+	Policy       JoinPolicy   `json:"policy"`
+	Tokens       []JoinToken  `json:"tokens"`
+	Roots        [][]byte     `json:"roots"`
+	JWTKeys      []JWTKey     `json:"jwt_keys"`
+	Revocations  []Revocation `json:"revocations"`
+}
+
+// ReadArchive verifies an archive completely (layout, checksum, trust
+// domain, every record, the audit chain) into a scratch file under dir and
+// returns the restore command's payload, the archive's header with counts
+// and its SHA-256. It changes nothing.
+func (f *FSM) ReadArchive(r io.Reader, dir string) (*StateRestore, ArchiveMeta, string, error) {
+	tmp, err := os.CreateTemp(dir, "archive-check-*.db")
+	if err != nil {
+		return nil, ArchiveMeta{}, "", err
+	}
+	path := tmp.Name()
+	tmp.Close()
+	defer os.Remove(path)
+	db, meta, sum, err := f.readStream(r, path)
+	if err != nil {
+		return nil, meta, "", err
+	}
+	defer db.Close()
+	p := &StateRestore{Archive: sum, Index: meta.Index, AuditHeadSeq: meta.AuditHeadSeq, AuditHead: meta.AuditHead}
+	err = db.View(func(tx *bolt.Tx) error {
+		if _, err := getJSON(tx.Bucket(bMeta), keyPolicy, &p.Policy); err != nil {
+			return err
+		}
+		b, err := readBundle(tx, f.td.Name())
+		if err != nil {
+			return err
+		}
+		p.Roots, p.JWTKeys, p.Revocations = b.Roots, b.JWTKeys, b.Revoked
+		if err := tx.Bucket(bEntries).ForEach(func(_, v []byte) error {
+			var e Entry
+			err := decodeStrict(v, &e)
+			p.Entries = append(p.Entries, e)
+			return err
+		}); err != nil {
+			return err
+		}
+		if err := tx.Bucket(bAgents).ForEach(func(k, _ []byte) error {
+			p.Agents = append(p.Agents, string(k))
+			return nil
+		}); err != nil {
+			return err
+		}
+		return tx.Bucket(bTokens).ForEach(func(_, v []byte) error {
+			var t JoinToken
+			err := decodeStrict(v, &t)
+			p.Tokens = append(p.Tokens, t)
+			return err
+		})
+	})
+	if err != nil {
+		return nil, meta, "", fmt.Errorf("%w: %v", ErrBadArchive, err)
+	}
+	return p, meta, sum, nil
+}
+
+// applyStateRestore applies a StateRestore after checking all of it; every
+// problem found is listed in the refusal.
+func applyStateRestore(t *txn, p *StateRestore) (any, []AuditEvent, error) {
+	var problems []string
+	problem := func(format string, a ...any) {
+		if len(problems) < 50 {
+			problems = append(problems, fmt.Sprintf(format, a...))
+		} else if len(problems) == 50 {
+			problems = append(problems, "(more problems not listed)")
+		}
+	}
+	meta := t.tx.Bucket(bMeta)
+	var head AuditHead
+	if _, err := getJSON(meta, keyAuditHead, &head); err != nil {
+		return nil, nil, err
+	}
+	// History: the archive's head must be a record of this log.
+	switch {
+	case p.AuditHeadSeq == 0:
+		problem("the archive has no audit log")
+	case p.AuditHeadSeq < max(head.First, 1):
+		problem("the archive's audit head (record %d) precedes the retained log (from %d): it cannot be shown to be this appliance's history", p.AuditHeadSeq, max(head.First, 1))
+	case p.AuditHeadSeq > head.Seq:
+		problem("the archive's audit head (record %d) is past this appliance's head (%d): its history is not this appliance's", p.AuditHeadSeq, head.Seq)
+	default:
+		var r AuditRecord
+		if ok, err := getJSON(t.tx.Bucket(bAudit), u64Key(p.AuditHeadSeq), &r); err != nil {
+			return nil, nil, err
+		} else if !ok || r.Hash != p.AuditHead {
+			problem("the archive's audit record %d (hash %.16s) is not this appliance's record %d (hash %.16s): its history was rewritten", p.AuditHeadSeq, p.AuditHead, p.AuditHeadSeq, r.Hash)
+		}
+	}
+	// Entries, each as entry.create would check it.
+	regs := map[string]string{}
+	ids := map[string]bool{}
+	for i := range p.Entries {
+		e := &p.Entries[i]
+		sortSelectors(e.Selectors)
+		if err := ValidateEntry(t.f.td, e); err != nil {
+			problem("entry %s: %v", truncate(e.ID, 64), strings.TrimPrefix(err.Error(), ErrRefused.Error()+": "))
+			continue
+		}
+		if ids[e.ID] {
+			problem("entry %s appears twice", e.ID)
+		}
+		ids[e.ID] = true
+		if other, ok := regs[registrationKey(e)]; ok {
+			problem("entries %s and %s register the same thing", other, e.ID)
+		}
+		regs[registrationKey(e)] = e.ID
+	}
+	// Agents: only known ones.
+	for _, a := range p.Agents {
+		if t.tx.Bucket(bAgents).Get([]byte(a)) == nil {
+			problem("agent %s is not known to this appliance (agents join by attestation, not by restore)", truncate(a, 128))
+		}
+	}
+	// Policy.
+	if err := checkPolicy(&p.Policy); err != nil {
+		problem("join policy: %v", err)
+	}
+	// Bundle: no roots or JWT keys the current bundle does not hold.
+	cur, err := readBundle(t.tx, t.f.td.Name())
+	if err != nil {
+		return nil, nil, err
+	}
+	for i, r := range p.Roots {
+		if !slices.ContainsFunc(cur.Roots, func(c []byte) bool { return bytes.Equal(c, r) }) {
+			fp, _ := checkRoot(t.f.td, i, r)
+			problem("X.509 root %d (sha256 %.16s) is not in this appliance's trust bundle", i, fp)
+		}
+	}
+	for _, k := range p.JWTKeys {
+		if !slices.ContainsFunc(cur.JWTKeys, func(c JWTKey) bool { return c.KID == k.KID && bytes.Equal(c.PublicKey, k.PublicKey) }) {
+			problem("JWT key %s is not in this appliance's trust bundle", truncate(k.KID, 64))
+		}
+	}
+	for _, r := range p.Revocations {
+		if !serialRE.MatchString(r.Serial) || r.Node == "" || len(r.Node) > 64 {
+			problem("revocation %q of node %q is malformed", truncate(r.Serial, 64), truncate(r.Node, 64))
+		}
+	}
+	// Tokens: only ones this appliance holds, or expired ones (dropped).
+	tokens := t.tx.Bucket(bTokens)
+	var keepTokens []JoinToken
+	dropped := 0
+	for _, tk := range p.Tokens {
+		var curTok JoinToken
+		ok, err := getJSON(tokens, []byte(tk.ID), &curTok)
+		if err != nil {
+			return nil, nil, err
+		}
+		switch {
+		case ok:
+			keepTokens = append(keepTokens, curTok)
+		case !tk.ExpiresAt.After(t.c.Time):
+			dropped++
+		default:
+			problem("join token %.12s is not known to this appliance (tokens are created by token.create, not by restore)", tk.ID)
+		}
+	}
+	if len(problems) > 0 {
+		return nil, nil, refuse("restore of archive %.16s: %d problem(s): %s", p.Archive, len(problems), strings.Join(problems, "; "))
+	}
+
+	// Apply: entries replaced, policy replaced, tokens narrowed,
+	// revocations merged; agents, roots, JWT keys and audit kept.
+	added, removed, changed := 0, 0, 0
+	old := map[string]Entry{}
+	if err := t.tx.Bucket(bEntries).ForEach(func(_, v []byte) error {
+		var e Entry
+		if err := decodeStrict(v, &e); err != nil {
+			return err
+		}
+		old[e.ID] = e
+		return nil
+	}); err != nil {
+		return nil, nil, err
+	}
+	for _, b := range [][]byte{bEntries, bEntriesByParent, bEntriesBySPIFFE, bEntriesByReg} {
+		if err := t.tx.DeleteBucket(b); err != nil {
+			return nil, nil, err
+		}
+		if _, err := t.tx.CreateBucket(b); err != nil {
+			return nil, nil, err
+		}
+	}
+	for i := range p.Entries {
+		e := p.Entries[i]
+		o, existed := old[e.ID]
+		switch {
+		case !existed:
+			added++
+		case !entriesEqual(&o, &e):
+			changed++
+		}
+		delete(old, e.ID)
+		e.Revision = t.index
+		if err := putEntry(t.tx, nil, &e); err != nil {
+			return nil, nil, err
+		}
+	}
+	removed = len(old)
+	oldPolicy, err := t.policy()
+	if err != nil {
+		return nil, nil, err
+	}
+	oldPolicyJSON, _ := json.Marshal(oldPolicy)
+	newPolicyJSON, _ := json.Marshal(p.Policy)
+	if err := t.putPolicy(p.Policy); err != nil {
+		return nil, nil, err
+	}
+	if err := t.tx.DeleteBucket(bTokens); err != nil {
+		return nil, nil, err
+	}
+	tb, err := t.tx.CreateBucket(bTokens)
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, tk := range keepTokens {
+		if err := putJSON(tb, []byte(tk.ID), tk); err != nil {
+			return nil, nil, err
+		}
+	}
+	rev := t.tx.Bucket(bRevoked)
+	merged := 0
+	for _, r := range p.Revocations {
+		k := revocationKey(r.Node, r.Serial)
+		if rev.Get(k) == nil && r.NotAfter.After(t.c.Time) {
+			if err := putJSON(rev, k, r); err != nil {
+				return nil, nil, err
+			}
+			merged++
+		}
+	}
+	if merged > 0 {
+		if _, err := t.bumpBundle(); err != nil {
+			return nil, nil, err
+		}
+	}
+	t.configChanged = true
+	return nil, []AuditEvent{{Action: CmdStateRestore, Target: p.Archive, Detail: map[string]string{
+		"archive_sha256":       p.Archive,
+		"archive_index":        strconv.FormatUint(p.Index, 10),
+		"archive_audit_head":   fmt.Sprintf("%d:%.16s", p.AuditHeadSeq, p.AuditHead),
+		"replaced_head":        fmt.Sprintf("%d:%.16s", head.Seq, head.Hash),
+		"entries":              strconv.Itoa(len(p.Entries)),
+		"entries_added":        strconv.Itoa(added),
+		"entries_removed":      strconv.Itoa(removed),
+		"entries_changed":      strconv.Itoa(changed),
+		"policy_changed":       strconv.FormatBool(!bytes.Equal(oldPolicyJSON, newPolicyJSON)),
+		"tokens_kept":          strconv.Itoa(len(keepTokens)),
+		"tokens_expired":       strconv.Itoa(dropped),
+		"revocations_restored": strconv.Itoa(merged),
+	}}}, nil
+}
+
+func entriesEqual(a, b *Entry) bool {
+	x, y := *a, *b
+	x.Revision, y.Revision = 0, 0
+	x.CreatedAt, y.CreatedAt, x.UpdatedAt, y.UpdatedAt = time.Time{}, time.Time{}, time.Time{}, time.Time{}
+	xb, _ := json.Marshal(x)
+	yb, _ := json.Marshal(y)
+	return bytes.Equal(xb, yb)
+}
+
+// ErrRestoreTooLarge: the configuration in an archive does not fit one
+// raft command.
+var ErrRestoreTooLarge = errors.New("archive's configuration exceeds one command")
