@@ -56,7 +56,13 @@ func newMetrics(n *Node) *metrics {
 		gauge("sigil_raft_peers", "Voters in the raft configuration.", status(func(s statusView) float64 { return float64(s.peers) })),
 		gauge("sigil_entries", "Registration entries.", func() float64 { e, _, _ := n.fsm.Counts(); return float64(e) }),
 		gauge("sigil_agents", "Attested agents.", func() float64 { _, a, _ := n.fsm.Counts(); return float64(a) }),
-		gauge("sigil_audit_records", "Records in the audit log.", func() float64 { _, _, r := n.fsm.Counts(); return float64(r) }),
+		gauge("sigil_audit_records", "Audit records retained in the replicated state.", func() float64 { _, _, r := n.fsm.Counts(); return float64(r) }),
+		gauge("sigil_audit_head_seq", "Sequence number of the newest audit record.", func() float64 { s, _ := n.fsm.AuditHead(); return float64(s) }),
+		gauge("sigil_audit_first_seq", "First retained audit record (older ones are in exported segments).", func() float64 { return float64(n.fsm.AuditFirst()) }),
+		gauge("sigil_audit_last_checkpoint_seq", "Newest audit record covered by an HSM-signed checkpoint.", func() float64 { return float64(n.fsm.LastCheckpoint()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "sigil_audit_export_failures_total",
+			Help: "Audit segments this node failed to write before a prune (the records remain in other nodes' segments)."},
+			func() float64 { return float64(n.fsm.ExportFailures()) }),
 		gauge("sigil_bundle_sequence", "Trust bundle sequence number.", func() float64 { return float64(n.fsm.Bundle().Sequence) }),
 		gauge("sigil_issuing_ca_expiry_seconds", "Seconds until this node's issuing CA expires.", func() float64 {
 			return time.Until(n.auth.Issuing().NotAfter).Seconds()
