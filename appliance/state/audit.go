@@ -33,6 +33,13 @@ const (
 	MaxAudienceBytes = 2048
 )
 
+// maxCheckpointCert and maxCheckpointSig bound a checkpoint's issuing
+// certificate and signature (DER), so their base64 fits the detail bounds.
+const (
+	maxCheckpointCert = 3072
+	maxCheckpointSig  = 768
+)
+
 // detailLimit is the bound of one detail value.
 func detailLimit(key string) int {
 	switch key {
@@ -41,7 +48,9 @@ func detailLimit(key string) int {
 	case "audience":
 		return MaxAudienceBytes + MaxAudiences // the audiences and their separators
 	case "cert":
-		return 4096
+		return 4096 // base64 of maxCheckpointCert
+	case "signature":
+		return 1024 // base64 of maxCheckpointSig
 	}
 	return maxDetailValue
 }
@@ -71,14 +80,18 @@ func boundEvent(e AuditEvent) AuditEvent {
 // appendAudit chains a new record onto the log in this transaction.
 func (t *txn) appendAudit(e AuditEvent) error {
 	e = boundEvent(e)
-	meta := t.tx.Bucket(bMeta)
-	var h AuditHead
-	if _, err := getJSON(meta, keyAuditHead, &h); err != nil {
-		return err
+	if t.head == nil {
+		// Loaded once per command, after the handler ran (a prune moves
+		// First), and written back once when the command commits.
+		t.head = new(AuditHead)
+		if _, err := getJSON(t.tx.Bucket(bMeta), keyAuditHead, t.head); err != nil {
+			return err
+		}
+		if t.head.First == 0 {
+			t.head.First = 1
+		}
 	}
-	if h.First == 0 {
-		h.First = 1
-	}
+	h := t.head
 	r := &AuditRecord{Seq: h.Seq + 1, Index: t.index, Time: t.c.Time.UTC(), Actor: truncate(t.c.Actor, maxActor),
 		Origin: t.origin, Action: e.Action, Target: e.Target, Detail: e.Detail, Prev: h.Hash}
 	r.Hash = recordHash(r)
@@ -87,11 +100,9 @@ func (t *txn) appendAudit(e AuditEvent) error {
 	}
 	h.Seq, h.Hash = r.Seq, r.Hash
 	if e.Action == "svid.x509.issue" {
-		if err := t.recordSVID(e, r.Seq); err != nil {
-			return err
-		}
+		return t.recordSVID(e, r.Seq)
 	}
-	return putJSON(meta, keyAuditHead, h)
+	return nil
 }
 
 // recordHash is the SHA-256 of the record's JSON with Hash empty. JSON of a
@@ -262,6 +273,12 @@ func (f *FSM) VerifyAuditLog(roots []*x509.Certificate) AuditReport {
 		rep.LastCheckpoint = cp.Seq
 		return nil
 	})
+	if err == nil {
+		if seq, hash := f.AuditHead(); rep.To != seq || c.prev != hash {
+			rep.FirstBad = rep.To + 1
+			err = fmt.Errorf("the log ends at record %d (%.16s) but the chain head is %d (%.16s)", rep.To, c.prev, seq, hash)
+		}
+	}
 	if err != nil {
 		rep.Error = err.Error()
 		return rep
@@ -356,6 +373,12 @@ func (t *txn) roots() ([]*x509.Certificate, error) {
 func applyCheckpoint(t *txn, p *AuditCheckpoint) (any, []AuditEvent, error) {
 	if p.Node != t.origin {
 		return nil, nil, refuse("checkpoint for node %q proposed by node %s", truncate(p.Node, 64), t.origin)
+	}
+	// The record keeps the certificate and signature whole (base64 within
+	// the detail bounds), so what verified here verifies again later.
+	if len(p.Cert) > maxCheckpointCert || len(p.Signature) > maxCheckpointSig {
+		return nil, nil, refuse("checkpoint certificate (%d bytes) or signature (%d bytes) too large; at most %d and %d",
+			len(p.Cert), len(p.Signature), maxCheckpointCert, maxCheckpointSig)
 	}
 	meta := t.tx.Bucket(bMeta)
 	last := getU64(meta, keyCheckpoint)

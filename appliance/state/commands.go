@@ -132,7 +132,7 @@ func init() {
 			return nil, nil, err
 		}
 		for _, e := range p.Events {
-			if reservedAction(e.Action) {
+			if _, isCommand := handlers[e.Action]; isCommand || reservedAction(e.Action) {
 				return nil, nil, refuse("audit action %q is recorded only by its own command", e.Action)
 			}
 		}
@@ -182,12 +182,25 @@ const (
 	MaxJWTTTL  = 24 * time.Hour
 )
 
+// Bounds that keep every entry and the join policy well inside one
+// snapshot frame (and bbolt's key limit for the registration index).
+const (
+	MaxSelectors   = 32
+	MaxDNSNames    = 32
+	MaxEKCAs       = 64
+	MaxEKCADER     = 8 << 10
+	MaxEKAllowlist = 10000
+)
+
 // ValidateEntry checks an entry against the trust domain. The admin API
 // runs it before proposing so that operators get the error at once; the FSM
 // runs it again because it is the authority.
 func ValidateEntry(td spiffeid.TrustDomain, e *Entry) error {
 	if !entryIDRE.MatchString(e.ID) {
 		return refuse("entry id %q: want 8-64 characters of A-Z a-z 0-9 -", truncate(e.ID, 64))
+	}
+	if len(e.SPIFFEID) > 2048 || len(e.ParentID) > 2048 {
+		return refuse("spiffe_id and parent_id are at most 2048 bytes (SPIFFE's URI limit)")
 	}
 	id, err := spiffeid.FromString(e.SPIFFEID)
 	if err != nil {
@@ -214,6 +227,12 @@ func ValidateEntry(td spiffeid.TrustDomain, e *Entry) error {
 	}
 	if len(e.Selectors) == 0 {
 		return refuse("entry %s has no selectors: it would match every workload", id)
+	}
+	if len(e.Selectors) > MaxSelectors {
+		return refuse("entry %s has %d selectors; at most %d", id, len(e.Selectors), MaxSelectors)
+	}
+	if len(e.DNSNames) > MaxDNSNames {
+		return refuse("entry %s has %d DNS names; at most %d", id, len(e.DNSNames), MaxDNSNames)
 	}
 	seen := map[Selector]bool{}
 	for _, s := range e.Selectors {
@@ -245,9 +264,9 @@ func ValidateEntry(td spiffeid.TrustDomain, e *Entry) error {
 	return nil
 }
 
-func sortSelectors(s []Selector) {
-	slices.SortFunc(s, func(a, b Selector) int { return strings.Compare(a.String(), b.String()) })
-}
+func compareSelectors(a, b Selector) int { return strings.Compare(a.String(), b.String()) }
+
+func sortSelectors(s []Selector) { slices.SortFunc(s, compareSelectors) }
 
 // registrationKey identifies what an entry registers; two entries may not
 // register the same thing.
@@ -447,6 +466,9 @@ func (t *txn) setBanned(id string, banned bool) (any, []AuditEvent, error) {
 }
 
 func checkEKCA(der []byte) (EKCA, error) {
+	if len(der) > MaxEKCADER {
+		return EKCA{}, refuse("EK CA certificate of %d bytes; at most %d", len(der), MaxEKCADER)
+	}
 	cert, err := x509.ParseCertificate(der)
 	if err != nil {
 		return EKCA{}, refuse("EK CA certificate: %v", err)
@@ -471,6 +493,9 @@ func applyEKCAAdd(t *txn, p *EKCAAdd) (any, []AuditEvent, error) {
 		if o.ID == ca.ID {
 			return nil, nil, refuse("EK CA %s is already trusted", ca.ID)
 		}
+	}
+	if len(pol.EKCAs) >= MaxEKCAs {
+		return nil, nil, refuse("%d EK CAs are trusted already; at most %d", len(pol.EKCAs), MaxEKCAs)
 	}
 	pol.EKCAs = append(pol.EKCAs, ca)
 	return ca, []AuditEvent{{Action: t.c.Type, Target: ca.ID, Detail: map[string]string{"subject": ca.Subject}}}, t.putPolicy(pol)
@@ -501,6 +526,9 @@ func applyEKAllowAdd(t *txn, p *EKHash) (any, []AuditEvent, error) {
 	}
 	if slices.Contains(pol.EKAllow, h) {
 		return nil, nil, refuse("EK %s is already allowed", h)
+	}
+	if len(pol.EKAllow) >= MaxEKAllowlist {
+		return nil, nil, refuse("the EK allowlist holds %d hashes; at most %d (use an EK CA)", len(pol.EKAllow), MaxEKAllowlist)
 	}
 	pol.EKAllow = append(pol.EKAllow, h)
 	slices.Sort(pol.EKAllow)

@@ -213,6 +213,8 @@ type txn struct {
 	origin string
 	// what changed, for caches and watchers
 	bundleChanged, policyChanged, configChanged bool
+	// head is the audit head while records are appended (nil: untouched)
+	head *AuditHead
 }
 
 // handler applies one command type. It returns the response for the
@@ -294,6 +296,11 @@ func (f *FSM) apply(index uint64, origin string, cmd []byte) (any, *txn, error) 
 		}
 		for _, e := range events {
 			if err := t.appendAudit(e); err != nil {
+				return err
+			}
+		}
+		if t.head != nil {
+			if err := putJSON(tx.Bucket(bMeta), keyAuditHead, t.head); err != nil {
 				return err
 			}
 		}

@@ -94,6 +94,9 @@ func (f *FSM) ReadArchive(r io.Reader, dir string) (*StateRestore, ArchiveMeta, 
 	if err != nil {
 		return nil, meta, "", fmt.Errorf("%w: %v", ErrBadArchive, err)
 	}
+	if b, err := json.Marshal(p); err != nil || len(b) > MaxCommandSize-64<<10 {
+		return nil, meta, "", fmt.Errorf("%w: %d bytes of entries, policy and tokens; one restore carries at most %d", ErrRestoreTooLarge, len(b), MaxCommandSize-64<<10)
+	}
 	return p, meta, sum, nil
 }
 

@@ -77,7 +77,7 @@ func (f *FSM) exportSegment(tx *bolt.Tx, first, last uint64) error {
 		return err
 	}
 	node := f.opts.NodeID
-	hdr := SegmentHeader{Format: segmentFormat, Version: 1, TrustDomain: f.td.Name(), First: first, Last: last, Prev: firstRec.Prev}
+	hdr := SegmentHeader{Format: segmentFormat, Version: 1, TrustDomain: f.td.Name(), Node: node, First: first, Last: last, Prev: firstRec.Prev}
 	var cp *AuditCheckpoint
 	if f.opts.SignHead != nil {
 		sig, cert, err := f.opts.SignHead(CheckpointDigest(f.td.Name(), last, lastRec.Hash))
@@ -245,7 +245,7 @@ func (f *FSM) ExportAudit(since uint64, fn func(*AuditRecord) error) error {
 				return nil
 			}
 			if r.Seq != next {
-				return fmt.Errorf("segment %s: record %d where %d was expected (a segment is missing)", name, r.Seq, next)
+				return fmt.Errorf("record %d where %d was expected (a segment is missing)", r.Seq, next)
 			}
 			next++
 			return fn(r)

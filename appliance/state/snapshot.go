@@ -12,6 +12,7 @@ import (
 	"hash"
 	"io"
 	"os"
+	"slices"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -61,7 +62,7 @@ var streamMetaKeys = map[string]bool{
 // Stream bounds: a frame's key and value, and the header line.
 const (
 	maxFrameKey   = 1024
-	maxFrameValue = 1 << 20
+	maxFrameValue = 4 << 20
 	maxHeader     = 64 << 10
 )
 
@@ -161,6 +162,11 @@ func writeStream(w io.Writer, td string, tx *bolt.Tx, index uint64, node string,
 	hw.Write([]byte{'\n'})
 	var lenBuf [binary.MaxVarintLen64]byte
 	frame := func(kind byte, k, v []byte) error {
+		// A frame the reader would refuse must fail the snapshot here,
+		// not later on every replica that installs it.
+		if len(k) > maxFrameKey || len(v) > maxFrameValue {
+			return fmt.Errorf("state: %s record %q of %d bytes exceeds the snapshot frame limit", frameBuckets[kind], truncate(string(k), 64), len(v))
+		}
 		hw.Write([]byte{kind})
 		hw.Write(lenBuf[:binary.PutUvarint(lenBuf[:], uint64(len(k)))])
 		hw.Write(k)
@@ -424,6 +430,9 @@ func (l *loader) check(kind byte, k, v []byte) error {
 		}
 		if e.ID != string(k) {
 			return fmt.Errorf("entry stored under %q has id %q", truncate(string(k), 64), truncate(e.ID, 64))
+		}
+		if !slices.IsSortedFunc(e.Selectors, compareSelectors) {
+			return fmt.Errorf("entry %s: selectors not in canonical order", truncate(e.ID, 64))
 		}
 		if err := ValidateEntry(l.f.td, &e); err != nil {
 			return fmt.Errorf("entry %s: %v", e.ID, err)
