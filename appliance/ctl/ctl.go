@@ -18,7 +18,9 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
 	"strings"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -32,19 +34,23 @@ type globals struct {
 	output  string
 	timeout time.Duration
 	out     io.Writer
+	// errOut takes progress and notes, so that out holds only the
+	// result (which may be a stream of records).
+	errOut io.Writer
 }
 
 // NewCommand returns the sigilctl root command. Flags default from the
 // environment (SIGIL_SERVER, SIGIL_CERT, SIGIL_KEY, SIGIL_ROOT,
 // SIGIL_SOCKET) so that credentials need not be typed each time.
 func NewCommand(out io.Writer) *cobra.Command {
-	g := &globals{out: out}
+	g := &globals{out: out, errOut: os.Stderr}
 	root := &cobra.Command{
 		Use:           "sigilctl",
 		Short:         "Administer a Sigil appliance",
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
+			g.errOut = cmd.ErrOrStderr()
 			if g.output != "text" && g.output != "json" {
 				return fmt.Errorf("--output must be text or json")
 			}
@@ -58,25 +64,46 @@ func NewCommand(out io.Writer) *cobra.Command {
 	f.StringVar(&g.dial.RootFile, "root", os.Getenv("SIGIL_ROOT"), "trust domain root certificate ($SIGIL_ROOT)")
 	f.StringVar(&g.dial.Socket, "socket", os.Getenv("SIGIL_SOCKET"), "node-local admin socket, as root on a node ($SIGIL_SOCKET)")
 	f.StringVarP(&g.output, "output", "o", "text", "output format: text or json")
-	f.DurationVar(&g.timeout, "timeout", 30*time.Second, "time limit for the request")
+	f.DurationVar(&g.timeout, "timeout", 30*time.Second, "time limit for each request; for streams (snapshots, audit export), the longest wait without progress")
 
 	root.AddCommand(entryCmd(g), agentCmd(g), tpmCmd(g), tokenCmd(g), clusterCmd(g), snapshotCmd(g), auditCmd(g), bundleCmd(g), adminCmd(g), svidCmd(g))
 	return root
 }
 
-// run dials, calls fn and prints its result.
+// run dials, calls fn within --timeout and prints its result.
 func (g *globals) run(fn func(ctx context.Context, c *api.AdminClient) (any, error), text func(w io.Writer, v any)) error {
+	return g.session(func(ctx context.Context, c *api.AdminClient) (any, error) {
+		ctx, cancel := context.WithTimeout(ctx, g.timeout)
+		defer cancel()
+		return fn(ctx, c)
+	}, text)
+}
+
+// session dials, calls fn and prints its result (nothing when fn returns
+// nil: it printed as it went). fn bounds its own requests (g.request,
+// g.idle), so that a command made of many requests or a long stream is
+// not cut off by one overall deadline. An interrupt cancels fn's context,
+// so that a command writing a file can remove what it left half done.
+func (g *globals) session(fn func(ctx context.Context, c *api.AdminClient) (any, error), text func(w io.Writer, v any)) error {
 	conn, err := api.Dial(g.dial)
 	if err != nil {
 		return err
 	}
 	defer conn.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), g.timeout)
-	defer cancel()
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
 	v, err := fn(ctx, api.NewAdminClient(conn))
 	if err != nil {
 		return err
 	}
+	if v == nil {
+		return nil
+	}
+	return g.print(v, text)
+}
+
+// print writes v as JSON (--output json) or with text.
+func (g *globals) print(v any, text func(w io.Writer, v any)) error {
 	if g.output == "json" {
 		enc := json.NewEncoder(g.out)
 		enc.SetIndent("", "  ")
@@ -365,106 +392,6 @@ func clusterCmd(g *globals) *cobra.Command {
 			}, ok("removed "+args[0]))
 		}},
 	)
-	return cmd
-}
-
-func snapshotCmd(g *globals) *cobra.Command {
-	cmd := &cobra.Command{Use: "snapshot", Short: "Back up and restore the replicated state"}
-	cmd.AddCommand(
-		&cobra.Command{Use: "save FILE", Args: cobra.ExactArgs(1), Short: "Save a checksummed snapshot (never overwrites)", RunE: func(_ *cobra.Command, args []string) error {
-			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
-				s, err := c.SnapshotSave(ctx, &api.Empty{})
-				if err != nil {
-					return nil, err
-				}
-				f, err := os.OpenFile(args[0], os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-				if err != nil {
-					return nil, err
-				}
-				if _, err := f.Write(s.Archive); err != nil {
-					f.Close()
-					os.Remove(args[0])
-					return nil, err
-				}
-				if err := f.Close(); err != nil {
-					return nil, err
-				}
-				s.Archive = nil
-				return s, nil
-			}, func(w io.Writer, v any) {
-				s := v.(*api.SnapshotArchive)
-				fmt.Fprintf(w, "saved %s: index %d, %d bytes of state, sha256 %s\n", args[0], s.Meta.Index, s.Meta.Size, s.SHA256)
-			})
-		}},
-		&cobra.Command{Use: "restore FILE", Args: cobra.ExactArgs(1), Short: "Replace the state with a snapshot (checked first)", RunE: func(_ *cobra.Command, args []string) error {
-			b, err := os.ReadFile(args[0])
-			if err != nil {
-				return err
-			}
-			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
-				return c.SnapshotRestore(ctx, &api.SnapshotArchive{Archive: b})
-			}, func(w io.Writer, v any) {
-				s := v.(*api.SnapshotArchive)
-				fmt.Fprintf(w, "restored %s (index %d from node %s, sha256 %s)\n", args[0], s.Meta.Index, s.Meta.Node, s.SHA256)
-			})
-		}},
-	)
-	return cmd
-}
-
-func auditCmd(g *globals) *cobra.Command {
-	cmd := &cobra.Command{Use: "audit", Short: "The hash-chained audit log"}
-	var req api.AuditRequest
-	list := &cobra.Command{Use: "list", Args: cobra.NoArgs, Short: "List audit records", RunE: func(*cobra.Command, []string) error {
-		return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) { return c.AuditList(ctx, &req) },
-			func(w io.Writer, v any) {
-				var rows [][]string
-				for _, r := range v.(*api.AuditList).Records {
-					rows = append(rows, []string{fmt.Sprint(r.Seq), r.Time.Format(time.RFC3339), r.Actor, r.Action, r.Target})
-				}
-				table(w, "SEQ\tTIME\tACTOR\tACTION\tTARGET", rows)
-			})
-	}}
-	list.Flags().Uint64Var(&req.After, "after", 0, "records after this sequence number")
-	list.Flags().IntVar(&req.Limit, "limit", 0, "at most this many records (0: all)")
-	verify := &cobra.Command{Use: "verify", Args: cobra.NoArgs, Short: "Walk the hash chain and report the first break", RunE: func(*cobra.Command, []string) error {
-		// The chain is checked here, on the client, over every record the
-		// node returns, and also by the node itself.
-		var result struct {
-			Records  int    `json:"records"`
-			Intact   bool   `json:"intact"`
-			FirstBad uint64 `json:"first_bad,omitempty"`
-			Error    string `json:"error,omitempty"`
-			Node     *api.AuditVerify
-		}
-		err := g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
-			all, err := c.AuditList(ctx, &api.AuditRequest{})
-			if err != nil {
-				return nil, err
-			}
-			result.Records = len(all.Records)
-			bad, verr := api.VerifyAudit(all.Records)
-			result.Intact, result.FirstBad = verr == nil, bad
-			if verr != nil {
-				result.Error = verr.Error()
-			}
-			if result.Node, err = c.AuditVerify(ctx, &api.Empty{}); err != nil {
-				return nil, err
-			}
-			return &result, nil
-		}, func(w io.Writer, _ any) {
-			if result.Intact && result.Node.Intact {
-				fmt.Fprintf(w, "audit chain intact: %d records\n", result.Records)
-				return
-			}
-			fmt.Fprintf(w, "AUDIT CHAIN BROKEN at record %d: %s\n", max(result.FirstBad, result.Node.FirstBad), result.Error+result.Node.Error)
-		})
-		if err == nil && (!result.Intact || !result.Node.Intact) {
-			return errors.New("audit chain broken")
-		}
-		return err
-	}}
-	cmd.AddCommand(list, verify)
 	return cmd
 }
 

@@ -58,7 +58,10 @@ func (n *Node) pruneTarget(now time.Time) uint64 {
 		return 0
 	}
 	var before uint64
-	if keep := uint64(n.cfg.Audit.Retain.Records); keep > 0 && head-first+1 > keep {
+	// Pruning waits for some slack past the bound: each prune appends its
+	// own record, and pruning one record at a time would write a segment
+	// and sign with the HSM for every new record.
+	if keep := uint64(n.cfg.Audit.Retain.Records); keep > 0 && head-first+1 > keep+pruneSlack(keep) {
 		before = head - keep + 1
 	}
 	if age := n.cfg.Audit.Retain.Age.Duration; age > 0 {
@@ -72,3 +75,7 @@ func (n *Node) pruneTarget(now time.Time) uint64 {
 	}
 	return before
 }
+
+// pruneSlack is how far past audit.retain.records the log may grow before
+// the leader prunes back to the bound: 1% of it, at least 100 records.
+func pruneSlack(keep uint64) uint64 { return max(keep/100, 100) }

@@ -220,13 +220,48 @@ func (f *FSM) segments() ([]string, error) {
 
 // ExportAudit calls fn for every record with Seq > since: first from this
 // node's segment files (records already pruned), then from the retained
-// log. Each segment's chain is checked as it is read.
+// log. Each segment's chain is checked as it is read, and the records are
+// delivered contiguously or not at all: a prune that runs meanwhile moves
+// records into a new segment, which is then read too.
 func (f *FSM) ExportAudit(since uint64, fn func(*AuditRecord) error) error {
+	next := since + 1
+	deliver := func(r *AuditRecord) error {
+		if r.Seq < next {
+			return nil
+		}
+		if r.Seq != next {
+			return fmt.Errorf("record %d where %d was expected (a segment is missing)", r.Seq, next)
+		}
+		next++
+		return fn(r)
+	}
+	for attempt := 0; ; attempt++ {
+		if err := f.exportSegments(next, deliver); err != nil {
+			return err
+		}
+		first := f.AuditFirst()
+		if next >= first {
+			break
+		}
+		if attempt == 3 {
+			return fmt.Errorf("records %d to %d are neither retained nor in this node's segments", next, first-1)
+		}
+	}
+	return f.EachAudit(next-1, func(r *AuditRecord) error {
+		if r.Seq != next {
+			return fmt.Errorf("records %d to %d were pruned while they were exported; export again from %d", next, r.Seq-1, next-1)
+		}
+		return deliver(r)
+	})
+}
+
+// exportSegments reads, in order, this node's segment files that hold
+// records from next on.
+func (f *FSM) exportSegments(next uint64, deliver func(*AuditRecord) error) error {
 	names, err := f.segments()
 	if err != nil {
 		return err
 	}
-	next := since + 1
 	for _, name := range names {
 		parts := strings.Split(strings.TrimSuffix(strings.TrimPrefix(name, "audit-"), ".jsonl"), "-")
 		if len(parts) != 2 {
@@ -244,19 +279,14 @@ func (f *FSM) ExportAudit(since uint64, fn func(*AuditRecord) error) error {
 			if r.Seq < next {
 				return nil
 			}
-			if r.Seq != next {
-				return fmt.Errorf("record %d where %d was expected (a segment is missing)", r.Seq, next)
-			}
-			next++
-			return fn(r)
+			err := deliver(r)
+			next = r.Seq + 1
+			return err
 		})
 		fh.Close()
 		if err != nil {
 			return fmt.Errorf("segment %s: %w", name, err)
 		}
 	}
-	if first := f.AuditFirst(); next < first {
-		return fmt.Errorf("records %d to %d are neither retained nor in this node's segments", next, first-1)
-	}
-	return f.EachAudit(next-1, fn)
+	return nil
 }
