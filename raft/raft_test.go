@@ -758,3 +758,38 @@ func TestOriginUnknownWithoutPeerNodeID(t *testing.T) {
 		}
 	}
 }
+
+// TestAttackRaftFromNonMember: hashicorp's AppendEntries and InstallSnapshot
+// do not check who sends them, so a raft connection from a node that is not
+// in the configuration is closed before raft sees a byte of it.
+func TestAttackRaftFromNonMember(t *testing.T) {
+	c := newTestCluster(t, "a", "b", "c")
+	mallory := c.ca.tls(t, "m")
+	for _, id := range []string{"a", "b", "c"} {
+		conn, err := tls.Dial("tcp", c.addrs[id], mallory)
+		if err != nil {
+			t.Fatalf("dial %s: %v", id, err)
+		}
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := conn.Write([]byte{protoRaft}); err != nil {
+			t.Fatal(err)
+		}
+		// An AppendEntries header would follow; the server must have hung
+		// up instead of handing the stream to raft.
+		var b [1]byte
+		if _, err := conn.Read(b[:]); err == nil {
+			t.Fatalf("%s answered a non-member's raft connection", id)
+		} else if ne, ok := err.(net.Error); ok && ne.Timeout() {
+			t.Fatalf("%s kept a non-member's raft connection open", id)
+		}
+		conn.Close()
+	}
+	if logs := c.logs.String(); !strings.Contains(logs, "refused raft connection") || !strings.Contains(logs, `\"m\" is not in the raft configuration`) && !strings.Contains(logs, `"m" is not in the raft configuration`) {
+		t.Fatalf("refusal not logged:\n%s", logs)
+	}
+	// Members still replicate.
+	_, leader := c.leader()
+	if _, err := leader.Apply(context.Background(), set("after", "1")); err != nil {
+		t.Fatal(err)
+	}
+}

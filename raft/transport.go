@@ -111,6 +111,14 @@ func (n *Node) handleConn(raw net.Conn) {
 	c.SetDeadline(time.Time{})
 	switch b[0] {
 	case protoRaft:
+		// hashicorp's AppendEntries and InstallSnapshot do not check who
+		// sends them: only members (or anyone, while this node has no
+		// configuration yet and is waiting to be added) may speak raft.
+		if err := n.authorizeRaftPeer(c); err != nil {
+			n.log.Warn("refused raft connection", "remote", raw.RemoteAddr().String(), "err", err)
+			c.Close()
+			return
+		}
 		select {
 		case n.layer.conns <- c:
 		case <-n.layer.closed:
@@ -260,8 +268,12 @@ func (n *Node) handleRPC(req *rpcRequest, peer, remote string) *rpcResponse {
 			n.log.Warn("membership request refused", "op", req.Op, "node", req.NodeID, "peer", peer, "err", err)
 			return &rpcResponse{Err: err.Error()}
 		}
-		// Any member may receive a join; it goes to the leader from here.
-		if err := n.membership(ctx, req); err != nil {
+		// Any member may receive a join; it goes to the leader from here,
+		// where this member (not the joining node) is the peer: the
+		// self-join check has been made here.
+		fwd := *req
+		fwd.Self = false
+		if err := n.membership(ctx, &fwd); err != nil {
 			return &rpcResponse{Err: err.Error()}
 		}
 		return &rpcResponse{}
@@ -280,6 +292,31 @@ func (n *Node) authorizeMember(peer string) error {
 		return fmt.Errorf("%w: %q is not in the raft configuration", ErrNotMember, peer)
 	}
 	return nil
+}
+
+// authorizeRaftPeer admits a raft connection from a configuration member,
+// or from any verified node while this node knows no configuration.
+func (n *Node) authorizeRaftPeer(c *tls.Conn) error {
+	if n.cfg.PeerNodeID == nil {
+		return nil
+	}
+	peer, err := n.cfg.PeerNodeID(c.ConnectionState())
+	if err != nil {
+		return err
+	}
+	cfg, err := n.configuration()
+	if err != nil {
+		return err
+	}
+	if len(cfg.Servers) == 0 {
+		return nil
+	}
+	for _, s := range cfg.Servers {
+		if string(s.ID) == peer {
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: %q is not in the raft configuration", ErrNotMember, peer)
 }
 
 // authorizeMembership: a node may ask to add itself (its TLS identity must

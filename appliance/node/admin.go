@@ -274,8 +274,27 @@ func (a *admin) SnapshotSave(_ *api.Empty, stream grpc.ServerStreamingServer[api
 		return err
 	}
 	start := time.Now()
+	// The archive is written to a private spool file first, so a slow
+	// client never holds the state's read transaction (or a restore that
+	// waits for it).
+	spool, err := os.CreateTemp(a.n.scratchDir(), "save-*.archive")
+	if err != nil {
+		return status.Errorf(codes.Internal, "snapshot: %v", err)
+	}
+	defer os.Remove(spool.Name())
+	defer spool.Close()
+	bw := bufio.NewWriterSize(spool, 1<<20)
+	meta, err := a.n.fsm.WriteArchive(bw, a.n.cfg.NodeID, time.Now())
+	if err == nil {
+		err = bw.Flush()
+	}
+	if err == nil {
+		_, err = spool.Seek(0, io.SeekStart)
+	}
 	w := &chunkWriter{send: func(b []byte) error { return stream.Send(&api.SnapshotChunk{Data: b}) }, h: sha256.New()}
-	meta, err := a.n.fsm.WriteArchive(w, a.n.cfg.NodeID, time.Now())
+	if err == nil {
+		_, err = io.Copy(w, bufio.NewReaderSize(spool, 1<<20))
+	}
 	if err == nil {
 		err = w.flush()
 	}

@@ -839,7 +839,7 @@ func TestAttackForgedActor(t *testing.T) {
 			tc{"admin appends " + action, "node-1", admin, CmdAudit, ev, "is recorded only by its own command"},
 			tc{"node appends " + action, "node-1", node1, CmdAudit, ev, "is recorded only by its own command"})
 		if !strings.HasPrefix(action, "svid.") {
-			cases = append(cases, tc{"issue carrying " + action, "node-1", node1, CmdIssue, ev, "is recorded only by its own command"})
+			cases = append(cases, tc{"issue carrying " + action, "node-1", node1, CmdIssue, ev, "svid.issue carries svid.* and join.* events only"})
 		}
 	}
 	for _, c := range cases {

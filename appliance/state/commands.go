@@ -192,6 +192,10 @@ const (
 	MaxEKAllowlist = 10000
 )
 
+// maxAgentID bounds an agent's SPIFFE ID (a bucket key and a stream frame
+// key).
+const maxAgentID = 512
+
 // ValidateEntry checks an entry against the trust domain. The admin API
 // runs it before proposing so that operators get the error at once; the FSM
 // runs it again because it is the authority.
@@ -416,6 +420,9 @@ func applyEntryDelete(t *txn, p *EntryID) (any, []AuditEvent, error) {
 }
 
 func validAgentID(td spiffeid.TrustDomain, s string) bool {
+	if len(s) > maxAgentID {
+		return false
+	}
 	id, err := spiffeid.FromString(s)
 	return err == nil && id.MemberOf(td) && strings.HasPrefix(id.Path(), "/sigil/agent/")
 }
@@ -424,8 +431,16 @@ func applyAgentUpsert(t *txn, a *Agent) (any, []AuditEvent, error) {
 	if !validAgentID(t.f.td, a.ID) {
 		return nil, nil, refuse("agent id %q: want spiffe://%s/sigil/agent/...", truncate(a.ID, 128), t.f.td.Name())
 	}
-	if a.AttestationType == "" {
-		return nil, nil, refuse("agent %s: attestation type missing", a.ID)
+	if a.AttestationType == "" || len(a.AttestationType) > 32 {
+		return nil, nil, refuse("agent %s: attestation type missing or too long", a.ID)
+	}
+	if len(a.Facts) > maxDetailKeys-2 || len(a.SerialNumber) > 64 {
+		return nil, nil, refuse("agent %s: at most %d facts and a 64-character serial", a.ID, maxDetailKeys-2)
+	}
+	for k, v := range a.Facts {
+		if len(k) > maxDetailKey || len(v) > maxDetailValue {
+			return nil, nil, refuse("agent %s: fact %q too long", a.ID, truncate(k, 64))
+		}
 	}
 	old, err := t.agent(a.ID)
 	if err != nil {
@@ -621,7 +636,7 @@ func applyTokenCreate(t *txn, p *TokenCreate) (any, []AuditEvent, error) {
 			return nil, nil, err
 		}
 	}
-	tok := &JoinToken{ID: p.ID, ExpiresAt: p.ExpiresAt.UTC(), CreatedBy: t.c.Actor, CreatedAt: t.c.Time}
+	tok := &JoinToken{ID: p.ID, ExpiresAt: p.ExpiresAt.UTC(), CreatedBy: truncate(t.c.Actor, maxActor), CreatedAt: t.c.Time}
 	return tok, []AuditEvent{{Action: t.c.Type, Target: p.ID[:12], Detail: map[string]string{"expires": tok.ExpiresAt.Format(time.RFC3339)}}},
 		putJSON(tokens, []byte(p.ID), tok)
 }
@@ -679,6 +694,15 @@ func (t *txn) bumpBundle() (uint64, error) {
 func applyBundleRoots(t *txn, p *BundleRoots) (any, []AuditEvent, error) {
 	if len(p.Roots) == 0 {
 		return nil, nil, refuse("a trust bundle needs at least one root")
+	}
+	// Roots are set once, when a new cluster starts, from the nodes'
+	// configured roots; no node may replace them later.
+	var cur [][]byte
+	if _, err := getJSON(t.tx.Bucket(bMeta), keyRoots, &cur); err != nil {
+		return nil, nil, err
+	}
+	if len(cur) > 0 {
+		return nil, nil, refuse("the trust bundle's roots are already set; a node cannot replace them")
 	}
 	var fps []string
 	for i, der := range p.Roots {
@@ -757,6 +781,9 @@ func applyJWTKeyRemove(t *txn, p *JWTKeyRemove) (any, []AuditEvent, error) {
 	}
 	if !ok {
 		return nil, nil, refuse("no JWT key %s in the bundle", truncate(p.KID, 80))
+	}
+	if k.Node != t.origin {
+		return nil, nil, refuse("JWT key %s is node %s's; node %s may retire only its own", p.KID, k.Node, t.origin)
 	}
 	if k.NotAfter.After(t.c.Time) {
 		return nil, nil, refuse("JWT key %s may still have valid tokens until %s", p.KID, k.NotAfter.UTC().Format(time.RFC3339))
@@ -849,8 +876,12 @@ func applyIssue(t *txn, p *AuditAppend) (any, []AuditEvent, error) {
 	events := make([]AuditEvent, 0, len(p.Events))
 	agents := map[string]*Agent{}
 	for i, e := range p.Events {
-		if e.Action == CmdAuditCheckpoint || e.Action == CmdAuditPrune || e.Action == CmdStateRestore {
-			return nil, nil, refuse("audit action %q is recorded only by its own command", e.Action)
+		if _, isCommand := handlers[e.Action]; isCommand || e.Action == CmdAuditCheckpoint || e.Action == CmdAuditPrune ||
+			!strings.HasPrefix(e.Action, "svid.") && !strings.HasPrefix(e.Action, "join.") {
+			return nil, nil, refuse("svid.issue carries svid.* and join.* events only, not %q", e.Action)
+		}
+		if strings.HasPrefix(e.Action, "svid.") && strings.HasSuffix(e.Action, ".issue") && e.Detail["node"] != t.origin {
+			return nil, nil, refuse("issuance recorded for node %q by node %s: a node records only what it signed", truncate(e.Detail["node"], 64), t.origin)
 		}
 		if strings.HasSuffix(e.Action, ".issue") {
 			id := e.Detail["agent"]
@@ -887,6 +918,11 @@ func (t *txn) recordSVID(e AuditEvent, seq uint64) error {
 		return nil // not indexable; the audit record still says what happened
 	}
 	s := IssuedSVID{Serial: serial, Node: e.Detail["node"], NotAfter: exp.UTC(), Seq: seq}
+	if t.tx.Bucket(bSVIDs).Get([]byte(serial)) != nil {
+		// 127-bit random serials do not collide: a repeat is a replay or a
+		// forgery, and must not redirect a revocation.
+		return refuse("serial %s is already recorded", serial)
+	}
 	if err := putJSON(t.tx.Bucket(bSVIDs), []byte(serial), s); err != nil {
 		return err
 	}

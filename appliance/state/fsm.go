@@ -244,9 +244,19 @@ func register[P any](typ string, allow actorRule, fn func(t *txn, p *P) (any, []
 
 // Apply applies one command at a raft index. origin is the member that
 // proposed it, as raft authenticated it.
+//
+// A refusal is deterministic: every replica refuses the same command. Any
+// other error (a disk that fails, a state file that cannot be read) is this
+// replica's alone, and skipping the command here while the others apply
+// it would make the replicas diverge silently, so it stops the process:
+// the state file is rebuilt from raft when the node starts again.
 func (f *FSM) Apply(index uint64, origin string, cmd []byte) ([]byte, error) {
-	defer f.applied.Store(index)
 	resp, t, err := f.apply(index, origin, cmd)
+	if err != nil && !errors.Is(err, ErrRefused) {
+		f.log.Error("state machine failed to apply a command; stopping so that this replica cannot diverge", "index", index, "err", err)
+		panic(fmt.Sprintf("state: apply index %d: %v", index, err))
+	}
+	f.applied.Store(index)
 	if err != nil {
 		f.log.Debug("command refused", "index", index, "origin", origin, "err", err)
 		return nil, err

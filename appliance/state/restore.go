@@ -227,14 +227,25 @@ func applyStateRestore(t *txn, p *StateRestore) (any, []AuditEvent, error) {
 			return nil, nil, err
 		}
 	}
+	var addedIDs, changedIDs, removedIDs, adminIDs []string
 	for i := range p.Entries {
 		e := p.Entries[i]
 		o, existed := old[e.ID]
+		// Times come from this appliance, never from the archive.
 		switch {
 		case !existed:
 			added++
+			addedIDs = append(addedIDs, e.ID)
+			e.CreatedAt, e.UpdatedAt = t.c.Time, t.c.Time
 		case !entriesEqual(&o, &e):
 			changed++
+			changedIDs = append(changedIDs, e.ID)
+			e.CreatedAt, e.UpdatedAt = o.CreatedAt, t.c.Time
+		default:
+			e.CreatedAt, e.UpdatedAt = o.CreatedAt, o.UpdatedAt
+		}
+		if e.Admin && (!existed || !o.Admin) {
+			adminIDs = append(adminIDs, e.ID)
 		}
 		delete(old, e.ID)
 		e.Revision = t.index
@@ -243,6 +254,10 @@ func applyStateRestore(t *txn, p *StateRestore) (any, []AuditEvent, error) {
 		}
 	}
 	removed = len(old)
+	for id := range old {
+		removedIDs = append(removedIDs, id)
+	}
+	slices.Sort(removedIDs)
 	oldPolicy, err := t.policy()
 	if err != nil {
 		return nil, nil, err
@@ -294,6 +309,11 @@ func applyStateRestore(t *txn, p *StateRestore) (any, []AuditEvent, error) {
 		"tokens_kept":          strconv.Itoa(len(keepTokens)),
 		"tokens_expired":       strconv.Itoa(dropped),
 		"revocations_restored": strconv.Itoa(merged),
+		// Which entries, as far as the detail bound allows (cut with …).
+		"entries_added_ids":   strings.Join(addedIDs, ","),
+		"entries_changed_ids": strings.Join(changedIDs, ","),
+		"entries_removed_ids": strings.Join(removedIDs, ","),
+		"entries_made_admin":  strings.Join(adminIDs, ","),
 	}}}, nil
 }
 

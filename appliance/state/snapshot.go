@@ -512,6 +512,16 @@ func (l *loader) finish() error {
 	}
 	meta := tx.Bucket(bMeta)
 	h := AuditHead{Seq: l.chain.seq, Hash: l.chain.prev, First: l.hdr.AuditFirst}
+	// A state always has history (its roots were recorded), and what the
+	// meta values claim about it must be inside it.
+	if h.Seq == 0 && (h.First > 1 || l.hdr.Entries+l.hdr.Agents > 0) || h.Seq > 0 && (h.First < 1 || h.First > h.Seq) {
+		tx.Rollback()
+		return fmt.Errorf("audit log %d..%d: a state without its history", h.First, h.Seq)
+	}
+	if cp := getU64(meta, keyCheckpoint); cp > h.Seq {
+		tx.Rollback()
+		return fmt.Errorf("last checkpoint %d is past the audit head %d", cp, h.Seq)
+	}
 	if err := putJSON(meta, keyAuditHead, h); err != nil {
 		tx.Rollback()
 		return err
@@ -525,6 +535,9 @@ func (l *loader) finish() error {
 
 // checkPolicy validates a stored join policy as the commands would have.
 func checkPolicy(p *JoinPolicy) error {
+	if len(p.EKCAs) > MaxEKCAs || len(p.EKAllow) > MaxEKAllowlist {
+		return fmt.Errorf("%d EK CAs and %d allowlisted EKs; at most %d and %d", len(p.EKCAs), len(p.EKAllow), MaxEKCAs, MaxEKAllowlist)
+	}
 	for _, ca := range p.EKCAs {
 		got, err := checkEKCA(ca.DER)
 		if err != nil {
@@ -552,19 +565,23 @@ func (f *FSM) Restore(r io.Reader) error {
 	}
 	db.Close()
 	f.dbMu.Lock()
-	if f.db != nil {
-		f.db.Close()
-	}
+	// The old file stays open (and in use) until the new one is in place
+	// and open: a failure here leaves the state as it was.
 	if err := os.Rename(tmp, f.opts.Path); err != nil {
-		f.db = nil
 		f.dbMu.Unlock()
+		os.Remove(tmp)
 		return fmt.Errorf("state: install restored file: %w", err)
 	}
 	db, err = createDB(f.opts.Path)
+	if err != nil {
+		f.dbMu.Unlock()
+		panic(fmt.Sprintf("state: the restored file does not open (the old one was replaced): %v", err))
+	}
+	old := f.db
 	f.db = db
 	f.dbMu.Unlock()
-	if err != nil {
-		return err
+	if old != nil {
+		old.Close()
 	}
 	if err := f.loadCaches(); err != nil {
 		return err
