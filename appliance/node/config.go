@@ -110,6 +110,9 @@ type ClusterConfig struct {
 	// Timeouts (defaults suit a LAN: 500ms heartbeat and election).
 	HeartbeatTimeout Duration `yaml:"heartbeat-timeout"`
 	ElectionTimeout  Duration `yaml:"election-timeout"`
+	// SnapshotRateMiB paces raft snapshots of the state (MiB/s, default
+	// 64), so a large state is written without starving commits.
+	SnapshotRateMiB int `yaml:"snapshot-rate-mib"`
 }
 
 // APIConfig is the gRPC API.
@@ -256,6 +259,12 @@ func (c *Config) Validate() error {
 	}
 	if d := c.Audit.CheckpointInterval.Duration; d < time.Second || d > 24*time.Hour {
 		bad("audit.checkpoint-interval", "must be between 1s and 24h (got %v)", d)
+	}
+	if c.Cluster.SnapshotRateMiB == 0 {
+		c.Cluster.SnapshotRateMiB = 64
+	}
+	if r := c.Cluster.SnapshotRateMiB; r < 1 || r > 100000 {
+		bad("cluster.snapshot-rate-mib", "must be between 1 and 100000 (got %d)", r)
 	}
 	if c.Audit.Retain.Records == 0 {
 		c.Audit.Retain.Records = defaultRetainRecords

@@ -119,6 +119,8 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 		NodeID:    cfg.NodeID,
 		Logger:    log,
 		ExportDir: n.auditExportDir(),
+		// The default applies when a test builds a Config by hand.
+		SnapshotRate: int64(max(cfg.Cluster.SnapshotRateMiB, 0)) << 20,
 		SignHead: func(digest []byte) ([]byte, []byte, error) {
 			sig, err := n.auth.SignCheckpoint(digest)
 			return sig, n.auth.Issuing().Raw, err

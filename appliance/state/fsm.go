@@ -82,6 +82,10 @@ type Options struct {
 	// returns the signature and the issuing certificate (DER); it signs
 	// exported segments. Nil leaves segments unsigned.
 	SignHead func(digest []byte) (sig, certDER []byte, err error)
+	// SnapshotRate paces raft snapshots (bytes per second; 0: as fast as
+	// the disk takes them), so that writing a large state does not take
+	// the CPU and the disk from the commits that go on meanwhile.
+	SnapshotRate int64
 }
 
 // FSM is the state of one replica.

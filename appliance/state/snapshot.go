@@ -115,8 +115,29 @@ func (s *Snapshot) Persist(w io.Writer) error {
 	if s.tx == nil {
 		return errors.New("state: snapshot released")
 	}
+	if rate := s.f.opts.SnapshotRate; rate > 0 {
+		w = &pacedWriter{w: w, rate: rate, start: time.Now()}
+	}
 	_, err := writeStream(w, s.f.td.Name(), s.tx, s.index, "", time.Time{})
 	return err
+}
+
+// pacedWriter holds a stream to a rate: after each write it sleeps until
+// the bytes so far are no ahead of rate.
+type pacedWriter struct {
+	w     io.Writer
+	rate  int64
+	start time.Time
+	n     int64
+}
+
+func (p *pacedWriter) Write(b []byte) (int, error) {
+	n, err := p.w.Write(b)
+	p.n += int64(n)
+	if ahead := time.Duration(float64(p.n)/float64(p.rate)*float64(time.Second)) - time.Since(p.start); ahead > time.Millisecond {
+		time.Sleep(ahead)
+	}
+	return n, err
 }
 
 // Release ends the read transaction.
