@@ -765,6 +765,17 @@ func TestOriginUnknownWithoutPeerNodeID(t *testing.T) {
 func TestAttackRaftFromNonMember(t *testing.T) {
 	c := newTestCluster(t, "a", "b", "c")
 	mallory := c.ca.tls(t, "m")
+	// A node that has not yet received the configuration admits any
+	// verified node (it is waiting to be added): wait until all know it.
+	deadline := time.Now().Add(20 * time.Second)
+	for _, id := range []string{"a", "b", "c"} {
+		for len(c.nodes[id].Status(context.Background()).Peers) != 3 {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s never learned the configuration", id)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
 	for _, id := range []string{"a", "b", "c"} {
 		conn, err := tls.Dial("tcp", c.addrs[id], mallory)
 		if err != nil {
