@@ -295,22 +295,18 @@ func (t *txn) putPolicy(p JoinPolicy) error {
 	return putJSON(t.tx.Bucket(bMeta), keyPolicy, p)
 }
 
-func (t *txn) entry(id string) (*Entry, error) {
-	var e Entry
-	found, err := getJSON(t.tx.Bucket(bEntries), []byte(id), &e)
-	if err != nil || !found {
-		return nil, err
-	}
-	return &e, nil
-}
+func (t *txn) entry(id string) (*Entry, error) { return getOne[Entry](t.tx.Bucket(bEntries), id) }
 
-func (t *txn) agent(id string) (*Agent, error) {
-	var a Agent
-	found, err := getJSON(t.tx.Bucket(bAgents), []byte(id), &a)
+func (t *txn) agent(id string) (*Agent, error) { return getOne[Agent](t.tx.Bucket(bAgents), id) }
+
+// getOne decodes one stored record; nil when it is absent.
+func getOne[T any](b *bolt.Bucket, key string) (*T, error) {
+	var v T
+	found, err := getJSON(b, []byte(key), &v)
 	if err != nil || !found {
 		return nil, err
 	}
-	return &a, nil
+	return &v, nil
 }
 
 // putEntry stores an entry and its index rows (old is the previous version
