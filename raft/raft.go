@@ -82,6 +82,9 @@ type Config struct {
 	SnapshotThreshold  uint64
 	TrailingLogs       uint64
 	ApplyTimeout       time.Duration
+	// Limits bound inbound connections (zero fields: defaults, see
+	// TransportLimits).
+	Limits TransportLimits
 }
 
 var (

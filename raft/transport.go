@@ -1,6 +1,8 @@
 package raft
 
 import (
+	"bytes"
+	"container/list"
 	"context"
 	"crypto/tls"
 	"encoding/binary"
@@ -8,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"sync"
 	"time"
@@ -22,11 +25,130 @@ const (
 	protoRPC  byte = 0x02
 )
 
-const (
-	maxFrame         = 64 << 20
-	handshakeTimeout = 10 * time.Second
-	rpcIdleTimeout   = 2 * time.Minute
-)
+// maxFrame bounds one RPC frame: a forwarded restore command carries a
+// whole state. Only verified nodes get to send frames, and readFrame
+// allocates as the bytes arrive, not what the header claims.
+const maxFrame = 64 << 20
+
+// TransportLimits bound what the raft listener holds for callers it does
+// not know yet. Anyone who can reach the port can open TCP connections;
+// only verified nodes get past the TLS handshake, so what a stranger can
+// occupy is the handshake: a slot, a goroutine and a deadline.
+type TransportLimits struct {
+	// HandshakeTimeout bounds the TLS handshake and the protocol byte
+	// that follows it (default 10s).
+	HandshakeTimeout time.Duration
+	// MaxHandshakes bounds connections still in that phase (default 64).
+	// A new connection beyond it closes the oldest: a flood of idle
+	// connections then costs each one its slot within milliseconds, while
+	// a member's handshake (a few milliseconds) still completes, where
+	// refusing new ones would lock members out for the whole timeout.
+	MaxHandshakes int
+	// MaxConns bounds all inbound connections (default 1024): members
+	// keep a few raft streams and up to 64 idle RPC connections each.
+	// Connections beyond it are closed at once.
+	MaxConns int
+	// RPCIdleTimeout closes an RPC connection that sends no request for
+	// this long (default 2m).
+	RPCIdleTimeout time.Duration
+}
+
+func (l TransportLimits) withDefaults() TransportLimits {
+	if l.HandshakeTimeout <= 0 {
+		l.HandshakeTimeout = 10 * time.Second
+	}
+	if l.MaxHandshakes <= 0 {
+		l.MaxHandshakes = 64
+	}
+	if l.MaxConns <= 0 {
+		l.MaxConns = 1024
+	}
+	if l.RPCIdleTimeout <= 0 {
+		l.RPCIdleTimeout = 2 * time.Minute
+	}
+	return l
+}
+
+// connLimiter counts inbound connections and keeps those still in their
+// handshake in arrival order, so the oldest can be dropped.
+type connLimiter struct {
+	lim TransportLimits
+	log *slog.Logger
+
+	mu       sync.Mutex
+	open     int
+	pending  list.List // *limitedConn, oldest first
+	dropped  int       // refusals and evictions not yet logged
+	lastWarn time.Time
+}
+
+// limitedConn gives its slot back when closed, whoever closes it.
+type limitedConn struct {
+	net.Conn
+	l    *connLimiter
+	elem *list.Element // in l.pending until established; guarded by l.mu
+	once sync.Once
+}
+
+func (c *limitedConn) Close() error {
+	c.once.Do(func() {
+		c.l.mu.Lock()
+		if c.elem != nil {
+			c.l.pending.Remove(c.elem)
+			c.elem = nil
+		}
+		c.l.open--
+		c.l.mu.Unlock()
+	})
+	return c.Conn.Close()
+}
+
+// admit returns the connection to serve (nil: refused, over MaxConns) and
+// a pending connection to close to make room for it.
+func (l *connLimiter) admit(raw net.Conn) (c, evict *limitedConn) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.open >= l.lim.MaxConns {
+		l.noteDrop("refused connections: too many open", "max_conns", l.lim.MaxConns)
+		return nil, nil
+	}
+	if l.pending.Len() >= l.lim.MaxHandshakes {
+		evict = l.pending.Remove(l.pending.Front()).(*limitedConn)
+		evict.elem = nil
+		l.noteDrop("dropped the oldest connections awaiting a TLS handshake", "max_handshakes", l.lim.MaxHandshakes)
+	}
+	l.open++
+	c = &limitedConn{Conn: raw, l: l}
+	c.elem = l.pending.PushBack(c)
+	return c, evict
+}
+
+// established takes a connection out of the handshake queue.
+func (l *connLimiter) established(c *limitedConn) {
+	l.mu.Lock()
+	if c.elem != nil {
+		l.pending.Remove(c.elem)
+		c.elem = nil
+	}
+	l.mu.Unlock()
+}
+
+// noteDrop logs refusals at most once a second, with how many there were:
+// a flood must not become a flood of log lines. Called with l.mu held.
+func (l *connLimiter) noteDrop(msg string, args ...any) {
+	l.dropped++
+	if now := time.Now(); now.Sub(l.lastWarn) >= time.Second {
+		l.log.Warn(msg, append(args, "count", l.dropped)...)
+		l.dropped, l.lastWarn = 0, now
+	}
+}
+
+// handshakeFailed logs a failed handshake, rate-limited like refusals.
+func (l *connLimiter) handshakeFailed(remote string, err error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.noteDrop("refused connections: TLS handshake failed", "remote", remote, "err", err)
+}
 
 type advAddr string
 
@@ -79,8 +201,9 @@ func (n *Node) dial(addr string, proto byte, timeout time.Duration) (net.Conn, e
 }
 
 func (n *Node) acceptLoop() {
+	lim := &connLimiter{lim: n.cfg.Limits.withDefaults(), log: n.log}
 	for {
-		c, err := n.ln.Accept()
+		raw, err := n.ln.Accept()
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
@@ -89,17 +212,27 @@ func (n *Node) acceptLoop() {
 			time.Sleep(50 * time.Millisecond)
 			continue
 		}
-		go n.handleConn(c)
+		c, evict := lim.admit(raw)
+		if evict != nil {
+			evict.Close()
+		}
+		if c == nil {
+			raw.Close()
+			continue
+		}
+		go n.handleConn(c, lim)
 	}
 }
 
 // handleConn does the TLS handshake (the config verifies the peer) and
-// routes the connection by its first byte.
-func (n *Node) handleConn(raw net.Conn) {
+// routes the connection by its first byte. The deadline is on the TCP
+// connection before the first byte is read, so a peer that sends nothing
+// is dropped after HandshakeTimeout too.
+func (n *Node) handleConn(raw *limitedConn, lim *connLimiter) {
+	raw.SetDeadline(time.Now().Add(lim.lim.HandshakeTimeout))
 	c := tls.Server(raw, n.cfg.TLS)
-	c.SetDeadline(time.Now().Add(handshakeTimeout))
 	if err := c.Handshake(); err != nil {
-		n.log.Warn("refused connection: TLS handshake failed", "remote", raw.RemoteAddr().String(), "err", err)
+		lim.handshakeFailed(raw.RemoteAddr().String(), err)
 		c.Close()
 		return
 	}
@@ -108,6 +241,7 @@ func (n *Node) handleConn(raw net.Conn) {
 		c.Close()
 		return
 	}
+	lim.established(raw)
 	c.SetDeadline(time.Time{})
 	switch b[0] {
 	case protoRaft:
@@ -185,11 +319,17 @@ func readFrame(r io.Reader, v any) error {
 	if size > maxFrame {
 		return fmt.Errorf("raft rpc: frame of %d bytes exceeds %d", size, maxFrame)
 	}
-	b := make([]byte, size)
-	if _, err := io.ReadFull(r, b); err != nil {
+	// Grow with what arrives: a header alone must not make the node
+	// allocate maxFrame.
+	var b bytes.Buffer
+	b.Grow(int(min(size, 64<<10)))
+	if _, err := io.CopyN(&b, r, int64(size)); err != nil {
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
 		return err
 	}
-	return json.Unmarshal(b, v)
+	return json.Unmarshal(b.Bytes(), v)
 }
 
 // serveRPC answers requests on one connection until it closes or idles.
@@ -204,8 +344,9 @@ func (n *Node) serveRPC(c *tls.Conn) {
 		}
 		peer = id
 	}
+	idle := n.cfg.Limits.withDefaults().RPCIdleTimeout
 	for {
-		c.SetReadDeadline(time.Now().Add(rpcIdleTimeout))
+		c.SetReadDeadline(time.Now().Add(idle))
 		var req rpcRequest
 		if err := readFrame(c, &req); err != nil {
 			if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {

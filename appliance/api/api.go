@@ -39,14 +39,32 @@ func (Codec) Name() string                       { return "json" }
 
 var _ encoding.Codec = Codec{}
 
+// MaxRequestSize bounds every message a node reads, whoever sends it: a
+// node reads a message before its handlers see it, so this is what any
+// caller can make it hold per call. The largest legitimate requests are
+// well below it: a restore chunk (SnapshotChunkSize of archive, about
+// 700 KB as JSON), a batch of 1000 CSRs (about 0.5 MB; sigil-agent sends
+// 64). Anything larger is streamed in pieces.
+const MaxRequestSize = 1 << 20
+
+// MaxResponseSize bounds what a client accepts from a node (and what a
+// node sends). Answers can be much larger than requests: every entry or
+// agent, a page of 10,000 audit records, a full SyncUpdate. The client has
+// verified the node, so this bounds only its own memory.
+const MaxResponseSize = 64 << 20
+
 // ServerOptions are the gRPC options an appliance server needs.
 func ServerOptions() []grpc.ServerOption {
-	return []grpc.ServerOption{grpc.ForceServerCodec(Codec{}), grpc.MaxRecvMsgSize(64 << 20)}
+	return []grpc.ServerOption{grpc.ForceServerCodec(Codec{}),
+		grpc.MaxRecvMsgSize(MaxRequestSize), grpc.MaxSendMsgSize(MaxResponseSize)}
 }
 
 // DialOptions are the options a client needs besides transport security.
+// A request over MaxRequestSize fails here, saying so, rather than at the
+// node.
 func DialOptions() []grpc.DialOption {
-	return []grpc.DialOption{grpc.WithDefaultCallOptions(grpc.ForceCodec(Codec{}), grpc.MaxCallRecvMsgSize(64<<20))}
+	return []grpc.DialOption{grpc.WithDefaultCallOptions(grpc.ForceCodec(Codec{}),
+		grpc.MaxCallRecvMsgSize(MaxResponseSize), grpc.MaxCallSendMsgSize(MaxRequestSize))}
 }
 
 // Messages.
@@ -134,7 +152,16 @@ type (
 		Name string // becomes spiffe://<td>/sigil/admin/<name>
 		CSR  []byte // DER; the admin's key never leaves the admin
 		TTL  Seconds
+		// Role is AdminRoleAdmin or AdminRoleIssuer; "" keeps the name's
+		// current role (admin for a new name).
+		Role string `json:",omitempty"`
 	}
+	// AdminRevokeRequest revokes every certificate issued so far for an
+	// admin name.
+	AdminRevokeRequest struct {
+		Name string
+	}
+	AdminList struct{ Admins []AdminRecord }
 	CertChain struct {
 		Chain [][]byte // DER, leaf first
 	}
@@ -179,6 +206,9 @@ type AdminServer interface {
 	AdminCertIssue(context.Context, *AdminCertRequest) (*CertChain, error)
 	SVIDRevoke(context.Context, *RevokeRequest) (*Empty, error)
 	PCRPolicySet(context.Context, *PCRPolicyRequest) (*Empty, error)
+	AdminRevoke(context.Context, *AdminRevokeRequest) (*AdminRecord, error)
+	AdminList(context.Context, *Empty) (*AdminList, error)
+	RootCRLAdd(context.Context, *RootCRLRequest) (*RootCRLResult, error)
 }
 
 // AdminService is the gRPC service name.
@@ -230,6 +260,9 @@ func RegisterAdmin(s grpc.ServiceRegistrar, impl AdminServer) {
 			unary(AdminService, "AdminCertIssue", AdminServer.AdminCertIssue),
 			unary(AdminService, "SVIDRevoke", AdminServer.SVIDRevoke),
 			unary(AdminService, "PCRPolicySet", AdminServer.PCRPolicySet),
+			unary(AdminService, "AdminRevoke", AdminServer.AdminRevoke),
+			unary(AdminService, "AdminList", AdminServer.AdminList),
+			unary(AdminService, "RootCRLAdd", AdminServer.RootCRLAdd),
 		},
 		Streams: adminStreams,
 	}, impl)
@@ -324,4 +357,17 @@ func (c *AdminClient) SVIDRevoke(ctx context.Context, r *RevokeRequest) (*Empty,
 
 func (c *AdminClient) PCRPolicySet(ctx context.Context, r *PCRPolicyRequest) (*Empty, error) {
 	return call[PCRPolicyRequest, Empty](ctx, c.cc, "PCRPolicySet", r)
+}
+func (c *AdminClient) AdminRevoke(ctx context.Context, r *AdminRevokeRequest) (*AdminRecord, error) {
+	return call[AdminRevokeRequest, AdminRecord](ctx, c.cc, "AdminRevoke", r)
+}
+func (c *AdminClient) AdminList(ctx context.Context, r *Empty) (*AdminList, error) {
+	return call[Empty, AdminList](ctx, c.cc, "AdminList", r)
+}
+
+// RootCRLAdd adds a CRL signed by a root of the trust bundle (the root
+// ceremony's kind crl): the certificates it lists (node issuing CAs) are
+// refused everywhere from then on.
+func (c *AdminClient) RootCRLAdd(ctx context.Context, r *RootCRLRequest) (*RootCRLResult, error) {
+	return call[RootCRLRequest, RootCRLResult](ctx, c.cc, "RootCRLAdd", r)
 }

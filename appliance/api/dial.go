@@ -29,6 +29,10 @@ type DialConfig struct {
 	Certificate func() (*tls.Certificate, error)
 	// Anonymous dials without a client certificate (an agent joining).
 	Anonymous bool
+	// VerifyChain, when set, is asked about the server's chains once they
+	// verify to the roots; an error refuses the server. The agent refuses
+	// nodes whose issuing CA a root CRL revoked with it.
+	VerifyChain func(chains [][]*x509.Certificate) error
 }
 
 // Dial connects and returns a connection for NewAdminClient. Over TLS the
@@ -104,12 +108,17 @@ func clientTLS(c DialConfig) (*tls.Config, error) {
 			for i, c := range cs.PeerCertificates {
 				raw[i] = c.Raw
 			}
-			id, _, err := x509svid.ParseAndVerify(raw, bundle)
+			id, chains, err := x509svid.ParseAndVerify(raw, bundle)
 			if err != nil {
 				return fmt.Errorf("server is not a node of %s: %w", td, err)
 			}
 			if !strings.HasPrefix(id.Path(), "/sigil/node/") {
 				return fmt.Errorf("server identity %s is not a Sigil node", id)
+			}
+			if c.VerifyChain != nil {
+				if err := c.VerifyChain(chains); err != nil {
+					return fmt.Errorf("server %s refused: %w", id, err)
+				}
 			}
 			return nil
 		},

@@ -32,7 +32,6 @@ type Entry struct {
 	JWTTTL    Seconds    `json:"jwt_ttl,omitempty"`  // 0: the default (5m)
 	DNSNames  []string   `json:"dns_names,omitempty"`
 	Hint      string     `json:"hint,omitempty"`
-	Admin     bool       `json:"admin,omitempty"` // its workloads are appliance admins
 	CreatedAt time.Time  `json:"created_at"`
 	UpdatedAt time.Time  `json:"updated_at"`
 	Revision  uint64     `json:"revision"` // of the last change; set by the appliance
@@ -81,6 +80,10 @@ type Bundle struct {
 	JWTKeys     []JWTKey     `json:"jwt_keys,omitempty"`
 	Revoked     []Revocation `json:"revoked,omitempty"`
 	Sequence    uint64       `json:"sequence"` // increases on every change
+	// RootCRLs are the newest CRL (DER) of each root: the node issuing CAs
+	// the root ceremony revoked. Receivers check the signatures against
+	// the roots they trust themselves.
+	RootCRLs [][]byte `json:"root_crls,omitempty"`
 }
 
 // JWTKey is the public half of a node's JWT signing key.
@@ -89,6 +92,9 @@ type JWTKey struct {
 	Node      string    `json:"node"`
 	PublicKey []byte    `json:"public_key"` // PKIX DER
 	NotAfter  time.Time `json:"not_after"`
+	// CA is the issuing CA certificate (DER) of the node that published
+	// the key; a root CRL revoking it withdraws the key.
+	CA []byte `json:"ca,omitempty"`
 }
 
 // Revocation is a revoked X.509-SVID serial, listed until the SVID expires.
@@ -97,4 +103,61 @@ type Revocation struct {
 	Node     string    `json:"node"`   // whose issuing CA signed it
 	NotAfter time.Time `json:"not_after"`
 	At       time.Time `json:"at"`
+}
+
+// Admin roles (see AdminRecord).
+const (
+	// AdminRoleAdmin administers the appliance, renews its own
+	// certificate and may revoke its own name.
+	AdminRoleAdmin = "admin"
+	// AdminRoleIssuer may also issue certificates for any admin name and
+	// role, and revoke any admin name.
+	AdminRoleIssuer = "admin-issuer"
+)
+
+// AdminRecord is an admin name as the appliance records it: its role,
+// its last issuance and revocation, and the unexpired certificates issued
+// since. Once a name has been revoked, only those certificates act for it.
+type AdminRecord struct {
+	Name      string      `json:"name"`
+	ID        string      `json:"id"` // spiffe://<td>/sigil/admin/<name>
+	Role      string      `json:"role"`
+	IssuedBy  string      `json:"issued_by,omitempty"`
+	IssuedAt  time.Time   `json:"issued_at,omitzero"`
+	RevokedAt time.Time   `json:"revoked_at,omitzero"`
+	RevokedBy string      `json:"revoked_by,omitempty"`
+	Certs     []AdminCert `json:"certs,omitempty"`
+	Revision  uint64      `json:"revision"`
+}
+
+// AdminCert is an admin certificate the appliance issued.
+type AdminCert struct {
+	Serial   string    `json:"serial"` // hex
+	Node     string    `json:"node"`   // whose issuing CA signed it
+	Role     string    `json:"role"`
+	NotAfter time.Time `json:"not_after"`
+}
+
+// RootCRLRequest carries a CRL signed by a root of the trust bundle, PEM
+// ("X509 CRL") or DER, as the root ceremony wrote it.
+type RootCRLRequest struct {
+	CRL []byte `json:"crl"`
+}
+
+// RootCRL is a root CRL as the appliance stores it: the newest (highest
+// number) of its root.
+type RootCRL struct {
+	Root       string    `json:"root"`   // hex SHA-256 of the root certificate
+	Number     string    `json:"number"` // CRL number, decimal
+	ThisUpdate time.Time `json:"this_update"`
+	NextUpdate time.Time `json:"next_update"`
+	AddedAt    time.Time `json:"added_at"`
+	Revoked    []string  `json:"revoked"` // hex serials of the revoked CA certificates
+}
+
+// RootCRLResult is what adding a root CRL did.
+type RootCRLResult struct {
+	CRL RootCRL `json:"crl"`
+	// WithdrawnJWTKeys were published by nodes whose CA is now revoked.
+	WithdrawnJWTKeys []string `json:"withdrawn_jwt_keys,omitempty"`
 }

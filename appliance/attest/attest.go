@@ -12,9 +12,11 @@ import (
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/subtle"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/asn1"
 	"encoding/hex"
 	"errors"
@@ -22,6 +24,7 @@ import (
 	"math/big"
 	"slices"
 	"sort"
+	"strings"
 
 	"github.com/google/go-tpm/tpm2"
 )
@@ -46,8 +49,10 @@ type EK struct {
 }
 
 var (
-	oidSAN     = asn1.ObjectIdentifier{2, 5, 29, 17}
-	oidEKCertU = asn1.ObjectIdentifier{2, 23, 133, 8, 1} // tcg-kp-EKCertificate
+	oidSAN      = asn1.ObjectIdentifier{2, 5, 29, 17}
+	oidKeyUsage = asn1.ObjectIdentifier{2, 5, 29, 15}
+	oidEKU      = asn1.ObjectIdentifier{2, 5, 29, 37}
+	oidEKCertU  = asn1.ObjectIdentifier{2, 23, 133, 8, 1} // tcg-kp-EKCertificate
 )
 
 // VerifyEK accepts an EK whose public key hash is allowlisted, or whose
@@ -109,8 +114,8 @@ func VerifyEK(public, certDER []byte, cas []*x509.Certificate, allow []string) (
 	if _, err := cert.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
 		return nil, refuse("EK certificate (issuer %s) does not chain to a trusted EK CA: %v", cert.Issuer, err)
 	}
-	if len(cert.UnknownExtKeyUsage) > 0 && !slices.ContainsFunc(cert.UnknownExtKeyUsage, func(o asn1.ObjectIdentifier) bool { return o.Equal(oidEKCertU) }) {
-		return nil, refuse("EK certificate is not for an endorsement key (EKU %v)", cert.UnknownExtKeyUsage)
+	if err := checkEKProfile(cert, key); err != nil {
+		return nil, err
 	}
 	ek.Method, ek.Issuer = "ek-cert", cert.Issuer.String()
 	return ek, nil
@@ -324,4 +329,102 @@ func parsePublic(b []byte) (*tpm2.TPMTPublic, crypto.PublicKey, error) {
 func samePublic(a, b crypto.PublicKey) bool {
 	k, ok := a.(interface{ Equal(crypto.PublicKey) bool })
 	return ok && k.Equal(b)
+}
+
+// checkEKProfile requires what the TCG EK Credential Profile says makes a
+// certificate an EK certificate, so that a trusted vendor CA's leaf for
+// some other purpose (a TLS or code-signing key, whose private key may
+// live outside any TPM) cannot stand in for a TPM's EK:
+//   - the extended key usage is present and names tcg-kp-EKCertificate
+//     (2.23.133.8.1) and nothing else: another purpose, or
+//     anyExtendedKeyUsage, means the CA vouched for the key in a role an
+//     EK never has;
+//   - the key usage, when present, gives the EK's one use, key transport
+//     (keyEncipherment) for RSA or key agreement (keyAgreement) for ECC,
+//     and no signing bit (digitalSignature, contentCommitment,
+//     keyCertSign, cRLSign): an EK is a restricted decryption key.
+//
+// A missing keyUsage extension is tolerated: the required EKU already
+// states the purpose, and an absent extension grants no other use; the
+// EK's public area is checked to be a restricted decryption key, and
+// credential activation proves it is one inside a TPM.
+func checkEKProfile(cert *x509.Certificate, key crypto.PublicKey) error {
+	has := func(oid asn1.ObjectIdentifier) bool {
+		return slices.ContainsFunc(cert.Extensions, func(e pkix.Extension) bool { return e.Id.Equal(oid) })
+	}
+	if !has(oidEKU) {
+		return refuse("EK certificate (issuer %s, serial %s) has no extended key usage: an EK certificate must name tcg-kp-EKCertificate (%s)", cert.Issuer, cert.SerialNumber, oidEKCertU)
+	}
+	isEK := func(o asn1.ObjectIdentifier) bool { return o.Equal(oidEKCertU) }
+	if !slices.ContainsFunc(cert.UnknownExtKeyUsage, isEK) {
+		return refuse("EK certificate (issuer %s, serial %s) is not an EK certificate: its extended key usage is %s, want tcg-kp-EKCertificate (%s)", cert.Issuer, cert.SerialNumber, ekuNames(cert), oidEKCertU)
+	}
+	if len(cert.ExtKeyUsage) > 0 || slices.ContainsFunc(cert.UnknownExtKeyUsage, func(o asn1.ObjectIdentifier) bool { return !isEK(o) }) {
+		return refuse("EK certificate (issuer %s, serial %s) also names other purposes (%s): an EK certificate names only tcg-kp-EKCertificate", cert.Issuer, cert.SerialNumber, ekuNames(cert))
+	}
+	if !has(oidKeyUsage) {
+		return nil
+	}
+	ku := cert.KeyUsage
+	if sign := ku & (x509.KeyUsageDigitalSignature | x509.KeyUsageContentCommitment | x509.KeyUsageCertSign | x509.KeyUsageCRLSign); sign != 0 {
+		return refuse("EK certificate (issuer %s, serial %s) key usage %s allows signing (%s): an EK is a decryption key", cert.Issuer, cert.SerialNumber, kuNames(ku), kuNames(sign))
+	}
+	switch key.(type) {
+	case *rsa.PublicKey:
+		if ku&x509.KeyUsageKeyEncipherment == 0 {
+			return refuse("EK certificate (issuer %s, serial %s) key usage %s lacks keyEncipherment, which an RSA EK certificate has", cert.Issuer, cert.SerialNumber, kuNames(ku))
+		}
+	case *ecdsa.PublicKey:
+		if ku&x509.KeyUsageKeyAgreement == 0 {
+			return refuse("EK certificate (issuer %s, serial %s) key usage %s lacks keyAgreement, which an ECC EK certificate has", cert.Issuer, cert.SerialNumber, kuNames(ku))
+		}
+	default:
+		return refuse("EK key type %T", key)
+	}
+	return nil
+}
+
+// ekuNames lists a certificate's extended key usages for a refusal.
+func ekuNames(cert *x509.Certificate) string {
+	known := map[x509.ExtKeyUsage]string{
+		x509.ExtKeyUsageAny: "anyExtendedKeyUsage", x509.ExtKeyUsageServerAuth: "serverAuth",
+		x509.ExtKeyUsageClientAuth: "clientAuth", x509.ExtKeyUsageCodeSigning: "codeSigning",
+		x509.ExtKeyUsageEmailProtection: "emailProtection", x509.ExtKeyUsageTimeStamping: "timeStamping",
+		x509.ExtKeyUsageOCSPSigning: "OCSPSigning",
+	}
+	var out []string
+	for _, u := range cert.ExtKeyUsage {
+		if n, ok := known[u]; ok {
+			out = append(out, n)
+		} else {
+			out = append(out, fmt.Sprintf("eku(%d)", u))
+		}
+	}
+	for _, o := range cert.UnknownExtKeyUsage {
+		if o.Equal(oidEKCertU) {
+			out = append(out, "tcg-kp-EKCertificate")
+		} else {
+			out = append(out, o.String())
+		}
+	}
+	if len(out) == 0 {
+		return "empty"
+	}
+	return strings.Join(out, ", ")
+}
+
+// kuNames lists key usage bits for a refusal.
+func kuNames(ku x509.KeyUsage) string {
+	names := []string{"digitalSignature", "contentCommitment", "keyEncipherment", "dataEncipherment",
+		"keyAgreement", "keyCertSign", "cRLSign", "encipherOnly", "decipherOnly"}
+	var out []string
+	for i, n := range names {
+		if ku&(1<<i) != 0 {
+			out = append(out, n)
+		}
+	}
+	if len(out) == 0 {
+		return "(none)"
+	}
+	return strings.Join(out, ", ")
 }

@@ -15,11 +15,13 @@ import (
 	"crypto/x509/pkix"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/big"
 	"net/url"
 	"regexp"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -38,7 +40,89 @@ type Authority struct {
 	issuing *x509.Certificate
 	bundle  *x509bundle.Bundle
 	now     func() time.Time
+	// revoked is consulted on every handshake and signature (nil: no
+	// revocation source yet, nothing is revoked).
+	revoked atomic.Pointer[RevocationCheck]
+	refused refusalLog
 }
+
+// refusalLog logs refusals of revoked chains, at most one line a second
+// (with the number left out), so a client retrying with a revoked
+// certificate cannot flood the log.
+type refusalLog struct {
+	log        atomic.Pointer[slog.Logger]
+	mu         sync.Mutex
+	last       time.Time
+	suppressed int
+}
+
+func (r *refusalLog) note(now time.Time, err error) {
+	l := r.log.Load()
+	if l == nil {
+		return
+	}
+	r.mu.Lock()
+	if now.Sub(r.last) < time.Second {
+		r.suppressed++
+		r.mu.Unlock()
+		return
+	}
+	n := r.suppressed
+	r.last, r.suppressed = now, 0
+	r.mu.Unlock()
+	l.Warn("certificate chain refused: revoked by a root CRL", "err", err.Error(), "refusals_not_logged", n)
+}
+
+// RevocationCheck reports whether a certificate is revoked by a CRL its
+// issuer signed (the replicated root CRLs: the node's state answers). It
+// runs for every certificate of every chain verified, so it must be cheap
+// (a map lookup).
+type RevocationCheck func(*x509.Certificate) bool
+
+// SetRevocationCheck makes Classify refuse any chain that holds a revoked
+// certificate (a node issuing CA the root revoked), and makes this
+// authority sign nothing once its own issuing CA is revoked. Refusals are
+// logged to log (rate-limited; nil: not logged). Set it before the node
+// serves; it may be replaced at any time.
+func (a *Authority) SetRevocationCheck(fn RevocationCheck, log *slog.Logger) {
+	a.refused.log.Store(log)
+	if fn == nil {
+		a.revoked.Store(nil)
+		return
+	}
+	a.revoked.Store(&fn)
+}
+
+func (a *Authority) isRevoked(c *x509.Certificate) bool {
+	fn := a.revoked.Load()
+	return fn != nil && (*fn)(c)
+}
+
+// ErrRevoked marks a chain refused because a certificate in it is revoked.
+var ErrRevoked = errors.New("revoked")
+
+// checkRevoked refuses verified chains in which any certificate is revoked.
+// Every chain is checked, not just one: a revoked issuing CA must not pass
+// because another path to the root exists.
+func (a *Authority) checkRevoked(chains [][]*x509.Certificate) error {
+	fn := a.revoked.Load()
+	if fn == nil {
+		return nil
+	}
+	for _, ch := range chains {
+		for _, c := range ch {
+			if (*fn)(c) {
+				err := fmt.Errorf("%w: certificate %q (serial %x, issued by %q) is on its issuer's CRL", ErrRevoked, c.Subject.String(), c.SerialNumber, c.Issuer.String())
+				a.refused.note(a.now(), fmt.Errorf("%s: %w", ch[0].URIs, err))
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// Revoked reports whether this node's own issuing CA is revoked.
+func (a *Authority) Revoked() bool { return a.isRevoked(a.issuing) }
 
 // New checks that the pieces belong together before anything is signed:
 // the signer holds the key of the intermediate, the intermediate is this
@@ -176,6 +260,11 @@ func (a *Authority) member(id spiffeid.ID) error {
 
 // sign makes the certificate; callers have checked the ID.
 func (a *Authority) sign(l Leaf) ([]*x509.Certificate, error) {
+	if a.Revoked() {
+		// Whatever it signed would be refused everywhere; a revoked CA
+		// that still signs is the compromise the revocation answers.
+		return nil, fmt.Errorf("sign %s: %w: this node's issuing CA (serial %x) is on the root's CRL", l.ID, ErrRevoked, a.issuing.SerialNumber)
+	}
 	now := a.now()
 	notAfter := now.Add(l.TTL)
 	if notAfter.After(a.issuing.NotAfter) {
@@ -238,11 +327,16 @@ type Peer struct {
 
 // Classify verifies a presented chain (leaf first) against the roots and
 // says who it is. A node certificate must be issued by that node's own
-// issuing CA, so one node's CA cannot mint another node's identity.
+// issuing CA, so one node's CA cannot mint another node's identity. A
+// chain holding a revoked certificate (SetRevocationCheck) is refused,
+// whatever role it claims.
 func (a *Authority) Classify(raw [][]byte) (Peer, error) {
 	id, chains, err := x509svid.ParseAndVerify(raw, a.bundle)
 	if err != nil {
 		return Peer{}, err
+	}
+	if err := a.checkRevoked(chains); err != nil {
+		return Peer{}, fmt.Errorf("%s: %w", id, err)
 	}
 	p := Peer{ID: id}
 	switch path := id.Path(); {
@@ -386,6 +480,9 @@ func (a *Authority) PeerFromState(cs tls.ConnectionState) (Peer, error) {
 func (a *Authority) SignCheckpoint(digest []byte) ([]byte, error) {
 	if len(digest) != crypto.SHA256.Size() {
 		return nil, fmt.Errorf("checkpoint digest is %d bytes, want a SHA-256 (%d)", len(digest), crypto.SHA256.Size())
+	}
+	if a.Revoked() {
+		return nil, fmt.Errorf("sign audit checkpoint: %w: this node's issuing CA is on the root's CRL", ErrRevoked)
 	}
 	sig, err := a.signer.Sign(rand.Reader, digest, crypto.SHA256)
 	if err != nil {

@@ -7,6 +7,7 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"math/big"
 	"net"
 	"net/url"
@@ -225,5 +226,58 @@ func TestAttackReservedPathSigning(t *testing.T) {
 	}
 	if _, err := a.SignCheckpoint(make([]byte, 48)); err == nil {
 		t.Fatal("signed a 48-byte digest as a checkpoint")
+	}
+}
+
+// A revocation check (the node's stored root CRLs) makes Classify refuse
+// every chain through a revoked issuing CA, whatever role it claims, and
+// makes the revoked authority sign nothing; other CAs are unaffected.
+func TestRevokedIssuingCA(t *testing.T) {
+	tr := clustertest.NewTrust(t, "rca", []string{"node-1", "node-2"}, nil)
+	ks := pkcs11.New(pkcs11.Options{})
+	defer ks.Close()
+	a1 := tr.Authority(t, ks, "node-1")
+	a2 := tr.Authority(t, ks, "node-2")
+	raw := func(c tls.Certificate) [][]byte { return c.Certificate }
+	admin2 := raw(clustertest.ClientCert(t, a2, "/sigil/admin/mallory"))
+	agent2 := raw(clustertest.ClientCert(t, a2, "/sigil/agent/tpm/h1"))
+	node2 := raw(clustertest.ClientCert(t, a2, "/sigil/node/node-2"))
+	admin1 := raw(clustertest.ClientCert(t, a1, "/sigil/admin/alice"))
+
+	revoked := tr.Nodes["node-2"].Issuing
+	check := func(c *x509.Certificate) bool {
+		return string(c.RawIssuer) == string(revoked.RawIssuer) && c.SerialNumber.Cmp(revoked.SerialNumber) == 0
+	}
+	for _, a := range []*ca.Authority{a1, a2} {
+		a.SetRevocationCheck(check, nil)
+	}
+	for name, chain := range map[string][][]byte{"admin": admin2, "agent": agent2, "node": node2} {
+		if _, err := a1.Classify(chain); err == nil || !errors.Is(err, ca.ErrRevoked) {
+			t.Errorf("%s certificate from the revoked CA: %v", name, err)
+		}
+	}
+	if p, err := a1.Classify(admin1); err != nil || p.Role != ca.RoleAdmin {
+		t.Errorf("an admin of a CA that is not revoked: %+v %v", p, err)
+	}
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	for name, sign := range map[string]func(ca.Leaf) ([]*x509.Certificate, error){"workload": a2.Sign, "admin": a2.SignAdmin, "agent": a2.SignAgent} {
+		path := map[string]string{"workload": "/web", "admin": "/sigil/admin/x", "agent": "/sigil/agent/tpm/x"}[name]
+		if _, err := sign(ca.Leaf{ID: spiffeid.RequireFromPath(tr.TrustDomain, path), PublicKey: &key.PublicKey, TTL: time.Hour}); !errors.Is(err, ca.ErrRevoked) {
+			t.Errorf("the revoked CA signed a %s certificate: %v", name, err)
+		}
+	}
+	if _, err := a2.SignCheckpoint(make([]byte, 32)); !errors.Is(err, ca.ErrRevoked) {
+		t.Errorf("the revoked CA signed a checkpoint: %v", err)
+	}
+	if !a2.Revoked() || a1.Revoked() {
+		t.Error("Revoked() reports the wrong authority")
+	}
+	if _, err := a1.Sign(ca.Leaf{ID: spiffeid.RequireFromPath(tr.TrustDomain, "/web"), PublicKey: &key.PublicKey, TTL: time.Hour}); err != nil {
+		t.Errorf("a CA that is not revoked: %v", err)
+	}
+	// Without a check nothing is revoked.
+	a1.SetRevocationCheck(nil, nil)
+	if _, err := a1.Classify(admin2); err != nil {
+		t.Errorf("no revocation source: %v", err)
 	}
 }

@@ -41,6 +41,8 @@ type Trust struct {
 	// RogueRootPath is the other root (same trust domain name) that signed
 	// the rogue nodes: what a rogue node would be configured to trust.
 	RogueRootPath string
+	// RootToken holds the root key (label "root"), for CRL ceremonies.
+	RootToken *testenv.Token
 }
 
 // Node is one node's HSM token and issuing CA.
@@ -116,6 +118,7 @@ func NewTrust(t testing.TB, prefix string, nodes []string, rogue []string) *Trus
 		n.KeyURI = n.Token.KeyURI("issuing")
 	}
 	tr.Root = readCert(t, tr.RootPath)
+	tr.RootToken = rootTok
 	return tr
 }
 

@@ -67,6 +67,7 @@ func NewCommand(out io.Writer) *cobra.Command {
 	f.DurationVar(&g.timeout, "timeout", 30*time.Second, "time limit for each request; for streams (snapshots, audit export), the longest wait without progress")
 
 	root.AddCommand(entryCmd(g), agentCmd(g), tpmCmd(g), tokenCmd(g), clusterCmd(g), snapshotCmd(g), auditCmd(g), bundleCmd(g), adminCmd(g), svidCmd(g))
+	root.AddCommand(caCmd(g)) // crl.go
 	return root
 }
 
@@ -141,7 +142,6 @@ func entryCmd(g *globals) *cobra.Command {
 		c.Flags().DurationVar(&jwtTTL, "jwt-ttl", 0, "JWT-SVID lifetime (default 5m)")
 		c.Flags().StringArrayVar(&e.DNSNames, "dns", nil, "DNS SAN (repeatable)")
 		c.Flags().StringVar(&e.Hint, "hint", "", "hint for workloads with several identities")
-		c.Flags().BoolVar(&e.Admin, "admin", false, "workloads with this identity are appliance admins")
 	}
 	build := func() error {
 		e.Selectors = nil
@@ -214,7 +214,7 @@ func printEntry(w io.Writer, v any) {
 	table(w, "FIELD\tVALUE", [][]string{
 		{"id", e.ID}, {"spiffe_id", e.SPIFFEID}, {"parent_id", e.ParentID}, {"selectors", selectorString(e.Selectors)},
 		{"x509_ttl", e.X509TTL.Duration().String()}, {"jwt_ttl", e.JWTTTL.Duration().String()},
-		{"dns_names", strings.Join(e.DNSNames, ",")}, {"hint", e.Hint}, {"admin", fmt.Sprint(e.Admin)},
+		{"dns_names", strings.Join(e.DNSNames, ",")}, {"hint", e.Hint},
 		{"revision", fmt.Sprint(e.Revision)},
 	})
 }
@@ -419,7 +419,7 @@ func bundleCmd(g *globals) *cobra.Command {
 
 func adminCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "admin", Short: "Admin credentials"}
-	var name, keyOut, certOut string
+	var name, keyOut, certOut, role string
 	var ttl time.Duration
 	issue := &cobra.Command{Use: "issue", Args: cobra.NoArgs, Short: "Make a key here and have a node certify it as an admin", RunE: func(*cobra.Command, []string) error {
 		if name == "" || keyOut == "" || certOut == "" {
@@ -450,7 +450,7 @@ func adminCmd(g *globals) *cobra.Command {
 			return err
 		}
 		err = g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
-			chain, err := c.AdminCertIssue(ctx, &api.AdminCertRequest{Name: name, CSR: csr, TTL: api.Seconds(ttl / time.Second)})
+			chain, err := c.AdminCertIssue(ctx, &api.AdminCertRequest{Name: name, CSR: csr, TTL: api.Seconds(ttl / time.Second), Role: role})
 			if err != nil {
 				return nil, err
 			}
@@ -463,10 +463,19 @@ func adminCmd(g *globals) *cobra.Command {
 				return nil, err
 			}
 			leaf, _ := x509.ParseCertificate(chain.Chain[0])
-			return map[string]string{"id": leaf.URIs[0].String(), "not_after": leaf.NotAfter.Format(time.RFC3339), "cert": certOut, "key": keyOut}, nil
+			out := map[string]string{"id": leaf.URIs[0].String(), "serial": leaf.SerialNumber.Text(16),
+				"not_after": leaf.NotAfter.Format(time.RFC3339), "cert": certOut, "key": keyOut}
+			if role != "" {
+				out["role"] = role
+			}
+			return out, nil
 		}, func(w io.Writer, v any) {
 			m := v.(map[string]string)
-			fmt.Fprintf(w, "admin credential %s (until %s): %s, key %s\n", m["id"], m["not_after"], m["cert"], m["key"])
+			r := m["role"]
+			if r == "" {
+				r = "kept, or admin for a new name"
+			}
+			fmt.Fprintf(w, "admin credential %s (role %s, serial %s, until %s): %s, key %s\n", m["id"], r, m["serial"], m["not_after"], m["cert"], m["key"])
 		})
 		kf.Close()
 		cf.Close()
@@ -480,7 +489,8 @@ func adminCmd(g *globals) *cobra.Command {
 	issue.Flags().StringVar(&keyOut, "key-out", "", "where to write the new private key (0600)")
 	issue.Flags().StringVar(&certOut, "cert-out", "", "where to write the certificate chain")
 	issue.Flags().DurationVar(&ttl, "ttl", 8*time.Hour, "certificate lifetime")
-	cmd.AddCommand(issue)
+	issue.Flags().StringVar(&role, "role", "", "admin (administers, renews itself) or admin-issuer (also issues and revokes any admin name); default: the name's current role, admin for a new name")
+	cmd.AddCommand(issue, adminRevokeCmd(g), adminListCmd(g))
 	return cmd
 }
 

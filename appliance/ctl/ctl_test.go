@@ -78,7 +78,7 @@ func TestSigilctl(t *testing.T) {
 	if out := must(with("bundle", "show", "--format", "pem")...); !strings.Contains(out, "BEGIN CERTIFICATE") {
 		t.Fatalf("bundle: %s", out)
 	}
-	if out := must(with("audit", "list")...); !strings.Contains(out, "admin.cert.issue") || !strings.Contains(out, "local:uid=") {
+	if out := must(with("audit", "list")...); !strings.Contains(out, "admin.issue") || !strings.Contains(out, "local:uid=") {
 		t.Fatalf("audit list lacks the bootstrap credential:\n%s", out)
 	}
 	if _, err := run(with("svid", "revoke", "deadbeef")...); err == nil || !strings.Contains(err.Error(), "no X.509-SVID with serial deadbeef") {
@@ -290,7 +290,7 @@ func testAudit(t *testing.T, dir string, run runFunc, must mustFunc, stderr *byt
 		t.Fatalf("capped list (%d lines):\n%s\nstderr: %s", n, out, stderr)
 	}
 	out = must(with("audit", "list", "--all")...)
-	if n := strings.Count(out, "\n"); n < len(recs)+1 || !strings.Contains(out, "admin.cert.issue") || stderr.Len() != 0 {
+	if n := strings.Count(out, "\n"); n < len(recs)+1 || !strings.Contains(out, "admin.issue") || stderr.Len() != 0 {
 		t.Fatalf("list --all: %d lines for %d records:\n%s\nstderr: %s", n, len(recs), out, stderr)
 	}
 	var all api.AuditList

@@ -11,11 +11,9 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"hash"
 	"io"
 	"os"
-	"regexp"
 	"strings"
 	"time"
 
@@ -59,6 +57,11 @@ func write[T any](ctx context.Context, a *admin, typ string, payload any) (*T, e
 func (a *admin) fail(what string, c caller, err error) error {
 	var ae *raft.ApplyError
 	switch {
+	case (errors.Is(err, state.ErrRefused) || errors.As(err, &ae)) && strings.Contains(err.Error(), state.AdminRevokedMarker):
+		// Refused at commit: the caller's name was revoked before this
+		// command, and this replica had not applied it yet.
+		a.n.log.Warn("admin call refused: certificate revoked", "request", what, "actor", c.Actor, "serial", c.Serial, "reason", err.Error())
+		return status.Errorf(codes.Unauthenticated, "admin certificate %s (serial %s) was revoked: %s", c.Actor, c.Serial, err.Error())
 	case errors.Is(err, state.ErrRefused) || errors.As(err, &ae):
 		a.n.log.Warn("admin request refused", "request", what, "actor", c.Actor, "reason", err.Error())
 		return status.Error(codes.FailedPrecondition, err.Error())
@@ -70,9 +73,17 @@ func (a *admin) fail(what string, c caller, err error) error {
 	return status.Errorf(codes.Unavailable, "%s: %v", what, err)
 }
 
+// read makes this replica current for the call, then checks the admin's
+// certificate again against it: a revocation committed before the call
+// began counts even where it had not been applied when the call was
+// authenticated.
 func (a *admin) read(ctx context.Context, what string) error {
+	c := callerFrom(ctx)
 	if err := a.n.raft.ReadIndex(ctx); err != nil {
-		return a.fail(what, callerFrom(ctx), err)
+		return a.fail(what, c, err)
+	}
+	if c.Peer.Role == ca.RoleAdmin {
+		return a.n.checkRevoked(what, c)
 	}
 	return nil
 }
@@ -475,15 +486,21 @@ func SPIFFEBundle(td spiffeid.TrustDomain, b state.Bundle) ([]byte, error) {
 	return sb.Marshal()
 }
 
-var adminNameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
-
 // AdminCertIssue certifies an admin's own key (from its CSR) as
-// spiffe://<td>/sigil/admin/<name>. The issuance is audited before the
-// certificate is returned: no audit, no certificate.
+// spiffe://<td>/sigil/admin/<name>. Who may have what: root on a node's
+// local socket any name and role; an admin-issuer any name and role; a
+// plain admin only its own name as a plain admin (its renewal). That is
+// checked before anything is signed (a refusal is audited and nothing else
+// is recorded) and again by the state machine when the issuance is
+// recorded, in log order. The issuance is recorded (serial, role, signing
+// node) before the certificate is returned: no record, no certificate.
 func (a *admin) AdminCertIssue(ctx context.Context, r *api.AdminCertRequest) (*api.CertChain, error) {
 	c := callerFrom(ctx)
-	if !adminNameRE.MatchString(r.Name) {
-		return nil, status.Errorf(codes.InvalidArgument, "admin name %q: want %s", r.Name, adminNameRE)
+	if !state.AdminNameRE.MatchString(r.Name) {
+		return nil, status.Errorf(codes.InvalidArgument, "admin name %q: want %s", shownID(r.Name), state.AdminNameRE)
+	}
+	if r.Role != "" && r.Role != state.RoleAdmin && r.Role != state.RoleAdminIssuer {
+		return nil, status.Errorf(codes.InvalidArgument, "admin role %q: want %s or %s", shownID(r.Role), state.RoleAdmin, state.RoleAdminIssuer)
 	}
 	csr, err := x509.ParseCertificateRequest(r.CSR)
 	if err != nil {
@@ -502,20 +519,108 @@ func (a *admin) AdminCertIssue(ctx context.Context, r *api.AdminCertRequest) (*a
 		return nil, status.Errorf(codes.InvalidArgument, "TTL %v exceeds this node's admin-cert-max-ttl %v", ttl, a.n.cfg.API.AdminCertMaxTTL.Duration)
 	}
 	id := spiffeid.RequireFromPath(a.n.td, "/sigil/admin/"+r.Name)
+	if !c.Local {
+		// Checked on a current replica so that nothing is signed for a
+		// caller who may not have it; the state machine checks again when
+		// the issuance is recorded.
+		if err := a.read(ctx, "admin cert issue"); err != nil {
+			return nil, err
+		}
+		admins, err := a.n.fsm.Admins()
+		if err != nil {
+			return nil, status.Errorf(codes.Internal, "the admin table cannot be read: %v", err)
+		}
+		role := state.ResolveAdminRole(state.FindAdmin(admins, r.Name), r.Role)
+		if err := state.MayIssueAdmin(c.Peer.Name, state.AdminRoleOf(admins, c.Peer.Name), r.Name, role); err != nil {
+			return nil, a.refuseAdmin(ctx, "admin.cert.refuse", id.String(), role, err)
+		}
+	}
 	chain, err := a.n.auth.SignAdmin(ca.Leaf{ID: id, PublicKey: csr.PublicKey, TTL: ttl, Subject: pkix.Name{CommonName: r.Name}})
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "sign: %v", err)
 	}
-	if _, err := a.n.apply(ctx, c.Actor, state.CmdAudit, state.AuditAppend{Events: []state.AuditEvent{{
-		Action: "admin.cert.issue", Target: id.String(), Detail: map[string]string{
-			"serial": fmt.Sprintf("%x", chain[0].SerialNumber), "not_after": chain[0].NotAfter.UTC().Format(time.RFC3339)}}}}); err != nil {
-		return nil, a.fail("admin cert audit", c, err)
+	rec, err := a.n.apply(ctx, c.Actor, state.CmdAdminIssue, state.AdminIssue{Name: r.Name, Role: r.Role,
+		Serial: chain[0].SerialNumber.Text(16), Node: a.n.cfg.NodeID, NotAfter: chain[0].NotAfter})
+	if err != nil {
+		if refused(err) && !strings.Contains(err.Error(), state.AdminRevokedMarker) {
+			return nil, a.refuseAdmin(ctx, "admin.cert.refuse", id.String(), r.Role, err)
+		}
+		return nil, a.fail("admin cert record", c, err)
 	}
+	var stored state.AdminRecord
+	if json.Unmarshal(rec, &stored) != nil {
+		stored.Role = r.Role
+	}
+	a.n.log.Info("admin certificate issued", "actor", c.Actor, "admin", id.String(), "role", stored.Role,
+		"serial", chain[0].SerialNumber.Text(16), "not_after", chain[0].NotAfter)
 	out := &api.CertChain{}
 	for _, x := range chain {
 		out.Chain = append(out.Chain, x.Raw)
 	}
 	return out, nil
+}
+
+// refuseAdmin audits and logs a refused admin request of an authenticated
+// admin and returns its error. The refusal is all that is recorded.
+func (a *admin) refuseAdmin(ctx context.Context, action, target, role string, err error) error {
+	c := callerFrom(ctx)
+	reason := auditReason(strings.TrimPrefix(err.Error(), state.ErrRefused.Error()+": "))
+	a.n.log.Warn("admin request refused", "action", action, "actor", c.Actor, "target", target, "role", role, "reason", reason)
+	a.audit(ctx, action, target, map[string]string{"role": role, "reason": reason})
+	return status.Error(codes.PermissionDenied, reason)
+}
+
+// AdminRevoke revokes every certificate issued so far for an admin name,
+// recorded or not: from then on only certificates issued after it act for
+// the name. An issuer (or root on a node) may revoke any name, an admin its
+// own.
+func (a *admin) AdminRevoke(ctx context.Context, r *api.AdminRevokeRequest) (*api.AdminRecord, error) {
+	c := callerFrom(ctx)
+	if !state.AdminNameRE.MatchString(r.Name) {
+		return nil, status.Errorf(codes.InvalidArgument, "admin name %q: want %s", shownID(r.Name), state.AdminNameRE)
+	}
+	target := spiffeid.RequireFromPath(a.n.td, "/sigil/admin/"+r.Name).String()
+	if !c.Local {
+		admins, err := a.n.fsm.Admins()
+		if err != nil {
+			return nil, status.Errorf(codes.Internal, "the admin table cannot be read: %v", err)
+		}
+		if err := state.MayRevokeAdmin(c.Peer.Name, state.AdminRoleOf(admins, c.Peer.Name), r.Name); err != nil {
+			return nil, a.refuseAdmin(ctx, "admin.revoke.refuse", target, "", err)
+		}
+	}
+	rec, err := write[state.AdminRecord](ctx, a, state.CmdAdminRevoke, state.AdminRevoke{Name: r.Name})
+	if err != nil {
+		return nil, err
+	}
+	a.n.log.Warn("admin revoked", "actor", c.Actor, "admin", target)
+	out := apiAdmin(a.n.td, *rec)
+	return &out, nil
+}
+
+// AdminList lists the admin names the appliance has recorded (issued or
+// revoked), with their roles and unexpired certificates.
+func (a *admin) AdminList(ctx context.Context, _ *api.Empty) (*api.AdminList, error) {
+	if err := a.read(ctx, "admin list"); err != nil {
+		return nil, err
+	}
+	admins, err := a.n.fsm.Admins()
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "the admin table cannot be read: %v", err)
+	}
+	out := &api.AdminList{Admins: make([]api.AdminRecord, 0, len(admins))}
+	for _, r := range admins {
+		out.Admins = append(out.Admins, apiAdmin(a.n.td, r))
+	}
+	return out, nil
+}
+
+func apiAdmin(td spiffeid.TrustDomain, r state.AdminRecord) api.AdminRecord {
+	return api.AdminRecord{Name: r.Name, ID: spiffeid.RequireFromPath(td, "/sigil/admin/"+r.Name).String(), Role: r.Role,
+		IssuedBy: r.IssuedBy, IssuedAt: r.IssuedAt, RevokedAt: r.RevokedAt, RevokedBy: r.RevokedBy, Revision: r.Revision,
+		Certs: convertAll(r.Certs, func(c state.AdminCert) api.AdminCert {
+			return api.AdminCert{Serial: c.Serial, Node: c.Node, Role: c.Role, NotAfter: c.NotAfter}
+		})}
 }
 
 // PCRPolicySet sets the PCR values a joining TPM must quote.

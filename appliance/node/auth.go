@@ -2,12 +2,14 @@ package node
 
 import (
 	"context"
+	"crypto/x509"
 	"fmt"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -26,6 +28,12 @@ type caller struct {
 	Actor string
 	Role  ca.Role
 	Peer  ca.Peer
+	// Local is root on this node's local socket (Role is RoleAdmin, Peer
+	// is empty): it may issue any admin name and role.
+	Local bool
+	// Serial is an admin certificate's serial (hex), for the revocation
+	// checks.
+	Serial string
 }
 
 func callerFrom(ctx context.Context) caller {
@@ -59,7 +67,63 @@ func (n *Node) authenticate(ctx context.Context, req any, info *grpc.UnaryServer
 	if who.Role == ca.RoleNone {
 		actor = "anonymous@" + p.Addr.String()
 	}
-	return h(context.WithValue(ctx, callerKey{}, caller{Actor: actor, Role: who.Role, Peer: who}), req)
+	c := caller{Actor: actor, Role: who.Role, Peer: who}
+	if who.Role == ca.RoleAdmin {
+		c.Serial = ti.State.PeerCertificates[0].SerialNumber.Text(16)
+		if err := n.checkAdmin(ctx, info.FullMethod, &c, ti.State.PeerCertificates[0]); err != nil {
+			return nil, err
+		}
+	}
+	return h(context.WithValue(ctx, callerKey{}, c), req)
+}
+
+// adminTTLSlack allows for a certificate's validity starting before it
+// was issued (ca.Authority backdates NotBefore by 30 s for clock skew).
+const adminTTLSlack = time.Minute
+
+// checkAdmin refuses an admin certificate, whichever node's CA signed it,
+// that is valid for longer than this node's admin-cert-max-ttl, or whose
+// name was revoked after it was issued (state.AdminRecord.Accepts).
+//
+// The revocation check here uses this replica as it is, which may lag the
+// leader by a heartbeat; what closes that gap without a read index on every
+// call: reads check again after their linearizable read (admin.read),
+// writes are refused at commit when no certificate can act for the name
+// (state checkAdminActor), and membership changes, which are not state
+// commands, read first here. So a revocation acknowledged before a call
+// counts on every node, for every method but cluster status (which must
+// answer without a quorum).
+func (n *Node) checkAdmin(ctx context.Context, method string, c *caller, leaf *x509.Certificate) error {
+	if life, max := leaf.NotAfter.Sub(leaf.NotBefore), n.cfg.API.AdminCertMaxTTL.Duration; life > max+adminTTLSlack {
+		n.log.Warn("admin call refused: certificate outlives admin-cert-max-ttl", "method", method, "caller", c.Actor,
+			"serial", c.Serial, "validity", life.String(), "max", max.String())
+		return status.Errorf(codes.Unauthenticated, "admin certificate %s (serial %s) is valid for %v, longer than admin-cert-max-ttl %v: refused whoever signed it",
+			c.Actor, c.Serial, life.Round(time.Second), max)
+	}
+	switch method {
+	case "/" + api.AdminService + "/ClusterJoin", "/" + api.AdminService + "/ClusterRemove":
+		if err := n.raft.ReadIndex(ctx); err != nil {
+			return status.Errorf(codes.Unavailable, "the cluster cannot confirm this admin's standing now (no leader or no quorum): %v", err)
+		}
+	}
+	return n.checkRevoked(method, *c)
+}
+
+// checkRevoked refuses an admin certificate whose name was revoked after
+// it was issued, as this replica knows it.
+func (n *Node) checkRevoked(method string, c caller) error {
+	rec, ok, err := n.fsm.Admin(c.Peer.Name)
+	if err != nil {
+		n.log.Error("admin call refused: admin table unreadable", "method", method, "caller", c.Actor, "err", err)
+		return status.Errorf(codes.Internal, "the admin table cannot be read, so no admin is accepted: %v", err)
+	}
+	if ok && !rec.Accepts(c.Serial) {
+		n.log.Warn("admin call refused: certificate revoked", "method", method, "caller", c.Actor, "serial", c.Serial,
+			"revoked_at", rec.RevokedAt.Format(time.RFC3339), "revoked_by", rec.RevokedBy)
+		return status.Errorf(codes.Unauthenticated, "admin certificate %s (serial %s) was revoked: the name was revoked at %s by %s, and this certificate was not issued since",
+			c.Actor, c.Serial, rec.RevokedAt.Format(time.RFC3339), rec.RevokedBy)
+	}
+	return nil
 }
 
 // authorize lets admins call the admin service and agents the agent
@@ -109,7 +173,14 @@ func (n *Node) authenticateStream(srv any, ss grpc.ServerStream, info *grpc.Stre
 	if err := n.authorize(info.FullMethod, who); err != nil {
 		return err
 	}
-	return h(srv, &callerStream{ServerStream: ss, ctx: context.WithValue(ctx, callerKey{}, caller{Actor: who.ID.String(), Role: who.Role})})
+	c := caller{Actor: who.ID.String(), Role: who.Role, Peer: who}
+	if who.Role == ca.RoleAdmin {
+		c.Serial = ti.State.PeerCertificates[0].SerialNumber.Text(16)
+		if err := n.checkAdmin(ctx, info.FullMethod, &c, ti.State.PeerCertificates[0]); err != nil {
+			return err
+		}
+	}
+	return h(srv, &callerStream{ServerStream: ss, ctx: context.WithValue(ctx, callerKey{}, c)})
 }
 
 type callerStream struct {
@@ -148,7 +219,7 @@ func (n *Node) localCaller(ctx context.Context, method string) (caller, error) {
 		n.log.Warn("local admin call refused", "method", method, "uid", la.UID, "pid", la.PID)
 		return caller{}, status.Errorf(codes.PermissionDenied, "uid %d may not use the local admin socket", la.UID)
 	}
-	return caller{Actor: fmt.Sprintf("local:uid=%d@%s", la.UID, n.cfg.NodeID), Role: ca.RoleAdmin}, nil
+	return caller{Actor: fmt.Sprintf("local:uid=%d@%s", la.UID, n.cfg.NodeID), Role: ca.RoleAdmin, Local: true}, nil
 }
 
 // listenLocal makes the socket 0600 in a 0700 directory before anyone can

@@ -123,7 +123,42 @@ type APIConfig struct {
 	LocalSocket string `yaml:"local-socket"`
 	// AdminCertMaxTTL bounds admin certificates issued here (default 24h).
 	AdminCertMaxTTL Duration `yaml:"admin-cert-max-ttl"`
+
+	// What callers can make the API hold (limits.go). Every request is at
+	// most 1 MiB (api.MaxRequestSize) and is refused by method and TLS
+	// role before it is read.
+	//
+	// MaxConnections bounds open connections (default 4096: an agent
+	// keeps one, an admin one per command); beyond it new ones are closed.
+	MaxConnections int `yaml:"max-connections"`
+	// MaxHandshakes bounds connections still in their TLS handshake
+	// (default 256); beyond it the oldest is dropped for the new one.
+	MaxHandshakes int `yaml:"max-handshakes"`
+	// MaxAnonymousConnections bounds connections without a client
+	// certificate, which only joining agents need (default 256).
+	MaxAnonymousConnections int `yaml:"max-anonymous-connections"`
+	// MaxAnonymousCalls bounds join calls in progress at once (default 64).
+	MaxAnonymousCalls int `yaml:"max-anonymous-calls"`
+	// MaxStreams bounds concurrent calls on one connection (default 64).
+	MaxStreams int `yaml:"max-streams"`
+	// HandshakeTimeout bounds a new connection's TLS and HTTP/2 setup
+	// (default 10s).
+	HandshakeTimeout Duration `yaml:"handshake-timeout"`
+	// IdleTimeout closes a connection with no call open for this long
+	// (default 2m; an agent's Sync stream keeps its connection open).
+	IdleTimeout Duration `yaml:"idle-timeout"`
 }
+
+// API limit defaults.
+const (
+	defaultMaxConnections          = 4096
+	defaultMaxHandshakes           = 256
+	defaultMaxAnonymousConnections = 256
+	defaultMaxAnonymousCalls       = 64
+	defaultMaxStreams              = 64
+	defaultHandshakeTimeout        = 10 * time.Second
+	defaultIdleTimeout             = 2 * time.Minute
+)
 
 // HTTPConfig serves /healthz, /readyz and /metrics (no secrets).
 type HTTPConfig struct {
@@ -134,6 +169,51 @@ type HTTPConfig struct {
 type LogConfig struct {
 	Level  string `yaml:"level"`  // debug, info, warn, error
 	Format string `yaml:"format"` // json (default) or text
+}
+
+// validateAPILimits fills the API limits' defaults and checks their
+// ranges. The upper bounds keep a typo from disabling a limit.
+func (c *Config) validateAPILimits(bad func(field, format string, a ...any)) {
+	a := &c.API
+	def := func(v *int, d int) {
+		if *v == 0 {
+			*v = d
+		}
+	}
+	def(&a.MaxConnections, defaultMaxConnections)
+	def(&a.MaxHandshakes, defaultMaxHandshakes)
+	def(&a.MaxAnonymousConnections, defaultMaxAnonymousConnections)
+	def(&a.MaxAnonymousCalls, defaultMaxAnonymousCalls)
+	def(&a.MaxStreams, defaultMaxStreams)
+	if a.HandshakeTimeout.Duration == 0 {
+		a.HandshakeTimeout.Duration = defaultHandshakeTimeout
+	}
+	if a.IdleTimeout.Duration == 0 {
+		a.IdleTimeout.Duration = defaultIdleTimeout
+	}
+	if n := a.MaxConnections; n < 16 || n > 1_000_000 {
+		bad("api.max-connections", "must be between 16 and 1000000 (got %d)", n)
+	}
+	for _, f := range []struct {
+		name string
+		n    int
+	}{{"api.max-handshakes", a.MaxHandshakes}, {"api.max-anonymous-connections", a.MaxAnonymousConnections}} {
+		if f.n < 1 || f.n > a.MaxConnections {
+			bad(f.name, "must be between 1 and api.max-connections, %d (got %d)", a.MaxConnections, f.n)
+		}
+	}
+	if n := a.MaxAnonymousCalls; n < 1 || n > 100_000 {
+		bad("api.max-anonymous-calls", "must be between 1 and 100000 (got %d)", n)
+	}
+	if n := a.MaxStreams; n < 1 || n > 10_000 {
+		bad("api.max-streams", "must be between 1 and 10000 (got %d)", n)
+	}
+	if d := a.HandshakeTimeout.Duration; d < 100*time.Millisecond || d > 5*time.Minute {
+		bad("api.handshake-timeout", "must be between 100ms and 5m (got %v)", d)
+	}
+	if d := a.IdleTimeout.Duration; d < time.Second || d > 24*time.Hour {
+		bad("api.idle-timeout", "must be between 1s and 24h (got %v)", d)
+	}
 }
 
 // Duration is a YAML time.Duration.
@@ -242,6 +322,7 @@ func (c *Config) Validate() error {
 	if c.API.AdminCertMaxTTL.Duration == 0 {
 		c.API.AdminCertMaxTTL.Duration = 24 * time.Hour
 	}
+	c.validateAPILimits(bad)
 	if c.Audit.RefusalSummaryInterval.Duration == 0 {
 		c.Audit.RefusalSummaryInterval.Duration = defaultRefusalSummaryInterval
 	}

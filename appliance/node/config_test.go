@@ -3,6 +3,7 @@ package node
 import (
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestConfigParsing(t *testing.T) {
@@ -31,6 +32,14 @@ func TestConfigParsing(t *testing.T) {
 		{"node-id: n1\naudit:\n  checkpoint-interval: 500ms\n", "audit.checkpoint-interval must be between"},
 		{"node-id: n1\naudit:\n  checkpoint-interval: 48h\n", "audit.checkpoint-interval must be between"},
 		{"node-id: n1\naudit:\n  checkpoints: 5\n", "field checkpoints not found"},
+		{"node-id: n1\napi:\n  max-connections: 5\n", "api.max-connections must be between 16 and"},
+		{"node-id: n1\napi:\n  max-connections: 100\n  max-handshakes: 200\n", "api.max-handshakes must be between 1 and api.max-connections, 100 (got 200)"},
+		{"node-id: n1\napi:\n  max-anonymous-connections: -1\n", "api.max-anonymous-connections must be between"},
+		{"node-id: n1\napi:\n  max-anonymous-calls: 1000000\n", "api.max-anonymous-calls must be between"},
+		{"node-id: n1\napi:\n  max-streams: -3\n", "api.max-streams must be between"},
+		{"node-id: n1\napi:\n  handshake-timeout: 10ms\n", "api.handshake-timeout must be between"},
+		{"node-id: n1\napi:\n  idle-timeout: 48h\n", "api.idle-timeout must be between"},
+		{"node-id: n1\napi:\n  max-message-size: 64MiB\n", "field max-message-size not found"},
 	} {
 		_, err := ParseConfig([]byte(tc.yaml))
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
@@ -39,5 +48,15 @@ func TestConfigParsing(t *testing.T) {
 		if err != nil && strings.Contains(err.Error(), "1234") {
 			t.Errorf("error echoes a PIN: %v", err)
 		}
+	}
+}
+
+// The API limits have defaults when unset.
+func TestConfigAPILimitDefaults(t *testing.T) {
+	c, _ := ParseConfig([]byte("node-id: n1\n")) // other fields missing: only the defaults matter here
+	a := c.API
+	if a.MaxConnections != 4096 || a.MaxHandshakes != 256 || a.MaxAnonymousConnections != 256 || a.MaxAnonymousCalls != 64 ||
+		a.MaxStreams != 64 || a.HandshakeTimeout.Duration != 10*time.Second || a.IdleTimeout.Duration != 2*time.Minute {
+		t.Fatalf("API limit defaults: %+v", a)
 	}
 }

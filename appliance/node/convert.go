@@ -38,7 +38,6 @@ func apiEntry(e state.Entry) api.Entry {
 		JWTTTL:    api.Seconds(e.JWTTTL),
 		DNSNames:  slices.Clone(e.DNSNames),
 		Hint:      e.Hint,
-		Admin:     e.Admin,
 		CreatedAt: e.CreatedAt,
 		UpdatedAt: e.UpdatedAt,
 		Revision:  e.Revision,
@@ -59,7 +58,6 @@ func stateEntry(e api.Entry) state.Entry {
 		JWTTTL:    state.Seconds(e.JWTTTL),
 		DNSNames:  slices.Clone(e.DNSNames),
 		Hint:      e.Hint,
-		Admin:     e.Admin,
 		CreatedAt: e.CreatedAt,
 		UpdatedAt: e.UpdatedAt,
 		Revision:  e.Revision,
@@ -105,11 +103,12 @@ func apiBundle(b state.Bundle) api.Bundle {
 		TrustDomain: b.TrustDomain,
 		Roots:       convertAll(b.Roots, slices.Clone[[]byte]),
 		JWTKeys: convertAll(b.JWTKeys, func(k state.JWTKey) api.JWTKey {
-			return api.JWTKey{KID: k.KID, Node: k.Node, PublicKey: slices.Clone(k.PublicKey), NotAfter: k.NotAfter}
+			return api.JWTKey{KID: k.KID, Node: k.Node, PublicKey: slices.Clone(k.PublicKey), NotAfter: k.NotAfter, CA: slices.Clone(k.CA)}
 		}),
 		Revoked: convertAll(b.Revoked, func(r state.Revocation) api.Revocation {
 			return api.Revocation{Serial: r.Serial, Node: r.Node, NotAfter: r.NotAfter, At: r.At}
 		}),
 		Sequence: b.Sequence,
+		RootCRLs: convertAll(b.RootCRLs, slices.Clone[[]byte]),
 	}
 }

@@ -22,7 +22,7 @@ func convTime(h int) time.Time {
 func fullEntry() state.Entry {
 	return state.Entry{ID: "e1", SPIFFEID: "spiffe://example.org/web", ParentID: "spiffe://example.org/sigil/agent/a1",
 		Selectors: []state.Selector{{Type: "unix", Value: "uid:1000"}, {Type: "unix", Value: "gid:10"}},
-		X509TTL:   3600, JWTTTL: 300, DNSNames: []string{"web.example.org", "web"}, Hint: "web", Admin: true,
+		X509TTL:   3600, JWTTTL: 300, DNSNames: []string{"web.example.org", "web"}, Hint: "web",
 		CreatedAt: convTime(0), UpdatedAt: convTime(1), Revision: 42}
 }
 
@@ -34,9 +34,9 @@ func fullAgent() state.Agent {
 
 func fullBundle() state.Bundle {
 	return state.Bundle{TrustDomain: "example.org", Roots: [][]byte{{1, 2, 3}, {4, 5}},
-		JWTKeys:  []state.JWTKey{{KID: "k1", Node: "node-1", PublicKey: []byte{6, 7}, NotAfter: convTime(2)}},
+		JWTKeys:  []state.JWTKey{{KID: "k1", Node: "node-1", PublicKey: []byte{6, 7}, NotAfter: convTime(2), CA: []byte{8}}},
 		Revoked:  []state.Revocation{{Serial: "0ff1ce", Node: "node-2", NotAfter: convTime(3), At: convTime(1)}},
-		Sequence: 9}
+		Sequence: 9, RootCRLs: [][]byte{{10, 11}}}
 }
 
 // allSet fails unless every field of v (recursively, through slices, maps
@@ -136,9 +136,9 @@ func TestConvertAgentAndBundle(t *testing.T) {
 		got := apiBundle(s)
 		allSet(t, got)
 		want := api.Bundle{TrustDomain: "example.org", Roots: [][]byte{{1, 2, 3}, {4, 5}},
-			JWTKeys:  []api.JWTKey{{KID: "k1", Node: "node-1", PublicKey: []byte{6, 7}, NotAfter: convTime(2)}},
+			JWTKeys:  []api.JWTKey{{KID: "k1", Node: "node-1", PublicKey: []byte{6, 7}, NotAfter: convTime(2), CA: []byte{8}}},
 			Revoked:  []api.Revocation{{Serial: "0ff1ce", Node: "node-2", NotAfter: convTime(3), At: convTime(1)}},
-			Sequence: 9}
+			Sequence: 9, RootCRLs: [][]byte{{10, 11}}}
 		if !reflect.DeepEqual(got, want) {
 			t.Fatalf("got %+v\nwant %+v", got, want)
 		}
@@ -146,7 +146,7 @@ func TestConvertAgentAndBundle(t *testing.T) {
 		if s.Roots[0][0] != 1 {
 			t.Fatal("apiBundle aliases the state's roots")
 		}
-		if e := apiBundle(state.Bundle{}); e.Roots != nil || e.JWTKeys != nil || e.Revoked != nil {
+		if e := apiBundle(state.Bundle{}); e.Roots != nil || e.JWTKeys != nil || e.Revoked != nil || e.RootCRLs != nil {
 			t.Fatalf("empty bundle: %+v", e)
 		}
 	})
@@ -201,7 +201,7 @@ func wantKeys(s string) []string {
 // sigilctl --output json scripts read: they must not drift.
 func TestEntryJSONWireNames(t *testing.T) {
 	full := apiEntry(fullEntry())
-	if got, want := jsonKeys(t, full), wantKeys("id spiffe_id parent_id selectors x509_ttl jwt_ttl dns_names hint admin created_at updated_at revision"); !slices.Equal(got, want) {
+	if got, want := jsonKeys(t, full), wantKeys("id spiffe_id parent_id selectors x509_ttl jwt_ttl dns_names hint created_at updated_at revision"); !slices.Equal(got, want) {
 		t.Errorf("api.Entry JSON keys %v, want %v", got, want)
 	}
 	if got, want := jsonKeys(t, api.Entry{}), wantKeys("id spiffe_id parent_id selectors created_at updated_at revision"); !slices.Equal(got, want) {
@@ -227,8 +227,8 @@ func TestEntryJSONWireNames(t *testing.T) {
 		want string
 	}{
 		{apiAgent(fullAgent()), "id attestation_type facts serial_number expires_at banned joined_at updated_at revision"},
-		{apiBundle(fullBundle()), "trust_domain roots jwt_keys revoked sequence"},
-		{apiBundle(fullBundle()).JWTKeys[0], "kid node public_key not_after"},
+		{apiBundle(fullBundle()), "trust_domain roots jwt_keys revoked root_crls sequence"},
+		{apiBundle(fullBundle()).JWTKeys[0], "kid node ca public_key not_after"},
 		{apiBundle(fullBundle()).Revoked[0], "serial node not_after at"},
 		{api.EKCA{ID: "x"}, "id subject der"},
 		{api.PCRPolicy{}, "bank pcrs"},

@@ -67,8 +67,52 @@ func newMetrics(n *Node) *metrics {
 		gauge("sigil_issuing_ca_expiry_seconds", "Seconds until this node's issuing CA expires.", func() float64 {
 			return time.Until(n.auth.Issuing().NotAfter).Seconds()
 		}),
+		limitsCollector{n},
 	)
 	return m
+}
+
+// limitsCollector reports the listeners' connection bounds (limits.go):
+// what is held now and what was refused, so a flood shows on a dashboard
+// rather than only in rate-limited log lines.
+type limitsCollector struct{ n *Node }
+
+var (
+	descConns = prometheus.NewDesc("sigil_listener_connections",
+		"Open connections per listener: all, still in their handshake (or idle HTTP keep-alive), without a client certificate.",
+		[]string{"listener", "state"}, nil)
+	descConnsRefused = prometheus.NewDesc("sigil_listener_connections_refused_total",
+		"Connections closed by a listener's bounds: over max-connections, the oldest in its handshake dropped for a new one, over max-anonymous-connections.",
+		[]string{"listener", "reason"}, nil)
+	descCallsRefused = prometheus.NewDesc("sigil_api_calls_refused_total",
+		"API calls refused by method and TLS role, or over max-anonymous-calls, before their message was read.",
+		[]string{"reason"}, nil)
+)
+
+func (limitsCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- descConns
+	ch <- descConnsRefused
+	ch <- descCallsRefused
+}
+
+func (c limitsCollector) Collect(ch chan<- prometheus.Metric) {
+	for name, l := range map[string]*connLimiter{"api": c.n.apiLim, "http": c.n.httpLim, "bundle": c.n.bundleLim} {
+		if l == nil {
+			continue
+		}
+		st := l.stats()
+		for state, v := range map[string]int{"open": st.Open, "handshake": st.Pending, "anonymous": st.Anonymous} {
+			ch <- prometheus.MustNewConstMetric(descConns, prometheus.GaugeValue, float64(v), name, state)
+		}
+		for reason, v := range map[string]uint64{"max-connections": st.RefusedMax, "handshake-evicted": st.Evicted, "max-anonymous-connections": st.RefusedAnonymous} {
+			ch <- prometheus.MustNewConstMetric(descConnsRefused, prometheus.CounterValue, float64(v), name, reason)
+		}
+	}
+	if c.n.gate != nil {
+		for reason, v := range c.n.gate.refusals() {
+			ch <- prometheus.MustNewConstMetric(descCallsRefused, prometheus.CounterValue, float64(v), reason)
+		}
+	}
 }
 
 type statusView struct {

@@ -1,6 +1,7 @@
 package node
 
 import (
+	"container/list"
 	"context"
 	"crypto"
 	"crypto/rand"
@@ -12,9 +13,9 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -28,37 +29,51 @@ import (
 	"github.com/sigil-appliance/sigil/raft"
 )
 
-const (
-	// challengeTTL bounds a TPM join's two calls; a real TPM's certify
-	// and activation take well under a second each.
-	challengeTTL = time.Minute
-	// maxPending bounds the challenges anonymous callers can make a node
-	// hold (each costs memory until it expires).
-	maxPending = 10000
-)
-
 // joinSvc admits agents: by TPM evidence (appliance/attest decides) or by
 // a one-time join token, and renews their SVIDs. Every decision is logged;
 // admissions and refusals of a proven identity (renewal, a banned agent)
 // are audited one by one, anonymous refusals are counted and summarized
 // (refusals.go) so that no anonymous caller can grow the audit log. The
-// agent is recorded before its SVID is returned.
+// agent is recorded before its SVID is returned. Pending TPM challenges
+// and the hellos that make them are bounded per EK and per source
+// (joinlimit.go).
 type joinSvc struct {
 	n *Node
 
-	mu      sync.Mutex
-	pending map[string]*challenge // by nonce; single use
+	pending *challengeTable // single use, by nonce
+	limit   *sourceLimiter  // hellos that would get a challenge, per source
 }
 
 type challenge struct {
-	ek      *attest.EK
-	ak      *attest.AK
-	cred    *attest.Credential
-	pcrs    map[uint][]byte
-	expires time.Time
+	ek   *attest.EK
+	ak   *attest.AK
+	cred *attest.Credential
+	pcrs map[uint][]byte
+
+	nonce, ekHash, source string // the table's keys
+	expires               time.Time
+	elem                  *list.Element // in challengeTable.order
 }
 
-func newJoinSvc(n *Node) *joinSvc { return &joinSvc{n: n, pending: map[string]*challenge{}} }
+func newJoinSvc(n *Node) *joinSvc {
+	replaced := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sigil_join_challenges_replaced_total",
+		Help: "Pending TPM join challenges dropped for a newer hello: for the same EK from the same source (same-ek), for an EK or from a source at its bound (ek-full, source-full).",
+	}, []string{"reason"})
+	j := &joinSvc{n: n,
+		pending: newChallengeTable(challengeTTL, maxPending, maxPendingPerEK, maxPendingPerSource, func(r string) { replaced.WithLabelValues(r).Inc() }),
+		limit:   newSourceLimiter(helloRate, helloBurst, maxHelloSources)}
+	if n.metrics != nil {
+		n.metrics.reg.MustRegister(replaced,
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sigil_join_challenges_pending",
+				Help: "TPM join challenges this node holds (bounded per EK, per source and in all)."},
+				func() float64 { return float64(j.pending.len()) }),
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sigil_join_hello_sources",
+				Help: "Sources the TPM hello rate limiter tracks (bounded)."},
+				func() float64 { return float64(j.limit.len()) }))
+	}
+	return j
+}
 
 var _ api.JoinServer = (*joinSvc)(nil)
 
@@ -86,6 +101,10 @@ func (j *joinSvc) refuseAnon(ctx context.Context, method, class, subject string,
 }
 
 func (j *joinSvc) TPMHello(ctx context.Context, r *api.JoinTPMHello) (*api.JoinTPMChallenge, error) {
+	src := helloSource(ctx)
+	if ok, retry := j.limit.peek(src, time.Now()); !ok {
+		return nil, j.refuseAnon(ctx, "tpm", classRateLimited, "", codes.ResourceExhausted, rateLimited(src, retry))
+	}
 	verify := func() (*attest.EK, state.JoinPolicy, error) {
 		pol := j.n.fsm.Policy()
 		var cas []*x509.Certificate
@@ -113,11 +132,16 @@ func (j *joinSvc) TPMHello(ctx context.Context, r *api.JoinTPMHello) (*api.JoinT
 	if err != nil {
 		return nil, j.refuseAnon(ctx, "tpm", classAKInvalid, ek.Hash, codes.PermissionDenied, err)
 	}
+	// Charged only for hellos that would get a challenge: refused ones
+	// hold nothing and are counted in bounded form (refusals.go).
+	if ok, retry := j.limit.allow(src, time.Now()); !ok {
+		return nil, j.refuseAnon(ctx, "tpm", classRateLimited, ek.Hash, codes.ResourceExhausted, rateLimited(src, retry))
+	}
 	cred, err := attest.MakeCredential(ek, ak)
 	if err != nil {
 		return nil, j.refuseAnon(ctx, "tpm", classMalformed, ek.Hash, codes.InvalidArgument, err)
 	}
-	ch := &challenge{ek: ek, ak: ak, cred: cred, expires: time.Now().Add(challengeTTL)}
+	ch := &challenge{ek: ek, ak: ak, cred: cred, ekHash: ek.Hash, source: src}
 	out := &api.JoinTPMChallenge{IDObject: cred.IDObject, EncSecret: cred.EncSecret}
 	if p := pol.PCRPolicy; p != nil {
 		ch.pcrs = map[uint][]byte{}
@@ -130,27 +154,16 @@ func (j *joinSvc) TPMHello(ctx context.Context, r *api.JoinTPMHello) (*api.JoinT
 	}
 	out.Nonce = make([]byte, 32)
 	rand.Read(out.Nonce)
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	for k, c := range j.pending {
-		if time.Now().After(c.expires) {
-			delete(j.pending, k)
-		}
+	ch.nonce = string(out.Nonce)
+	if err := j.pending.add(time.Now(), ch); err != nil {
+		return nil, j.refuseAnon(ctx, "tpm", classBusy, ek.Hash, codes.ResourceExhausted, err)
 	}
-	if len(j.pending) >= maxPending {
-		return nil, j.refuseAnon(ctx, "tpm", classBusy, ek.Hash, codes.ResourceExhausted,
-			fmt.Errorf("too many joins in progress on this node (%d challenges pending); retry later", len(j.pending)))
-	}
-	j.pending[string(out.Nonce)] = ch
 	return out, nil
 }
 
 func (j *joinSvc) TPMProve(ctx context.Context, r *api.JoinTPMProof) (*api.AgentSVID, error) {
-	j.mu.Lock()
-	ch, ok := j.pending[string(r.Nonce)]
-	delete(j.pending, string(r.Nonce))
-	j.mu.Unlock()
-	if !ok {
+	ch := j.pending.take(string(r.Nonce))
+	if ch == nil {
 		return nil, j.refuseAnon(ctx, "tpm", classNonceUnknown, "", codes.PermissionDenied, errors.New("unknown or already used nonce (a replay, or the challenge came from another node)"))
 	}
 	if time.Now().After(ch.expires) {
@@ -174,11 +187,17 @@ func (j *joinSvc) TPMProve(ctx context.Context, r *api.JoinTPMProof) (*api.Agent
 	keyDER, _ := x509.MarshalPKIXPublicKey(agentKey)
 	keySum := sha256.Sum256(keyDER)
 	id := spiffeid.RequireFromPath(j.n.td, "/sigil/agent/tpm/"+ch.ek.Hash)
-	return j.issue(ctx, "tpm", id, agentKey, "tpm", map[string]string{
+	svid, err := j.issue(ctx, "tpm", id, agentKey, "tpm", map[string]string{
 		"ek_hash": ch.ek.Hash, "ek_method": ch.ek.Method, "ek_issuer": ch.ek.Issuer,
 		"ak_name": hex.EncodeToString(ch.ak.Name), "agent_key_sha256": hex.EncodeToString(keySum[:]),
 		"pcr_policy": strconv.FormatBool(ch.pcrs != nil),
 	})
+	if err == nil {
+		// A TPM stood behind this hello: it does not count against its
+		// source's rate.
+		j.limit.refund(ch.source)
+	}
+	return svid, err
 }
 
 func (j *joinSvc) Token(ctx context.Context, r *api.JoinTokenRequest) (*api.AgentSVID, error) {
@@ -216,7 +235,10 @@ func (j *joinSvc) Token(ctx context.Context, r *api.JoinTokenRequest) (*api.Agen
 
 // Renew re-issues the calling agent's SVID for the same key (the TPM key:
 // the TLS handshake that got here was signed by it). A banned agent gets
-// nothing.
+// nothing, and only the agent's current certificate (the serial its
+// record holds) renews: once the agent has renewed, a copy of an older
+// certificate and key (stolen) cannot renew beside it. The check follows a
+// linearizable read, so a renewal committed through another node counts.
 func (j *joinSvc) Renew(ctx context.Context, r *api.RenewRequest) (*api.AgentSVID, error) {
 	c := callerFrom(ctx)
 	p, _ := peer.FromContext(ctx)
@@ -224,18 +246,20 @@ func (j *joinSvc) Renew(ctx context.Context, r *api.RenewRequest) (*api.AgentSVI
 	if len(ti.State.PeerCertificates) == 0 {
 		return nil, status.Error(codes.Unauthenticated, "no certificate")
 	}
-	if err := checkCSRKey(r.CSR, ti.State.PeerCertificates[0].PublicKey); err != nil {
+	presented := ti.State.PeerCertificates[0]
+	if err := checkCSRKey(r.CSR, presented.PublicKey); err != nil {
 		return nil, j.refuse(ctx, "renew", c.Actor, codes.PermissionDenied, err)
+	}
+	if err := (&agentSvc{n: j.n}).catchUp(ctx); err != nil {
+		return nil, err
 	}
 	a, ok := j.n.fsm.Agent(c.Actor)
 	if !ok || a.Banned {
-		if err := (&agentSvc{n: j.n}).catchUp(ctx); err != nil {
-			return nil, err
-		}
-		a, ok = j.n.fsm.Agent(c.Actor)
-	}
-	if !ok || a.Banned {
 		return nil, j.refuse(ctx, "renew", c.Actor, codes.PermissionDenied, errors.New("agent is banned or unknown"))
+	}
+	if serial := presented.SerialNumber.Text(16); a.SerialNumber == "" || serial != a.SerialNumber {
+		return nil, j.refuse(ctx, "renew", c.Actor, codes.PermissionDenied, fmt.Errorf(
+			"certificate serial %s is not the agent's current certificate (%s): only the latest SVID renews; attest again", serial, a.SerialNumber))
 	}
 	id := spiffeid.RequireFromString(c.Actor)
 	return j.issue(ctx, "renew", id, ti.State.PeerCertificates[0].PublicKey, a.AttestationType, a.Facts)
@@ -302,4 +326,9 @@ func checkCSRKey(der []byte, want crypto.PublicKey) error {
 		return errors.New("CSR is for another key than the attested (or presented) one")
 	}
 	return nil
+}
+
+func rateLimited(src string, retry time.Duration) error {
+	return fmt.Errorf("too many unproven TPM join hellos from %s (at most %g a second, bursts of %d); retry in %v",
+		src, helloRate, helloBurst, retry.Round(time.Millisecond))
 }

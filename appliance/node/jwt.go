@@ -123,7 +123,8 @@ func (j *jwtKeys) create(ctx context.Context) (*jwtKey, error) {
 		return nil, err
 	}
 	now := time.Now()
-	k := state.JWTKey{KID: kid, Node: j.n.cfg.NodeID, PublicKey: der, NotAfter: now.Add(j.rotate + maxJWTLife).UTC().Truncate(time.Second)}
+	k := state.JWTKey{KID: kid, Node: j.n.cfg.NodeID, PublicKey: der, NotAfter: now.Add(j.rotate + maxJWTLife).UTC().Truncate(time.Second),
+		CA: j.n.auth.Issuing().Raw} // a root CRL revoking this CA withdraws the key
 	if _, err := j.n.apply(ctx, j.n.actor(), state.CmdJWTKeyAdd, &k); err != nil {
 		return nil, fmt.Errorf("publish JWT key %s: %w", kid, err)
 	}

@@ -58,6 +58,10 @@ type Node struct {
 	jwt      *jwtKeys
 	crls     crlCache
 
+	// Connection and call bounds of the listeners (limits.go).
+	apiLim, httpLim, bundleLim *connLimiter
+	gate                       *tapGate
+
 	stop     context.CancelFunc
 	wg       sync.WaitGroup
 	stopOnce sync.Once
@@ -129,6 +133,7 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("state: %w", err)
 	}
+	n.auth.SetRevocationCheck(n.rootCRLCheck(), log) // root CRLs (revocation.go)
 	n.raft, err = raft.New(ctx, raft.Config{
 		NodeID:        cfg.NodeID,
 		BindAddr:      cfg.Cluster.Bind,
@@ -184,13 +189,20 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 	n.wg.Add(1)
 	go func() { defer n.wg.Done(); n.bundleLoop(runCtx) }()
 
-	// The API: admins (and later agents) over mutual TLS.
-	if n.apiLn, err = net.Listen("tcp", cfg.API.Listen); err != nil {
+	// The API: admins, agents and joining agents over TLS. Calls are
+	// refused by method and role before their message is read (n.gate),
+	// and connections are bounded before and after the handshake.
+	ln, err := net.Listen("tcp", cfg.API.Listen)
+	if err != nil {
 		return nil, fmt.Errorf("api.listen: %w", err)
 	}
+	n.apiLim = newConnLimiter("api", cfg.API.MaxConnections, cfg.API.MaxHandshakes, cfg.API.MaxAnonymousConnections, log)
+	n.apiLn = limitListener{Listener: ln, l: n.apiLim}
+	n.gate = newTapGate(n.td, cfg.API.MaxAnonymousCalls, log)
 	tlsCfg := n.ident.TLSConfigAllowAnonymous(ca.RoleAdmin, ca.RoleAgent)
-	n.grpc = grpc.NewServer(append(api.ServerOptions(),
-		grpc.Creds(credentials.NewTLS(tlsCfg)),
+	n.grpc = grpc.NewServer(append(append(api.ServerOptions(), grpcLimitOptions(cfg.API)...),
+		grpc.Creds(limitCreds{credentials.NewTLS(tlsCfg)}),
+		grpc.InTapHandle(n.gate.tap),
 		grpc.ChainUnaryInterceptor(n.authenticate),
 		grpc.ChainStreamInterceptor(n.authenticateStream))...)
 	api.RegisterAdmin(n.grpc, &admin{n: n})
@@ -202,7 +214,9 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 		if n.localLn, err = listenLocal(cfg.API.LocalSocket); err != nil {
 			return nil, fmt.Errorf("api.local-socket: %w", err)
 		}
-		n.local = grpc.NewServer(append(api.ServerOptions(),
+		// Root only (0600): no connection cap, the same timeouts and
+		// message bounds.
+		n.local = grpc.NewServer(append(append(api.ServerOptions(), grpcLimitOptions(cfg.API)...),
 			grpc.Creds(api.LocalCredentials()),
 			grpc.ChainUnaryInterceptor(n.authenticateLocal),
 			grpc.ChainStreamInterceptor(n.authenticateLocalStream))...)
@@ -211,10 +225,13 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 	}
 
 	if cfg.HTTP.Listen != "" {
-		if n.httpLn, err = net.Listen("tcp", cfg.HTTP.Listen); err != nil {
+		ln, err := net.Listen("tcp", cfg.HTTP.Listen)
+		if err != nil {
 			return nil, fmt.Errorf("http.listen: %w", err)
 		}
-		n.http = &http.Server{Handler: n.httpHandler(), ReadHeaderTimeout: 5 * time.Second}
+		n.httpLim = newConnLimiter("http", httpMaxConns, httpMaxHandshakes, 0, log)
+		n.httpLn = limitListener{Listener: ln, l: n.httpLim}
+		n.http = newHTTPServer(n.log.With("listener", "http"), n.httpHandler(), n.httpLim, nil)
 		n.serve(func() error {
 			if err := n.http.Serve(n.httpLn); !errors.Is(err, http.ErrServerClosed) {
 				return err
@@ -223,12 +240,15 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 		})
 	}
 	if cfg.Bundle.Listen != "" {
-		if n.bundleLn, err = net.Listen("tcp", cfg.Bundle.Listen); err != nil {
+		ln, err := net.Listen("tcp", cfg.Bundle.Listen)
+		if err != nil {
 			return nil, fmt.Errorf("bundle.listen: %w", err)
 		}
+		n.bundleLim = newConnLimiter("bundle", httpMaxConns, httpMaxHandshakes, 0, log)
+		n.bundleLn = limitListener{Listener: ln, l: n.bundleLim}
 		bcfg := &tls.Config{MinVersion: tls.VersionTLS12,
 			GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return n.ident.Certificate() }}
-		n.bundle = &http.Server{Handler: n.bundleHandler(), ReadHeaderTimeout: 5 * time.Second, TLSConfig: bcfg}
+		n.bundle = newHTTPServer(n.log.With("listener", "bundle"), n.bundleHandler(), n.bundleLim, bcfg)
 		n.serve(func() error {
 			if err := n.bundle.ServeTLS(n.bundleLn, "", ""); !errors.Is(err, http.ErrServerClosed) {
 				return err

@@ -232,7 +232,7 @@ func TestAttackForgedArchiveRestore(t *testing.T) {
 	// recomputed: caught by the archive checks.
 	evil := state.Entry{ID: "0000aaaa-forged-admin-x", SPIFFEID: "spiffe://example.org/sigil/admin/x",
 		ParentID: "spiffe://example.org/sigil/agent/tpm/host-a", Selectors: []state.Selector{{Type: "unix", Value: "uid:0"}},
-		Admin: true, CreatedAt: time.Now().UTC(), UpdatedAt: time.Now().UTC(), Revision: 3}
+		CreatedAt: time.Now().UTC(), UpdatedAt: time.Now().UTC(), Revision: 3}
 	ev, _ := json.Marshal(evil)
 	forgedEntry := raBuild(header, raInsert(frames, raFrame{raFrameEntry, []byte(evil.ID), ev}))
 	_, err = c.Admin("node-3").SnapshotRestore(ctx, &api.SnapshotArchive{Archive: forgedEntry})

@@ -443,7 +443,6 @@ func TestAttackForgedArchive(t *testing.T) {
 		}
 	}
 	adminEntry := entry("entry-evil-admin", "spiffe://example.org/sigil/admin/x", "unix:uid:0")
-	adminEntry.Admin = true
 
 	cases := []struct {
 		name  string

@@ -358,7 +358,7 @@ func entryAudit(action string, e *Entry) AuditEvent {
 		sel[i] = s.String()
 	}
 	return AuditEvent{Action: action, Target: e.SPIFFEID, Detail: map[string]string{
-		"entry": e.ID, "parent": e.ParentID, "selectors": strings.Join(sel, ","), "admin": strconv.FormatBool(e.Admin)}}
+		"entry": e.ID, "parent": e.ParentID, "selectors": strings.Join(sel, ",")}}
 }
 
 func applyEntryCreate(t *txn, e *Entry) (any, []AuditEvent, error) {
@@ -734,7 +734,8 @@ func checkJWTKey(k *JWTKey) error {
 	if _, ok := pub.(interface{ Equal(crypto.PublicKey) bool }); !ok {
 		return refuse("JWT key %s: unsupported key type %T", k.KID, pub)
 	}
-	return nil
+	_, err = checkJWTKeyCAForm(k)
+	return err
 }
 
 // applyJWTKeyAdd publishes a node's JWT key. Only the node itself may
@@ -745,6 +746,9 @@ func applyJWTKeyAdd(t *txn, k *JWTKey) (any, []AuditEvent, error) {
 		return nil, nil, refuse("JWT key for node %q proposed by node %s: a node publishes only its own keys", truncate(k.Node, 64), t.origin)
 	}
 	if err := checkJWTKey(k); err != nil {
+		return nil, nil, err
+	}
+	if err := t.checkJWTKeyCA(k); err != nil {
 		return nil, nil, err
 	}
 	if !k.NotAfter.After(t.c.Time) {

@@ -110,6 +110,7 @@ type FSM struct {
 	policy     atomic.Pointer[JoinPolicy]
 	head       atomic.Pointer[AuditHead]
 	checkpoint atomic.Uint64
+	rootCRLs   atomic.Pointer[rootCRLCache] // crl.go
 
 	exportFailures atomic.Uint64
 }
@@ -307,6 +308,9 @@ func (f *FSM) apply(index uint64, origin string, cmd []byte) (any, *txn, error) 
 		// bbolt does not keep FillPercent across transactions: the audit
 		// log only grows at its end, so its pages are filled completely.
 		tx.Bucket(bAudit).FillPercent = 1.0
+		if err := t.checkAdminActor(); err != nil { // admins.go
+			return err
+		}
 		r, events, err := reg.h(t)
 		if err != nil {
 			return err

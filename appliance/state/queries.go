@@ -144,6 +144,7 @@ func (f *FSM) Bundle() Bundle {
 	out.Roots = append([][]byte(nil), b.Roots...)
 	out.JWTKeys = append([]JWTKey(nil), b.JWTKeys...)
 	out.Revoked = append([]Revocation(nil), b.Revoked...)
+	out.RootCRLs = append([][]byte(nil), b.RootCRLs...)
 	return out
 }
 

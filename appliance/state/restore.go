@@ -28,7 +28,10 @@ import (
 //   - the trust bundle keeps the current roots and JWT keys (the archive may
 //     hold no others) and the union of both revocation lists;
 //   - the audit log is never replaced: the archive's chain head must be a
-//     record of this log, and the restore is appended to it.
+//     record of this log, and the restore is appended to it;
+//   - admin roles and revocations are never rolled back: the archive's
+//     admin table is checked and ignored (a restore cannot revive a
+//     revoked admin certificate).
 type StateRestore struct {
 	Archive      string       `json:"archive_sha256"`
 	Index        uint64       `json:"archive_index"`
@@ -41,6 +44,8 @@ type StateRestore struct {
 	Roots        [][]byte     `json:"roots"`
 	JWTKeys      []JWTKey     `json:"jwt_keys"`
 	Revocations  []Revocation `json:"revocations"`
+	// RootCRLs are merged, never dropped (crl.go, mergeRootCRLs).
+	RootCRLs []RootCRL `json:"root_crls,omitempty"`
 }
 
 // ReadArchive verifies an archive completely (layout, checksum, trust
@@ -70,6 +75,9 @@ func (f *FSM) ReadArchive(r io.Reader, dir string) (*StateRestore, ArchiveMeta, 
 			return err
 		}
 		p.Roots, p.JWTKeys, p.Revocations = b.Roots, b.JWTKeys, b.Revoked
+		if p.RootCRLs, err = readRootCRLs(tx); err != nil {
+			return err
+		}
 		if err := tx.Bucket(bEntries).ForEach(func(_, v []byte) error {
 			var e Entry
 			err := decodeStrict(v, &e)
@@ -227,7 +235,7 @@ func applyStateRestore(t *txn, p *StateRestore) (any, []AuditEvent, error) {
 			return nil, nil, err
 		}
 	}
-	var addedIDs, changedIDs, removedIDs, adminIDs []string
+	var addedIDs, changedIDs, removedIDs []string
 	for i := range p.Entries {
 		e := p.Entries[i]
 		o, existed := old[e.ID]
@@ -243,9 +251,6 @@ func applyStateRestore(t *txn, p *StateRestore) (any, []AuditEvent, error) {
 			e.CreatedAt, e.UpdatedAt = o.CreatedAt, t.c.Time
 		default:
 			e.CreatedAt, e.UpdatedAt = o.CreatedAt, o.UpdatedAt
-		}
-		if e.Admin && (!existed || !o.Admin) {
-			adminIDs = append(adminIDs, e.ID)
 		}
 		delete(old, e.ID)
 		e.Revision = t.index
@@ -295,6 +300,10 @@ func applyStateRestore(t *txn, p *StateRestore) (any, []AuditEvent, error) {
 			return nil, nil, err
 		}
 	}
+	crlsAdopted, err := t.mergeRootCRLs(p.RootCRLs)
+	if err != nil {
+		return nil, nil, err
+	}
 	t.configChanged = true
 	return nil, []AuditEvent{{Action: CmdStateRestore, Target: p.Archive, Detail: map[string]string{
 		"archive_sha256":       p.Archive,
@@ -309,11 +318,11 @@ func applyStateRestore(t *txn, p *StateRestore) (any, []AuditEvent, error) {
 		"tokens_kept":          strconv.Itoa(len(keepTokens)),
 		"tokens_expired":       strconv.Itoa(dropped),
 		"revocations_restored": strconv.Itoa(merged),
+		"root_crls_adopted":    strconv.Itoa(crlsAdopted),
 		// Which entries, as far as the detail bound allows (cut with …).
 		"entries_added_ids":   strings.Join(addedIDs, ","),
 		"entries_changed_ids": strings.Join(changedIDs, ","),
 		"entries_removed_ids": strings.Join(removedIDs, ","),
-		"entries_made_admin":  strings.Join(adminIDs, ","),
 	}}}, nil
 }
 

@@ -57,6 +57,7 @@ var frameBuckets = map[byte][]byte{
 // audit head come from the header and the records.
 var streamMetaKeys = map[string]bool{
 	string(keyPolicy): true, string(keyRoots): true, string(keyBundleSequence): true, string(keyCheckpoint): true,
+	string(keyAdmins): true,
 }
 
 // Stream bounds: a frame's key and value, and the header line.
@@ -429,6 +430,14 @@ func (l *loader) check(kind byte, k, v []byte) error {
 			if err := checkPolicy(&p); err != nil {
 				return fmt.Errorf("policy: %v", err)
 			}
+		case string(keyAdmins):
+			var admins []AdminRecord
+			if err := decodeStrict(v, &admins); err != nil {
+				return fmt.Errorf("admin table: %v", err)
+			}
+			if err := checkAdmins(admins); err != nil {
+				return fmt.Errorf("admin table: %v", err)
+			}
 		case string(keyRoots):
 			var roots [][]byte
 			if err := decodeStrict(v, &roots); err != nil {
@@ -438,6 +447,15 @@ func (l *loader) check(kind byte, k, v []byte) error {
 				if _, err := checkRoot(l.f.td, i, d); err != nil {
 					return err
 				}
+			}
+		case string(keyRootCRLs):
+			// Signatures are checked in finish, when the roots are in.
+			var crls []RootCRL
+			if err := decodeStrict(v, &crls); err != nil {
+				return fmt.Errorf("root CRLs: %v", err)
+			}
+			if _, err := checkStoredRootCRLs(crls, nil); err != nil {
+				return err
 			}
 		default:
 			if len(v) != 8 {
@@ -542,6 +560,10 @@ func (l *loader) finish() error {
 	if cp := getU64(meta, keyCheckpoint); cp > h.Seq {
 		tx.Rollback()
 		return fmt.Errorf("last checkpoint %d is past the audit head %d", cp, h.Seq)
+	}
+	if err := verifyStoredRootCRLs(tx); err != nil {
+		tx.Rollback()
+		return err
 	}
 	if err := putJSON(meta, keyAuditHead, h); err != nil {
 		tx.Rollback()

@@ -133,6 +133,10 @@ func (f *FSM) loadCaches() error {
 	if err != nil {
 		return err
 	}
+	// Revocations are in force before the bundle shows them (crl.go).
+	if err := f.loadRootCRLs(); err != nil {
+		return err
+	}
 	f.bundle.Store(&b)
 	f.policy.Store(&p)
 	f.loadHead()
@@ -181,5 +185,8 @@ func readBundle(tx *bolt.Tx, td string) (Bundle, error) {
 		b.Revoked = append(b.Revoked, r)
 		return nil
 	})
+	if err == nil {
+		b.RootCRLs, err = readRootCRLDER(tx)
+	}
 	return b, err
 }

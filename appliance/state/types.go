@@ -1,6 +1,8 @@
 package state
 
 import (
+	"bytes"
+	"encoding/json"
 	"time"
 )
 
@@ -23,13 +25,31 @@ type Entry struct {
 	JWTTTL    Seconds    `json:"jwt_ttl,omitempty"`
 	DNSNames  []string   `json:"dns_names,omitempty"`
 	Hint      string     `json:"hint,omitempty"`
-	// Admin entries give their workloads admin rights on the appliance.
-	Admin     bool      `json:"admin,omitempty"`
-	CreatedAt time.Time `json:"created_at"`
-	UpdatedAt time.Time `json:"updated_at"`
+	CreatedAt time.Time  `json:"created_at"`
+	UpdatedAt time.Time  `json:"updated_at"`
 	// Revision is the raft index of the last change, for watchers that
 	// resume from a revision.
 	Revision uint64 `json:"revision"`
+}
+
+// UnmarshalJSON decodes an entry strictly, except that it accepts and
+// drops the "admin" flag that entries had until it was removed: it was
+// stored but never enforced, so dropping it changes nothing, and raft logs
+// and snapshots written before keep replaying the same on every replica.
+// Any other unknown field is still refused.
+func (e *Entry) UnmarshalJSON(b []byte) error {
+	type plain Entry
+	var v struct {
+		plain
+		LegacyAdmin *bool `json:"admin,omitempty"`
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&v); err != nil {
+		return err
+	}
+	*e = Entry(v.plain)
+	return nil
 }
 
 // Seconds is a TTL in whole seconds (JSON number), so state snapshots stay
@@ -99,6 +119,9 @@ type Bundle struct {
 	// Revoked lists revoked leaf serials per issuing node; each node signs
 	// a CRL of its own.
 	Revoked []Revocation `json:"revoked,omitempty"`
+	// RootCRLs are the stored root CRLs (DER), newest of each root: the
+	// node issuing CAs the root ceremony revoked (crl.go).
+	RootCRLs [][]byte `json:"root_crls,omitempty"`
 	// Sequence increases on every change.
 	Sequence uint64 `json:"sequence"`
 }
@@ -109,6 +132,10 @@ type JWTKey struct {
 	Node      string    `json:"node"`
 	PublicKey []byte    `json:"public_key"` // PKIX DER
 	NotAfter  time.Time `json:"not_after"`
+	// CA is the publishing node's issuing CA certificate (DER): a root CRL
+	// revoking that CA withdraws the key. Keys published before root CRLs
+	// existed carry none.
+	CA []byte `json:"ca,omitempty"`
 }
 
 // Revocation is a revoked X.509-SVID, until it would have expired anyway.

@@ -1,0 +1,419 @@
+package node_test
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/binary"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"math/big"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/appliance/clustertest"
+	"github.com/sigil-appliance/sigil/appliance/state"
+)
+
+// revocationFixture is a three-node cluster with a token-joined agent that
+// has one entry, and the node chosen as compromised (never node-1, whose CA
+// signed the test admin credential, nor the leader).
+type revocationFixture struct {
+	tr      *clustertest.Trust
+	c       *clustertest.Cluster
+	bad     string
+	good    []string
+	agentID string
+	entryID string
+	// agentCred is the real agent's own credential (from node-1).
+	agentCred tls.Certificate
+}
+
+func newRevocationFixture(t *testing.T, prefix string) *revocationFixture {
+	t.Helper()
+	ctx := context.Background()
+	f := &revocationFixture{tr: clustertest.NewTrust(t, prefix, []string{"node-1", "node-2", "node-3"}, nil)}
+	f.c = clustertest.NewCluster(t, f.tr, "node-1", "node-2", "node-3")
+	f.bad = "node-3"
+	if f.c.WaitLeader(30*time.Second) == "node-3" {
+		f.bad = "node-2"
+	}
+	for _, id := range []string{"node-1", "node-2", "node-3"} {
+		if id != f.bad {
+			f.good = append(f.good, id)
+		}
+	}
+	admin := f.c.Admin("node-1")
+	tok, err := admin.TokenCreate(ctx, &api.TokenRequest{TTL: 600})
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	csr, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	jconn, err := api.Dial(api.DialConfig{Addr: f.c.ConfigOf("node-1").API.Listen, RootFile: f.tr.RootPath, Anonymous: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer jconn.Close()
+	svid, err := api.NewJoinClient(jconn).Token(ctx, &api.JoinTokenRequest{Token: tok.Token, CSR: csr})
+	if err != nil {
+		t.Fatalf("token join: %v", err)
+	}
+	f.agentID = svid.AgentID
+	f.agentCred = tls.Certificate{PrivateKey: key}
+	f.agentCred.Certificate = append(f.agentCred.Certificate, svid.Chain...)
+	e, err := admin.EntryCreate(ctx, &api.EntryRequest{Entry: api.Entry{SPIFFEID: "spiffe://example.org/payments",
+		ParentID: f.agentID, Selectors: []api.Selector{{Type: "unix", Value: "uid:1000"}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.entryID = e.ID
+	return f
+}
+
+// TestAttackRevokedNodeCA: a compromised node mints an admin credential, a
+// certificate in a real agent's name and a node certificate with its
+// HSM-held issuing CA. The root ceremony then revokes that CA with a CRL,
+// an admin adds the CRL and removes the node. The remaining nodes must
+// refuse every one of those certificates (admin API, agent API, raft),
+// also right after a restart (before raft has replayed the log), and the
+// node's JWT keys must leave the trust bundle.
+func TestAttackRevokedNodeCA(t *testing.T) {
+	f := newRevocationFixture(t, "rv")
+	c, bad := f.c, f.bad
+	ctx := context.Background()
+
+	// The compromised node publishes a JWT key (it signs JWT-SVIDs with it).
+	kid, err := c.Node(bad).JWTRotate(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clustertest.Eventually(t, 10*time.Second, "the bad node's JWT key on every node", func() bool {
+		for _, id := range f.good {
+			if !hasKID(c.Node(id).State().Bundle().JWTKeys, kid) {
+				return false
+			}
+		}
+		return true
+	})
+	// What an attacker holding the node's HSM session mints.
+	auth := c.Node(bad).Authority()
+	adminCert := clustertest.ClientCert(t, auth, "/sigil/admin/mallory")
+	adminPath, adminKey := clustertest.WriteCredential(t, t.TempDir(), "mallory", adminCert)
+	agentPath := strings.TrimPrefix(f.agentID, "spiffe://example.org")
+	agentCert := clustertest.ClientCert(t, auth, agentPath)
+	nodeCert := clustertest.ClientCert(t, auth, "/sigil/node/"+bad)
+	// Before the revocation the minted admin credential works: it is a
+	// valid chain to the root.
+	if _, err := c.Client(f.good[0], adminPath, adminKey).EntryList(ctx, &api.EntryListRequest{}); err != nil {
+		t.Fatalf("minted admin credential refused before any revocation: %v", err)
+	}
+
+	// The ceremony revokes the node's issuing CA; an admin adds the CRL and
+	// removes the node.
+	crl := f.tr.RootCRL(t, 1, bad)
+	res := addRootCRL(t, c.Admin("node-1"), crl)
+	if want := f.tr.Nodes[bad].Issuing.SerialNumber.Text(16); len(res.CRL.Revoked) != 1 || res.CRL.Revoked[0] != want ||
+		len(res.WithdrawnJWTKeys) != 1 || res.WithdrawnJWTKeys[0] != kid {
+		t.Fatalf("root CRL stored as %+v, want serial %s revoked and JWT key %s withdrawn", res, want, kid)
+	}
+	if _, err := c.Admin("node-1").ClusterRemove(ctx, &api.IDRequest{ID: bad}); err != nil {
+		t.Fatal(err)
+	}
+	c.Stop(bad)
+	c.WaitLeader(30 * time.Second)
+
+	for _, id := range f.good {
+		n := c.Node(id)
+		// The admin credential minted by the revoked CA, on a real mTLS
+		// call that would change the state.
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err := c.Client(id, adminPath, adminKey).EntryCreate(cctx, &api.EntryRequest{Entry: api.Entry{
+			SPIFFEID: "spiffe://example.org/mallory-" + id, ParentID: f.agentID, Selectors: []api.Selector{{Type: "unix", Value: "uid:0"}}}})
+		cancel()
+		if err == nil {
+			t.Errorf("ATTACK SUCCEEDED: %s accepted an admin credential minted by %s's revoked CA (entry created)", id, bad)
+		}
+		if got := n.State().EntriesBySPIFFEID("spiffe://example.org/mallory-" + id); len(got) != 0 {
+			t.Errorf("%s: the refused admin call changed the state: %v", id, got)
+		}
+		// The agent certificate in the real agent's name.
+		if res, err := agentSign(ctx, f, id, &agentCert); err == nil {
+			t.Errorf("ATTACK SUCCEEDED: %s served %d SVID(s) to a certificate minted by %s's revoked CA in agent %s's name", id, len(res.Results), bad, f.agentID)
+		}
+		// The node certificate: raft refuses it (it would rejoin the
+		// cluster with a self-join).
+		if err := raftSelfJoin(c.ConfigOf(id).Cluster.Bind, bad, nodeCert); err == nil {
+			t.Errorf("ATTACK SUCCEEDED: %s let %s rejoin raft with its revoked CA", id, bad)
+		}
+		// The revoked node's JWT keys are out of the bundle.
+		if hasKID(n.State().Bundle().JWTKeys, kid) {
+			t.Errorf("ATTACK SUCCEEDED: %s still publishes %s's JWT key %s", id, bad, kid)
+		}
+		b, err := c.Admin(id).BundleShow(ctx, &api.Empty{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(b.Bundle.RootCRLs) != 1 {
+			t.Errorf("%s's bundle carries %d root CRLs, want 1", id, len(b.Bundle.RootCRLs))
+		}
+		if strings.Contains(string(b.SPIFFE), kid) {
+			t.Errorf("ATTACK SUCCEEDED: %s serves %s's JWT key %s in the SPIFFE bundle", id, bad, kid)
+		}
+	}
+	// The membership did not change: the revoked node did not rejoin.
+	st, err := c.Admin(f.good[0]).ClusterStatus(ctx, &api.Empty{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range st.Peers {
+		if p.ID == bad {
+			t.Errorf("ATTACK SUCCEEDED: %s is a member again: %+v", bad, st.Peers)
+		}
+	}
+	// The real agent (a credential from a good node) is still served.
+	if _, err := agentSign(ctx, f, f.good[0], nil); err != nil {
+		t.Errorf("the real agent is refused after the revocation: %v", err)
+	}
+	checkRevocationLogged(t, c, f)
+
+	// A restarted node refuses the revoked CA from its first handshake,
+	// before raft has replayed the log into its fresh state file.
+	restarted := f.good[len(f.good)-1]
+	c.Stop(restarted)
+	n := c.Start(restarted)
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	_, err = c.Client(restarted, adminPath, adminKey).EntryCreate(cctx, &api.EntryRequest{Entry: api.Entry{
+		SPIFFEID: "spiffe://example.org/mallory-restart", ParentID: f.agentID, Selectors: []api.Selector{{Type: "unix", Value: "uid:0"}}}})
+	cancel()
+	if err == nil {
+		t.Errorf("ATTACK SUCCEEDED: %s, just restarted, accepted the revoked CA's admin credential", restarted)
+	}
+	c.WaitLeader(30 * time.Second)
+	clustertest.Eventually(t, 10*time.Second, "the restarted node replays the CRL", func() bool { return len(n.State().RootCRLs()) == 1 })
+	if got := c.Node(f.good[0]).State().EntriesBySPIFFEID("spiffe://example.org/mallory-restart"); len(got) != 0 {
+		t.Errorf("the restarted node let the revoked admin create %v", got)
+	}
+}
+
+func hasKID(keys []state.JWTKey, kid string) bool {
+	for _, k := range keys {
+		if k.KID == kid {
+			return true
+		}
+	}
+	return false
+}
+
+// agentSign asks node id for the fixture entry's SVID, presenting cert
+// (nil: the real agent's own credential).
+func agentSign(ctx context.Context, f *revocationFixture, id string, cert *tls.Certificate) (*api.X509SVIDBatchResult, error) {
+	if cert == nil {
+		cert = &f.agentCred
+	}
+	conn, err := api.Dial(api.DialConfig{Addr: f.c.ConfigOf(id).API.Listen, RootFile: f.tr.RootPath,
+		Certificate: func() (*tls.Certificate, error) { return cert, nil }})
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	csr, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	res, err := api.NewAgentClient(conn).SignX509SVIDs(cctx, &api.X509SVIDBatch{Requests: []api.X509SVIDRequest{{EntryID: f.entryID, CSR: csr}}})
+	if err != nil {
+		return nil, err
+	}
+	for _, r := range res.Results {
+		if r.Error != "" {
+			return res, fmt.Errorf("entry %s: %s", r.EntryID, r.Error)
+		}
+	}
+	return res, nil
+}
+
+// addRootCRL submits a root CRL as an admin (PEM, as the ceremony wrote
+// it) and returns what the appliance stored.
+func addRootCRL(t *testing.T, admin *api.AdminClient, der []byte) *api.RootCRLResult {
+	t.Helper()
+	res, err := admin.RootCRLAdd(context.Background(), &api.RootCRLRequest{CRL: pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: der})})
+	if err != nil {
+		t.Fatalf("root CRL refused: %v", err)
+	}
+	return res
+}
+
+// checkRevocationLogged: every refusal says why (revoked), and the CRL's
+// addition is in the audit log.
+func checkRevocationLogged(t *testing.T, c *clustertest.Cluster, f *revocationFixture) {
+	t.Helper()
+	logs := c.Log.String()
+	for _, want := range []string{"root CRL added", "certificate chain refused: revoked by a root CRL", "is on its issuer's CRL"} {
+		if !strings.Contains(logs, want) {
+			t.Errorf("log lacks %q", want)
+		}
+	}
+	recs, err := c.Admin(f.good[0]).AuditList(context.Background(), &api.AuditRequest{Limit: 1000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, r := range recs.Records {
+		if r.Action == state.CmdRootCRLAdd {
+			found = true
+			if r.Detail["number"] != "1" || r.Detail["revoked"] == "" || !strings.Contains(r.Detail["jwt_keys_withdrawn"], f.bad+"-") {
+				t.Errorf("audit record of the CRL: %+v", r)
+			}
+		}
+	}
+	if !found {
+		t.Error("the root CRL's addition is not in the audit log")
+	}
+}
+
+func raftSelfJoin(addr, nodeID string, cert tls.Certificate) error {
+	conn, err := tls.Dial("tcp", addr, &tls.Config{MinVersion: tls.VersionTLS13, InsecureSkipVerify: true, Certificates: []tls.Certificate{cert}})
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	req, _ := json.Marshal(map[string]any{"Op": "join", "NodeID": nodeID, "Addr": "127.0.0.1:1", "Self": true})
+	msg := []byte{0x02} // the raft package's RPC protocol byte
+	msg = binary.BigEndian.AppendUint32(msg, uint32(len(req)))
+	if _, err := conn.Write(append(msg, req...)); err != nil {
+		return err
+	}
+	var hdr [4]byte
+	if _, err := io.ReadFull(conn, hdr[:]); err != nil {
+		return err
+	}
+	body := make([]byte, binary.BigEndian.Uint32(hdr[:]))
+	if _, err := io.ReadFull(conn, body); err != nil {
+		return err
+	}
+	var resp struct{ Err string }
+	if err := json.Unmarshal(body, &resp); err != nil {
+		return err
+	}
+	if resp.Err != "" {
+		return fmt.Errorf("raft: %s", resp.Err)
+	}
+	return nil
+}
+
+// TestAttackForgedCRL: a root CRL that the root did not sign (a key
+// posing under the root's name, or a node's own issuing CA), an older CRL
+// replacing a newer one, or a CRL that drops a revocation is refused with
+// a clear error and changes nothing: the bundle, the stored CRLs and the
+// audit log stay as they were, and the "revoked" node's credentials keep
+// working.
+func TestAttackForgedCRL(t *testing.T) {
+	f := newRevocationFixture(t, "fc")
+	c := f.c
+	ctx := context.Background()
+	admin := c.Admin("node-1")
+	victim := f.good[len(f.good)-1] // a node the forger wants cut off
+	victimCA := f.tr.Nodes[victim].Issuing
+	victimAdmin := clustertest.ClientCert(t, c.Node(victim).Authority(), "/sigil/admin/victim-admin")
+	vPath, vKey := clustertest.WriteCredential(t, t.TempDir(), "victim", victimAdmin)
+
+	// A legitimate CRL number 2 (revoking nothing) is in place first.
+	addRootCRL(t, admin, f.tr.RootCRL(t, 2))
+
+	tmpl := func(number int64) *x509.RevocationList {
+		return &x509.RevocationList{Number: big.NewInt(number), ThisUpdate: time.Now().Add(-time.Minute), NextUpdate: time.Now().Add(24 * time.Hour),
+			RevokedCertificateEntries: []x509.RevocationListEntry{{SerialNumber: victimCA.SerialNumber, RevocationTime: time.Now()}}}
+	}
+	// A key that is not the root's, under the root's name and key ID.
+	fakeKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	posing := *f.tr.Root
+	forgedName, err := x509.CreateRevocationList(rand.Reader, tmpl(3), &posing, fakeKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Another node's issuing CA (HSM-held, chains to the root) signing a
+	// "CRL" of its peer.
+	forgedNode, err := c.Node(f.bad).Authority().CRL(3, []*big.Int{victimCA.SerialNumber}, 24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Rollback: the root's own CRL number 1 after number 2.
+	stale := f.tr.RootCRL(t, 1, victim)
+
+	before := snapshotRevocationState(t, c, f)
+	for _, tc := range []struct {
+		name, want string
+		crl        []byte
+	}{
+		{"key posing as the root", "is not signed by a root of the trust bundle", forgedName},
+		{"node issuing CA", "is not signed by a root of the trust bundle", forgedNode},
+		{"older root CRL", "is not newer than the stored CRL number 2", stale},
+		{"garbage", "not an X.509 CRL", []byte("-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n")},
+	} {
+		_, err := admin.RootCRLAdd(ctx, &api.RootCRLRequest{CRL: tc.crl})
+		if err == nil {
+			t.Errorf("ATTACK SUCCEEDED: %s: CRL accepted", tc.name)
+			continue
+		}
+		if !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: refused with %v, want %q", tc.name, err, tc.want)
+		}
+	}
+	after := snapshotRevocationState(t, c, f)
+	if before != after {
+		t.Errorf("refused CRLs changed the state:\nbefore %s\nafter  %s", before, after)
+	}
+	// The victim's credentials still work everywhere.
+	for _, id := range []string{"node-1", "node-2", "node-3"} {
+		if _, err := c.Client(id, vPath, vKey).EntryList(ctx, &api.EntryListRequest{}); err != nil {
+			t.Errorf("%s refused %s's admin credential after forged CRLs: %v", id, victim, err)
+		}
+	}
+	if logs := c.Log.String(); !strings.Contains(logs, "is not signed by a root of the trust bundle") {
+		t.Error("the refusal is not logged")
+	}
+}
+
+// snapshotRevocationState renders what a CRL could change on every node.
+func snapshotRevocationState(t *testing.T, c *clustertest.Cluster, f *revocationFixture) string {
+	t.Helper()
+	if _, err := c.Admin("node-1").AuditList(context.Background(), &api.AuditRequest{Limit: 1}); err != nil {
+		t.Fatal(err)
+	}
+	var b strings.Builder
+	for _, id := range []string{"node-1", "node-2", "node-3"} {
+		// The applied index moves just before the caches are refreshed:
+		// wait for the CRLs themselves too.
+		clustertest.Eventually(t, 10*time.Second, id+" caught up", func() bool {
+			s, ref := c.Node(id).State(), c.Node("node-1").State()
+			return s.AppliedIndex() >= ref.AppliedIndex() && len(s.RootCRLs()) == len(ref.RootCRLs()) &&
+				s.Bundle().Sequence == ref.Bundle().Sequence
+		})
+		s := c.Node(id).State()
+		bd := s.Bundle()
+		var crls []string
+		for _, r := range s.RootCRLs() {
+			crls = append(crls, r.Root[:8]+"#"+r.Number+"="+strings.Join(r.Revoked, ","))
+		}
+		fmt.Fprintf(&b, "%s: seq %d jwt %d crls %v; ", id, bd.Sequence, len(bd.JWTKeys), crls)
+	}
+	recs, err := c.Admin("node-1").AuditList(context.Background(), &api.AuditRequest{Limit: 1000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range recs.Records {
+		if strings.HasPrefix(r.Action, "bundle.") {
+			fmt.Fprintf(&b, "%s#%s ", r.Action, r.Detail["number"])
+		}
+	}
+	return b.String()
+}
