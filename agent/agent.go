@@ -93,6 +93,9 @@ func (c Config) Validate() error {
 	if _, err := c.socketMode(); err != nil {
 		return err
 	}
+	if err := c.WorkloadAPI.Limits.Validate(); err != nil {
+		return err
+	}
 	if c.WorkloadAPI.Socket != "" && !filepath.IsAbs(c.WorkloadAPI.Socket) {
 		return fmt.Errorf("workload-api.socket %q: must be an absolute path", c.WorkloadAPI.Socket)
 	}
@@ -130,6 +133,9 @@ type Agent struct {
 
 	app   *appliance
 	cache *cache.Cache
+	// revoked wakes Run when a root CRL revoked something: the agent's
+	// own SVID may be among it.
+	revoked chan struct{}
 
 	joins, renewals atomic.Int64
 }
@@ -156,7 +162,9 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 		}
 		log.Warn("no TPM configured: the agent key is a software key on disk", "file", filepath.Join(cfg.DataDir, "agent-key.pem"))
 		a := &Agent{cfg: cfg, log: log, soft: k}
-		a.init()
+		if err := a.init(); err != nil {
+			return nil, err
+		}
 		return a, nil
 	}
 	t, err := tpm.Open(ctx, tpm.Config{Path: cfg.TPM, EK: cfg.EK})
@@ -164,7 +172,10 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 		return nil, err
 	}
 	a := &Agent{cfg: cfg, log: log, tpm: t, key: "tpmkey:file=" + filepath.Join(cfg.DataDir, "agent.key")}
-	a.init()
+	if err := a.init(); err != nil {
+		t.Close()
+		return nil, err
+	}
 	if err := join.EnsureKey(ctx, t, a.key); err != nil {
 		t.Close()
 		return nil, fmt.Errorf("agent key: %w", err)
@@ -172,10 +183,33 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 	return a, nil
 }
 
-func (a *Agent) init() {
+func (a *Agent) init() error {
+	// Root CRLs from the appliance are checked against the configured
+	// roots, never against what a node sends.
+	roots, err := api.ReadCerts(a.cfg.RootCert)
+	if err != nil {
+		return fmt.Errorf("root-cert: %w", err)
+	}
 	a.app = &appliance{a: a}
-	a.cache = cache.New(a.app, cache.Options{Log: a.log})
+	a.revoked = make(chan struct{}, 1)
+	a.cache = cache.New(a.app, cache.Options{Log: a.log, Roots: roots,
+		CRLFile: filepath.Join(a.cfg.DataDir, "root-crls.pem"), OnRevoked: a.onRevoked})
+	return nil
 }
+
+// onRevoked leaves a revoked appliance node and wakes Run to replace an
+// identity the revoked CA signed.
+func (a *Agent) onRevoked() {
+	a.app.dropRevoked()
+	select {
+	case a.revoked <- struct{}{}:
+	default:
+	}
+}
+
+// ownRevoked reports whether the agent's own SVID was signed by a CA a
+// root CRL revoked: every node refuses it, renewal included.
+func (a *Agent) ownRevoked(s *join.SVID) bool { return s != nil && a.cache.Revoked(s.Chain) }
 
 // Close releases the TPM.
 func (a *Agent) Close() error {
@@ -208,7 +242,9 @@ func (a *Agent) Start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if s, err := a.load(signer); err == nil && time.Now().Before(s.Chain[0].NotAfter) {
+	if s, err := a.load(signer); err == nil && a.ownRevoked(s) {
+		a.log.Warn("stored SVID was signed by an issuing CA the root revoked; joining again", "agent", s.ID, "issuer", s.Chain[0].Issuer.String())
+	} else if err == nil && time.Now().Before(s.Chain[0].NotAfter) {
 		a.set(s)
 		a.log.Info("agent identity loaded", "agent", s.ID, "expires", s.Chain[0].NotAfter)
 		return nil
@@ -283,14 +319,28 @@ func (a *Agent) Run(ctx context.Context) {
 			life := cur.Chain[0].NotAfter.Sub(cur.Chain[0].NotBefore)
 			at := cur.Chain[0].NotBefore.Add(life/2 - time.Duration(mrand.Int64N(int64(life/10)+1)))
 			wait = max(time.Until(at), time.Second)
+			if a.ownRevoked(cur) {
+				wait = 5 * time.Second // a failed attestation is retried soon
+			}
 		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-time.After(wait):
+		case <-a.revoked:
+			if !a.ownRevoked(a.SVID()) {
+				continue
+			}
 		}
 		var err error
 		switch cur := a.SVID(); {
+		case a.ownRevoked(cur):
+			// Renewal presents the revoked SVID: only a new attestation
+			// gives an identity the nodes accept.
+			a.log.Warn("own SVID was signed by an issuing CA the root revoked; attesting again", "agent", cur.ID)
+			if err = a.Join(ctx); err == nil {
+				a.app.close() // established connections still present the old SVID
+			}
 		case cur == nil || time.Now().After(cur.Chain[0].NotAfter):
 			err = a.Join(ctx)
 		default:
@@ -368,7 +418,7 @@ func unwrapStatus(err error) error {
 }
 
 func (a *Agent) dial(server string, cur *join.SVID) (*api.JoinClient, func(), error) {
-	cfg := api.DialConfig{Addr: server, RootFile: a.cfg.RootCert, Anonymous: cur == nil}
+	cfg := api.DialConfig{Addr: server, RootFile: a.cfg.RootCert, Anonymous: cur == nil, VerifyChain: a.cache.CheckChain}
 	if cur != nil {
 		cfg.Certificate = func() (*tls.Certificate, error) { return cur.TLSCertificate(), nil }
 	}

@@ -3,7 +3,9 @@ package agent
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"sync"
+	"sync/atomic"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -21,6 +23,8 @@ type appliance struct {
 	mu   sync.Mutex
 	idx  int
 	conn *grpc.ClientConn
+	// peer is the chain the current connection's server last presented.
+	peer *atomic.Pointer[[]*x509.Certificate]
 }
 
 func (p *appliance) client() (*api.AgentClient, *grpc.ClientConn, error) {
@@ -28,6 +32,7 @@ func (p *appliance) client() (*api.AgentClient, *grpc.ClientConn, error) {
 	defer p.mu.Unlock()
 	if p.conn == nil {
 		srv := p.a.cfg.Servers[p.idx%len(p.a.cfg.Servers)]
+		peer := &atomic.Pointer[[]*x509.Certificate]{}
 		conn, err := api.Dial(api.DialConfig{Addr: srv, RootFile: p.a.cfg.RootCert,
 			Certificate: func() (*tls.Certificate, error) {
 				s := p.a.SVID()
@@ -35,12 +40,19 @@ func (p *appliance) client() (*api.AgentClient, *grpc.ClientConn, error) {
 					return &tls.Certificate{}, nil
 				}
 				return s.TLSCertificate(), nil
+			},
+			VerifyChain: func(chains [][]*x509.Certificate) error {
+				if err := p.a.cache.CheckChain(chains); err != nil {
+					return err
+				}
+				peer.Store(&chains[0])
+				return nil
 			}})
 		if err != nil {
 			p.idx++
 			return nil, nil, err
 		}
-		p.conn = conn
+		p.conn, p.peer = conn, peer
 	}
 	return api.NewAgentClient(p.conn), p.conn, nil
 }
@@ -55,6 +67,24 @@ func (p *appliance) failed(conn *grpc.ClientConn, err error) {
 	if p.conn == conn && conn != nil {
 		p.a.log.Warn("appliance server unreachable; trying the next", "server", p.a.cfg.Servers[p.idx%len(p.a.cfg.Servers)], "err", err)
 		conn.Close()
+		p.conn = nil
+		p.idx++
+	}
+}
+
+// dropRevoked closes the connection when the server it reached presented
+// a chain a root CRL now revokes: an established connection is not
+// verified again, and the next dial goes to the next server.
+func (p *appliance) dropRevoked() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.conn == nil || p.peer == nil {
+		return
+	}
+	if ch := p.peer.Load(); ch != nil && p.a.cache.Revoked(*ch) {
+		p.a.log.Warn("appliance server's issuing CA is revoked by the root's CRL; leaving it", "server", p.a.cfg.Servers[p.idx%len(p.a.cfg.Servers)],
+			"node", (*ch)[0].URIs)
+		p.conn.Close()
 		p.conn = nil
 		p.idx++
 	}

@@ -38,7 +38,7 @@ import (
 //     holding the new SVID to the last stream receiving it).
 func BenchmarkWorkloadAPI(b *testing.B) {
 	e := newAgentEnv(b, "wlb", func(c *agent.Config) {
-		c.WorkloadAPI.Limits = wlapi.Limits{StreamsPerCaller: 20000, RequestsPerSecond: 1e6, Burst: 1e6}
+		c.WorkloadAPI.Limits = wlapi.Limits{StreamsPerCaller: 20000, RequestsPerSecond: 1e6, Burst: 1e6, ConnectionsPerCaller: 200}
 	})
 	e.entry(b, "/bench/root", 0, "", "unix:uid:0")
 	ctx := metadata.AppendToOutgoingContext(context.Background(), "workload.spiffe.io", "true")

@@ -95,6 +95,8 @@ func (a *Agent) healthHandler(srv *workload.Server) http.Handler {
 	counter("sigil_agent_workload_denied_total", "Workload API requests denied (no matching entry).", i(&ws.Denied))
 	counter("sigil_agent_workload_limited_total", "Workload API requests refused by per-caller limits.", i(&ws.Limited))
 	gauge("sigil_agent_workload_streams", "Open Workload API streams.", i(&ws.Streams))
+	gauge("sigil_agent_workload_connections", "Open Workload API connections.", i(&ws.Connections))
+	counter("sigil_agent_workload_connections_refused_total", "Workload API connections refused by the connection caps.", i(&ws.ConnRefused))
 	counter("sigil_agent_svid_rotations_total", "Workload X.509-SVIDs signed (first issue and rotations).", i(&cs.Rotations))
 	counter("sigil_agent_svid_sign_failures_total", "Failed SVID signing rounds.", i(&cs.SignFailures))
 	counter("sigil_agent_sync_failures_total", "Appliance sync streams that failed or ended.", i(&cs.SyncFailures))

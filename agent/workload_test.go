@@ -52,6 +52,10 @@ func TestWorkloadHelper(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
+	if strings.HasPrefix(role, "attack-") {
+		fmt.Println(role, attackRun(ctx, role)) // workload_attack_test.go
+		return
+	}
 	fmt.Println(role, workloadRun(ctx, role))
 }
 

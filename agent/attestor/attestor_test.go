@@ -7,10 +7,12 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -18,13 +20,50 @@ import (
 	"github.com/sigil-appliance/sigil/agent/attestor"
 )
 
-const helperEnv = "SIGIL_ATTEST_HELPER"
+const (
+	helperEnv = "SIGIL_ATTEST_HELPER"
+	// cgroupEnv names a cgroup directory the helper creates (as its own
+	// uid) and moves itself into before connecting: what a user does in a
+	// cgroup subtree delegated to it.
+	cgroupEnv = "SIGIL_ATTEST_CGROUP"
+	// bindEnv is "SRC:DST": the helper bind-mounts SRC over DST in its
+	// (private) mount namespace and executes DST, which then connects.
+	bindEnv = "SIGIL_ATTEST_BIND"
+	// agentEnv names a socket the test binary serves as the agent does:
+	// it attests each caller and prints "SEL" and its selectors.
+	agentEnv = "SIGIL_ATTEST_AGENT"
+)
 
 // TestMain lets the test binary act as a caller process: it connects to
 // the socket named in the environment and holds the connection until its
 // stdin closes.
 func TestMain(m *testing.M) {
+	if bind := os.Getenv(bindEnv); bind != "" {
+		src, dst, _ := strings.Cut(bind, ":")
+		if err := unix.Mount(src, dst, "", unix.MS_BIND, ""); err != nil {
+			fmt.Fprintln(os.Stderr, "bind mount:", err)
+			os.Exit(3)
+		}
+		os.Unsetenv(bindEnv)
+		err := unix.Exec(dst, []string{dst}, os.Environ())
+		fmt.Fprintln(os.Stderr, "exec:", err)
+		os.Exit(3)
+	}
+	if sock := os.Getenv(agentEnv); sock != "" {
+		os.Exit(runAgent(sock))
+	}
 	if sock := os.Getenv(helperEnv); sock != "" {
+		if dir := os.Getenv(cgroupEnv); dir != "" {
+			if err := os.MkdirAll(dir, 0o755); err != nil {
+				fmt.Fprintln(os.Stderr, "cgroup:", err)
+				os.Exit(3)
+			}
+			// "0" is the writing process: the whole thread group moves.
+			if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte("0\n"), 0); err != nil {
+				fmt.Fprintln(os.Stderr, "cgroup:", err)
+				os.Exit(3)
+			}
+		}
 		c, err := net.Dial("unix", sock)
 		if err != nil {
 			os.Exit(2)
@@ -35,6 +74,43 @@ func TestMain(m *testing.M) {
 		os.Exit(0)
 	}
 	os.Exit(m.Run())
+}
+
+// runAgent serves sock as the agent's Workload API would, attesting each
+// caller once, until stdin closes.
+func runAgent(sock string) int {
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "agent:", err)
+		return 3
+	}
+	defer l.Close()
+	os.Chmod(sock, 0o777)
+	go func() {
+		io.Copy(io.Discard, os.Stdin)
+		l.Close()
+	}()
+	os.Stdout.WriteString("listening\n")
+	a := attestor.New("")
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return 0
+		}
+		conn, info, err := attestor.Credentials().ServerHandshake(c)
+		if err != nil {
+			fmt.Printf("ERR %v\n", err)
+			c.Close()
+			continue
+		}
+		sel, err := a.Attest(context.Background(), info.(*attestor.Caller))
+		if err != nil {
+			fmt.Printf("ERR %v\n", err)
+		} else {
+			fmt.Printf("SEL %s\n", strings.Join(sel.List(), " "))
+		}
+		conn.Close()
+	}
 }
 
 func TestSystemdUnitAndContainer(t *testing.T) {
@@ -49,6 +125,21 @@ func TestSystemdUnitAndContainer(t *testing.T) {
 		{"0::/\n", "", ""},
 		// 63 hex digits is not a container id.
 		{"0::/system.slice/x-" + id[1:] + ".scope\n", "x-" + id[1:] + ".scope", ""},
+		// Nor is a name no runtime gives a container's cgroup.
+		{"0::/system.slice/x-" + id + ".scope\n", "x-" + id + ".scope", ""},
+		{"0::/system.slice/crio-conmon-" + id + ".scope\n", "crio-conmon-" + id + ".scope", ""},
+		{"0::/system.slice/" + id + "\n", "", ""},
+		{"0::/kubepods/burstable/pod1/" + id + "\n", "", id},
+		{"0::/kubepods/burstable/pod1/crio-" + id + "\n", "", id},
+		{"0::/libpod_parent/libpod-" + id + "\n", "", id},
+		{"0::/machine.slice/libpod-" + id + ".scope/container\n", "libpod-" + id + ".scope", id},
+		// A user manager names its units as its user asks.
+		{"0::/user.slice/user-1000.slice/user@1000.service/app.slice/nginx.service\n", "", ""},
+		{"0::/user.slice/user-1000.slice/user@1000.service/user.slice/docker-" + id + ".scope\n", "", id},
+		// Below a container's cgroup the container names the units.
+		{"0::/system.slice/docker-" + id + ".scope/system.slice/nginx.service\n", "docker-" + id + ".scope", id},
+		// Outside the agent's cgroup namespace: nothing is read.
+		{"0::/../../system.slice/nginx.service\n", "", ""},
 	} {
 		if u := attestor.SystemdUnit([]byte(c.cgroup)); u != c.unit {
 			t.Errorf("%q: unit %q, want %q", c.cgroup, u, c.unit)
@@ -60,7 +151,7 @@ func TestSystemdUnitAndContainer(t *testing.T) {
 }
 
 // serve accepts one connection and runs the attesting handshake on it.
-func serve(t *testing.T, l net.Listener) <-chan *attestor.Caller {
+func serve(t testing.TB, l net.Listener) <-chan *attestor.Caller {
 	out := make(chan *attestor.Caller, 1)
 	go func() {
 		c, err := l.Accept()

@@ -127,6 +127,14 @@ type Options struct {
 	MaxBackoff time.Duration
 	// MaxJWTs caps cached JWT-SVIDs (default 4096).
 	MaxJWTs int
+	// Roots are the trust domain roots the agent was configured with:
+	// root CRLs from the appliance must verify against them (crl.go).
+	Roots []*x509.Certificate
+	// CRLFile persists the verified root CRLs ("": kept in memory only).
+	CRLFile string
+	// OnRevoked is called (outside the cache's locks) when a root CRL
+	// revokes a certificate the cache did not know revoked.
+	OnRevoked func()
 }
 
 // Stats are counters for metrics.
@@ -155,6 +163,9 @@ type Cache struct {
 
 	jwtMu sync.Mutex
 	jwts  map[string]jwtItem
+
+	crlMu sync.Mutex // serializes CRL updates and their file
+	crls  atomic.Pointer[crlSet]
 }
 
 type jwtItem struct {
@@ -177,13 +188,15 @@ func New(app Appliance, opts Options) *Cache {
 	if opts.MaxJWTs <= 0 {
 		opts.MaxJWTs = 4096
 	}
-	return &Cache{
+	c := &Cache{
 		app: app, opts: opts, log: opts.Log,
 		snap:    &Snapshot{SVIDs: map[string]*SVID{}},
 		changed: make(chan struct{}),
 		kick:    make(chan struct{}, 1),
 		jwts:    map[string]jwtItem{},
 	}
+	c.loadCRLs()
+	return c
 }
 
 // Current returns the snapshot and a channel closed at the next change.
@@ -295,6 +308,10 @@ func (c *Cache) apply(u *api.SyncUpdate) error {
 	if len(b.X509Authorities()) == 0 {
 		return errors.New("bundle has no X.509 authorities")
 	}
+	revokedMore, err := c.addCRLs(u.Bundle.RootCRLs)
+	if err != nil {
+		return err
+	}
 	entries := make([]api.Entry, 0, len(u.Entries))
 	for _, e := range u.Entries {
 		id, err := spiffeid.FromString(e.SPIFFEID)
@@ -321,14 +338,19 @@ func (c *Cache) apply(u *api.SyncUpdate) error {
 		for _, e := range entries {
 			live[e.ID] = true
 		}
-		for id := range s.SVIDs {
-			if !live[id] {
+		for id, v := range s.SVIDs {
+			// An SVID whose issuing CA the root revoked is refused by
+			// every node: it is not served while a new one is signed.
+			if !live[id] || c.Revoked(v.Chain) {
 				delete(s.SVIDs, id)
 			}
 		}
 	})
 	c.log.Info("appliance view applied", "revision", u.Revision, "entries", len(entries), "bundle_sequence", u.Bundle.Sequence)
 	c.wake()
+	if revokedMore && c.opts.OnRevoked != nil {
+		c.opts.OnRevoked()
+	}
 	return nil
 }
 
@@ -348,7 +370,7 @@ func (c *Cache) due(now time.Time) ([]api.Entry, time.Time, bool) {
 	next := now.Add(time.Hour)
 	for _, e := range s.Entries {
 		v := s.SVIDs[e.ID]
-		if c.force || v == nil || v.entryKey != entryKey(e) || !now.Before(v.rotateAt) || s.Revoked[v.Serial()] {
+		if c.force || v == nil || v.entryKey != entryKey(e) || !now.Before(v.rotateAt) || s.Revoked[v.Serial()] || c.Revoked(v.Chain) {
 			out = append(out, e)
 			continue
 		}
@@ -431,6 +453,9 @@ func (c *Cache) sign(ctx context.Context, entries []api.Entry) error {
 				continue
 			}
 			v, err := newSVID(e, keys[e.ID], r)
+			if err == nil && c.Revoked(v.Chain) {
+				err = errors.New("signed by an issuing CA the root revoked")
+			}
 			if err != nil {
 				refused = append(refused, r.EntryID+": "+err.Error())
 				continue

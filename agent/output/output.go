@@ -2,14 +2,16 @@
 // Workload API: the chain, its key (0600, owned by the workload's user),
 // the bundle and optional JWT-SVIDs, each written atomically (a temporary
 // file in the same directory, synced, then renamed) and re-written when
-// the SVID rotates or the bundle changes.
+// the SVID rotates or the bundle changes. The path is walked without
+// following symlinks and every directory on it must be beyond the reach of
+// other workloads (see openOutputDir), so no workload can redirect the
+// agent's writes into another's output.
 package output
 
 import (
 	"context"
 	"crypto/sha256"
 	"encoding/pem"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -31,7 +33,9 @@ type Config struct {
 	Selectors []string `yaml:"selectors"`
 	// SPIFFEID, when set, picks that identity among the matches.
 	SPIFFEID string `yaml:"spiffe-id"`
-	// UID and GID own the files (the key is 0600, the rest 0644).
+	// UID and GID own the files (the key is 0600, the rest 0644). A
+	// directory the agent creates for the output is the agent's, mode
+	// 0750 with group GID: the workload reads, only the agent writes.
 	UID int `yaml:"uid"`
 	GID int `yaml:"gid"`
 	// JWTAudiences, when set, also writes a JWT-SVID for them.
@@ -160,11 +164,17 @@ func writeSVID(c Config, v *cache.SVID) error {
 	for _, cert := range v.Chain {
 		chain = append(chain, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw})...)
 	}
-	// The key first: a reader that sees the new chain must find its key.
-	if err := writeFile(c, "svid_key.pem", pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: v.KeyDER}), 0o600); err != nil {
+	// One directory fd for both: the key and its chain land side by side.
+	d, err := openOutputDir(c)
+	if err != nil {
 		return err
 	}
-	return writeFile(c, "svid.pem", chain, 0o644)
+	defer d.Close()
+	// The key first: a reader that sees the new chain must find its key.
+	if err := d.write("svid_key.pem", pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: v.KeyDER}), 0o600); err != nil {
+		return err
+	}
+	return d.write("svid.pem", chain, 0o644)
 }
 
 func writeBundle(c Config, s *cache.Snapshot) error {
@@ -172,55 +182,33 @@ func writeBundle(c Config, s *cache.Snapshot) error {
 	for _, cert := range s.Bundle.X509Authorities() {
 		b = append(b, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw})...)
 	}
-	if err := writeFile(c, "bundle.pem", b, 0o644); err != nil {
+	var jwks []byte
+	if len(c.JWTAudiences) > 0 {
+		var err error
+		if jwks, err = s.Bundle.JWTBundle().Marshal(); err != nil {
+			return err
+		}
+	}
+	d, err := openOutputDir(c)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := d.write("bundle.pem", b, 0o644); err != nil {
 		return err
 	}
 	if len(c.JWTAudiences) == 0 {
 		return nil
 	}
-	jwks, err := s.Bundle.JWTBundle().Marshal()
-	if err != nil {
-		return err
-	}
-	return writeFile(c, "jwt_bundle.json", jwks, 0o644)
+	return d.write("jwt_bundle.json", jwks, 0o644)
 }
 
-// writeFile replaces Dir/name atomically. The temporary file gets its
-// final mode and owner before any secret is written into it.
+// writeFile replaces Dir/name atomically (see outDir.write).
 func writeFile(c Config, name string, data []byte, mode os.FileMode) error {
-	if err := os.MkdirAll(c.Dir, 0o755); err != nil {
-		return err
-	}
-	f, err := os.CreateTemp(c.Dir, "."+name+".*")
+	d, err := openOutputDir(c)
 	if err != nil {
 		return err
 	}
-	tmp := f.Name()
-	ok := false
-	defer func() {
-		if !ok {
-			f.Close()
-			os.Remove(tmp)
-		}
-	}()
-	if err := f.Chmod(mode); err != nil {
-		return err
-	}
-	if err := f.Chown(c.UID, c.GID); err != nil && !(errors.Is(err, os.ErrPermission) && c.UID == os.Getuid()) {
-		return fmt.Errorf("chown %s to %d:%d: %w", name, c.UID, c.GID, err)
-	}
-	if _, err := f.Write(data); err != nil {
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, filepath.Join(c.Dir, name)); err != nil {
-		return err
-	}
-	ok = true
-	return nil
+	defer d.Close()
+	return d.write(name, data, mode)
 }

@@ -9,6 +9,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -48,6 +49,35 @@ type Limits struct {
 	// (defaults 50 and 200).
 	RequestsPerSecond float64 `yaml:"requests-per-second"`
 	Burst             int     `yaml:"burst"`
+	// ConnectionsPerCaller caps open connections per uid (default 64)
+	// and Connections those of all uids together (default 1024). Each
+	// connection holds two of the agent's file descriptors (the socket
+	// and the caller's pidfd), so the total must stay well under the
+	// agent's open-file limit.
+	ConnectionsPerCaller int `yaml:"connections-per-caller"`
+	Connections          int `yaml:"connections"`
+	// IdleTimeout closes a connection that has made no admitted request
+	// this long after it was accepted (default 10s).
+	IdleTimeout time.Duration `yaml:"idle-timeout"`
+}
+
+// Limit defaults.
+const (
+	DefaultConnectionsPerCaller = 64
+	DefaultConnections          = 1024
+	DefaultIdleTimeout          = 10 * time.Second
+)
+
+// Validate refuses negative limits (zero means the default) and a
+// per-uid connection cap above an explicit total.
+func (l Limits) Validate() error {
+	if l.StreamsPerCaller < 0 || l.RequestsPerSecond < 0 || l.Burst < 0 || l.ConnectionsPerCaller < 0 || l.Connections < 0 || l.IdleTimeout < 0 {
+		return fmt.Errorf("workload-api.limits %+v: limits cannot be negative (0 means the default)", l)
+	}
+	if l.Connections > 0 && l.ConnectionsPerCaller > l.Connections {
+		return fmt.Errorf("workload-api.limits: connections-per-caller %d is above connections %d", l.ConnectionsPerCaller, l.Connections)
+	}
+	return nil
 }
 
 // Options configure the server.
@@ -65,6 +95,9 @@ type Stats struct {
 	Attestations, AttestFailures atomic.Int64
 	Denied, Limited              atomic.Int64
 	Streams                      atomic.Int64
+	// Connections is open connections; ConnRefused counts those refused
+	// by the connection caps.
+	Connections, ConnRefused atomic.Int64
 }
 
 // Server is the Workload API.
@@ -78,6 +111,9 @@ type Server struct {
 
 	mu      sync.Mutex
 	callers map[uint32]*callerLimit
+	conns   int // open connections, all uids
+
+	lastRefusalLog atomic.Int64 // unix nanoseconds
 }
 
 // New returns a Workload API server over src.
@@ -93,6 +129,17 @@ func New(src Source, att *attestor.Attestor, opts Options) *Server {
 	}
 	if opts.Limits.Burst <= 0 {
 		opts.Limits.Burst = 200
+	}
+	if opts.Limits.ConnectionsPerCaller <= 0 {
+		opts.Limits.ConnectionsPerCaller = DefaultConnectionsPerCaller
+	}
+	if opts.Limits.Connections <= 0 {
+		opts.Limits.Connections = DefaultConnections
+	}
+	// A total set below the default per-uid cap caps each uid too.
+	opts.Limits.ConnectionsPerCaller = min(opts.Limits.ConnectionsPerCaller, opts.Limits.Connections)
+	if opts.Limits.IdleTimeout <= 0 {
+		opts.Limits.IdleTimeout = DefaultIdleTimeout
 	}
 	return &Server{src: src, att: att, log: opts.Log, opts: opts, callers: map[uint32]*callerLimit{}}
 }
@@ -137,14 +184,20 @@ func (s *Server) GRPCServer() *grpc.Server {
 	return g
 }
 
-// Serve serves on l until ctx ends.
+// Serve serves on l until ctx ends, under the connection caps and idle
+// timeout of the server's limits.
 func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	g := s.GRPCServer()
 	go func() {
 		<-ctx.Done()
 		g.Stop()
 	}()
-	err := g.Serve(l)
+	al, err := attestor.Listen(l, attestor.ConnPolicy{Admit: s.admitConn, IdleTimeout: s.opts.Limits.IdleTimeout, Log: s.log})
+	if err != nil {
+		l.Close()
+		return err
+	}
+	err = g.Serve(al)
 	if ctx.Err() != nil {
 		return nil
 	}
@@ -187,15 +240,82 @@ func (s *Server) admit(ctx context.Context, method string, stream bool) (context
 		s.Stats.Streams.Add(1)
 		done = func() { lim.closeStream(); s.Stats.Streams.Add(-1) }
 	}
+	snap, _ := s.src.Current()
 	sel, err := s.att.Attest(ctx, c)
+	if err == nil {
+		// What Attest read must be about the process that connected,
+		// running what it ran then. The check comes after snap existed,
+		// so it also stands for snap's first push on this stream.
+		err = c.VerifyAs(snap)
+	}
 	if err != nil {
 		done()
 		s.Stats.AttestFailures.Add(1)
-		s.log.Warn("workload attestation failed", "method", method, "uid", c.UID, "pid", c.PID, "err", err)
+		s.log.Warn("workload attestation failed", "method", method, "uid", c.UID, "pid", c.PID, "exe", c.ExePath(), "err", err)
 		return nil, nil, status.Error(codes.PermissionDenied, "workload attestation failed")
 	}
+	c.Active()
 	s.Stats.Attestations.Add(1)
 	return context.WithValue(ctx, callerKey{}, &call{caller: c, sel: sel}), done, nil
+}
+
+// still re-checks a caller before an answer or a pushed message leaves:
+// it is alive and runs the executable it connected with (a poll and a
+// stat; its selectors came from that executable). Pushes name the
+// snapshot they carry (snap), so that a rotation fanned out to many
+// streams of one caller checks it once (Caller.VerifyOnce).
+func (s *Server) still(c *call, method string, snap *cache.Snapshot) error {
+	check := c.caller.Verify
+	if snap != nil {
+		check = func() error { return c.caller.VerifyOnce(snap) }
+	}
+	if err := check(); err != nil {
+		s.Stats.AttestFailures.Add(1)
+		s.log.Warn("workload API caller changed: nothing more sent", "method", method, "uid", c.caller.UID,
+			"pid", c.caller.PID, "exe", c.caller.ExePath(), "err", err)
+		return status.Error(codes.PermissionDenied, "workload attestation failed")
+	}
+	return nil
+}
+
+// admitConn counts a new connection against its uid's and the total
+// caps; the release it returns gives the place back.
+func (s *Server) admitConn(uid uint32, pid int32) (func(), error) {
+	lim := s.limit(uid)
+	s.mu.Lock()
+	why := ""
+	switch {
+	case s.conns >= s.opts.Limits.Connections:
+		why = "the agent's connection cap is reached"
+	case lim.conns >= s.opts.Limits.ConnectionsPerCaller:
+		why = "the uid's connection cap is reached"
+	default:
+		s.conns++
+		lim.conns++
+	}
+	s.mu.Unlock()
+	if why != "" {
+		s.Stats.ConnRefused.Add(1)
+		// A flood must not become a flood of log lines: one a second.
+		now := time.Now().UnixNano()
+		if last := s.lastRefusalLog.Load(); now-last >= int64(time.Second) && s.lastRefusalLog.CompareAndSwap(last, now) {
+			s.log.Warn("workload API connection refused", "uid", uid, "pid", pid, "reason", why,
+				"per_uid_cap", s.opts.Limits.ConnectionsPerCaller, "total_cap", s.opts.Limits.Connections,
+				"refused_total", s.Stats.ConnRefused.Load())
+		}
+		return nil, errors.New(why)
+	}
+	s.Stats.Connections.Add(1)
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.mu.Lock()
+			s.conns--
+			lim.conns--
+			s.mu.Unlock()
+			s.Stats.Connections.Add(-1)
+		})
+	}, nil
 }
 
 func (s *Server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
@@ -204,7 +324,18 @@ func (s *Server) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo,
 		return nil, err
 	}
 	defer done()
-	return h(ctx, req)
+	resp, err := h(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	// A JWT-SVID fetch waits on the appliance: the caller may have
+	// exec'd or exited meanwhile, and the answer is a credential.
+	if info.FullMethod == workload.SpiffeWorkloadAPI_FetchJWTSVID_FullMethodName {
+		if err := s.still(callOf(ctx), info.FullMethod, nil); err != nil {
+			return nil, err
+		}
+	}
+	return resp, nil
 }
 
 type wrapped struct {
@@ -262,6 +393,9 @@ func (s *Server) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerSt
 			}
 			fp := fingerprint(resp.Svids, roots)
 			if first || fp != last {
+				if err := s.still(c, "FetchX509SVID", snap); err != nil {
+					return err
+				}
 				if err := stream.Send(resp); err != nil {
 					return err
 				}
@@ -370,6 +504,9 @@ func (s *Server) streamBundle(ctx context.Context, method string, render func(*c
 			return status.Error(codes.Internal, "bundle unavailable")
 		}
 		if last == nil || string(b) != string(last) {
+			if err := s.still(c, method, snap); err != nil {
+				return err
+			}
 			if err := send(snap.Bundle.TrustDomain().IDString(), b); err != nil {
 				return err
 			}
@@ -469,6 +606,7 @@ type callerLimit struct {
 	tokens  float64
 	last    time.Time
 	streams int
+	conns   int // guarded by Server.mu
 }
 
 func (s *Server) limit(uid uint32) *callerLimit {
