@@ -144,6 +144,7 @@ type Node struct {
 	trans *hraft.NetworkTransport
 	store *raftboltdb.BoltStore
 	pool  *rpcPool
+	conns connSet // established connections, for ResetConnections
 
 	leaderReady atomic.Uint64 // term in which this leader committed a barrier
 
@@ -695,6 +696,9 @@ func (n *Node) Shutdown() error {
 		if n.pool != nil {
 			n.pool.closeAll()
 		}
+		gen := n.conns.next(true)
+		n.conns.closeBefore(gen, false)
+		n.conns.closeBefore(gen, true)
 		n.wg.Wait()
 		if n.store != nil {
 			n.store.Close()

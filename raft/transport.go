@@ -186,6 +186,7 @@ func (s *streamLayer) Dial(address hraft.ServerAddress, timeout time.Duration) (
 }
 
 func (n *Node) dial(addr string, proto byte, timeout time.Duration) (net.Conn, error) {
+	gen := n.conns.generation()
 	d := &net.Dialer{Timeout: timeout}
 	c, err := tls.DialWithDialer(d, "tcp", addr, n.cfg.TLS.Clone())
 	if err != nil {
@@ -197,7 +198,134 @@ func (n *Node) dial(addr string, proto byte, timeout time.Duration) (net.Conn, e
 		return nil, err
 	}
 	c.SetWriteDeadline(time.Time{})
-	return c, nil
+	tc, err := n.conns.track(c, gen, true)
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	return tc, nil
+}
+
+// connSet holds every established connection, inbound (after the
+// handshake and the protocol byte) and outbound, so that ResetConnections
+// can close them. Each remembers the generation it was verified in: a
+// connection whose handshake began before a reset is closed as soon as it
+// would be tracked, since its peer was verified against what the TLS config
+// accepted before.
+type connSet struct {
+	mu   sync.Mutex
+	gen  uint64
+	m    map[*trackedConn]struct{}
+	shut bool
+}
+
+// errConnReset refuses a connection whose handshake predates a reset.
+var errConnReset = errors.New("raft: connection verified before a connection reset")
+
+type trackedConn struct {
+	net.Conn
+	s        *connSet
+	gen      uint64
+	outbound bool
+	once     sync.Once
+}
+
+func (c *trackedConn) Close() error {
+	c.once.Do(func() {
+		c.s.mu.Lock()
+		delete(c.s.m, c)
+		c.s.mu.Unlock()
+	})
+	return c.Conn.Close()
+}
+
+func (s *connSet) generation() uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.gen
+}
+
+// track adds c, verified while the set was at generation gen; it refuses
+// (and the caller closes c) when a reset came in between.
+func (s *connSet) track(c net.Conn, gen uint64, outbound bool) (*trackedConn, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.shut {
+		return nil, net.ErrClosed
+	}
+	if gen != s.gen {
+		return nil, errConnReset
+	}
+	tc := &trackedConn{Conn: c, s: s, gen: gen, outbound: outbound}
+	if s.m == nil {
+		s.m = map[*trackedConn]struct{}{}
+	}
+	s.m[tc] = struct{}{}
+	return tc, nil
+}
+
+// next starts a new generation (shut: the last one) and returns it.
+func (s *connSet) next(shut bool) uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.gen++
+	s.shut = s.shut || shut
+	return s.gen
+}
+
+// closeBefore closes the connections of one direction verified before
+// generation gen.
+func (s *connSet) closeBefore(gen uint64, outbound bool) int {
+	s.mu.Lock()
+	var conns []*trackedConn
+	for c := range s.m {
+		if c.gen < gen && c.outbound == outbound {
+			conns = append(conns, c)
+		}
+	}
+	s.mu.Unlock()
+	for _, c := range conns {
+		c.Close()
+	}
+	return len(conns)
+}
+
+// ResetConnections makes every peer of this node pass the TLS config's
+// verification again: call it when what the config accepts has narrowed (a
+// peer's certificate revoked), or a peer verified before keeps its
+// connections for as long as it keeps them busy.
+//
+// Inbound connections (what peers send: forwarded writes, votes, and log
+// entries from a leader) and idle pooled RPC connections are closed at
+// once, as are handshakes under way. Outbound connections in use (this
+// node's log entries and heartbeats to followers) are closed after
+// outboundGrace: they carry nothing from the peer but its answers, and
+// keeping them a moment longer lets a follower that is being cut off learn
+// that the entry causing the reset committed (an honest node whose
+// certificate was revoked then stops on its own). Requests in flight on a
+// closed connection fail (forwarded writes are retried once on a fresh
+// connection); raft's replication retries on its own. It returns how many
+// connections it closed at once.
+func (n *Node) ResetConnections(outboundGrace time.Duration) int {
+	gen := n.conns.next(false)
+	n.pool.closeAll()
+	closed := n.conns.closeBefore(gen, false)
+	closeOutbound := func() {
+		if n.ctx.Err() != nil {
+			return
+		}
+		// Empty raft's pool first, so that nothing takes a connection
+		// about to be closed from it.
+		n.trans.CloseStreams()
+		n.pool.closeAll()
+		n.conns.closeBefore(gen, true)
+	}
+	if outboundGrace <= 0 {
+		closeOutbound()
+	} else {
+		time.AfterFunc(outboundGrace, closeOutbound)
+	}
+	return closed
 }
 
 func (n *Node) acceptLoop() {
@@ -229,6 +357,7 @@ func (n *Node) acceptLoop() {
 // connection before the first byte is read, so a peer that sends nothing
 // is dropped after HandshakeTimeout too.
 func (n *Node) handleConn(raw *limitedConn, lim *connLimiter) {
+	gen := n.conns.generation()
 	raw.SetDeadline(time.Now().Add(lim.lim.HandshakeTimeout))
 	c := tls.Server(raw, n.cfg.TLS)
 	if err := c.Handshake(); err != nil {
@@ -243,26 +372,34 @@ func (n *Node) handleConn(raw *limitedConn, lim *connLimiter) {
 	}
 	lim.established(raw)
 	c.SetDeadline(time.Time{})
+	cs := c.ConnectionState()
+	tc, err := n.conns.track(c, gen, false)
+	if err != nil {
+		// Verified before a reset: the peer reconnects and is verified
+		// again.
+		c.Close()
+		return
+	}
 	switch b[0] {
 	case protoRaft:
 		// hashicorp's AppendEntries and InstallSnapshot do not check who
 		// sends them: only members (or anyone, while this node has no
 		// configuration yet and is waiting to be added) may speak raft.
-		if err := n.authorizeRaftPeer(c); err != nil {
+		if err := n.authorizeRaftPeer(cs); err != nil {
 			n.log.Warn("refused raft connection", "remote", raw.RemoteAddr().String(), "err", err)
-			c.Close()
+			tc.Close()
 			return
 		}
 		select {
-		case n.layer.conns <- c:
+		case n.layer.conns <- tc:
 		case <-n.layer.closed:
-			c.Close()
+			tc.Close()
 		}
 	case protoRPC:
-		n.serveRPC(c)
+		n.serveRPC(tc, cs)
 	default:
 		n.log.Warn("refused connection: unknown protocol", "remote", raw.RemoteAddr().String(), "byte", b[0])
-		c.Close()
+		tc.Close()
 	}
 }
 
@@ -333,11 +470,11 @@ func readFrame(r io.Reader, v any) error {
 }
 
 // serveRPC answers requests on one connection until it closes or idles.
-func (n *Node) serveRPC(c *tls.Conn) {
+func (n *Node) serveRPC(c net.Conn, cs tls.ConnectionState) {
 	defer c.Close()
 	peer := ""
 	if n.cfg.PeerNodeID != nil {
-		id, err := n.cfg.PeerNodeID(c.ConnectionState())
+		id, err := n.cfg.PeerNodeID(cs)
 		if err != nil {
 			n.log.Warn("refused rpc connection: peer identity", "remote", c.RemoteAddr().String(), "err", err)
 			return
@@ -437,11 +574,11 @@ func (n *Node) authorizeMember(peer string) error {
 
 // authorizeRaftPeer admits a raft connection from a configuration member,
 // or from any verified node while this node knows no configuration.
-func (n *Node) authorizeRaftPeer(c *tls.Conn) error {
+func (n *Node) authorizeRaftPeer(cs tls.ConnectionState) error {
 	if n.cfg.PeerNodeID == nil {
 		return nil
 	}
-	peer, err := n.cfg.PeerNodeID(c.ConnectionState())
+	peer, err := n.cfg.PeerNodeID(cs)
 	if err != nil {
 		return err
 	}

@@ -76,6 +76,10 @@ type Snapshot struct {
 	// replaced at once. Serials are random, so one list serves every
 	// issuing node.
 	Revoked map[string]bool
+	// RootCRLs are the verified root CRLs (DER) as of this snapshot, for
+	// the Workload API's X.509-SVID responses: a workload that checks
+	// peers' chains learns which node CAs the root revoked.
+	RootCRLs [][]byte
 }
 
 // Match returns the entries whose selectors the caller all has.
@@ -164,8 +168,9 @@ type Cache struct {
 	jwtMu sync.Mutex
 	jwts  map[string]jwtItem
 
-	crlMu sync.Mutex // serializes CRL updates and their file
-	crls  atomic.Pointer[crlSet]
+	crlMu      sync.Mutex // serializes CRL updates and their file
+	crls       atomic.Pointer[crlSet]
+	crlSkipped map[[32]byte]bool // SHA-256 of CRLs skipped; guarded by crlMu
 }
 
 type jwtItem struct {
@@ -194,8 +199,11 @@ func New(app Appliance, opts Options) *Cache {
 		changed: make(chan struct{}),
 		kick:    make(chan struct{}, 1),
 		jwts:    map[string]jwtItem{},
+
+		crlSkipped: map[[32]byte]bool{},
 	}
 	c.loadCRLs()
+	c.snap.RootCRLs = c.RootCRLs()
 	return c
 }
 
@@ -308,10 +316,11 @@ func (c *Cache) apply(u *api.SyncUpdate) error {
 	if len(b.X509Authorities()) == 0 {
 		return errors.New("bundle has no X.509 authorities")
 	}
-	revokedMore, err := c.addCRLs(u.Bundle.RootCRLs)
-	if err != nil {
-		return err
-	}
+	// A CRL the agent cannot verify is skipped, never the update: a node
+	// (or a root missing from the agent's root file) must not be able to
+	// keep entries, bundle changes and the other CRLs from the agent.
+	revokedMore := c.addCRLs(u.Bundle.RootCRLs)
+	crls := c.RootCRLs()
 	entries := make([]api.Entry, 0, len(u.Entries))
 	for _, e := range u.Entries {
 		id, err := spiffeid.FromString(e.SPIFFEID)
@@ -328,7 +337,7 @@ func (c *Cache) apply(u *api.SyncUpdate) error {
 		return entries[i].ID < entries[j].ID
 	})
 	c.update(func(s *Snapshot) {
-		s.Revision, s.Entries, s.Bundle = u.Revision, entries, b
+		s.Revision, s.Entries, s.Bundle, s.RootCRLs = u.Revision, entries, b, crls
 		s.selectors = selectorStrings(entries)
 		s.Revoked = map[string]bool{}
 		for _, r := range u.Bundle.Revoked {

@@ -2,14 +2,18 @@ package cache
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"maps"
 	"math/big"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 )
 
 // Root CRLs revoke node issuing CAs (the root ceremony signs them). The
@@ -25,11 +29,22 @@ import (
 // maxRootCRL bounds one CRL the cache accepts (the appliance's own bound).
 const maxRootCRL = 128 << 10
 
+// maxCRLsPerUpdate bounds the CRLs one update may make the cache check
+// (each costs a signature verification): the appliance keeps one CRL per
+// root, and a bundle has a handful of roots.
+const maxCRLsPerUpdate = 64
+
 // crlSet is an immutable view of the verified root CRLs.
 type crlSet struct {
-	// byRoot is the newest CRL of each root, by the root's raw subject.
-	byRoot  map[string]*x509.RevocationList
-	der     map[string][]byte
+	// byRoot is the newest CRL of each root, keyed as the appliance keys
+	// them: by the root's fingerprint (hex SHA-256 of its DER). Two roots
+	// may share a subject (a re-keyed root keeps its name), so the
+	// issuer's name does not say whose CRL it is; the signature does.
+	byRoot map[string]*x509.RevocationList
+	der    map[string][]byte
+	// sums are the SHA-256 of the CRLs held: every update carries them
+	// again, and one already held needs no new signature check.
+	sums    map[[32]byte]bool
 	revoked map[string]struct{} // issuer raw subject + serial
 }
 
@@ -45,46 +60,59 @@ func (s *crlSet) has(c *x509.Certificate) bool {
 	return ok
 }
 
+func rootFingerprint(root *x509.Certificate) string {
+	sum := sha256.Sum256(root.Raw)
+	return hex.EncodeToString(sum[:])
+}
+
 // verifyCRL checks a CRL against the configured roots and returns it with
-// the root that signed it.
-func verifyCRL(der []byte, roots []*x509.Certificate) (*x509.RevocationList, error) {
+// the fingerprint of the root whose key signed it.
+func verifyCRL(der []byte, roots []*x509.Certificate) (*x509.RevocationList, string, error) {
 	if len(der) > maxRootCRL {
-		return nil, fmt.Errorf("root CRL of %d bytes; at most %d", len(der), maxRootCRL)
+		return nil, "", fmt.Errorf("root CRL of %d bytes; at most %d", len(der), maxRootCRL)
 	}
 	crl, err := x509.ParseRevocationList(der)
 	if err != nil {
-		return nil, fmt.Errorf("root CRL: %w", err)
+		return nil, "", fmt.Errorf("root CRL: %w", err)
 	}
 	if crl.Number == nil || crl.Number.Sign() <= 0 {
-		return nil, errors.New("root CRL has no CRL number")
+		return nil, "", fmt.Errorf("root CRL issued by %q has no CRL number", crl.Issuer.String())
 	}
 	for _, r := range roots {
 		if bytes.Equal(crl.RawIssuer, r.RawSubject) && crl.CheckSignatureFrom(r) == nil {
-			return crl, nil
+			return crl, rootFingerprint(r), nil
 		}
 	}
-	return nil, fmt.Errorf("CRL issued by %q is not signed by a configured root", crl.Issuer.String())
+	return nil, "", fmt.Errorf("root CRL number %s issued by %q is not signed by a configured root (a forgery, or a root missing from the agent's root file)", crl.Number, crl.Issuer.String())
 }
 
 // merge returns the set with the given CRLs added (each replacing an older
-// one of its root), whether any certificate became revoked, and an error
-// for a CRL that does not verify. Older or equal CRLs are ignored: a node
-// that lags (or lies) cannot roll the cache back.
-func (s *crlSet) merge(ders [][]byte, roots []*x509.Certificate) (*crlSet, bool, error) {
-	next := &crlSet{byRoot: map[string]*x509.RevocationList{}, der: map[string][]byte{}, revoked: map[string]struct{}{}}
+// one of its root), whether any certificate became revoked, and the CRLs
+// it skipped, with why. A CRL that does not verify, or that would undo a
+// revocation, is skipped and the others still count: one bad CRL must not
+// hold back the rest of an update. Older or equal CRLs are ignored
+// without a word: every update carries the current ones, and a node that
+// lags (or lies) cannot roll the cache back.
+func (s *crlSet) merge(ders [][]byte, roots []*x509.Certificate) (next *crlSet, grew bool, skipped []skippedCRL) {
+	next = &crlSet{byRoot: map[string]*x509.RevocationList{}, der: map[string][]byte{}, sums: map[[32]byte]bool{}, revoked: map[string]struct{}{}}
 	if s != nil {
 		for k, v := range s.byRoot {
 			next.byRoot[k], next.der[k] = v, s.der[k]
 		}
+		maps.Copy(next.sums, s.sums)
 	}
 	changed := false
 	for _, der := range ders {
-		crl, err := verifyCRL(der, roots)
-		if err != nil {
-			return nil, false, err
+		sum := sha256.Sum256(der)
+		if next.sums[sum] {
+			continue
 		}
-		k := string(crl.RawIssuer)
-		old := next.byRoot[k]
+		crl, fp, err := verifyCRL(der, roots)
+		if err != nil {
+			skipped = append(skipped, skippedCRL{sum: sum, err: err})
+			continue
+		}
+		old := next.byRoot[fp]
 		if old != nil && crl.Number.Cmp(old.Number) <= 0 {
 			continue
 		}
@@ -95,31 +123,50 @@ func (s *crlSet) merge(ders [][]byte, roots []*x509.Certificate) (*crlSet, bool,
 			for _, e := range crl.RevokedCertificateEntries {
 				listed[e.SerialNumber.Text(16)] = true
 			}
+			var dropped []string
 			for _, e := range old.RevokedCertificateEntries {
 				if !listed[e.SerialNumber.Text(16)] {
-					return nil, false, fmt.Errorf("root CRL number %s leaves out serial %x, which CRL number %s revoked: a revocation cannot be undone", crl.Number, e.SerialNumber, old.Number)
+					dropped = append(dropped, e.SerialNumber.Text(16))
 				}
 			}
+			if len(dropped) > 0 {
+				skipped = append(skipped, skippedCRL{sum: sum, err: fmt.Errorf("root %s's CRL number %s leaves out serials %s, which its CRL number %s revoked: a revocation cannot be undone",
+					fp[:16], crl.Number, strings.Join(dropped, ","), old.Number)})
+				continue
+			}
 		}
-		next.byRoot[k], next.der[k] = crl, der
+		if old != nil {
+			delete(next.sums, sha256.Sum256(next.der[fp]))
+		}
+		next.byRoot[fp], next.der[fp], next.sums[sum] = crl, der, true
 		changed = true
 	}
 	if !changed {
-		return s, false, nil
+		return s, false, skipped
 	}
-	grew := false
 	for _, crl := range next.byRoot {
 		for _, e := range crl.RevokedCertificateEntries {
 			k := revokedKey(crl.RawIssuer, e.SerialNumber)
 			next.revoked[k] = struct{}{}
-			if s == nil {
-				grew = true
-			} else if _, was := s.revoked[k]; !was {
+			if _, was := s.revokedSet()[k]; !was {
 				grew = true
 			}
 		}
 	}
-	return next, grew, nil
+	return next, grew, skipped
+}
+
+// skippedCRL is a CRL merge did not adopt, by its SHA-256.
+type skippedCRL struct {
+	sum [32]byte
+	err error
+}
+
+func (s *crlSet) revokedSet() map[string]struct{} {
+	if s == nil {
+		return nil
+	}
+	return s.revoked
 }
 
 func (s *crlSet) ders() [][]byte {
@@ -165,10 +212,9 @@ func (c *Cache) loadCRLs() {
 	}
 	var set *crlSet
 	for _, der := range ders {
-		next, _, err := set.merge([][]byte{der}, c.opts.Roots)
-		if err != nil {
-			c.log.Error("stored root CRL ignored", "file", c.opts.CRLFile, "err", err)
-			continue
+		next, _, skipped := set.merge([][]byte{der}, c.opts.Roots)
+		for _, sk := range skipped {
+			c.log.Error("stored root CRL ignored", "file", c.opts.CRLFile, "crl_sha256", hex.EncodeToString(sk.sum[:8]), "err", sk.err)
 		}
 		set = next
 	}
@@ -212,24 +258,40 @@ func (c *Cache) saveCRLs(set *crlSet) error {
 }
 
 // addCRLs verifies and adopts the CRLs of a sync update; it reports
-// whether a certificate became revoked.
-func (c *Cache) addCRLs(ders [][]byte) (bool, error) {
+// whether a certificate became revoked. A CRL it cannot adopt is logged
+// (once per CRL: every update carries it again) and skipped; the update
+// itself goes on.
+func (c *Cache) addCRLs(ders [][]byte) bool {
 	if len(ders) == 0 {
-		return false, nil
+		return false
 	}
 	if len(c.opts.Roots) == 0 {
 		c.log.Warn("root CRLs received but no roots are configured to check them; ignored")
-		return false, nil
+		return false
 	}
 	c.crlMu.Lock()
 	defer c.crlMu.Unlock()
+	// A CRL skipped before is skipped again without a new signature
+	// check: the roots are fixed and revocations only grow, so what did
+	// not verify or would undo a revocation stays that way.
+	ders = slices.DeleteFunc(slices.Clone(ders), func(der []byte) bool { return c.crlSkipped[sha256.Sum256(der)] })
+	if len(ders) > maxCRLsPerUpdate {
+		// Not remembered as skipped: the next update may order them
+		// otherwise.
+		c.log.Warn("root CRLs from the appliance beyond the first ones not checked", "crls", len(ders), "max", maxCRLsPerUpdate)
+		ders = ders[:maxCRLsPerUpdate]
+	}
 	cur := c.crls.Load()
-	next, grew, err := cur.merge(ders, c.opts.Roots)
-	if err != nil {
-		return false, err
+	next, grew, skipped := cur.merge(ders, c.opts.Roots)
+	for _, sk := range skipped {
+		if len(c.crlSkipped) >= maxSkippedCRLs {
+			clear(c.crlSkipped)
+		}
+		c.crlSkipped[sk.sum] = true
+		c.log.Warn("root CRL from the appliance ignored; the rest of the update is applied", "crl_sha256", hex.EncodeToString(sk.sum[:8]), "err", sk.err)
 	}
 	if next == cur {
-		return false, nil
+		return false
 	}
 	if err := c.saveCRLs(next); err != nil {
 		// Still enforced in memory; the next update writes it again.
@@ -237,8 +299,12 @@ func (c *Cache) addCRLs(ders [][]byte) (bool, error) {
 	}
 	c.crls.Store(next)
 	c.log.Warn("root CRLs updated", "crls", len(next.der), "revoked", len(next.revoked), "newly_revoked", grew)
-	return grew, nil
+	return grew
 }
+
+// maxSkippedCRLs bounds the memory of skipped CRLs (a node could send a
+// new bogus one in every update).
+const maxSkippedCRLs = 256
 
 // CheckChain refuses chains (as Dial's VerifyChain gets them) that hold a
 // certificate a root CRL revoked: an appliance node whose issuing CA the

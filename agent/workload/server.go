@@ -8,6 +8,7 @@ package workload
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -382,7 +383,10 @@ func (s *Server) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerSt
 		svids := snap.SVIDsFor(entries, now)
 		var expiry <-chan time.Time
 		if len(svids) > 0 && snap.Bundle != nil {
-			resp := &workload.X509SVIDResponse{}
+			// The root CRLs go with the SVIDs (the response's crl field):
+			// a workload that verifies peers' chains against the bundle
+			// also refuses the node CAs the root revoked.
+			resp := &workload.X509SVIDResponse{Crl: snap.RootCRLs}
 			roots := rootsDER(snap)
 			soonest := svids[0].NotAfter
 			for _, v := range svids {
@@ -391,7 +395,7 @@ func (s *Server) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerSt
 				})
 				soonest = minTime(soonest, v.NotAfter)
 			}
-			fp := fingerprint(resp.Svids, roots)
+			fp := fingerprint(resp.Svids, roots, resp.Crl)
 			if first || fp != last {
 				if err := s.still(c, "FetchX509SVID", snap); err != nil {
 					return err
@@ -418,13 +422,18 @@ func (s *Server) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerSt
 	}
 }
 
-func fingerprint(svids []*workload.X509SVID, roots []byte) [32]byte {
+func fingerprint(svids []*workload.X509SVID, roots []byte, crls [][]byte) [32]byte {
 	h := sha256.New()
 	for _, v := range svids {
 		h.Write(v.X509Svid)
 		h.Write([]byte(v.Hint))
 	}
 	h.Write(roots)
+	// Lengths keep one list of CRLs from hashing like another.
+	for _, c := range crls {
+		h.Write(binary.BigEndian.AppendUint32(nil, uint32(len(c))))
+		h.Write(c)
+	}
 	var out [32]byte
 	h.Sum(out[:0])
 	return out
@@ -468,12 +477,16 @@ func (s *Server) waitBundle(ctx context.Context) (*cache.Snapshot, <-chan struct
 	}
 }
 
-// FetchX509Bundles streams the trust domain's X.509 authorities.
+// FetchX509Bundles streams the trust domain's X.509 authorities and the
+// root CRLs. What it compares to see a change is the roots followed by the
+// CRLs (DER is self-delimiting, so either changing changes it).
 func (s *Server) FetchX509Bundles(_ *workload.X509BundlesRequest, stream grpc.ServerStreamingServer[workload.X509BundlesResponse]) error {
 	return s.streamBundle(stream.Context(), "FetchX509Bundles",
-		func(snap *cache.Snapshot) ([]byte, error) { return rootsDER(snap), nil },
-		func(td string, b []byte) error {
-			return stream.Send(&workload.X509BundlesResponse{Bundles: map[string][]byte{td: b}})
+		func(snap *cache.Snapshot) ([]byte, error) {
+			return slices.Concat(append([][]byte{rootsDER(snap)}, snap.RootCRLs...)...), nil
+		},
+		func(snap *cache.Snapshot, td string, _ []byte) error {
+			return stream.Send(&workload.X509BundlesResponse{Bundles: map[string][]byte{td: rootsDER(snap)}, Crl: snap.RootCRLs})
 		})
 }
 
@@ -481,14 +494,14 @@ func (s *Server) FetchX509Bundles(_ *workload.X509BundlesRequest, stream grpc.Se
 func (s *Server) FetchJWTBundles(_ *workload.JWTBundlesRequest, stream grpc.ServerStreamingServer[workload.JWTBundlesResponse]) error {
 	return s.streamBundle(stream.Context(), "FetchJWTBundles",
 		func(snap *cache.Snapshot) ([]byte, error) { return snap.Bundle.JWTBundle().Marshal() },
-		func(td string, b []byte) error {
+		func(_ *cache.Snapshot, td string, b []byte) error {
 			return stream.Send(&workload.JWTBundlesResponse{Bundles: map[string][]byte{td: b}})
 		})
 }
 
 // streamBundle sends one rendering of the bundle at once and again
 // whenever it changes, to callers the verifier rule admits.
-func (s *Server) streamBundle(ctx context.Context, method string, render func(*cache.Snapshot) ([]byte, error), send func(td string, b []byte) error) error {
+func (s *Server) streamBundle(ctx context.Context, method string, render func(*cache.Snapshot) ([]byte, error), send func(snap *cache.Snapshot, td string, b []byte) error) error {
 	c := callOf(ctx)
 	var last []byte
 	for {
@@ -507,7 +520,7 @@ func (s *Server) streamBundle(ctx context.Context, method string, render func(*c
 			if err := s.still(c, method, snap); err != nil {
 				return err
 			}
-			if err := send(snap.Bundle.TrustDomain().IDString(), b); err != nil {
+			if err := send(snap, snap.Bundle.TrustDomain().IDString(), b); err != nil {
 				return err
 			}
 			last = b

@@ -36,10 +36,30 @@ type admin struct{ n *Node }
 
 var _ api.AdminServer = (*admin)(nil)
 
+// apply proposes a command as the caller. An admin certificate's command
+// names the certificate (its serial), so that the state machine decides at
+// commit, in log order, whether that certificate may still act for its
+// name and with which role: this replica's own check may lag (a follower
+// behind, a node restarting) and a name may have been revoked and
+// re-issued meanwhile.
+func (a *admin) apply(ctx context.Context, c caller, typ string, payload any) ([]byte, error) {
+	if c.Local {
+		return a.n.apply(ctx, c.Actor, typ, payload)
+	}
+	cmd, err := state.NewAdminCommand(typ, c.Actor, c.Serial, time.Now(), payload)
+	if err != nil {
+		return nil, err
+	}
+	start := time.Now()
+	resp, err := a.n.raft.Apply(ctx, cmd)
+	a.n.metrics.observeApply(typ, time.Since(start), err)
+	return resp, err
+}
+
 // write proposes a command as the caller and decodes the FSM's response.
 func write[T any](ctx context.Context, a *admin, typ string, payload any) (*T, error) {
 	c := callerFrom(ctx)
-	resp, err := a.n.apply(ctx, c.Actor, typ, payload)
+	resp, err := a.apply(ctx, c, typ, payload)
 	if err != nil {
 		return nil, a.fail(typ, c, err)
 	}
@@ -60,7 +80,7 @@ func (a *admin) fail(what string, c caller, err error) error {
 	case (errors.Is(err, state.ErrRefused) || errors.As(err, &ae)) && strings.Contains(err.Error(), state.AdminRevokedMarker):
 		// Refused at commit: the caller's name was revoked before this
 		// command, and this replica had not applied it yet.
-		a.n.log.Warn("admin call refused: certificate revoked", "request", what, "actor", c.Actor, "serial", c.Serial, "reason", err.Error())
+		a.n.authLog.warn("admin call refused: certificate revoked", "request", what, "actor", c.Actor, "serial", c.Serial, "reason", err.Error())
 		return status.Errorf(codes.Unauthenticated, "admin certificate %s (serial %s) was revoked: %s", c.Actor, c.Serial, err.Error())
 	case errors.Is(err, state.ErrRefused) || errors.As(err, &ae):
 		a.n.log.Warn("admin request refused", "request", what, "actor", c.Actor, "reason", err.Error())
@@ -272,7 +292,7 @@ func (a *admin) ClusterRemove(ctx context.Context, r *api.IDRequest) (*api.Empty
 // lives in raft's configuration, not in the FSM).
 func (a *admin) audit(ctx context.Context, action, target string, detail map[string]string) {
 	c := callerFrom(ctx)
-	if _, err := a.n.apply(ctx, c.Actor, state.CmdAudit, state.AuditAppend{Events: []state.AuditEvent{{Action: action, Target: target, Detail: detail}}}); err != nil {
+	if _, err := a.apply(ctx, c, state.CmdAudit, state.AuditAppend{Events: []state.AuditEvent{{Action: action, Target: target, Detail: detail}}}); err != nil {
 		a.n.log.Error("audit record failed", "action", action, "target", target, "err", err)
 	}
 }
@@ -488,8 +508,10 @@ func SPIFFEBundle(td spiffeid.TrustDomain, b state.Bundle) ([]byte, error) {
 
 // AdminCertIssue certifies an admin's own key (from its CSR) as
 // spiffe://<td>/sigil/admin/<name>. Who may have what: root on a node's
-// local socket any name and role; an admin-issuer any name and role; a
-// plain admin only its own name as a plain admin (its renewal). That is
+// local socket any name and role; an admin-issuer certificate any name and
+// role; a plain admin certificate (or one the state has no record of) only
+// its own name as a plain admin (its renewal). The role is that of the
+// calling certificate, not of its name. That is
 // checked before anything is signed (a refusal is audited and nothing else
 // is recorded) and again by the state machine when the issuance is
 // recorded, in log order. The issuance is recorded (serial, role, signing
@@ -515,8 +537,8 @@ func (a *admin) AdminCertIssue(ctx context.Context, r *api.AdminCertRequest) (*a
 	if ttl <= 0 {
 		ttl = 8 * time.Hour
 	}
-	if ttl > a.n.cfg.API.AdminCertMaxTTL.Duration {
-		return nil, status.Errorf(codes.InvalidArgument, "TTL %v exceeds this node's admin-cert-max-ttl %v", ttl, a.n.cfg.API.AdminCertMaxTTL.Duration)
+	if max := a.n.adminCertMaxTTL(); ttl > max {
+		return nil, status.Errorf(codes.InvalidArgument, "TTL %v exceeds this node's admin-cert-max-ttl %v", ttl, max)
 	}
 	id := spiffeid.RequireFromPath(a.n.td, "/sigil/admin/"+r.Name)
 	if !c.Local {
@@ -530,8 +552,9 @@ func (a *admin) AdminCertIssue(ctx context.Context, r *api.AdminCertRequest) (*a
 		if err != nil {
 			return nil, status.Errorf(codes.Internal, "the admin table cannot be read: %v", err)
 		}
-		role := state.ResolveAdminRole(state.FindAdmin(admins, r.Name), r.Role)
-		if err := state.MayIssueAdmin(c.Peer.Name, state.AdminRoleOf(admins, c.Peer.Name), r.Name, role); err != nil {
+		callerRole := state.AdminCertRole(admins, c.Peer.Name, c.Serial)
+		role := state.ResolveAdminRoleBy(state.FindAdmin(admins, r.Name), r.Role, c.Peer.Name, callerRole, r.Name)
+		if err := state.MayIssueAdmin(c.Peer.Name, callerRole, r.Name, role); err != nil {
 			return nil, a.refuseAdmin(ctx, "admin.cert.refuse", id.String(), role, err)
 		}
 	}
@@ -539,7 +562,7 @@ func (a *admin) AdminCertIssue(ctx context.Context, r *api.AdminCertRequest) (*a
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "sign: %v", err)
 	}
-	rec, err := a.n.apply(ctx, c.Actor, state.CmdAdminIssue, state.AdminIssue{Name: r.Name, Role: r.Role,
+	rec, err := a.apply(ctx, c, state.CmdAdminIssue, state.AdminIssue{Name: r.Name, Role: r.Role,
 		Serial: chain[0].SerialNumber.Text(16), Node: a.n.cfg.NodeID, NotAfter: chain[0].NotAfter})
 	if err != nil {
 		if refused(err) && !strings.Contains(err.Error(), state.AdminRevokedMarker) {
@@ -585,7 +608,7 @@ func (a *admin) AdminRevoke(ctx context.Context, r *api.AdminRevokeRequest) (*ap
 		if err != nil {
 			return nil, status.Errorf(codes.Internal, "the admin table cannot be read: %v", err)
 		}
-		if err := state.MayRevokeAdmin(c.Peer.Name, state.AdminRoleOf(admins, c.Peer.Name), r.Name); err != nil {
+		if err := state.MayRevokeAdmin(c.Peer.Name, state.AdminCertRole(admins, c.Peer.Name, c.Serial), r.Name); err != nil {
 			return nil, a.refuseAdmin(ctx, "admin.revoke.refuse", target, "", err)
 		}
 	}

@@ -462,3 +462,192 @@ func TestAttackLongLivedAdminCert(t *testing.T) {
 		t.Fatalf("admin certificate of admin-cert-max-ttl: %v", err)
 	}
 }
+
+// A node that restarts (or lags) authenticates a call against its replica
+// as it is: a certificate whose name was revoked and then re-issued while
+// the node was down passes there, and at commit the name's record, which
+// holds a certificate issued since the revocation, used to let it through.
+// The command now names its certificate (actor_serial) and the state
+// machine checks that one: refused, nothing committed.
+func TestAttackRevokedAdminThroughRestartedNode(t *testing.T) {
+	tr := clustertest.NewTrust(t, "rr", []string{"node-1", "node-2", "node-3"}, nil)
+	c := clustertest.NewCluster(t, tr, "node-1", "node-2", "node-3")
+	ctx := context.Background()
+	leader := c.WaitLeader(30 * time.Second)
+	victim, other := "", ""
+	for _, id := range []string{"node-1", "node-2", "node-3"} {
+		switch {
+		case id == leader:
+		case victim == "":
+			victim = id
+		default:
+			other = id
+		}
+	}
+	alice, err := issueAdmin(t, c, local(t, c, leader), "alice", "alice", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	catchUp(t, c)
+	if _, err := c.Client(victim, alice.cert, alice.key).EntryList(ctx, &api.EntryListRequest{}); err != nil {
+		t.Fatalf("alice on %s before: %v", victim, err)
+	}
+
+	// While the victim is down: alice is revoked and re-issued.
+	c.Stop(victim)
+	if _, err := local(t, c, leader).AdminRevoke(ctx, &api.AdminRevokeRequest{Name: "alice"}); err != nil {
+		t.Fatal(err)
+	}
+	alice2, err := issueAdmin(t, c, local(t, c, other), "alice2", "alice", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Client(other, alice.cert, alice.key).EntryList(ctx, &api.EntryListRequest{}); status.Code(err) != codes.Unauthenticated {
+		t.Fatalf("old certificate on a current node: %v", err)
+	}
+
+	// The attack: the old certificate, through the victim as soon as it is
+	// back, before it has applied the revocation.
+	n := c.Start(victim)
+	rec, known, _ := n.State().Admin("alice")
+	stale := !known || rec.RevokedAt.IsZero()
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	e := entryFor(7).Entry
+	e.ID = "a11ce-01d-cert"
+	_, err = c.Client(victim, alice.cert, alice.key).EntryCreate(cctx, &api.EntryRequest{Entry: e})
+	t.Logf("%s's replica knew the revocation when the call came: %v; call: %v", victim, !stale, err)
+	if status.Code(err) != codes.Unauthenticated || !strings.Contains(err.Error(), "revoked") {
+		t.Errorf("old certificate through restarted %s: %v, want Unauthenticated (revoked) (the attack succeeded)", victim, err)
+	}
+	c.WaitLeader(30 * time.Second)
+	catchUp(t, c)
+	for _, id := range c.Running() {
+		if _, ok := c.Node(id).State().Entry(e.ID); ok {
+			t.Errorf("%s: the revoked certificate's entry was committed", id)
+		}
+	}
+	recs, err := c.Admin(victim).AuditList(ctx, &api.AuditRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range recs.Records {
+		if r.Action == "entry.create" {
+			t.Errorf("audit: %+v", r)
+		}
+	}
+	if t.Failed() {
+		t.FailNow()
+	}
+	// Alice's new certificate works through the victim.
+	if _, err := c.Client(victim, alice2.cert, alice2.key).EntryCreate(ctx, entryFor(8)); err != nil {
+		t.Fatalf("alice's new certificate through %s: %v", victim, err)
+	}
+}
+
+// Roles belonged to names: "ops" issued as a plain admin (certificate C1),
+// then re-issued as an admin-issuer (C2), and C1 could issue issuer
+// certificates for anyone; the harness's unrecorded test-admin certificate
+// became an issuer once the name test-admin was issued as one. A role now
+// belongs to the certificate it was issued with; an unrecorded certificate
+// is a plain admin.
+func TestAttackAdminRoleByName(t *testing.T) {
+	tr := clustertest.NewTrust(t, "rn", []string{"node-1", "node-2", "node-3"}, nil)
+	c := clustertest.NewCluster(t, tr, "node-1", "node-2", "node-3")
+	ctx := context.Background()
+	c1, err := issueAdmin(t, c, local(t, c, "node-1"), "ops-c1", "ops", api.AdminRoleAdmin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c2, err := issueAdmin(t, c, local(t, c, "node-2"), "ops-c2", "ops", api.AdminRoleIssuer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := issueAdmin(t, c, local(t, c, "node-3"), "unused", "test-admin", api.AdminRoleIssuer); err != nil {
+		t.Fatal(err)
+	}
+	catchUp(t, c)
+
+	// The attack, on every node: C1 and the harness certificate issue an
+	// issuer certificate for bob and revoke another name.
+	for _, id := range []string{"node-1", "node-2", "node-3"} {
+		for name, cl := range map[string]*api.AdminClient{"ops C1": c.Client(id, c1.cert, c1.key), "test-admin (unrecorded)": c.Admin(id)} {
+			if _, err := issueAdmin(t, c, cl, "bob-"+id, "bob", api.AdminRoleIssuer); status.Code(err) != codes.PermissionDenied {
+				t.Errorf("%s issuing an issuer certificate for bob on %s: %v, want PermissionDenied (the attack succeeded)", name, id, err)
+			} else {
+				t.Logf("%s on %s: %v", name, id, err)
+			}
+			if _, err := cl.AdminRevoke(ctx, &api.AdminRevokeRequest{Name: "carol"}); status.Code(err) != codes.PermissionDenied {
+				t.Errorf("%s revoking carol on %s: %v, want PermissionDenied", name, id, err)
+			}
+		}
+	}
+	catchUp(t, c)
+	for _, id := range c.Running() {
+		for _, name := range []string{"bob", "carol"} {
+			if rec, ok, err := c.Node(id).State().Admin(name); ok || err != nil {
+				t.Errorf("%s records %s: %+v %v", id, name, rec, err)
+			}
+		}
+	}
+	if t.Failed() {
+		t.FailNow()
+	}
+	// What each certificate may do still works: C1 renews itself as a
+	// plain admin (asking for no role: it keeps its own), C2 issues bob.
+	c3, err := issueAdmin(t, c, c.Client("node-3", c1.cert, c1.key), "ops-c3", "ops", "")
+	if err != nil {
+		t.Fatalf("C1 renewing itself: %v", err)
+	}
+	catchUp(t, c)
+	if rec, _, _ := c.Node("node-1").State().Admin("ops"); len(rec.Certs) != 3 || rec.Certs[2].Serial != c3.leaf.SerialNumber.Text(16) || rec.Certs[2].Role != api.AdminRoleAdmin {
+		t.Fatalf("C1's renewal: %+v", rec)
+	}
+	if _, err := issueAdmin(t, c, c.Client("node-3", c2.cert, c2.key), "bob", "bob", api.AdminRoleIssuer); err != nil {
+		t.Fatalf("C2 (issuer) issuing bob: %v", err)
+	}
+}
+
+// Refused admin certificates call at will: each refusal was logged, one
+// line per call. They are now logged at most once a second per reason. An
+// admin certificate whose name is not an admin name (made outside the API:
+// the admin table cannot record or revoke it) is refused.
+func TestAttackAdminRefusalLogFlood(t *testing.T) {
+	tr := clustertest.NewTrust(t, "lf", []string{"node-1"}, nil)
+	c := clustertest.NewCluster(t, tr, "node-1")
+	ctx := context.Background()
+	alice, err := issueAdmin(t, c, local(t, c, "node-1"), "alice", "alice", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := local(t, c, "node-1").AdminRevoke(ctx, &api.AdminRevokeRequest{Name: "alice"}); err != nil {
+		t.Fatal(err)
+	}
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	a := c.Node("node-1").Authority()
+	chain, err := a.SignAdmin(ca.Leaf{ID: spiffeid.RequireFromPath(a.TrustDomain(), "/sigil/admin/Mallory.Admin"), PublicKey: &key.PublicKey, TTL: time.Hour,
+		Subject: pkix.Name{CommonName: "mallory"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := writeCred(t, c, "malformed-name", key, [][]byte{chain[0].Raw, chain[1].Raw})
+	if _, err := c.Client("node-1", bad.cert, bad.key).EntryList(ctx, &api.EntryListRequest{}); status.Code(err) != codes.Unauthenticated {
+		t.Errorf("admin certificate with a malformed name: %v, want Unauthenticated (the attack succeeded)", err)
+	}
+
+	const calls = 300
+	before := strings.Count(c.Log.String(), "admin call refused")
+	start := time.Now()
+	asAlice := c.Client("node-1", alice.cert, alice.key)
+	for range calls {
+		if _, err := asAlice.EntryList(ctx, &api.EntryListRequest{}); status.Code(err) != codes.Unauthenticated {
+			t.Fatalf("revoked alice: %v", err)
+		}
+	}
+	lines := strings.Count(c.Log.String(), "admin call refused") - before
+	allowed := int(time.Since(start)/time.Second) + 2
+	t.Logf("%d refused calls in %v: %d log lines", calls, time.Since(start).Round(time.Millisecond), lines)
+	if lines > allowed {
+		t.Fatalf("%d refused calls logged %d lines, want at most %d (one a second) (the attack succeeded)", calls, lines, allowed)
+	}
+}

@@ -31,7 +31,10 @@ import (
 // 10,000 anonymous refused joins (unknown tokens, garbage TPM evidence)
 // over the real API grow the replicated audit log by a few summary
 // records, not 10,000; the summaries account for every refusal, the node
-// log is rate-limited, and the metric counts them.
+// log is rate-limited, and the metric counts them. Most garbage hellos
+// are refused by the source's bucket for refused hellos (class
+// rate-limited) rather than on their evidence; both are anonymous
+// refusals, summarized alike.
 func TestAttackAnonymousJoinAuditFlood(t *testing.T) {
 	// Long enough that the flood spans at most a few summaries per node.
 	const interval = 8 * time.Second
@@ -99,8 +102,8 @@ func TestAttackAnonymousJoinAuditFlood(t *testing.T) {
 				} else {
 					_, err = clients[w].TPMHello(ctx, &api.JoinTPMHello{EKPublic: junk, AKPublic: junk})
 				}
-				if status.Code(err) != codes.PermissionDenied {
-					errs <- fmt.Errorf("worker %d, join %d: %v, want PermissionDenied", w, i, err)
+				if code := status.Code(err); code != codes.PermissionDenied && (w%2 == 0 || code != codes.ResourceExhausted) {
+					errs <- fmt.Errorf("worker %d, join %d: %v, want PermissionDenied (or, for a hello, ResourceExhausted)", w, i, err)
 					return
 				}
 			}
@@ -133,13 +136,15 @@ func TestAttackAnonymousJoinAuditFlood(t *testing.T) {
 	})
 	recs := c.Node("node-1").State().Audit(before, 0)
 	by, sum := count(recs)
-	if len(recs) > 10 {
+	// One record per (source, class) and summary interval: three classes
+	// over a few intervals.
+	if len(recs) > 12 {
 		for _, r := range recs {
 			t.Logf("%d %s %s %v", r.Seq, r.Action, r.Target, r.Detail)
 		}
 		t.Fatalf("the audit log grew by %d records for %d anonymous refusals", len(recs), total)
 	}
-	if sum != total || by["token-unknown"] != total/2 || by["ek-untrusted"] != total/2 {
+	if sum != total || by["token-unknown"] != total/2 || by["ek-untrusted"]+by["rate-limited"] != total/2 || by["ek-untrusted"] == 0 {
 		t.Fatalf("summaries count %d refusals (%v), want %d", sum, by, total)
 	}
 	for _, r := range recs {
@@ -156,9 +161,9 @@ func TestAttackAnonymousJoinAuditFlood(t *testing.T) {
 	t.Logf("%d summary records: %v", len(recs), by)
 
 	// The metric, on the node that saw each class.
-	for id, line := range map[string]string{
-		"node-2": `sigil_join_refusals_total{class="token-unknown"} 5000`,
-		"node-3": `sigil_join_refusals_total{class="ek-untrusted"} 5000`,
+	for id, classes := range map[string][]string{
+		"node-2": {"token-unknown"},
+		"node-3": {"ek-untrusted", "rate-limited"},
 	} {
 		resp, err := http.Get("http://" + c.Node(id).HTTPAddr() + "/metrics")
 		if err != nil {
@@ -166,8 +171,17 @@ func TestAttackAnonymousJoinAuditFlood(t *testing.T) {
 		}
 		body, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
-		if !strings.Contains(string(body), line) {
-			t.Fatalf("%s /metrics lacks %q", id, line)
+		var n uint64
+		for _, line := range strings.Split(string(body), "\n") {
+			for _, class := range classes {
+				if v, ok := strings.CutPrefix(line, `sigil_join_refusals_total{class="`+class+`"} `); ok {
+					k, _ := strconv.ParseUint(v, 10, 64)
+					n += k
+				}
+			}
+		}
+		if n != total/2 {
+			t.Fatalf("%s /metrics counts %d refusals of class %v, want %d", id, n, classes, total/2)
 		}
 	}
 
@@ -175,7 +189,7 @@ func TestAttackAnonymousJoinAuditFlood(t *testing.T) {
 	// says how many it left out.
 	logs := c.Log.String()
 	lines := strings.Count(logs, `"msg":"join refused"`)
-	if limit := 2 * 20 * (int(elapsed.Seconds()) + 2); lines == 0 || lines > limit {
+	if limit := 3 * 20 * (int(elapsed.Seconds()) + 2); lines == 0 || lines > limit {
 		t.Fatalf("%d refusal lines in the node log, want 1..%d", lines, limit)
 	}
 	if !strings.Contains(logs, "join refusals left out of the log") {

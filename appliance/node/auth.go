@@ -19,6 +19,7 @@ import (
 
 	"github.com/sigil-appliance/sigil/appliance/api"
 	"github.com/sigil-appliance/sigil/appliance/ca"
+	"github.com/sigil-appliance/sigil/appliance/state"
 )
 
 type callerKey struct{}
@@ -31,8 +32,9 @@ type caller struct {
 	// Local is root on this node's local socket (Role is RoleAdmin, Peer
 	// is empty): it may issue any admin name and role.
 	Local bool
-	// Serial is an admin certificate's serial (hex), for the revocation
-	// checks.
+	// Serial is the serial (lowercase hex) of the verified admin
+	// certificate that made the call: the revocation checks and the role
+	// go by it, here and (carried in the command) at commit.
 	Serial string
 }
 
@@ -56,7 +58,7 @@ func (n *Node) authenticate(ctx context.Context, req any, info *grpc.UnaryServer
 	if len(ti.State.PeerCertificates) > 0 {
 		var err error
 		if who, err = n.auth.PeerFromState(ti.State); err != nil {
-			n.log.Warn("api call refused: unverified client", "method", info.FullMethod, "remote", p.Addr.String(), "err", err)
+			n.authLog.warn("api call refused: unverified client", "method", info.FullMethod, "remote", p.Addr.String(), "err", err)
 			return nil, status.Error(codes.Unauthenticated, "client certificate not accepted")
 		}
 	}
@@ -69,7 +71,6 @@ func (n *Node) authenticate(ctx context.Context, req any, info *grpc.UnaryServer
 	}
 	c := caller{Actor: actor, Role: who.Role, Peer: who}
 	if who.Role == ca.RoleAdmin {
-		c.Serial = ti.State.PeerCertificates[0].SerialNumber.Text(16)
 		if err := n.checkAdmin(ctx, info.FullMethod, &c, ti.State.PeerCertificates[0]); err != nil {
 			return nil, err
 		}
@@ -81,21 +82,37 @@ func (n *Node) authenticate(ctx context.Context, req any, info *grpc.UnaryServer
 // was issued (ca.Authority backdates NotBefore by 30 s for clock skew).
 const adminTTLSlack = time.Minute
 
-// checkAdmin refuses an admin certificate, whichever node's CA signed it,
-// that is valid for longer than this node's admin-cert-max-ttl, or whose
-// name was revoked after it was issued (state.AdminRecord.Accepts).
+// checkAdmin sets the caller's certificate serial and refuses an admin
+// certificate, whichever node's CA signed it, whose name is not a valid
+// admin name (made outside the API: the admin table could not record or
+// revoke it), that is valid for longer than this node's
+// admin-cert-max-ttl, or whose name was revoked after it was issued
+// (state.AdminRecord.Accepts). Refusals are logged at most once a second
+// per reason: a refused certificate can call again at will.
 //
 // The revocation check here uses this replica as it is, which may lag the
-// leader by a heartbeat; what closes that gap without a read index on every
-// call: reads check again after their linearizable read (admin.read),
-// writes are refused at commit when no certificate can act for the name
-// (state checkAdminActor), and membership changes, which are not state
+// leader (by a heartbeat, or by much more on a node restarting); what
+// closes that gap without a read index on every call: reads check again
+// after their linearizable read (admin.read), writes carry the
+// certificate's serial and are refused at commit when the name's record
+// does not accept it (state checkAdminActor, in log order, whichever
+// replica let them through), and membership changes, which are not state
 // commands, read first here. So a revocation acknowledged before a call
 // counts on every node, for every method but cluster status (which must
 // answer without a quorum).
 func (n *Node) checkAdmin(ctx context.Context, method string, c *caller, leaf *x509.Certificate) error {
-	if life, max := leaf.NotAfter.Sub(leaf.NotBefore), n.cfg.API.AdminCertMaxTTL.Duration; life > max+adminTTLSlack {
-		n.log.Warn("admin call refused: certificate outlives admin-cert-max-ttl", "method", method, "caller", c.Actor,
+	c.Serial = leaf.SerialNumber.Text(16)
+	if !state.AdminNameRE.MatchString(c.Peer.Name) {
+		n.authLog.warn("admin call refused: malformed admin name", "method", method, "caller", shownID(c.Actor), "serial", c.Serial)
+		return status.Errorf(codes.Unauthenticated, "admin certificate %s (serial %s): the name %q is not an admin name (want %s); it was not issued through the admin API",
+			shownID(c.Actor), c.Serial, shownID(c.Peer.Name), state.AdminNameRE)
+	}
+	if leaf.SerialNumber.Sign() <= 0 {
+		n.authLog.warn("admin call refused: serial not positive", "method", method, "caller", c.Actor, "serial", c.Serial)
+		return status.Errorf(codes.Unauthenticated, "admin certificate %s: serial %s is not a positive number", c.Actor, c.Serial)
+	}
+	if life, max := leaf.NotAfter.Sub(leaf.NotBefore), n.adminCertMaxTTL(); life > max+adminTTLSlack {
+		n.authLog.warn("admin call refused: certificate outlives admin-cert-max-ttl", "method", method, "caller", c.Actor,
 			"serial", c.Serial, "validity", life.String(), "max", max.String())
 		return status.Errorf(codes.Unauthenticated, "admin certificate %s (serial %s) is valid for %v, longer than admin-cert-max-ttl %v: refused whoever signed it",
 			c.Actor, c.Serial, life.Round(time.Second), max)
@@ -109,16 +126,24 @@ func (n *Node) checkAdmin(ctx context.Context, method string, c *caller, leaf *x
 	return n.checkRevoked(method, *c)
 }
 
+// adminCertMaxTTL is the longest admin certificate validity this node
+// issues or accepts: admin-cert-max-ttl, which the config keeps within
+// state.MaxAdminCertTTL (the admin table forgets a revocation once every
+// certificate it revoked must have expired).
+func (n *Node) adminCertMaxTTL() time.Duration {
+	return min(n.cfg.API.AdminCertMaxTTL.Duration, state.MaxAdminCertTTL)
+}
+
 // checkRevoked refuses an admin certificate whose name was revoked after
 // it was issued, as this replica knows it.
 func (n *Node) checkRevoked(method string, c caller) error {
 	rec, ok, err := n.fsm.Admin(c.Peer.Name)
 	if err != nil {
-		n.log.Error("admin call refused: admin table unreadable", "method", method, "caller", c.Actor, "err", err)
+		n.authLog.warn("admin call refused: admin table unreadable", "method", method, "caller", c.Actor, "err", err)
 		return status.Errorf(codes.Internal, "the admin table cannot be read, so no admin is accepted: %v", err)
 	}
 	if ok && !rec.Accepts(c.Serial) {
-		n.log.Warn("admin call refused: certificate revoked", "method", method, "caller", c.Actor, "serial", c.Serial,
+		n.authLog.warn("admin call refused: certificate revoked", "method", method, "caller", c.Actor, "serial", c.Serial,
 			"revoked_at", rec.RevokedAt.Format(time.RFC3339), "revoked_by", rec.RevokedBy)
 		return status.Errorf(codes.Unauthenticated, "admin certificate %s (serial %s) was revoked: the name was revoked at %s by %s, and this certificate was not issued since",
 			c.Actor, c.Serial, rec.RevokedAt.Format(time.RFC3339), rec.RevokedBy)
@@ -132,7 +157,7 @@ func (n *Node) authorize(method string, who ca.Peer) error {
 	switch {
 	case strings.HasPrefix(method, "/"+api.AdminService+"/"):
 		if who.Role != ca.RoleAdmin {
-			n.log.Warn("admin call refused: not an admin", "method", method, "caller", who.ID.String(), "role", who.Role.String())
+			n.authLog.warn("admin call refused: not an admin", "method", method, "caller", who.ID.String(), "role", who.Role.String())
 			return status.Errorf(codes.PermissionDenied, "%s is not an admin (admin IDs are under spiffe://%s/sigil/admin/)", who.ID, n.td.Name())
 		}
 	case method == "/"+api.JoinService+"/Renew":
@@ -143,7 +168,7 @@ func (n *Node) authorize(method string, who ca.Peer) error {
 		// Joining is open to anyone: the evidence is the credential.
 	case strings.HasPrefix(method, "/"+api.AgentService+"/"):
 		if who.Role != ca.RoleAgent {
-			n.log.Warn("agent call refused: not an agent", "method", method, "caller", who.ID.String(), "role", who.Role.String())
+			n.authLog.warn("agent call refused: not an agent", "method", method, "caller", who.ID.String(), "role", who.Role.String())
 			return status.Errorf(codes.PermissionDenied, "%s is not an agent", who.ID)
 		}
 	default:
@@ -175,7 +200,6 @@ func (n *Node) authenticateStream(srv any, ss grpc.ServerStream, info *grpc.Stre
 	}
 	c := caller{Actor: who.ID.String(), Role: who.Role, Peer: who}
 	if who.Role == ca.RoleAdmin {
-		c.Serial = ti.State.PeerCertificates[0].SerialNumber.Text(16)
 		if err := n.checkAdmin(ctx, info.FullMethod, &c, ti.State.PeerCertificates[0]); err != nil {
 			return err
 		}

@@ -13,6 +13,7 @@ import (
 
 	"github.com/sigil-appliance/sigil/appliance/ca"
 	"github.com/sigil-appliance/sigil/appliance/internal/strictyaml"
+	"github.com/sigil-appliance/sigil/appliance/state"
 	"github.com/sigil-appliance/sigil/keystore/pkcs11"
 )
 
@@ -137,8 +138,27 @@ type APIConfig struct {
 	// MaxAnonymousConnections bounds connections without a client
 	// certificate, which only joining agents need (default 256).
 	MaxAnonymousConnections int `yaml:"max-anonymous-connections"`
+	// MaxAnonymousConnectionsPerSource bounds them per source, an IPv4
+	// address or an IPv6 /64 (default 16, at most
+	// max-anonymous-connections), so one address cannot hold them all;
+	// beyond it the source's oldest is dropped for the new one.
+	MaxAnonymousConnectionsPerSource int `yaml:"max-anonymous-connections-per-source"`
+	// AnonymousConnectionMaxAge closes a connection without a client
+	// certificate this long after its handshake, busy or not (default 1m;
+	// an agent dials once per join, which takes seconds): calls every few
+	// hundred milliseconds would otherwise keep it from ever idling out.
+	AnonymousConnectionMaxAge Duration `yaml:"anonymous-connection-max-age"`
 	// MaxAnonymousCalls bounds join calls in progress at once (default 64).
 	MaxAnonymousCalls int `yaml:"max-anonymous-calls"`
+	// MaxAnonymousCallsPerSource and MaxAnonymousCallsPerConnection bound
+	// them from one source and on one connection (defaults 8 and 4): an
+	// agent makes one join call at a time.
+	MaxAnonymousCallsPerSource     int `yaml:"max-anonymous-calls-per-source"`
+	MaxAnonymousCallsPerConnection int `yaml:"max-anonymous-calls-per-connection"`
+	// AnonymousCallTimeout ends every join call this long after its
+	// headers arrived, message read or not (default 15s; a join call
+	// takes milliseconds to a few seconds).
+	AnonymousCallTimeout Duration `yaml:"anonymous-call-timeout"`
 	// MaxStreams bounds concurrent calls on one connection (default 64).
 	MaxStreams int `yaml:"max-streams"`
 	// HandshakeTimeout bounds a new connection's TLS and HTTP/2 setup
@@ -155,6 +175,11 @@ const (
 	defaultMaxHandshakes           = 256
 	defaultMaxAnonymousConnections = 256
 	defaultMaxAnonymousCalls       = 64
+	defaultMaxAnonConnsPerSource   = 16
+	defaultAnonConnMaxAge          = time.Minute
+	defaultMaxAnonCallsPerSource   = 8
+	defaultMaxAnonCallsPerConn     = 4
+	defaultAnonymousCallTimeout    = 15 * time.Second
 	defaultMaxStreams              = 64
 	defaultHandshakeTimeout        = 10 * time.Second
 	defaultIdleTimeout             = 2 * time.Minute
@@ -185,6 +210,19 @@ func (c *Config) validateAPILimits(bad func(field, format string, a ...any)) {
 	def(&a.MaxAnonymousConnections, defaultMaxAnonymousConnections)
 	def(&a.MaxAnonymousCalls, defaultMaxAnonymousCalls)
 	def(&a.MaxStreams, defaultMaxStreams)
+	// The per-source and per-connection defaults never exceed the caps
+	// they divide (a small max-anonymous-connections needs no second
+	// setting).
+	def(&a.MaxAnonymousConnectionsPerSource, min(defaultMaxAnonConnsPerSource, max(a.MaxAnonymousConnections, 1)))
+	def(&a.MaxAnonymousCallsPerSource, min(defaultMaxAnonCallsPerSource, max(a.MaxAnonymousCalls, 1)))
+	def(&a.MaxAnonymousCallsPerConnection, min(defaultMaxAnonCallsPerConn, max(a.MaxAnonymousCallsPerSource, 1)))
+	defDur := func(v *Duration, d time.Duration) {
+		if v.Duration == 0 {
+			v.Duration = d
+		}
+	}
+	defDur(&a.AnonymousCallTimeout, defaultAnonymousCallTimeout)
+	defDur(&a.AnonymousConnectionMaxAge, max(defaultAnonConnMaxAge, a.AnonymousCallTimeout.Duration))
 	if a.HandshakeTimeout.Duration == 0 {
 		a.HandshakeTimeout.Duration = defaultHandshakeTimeout
 	}
@@ -204,6 +242,23 @@ func (c *Config) validateAPILimits(bad func(field, format string, a ...any)) {
 	}
 	if n := a.MaxAnonymousCalls; n < 1 || n > 100_000 {
 		bad("api.max-anonymous-calls", "must be between 1 and 100000 (got %d)", n)
+	}
+	if n := a.MaxAnonymousConnectionsPerSource; n < 1 || n > a.MaxAnonymousConnections {
+		bad("api.max-anonymous-connections-per-source", "must be between 1 and api.max-anonymous-connections, %d (got %d)", a.MaxAnonymousConnections, n)
+	}
+	if n := a.MaxAnonymousCallsPerSource; n < 1 || n > a.MaxAnonymousCalls {
+		bad("api.max-anonymous-calls-per-source", "must be between 1 and api.max-anonymous-calls, %d (got %d)", a.MaxAnonymousCalls, n)
+	}
+	if n := a.MaxAnonymousCallsPerConnection; n < 1 || n > a.MaxAnonymousCallsPerSource {
+		bad("api.max-anonymous-calls-per-connection", "must be between 1 and api.max-anonymous-calls-per-source, %d (got %d)", a.MaxAnonymousCallsPerSource, n)
+	}
+	if d := a.AnonymousCallTimeout.Duration; d < 100*time.Millisecond || d > 10*time.Minute {
+		bad("api.anonymous-call-timeout", "must be between 100ms and 10m (got %v)", d)
+	}
+	// A call begun on a new connection must be able to run to its own
+	// deadline before the connection's age closes it.
+	if d := a.AnonymousConnectionMaxAge.Duration; d < a.AnonymousCallTimeout.Duration || d > 24*time.Hour {
+		bad("api.anonymous-connection-max-age", "must be between api.anonymous-call-timeout, %v, and 24h (got %v)", a.AnonymousCallTimeout.Duration, d)
 	}
 	if n := a.MaxStreams; n < 1 || n > 10_000 {
 		bad("api.max-streams", "must be between 1 and 10000 (got %d)", n)
@@ -321,6 +376,9 @@ func (c *Config) Validate() error {
 	}
 	if c.API.AdminCertMaxTTL.Duration == 0 {
 		c.API.AdminCertMaxTTL.Duration = 24 * time.Hour
+	}
+	if d := c.API.AdminCertMaxTTL.Duration; d < time.Minute || d > state.MaxAdminCertTTL {
+		bad("api.admin-cert-max-ttl", "must be between 1m and %v (got %v)", state.MaxAdminCertTTL, d)
 	}
 	c.validateAPILimits(bad)
 	if c.Audit.RefusalSummaryInterval.Duration == 0 {

@@ -40,6 +40,11 @@ func TestConfigParsing(t *testing.T) {
 		{"node-id: n1\napi:\n  handshake-timeout: 10ms\n", "api.handshake-timeout must be between"},
 		{"node-id: n1\napi:\n  idle-timeout: 48h\n", "api.idle-timeout must be between"},
 		{"node-id: n1\napi:\n  max-message-size: 64MiB\n", "field max-message-size not found"},
+		{"node-id: n1\napi:\n  max-anonymous-connections: 8\n  max-anonymous-connections-per-source: 9\n", "api.max-anonymous-connections-per-source must be between 1 and api.max-anonymous-connections, 8 (got 9)"},
+		{"node-id: n1\napi:\n  max-anonymous-calls-per-source: 65\n", "api.max-anonymous-calls-per-source must be between 1 and api.max-anonymous-calls, 64 (got 65)"},
+		{"node-id: n1\napi:\n  max-anonymous-calls-per-connection: 9\n", "api.max-anonymous-calls-per-connection must be between 1 and api.max-anonymous-calls-per-source, 8 (got 9)"},
+		{"node-id: n1\napi:\n  anonymous-call-timeout: 1h\n", "api.anonymous-call-timeout must be between"},
+		{"node-id: n1\napi:\n  anonymous-call-timeout: 30s\n  anonymous-connection-max-age: 20s\n", "api.anonymous-connection-max-age must be between api.anonymous-call-timeout, 30s, and 24h (got 20s)"},
 	} {
 		_, err := ParseConfig([]byte(tc.yaml))
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
@@ -58,5 +63,16 @@ func TestConfigAPILimitDefaults(t *testing.T) {
 	if a.MaxConnections != 4096 || a.MaxHandshakes != 256 || a.MaxAnonymousConnections != 256 || a.MaxAnonymousCalls != 64 ||
 		a.MaxStreams != 64 || a.HandshakeTimeout.Duration != 10*time.Second || a.IdleTimeout.Duration != 2*time.Minute {
 		t.Fatalf("API limit defaults: %+v", a)
+	}
+	if a.MaxAnonymousConnectionsPerSource != 16 || a.MaxAnonymousCallsPerSource != 8 || a.MaxAnonymousCallsPerConnection != 4 ||
+		a.AnonymousCallTimeout.Duration != 15*time.Second || a.AnonymousConnectionMaxAge.Duration != time.Minute {
+		t.Fatalf("anonymous limit defaults: %+v", a)
+	}
+	// Per-source and per-connection defaults never exceed the caps they
+	// divide, and the age never undercuts the call timeout.
+	c, _ = ParseConfig([]byte("node-id: n1\napi:\n  max-anonymous-connections: 4\n  max-anonymous-calls: 2\n  anonymous-call-timeout: 2m\n"))
+	if a := c.API; a.MaxAnonymousConnectionsPerSource != 4 || a.MaxAnonymousCallsPerSource != 2 || a.MaxAnonymousCallsPerConnection != 2 ||
+		a.AnonymousConnectionMaxAge.Duration != 2*time.Minute {
+		t.Fatalf("anonymous limit defaults under small caps: %+v", a)
 	}
 }

@@ -35,13 +35,15 @@ import (
 // are audited one by one, anonymous refusals are counted and summarized
 // (refusals.go) so that no anonymous caller can grow the audit log. The
 // agent is recorded before its SVID is returned. Pending TPM challenges
-// and the hellos that make them are bounded per EK and per source
-// (joinlimit.go).
+// and the hellos that make them are bounded per EK and source, per source
+// and in all (joinlimit.go).
 type joinSvc struct {
 	n *Node
 
 	pending *challengeTable // single use, by nonce
 	limit   *sourceLimiter  // hellos that would get a challenge, per source
+	refused *sourceLimiter  // hellos refused on their evidence, per source
+	reads   readGroup       // read barriers confirming refusals, shared
 }
 
 type challenge struct {
@@ -58,19 +60,23 @@ type challenge struct {
 func newJoinSvc(n *Node) *joinSvc {
 	replaced := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "sigil_join_challenges_replaced_total",
-		Help: "Pending TPM join challenges dropped for a newer hello: for the same EK from the same source (same-ek), for an EK or from a source at its bound (ek-full, source-full).",
+		Help: "Pending TPM join challenges dropped for a newer hello: for the same EK from the same source (same-ek), from a source at its bound (source-full).",
 	}, []string{"reason"})
 	j := &joinSvc{n: n,
-		pending: newChallengeTable(challengeTTL, maxPending, maxPendingPerEK, maxPendingPerSource, func(r string) { replaced.WithLabelValues(r).Inc() }),
-		limit:   newSourceLimiter(helloRate, helloBurst, maxHelloSources)}
+		pending: newChallengeTable(challengeTTL, maxPending, maxPendingPerSource, func(r string) { replaced.WithLabelValues(r).Inc() }),
+		limit:   newSourceLimiter(helloRate, helloBurst, maxHelloSources),
+		refused: newSourceLimiter(refusedRate, refusedBurst, maxHelloSources)}
 	if n.metrics != nil {
 		n.metrics.reg.MustRegister(replaced,
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sigil_join_challenges_pending",
-				Help: "TPM join challenges this node holds (bounded per EK, per source and in all)."},
+				Help: "TPM join challenges this node holds (bounded per EK and source, per source and in all)."},
 				func() float64 { return float64(j.pending.len()) }),
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sigil_join_hello_sources",
 				Help: "Sources the TPM hello rate limiter tracks (bounded)."},
-				func() float64 { return float64(j.limit.len()) }))
+				func() float64 { return float64(j.limit.len()) }),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "sigil_join_read_barriers_total",
+				Help: "Read barriers the join service took to confirm a refusal (unknown token, untrusted EK) against the latest committed state; concurrent refusals share one."},
+				func() float64 { return float64(j.reads.reads.Load()) }))
 	}
 	return j
 }
@@ -100,10 +106,25 @@ func (j *joinSvc) refuseAnon(ctx context.Context, method, class, subject string,
 	return status.Error(code, err.Error())
 }
 
+// catchUp makes this node's replica current before a refusal that a
+// just-committed change could turn around (a new token, an EK allowed);
+// concurrent callers share the read barrier.
+func (j *joinSvc) catchUp(ctx context.Context) error {
+	return j.reads.do(ctx, (&agentSvc{n: j.n}).catchUp)
+}
+
 func (j *joinSvc) TPMHello(ctx context.Context, r *api.JoinTPMHello) (*api.JoinTPMChallenge, error) {
 	src := helloSource(ctx)
-	if ok, retry := j.limit.peek(src, time.Now()); !ok {
+	// Both buckets before any evidence is checked: a source that has used
+	// either up costs the node nothing more. Every hello takes a token
+	// for refused hellos here and gives it back once its evidence checks
+	// out, so concurrent calls cannot overdraw the bucket.
+	now := time.Now()
+	if ok, retry := j.limit.peek(src, now); !ok {
 		return nil, j.refuseAnon(ctx, "tpm", classRateLimited, "", codes.ResourceExhausted, rateLimited(src, retry))
+	}
+	if ok, retry := j.refused.allow(src, now); !ok {
+		return nil, j.refuseAnon(ctx, "tpm", classRateLimited, "", codes.ResourceExhausted, refusedLimited(src, retry))
 	}
 	verify := func() (*attest.EK, state.JoinPolicy, error) {
 		pol := j.n.fsm.Policy()
@@ -120,7 +141,8 @@ func (j *joinSvc) TPMHello(ctx context.Context, r *api.JoinTPMHello) (*api.JoinT
 	if err != nil {
 		// The policy may have just changed on the leader: confirm the
 		// refusal against the latest committed policy.
-		if cerr := (&agentSvc{n: j.n}).catchUp(ctx); cerr != nil {
+		if cerr := j.catchUp(ctx); cerr != nil {
+			j.refused.refund(src) // no quorum: not a refusal of the evidence
 			return nil, cerr
 		}
 		ek, pol, err = verify()
@@ -132,6 +154,7 @@ func (j *joinSvc) TPMHello(ctx context.Context, r *api.JoinTPMHello) (*api.JoinT
 	if err != nil {
 		return nil, j.refuseAnon(ctx, "tpm", classAKInvalid, ek.Hash, codes.PermissionDenied, err)
 	}
+	j.refused.refund(src)
 	// Charged only for hellos that would get a challenge: refused ones
 	// hold nothing and are counted in bounded form (refusals.go).
 	if ok, retry := j.limit.allow(src, time.Now()); !ok {
@@ -216,7 +239,7 @@ func (j *joinSvc) Token(ctx context.Context, r *api.JoinTokenRequest) (*api.Agen
 	// without a raft command: guessing tokens costs the cluster no log
 	// entries.
 	if _, ok := j.n.fsm.Token(tokID); !ok {
-		if err := (&agentSvc{n: j.n}).catchUp(ctx); err != nil {
+		if err := j.catchUp(ctx); err != nil {
 			return nil, err
 		}
 		if _, ok := j.n.fsm.Token(tokID); !ok {
@@ -238,7 +261,10 @@ func (j *joinSvc) Token(ctx context.Context, r *api.JoinTokenRequest) (*api.Agen
 // nothing, and only the agent's current certificate (the serial its
 // record holds) renews: once the agent has renewed, a copy of an older
 // certificate and key (stolen) cannot renew beside it. The check follows a
-// linearizable read, so a renewal committed through another node counts.
+// linearizable read, so a renewal committed through another node counts,
+// and the state machine repeats it at commit (the new serial is recorded
+// only in place of the presented one), so of two renewals of the same
+// certificate at the same moment only one is recorded and answered.
 func (j *joinSvc) Renew(ctx context.Context, r *api.RenewRequest) (*api.AgentSVID, error) {
 	c := callerFrom(ctx)
 	p, _ := peer.FromContext(ctx)
@@ -257,26 +283,34 @@ func (j *joinSvc) Renew(ctx context.Context, r *api.RenewRequest) (*api.AgentSVI
 	if !ok || a.Banned {
 		return nil, j.refuse(ctx, "renew", c.Actor, codes.PermissionDenied, errors.New("agent is banned or unknown"))
 	}
-	if serial := presented.SerialNumber.Text(16); a.SerialNumber == "" || serial != a.SerialNumber {
+	serial := presented.SerialNumber.Text(16)
+	if a.SerialNumber == "" || serial != a.SerialNumber {
 		return nil, j.refuse(ctx, "renew", c.Actor, codes.PermissionDenied, fmt.Errorf(
 			"certificate serial %s is not the agent's current certificate (%s): only the latest SVID renews; attest again", serial, a.SerialNumber))
 	}
 	id := spiffeid.RequireFromString(c.Actor)
-	return j.issue(ctx, "renew", id, ti.State.PeerCertificates[0].PublicKey, a.AttestationType, a.Facts)
+	return j.issueReplacing(ctx, "renew", id, presented.PublicKey, a.AttestationType, a.Facts, serial)
 }
 
 // issue signs the agent's SVID and records the agent (audited) before
 // returning it; the state machine refuses a banned agent at that point.
 func (j *joinSvc) issue(ctx context.Context, op string, id spiffeid.ID, pub crypto.PublicKey, method string, facts map[string]string) (*api.AgentSVID, error) {
+	return j.issueReplacing(ctx, op, id, pub, method, facts, "")
+}
+
+// issueReplacing is issue for a renewal of the certificate with serial
+// replaces: the state machine records the new certificate only while the
+// agent's record still holds that one ("": a join, which replaces any).
+func (j *joinSvc) issueReplacing(ctx context.Context, op string, id spiffeid.ID, pub crypto.PublicKey, method string, facts map[string]string, replaces string) (*api.AgentSVID, error) {
 	chain, err := j.n.auth.SignAgent(ca.Leaf{ID: id, PublicKey: pub, TTL: j.n.cfg.Join.AgentSVIDTTL.Duration, Subject: pkix.Name{CommonName: "sigil-agent"}})
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "sign agent SVID: %v", err)
 	}
 	leaf := chain[0]
-	if _, err := j.n.apply(ctx, j.n.actor(), state.CmdAgentUpsert, &state.Agent{
+	if _, err := j.n.apply(ctx, j.n.actor(), state.CmdAgentUpsert, &state.AgentUpsert{Agent: state.Agent{
 		ID: id.String(), AttestationType: method, Facts: facts,
 		SerialNumber: leaf.SerialNumber.Text(16), ExpiresAt: leaf.NotAfter.UTC(),
-	}); err != nil {
+	}, ExpectSerial: replaces}); err != nil {
 		if refused(err) {
 			return nil, j.refuse(ctx, op, id.String(), codes.PermissionDenied, err)
 		}
@@ -331,4 +365,9 @@ func checkCSRKey(der []byte, want crypto.PublicKey) error {
 func rateLimited(src string, retry time.Duration) error {
 	return fmt.Errorf("too many unproven TPM join hellos from %s (at most %g a second, bursts of %d); retry in %v",
 		src, helloRate, helloBurst, retry.Round(time.Millisecond))
+}
+
+func refusedLimited(src string, retry time.Duration) error {
+	return fmt.Errorf("too many refused TPM join hellos from %s (at most %g a second, bursts of %d); retry in %v",
+		src, refusedRate, refusedBurst, retry.Round(time.Millisecond))
 }

@@ -192,6 +192,15 @@ func TestAttackJoinChallengeFlood(t *testing.T) {
 	if err != nil {
 		t.Fatalf("genuine host's second hello during the flood: %v", err)
 	}
+	// Hellos for the host's own EK from further addresses while its
+	// challenge is pending (its EK certificate is all they need) do not
+	// evict that challenge.
+	const others = 8
+	for i := 3; i < 3+others; i++ {
+		if _, err := joinClientFrom(t, tr, addr, fmt.Sprintf("127.0.0.%d", i)).TPMHello(ctx, floods[1]); err != nil {
+			t.Fatalf("hello for the host's EK from 127.0.0.%d: %v", i, err)
+		}
+	}
 	cert, err := ak.Certify(ctx, keyURI, ch.Nonce)
 	if err != nil {
 		t.Fatal(err)
@@ -233,12 +242,13 @@ func TestAttackJoinChallengeFlood(t *testing.T) {
 	if sentDuring == 0 {
 		t.Fatal("the flood did not go on during the genuine join")
 	}
-	// Two EKs, one source: the attacker holds at most two challenges.
+	// Two EKs, one source: the flood holds at most two challenges (after
+	// it, the hellos from the other addresses hold one each).
 	if pendingDuring < 0 || pendingAfter < 0 {
 		t.Fatal("the node does not export sigil_join_challenges_pending")
 	}
-	if pendingDuring > 2 || pendingAfter > 2 {
-		t.Fatalf("pending challenges %v during and %v after the flood, want at most 2 (one per EK and source)", pendingDuring, pendingAfter)
+	if pendingDuring > 2 || pendingAfter > 2+others {
+		t.Fatalf("pending challenges %v during and %v after the flood, want at most 2 and %d (one per EK and source)", pendingDuring, pendingAfter, 2+others)
 	}
 	// The per-source bucket: a burst, then a steady rate.
 	if max := int64(20 + 5*elapsed.Seconds() + 5); challenged.Load() > max {
@@ -250,6 +260,13 @@ func TestAttackJoinChallengeFlood(t *testing.T) {
 // address, as a separate host would (the node keys its per-source limits
 // by the caller's address).
 func joinClientFrom(t *testing.T, tr *clustertest.Trust, addr, from string) *api.JoinClient {
+	t.Helper()
+	return api.NewJoinClient(anonConnFrom(t, tr, addr, from, nil))
+}
+
+// anonConnFrom is joinClientFrom's connection; wrap, if set, sees each
+// TCP connection gRPC dials.
+func anonConnFrom(t *testing.T, tr *clustertest.Trust, addr, from string, wrap func(net.Conn) net.Conn) *grpc.ClientConn {
 	t.Helper()
 	roots, err := api.ReadCerts(tr.RootPath)
 	if err != nil {
@@ -280,17 +297,30 @@ func joinClientFrom(t *testing.T, tr *clustertest.Trust, addr, from string) *api
 	d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}, Timeout: 5 * time.Second}
 	conn, err := grpc.NewClient("passthrough:///"+addr, append(api.DialOptions(),
 		grpc.WithTransportCredentials(credentials.NewTLS(tlsCfg)),
-		grpc.WithContextDialer(func(ctx context.Context, a string) (net.Conn, error) { return d.DialContext(ctx, "tcp", a) }))...)
+		grpc.WithContextDialer(func(ctx context.Context, a string) (net.Conn, error) {
+			c, err := d.DialContext(ctx, "tcp", a)
+			if err == nil && wrap != nil {
+				c = wrap(c)
+			}
+			return c, err
+		}))...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	return api.NewJoinClient(conn)
+	return conn
 }
 
 // pendingChallenges reads the node's sigil_join_challenges_pending gauge
 // (-1 without one).
 func pendingChallenges(t *testing.T, httpAddr string) float64 {
+	t.Helper()
+	return metricValue(t, httpAddr, "sigil_join_challenges_pending")
+}
+
+// metricValue reads one unlabelled metric from a node's /metrics (-1
+// without it).
+func metricValue(t *testing.T, httpAddr, name string) float64 {
 	t.Helper()
 	resp, err := http.Get("http://" + httpAddr + "/metrics")
 	if err != nil {
@@ -299,7 +329,7 @@ func pendingChallenges(t *testing.T, httpAddr string) float64 {
 	defer resp.Body.Close()
 	sc := bufio.NewScanner(resp.Body)
 	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "sigil_join_challenges_pending "); ok {
+		if v, ok := strings.CutPrefix(sc.Text(), name+" "); ok {
 			f, err := strconv.ParseFloat(v, 64)
 			if err != nil {
 				t.Fatal(err)
@@ -308,4 +338,76 @@ func pendingChallenges(t *testing.T, httpAddr string) float64 {
 		}
 	}
 	return -1 // no such metric
+}
+
+// An anonymous caller sends 1000 TPM hellos with garbage evidence to a
+// follower from one address. Each was refused only after the node
+// checked the evidence and, to confirm the refusal against the latest
+// policy, took a read barrier through the leader, and none was ever
+// rate-limited: the per-source bucket charged only hellos that would get
+// a challenge. Refused hellos now draw on a second, larger bucket per
+// source (checked before the evidence), and concurrent refusals share
+// their read barriers; another address is still answered on its
+// evidence.
+func TestAttackRefusedHelloFlood(t *testing.T) {
+	tr := clustertest.NewTrust(t, "rh", []string{"node-1", "node-2", "node-3"}, nil)
+	c := clustertest.NewCluster(t, tr, "node-1", "node-2", "node-3")
+	target := follower(c, c.WaitLeader(30*time.Second))
+	addr, httpAddr := c.ConfigOf(target).API.Listen, c.Node(target).HTTPAddr()
+	ctx := context.Background()
+	garbage := func() *api.JoinTPMHello {
+		junk := make([]byte, 64)
+		rand.Read(junk)
+		return &api.JoinTPMHello{EKPublic: junk, AKPublic: junk}
+	}
+
+	const total, workers = 1000, 4
+	readsBefore := metricValue(t, httpAddr, "sigil_join_read_barriers_total")
+	var denied, limited atomic.Int64
+	errs := make(chan error, workers)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for w := 0; w < workers; w++ {
+		jc := joinClientFrom(t, tr, addr, "127.0.0.1")
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < total/workers; i++ {
+				_, err := jc.TPMHello(ctx, garbage())
+				switch status.Code(err) {
+				case codes.PermissionDenied:
+					denied.Add(1)
+				case codes.ResourceExhausted:
+					limited.Add(1)
+				default:
+					errs <- fmt.Errorf("garbage hello: %v", err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	reads := metricValue(t, httpAddr, "sigil_join_read_barriers_total") - readsBefore
+	t.Logf("%d garbage hellos from one address to follower %s in %v: %d refused on their evidence, %d rate-limited; %v read barriers",
+		total, target, elapsed.Round(time.Millisecond), denied.Load(), limited.Load(), reads)
+	// The refused-hello bucket: a burst of 200, then 50 a second.
+	if limit := int64(200 + 50*elapsed.Seconds() + 1); denied.Load() > limit {
+		t.Fatalf("%d of %d garbage hellos from one address were checked and refused on their evidence in %v, want at most %d (the rest rate-limited)",
+			denied.Load(), total, elapsed.Round(time.Millisecond), limit)
+	}
+	if readsBefore < 0 {
+		t.Fatal("the node does not export sigil_join_read_barriers_total")
+	}
+	if reads > float64(denied.Load()) {
+		t.Fatalf("%v read barriers for %d refusals", reads, denied.Load())
+	}
+	// Another address is not limited by the flood's bucket.
+	if _, err := joinClientFrom(t, tr, addr, "127.0.0.2").TPMHello(ctx, garbage()); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("garbage hello from 127.0.0.2 after the flood: %v, want PermissionDenied (refused on its evidence)", err)
+	}
 }

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/peer"
@@ -21,11 +22,11 @@ import (
 // no TPM needed. So:
 //   - one challenge per EK and source: a new hello for the same EK (by
 //     key hash) from the same source replaces the old one, so a public
-//     area is worth one slot per source however often it is sent; an EK
-//     holds at most maxPendingPerEK in all, its newest replacing its
-//     oldest. Keying by source too means that an attacker who knows a
-//     host's EK public area cannot, from one address, keep replacing the
-//     host's own challenge before the host proves it;
+//     area is worth one slot per source however often it is sent. There
+//     is no bound per EK across sources: with one, an attacker who knows
+//     a host's EK public area (it is in the EK certificate) could evict
+//     the host's challenge from as many addresses as the bound, before
+//     the host proves it. Per source and in all bound memory anyway;
 //   - at most maxPendingPerSource per source, the newest replacing the
 //     oldest, so one address cannot fill the table with many EKs;
 //   - a token bucket per source (helloRate, helloBurst) for hellos that
@@ -33,7 +34,12 @@ import (
 //     hosts that really join (a fleet behind one NAT address) are not
 //     slowed, while hellos never proven (no TPM behind them) are;
 //   - maxPending in all, refused (not evicted) when reached: evicting
-//     under genuine load would fail every join instead of the newest.
+//     under genuine load would fail every join instead of the newest;
+//   - a second, larger token bucket per source (refusedRate,
+//     refusedBurst) for hellos refused on their evidence: each costs a
+//     certificate-chain verification and a read barrier (to confirm the
+//     refusal against the latest policy), and concurrent refusals share
+//     their read barriers (readGroup).
 const (
 	// challengeTTL bounds a TPM join's two calls. The agent makes its EK
 	// and AK before the hello; between hello and proof a real TPM does
@@ -44,9 +50,6 @@ const (
 	challengeTTL = 30 * time.Second
 	// maxPending bounds all challenges on a node (each is a few KB).
 	maxPending = 10000
-	// maxPendingPerEK: one per source, and a few sources at most (a host
-	// that changed address, retrying).
-	maxPendingPerEK = 4
 	// maxPendingPerSource: hosts behind one NAT address share it; at
 	// helloRate a source cannot have more than about this many joins
 	// within a real TPM's proof time (a few seconds) anyway.
@@ -57,6 +60,13 @@ const (
 	// booting together.
 	helloRate  = 5.0 // per second
 	helloBurst = 20
+	// refusedRate and refusedBurst are a source's bucket for hellos
+	// refused on their evidence (untrusted EK, unusable AK): a host not
+	// yet allowlisted retries every few seconds, so even a large site
+	// behind one address stays far below it, while a flood of garbage is
+	// cut to this rate after the burst.
+	refusedRate  = 50.0 // per second
+	refusedBurst = 200
 	// maxHelloSources bounds the limiter's map; the least recently seen
 	// source is dropped first (a source idle for helloBurst/helloRate
 	// seconds has a full bucket, so dropping it loses nothing).
@@ -69,22 +79,25 @@ const (
 const classRateLimited = "rate-limited"
 
 // challengeTable holds pending TPM join challenges, indexed by nonce (the
-// proof's lookup), by EK hash and by source (the limits above).
+// proof's lookup), by EK hash and source, and by source (the limits
+// above).
 type challengeTable struct {
-	ttl                   time.Duration
-	max, perEK, perSource int
-	onReplace             func(reason string) // counts replaced challenges; may be nil
+	ttl            time.Duration
+	max, perSource int
+	onReplace      func(reason string) // counts replaced challenges; may be nil
 
-	mu       sync.Mutex
-	byNonce  map[string]*challenge
-	byEK     map[string][]*challenge // oldest first
-	bySource map[string][]*challenge // oldest first
-	order    *list.List              // all, oldest first: the expiry order, as the TTL is fixed
+	mu         sync.Mutex
+	byNonce    map[string]*challenge
+	byEKSource map[ekSource]*challenge
+	bySource   map[string][]*challenge // oldest first
+	order      *list.List              // all, oldest first: the expiry order, as the TTL is fixed
 }
 
-func newChallengeTable(ttl time.Duration, max, perEK, perSource int, onReplace func(string)) *challengeTable {
-	return &challengeTable{ttl: ttl, max: max, perEK: perEK, perSource: perSource, onReplace: onReplace,
-		byNonce: map[string]*challenge{}, byEK: map[string][]*challenge{}, bySource: map[string][]*challenge{}, order: list.New()}
+type ekSource struct{ ekHash, source string }
+
+func newChallengeTable(ttl time.Duration, max, perSource int, onReplace func(string)) *challengeTable {
+	return &challengeTable{ttl: ttl, max: max, perSource: perSource, onReplace: onReplace,
+		byNonce: map[string]*challenge{}, byEKSource: map[ekSource]*challenge{}, bySource: map[string][]*challenge{}, order: list.New()}
 }
 
 // errTableFull is returned by add when maxPending challenges are pending.
@@ -96,44 +109,23 @@ func (e errTableFull) Error() string {
 
 // add stores ch (nonce, ekHash and source set), first dropping expired
 // challenges, the previous challenge for ch's EK from ch's source, and
-// the oldest of ch's EK's and of ch's source's challenges when either is
-// at its bound. A full table refuses ch and changes nothing.
+// the oldest of ch's source's challenges when it is at its bound. A full
+// table refuses ch and changes nothing.
 func (t *challengeTable) add(now time.Time, ch *challenge) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.sweepLocked(now)
 	var victims []*challenge
 	var reasons []string
-	drop := func(c *challenge, reason string) {
-		victims, reasons = append(victims, c), append(reasons, reason)
+	same := t.byEKSource[ekSource{ch.ekHash, ch.source}]
+	if same != nil {
+		victims, reasons = append(victims, same), append(reasons, "same-ek")
 	}
-	dropped := func(c *challenge) bool { return slices.Contains(victims, c) }
-	// oldestKept drops the oldest of list not already dropped when more
-	// than bound-1 would remain.
-	oldestKept := func(list []*challenge, bound int, reason string) {
-		kept := 0
-		for _, c := range list {
-			if !dropped(c) {
-				kept++
-			}
-		}
-		if kept < bound {
-			return
-		}
-		for _, c := range list {
-			if !dropped(c) {
-				drop(c, reason)
-				return
-			}
-		}
+	// With same dropped the source is below its bound (it never holds
+	// more), so the oldest dropped here is never same.
+	if fromSource := t.bySource[ch.source]; len(fromSource)-len(victims) >= t.perSource {
+		victims, reasons = append(victims, fromSource[0]), append(reasons, "source-full")
 	}
-	for _, c := range t.byEK[ch.ekHash] {
-		if c.source == ch.source {
-			drop(c, "same-ek")
-		}
-	}
-	oldestKept(t.byEK[ch.ekHash], t.perEK, "ek-full")
-	oldestKept(t.bySource[ch.source], t.perSource, "source-full")
 	if len(t.byNonce)-len(victims) >= t.max {
 		return errTableFull{pending: len(t.byNonce)}
 	}
@@ -146,7 +138,7 @@ func (t *challengeTable) add(now time.Time, ch *challenge) error {
 	ch.expires = now.Add(t.ttl)
 	ch.elem = t.order.PushBack(ch)
 	t.byNonce[ch.nonce] = ch
-	t.byEK[ch.ekHash] = append(t.byEK[ch.ekHash], ch)
+	t.byEKSource[ekSource{ch.ekHash, ch.source}] = ch
 	t.bySource[ch.source] = append(t.bySource[ch.source], ch)
 	return nil
 }
@@ -184,7 +176,7 @@ func (t *challengeTable) sweepLocked(now time.Time) {
 func (t *challengeTable) removeLocked(ch *challenge) {
 	t.order.Remove(ch.elem)
 	delete(t.byNonce, ch.nonce)
-	unindex(t.byEK, ch.ekHash, ch)
+	delete(t.byEKSource, ekSource{ch.ekHash, ch.source})
 	unindex(t.bySource, ch.source, ch)
 }
 
@@ -303,18 +295,27 @@ func (l *sourceLimiter) len() int {
 // helloSource is the key the join limits use for the caller: its IPv4
 // address, or its IPv6 /64 (one host or site commonly has a whole /64,
 // so per-address limits would be no limit). IPv4-mapped IPv6 addresses
-// count as IPv4.
+// count as IPv4. The API's per-source bounds on anonymous connections and
+// calls (limits.go) use the same key.
 func helloSource(ctx context.Context) string {
 	p, ok := peer.FromContext(ctx)
-	if !ok || p.Addr == nil {
+	if !ok {
+		return "unknown"
+	}
+	return sourceKey(p.Addr)
+}
+
+// sourceKey is helloSource for an address.
+func sourceKey(addr net.Addr) string {
+	if addr == nil {
 		return "unknown"
 	}
 	var ip netip.Addr
-	switch a := p.Addr.(type) {
+	switch a := addr.(type) {
 	case *net.TCPAddr:
 		ip, _ = netip.AddrFromSlice(a.IP)
 	default:
-		if ap, err := netip.ParseAddrPort(p.Addr.String()); err == nil {
+		if ap, err := netip.ParseAddrPort(addr.String()); err == nil {
 			ip = ap.Addr()
 		}
 	}
@@ -330,4 +331,66 @@ func helloSource(ctx context.Context) string {
 		return "unknown"
 	}
 	return pfx.String()
+}
+
+// readGroup shares read barriers between concurrent callers without
+// weakening them: a caller joins only a barrier that has not started yet
+// (so it starts after the caller's own local read, and what it confirms
+// covers that read), and at most one runs at a time. Under a flood of
+// refusals the node then takes about one barrier per barrier round trip
+// instead of one per call.
+type readGroup struct {
+	mu      sync.Mutex
+	idle    chan struct{} // closed when the running barrier ends; nil while none runs
+	pending *readCall     // the next barrier, not started: joined by every caller until it starts
+	reads   atomic.Uint64 // barriers run, for metrics
+}
+
+type readCall struct {
+	done chan struct{}
+	err  error
+}
+
+// do waits for a barrier begun after it was called. read runs in one of
+// the callers' goroutines, detached from that caller's cancellation (the
+// others wait on it too); it must bound its own time.
+func (g *readGroup) do(ctx context.Context, read func(context.Context) error) error {
+	g.mu.Lock()
+	c := g.pending
+	if c == nil {
+		c = &readCall{done: make(chan struct{})}
+		g.pending = c
+	}
+	for g.idle != nil && g.pending == c {
+		idle := g.idle
+		g.mu.Unlock()
+		select {
+		case <-idle:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		g.mu.Lock()
+	}
+	if g.pending != c { // another caller started it
+		g.mu.Unlock()
+		select {
+		case <-c.done:
+			return c.err
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	g.pending = nil
+	idle := make(chan struct{})
+	g.idle = idle
+	g.mu.Unlock()
+
+	g.reads.Add(1)
+	c.err = read(context.WithoutCancel(ctx))
+	close(c.done)
+	g.mu.Lock()
+	g.idle = nil
+	g.mu.Unlock()
+	close(idle)
+	return c.err
 }

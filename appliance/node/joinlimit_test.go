@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -17,7 +18,7 @@ import (
 func TestJoinChallengeTable(t *testing.T) {
 	t0 := time.Unix(1000, 0)
 	var replaced []string
-	tb := newChallengeTable(30*time.Second, 8, 2, 3, func(r string) { replaced = append(replaced, r) })
+	tb := newChallengeTable(30*time.Second, 8, 3, func(r string) { replaced = append(replaced, r) })
 	mk := func(nonce, ek, src string) *challenge { return &challenge{nonce: nonce, ekHash: ek, source: src} }
 	must := func(err error) {
 		t.Helper()
@@ -27,8 +28,7 @@ func TestJoinChallengeTable(t *testing.T) {
 	}
 
 	// A second hello for an EK from the same source replaces the first;
-	// from another source it does not, up to 2 per EK, the newest then
-	// replacing the oldest.
+	// from other sources it does not, however many.
 	must(tb.add(t0, mk("n1", "ek1", "a")))
 	must(tb.add(t0, mk("n2", "ek1", "a")))
 	if tb.take("n1") != nil || tb.len() != 1 {
@@ -39,8 +39,8 @@ func TestJoinChallengeTable(t *testing.T) {
 		t.Fatalf("a hello from b replaced a's challenge for the same EK (%d held)", tb.len())
 	}
 	must(tb.add(t0, mk("n4", "ek1", "c")))
-	if tb.len() != 2 || tb.take("n2") != nil || tb.take("n3") == nil {
-		t.Fatal("a third source's hello for ek1 did not replace the oldest")
+	if tb.len() != 3 || tb.take("n2") == nil || tb.take("n3") == nil {
+		t.Fatal("a third source's hello for ek1 replaced another source's challenge")
 	}
 	if c := tb.take("n4"); c == nil || c.expires != t0.Add(30*time.Second) {
 		t.Fatalf("newest challenge for ek1: %+v", c)
@@ -65,7 +65,7 @@ func TestJoinChallengeTable(t *testing.T) {
 
 	// The table is full at 8: a new EK from a new source is refused and
 	// changes nothing; the same EK still replaces its own.
-	tb = newChallengeTable(30*time.Second, 8, 2, 3, nil)
+	tb = newChallengeTable(30*time.Second, 8, 3, nil)
 	for i := range 8 {
 		must(tb.add(t0, mk(fmt.Sprint("f", i), fmt.Sprint("ek-f", i), fmt.Sprint("src", i))))
 	}
@@ -82,10 +82,10 @@ func TestJoinChallengeTable(t *testing.T) {
 	if err := tb.add(t0.Add(31*time.Second), mk("late", "ek-late", "src-late")); err != nil || tb.len() != 1 {
 		t.Fatalf("after expiry: %v, %d held, want 1", err, tb.len())
 	}
-	if len(tb.byEK) != 1 || len(tb.bySource) != 1 || tb.order.Len() != 1 {
-		t.Fatalf("indexes not cleaned: %d EKs, %d sources, %d ordered", len(tb.byEK), len(tb.bySource), tb.order.Len())
+	if len(tb.byEKSource) != 1 || len(tb.bySource) != 1 || tb.order.Len() != 1 {
+		t.Fatalf("indexes not cleaned: %d EK-source pairs, %d sources, %d ordered", len(tb.byEKSource), len(tb.bySource), tb.order.Len())
 	}
-	if want := []string{"same-ek", "ek-full", "source-full", "source-full", "same-ek"}; !slices.Equal(replaced, want) {
+	if want := []string{"same-ek", "source-full", "source-full", "same-ek"}; !slices.Equal(replaced, want) {
 		t.Fatalf("replacements counted %v, want %v", replaced, want)
 	}
 }
@@ -154,5 +154,97 @@ func TestHelloSource(t *testing.T) {
 	}
 	if got := helloSource(context.Background()); got != "unknown" {
 		t.Errorf("no peer: %q", got)
+	}
+}
+
+// Someone who knows a host's EK public area (it is in the host's EK
+// certificate) sends hellos for it from many sources (IPv6 /64s are
+// cheap) between the host's hello and its proof. The host's challenge
+// stays: a hello replaces only the challenge for the same EK from the
+// same source.
+func TestAttackEKChallengeEvictionFromManySources(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	tb := newChallengeTable(challengeTTL, maxPending, maxPendingPerSource, nil)
+	if err := tb.add(t0, &challenge{nonce: "host", ekHash: "ek-host", source: "192.0.2.7"}); err != nil {
+		t.Fatal(err)
+	}
+	const sources = 64
+	for i := range sources {
+		at := t0.Add(time.Duration(i) * time.Millisecond)
+		for j := range 3 { // and repeatedly from each
+			ch := &challenge{nonce: fmt.Sprint("attacker-", i, "-", j), ekHash: "ek-host", source: fmt.Sprintf("2001:db8:%x::/64", i)}
+			if err := tb.add(at, ch); err != nil {
+				t.Fatalf("hello %d from source %d: %v", j, i, err)
+			}
+		}
+	}
+	if ch := tb.take("host"); ch == nil {
+		t.Fatalf("hellos for the host's EK from %d other sources evicted the host's challenge (%d held)", sources, tb.len())
+	}
+	// Memory stays bounded by source: one challenge per (EK, source).
+	if n := tb.len(); n != sources {
+		t.Fatalf("%d challenges held for one EK from %d sources, want one per source", n, sources)
+	}
+}
+
+// Concurrent callers share a read barrier, but only one that started
+// after they arrived.
+func TestReadGroup(t *testing.T) {
+	var g readGroup
+	ctx := context.Background()
+	var started atomic.Int64
+	gate := make(chan error)
+	read := func(context.Context) error { started.Add(1); return <-gate }
+	waitStarted := func(n int64) {
+		t.Helper()
+		for deadline := time.Now().Add(5 * time.Second); started.Load() != n; time.Sleep(time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d barriers started, want %d", started.Load(), n)
+			}
+		}
+	}
+
+	first := make(chan error, 1)
+	go func() { first <- g.do(ctx, read) }()
+	waitStarted(1)
+	// Callers arriving while the first barrier runs wait for the next.
+	const late = 50
+	results := make(chan error, late)
+	for range late {
+		go func() { results <- g.do(ctx, read) }()
+	}
+	// One of them gives up while waiting.
+	cctx, cancel := context.WithCancel(ctx)
+	gaveUp := make(chan error, 1)
+	go func() { gaveUp <- g.do(cctx, read) }()
+	time.Sleep(50 * time.Millisecond)
+	cancel()
+	if err := <-gaveUp; !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled waiter: %v", err)
+	}
+	gate <- nil
+	if err := <-first; err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-results:
+		t.Fatalf("a caller that arrived during the first barrier was answered by it (%v)", err)
+	default:
+	}
+	waitStarted(2)
+	boom := errors.New("no quorum")
+	gate <- boom
+	for range late {
+		if err := <-results; err != boom {
+			t.Fatalf("shared barrier: %v, want its error", err)
+		}
+	}
+	if n := started.Load(); n != 2 || g.reads.Load() != 2 {
+		t.Fatalf("%d barriers (%d counted) for %d callers, want 2", n, g.reads.Load(), late+1)
+	}
+	// Nothing running or pending: the next caller starts its own.
+	go func() { gate <- nil }()
+	if err := g.do(ctx, read); err != nil || started.Load() != 3 {
+		t.Fatalf("after the group went idle: %v, %d barriers", err, started.Load())
 	}
 }

@@ -1,6 +1,7 @@
 package node
 
 import (
+	"cmp"
 	"container/list"
 	"context"
 	"crypto/tls"
@@ -32,12 +33,18 @@ import (
 //   - a TCP connection in its TLS handshake: at most max-handshakes of them
 //     (the oldest is dropped for a new one) for at most handshake-timeout;
 //   - an established connection: at most max-connections in all, of which
-//     at most max-anonymous-connections without a client certificate,
-//     closed after idle-timeout without a call;
+//     at most max-anonymous-connections without a client certificate
+//     (max-anonymous-connections-per-source from one IPv4 address or
+//     IPv6 /64, its oldest dropped for a new one); closed after
+//     idle-timeout without a call and, anonymous ones,
+//     anonymous-connection-max-age after their handshake whatever they
+//     do;
 //   - a call: refused by method and TLS role before its message is read
 //     (tapGate); only the join service takes anonymous calls, at most
-//     max-anonymous-calls at once; and no message over api.MaxRequestSize
-//     is read at all.
+//     max-anonymous-calls at once (max-anonymous-calls-per-source from
+//     one source, max-anonymous-calls-per-connection on one connection),
+//     each ended anonymous-call-timeout after its headers, message read
+//     or not; and no message over api.MaxRequestSize is read at all.
 //
 // The health and bundle HTTP listeners get fixed bounds of the same kind.
 
@@ -91,39 +98,56 @@ func grpcLimitOptions(c APIConfig) []grpc.ServerOption {
 type connLimiter struct {
 	name                             string
 	max, maxPending, maxAnon         int
+	maxAnonPerSource                 int           // 0: maxAnon
+	anonMaxAge                       time.Duration // 0: none
 	log                              *rateLog
 	refusedMax, evicted, refusedAnon atomic.Uint64 // refusal counters, for metrics
+	refusedAnonSource, agedOut       atomic.Uint64
 
-	mu        sync.Mutex
-	open      int
-	anonymous int
-	pending   list.List // *limitedConn, oldest first
+	mu           sync.Mutex
+	open         int
+	anonymous    int
+	anonBySource map[string]*list.List // established anonymous connections (*limitedConn) by sourceKey, oldest first
+	pending      list.List             // *limitedConn, oldest first
 }
 
 func newConnLimiter(name string, max, maxPending, maxAnon int, log *slog.Logger) *connLimiter {
-	return &connLimiter{name: name, max: max, maxPending: maxPending, maxAnon: maxAnon, log: newRateLog(log)}
+	return &connLimiter{name: name, max: max, maxPending: maxPending, maxAnon: maxAnon, log: newRateLog(log), anonBySource: map[string]*list.List{}}
+}
+
+// newAPIConnLimiter is the API listener's limiter, with the bounds on
+// anonymous connections by source and age.
+func newAPIConnLimiter(c APIConfig, log *slog.Logger) *connLimiter {
+	l := newConnLimiter("api", c.MaxConnections, c.MaxHandshakes, c.MaxAnonymousConnections, log)
+	l.maxAnonPerSource, l.anonMaxAge = c.MaxAnonymousConnectionsPerSource, c.AnonymousConnectionMaxAge.Duration
+	return l
 }
 
 // limiterStats is a point-in-time view for metrics.
 type limiterStats struct {
 	Open, Pending, Anonymous              int
 	RefusedMax, Evicted, RefusedAnonymous uint64
+	RefusedAnonymousSource, AgedOut       uint64
 }
 
 func (l *connLimiter) stats() limiterStats {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return limiterStats{Open: l.open, Pending: l.pending.Len(), Anonymous: l.anonymous,
-		RefusedMax: l.refusedMax.Load(), Evicted: l.evicted.Load(), RefusedAnonymous: l.refusedAnon.Load()}
+		RefusedMax: l.refusedMax.Load(), Evicted: l.evicted.Load(), RefusedAnonymous: l.refusedAnon.Load(),
+		RefusedAnonymousSource: l.refusedAnonSource.Load(), AgedOut: l.agedOut.Load()}
 }
 
 // limitedConn gives its slot back when closed, whoever closes it.
 type limitedConn struct {
 	net.Conn
-	l    *connLimiter
-	elem *list.Element // in l.pending while not established; guarded by l.mu
-	anon bool          // counted in l.anonymous; guarded by l.mu
-	once sync.Once
+	l      *connLimiter
+	elem   *list.Element // in l.pending while not established; guarded by l.mu
+	anon   bool          // counted in l.anonymous and l.anonBySource[source]; guarded by l.mu
+	source string        // sourceKey of the remote address, once anon
+	srcEl  *list.Element // in l.anonBySource[source]; guarded by l.mu
+	age    *time.Timer   // closes an anonymous connection at its maximum age; guarded by l.mu
+	once   sync.Once
 }
 
 func (c *limitedConn) Close() error {
@@ -135,6 +159,15 @@ func (c *limitedConn) Close() error {
 		}
 		if c.anon {
 			c.l.anonymous--
+			if q := c.l.anonBySource[c.source]; q != nil {
+				q.Remove(c.srcEl)
+				if q.Len() == 0 {
+					delete(c.l.anonBySource, c.source)
+				}
+			}
+		}
+		if c.age != nil {
+			c.age.Stop()
 		}
 		c.l.open--
 		c.l.mu.Unlock()
@@ -164,25 +197,55 @@ func (l *connLimiter) admit(raw net.Conn) (c, evict *limitedConn) {
 	return c, evict
 }
 
-// established takes c out of the pending queue; an anonymous connection
-// also needs one of maxAnon slots (false: none left, close it).
-func (l *connLimiter) established(c *limitedConn, anonymous bool) bool {
+// established takes c out of the pending queue. An anonymous connection
+// also takes one of its source's maxAnonPerSource slots, the source's
+// oldest anonymous connection being dropped for it when they are all
+// taken (returned as evict, for the caller to close), and otherwise one
+// of maxAnon (false: none left, close c). It is closed when it reaches
+// anonMaxAge: calls every few hundred milliseconds would keep it from
+// ever idling out, and an agent dials anew for each join.
+//
+// Dropping the source's oldest rather than refusing the new one means a
+// source that leaves its connections open (a client that does not close
+// them, many agents behind one NAT address) cannot lock itself out until
+// they idle out, while other sources keep their slots either way.
+func (l *connLimiter) established(c *limitedConn, anonymous bool) (ok bool, evict *limitedConn) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if c.elem != nil {
 		l.pending.Remove(c.elem)
 		c.elem = nil
 	}
-	if anonymous && !c.anon {
-		if l.anonymous >= l.maxAnon {
-			l.refusedAnon.Add(1)
-			l.log.warn(l.name+": connections refused: too many without a client certificate", "max_anonymous_connections", l.maxAnon)
-			return false
-		}
-		l.anonymous++
-		c.anon = true
+	if !anonymous || c.anon {
+		return true, nil
 	}
-	return true
+	src := sourceKey(c.RemoteAddr())
+	q := l.anonBySource[src]
+	if perSource := cmp.Or(l.maxAnonPerSource, l.maxAnon); q != nil && q.Len() >= perSource {
+		evict = q.Remove(q.Front()).(*limitedConn)
+		evict.srcEl, evict.anon = nil, false
+		l.anonymous--
+		l.refusedAnonSource.Add(1)
+		l.log.warn(l.name+": dropped the oldest connection without a client certificate from a source at its bound",
+			"source", src, "max_anonymous_connections_per_source", perSource)
+	} else if l.anonymous >= l.maxAnon {
+		l.refusedAnon.Add(1)
+		l.log.warn(l.name+": connections refused: too many without a client certificate", "max_anonymous_connections", l.maxAnon)
+		return false, nil
+	}
+	if q == nil {
+		q = list.New()
+		l.anonBySource[src] = q
+	}
+	l.anonymous++
+	c.anon, c.source, c.srcEl = true, src, q.PushBack(c)
+	if l.anonMaxAge > 0 {
+		c.age = time.AfterFunc(l.anonMaxAge, func() {
+			l.agedOut.Add(1)
+			c.Close()
+		})
+	}
+	return true, evict
 }
 
 // idle puts an established connection back at the end of the pending
@@ -236,7 +299,11 @@ func (c limitCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInf
 		return conn, info, nil
 	}
 	ti, isTLS := info.(credentials.TLSInfo)
-	if !lc.l.established(lc, !isTLS || len(ti.State.PeerCertificates) == 0) {
+	ok, evict := lc.l.established(lc, !isTLS || len(ti.State.PeerCertificates) == 0)
+	if evict != nil {
+		evict.Close()
+	}
+	if !ok {
 		conn.Close()
 		return nil, nil, errTooManyAnonymous
 	}
@@ -252,15 +319,26 @@ func (c limitCreds) Clone() credentials.TransportCredentials {
 // decoded, and decoding is what an unauthenticated caller must not get.
 // It mirrors authorize coarsely, by role; authorize stays the authority.
 type tapGate struct {
-	td       spiffeid.TrustDomain
-	maxAnon  int
-	log      *rateLog
-	refused  sync.Map // reason -> *atomic.Uint64
-	inflight atomic.Int64
+	td                          spiffeid.TrustDomain
+	maxAnon, perSource, perConn int
+	callTimeout                 time.Duration
+	log                         *rateLog
+	refused                     sync.Map // reason -> *atomic.Uint64
+
+	mu       sync.Mutex
+	inflight int            // anonymous calls in progress
+	bySource map[string]int // of them, by sourceKey
+	byConn   map[string]int // of them, by connection (remote address)
 }
 
-func newTapGate(td spiffeid.TrustDomain, maxAnonCalls int, log *slog.Logger) *tapGate {
-	return &tapGate{td: td, maxAnon: maxAnonCalls, log: newRateLog(log)}
+// newTapGate takes the API limits from c; Validate fills them, and a
+// share left unset falls back to the cap it divides (a timeout to the
+// default), never to zero, which would refuse every join.
+func newTapGate(td spiffeid.TrustDomain, c APIConfig, log *slog.Logger) *tapGate {
+	perSource := cmp.Or(c.MaxAnonymousCallsPerSource, c.MaxAnonymousCalls)
+	return &tapGate{td: td, maxAnon: c.MaxAnonymousCalls, perSource: perSource,
+		perConn: cmp.Or(c.MaxAnonymousCallsPerConnection, perSource), callTimeout: cmp.Or(c.AnonymousCallTimeout.Duration, defaultAnonymousCallTimeout),
+		log: newRateLog(log), bySource: map[string]int{}, byConn: map[string]int{}}
 }
 
 func (g *tapGate) count(reason string) {
@@ -297,17 +375,63 @@ func (g *tapGate) tap(ctx context.Context, info *tap.Info) (context.Context, err
 	if role != ca.RoleNone {
 		return ctx, nil
 	}
-	// Anonymous (join) calls in progress are bounded; each holds at most
-	// api.MaxRequestSize of message while it is read.
-	if g.inflight.Add(1) > int64(g.maxAnon) {
-		g.inflight.Add(-1)
-		g.count("anonymous-calls")
-		g.log.warn("api call refused: too many anonymous calls in progress", "method", method, "max_anonymous_calls", g.maxAnon)
-		return ctx, status.Errorf(codes.ResourceExhausted, "too many join calls in progress on this node; retry later")
+	// Anonymous (join) calls in progress are bounded in all, per source
+	// and per connection; each holds at most api.MaxRequestSize of
+	// message while it is read, and ends by callTimeout: gRPC's unary
+	// handler otherwise waits for the message as long as the connection
+	// lives, and open calls keep the connection from idling out.
+	src, conn := "unknown", "unknown"
+	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil { // tapRole found it
+		src, conn = sourceKey(p.Addr), p.Addr.String()
 	}
-	// The stream's context ends with the call however it ends.
-	context.AfterFunc(ctx, func() { g.inflight.Add(-1) })
+	if err := g.acquire(method, src, conn); err != nil {
+		return ctx, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, g.callTimeout)
+	// The stream's context ends with the call however it ends, or at the
+	// deadline, which ends the call.
+	context.AfterFunc(ctx, func() {
+		cancel()
+		g.release(src, conn)
+	})
 	return ctx, nil
+}
+
+// acquire takes an anonymous call slot in all, for src and for conn, or
+// none.
+func (g *tapGate) acquire(method, src, conn string) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var reason, where string
+	var limit int
+	switch {
+	case g.inflight >= g.maxAnon:
+		reason, where, limit = "anonymous-calls", "on this node", g.maxAnon
+	case g.bySource[src] >= g.perSource:
+		reason, where, limit = "anonymous-calls-per-source", "from "+src, g.perSource
+	case g.byConn[conn] >= g.perConn:
+		reason, where, limit = "anonymous-calls-per-connection", "on this connection", g.perConn
+	default:
+		g.inflight++
+		g.bySource[src]++
+		g.byConn[conn]++
+		return nil
+	}
+	g.count(reason)
+	g.log.warn("api call refused: too many anonymous calls in progress ("+reason+")", "method", method, "source", src, "limit", limit)
+	return status.Errorf(codes.ResourceExhausted, "too many join calls in progress %s (at most %d); retry later", where, limit)
+}
+
+func (g *tapGate) release(src, conn string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.inflight--
+	if g.bySource[src]--; g.bySource[src] <= 0 {
+		delete(g.bySource, src)
+	}
+	if g.byConn[conn]--; g.byConn[conn] <= 0 {
+		delete(g.byConn, conn)
+	}
 }
 
 // allow is authorize by role alone: who may call which service. reason

@@ -436,3 +436,267 @@ func metrics(t *testing.T, addr string) string {
 	b, _ := io.ReadAll(resp.Body)
 	return string(b)
 }
+
+// An anonymous caller opens join calls that send their headers and never
+// their message: gRPC's unary handler waits for the message, so each call
+// held one of the node's max-anonymous-calls slots for as long as its
+// connection stayed open (and open calls keep a connection from idling
+// out). Three connections from one address each open 64 such calls (the
+// node's max-streams, and its max-anonymous-calls). Each call now ends by
+// api.anonymous-call-timeout, and one connection and one source hold only
+// their share of the slots: a genuine join from another address succeeds
+// during the attack.
+func TestAttackAnonymousSlowCalls(t *testing.T) {
+	const callTimeout = 2 * time.Second
+	tr := clustertest.NewTrust(t, "sc", []string{"node-1"}, nil)
+	c := clustertest.NewClusterWith(t, tr, func(cfg *node.Config) {
+		cfg.API.AnonymousCallTimeout = node.Duration{Duration: callTimeout}
+	}, "node-1")
+	ctx := context.Background()
+	tok, err := c.Admin("node-1").TokenCreate(ctx, &api.TokenRequest{TTL: 60})
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := c.ConfigOf("node-1").API.Listen
+
+	const conns, streams = 3, 64
+	type result struct {
+		code codes.Code
+		took time.Duration
+	}
+	results := make(chan result, conns*streams)
+	actx, stop := context.WithCancel(ctx)
+	defer stop()
+	start := time.Now()
+	for i := 0; i < conns; i++ {
+		cc := anonConnFrom(t, tr, addr, "127.0.0.1", nil)
+		for j := 0; j < streams; j++ {
+			// NewStream sends the call's headers; no message follows.
+			cs, err := cc.NewStream(actx, &grpc.StreamDesc{ClientStreams: true, ServerStreams: true}, "/"+api.JoinService+"/Token", grpc.ForceCodec(rawJSON{}))
+			if err != nil {
+				results <- result{status.Code(err), time.Since(start)}
+				continue
+			}
+			go func() {
+				var resp []byte
+				err := cs.RecvMsg(&resp)
+				results <- result{status.Code(err), time.Since(start)}
+			}()
+		}
+	}
+	time.Sleep(500 * time.Millisecond) // the headers reach the node
+
+	// A genuine agent joins from another address during the attack.
+	jctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	svid, err := joinClientFrom(t, tr, addr, "127.0.0.2").Token(jctx, &api.JoinTokenRequest{Token: tok.Token, CSR: csrFor(t, "")})
+	if err != nil {
+		t.Errorf("a token join from 127.0.0.2 while 127.0.0.1 holds %d stalled calls: %v", conns*streams, err)
+	} else if !strings.HasPrefix(svid.AgentID, "spiffe://example.org/sigil/agent/join_token/") {
+		t.Errorf("token join: agent ID %s", svid.AgentID)
+	}
+
+	// Every stalled call ends: refused at once over the per-connection or
+	// per-source share, or by the call timeout.
+	held, refused := 0, 0
+	var slowest time.Duration
+	wait := time.After(callTimeout + 5*time.Second)
+	for n := 0; n < conns*streams; n++ {
+		select {
+		case r := <-results:
+			switch r.code {
+			case codes.ResourceExhausted:
+				refused++
+			case codes.DeadlineExceeded:
+				held++
+				slowest = max(slowest, r.took)
+			default:
+				t.Errorf("a stalled call ended with %v, want ResourceExhausted or DeadlineExceeded", r.code)
+			}
+		case <-wait:
+			t.Fatalf("%d of %d stalled anonymous calls still open %v after they began (anonymous-call-timeout %v; %d held so far, %d refused)",
+				conns*streams-n, conns*streams, time.Since(start).Round(time.Millisecond), callTimeout, held, refused)
+		}
+	}
+	t.Logf("%d stalled calls from one address on %d connections: %d refused at once, %d held until the call timeout (the last ended %v after the attack began)",
+		conns*streams, conns, refused, held, slowest.Round(time.Millisecond))
+	// The defaults: 4 per connection, 8 per source.
+	if held > 8 {
+		t.Fatalf("one source held %d anonymous calls, want at most 8 (max-anonymous-calls-per-source)", held)
+	}
+	if slowest > callTimeout+2*time.Second {
+		t.Fatalf("a stalled call lasted %v, anonymous-call-timeout %v", slowest, callTimeout)
+	}
+	body := metrics(t, c.Node("node-1").HTTPAddr())
+	for _, m := range []string{`sigil_api_calls_refused_total{reason="anonymous-calls-per-connection"}`, `sigil_api_calls_refused_total{reason="anonymous-calls-per-source"}`} {
+		if !strings.Contains(body, m) || strings.Contains(body, m+" 0\n") {
+			t.Errorf("/metrics: %s missing or zero", m)
+		}
+	}
+}
+
+// connLives records when each dialled connection was opened and closed.
+type connLives struct {
+	mu    sync.Mutex
+	lives [][2]time.Time // opened, closed (zero: open)
+}
+
+type livedConn struct {
+	net.Conn
+	l    *connLives
+	i    int
+	once sync.Once
+}
+
+func (c *livedConn) Close() error {
+	c.once.Do(func() {
+		c.l.mu.Lock()
+		c.l.lives[c.i][1] = time.Now()
+		c.l.mu.Unlock()
+	})
+	return c.Conn.Close()
+}
+
+func (l *connLives) wrap(c net.Conn) net.Conn {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.lives = append(l.lives, [2]time.Time{time.Now()})
+	return &livedConn{Conn: c, l: l, i: len(l.lives) - 1}
+}
+
+// longest is the longest life among the connections, open ones counted
+// up to now.
+func (l *connLives) longest() (time.Duration, int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var d time.Duration
+	for _, lv := range l.lives {
+		end := lv[1]
+		if end.IsZero() {
+			end = time.Now()
+		}
+		d = max(d, end.Sub(lv[0]))
+	}
+	return d, len(l.lives)
+}
+
+// One address opens more anonymous connections than the node takes in
+// all and keeps each busy with a bogus TPMProve every 400 ms, so none
+// idles out: it held every max-anonymous-connections slot and a joining
+// agent's handshake was closed. Now one source holds at most
+// max-anonymous-connections-per-source of them (a new one drops the
+// source's oldest), so a joiner from another address joins during the
+// attack; and no anonymous connection outlives
+// api.anonymous-connection-max-age, busy or not.
+func TestAttackAnonymousConnectionsOneSource(t *testing.T) {
+	const (
+		maxAnon, perSource = 4, 2
+		idleTimeout        = time.Second
+		maxAge             = 3 * time.Second
+		callTimeout        = time.Second
+	)
+	tr := clustertest.NewTrust(t, "os", []string{"node-1"}, nil)
+	c := clustertest.NewClusterWith(t, tr, func(cfg *node.Config) {
+		cfg.API.MaxAnonymousConnections = maxAnon
+		cfg.API.MaxAnonymousConnectionsPerSource = perSource
+		cfg.API.IdleTimeout = node.Duration{Duration: idleTimeout}
+		cfg.API.AnonymousConnectionMaxAge = node.Duration{Duration: maxAge}
+		cfg.API.AnonymousCallTimeout = node.Duration{Duration: callTimeout}
+	}, "node-1")
+	ctx := context.Background()
+	tok, err := c.Admin("node-1").TokenCreate(ctx, &api.TokenRequest{TTL: 60})
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := c.ConfigOf("node-1").API.Listen
+
+	// attack keeps n anonymous connections from 127.0.0.1 busy until the
+	// returned stop is called, which closes them and reports how many
+	// calls were answered.
+	attack := func(n int, lives *connLives) (stop func() (answered, failed int64)) {
+		var answered, failed atomic.Int64
+		done := make(chan struct{})
+		var wg sync.WaitGroup
+		var conns []*grpc.ClientConn
+		for i := 0; i < n; i++ {
+			conn := anonConnFrom(t, tr, addr, "127.0.0.1", lives.wrap)
+			conns = append(conns, conn)
+			jc := api.NewJoinClient(conn)
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for {
+					cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+					_, err := jc.TPMProve(cctx, &api.JoinTPMProof{Nonce: []byte("bogus")})
+					cancel()
+					if status.Code(err) == codes.PermissionDenied {
+						answered.Add(1)
+					} else {
+						failed.Add(1)
+					}
+					select {
+					case <-done:
+						return
+					case <-time.After(400 * time.Millisecond):
+					}
+				}
+			}()
+		}
+		var once sync.Once
+		stop = func() (int64, int64) {
+			once.Do(func() {
+				close(done)
+				wg.Wait()
+				for _, conn := range conns {
+					conn.Close()
+				}
+			})
+			return answered.Load(), failed.Load()
+		}
+		t.Cleanup(func() { stop() })
+		return stop
+	}
+
+	// More busy connections than the node takes anonymously in all.
+	var flood connLives
+	stop := attack(6, &flood)
+	time.Sleep(idleTimeout + 500*time.Millisecond) // past the idle timeout: busy connections stay
+	jctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	svid, err := joinClientFrom(t, tr, addr, "127.0.0.2").Token(jctx, &api.JoinTokenRequest{Token: tok.Token, CSR: csrFor(t, "")})
+	if err != nil {
+		t.Errorf("a token join from 127.0.0.2 while 127.0.0.1 keeps 6 anonymous connections busy: %v", err)
+	} else if !strings.HasPrefix(svid.AgentID, "spiffe://example.org/sigil/agent/join_token/") {
+		t.Errorf("token join: agent ID %s", svid.AgentID)
+	}
+	answered, failed := stop()
+	_, dialled := flood.longest()
+	t.Logf("6 busy anonymous connections from one address: %d calls answered, %d failed (closed), %d connections dialled", answered, failed, dialled)
+
+	// As many busy connections as the source may hold: kept busy for
+	// twice the maximum age, they are closed at it.
+	time.Sleep(200 * time.Millisecond) // the closes reach the node
+	var held connLives
+	start := time.Now()
+	stop = attack(perSource, &held)
+	time.Sleep(2 * maxAge)
+	answered, failed = stop()
+	longest, dialled := held.longest()
+	t.Logf("%d busy anonymous connections for %v: %d calls answered, %d failed, %d connections dialled, the longest lived %v",
+		perSource, time.Since(start).Round(time.Millisecond), answered, failed, dialled, longest.Round(time.Millisecond))
+	if answered == 0 {
+		t.Fatal("no attacking call was answered: the attack did not hold a connection")
+	}
+	if limit := maxAge + 1500*time.Millisecond; longest > limit {
+		t.Fatalf("a busy anonymous connection lived %v, anonymous-connection-max-age %v", longest.Round(time.Millisecond), maxAge)
+	}
+	body := metrics(t, c.Node("node-1").HTTPAddr())
+	for _, m := range []string{
+		`sigil_listener_connections_refused_total{listener="api",reason="max-anonymous-connections-per-source"}`,
+		`sigil_listener_connections_refused_total{listener="api",reason="anonymous-max-age"}`,
+	} {
+		if !strings.Contains(body, m) || strings.Contains(body, m+" 0\n") {
+			t.Errorf("/metrics: %s missing or zero", m)
+		}
+	}
+}

@@ -61,6 +61,9 @@ type Node struct {
 	// Connection and call bounds of the listeners (limits.go).
 	apiLim, httpLim, bundleLim *connLimiter
 	gate                       *tapGate
+	// authLog logs refusals of authenticated callers (auth.go), which
+	// they can repeat at will, at most once a second per reason.
+	authLog *rateLog
 
 	stop     context.CancelFunc
 	wg       sync.WaitGroup
@@ -163,9 +166,10 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 	n.stop = cancel
 	n.batch = newAuditBatcher(n)
 	n.jwt = &jwtKeys{n: n, rotate: cfg.JWT.RotateEvery.Duration}
-	n.wg.Add(2)
+	n.wg.Add(3)
 	go func() { defer n.wg.Done(); n.batch.run(runCtx) }()
 	go func() { defer n.wg.Done(); n.jwt.maintain(runCtx) }()
+	go func() { defer n.wg.Done(); n.watchRootCRLs(runCtx) }() // revocation.go
 	n.refusals = newNodeRefusals(n)
 	n.wg.Add(2)
 	go func() { defer n.wg.Done(); n.refusals.run() }()
@@ -196,9 +200,10 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("api.listen: %w", err)
 	}
-	n.apiLim = newConnLimiter("api", cfg.API.MaxConnections, cfg.API.MaxHandshakes, cfg.API.MaxAnonymousConnections, log)
+	n.apiLim = newAPIConnLimiter(cfg.API, log)
 	n.apiLn = limitListener{Listener: ln, l: n.apiLim}
-	n.gate = newTapGate(n.td, cfg.API.MaxAnonymousCalls, log)
+	n.gate = newTapGate(n.td, cfg.API, log)
+	n.authLog = newRateLog(log)
 	tlsCfg := n.ident.TLSConfigAllowAnonymous(ca.RoleAdmin, ca.RoleAgent)
 	n.grpc = grpc.NewServer(append(append(api.ServerOptions(), grpcLimitOptions(cfg.API)...),
 		grpc.Creds(limitCreds{credentials.NewTLS(tlsCfg)}),

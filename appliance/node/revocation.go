@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -59,6 +60,62 @@ func (n *Node) rootCRLCheck() ca.RevocationCheck {
 		return ok
 	}
 }
+
+// watchRootCRLs drops every raft connection each time the replica's
+// revoked set grows. Raft verifies a peer at the TLS handshake only (its
+// config calls Classify), so a node whose CA a CRL just revoked would keep
+// the connections it opened before, and with them its forwarded writes,
+// its votes and its log entries, for as long as it keeps them busy. After
+// the reset every peer handshakes again and the revoked one is refused.
+// The state machine refuses, in log order, the commands of a node whose
+// recorded CA is revoked (state.FSM's checkOriginCA), which covers what
+// was in flight meanwhile; the node stays in the raft configuration until
+// an admin removes it (ClusterRemove), but no member talks to it.
+//
+// What peers send is cut at once; this node's own outbound streams (its log
+// entries as leader) stay for crlResetGrace, so that a revoked follower
+// running honest code learns that the CRL committed, applies it, stops
+// signing with its CA and hands the CRL to its agents, which then leave it.
+//
+// It also re-shows this node's CA when the one the state recorded for it
+// is revoked but is not the one it signs with now (its CA was rotated
+// before the old one was revoked): until then the state refuses its
+// commands.
+func (n *Node) watchRootCRLs(ctx context.Context) {
+	tick := time.NewTicker(30 * time.Second)
+	defer tick.Stop()
+	var tried uint64 // the record last re-shown, so a refusal is not retried
+	for {
+		grown := n.fsm.RootCRLsGrown()
+		select {
+		case <-ctx.Done():
+			return
+		case <-grown:
+			closed := n.raft.ResetConnections(crlResetGrace)
+			n.log.Warn("root CRLs revoke more certificates: raft connections dropped, every peer is verified again at its next handshake; remove revoked nodes from the cluster",
+				"connections_closed", closed, "outbound_closed_after", crlResetGrace.String())
+		case <-tick.C:
+		}
+		rec, revoked, ok := n.fsm.NodeCARevoked(n.cfg.NodeID)
+		own := n.auth.Issuing()
+		if !ok || !revoked || rec.Index == tried || n.auth.Revoked() || !n.raftReady() ||
+			bytes.Equal(rec.Issuer, own.RawIssuer) && rec.Serial == own.SerialNumber.Text(16) {
+			continue
+		}
+		tried = rec.Index
+		n.log.Warn("the issuing CA the state recorded for this node is revoked, but this node signs with another: publishing a JWT key with the current CA so that its commands are accepted again",
+			"recorded_serial", rec.Serial, "current_serial", own.SerialNumber.Text(16))
+		if kid, err := n.jwt.Rotate(ctx); err != nil {
+			n.log.Error("re-showing this node's issuing CA failed: its commands stay refused", "err", err)
+		} else {
+			n.log.Info("this node's issuing CA shown again", "kid", kid)
+		}
+	}
+}
+
+// crlResetGrace: the leader sends its commit index at least every commit
+// timeout (50ms), so a follower learns the CRL's commit well within it.
+const crlResetGrace = time.Second
 
 // RootCRLAdd adds a CRL the root ceremony signed. The node only decodes
 // and parses it to give a clear error early; the state machine is the

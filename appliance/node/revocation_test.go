@@ -13,11 +13,14 @@ import (
 	"fmt"
 	"io"
 	"math/big"
+	"net"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/appliance/ceremony"
 	"github.com/sigil-appliance/sigil/appliance/clustertest"
 	"github.com/sigil-appliance/sigil/appliance/state"
 )
@@ -416,4 +419,185 @@ func snapshotRevocationState(t *testing.T, c *clustertest.Cluster, f *revocation
 		}
 	}
 	return b.String()
+}
+
+// TestAttackRevokedNodeKeepsRaftConnection: a compromised node (a member,
+// not removed) has warm raft connections to the leader when the root's CRL
+// revokes its issuing CA. Raft checks a peer only at the TLS handshake, so
+// unless the connections are dropped when the revoked set changes, the
+// node goes on forwarding writes (as any admin name it likes) over the
+// connections it opened before. Two attackers: one holding the node's key
+// and speaking raft's RPC itself over a connection opened before the CRL
+// (it ignores the CRL), and the node's own local socket. After the CRL
+// neither may commit anything, and the cluster goes on working without the
+// node.
+func TestAttackRevokedNodeKeepsRaftConnection(t *testing.T) {
+	f := newRevocationFixture(t, "rk")
+	c, bad := f.c, f.bad
+	ctx := context.Background()
+	entry := func(name string) *api.EntryRequest {
+		return &api.EntryRequest{Entry: api.Entry{SPIFFEID: "spiffe://example.org/" + name, ParentID: f.agentID,
+			Selectors: []api.Selector{{Type: "unix", Value: "uid:0"}}}}
+	}
+	leader := c.WaitLeader(30 * time.Second)
+	if leader == bad {
+		t.Fatalf("the compromised node %s leads", bad)
+	}
+	// The attacker's connection: the node's certificate (its CA is in the
+	// attacker's hands), raft's RPC protocol, opened and used before the
+	// CRL.
+	nodeCert := clustertest.ClientCert(t, c.Node(bad).Authority(), "/sigil/node/"+bad)
+	conn, err := tls.Dial("tcp", c.ConfigOf(leader).Cluster.Bind, &tls.Config{MinVersion: tls.VersionTLS13, InsecureSkipVerify: true, Certificates: []tls.Certificate{nodeCert}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := conn.Write([]byte{0x02}); err != nil { // the raft package's RPC protocol byte
+		t.Fatal(err)
+	}
+	forward := func(name string) error {
+		cmd, err := state.NewCommand(state.CmdEntryCreate, "local:uid=0@"+bad, time.Now(), &state.Entry{ID: "rk-" + name,
+			SPIFFEID: "spiffe://example.org/" + name, ParentID: f.agentID, Selectors: []state.Selector{{Type: "unix", Value: "uid:0"}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		return raftRPC(conn, map[string]any{"Op": "apply", "Cmd": cmd})
+	}
+	if err := forward("raw-warm"); err != nil {
+		t.Fatalf("the attacker's warm-up write before the CRL: %v", err)
+	}
+	// The node's own path: a write through its local socket before the
+	// CRL (its pooled connection to the leader).
+	for i := range 3 {
+		if _, err := local(t, c, bad).EntryCreate(ctx, entry(fmt.Sprintf("warm-%d", i))); err != nil {
+			t.Fatalf("warm-up write through %s: %v", bad, err)
+		}
+	}
+	crl := f.tr.RootCRL(t, 1, bad)
+	addRootCRL(t, c.Admin(f.good[0]), crl)
+	clustertest.Eventually(t, 10*time.Second, "the CRL on the good nodes", func() bool {
+		for _, id := range f.good {
+			if len(c.Node(id).State().RootCRLs()) != 1 {
+				return false
+			}
+		}
+		return true
+	})
+
+	// The attacks. The node has published no JWT key and signed no
+	// checkpoint, so the state machine knows no CA of its (state's
+	// checkOriginCA does not apply): the dropped connections are what
+	// stops it.
+	if err := forward("raw-after-crl"); err == nil {
+		t.Errorf("ATTACK SUCCEEDED: a raft connection of %s opened before the CRL revoking its CA still commits writes", bad)
+	}
+	cctx, cancel := context.WithTimeout(ctx, 6*time.Second)
+	_, err = local(t, c, bad).EntryCreate(cctx, entry("after-crl"))
+	cancel()
+	if err == nil {
+		t.Errorf("ATTACK SUCCEEDED: %s, whose CA the root revoked, committed a write through its local socket", bad)
+	}
+	// The good nodes go on working without it, and nothing of the attack
+	// committed anywhere.
+	if _, err := c.Admin(f.good[0]).EntryCreate(ctx, entry("legit")); err != nil {
+		t.Fatalf("write through a good node after the CRL: %v", err)
+	}
+	for _, id := range f.good {
+		if _, err := c.Admin(id).AuditList(ctx, &api.AuditRequest{Limit: 1}); err != nil {
+			t.Fatalf("read on %s: %v", id, err)
+		}
+		s := c.Node(id).State()
+		for _, name := range []string{"after-crl", "raw-after-crl"} {
+			if got := s.EntriesBySPIFFEID("spiffe://example.org/" + name); len(got) != 0 {
+				t.Errorf("ATTACK SUCCEEDED: %s holds the revoked node's write %s: %v", id, name, got)
+			}
+		}
+		if got := s.EntriesBySPIFFEID("spiffe://example.org/legit"); len(got) != 1 {
+			t.Errorf("%s lacks the good write: %v", id, got)
+		}
+	}
+	if logs := c.Log.String(); !strings.Contains(logs, "raft connections dropped") {
+		t.Error("the connection reset is not logged")
+	}
+}
+
+// raftRPC sends one request over a raft RPC connection and reads the
+// answer; an error answer is an error.
+func raftRPC(conn net.Conn, req map[string]any) error {
+	b, _ := json.Marshal(req)
+	msg := binary.BigEndian.AppendUint32(nil, uint32(len(b)))
+	if _, err := conn.Write(append(msg, b...)); err != nil {
+		return err
+	}
+	var hdr [4]byte
+	if _, err := io.ReadFull(conn, hdr[:]); err != nil {
+		return err
+	}
+	body := make([]byte, binary.BigEndian.Uint32(hdr[:]))
+	if _, err := io.ReadFull(conn, body); err != nil {
+		return err
+	}
+	var resp struct {
+		Err       string
+		NotLeader bool
+	}
+	if err := json.Unmarshal(body, &resp); err != nil {
+		return err
+	}
+	if resp.Err != "" || resp.NotLeader {
+		return fmt.Errorf("raft rpc: %q (not leader: %v)", resp.Err, resp.NotLeader)
+	}
+	return nil
+}
+
+// TestRevokedRotatedCA: a node whose issuing CA was re-issued (a new
+// certificate for its key, as a CA rotation ceremony makes) before the old
+// certificate is revoked. The state recorded the old CA for it when it
+// published a JWT key, so after the CRL its commands are refused; the node
+// notices, publishes a key with its current CA, and is accepted again.
+func TestRevokedRotatedCA(t *testing.T) {
+	f := newRevocationFixture(t, "rr")
+	c, node := f.c, f.bad
+	ctx := context.Background()
+	if _, err := c.Node(node).JWTRotate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// The ceremony signs the node's CSR again: same key, new certificate.
+	tr := f.tr
+	newCert := filepath.Join(tr.Dir, node+"-issuing-2.pem")
+	script := fmt.Sprintf("kind: sign-issuing\ntrust-domain: example.org\ntranscript: %s\nhsm:\n  module: %s\n  token: %s\n  pin-file: %s\nkey:\n  label: root\nsign-issuing:\n  root-certificate: %s\n  csr: %s\n  node-id: %s\n  validity: 1y\n  output: %s\n",
+		filepath.Join(tr.Dir, "transcript.jsonl"), tr.Module, tr.RootToken.Label, tr.RootToken.PINFile, tr.RootPath,
+		filepath.Join(tr.Dir, node+".csr"), node, newCert)
+	cfgc, err := ceremony.Parse([]byte(script), ceremony.KindSignIssuing)
+	if err != nil {
+		t.Fatal(err)
+	}
+	plan, err := cfgc.Validate(time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ceremony.Run(ctx, plan, ceremony.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	c.Stop(node)
+	c.ConfigOf(node).IssuingCert = newCert
+	c.Start(node)
+	c.WaitLeader(30 * time.Second)
+	if c.Node(node).Authority().Issuing().SerialNumber.Cmp(tr.Nodes[node].Issuing.SerialNumber) == 0 {
+		t.Fatal("the node still signs with its old CA certificate")
+	}
+
+	// The old certificate is revoked.
+	addRootCRL(t, c.Admin(f.good[0]), tr.RootCRL(t, 1, node))
+	clustertest.Eventually(t, 20*time.Second, node+" shows its current CA and writes again", func() bool {
+		cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		defer cancel()
+		_, err := local(t, c, node).EntryCreate(cctx, &api.EntryRequest{Entry: api.Entry{SPIFFEID: "spiffe://example.org/rotated",
+			ParentID: f.agentID, Selectors: []api.Selector{{Type: "unix", Value: "uid:7"}}}})
+		return err == nil
+	})
+	// The node may already have shown its new CA before the CRL (a JWT key
+	// published at start); either way it writes again, which is the property.
+	t.Logf("shown again after the CRL: %v", strings.Contains(c.Log.String(), "this node's issuing CA shown again"))
 }

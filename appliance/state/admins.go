@@ -11,9 +11,11 @@ import (
 	bolt "go.etcd.io/bbolt"
 )
 
-// Admin roles. A name's role is what the state recorded at its last
-// issuance; an admin name the state has no record of (a certificate made
-// outside the admin API, such as a test harness's) is a plain admin.
+// Admin roles. A certificate's role is what the state recorded when it
+// was issued (AdminCertRole); a certificate the state has no record of (made
+// outside the admin API, such as a test harness's, or expired and
+// forgotten) is a plain admin. Commands of version 2 took the role of the
+// name's last issuance, and still do when an old log is replayed.
 const (
 	// RoleAdmin administers the appliance and may renew its own
 	// certificate (same name, same role) and revoke its own name.
@@ -36,13 +38,27 @@ const (
 	MaxAdminCerts = 16
 )
 
+// MaxAdminCertTTL bounds the validity of every admin certificate a node
+// accepts (a node refuses an admin-cert-max-ttl above it). The admin table
+// relies on it to forget a name: once every certificate a revocation
+// revoked has expired, the revocation decides nothing any more.
+const MaxAdminCertTTL = 7 * 24 * time.Hour
+
+// adminForgetAfter is how long a revocation is kept after it was made:
+// MaxAdminCertTTL, and an hour for the clocks of the node that stamped the
+// revocation and the nodes that signed the certificates to disagree.
+const adminForgetAfter = MaxAdminCertTTL + time.Hour
+
 // AdminNameRE is what an admin name may be: the last segment of
 // spiffe://<td>/sigil/admin/<name>.
 var AdminNameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
 
 // AdminRecord is what the state knows of one admin name.
 type AdminRecord struct {
-	Name     string    `json:"name"`
+	Name string `json:"name"`
+	// Role is the role of the name's last issuance: what an issuance for
+	// the name that asks for no role gives. Each certificate's own role
+	// is in Certs, and that is the one its calls have.
 	Role     string    `json:"role"`
 	IssuedBy string    `json:"issued_by,omitempty"`
 	IssuedAt time.Time `json:"issued_at,omitzero"`
@@ -100,7 +116,9 @@ func init() {
 func validRole(r string) bool { return r == RoleAdmin || r == RoleAdminIssuer }
 
 // ResolveAdminRole is the role an issuance of name with the requested
-// role gives, against the current record (nil: none).
+// role gives, against the current record (nil: none): the requested one,
+// else the role of the name's last issuance, else RoleAdmin. Root on a
+// node's socket and version 2 commands decide with this alone.
 func ResolveAdminRole(cur *AdminRecord, requested string) string {
 	switch {
 	case requested != "":
@@ -109,6 +127,18 @@ func ResolveAdminRole(cur *AdminRecord, requested string) string {
 		return cur.Role
 	}
 	return RoleAdmin
+}
+
+// ResolveAdminRoleBy is ResolveAdminRole for an issuance requested by the
+// admin certificate of role callerRole named caller: a certificate that
+// renews its own name without asking for a role keeps its own role (roles
+// belong to certificates, so a plain certificate of a name that was since
+// issued as an issuer renews as a plain admin, as MayIssueAdmin wants).
+func ResolveAdminRoleBy(cur *AdminRecord, requested, caller, callerRole, name string) string {
+	if requested == "" && caller == name {
+		return callerRole
+	}
+	return ResolveAdminRole(cur, requested)
 }
 
 // MayIssueAdmin decides whether an admin whose own role is callerRole,
@@ -137,8 +167,25 @@ func MayRevokeAdmin(caller, callerRole, name string) error {
 	return fmt.Errorf("admin %s (role %s) may revoke only its own name, not %s (that takes role %s)", caller, callerRole, name, RoleAdminIssuer)
 }
 
-// AdminRoleOf is the role of an admin name in a table (RoleAdmin when it
-// has no record).
+// AdminCertRole is the role of the admin certificate with this serial
+// acting for name: the role it was issued with, as the table recorded it,
+// or RoleAdmin for a certificate the table has no record of. A role belongs
+// to the certificate, not to the name: re-issuing a name with another role
+// changes nothing for the certificates issued before.
+func AdminCertRole(admins []AdminRecord, name, serial string) string {
+	if r := FindAdmin(admins, name); r != nil {
+		for _, c := range r.Certs {
+			if c.Serial == serial && validRole(c.Role) {
+				return c.Role
+			}
+		}
+	}
+	return RoleAdmin
+}
+
+// AdminRoleOf is the role of an admin name's last issuance (RoleAdmin when
+// it has no record): the caller's role for commands of version 2, which
+// carry no certificate serial.
 func AdminRoleOf(admins []AdminRecord, name string) string {
 	if r := FindAdmin(admins, name); r != nil && r.Role != "" {
 		return r.Role
@@ -198,14 +245,45 @@ func checkAdmins(admins []AdminRecord) error {
 
 func adminSPIFFEID(td, name string) string { return "spiffe://" + td + "/sigil/admin/" + name }
 
-// callerRole is the admin role of the command's actor; local is root on
-// a node's socket, which may do anything.
+// callerRole is the admin role of the command's actor: that of the
+// certificate that made the call (version 3), or of the name (version 2,
+// as those commands were first applied); local is root on a node's socket,
+// which may do anything.
 func (t *txn) callerRole(admins []AdminRecord) (name, role string, local bool) {
 	kind, n := t.f.actorKind(t.c.Actor)
 	if kind == "local" {
 		return "", "", true
 	}
-	return n, AdminRoleOf(admins, n), false
+	if t.c.Version < 3 {
+		return n, AdminRoleOf(admins, n), false
+	}
+	return n, AdminCertRole(admins, n, t.c.ActorSerial), false
+}
+
+// readAdminsForChange reads the admin table for a command that rewrites
+// it, forgetting (from version 3 on, so that old logs replay as they were
+// applied) the records that decide nothing any more at the command's time.
+func (t *txn) readAdminsForChange() ([]AdminRecord, error) {
+	admins, err := readAdmins(t.tx)
+	if err != nil || t.c.Version < 3 {
+		return admins, err
+	}
+	return forgetAdmins(admins, t.c.Time), nil
+}
+
+// forgetAdmins drops the records of names that no recorded certificate
+// can act for any more at now, and whose revocation, if any, is older
+// than adminForgetAfter: every certificate it revoked has expired, so the
+// name is as good as one never recorded (a certificate made for it outside
+// the API is a plain admin, like any unrecorded one). Without this the
+// table would fill up with names over the years (MaxAdmins).
+func forgetAdmins(admins []AdminRecord, now time.Time) []AdminRecord {
+	return slices.DeleteFunc(admins, func(r AdminRecord) bool {
+		if slices.ContainsFunc(r.Certs, func(c AdminCert) bool { return c.NotAfter.After(now) }) {
+			return false
+		}
+		return r.RevokedAt.IsZero() || !r.RevokedAt.Add(adminForgetAfter).After(now)
+	})
 }
 
 // applyAdminIssue records an admin certificate, checking at commit time,
@@ -225,13 +303,16 @@ func applyAdminIssue(t *txn, p *AdminIssue) (any, []AuditEvent, error) {
 	case !p.NotAfter.After(t.c.Time):
 		return nil, nil, refuse("admin certificate %s would be recorded already expired", serial)
 	}
-	admins, err := readAdmins(t.tx)
+	admins, err := t.readAdminsForChange()
 	if err != nil {
 		return nil, nil, err
 	}
 	cur := FindAdmin(admins, p.Name)
 	role := ResolveAdminRole(cur, p.Role)
 	if caller, callerRole, local := t.callerRole(admins); !local {
+		if t.c.Version >= 3 {
+			role = ResolveAdminRoleBy(cur, p.Role, caller, callerRole, p.Name)
+		}
 		if err := MayIssueAdmin(caller, callerRole, p.Name, role); err != nil {
 			return nil, nil, refuse("%v", err)
 		}
@@ -265,7 +346,7 @@ func applyAdminRevoke(t *txn, p *AdminRevoke) (any, []AuditEvent, error) {
 	if !AdminNameRE.MatchString(p.Name) {
 		return nil, nil, refuse("admin name %q: want %s", truncate(p.Name, 80), AdminNameRE)
 	}
-	admins, err := readAdmins(t.tx)
+	admins, err := t.readAdminsForChange()
 	if err != nil {
 		return nil, nil, err
 	}
@@ -293,16 +374,41 @@ func applyAdminRevoke(t *txn, p *AdminRevoke) (any, []AuditEvent, error) {
 		"recorded_certs": strconv.Itoa(dropped)}}}, putAdmins(t.tx, admins)
 }
 
-// AdminRevokedMarker is in the refusal of a command by a revoked admin,
-// so that the API can answer it as an authentication failure.
-const AdminRevokedMarker = "is revoked and holds no certificate issued since"
+// AdminRevokedMarker is in the refusal of a command by a revoked admin
+// certificate, so that the API can answer it as an authentication failure.
+const AdminRevokedMarker = "admin certificate revoked"
 
-// checkAdminActor refuses, at commit and in log order, any command of an
-// admin whose name is revoked and who holds no unexpired certificate
-// issued after the revocation: no certificate can act for the name, so the
-// command came through a replica that had not yet applied the revocation.
-// (A name re-issued since is checked by certificate when each call is
-// authenticated.)
+// checkActorSerial checks the envelope's actor_serial against its version
+// and actor. Version 3 requires the serial of an admin certificate's
+// command (a node of this version always sends it) and refuses one on any
+// other actor's. Version 2 had no such field and its nodes refused it as
+// unknown, so a version 2 command carrying one is refused as it was then.
+func (f *FSM) checkActorSerial(c *Command) error {
+	kind, _ := f.actorKind(c.Actor)
+	switch {
+	case c.Version < 3:
+		if c.ActorSerial != "" {
+			return refuse("malformed command: actor_serial is a field of version 3 commands, not of version %d", c.Version)
+		}
+	case kind == "admin":
+		if !serialRE.MatchString(c.ActorSerial) || strings.HasPrefix(c.ActorSerial, "0") {
+			return refuse("%s by admin %s: actor_serial %q: want the admin certificate's serial in lowercase hex without leading zeros",
+				c.Type, c.Actor, truncate(c.ActorSerial, 64))
+		}
+	case c.ActorSerial != "":
+		return refuse("%s by %s: actor_serial is for admin certificates only", c.Type, truncate(c.Actor, 128))
+	}
+	return nil
+}
+
+// checkAdminActor refuses, at commit and in log order, a command of an
+// admin certificate that may no longer act for its name: the command came
+// through a replica that had not applied the revocation yet (a lagging or
+// restarting one). From version 3 on the command names its certificate,
+// which must be one the name's record accepts (AdminRecord.Accepts), so a
+// name revoked and re-issued does not revive its old certificates. A
+// version 2 command names none, and is refused, as it was then, only when
+// no unexpired certificate issued since the revocation holds the name.
 func (t *txn) checkAdminActor() error {
 	kind, name := t.f.actorKind(t.c.Actor)
 	if kind != "admin" {
@@ -313,11 +419,21 @@ func (t *txn) checkAdminActor() error {
 		return err
 	}
 	r := FindAdmin(admins, name)
-	if r == nil || r.RevokedAt.IsZero() || slices.ContainsFunc(r.Certs, func(c AdminCert) bool { return c.NotAfter.After(t.c.Time) }) {
+	if r == nil || r.RevokedAt.IsZero() {
 		return nil
 	}
-	return refuse("%s by admin %s: the name %s (revoked at %s by %s)", t.c.Type, name, AdminRevokedMarker,
-		r.RevokedAt.Format(time.RFC3339), r.RevokedBy)
+	if t.c.Version >= 3 {
+		if r.Accepts(t.c.ActorSerial) {
+			return nil
+		}
+		return refuse("%s by admin %s: %s: certificate %s was not issued since the name was revoked at %s by %s", t.c.Type, name,
+			AdminRevokedMarker, t.c.ActorSerial, r.RevokedAt.Format(time.RFC3339), r.RevokedBy)
+	}
+	if slices.ContainsFunc(r.Certs, func(c AdminCert) bool { return c.NotAfter.After(t.c.Time) }) {
+		return nil
+	}
+	return refuse("%s by admin %s: %s: the name was revoked at %s by %s and holds no certificate issued since", t.c.Type, name,
+		AdminRevokedMarker, r.RevokedAt.Format(time.RFC3339), r.RevokedBy)
 }
 
 // Admins returns the admin table, ordered by name. An unreadable table is

@@ -3,6 +3,8 @@ package state
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -14,15 +16,44 @@ const (
 	rootID  = "local:uid=0@" + origin
 )
 
-// applyAs applies a command as a given actor, proposed by node-1.
+// testSerial is the certificate serial of the tests' admin commands that
+// name none: a certificate the admin table has no record of.
+const testSerial = "7e57"
+
+// testCommand encodes a command as a node of this version writes it: an
+// admin certificate's command carries the certificate's serial (serial,
+// or testSerial when "").
+func testCommand(t testing.TB, typ, actor, serial string, at time.Time, payload any) []byte {
+	t.Helper()
+	var cmd []byte
+	var err error
+	if strings.HasPrefix(actor, "spiffe://example.org/sigil/admin/") {
+		if serial == "" {
+			serial = testSerial
+		}
+		cmd, err = NewAdminCommand(typ, actor, serial, at, payload)
+	} else {
+		cmd, err = NewCommand(typ, actor, at, payload)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cmd
+}
+
+// applyAs applies a command as a given actor, proposed by node-1; an
+// admin acts with a certificate the table has no record of.
 func (a *applier) applyAs(actor, typ string, payload any) ([]byte, error) {
 	a.t.Helper()
-	cmd, err := NewCommand(typ, actor, t0, payload)
-	if err != nil {
-		a.t.Fatal(err)
-	}
+	return a.applyCert(actor, "", t0, typ, payload)
+}
+
+// applyCert applies a command of the admin certificate with this serial
+// at a time.
+func (a *applier) applyCert(actor, serial string, at time.Time, typ string, payload any) ([]byte, error) {
+	a.t.Helper()
 	a.index++
-	return a.fsm.Apply(a.index, origin, cmd)
+	return a.fsm.Apply(a.index, origin, testCommand(a.t, typ, actor, serial, at, payload))
 }
 
 func adminIssue(name, role, serial string) AdminIssue {
@@ -31,9 +62,9 @@ func adminIssue(name, role, serial string) AdminIssue {
 
 func TestAdminRolesAndRevocation(t *testing.T) {
 	a := newApplier(t)
-	must := func(actor, typ string, p any) AdminRecord {
+	mustCert := func(actor, serial, typ string, p any) AdminRecord {
 		t.Helper()
-		out, err := a.applyAs(actor, typ, p)
+		out, err := a.applyCert(actor, serial, t0, typ, p)
 		if err != nil {
 			t.Fatalf("%s by %s: %v", typ, actor, err)
 		}
@@ -43,6 +74,7 @@ func TestAdminRolesAndRevocation(t *testing.T) {
 		}
 		return r
 	}
+	must := func(actor, typ string, p any) AdminRecord { t.Helper(); return mustCert(actor, "", typ, p) }
 	refused := func(actor, typ string, p any, want string) {
 		t.Helper()
 		before, _ := a.fsm.Export()
@@ -69,9 +101,9 @@ func TestAdminRolesAndRevocation(t *testing.T) {
 	// An issuer may issue and revoke any name.
 	must(rootID, CmdAdminIssue, adminIssue("ivy", RoleAdminIssuer, "c1"))
 	ivy := "spiffe://example.org/sigil/admin/ivy"
-	must(ivy, CmdAdminIssue, adminIssue("bob", RoleAdminIssuer, "b1"))
+	mustCert(ivy, "c1", CmdAdminIssue, adminIssue("bob", RoleAdminIssuer, "b1"))
 	// An issuer renewing itself keeps its role.
-	if r := must(ivy, CmdAdminIssue, adminIssue("ivy", "", "c2")); r.Role != RoleAdminIssuer {
+	if r := mustCert(ivy, "c1", CmdAdminIssue, adminIssue("ivy", "", "c2")); r.Role != RoleAdminIssuer {
 		t.Fatalf("ivy renewed as %s", r.Role)
 	}
 	// Bad input.
@@ -90,7 +122,7 @@ func TestAdminRolesAndRevocation(t *testing.T) {
 	if err != nil || !ok || !rec.Accepts("a1") || !rec.Accepts("unrecorded") {
 		t.Fatalf("alice before revocation: %+v %v %v", rec, ok, err)
 	}
-	if r := must(ivy, CmdAdminRevoke, AdminRevoke{Name: "alice"}); !r.RevokedAt.Equal(t0) || r.RevokedBy != ivy || len(r.Certs) != 0 {
+	if r := mustCert(ivy, "c2", CmdAdminRevoke, AdminRevoke{Name: "alice"}); !r.RevokedAt.Equal(t0) || r.RevokedBy != ivy || len(r.Certs) != 0 {
 		t.Fatalf("revoked alice: %+v", r)
 	}
 	rec, _, _ = a.fsm.Admin("alice")
@@ -99,7 +131,9 @@ func TestAdminRolesAndRevocation(t *testing.T) {
 			t.Fatalf("revoked alice's certificate %s accepted", s)
 		}
 	}
-	refused(ivy, CmdAdminRevoke, AdminRevoke{Name: "alice"}, "already revoked")
+	if _, err := a.applyCert(ivy, "c2", t0, CmdAdminRevoke, AdminRevoke{Name: "alice"}); err == nil || !strings.Contains(err.Error(), "already revoked") {
+		t.Fatalf("alice revoked twice: %v", err)
+	}
 	must(rootID, CmdAdminIssue, adminIssue("alice", "", "a9"))
 	if rec, _, _ = a.fsm.Admin("alice"); !rec.Accepts("a9") || rec.Accepts("a1") {
 		t.Fatalf("alice re-issued: %+v", rec)
@@ -224,8 +258,18 @@ func TestRevokedAdminCommandsRefusedAtCommit(t *testing.T) {
 	if _, err := a.applyAs(rootID, CmdAdminIssue, adminIssue("alice", "", "a6")); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := a.applyAs(aliceID, CmdEntryCreate, entry("entry-0003", "spiffe://example.org/db", "unix:uid:3")); err != nil {
+	if _, err := a.applyCert(aliceID, "a6", t0, CmdEntryCreate, entry("entry-0003", "spiffe://example.org/db", "unix:uid:3")); err != nil {
 		t.Fatalf("re-issued alice: %v", err)
+	}
+	// The certificates of the name from before the revocation stay
+	// refused (finding: a lagging replica let the old one through, and the
+	// name's new certificate made its command pass at commit).
+	before, _ = a.fsm.Export()
+	if _, err := a.applyAs(aliceID, CmdEntryCreate, entry("entry-0004", "spiffe://example.org/old", "unix:uid:4")); err == nil || !strings.Contains(err.Error(), AdminRevokedMarker) {
+		t.Fatalf("alice's certificate from before the revocation, after her re-issue: %v", err)
+	}
+	if after, _ := a.fsm.Export(); !bytes.Equal(before, after) {
+		t.Fatal("a revoked certificate's command changed the state")
 	}
 }
 
@@ -259,4 +303,250 @@ func TestRestoreKeepsAdminRevocations(t *testing.T) {
 	if _, _, _, err := a.fsm.ReadArchive(bytes.NewReader(bad), t.TempDir()); err == nil || !strings.Contains(err.Error(), "admin table") {
 		t.Fatalf("archive with a forged admin role: %v", err)
 	}
+}
+
+// A role belongs to the certificate it was issued with, not to the name:
+// re-issuing a name with another role changes nothing for the name's
+// older certificates, and a certificate the table has no record of is a
+// plain admin.
+func TestAdminRoleByCertificate(t *testing.T) {
+	a := newApplier(t)
+	opsID := "spiffe://example.org/sigil/admin/ops"
+	for _, c := range []struct{ role, serial string }{{RoleAdmin, "c1"}, {RoleAdminIssuer, "c2"}} {
+		if _, err := a.applyAs(rootID, CmdAdminIssue, adminIssue("ops", c.role, c.serial)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	admins, _ := a.fsm.Admins()
+	for serial, want := range map[string]string{"c1": RoleAdmin, "c2": RoleAdminIssuer, "c9": RoleAdmin} {
+		if got := AdminCertRole(admins, "ops", serial); got != want {
+			t.Errorf("ops certificate %s: role %s, want %s", serial, got, want)
+		}
+	}
+	before, _ := a.fsm.Export()
+	for _, serial := range []string{"c1", "c9"} {
+		if _, err := a.applyCert(opsID, serial, t0, CmdAdminIssue, adminIssue("bob", RoleAdminIssuer, "b"+serial)); err == nil || !strings.Contains(err.Error(), "only for its own name") {
+			t.Fatalf("ops certificate %s issuing bob: %v", serial, err)
+		}
+		if _, err := a.applyCert(opsID, serial, t0, CmdAdminRevoke, AdminRevoke{Name: "carol"}); err == nil || !strings.Contains(err.Error(), "may revoke only its own name") {
+			t.Fatalf("ops certificate %s revoking carol: %v", serial, err)
+		}
+	}
+	if after, _ := a.fsm.Export(); !bytes.Equal(before, after) {
+		t.Fatal("refused commands changed the state")
+	}
+	if _, err := a.applyCert(opsID, "c2", t0, CmdAdminIssue, adminIssue("bob", RoleAdminIssuer, "b1")); err != nil {
+		t.Fatalf("ops issuer certificate issuing bob: %v", err)
+	}
+	// A plain certificate renews itself as a plain admin, also when it
+	// asks for no role (the name's last issuance was an issuer's).
+	if _, err := a.applyCert(opsID, "c1", t0, CmdAdminIssue, adminIssue("ops", RoleAdmin, "c3")); err != nil {
+		t.Fatalf("ops plain certificate renewing itself: %v", err)
+	}
+	if _, err := a.applyAs(rootID, CmdAdminIssue, adminIssue("ops", RoleAdminIssuer, "c4")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.applyCert(opsID, "c1", t0, CmdAdminIssue, adminIssue("ops", "", "c5")); err != nil {
+		t.Fatalf("ops plain certificate renewing itself without a role: %v", err)
+	}
+	admins, _ = a.fsm.Admins()
+	if got := AdminCertRole(admins, "ops", "c5"); got != RoleAdmin {
+		t.Fatalf("renewal of a plain certificate got role %s", got)
+	}
+	// An issuer certificate renewing itself without a role stays one.
+	if _, err := a.applyCert(opsID, "c4", t0, CmdAdminIssue, adminIssue("ops", "", "c6")); err != nil {
+		t.Fatal(err)
+	}
+	admins, _ = a.fsm.Admins()
+	if got := AdminCertRole(admins, "ops", "c6"); got != RoleAdminIssuer {
+		t.Fatalf("renewal of an issuer certificate got role %s", got)
+	}
+}
+
+// v2Command encodes a command as a version 2 node wrote it.
+func v2Command(t *testing.T, typ, actor, serial string, at time.Time, payload any) []byte {
+	t.Helper()
+	p, err := json.Marshal(payload)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := json.Marshal(Command{Version: 2, Type: typ, Actor: actor, ActorSerial: serial, Time: at, Payload: p})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// Raft logs written before version 3 replay exactly as they were applied:
+// roles by name, revocation by name, no forgetting; fields that version 2
+// nodes refused as unknown are refused in version 2 commands. Version 3
+// commands must name an admin's certificate, and only an admin's.
+func TestCommandVersions(t *testing.T) {
+	a := newApplier(t)
+	apply := func(cmd []byte) error {
+		a.index++
+		_, err := a.fsm.Apply(a.index, origin, cmd)
+		return err
+	}
+	v2 := func(actor, typ string, at time.Time, p any) error { return apply(v2Command(t, typ, actor, "", at, p)) }
+	opsID := "spiffe://example.org/sigil/admin/ops"
+	for _, c := range []struct{ role, serial string }{{RoleAdmin, "c1"}, {RoleAdminIssuer, "c2"}} {
+		if err := v2(rootID, CmdAdminIssue, t0, adminIssue("ops", c.role, c.serial)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Version 2: the name's role, whichever certificate.
+	if err := v2(opsID, CmdAdminIssue, t0, adminIssue("bob", RoleAdminIssuer, "b1")); err != nil {
+		t.Fatalf("version 2 issuance by the issuer name: %v", err)
+	}
+	// Version 2: a revoked name re-issued acts again, whichever certificate.
+	if err := v2(rootID, CmdAdminRevoke, t0, AdminRevoke{Name: "alice"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := v2(rootID, CmdAdminIssue, t0, adminIssue("alice", "", "a2")); err != nil {
+		t.Fatal(err)
+	}
+	if err := v2(aliceID, CmdEntryCreate, t0, entry("entry-0001", "spiffe://example.org/web", "unix:uid:1")); err != nil {
+		t.Fatalf("version 2 command of re-issued alice: %v", err)
+	}
+	// Version 2: nothing is forgotten, however old.
+	late := t0.Add(365 * 24 * time.Hour)
+	if err := v2(rootID, CmdAdminRevoke, late, AdminRevoke{Name: "carol"}); err != nil {
+		t.Fatal(err)
+	}
+	if admins, _ := a.fsm.Admins(); len(admins) != 4 {
+		t.Fatalf("version 2 command forgot admin records: %d left", len(admins))
+	}
+
+	before, _ := a.fsm.Export()
+	upsert := AgentUpsert{Agent: Agent{ID: "spiffe://example.org/sigil/agent/x", AttestationType: "join_token", SerialNumber: "a2"}, ExpectSerial: "a1"}
+	for name, cmd := range map[string][]byte{
+		"version 2 with actor_serial":    v2Command(t, CmdEntryDelete, aliceID, "a2", t0, EntryID{ID: "entry-0001"}),
+		"version 2 with expect_serial":   v2Command(t, CmdAgentUpsert, nodeActor, "", t0, upsert),
+		"version 3 admin without serial": must(NewCommand(CmdEntryDelete, aliceID, t0, EntryID{ID: "entry-0001"})),
+		"version 3 malformed serial":     must(NewAdminCommand(CmdEntryDelete, aliceID, "0a2", t0, EntryID{ID: "entry-0001"})),
+		"version 3 node with serial":     must(NewAdminCommand(CmdAgentUpsert, nodeActor, "a2", t0, upsert)),
+		"version 3 root with serial":     must(NewAdminCommand(CmdEntryDelete, rootID, "a2", t0, EntryID{ID: "entry-0001"})),
+	} {
+		if err := apply(cmd); !errors.Is(err, ErrRefused) {
+			t.Errorf("%s: %v, want a refusal", name, err)
+		}
+	}
+	if after, _ := a.fsm.Export(); !bytes.Equal(before, after) {
+		t.Fatal("refused commands changed the state")
+	}
+	// The same log under version 3: by certificate.
+	if _, err := a.applyCert(opsID, "c1", t0, CmdAdminIssue, adminIssue("dave", RoleAdmin, "d1")); err == nil {
+		t.Fatal("version 3: ops's plain certificate issued dave")
+	}
+	if _, err := a.applyCert(aliceID, "a1", t0, CmdEntryDelete, EntryID{ID: "entry-0001"}); err == nil || !strings.Contains(err.Error(), AdminRevokedMarker) {
+		t.Fatalf("version 3: alice's certificate from before her revocation: %v", err)
+	}
+	if _, err := a.applyCert(aliceID, "a2", t0, CmdEntryDelete, EntryID{ID: "entry-0001"}); err != nil {
+		t.Fatalf("version 3: alice's certificate issued since: %v", err)
+	}
+}
+
+func must(b []byte, err error) []byte {
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
+// Admin names were a lifetime cap (MaxAdmins records, never removed). A
+// record that decides nothing any more (no unexpired recorded
+// certificate, and a revocation, if any, older than every certificate it
+// revoked can be) is forgotten at the next admin change: thousands of
+// names over time fit, and a revocation still counts while it can matter.
+func TestAdminTableForgetsOldNames(t *testing.T) {
+	a := newApplier(t)
+	const names = 3 * MaxAdmins
+	step := 30 * time.Minute
+	at := t0
+	largest := 0
+	for i := range names {
+		at = t0.Add(time.Duration(i) * step)
+		name := fmt.Sprintf("admin-%04d", i)
+		p := AdminIssue{Name: name, Serial: fmt.Sprintf("%x", 0x1000+i), Node: origin, NotAfter: at.Add(time.Hour)}
+		if _, err := a.applyCert(rootID, "", at, CmdAdminIssue, p); err != nil {
+			t.Fatalf("name %d of %d: %v", i+1, names, err)
+		}
+		if i%2 == 0 { // every other name is revoked, the others expire
+			if _, err := a.applyCert(rootID, "", at, CmdAdminRevoke, AdminRevoke{Name: name}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		admins, _ := a.fsm.Admins()
+		largest = max(largest, len(admins))
+	}
+	wantMax := int(adminForgetAfter/(2*step)) + 4
+	t.Logf("%d names over %v: at most %d records at once (bound %d)", names, at.Sub(t0), largest, MaxAdmins)
+	if largest > wantMax {
+		t.Fatalf("%d records at once, want at most %d", largest, wantMax)
+	}
+	// A revocation younger than adminForgetAfter still refuses the name's
+	// older certificates, even unrecorded ones; the one before it is gone.
+	recent := fmt.Sprintf("admin-%04d", names-2)
+	id := "spiffe://example.org/sigil/admin/" + recent
+	if _, err := a.applyCert(id, "5eed", at, CmdEntryCreate, entry("entry-0001", "spiffe://example.org/web", "unix:uid:1")); err == nil || !strings.Contains(err.Error(), AdminRevokedMarker) {
+		t.Fatalf("certificate of %s, revoked %v ago: %v", recent, step, err)
+	}
+	if _, ok, _ := a.fsm.Admin(fmt.Sprintf("admin-%04d", 0)); ok {
+		t.Fatal("the first name's record was kept")
+	}
+	// Exactly at the boundary: kept until adminForgetAfter has passed.
+	b := newApplier(t)
+	if _, err := b.applyCert(rootID, "", t0, CmdAdminRevoke, AdminRevoke{Name: "zed"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.applyCert(rootID, "", t0.Add(adminForgetAfter-time.Second), CmdAdminRevoke, AdminRevoke{Name: "yan"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, _ := b.fsm.Admin("zed"); !ok {
+		t.Fatal("revocation forgotten before adminForgetAfter")
+	}
+	if _, err := b.applyCert(rootID, "", t0.Add(adminForgetAfter), CmdAdminRevoke, AdminRevoke{Name: "xia"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, _ := b.fsm.Admin("zed"); ok {
+		t.Fatal("revocation kept after adminForgetAfter")
+	}
+}
+
+// Two renewals of the same agent certificate at the same moment both
+// passed the node's check: the upsert now names the certificate it
+// replaces and the state machine swaps it only if it is still current.
+func TestAgentRenewExpectSerial(t *testing.T) {
+	a := newApplier(t)
+	agentID := "spiffe://example.org/sigil/agent/join_token/x"
+	up := func(serial, expect string) AgentUpsert {
+		return AgentUpsert{Agent: Agent{ID: agentID, AttestationType: "join_token", SerialNumber: serial, ExpiresAt: t0.Add(time.Hour)}, ExpectSerial: expect}
+	}
+	if _, err := a.apply(CmdAgentUpsert, t0, up("b1", "b0")); err == nil || !strings.Contains(err.Error(), "current certificate is none") {
+		t.Fatalf("renewal of an unknown agent: %v", err)
+	}
+	a.must(CmdAgentUpsert, up("b1", "")) // the join
+	a.must(CmdAgentUpsert, up("b2", "b1"))
+	before, _ := a.fsm.Export()
+	for _, c := range []struct{ serial, expect, want string }{
+		{"b3", "b1", "current certificate is b2"}, // the concurrent renewal of b1
+		{"b4", "XYZ", "expect_serial"},
+	} {
+		if _, err := a.apply(CmdAgentUpsert, t0, up(c.serial, c.expect)); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Fatalf("renewal of %s: %v, want a refusal with %q", c.expect, err, c.want)
+		}
+	}
+	if after, _ := a.fsm.Export(); !bytes.Equal(before, after) {
+		t.Fatal("a refused renewal changed the state")
+	}
+	if ag, _ := a.fsm.Agent(agentID); ag.SerialNumber != "b2" {
+		t.Fatalf("agent serial %s, want b2", ag.SerialNumber)
+	}
+	// The stored record does not keep the expected serial.
+	if bytes.Contains(before, []byte("expect_serial")) {
+		t.Fatal("expect_serial is stored")
+	}
+	// A join replaces any certificate.
+	a.must(CmdAgentUpsert, up("b5", ""))
 }

@@ -132,10 +132,7 @@ func (ca *atkCA) checkpoint(t testing.TB, node string, seq uint64, hash string) 
 // the applier's next index.
 func atkApplyAs(a *applier, origin, actor, typ string, at time.Time, payload any) ([]byte, error) {
 	a.t.Helper()
-	cmd, err := NewCommand(typ, actor, at, payload)
-	if err != nil {
-		a.t.Fatal(err)
-	}
+	cmd := testCommand(a.t, typ, actor, "", at, payload)
 	a.index++
 	return a.fsm.Apply(a.index, origin, cmd)
 }
@@ -368,7 +365,7 @@ func atkBuildScene(t *testing.T) *atkScene {
 	}
 	a.must(CmdAgentUpsert, &Agent{ID: atkAgentA, AttestationType: "tpm", Facts: map[string]string{"ek": "a"}})
 	a.must(CmdAgentUpsert, &Agent{ID: atkAgentB, AttestationType: "tpm", Facts: map[string]string{"ek": "b"}})
-	s.jwtKey = JWTKey{KID: "node-1-000000000001", Node: "node-1", PublicKey: atkPKIX(t), NotAfter: t0.Add(24 * time.Hour)}
+	s.jwtKey = JWTKey{KID: "node-1-000000000001", Node: "node-1", PublicKey: atkPKIX(t), NotAfter: t0.Add(24 * time.Hour), CA: atkNodeCADER(t, s.ca, "node-1")}
 	a.must(CmdJWTKeyAdd, &s.jwtKey)
 	s.tokA, s.tokB = atkTokenID("token-a"), atkTokenID("token-b")
 	a.must(CmdTokenCreate, TokenCreate{ID: s.tokA, ExpiresAt: t0.Add(time.Hour)})
@@ -777,7 +774,7 @@ func TestAttackForgedActor(t *testing.T) {
 	node1 := "spiffe://example.org/sigil/node/node-1"
 	node2 := "spiffe://example.org/sigil/node/node-2"
 	jwtFor := func(node string) *JWTKey {
-		return &JWTKey{KID: "forged-key-" + node, Node: node, PublicKey: atkPKIX(t), NotAfter: t0.Add(time.Hour)}
+		return &JWTKey{KID: "forged-key-" + node, Node: node, PublicKey: atkPKIX(t), NotAfter: t0.Add(time.Hour), CA: atkNodeCADER(t, ca, node)}
 	}
 	issue := AuditAppend{Events: []AuditEvent{{Action: "svid.x509.issue", Target: "spiffe://example.org/web",
 		Detail: map[string]string{"agent": atkAgentA, "serial": "abcd", "expires": t0.Add(time.Hour).Format(time.RFC3339), "node": "node-1"}}}}

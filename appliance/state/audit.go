@@ -400,6 +400,9 @@ func applyCheckpoint(t *txn, p *AuditCheckpoint) (any, []AuditEvent, error) {
 	if err := verifyCheckpoint(t.f.td.Name(), p, roots, t.c.Time); err != nil {
 		return nil, nil, refuse("checkpoint of record %d: %v", p.Seq, err)
 	}
+	if err := t.noteCheckpointCA(p.Node, p.Cert); err != nil { // crl.go
+		return nil, nil, err
+	}
 	if err := putU64(meta, keyCheckpoint, p.Seq); err != nil {
 		return nil, nil, err
 	}

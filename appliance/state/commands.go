@@ -94,6 +94,16 @@ type (
 	AuditPrune struct {
 		Before uint64 `json:"before"`
 	}
+	// AgentUpsert records an agent after a join or a renewal: the agent
+	// record's fields, and for a renewal (version 3) ExpectSerial, the
+	// serial of the certificate it replaces. The renewal is recorded only
+	// while the agent's record still holds that serial, so two renewals of
+	// one certificate cannot both succeed: the node checks the serial
+	// before it signs, and this compares and swaps it at commit.
+	AgentUpsert struct {
+		Agent
+		ExpectSerial string `json:"expect_serial,omitempty"`
+	}
 )
 
 // MaxEventsPerCommand bounds one audit or issuance command.
@@ -423,7 +433,12 @@ func validAgentID(td spiffeid.TrustDomain, s string) bool {
 	return err == nil && id.MemberOf(td) && strings.HasPrefix(id.Path(), "/sigil/agent/")
 }
 
-func applyAgentUpsert(t *txn, a *Agent) (any, []AuditEvent, error) {
+func applyAgentUpsert(t *txn, p *AgentUpsert) (any, []AuditEvent, error) {
+	a := &p.Agent
+	if p.ExpectSerial != "" && t.c.Version < 3 {
+		// Version 2 nodes refused the field as unknown: replay as then.
+		return nil, nil, refuse("%s payload: expect_serial is a field of version 3 commands, not of version %d", t.c.Type, t.c.Version)
+	}
 	if !validAgentID(t.f.td, a.ID) {
 		return nil, nil, refuse("agent id %q: want spiffe://%s/sigil/agent/...", truncate(a.ID, 128), t.f.td.Name())
 	}
@@ -432,6 +447,9 @@ func applyAgentUpsert(t *txn, a *Agent) (any, []AuditEvent, error) {
 	}
 	if len(a.Facts) > maxDetailKeys-2 || len(a.SerialNumber) > 64 {
 		return nil, nil, refuse("agent %s: at most %d facts and a 64-character serial", a.ID, maxDetailKeys-2)
+	}
+	if p.ExpectSerial != "" && !serialRE.MatchString(p.ExpectSerial) {
+		return nil, nil, refuse("agent %s: expect_serial %q: want lowercase hex", a.ID, truncate(p.ExpectSerial, 64))
 	}
 	for k, v := range a.Facts {
 		if len(k) > maxDetailKey || len(v) > maxDetailValue {
@@ -449,6 +467,14 @@ func applyAgentUpsert(t *txn, a *Agent) (any, []AuditEvent, error) {
 		a.JoinedAt = old.JoinedAt
 	} else {
 		a.JoinedAt = t.c.Time
+	}
+	if p.ExpectSerial != "" && (old == nil || old.SerialNumber != p.ExpectSerial) {
+		current := "none"
+		if old != nil && old.SerialNumber != "" {
+			current = old.SerialNumber
+		}
+		return nil, nil, refuse("agent %s: renewal of certificate %s refused: the agent's current certificate is %s (another renewal or a join was recorded first)",
+			a.ID, p.ExpectSerial, current)
 	}
 	a.Banned = false
 	a.UpdatedAt, a.Revision = t.c.Time, t.index

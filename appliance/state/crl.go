@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -68,6 +69,12 @@ const (
 	MaxRootCRLDER     = 128 << 10
 	// maxCACertDER bounds the issuing CA certificate a JWT key carries.
 	maxCACertDER = 8 << 10
+	// MaxNodeCAs bounds the node CA records (one per node name that ever
+	// showed its CA); the oldest record makes room for a new name.
+	MaxNodeCAs = 256
+	// maxNodeCAIssuer bounds a recorded CA's issuer name (a root's
+	// subject, DER).
+	maxNodeCAIssuer = 1024
 	// crlClockSkew tolerates a ceremony clock slightly ahead.
 	crlClockSkew = 10 * time.Minute
 )
@@ -81,10 +88,16 @@ var (
 	oidIssuingDistPoint  = asn1.ObjectIdentifier{2, 5, 29, 28}
 )
 
+// JWTKeyCAVersion is the first command version whose JWT keys must carry
+// the publishing node's issuing CA (see checkJWTKeyCA).
+const JWTKeyCAVersion = 3
+
 func init() {
 	register(CmdRootCRLAdd, byAdmin, applyRootCRLAdd)
-	// Snapshots and archives carry the stored CRLs (checked on load).
+	// Snapshots and archives carry the stored CRLs and the node CA records
+	// (both checked on load).
 	streamMetaKeys[string(keyRootCRLs)] = true
+	streamMetaKeys[string(keyNodeCAs)] = true
 }
 
 // revokedKey identifies a certificate by its issuer and serial, as a CRL
@@ -167,10 +180,14 @@ func (p *parsedRootCRL) addTo(set revokedSet) {
 	}
 }
 
+// readRootCRLs and readRoots read values that were checked when they were
+// written (or loaded): one that no longer decodes is a refusal of the
+// command that needs it, the same on every replica, never a reason to stop
+// the process (a non-refusal error in Apply stops every replica at once).
 func readRootCRLs(tx *bolt.Tx) ([]RootCRL, error) {
 	var out []RootCRL
 	if _, err := getJSON(tx.Bucket(bMeta), keyRootCRLs, &out); err != nil {
-		return nil, fmt.Errorf("root CRLs: %w", err)
+		return nil, refuse("stored root CRLs unreadable: %v", err)
 	}
 	return out, nil
 }
@@ -178,7 +195,7 @@ func readRootCRLs(tx *bolt.Tx) ([]RootCRL, error) {
 func readRoots(tx *bolt.Tx) ([][]byte, error) {
 	var roots [][]byte
 	if _, err := getJSON(tx.Bucket(bMeta), keyRoots, &roots); err != nil {
-		return nil, fmt.Errorf("roots: %w", err)
+		return nil, refuse("stored roots unreadable: %v", err)
 	}
 	return roots, nil
 }
@@ -215,20 +232,63 @@ func checkStoredRootCRLs(crls []RootCRL, roots [][]byte) (revokedSet, error) {
 	return set, nil
 }
 
-// revokedSet reads and parses the stored CRLs in a transaction: the
-// revoked set as this transaction sees it.
+// buildRevokedSet makes the revoked set from the stored CRL records: each
+// record's serials under its root's subject (verifyRootCRL made sure the
+// CRL's issuer is that subject). It parses no CRL: the records were checked
+// against their DER when stored or loaded, so a parser that grew stricter
+// since cannot drop a revocation. A record whose root is not among the
+// roots (which never happens: roots are set once) falls back to its DER;
+// one that does not parse either is skipped and reported in skipped.
+func buildRevokedSet(crls []RootCRL, roots [][]byte) (set revokedSet, skipped []string) {
+	subjects := map[string][]byte{}
+	for _, rd := range roots {
+		sum := sha256.Sum256(rd)
+		if root, err := x509.ParseCertificate(rd); err == nil {
+			subjects[hex.EncodeToString(sum[:])] = root.RawSubject
+		}
+	}
+	set = revokedSet{}
+	for i, c := range crls {
+		issuer, ok := subjects[c.Root]
+		if !ok {
+			crl, err := x509.ParseRevocationList(c.DER)
+			if err != nil {
+				skipped = append(skipped, fmt.Sprintf("root CRL %d (root %.16s): %v", i, c.Root, err))
+				continue
+			}
+			issuer = crl.RawIssuer
+		}
+		for _, s := range c.Revoked {
+			set[string(issuer)+"\x00"+s] = struct{}{}
+		}
+	}
+	return set, skipped
+}
+
+// revokedSet is the revoked set as this transaction sees it. It is a pure
+// function of the stored CRLs and roots, so the set the caches computed from
+// the same stored bytes (the usual case: nothing changed since the last
+// command) is reused rather than rebuilt for every command.
 func (t *txn) revokedSet() (revokedSet, error) {
+	meta := t.tx.Bucket(bMeta)
+	rawCRLs, rawRoots := meta.Get(keyRootCRLs), meta.Get(keyRoots)
+	if len(rawCRLs) == 0 {
+		return revokedSet{}, nil
+	}
+	if rc := t.f.rootCRLs.Load(); rc != nil && rc.set != nil && bytes.Equal(rc.rawCRLs, rawCRLs) && bytes.Equal(rc.rawRoots, rawRoots) {
+		return rc.set, nil
+	}
 	crls, err := readRootCRLs(t.tx)
 	if err != nil {
 		return nil, err
 	}
-	set := revokedSet{}
-	for i, c := range crls {
-		crl, err := x509.ParseRevocationList(c.DER)
-		if err != nil {
-			return nil, fmt.Errorf("stored root CRL %d: %w", i, err)
-		}
-		(&parsedRootCRL{crl: crl}).addTo(set)
+	roots, err := readRoots(t.tx)
+	if err != nil {
+		return nil, err
+	}
+	set, skipped := buildRevokedSet(crls, roots)
+	for _, s := range skipped {
+		t.f.log.Error("stored root CRL unreadable: its revocations are not in force", "crl", s)
 	}
 	return set, nil
 }
@@ -259,7 +319,7 @@ func applyRootCRLAdd(t *txn, p *RootCRLAdd) (any, []AuditEvent, error) {
 		old := stored[i]
 		oldNum, ok := new(big.Int).SetString(old.Number, 10)
 		if !ok {
-			return nil, nil, fmt.Errorf("stored root CRL number %q unreadable", old.Number)
+			return nil, nil, refuse("stored root CRL number %q unreadable", truncate(old.Number, 64))
 		}
 		if crl.Number.Cmp(oldNum) <= 0 {
 			return nil, nil, refuse("CRL number %s is not newer than the stored CRL number %s of this root: an older CRL cannot replace a newer one", crl.Number, old.Number)
@@ -311,21 +371,28 @@ func applyRootCRLAdd(t *txn, p *RootCRLAdd) (any, []AuditEvent, error) {
 
 // withdrawJWTKeys removes from the bundle every JWT key published by a
 // node whose issuing CA (the CA the key carries) is revoked: that node's
-// HSM may be in an attacker's hands, and so may its JWT keys.
+// HSM may be in an attacker's hands, and so may its JWT keys. A stored key
+// that no longer decodes, or whose CA no longer parses (both were checked
+// when it was published), is withdrawn too: nothing shows that its CA is
+// not the revoked one, and a refusal here would keep the CRL out.
 func (t *txn) withdrawJWTKeys(set revokedSet) ([]string, error) {
 	keys := t.tx.Bucket(bJWTKeys)
 	var kids []string
 	err := keys.ForEach(func(k, v []byte) error {
 		var j JWTKey
 		if err := decodeStrict(v, &j); err != nil {
-			return fmt.Errorf("jwt key %q: %w", k, err)
+			t.f.log.Error("stored JWT key unreadable: withdrawn with the revoked CAs' keys", "kid", truncate(string(k), 80), "err", err)
+			kids = append(kids, string(k))
+			return nil
 		}
 		if len(j.CA) == 0 {
 			return nil
 		}
 		ca, err := x509.ParseCertificate(j.CA)
 		if err != nil {
-			return fmt.Errorf("jwt key %q: CA: %w", k, err)
+			t.f.log.Error("stored JWT key's CA certificate unreadable: withdrawn with the revoked CAs' keys", "kid", j.KID, "err", err)
+			kids = append(kids, string(k))
+			return nil
 		}
 		if _, revoked := set[revokedKey(ca.RawIssuer, ca.SerialNumber)]; revoked {
 			kids = append(kids, string(k))
@@ -363,25 +430,62 @@ func checkJWTKeyCAForm(k *JWTKey) (*x509.Certificate, error) {
 }
 
 // checkJWTKeyCA checks, when a node publishes a JWT key, that the CA it
-// names is the node's, signed by a bundle root, and not revoked.
+// carries is the node's, signed by a bundle root, and not revoked.
+//
+// From command version 3 on (JWTKeyCAVersion), and for every key of a node
+// that has shown its CA before (so that a node cannot step back to a
+// version 2 command to escape), the CA is required: a key without one
+// could never be withdrawn by a CRL. It must then also be a valid chain to
+// a bundle root at the command's time, and the key may be published no
+// longer than the CA is valid. Version 2 commands without a CA (raft logs
+// written before) replay as they were applied. The CA is then recorded as
+// the node's (noteNodeCA), which checkOriginCA consults.
 func (t *txn) checkJWTKeyCA(k *JWTKey) error {
-	ca, err := checkJWTKeyCAForm(k)
-	if err != nil || ca == nil {
+	prev, err := t.nodeCA(t.origin)
+	if err != nil {
 		return err
+	}
+	strict := t.c.Version >= JWTKeyCAVersion || prev != nil
+	ca, err := checkJWTKeyCAForm(k)
+	if err != nil {
+		return err
+	}
+	if ca == nil {
+		if strict {
+			return refuse("JWT key %s carries no issuing CA certificate: node %s must publish its keys with its issuing CA, so that a root CRL revoking the CA withdraws them", k.KID, truncate(k.Node, 64))
+		}
+		return nil
 	}
 	roots, err := readRoots(t.tx)
 	if err != nil {
 		return err
 	}
-	signed := false
-	for _, rd := range roots {
-		if root, err := x509.ParseCertificate(rd); err == nil && ca.CheckSignatureFrom(root) == nil {
-			signed = true
-			break
+	if strict {
+		pool := x509.NewCertPool()
+		for _, rd := range roots {
+			if root, err := x509.ParseCertificate(rd); err == nil {
+				pool.AddCert(root)
+			}
 		}
-	}
-	if !signed {
-		return refuse("JWT key %s: node %s's CA certificate is not signed by a root of the trust bundle", k.KID, k.Node)
+		if _, err := ca.Verify(x509.VerifyOptions{Roots: pool, CurrentTime: t.c.Time, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+			return refuse("JWT key %s: node %s's CA certificate is not a valid chain to a root of the trust bundle at %s: %v",
+				k.KID, k.Node, t.c.Time.UTC().Format(time.RFC3339), err)
+		}
+		if k.NotAfter.After(ca.NotAfter) {
+			return refuse("JWT key %s: published until %s, after node %s's issuing CA expires (%s): the key may not outlive its CA",
+				k.KID, k.NotAfter.UTC().Format(time.RFC3339), k.Node, ca.NotAfter.UTC().Format(time.RFC3339))
+		}
+	} else {
+		signed := false
+		for _, rd := range roots {
+			if root, err := x509.ParseCertificate(rd); err == nil && ca.CheckSignatureFrom(root) == nil {
+				signed = true
+				break
+			}
+		}
+		if !signed {
+			return refuse("JWT key %s: node %s's CA certificate is not signed by a root of the trust bundle", k.KID, k.Node)
+		}
 	}
 	set, err := t.revokedSet()
 	if err != nil {
@@ -389,6 +493,9 @@ func (t *txn) checkJWTKeyCA(k *JWTKey) error {
 	}
 	if _, revoked := set[revokedKey(ca.RawIssuer, ca.SerialNumber)]; revoked {
 		return refuse("JWT key %s: node %s's issuing CA (serial %x) is revoked by the root's CRL", k.KID, k.Node, ca.SerialNumber)
+	}
+	if strict {
+		return t.noteNodeCA(k.Node, ca)
 	}
 	return nil
 }
@@ -462,11 +569,47 @@ func (t *txn) mergeRootCRLs(in []RootCRL) (int, error) {
 
 // rootCRLCache is the replica's view of the stored root CRLs, replaced
 // whenever the bundle changes. carried is what the side file held when
-// the state was opened.
+// the state was opened. rawCRLs and rawRoots are the stored values set was
+// built from (txn.revokedSet reuses it while they are unchanged); grown
+// tells watchers that the set gained a revocation.
 type rootCRLCache struct {
-	crls    []RootCRL
-	set     revokedSet
-	carried [][]byte
+	crls              []RootCRL
+	set               revokedSet
+	carried           [][]byte
+	rawCRLs, rawRoots []byte
+	grown             *crlNotifier
+}
+
+// crlNotifier closes its channel each time the revoked set gains an entry.
+type crlNotifier struct {
+	mu sync.Mutex
+	ch chan struct{}
+}
+
+func (n *crlNotifier) wait() <-chan struct{} {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.ch
+}
+
+func (n *crlNotifier) notify() {
+	n.mu.Lock()
+	close(n.ch)
+	n.ch = make(chan struct{})
+	n.mu.Unlock()
+}
+
+// RootCRLsGrown returns a channel closed when the replica's revoked set
+// next gains a certificate (a root CRL committed or restored). The node
+// then drops its raft connections (raft.Node.ResetConnections): their
+// peers were verified at the handshake, against the set before.
+func (f *FSM) RootCRLsGrown() <-chan struct{} {
+	if rc := f.rootCRLs.Load(); rc != nil {
+		return rc.grown.wait()
+	}
+	// Open loads the cache before it returns: not reached. A nil channel
+	// never fires (a closed one would spin the watcher).
+	return nil
 }
 
 // The state file is rebuilt from raft at every start, so until raft has
@@ -535,32 +678,51 @@ func (f *FSM) CarriedRootCRLs() [][]byte {
 // loadRootCRLs refreshes the cached CRLs and revoked set from the file.
 func (f *FSM) loadRootCRLs() error {
 	var crls []RootCRL
+	var roots [][]byte
+	var rawCRLs, rawRoots []byte
 	err := f.view(func(tx *bolt.Tx) error {
 		var err error
-		crls, err = readRootCRLs(tx)
-		return err
+		if crls, err = readRootCRLs(tx); err != nil {
+			return err
+		}
+		if roots, err = readRoots(tx); err != nil {
+			return err
+		}
+		meta := tx.Bucket(bMeta)
+		rawCRLs, rawRoots = bytes.Clone(meta.Get(keyRootCRLs)), bytes.Clone(meta.Get(keyRoots))
+		return nil
 	})
 	if err != nil {
 		return err
 	}
-	set := revokedSet{}
-	for i, c := range crls {
-		crl, err := x509.ParseRevocationList(c.DER)
-		if err != nil {
-			return fmt.Errorf("stored root CRL %d: %w", i, err)
-		}
-		(&parsedRootCRL{crl: crl}).addTo(set)
+	set, skipped := buildRevokedSet(crls, roots)
+	for _, s := range skipped {
+		f.log.Error("stored root CRL unreadable: its revocations are not in force", "crl", s)
 	}
 	prev := f.rootCRLs.Load()
-	next := &rootCRLCache{crls: crls, set: set}
+	next := &rootCRLCache{crls: crls, set: set, rawCRLs: rawCRLs, rawRoots: rawRoots}
 	if prev == nil {
 		next.carried = readCRLFile(f.rootCRLFile())
+		next.grown = &crlNotifier{ch: make(chan struct{})}
 	} else {
-		next.carried = prev.carried
+		next.carried, next.grown = prev.carried, prev.grown
 	}
 	f.saveCRLFile(crls, prev)
 	f.rootCRLs.Store(next)
+	if prev != nil && setGrew(prev.set, set) {
+		next.grown.notify()
+	}
 	return nil
+}
+
+// setGrew reports whether next holds a certificate that prev does not.
+func setGrew(prev, next revokedSet) bool {
+	for k := range next {
+		if _, ok := prev[k]; !ok {
+			return true
+		}
+	}
+	return false
 }
 
 // CARevoked reports whether a stored root CRL lists the certificate (by
@@ -610,4 +772,183 @@ func readRootCRLDER(tx *bolt.Tx) ([][]byte, error) {
 		out = append(out, c.DER)
 	}
 	return out, nil
+}
+
+// Node CAs: a root CRL names certificates, raft names nodes. To refuse the
+// commands of a node whose issuing CA is revoked, in log order and the same
+// on every replica, the state records for each node the issuing CA it last
+// showed: with a JWT key (version 3 and later, checked in checkJWTKeyCA)
+// or with an audit checkpoint it signed (proof that it holds the CA's key).
+// A node that has shown no CA yet is not covered here; the TLS handshake
+// (ca.Authority.Classify, with raft's connections dropped when the revoked
+// set grows) still refuses it.
+
+// keyNodeCAs holds the records in the meta bucket (JSON []NodeCA, sorted
+// by Node).
+var keyNodeCAs = []byte("node_cas")
+
+// NodeCA is the issuing CA a node last showed the state machine.
+type NodeCA struct {
+	Node string `json:"node"`
+	// Issuer and Serial name the CA certificate as a root CRL does: the
+	// issuer's name (DER) and the serial in hex.
+	Issuer []byte `json:"issuer"`
+	Serial string `json:"serial"`
+	// Index is the raft index of the command that showed it.
+	Index uint64 `json:"index"`
+}
+
+func readNodeCAs(tx *bolt.Tx) ([]NodeCA, error) {
+	var out []NodeCA
+	if _, err := getJSON(tx.Bucket(bMeta), keyNodeCAs, &out); err != nil {
+		return nil, refuse("stored node CA records unreadable: %v", err)
+	}
+	return out, nil
+}
+
+// checkNodeCAs checks the records' form (a snapshot or archive being loaded).
+func checkNodeCAs(recs []NodeCA) error {
+	if len(recs) > MaxNodeCAs {
+		return fmt.Errorf("node CA records: %d; at most %d", len(recs), MaxNodeCAs)
+	}
+	for i, r := range recs {
+		if r.Node == "" || len(r.Node) > 64 || i > 0 && recs[i-1].Node >= r.Node {
+			return fmt.Errorf("node CA record %d: node names not valid, unique and sorted", i)
+		}
+		if len(r.Issuer) == 0 || len(r.Issuer) > maxNodeCAIssuer || !serialRE.MatchString(r.Serial) {
+			return fmt.Errorf("node CA record %d (node %s): malformed issuer or serial", i, r.Node)
+		}
+	}
+	return nil
+}
+
+// nodeCA is the record of a node (nil: it has shown no CA).
+func (t *txn) nodeCA(node string) (*NodeCA, error) {
+	if node == "" {
+		return nil, nil
+	}
+	recs, err := readNodeCAs(t.tx)
+	if err != nil {
+		return nil, err
+	}
+	i, found := slices.BinarySearchFunc(recs, node, func(r NodeCA, n string) int { return strings.Compare(r.Node, n) })
+	if !found {
+		return nil, nil
+	}
+	return &recs[i], nil
+}
+
+// noteNodeCA records ca (checked by the caller: the node's, a chain to a
+// root, not revoked) as node's issuing CA. When the table is full the
+// record shown longest ago makes room.
+func (t *txn) noteNodeCA(node string, ca *x509.Certificate) error {
+	if len(ca.RawIssuer) > maxNodeCAIssuer {
+		return refuse("node %s's issuing CA has an issuer name of %d bytes; at most %d", truncate(node, 64), len(ca.RawIssuer), maxNodeCAIssuer)
+	}
+	recs, err := readNodeCAs(t.tx)
+	if err != nil {
+		return err
+	}
+	rec := NodeCA{Node: node, Issuer: ca.RawIssuer, Serial: ca.SerialNumber.Text(16), Index: t.index}
+	i, found := slices.BinarySearchFunc(recs, node, func(r NodeCA, n string) int { return strings.Compare(r.Node, n) })
+	switch {
+	case found && bytes.Equal(recs[i].Issuer, rec.Issuer) && recs[i].Serial == rec.Serial:
+		return nil // shown before: the record stays as it was
+	case found:
+		recs[i] = rec
+	default:
+		if len(recs) >= MaxNodeCAs {
+			oldest := 0
+			for j := range recs {
+				if recs[j].Index < recs[oldest].Index {
+					oldest = j
+				}
+			}
+			recs = slices.Delete(recs, oldest, oldest+1)
+			i, _ = slices.BinarySearchFunc(recs, node, func(r NodeCA, n string) int { return strings.Compare(r.Node, n) })
+		}
+		recs = slices.Insert(recs, i, rec)
+	}
+	return putJSON(t.tx.Bucket(bMeta), keyNodeCAs, recs)
+}
+
+// noteCheckpointCA records the issuing CA a verified checkpoint carries
+// (version 3 commands; the signature proved the node holds its key), and
+// refuses a checkpoint signed with a revoked CA. A certificate that is not
+// the node's own CA is not recorded.
+func (t *txn) noteCheckpointCA(node string, der []byte) error {
+	if t.c.Version < JWTKeyCAVersion {
+		return nil
+	}
+	ca, err := x509.ParseCertificate(der)
+	if err != nil {
+		return refuse("checkpoint certificate: %v", err)
+	}
+	set, err := t.revokedSet()
+	if err != nil {
+		return err
+	}
+	if _, revoked := set[revokedKey(ca.RawIssuer, ca.SerialNumber)]; revoked {
+		return refuse("checkpoint signed by node %s's issuing CA (serial %x), which the root's CRL revokes", truncate(node, 64), ca.SerialNumber)
+	}
+	if !ca.IsCA || ca.Subject.CommonName != node {
+		return nil
+	}
+	return t.noteNodeCA(node, ca)
+}
+
+// checkOriginCA refuses every command proposed by a node whose recorded
+// issuing CA (NodeCA) a stored root CRL revokes: such a node may be in an
+// attacker's hands, and the TLS handshake that would refuse it now may
+// have been made before the CRL. The check is in log order, so it cuts the
+// node off exactly at the CRL's index on every replica, whatever
+// connections it still has. Only a JWT key or a checkpoint showing another
+// CA of the node's (their handlers refuse a revoked one) gets through: a
+// node whose CA was rotated before the old one was revoked.
+func (t *txn) checkOriginCA() error {
+	if len(t.tx.Bucket(bMeta).Get(keyRootCRLs)) == 0 {
+		return nil // nothing is revoked
+	}
+	rec, err := t.nodeCA(t.origin)
+	if err != nil || rec == nil {
+		return err
+	}
+	set, err := t.revokedSet()
+	if err != nil {
+		return err
+	}
+	if _, revoked := set[string(rec.Issuer)+"\x00"+rec.Serial]; !revoked {
+		return nil
+	}
+	switch {
+	case t.c.Type == CmdJWTKeyAdd:
+		return nil // checkJWTKeyCA: the CA is required, and refused if revoked
+	case t.c.Type == CmdAuditCheckpoint && t.c.Version >= JWTKeyCAVersion:
+		return nil // noteCheckpointCA refuses a revoked CA
+	}
+	return refuse("%s by %s refused: node %s, which proposed it, has an issuing CA (serial %s, shown at index %d) that the root's CRL revokes; remove the node from the cluster",
+		t.c.Type, truncate(t.c.Actor, 128), t.origin, rec.Serial, rec.Index)
+}
+
+// NodeCARevoked returns the issuing CA recorded for node (ok: there is a
+// record) and whether a stored root CRL revokes it: a node checks whether
+// its commands are refused because of a CA it has since replaced.
+func (f *FSM) NodeCARevoked(node string) (rec NodeCA, revoked, ok bool) {
+	var recs []NodeCA
+	if err := f.view(func(tx *bolt.Tx) error {
+		var err error
+		recs, err = readNodeCAs(tx)
+		return err
+	}); err != nil {
+		return NodeCA{}, false, false
+	}
+	i, found := slices.BinarySearchFunc(recs, node, func(r NodeCA, n string) int { return strings.Compare(r.Node, n) })
+	if !found {
+		return NodeCA{}, false, false
+	}
+	rec = recs[i]
+	if rc := f.rootCRLs.Load(); rc != nil {
+		_, revoked = rc.set[string(rec.Issuer)+"\x00"+rec.Serial]
+	}
+	return rec, revoked, true
 }

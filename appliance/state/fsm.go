@@ -35,10 +35,19 @@ import (
 	bolt "go.etcd.io/bbolt"
 )
 
-// CommandVersion is the only command envelope version this code applies.
+// CommandVersion is the command envelope version this code writes.
 // Version 2: payloads have explicit JSON field names and commands are
-// checked against their raft origin.
-const CommandVersion = 2
+// checked against their raft origin. Version 3: an admin certificate's
+// command carries the certificate's serial (actor_serial), and the state
+// machine decides the admin's standing and role by that certificate, not
+// by its name; an agent renewal names the certificate it replaces. The
+// rules a version brings apply to its commands only: a log of version 2
+// commands replays exactly as it was first applied.
+const CommandVersion = 3
+
+// minCommandVersion is the oldest envelope version this code still
+// applies (raft logs and snapshots written before the last upgrade).
+const minCommandVersion = 2
 
 // MaxCommandSize bounds one command; a restore of a large state is the
 // biggest legitimate one.
@@ -46,20 +55,36 @@ const MaxCommandSize = 48 << 20
 
 // Command is the envelope of every replicated change.
 type Command struct {
-	Version int             `json:"v"`
-	Type    string          `json:"type"`
-	Actor   string          `json:"actor"` // SPIFFE ID of the admin, node or agent
-	Time    time.Time       `json:"time"`  // stamped by the proposer
-	Payload json.RawMessage `json:"payload"`
+	Version int    `json:"v"`
+	Type    string `json:"type"`
+	Actor   string `json:"actor"` // SPIFFE ID of the admin, node or agent
+	// ActorSerial is the serial (lowercase hex, no leading zeros) of the
+	// admin certificate that made the call; version 3, admins only.
+	ActorSerial string          `json:"actor_serial,omitempty"`
+	Time        time.Time       `json:"time"` // stamped by the proposer
+	Payload     json.RawMessage `json:"payload"`
 }
 
-// NewCommand builds an encoded command.
+// NewCommand builds an encoded command of a node, or of root on a node's
+// local socket. An admin certificate's command is NewAdminCommand.
 func NewCommand(typ, actor string, now time.Time, payload any) ([]byte, error) {
+	return newCommand(typ, actor, "", now, payload)
+}
+
+// NewAdminCommand builds an encoded command of the admin certificate with
+// this serial (hex): the state machine checks, at commit and in log
+// order, that this certificate may still act for the admin's name and
+// takes the admin's role from it.
+func NewAdminCommand(typ, actor, serial string, now time.Time, payload any) ([]byte, error) {
+	return newCommand(typ, actor, serial, now, payload)
+}
+
+func newCommand(typ, actor, serial string, now time.Time, payload any) ([]byte, error) {
 	p, err := json.Marshal(payload)
 	if err != nil {
 		return nil, err
 	}
-	return json.Marshal(Command{Version: CommandVersion, Type: typ, Actor: actor, Time: now.UTC(), Payload: p})
+	return json.Marshal(Command{Version: CommandVersion, Type: typ, Actor: actor, ActorSerial: serial, Time: now.UTC(), Payload: p})
 }
 
 // ErrRefused wraps every refusal of a command, with the reason.
@@ -283,8 +308,8 @@ func (f *FSM) apply(index uint64, origin string, cmd []byte) (any, *txn, error) 
 	if err := dec.Decode(&c); err != nil {
 		return nil, nil, refuse("malformed command: %v", err)
 	}
-	if c.Version != CommandVersion {
-		return nil, nil, refuse("command version %d; this node applies version %d (upgrade the node)", c.Version, CommandVersion)
+	if c.Version < minCommandVersion || c.Version > CommandVersion {
+		return nil, nil, refuse("command version %d; this node applies versions %d to %d (upgrade the node)", c.Version, minCommandVersion, CommandVersion)
 	}
 	reg, ok := handlers[c.Type]
 	if !ok {
@@ -294,6 +319,9 @@ func (f *FSM) apply(index uint64, origin string, cmd []byte) (any, *txn, error) 
 		return nil, nil, refuse("command %s has no actor or time", c.Type)
 	}
 	if err := f.authorize(reg.allow, &c, origin); err != nil {
+		return nil, nil, err
+	}
+	if err := f.checkActorSerial(&c); err != nil { // admins.go
 		return nil, nil, err
 	}
 	f.dbMu.RLock()
@@ -308,6 +336,12 @@ func (f *FSM) apply(index uint64, origin string, cmd []byte) (any, *txn, error) 
 		// bbolt does not keep FillPercent across transactions: the audit
 		// log only grows at its end, so its pages are filled completely.
 		tx.Bucket(bAudit).FillPercent = 1.0
+		if err := t.checkVersionFloor(); err != nil {
+			return err
+		}
+		if err := t.checkOriginCA(); err != nil { // crl.go
+			return err
+		}
 		if err := t.checkAdminActor(); err != nil { // admins.go
 			return err
 		}
@@ -332,6 +366,23 @@ func (f *FSM) apply(index uint64, origin string, cmd []byte) (any, *txn, error) 
 		return nil, nil, err
 	}
 	return resp, t, nil
+}
+
+// checkVersionFloor refuses an envelope older than one already committed.
+// Each version adds checks (version 3: the admin certificate's serial, a
+// JWT key's CA), and a member that could still write the older envelope
+// would skip them; every node writes the newest version it has, so once
+// one has committed, the cluster runs code that writes it.
+func (t *txn) checkVersionFloor() error {
+	meta := t.tx.Bucket(bMeta)
+	floor, v := getU64(meta, keyVersionFloor), uint64(t.c.Version)
+	switch {
+	case v < floor:
+		return refuse("command version %d is older than version %d, which this cluster has already committed", v, floor)
+	case v > floor:
+		return putU64(meta, keyVersionFloor, v)
+	}
+	return nil
 }
 
 // afterChange refreshes caches and wakes watchers.

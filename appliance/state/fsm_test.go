@@ -59,10 +59,7 @@ func actorFor(typ string) string {
 
 func (a *applier) apply(typ string, at time.Time, payload any) ([]byte, error) {
 	a.t.Helper()
-	cmd, err := NewCommand(typ, actorFor(typ), at, payload)
-	if err != nil {
-		a.t.Fatal(err)
-	}
+	cmd := testCommand(a.t, typ, actorFor(typ), "", at, payload)
 	a.index++
 	return a.fsm.Apply(a.index, origin, cmd)
 }
@@ -150,7 +147,7 @@ func TestEntriesAndRefusals(t *testing.T) {
 	for name, raw := range map[string]string{
 		"malformed":      `{"v":2,"type":`,
 		"old version":    `{"v":1,"type":"entry.delete","actor":"` + admin + `","time":"2026-01-01T00:00:00Z","payload":{"id":"entry-0001"}}`,
-		"future version": `{"v":3,"type":"entry.delete","actor":"` + admin + `","time":"2026-01-01T00:00:00Z","payload":{}}`,
+		"future version": `{"v":4,"type":"entry.delete","actor":"` + admin + `","time":"2026-01-01T00:00:00Z","payload":{}}`,
 		"no actor":       `{"v":2,"type":"entry.delete","time":"2026-01-01T00:00:00Z","payload":{"id":"entry-0001"}}`,
 		"unknown field":  `{"v":2,"type":"entry.delete","actor":"` + admin + `","time":"2026-01-01T00:00:00Z","payload":{"id":"entry-0001"},"sudo":true}`,
 	} {

@@ -8,10 +8,7 @@ import (
 // seeded returns an FSM with an entry and its audit record.
 func seeded(t testing.TB) *FSM {
 	f := newFSM(t)
-	cmd, err := NewCommand(CmdEntryCreate, admin, t0, entry("entry-0001", "spiffe://example.org/web", "unix:uid:1000"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	cmd := testCommand(t, CmdEntryCreate, admin, "", t0, entry("entry-0001", "spiffe://example.org/web", "unix:uid:1000"))
 	if _, err := f.Apply(1, origin, cmd); err != nil {
 		t.Fatal(err)
 	}
@@ -51,11 +48,7 @@ func FuzzApply(f *testing.F) {
 		{CmdEntryDelete, map[string]string{"id": "entry-0001"}},
 		{CmdAudit, AuditAppend{Events: []AuditEvent{{Action: "x.y", Detail: map[string]string{"reason": "r"}}}}},
 	} {
-		cmd, err := NewCommand(c.typ, admin, t0, c.payload)
-		if err != nil {
-			f.Fatal(err)
-		}
-		f.Add(cmd)
+		f.Add(testCommand(f, c.typ, admin, "", t0, c.payload))
 	}
 	f.Add([]byte(`{"type":"nope"}`))
 	f.Fuzz(func(t *testing.T, cmd []byte) {

@@ -57,7 +57,7 @@ var frameBuckets = map[byte][]byte{
 // audit head come from the header and the records.
 var streamMetaKeys = map[string]bool{
 	string(keyPolicy): true, string(keyRoots): true, string(keyBundleSequence): true, string(keyCheckpoint): true,
-	string(keyAdmins): true,
+	string(keyAdmins): true, string(keyVersionFloor): true,
 }
 
 // Stream bounds: a frame's key and value, and the header line.
@@ -455,6 +455,14 @@ func (l *loader) check(kind byte, k, v []byte) error {
 				return fmt.Errorf("root CRLs: %v", err)
 			}
 			if _, err := checkStoredRootCRLs(crls, nil); err != nil {
+				return err
+			}
+		case string(keyNodeCAs):
+			var recs []NodeCA
+			if err := decodeStrict(v, &recs); err != nil {
+				return fmt.Errorf("node CA records: %v", err)
+			}
+			if err := checkNodeCAs(recs); err != nil {
 				return err
 			}
 		default:

@@ -35,6 +35,7 @@ var (
 	keyBundleSequence = []byte("bundle_sequence")
 	keyAuditHead      = []byte("audit_head")
 	keyCheckpoint     = []byte("last_checkpoint")
+	keyVersionFloor   = []byte("command_version_floor")
 )
 
 var allBuckets = [][]byte{bMeta, bEntries, bAgents, bTokens, bJWTKeys, bRevoked, bSVIDs, bAudit,

@@ -3,10 +3,14 @@ package main_test
 import (
 	"context"
 	"fmt"
+	mrand "math/rand/v2"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -27,6 +31,41 @@ type proc struct {
 	cmd     *exec.Cmd
 	done    chan struct{}
 	api     string
+	// killed is set before the test kills or stops the process: any other
+	// exit is a failure.
+	killed atomic.Bool
+}
+
+// privateLoopback returns an address of 127.0.0.0/8 other than 127.0.0.1,
+// chosen at random, for this test's nodes alone. The nodes' ports are
+// picked before the sigild processes bind them and sit free while a killed
+// node restarts; other test processes of a parallel `go test ./...` pick
+// ports on 127.0.0.1 from the same range (clustertest), and one that takes
+// a node's port makes that node fail to start ("address already in use")
+// and the test time out waiting for three voters. A port on another
+// loopback address does not collide with theirs.
+func privateLoopback() string {
+	return fmt.Sprintf("127.%d.%d.%d", 1+mrand.IntN(254), mrand.IntN(256), 1+mrand.IntN(254))
+}
+
+// freePortOn picks a port free on host, below the kernel's ephemeral range
+// (as clustertest does: a port handed out by :0 can be taken as the source
+// port of an outgoing connection while its node is down).
+func freePortOn(t *testing.T, host string) string {
+	t.Helper()
+	low := 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		fmt.Sscan(string(b), &low)
+	}
+	for range 1000 {
+		addr := net.JoinHostPort(host, strconv.Itoa(10000+mrand.IntN(low-10000)))
+		if ln, err := net.Listen("tcp", addr); err == nil {
+			ln.Close()
+			return addr
+		}
+	}
+	t.Fatalf("no free port on %s", host)
+	return ""
 }
 
 // Three sigild processes built from this command, configured by files,
@@ -40,10 +79,24 @@ func TestSigildProcessesSurviveKill9(t *testing.T) {
 	ids := []string{"node-1", "node-2", "node-3"}
 	tr := clustertest.NewTrust(t, "kill", ids, nil)
 	c := &clustertest.Cluster{T: t, Trust: tr, Dir: t.TempDir()}
+	// The admin credential is issued before any sigild runs. SoftHSM keeps
+	// each token in files that a login rewrites, so a process that opens
+	// node-1's token while sigild node-1 starts can make that node miss it
+	// ("keystore: token not found", or "has no user PIN"): the bootstrap
+	// node exited, and the test timed out waiting for three voters.
+	ks := pkcs11.New(pkcs11.Options{})
+	admin := clustertest.ClientCert(t, tr.Authority(t, ks, "node-1"), "/sigil/admin/ops")
+	ks.Close()
+	certPath, keyPath := clustertest.WriteCredential(t, c.Dir, "ops", admin)
+
 	procs := map[string]*proc{}
 	var first string
+	host := privateLoopback()
 	for i, id := range ids {
 		cfg := c.Config(id)
+		cfg.Cluster.Bind = freePortOn(t, host)
+		cfg.API.Listen = freePortOn(t, host)
+		cfg.HTTP.Listen = freePortOn(t, host)
 		if i == 0 {
 			cfg.Cluster.Bootstrap, first = true, cfg.Cluster.Bind
 		} else {
@@ -62,32 +115,61 @@ func TestSigildProcessesSurviveKill9(t *testing.T) {
 			t.Fatal(err)
 		}
 		p.done = make(chan struct{})
-		go func() { p.cmd.Wait(); logf.Close(); close(p.done) }()
+		p.killed.Store(false)
+		go func() {
+			err := p.cmd.Wait()
+			logf.Close()
+			if !p.killed.Load() {
+				t.Errorf("sigild %s exited by itself (%v): see its log", id, err)
+			}
+			close(p.done)
+		}()
 	}
 	kill := func(id string) {
+		procs[id].killed.Store(true)
 		procs[id].cmd.Process.Kill()
 		<-procs[id].done
 	}
 	t.Cleanup(func() {
 		for _, p := range procs {
-			if p.cmd != nil && p.cmd.ProcessState == nil {
-				p.cmd.Process.Signal(syscall.SIGTERM)
-				select {
-				case <-p.done:
-				case <-time.After(10 * time.Second):
-					p.cmd.Process.Kill()
-				}
+			p.killed.Store(true)
+		}
+		for _, p := range procs {
+			if p.cmd == nil {
+				continue
 			}
+			select {
+			case <-p.done:
+				continue
+			default:
+			}
+			p.cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-p.done:
+			case <-time.After(10 * time.Second):
+				p.cmd.Process.Kill()
+				<-p.done
+			}
+		}
+	})
+	// A failure is explained by what the nodes logged: the temp dir goes
+	// with the test.
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		for _, id := range ids {
+			b, _ := os.ReadFile(filepath.Join(c.Dir, id+".log"))
+			if len(b) > 64<<10 {
+				b = b[len(b)-64<<10:]
+			}
+			t.Logf("%s log (last %d bytes):\n%s", id, len(b), b)
 		}
 	})
 	for _, id := range ids {
 		start(id)
 	}
 
-	ks := pkcs11.New(pkcs11.Options{})
-	admin := clustertest.ClientCert(t, tr.Authority(t, ks, "node-1"), "/sigil/admin/ops")
-	ks.Close()
-	certPath, keyPath := clustertest.WriteCredential(t, c.Dir, "ops", admin)
 	client := func(id string) *api.AdminClient {
 		conn, err := api.Dial(api.DialConfig{Addr: procs[id].api, CertFile: certPath, KeyFile: keyPath, RootFile: tr.RootPath})
 		if err != nil {
