@@ -606,3 +606,51 @@ func childOf(t testing.TB, pid int) int {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestAttackHugeSparseBinary: a local user runs a copy of a binary made 64
+// GiB long with truncate (sparse: no disk used) and connects; hashing it
+// for unix:sha256 would keep a core busy for every connection. The agent
+// hashes nothing over attestor.MaxHashedBinary: the caller is attested at
+// once, without a unix:sha256 selector, with the rest.
+func TestAttackHugeSparseBinary(t *testing.T) {
+	d := newCallerDir(t)
+	if err := os.Truncate(d.bin, 64<<30); err != nil {
+		t.Fatal(err)
+	}
+	sockDir, err := os.MkdirTemp(d.dir, "sock-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(sockDir, 0o755)
+	sock := filepath.Join(sockDir, "agent.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	if err := os.Chmod(sock, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	got := serve(t, l)
+	cmd := d.asUser()
+	cmd.Env = append(cmd.Env, helperEnv+"="+sock, "PATH=/usr/bin:/bin", "TMPDIR=/tmp")
+	startUntil(t, cmd, "connected")
+	caller := <-got
+	if caller == nil {
+		t.Fatal("no caller")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	start := time.Now()
+	sel, err := attestor.New("").Attest(ctx, caller)
+	if err != nil {
+		t.Fatalf("ATTACK SUCCEEDED: attesting a caller running a 64 GiB sparse binary: %v after %v", err, time.Since(start).Round(time.Millisecond))
+	}
+	t.Logf("attested in %v: %v", time.Since(start).Round(time.Millisecond), sel.List())
+	if s := hasPrefix(sel, "unix:sha256:"); len(s) != 0 {
+		t.Errorf("a binary over MaxHashedBinary was hashed: %v", s)
+	}
+	if s := hasPrefix(sel, "unix:uid:"); len(s) != 1 || s[0] != fmt.Sprintf("unix:uid:%d", attackUID) {
+		t.Errorf("uid selector %v, want unix:uid:%d", s, attackUID)
+	}
+}

@@ -60,6 +60,9 @@ type Attestor struct {
 
 	mu     sync.Mutex
 	hashes map[fileKey]string
+	// hashing bounds the binaries hashed at once: any local user can make
+	// the agent hash a new file per connection (touch changes the key).
+	hashing chan struct{}
 }
 
 type fileKey struct {
@@ -70,12 +73,21 @@ type fileKey struct {
 
 const maxHashCache = 4096
 
+// MaxHashedBinary is the largest executable hashed for unix:sha256. A
+// sparse file of any apparent size costs no disk, so without a bound one
+// caller could keep a core busy per connection; larger binaries get no
+// unix:sha256 selector (the others still hold).
+const MaxHashedBinary = 256 << 20
+
+// maxConcurrentHashes bounds the cores hashing can take.
+const maxConcurrentHashes = 2
+
 // New returns an attestor reading the given proc mount ("" means /proc).
 func New(proc string) *Attestor {
 	if proc == "" {
 		proc = "/proc"
 	}
-	return &Attestor{proc: proc, hashes: map[fileKey]string{}}
+	return &Attestor{proc: proc, hashes: map[fileKey]string{}, hashing: make(chan struct{}, maxConcurrentHashes)}
 }
 
 // ErrGone means the caller exited (or its pid now names another process)
@@ -142,7 +154,9 @@ func (a *Attestor) Attest(ctx context.Context, c *Caller) (Selectors, error) {
 	if err != nil {
 		return nil, fmt.Errorf("pid %d: binary hash: %w", pid, err)
 	}
-	add("unix", "sha256:"+sum)
+	if sum != "" {
+		add("unix", "sha256:"+sum)
+	}
 	cg, err := os.ReadFile(filepath.Join(dir, "cgroup"))
 	if err != nil {
 		return nil, fmt.Errorf("pid %d: cgroup: %w", pid, err)
@@ -169,7 +183,8 @@ func (a *Attestor) Attest(ctx context.Context, c *Caller) (Selectors, error) {
 }
 
 // binaryHash hashes the executable through /proc/PID/exe, which opens the
-// file the process runs even if its path was since replaced.
+// file the process runs even if its path was since replaced. It returns ""
+// for a binary larger than MaxHashedBinary.
 func (a *Attestor) binaryHash(ctx context.Context, exe string) (string, error) {
 	f, err := os.Open(exe)
 	if err != nil {
@@ -191,8 +206,18 @@ func (a *Attestor) binaryHash(ctx context.Context, exe string) (string, error) {
 	if ok {
 		return sum, nil
 	}
+	if sys.Size > MaxHashedBinary {
+		return "", nil
+	}
+	select {
+	case a.hashing <- struct{}{}:
+		defer func() { <-a.hashing }()
+	case <-ctx.Done():
+		return "", ctx.Err()
+	}
 	h := sha256.New()
-	if _, err := io.Copy(h, ctxReader{ctx, f}); err != nil {
+	// A running binary cannot be written (ETXTBSY); the bound holds anyway.
+	if _, err := io.Copy(h, io.LimitReader(ctxReader{ctx, f}, MaxHashedBinary)); err != nil {
 		return "", err
 	}
 	sum = hex.EncodeToString(h.Sum(nil))

@@ -392,13 +392,22 @@ func (c *Conn) Close() error {
 func (c *Conn) identify() error {
 	pid := c.cred.Pid
 	pidfd, pinned := -1, false
+	var peerErr error
 	if err := c.raw.Control(func(fd uintptr) {
-		if p, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, soPeerPIDFD); err == nil {
+		p, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, soPeerPIDFD)
+		if err == nil {
 			pidfd, pinned = p, true
 			unix.CloseOnExec(p)
 		}
+		peerErr = err
 	}); err != nil {
 		return err
+	}
+	// Only a kernel without SO_PEERPIDFD falls back to opening by pid. Any
+	// other error (the peer was already reaped) means its pid may now name
+	// another process: opening it would attest that one.
+	if peerErr != nil && !errors.Is(peerErr, unix.ENOPROTOOPT) {
+		return fmt.Errorf("SO_PEERPIDFD: %w (the caller is gone)", peerErr)
 	}
 	if pidfd < 0 {
 		var err error

@@ -148,8 +148,10 @@ func checkDir(c Config, path string, fd, euid int) error {
 	if st.Mode&0o002 != 0 && !sticky {
 		return fmt.Errorf("output %s: %s (owner uid %d, mode %o) is writable by everyone, who could swap what is below it", c.Dir, path, st.Uid, st.Mode&0o7777)
 	}
-	if st.Mode&0o020 != 0 && !sticky && st.Gid != 0 {
-		return fmt.Errorf("output %s: %s (owner uid %d, mode %o) is writable by group %d, whose members could swap what is below it", c.Dir, path, st.Uid, st.Mode&0o7777, st.Gid)
+	// Group root is no exception: with a POSIX ACL the group bits are the
+	// ACL's mask, so a set write bit may stand for any named user.
+	if st.Mode&0o020 != 0 && !sticky {
+		return fmt.Errorf("output %s: %s (owner uid %d, mode %o) is writable by group %d or, through an ACL, by other users, who could swap what is below it", c.Dir, path, st.Uid, st.Mode&0o7777, st.Gid)
 	}
 	return nil
 }

@@ -76,7 +76,7 @@ func TestOutputPathRules(t *testing.T) {
 		{"agent's own", func(t *testing.T, base string) { mkdir(t, base+"/d", 0o755, 0, 0) }, ""},
 		{"output uid owns", func(t *testing.T, base string) { mkdir(t, base+"/d", 0o700, 1001, 1001) }, ""},
 		{"sticky world-writable", func(t *testing.T, base string) { mkdir(t, base+"/d", 0o1777, 0, 0) }, ""},
-		{"root group writable", func(t *testing.T, base string) { mkdir(t, base+"/d", 0o775, 0, 0) }, ""},
+		{"root group writable (the bits may be an ACL mask)", func(t *testing.T, base string) { mkdir(t, base+"/d", 0o775, 0, 0) }, "writable by group 0"},
 		{"other uid owns", func(t *testing.T, base string) { mkdir(t, base+"/d", 0o755, 1002, 1002) }, "owned by uid 1002"},
 		{"world-writable", func(t *testing.T, base string) { mkdir(t, base+"/d", 0o777, 0, 0) }, "writable by everyone"},
 		{"group writable", func(t *testing.T, base string) { mkdir(t, base+"/d", 0o775, 0, 1002) }, "writable by group 1002"},

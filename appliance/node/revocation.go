@@ -85,12 +85,16 @@ func (n *Node) watchRootCRLs(ctx context.Context) {
 	tick := time.NewTicker(30 * time.Second)
 	defer tick.Stop()
 	var tried uint64 // the record last re-shown, so a refusal is not retried
+	// The next channel is taken before acting on the last one: a CRL that
+	// commits while this loop works wakes the next round instead of being
+	// missed.
+	grown := n.fsm.RootCRLsGrown()
 	for {
-		grown := n.fsm.RootCRLsGrown()
 		select {
 		case <-ctx.Done():
 			return
 		case <-grown:
+			grown = n.fsm.RootCRLsGrown()
 			closed := n.raft.ResetConnections(crlResetGrace)
 			n.log.Warn("root CRLs revoke more certificates: raft connections dropped, every peer is verified again at its next handshake; remove revoked nodes from the cluster",
 				"connections_closed", closed, "outbound_closed_after", crlResetGrace.String())
