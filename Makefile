@@ -15,7 +15,7 @@ FUZZTIME ?= 20s
 # Every parser of outside input, as package:FuzzTarget.
 FUZZ_TARGETS := \
 	./appliance/node:FuzzCheckCSR ./appliance/node:FuzzParseConfig \
-	./appliance/attest:FuzzCheckAK ./appliance/attest:FuzzVerifyEK ./appliance/attest:FuzzVerifyCertify ./appliance/attest:FuzzVerifyQuote \
+	./appliance/tpmverify:FuzzCheckAK ./appliance/tpmverify:FuzzVerifyEK ./appliance/tpmverify:FuzzVerifyCertify ./appliance/tpmverify:FuzzVerifyQuote \
 	./appliance/state:FuzzReadArchive ./appliance/state:FuzzApply \
 	./appliance/ceremony:FuzzParse ./appliance/pinshare:FuzzCombine \
 	./agent:FuzzParseConfig ./agent/workload:FuzzValidateJWTSVID ./agent/workload:FuzzFetchJWTSVID

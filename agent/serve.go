@@ -11,8 +11,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
-	"github.com/sigil-appliance/sigil/agent/attestor"
 	"github.com/sigil-appliance/sigil/agent/cache"
+	"github.com/sigil-appliance/sigil/agent/callerid"
 	"github.com/sigil-appliance/sigil/agent/output"
 	"github.com/sigil-appliance/sigil/agent/workload"
 )
@@ -43,7 +43,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	srv := workload.New(a.cache, attestor.New(""), workload.Options{
+	srv := workload.New(a.cache, callerid.New(""), workload.Options{
 		Log: a.log, Limits: a.cfg.WorkloadAPI.Limits,
 		AllowUnauthenticatedVerifiers: a.cfg.WorkloadAPI.AllowUnauthenticatedVerifiers,
 	})

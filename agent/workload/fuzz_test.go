@@ -22,8 +22,8 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/sigil-appliance/sigil/agent/attestor"
 	"github.com/sigil-appliance/sigil/agent/cache"
+	"github.com/sigil-appliance/sigil/agent/callerid"
 	"github.com/sigil-appliance/sigil/appliance/api"
 )
 
@@ -48,9 +48,9 @@ func fuzzServer(t testing.TB) (*Server, context.Context, *ecdsa.PrivateKey) {
 	b.AddJWTAuthority("kid-1", &k.PublicKey)
 	snap := &cache.Snapshot{Bundle: b, SVIDs: map[string]*cache.SVID{}, Entries: []api.Entry{{
 		ID: "e1", SPIFFEID: "spiffe://example.org/w", Selectors: []api.Selector{{Type: "unix", Value: "uid:1000"}}}}}
-	s := New(fixed{snap}, attestor.New(""), Options{Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	ctx := context.WithValue(context.Background(), callerKey{}, &call{caller: &attestor.Caller{UID: 1000},
-		sel: attestor.Selectors{"unix:uid:1000": {}}})
+	s := New(fixed{snap}, callerid.New(""), Options{Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	ctx := context.WithValue(context.Background(), callerKey{}, &call{caller: &callerid.Caller{UID: 1000},
+		sel: callerid.Selectors{"unix:uid:1000": {}}})
 	return s, ctx, k
 }
 

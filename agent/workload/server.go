@@ -1,6 +1,6 @@
 // Package workload serves the SPIFFE Workload API on the agent's Unix
 // socket. Every call is checked for the spec's security header, counted
-// against its caller's limits, and attested (agent/attestor) before the
+// against its caller's limits, and attested (agent/callerid) before the
 // cache's SVIDs and bundles are matched against the caller's selectors.
 // Callers see generic errors; the reasons go to the agent's log.
 package workload
@@ -31,8 +31,8 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/structpb"
 
-	"github.com/sigil-appliance/sigil/agent/attestor"
 	"github.com/sigil-appliance/sigil/agent/cache"
+	"github.com/sigil-appliance/sigil/agent/callerid"
 	"github.com/sigil-appliance/sigil/appliance/api"
 )
 
@@ -105,7 +105,7 @@ type Stats struct {
 type Server struct {
 	workload.UnimplementedSpiffeWorkloadAPIServer
 	src   Source
-	att   *attestor.Attestor
+	att   *callerid.Attestor
 	log   *slog.Logger
 	opts  Options
 	Stats Stats
@@ -118,7 +118,7 @@ type Server struct {
 }
 
 // New returns a Workload API server over src.
-func New(src Source, att *attestor.Attestor, opts Options) *Server {
+func New(src Source, att *callerid.Attestor, opts Options) *Server {
 	if opts.Log == nil {
 		opts.Log = slog.Default()
 	}
@@ -177,7 +177,7 @@ func Listen(path string, mode os.FileMode) (net.Listener, error) {
 // the attesting transport.
 func (s *Server) GRPCServer() *grpc.Server {
 	g := grpc.NewServer(
-		grpc.Creds(attestor.Credentials()),
+		grpc.Creds(callerid.Credentials()),
 		grpc.UnaryInterceptor(s.unary),
 		grpc.StreamInterceptor(s.stream),
 	)
@@ -193,7 +193,7 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 		<-ctx.Done()
 		g.Stop()
 	}()
-	al, err := attestor.Listen(l, attestor.ConnPolicy{Admit: s.admitConn, IdleTimeout: s.opts.Limits.IdleTimeout, Log: s.log})
+	al, err := callerid.Listen(l, callerid.ConnPolicy{Admit: s.admitConn, IdleTimeout: s.opts.Limits.IdleTimeout, Log: s.log})
 	if err != nil {
 		l.Close()
 		return err
@@ -208,8 +208,8 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 type callerKey struct{}
 
 type call struct {
-	caller *attestor.Caller
-	sel    attestor.Selectors
+	caller *callerid.Caller
+	sel    callerid.Selectors
 }
 
 // admit checks the header, the caller's limits and attests it. Every
@@ -221,7 +221,7 @@ func (s *Server) admit(ctx context.Context, method string, stream bool) (context
 		s.log.Warn("workload API call without the security header", "method", method)
 		return nil, nil, status.Error(codes.InvalidArgument, "security header missing from request")
 	}
-	c, ok := attestor.FromContext(ctx)
+	c, ok := callerid.FromContext(ctx)
 	if !ok {
 		return nil, nil, status.Error(codes.Internal, "caller credentials missing")
 	}

@@ -23,13 +23,13 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/sigil-appliance/sigil/appliance/api"
-	"github.com/sigil-appliance/sigil/appliance/attest"
 	"github.com/sigil-appliance/sigil/appliance/ca"
 	"github.com/sigil-appliance/sigil/appliance/state"
+	"github.com/sigil-appliance/sigil/appliance/tpmverify"
 	"github.com/sigil-appliance/sigil/raft"
 )
 
-// joinSvc admits agents: by TPM evidence (appliance/attest decides) or by
+// joinSvc admits agents: by TPM evidence (appliance/tpmverify decides) or by
 // a one-time join token, and renews their SVIDs. Every decision is logged;
 // admissions and refusals of a proven identity (renewal, a banned agent)
 // are audited one by one, anonymous refusals are counted and summarized
@@ -47,9 +47,9 @@ type joinSvc struct {
 }
 
 type challenge struct {
-	ek   *attest.EK
-	ak   *attest.AK
-	cred *attest.Credential
+	ek   *tpmverify.EK
+	ak   *tpmverify.AK
+	cred *tpmverify.Credential
 	pcrs map[uint][]byte
 
 	nonce, ekHash, source string // the table's keys
@@ -126,7 +126,7 @@ func (j *joinSvc) TPMHello(ctx context.Context, r *api.JoinTPMHello) (*api.JoinT
 	if ok, retry := j.refused.allow(src, now); !ok {
 		return nil, j.refuseAnon(ctx, "tpm", classRateLimited, "", codes.ResourceExhausted, refusedLimited(src, retry))
 	}
-	verify := func() (*attest.EK, state.JoinPolicy, error) {
+	verify := func() (*tpmverify.EK, state.JoinPolicy, error) {
 		pol := j.n.fsm.Policy()
 		var cas []*x509.Certificate
 		for _, c := range pol.EKCAs {
@@ -134,7 +134,7 @@ func (j *joinSvc) TPMHello(ctx context.Context, r *api.JoinTPMHello) (*api.JoinT
 				cas = append(cas, cert)
 			}
 		}
-		ek, err := attest.VerifyEK(r.EKPublic, r.EKCert, cas, pol.EKAllow)
+		ek, err := tpmverify.VerifyEK(r.EKPublic, r.EKCert, cas, pol.EKAllow)
 		return ek, pol, err
 	}
 	ek, pol, err := verify()
@@ -150,7 +150,7 @@ func (j *joinSvc) TPMHello(ctx context.Context, r *api.JoinTPMHello) (*api.JoinT
 	if err != nil {
 		return nil, j.refuseAnon(ctx, "tpm", classEKUntrusted, "", codes.PermissionDenied, err)
 	}
-	ak, err := attest.CheckAK(r.AKPublic)
+	ak, err := tpmverify.CheckAK(r.AKPublic)
 	if err != nil {
 		return nil, j.refuseAnon(ctx, "tpm", classAKInvalid, ek.Hash, codes.PermissionDenied, err)
 	}
@@ -160,7 +160,7 @@ func (j *joinSvc) TPMHello(ctx context.Context, r *api.JoinTPMHello) (*api.JoinT
 	if ok, retry := j.limit.allow(src, time.Now()); !ok {
 		return nil, j.refuseAnon(ctx, "tpm", classRateLimited, ek.Hash, codes.ResourceExhausted, rateLimited(src, retry))
 	}
-	cred, err := attest.MakeCredential(ek, ak)
+	cred, err := tpmverify.MakeCredential(ek, ak)
 	if err != nil {
 		return nil, j.refuseAnon(ctx, "tpm", classMalformed, ek.Hash, codes.InvalidArgument, err)
 	}
@@ -192,7 +192,7 @@ func (j *joinSvc) TPMProve(ctx context.Context, r *api.JoinTPMProof) (*api.Agent
 	if time.Now().After(ch.expires) {
 		return nil, j.refuseAnon(ctx, "tpm", classNonceExpired, ch.ek.Hash, codes.PermissionDenied, errors.New("challenge expired"))
 	}
-	agentKey, err := attest.VerifyCertify(ch.ak, attest.Certification{Attest: r.CertifyAttest, Signature: r.CertifySignature, Public: r.AgentKeyPublic}, r.Nonce)
+	agentKey, err := tpmverify.VerifyCertify(ch.ak, tpmverify.Certification{Attest: r.CertifyAttest, Signature: r.CertifySignature, Public: r.AgentKeyPublic}, r.Nonce)
 	if err != nil {
 		return nil, j.refuseAnon(ctx, "tpm", classCertifyMismatch, ch.ek.Hash, codes.PermissionDenied, err)
 	}
@@ -200,7 +200,7 @@ func (j *joinSvc) TPMProve(ctx context.Context, r *api.JoinTPMProof) (*api.Agent
 		return nil, j.refuseAnon(ctx, "tpm", classBadSecret, ch.ek.Hash, codes.PermissionDenied, err)
 	}
 	if ch.pcrs != nil {
-		if err := attest.VerifyQuote(ch.ak, r.QuoteAttest, r.QuoteSignature, r.Nonce, ch.pcrs); err != nil {
+		if err := tpmverify.VerifyQuote(ch.ak, r.QuoteAttest, r.QuoteSignature, r.Nonce, ch.pcrs); err != nil {
 			return nil, j.refuseAnon(ctx, "tpm", classQuotePolicy, ch.ek.Hash, codes.PermissionDenied, err)
 		}
 	}

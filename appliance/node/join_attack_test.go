@@ -25,8 +25,8 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/sigil-appliance/sigil/appliance/api"
-	"github.com/sigil-appliance/sigil/appliance/attest"
 	"github.com/sigil-appliance/sigil/appliance/clustertest"
+	"github.com/sigil-appliance/sigil/appliance/tpmverify"
 	"github.com/sigil-appliance/sigil/keystore"
 	"github.com/sigil-appliance/sigil/keystore/tpm"
 	testenv "github.com/sigil-appliance/sigil/softhsm-testenv"
@@ -89,7 +89,7 @@ func TestAttackJoinChallengeFlood(t *testing.T) {
 			}
 			cas = append(cas, certs...)
 		}
-		verified, err := attest.VerifyEK(ek.Public, ek.Cert, cas, nil)
+		verified, err := tpmverify.VerifyEK(ek.Public, ek.Cert, cas, nil)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -1,4 +1,4 @@
-package attest
+package tpmverify
 
 import (
 	"context"

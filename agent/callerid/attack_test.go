@@ -1,4 +1,4 @@
-package attestor_test
+package callerid_test
 
 import (
 	"bufio"
@@ -24,7 +24,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/sigil-appliance/sigil/agent/attestor"
+	"github.com/sigil-appliance/sigil/agent/callerid"
 )
 
 // attackUID is the unprivileged local user carrying out the attacks.
@@ -68,14 +68,14 @@ func newCallerDir(t testing.TB) *callerDir {
 // attest starts cmd (a caller: this test binary, however launched), waits
 // until it has connected to a fresh Workload API socket, and attests it as
 // the agent does.
-func (d *callerDir) attest(t testing.TB, cmd *exec.Cmd) attestor.Selectors {
+func (d *callerDir) attest(t testing.TB, cmd *exec.Cmd) callerid.Selectors {
 	t.Helper()
 	return d.attestWith(t, cmd, nil)
 }
 
 // attestWith is attest with connected run once the caller has connected
 // and before it is attested.
-func (d *callerDir) attestWith(t testing.TB, cmd *exec.Cmd, connected func(pid int)) attestor.Selectors {
+func (d *callerDir) attestWith(t testing.TB, cmd *exec.Cmd, connected func(pid int)) callerid.Selectors {
 	t.Helper()
 	sockDir, err := os.MkdirTemp(d.dir, "sock-")
 	if err != nil {
@@ -102,7 +102,7 @@ func (d *callerDir) attestWith(t testing.TB, cmd *exec.Cmd, connected func(pid i
 	if caller == nil || int(caller.PID) != cmd.Process.Pid {
 		t.Fatalf("caller %+v, started pid %d", caller, cmd.Process.Pid)
 	}
-	sel, err := attestor.New("").Attest(context.Background(), caller)
+	sel, err := callerid.New("").Attest(context.Background(), caller)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -259,7 +259,7 @@ func startIn(t testing.TB, cmd *exec.Cmd, dir string) *exec.Cmd {
 	return cmd
 }
 
-func hasPrefix(sel attestor.Selectors, prefix string) []string {
+func hasPrefix(sel callerid.Selectors, prefix string) []string {
 	var out []string
 	for _, s := range sel.List() {
 		if strings.HasPrefix(s, prefix) {
@@ -558,7 +558,7 @@ func TestAttackMountNamespacePath(t *testing.T) {
 func BenchmarkAttestSystemUnit(b *testing.B) {
 	d := newCallerDir(b)
 	unit := mkCgroup(b, filepath.Join(cgroupBase(b), "system.slice", "nginx.service"))
-	var c *attestor.Caller
+	var c *callerid.Caller
 	sock := filepath.Join(d.dir, "bench.sock")
 	l, err := net.Listen("unix", sock)
 	if err != nil {
@@ -577,7 +577,7 @@ func BenchmarkAttestSystemUnit(b *testing.B) {
 	defer func() { stdin.Close(); cmd.Process.Kill(); cmd.Wait() }()
 	bufio.NewReader(out).ReadString('\n')
 	c = <-got
-	a := attestor.New("")
+	a := callerid.New("")
 	b.ResetTimer()
 	for b.Loop() {
 		sel, err := a.Attest(context.Background(), c)
@@ -610,7 +610,7 @@ func childOf(t testing.TB, pid int) int {
 // TestAttackHugeSparseBinary: a local user runs a copy of a binary made 64
 // GiB long with truncate (sparse: no disk used) and connects; hashing it
 // for unix:sha256 would keep a core busy for every connection. The agent
-// hashes nothing over attestor.MaxHashedBinary: the caller is attested at
+// hashes nothing over callerid.MaxHashedBinary: the caller is attested at
 // once, without a unix:sha256 selector, with the rest.
 func TestAttackHugeSparseBinary(t *testing.T) {
 	d := newCallerDir(t)
@@ -642,7 +642,7 @@ func TestAttackHugeSparseBinary(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	start := time.Now()
-	sel, err := attestor.New("").Attest(ctx, caller)
+	sel, err := callerid.New("").Attest(ctx, caller)
 	if err != nil {
 		t.Fatalf("ATTACK SUCCEEDED: attesting a caller running a 64 GiB sparse binary: %v after %v", err, time.Since(start).Round(time.Millisecond))
 	}

@@ -1,10 +1,10 @@
-// Package attestor identifies the local process at the other end of a
+// Package callerid identifies the local process at the other end of a
 // Workload API connection. Who the caller is comes from the kernel (the
 // socket's peer credentials and a pidfd taken at connect time), never from
 // the request; what it is (binary, hash, groups, systemd unit, container)
 // is read from /proc while that pidfd proves the process is still the one
 // that connected.
-package attestor
+package callerid
 
 import (
 	"bufio"

@@ -1,4 +1,4 @@
-package attestor
+package callerid
 
 import (
 	"context"

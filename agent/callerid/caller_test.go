@@ -1,11 +1,11 @@
-package attestor_test
+package callerid_test
 
 import (
 	"net"
 	"path/filepath"
 	"testing"
 
-	"github.com/sigil-appliance/sigil/agent/attestor"
+	"github.com/sigil-appliance/sigil/agent/callerid"
 )
 
 // BenchmarkCallerVerify is what the Workload API adds to each request
@@ -42,5 +42,5 @@ func BenchmarkCallerVerify(b *testing.B) {
 			}
 		}
 	})
-	_ = attestor.ErrExecChanged
+	_ = callerid.ErrExecChanged
 }

@@ -1,11 +1,11 @@
-// Package attest is the appliance's TPM verifier: it decides whether
+// Package tpmverify is the appliance's TPM verifier: it decides whether
 // evidence from an agent proves a genuine TPM (EK certificate chained to a
 // trusted manufacturer CA, or an allowlisted EK), a well-formed attestation
 // key, an agent key resident in that same TPM (TPM2_Certify by that AK),
 // and, through credential activation, that the AK and the EK live in one
 // TPM. It parses TPM structures itself and trusts nothing the agent says
 // about them.
-package attest
+package tpmverify
 
 import (
 	"bytes"

@@ -1,4 +1,4 @@
-package attestor_test
+package callerid_test
 
 import (
 	"bufio"
@@ -17,7 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/sigil-appliance/sigil/agent/attestor"
+	"github.com/sigil-appliance/sigil/agent/callerid"
 )
 
 const (
@@ -91,19 +91,19 @@ func runAgent(sock string) int {
 		l.Close()
 	}()
 	os.Stdout.WriteString("listening\n")
-	a := attestor.New("")
+	a := callerid.New("")
 	for {
 		c, err := l.Accept()
 		if err != nil {
 			return 0
 		}
-		conn, info, err := attestor.Credentials().ServerHandshake(c)
+		conn, info, err := callerid.Credentials().ServerHandshake(c)
 		if err != nil {
 			fmt.Printf("ERR %v\n", err)
 			c.Close()
 			continue
 		}
-		sel, err := a.Attest(context.Background(), info.(*attestor.Caller))
+		sel, err := a.Attest(context.Background(), info.(*callerid.Caller))
 		if err != nil {
 			fmt.Printf("ERR %v\n", err)
 		} else {
@@ -141,32 +141,32 @@ func TestSystemdUnitAndContainer(t *testing.T) {
 		// Outside the agent's cgroup namespace: nothing is read.
 		{"0::/../../system.slice/nginx.service\n", "", ""},
 	} {
-		if u := attestor.SystemdUnit([]byte(c.cgroup)); u != c.unit {
+		if u := callerid.SystemdUnit([]byte(c.cgroup)); u != c.unit {
 			t.Errorf("%q: unit %q, want %q", c.cgroup, u, c.unit)
 		}
-		if got := attestor.ContainerID([]byte(c.cgroup)); got != c.container {
+		if got := callerid.ContainerID([]byte(c.cgroup)); got != c.container {
 			t.Errorf("%q: container %q, want %q", c.cgroup, got, c.container)
 		}
 	}
 }
 
 // serve accepts one connection and runs the attesting handshake on it.
-func serve(t testing.TB, l net.Listener) <-chan *attestor.Caller {
-	out := make(chan *attestor.Caller, 1)
+func serve(t testing.TB, l net.Listener) <-chan *callerid.Caller {
+	out := make(chan *callerid.Caller, 1)
 	go func() {
 		c, err := l.Accept()
 		if err != nil {
 			close(out)
 			return
 		}
-		conn, info, err := attestor.Credentials().ServerHandshake(c)
+		conn, info, err := callerid.Credentials().ServerHandshake(c)
 		if err != nil {
 			t.Error(err)
 			close(out)
 			return
 		}
 		t.Cleanup(func() { conn.Close() })
-		out <- info.(*attestor.Caller)
+		out <- info.(*callerid.Caller)
 	}()
 	return out
 }
@@ -205,7 +205,7 @@ func TestAttestCallerAndExit(t *testing.T) {
 	if (major > 6 || major == 6 && minor >= 5) && !caller.Pinned() {
 		t.Fatalf("kernel %d.%d has SO_PEERPIDFD but the pidfd was not taken from it", major, minor)
 	}
-	a := attestor.New("")
+	a := callerid.New("")
 	sel, err := a.Attest(context.Background(), caller)
 	if err != nil {
 		t.Fatal(err)
@@ -221,7 +221,7 @@ func TestAttestCallerAndExit(t *testing.T) {
 	}
 	stdin.Close()
 	cmd.Wait()
-	if _, err := a.Attest(context.Background(), caller); !errors.Is(err, attestor.ErrGone) {
+	if _, err := a.Attest(context.Background(), caller); !errors.Is(err, callerid.ErrGone) {
 		t.Fatalf("after the caller exited: %v", err)
 	}
 }
