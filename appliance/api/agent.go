@@ -54,73 +54,15 @@ type (
 
 // AgentServer is the service sigil-agent uses. Every method requires an
 // agent certificate of a known, unbanned agent.
+//
+//apigen:service
 type AgentServer interface {
 	SignX509SVIDs(context.Context, *X509SVIDBatch) (*X509SVIDBatchResult, error)
 	SignJWTSVID(context.Context, *JWTSVIDRequest) (*JWTSVIDResult, error)
+	// Sync streams the agent's view (SyncUpdate) after a revision: at once,
+	// then on every change that concerns the agent.
 	Sync(*SyncRequest, grpc.ServerStreamingServer[SyncUpdate]) error
 }
 
 // AgentService is the gRPC service name.
 const AgentService = "sigil.agent.v1.Agent"
-
-// RegisterAgent adds the agent service to a gRPC server.
-func RegisterAgent(s grpc.ServiceRegistrar, impl AgentServer) {
-	s.RegisterService(&grpc.ServiceDesc{
-		ServiceName: AgentService,
-		HandlerType: (*AgentServer)(nil),
-		Methods: []grpc.MethodDesc{
-			unary(AgentService, "SignX509SVIDs", AgentServer.SignX509SVIDs),
-			unary(AgentService, "SignJWTSVID", AgentServer.SignJWTSVID),
-		},
-		Streams: []grpc.StreamDesc{{
-			StreamName:    "Sync",
-			ServerStreams: true,
-			Handler: func(srv any, stream grpc.ServerStream) error {
-				req := new(SyncRequest)
-				if err := stream.RecvMsg(req); err != nil {
-					return err
-				}
-				return srv.(AgentServer).Sync(req, &grpc.GenericServerStream[SyncRequest, SyncUpdate]{ServerStream: stream})
-			},
-		}},
-	}, impl)
-}
-
-// AgentClient calls the agent service.
-type AgentClient struct{ cc grpc.ClientConnInterface }
-
-// NewAgentClient wraps a connection made with DialOptions.
-func NewAgentClient(cc grpc.ClientConnInterface) *AgentClient { return &AgentClient{cc: cc} }
-
-func agentCall[Req, Resp any](ctx context.Context, cc grpc.ClientConnInterface, name string, req *Req) (*Resp, error) {
-	resp := new(Resp)
-	if err := cc.Invoke(ctx, "/"+AgentService+"/"+name, req, resp, grpc.ForceCodec(Codec{})); err != nil {
-		return nil, err
-	}
-	return resp, nil
-}
-
-func (c *AgentClient) SignX509SVIDs(ctx context.Context, r *X509SVIDBatch) (*X509SVIDBatchResult, error) {
-	return agentCall[X509SVIDBatch, X509SVIDBatchResult](ctx, c.cc, "SignX509SVIDs", r)
-}
-
-func (c *AgentClient) SignJWTSVID(ctx context.Context, r *JWTSVIDRequest) (*JWTSVIDResult, error) {
-	return agentCall[JWTSVIDRequest, JWTSVIDResult](ctx, c.cc, "SignJWTSVID", r)
-}
-
-// Sync opens the update stream.
-func (c *AgentClient) Sync(ctx context.Context, r *SyncRequest) (grpc.ServerStreamingClient[SyncUpdate], error) {
-	desc := &grpc.StreamDesc{StreamName: "Sync", ServerStreams: true}
-	stream, err := c.cc.NewStream(ctx, desc, "/"+AgentService+"/Sync", grpc.ForceCodec(Codec{}))
-	if err != nil {
-		return nil, err
-	}
-	x := &grpc.GenericClientStream[SyncRequest, SyncUpdate]{ClientStream: stream}
-	if err := x.ClientStream.SendMsg(r); err != nil {
-		return nil, err
-	}
-	if err := x.ClientStream.CloseSend(); err != nil {
-		return nil, err
-	}
-	return x, nil
-}

@@ -1,12 +1,15 @@
 // Package api is the appliance's public interface: the admin service used
-// by sigilctl (and, in later issues, the agent service used by sigil-agent),
-// their request and response types, and typed clients.
+// by sigilctl, the agent and join services used by sigil-agent, their
+// request and response types, and typed clients.
 //
 // It is gRPC over mutual TLS with a JSON codec: the messages are plain Go
 // structs (types.go holds the data types, which the node converts from and
-// to its persisted state), so there is no code generator in the build.
-// Other programs reach the same service with any gRPC stack by using
-// content-subtype "json".
+// to its persisted state), so there is no .proto and no protoc. Each
+// service is defined once, as the Go interface its server implements
+// (AdminServer, AgentServer, JoinServer); go generate derives the
+// registration, the full method names and the client from it (the
+// *_gen.go files, written by internal/apigen). Other programs reach the
+// same services with any gRPC stack by using content-subtype "json".
 package api
 
 import (
@@ -177,6 +180,8 @@ type (
 
 // AdminServer is the admin service. Every method requires an admin peer;
 // the server authorizes before it is called.
+//
+//apigen:service
 type AdminServer interface {
 	EntryCreate(context.Context, *EntryRequest) (*Entry, error)
 	EntryUpdate(context.Context, *EntryRequest) (*Entry, error)
@@ -197,8 +202,17 @@ type AdminServer interface {
 	ClusterStatus(context.Context, *Empty) (*ClusterStatus, error)
 	ClusterJoin(context.Context, *JoinRequest) (*Empty, error)
 	ClusterRemove(context.Context, *IDRequest) (*Empty, error)
+	// SnapshotSave streams an archive of the state; the last chunk carries
+	// its metadata and SHA-256. The client assembles it (SnapshotSaveTo).
+	//apigen:wrap
 	SnapshotSave(*Empty, grpc.ServerStreamingServer[SnapshotChunk]) error
+	// SnapshotRestore takes an archive in chunks and answers with what it
+	// restored. The client sends from a reader (SnapshotRestoreFrom).
+	//apigen:wrap
 	SnapshotRestore(grpc.ClientStreamingServer[SnapshotChunk, SnapshotArchive]) error
+	// AuditExport streams the audit records after a sequence number in
+	// pages. The client hands each page to a function.
+	//apigen:wrap
 	AuditExport(*AuditRequest, grpc.ServerStreamingServer[AuditList]) error
 	AuditList(context.Context, *AuditRequest) (*AuditList, error)
 	AuditVerify(context.Context, *Empty) (*AuditVerify, error)
@@ -208,166 +222,11 @@ type AdminServer interface {
 	PCRPolicySet(context.Context, *PCRPolicyRequest) (*Empty, error)
 	AdminRevoke(context.Context, *AdminRevokeRequest) (*AdminRecord, error)
 	AdminList(context.Context, *Empty) (*AdminList, error)
+	// RootCRLAdd adds a CRL signed by a root of the trust bundle (the root
+	// ceremony's kind crl): the certificates it lists (node issuing CAs) are
+	// refused everywhere from then on.
 	RootCRLAdd(context.Context, *RootCRLRequest) (*RootCRLResult, error)
 }
 
 // AdminService is the gRPC service name.
 const AdminService = "sigil.admin.v1.Admin"
-
-func unary[S any, Req, Resp any](service, name string, call func(S, context.Context, *Req) (*Resp, error)) grpc.MethodDesc {
-	full := "/" + service + "/" + name
-	return grpc.MethodDesc{MethodName: name, Handler: func(srv any, ctx context.Context, dec func(any) error, ic grpc.UnaryServerInterceptor) (any, error) {
-		req := new(Req)
-		if err := dec(req); err != nil {
-			return nil, err
-		}
-		h := func(ctx context.Context, r any) (any, error) { return call(srv.(S), ctx, r.(*Req)) }
-		if ic == nil {
-			return h(ctx, req)
-		}
-		return ic(ctx, req, &grpc.UnaryServerInfo{Server: srv, FullMethod: full}, h)
-	}}
-}
-
-// RegisterAdmin adds the admin service to a gRPC server.
-func RegisterAdmin(s grpc.ServiceRegistrar, impl AdminServer) {
-	s.RegisterService(&grpc.ServiceDesc{
-		ServiceName: AdminService,
-		HandlerType: (*AdminServer)(nil),
-		Methods: []grpc.MethodDesc{
-			unary(AdminService, "EntryCreate", AdminServer.EntryCreate),
-			unary(AdminService, "EntryUpdate", AdminServer.EntryUpdate),
-			unary(AdminService, "EntryDelete", AdminServer.EntryDelete),
-			unary(AdminService, "EntryShow", AdminServer.EntryShow),
-			unary(AdminService, "EntryList", AdminServer.EntryList),
-			unary(AdminService, "AgentList", AdminServer.AgentList),
-			unary(AdminService, "AgentShow", AdminServer.AgentShow),
-			unary(AdminService, "AgentBan", AdminServer.AgentBan),
-			unary(AdminService, "AgentUnban", AdminServer.AgentUnban),
-			unary(AdminService, "EKCAAdd", AdminServer.EKCAAdd),
-			unary(AdminService, "EKCAList", AdminServer.EKCAList),
-			unary(AdminService, "EKCARemove", AdminServer.EKCARemove),
-			unary(AdminService, "EKAllowAdd", AdminServer.EKAllowAdd),
-			unary(AdminService, "EKAllowList", AdminServer.EKAllowList),
-			unary(AdminService, "EKAllowRemove", AdminServer.EKAllowRemove),
-			unary(AdminService, "TokenCreate", AdminServer.TokenCreate),
-			unary(AdminService, "ClusterStatus", AdminServer.ClusterStatus),
-			unary(AdminService, "ClusterJoin", AdminServer.ClusterJoin),
-			unary(AdminService, "ClusterRemove", AdminServer.ClusterRemove),
-			unary(AdminService, "AuditList", AdminServer.AuditList),
-			unary(AdminService, "AuditVerify", AdminServer.AuditVerify),
-			unary(AdminService, "BundleShow", AdminServer.BundleShow),
-			unary(AdminService, "AdminCertIssue", AdminServer.AdminCertIssue),
-			unary(AdminService, "SVIDRevoke", AdminServer.SVIDRevoke),
-			unary(AdminService, "PCRPolicySet", AdminServer.PCRPolicySet),
-			unary(AdminService, "AdminRevoke", AdminServer.AdminRevoke),
-			unary(AdminService, "AdminList", AdminServer.AdminList),
-			unary(AdminService, "RootCRLAdd", AdminServer.RootCRLAdd),
-		},
-		Streams: adminStreams,
-	}, impl)
-}
-
-// AdminClient calls the admin service.
-type AdminClient struct{ cc grpc.ClientConnInterface }
-
-// NewAdminClient wraps a connection made with DialOptions.
-func NewAdminClient(cc grpc.ClientConnInterface) *AdminClient { return &AdminClient{cc: cc} }
-
-func call[Req, Resp any](ctx context.Context, cc grpc.ClientConnInterface, name string, req *Req) (*Resp, error) {
-	resp := new(Resp)
-	if err := cc.Invoke(ctx, "/"+AdminService+"/"+name, req, resp, grpc.ForceCodec(Codec{})); err != nil {
-		return nil, err
-	}
-	return resp, nil
-}
-
-func (c *AdminClient) EntryCreate(ctx context.Context, r *EntryRequest) (*Entry, error) {
-	return call[EntryRequest, Entry](ctx, c.cc, "EntryCreate", r)
-}
-func (c *AdminClient) EntryUpdate(ctx context.Context, r *EntryRequest) (*Entry, error) {
-	return call[EntryRequest, Entry](ctx, c.cc, "EntryUpdate", r)
-}
-func (c *AdminClient) EntryDelete(ctx context.Context, r *IDRequest) (*Empty, error) {
-	return call[IDRequest, Empty](ctx, c.cc, "EntryDelete", r)
-}
-func (c *AdminClient) EntryShow(ctx context.Context, r *IDRequest) (*Entry, error) {
-	return call[IDRequest, Entry](ctx, c.cc, "EntryShow", r)
-}
-func (c *AdminClient) EntryList(ctx context.Context, r *EntryListRequest) (*EntryList, error) {
-	return call[EntryListRequest, EntryList](ctx, c.cc, "EntryList", r)
-}
-func (c *AdminClient) AgentList(ctx context.Context, r *Empty) (*AgentList, error) {
-	return call[Empty, AgentList](ctx, c.cc, "AgentList", r)
-}
-func (c *AdminClient) AgentShow(ctx context.Context, r *IDRequest) (*Agent, error) {
-	return call[IDRequest, Agent](ctx, c.cc, "AgentShow", r)
-}
-func (c *AdminClient) AgentBan(ctx context.Context, r *IDRequest) (*Empty, error) {
-	return call[IDRequest, Empty](ctx, c.cc, "AgentBan", r)
-}
-func (c *AdminClient) AgentUnban(ctx context.Context, r *IDRequest) (*Empty, error) {
-	return call[IDRequest, Empty](ctx, c.cc, "AgentUnban", r)
-}
-func (c *AdminClient) EKCAAdd(ctx context.Context, r *EKCARequest) (*EKCA, error) {
-	return call[EKCARequest, EKCA](ctx, c.cc, "EKCAAdd", r)
-}
-func (c *AdminClient) EKCAList(ctx context.Context, r *Empty) (*EKCAList, error) {
-	return call[Empty, EKCAList](ctx, c.cc, "EKCAList", r)
-}
-func (c *AdminClient) EKCARemove(ctx context.Context, r *IDRequest) (*Empty, error) {
-	return call[IDRequest, Empty](ctx, c.cc, "EKCARemove", r)
-}
-func (c *AdminClient) EKAllowAdd(ctx context.Context, r *HashRequest) (*Empty, error) {
-	return call[HashRequest, Empty](ctx, c.cc, "EKAllowAdd", r)
-}
-func (c *AdminClient) EKAllowList(ctx context.Context, r *Empty) (*HashList, error) {
-	return call[Empty, HashList](ctx, c.cc, "EKAllowList", r)
-}
-func (c *AdminClient) EKAllowRemove(ctx context.Context, r *HashRequest) (*Empty, error) {
-	return call[HashRequest, Empty](ctx, c.cc, "EKAllowRemove", r)
-}
-func (c *AdminClient) TokenCreate(ctx context.Context, r *TokenRequest) (*TokenResponse, error) {
-	return call[TokenRequest, TokenResponse](ctx, c.cc, "TokenCreate", r)
-}
-func (c *AdminClient) ClusterStatus(ctx context.Context, r *Empty) (*ClusterStatus, error) {
-	return call[Empty, ClusterStatus](ctx, c.cc, "ClusterStatus", r)
-}
-func (c *AdminClient) ClusterJoin(ctx context.Context, r *JoinRequest) (*Empty, error) {
-	return call[JoinRequest, Empty](ctx, c.cc, "ClusterJoin", r)
-}
-func (c *AdminClient) ClusterRemove(ctx context.Context, r *IDRequest) (*Empty, error) {
-	return call[IDRequest, Empty](ctx, c.cc, "ClusterRemove", r)
-}
-func (c *AdminClient) AuditList(ctx context.Context, r *AuditRequest) (*AuditList, error) {
-	return call[AuditRequest, AuditList](ctx, c.cc, "AuditList", r)
-}
-func (c *AdminClient) AuditVerify(ctx context.Context, r *Empty) (*AuditVerify, error) {
-	return call[Empty, AuditVerify](ctx, c.cc, "AuditVerify", r)
-}
-func (c *AdminClient) BundleShow(ctx context.Context, r *Empty) (*BundleResponse, error) {
-	return call[Empty, BundleResponse](ctx, c.cc, "BundleShow", r)
-}
-func (c *AdminClient) AdminCertIssue(ctx context.Context, r *AdminCertRequest) (*CertChain, error) {
-	return call[AdminCertRequest, CertChain](ctx, c.cc, "AdminCertIssue", r)
-}
-func (c *AdminClient) SVIDRevoke(ctx context.Context, r *RevokeRequest) (*Empty, error) {
-	return call[RevokeRequest, Empty](ctx, c.cc, "SVIDRevoke", r)
-}
-
-func (c *AdminClient) PCRPolicySet(ctx context.Context, r *PCRPolicyRequest) (*Empty, error) {
-	return call[PCRPolicyRequest, Empty](ctx, c.cc, "PCRPolicySet", r)
-}
-func (c *AdminClient) AdminRevoke(ctx context.Context, r *AdminRevokeRequest) (*AdminRecord, error) {
-	return call[AdminRevokeRequest, AdminRecord](ctx, c.cc, "AdminRevoke", r)
-}
-func (c *AdminClient) AdminList(ctx context.Context, r *Empty) (*AdminList, error) {
-	return call[Empty, AdminList](ctx, c.cc, "AdminList", r)
-}
-
-// RootCRLAdd adds a CRL signed by a root of the trust bundle (the root
-// ceremony's kind crl): the certificates it lists (node issuing CAs) are
-// refused everywhere from then on.
-func (c *AdminClient) RootCRLAdd(ctx context.Context, r *RootCRLRequest) (*RootCRLResult, error) {
-	return call[RootCRLRequest, RootCRLResult](ctx, c.cc, "RootCRLAdd", r)
-}

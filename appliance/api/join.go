@@ -3,8 +3,6 @@ package api
 import (
 	"context"
 	"time"
-
-	"google.golang.org/grpc"
 )
 
 // Join service messages. A TPM join is two calls on one connection (the
@@ -53,6 +51,8 @@ type (
 
 // JoinServer is the service agents use before (join) and with (renew)
 // their own SVID. Join methods accept callers without a certificate.
+//
+//apigen:service
 type JoinServer interface {
 	TPMHello(context.Context, *JoinTPMHello) (*JoinTPMChallenge, error)
 	TPMProve(context.Context, *JoinTPMProof) (*AgentSVID, error)
@@ -62,43 +62,3 @@ type JoinServer interface {
 
 // JoinService is the gRPC service name.
 const JoinService = "sigil.join.v1.Join"
-
-// RegisterJoin adds the join service to a gRPC server.
-func RegisterJoin(s grpc.ServiceRegistrar, impl JoinServer) {
-	s.RegisterService(&grpc.ServiceDesc{
-		ServiceName: JoinService,
-		HandlerType: (*JoinServer)(nil),
-		Methods: []grpc.MethodDesc{
-			unary(JoinService, "TPMHello", JoinServer.TPMHello),
-			unary(JoinService, "TPMProve", JoinServer.TPMProve),
-			unary(JoinService, "Token", JoinServer.Token),
-			unary(JoinService, "Renew", JoinServer.Renew),
-		},
-	}, impl)
-}
-
-// JoinClient calls the join service.
-type JoinClient struct{ cc grpc.ClientConnInterface }
-
-func NewJoinClient(cc grpc.ClientConnInterface) *JoinClient { return &JoinClient{cc: cc} }
-
-func joinCall[Req, Resp any](ctx context.Context, cc grpc.ClientConnInterface, name string, req *Req) (*Resp, error) {
-	resp := new(Resp)
-	if err := cc.Invoke(ctx, "/"+JoinService+"/"+name, req, resp, grpc.ForceCodec(Codec{})); err != nil {
-		return nil, err
-	}
-	return resp, nil
-}
-
-func (c *JoinClient) TPMHello(ctx context.Context, r *JoinTPMHello) (*JoinTPMChallenge, error) {
-	return joinCall[JoinTPMHello, JoinTPMChallenge](ctx, c.cc, "TPMHello", r)
-}
-func (c *JoinClient) TPMProve(ctx context.Context, r *JoinTPMProof) (*AgentSVID, error) {
-	return joinCall[JoinTPMProof, AgentSVID](ctx, c.cc, "TPMProve", r)
-}
-func (c *JoinClient) Token(ctx context.Context, r *JoinTokenRequest) (*AgentSVID, error) {
-	return joinCall[JoinTokenRequest, AgentSVID](ctx, c.cc, "Token", r)
-}
-func (c *JoinClient) Renew(ctx context.Context, r *RenewRequest) (*AgentSVID, error) {
-	return joinCall[RenewRequest, AgentSVID](ctx, c.cc, "Renew", r)
-}

@@ -5,8 +5,6 @@ import (
 	"context"
 	"errors"
 	"io"
-
-	"google.golang.org/grpc"
 )
 
 // SnapshotChunk is one piece of an archive stream. The last chunk of a
@@ -21,56 +19,13 @@ type SnapshotChunk struct {
 // large state stream in pieces well under the message limit.
 const SnapshotChunkSize = 512 << 10
 
-var adminStreams = []grpc.StreamDesc{
-	{
-		StreamName:    "SnapshotSave",
-		ServerStreams: true,
-		Handler: func(srv any, stream grpc.ServerStream) error {
-			req := new(Empty)
-			if err := stream.RecvMsg(req); err != nil {
-				return err
-			}
-			return srv.(AdminServer).SnapshotSave(req, &grpc.GenericServerStream[Empty, SnapshotChunk]{ServerStream: stream})
-		},
-	},
-	{
-		StreamName:    "SnapshotRestore",
-		ClientStreams: true,
-		Handler: func(srv any, stream grpc.ServerStream) error {
-			return srv.(AdminServer).SnapshotRestore(&grpc.GenericServerStream[SnapshotChunk, SnapshotArchive]{ServerStream: stream})
-		},
-	},
-	{
-		StreamName:    "AuditExport",
-		ServerStreams: true,
-		Handler: func(srv any, stream grpc.ServerStream) error {
-			req := new(AuditRequest)
-			if err := stream.RecvMsg(req); err != nil {
-				return err
-			}
-			return srv.(AdminServer).AuditExport(req, &grpc.GenericServerStream[AuditRequest, AuditList]{ServerStream: stream})
-		},
-	},
-}
-
-func (c *AdminClient) stream(ctx context.Context, name string, server, client bool) (grpc.ClientStream, error) {
-	desc := &grpc.StreamDesc{StreamName: name, ServerStreams: server, ClientStreams: client}
-	return c.cc.NewStream(ctx, desc, "/"+AdminService+"/"+name, grpc.ForceCodec(Codec{}))
-}
-
 // SnapshotSaveTo streams an archive of the state into w and returns its
 // metadata and SHA-256.
 func (c *AdminClient) SnapshotSaveTo(ctx context.Context, w io.Writer) (*SnapshotArchive, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	cs, err := c.stream(ctx, "SnapshotSave", true, false)
+	cs, err := c.snapshotSaveStream(ctx, &Empty{})
 	if err != nil {
-		return nil, err
-	}
-	if err := cs.SendMsg(&Empty{}); err != nil {
-		return nil, err
-	}
-	if err := cs.CloseSend(); err != nil {
 		return nil, err
 	}
 	out := &SnapshotArchive{}
@@ -113,7 +68,7 @@ func (c *AdminClient) SnapshotSave(ctx context.Context, _ *Empty) (*SnapshotArch
 func (c *AdminClient) SnapshotRestoreFrom(ctx context.Context, r io.Reader) (*SnapshotArchive, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	cs, err := c.stream(ctx, "SnapshotRestore", false, true)
+	cs, err := c.snapshotRestoreStream(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -155,14 +110,8 @@ func (c *AdminClient) SnapshotRestore(ctx context.Context, r *SnapshotArchive) (
 func (c *AdminClient) AuditExport(ctx context.Context, r *AuditRequest, fn func(*AuditList) error) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	cs, err := c.stream(ctx, "AuditExport", true, false)
+	cs, err := c.auditExportStream(ctx, r)
 	if err != nil {
-		return err
-	}
-	if err := cs.SendMsg(r); err != nil {
-		return err
-	}
-	if err := cs.CloseSend(); err != nil {
 		return err
 	}
 	for {
