@@ -245,3 +245,46 @@ http {
 		t.Fatal("nginx's log does not show the SIGHUP")
 	}
 }
+
+// The notify fields as an operator writes them, through the agent's
+// strict config parser and validation.
+func TestOutputNotifyConfig(t *testing.T) {
+	head := "servers: [a:1]\nroot-cert: /etc/sigil/root.pem\ndata-dir: /var/lib/sigil-agent\ntpm: /dev/tpmrm0\n" +
+		"outputs:\n  - dir: /run/sigil/out/a\n    selectors: [\"unix:uid:33\"]\n    uid: 33\n    gid: 33\n    notify:\n"
+	c, err := agent.ParseConfig([]byte(head + "      signal: SIGHUP\n      pid-file: /run/nginx.pid\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if n := c.Outputs[0].Notify; n == nil || n.Signal != "SIGHUP" || n.PIDFile != "/run/nginx.pid" {
+		t.Fatalf("notify: %+v", n)
+	}
+	c, err = agent.ParseConfig([]byte(head + "      command: [/usr/sbin/nginx, -s, reload]\n      timeout: 20s\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if n := c.Outputs[0].Notify; len(n.Command) != 3 || n.Timeout != 20*time.Second {
+		t.Fatalf("notify: %+v", n)
+	}
+	for name, body := range map[string]string{
+		"unknown field":     "      signal: SIGHUP\n      pid-file: /run/nginx.pid\n      pidfile: /x\n",
+		"bare seconds":      "      command: [/bin/true]\n      timeout: 20\n",
+		"unknown signal":    "      signal: SIGBOGUS\n      pid-file: /run/nginx.pid\n",
+		"relative pid file": "      signal: SIGHUP\n      pid-file: nginx.pid\n",
+		"relative command":  "      command: [nginx, -s, reload]\n",
+		"timeout too long":  "      command: [/bin/true]\n      timeout: 1h\n",
+	} {
+		c, err := agent.ParseConfig([]byte(head + body))
+		if err == nil {
+			err = c.Validate()
+		}
+		if err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}

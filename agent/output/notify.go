@@ -257,7 +257,9 @@ func runCommand(ctx context.Context, c Config) error {
 	out := &limitedBuffer{max: maxCommandOutput}
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if os.Geteuid() != c.UID || os.Getegid() != c.GID {
+	// A root agent always sets them (dropping its own supplementary
+	// groups); any other can only run a command as itself.
+	if os.Geteuid() == 0 || os.Geteuid() != c.UID || os.Getegid() != c.GID {
 		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: uint32(c.UID), Gid: uint32(c.GID), Groups: []uint32{}}
 	}
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }

@@ -5,7 +5,9 @@
 // the SVID rotates or the bundle changes. The path is walked without
 // following symlinks and every directory on it must be beyond the reach of
 // other workloads (see openOutputDir), so no workload can redirect the
-// agent's writes into another's output.
+// agent's writes into another's output. After the files changed, an
+// output may tell its workload (notify.go): a signal to the process in a
+// pid file, or a command run as the workload's user.
 package output
 
 import (
