@@ -206,6 +206,10 @@ func TestNotifySignalRules(t *testing.T) {
 	mkdir(t, rdir, 0o755, 0, 0)
 	other := filepath.Join(base, "o")
 	mkdir(t, other, 0o755, 1002, 1002)
+	// The workload's directory: whatever is in it, even a root-owned
+	// file (a hard link to another daemon's pid file), is the workload's.
+	wdir := filepath.Join(base, "w")
+	mkdir(t, wdir, 0o755, 1001, 1001)
 	real := filepath.Join(rdir, "real.pid")
 	for _, tc := range []struct {
 		name   string
@@ -226,6 +230,12 @@ func TestNotifySignalRules(t *testing.T) {
 		{"output's file in root's dir, root's process", 0, func(t *testing.T, pid int) {
 			writePIDFile(t, filepath.Join(rdir, "app.pid"), pid, 1001, 0o644)
 		}, "", "not signalled"},
+		{"root's file in the output's dir, root's process", 0, func(t *testing.T, pid int) {
+			writePIDFile(t, filepath.Join(wdir, "app.pid"), pid, 0, 0o644)
+		}, filepath.Join(wdir, "app.pid"), "not signalled"},
+		{"root's file in the output's dir, the output's process", 1001, func(t *testing.T, pid int) {
+			writePIDFile(t, filepath.Join(wdir, "app.pid"), pid, 0, 0o644)
+		}, filepath.Join(wdir, "app.pid"), ""},
 		{"group-writable file", 0, func(t *testing.T, pid int) {
 			writePIDFile(t, filepath.Join(rdir, "app.pid"), pid, 0, 0o664)
 		}, "", "writable by group or others"},
@@ -248,6 +258,7 @@ func TestNotifySignalRules(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			os.Remove(filepath.Join(rdir, "app.pid"))
+			os.Remove(filepath.Join(wdir, "app.pid"))
 			os.Remove(real)
 			v := startVictim(t, tc.victim)
 			tc.setup(t, v.pid)
