@@ -138,6 +138,7 @@ type Agent struct {
 	revoked chan struct{}
 
 	joins, renewals atomic.Int64
+	outputStats     output.Stats
 }
 
 // Joins and Renewals count what the agent did, for tests and metrics.

@@ -65,7 +65,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 	run(func() { a.Run(ctx) })
 	run(func() { a.cache.Run(ctx) })
 	for _, o := range a.cfg.Outputs {
-		run(func() { output.Run(ctx, a.cache, o, a.log) })
+		run(func() { output.Run(ctx, a.cache, o, a.log, &a.outputStats) })
 	}
 	if hl != nil {
 		hs := &http.Server{Handler: a.healthHandler(srv), ReadHeaderTimeout: 5 * time.Second}
@@ -102,6 +102,8 @@ func (a *Agent) healthHandler(srv *workload.Server) http.Handler {
 	counter("sigil_agent_sync_failures_total", "Appliance sync streams that failed or ended.", i(&cs.SyncFailures))
 	counter("sigil_agent_jwt_svids_signed_total", "JWT-SVIDs fetched from the appliance.", i(&cs.JWTsSigned))
 	counter("sigil_agent_jwt_svid_failures_total", "Failed JWT-SVID fetches.", i(&cs.JWTFailures))
+	counter("sigil_agent_output_notifications_total", "File output notifications attempted (signals and commands).", i(&a.outputStats.Notifications))
+	counter("sigil_agent_output_notify_failures_total", "File output notifications that failed (see the log for the output and why).", i(&a.outputStats.NotifyFailures))
 	gauge("sigil_agent_appliance_connected", "1 while the appliance sync stream is up.", func() float64 {
 		if cs.Connected.Load() {
 			return 1

@@ -31,6 +31,9 @@ type outDir struct {
 	fd   int
 	path string
 	c    Config
+	// workloadOwned: some component belongs to the output's uid (neither
+	// root nor the agent), so the workload decides what lies below it.
+	workloadOwned bool
 }
 
 // openOutputDir walks c.Dir from / one component at a time, never
@@ -41,20 +44,28 @@ type outDir struct {
 // output's uid) wherever the replacement points, such as another
 // workload's output. Missing directories are created with explicit modes;
 // a refused component leaves everything as it was.
-func openOutputDir(c Config) (*outDir, error) {
-	clean := filepath.Clean(c.Dir)
+func openOutputDir(c Config) (*outDir, error) { return walkDir(c, c.Dir, true) }
+
+// walkDir opens dir as openOutputDir opens the output directory, under the
+// same rules for every component. With create false it changes nothing:
+// a missing component is an error (the pid file's directory is the
+// workload's to make, not the agent's).
+func walkDir(c Config, dir string, create bool) (*outDir, error) {
+	clean := filepath.Clean(dir)
 	if !filepath.IsAbs(clean) {
-		return nil, fmt.Errorf("output dir %q: must be an absolute path", c.Dir)
+		return nil, fmt.Errorf("output %s: %q must be an absolute path", c.Dir, dir)
 	}
 	euid := os.Geteuid()
 	fd, err := unix.Open("/", unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("output %s: open /: %w", c.Dir, err)
 	}
-	if err := checkDir(c, "/", fd, euid); err != nil {
+	owner, err := checkDir(c, "/", fd, euid)
+	if err != nil {
 		unix.Close(fd)
 		return nil, err
 	}
+	workloadOwned := ownedByWorkload(c, owner, euid)
 	path := ""
 	names := strings.Split(strings.TrimPrefix(clean, "/"), "/")
 	for i, name := range names {
@@ -64,7 +75,7 @@ func openOutputDir(c Config) (*outDir, error) {
 		path += "/" + name
 		last := i == len(names)-1
 		next, err := openComponent(fd, name)
-		if errors.Is(err, unix.ENOENT) {
+		if errors.Is(err, unix.ENOENT) && create {
 			next, err = makeDir(c, fd, name, last, euid)
 		}
 		if err != nil {
@@ -74,18 +85,25 @@ func openOutputDir(c Config) (*outDir, error) {
 		}
 		unix.Close(fd)
 		fd = next
-		if err := checkDir(c, path, fd, euid); err != nil {
+		owner, err := checkDir(c, path, fd, euid)
+		if err != nil {
 			unix.Close(fd)
 			return nil, err
 		}
-		if last {
+		workloadOwned = workloadOwned || ownedByWorkload(c, owner, euid)
+		if last && create {
 			if err := repairDir(c, fd, euid); err != nil {
 				unix.Close(fd)
 				return nil, err
 			}
 		}
 	}
-	return &outDir{fd: fd, path: clean, c: c}, nil
+	return &outDir{fd: fd, path: clean, c: c, workloadOwned: workloadOwned}, nil
+}
+
+// ownedByWorkload: uid is the output's and neither root nor the agent.
+func ownedByWorkload(c Config, uid, euid int) bool {
+	return uid == c.UID && uid != 0 && uid != euid
 }
 
 // openComponent opens one path component below dirfd as an O_PATH
@@ -133,27 +151,28 @@ func describeOpenError(c Config, dirfd int, name, path string, err error) error 
 // and the output's user could swap. A sticky directory (/tmp) may be
 // writable by all: others can add entries but not rename ours, and
 // whatever they add is refused by the owner check one level down.
-func checkDir(c Config, path string, fd, euid int) error {
+// It returns the directory's owner.
+func checkDir(c Config, path string, fd, euid int) (int, error) {
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
-		return fmt.Errorf("output %s: stat %s: %w", c.Dir, path, err)
+		return -1, fmt.Errorf("output %s: stat %s: %w", c.Dir, path, err)
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
-		return fmt.Errorf("output %s: %s is not a directory", c.Dir, path)
+		return -1, fmt.Errorf("output %s: %s is not a directory", c.Dir, path)
 	}
 	if uid := int(st.Uid); uid != 0 && uid != euid && uid != c.UID {
-		return fmt.Errorf("output %s: %s is owned by uid %d, who could swap what is below it: each directory on the path must belong to root, the agent (uid %d) or the output's uid %d", c.Dir, path, uid, euid, c.UID)
+		return -1, fmt.Errorf("output %s: %s is owned by uid %d, who could swap what is below it: each directory on the path must belong to root, the agent (uid %d) or the output's uid %d", c.Dir, path, uid, euid, c.UID)
 	}
 	sticky := st.Mode&unix.S_ISVTX != 0
 	if st.Mode&0o002 != 0 && !sticky {
-		return fmt.Errorf("output %s: %s (owner uid %d, mode %o) is writable by everyone, who could swap what is below it", c.Dir, path, st.Uid, st.Mode&0o7777)
+		return -1, fmt.Errorf("output %s: %s (owner uid %d, mode %o) is writable by everyone, who could swap what is below it", c.Dir, path, st.Uid, st.Mode&0o7777)
 	}
 	// Group root is no exception: with a POSIX ACL the group bits are the
 	// ACL's mask, so a set write bit may stand for any named user.
 	if st.Mode&0o020 != 0 && !sticky {
-		return fmt.Errorf("output %s: %s (owner uid %d, mode %o) is writable by group %d or, through an ACL, by other users, who could swap what is below it", c.Dir, path, st.Uid, st.Mode&0o7777, st.Gid)
+		return -1, fmt.Errorf("output %s: %s (owner uid %d, mode %o) is writable by group %d or, through an ACL, by other users, who could swap what is below it", c.Dir, path, st.Uid, st.Mode&0o7777, st.Gid)
 	}
-	return nil
+	return int(st.Uid), nil
 }
 
 // makeDir creates one missing component and gives it its mode (and, for

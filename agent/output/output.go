@@ -5,7 +5,9 @@
 // the SVID rotates or the bundle changes. The path is walked without
 // following symlinks and every directory on it must be beyond the reach of
 // other workloads (see openOutputDir), so no workload can redirect the
-// agent's writes into another's output.
+// agent's writes into another's output. After the files changed, an
+// output may tell its workload (notify.go): a signal to the process in a
+// pid file, or a command run as the workload's user.
 package output
 
 import (
@@ -40,6 +42,8 @@ type Config struct {
 	GID int `yaml:"gid"`
 	// JWTAudiences, when set, also writes a JWT-SVID for them.
 	JWTAudiences []string `yaml:"jwt-audiences"`
+	// Notify, when set, tells the workload each time its files changed.
+	Notify *Notify `yaml:"notify"`
 }
 
 // Validate checks a config before anything is written.
@@ -58,6 +62,9 @@ func (c Config) Validate() error {
 	if c.UID < 0 || c.GID < 0 {
 		return fmt.Errorf("output %s: uid and gid must not be negative", c.Dir)
 	}
+	if c.Notify != nil {
+		return c.Notify.validate(c.Dir)
+	}
 	return nil
 }
 
@@ -67,8 +74,13 @@ type Source interface {
 	JWTSVID(ctx context.Context, e api.Entry, audience []string) (string, time.Time, error)
 }
 
-// Run keeps one output current until ctx ends.
-func Run(ctx context.Context, src Source, c Config, log *slog.Logger) {
+// Run keeps one output current until ctx ends. Its notification (if any)
+// runs in the same goroutine, after all the files a round wrote are in
+// place, so a slow workload only delays its own output. st may be nil.
+func Run(ctx context.Context, src Source, c Config, log *slog.Logger, st *Stats) {
+	if st == nil {
+		st = new(Stats)
+	}
 	sel := map[string]bool{}
 	for _, s := range c.Selectors {
 		sel[s] = true
@@ -83,9 +95,13 @@ func Run(ctx context.Context, src Source, c Config, log *slog.Logger) {
 	}
 	var lastSVID, lastBundle [32]byte
 	var jwtRefresh time.Time
+	// changed: files were replaced since the last notification; failed:
+	// a write of this round failed, so not all of them are in place yet.
+	changed := false
 	for {
-		snap, changed := src.Current()
+		snap, next := src.Current()
 		wait := time.Hour
+		failed := false
 		if snap.Bundle != nil {
 			entries := snap.Match(has)
 			if c.SPIFFEID != "" {
@@ -103,8 +119,10 @@ func Run(ctx context.Context, src Source, c Config, log *slog.Logger) {
 					if err := writeSVID(c, v); err != nil {
 						log.Error("output not written", "dir", c.Dir, "err", err)
 						wait = 5 * time.Second
+						failed = true
 					} else {
 						lastSVID = fp
+						changed = true
 						jwtRefresh = time.Time{}
 						log.Info("output written", "dir", c.Dir, "spiffe_id", v.SPIFFEID, "expires", v.NotAfter)
 					}
@@ -122,8 +140,10 @@ func Run(ctx context.Context, src Source, c Config, log *slog.Logger) {
 						wait = 5 * time.Second
 					} else if err := writeFile(c, "jwt_svid.token", []byte(tok), 0o600); err != nil {
 						log.Error("output not written", "dir", c.Dir, "err", err)
+						failed = true
 					} else {
 						jwtRefresh = time.Now().Add(time.Until(exp) / 2)
+						changed = true
 					}
 				}
 				if !jwtRefresh.IsZero() {
@@ -133,15 +153,26 @@ func Run(ctx context.Context, src Source, c Config, log *slog.Logger) {
 			if fp := bundleFP(snap); fp != lastBundle {
 				if err := writeBundle(c, snap); err != nil {
 					log.Error("output bundle not written", "dir", c.Dir, "err", err)
+					failed = true
 				} else {
 					lastBundle = fp
+					changed = true
 				}
 			}
+		}
+		if failed {
+			wait = min(wait, 5*time.Second)
+		} else if changed && c.Notify != nil {
+			// A failed notification is not repeated until the files
+			// change again: the workload may not be up yet, and a retry
+			// loop would hammer whatever the pid file now names.
+			changed = false
+			notifyOnce(ctx, c, log, st)
 		}
 		select {
 		case <-ctx.Done():
 			return
-		case <-changed:
+		case <-next:
 		case <-time.After(wait):
 		}
 	}
@@ -211,4 +242,19 @@ func writeFile(c Config, name string, data []byte, mode os.FileMode) error {
 	}
 	defer d.Close()
 	return d.write(name, data, mode)
+}
+
+// notifyOnce runs c's notification, logging and counting the outcome.
+func notifyOnce(ctx context.Context, c Config, log *slog.Logger, st *Stats) {
+	what := "command " + strings.Join(c.Notify.Command, " ")
+	if c.Notify.Signal != "" {
+		what = c.Notify.Signal + " to the pid in " + c.Notify.PIDFile
+	}
+	st.Notifications.Add(1)
+	if err := notify(ctx, c); err != nil {
+		st.NotifyFailures.Add(1)
+		log.Error("output notification failed", "dir", c.Dir, "notify", what, "err", err)
+		return
+	}
+	log.Info("output notified", "dir", c.Dir, "notify", what)
 }

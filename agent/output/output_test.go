@@ -169,7 +169,7 @@ func TestRunLogsRefusedOutput(t *testing.T) {
 	good := Config{Dir: filepath.Join(base, "good"), Selectors: []string{"unix:uid:1001"}, UID: 1001, GID: 1001}
 	done := make(chan struct{}, 2)
 	for _, c := range []Config{bad, good} {
-		go func() { Run(ctx, src, c, log); done <- struct{}{} }()
+		go func() { Run(ctx, src, c, log, nil); done <- struct{}{} }()
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for !strings.Contains(buf.String(), `"msg":"output not written"`) || !strings.Contains(buf.String(), `"msg":"output written"`) {
