@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := /usr/local/go/bin:$(PATH)
 GO ?= go
 # The Debian packages the tests drive for real (HSM, TPM, their CLIs).
-DEB_PACKAGES := softhsm2 swtpm swtpm-tools tpm2-tools opensc openssl systemd curl util-linux iproute2
+DEB_PACKAGES := softhsm2 swtpm swtpm-tools tpm2-tools opensc openssl systemd curl util-linux iproute2 nginx
 # Packages whose behaviour is tested against hardware stand-ins share those
 # stand-ins' CPU: keep package parallelism modest on small machines.
 TEST_FLAGS ?= -count=1 -p 2 -timeout 20m
