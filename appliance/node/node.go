@@ -55,7 +55,8 @@ type Node struct {
 	metrics  *metrics
 	batch    *auditBatcher
 	refusals *refusals // anonymous join refusals, summarized (refusals.go)
-	jwt      *jwtKeys
+	jwt      *ca.JWTKeys
+	issuer   *issuer // X.509- and JWT-SVIDs for agents (issuance.go)
 	crls     crlCache
 
 	// Connection and call bounds of the listeners (limits.go).
@@ -164,11 +165,22 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 
 	runCtx, cancel := context.WithCancel(context.Background())
 	n.stop = cancel
-	n.batch = newAuditBatcher(n)
-	n.jwt = &jwtKeys{n: n, rotate: cfg.JWT.RotateEvery.Duration}
+	member := n.member()
+	n.batch = newAuditBatcher(member, n.actor())
+	n.jwt = n.auth.JWTKeys(ca.JWTConfig{
+		Keys:         n.ks,
+		Publisher:    jwtBundle{state: n.fsm, apply: member, actor: n.actor()},
+		KeyURI:       jwtKeyURI(cfg.IssuingKey),
+		Rotate:       cfg.JWT.RotateEvery.Duration,
+		MaxTokenLife: state.MaxJWTTTL,
+		Ready:        member.leaderKnown,
+		Logger:       log,
+	})
+	n.issuer = &issuer{nodeID: cfg.NodeID, actor: n.actor(), agentTTL: cfg.Join.AgentSVIDTTL.Duration, log: log,
+		state: n.fsm, apply: member, quorum: member, audit: n.batch, x509: n.auth, jwt: n.jwt}
 	n.wg.Add(3)
 	go func() { defer n.wg.Done(); n.batch.run(runCtx) }()
-	go func() { defer n.wg.Done(); n.jwt.maintain(runCtx) }()
+	go func() { defer n.wg.Done(); n.jwt.Maintain(runCtx) }()
 	go func() { defer n.wg.Done(); n.watchRootCRLs(runCtx) }() // revocation.go
 	n.refusals = newNodeRefusals(n)
 	n.wg.Add(2)
@@ -211,8 +223,9 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 		grpc.ChainUnaryInterceptor(n.authenticate),
 		grpc.ChainStreamInterceptor(n.authenticateStream))...)
 	api.RegisterAdmin(n.grpc, &admin{n: n})
-	api.RegisterAgent(n.grpc, &agentSvc{n: n})
-	api.RegisterJoin(n.grpc, newJoinSvc(n))
+	api.RegisterAgent(n.grpc, &agentSvc{td: n.td, state: n.fsm, issuer: n.issuer})
+	api.RegisterJoin(n.grpc, newJoinSvc(joinDeps{td: n.td, disableTokens: cfg.Join.DisableTokens, actor: n.actor(), log: log,
+		state: n.fsm, apply: member, quorum: member, audit: n.batch, anon: n.refusals, issuer: n.issuer}, n.metrics.reg))
 	n.serve(func() error { return n.grpc.Serve(n.apiLn) })
 
 	if cfg.API.LocalSocket != "" {
@@ -337,9 +350,7 @@ func (n *Node) bundleLoop(ctx context.Context) {
 }
 
 // raftReady reports whether a leader is known.
-func (n *Node) raftReady() bool {
-	return n.raft.Status(context.Background()).LeaderID != ""
-}
+func (n *Node) raftReady() bool { return n.member().leaderKnown() }
 
 // JWTRotate makes and publishes a new JWT key now (operators and tests).
 func (n *Node) JWTRotate(ctx context.Context) (string, error) { return n.jwt.Rotate(ctx) }
@@ -357,14 +368,34 @@ func (n *Node) actor() string { return ca.NodeSPIFFEID(n.td, n.cfg.NodeID).Strin
 
 // apply proposes a command and returns the FSM's response.
 func (n *Node) apply(ctx context.Context, actor, typ string, payload any) ([]byte, error) {
+	return n.member().apply(ctx, actor, typ, payload)
+}
+
+// member is this node's raft member as the services use it.
+func (n *Node) member() raftMember { return raftMember{raft: n.raft, metrics: n.metrics} }
+
+// raftMember is a raft member as the services use it: commands proposed
+// (timed in the metrics), linearizable reads, whether a leader is known.
+type raftMember struct {
+	raft    *raft.Node
+	metrics *metrics
+}
+
+func (m raftMember) apply(ctx context.Context, actor, typ string, payload any) ([]byte, error) {
 	cmd, err := state.NewCommand(typ, actor, time.Now(), payload)
 	if err != nil {
 		return nil, err
 	}
 	start := time.Now()
-	resp, err := n.raft.Apply(ctx, cmd)
-	n.metrics.observeApply(typ, time.Since(start), err)
+	resp, err := m.raft.Apply(ctx, cmd)
+	m.metrics.observeApply(typ, time.Since(start), err)
 	return resp, err
+}
+
+func (m raftMember) readIndex(ctx context.Context) error { return m.raft.ReadIndex(ctx) }
+
+func (m raftMember) leaderKnown() bool {
+	return m.raft.Status(context.Background()).LeaderID != ""
 }
 
 // Addrs are the bound addresses (useful with :0 in tests).
