@@ -222,7 +222,7 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 		grpc.InTapHandle(n.gate.tap),
 		grpc.ChainUnaryInterceptor(n.authenticate),
 		grpc.ChainStreamInterceptor(n.authenticateStream))...)
-	api.RegisterAdmin(n.grpc, &admin{n: n})
+	api.RegisterAdmin(n.grpc, n.adminSvc())
 	api.RegisterAgent(n.grpc, &agentSvc{td: n.td, state: n.fsm, issuer: n.issuer})
 	api.RegisterJoin(n.grpc, newJoinSvc(joinDeps{td: n.td, disableTokens: cfg.Join.DisableTokens, actor: n.actor(), log: log,
 		state: n.fsm, apply: member, quorum: member, audit: n.batch, anon: n.refusals, issuer: n.issuer}, n.metrics.reg))
@@ -238,7 +238,7 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 			grpc.Creds(api.LocalCredentials()),
 			grpc.ChainUnaryInterceptor(n.authenticateLocal),
 			grpc.ChainStreamInterceptor(n.authenticateLocalStream))...)
-		api.RegisterAdmin(n.local, &admin{n: n})
+		api.RegisterAdmin(n.local, n.adminSvc())
 		n.serve(func() error { return n.local.Serve(n.localLn) })
 	}
 
@@ -481,12 +481,8 @@ func (n *Node) auditExportDir() string {
 	return filepath.Join(n.cfg.DataDir, "audit")
 }
 
-// scratchDir is where uploaded archives are checked (0700, inside the data
-// directory).
-func (n *Node) scratchDir() string {
-	d := filepath.Join(n.cfg.DataDir, "scratch")
-	if err := os.MkdirAll(d, 0o700); err != nil {
-		n.log.Warn("scratch dir", "err", err)
-	}
-	return d
+// adminSvc is the admin service over this node's state, raft member and CA.
+func (n *Node) adminSvc() *admin {
+	return &admin{td: n.td, nodeID: n.cfg.NodeID, roots: n.roots, dataDir: n.cfg.DataDir, maxCertTTL: n.adminCertMaxTTL(),
+		log: n.log, authLog: n.authLog, state: n.fsm, member: n.member(), ca: n.auth}
 }
