@@ -1,8 +1,31 @@
 // Package node is one sigild appliance node: it opens the node's issuing CA
 // in its HSM, joins the raft cluster over mutual TLS with the node's SPIFFE
-// identity, applies the replicated state, and serves the admin API (mutual
-// TLS for admins, a root-only Unix socket on the host) and the HTTP health
-// and metrics endpoints.
+// identity, applies the replicated state, and serves the appliance's API
+// and its HTTP health, metrics and bundle endpoints.
+//
+// It owns:
+//   - Node (node.go): start-up, wiring and shutdown, and raftMember, the
+//     raft member as the services use it (commands, reads, leader known).
+//   - Issuance (issuance.go): the issuer, the one place that signs
+//     identities for agents (workload X.509-SVIDs and JWT-SVIDs, the
+//     agents' own SVIDs) and records each through raft before it is sent.
+//     Its dependencies are interfaces declared there.
+//   - The gRPC services, each given what it uses rather than the Node:
+//     agentSvc (agentsvc.go; joined agents: issuance calls and the sync
+//     stream), joinSvc (join.go, joinlimit.go; TPM and token joins,
+//     renewals), admin (admin.go, revocation.go; mutual TLS for admins, a
+//     root-only Unix socket on the host).
+//   - Authentication and authorization of API callers (auth.go), the
+//     listeners' connection and call bounds (limits.go), and anonymous
+//     refusals summarized into the audit (refusals.go).
+//   - The audit's batching of issuance records (auditbatch.go), its
+//     signed checkpoints (checkpoint.go) and retention (retention.go).
+//   - The wiring of the CA's JWT key rotation to the HSM and the
+//     replicated bundle (jwtkeys.go); signing and rotation are
+//     appliance/ca's.
+//   - Root CRLs and this node's CRL (revocation.go, crl.go), the HTTP and
+//     bundle endpoints and metrics (http.go), conversions between state
+//     and API types (convert.go), and the node's configuration (config.go).
 package node
 
 import (
