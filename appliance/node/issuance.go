@@ -79,7 +79,11 @@ type (
 // sent. The gRPC services (agentSvc, joinSvc) authenticate and authorize
 // callers and call it. Its dependencies are interfaces so that what
 // issuance touches is visible here: the replica it reads, the cluster it
-// commits to, the audit, and the CA.
+// commits to, the audit, and the CA. It stays in package node, without a
+// *Node, because it shares the refusal forms its callers also use (the
+// caller identity of auth.go, auditReason and shownID, the batcher's
+// errRefusedAtCommit) and the node's tests exercise its checks
+// (checkCSR, validAudience) directly.
 type issuer struct {
 	nodeID   string
 	actor    string // this node in audit records and commands
