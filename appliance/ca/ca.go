@@ -1,7 +1,10 @@
 // Package ca is a node's certificate authority: the node's issuing CA key
 // (in its HSM, used through keystore's crypto.Signer) with the intermediate
-// the root ceremony signed for it. It issues the node's own TLS identity and
+// the root ceremony signed for it. It signs X.509-SVIDs (workloads, agents,
+// admins, the node's own TLS identity), CRLs and audit checkpoints, and
 // verifies the identities of peers, admins and agents against the root.
+// It also makes, publishes, rotates and retires the node's JWT signing
+// keys (HSM keys of their own) and signs JWT-SVIDs with them (jwt.go).
 package ca
 
 import (

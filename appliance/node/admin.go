@@ -13,7 +13,9 @@ import (
 	"errors"
 	"hash"
 	"io"
+	"log/slog"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -32,7 +34,24 @@ import (
 // admin implements api.AdminServer. Writes go through raft (forwarded to
 // the leader by the raft package); reads wait for a linearizable read index
 // first, so a follower never answers with stale state.
-type admin struct{ n *Node }
+type admin struct {
+	td         spiffeid.TrustDomain
+	nodeID     string
+	roots      []*x509.Certificate // verify the audit log's checkpoints
+	dataDir    string              // uploaded archives are checked under it
+	maxCertTTL time.Duration       // api.admin-cert-max-ttl, bounded by the state's
+	log        *slog.Logger
+	authLog    *rateLog // refusals of authenticated callers, rate-limited
+
+	state  *state.FSM  // the replica this service administers
+	member raftMember  // commands, reads and membership
+	ca     adminSigner // issues admin certificates
+}
+
+// adminSigner is the node's issuing CA as the admin service uses it.
+type adminSigner interface {
+	SignAdmin(ca.Leaf) ([]*x509.Certificate, error)
+}
 
 var _ api.AdminServer = (*admin)(nil)
 
@@ -44,15 +63,15 @@ var _ api.AdminServer = (*admin)(nil)
 // re-issued meanwhile.
 func (a *admin) apply(ctx context.Context, c caller, typ string, payload any) ([]byte, error) {
 	if c.Local {
-		return a.n.apply(ctx, c.Actor, typ, payload)
+		return a.member.apply(ctx, c.Actor, typ, payload)
 	}
 	cmd, err := state.NewAdminCommand(typ, c.Actor, c.Serial, time.Now(), payload)
 	if err != nil {
 		return nil, err
 	}
 	start := time.Now()
-	resp, err := a.n.raft.Apply(ctx, cmd)
-	a.n.metrics.observeApply(typ, time.Since(start), err)
+	resp, err := a.member.raft.Apply(ctx, cmd)
+	a.member.metrics.observeApply(typ, time.Since(start), err)
 	return resp, err
 }
 
@@ -69,7 +88,7 @@ func write[T any](ctx context.Context, a *admin, typ string, payload any) (*T, e
 			return nil, status.Errorf(codes.Internal, "decode %s response: %v", typ, err)
 		}
 	}
-	a.n.log.Info("admin change", "command", typ, "actor", c.Actor)
+	a.log.Info("admin change", "command", typ, "actor", c.Actor)
 	return out, nil
 }
 
@@ -80,16 +99,16 @@ func (a *admin) fail(what string, c caller, err error) error {
 	case (errors.Is(err, state.ErrRefused) || errors.As(err, &ae)) && strings.Contains(err.Error(), state.AdminRevokedMarker):
 		// Refused at commit: the caller's name was revoked before this
 		// command, and this replica had not applied it yet.
-		a.n.authLog.warn("admin call refused: certificate revoked", "request", what, "actor", c.Actor, "serial", c.Serial, "reason", err.Error())
+		a.authLog.warn("admin call refused: certificate revoked", "request", what, "actor", c.Actor, "serial", c.Serial, "reason", err.Error())
 		return status.Errorf(codes.Unauthenticated, "admin certificate %s (serial %s) was revoked: %s", c.Actor, c.Serial, err.Error())
 	case errors.Is(err, state.ErrRefused) || errors.As(err, &ae):
-		a.n.log.Warn("admin request refused", "request", what, "actor", c.Actor, "reason", err.Error())
+		a.log.Warn("admin request refused", "request", what, "actor", c.Actor, "reason", err.Error())
 		return status.Error(codes.FailedPrecondition, err.Error())
 	case errors.Is(err, raft.ErrNoLeader), errors.Is(err, context.DeadlineExceeded):
-		a.n.log.Error("admin request failed: no quorum", "request", what, "actor", c.Actor, "err", err)
+		a.log.Error("admin request failed: no quorum", "request", what, "actor", c.Actor, "err", err)
 		return status.Errorf(codes.Unavailable, "the cluster cannot commit now (no leader or no quorum): %v", err)
 	}
-	a.n.log.Error("admin request failed", "request", what, "actor", c.Actor, "err", err)
+	a.log.Error("admin request failed", "request", what, "actor", c.Actor, "err", err)
 	return status.Errorf(codes.Unavailable, "%s: %v", what, err)
 }
 
@@ -99,11 +118,11 @@ func (a *admin) fail(what string, c caller, err error) error {
 // authenticated.
 func (a *admin) read(ctx context.Context, what string) error {
 	c := callerFrom(ctx)
-	if err := a.n.raft.ReadIndex(ctx); err != nil {
+	if err := a.member.raft.ReadIndex(ctx); err != nil {
 		return a.fail(what, c, err)
 	}
 	if c.Peer.Role == ca.RoleAdmin {
-		return a.n.checkRevoked(what, c)
+		return checkAdminRevoked(a.state, a.authLog, what, c)
 	}
 	return nil
 }
@@ -113,8 +132,8 @@ func (a *admin) EntryCreate(ctx context.Context, r *api.EntryRequest) (*api.Entr
 	if e.ID == "" {
 		e.ID = newID()
 	}
-	if err := state.ValidateEntry(a.n.td, &e); err != nil {
-		a.n.log.Warn("admin request refused", "request", state.CmdEntryCreate, "actor", callerFrom(ctx).Actor, "reason", err.Error())
+	if err := state.ValidateEntry(a.td, &e); err != nil {
+		a.log.Warn("admin request refused", "request", state.CmdEntryCreate, "actor", callerFrom(ctx).Actor, "reason", err.Error())
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	return writeEntry(ctx, a, state.CmdEntryCreate, &e)
@@ -122,7 +141,7 @@ func (a *admin) EntryCreate(ctx context.Context, r *api.EntryRequest) (*api.Entr
 
 func (a *admin) EntryUpdate(ctx context.Context, r *api.EntryRequest) (*api.Entry, error) {
 	e := stateEntry(r.Entry)
-	if err := state.ValidateEntry(a.n.td, &e); err != nil {
+	if err := state.ValidateEntry(a.td, &e); err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	return writeEntry(ctx, a, state.CmdEntryUpdate, &e)
@@ -146,7 +165,7 @@ func (a *admin) EntryShow(ctx context.Context, r *api.IDRequest) (*api.Entry, er
 	if err := a.read(ctx, "entry show"); err != nil {
 		return nil, err
 	}
-	e, ok := a.n.fsm.Entry(r.ID)
+	e, ok := a.state.Entry(r.ID)
 	if !ok {
 		return nil, status.Errorf(codes.NotFound, "no entry %s", r.ID)
 	}
@@ -159,7 +178,7 @@ func (a *admin) EntryList(ctx context.Context, r *api.EntryListRequest) (*api.En
 		return nil, err
 	}
 	out := &api.EntryList{}
-	for _, e := range a.n.fsm.Entries() {
+	for _, e := range a.state.Entries() {
 		if (r.ParentID == "" || e.ParentID == r.ParentID) && (r.SPIFFEID == "" || e.SPIFFEID == r.SPIFFEID) {
 			out.Entries = append(out.Entries, apiEntry(e))
 		}
@@ -171,14 +190,14 @@ func (a *admin) AgentList(ctx context.Context, _ *api.Empty) (*api.AgentList, er
 	if err := a.read(ctx, "agent list"); err != nil {
 		return nil, err
 	}
-	return &api.AgentList{Agents: apiAgents(a.n.fsm.Agents())}, nil
+	return &api.AgentList{Agents: apiAgents(a.state.Agents())}, nil
 }
 
 func (a *admin) AgentShow(ctx context.Context, r *api.IDRequest) (*api.Agent, error) {
 	if err := a.read(ctx, "agent show"); err != nil {
 		return nil, err
 	}
-	ag, ok := a.n.fsm.Agent(r.ID)
+	ag, ok := a.state.Agent(r.ID)
 	if !ok {
 		return nil, status.Errorf(codes.NotFound, "no agent %s", r.ID)
 	}
@@ -207,7 +226,7 @@ func (a *admin) EKCAList(ctx context.Context, _ *api.Empty) (*api.EKCAList, erro
 	if err := a.read(ctx, "ek-ca list"); err != nil {
 		return nil, err
 	}
-	return &api.EKCAList{CAs: apiEKCAs(a.n.fsm.Policy().EKCAs)}, nil
+	return &api.EKCAList{CAs: apiEKCAs(a.state.Policy().EKCAs)}, nil
 }
 
 func (a *admin) EKCARemove(ctx context.Context, r *api.IDRequest) (*api.Empty, error) {
@@ -222,7 +241,7 @@ func (a *admin) EKAllowList(ctx context.Context, _ *api.Empty) (*api.HashList, e
 	if err := a.read(ctx, "allow list"); err != nil {
 		return nil, err
 	}
-	return &api.HashList{Hashes: a.n.fsm.Policy().EKAllow}, nil
+	return &api.HashList{Hashes: a.state.Policy().EKAllow}, nil
 }
 
 func (a *admin) EKAllowRemove(ctx context.Context, r *api.HashRequest) (*api.Empty, error) {
@@ -257,7 +276,7 @@ func TokenID(token string) string {
 }
 
 func (a *admin) ClusterStatus(ctx context.Context, _ *api.Empty) (*api.ClusterStatus, error) {
-	return clusterStatus(a.n.raft.Status(ctx)), nil
+	return clusterStatus(a.member.raft.Status(ctx)), nil
 }
 
 func clusterStatus(st raft.Status) *api.ClusterStatus {
@@ -273,7 +292,7 @@ func (a *admin) ClusterJoin(ctx context.Context, r *api.JoinRequest) (*api.Empty
 	if !ca.NodeIDPattern.MatchString(r.NodeID) {
 		return nil, status.Errorf(codes.InvalidArgument, "node id %q: want %s", r.NodeID, ca.NodeIDPattern)
 	}
-	if err := a.n.raft.Join(ctx, r.NodeID, r.Addr); err != nil {
+	if err := a.member.raft.Join(ctx, r.NodeID, r.Addr); err != nil {
 		return nil, a.fail("cluster join", callerFrom(ctx), err)
 	}
 	a.audit(ctx, "cluster.join", r.NodeID, map[string]string{"addr": r.Addr})
@@ -281,7 +300,7 @@ func (a *admin) ClusterJoin(ctx context.Context, r *api.JoinRequest) (*api.Empty
 }
 
 func (a *admin) ClusterRemove(ctx context.Context, r *api.IDRequest) (*api.Empty, error) {
-	if err := a.n.raft.Remove(ctx, r.ID); err != nil {
+	if err := a.member.raft.Remove(ctx, r.ID); err != nil {
 		return nil, a.fail("cluster remove", callerFrom(ctx), err)
 	}
 	a.audit(ctx, "cluster.remove", r.ID, nil)
@@ -293,7 +312,7 @@ func (a *admin) ClusterRemove(ctx context.Context, r *api.IDRequest) (*api.Empty
 func (a *admin) audit(ctx context.Context, action, target string, detail map[string]string) {
 	c := callerFrom(ctx)
 	if _, err := a.apply(ctx, c, state.CmdAudit, state.AuditAppend{Events: []state.AuditEvent{{Action: action, Target: target, Detail: detail}}}); err != nil {
-		a.n.log.Error("audit record failed", "action", action, "target", target, "err", err)
+		a.log.Error("audit record failed", "action", action, "target", target, "err", err)
 	}
 }
 
@@ -308,14 +327,14 @@ func (a *admin) SnapshotSave(_ *api.Empty, stream grpc.ServerStreamingServer[api
 	// The archive is written to a private spool file first, so a slow
 	// client never holds the state's read transaction (or a restore that
 	// waits for it).
-	spool, err := os.CreateTemp(a.n.scratchDir(), "save-*.archive")
+	spool, err := os.CreateTemp(a.scratchDir(), "save-*.archive")
 	if err != nil {
 		return status.Errorf(codes.Internal, "snapshot: %v", err)
 	}
 	defer os.Remove(spool.Name())
 	defer spool.Close()
 	bw := bufio.NewWriterSize(spool, 1<<20)
-	meta, err := a.n.fsm.WriteArchive(bw, a.n.cfg.NodeID, time.Now())
+	meta, err := a.state.WriteArchive(bw, a.nodeID, time.Now())
 	if err == nil {
 		err = bw.Flush()
 	}
@@ -330,11 +349,11 @@ func (a *admin) SnapshotSave(_ *api.Empty, stream grpc.ServerStreamingServer[api
 		err = w.flush()
 	}
 	if err != nil {
-		a.n.log.Warn("snapshot save failed", "actor", callerFrom(ctx).Actor, "err", err)
+		a.log.Warn("snapshot save failed", "actor", callerFrom(ctx).Actor, "err", err)
 		return status.Errorf(codes.Internal, "snapshot: %v", err)
 	}
 	sum := hex.EncodeToString(w.h.Sum(nil))
-	a.n.log.Info("snapshot saved", "actor", callerFrom(ctx).Actor, "index", meta.Index, "bytes", meta.Size,
+	a.log.Info("snapshot saved", "actor", callerFrom(ctx).Actor, "index", meta.Index, "bytes", meta.Size,
 		"audit_records", meta.AuditRecords, "seconds", time.Since(start).Seconds())
 	return stream.Send(&api.SnapshotChunk{Meta: &meta, SHA256: sum})
 }
@@ -383,7 +402,7 @@ const MaxArchiveSize = 16 << 30
 func (a *admin) SnapshotRestore(stream grpc.ClientStreamingServer[api.SnapshotChunk, api.SnapshotArchive]) error {
 	ctx := stream.Context()
 	c := callerFrom(ctx)
-	f, err := os.CreateTemp(a.n.scratchDir(), "restore-*.archive")
+	f, err := os.CreateTemp(a.scratchDir(), "restore-*.archive")
 	if err != nil {
 		return status.Errorf(codes.Internal, "spool archive: %v", err)
 	}
@@ -399,7 +418,7 @@ func (a *admin) SnapshotRestore(stream grpc.ClientStreamingServer[api.SnapshotCh
 			return err
 		}
 		if size += int64(len(ch.Data)); size > MaxArchiveSize {
-			a.n.log.Warn("snapshot restore refused: archive too large", "actor", c.Actor, "bytes", size)
+			a.log.Warn("snapshot restore refused: archive too large", "actor", c.Actor, "bytes", size)
 			return status.Errorf(codes.InvalidArgument, "archive exceeds %d bytes", int64(MaxArchiveSize))
 		}
 		if _, err := f.Write(ch.Data); err != nil {
@@ -409,15 +428,15 @@ func (a *admin) SnapshotRestore(stream grpc.ClientStreamingServer[api.SnapshotCh
 	if _, err := f.Seek(0, io.SeekStart); err != nil {
 		return status.Errorf(codes.Internal, "spool archive: %v", err)
 	}
-	p, meta, sum, err := a.n.fsm.ReadArchive(bufio.NewReaderSize(f, 1<<20), a.n.scratchDir())
+	p, meta, sum, err := a.state.ReadArchive(bufio.NewReaderSize(f, 1<<20), a.scratchDir())
 	if err != nil {
-		a.n.log.Warn("snapshot restore refused", "actor", c.Actor, "reason", err.Error())
+		a.log.Warn("snapshot restore refused", "actor", c.Actor, "reason", err.Error())
 		return status.Error(codes.InvalidArgument, err.Error())
 	}
 	if _, err := write[api.Empty](ctx, a, state.CmdStateRestore, p); err != nil {
 		return err
 	}
-	a.n.log.Info("snapshot restored", "actor", c.Actor, "archive_sha256", sum, "index", meta.Index, "entries", meta.Entries)
+	a.log.Info("snapshot restored", "actor", c.Actor, "archive_sha256", sum, "index", meta.Index, "entries", meta.Entries)
 	return stream.SendAndClose(&api.SnapshotArchive{Meta: meta, SHA256: sum})
 }
 
@@ -428,9 +447,9 @@ func (a *admin) AuditExport(r *api.AuditRequest, stream grpc.ServerStreamingServ
 	if err := a.read(ctx, "audit export"); err != nil {
 		return err
 	}
-	head, _ := a.n.fsm.AuditHead()
-	page := &api.AuditList{Head: head, First: a.n.fsm.AuditFirst()}
-	err := a.n.fsm.ExportAudit(r.After, func(rec *state.AuditRecord) error {
+	head, _ := a.state.AuditHead()
+	page := &api.AuditList{Head: head, First: a.state.AuditFirst()}
+	err := a.state.ExportAudit(r.After, func(rec *state.AuditRecord) error {
 		page.Records = append(page.Records, *rec)
 		if len(page.Records) < 1000 {
 			return ctx.Err()
@@ -443,7 +462,7 @@ func (a *admin) AuditExport(r *api.AuditRequest, stream grpc.ServerStreamingServ
 		err = stream.Send(page)
 	}
 	if err != nil {
-		a.n.log.Warn("audit export failed", "actor", callerFrom(ctx).Actor, "err", err)
+		a.log.Warn("audit export failed", "actor", callerFrom(ctx).Actor, "err", err)
 		if status.Code(err) == codes.Unknown {
 			return status.Errorf(codes.Internal, "audit export: %v", err)
 		}
@@ -456,8 +475,8 @@ func (a *admin) AuditList(ctx context.Context, r *api.AuditRequest) (*api.AuditL
 	if err := a.read(ctx, "audit list"); err != nil {
 		return nil, err
 	}
-	head, _ := a.n.fsm.AuditHead()
-	return &api.AuditList{Records: a.n.fsm.Audit(r.After, r.Limit), Head: head, First: a.n.fsm.AuditFirst()}, nil
+	head, _ := a.state.AuditHead()
+	return &api.AuditList{Records: a.state.Audit(r.After, r.Limit), Head: head, First: a.state.AuditFirst()}, nil
 }
 
 // AuditVerify walks the retained chain and checks every checkpoint's HSM
@@ -466,7 +485,7 @@ func (a *admin) AuditVerify(ctx context.Context, _ *api.Empty) (*api.AuditVerify
 	if err := a.read(ctx, "audit verify"); err != nil {
 		return nil, err
 	}
-	rep := a.n.fsm.VerifyAuditLog(a.n.roots)
+	rep := a.state.VerifyAuditLog(a.roots)
 	return &api.AuditVerify{Records: rep.To, Intact: rep.Intact, FirstBad: rep.FirstBad, Error: rep.Error,
 		From: rep.From, To: rep.To, Checkpoints: rep.Checkpoints, LastCheckpoint: rep.LastCheckpoint}, nil
 }
@@ -475,8 +494,8 @@ func (a *admin) BundleShow(ctx context.Context, _ *api.Empty) (*api.BundleRespon
 	if err := a.read(ctx, "bundle show"); err != nil {
 		return nil, err
 	}
-	b := a.n.fsm.Bundle()
-	doc, err := SPIFFEBundle(a.n.td, b)
+	b := a.state.Bundle()
+	doc, err := SPIFFEBundle(a.td, b)
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "bundle: %v", err)
 	}
@@ -526,21 +545,21 @@ func (a *admin) AdminCertIssue(ctx context.Context, r *api.AdminCertRequest) (*a
 	}
 	csr, err := x509.ParseCertificateRequest(r.CSR)
 	if err != nil {
-		a.n.log.Warn("admin certificate refused: malformed CSR", "actor", c.Actor, "err", err)
+		a.log.Warn("admin certificate refused: malformed CSR", "actor", c.Actor, "err", err)
 		return nil, status.Errorf(codes.InvalidArgument, "malformed CSR: %v", err)
 	}
 	if err := csr.CheckSignature(); err != nil {
-		a.n.log.Warn("admin certificate refused: CSR signature", "actor", c.Actor, "err", err)
+		a.log.Warn("admin certificate refused: CSR signature", "actor", c.Actor, "err", err)
 		return nil, status.Errorf(codes.InvalidArgument, "CSR signature does not verify: %v", err)
 	}
 	ttl := r.TTL.Duration()
 	if ttl <= 0 {
 		ttl = 8 * time.Hour
 	}
-	if max := a.n.adminCertMaxTTL(); ttl > max {
+	if max := a.maxCertTTL; ttl > max {
 		return nil, status.Errorf(codes.InvalidArgument, "TTL %v exceeds this node's admin-cert-max-ttl %v", ttl, max)
 	}
-	id := spiffeid.RequireFromPath(a.n.td, "/sigil/admin/"+r.Name)
+	id := spiffeid.RequireFromPath(a.td, "/sigil/admin/"+r.Name)
 	if !c.Local {
 		// Checked on a current replica so that nothing is signed for a
 		// caller who may not have it; the state machine checks again when
@@ -548,7 +567,7 @@ func (a *admin) AdminCertIssue(ctx context.Context, r *api.AdminCertRequest) (*a
 		if err := a.read(ctx, "admin cert issue"); err != nil {
 			return nil, err
 		}
-		admins, err := a.n.fsm.Admins()
+		admins, err := a.state.Admins()
 		if err != nil {
 			return nil, status.Errorf(codes.Internal, "the admin table cannot be read: %v", err)
 		}
@@ -558,12 +577,12 @@ func (a *admin) AdminCertIssue(ctx context.Context, r *api.AdminCertRequest) (*a
 			return nil, a.refuseAdmin(ctx, "admin.cert.refuse", id.String(), role, err)
 		}
 	}
-	chain, err := a.n.auth.SignAdmin(ca.Leaf{ID: id, PublicKey: csr.PublicKey, TTL: ttl, Subject: pkix.Name{CommonName: r.Name}})
+	chain, err := a.ca.SignAdmin(ca.Leaf{ID: id, PublicKey: csr.PublicKey, TTL: ttl, Subject: pkix.Name{CommonName: r.Name}})
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "sign: %v", err)
 	}
 	rec, err := a.apply(ctx, c, state.CmdAdminIssue, state.AdminIssue{Name: r.Name, Role: r.Role,
-		Serial: chain[0].SerialNumber.Text(16), Node: a.n.cfg.NodeID, NotAfter: chain[0].NotAfter})
+		Serial: chain[0].SerialNumber.Text(16), Node: a.nodeID, NotAfter: chain[0].NotAfter})
 	if err != nil {
 		if refused(err) && !strings.Contains(err.Error(), state.AdminRevokedMarker) {
 			return nil, a.refuseAdmin(ctx, "admin.cert.refuse", id.String(), r.Role, err)
@@ -574,7 +593,7 @@ func (a *admin) AdminCertIssue(ctx context.Context, r *api.AdminCertRequest) (*a
 	if json.Unmarshal(rec, &stored) != nil {
 		stored.Role = r.Role
 	}
-	a.n.log.Info("admin certificate issued", "actor", c.Actor, "admin", id.String(), "role", stored.Role,
+	a.log.Info("admin certificate issued", "actor", c.Actor, "admin", id.String(), "role", stored.Role,
 		"serial", chain[0].SerialNumber.Text(16), "not_after", chain[0].NotAfter)
 	out := &api.CertChain{}
 	for _, x := range chain {
@@ -588,7 +607,7 @@ func (a *admin) AdminCertIssue(ctx context.Context, r *api.AdminCertRequest) (*a
 func (a *admin) refuseAdmin(ctx context.Context, action, target, role string, err error) error {
 	c := callerFrom(ctx)
 	reason := auditReason(strings.TrimPrefix(err.Error(), state.ErrRefused.Error()+": "))
-	a.n.log.Warn("admin request refused", "action", action, "actor", c.Actor, "target", target, "role", role, "reason", reason)
+	a.log.Warn("admin request refused", "action", action, "actor", c.Actor, "target", target, "role", role, "reason", reason)
 	a.audit(ctx, action, target, map[string]string{"role": role, "reason": reason})
 	return status.Error(codes.PermissionDenied, reason)
 }
@@ -602,9 +621,9 @@ func (a *admin) AdminRevoke(ctx context.Context, r *api.AdminRevokeRequest) (*ap
 	if !state.AdminNameRE.MatchString(r.Name) {
 		return nil, status.Errorf(codes.InvalidArgument, "admin name %q: want %s", shownID(r.Name), state.AdminNameRE)
 	}
-	target := spiffeid.RequireFromPath(a.n.td, "/sigil/admin/"+r.Name).String()
+	target := spiffeid.RequireFromPath(a.td, "/sigil/admin/"+r.Name).String()
 	if !c.Local {
-		admins, err := a.n.fsm.Admins()
+		admins, err := a.state.Admins()
 		if err != nil {
 			return nil, status.Errorf(codes.Internal, "the admin table cannot be read: %v", err)
 		}
@@ -616,8 +635,8 @@ func (a *admin) AdminRevoke(ctx context.Context, r *api.AdminRevokeRequest) (*ap
 	if err != nil {
 		return nil, err
 	}
-	a.n.log.Warn("admin revoked", "actor", c.Actor, "admin", target)
-	out := apiAdmin(a.n.td, *rec)
+	a.log.Warn("admin revoked", "actor", c.Actor, "admin", target)
+	out := apiAdmin(a.td, *rec)
 	return &out, nil
 }
 
@@ -627,13 +646,13 @@ func (a *admin) AdminList(ctx context.Context, _ *api.Empty) (*api.AdminList, er
 	if err := a.read(ctx, "admin list"); err != nil {
 		return nil, err
 	}
-	admins, err := a.n.fsm.Admins()
+	admins, err := a.state.Admins()
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "the admin table cannot be read: %v", err)
 	}
 	out := &api.AdminList{Admins: make([]api.AdminRecord, 0, len(admins))}
 	for _, r := range admins {
-		out.Admins = append(out.Admins, apiAdmin(a.n.td, r))
+		out.Admins = append(out.Admins, apiAdmin(a.td, r))
 	}
 	return out, nil
 }
@@ -659,7 +678,7 @@ func (a *admin) SVIDRevoke(ctx context.Context, r *api.RevokeRequest) (*api.Empt
 		return nil, err
 	}
 	serial := strings.ToLower(strings.TrimLeft(r.Serial, "0"))
-	svid, ok := a.n.fsm.IssuedSVID(serial)
+	svid, ok := a.state.IssuedSVID(serial)
 	if !ok {
 		return nil, status.Errorf(codes.NotFound, "no X.509-SVID with serial %.64s was issued, or it has expired", serial)
 	}
@@ -671,4 +690,14 @@ func newID() string {
 	rand.Read(b)
 	h := hex.EncodeToString(b)
 	return h[:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
+}
+
+// scratchDir is where uploaded archives are checked (0700, inside the data
+// directory).
+func (a *admin) scratchDir() string {
+	d := filepath.Join(a.dataDir, "scratch")
+	if err := os.MkdirAll(d, 0o700); err != nil {
+		a.log.Warn("scratch dir", "err", err)
+	}
+	return d
 }

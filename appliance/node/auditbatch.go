@@ -14,7 +14,8 @@ import (
 // only after the batch holding its events has committed, so nothing is
 // issued that the cluster has not recorded.
 type auditBatcher struct {
-	n       *Node
+	apply   applier
+	actor   string // this node, in whose name batches are committed
 	in      chan auditJob
 	maxWait time.Duration
 	maxSize int
@@ -29,8 +30,8 @@ type auditJob struct {
 	done   chan error
 }
 
-func newAuditBatcher(n *Node) *auditBatcher {
-	return &auditBatcher{n: n, in: make(chan auditJob, 4096), maxWait: 2 * time.Millisecond, maxSize: 1024}
+func newAuditBatcher(apply applier, actor string) *auditBatcher {
+	return &auditBatcher{apply: apply, actor: actor, in: make(chan auditJob, 4096), maxWait: 2 * time.Millisecond, maxSize: 1024}
 }
 
 // record blocks until the events are committed, or fails.
@@ -78,7 +79,7 @@ func (b *auditBatcher) run(ctx context.Context) {
 		go func() {
 			defer func() { <-sem }()
 			cctx, cancel := context.WithTimeout(ctx, quorumWait)
-			resp, err := b.n.apply(cctx, b.n.actor(), state.CmdIssue, state.AuditAppend{Events: events})
+			resp, err := b.apply.apply(cctx, b.actor, state.CmdIssue, state.AuditAppend{Events: events})
 			cancel()
 			var res state.IssueResult
 			if err == nil {

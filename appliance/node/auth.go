@@ -123,7 +123,7 @@ func (n *Node) checkAdmin(ctx context.Context, method string, c *caller, leaf *x
 			return status.Errorf(codes.Unavailable, "the cluster cannot confirm this admin's standing now (no leader or no quorum): %v", err)
 		}
 	}
-	return n.checkRevoked(method, *c)
+	return checkAdminRevoked(n.fsm, n.authLog, method, *c)
 }
 
 // adminCertMaxTTL is the longest admin certificate validity this node
@@ -134,16 +134,22 @@ func (n *Node) adminCertMaxTTL() time.Duration {
 	return min(n.cfg.API.AdminCertMaxTTL.Duration, state.MaxAdminCertTTL)
 }
 
-// checkRevoked refuses an admin certificate whose name was revoked after
-// it was issued, as this replica knows it.
-func (n *Node) checkRevoked(method string, c caller) error {
-	rec, ok, err := n.fsm.Admin(c.Peer.Name)
+// adminTable is the replica's admin records.
+type adminTable interface {
+	Admin(name string) (state.AdminRecord, bool, error)
+}
+
+// checkAdminRevoked refuses an admin certificate whose name was revoked
+// after it was issued, as this replica knows it. Refusals are logged to
+// authLog.
+func checkAdminRevoked(admins adminTable, authLog *rateLog, method string, c caller) error {
+	rec, ok, err := admins.Admin(c.Peer.Name)
 	if err != nil {
-		n.authLog.warn("admin call refused: admin table unreadable", "method", method, "caller", c.Actor, "err", err)
+		authLog.warn("admin call refused: admin table unreadable", "method", method, "caller", c.Actor, "err", err)
 		return status.Errorf(codes.Internal, "the admin table cannot be read, so no admin is accepted: %v", err)
 	}
 	if ok && !rec.Accepts(c.Serial) {
-		n.authLog.warn("admin call refused: certificate revoked", "method", method, "caller", c.Actor, "serial", c.Serial,
+		authLog.warn("admin call refused: certificate revoked", "method", method, "caller", c.Actor, "serial", c.Serial,
 			"revoked_at", rec.RevokedAt.Format(time.RFC3339), "revoked_by", rec.RevokedBy)
 		return status.Errorf(codes.Unauthenticated, "admin certificate %s (serial %s) was revoked: the name was revoked at %s by %s, and this certificate was not issued since",
 			c.Actor, c.Serial, rec.RevokedAt.Format(time.RFC3339), rec.RevokedBy)

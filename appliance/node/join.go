@@ -7,10 +7,10 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strconv"
 	"strings"
 	"time"
@@ -23,7 +23,6 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/sigil-appliance/sigil/appliance/api"
-	"github.com/sigil-appliance/sigil/appliance/ca"
 	"github.com/sigil-appliance/sigil/appliance/state"
 	"github.com/sigil-appliance/sigil/appliance/tpmverify"
 	"github.com/sigil-appliance/sigil/raft"
@@ -38,12 +37,33 @@ import (
 // and the hellos that make them are bounded per EK and source, per source
 // and in all (joinlimit.go).
 type joinSvc struct {
-	n *Node
+	joinDeps
 
 	pending *challengeTable // single use, by nonce
 	limit   *sourceLimiter  // hellos that would get a challenge, per source
 	refused *sourceLimiter  // hellos refused on their evidence, per source
 	reads   readGroup       // read barriers confirming refusals, shared
+}
+
+// joinDeps are what admitting agents needs from the node.
+type joinDeps struct {
+	td            spiffeid.TrustDomain
+	disableTokens bool   // join.disable-tokens
+	actor         string // this node, in whose name tokens are redeemed
+	log           *slog.Logger
+	state         joinState
+	apply         applier
+	quorum        quorum
+	audit         auditRecorder
+	anon          *refusals // anonymous refusals, summarized
+	issuer        *issuer   // signs and records the agents' SVIDs
+}
+
+// joinState is the replica as joining reads it.
+type joinState interface {
+	Policy() state.JoinPolicy
+	Token(id string) (state.JoinToken, bool)
+	Agent(id string) (state.Agent, bool)
 }
 
 type challenge struct {
@@ -57,17 +77,18 @@ type challenge struct {
 	elem                  *list.Element // in challengeTable.order
 }
 
-func newJoinSvc(n *Node) *joinSvc {
+// newJoinSvc registers the service's metrics in reg (nil: none).
+func newJoinSvc(d joinDeps, reg prometheus.Registerer) *joinSvc {
 	replaced := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "sigil_join_challenges_replaced_total",
 		Help: "Pending TPM join challenges dropped for a newer hello: for the same EK from the same source (same-ek), from a source at its bound (source-full).",
 	}, []string{"reason"})
-	j := &joinSvc{n: n,
+	j := &joinSvc{joinDeps: d,
 		pending: newChallengeTable(challengeTTL, maxPending, maxPendingPerSource, func(r string) { replaced.WithLabelValues(r).Inc() }),
 		limit:   newSourceLimiter(helloRate, helloBurst, maxHelloSources),
 		refused: newSourceLimiter(refusedRate, refusedBurst, maxHelloSources)}
-	if n.metrics != nil {
-		n.metrics.reg.MustRegister(replaced,
+	if reg != nil {
+		reg.MustRegister(replaced,
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sigil_join_challenges_pending",
 				Help: "TPM join challenges this node holds (bounded per EK and source, per source and in all)."},
 				func() float64 { return float64(j.pending.len()) }),
@@ -89,12 +110,12 @@ var _ api.JoinServer = (*joinSvc)(nil)
 func (j *joinSvc) refuse(ctx context.Context, method, subject string, code codes.Code, err error) error {
 	c := callerFrom(ctx)
 	reason := auditReason(err.Error())
-	j.n.log.Warn("join refused", "method", method, "caller", c.Actor, "subject", subject, "reason", reason)
+	j.log.Warn("join refused", "method", method, "caller", c.Actor, "subject", subject, "reason", reason)
 	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
-	if aerr := j.n.batch.record(actx, state.AuditEvent{Action: "join." + method + ".refuse", Target: subject,
+	if aerr := j.audit.record(actx, state.AuditEvent{Action: "join." + method + ".refuse", Target: subject,
 		Detail: map[string]string{"caller": c.Actor, "reason": reason}}); aerr != nil {
-		j.n.log.Error("audit of refused join failed", "err", aerr)
+		j.log.Error("audit of refused join failed", "err", aerr)
 	}
 	return status.Error(code, err.Error())
 }
@@ -102,7 +123,7 @@ func (j *joinSvc) refuse(ctx context.Context, method, subject string, code codes
 // refuseAnon refuses a caller that has proven no identity: logged
 // (rate-limited) and counted by source and class, not audited one by one.
 func (j *joinSvc) refuseAnon(ctx context.Context, method, class, subject string, code codes.Code, err error) error {
-	j.n.refusals.note(ctx, method, class, subject, err)
+	j.anon.note(ctx, method, class, subject, err)
 	return status.Error(code, err.Error())
 }
 
@@ -110,7 +131,7 @@ func (j *joinSvc) refuseAnon(ctx context.Context, method, class, subject string,
 // just-committed change could turn around (a new token, an EK allowed);
 // concurrent callers share the read barrier.
 func (j *joinSvc) catchUp(ctx context.Context) error {
-	return j.reads.do(ctx, (&agentSvc{n: j.n}).catchUp)
+	return j.reads.do(ctx, func(ctx context.Context) error { return catchUp(ctx, j.quorum) })
 }
 
 func (j *joinSvc) TPMHello(ctx context.Context, r *api.JoinTPMHello) (*api.JoinTPMChallenge, error) {
@@ -127,7 +148,7 @@ func (j *joinSvc) TPMHello(ctx context.Context, r *api.JoinTPMHello) (*api.JoinT
 		return nil, j.refuseAnon(ctx, "tpm", classRateLimited, "", codes.ResourceExhausted, refusedLimited(src, retry))
 	}
 	verify := func() (*tpmverify.EK, state.JoinPolicy, error) {
-		pol := j.n.fsm.Policy()
+		pol := j.state.Policy()
 		var cas []*x509.Certificate
 		for _, c := range pol.EKCAs {
 			if cert, err := x509.ParseCertificate(c.DER); err == nil {
@@ -209,7 +230,7 @@ func (j *joinSvc) TPMProve(ctx context.Context, r *api.JoinTPMProof) (*api.Agent
 	}
 	keyDER, _ := x509.MarshalPKIXPublicKey(agentKey)
 	keySum := sha256.Sum256(keyDER)
-	id := spiffeid.RequireFromPath(j.n.td, "/sigil/agent/tpm/"+ch.ek.Hash)
+	id := spiffeid.RequireFromPath(j.td, "/sigil/agent/tpm/"+ch.ek.Hash)
 	svid, err := j.issue(ctx, "tpm", id, agentKey, "tpm", map[string]string{
 		"ek_hash": ch.ek.Hash, "ek_method": ch.ek.Method, "ek_issuer": ch.ek.Issuer,
 		"ak_name": hex.EncodeToString(ch.ak.Name), "agent_key_sha256": hex.EncodeToString(keySum[:]),
@@ -224,7 +245,7 @@ func (j *joinSvc) TPMProve(ctx context.Context, r *api.JoinTPMProof) (*api.Agent
 }
 
 func (j *joinSvc) Token(ctx context.Context, r *api.JoinTokenRequest) (*api.AgentSVID, error) {
-	if j.n.cfg.Join.DisableTokens {
+	if j.disableTokens {
 		return nil, j.refuseAnon(ctx, "token", classTokensDisabled, "", codes.PermissionDenied, errors.New("join tokens are disabled on this node (join.disable-tokens)"))
 	}
 	csr, err := x509.ParseCertificateRequest(r.CSR)
@@ -238,16 +259,16 @@ func (j *joinSvc) Token(ctx context.Context, r *api.JoinTokenRequest) (*api.Agen
 	// A token no one created is refused here, after a linearizable read,
 	// without a raft command: guessing tokens costs the cluster no log
 	// entries.
-	if _, ok := j.n.fsm.Token(tokID); !ok {
+	if _, ok := j.state.Token(tokID); !ok {
 		if err := j.catchUp(ctx); err != nil {
 			return nil, err
 		}
-		if _, ok := j.n.fsm.Token(tokID); !ok {
+		if _, ok := j.state.Token(tokID); !ok {
 			return nil, j.refuseAnon(ctx, "token", classTokenUnknown, tokID[:12], codes.PermissionDenied, errors.New("unknown join token"))
 		}
 	}
-	id := spiffeid.RequireFromPath(j.n.td, "/sigil/agent/join_token/"+tokID[:16])
-	if _, err := j.n.apply(ctx, j.n.actor(), state.CmdTokenUse, state.TokenUse{ID: tokID, Agent: id.String()}); err != nil {
+	id := spiffeid.RequireFromPath(j.td, "/sigil/agent/join_token/"+tokID[:16])
+	if _, err := j.apply.apply(ctx, j.actor, state.CmdTokenUse, state.TokenUse{ID: tokID, Agent: id.String()}); err != nil {
 		if !refused(err) {
 			return nil, status.Errorf(codes.Unavailable, "the token could not be redeemed (no quorum?): %v", err)
 		}
@@ -276,10 +297,10 @@ func (j *joinSvc) Renew(ctx context.Context, r *api.RenewRequest) (*api.AgentSVI
 	if err := checkCSRKey(r.CSR, presented.PublicKey); err != nil {
 		return nil, j.refuse(ctx, "renew", c.Actor, codes.PermissionDenied, err)
 	}
-	if err := (&agentSvc{n: j.n}).catchUp(ctx); err != nil {
+	if err := catchUp(ctx, j.quorum); err != nil {
 		return nil, err
 	}
-	a, ok := j.n.fsm.Agent(c.Actor)
+	a, ok := j.state.Agent(c.Actor)
 	if !ok || a.Banned {
 		return nil, j.refuse(ctx, "renew", c.Actor, codes.PermissionDenied, errors.New("agent is banned or unknown"))
 	}
@@ -302,26 +323,11 @@ func (j *joinSvc) issue(ctx context.Context, op string, id spiffeid.ID, pub cryp
 // replaces: the state machine records the new certificate only while the
 // agent's record still holds that one ("": a join, which replaces any).
 func (j *joinSvc) issueReplacing(ctx context.Context, op string, id spiffeid.ID, pub crypto.PublicKey, method string, facts map[string]string, replaces string) (*api.AgentSVID, error) {
-	chain, err := j.n.auth.SignAgent(ca.Leaf{ID: id, PublicKey: pub, TTL: j.n.cfg.Join.AgentSVIDTTL.Duration, Subject: pkix.Name{CommonName: "sigil-agent"}})
-	if err != nil {
-		return nil, status.Errorf(codes.Internal, "sign agent SVID: %v", err)
+	out, err := j.issuer.agentSVID(ctx, id, pub, method, facts, replaces)
+	if err != nil && refused(err) {
+		return nil, j.refuse(ctx, op, id.String(), codes.PermissionDenied, err)
 	}
-	leaf := chain[0]
-	if _, err := j.n.apply(ctx, j.n.actor(), state.CmdAgentUpsert, &state.AgentUpsert{Agent: state.Agent{
-		ID: id.String(), AttestationType: method, Facts: facts,
-		SerialNumber: leaf.SerialNumber.Text(16), ExpiresAt: leaf.NotAfter.UTC(),
-	}, ExpectSerial: replaces}); err != nil {
-		if refused(err) {
-			return nil, j.refuse(ctx, op, id.String(), codes.PermissionDenied, err)
-		}
-		return nil, status.Errorf(codes.Unavailable, "the agent could not be recorded (no quorum?), so no SVID is issued: %v", err)
-	}
-	j.n.log.Info("agent admitted", "agent", id.String(), "method", method, "serial", leaf.SerialNumber.Text(16), "expires", leaf.NotAfter)
-	out := &api.AgentSVID{AgentID: id.String(), ExpiresAt: leaf.NotAfter}
-	for _, c := range chain {
-		out.Chain = append(out.Chain, c.Raw)
-	}
-	return out, nil
+	return out, err
 }
 
 // tokenClass classifies the state machine's refusal of a token redemption.

@@ -1,8 +1,31 @@
 // Package node is one sigild appliance node: it opens the node's issuing CA
 // in its HSM, joins the raft cluster over mutual TLS with the node's SPIFFE
-// identity, applies the replicated state, and serves the admin API (mutual
-// TLS for admins, a root-only Unix socket on the host) and the HTTP health
-// and metrics endpoints.
+// identity, applies the replicated state, and serves the appliance's API
+// and its HTTP health, metrics and bundle endpoints.
+//
+// It owns:
+//   - Node (node.go): start-up, wiring and shutdown, and raftMember, the
+//     raft member as the services use it (commands, reads, leader known).
+//   - Issuance (issuance.go): the issuer, the one place that signs
+//     identities for agents (workload X.509-SVIDs and JWT-SVIDs, the
+//     agents' own SVIDs) and records each through raft before it is sent.
+//     Its dependencies are interfaces declared there.
+//   - The gRPC services, each given what it uses rather than the Node:
+//     agentSvc (agentsvc.go; joined agents: issuance calls and the sync
+//     stream), joinSvc (join.go, joinlimit.go; TPM and token joins,
+//     renewals), admin (admin.go, revocation.go; mutual TLS for admins, a
+//     root-only Unix socket on the host).
+//   - Authentication and authorization of API callers (auth.go), the
+//     listeners' connection and call bounds (limits.go), and anonymous
+//     refusals summarized into the audit (refusals.go).
+//   - The audit's batching of issuance records (auditbatch.go), its
+//     signed checkpoints (checkpoint.go) and retention (retention.go).
+//   - The wiring of the CA's JWT key rotation to the HSM and the
+//     replicated bundle (jwtkeys.go); signing and rotation are
+//     appliance/ca's.
+//   - Root CRLs and this node's CRL (revocation.go, crl.go), the HTTP and
+//     bundle endpoints and metrics (http.go), conversions between state
+//     and API types (convert.go), and the node's configuration (config.go).
 package node
 
 import (
@@ -55,7 +78,8 @@ type Node struct {
 	metrics  *metrics
 	batch    *auditBatcher
 	refusals *refusals // anonymous join refusals, summarized (refusals.go)
-	jwt      *jwtKeys
+	jwt      *ca.JWTKeys
+	issuer   *issuer // X.509- and JWT-SVIDs for agents (issuance.go)
 	crls     crlCache
 
 	// Connection and call bounds of the listeners (limits.go).
@@ -164,11 +188,22 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 
 	runCtx, cancel := context.WithCancel(context.Background())
 	n.stop = cancel
-	n.batch = newAuditBatcher(n)
-	n.jwt = &jwtKeys{n: n, rotate: cfg.JWT.RotateEvery.Duration}
+	member := n.member()
+	n.batch = newAuditBatcher(member, n.actor())
+	n.jwt = n.auth.JWTKeys(ca.JWTConfig{
+		Keys:         n.ks,
+		Publisher:    jwtBundle{state: n.fsm, apply: member, actor: n.actor()},
+		KeyURI:       jwtKeyURI(cfg.IssuingKey),
+		Rotate:       cfg.JWT.RotateEvery.Duration,
+		MaxTokenLife: state.MaxJWTTTL,
+		Ready:        member.leaderKnown,
+		Logger:       log,
+	})
+	n.issuer = &issuer{nodeID: cfg.NodeID, actor: n.actor(), agentTTL: cfg.Join.AgentSVIDTTL.Duration, log: log,
+		state: n.fsm, apply: member, quorum: member, audit: n.batch, x509: n.auth, jwt: n.jwt}
 	n.wg.Add(3)
 	go func() { defer n.wg.Done(); n.batch.run(runCtx) }()
-	go func() { defer n.wg.Done(); n.jwt.maintain(runCtx) }()
+	go func() { defer n.wg.Done(); n.jwt.Maintain(runCtx) }()
 	go func() { defer n.wg.Done(); n.watchRootCRLs(runCtx) }() // revocation.go
 	n.refusals = newNodeRefusals(n)
 	n.wg.Add(2)
@@ -210,9 +245,10 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 		grpc.InTapHandle(n.gate.tap),
 		grpc.ChainUnaryInterceptor(n.authenticate),
 		grpc.ChainStreamInterceptor(n.authenticateStream))...)
-	api.RegisterAdmin(n.grpc, &admin{n: n})
-	api.RegisterAgent(n.grpc, &agentSvc{n: n})
-	api.RegisterJoin(n.grpc, newJoinSvc(n))
+	api.RegisterAdmin(n.grpc, n.adminSvc())
+	api.RegisterAgent(n.grpc, &agentSvc{td: n.td, state: n.fsm, issuer: n.issuer})
+	api.RegisterJoin(n.grpc, newJoinSvc(joinDeps{td: n.td, disableTokens: cfg.Join.DisableTokens, actor: n.actor(), log: log,
+		state: n.fsm, apply: member, quorum: member, audit: n.batch, anon: n.refusals, issuer: n.issuer}, n.metrics.reg))
 	n.serve(func() error { return n.grpc.Serve(n.apiLn) })
 
 	if cfg.API.LocalSocket != "" {
@@ -225,7 +261,7 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 			grpc.Creds(api.LocalCredentials()),
 			grpc.ChainUnaryInterceptor(n.authenticateLocal),
 			grpc.ChainStreamInterceptor(n.authenticateLocalStream))...)
-		api.RegisterAdmin(n.local, &admin{n: n})
+		api.RegisterAdmin(n.local, n.adminSvc())
 		n.serve(func() error { return n.local.Serve(n.localLn) })
 	}
 
@@ -337,9 +373,7 @@ func (n *Node) bundleLoop(ctx context.Context) {
 }
 
 // raftReady reports whether a leader is known.
-func (n *Node) raftReady() bool {
-	return n.raft.Status(context.Background()).LeaderID != ""
-}
+func (n *Node) raftReady() bool { return n.member().leaderKnown() }
 
 // JWTRotate makes and publishes a new JWT key now (operators and tests).
 func (n *Node) JWTRotate(ctx context.Context) (string, error) { return n.jwt.Rotate(ctx) }
@@ -357,14 +391,34 @@ func (n *Node) actor() string { return ca.NodeSPIFFEID(n.td, n.cfg.NodeID).Strin
 
 // apply proposes a command and returns the FSM's response.
 func (n *Node) apply(ctx context.Context, actor, typ string, payload any) ([]byte, error) {
+	return n.member().apply(ctx, actor, typ, payload)
+}
+
+// member is this node's raft member as the services use it.
+func (n *Node) member() raftMember { return raftMember{raft: n.raft, metrics: n.metrics} }
+
+// raftMember is a raft member as the services use it: commands proposed
+// (timed in the metrics), linearizable reads, whether a leader is known.
+type raftMember struct {
+	raft    *raft.Node
+	metrics *metrics
+}
+
+func (m raftMember) apply(ctx context.Context, actor, typ string, payload any) ([]byte, error) {
 	cmd, err := state.NewCommand(typ, actor, time.Now(), payload)
 	if err != nil {
 		return nil, err
 	}
 	start := time.Now()
-	resp, err := n.raft.Apply(ctx, cmd)
-	n.metrics.observeApply(typ, time.Since(start), err)
+	resp, err := m.raft.Apply(ctx, cmd)
+	m.metrics.observeApply(typ, time.Since(start), err)
 	return resp, err
+}
+
+func (m raftMember) readIndex(ctx context.Context) error { return m.raft.ReadIndex(ctx) }
+
+func (m raftMember) leaderKnown() bool {
+	return m.raft.Status(context.Background()).LeaderID != ""
 }
 
 // Addrs are the bound addresses (useful with :0 in tests).
@@ -450,12 +504,8 @@ func (n *Node) auditExportDir() string {
 	return filepath.Join(n.cfg.DataDir, "audit")
 }
 
-// scratchDir is where uploaded archives are checked (0700, inside the data
-// directory).
-func (n *Node) scratchDir() string {
-	d := filepath.Join(n.cfg.DataDir, "scratch")
-	if err := os.MkdirAll(d, 0o700); err != nil {
-		n.log.Warn("scratch dir", "err", err)
-	}
-	return d
+// adminSvc is the admin service over this node's state, raft member and CA.
+func (n *Node) adminSvc() *admin {
+	return &admin{td: n.td, nodeID: n.cfg.NodeID, roots: n.roots, dataDir: n.cfg.DataDir, maxCertTTL: n.adminCertMaxTTL(),
+		log: n.log, authLog: n.authLog, state: n.fsm, member: n.member(), ca: n.auth}
 }

@@ -128,14 +128,14 @@ func (a *admin) RootCRLAdd(ctx context.Context, r *api.RootCRLRequest) (*api.Roo
 	c := callerFrom(ctx)
 	der, err := crlDER(r.CRL)
 	if err != nil {
-		a.n.log.Warn("admin request refused", "request", "root crl add", "actor", c.Actor, "reason", err.Error())
+		a.log.Warn("admin request refused", "request", "root crl add", "actor", c.Actor, "reason", err.Error())
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	res, err := write[state.RootCRLResult](ctx, a, state.CmdRootCRLAdd, state.RootCRLAdd{DER: der})
 	if err != nil {
 		return nil, err
 	}
-	a.n.log.Warn("root CRL added: the certificates it lists are refused from now on", "actor", c.Actor,
+	a.log.Warn("root CRL added: the certificates it lists are refused from now on", "actor", c.Actor,
 		"root", res.CRL.Root, "number", res.CRL.Number, "revoked", strings.Join(res.CRL.Revoked, ","),
 		"withdrawn_jwt_keys", strings.Join(res.WithdrawnJWTKeys, ","))
 	return &api.RootCRLResult{CRL: apiRootCRL(res.CRL), WithdrawnJWTKeys: res.WithdrawnJWTKeys}, nil

@@ -1,0 +1,276 @@
+package ca
+
+import (
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/go-jose/go-jose/v4"
+	"github.com/go-jose/go-jose/v4/cryptosigner"
+
+	"github.com/sigil-appliance/sigil/keystore"
+)
+
+// JWTKeyStore makes and opens the HSM keys JWT-SVIDs are signed with
+// (keystore.Manager has these methods).
+type JWTKeyStore interface {
+	CreateKey(ctx context.Context, req keystore.CreateKeyRequest) (crypto.PublicKey, error)
+	Signer(ctx context.Context, uri string) (crypto.Signer, error)
+}
+
+// PublishedJWTKey is a JWT key as the replicated trust bundle holds it.
+type PublishedJWTKey struct {
+	KID  string
+	Node string
+	// PublicKey is PKIX DER.
+	PublicKey []byte
+	// NotAfter: the key leaves the bundle then.
+	NotAfter time.Time
+	// CA is the DER of the issuing CA that published the key: a root CRL
+	// revoking that CA withdraws the key.
+	CA []byte
+}
+
+// JWTPublisher is the replicated bundle: a key signs nothing before
+// Publish has committed it.
+type JWTPublisher interface {
+	// Published lists the keys the bundle holds now (every node's).
+	Published() []PublishedJWTKey
+	Publish(ctx context.Context, k PublishedJWTKey) error
+	Withdraw(ctx context.Context, kid string) error
+}
+
+// JWTConfig is what JWT key rotation needs beyond the authority.
+type JWTConfig struct {
+	Keys      JWTKeyStore
+	Publisher JWTPublisher
+	// KeyURI addresses the HSM key of a kid.
+	KeyURI func(kid string) (string, error)
+	// Rotate is how long a key signs.
+	Rotate time.Duration
+	// MaxTokenLife bounds every token's lifetime, and so how long a key
+	// stays published after it stops signing.
+	MaxTokenLife time.Duration
+	// Ready reports whether the bundle can take changes now (a raft
+	// leader is known); Maintain skips its round otherwise.
+	Ready  func() bool
+	Logger *slog.Logger
+}
+
+// JWTKeys manages this node's JWT signing keys. A key is made in the
+// node's HSM and published in the replicated bundle before it signs
+// anything; it signs for one rotation period, then stays published until
+// every token it could have signed has expired (NotAfter = publication +
+// rotation period + the longest token life), and is then retired.
+type JWTKeys struct {
+	a   *Authority
+	cfg JWTConfig
+
+	mu      sync.Mutex
+	current *JWTKey
+}
+
+// JWTKeys returns the JWT key manager of this authority's node. Keys it
+// publishes name this authority's issuing CA.
+func (a *Authority) JWTKeys(cfg JWTConfig) *JWTKeys {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	return &JWTKeys{a: a, cfg: cfg}
+}
+
+// JWTKey signs JWT-SVIDs with one HSM key: JWS compact serialization,
+// ES256 for a P-256 key (ES384 for P-384), with kid and typ "JWT" in the
+// protected header.
+type JWTKey struct {
+	kid       string
+	signUntil time.Time
+	jws       jose.Signer
+}
+
+// KID is the key's ID in the bundle and in the tokens' header.
+func (k *JWTKey) KID() string { return k.kid }
+
+// newJWTKey wraps an HSM signer for JWS. Only ECDSA P-256 and P-384 keys
+// sign: those are the algorithms SPIFFE JWT-SVID validators accept from
+// this appliance.
+func newJWTKey(kid string, s crypto.Signer, signUntil time.Time) (*JWTKey, error) {
+	opaque := cryptosigner.Opaque(s)
+	var alg jose.SignatureAlgorithm
+	for _, a := range opaque.Algs() {
+		if a == jose.ES256 || a == jose.ES384 {
+			alg = a
+		}
+	}
+	if alg == "" {
+		return nil, fmt.Errorf("JWT key %s: key type %T is not ECDSA P-256 or P-384", kid, s.Public())
+	}
+	opts := (&jose.SignerOptions{}).WithType("JWT").WithHeader(jose.HeaderKey("kid"), kid)
+	jws, err := jose.NewSigner(jose.SigningKey{Algorithm: alg, Key: opaque}, opts)
+	if err != nil {
+		return nil, fmt.Errorf("JWT key %s: %w", kid, err)
+	}
+	return &JWTKey{kid: kid, signUntil: signUntil, jws: jws}, nil
+}
+
+// JWTClaims are what a JWT-SVID says.
+type JWTClaims struct {
+	Subject  string
+	Audience []string
+	IssuedAt time.Time
+	Expiry   time.Time
+	ID       string
+}
+
+// Sign makes a JWT-SVID: the claims sub, aud (always an array), iat, exp
+// (seconds) and jti.
+func (k *JWTKey) Sign(c JWTClaims) (string, error) {
+	payload, err := json.Marshal(map[string]any{"sub": c.Subject, "aud": c.Audience,
+		"iat": c.IssuedAt.Unix(), "exp": c.Expiry.Unix(), "jti": c.ID})
+	if err != nil {
+		return "", err
+	}
+	sig, err := k.jws.Sign(payload)
+	if err != nil {
+		return "", fmt.Errorf("sign JWT with key %s: %w", k.kid, err)
+	}
+	return sig.CompactSerialize()
+}
+
+// Current returns the key to sign with now, making and publishing one if
+// this node has none that may still sign.
+func (j *JWTKeys) Current(ctx context.Context) (*JWTKey, error) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.current != nil && time.Now().Before(j.current.signUntil) {
+		return j.current, nil
+	}
+	if k := j.adopt(ctx); k != nil {
+		j.current = k
+		return k, nil
+	}
+	k, err := j.create(ctx)
+	if err != nil {
+		return nil, err
+	}
+	j.current = k
+	return k, nil
+}
+
+// adopt picks up a key this node published before a restart.
+func (j *JWTKeys) adopt(ctx context.Context) *JWTKey {
+	var best *PublishedJWTKey
+	for _, k := range j.cfg.Publisher.Published() {
+		if k.Node != j.a.nodeID || !time.Now().Before(k.NotAfter.Add(-j.cfg.MaxTokenLife)) {
+			continue
+		}
+		if best == nil || k.NotAfter.After(best.NotAfter) {
+			kk := k
+			best = &kk
+		}
+	}
+	if best == nil {
+		return nil
+	}
+	uri, err := j.cfg.KeyURI(best.KID)
+	if err != nil {
+		return nil
+	}
+	s, err := j.cfg.Keys.Signer(ctx, uri)
+	if err == nil {
+		var k *JWTKey
+		if k, err = newJWTKey(best.KID, s, best.NotAfter.Add(-j.cfg.MaxTokenLife)); err == nil {
+			return k
+		}
+	}
+	j.cfg.Logger.Warn("published JWT key not usable; making a new one", "kid", best.KID, "err", err)
+	return nil
+}
+
+// create makes a key in the HSM and publishes it; only a committed key is
+// returned.
+func (j *JWTKeys) create(ctx context.Context) (*JWTKey, error) {
+	b := make([]byte, 12)
+	rand.Read(b)
+	kid := j.a.nodeID + "-" + hex.EncodeToString(b)
+	uri, err := j.cfg.KeyURI(kid)
+	if err != nil {
+		return nil, err
+	}
+	pub, err := j.cfg.Keys.CreateKey(ctx, keystore.CreateKeyRequest{URI: uri, Algorithm: keystore.ECDSAP256})
+	if err != nil {
+		return nil, fmt.Errorf("create JWT key in the HSM: %w", err)
+	}
+	der, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return nil, err
+	}
+	notAfter := time.Now().Add(j.cfg.Rotate + j.cfg.MaxTokenLife).UTC().Truncate(time.Second)
+	s, err := j.cfg.Keys.Signer(ctx, uri)
+	if err != nil {
+		return nil, err
+	}
+	k, err := newJWTKey(kid, s, notAfter.Add(-j.cfg.MaxTokenLife))
+	if err != nil {
+		return nil, err
+	}
+	if err := j.cfg.Publisher.Publish(ctx, PublishedJWTKey{KID: kid, Node: j.a.nodeID, PublicKey: der, NotAfter: notAfter,
+		CA: j.a.issuing.Raw}); err != nil {
+		return nil, fmt.Errorf("publish JWT key %s: %w", kid, err)
+	}
+	j.cfg.Logger.Info("JWT key published", "kid", kid, "signs_until", k.signUntil, "published_until", notAfter)
+	return k, nil
+}
+
+// Rotate makes and publishes a new key now and signs with it from then on.
+func (j *JWTKeys) Rotate(ctx context.Context) (string, error) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	k, err := j.create(ctx)
+	if err != nil {
+		return "", err
+	}
+	j.current = k
+	return k.kid, nil
+}
+
+// Maintain rotates before the current key's signing window closes and
+// retires this node's keys whose tokens have all expired, until ctx ends.
+func (j *JWTKeys) Maintain(ctx context.Context) {
+	tick := time.NewTicker(min(j.cfg.Rotate/10, time.Minute))
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		if !j.cfg.Ready() {
+			continue
+		}
+		j.mu.Lock()
+		due := j.current != nil && time.Until(j.current.signUntil) < j.cfg.Rotate/10
+		j.mu.Unlock()
+		if due {
+			if kid, err := j.Rotate(ctx); err != nil {
+				j.cfg.Logger.Error("JWT key rotation failed", "err", err)
+			} else {
+				j.cfg.Logger.Info("JWT key rotated", "kid", kid)
+			}
+		}
+		for _, k := range j.cfg.Publisher.Published() {
+			if k.Node == j.a.nodeID && time.Now().After(k.NotAfter) {
+				if err := j.cfg.Publisher.Withdraw(ctx, k.KID); err != nil {
+					j.cfg.Logger.Warn("retiring JWT key failed", "kid", k.KID, "err", err)
+				}
+			}
+		}
+	}
+}

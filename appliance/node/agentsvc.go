@@ -1,0 +1,80 @@
+package node
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/appliance/state"
+)
+
+// agentSvc implements api.AgentServer for joined agents: it names the
+// caller (authenticated by the interceptors in auth.go) and has the issuer
+// check and sign; Sync streams the agent's entries and the trust bundle.
+type agentSvc struct {
+	td     spiffeid.TrustDomain
+	state  syncState
+	issuer *issuer
+}
+
+// syncState is the replica as Sync reads it.
+type syncState interface {
+	Agent(id string) (state.Agent, bool)
+	Bundle() state.Bundle
+	Index() uint64
+	EntriesByParent(parent string) []state.Entry
+	ConfigChanged() <-chan struct{}
+}
+
+var _ api.AgentServer = (*agentSvc)(nil)
+
+func (s *agentSvc) SignX509SVIDs(ctx context.Context, b *api.X509SVIDBatch) (*api.X509SVIDBatchResult, error) {
+	return s.issuer.x509SVIDs(ctx, callerFrom(ctx).Actor, b)
+}
+
+func (s *agentSvc) SignJWTSVID(ctx context.Context, r *api.JWTSVIDRequest) (*api.JWTSVIDResult, error) {
+	return s.issuer.jwtSVID(ctx, callerFrom(ctx).Actor, r)
+}
+
+// Sync streams the agent's entries and the bundle: at once, then on every
+// change that concerns this agent. A client resuming at the current
+// revision waits for the next change.
+func (s *agentSvc) Sync(r *api.SyncRequest, stream grpc.ServerStreamingServer[api.SyncUpdate]) error {
+	ctx := stream.Context()
+	a, err := s.issuer.callingAgent(ctx, callerFrom(ctx).Actor, "sync")
+	if err != nil {
+		return err
+	}
+	var last []byte
+	sent := r.Revision
+	for {
+		changed := s.state.ConfigChanged()
+		ag, ok := s.state.Agent(a.ID)
+		if !ok || ag.Banned {
+			return status.Errorf(codes.PermissionDenied, "%s is banned or gone", a.ID)
+		}
+		b := s.state.Bundle()
+		u := &api.SyncUpdate{Revision: s.state.Index(), Entries: apiEntries(s.state.EntriesByParent(a.ID)), Bundle: apiBundle(b)}
+		view, _ := json.Marshal([]any{u.Entries, u.Bundle})
+		if u.Revision > sent && !bytes.Equal(view, last) {
+			if u.SPIFFE, err = SPIFFEBundle(s.td, b); err != nil {
+				return status.Errorf(codes.Internal, "bundle: %v", err)
+			}
+			if err := stream.Send(u); err != nil {
+				return err
+			}
+			last, sent = view, u.Revision
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-changed:
+		}
+	}
+}

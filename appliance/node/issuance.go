@@ -1,0 +1,400 @@
+package node
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"runtime"
+	"strings"
+	"sync"
+	"time"
+	"unicode"
+	"unicode/utf8"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/appliance/ca"
+	"github.com/sigil-appliance/sigil/appliance/state"
+)
+
+// Defaults from the SPIFFE profiles Sigil follows.
+const (
+	defaultX509TTL = time.Hour
+	defaultJWTTTL  = 5 * time.Minute
+	maxBatch       = 1000
+	quorumWait     = 5 * time.Second
+)
+
+// The dependencies of issuance, each as small as its use here.
+type (
+	// issuanceState is the replica: the calling agent and its entries.
+	issuanceState interface {
+		Agent(id string) (state.Agent, bool)
+		Entry(id string) (state.Entry, bool)
+	}
+	// applier proposes a raft command and returns the state machine's
+	// response.
+	applier interface {
+		apply(ctx context.Context, actor, typ string, payload any) ([]byte, error)
+	}
+	// quorum says whether a leader is known and makes this replica
+	// current (a linearizable read).
+	quorum interface {
+		leaderKnown() bool
+		readIndex(ctx context.Context) error
+	}
+	// auditRecorder commits audit events; it returns only once they are
+	// committed, or fails.
+	auditRecorder interface {
+		record(ctx context.Context, events ...state.AuditEvent) error
+	}
+	// svidSigner is the node's issuing CA (ca.Authority).
+	svidSigner interface {
+		Sign(ca.Leaf) ([]*x509.Certificate, error)
+		SignAgent(ca.Leaf) ([]*x509.Certificate, error)
+	}
+	// jwtSigner hands out the JWT key to sign with now (ca.JWTKeys).
+	jwtSigner interface {
+		Current(ctx context.Context) (*ca.JWTKey, error)
+	}
+)
+
+// issuer issues agents their identities: workload X.509-SVIDs and
+// JWT-SVIDs for the entries an agent is parent of, and the agents' own
+// SVIDs when they join or renew. These are the only ways identities
+// leave the appliance, and every one is recorded through raft (audited,
+// or the agent recorded) before it is returned: nothing unrecorded is
+// sent. The gRPC services (agentSvc, joinSvc) authenticate and authorize
+// callers and call it. Its dependencies are interfaces so that what
+// issuance touches is visible here: the replica it reads, the cluster it
+// commits to, the audit, and the CA. It stays in package node, without a
+// *Node, because it shares the refusal forms its callers also use (the
+// caller identity of auth.go, auditReason and shownID, the batcher's
+// errRefusedAtCommit) and the node's tests exercise its checks
+// (checkCSR, validAudience) directly.
+type issuer struct {
+	nodeID   string
+	actor    string // this node in audit records and commands
+	agentTTL time.Duration
+	log      *slog.Logger
+
+	state  issuanceState
+	apply  applier
+	quorum quorum
+	audit  auditRecorder
+	x509   svidSigner
+	jwt    jwtSigner
+}
+
+// callingAgent returns the calling agent from this node's state. That may
+// lag a just-committed ban by a moment; the authority is the FSM, which
+// refuses to record an issuance for a banned agent, and nothing
+// unrecorded is sent.
+func (s *issuer) callingAgent(ctx context.Context, actor, what string) (state.Agent, error) {
+	if !s.quorum.leaderKnown() {
+		s.log.Error("agent request refused: no leader", "request", what, "agent", actor)
+		return state.Agent{}, status.Errorf(codes.Unavailable, "this node knows no raft leader, so it issues nothing")
+	}
+	a, ok := s.state.Agent(actor)
+	if !ok || a.Banned {
+		// A negative answer may be this node lagging (a join or unban not
+		// applied yet): confirm it against the leader before refusing.
+		if err := catchUp(ctx, s.quorum); err != nil {
+			return state.Agent{}, err
+		}
+		a, ok = s.state.Agent(actor)
+	}
+	reason := ""
+	switch {
+	case !ok:
+		reason = "unknown agent: it has not joined"
+	case a.Banned:
+		reason = "agent is banned"
+	}
+	if reason != "" {
+		s.refuse(ctx, what, actor, "", reason)
+		return state.Agent{}, status.Errorf(codes.PermissionDenied, "%s: %s", actor, reason)
+	}
+	return a, nil
+}
+
+// refuse logs and audits a refusal (best effort: refusals must not be
+// blocked by the audit, but they are recorded when the cluster can).
+func (s *issuer) refuse(ctx context.Context, what, agent, target, reason string) {
+	reason = auditReason(reason)
+	s.log.Warn("issuance refused", "request", what, "agent", agent, "target", target, "reason", reason)
+	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	if err := s.audit.record(actx, state.AuditEvent{Action: what + ".refuse", Target: target,
+		Detail: map[string]string{"agent": agent, "reason": reason}}); err != nil {
+		s.log.Error("audit of refusal failed", "request", what, "agent", agent, "err", err)
+	}
+}
+
+// x509SVIDs signs a batch of workload X.509-SVIDs for the calling agent.
+func (s *issuer) x509SVIDs(ctx context.Context, actor string, b *api.X509SVIDBatch) (*api.X509SVIDBatchResult, error) {
+	if len(b.Requests) == 0 || len(b.Requests) > maxBatch {
+		return nil, status.Errorf(codes.InvalidArgument, "a batch holds 1 to %d requests, not %d", maxBatch, len(b.Requests))
+	}
+	a, err := s.callingAgent(ctx, actor, "svid.x509")
+	if err != nil {
+		return nil, err
+	}
+	for _, r := range b.Requests {
+		if _, ok := s.state.Entry(r.EntryID); !ok {
+			if err := catchUp(ctx, s.quorum); err != nil {
+				return nil, err
+			}
+			break
+		}
+	}
+	out := &api.X509SVIDBatchResult{Results: make([]api.X509SVIDResult, len(b.Requests))}
+	// Sign in parallel: the HSM has a session pool and the CSR checks are
+	// CPU work; one goroutine per batch would leave cores idle.
+	events := make([]state.AuditEvent, len(b.Requests))
+	var wg sync.WaitGroup
+	work := make(chan int)
+	for w := 0; w < min(len(b.Requests), 2*runtime.GOMAXPROCS(0)); w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range work {
+				events[i] = s.signInto(a, b.Requests[i], &out.Results[i])
+			}
+		}()
+	}
+	for i := range b.Requests {
+		work <- i
+	}
+	close(work)
+	wg.Wait()
+	// No record, no certificate: if the batch cannot commit, nothing that
+	// was signed leaves this node.
+	if err := s.audit.record(ctx, events...); err != nil {
+		return nil, s.withheld(a.ID, err)
+	}
+	return out, nil
+}
+
+// catchUp waits (bounded) until this node has applied everything committed
+// before the call.
+func catchUp(ctx context.Context, q quorum) error {
+	rctx, cancel := context.WithTimeout(ctx, quorumWait)
+	defer cancel()
+	if err := q.readIndex(rctx); err != nil {
+		return status.Errorf(codes.Unavailable, "this node cannot reach a quorum, so it issues nothing: %v", err)
+	}
+	return nil
+}
+
+// withheld explains why signed SVIDs were not returned.
+func (s *issuer) withheld(agent string, err error) error {
+	s.log.Error("issuance withheld: not recorded", "agent", agent, "err", err)
+	if errors.Is(err, errRefusedAtCommit) {
+		return status.Errorf(codes.PermissionDenied, "%s: agent is banned", agent)
+	}
+	return status.Errorf(codes.Unavailable, "the audit record could not be committed (no quorum?), so nothing is issued: %v", err)
+}
+
+// signInto fills one result and returns its audit event.
+func (s *issuer) signInto(a state.Agent, r api.X509SVIDRequest, res *api.X509SVIDResult) state.AuditEvent {
+	res.EntryID = r.EntryID
+	e, chain, reason := s.signOne(a, r)
+	if reason != "" {
+		res.Error = reason
+		reason = auditReason(reason)
+		s.log.Warn("issuance refused", "request", "svid.x509", "agent", a.ID, "entry", shownID(r.EntryID), "reason", reason)
+		return state.AuditEvent{Action: "svid.x509.refuse", Target: e.SPIFFEID,
+			Detail: map[string]string{"agent": a.ID, "entry": shownID(r.EntryID), "reason": reason}}
+	}
+	leaf := chain[0]
+	res.SPIFFEID, res.ExpiresAt = e.SPIFFEID, leaf.NotAfter
+	for _, c := range chain {
+		res.Chain = append(res.Chain, c.Raw)
+	}
+	return state.AuditEvent{Action: "svid.x509.issue", Target: e.SPIFFEID, Detail: map[string]string{
+		"serial": leaf.SerialNumber.Text(16), "agent": a.ID, "entry": e.ID, "node": s.nodeID,
+		"expires": leaf.NotAfter.UTC().Format(time.RFC3339)}}
+}
+
+// signOne checks one request and signs it; reason says why not.
+func (s *issuer) signOne(a state.Agent, r api.X509SVIDRequest) (state.Entry, []*x509.Certificate, string) {
+	e, ok := s.state.Entry(r.EntryID)
+	if !ok {
+		return e, nil, fmt.Sprintf("no entry %q", shownID(r.EntryID))
+	}
+	if e.ParentID != a.ID {
+		return e, nil, fmt.Sprintf("entry %s (%s) belongs to parent %s, not this agent", e.ID, e.SPIFFEID, e.ParentID)
+	}
+	csr, err := checkCSR(e, r.CSR)
+	if err != nil {
+		return e, nil, err.Error()
+	}
+	id, err := spiffeid.FromString(e.SPIFFEID)
+	if err != nil {
+		return e, nil, err.Error()
+	}
+	ttl := e.X509TTL.Duration()
+	if ttl == 0 {
+		ttl = defaultX509TTL
+	}
+	chain, err := s.x509.Sign(ca.Leaf{ID: id, PublicKey: csr.PublicKey, TTL: ttl, DNSNames: e.DNSNames})
+	if err != nil {
+		return e, nil, fmt.Sprintf("signing failed: %v", err)
+	}
+	return e, chain, ""
+}
+
+// checkCSR parses a workload CSR from an agent: well-formed, signed by the
+// key it carries, asking for no ID or exactly the entry's.
+func checkCSR(e state.Entry, der []byte) (*x509.CertificateRequest, error) {
+	csr, err := x509.ParseCertificateRequest(der)
+	if err != nil {
+		return nil, fmt.Errorf("malformed CSR: %v", err)
+	}
+	if err := csr.CheckSignature(); err != nil {
+		return nil, fmt.Errorf("CSR signature does not verify: %v", err)
+	}
+	if len(csr.URIs) > 1 || len(csr.URIs) == 1 && csr.URIs[0].String() != e.SPIFFEID {
+		return nil, fmt.Errorf("CSR asks for %v, entry %s is for %s", csr.URIs, e.ID, e.SPIFFEID)
+	}
+	switch csr.PublicKey.(type) {
+	case *ecdsa.PublicKey, *rsa.PublicKey, ed25519.PublicKey:
+	default:
+		return nil, fmt.Errorf("CSR key type %T is not supported", csr.PublicKey)
+	}
+	return csr, nil
+}
+
+// jwtSVID signs a JWT-SVID for the calling agent.
+func (s *issuer) jwtSVID(ctx context.Context, actor string, r *api.JWTSVIDRequest) (*api.JWTSVIDResult, error) {
+	a, err := s.callingAgent(ctx, actor, "svid.jwt")
+	if err != nil {
+		return nil, err
+	}
+	// The audiences are bounded first (they go into the token and its
+	// audit record); then the entry must be this agent's.
+	audErr := validAudience(r.Audience)
+	e, ok := s.state.Entry(r.EntryID)
+	if !ok && audErr == nil {
+		if err := catchUp(ctx, s.quorum); err != nil {
+			return nil, err
+		}
+		e, ok = s.state.Entry(r.EntryID)
+	}
+	reason := ""
+	switch {
+	case audErr != nil:
+		reason = audErr.Error()
+	case !ok:
+		reason = fmt.Sprintf("no entry %q", shownID(r.EntryID))
+	case e.ParentID != a.ID:
+		reason = fmt.Sprintf("entry %s belongs to parent %s, not this agent", e.ID, e.ParentID)
+	}
+	if reason != "" {
+		s.refuse(ctx, "svid.jwt", a.ID, e.SPIFFEID, reason)
+		return nil, status.Error(codes.InvalidArgument, reason)
+	}
+	key, err := s.jwt.Current(ctx)
+	if err != nil {
+		return nil, status.Errorf(codes.Unavailable, "no publishable JWT key: %v", err)
+	}
+	ttl := e.JWTTTL.Duration()
+	if ttl == 0 {
+		ttl = defaultJWTTTL
+	}
+	now := time.Now().Truncate(time.Second)
+	jti := make([]byte, 16)
+	rand.Read(jti)
+	tok, err := key.Sign(ca.JWTClaims{Subject: e.SPIFFEID, Audience: r.Audience, IssuedAt: now, Expiry: now.Add(ttl), ID: hex.EncodeToString(jti)})
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "sign JWT: %v", err)
+	}
+	if err := s.audit.record(ctx, state.AuditEvent{Action: "svid.jwt.issue", Target: e.SPIFFEID, Detail: map[string]string{
+		"jti": hex.EncodeToString(jti), "agent": a.ID, "entry": e.ID, "kid": key.KID(), "node": s.nodeID,
+		"audience": strings.Join(r.Audience, ","), "expires": now.Add(ttl).UTC().Format(time.RFC3339)}}); err != nil {
+		return nil, s.withheld(a.ID, err)
+	}
+	return &api.JWTSVIDResult{Token: tok, SPIFFEID: e.SPIFFEID, ExpiresAt: now.Add(ttl)}, nil
+}
+
+// agentSVID signs an agent's own SVID and records the agent (audited)
+// before returning it; the state machine refuses a banned agent at that
+// point, and refuses a renewal whose presented certificate (serial
+// replaces) is no longer the agent's current one ("": a join, which
+// replaces any). A refusal by the state machine is returned as it is
+// (refused(err) is true) for the caller to audit; other errors are gRPC
+// statuses.
+func (s *issuer) agentSVID(ctx context.Context, id spiffeid.ID, pub crypto.PublicKey, method string, facts map[string]string, replaces string) (*api.AgentSVID, error) {
+	chain, err := s.x509.SignAgent(ca.Leaf{ID: id, PublicKey: pub, TTL: s.agentTTL, Subject: pkix.Name{CommonName: "sigil-agent"}})
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "sign agent SVID: %v", err)
+	}
+	leaf := chain[0]
+	if _, err := s.apply.apply(ctx, s.actor, state.CmdAgentUpsert, &state.AgentUpsert{Agent: state.Agent{
+		ID: id.String(), AttestationType: method, Facts: facts,
+		SerialNumber: leaf.SerialNumber.Text(16), ExpiresAt: leaf.NotAfter.UTC(),
+	}, ExpectSerial: replaces}); err != nil {
+		if refused(err) {
+			return nil, err
+		}
+		return nil, status.Errorf(codes.Unavailable, "the agent could not be recorded (no quorum?), so no SVID is issued: %v", err)
+	}
+	s.log.Info("agent admitted", "agent", id.String(), "method", method, "serial", leaf.SerialNumber.Text(16), "expires", leaf.NotAfter)
+	out := &api.AgentSVID{AgentID: id.String(), ExpiresAt: leaf.NotAfter}
+	for _, c := range chain {
+		out.Chain = append(out.Chain, c.Raw)
+	}
+	return out, nil
+}
+
+// Bounds of a JWT-SVID request's audiences: they go into the token and its
+// audit record.
+const (
+	maxAudiences        = 8
+	maxAudienceBytes    = 256
+	maxAudienceTotalLen = 2048
+)
+
+// validAudience checks the audiences against the bounds. Errors say which
+// limit was hit and never echo the audiences themselves.
+func validAudience(aud []string) error {
+	if len(aud) == 0 {
+		return errors.New("audience is required")
+	}
+	if len(aud) > maxAudiences {
+		return fmt.Errorf("%d audiences: at most %d are allowed", len(aud), maxAudiences)
+	}
+	total := 0
+	for _, a := range aud {
+		total += len(a)
+	}
+	if total > maxAudienceTotalLen {
+		return fmt.Errorf("audiences are %d bytes in total: at most %d are allowed", total, maxAudienceTotalLen)
+	}
+	for i, a := range aud {
+		switch {
+		case strings.TrimSpace(a) == "":
+			return fmt.Errorf("audience %d is empty", i+1)
+		case len(a) > maxAudienceBytes:
+			return fmt.Errorf("audience %d is %d bytes: at most %d are allowed", i+1, len(a), maxAudienceBytes)
+		case !utf8.ValidString(a):
+			return fmt.Errorf("audience %d is not valid UTF-8", i+1)
+		case strings.ContainsFunc(a, unicode.IsControl):
+			return fmt.Errorf("audience %d contains control characters", i+1)
+		}
+	}
+	return nil
+}
