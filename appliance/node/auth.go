@@ -118,7 +118,7 @@ func (n *Node) checkAdmin(ctx context.Context, method string, c *caller, leaf *x
 			c.Actor, c.Serial, life.Round(time.Second), max)
 	}
 	switch method {
-	case "/" + api.AdminService + "/ClusterJoin", "/" + api.AdminService + "/ClusterRemove":
+	case api.AdminMethodClusterJoin, api.AdminMethodClusterRemove:
 		if err := n.raft.ReadIndex(ctx); err != nil {
 			return status.Errorf(codes.Unavailable, "the cluster cannot confirm this admin's standing now (no leader or no quorum): %v", err)
 		}
@@ -166,7 +166,7 @@ func (n *Node) authorize(method string, who ca.Peer) error {
 			n.authLog.warn("admin call refused: not an admin", "method", method, "caller", who.ID.String(), "role", who.Role.String())
 			return status.Errorf(codes.PermissionDenied, "%s is not an admin (admin IDs are under spiffe://%s/sigil/admin/)", who.ID, n.td.Name())
 		}
-	case method == "/"+api.JoinService+"/Renew":
+	case method == api.JoinMethodRenew:
 		if who.Role != ca.RoleAgent {
 			return status.Errorf(codes.PermissionDenied, "renewal needs the agent's current certificate")
 		}

@@ -442,7 +442,7 @@ func (g *tapGate) allow(method string, role ca.Role, who string) (string, error)
 		if role != ca.RoleAdmin {
 			return "not-admin", status.Errorf(codes.PermissionDenied, "%s is not an admin (admin IDs are under spiffe://%s/sigil/admin/)", who, g.td.Name())
 		}
-	case method == "/"+api.JoinService+"/Renew":
+	case method == api.JoinMethodRenew:
 		if role != ca.RoleAgent {
 			return "renew-not-agent", status.Errorf(codes.PermissionDenied, "renewal needs the agent's current certificate")
 		}
