@@ -72,6 +72,9 @@ lint:
 	@bad=$$($(GO) list -f '{{range .Imports}}{{$$.ImportPath}} -> {{.}}{{"\n"}}{{end}}' ./agent/... | \
 		grep -E ' -> github.com/sigil-appliance/sigil/(appliance/|raft)' | grep -vE ' -> github.com/sigil-appliance/sigil/appliance/api$$' || true); \
 	if [ -n "$$bad" ]; then echo "agent reaches the appliance only through appliance/api:"; echo "$$bad"; exit 1; fi
+	@bad=$$($(GO) list -f '{{range .Imports}}{{$$.ImportPath}} -> {{.}}{{"\n"}}{{end}}' ./internal/... | \
+		grep -E ' -> github.com/sigil-appliance/sigil/' | grep -vE ' -> github.com/sigil-appliance/sigil/internal/' || true); \
+	if [ -n "$$bad" ]; then echo "internal/ is shared by appliance and agent: it imports neither (nor raft, keystore):"; echo "$$bad"; exit 1; fi
 	@echo "lint ok"
 
 # The README's first command: a three-node appliance on SoftHSM, a

@@ -5,21 +5,20 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
-	"strconv"
 	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"go.yaml.in/yaml/v3"
 
-	"github.com/sigil-appliance/sigil/appliance/internal/strictyaml"
 	"github.com/sigil-appliance/sigil/appliance/pinshare"
+	"github.com/sigil-appliance/sigil/internal/nodeid"
+	"github.com/sigil-appliance/sigil/internal/pemfile"
+	"github.com/sigil-appliance/sigil/internal/strictyaml"
 )
 
 // Kinds of ceremony.
@@ -123,35 +122,11 @@ type PINSplitConfig struct {
 }
 
 // Duration accepts Go durations and whole days or years ("90d", "1y", "10y";
-// a year is 365 days).
-type Duration struct{ time.Duration }
+// a year is 365 days): strictyaml.Duration.
+type Duration = strictyaml.Duration
 
-func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
-	v, err := ParseDuration(n.Value)
-	if err != nil {
-		return fmt.Errorf("line %d: %w", n.Line, err)
-	}
-	d.Duration = v
-	return nil
-}
-
-// ParseDuration parses "8760h", "90d" or "10y".
-func ParseDuration(s string) (time.Duration, error) {
-	for suffix, unit := range map[string]time.Duration{"d": 24 * time.Hour, "y": 365 * 24 * time.Hour} {
-		if n, ok := strings.CutSuffix(s, suffix); ok {
-			v, err := strconv.Atoi(n)
-			if err != nil || v <= 0 {
-				return 0, fmt.Errorf("duration %q: want a positive whole number before %q", s, suffix)
-			}
-			return time.Duration(v) * unit, nil
-		}
-	}
-	d, err := time.ParseDuration(s)
-	if err != nil {
-		return 0, fmt.Errorf("duration %q: %v (use e.g. 8760h, 90d, 1y)", s, err)
-	}
-	return d, nil
-}
+// ParseDuration parses "8760h", "90d" or "10y" (strictyaml.ParseDuration).
+func ParseDuration(s string) (time.Duration, error) { return strictyaml.ParseDuration(s) }
 
 // Load parses a ceremony script strictly: unknown fields, a second YAML
 // document, or a kind other than the one the operator asked for are errors.
@@ -177,29 +152,15 @@ func Parse(data []byte, kind string) (*Config, error) {
 	return &c, nil
 }
 
-var (
-	labelRE  = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$`)
-	nodeIDRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
-)
-
-// NodeIDPattern is what node IDs look like (they become SPIFFE ID path
-// segments and certificate names).
-const NodeIDPattern = `[a-z0-9][a-z0-9-]{0,62}`
+var labelRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$`)
 
 // validation collects every problem in a script, so an officer fixes them
 // all in one pass rather than one per attempt.
-type validation struct{ errs []string }
+type validation struct{ p strictyaml.Problems }
 
-func (v *validation) add(field, format string, a ...any) {
-	v.errs = append(v.errs, field+" "+fmt.Sprintf(format, a...))
-}
+func (v *validation) add(field, format string, a ...any) { v.p.Add(field, format, a...) }
 
-func (v *validation) err() error {
-	if len(v.errs) == 0 {
-		return nil
-	}
-	return fmt.Errorf("invalid ceremony config:\n  - %s", strings.Join(v.errs, "\n  - "))
-}
+func (v *validation) err() error { return v.p.Err("ceremony config") }
 
 // sections says which sections each kind needs; any other section is an
 // error.
@@ -280,8 +241,8 @@ func (c *Config) Validate(now time.Time) (*Plan, error) {
 		}
 	case KindIssuingCSR:
 		if c.IssuingCSR != nil {
-			if !nodeIDRE.MatchString(c.IssuingCSR.NodeID) {
-				v.add("issuing-csr.node-id", "must match %s (got %q)", NodeIDPattern, c.IssuingCSR.NodeID)
+			if !nodeid.Valid(c.IssuingCSR.NodeID) {
+				v.add("issuing-csr.node-id", "must match %s (got %q)", nodeid.Pattern, c.IssuingCSR.NodeID)
 			}
 			checkOutput(v, "issuing-csr.output", c.IssuingCSR.Output, p)
 		}
@@ -387,8 +348,8 @@ func (c *Config) validateSignIssuing(v *validation, p *Plan, now time.Time) {
 			v.add("sign-issuing.root-certificate", "expired on %s", root.NotAfter.Format(time.RFC3339))
 		}
 	}
-	if !nodeIDRE.MatchString(s.NodeID) {
-		v.add("sign-issuing.node-id", "must match %s (got %q)", NodeIDPattern, s.NodeID)
+	if !nodeid.Valid(s.NodeID) {
+		v.add("sign-issuing.node-id", "must match %s (got %q)", nodeid.Pattern, s.NodeID)
 	}
 	csr, err := readCSR(s.CSR)
 	if err != nil {
@@ -535,44 +496,19 @@ func readShare(path string) (pinshare.Share, error) {
 	return s, nil
 }
 
+// readCert and readCSR read files a script must name.
 func readCert(path string) (*x509.Certificate, error) {
-	der, err := readPEM(path, "CERTIFICATE")
-	if err != nil {
-		return nil, err
+	if path == "" {
+		return nil, errRequired
 	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %v", path, err)
-	}
-	return cert, nil
+	return pemfile.ReadCert(path)
 }
 
 func readCSR(path string) (*x509.CertificateRequest, error) {
-	der, err := readPEM(path, "CERTIFICATE REQUEST")
-	if err != nil {
-		return nil, err
+	if path == "" {
+		return nil, errRequired
 	}
-	csr, err := x509.ParseCertificateRequest(der)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %v", path, err)
-	}
-	return csr, nil
+	return pemfile.ReadCSR(path)
 }
 
-func readPEM(path, typ string) ([]byte, error) {
-	if path == "" {
-		return nil, errors.New("is required")
-	}
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	block, rest := pem.Decode(b)
-	if block == nil || block.Type != typ {
-		return nil, fmt.Errorf("%s holds no PEM %s", path, typ)
-	}
-	if len(bytes.TrimSpace(rest)) != 0 {
-		return nil, fmt.Errorf("%s holds more than one PEM block", path)
-	}
-	return block.Bytes, nil
-}
+var errRequired = errors.New("is required")
