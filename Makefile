@@ -18,7 +18,8 @@ FUZZ_TARGETS := \
 	./appliance/tpmverify:FuzzCheckAK ./appliance/tpmverify:FuzzVerifyEK ./appliance/tpmverify:FuzzVerifyCertify ./appliance/tpmverify:FuzzVerifyQuote \
 	./appliance/state:FuzzReadArchive ./appliance/state:FuzzApply \
 	./appliance/ceremony:FuzzParse ./appliance/pinshare:FuzzCombine \
-	./agent:FuzzParseConfig ./agent/workload:FuzzValidateJWTSVID ./agent/workload:FuzzFetchJWTSVID
+	./agent:FuzzParseConfig ./agent/workload:FuzzValidateJWTSVID ./agent/workload:FuzzFetchJWTSVID \
+	./internal/pemfile:FuzzDecode ./internal/strictyaml:FuzzParseDuration
 VERSION ?= 0.8.0
 # nfpm is run at a pinned version from the module proxy (v2.45.0: later
 # releases need modules the proxy does not serve).
