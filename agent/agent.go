@@ -191,7 +191,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 func (a *Agent) init() error {
 	// Root CRLs from the appliance are checked against the configured
 	// roots, never against what a node sends.
-	roots, err := api.ReadCerts(a.cfg.RootCert)
+	roots, err := pemfile.ReadCerts(a.cfg.RootCert)
 	if err != nil {
 		return fmt.Errorf("root-cert: %w", err)
 	}

@@ -20,6 +20,7 @@ import (
 const (
 	Certificate        = "CERTIFICATE"
 	CertificateRequest = "CERTIFICATE REQUEST"
+	CRL                = "X509 CRL"
 )
 
 var begin = []byte("-----BEGIN ")
