@@ -18,7 +18,8 @@ FUZZ_TARGETS := \
 	./appliance/tpmverify:FuzzCheckAK ./appliance/tpmverify:FuzzVerifyEK ./appliance/tpmverify:FuzzVerifyCertify ./appliance/tpmverify:FuzzVerifyQuote \
 	./appliance/state:FuzzReadArchive ./appliance/state:FuzzApply \
 	./appliance/ceremony:FuzzParse ./appliance/pinshare:FuzzCombine \
-	./agent:FuzzParseConfig ./agent/workload:FuzzValidateJWTSVID ./agent/workload:FuzzFetchJWTSVID
+	./agent:FuzzParseConfig ./agent/workload:FuzzValidateJWTSVID ./agent/workload:FuzzFetchJWTSVID \
+	./internal/pemfile:FuzzDecode ./internal/strictyaml:FuzzParseDuration
 VERSION ?= 0.8.0
 # nfpm is run at a pinned version from the module proxy (v2.45.0: later
 # releases need modules the proxy does not serve).
@@ -72,6 +73,9 @@ lint:
 	@bad=$$($(GO) list -f '{{range .Imports}}{{$$.ImportPath}} -> {{.}}{{"\n"}}{{end}}' ./agent/... | \
 		grep -E ' -> github.com/sigil-appliance/sigil/(appliance/|raft)' | grep -vE ' -> github.com/sigil-appliance/sigil/appliance/api$$' || true); \
 	if [ -n "$$bad" ]; then echo "agent reaches the appliance only through appliance/api:"; echo "$$bad"; exit 1; fi
+	@bad=$$($(GO) list -f '{{range .Imports}}{{$$.ImportPath}} -> {{.}}{{"\n"}}{{end}}' ./internal/... | \
+		grep -E ' -> github.com/sigil-appliance/sigil/' | grep -vE ' -> github.com/sigil-appliance/sigil/internal/' || true); \
+	if [ -n "$$bad" ]; then echo "internal/ is shared by appliance and agent: it imports neither (nor raft, keystore):"; echo "$$bad"; exit 1; fi
 	@echo "lint ok"
 
 # The README's first command: a three-node appliance on SoftHSM, a

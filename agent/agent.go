@@ -19,7 +19,6 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	mrand "math/rand/v2"
 	"os"
@@ -29,7 +28,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"go.yaml.in/yaml/v3"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -38,6 +36,8 @@ import (
 	"github.com/sigil-appliance/sigil/agent/output"
 	"github.com/sigil-appliance/sigil/agent/workload"
 	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/internal/pemfile"
+	"github.com/sigil-appliance/sigil/internal/strictyaml"
 	"github.com/sigil-appliance/sigil/keystore/tpm"
 )
 
@@ -85,26 +85,31 @@ type WorkloadAPIConfig struct {
 // DefaultSocket is where workloads find the Workload API.
 const DefaultSocket = "/run/sigil/agent.sock"
 
-// Validate checks the whole configuration before anything starts.
+// Validate checks the whole configuration before anything starts and
+// lists every problem it finds.
 func (c Config) Validate() error {
-	if len(c.Servers) == 0 || c.RootCert == "" || c.DataDir == "" || (c.TPM == "") == (c.JoinTokenFile == "") {
-		return errors.New("agent config needs servers, root-cert, data-dir, and either tpm or join-token-file")
-	}
-	if _, err := c.socketMode(); err != nil {
-		return err
-	}
-	if err := c.WorkloadAPI.Limits.Validate(); err != nil {
-		return err
-	}
-	if c.WorkloadAPI.Socket != "" && !filepath.IsAbs(c.WorkloadAPI.Socket) {
-		return fmt.Errorf("workload-api.socket %q: must be an absolute path", c.WorkloadAPI.Socket)
-	}
-	for _, o := range c.Outputs {
-		if err := o.Validate(); err != nil {
-			return err
+	var p strictyaml.Problems
+	for _, f := range []struct {
+		name    string
+		missing bool
+	}{{"servers", len(c.Servers) == 0}, {"root-cert", c.RootCert == ""}, {"data-dir", c.DataDir == ""}} {
+		if f.missing {
+			p.Add(f.name, "is required")
 		}
 	}
-	return nil
+	if (c.TPM == "") == (c.JoinTokenFile == "") {
+		p.Add("tpm, join-token-file:", "set exactly one (tpm on hosts with a TPM, join-token-file on hosts without)")
+	}
+	_, err := c.socketMode()
+	p.AddErr(err)
+	p.AddErr(c.WorkloadAPI.Limits.Validate())
+	if c.WorkloadAPI.Socket != "" && !filepath.IsAbs(c.WorkloadAPI.Socket) {
+		p.AddErr(fmt.Errorf("workload-api.socket %q: must be an absolute path", c.WorkloadAPI.Socket))
+	}
+	for _, o := range c.Outputs {
+		p.AddErr(o.Validate())
+	}
+	return p.Err("sigil-agent config")
 }
 
 func (c Config) socketMode() (os.FileMode, error) {
@@ -187,7 +192,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 func (a *Agent) init() error {
 	// Root CRLs from the appliance are checked against the configured
 	// roots, never against what a node sends.
-	roots, err := api.ReadCerts(a.cfg.RootCert)
+	roots, err := pemfile.ReadCerts(a.cfg.RootCert)
 	if err != nil {
 		return fmt.Errorf("root-cert: %w", err)
 	}
@@ -455,24 +460,12 @@ func (a *Agent) store(s *join.SVID) error {
 }
 
 func (a *Agent) load(signer crypto.Signer) (*join.SVID, error) {
-	b, err := os.ReadFile(a.svidPath())
+	chain, err := pemfile.ReadCerts(a.svidPath())
 	if err != nil {
 		return nil, err
 	}
-	s := &join.SVID{Signer: signer}
-	for {
-		var blk *pem.Block
-		blk, b = pem.Decode(b)
-		if blk == nil {
-			break
-		}
-		c, err := x509.ParseCertificate(blk.Bytes)
-		if err != nil {
-			return nil, err
-		}
-		s.Chain = append(s.Chain, c)
-	}
-	if len(s.Chain) == 0 || len(s.Chain[0].URIs) != 1 {
+	s := &join.SVID{Signer: signer, Chain: chain}
+	if len(s.Chain[0].URIs) != 1 {
 		return nil, errors.New("stored SVID is empty or malformed")
 	}
 	if k, ok := s.Chain[0].PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(signer.Public()) {
@@ -499,13 +492,6 @@ func LoadConfig(path string) (Config, error) {
 // documents are errors.
 func ParseConfig(b []byte) (Config, error) {
 	var c Config
-	dec := yaml.NewDecoder(bytes.NewReader(b))
-	dec.KnownFields(true)
-	if err := dec.Decode(&c); err != nil {
-		return c, err
-	}
-	if err := dec.Decode(new(yaml.Node)); !errors.Is(err, io.EOF) {
-		return c, errors.New("more than one YAML document")
-	}
-	return c, nil
+	err := strictyaml.Decode(b, &c)
+	return c, err
 }

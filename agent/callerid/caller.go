@@ -18,6 +18,8 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
+
+	"github.com/sigil-appliance/sigil/internal/unixsock"
 )
 
 // Caller is a Workload API connection's peer as the kernel reported it at
@@ -348,20 +350,14 @@ func newConn(uc *net.UnixConn, log *slog.Logger) (*Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	var cred *unix.Ucred
-	var cerr error
-	if err := raw.Control(func(fd uintptr) {
-		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	}); err != nil {
+	cred, err := unixsock.PeerCred(uc)
+	if err != nil {
 		return nil, err
-	}
-	if cerr != nil {
-		return nil, fmt.Errorf("SO_PEERCRED: %w", cerr)
 	}
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Conn{UnixConn: uc, raw: raw, cred: *cred, accepted: bootTicks(), log: log, release: func() {}}, nil
+	return &Conn{UnixConn: uc, raw: raw, cred: cred, accepted: bootTicks(), log: log, release: func() {}}, nil
 }
 
 // Caller is the connection's peer (nil before the handshake).

@@ -15,7 +15,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"path/filepath"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -34,6 +33,7 @@ import (
 	"github.com/sigil-appliance/sigil/agent/cache"
 	"github.com/sigil-appliance/sigil/agent/callerid"
 	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/internal/unixsock"
 )
 
 // Source is what the server reads: the agent's cache.
@@ -153,24 +153,7 @@ func Listen(path string, mode os.FileMode) (net.Listener, error) {
 	if mode == 0 {
 		mode = 0o777
 	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, err
-	}
-	if st, err := os.Lstat(path); err == nil {
-		if st.Mode()&os.ModeSocket == 0 {
-			return nil, fmt.Errorf("%s exists and is not a socket", path)
-		}
-		os.Remove(path)
-	}
-	l, err := net.Listen("unix", path)
-	if err != nil {
-		return nil, err
-	}
-	if err := os.Chmod(path, mode); err != nil {
-		l.Close()
-		return nil, err
-	}
-	return l, nil
+	return unixsock.Listen(path, 0o755, mode)
 }
 
 // GRPCServer returns a gRPC server with the Workload API registered on

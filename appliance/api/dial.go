@@ -3,7 +3,6 @@ package api
 import (
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"os"
@@ -14,6 +13,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+
+	"github.com/sigil-appliance/sigil/internal/pemfile"
 )
 
 // DialConfig says how a client reaches a node: over mutual TLS with a
@@ -125,30 +126,6 @@ func clientTLS(c DialConfig) (*tls.Config, error) {
 	}, nil
 }
 
-// ReadCerts reads PEM certificates.
-func ReadCerts(path string) ([]*x509.Certificate, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	var out []*x509.Certificate
-	for {
-		var blk *pem.Block
-		blk, b = pem.Decode(b)
-		if blk == nil {
-			break
-		}
-		if blk.Type != "CERTIFICATE" {
-			continue
-		}
-		c, err := x509.ParseCertificate(blk.Bytes)
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", path, err)
-		}
-		out = append(out, c)
-	}
-	if len(out) == 0 {
-		return nil, fmt.Errorf("%s holds no certificate", path)
-	}
-	return out, nil
-}
+// ReadCerts reads a file of one or more PEM certificates and nothing
+// else (pemfile.ReadCerts).
+func ReadCerts(path string) ([]*x509.Certificate, error) { return pemfile.ReadCerts(path) }

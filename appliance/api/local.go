@@ -4,10 +4,11 @@ import (
 	"context"
 	"fmt"
 	"net"
-	"syscall"
 
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
+
+	"github.com/sigil-appliance/sigil/internal/unixsock"
 )
 
 // LocalCredentials are the transport credentials of the node-local admin
@@ -45,19 +46,9 @@ func (localCreds) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, e
 	if !ok {
 		return nil, nil, fmt.Errorf("local socket: not a unix connection")
 	}
-	raw, err := uc.SyscallConn()
+	cred, err := unixsock.PeerCred(uc)
 	if err != nil {
 		return nil, nil, err
-	}
-	var cred *syscall.Ucred
-	var cerr error
-	if err := raw.Control(func(fd uintptr) {
-		cred, cerr = syscall.GetsockoptUcred(int(fd), syscall.SOL_SOCKET, syscall.SO_PEERCRED)
-	}); err != nil {
-		return nil, nil, err
-	}
-	if cerr != nil {
-		return nil, nil, cerr
 	}
 	return c, LocalAuth{UID: cred.Uid, GID: cred.Gid, PID: cred.Pid}, nil
 }

@@ -21,7 +21,6 @@ import (
 	"log/slog"
 	"math/big"
 	"net/url"
-	"regexp"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -30,10 +29,9 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-)
 
-// NodeIDPattern is the form of node IDs (a SPIFFE path segment).
-var NodeIDPattern = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
+	"github.com/sigil-appliance/sigil/internal/nodeid"
+)
 
 // Authority signs with one node's issuing CA.
 type Authority struct {
@@ -134,8 +132,8 @@ func New(td spiffeid.TrustDomain, nodeID string, signer crypto.Signer, issuing *
 	if now == nil {
 		now = time.Now
 	}
-	if !NodeIDPattern.MatchString(nodeID) {
-		return nil, fmt.Errorf("node id %q: want %s", nodeID, NodeIDPattern)
+	if err := nodeid.Check(nodeID); err != nil {
+		return nil, err
 	}
 	if k, ok := signer.Public().(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(issuing.PublicKey) {
 		return nil, errors.New("the HSM key is not the key of the issuing CA certificate")
@@ -345,8 +343,8 @@ func (a *Authority) Classify(raw [][]byte) (Peer, error) {
 	switch path := id.Path(); {
 	case strings.HasPrefix(path, "/sigil/node/"):
 		p.Role, p.Name = RoleNode, strings.TrimPrefix(path, "/sigil/node/")
-		if !NodeIDPattern.MatchString(p.Name) {
-			return Peer{}, fmt.Errorf("node ID %q does not match %s", p.Name, NodeIDPattern)
+		if err := nodeid.Check(p.Name); err != nil {
+			return Peer{}, err
 		}
 		ok := false
 		for _, ch := range chains {

@@ -5,21 +5,20 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
-	"strconv"
 	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"go.yaml.in/yaml/v3"
 
-	"github.com/sigil-appliance/sigil/appliance/internal/strictyaml"
 	"github.com/sigil-appliance/sigil/appliance/pinshare"
+	"github.com/sigil-appliance/sigil/internal/nodeid"
+	"github.com/sigil-appliance/sigil/internal/pemfile"
+	"github.com/sigil-appliance/sigil/internal/strictyaml"
 )
 
 // Kinds of ceremony.
@@ -123,35 +122,11 @@ type PINSplitConfig struct {
 }
 
 // Duration accepts Go durations and whole days or years ("90d", "1y", "10y";
-// a year is 365 days).
-type Duration struct{ time.Duration }
+// a year is 365 days): strictyaml.Duration.
+type Duration = strictyaml.Duration
 
-func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
-	v, err := ParseDuration(n.Value)
-	if err != nil {
-		return fmt.Errorf("line %d: %w", n.Line, err)
-	}
-	d.Duration = v
-	return nil
-}
-
-// ParseDuration parses "8760h", "90d" or "10y".
-func ParseDuration(s string) (time.Duration, error) {
-	for suffix, unit := range map[string]time.Duration{"d": 24 * time.Hour, "y": 365 * 24 * time.Hour} {
-		if n, ok := strings.CutSuffix(s, suffix); ok {
-			v, err := strconv.Atoi(n)
-			if err != nil || v <= 0 {
-				return 0, fmt.Errorf("duration %q: want a positive whole number before %q", s, suffix)
-			}
-			return time.Duration(v) * unit, nil
-		}
-	}
-	d, err := time.ParseDuration(s)
-	if err != nil {
-		return 0, fmt.Errorf("duration %q: %v (use e.g. 8760h, 90d, 1y)", s, err)
-	}
-	return d, nil
-}
+// ParseDuration parses "8760h", "90d" or "10y" (strictyaml.ParseDuration).
+func ParseDuration(s string) (time.Duration, error) { return strictyaml.ParseDuration(s) }
 
 // Load parses a ceremony script strictly: unknown fields, a second YAML
 // document, or a kind other than the one the operator asked for are errors.
@@ -177,29 +152,7 @@ func Parse(data []byte, kind string) (*Config, error) {
 	return &c, nil
 }
 
-var (
-	labelRE  = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$`)
-	nodeIDRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
-)
-
-// NodeIDPattern is what node IDs look like (they become SPIFFE ID path
-// segments and certificate names).
-const NodeIDPattern = `[a-z0-9][a-z0-9-]{0,62}`
-
-// validation collects every problem in a script, so an officer fixes them
-// all in one pass rather than one per attempt.
-type validation struct{ errs []string }
-
-func (v *validation) add(field, format string, a ...any) {
-	v.errs = append(v.errs, field+" "+fmt.Sprintf(format, a...))
-}
-
-func (v *validation) err() error {
-	if len(v.errs) == 0 {
-		return nil
-	}
-	return fmt.Errorf("invalid ceremony config:\n  - %s", strings.Join(v.errs, "\n  - "))
-}
+var labelRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$`)
 
 // sections says which sections each kind needs; any other section is an
 // error.
@@ -214,10 +167,11 @@ var sections = map[string][]string{
 
 // Validate checks the whole script against the file system, without
 // touching any HSM: inputs exist and parse, outputs do not exist yet, PIN
-// sources are private, and shares rebuild a PIN. It returns what the run
-// needs that validation already read.
+// sources are private, and shares rebuild a PIN. It lists every problem
+// at once, so an officer fixes them all in one pass rather than one per
+// attempt. It returns what the run needs that validation already read.
 func (c *Config) Validate(now time.Time) (*Plan, error) {
-	v := &validation{}
+	v := &strictyaml.Problems{}
 	p := &Plan{Config: c}
 	need, ok := sections[c.Kind]
 	if !ok {
@@ -232,25 +186,25 @@ func (c *Config) Validate(now time.Time) (*Plan, error) {
 		}
 		switch {
 		case wanted && !there:
-			v.add(name, "is required for kind %s", c.Kind)
+			v.Add(name, "is required for kind %s", c.Kind)
 		case !wanted && there:
-			v.add(name, "is not used by kind %s; remove it", c.Kind)
+			v.Add(name, "is not used by kind %s; remove it", c.Kind)
 		}
 	}
 
 	if c.Kind != KindPINSplit {
 		td, err := spiffeid.TrustDomainFromString(c.TrustDomain)
 		if err != nil || strings.Contains(c.TrustDomain, "/") {
-			v.add("trust-domain", "must be a SPIFFE trust domain name like example.org (got %q)", c.TrustDomain)
+			v.Add("trust-domain", "must be a SPIFFE trust domain name like example.org (got %q)", c.TrustDomain)
 		}
 		p.TrustDomain = td
 	} else if c.TrustDomain != "" {
-		v.add("trust-domain", "is not used by kind pin-split; remove it")
+		v.Add("trust-domain", "is not used by kind pin-split; remove it")
 	}
 	if c.Transcript == "" {
-		v.add("transcript", "is required: every ceremony leaves a transcript")
+		v.Add("transcript", "is required: every ceremony leaves a transcript")
 	} else if err := checkTranscript(c.Transcript); err != nil {
-		v.add("transcript", "%v", err)
+		v.Add("transcript", "%v", err)
 	}
 
 	if c.HSM != nil {
@@ -258,7 +212,7 @@ func (c *Config) Validate(now time.Time) (*Plan, error) {
 	}
 	if c.Key != nil {
 		if !labelRE.MatchString(c.Key.Label) {
-			v.add("key.label", "must be 1-32 characters of A-Z a-z 0-9 . _ - (got %q)", c.Key.Label)
+			v.Add("key.label", "must be 1-32 characters of A-Z a-z 0-9 . _ - (got %q)", c.Key.Label)
 		}
 		switch c.Key.Curve {
 		case "":
@@ -270,7 +224,7 @@ func (c *Config) Validate(now time.Time) (*Plan, error) {
 			}
 		case "P-256", "P-384":
 		default:
-			v.add("key.curve", "must be P-256 or P-384 (got %q)", c.Key.Curve)
+			v.Add("key.curve", "must be P-256 or P-384 (got %q)", c.Key.Curve)
 		}
 	}
 	switch c.Kind {
@@ -280,8 +234,8 @@ func (c *Config) Validate(now time.Time) (*Plan, error) {
 		}
 	case KindIssuingCSR:
 		if c.IssuingCSR != nil {
-			if !nodeIDRE.MatchString(c.IssuingCSR.NodeID) {
-				v.add("issuing-csr.node-id", "must match %s (got %q)", NodeIDPattern, c.IssuingCSR.NodeID)
+			if !nodeid.Valid(c.IssuingCSR.NodeID) {
+				v.Add("issuing-csr.node-id", "must match %s (got %q)", nodeid.Pattern, c.IssuingCSR.NodeID)
 			}
 			checkOutput(v, "issuing-csr.output", c.IssuingCSR.Output, p)
 		}
@@ -298,47 +252,47 @@ func (c *Config) Validate(now time.Time) (*Plan, error) {
 			c.validatePINSplit(v, p)
 		}
 	}
-	if err := v.err(); err != nil {
+	if err := v.Err("ceremony config"); err != nil {
 		p.wipe()
 		return nil, err
 	}
 	return p, nil
 }
 
-func (c *Config) validateHSM(v *validation, p *Plan) {
+func (c *Config) validateHSM(v *strictyaml.Problems, p *Plan) {
 	h := c.HSM
 	if h.Module == "" {
-		v.add("hsm.module", "is required (the PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so)")
+		v.Add("hsm.module", "is required (the PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so)")
 	} else if st, err := os.Stat(h.Module); err != nil || !st.Mode().IsRegular() {
-		v.add("hsm.module", "%s is not a readable library", h.Module)
+		v.Add("hsm.module", "%s is not a readable library", h.Module)
 	}
 	if h.Token == "" {
-		v.add("hsm.token", "is required (the token label)")
+		v.Add("hsm.token", "is required (the token label)")
 	}
 	switch {
 	case h.PINFile == "" && len(h.PINShares) == 0:
-		v.add("hsm", "needs a PIN source: pin-file or pin-shares (PINs are never written in the script)")
+		v.Add("hsm", "needs a PIN source: pin-file or pin-shares (PINs are never written in the script)")
 	case h.PINFile != "" && len(h.PINShares) > 0:
-		v.add("hsm", "has both pin-file and pin-shares; give one")
+		v.Add("hsm", "has both pin-file and pin-shares; give one")
 	case h.PINFile != "":
 		if err := checkPrivateFile(h.PINFile); err != nil {
-			v.add("hsm.pin-file", "%v", err)
+			v.Add("hsm.pin-file", "%v", err)
 		}
 	default:
 		var shares []pinshare.Share
 		for i, f := range h.PINShares {
 			s, err := readShare(f)
 			if err != nil {
-				v.add(fmt.Sprintf("hsm.pin-shares[%d]", i), "%v", err)
+				v.Add(fmt.Sprintf("hsm.pin-shares[%d]", i), "%v", err)
 				continue
 			}
 			shares = append(shares, s)
 		}
 		if len(shares) == len(h.PINShares) {
 			if shares[0].Token != h.Token {
-				v.add("hsm.pin-shares", "are for token %q, not %q", shares[0].Token, h.Token)
+				v.Add("hsm.pin-shares", "are for token %q, not %q", shares[0].Token, h.Token)
 			} else if pin, err := pinshare.Combine(shares); err != nil {
-				v.add("hsm.pin-shares", "%v", err)
+				v.Add("hsm.pin-shares", "%v", err)
 			} else {
 				p.pin = pin
 			}
@@ -346,88 +300,88 @@ func (c *Config) validateHSM(v *validation, p *Plan) {
 	}
 }
 
-func (c *Config) validateRoot(v *validation, p *Plan, now time.Time) {
+func (c *Config) validateRoot(v *strictyaml.Problems, p *Plan, now time.Time) {
 	r := c.Root
 	if r.Subject.CommonName == "" {
-		v.add("root.subject.common-name", "is required")
+		v.Add("root.subject.common-name", "is required")
 	}
 	if len(r.Subject.Country) != 0 && len(r.Subject.Country) != 2 {
-		v.add("root.subject.country", "must be a two-letter code")
+		v.Add("root.subject.country", "must be a two-letter code")
 	}
 	if r.Validity.Duration <= 0 {
-		v.add("root.validity", "is required (e.g. 10y)")
+		v.Add("root.validity", "is required (e.g. 10y)")
 	} else if r.Validity.Duration > 30*365*24*time.Hour {
-		v.add("root.validity", "%v is longer than 30 years", r.Validity.Duration)
+		v.Add("root.validity", "%v is longer than 30 years", r.Validity.Duration)
 	}
 	checkOutput(v, "root.output", r.Output, p)
 	if c.Kind == KindRoot && r.Previous != "" {
-		v.add("root.previous", "is only for kind reissue-root")
+		v.Add("root.previous", "is only for kind reissue-root")
 	}
 	if c.Kind == KindReissueRoot && r.Previous != "" {
 		cert, err := readCert(r.Previous)
 		if err != nil {
-			v.add("root.previous", "%v", err)
+			v.Add("root.previous", "%v", err)
 		} else {
 			p.Previous = cert
 		}
 	}
 }
 
-func (c *Config) validateSignIssuing(v *validation, p *Plan, now time.Time) {
+func (c *Config) validateSignIssuing(v *strictyaml.Problems, p *Plan, now time.Time) {
 	s := c.SignIssuing
 	root, err := readCert(s.RootCertificate)
 	if err != nil {
-		v.add("sign-issuing.root-certificate", "%v", err)
+		v.Add("sign-issuing.root-certificate", "%v", err)
 	} else {
 		p.RootCert = root
 		if !root.IsCA {
-			v.add("sign-issuing.root-certificate", "%s is not a CA certificate", s.RootCertificate)
+			v.Add("sign-issuing.root-certificate", "%s is not a CA certificate", s.RootCertificate)
 		}
 		if now.After(root.NotAfter) {
-			v.add("sign-issuing.root-certificate", "expired on %s", root.NotAfter.Format(time.RFC3339))
+			v.Add("sign-issuing.root-certificate", "expired on %s", root.NotAfter.Format(time.RFC3339))
 		}
 	}
-	if !nodeIDRE.MatchString(s.NodeID) {
-		v.add("sign-issuing.node-id", "must match %s (got %q)", NodeIDPattern, s.NodeID)
+	if !nodeid.Valid(s.NodeID) {
+		v.Add("sign-issuing.node-id", "must match %s (got %q)", nodeid.Pattern, s.NodeID)
 	}
 	csr, err := readCSR(s.CSR)
 	if err != nil {
-		v.add("sign-issuing.csr", "%v", err)
+		v.Add("sign-issuing.csr", "%v", err)
 	} else if err := checkCSR(csr, p.TrustDomain, s.NodeID); err != nil {
-		v.add("sign-issuing.csr", "%v", err)
+		v.Add("sign-issuing.csr", "%v", err)
 	} else {
 		p.CSR = csr
 	}
 	if s.Validity.Duration <= 0 {
-		v.add("sign-issuing.validity", "is required (e.g. 1y)")
+		v.Add("sign-issuing.validity", "is required (e.g. 1y)")
 	} else if root != nil && now.Add(s.Validity.Duration).After(root.NotAfter) {
-		v.add("sign-issuing.validity", "%v would outlive the root (expires %s)", s.Validity.Duration, root.NotAfter.Format(time.RFC3339))
+		v.Add("sign-issuing.validity", "%v would outlive the root (expires %s)", s.Validity.Duration, root.NotAfter.Format(time.RFC3339))
 	}
 	checkOutput(v, "sign-issuing.output", s.Output, p)
 }
 
-func (c *Config) validateCRL(v *validation, p *Plan, now time.Time) {
+func (c *Config) validateCRL(v *strictyaml.Problems, p *Plan, now time.Time) {
 	s := c.CRL
 	root, err := readCert(s.RootCertificate)
 	if err != nil {
-		v.add("crl.root-certificate", "%v", err)
+		v.Add("crl.root-certificate", "%v", err)
 	} else {
 		p.RootCert = root
 	}
 	if s.Number <= 0 {
-		v.add("crl.number", "must be a positive, increasing CRL number")
+		v.Add("crl.number", "must be a positive, increasing CRL number")
 	}
 	if s.Validity.Duration <= 0 {
-		v.add("crl.validity", "is required (time to the next update, e.g. 30d)")
+		v.Add("crl.validity", "is required (time to the next update, e.g. 30d)")
 	}
 	for i, f := range s.Revoke {
 		cert, err := readCert(f)
 		if err != nil {
-			v.add(fmt.Sprintf("crl.revoke[%d]", i), "%v", err)
+			v.Add(fmt.Sprintf("crl.revoke[%d]", i), "%v", err)
 			continue
 		}
 		if root != nil && cert.CheckSignatureFrom(root) != nil {
-			v.add(fmt.Sprintf("crl.revoke[%d]", i), "%s was not issued by the root", f)
+			v.Add(fmt.Sprintf("crl.revoke[%d]", i), "%s was not issued by the root", f)
 			continue
 		}
 		p.Revoked = append(p.Revoked, cert)
@@ -435,28 +389,28 @@ func (c *Config) validateCRL(v *validation, p *Plan, now time.Time) {
 	checkOutput(v, "crl.output", s.Output, p)
 }
 
-func (c *Config) validatePINSplit(v *validation, p *Plan) {
+func (c *Config) validatePINSplit(v *strictyaml.Problems, p *Plan) {
 	s := c.PINSplit
 	if s.Token == "" {
-		v.add("pin-split.token", "is required (the label of the token whose PIN this is)")
+		v.Add("pin-split.token", "is required (the label of the token whose PIN this is)")
 	}
 	if err := checkPrivateFile(s.PINFile); err != nil {
-		v.add("pin-split.pin-file", "%v", err)
+		v.Add("pin-split.pin-file", "%v", err)
 	} else {
 		pin, err := readPINFile(s.PINFile)
 		if err != nil {
-			v.add("pin-split.pin-file", "%v", err)
+			v.Add("pin-split.pin-file", "%v", err)
 		}
 		p.pin = pin
 	}
 	if s.Threshold < 2 {
-		v.add("pin-split.threshold", "must be at least 2 (got %d)", s.Threshold)
+		v.Add("pin-split.threshold", "must be at least 2 (got %d)", s.Threshold)
 	}
 	if len(s.Shares) < s.Threshold {
-		v.add("pin-split.shares", "lists %d files, fewer than the threshold %d", len(s.Shares), s.Threshold)
+		v.Add("pin-split.shares", "lists %d files, fewer than the threshold %d", len(s.Shares), s.Threshold)
 	}
 	if len(s.Shares) > 255 {
-		v.add("pin-split.shares", "lists more than 255 files")
+		v.Add("pin-split.shares", "lists more than 255 files")
 	}
 	for i, f := range s.Shares {
 		checkOutput(v, fmt.Sprintf("pin-split.shares[%d]", i), f, p)
@@ -465,24 +419,24 @@ func (c *Config) validatePINSplit(v *validation, p *Plan) {
 
 // checkOutput refuses an output that exists (outputs are never overwritten)
 // or whose directory does not, and a path listed twice.
-func checkOutput(v *validation, field, path string, p *Plan) {
+func checkOutput(v *strictyaml.Problems, field, path string, p *Plan) {
 	if path == "" {
-		v.add(field, "is required")
+		v.Add(field, "is required")
 		return
 	}
 	abs, _ := filepath.Abs(path)
 	for _, o := range p.outputs {
 		if o == abs {
-			v.add(field, "%s is listed twice", path)
+			v.Add(field, "%s is listed twice", path)
 			return
 		}
 	}
 	if _, err := os.Lstat(path); err == nil {
-		v.add(field, "%s already exists; outputs are never overwritten", path)
+		v.Add(field, "%s already exists; outputs are never overwritten", path)
 		return
 	}
 	if st, err := os.Stat(filepath.Dir(abs)); err != nil || !st.IsDir() {
-		v.add(field, "directory %s does not exist", filepath.Dir(abs))
+		v.Add(field, "directory %s does not exist", filepath.Dir(abs))
 		return
 	}
 	p.outputs = append(p.outputs, abs)
@@ -535,44 +489,19 @@ func readShare(path string) (pinshare.Share, error) {
 	return s, nil
 }
 
+// readCert and readCSR read files a script must name.
 func readCert(path string) (*x509.Certificate, error) {
-	der, err := readPEM(path, "CERTIFICATE")
-	if err != nil {
-		return nil, err
+	if path == "" {
+		return nil, errRequired
 	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %v", path, err)
-	}
-	return cert, nil
+	return pemfile.ReadCert(path)
 }
 
 func readCSR(path string) (*x509.CertificateRequest, error) {
-	der, err := readPEM(path, "CERTIFICATE REQUEST")
-	if err != nil {
-		return nil, err
+	if path == "" {
+		return nil, errRequired
 	}
-	csr, err := x509.ParseCertificateRequest(der)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %v", path, err)
-	}
-	return csr, nil
+	return pemfile.ReadCSR(path)
 }
 
-func readPEM(path, typ string) ([]byte, error) {
-	if path == "" {
-		return nil, errors.New("is required")
-	}
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	block, rest := pem.Decode(b)
-	if block == nil || block.Type != typ {
-		return nil, fmt.Errorf("%s holds no PEM %s", path, typ)
-	}
-	if len(bytes.TrimSpace(rest)) != 0 {
-		return nil, fmt.Errorf("%s holds more than one PEM block", path)
-	}
-	return block.Bytes, nil
-}
+var errRequired = errors.New("is required")

@@ -15,6 +15,7 @@ import (
 
 	"github.com/sigil-appliance/sigil/appliance/api"
 	"github.com/sigil-appliance/sigil/appliance/node"
+	"github.com/sigil-appliance/sigil/internal/pemfile"
 	"github.com/sigil-appliance/sigil/keystore/pkcs11"
 	testenv "github.com/sigil-appliance/sigil/softhsm-testenv"
 )
@@ -282,7 +283,7 @@ func FreePort(t testing.TB) string { t.Helper(); return freePort(t) }
 func TrustEKCAs(t testing.TB, admin *api.AdminClient, paths ...string) {
 	t.Helper()
 	for _, p := range paths {
-		certs, err := api.ReadCerts(p)
+		certs, err := pemfile.ReadCerts(p)
 		if err != nil || len(certs) == 0 {
 			t.Fatalf("EK CA %s: %v", p, err)
 		}

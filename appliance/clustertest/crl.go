@@ -2,15 +2,14 @@ package clustertest
 
 import (
 	"context"
-	"encoding/pem"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/sigil-appliance/sigil/appliance/ceremony"
+	"github.com/sigil-appliance/sigil/internal/pemfile"
 )
 
 // RootCRL runs the crl ceremony with the root key, as an operator retiring
@@ -42,13 +41,9 @@ func (tr *Trust) RootCRL(t testing.TB, number int64, nodes ...string) []byte {
 	if err := ceremony.Run(context.Background(), plan, ceremony.Options{}); err != nil {
 		t.Fatalf("crl ceremony: %v", err)
 	}
-	b, err := os.ReadFile(out)
+	der, err := pemfile.ReadOne(out, pemfile.CRL)
 	if err != nil {
 		t.Fatal(err)
 	}
-	blk, _ := pem.Decode(b)
-	if blk == nil || blk.Type != "X509 CRL" {
-		t.Fatalf("%s: no PEM CRL", out)
-	}
-	return blk.Bytes
+	return der
 }

@@ -24,6 +24,7 @@ import (
 
 	"github.com/sigil-appliance/sigil/appliance/ca"
 	"github.com/sigil-appliance/sigil/appliance/ceremony"
+	"github.com/sigil-appliance/sigil/internal/pemfile"
 	"github.com/sigil-appliance/sigil/keystore/pkcs11"
 	testenv "github.com/sigil-appliance/sigil/softhsm-testenv"
 )
@@ -189,15 +190,7 @@ func WriteCredential(t testing.TB, dir, name string, c tls.Certificate) (certPat
 
 func readCert(t testing.TB, path string) *x509.Certificate {
 	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	blk, _ := pem.Decode(b)
-	if blk == nil {
-		t.Fatalf("%s: no PEM", path)
-	}
-	c, err := x509.ParseCertificate(blk.Bytes)
+	c, err := pemfile.ReadCert(path)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -28,6 +28,7 @@ import (
 	"github.com/sigil-appliance/sigil/appliance/api"
 	"github.com/sigil-appliance/sigil/appliance/ca"
 	"github.com/sigil-appliance/sigil/appliance/state"
+	"github.com/sigil-appliance/sigil/internal/nodeid"
 	"github.com/sigil-appliance/sigil/raft"
 )
 
@@ -289,8 +290,8 @@ func clusterStatus(st raft.Status) *api.ClusterStatus {
 }
 
 func (a *admin) ClusterJoin(ctx context.Context, r *api.JoinRequest) (*api.Empty, error) {
-	if !ca.NodeIDPattern.MatchString(r.NodeID) {
-		return nil, status.Errorf(codes.InvalidArgument, "node id %q: want %s", r.NodeID, ca.NodeIDPattern)
+	if err := nodeid.Check(r.NodeID); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	if err := a.member.raft.Join(ctx, r.NodeID, r.Addr); err != nil {
 		return nil, a.fail("cluster join", callerFrom(ctx), err)

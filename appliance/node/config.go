@@ -9,11 +9,10 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"go.yaml.in/yaml/v3"
 
-	"github.com/sigil-appliance/sigil/appliance/ca"
-	"github.com/sigil-appliance/sigil/appliance/internal/strictyaml"
 	"github.com/sigil-appliance/sigil/appliance/state"
+	"github.com/sigil-appliance/sigil/internal/nodeid"
+	"github.com/sigil-appliance/sigil/internal/strictyaml"
 	"github.com/sigil-appliance/sigil/keystore/pkcs11"
 )
 
@@ -271,17 +270,9 @@ func (c *Config) validateAPILimits(bad func(field, format string, a ...any)) {
 	}
 }
 
-// Duration is a YAML time.Duration.
-type Duration struct{ time.Duration }
-
-func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
-	v, err := time.ParseDuration(n.Value)
-	if err != nil {
-		return fmt.Errorf("line %d: %v", n.Line, err)
-	}
-	d.Duration = v
-	return nil
-}
+// Duration is a duration in the config file (strictyaml.Duration: "90s",
+// "36h", "7d").
+type Duration = strictyaml.Duration
 
 // LoadConfig reads and validates a config file strictly.
 func LoadConfig(path string) (*Config, error) {
@@ -304,10 +295,10 @@ func ParseConfig(b []byte) (*Config, error) {
 
 // Validate checks every field and fills defaults.
 func (c *Config) Validate() error {
-	var errs []string
-	bad := func(field, format string, a ...any) { errs = append(errs, field+" "+fmt.Sprintf(format, a...)) }
-	if !ca.NodeIDPattern.MatchString(c.NodeID) {
-		bad("node-id", "must match %s (got %q)", ca.NodeIDPattern, c.NodeID)
+	var p strictyaml.Problems
+	bad := p.Add
+	if !nodeid.Valid(c.NodeID) {
+		bad("node-id", "must match %s (got %q)", nodeid.Pattern, c.NodeID)
 	}
 	if _, err := spiffeid.TrustDomainFromString(c.TrustDomain); err != nil || c.TrustDomain == "" {
 		bad("trust-domain", "must be a trust domain name like example.org (got %q)", c.TrustDomain)
@@ -433,8 +424,5 @@ func (c *Config) Validate() error {
 	default:
 		bad("log.format", "must be json or text (got %q)", c.Log.Format)
 	}
-	if len(errs) > 0 {
-		return fmt.Errorf("invalid sigild config:\n  - %s", strings.Join(errs, "\n  - "))
-	}
-	return nil
+	return p.Err("sigild config")
 }

@@ -32,7 +32,6 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -50,6 +49,7 @@ import (
 	"github.com/sigil-appliance/sigil/appliance/api"
 	"github.com/sigil-appliance/sigil/appliance/ca"
 	"github.com/sigil-appliance/sigil/appliance/state"
+	"github.com/sigil-appliance/sigil/internal/pemfile"
 	"github.com/sigil-appliance/sigil/keystore/pkcs11"
 	"github.com/sigil-appliance/sigil/raft"
 )
@@ -118,12 +118,12 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 		}
 	}()
 
-	issuing, err := readCertFile(cfg.IssuingCert)
+	issuing, err := pemfile.ReadCert(cfg.IssuingCert)
 	if err != nil {
 		return nil, fmt.Errorf("issuing-cert: %w", err)
 	}
 	for _, p := range cfg.RootCerts {
-		r, err := readCertFile(p)
+		r, err := pemfile.ReadCert(p)
 		if err != nil {
 			return nil, fmt.Errorf("root-certs: %w", err)
 		}
@@ -482,18 +482,6 @@ func (n *Node) Stop() error {
 		}
 	})
 	return nil
-}
-
-func readCertFile(path string) (*x509.Certificate, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	blk, _ := pem.Decode(b)
-	if blk == nil || blk.Type != "CERTIFICATE" {
-		return nil, fmt.Errorf("%s: no PEM certificate", path)
-	}
-	return x509.ParseCertificate(blk.Bytes)
 }
 
 // auditExportDir holds the signed segments of pruned audit records.
