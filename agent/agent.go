@@ -38,6 +38,7 @@ import (
 	"github.com/sigil-appliance/sigil/agent/output"
 	"github.com/sigil-appliance/sigil/agent/workload"
 	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/internal/logconfig"
 	"github.com/sigil-appliance/sigil/keystore/tpm"
 )
 
@@ -67,6 +68,8 @@ type Config struct {
 	HealthListen string `yaml:"health-listen"`
 	// Outputs write SVIDs to files for workloads that cannot use the API.
 	Outputs []output.Config `yaml:"outputs"`
+	// Log is slog's level and format, as in sigild's config.
+	Log logconfig.Config `yaml:"log"`
 }
 
 // WorkloadAPIConfig configures the Workload API socket.
@@ -104,7 +107,11 @@ func (c Config) Validate() error {
 			return err
 		}
 	}
-	return nil
+	var logErrs []error
+	for _, p := range c.Log.Problems() {
+		logErrs = append(logErrs, errors.New(p))
+	}
+	return errors.Join(logErrs...)
 }
 
 func (c Config) socketMode() (os.FileMode, error) {
