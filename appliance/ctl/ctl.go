@@ -85,6 +85,9 @@ func NewCommand(out io.Writer) *cobra.Command {
 			if g.output != "text" && g.output != "json" {
 				return clirun.Usagef("--output must be text or json (got %q)", g.output)
 			}
+			if g.timeout <= 0 {
+				return clirun.Usagef("--timeout must be positive (got %v)", g.timeout)
+			}
 			return nil
 		},
 		PersistentPostRunE: func(*cobra.Command, []string) error {

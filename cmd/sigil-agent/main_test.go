@@ -40,7 +40,7 @@ func TestRun(t *testing.T) {
 		{[]string{"--bogus"}, 2, nil, []string{"unknown flag: --bogus"}},
 		{[]string{"inspect", "--bogus"}, 2, nil, []string{"inspect: unknown flag: --bogus"}},
 		{[]string{"inspect", "--timeout", "soon"}, 2, nil, []string{"--timeout"}},
-		{[]string{"inspect", "extra"}, 2, nil, []string{"extra"}},
+		{[]string{"inspect", "extra"}, 2, nil, []string{`inspect: takes no arguments (got "extra")`}},
 		{[]string{"-config", filepath.Join(dir, "none.yaml")}, 1, nil, []string{"none.yaml", "no such file"}},
 		{[]string{"--config", badLog}, 1, nil, []string{badLog, `log.level must be debug, info, warn or error (got "loud")`, `log.format must be json or text (got "xml")`}},
 		{[]string{"--config=" + unknown}, 1, nil, []string{unknown, "bogus-field", "colour"}},

@@ -34,6 +34,8 @@ func TestRun(t *testing.T) {
 		{[]string{"entry", "show"}, 2, nil, []string{"entry show: accepts 1 arg"}},
 		{[]string{"-o", "yaml", "entry", "list"}, 2, nil, []string{"--output must be text or json"}},
 		{[]string{"entry", "list", "--timeout", "soon"}, 2, nil, []string{"--timeout"}},
+		{[]string{"entry", "list", "--timeout", "0s"}, 2, nil, []string{"--timeout must be positive"}},
+		{[]string{"cluster", "status", "extra"}, 2, nil, []string{`cluster status: takes no arguments (got "extra")`}},
 		// Durations the appliance keeps in whole seconds are refused, not
 		// truncated, before anything is dialed.
 		{[]string{"entry", "create", "--spiffe-id", "spiffe://example.org/w", "--x509-ttl", "1500ms"}, 2, nil, []string{"--x509-ttl 1.5s", "whole seconds", "2s"}},

@@ -75,6 +75,11 @@ func Prepare(root *cobra.Command) *cobra.Command {
 		if orig := c.Args; orig != nil {
 			c.Args = func(c *cobra.Command, args []string) error {
 				if err := orig(c, args); err != nil {
+					if !c.HasSubCommands() && len(args) > 0 && strings.HasPrefix(err.Error(), "unknown command") {
+						// cobra.NoArgs says "unknown command" even
+						// where there are no commands to choose from.
+						err = fmt.Errorf("takes no arguments (got %q)", args[0])
+					}
 					return &UsageError{Err: within(c, err)}
 				}
 				return nil
