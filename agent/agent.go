@@ -36,6 +36,7 @@ import (
 	"github.com/sigil-appliance/sigil/agent/output"
 	"github.com/sigil-appliance/sigil/agent/workload"
 	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/internal/logconfig"
 	"github.com/sigil-appliance/sigil/internal/pemfile"
 	"github.com/sigil-appliance/sigil/internal/strictyaml"
 	"github.com/sigil-appliance/sigil/keystore/tpm"
@@ -67,6 +68,8 @@ type Config struct {
 	HealthListen string `yaml:"health-listen"`
 	// Outputs write SVIDs to files for workloads that cannot use the API.
 	Outputs []output.Config `yaml:"outputs"`
+	// Log is slog's level and format, as in sigild's config.
+	Log logconfig.Config `yaml:"log"`
 }
 
 // WorkloadAPIConfig configures the Workload API socket.
@@ -108,6 +111,9 @@ func (c Config) Validate() error {
 	}
 	for _, o := range c.Outputs {
 		p.AddErr(o.Validate())
+	}
+	for _, s := range c.Log.Problems() {
+		p.AddErr(errors.New(s))
 	}
 	return p.Err("sigil-agent config")
 }

@@ -76,7 +76,7 @@ func TestAgentJoinsOnceAndRenewsAfterRestart(t *testing.T) {
 
 func TestLoadConfig(t *testing.T) {
 	c, err := agent.LoadConfig("../packaging/agent.yaml")
-	if err != nil || len(c.Servers) != 3 || c.TPM != "/dev/tpmrm0" || c.WorkloadAPI.Socket != agent.DefaultSocket ||
+	if err != nil || len(c.Servers) != 3 || c.TPM != "/dev/tpmrm0" || c.WorkloadAPI.Socket != agent.DefaultSocket || c.Log.Level != "info" ||
 		c.WorkloadAPI.Limits.StreamsPerCaller != 1024 || len(c.Outputs) != 1 || c.Outputs[0].UID != 1500 {
 		t.Fatalf("example config: %+v %v", c, err)
 	}
@@ -89,6 +89,8 @@ func TestLoadConfig(t *testing.T) {
 		"relative output dir": func(c *agent.Config) { c.Outputs[0].Dir = "out" },
 		"output selector":     func(c *agent.Config) { c.Outputs[0].Selectors = []string{"uid"} },
 		"tpm and token":       func(c *agent.Config) { c.JoinTokenFile = "/etc/sigil/token" },
+		"log level":           func(c *agent.Config) { c.Log.Level = "loud" },
+		"log format":          func(c *agent.Config) { c.Log.Format = "xml" },
 	} {
 		bad, _ := agent.LoadConfig("../packaging/agent.yaml")
 		mod(&bad)

@@ -7,48 +7,48 @@ import (
 	"google.golang.org/grpc"
 )
 
-// Agent service messages.
+// Agent service messages (JSON names as in api.go).
 type (
 	// X509SVIDRequest asks for one workload SVID: the CSR carries the
 	// workload's public key (its private key never leaves the agent).
 	X509SVIDRequest struct {
-		EntryID string
-		CSR     []byte // DER
+		EntryID string `json:"entry_id"`
+		CSR     []byte `json:"csr"` // DER
 	}
 	X509SVIDBatch struct {
-		Requests []X509SVIDRequest
+		Requests []X509SVIDRequest `json:"requests"`
 	}
 	// X509SVIDResult is one answer: a chain, or why not.
 	X509SVIDResult struct {
-		EntryID   string
-		SPIFFEID  string   `json:",omitempty"`
-		Chain     [][]byte `json:",omitempty"` // leaf, then the node's intermediate
-		ExpiresAt time.Time
-		Error     string `json:",omitempty"`
+		EntryID   string    `json:"entry_id"`
+		SPIFFEID  string    `json:"spiffe_id,omitempty"`
+		Chain     [][]byte  `json:"chain,omitempty"` // leaf, then the node's intermediate
+		ExpiresAt time.Time `json:"expires_at"`
+		Error     string    `json:"error,omitempty"`
 	}
 	X509SVIDBatchResult struct {
-		Results []X509SVIDResult
+		Results []X509SVIDResult `json:"results"`
 	}
 	JWTSVIDRequest struct {
-		EntryID  string
-		Audience []string
+		EntryID  string   `json:"entry_id"`
+		Audience []string `json:"audience"`
 	}
 	JWTSVIDResult struct {
-		Token     string
-		SPIFFEID  string
-		ExpiresAt time.Time
+		Token     string    `json:"token"`
+		SPIFFEID  string    `json:"spiffe_id"`
+		ExpiresAt time.Time `json:"expires_at"`
 	}
 	// SyncRequest resumes after a revision (0: from the start).
 	SyncRequest struct {
-		Revision uint64
+		Revision uint64 `json:"revision"`
 	}
 	// SyncUpdate is the agent's whole view at a revision: every entry it is
 	// parent of and the trust bundle (with the SPIFFE bundle document).
 	SyncUpdate struct {
-		Revision uint64
-		Entries  []Entry
-		Bundle   Bundle
-		SPIFFE   []byte
+		Revision uint64  `json:"revision"`
+		Entries  []Entry `json:"entries"`
+		Bundle   Bundle  `json:"bundle"`
+		SPIFFE   []byte  `json:"spiffe"`
 	}
 )
 

@@ -70,111 +70,131 @@ func DialOptions() []grpc.DialOption {
 		grpc.MaxCallRecvMsgSize(MaxResponseSize), grpc.MaxCallSendMsgSize(MaxRequestSize))}
 }
 
-// Messages.
+// Messages. Their JSON names (the wire format, and sigilctl's --output
+// json) are lower-case snake_case, like the data types'.
 type (
-	Empty            struct{}
-	IDRequest        struct{ ID string }
-	EntryRequest     struct{ Entry Entry }
-	EntryListRequest struct {
-		ParentID string `json:",omitempty"`
-		SPIFFEID string `json:",omitempty"`
+	Empty     struct{}
+	IDRequest struct {
+		ID string `json:"id"`
 	}
-	EntryList    struct{ Entries []Entry }
-	AgentList    struct{ Agents []Agent }
-	EKCARequest  struct{ DER []byte }
-	EKCAList     struct{ CAs []EKCA }
-	HashRequest  struct{ Hash string }
-	HashList     struct{ Hashes []string }
+	EntryRequest struct {
+		Entry Entry `json:"entry"`
+	}
+	EntryListRequest struct {
+		ParentID string `json:"parent_id,omitempty"`
+		SPIFFEID string `json:"spiffe_id,omitempty"`
+	}
+	EntryList struct {
+		Entries []Entry `json:"entries"`
+	}
+	AgentList struct {
+		Agents []Agent `json:"agents"`
+	}
+	EKCARequest struct {
+		DER []byte `json:"der"`
+	}
+	EKCAList struct {
+		CAs []EKCA `json:"cas"`
+	}
+	HashRequest struct {
+		Hash string `json:"hash"`
+	}
+	HashList struct {
+		Hashes []string `json:"hashes"`
+	}
 	TokenRequest struct {
-		TTL Seconds
+		TTL Seconds `json:"ttl"`
 	}
 	TokenResponse struct {
 		// Token is shown once; the appliance keeps only its SHA-256 (ID).
-		Token     string
-		ID        string
-		ExpiresAt time.Time
+		Token     string    `json:"token"`
+		ID        string    `json:"id"`
+		ExpiresAt time.Time `json:"expires_at"`
 	}
 	JoinRequest struct {
-		NodeID string
-		Addr   string
+		NodeID string `json:"node_id"`
+		Addr   string `json:"addr"`
 	}
 	ClusterStatus struct {
-		NodeID       string
-		State        string
-		Term         uint64
-		LastIndex    uint64
-		CommitIndex  uint64
-		AppliedIndex uint64
-		LeaderID     string
-		LeaderAddr   string
-		Peers        []Peer
+		NodeID       string `json:"node_id"`
+		State        string `json:"state"`
+		Term         uint64 `json:"term"`
+		LastIndex    uint64 `json:"last_index"`
+		CommitIndex  uint64 `json:"commit_index"`
+		AppliedIndex uint64 `json:"applied_index"`
+		LeaderID     string `json:"leader_id"`
+		LeaderAddr   string `json:"leader_addr"`
+		Peers        []Peer `json:"peers"`
 	}
 	Peer struct {
-		ID          string
-		Addr        string
-		Suffrage    string
-		LastContact time.Time `json:",omitzero"`
-		LastIndex   uint64
+		ID          string    `json:"id"`
+		Addr        string    `json:"addr"`
+		Suffrage    string    `json:"suffrage"`
+		LastContact time.Time `json:"last_contact,omitzero"`
+		LastIndex   uint64    `json:"last_index"`
 	}
 	SnapshotArchive struct {
-		Archive []byte
-		Meta    ArchiveMeta
-		SHA256  string
+		Archive []byte      `json:"archive,omitempty"`
+		Meta    ArchiveMeta `json:"meta"`
+		SHA256  string      `json:"sha256"`
 	}
 	AuditRequest struct {
-		After uint64
-		Limit int
+		After uint64 `json:"after"`
+		Limit int    `json:"limit"`
 	}
 	AuditList struct {
-		Records []AuditRecord
+		Records []AuditRecord `json:"records"`
 		// Head is the newest record's sequence number at the time of the
 		// call, so auditors know whether they saw everything.
-		Head uint64
+		Head uint64 `json:"head"`
 		// First is the first retained record; older ones were pruned to
 		// signed segment files on each node (sigilctl audit export).
-		First uint64 `json:",omitempty"`
+		First uint64 `json:"first,omitempty"`
 	}
 	AuditVerify struct {
-		Records  uint64
-		Intact   bool
-		FirstBad uint64 `json:",omitempty"`
-		Error    string `json:",omitempty"`
+		Records  uint64 `json:"records"`
+		Intact   bool   `json:"intact"`
+		FirstBad uint64 `json:"first_bad,omitempty"`
+		Error    string `json:"error,omitempty"`
 		// From and To are the first and last records verified; records
 		// up to LastCheckpoint are covered by Checkpoints HSM signatures
 		// that chain to the root, later ones by the hash chain alone.
-		From, To       uint64
-		Checkpoints    int
-		LastCheckpoint uint64
+		From           uint64 `json:"from"`
+		To             uint64 `json:"to"`
+		Checkpoints    int    `json:"checkpoints"`
+		LastCheckpoint uint64 `json:"last_checkpoint"`
 	}
 	BundleResponse struct {
-		Bundle Bundle
+		Bundle Bundle `json:"bundle"`
 		// SPIFFE is the bundle as a SPIFFE bundle document (JWKS).
-		SPIFFE json.RawMessage
+		SPIFFE json.RawMessage `json:"spiffe"`
 	}
 	AdminCertRequest struct {
-		Name string // becomes spiffe://<td>/sigil/admin/<name>
-		CSR  []byte // DER; the admin's key never leaves the admin
-		TTL  Seconds
+		Name string  `json:"name"` // becomes spiffe://<td>/sigil/admin/<name>
+		CSR  []byte  `json:"csr"`  // DER; the admin's key never leaves the admin
+		TTL  Seconds `json:"ttl"`
 		// Role is AdminRoleAdmin or AdminRoleIssuer; "" keeps the name's
 		// current role (admin for a new name).
-		Role string `json:",omitempty"`
+		Role string `json:"role,omitempty"`
 	}
 	// AdminRevokeRequest revokes every certificate issued so far for an
 	// admin name.
 	AdminRevokeRequest struct {
-		Name string
+		Name string `json:"name"`
 	}
-	AdminList struct{ Admins []AdminRecord }
+	AdminList struct {
+		Admins []AdminRecord `json:"admins"`
+	}
 	CertChain struct {
-		Chain [][]byte // DER, leaf first
+		Chain [][]byte `json:"chain"` // DER, leaf first
 	}
 	RevokeRequest struct {
-		Serial string // hex, as in the issuance audit record
+		Serial string `json:"serial"` // hex, as in the issuance audit record
 	}
 	// PCRPolicyRequest sets (or, with nil, clears) the PCR values a joining
 	// TPM must quote.
 	PCRPolicyRequest struct {
-		Policy *PCRPolicy
+		Policy *PCRPolicy `json:"policy"`
 	}
 )
 

@@ -32,10 +32,16 @@ func adminRevokeCmd(g *globals) *cobra.Command {
 func adminListCmd(g *globals) *cobra.Command {
 	return &cobra.Command{Use: "list", Args: cobra.NoArgs, Short: "List admin names: roles, revocations, unexpired certificates",
 		RunE: func(*cobra.Command, []string) error {
-			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) { return c.AdminList(ctx, &api.Empty{}) },
+			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
+				l, err := c.AdminList(ctx, &api.Empty{})
+				if err != nil {
+					return nil, err
+				}
+				return nonNil(l.Admins), nil
+			},
 				func(w io.Writer, v any) {
 					var rows [][]string
-					for _, a := range v.(*api.AdminList).Admins {
+					for _, a := range v.([]api.AdminRecord) {
 						revoked := "-"
 						if !a.RevokedAt.IsZero() {
 							revoked = a.RevokedAt.Format(time.RFC3339) + " by " + a.RevokedBy

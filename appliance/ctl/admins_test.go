@@ -70,15 +70,14 @@ func TestSigilctlAdminRevoke(t *testing.T) {
 	if _, err := run(as(bobCert, bobKey, "entry", "list")...); err == nil || !strings.Contains(err.Error(), "revoked") {
 		t.Fatalf("revoked bob: %v", err)
 	}
-	var l struct {
-		Admins []struct {
-			Name      string `json:"name"`
-			RevokedAt string `json:"revoked_at"`
-			RevokedBy string `json:"revoked_by"`
-		}
+	// A list prints as a top-level array.
+	var l []struct {
+		Name      string `json:"name"`
+		RevokedAt string `json:"revoked_at"`
+		RevokedBy string `json:"revoked_by"`
 	}
-	if err := json.Unmarshal([]byte(must(as(ivyCert, ivyKey, "-o", "json", "admin", "list")...)), &l); err != nil || len(l.Admins) != 2 ||
-		l.Admins[0].Name != "bob" || l.Admins[0].RevokedAt == "" || !strings.HasSuffix(l.Admins[0].RevokedBy, "/sigil/admin/ivy") {
+	if err := json.Unmarshal([]byte(must(as(ivyCert, ivyKey, "-o", "json", "admin", "list")...)), &l); err != nil || len(l) != 2 ||
+		l[0].Name != "bob" || l[0].RevokedAt == "" || !strings.HasSuffix(l[0].RevokedBy, "/sigil/admin/ivy") {
 		t.Fatalf("admin list json: %+v %v", l, err)
 	}
 }

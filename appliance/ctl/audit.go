@@ -140,6 +140,7 @@ func auditListCmd(g *globals) *cobra.Command {
 					return nil, err
 				}
 				notes = listNotes(req, l)
+				l.Records = nonNil(l.Records)
 				return l, nil
 			}, func(w io.Writer, v any) {
 				var rows [][]string
@@ -215,7 +216,7 @@ func (g *globals) auditListAll(req api.AuditRequest) error {
 			if !started {
 				started, head, first = true, l.Head, l.First
 				if g.output == "json" {
-					fmt.Fprint(w, "{\n  \"Records\": [")
+					fmt.Fprint(w, "{\n  \"records\": [")
 				} else {
 					fmt.Fprintln(tw, auditHeader)
 				}
@@ -260,9 +261,9 @@ func (g *globals) auditListAll(req api.AuditRequest) error {
 			if n > 0 {
 				w.WriteString("\n  ")
 			}
-			fmt.Fprintf(w, "],\n  \"Head\": %d", head)
+			fmt.Fprintf(w, "],\n  \"head\": %d", head)
 			if first != 0 {
-				fmt.Fprintf(w, ",\n  \"First\": %d", first)
+				fmt.Fprintf(w, ",\n  \"first\": %d", first)
 			}
 			w.WriteString("\n}\n")
 		}
@@ -421,7 +422,7 @@ type verifyResult struct {
 	Error    string           `json:"error,omitempty"`
 	PrunedAt uint64           `json:"prune_record,omitempty"`
 	Warnings []string         `json:"warnings,omitempty"`
-	Node     *api.AuditVerify `json:"Node"`
+	Node     *api.AuditVerify `json:"node"`
 	Retained uint64           `json:"retained_from,omitempty"`
 }
 

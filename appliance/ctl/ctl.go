@@ -2,13 +2,13 @@
 // appliance over its API (entries, agents, TPM join policy, join tokens,
 // cluster membership, snapshots, audit, the trust bundle, admin
 // credentials). Output is a table for people or JSON (--output json) for
-// scripts.
+// scripts: JSON keys are lower-case snake_case, and lists print as a
+// top-level array (audit list, which also reports the head, as an object
+// with "records"). A command whose output could not be written fails.
 package ctl
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
@@ -18,41 +18,81 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/signal"
 	"strings"
-	"syscall"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/internal/clirun"
 )
 
 type globals struct {
 	dial    api.DialConfig
 	output  string
 	timeout time.Duration
-	out     io.Writer
+	// ctx is the command's context: main cancels it on an interrupt.
+	ctx context.Context
+	out *outWriter
 	// errOut takes progress and notes, so that out holds only the
 	// result (which may be a stream of records).
 	errOut io.Writer
 }
 
-// NewCommand returns the sigilctl root command. Flags default from the
-// environment (SIGIL_SERVER, SIGIL_CERT, SIGIL_KEY, SIGIL_ROOT,
-// SIGIL_SOCKET) so that credentials need not be typed each time.
+// outWriter keeps the first error writing the result: every later write
+// fails with it, and the command fails with it at the end (a result that
+// did not reach its reader is not a success).
+type outWriter struct {
+	w   io.Writer
+	err error
+}
+
+func (o *outWriter) Write(p []byte) (int, error) {
+	if o.err != nil {
+		return 0, o.err
+	}
+	n, err := o.w.Write(p)
+	if err == nil && n < len(p) {
+		err = io.ErrShortWrite
+	}
+	o.err = err
+	return n, err
+}
+
+// Run runs sigilctl with args (without the program name) and returns its
+// exit code: 0, 1 when the command failed, 2 when the command line was
+// wrong. Cancelling ctx (main does on SIGINT and SIGTERM) stops a command,
+// which removes any file it left half written.
+func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	return clirun.Run(ctx, NewCommand(stdout), args, stdout, stderr)
+}
+
+// NewCommand returns the sigilctl root command, writing results to out.
+// Flags default from the environment (SIGIL_SERVER, SIGIL_CERT, SIGIL_KEY,
+// SIGIL_ROOT, SIGIL_SOCKET) so that credentials need not be typed each
+// time.
 func NewCommand(out io.Writer) *cobra.Command {
-	g := &globals{out: out, errOut: os.Stderr}
+	g := &globals{out: &outWriter{w: out}, errOut: os.Stderr, ctx: context.Background()}
 	root := &cobra.Command{
-		Use:           "sigilctl",
-		Short:         "Administer a Sigil appliance",
-		SilenceUsage:  true,
-		SilenceErrors: true,
+		Use:   "sigilctl",
+		Short: "Administer a Sigil appliance",
 		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
 			g.errOut = cmd.ErrOrStderr()
+			if ctx := cmd.Context(); ctx != nil {
+				g.ctx = ctx
+			}
 			if g.output != "text" && g.output != "json" {
-				return fmt.Errorf("--output must be text or json")
+				return clirun.Usagef("--output must be text or json (got %q)", g.output)
+			}
+			if g.timeout <= 0 {
+				return clirun.Usagef("--timeout must be positive (got %v)", g.timeout)
+			}
+			return nil
+		},
+		PersistentPostRunE: func(*cobra.Command, []string) error {
+			if g.out.err != nil {
+				return fmt.Errorf("writing the result: %w", g.out.err)
 			}
 			return nil
 		},
@@ -60,7 +100,7 @@ func NewCommand(out io.Writer) *cobra.Command {
 	f := root.PersistentFlags()
 	f.StringVar(&g.dial.Addr, "server", os.Getenv("SIGIL_SERVER"), "node API address host:port ($SIGIL_SERVER)")
 	f.StringVar(&g.dial.CertFile, "cert", os.Getenv("SIGIL_CERT"), "admin certificate chain, PEM ($SIGIL_CERT)")
-	f.StringVar(&g.dial.KeyFile, "key", os.Getenv("SIGIL_KEY"), "admin private key, PEM, mode 0600 ($SIGIL_KEY)")
+	f.StringVar(&g.dial.KeyFile, "key", os.Getenv("SIGIL_KEY"), "admin private key: a PEM file (mode 0600) or a pkcs11: URI of a key in a token, whose PIN comes from the URI's pin-source (file:/path or env:NAME) ($SIGIL_KEY)")
 	f.StringVar(&g.dial.RootFile, "root", os.Getenv("SIGIL_ROOT"), "trust domain root certificate ($SIGIL_ROOT)")
 	f.StringVar(&g.dial.Socket, "socket", os.Getenv("SIGIL_SOCKET"), "node-local admin socket, as root on a node ($SIGIL_SOCKET)")
 	f.StringVarP(&g.output, "output", "o", "text", "output format: text or json")
@@ -68,7 +108,7 @@ func NewCommand(out io.Writer) *cobra.Command {
 
 	root.AddCommand(entryCmd(g), agentCmd(g), tpmCmd(g), tokenCmd(g), clusterCmd(g), snapshotCmd(g), auditCmd(g), bundleCmd(g), adminCmd(g), svidCmd(g))
 	root.AddCommand(caCmd(g)) // crl.go
-	return root
+	return clirun.Prepare(root)
 }
 
 // run dials, calls fn within --timeout and prints its result.
@@ -83,17 +123,21 @@ func (g *globals) run(fn func(ctx context.Context, c *api.AdminClient) (any, err
 // session dials, calls fn and prints its result (nothing when fn returns
 // nil: it printed as it went). fn bounds its own requests (g.request,
 // g.idle), so that a command made of many requests or a long stream is
-// not cut off by one overall deadline. An interrupt cancels fn's context,
-// so that a command writing a file can remove what it left half done.
+// not cut off by one overall deadline. fn's context is the command's, which
+// an interrupt cancels, so that a command writing a file can remove what
+// it left half done.
 func (g *globals) session(fn func(ctx context.Context, c *api.AdminClient) (any, error), text func(w io.Writer, v any)) error {
-	conn, err := api.Dial(g.dial)
+	dial, closeKey, err := g.dialConfig(g.ctx)
+	if err != nil {
+		return err
+	}
+	defer closeKey()
+	conn, err := api.Dial(dial)
 	if err != nil {
 		return err
 	}
 	defer conn.Close()
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	v, err := fn(ctx, api.NewAdminClient(conn))
+	v, err := fn(g.ctx, api.NewAdminClient(conn))
 	if err != nil {
 		return err
 	}
@@ -114,6 +158,14 @@ func (g *globals) print(v any, text func(w io.Writer, v any)) error {
 		text(g.out, v)
 	}
 	return nil
+}
+
+// nonNil makes an empty list print as [] rather than null.
+func nonNil[T any](l []T) []T {
+	if l == nil {
+		return []T{}
+	}
+	return l
 }
 
 func table(w io.Writer, header string, rows [][]string) {
@@ -152,8 +204,12 @@ func entryCmd(g *globals) *cobra.Command {
 			}
 			e.Selectors = append(e.Selectors, api.Selector{Type: typ, Value: val})
 		}
-		e.X509TTL, e.JWTTTL = api.Seconds(x509TTL/time.Second), api.Seconds(jwtTTL/time.Second)
-		return nil
+		var err error
+		if e.X509TTL, err = wholeSeconds("x509-ttl", x509TTL); err != nil {
+			return err
+		}
+		e.JWTTTL, err = wholeSeconds("jwt-ttl", jwtTTL)
+		return err
 	}
 	create := &cobra.Command{Use: "create", Short: "Create an entry", Args: cobra.NoArgs, RunE: func(*cobra.Command, []string) error {
 		if err := build(); err != nil {
@@ -176,10 +232,16 @@ func entryCmd(g *globals) *cobra.Command {
 	addFlags(update)
 	var filter api.EntryListRequest
 	list := &cobra.Command{Use: "list", Short: "List entries", Args: cobra.NoArgs, RunE: func(*cobra.Command, []string) error {
-		return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) { return c.EntryList(ctx, &filter) },
+		return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
+			l, err := c.EntryList(ctx, &filter)
+			if err != nil {
+				return nil, err
+			}
+			return nonNil(l.Entries), nil
+		},
 			func(w io.Writer, v any) {
 				var rows [][]string
-				for _, e := range v.(*api.EntryList).Entries {
+				for _, e := range v.([]api.Entry) {
 					rows = append(rows, []string{e.ID, e.SPIFFEID, e.ParentID, selectorString(e.Selectors)})
 				}
 				table(w, "ID\tSPIFFE ID\tPARENT\tSELECTORS", rows)
@@ -199,6 +261,20 @@ func entryCmd(g *globals) *cobra.Command {
 	}}
 	cmd.AddCommand(create, update, list, show, del)
 	return cmd
+}
+
+// wholeSeconds converts a duration flag to the whole seconds the
+// appliance stores. A duration it cannot represent is refused rather than
+// truncated (1500ms would silently become 1s).
+func wholeSeconds(flag string, d time.Duration) (api.Seconds, error) {
+	if d < 0 {
+		return 0, clirun.Usagef("--%s %v: must not be negative", flag, d)
+	}
+	if d%time.Second != 0 {
+		return 0, clirun.Usagef("--%s %v: the appliance keeps whole seconds; give a whole number of seconds (such as %v)",
+			flag, d, max(d.Round(time.Second), time.Second))
+	}
+	return api.Seconds(d / time.Second), nil
 }
 
 func selectorString(s []api.Selector) string {
@@ -232,10 +308,16 @@ func agentCmd(g *globals) *cobra.Command {
 	}
 	cmd.AddCommand(
 		&cobra.Command{Use: "list", Args: cobra.NoArgs, Short: "List agents", RunE: func(*cobra.Command, []string) error {
-			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) { return c.AgentList(ctx, &api.Empty{}) },
+			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
+				l, err := c.AgentList(ctx, &api.Empty{})
+				if err != nil {
+					return nil, err
+				}
+				return nonNil(l.Agents), nil
+			},
 				func(w io.Writer, v any) {
 					var rows [][]string
-					for _, a := range v.(*api.AgentList).Agents {
+					for _, a := range v.([]api.Agent) {
 						rows = append(rows, []string{a.ID, a.AttestationType, a.ExpiresAt.Format(time.RFC3339), fmt.Sprint(a.Banned)})
 					}
 					table(w, "ID\tATTESTATION\tSVID EXPIRES\tBANNED", rows)
@@ -282,10 +364,16 @@ func tpmCmd(g *globals) *cobra.Command {
 			}, func(w io.Writer, v any) { fmt.Fprintf(w, "trusted %s (%s)\n", v.(*api.EKCA).ID, v.(*api.EKCA).Subject) })
 		}},
 		&cobra.Command{Use: "list", Args: cobra.NoArgs, Short: "List trusted EK CAs", RunE: func(*cobra.Command, []string) error {
-			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) { return c.EKCAList(ctx, &api.Empty{}) },
+			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
+				l, err := c.EKCAList(ctx, &api.Empty{})
+				if err != nil {
+					return nil, err
+				}
+				return nonNil(l.CAs), nil
+			},
 				func(w io.Writer, v any) {
 					var rows [][]string
-					for _, ca := range v.(*api.EKCAList).CAs {
+					for _, ca := range v.([]api.EKCA) {
 						rows = append(rows, []string{ca.ID, ca.Subject})
 					}
 					table(w, "ID (SHA-256)\tSUBJECT", rows)
@@ -305,9 +393,15 @@ func tpmCmd(g *globals) *cobra.Command {
 			}, ok("allowed "+args[0]))
 		}},
 		&cobra.Command{Use: "list", Args: cobra.NoArgs, Short: "List allowed EKs", RunE: func(*cobra.Command, []string) error {
-			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) { return c.EKAllowList(ctx, &api.Empty{}) },
+			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
+				l, err := c.EKAllowList(ctx, &api.Empty{})
+				if err != nil {
+					return nil, err
+				}
+				return nonNil(l.Hashes), nil
+			},
 				func(w io.Writer, v any) {
-					for _, h := range v.(*api.HashList).Hashes {
+					for _, h := range v.([]string) {
 						fmt.Fprintln(w, h)
 					}
 				})
@@ -347,8 +441,12 @@ func tokenCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "token", Short: "One-time join tokens for hosts without a TPM"}
 	var ttl time.Duration
 	create := &cobra.Command{Use: "create", Args: cobra.NoArgs, Short: "Create a join token (shown once)", RunE: func(*cobra.Command, []string) error {
+		secs, err := wholeSeconds("ttl", ttl)
+		if err != nil {
+			return err
+		}
 		return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
-			return c.TokenCreate(ctx, &api.TokenRequest{TTL: api.Seconds(ttl / time.Second)})
+			return c.TokenCreate(ctx, &api.TokenRequest{TTL: secs})
 		}, func(w io.Writer, v any) {
 			t := v.(*api.TokenResponse)
 			fmt.Fprintf(w, "%s\n(expires %s; shown once, the appliance keeps only its hash %.12s)\n", t.Token, t.ExpiresAt.Format(time.RFC3339), t.ID)
@@ -421,48 +519,88 @@ func adminCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "admin", Short: "Admin credentials"}
 	var name, keyOut, certOut, role string
 	var ttl time.Duration
-	issue := &cobra.Command{Use: "issue", Args: cobra.NoArgs, Short: "Make a key here and have a node certify it as an admin", RunE: func(*cobra.Command, []string) error {
+	issue := &cobra.Command{Use: "issue", Args: cobra.NoArgs, Short: "Make a key here (in a file or a token) and have a node certify it as an admin", RunE: func(*cobra.Command, []string) error {
 		if name == "" || keyOut == "" || certOut == "" {
-			return errors.New("--name, --key-out and --cert-out are required")
+			return clirun.Usagef("--name, --key-out and --cert-out are required")
 		}
-		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		secs, err := wholeSeconds("ttl", ttl)
 		if err != nil {
 			return err
 		}
-		csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: name}}, key)
-		if err != nil {
-			return err
+		token := isTokenURI(keyOut)
+		if token {
+			if err := checkTokenURI("key-out", keyOut); err != nil {
+				return err
+			}
 		}
-		kd, err := x509.MarshalPKCS8PrivateKey(key)
-		if err != nil {
-			return err
-		}
-		// Claim both outputs before asking the appliance, so a name clash
-		// does not leave a certificate without its key.
-		kf, err := os.OpenFile(keyOut, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-		if err != nil {
-			return err
+		// Claim the output files before making the key or asking the
+		// appliance, so a name clash does not leave a certificate without
+		// its key (or a token key without its certificate).
+		var kf *os.File
+		if !token {
+			if kf, err = os.OpenFile(keyOut, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600); err != nil {
+				return err
+			}
 		}
 		cf, err := os.OpenFile(certOut, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 		if err != nil {
-			kf.Close()
-			os.Remove(keyOut)
+			if kf != nil {
+				kf.Close()
+				os.Remove(keyOut)
+			}
 			return err
 		}
+		written := false
+		defer func() {
+			if kf != nil {
+				kf.Close()
+			}
+			cf.Close()
+			if !written {
+				if kf != nil {
+					os.Remove(keyOut)
+				}
+				os.Remove(certOut)
+			}
+		}()
+		key, err := newAdminKey(g.ctx, keyOut)
+		if err != nil {
+			return err
+		}
+		defer key.close()
+		csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: name}}, key.signer)
+		if err != nil {
+			return fmt.Errorf("certificate request: %w", err)
+		}
 		err = g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
-			chain, err := c.AdminCertIssue(ctx, &api.AdminCertRequest{Name: name, CSR: csr, TTL: api.Seconds(ttl / time.Second), Role: role})
+			chain, err := c.AdminCertIssue(ctx, &api.AdminCertRequest{Name: name, CSR: csr, TTL: secs, Role: role})
 			if err != nil {
 				return nil, err
 			}
+			if len(chain.Chain) == 0 {
+				return nil, errors.New("the node returned no certificate")
+			}
+			leaf, err := x509.ParseCertificate(chain.Chain[0])
+			if err != nil || len(leaf.URIs) != 1 {
+				return nil, fmt.Errorf("the node returned a certificate that is not an admin SVID: %v", err)
+			}
 			for _, der := range chain.Chain {
 				if err := pem.Encode(cf, &pem.Block{Type: "CERTIFICATE", Bytes: der}); err != nil {
-					return nil, err
+					return nil, fmt.Errorf("%s: %w", certOut, err)
 				}
 			}
-			if err := pem.Encode(kf, &pem.Block{Type: "PRIVATE KEY", Bytes: kd}); err != nil {
-				return nil, err
+			if err := cf.Close(); err != nil {
+				return nil, fmt.Errorf("%s: %w", certOut, err)
 			}
-			leaf, _ := x509.ParseCertificate(chain.Chain[0])
+			if kf != nil {
+				if err := pem.Encode(kf, &pem.Block{Type: "PRIVATE KEY", Bytes: key.pkcs8}); err != nil {
+					return nil, fmt.Errorf("%s: %w", keyOut, err)
+				}
+				if err := kf.Close(); err != nil {
+					return nil, fmt.Errorf("%s: %w", keyOut, err)
+				}
+			}
+			written = true
 			out := map[string]string{"id": leaf.URIs[0].String(), "serial": leaf.SerialNumber.Text(16),
 				"not_after": leaf.NotAfter.Format(time.RFC3339), "cert": certOut, "key": keyOut}
 			if role != "" {
@@ -477,16 +615,13 @@ func adminCmd(g *globals) *cobra.Command {
 			}
 			fmt.Fprintf(w, "admin credential %s (role %s, serial %s, until %s): %s, key %s\n", m["id"], r, m["serial"], m["not_after"], m["cert"], m["key"])
 		})
-		kf.Close()
-		cf.Close()
-		if err != nil {
-			os.Remove(keyOut)
-			os.Remove(certOut)
+		if err != nil && !written && token {
+			return fmt.Errorf("%w (the new key %s stays in the token, uncertified)", err, keyOut)
 		}
 		return err
 	}}
 	issue.Flags().StringVar(&name, "name", "", "admin name (spiffe://<td>/sigil/admin/<name>)")
-	issue.Flags().StringVar(&keyOut, "key-out", "", "where to write the new private key (0600)")
+	issue.Flags().StringVar(&keyOut, "key-out", "", "where to make the new private key: a new file (0600), or a pkcs11: URI of a new key object in a token, whose PIN comes from the URI's pin-source (file:/path or env:NAME)")
 	issue.Flags().StringVar(&certOut, "cert-out", "", "where to write the certificate chain")
 	issue.Flags().DurationVar(&ttl, "ttl", 8*time.Hour, "certificate lifetime")
 	issue.Flags().StringVar(&role, "role", "", "admin (administers, renews itself) or admin-issuer (also issues and revokes any admin name); default: the name's current role, admin for a new name")

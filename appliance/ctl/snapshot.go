@@ -17,9 +17,9 @@ import (
 // archive's metadata and SHA-256), with the file and the transfer.
 type snapshotResult struct {
 	*api.SnapshotArchive
-	File    string
-	Bytes   int64
-	Seconds float64
+	File    string  `json:"file"`
+	Bytes   int64   `json:"bytes"`
+	Seconds float64 `json:"seconds"`
 }
 
 func snapshotCmd(g *globals) *cobra.Command {

@@ -1,16 +1,17 @@
 package node
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/sigil-appliance/sigil/appliance/state"
+	"github.com/sigil-appliance/sigil/internal/logconfig"
 	"github.com/sigil-appliance/sigil/internal/nodeid"
 	"github.com/sigil-appliance/sigil/internal/strictyaml"
 	"github.com/sigil-appliance/sigil/keystore/pkcs11"
@@ -189,11 +190,8 @@ type HTTPConfig struct {
 	Listen string `yaml:"listen"`
 }
 
-// LogConfig is slog's level and format.
-type LogConfig struct {
-	Level  string `yaml:"level"`  // debug, info, warn, error
-	Format string `yaml:"format"` // json (default) or text
-}
+// LogConfig is slog's level and format, shared with sigil-agent.
+type LogConfig = logconfig.Config
 
 // validateAPILimits fills the API limits' defaults and checks their
 // ranges. The upper bounds keep a typo from disabling a limit.
@@ -414,15 +412,8 @@ func (c *Config) Validate() error {
 	if c.Audit.ExportDir != "" && !filepath.IsAbs(c.Audit.ExportDir) {
 		bad("audit.export-dir", "must be an absolute path (got %q)", c.Audit.ExportDir)
 	}
-	switch strings.ToLower(c.Log.Level) {
-	case "", "debug", "info", "warn", "error":
-	default:
-		bad("log.level", "must be debug, info, warn or error (got %q)", c.Log.Level)
-	}
-	switch c.Log.Format {
-	case "", "json", "text":
-	default:
-		bad("log.format", "must be json or text (got %q)", c.Log.Format)
+	for _, s := range c.Log.Problems() {
+		p.AddErr(errors.New(s))
 	}
 	return p.Err("sigild config")
 }

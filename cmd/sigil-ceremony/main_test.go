@@ -1,10 +1,20 @@
 package main
 
 import (
+	"bytes"
+	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
+
+// runCLI runs sigil-ceremony in process.
+func runCLI(args ...string) (code int, stdout, stderr string) {
+	var out, errb bytes.Buffer
+	code = run(context.Background(), args, &out, &errb)
+	return code, out.String(), errb.String()
+}
 
 func TestCLI(t *testing.T) {
 	dir := t.TempDir()
@@ -19,30 +29,60 @@ pin-split:
   threshold: 2
   shares: [`+filepath.Join(dir, "a")+`, `+filepath.Join(dir, "b")+`]
 `), 0o600)
+	bad := filepath.Join(dir, "bad.yaml")
+	os.WriteFile(bad, []byte("kind: pin-split\nbogus: 1\npin-split:\n  extra: 2\n"), 0o600)
+	invalid := filepath.Join(dir, "invalid.yaml")
+	os.WriteFile(invalid, []byte("kind: pin-split\npin-split:\n  threshold: 9\n  shares: [a]\n"), 0o600)
 
 	for _, tc := range []struct {
-		args []string
-		code int
+		args   []string
+		code   int
+		stdout string // substrings expected
+		stderr string
 	}{
-		{nil, 2},
-		{[]string{"root"}, 2},
-		{[]string{"root", "--config", cfg}, 1}, // kind mismatch
-		{[]string{"pin-split", "--config", cfg, "--dry-run"}, 0},
+		{nil, 2, "", "usage: sigil-ceremony <command>"},
+		{[]string{"--help"}, 0, "verify-transcript", ""},
+		{[]string{"bogus"}, 2, "", `unknown command "bogus"`},
+		{[]string{"--bogus"}, 2, "", "unknown flag: --bogus"},
+		{[]string{"root"}, 2, "", "--config is required"},
+		{[]string{"root", "--config", cfg}, 1, "", "kind"}, // kind mismatch
+		{[]string{"root", "-config", cfg}, 1, "", "kind"},  // the Go flag style still works
+		{[]string{"pin-split", "--config", bad, "--dry-run"}, 1, "", "field bogus"},
+		{[]string{"pin-split", "--config", bad, "--dry-run"}, 1, "", "field extra"},
+		{[]string{"pin-split", "--config", invalid, "--dry-run"}, 1, "", "transcript is required"},
+		{[]string{"pin-split", "--config", invalid, "--dry-run"}, 1, "", "pin-split.token is required"},
+		{[]string{"pin-split", "--config", invalid, "--dry-run"}, 1, "", "fewer than the threshold 9"},
+		{[]string{"pin-split", "--config", invalid, "--dry-run"}, 1, "", "Nothing was done"},
+		{[]string{"pin-split", "--config", filepath.Join(dir, "none.yaml")}, 1, "", "none.yaml"},
+		{[]string{"pin-split", "--config", cfg, "extra"}, 2, "", "extra"},
+		{[]string{"verify-transcript"}, 2, "", "accepts 1 arg"},
+		{[]string{"pin-split", "--config", cfg, "--dry-run"}, 0, "nothing was done (dry run)", ""},
+		{[]string{"pin-split", "-config=" + cfg, "-dry-run"}, 0, "nothing was done (dry run)", ""},
 	} {
-		if got := run(tc.args); got != tc.code {
-			t.Errorf("sigil-ceremony %v: exit %d, want %d", tc.args, got, tc.code)
+		code, out, errOut := runCLI(tc.args...)
+		if code != tc.code || !strings.Contains(out, tc.stdout) || !strings.Contains(errOut, tc.stderr) {
+			t.Errorf("sigil-ceremony %q: exit %d, want %d\nstdout: %s\nstderr: %s", tc.args, code, tc.code, out, errOut)
+		}
+	}
+	if code, out, _ := runCLI("--help"); code != 0 {
+		t.Fatal("--help failed")
+	} else {
+		for _, k := range []string{"pin-split", "root", "issuing-csr", "sign-issuing", "reissue-root", "crl", "verify-transcript"} {
+			if !strings.Contains(out, "  "+k+" ") {
+				t.Errorf("--help does not list %s:\n%s", k, out)
+			}
 		}
 	}
 	if _, err := os.Stat(filepath.Join(dir, "a")); !os.IsNotExist(err) {
 		t.Fatal("dry run wrote a share")
 	}
-	if got := run([]string{"pin-split", "--config", cfg}); got != 0 {
-		t.Fatalf("pin-split: exit %d", got)
+	if code, _, errOut := runCLI("pin-split", "--config", cfg); code != 0 {
+		t.Fatalf("pin-split: exit %d: %s", code, errOut)
 	}
-	if got := run([]string{"verify-transcript", filepath.Join(dir, "t.jsonl")}); got != 0 {
-		t.Fatalf("verify-transcript: exit %d", got)
+	if code, out, _ := runCLI("verify-transcript", filepath.Join(dir, "t.jsonl")); code != 0 || !strings.Contains(out, "hash chain intact") {
+		t.Fatalf("verify-transcript: exit %d: %s", code, out)
 	}
-	if got := run([]string{"pin-split", "--config", cfg}); got != 1 {
-		t.Fatalf("second pin-split over existing shares: exit %d, want 1", got)
+	if code, _, _ := runCLI("pin-split", "--config", cfg); code != 1 {
+		t.Fatalf("second pin-split over existing shares: exit %d, want 1", code)
 	}
 }

@@ -1,6 +1,7 @@
-package main_test
+package main
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	mrand "math/rand/v2"
@@ -9,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -25,6 +27,58 @@ import (
 )
 
 func TestMain(m *testing.M) { os.Exit(testenv.Main(m)) }
+
+// sigild's command line, in process: flags old and new, help, and config
+// files with problems (every one listed, nothing started).
+func TestRun(t *testing.T) {
+	tr := clustertest.NewTrust(t, "run", []string{"node-1"}, nil)
+	c := &clustertest.Cluster{T: t, Trust: tr, Dir: t.TempDir()}
+	good := writeConfig(t, c.Dir, c.Config("node-1"))
+	bad := filepath.Join(c.Dir, "bad.yaml")
+	os.WriteFile(bad, []byte("node-id: \"Node 1!\"\ntrust-domain: example.org\nlog: {level: loud, format: xml}\n"), 0o600)
+	unknown := filepath.Join(c.Dir, "unknown.yaml")
+	os.WriteFile(unknown, []byte("node-id: node-1\nbogus-field: 1\n"), 0o600)
+
+	for _, tc := range []struct {
+		args   []string
+		code   int
+		stdout []string
+		stderr []string
+	}{
+		{[]string{"--help"}, 0, []string{"--config", "--check-config", "/etc/sigil/sigild.yaml"}, nil},
+		{[]string{"-help"}, 0, []string{"--check-config"}, nil},
+		{[]string{"--bogus"}, 2, nil, []string{"unknown flag: --bogus", "--help"}},
+		{[]string{"bogus"}, 2, nil, []string{`"bogus"`}},
+		{[]string{"--config"}, 2, nil, []string{"needs an argument"}},
+		{[]string{"--config", good, "--check-config"}, 0, []string{good + ": valid"}, nil},
+		// The Go flag package's style, as older units and scripts write it.
+		{[]string{"-config", good, "-check-config"}, 0, []string{good + ": valid"}, nil},
+		{[]string{"-config=" + good, "-check-config=true"}, 0, []string{good + ": valid"}, nil},
+		{[]string{"--config", filepath.Join(c.Dir, "none.yaml"), "--check-config"}, 1, nil, []string{"none.yaml", "no such file"}},
+		{[]string{"--config", bad, "--check-config"}, 1, nil, []string{
+			"node-id must match", "data-dir is required", "issuing-key", "cluster.bind", "api.listen",
+			`log.level must be debug, info, warn or error (got "loud")`, `log.format must be json or text (got "xml")`}},
+		{[]string{"--config", unknown, "--check-config"}, 1, nil, []string{"bogus-field"}},
+		// Without --check-config a bad file starts nothing either.
+		{[]string{"--config", bad}, 1, nil, []string{"node-id must match"}},
+	} {
+		var out, errb bytes.Buffer
+		code := run(context.Background(), tc.args, &out, &errb)
+		ok := code == tc.code
+		for _, s := range tc.stdout {
+			ok = ok && strings.Contains(out.String(), s)
+		}
+		for _, s := range tc.stderr {
+			ok = ok && strings.Contains(errb.String(), s)
+		}
+		if tc.code != 0 && out.Len() > 0 {
+			ok = false
+		}
+		if !ok {
+			t.Errorf("sigild %q: exit %d, want %d\nstdout: %s\nstderr: %s", tc.args, code, tc.code, out.String(), errb.String())
+		}
+	}
+}
 
 type proc struct {
 	cfgPath string

@@ -117,7 +117,7 @@ mkdir -p "$demo/admin"
 "$bin/sigilctl" --socket "$demo/node-1/admin.sock" admin issue --name demo \
 	--key-out "$demo/admin/key.pem" --cert-out "$demo/admin/cert.pem"
 export SIGIL_SERVER=127.0.0.1:17402 SIGIL_CERT="$demo/admin/cert.pem" SIGIL_KEY="$demo/admin/key.pem" SIGIL_ROOT="$cer/root.pem"
-three_voters() { "$bin/sigilctl" -o json cluster status | grep -c '"ID"' | grep -qx 3; }
+three_voters() { "$bin/sigilctl" -o json cluster status | grep -c '"id"' | grep -qx 3; }
 wait_for "three voters" three_voters
 "$bin/sigilctl" cluster status
 

@@ -1,0 +1,66 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// sigil-agent's command line, in process: help, flags old and new, the
+// inspect subcommand, and config files with problems (nothing started).
+func TestRun(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, body string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	base := "servers: [127.0.0.1:1]\nroot-cert: " + filepath.Join(dir, "root.pem") + "\ndata-dir: " + dir + "\njoin-token-file: " + filepath.Join(dir, "token") + "\n"
+	badLog := write("badlog.yaml", base+"log: {level: loud, format: xml}\n")
+	unknown := write("unknown.yaml", base+"bogus-field: 1\nlog: {colour: red}\n")
+	incomplete := write("incomplete.yaml", "log: {level: debug}\n")
+	twoDocs := write("two.yaml", base+"---\n"+base)
+	noSocket := filepath.Join(dir, "no.sock")
+
+	for _, tc := range []struct {
+		args   []string
+		code   int
+		stdout []string
+		stderr []string
+	}{
+		{[]string{"--help"}, 0, []string{"inspect", "--config", "/etc/sigil/agent.yaml"}, nil},
+		{[]string{"help"}, 0, []string{"inspect"}, nil},
+		{[]string{"inspect", "--help"}, 0, []string{"--socket", "--audience", "--timeout", "10s"}, nil},
+		{[]string{"bogus"}, 2, nil, []string{`unknown command "bogus"`, "inspect"}},
+		{[]string{"--bogus"}, 2, nil, []string{"unknown flag: --bogus"}},
+		{[]string{"inspect", "--bogus"}, 2, nil, []string{"inspect: unknown flag: --bogus"}},
+		{[]string{"inspect", "--timeout", "soon"}, 2, nil, []string{"--timeout"}},
+		{[]string{"inspect", "extra"}, 2, nil, []string{`inspect: takes no arguments (got "extra")`}},
+		{[]string{"-config", filepath.Join(dir, "none.yaml")}, 1, nil, []string{"none.yaml", "no such file"}},
+		{[]string{"--config", badLog}, 1, nil, []string{badLog, `log.level must be debug, info, warn or error (got "loud")`, `log.format must be json or text (got "xml")`}},
+		{[]string{"--config=" + unknown}, 1, nil, []string{unknown, "bogus-field", "colour"}},
+		{[]string{"-config=" + incomplete}, 1, nil, []string{"servers, root-cert, data-dir"}},
+		{[]string{"--config", twoDocs}, 1, nil, []string{"more than one YAML document"}},
+		// The Go flag package's single-dash style, as older scripts call it.
+		{[]string{"inspect", "-socket", noSocket, "-timeout", "2s", "-audience", "a,b"}, 1, nil, []string{noSocket}},
+		{[]string{"inspect", "--socket=" + noSocket, "--timeout=2s"}, 1, nil, []string{noSocket}},
+	} {
+		var out, errb bytes.Buffer
+		code := run(context.Background(), tc.args, &out, &errb)
+		ok := code == tc.code
+		for _, s := range tc.stdout {
+			ok = ok && strings.Contains(out.String(), s)
+		}
+		for _, s := range tc.stderr {
+			ok = ok && strings.Contains(errb.String(), s)
+		}
+		if !ok {
+			t.Errorf("sigil-agent %q: exit %d, want %d\nstdout: %s\nstderr: %s", tc.args, code, tc.code, out.String(), errb.String())
+		}
+	}
+}
