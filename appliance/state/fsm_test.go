@@ -222,7 +222,10 @@ func TestAuditChainDetectsTampering(t *testing.T) {
 	// Recomputing one record's hash does not help: the next link breaks.
 	rehashed := append([]AuditRecord(nil), recs...)
 	rehashed[1].Actor = "spiffe://example.org/sigil/admin/mallory"
-	rehashed[1].Hash = recordHash(&rehashed[1])
+	var err error
+	if rehashed[1].Hash, err = recordHash(&rehashed[1]); err != nil {
+		t.Fatal(err)
+	}
 	if n, err := VerifyAudit(rehashed); err == nil || n != 3 {
 		t.Fatalf("rehashed record 2: got %d, %v", n, err)
 	}
