@@ -183,7 +183,7 @@ func (f *FSM) Audit(after uint64, limit int) []AuditRecord {
 		limit = MaxAuditList
 	}
 	var out []AuditRecord
-	f.view(func(tx *bolt.Tx) error {
+	f.read("Audit", func(tx *bolt.Tx) error {
 		c := tx.Bucket(bAudit).Cursor()
 		for k, v := c.Seek(u64Key(after + 1)); k != nil && len(out) < limit; k, v = c.Next() {
 			var r AuditRecord
@@ -302,11 +302,13 @@ func (f *FSM) VerifyAuditLog(roots []*x509.Certificate) AuditReport {
 func (f *FSM) recordHashAt(seq uint64) (string, bool) {
 	var r AuditRecord
 	var ok bool
-	f.view(func(tx *bolt.Tx) error {
+	if !f.read("recordHashAt", func(tx *bolt.Tx) error {
 		var err error
 		ok, err = getJSON(tx.Bucket(bAudit), u64Key(seq), &r)
 		return err
-	})
+	}) {
+		return "", false
+	}
 	return r.Hash, ok
 }
 
@@ -485,11 +487,13 @@ func applyAuditPrune(t *txn, p *AuditPrune) (any, []AuditEvent, error) {
 func (f *FSM) IssuedSVID(serial string) (IssuedSVID, bool) {
 	var s IssuedSVID
 	var ok bool
-	f.view(func(tx *bolt.Tx) error {
+	if !f.read("IssuedSVID", func(tx *bolt.Tx) error {
 		var err error
 		ok, err = getJSON(tx.Bucket(bSVIDs), []byte(serial), &s)
 		return err
-	})
+	}) {
+		return IssuedSVID{}, false
+	}
 	return s, ok
 }
 
@@ -498,7 +502,7 @@ func (f *FSM) IssuedSVID(serial string) (IssuedSVID, bool) {
 // the record after the last one looked at when all were older).
 func (f *FSM) FirstAuditAtOrAfter(t time.Time, limit int) uint64 {
 	var seq uint64
-	f.view(func(tx *bolt.Tx) error {
+	f.read("FirstAuditAtOrAfter", func(tx *bolt.Tx) error {
 		c := tx.Bucket(bAudit).Cursor()
 		n := 0
 		for k, v := c.First(); k != nil; k, v = c.Next() {

@@ -58,13 +58,16 @@ func (f *FSM) ReadArchive(r io.Reader, dir string) (*StateRestore, ArchiveMeta, 
 		return nil, ArchiveMeta{}, "", err
 	}
 	path := tmp.Name()
-	tmp.Close()
-	defer os.Remove(path)
+	// The scratch file is only a name for readStream, which recreates it:
+	// closing the empty handle and removing the file afterwards are cleanup
+	// whose failure changes nothing the caller sees.
+	_ = tmp.Close()
+	defer func() { _ = os.Remove(path) }()
 	db, meta, sum, err := f.readStream(r, path)
 	if err != nil {
 		return nil, meta, "", err
 	}
-	defer db.Close()
+	defer func() { _ = db.Close() }() // scratch, read-only from here on
 	p := &StateRestore{Archive: sum, Index: meta.Index, AuditHeadSeq: meta.AuditHeadSeq, AuditHead: meta.AuditHead}
 	err = db.View(func(tx *bolt.Tx) error {
 		if _, err := getJSON(tx.Bucket(bMeta), keyPolicy, &p.Policy); err != nil {
@@ -240,7 +243,7 @@ func applyStateRestore(t *txn, p *StateRestore) (any, []AuditEvent, error) {
 		e := p.Entries[i]
 		o, existed := old[e.ID]
 		// Times come from this appliance, never from the archive.
-			same := false
+		same := false
 		if existed {
 			var err error
 			if same, err = entriesEqual(&o, &e); err != nil {
