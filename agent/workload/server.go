@@ -160,14 +160,17 @@ func Listen(path string, mode os.FileMode) (net.Listener, error) {
 		if st.Mode()&os.ModeSocket == 0 {
 			return nil, fmt.Errorf("%s exists and is not a socket", path)
 		}
-		os.Remove(path)
+		// A stale socket from an earlier run.
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, err
+		}
 	}
 	l, err := net.Listen("unix", path)
 	if err != nil {
 		return nil, err
 	}
 	if err := os.Chmod(path, mode); err != nil {
-		l.Close()
+		_ = l.Close() // never served: the chmod error is the one to report
 		return nil, err
 	}
 	return l, nil
@@ -195,7 +198,7 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	}()
 	al, err := callerid.Listen(l, callerid.ConnPolicy{Admit: s.admitConn, IdleTimeout: s.opts.Limits.IdleTimeout, Log: s.log})
 	if err != nil {
-		l.Close()
+		_ = l.Close() // never served: the listen error is the one to report
 		return err
 	}
 	err = g.Serve(al)
