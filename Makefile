@@ -89,8 +89,11 @@ lint:
 	@bad=$$($(GO) list -f '{{range .Imports}}{{$$.ImportPath}} -> {{.}}{{"\n"}}{{end}}' ./agent/... | \
 		grep -E ' -> github.com/sigil-appliance/sigil/(appliance/|raft)' | grep -vE ' -> github.com/sigil-appliance/sigil/appliance/api$$' || true); \
 	if [ -n "$$bad" ]; then echo "agent reaches the appliance only through appliance/api:"; echo "$$bad"; exit 1; fi
-	$(TOOL) staticcheck -tags $(LINT_TAGS) $(LINT_PKGS)
-	$(TOOL) errcheck -tags $(LINT_TAGS) -exclude tools/errcheck-excludes.txt $(LINT_PKGS)
+	@# Both run, so one pass shows every finding.
+	@rc=0; \
+	echo "staticcheck $(LINT_PKGS)"; $(TOOL) staticcheck -tags $(LINT_TAGS) $(LINT_PKGS) || rc=1; \
+	echo "errcheck $(LINT_PKGS)"; $(TOOL) errcheck -tags $(LINT_TAGS) -exclude tools/errcheck-excludes.txt $(LINT_PKGS) || rc=1; \
+	exit $$rc
 	@echo "lint ok"
 
 # The README's first command: a three-node appliance on SoftHSM, a
