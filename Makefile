@@ -21,9 +21,21 @@ FUZZ_TARGETS := \
 	./agent:FuzzParseConfig ./agent/workload:FuzzValidateJWTSVID ./agent/workload:FuzzFetchJWTSVID \
 	./internal/pemfile:FuzzDecode ./internal/strictyaml:FuzzParseDuration
 VERSION ?= 0.8.0
-# nfpm is run at a pinned version from the module proxy (v2.45.0: later
-# releases need modules the proxy does not serve).
-NFPM ?= $(GO) run github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.45.0
+# Build and lint tools are pinned once each, by `tool` lines in modules of
+# their own under tools/, so their dependencies never move the product's
+# (nor one tool's the other's): tools/go.mod holds staticcheck and errcheck,
+# tools/nfpm/go.mod holds nfpm (v2.45.0: later releases need modules the
+# proxy does not serve; packaging/nfpm/deb_test.go runs it the same way).
+TOOL ?= $(GO) tool -modfile=tools/go.mod
+NFPM ?= $(GO) tool -modfile=tools/nfpm/go.mod nfpm
+# Test-helper packages: only they may import testing outside _test.go files,
+# and only _test.go files (or another helper) may import them.
+TEST_HELPERS := \
+	github.com/sigil-appliance/sigil/softhsm-testenv \
+	github.com/sigil-appliance/sigil/appliance/clustertest
+# What staticcheck and errcheck examine; the faults tag adds the fault suite.
+LINT_PKGS ?= ./...
+LINT_TAGS := faults
 
 all: build
 
@@ -57,13 +69,18 @@ bench: deps
 			printf "\nhow each is measured:\n"; while ((getline l < "bench-how.tsv") > 0) { split(l, f, "\t"); printf "  %-42s %s\n", f[1], f[2] }; \
 			exit failed }'
 
-# gofmt, vet, and the architecture rules that the compiler cannot enforce.
+# gofmt, vet, staticcheck, errcheck (tests included: an unchecked error in a
+# test's setup makes it pass or fail for the wrong reason), and the
+# architecture rules that the compiler cannot enforce.
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) vet -tags faults ./faults/
-	@bad=$$($(GO) list -f '{{.ImportPath}}: {{join .Imports " "}}' ./... | grep -v '/softhsm-testenv' | grep -E ' testing( |$$)' || true); \
-	if [ -n "$$bad" ]; then echo "non-test code imports testing (test helpers belong in packages only tests import):"; echo "$$bad"; exit 1; fi
+	@$(GO) list $(TEST_HELPERS) >/dev/null || { echo "TEST_HELPERS names a package that does not exist"; exit 1; }
+	@set -o pipefail; bad=$$($(GO) list -tags $(LINT_TAGS) -f '{{.ImportPath}}{{range .Imports}} {{.}}{{end}}' ./... | \
+		awk -v helpers="$(TEST_HELPERS)" 'BEGIN { n = split(helpers, h, " "); for (i = 1; i <= n; i++) helper[h[i]] = 1 } \
+			!($$1 in helper) { for (i = 2; i <= NF; i++) if ($$i == "testing" || $$i ~ /^testing\// || ($$i in helper)) print $$1 " -> " $$i }'); \
+	if [ -n "$$bad" ]; then echo "non-test code imports testing or a test helper (helpers are TEST_HELPERS, imported only by _test.go files):"; echo "$$bad"; exit 1; fi
 	@bad=$$($(GO) list -f '{{range .Imports}}{{$$.ImportPath}} -> {{.}}{{"\n"}}{{end}}' ./keystore/... | \
 		grep -E ' -> [^/]+\.[^/]+/' | grep -vE ' -> (github.com/miekg/pkcs11|github.com/google/go-tpm/|github.com/sigil-appliance/sigil/keystore)' || true); \
 	if [ -n "$$bad" ]; then echo "keystore may import only the standard library and HSM/TPM libraries:"; echo "$$bad"; exit 1; fi
@@ -76,6 +93,11 @@ lint:
 	@bad=$$($(GO) list -f '{{range .Imports}}{{$$.ImportPath}} -> {{.}}{{"\n"}}{{end}}' ./internal/... | \
 		grep -E ' -> github.com/sigil-appliance/sigil/' | grep -vE ' -> github.com/sigil-appliance/sigil/internal/' || true); \
 	if [ -n "$$bad" ]; then echo "internal/ is shared by appliance and agent: it imports neither (nor raft, keystore):"; echo "$$bad"; exit 1; fi
+	@# Both run, so one pass shows every finding.
+	@rc=0; \
+	echo "staticcheck $(LINT_PKGS)"; $(TOOL) staticcheck -tags $(LINT_TAGS) $(LINT_PKGS) || rc=1; \
+	echo "errcheck $(LINT_PKGS)"; $(TOOL) errcheck -tags $(LINT_TAGS) -exclude tools/errcheck-excludes.txt $(LINT_PKGS) || rc=1; \
+	exit $$rc
 	@echo "lint ok"
 
 # The README's first command: a three-node appliance on SoftHSM, a

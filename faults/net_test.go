@@ -74,10 +74,16 @@ func (w *netw) partition(k int) { sh(w.t, "ip", "link", "set", w.port("c", k), "
 func (w *netw) heal(k int)      { sh(w.t, "ip", "link", "set", w.port("c", k), "up") }
 
 func (w *netw) close() {
+	// Each is tried even if one fails; what stays is printed for whoever
+	// cleans the machine up.
 	for _, ns := range w.spaces {
-		exec.Command("ip", "netns", "del", ns).Run()
+		if out, err := exec.Command("ip", "netns", "del", ns).CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "faults: netns %s left behind: %v %s\n", ns, err, out)
+		}
 	}
 	for _, br := range []string{w.brC, w.brA} {
-		exec.Command("ip", "link", "del", br).Run()
+		if out, err := exec.Command("ip", "link", "del", br).CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "faults: bridge %s left behind: %v %s\n", br, err, out)
+		}
 	}
 }

@@ -205,7 +205,11 @@ func New(ctx context.Context, cfg Config, fsm FSM) (*Node, error) {
 	ok := false
 	defer func() {
 		if !ok {
-			n.Shutdown()
+			// The error New returns says what failed; what stopping the
+			// half-built node adds goes to the log.
+			if err := n.Shutdown(); err != nil {
+				n.log.Warn("stopping the node that failed to start", "err", err)
+			}
 		}
 	}()
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
@@ -687,11 +691,13 @@ func (n *Node) Shutdown() error {
 		if n.r != nil {
 			n.shutErr = n.r.Shutdown().Error()
 		}
+		// The transport and listener are only being let go of: their
+		// close errors (often "already closed") change nothing.
 		if n.trans != nil {
-			n.trans.Close()
+			_ = n.trans.Close()
 		}
 		if n.ln != nil {
-			n.ln.Close()
+			_ = n.ln.Close()
 		}
 		if n.pool != nil {
 			n.pool.closeAll()
@@ -701,7 +707,10 @@ func (n *Node) Shutdown() error {
 		n.conns.closeBefore(gen, true)
 		n.wg.Wait()
 		if n.store != nil {
-			n.store.Close()
+			// The log store's file is what the node restarts from.
+			if err := n.store.Close(); err != nil {
+				n.shutErr = errors.Join(n.shutErr, fmt.Errorf("raft: close log store: %w", err))
+			}
 		}
 	})
 	return n.shutErr
@@ -772,7 +781,9 @@ func (a *fsmAdapter) Snapshot() (hraft.FSMSnapshot, error) {
 }
 
 func (a *fsmAdapter) Restore(rc io.ReadCloser) error {
-	defer rc.Close()
+	// hashicorp/raft's snapshot file, read to its end by Restore: a close
+	// error after that loses nothing.
+	defer func() { _ = rc.Close() }()
 	defer a.wake()
 	return a.fsm.Restore(rc)
 }
@@ -781,8 +792,7 @@ type snapAdapter struct{ s Snapshot }
 
 func (s *snapAdapter) Persist(sink hraft.SnapshotSink) error {
 	if err := s.s.Persist(sink); err != nil {
-		sink.Cancel()
-		return err
+		return errors.Join(err, sink.Cancel())
 	}
 	return sink.Close()
 }

@@ -231,7 +231,9 @@ func (c *testCluster) stop(id string) {
 	delete(c.nodes, id)
 	c.mu.Unlock()
 	if n != nil {
-		n.Shutdown()
+		if err := n.Shutdown(); err != nil {
+			c.t.Errorf("stop %s: %v", id, err)
+		}
 	}
 }
 
@@ -295,7 +297,7 @@ func stablePort(t testing.TB) string {
 	for i := 0; i < 1000; i++ {
 		addr := fmt.Sprintf("127.0.0.1:%d", 10000+mrand.IntN(20000))
 		if ln, err := net.Listen("tcp", addr); err == nil {
-			ln.Close()
+			_ = ln.Close() // only probing that the port is free
 			return addr
 		}
 	}
@@ -414,13 +416,15 @@ func TestTLSRefusesStrangers(t *testing.T) {
 	// A client without a certificate gets no further than the handshake.
 	conn, err := tls.Dial("tcp", c.addrs["a"], &tls.Config{RootCAs: c.ca.pool})
 	if err == nil {
-		conn.Write([]byte{protoRPC})
-		writeFrame(conn, &rpcRequest{Op: opStats})
+		// The server may hang up before these writes: only the missing
+		// answer is the test.
+		_, _ = conn.Write([]byte{protoRPC})
+		_ = writeFrame(conn, &rpcRequest{Op: opStats})
 		var r rpcResponse
 		if readFrame(conn, &r) == nil {
 			t.Fatal("client without certificate was answered")
 		}
-		conn.Close()
+		_ = conn.Close()
 	}
 	// A node may only ask to add itself.
 	imp := c.start("y", func(cfg *Config) { cfg.BindAddr = "127.0.0.1:0" })
@@ -431,9 +435,9 @@ func TestTLSRefusesStrangers(t *testing.T) {
 	}
 	// A non-member may not change membership.
 	r = rpcResponse{}
-	imp.pool.call(ctx, c.addrs["a"], &rpcRequest{Op: opRemove, NodeID: "a"}, &r)
-	if !strings.Contains(r.Err, "not a cluster member") {
-		t.Fatalf("non-member remove: %q", r.Err)
+	err = imp.pool.call(ctx, c.addrs["a"], &rpcRequest{Op: opRemove, NodeID: "a"}, &r)
+	if err != nil || !strings.Contains(r.Err, "not a cluster member") {
+		t.Fatalf("non-member remove: %v %q", err, r.Err)
 	}
 	// Configs that would let anyone in are refused.
 	loose := c.ca.tls(t, "l")
@@ -452,7 +456,9 @@ func TestSnapshotsAndRestart(t *testing.T) {
 	}
 	n := c.start("a", small)
 	ctx := context.Background()
-	n.Bootstrap(ctx)
+	if err := n.Bootstrap(ctx); err != nil {
+		t.Fatal(err)
+	}
 	c.leader()
 	for i := 0; i < 100; i++ {
 		if _, err := n.Apply(ctx, set(fmt.Sprint("k", i), "v")); err != nil {
@@ -476,7 +482,9 @@ func TestSnapshotsAndRestart(t *testing.T) {
 	}
 	var buf bytes.Buffer
 	s, _ := c.fsms["a"].Snapshot()
-	s.Persist(&buf)
+	if err := s.Persist(&buf); err != nil {
+		t.Fatal(err)
+	}
 	if !bytes.Contains(buf.Bytes(), []byte("k99")) {
 		t.Fatal("snapshot content")
 	}
@@ -569,7 +577,9 @@ func TestOriginReplicated(t *testing.T) {
 		}
 		check(id)
 		var idx uint64
-		fmt.Sscan(string(resp), &idx)
+		if _, err := fmt.Sscan(string(resp), &idx); err != nil {
+			t.Fatalf("%s: write index %q: %v", id, resp, err)
+		}
 		if st := n.Status(ctx); st.AppliedIndex != c.fsms[id].AppliedIndex() || st.AppliedIndex < idx {
 			t.Errorf("%s: Status.AppliedIndex %d, FSM %d, write at %d", id, st.AppliedIndex, c.fsms[id].AppliedIndex(), idx)
 		}
@@ -596,8 +606,10 @@ func TestAttackForwardFromNonMember(t *testing.T) {
 		if err != nil {
 			t.Fatalf("dial %s: %v", addr, err)
 		}
-		defer conn.Close()
-		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		defer func() { _ = conn.Close() }() // the test is over when it runs
+		if err := conn.SetDeadline(time.Now().Add(10 * time.Second)); err != nil {
+			t.Fatal(err)
+		}
 		if _, err := conn.Write([]byte{protoRPC}); err != nil {
 			t.Fatal(err)
 		}
@@ -781,7 +793,9 @@ func TestAttackRaftFromNonMember(t *testing.T) {
 		if err != nil {
 			t.Fatalf("dial %s: %v", id, err)
 		}
-		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		if err := conn.SetDeadline(time.Now().Add(10 * time.Second)); err != nil {
+			t.Fatal(err)
+		}
 		if _, err := conn.Write([]byte{protoRaft}); err != nil {
 			t.Fatal(err)
 		}
@@ -793,7 +807,7 @@ func TestAttackRaftFromNonMember(t *testing.T) {
 		} else if ne, ok := err.(net.Error); ok && ne.Timeout() {
 			t.Fatalf("%s kept a non-member's raft connection open", id)
 		}
-		conn.Close()
+		_ = conn.Close() // the server already hung up
 	}
 	if logs := c.logs.String(); !strings.Contains(logs, "refused raft connection") || !strings.Contains(logs, `\"m\" is not in the raft configuration`) && !strings.Contains(logs, `"m" is not in the raft configuration`) {
 		t.Fatalf("refusal not logged:\n%s", logs)

@@ -135,7 +135,7 @@ func TestResetConnectionsRacesHandshake(t *testing.T) {
 	if n := s.closeBefore(reset, true); n != 1 {
 		t.Fatalf("closed %d outbound, want only the one from before the reset", n)
 	}
-	old.Close()
+	_ = old.Close() // a nopConn: Close only untracks it
 	s.next(true)
 	if _, err := s.track(nopConn{}, s.generation(), false); err == nil {
 		t.Fatal("tracked a connection after shutdown")

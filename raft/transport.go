@@ -192,19 +192,31 @@ func (n *Node) dial(addr string, proto byte, timeout time.Duration) (net.Conn, e
 	if err != nil {
 		return nil, err
 	}
-	c.SetWriteDeadline(time.Now().Add(timeout))
-	if _, err := c.Write([]byte{proto}); err != nil {
-		c.Close()
+	if err := c.SetWriteDeadline(time.Now().Add(timeout)); err != nil {
+		drop(c)
 		return nil, err
 	}
-	c.SetWriteDeadline(time.Time{})
+	if _, err := c.Write([]byte{proto}); err != nil {
+		drop(c)
+		return nil, err
+	}
+	if err := c.SetWriteDeadline(time.Time{}); err != nil {
+		drop(c)
+		return nil, err
+	}
 	tc, err := n.conns.track(c, gen, true)
 	if err != nil {
-		c.Close()
+		drop(c)
 		return nil, err
 	}
 	return tc, nil
 }
+
+// drop closes a connection that is being given up (refused, failed, idle
+// or no longer wanted). Its Close error has nowhere useful to go: the peer
+// sees the connection end either way, and the reason was logged or
+// returned where it was given up.
+func drop(c io.Closer) { _ = c.Close() }
 
 // connSet holds every established connection, inbound (after the
 // handshake and the protocol byte) and outbound, so that ResetConnections
@@ -285,7 +297,7 @@ func (s *connSet) closeBefore(gen uint64, outbound bool) int {
 	}
 	s.mu.Unlock()
 	for _, c := range conns {
-		c.Close()
+		drop(c)
 	}
 	return len(conns)
 }
@@ -342,10 +354,10 @@ func (n *Node) acceptLoop() {
 		}
 		c, evict := lim.admit(raw)
 		if evict != nil {
-			evict.Close()
+			drop(evict)
 		}
 		if c == nil {
-			raw.Close()
+			drop(raw)
 			continue
 		}
 		go n.handleConn(c, lim)
@@ -358,26 +370,33 @@ func (n *Node) acceptLoop() {
 // is dropped after HandshakeTimeout too.
 func (n *Node) handleConn(raw *limitedConn, lim *connLimiter) {
 	gen := n.conns.generation()
-	raw.SetDeadline(time.Now().Add(lim.lim.HandshakeTimeout))
+	// Without its deadline a connection could be held open for nothing.
+	if err := raw.SetDeadline(time.Now().Add(lim.lim.HandshakeTimeout)); err != nil {
+		drop(raw)
+		return
+	}
 	c := tls.Server(raw, n.cfg.TLS)
 	if err := c.Handshake(); err != nil {
 		lim.handshakeFailed(raw.RemoteAddr().String(), err)
-		c.Close()
+		drop(c)
 		return
 	}
 	var b [1]byte
 	if _, err := io.ReadFull(c, b[:]); err != nil {
-		c.Close()
+		drop(c)
 		return
 	}
 	lim.established(raw)
-	c.SetDeadline(time.Time{})
+	if err := c.SetDeadline(time.Time{}); err != nil {
+		drop(c)
+		return
+	}
 	cs := c.ConnectionState()
 	tc, err := n.conns.track(c, gen, false)
 	if err != nil {
 		// Verified before a reset: the peer reconnects and is verified
 		// again.
-		c.Close()
+		drop(c)
 		return
 	}
 	switch b[0] {
@@ -387,19 +406,19 @@ func (n *Node) handleConn(raw *limitedConn, lim *connLimiter) {
 		// configuration yet and is waiting to be added) may speak raft.
 		if err := n.authorizeRaftPeer(cs); err != nil {
 			n.log.Warn("refused raft connection", "remote", raw.RemoteAddr().String(), "err", err)
-			tc.Close()
+			drop(tc)
 			return
 		}
 		select {
 		case n.layer.conns <- tc:
 		case <-n.layer.closed:
-			tc.Close()
+			drop(tc)
 		}
 	case protoRPC:
 		n.serveRPC(tc, cs)
 	default:
 		n.log.Warn("refused connection: unknown protocol", "remote", raw.RemoteAddr().String(), "byte", b[0])
-		tc.Close()
+		drop(tc)
 	}
 }
 
@@ -471,7 +490,7 @@ func readFrame(r io.Reader, v any) error {
 
 // serveRPC answers requests on one connection until it closes or idles.
 func (n *Node) serveRPC(c net.Conn, cs tls.ConnectionState) {
-	defer c.Close()
+	defer drop(c)
 	peer := ""
 	if n.cfg.PeerNodeID != nil {
 		id, err := n.cfg.PeerNodeID(cs)
@@ -483,7 +502,9 @@ func (n *Node) serveRPC(c net.Conn, cs tls.ConnectionState) {
 	}
 	idle := n.cfg.Limits.withDefaults().RPCIdleTimeout
 	for {
-		c.SetReadDeadline(time.Now().Add(idle))
+		if err := c.SetReadDeadline(time.Now().Add(idle)); err != nil {
+			return
+		}
 		var req rpcRequest
 		if err := readFrame(c, &req); err != nil {
 			if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
@@ -491,9 +512,13 @@ func (n *Node) serveRPC(c net.Conn, cs tls.ConnectionState) {
 			}
 			return
 		}
-		c.SetReadDeadline(time.Time{})
+		if err := c.SetReadDeadline(time.Time{}); err != nil {
+			return
+		}
 		resp := n.handleRPC(&req, peer, c.RemoteAddr().String())
-		c.SetWriteDeadline(time.Now().Add(30 * time.Second))
+		if err := c.SetWriteDeadline(time.Now().Add(30 * time.Second)); err != nil {
+			return
+		}
 		if err := writeFrame(c, resp); err != nil {
 			return
 		}
@@ -656,7 +681,7 @@ func (p *rpcPool) put(c *rpcConn) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if len(p.idle[c.addr]) >= maxIdlePerPeer || p.n.ctx.Err() != nil {
-		c.c.Close()
+		drop(c.c)
 		return
 	}
 	p.idle[c.addr] = append(p.idle[c.addr], c)
@@ -667,7 +692,7 @@ func (p *rpcPool) closeAll() {
 	defer p.mu.Unlock()
 	for a, l := range p.idle {
 		for _, c := range l {
-			c.c.Close()
+			drop(c.c)
 		}
 		delete(p.idle, a)
 	}
@@ -685,16 +710,21 @@ func (p *rpcPool) call(ctx context.Context, addr string, req *rpcRequest, resp *
 		if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
 			deadline = d
 		}
-		c.c.SetDeadline(deadline)
-		if err = writeFrame(c.c, req); err == nil {
-			err = readFrame(c.c, resp)
+		if err = c.c.SetDeadline(deadline); err == nil {
+			if err = writeFrame(c.c, req); err == nil {
+				err = readFrame(c.c, resp)
+			}
 		}
 		if err == nil {
-			c.c.SetDeadline(time.Time{})
-			p.put(c)
+			// A connection whose deadline cannot be cleared is not reused.
+			if c.c.SetDeadline(time.Time{}) == nil {
+				p.put(c)
+			} else {
+				drop(c.c)
+			}
 			return nil
 		}
-		c.c.Close()
+		drop(c.c)
 		if ctx.Err() != nil {
 			return err
 		}

@@ -57,8 +57,11 @@ func TestAttackRaftIdleConnections(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			defer cn.Close()
-			cn.SetReadDeadline(start.Add(handshakeTimeout + 2*time.Second))
+			defer func() { _ = cn.Close() }() // the server has hung up, or the test failed
+			if err := cn.SetReadDeadline(start.Add(handshakeTimeout + 2*time.Second)); err != nil {
+				t.Error(err)
+				return
+			}
 			_, err := cn.Read(make([]byte, 1))
 			var ne net.Error
 			switch since := time.Since(start); {
@@ -131,10 +134,12 @@ func TestTransportTimeouts(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if err := conn.SetReadDeadline(time.Now().Add(5 * time.Second)); err != nil {
+			t.Fatal(err)
+		}
 		_, err = conn.Read(make([]byte, 1))
 		took := time.Since(start)
-		conn.Close()
+		_ = conn.Close() // read is all the test needs
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
 			t.Fatalf("%s: still open after 5s", tc.name)

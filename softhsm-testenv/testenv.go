@@ -45,9 +45,17 @@ func Main(m *testing.M) int {
 		return 1
 	}
 	dir := filepath.Join(os.TempDir(), "sigil-softhsm-"+hex.EncodeToString(rnd[:]))
-	defer os.RemoveAll(dir)
-	os.Setenv(processHSMEnv, dir)
-	os.Setenv("SOFTHSM2_CONF", filepath.Join(dir, "softhsm2.conf"))
+	defer func() {
+		if err := os.RemoveAll(dir); err != nil {
+			fmt.Fprintln(os.Stderr, "testenv: left behind:", err)
+		}
+	}()
+	for k, v := range map[string]string{processHSMEnv: dir, "SOFTHSM2_CONF": filepath.Join(dir, "softhsm2.conf")} {
+		if err := os.Setenv(k, v); err != nil {
+			fmt.Fprintln(os.Stderr, "testenv:", err)
+			return 1
+		}
+	}
 	return m.Run()
 }
 
@@ -225,7 +233,9 @@ func NewTPM(t testing.TB) *TPM {
 	tp := &TPM{Dir: dir, Socket: filepath.Join(dir, "tpm.sock"), CtrlSocket: filepath.Join(dir, "tpm.sock.ctrl")}
 	t.Cleanup(func() {
 		tp.Stop(t)
-		os.RemoveAll(dir)
+		if err := os.RemoveAll(dir); err != nil {
+			t.Errorf("testenv: swtpm state left behind: %v", err)
+		}
 	})
 	kv := runScript(t, nil, "swtpm-provision.sh", dir)
 	tp.EKCARoot, tp.EKCAIssuer = kv["EK_CA_ROOT"], kv["EK_CA_ISSUER"]
@@ -251,11 +261,13 @@ func (tp *TPM) Start(t testing.TB) {
 		t.Fatalf("testenv: start swtpm: %v", err)
 	}
 	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
+	// How swtpm exits is in its stderr and log, which a failure prints;
+	// Wait is here to learn that it did.
+	go func() { _ = cmd.Wait(); close(exited) }()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		if c, err := net.Dial("unix", tp.Socket); err == nil {
-			c.Close()
+			_ = c.Close() // only probing that swtpm listens
 			break
 		}
 		select {
@@ -264,7 +276,7 @@ func (tp *TPM) Start(t testing.TB) {
 		default:
 		}
 		if time.Now().After(deadline) {
-			cmd.Process.Kill()
+			_ = cmd.Process.Kill() // fails only if it already exited
 			t.Fatalf("testenv: swtpm socket %s did not appear", tp.Socket)
 		}
 		time.Sleep(20 * time.Millisecond)
@@ -280,11 +292,13 @@ func (tp *TPM) Stop(t testing.TB) {
 	if tp.cmd == nil {
 		return
 	}
-	tp.cmd.Process.Signal(syscall.SIGTERM)
+	// Signal and Kill fail only for a process that already exited, which
+	// exited then reports.
+	_ = tp.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-tp.exited:
 	case <-time.After(5 * time.Second):
-		tp.cmd.Process.Kill()
+		_ = tp.cmd.Process.Kill()
 		<-tp.exited
 	}
 	tp.cmd, tp.exited = nil, nil

@@ -27,16 +27,23 @@ func TestTPMsHaveDistinctCertifiedEKs(t *testing.T) {
 			if _, err := tp.Tool(ctx, "tpm2_nvread", "-o", der, idx); err != nil {
 				t.Fatal(err)
 			}
-			b, _ := os.ReadFile(der)
+			b, err := os.ReadFile(der)
+			if err != nil {
+				t.Fatal(err)
+			}
 			// The NV index may be padded after the DER certificate.
 			var raw asn1.RawValue
-			asn1.Unmarshal(b, &raw)
+			if _, err := asn1.Unmarshal(b, &raw); err != nil {
+				t.Fatalf("EK certificate at %s: %v", idx, err)
+			}
 			cert, err := x509.ParseCertificate(raw.FullBytes)
 			if err != nil {
 				t.Fatalf("EK certificate at %s: %v", idx, err)
 			}
 			pemPath := filepath.Join(t.TempDir(), "ek.pem")
-			os.WriteFile(pemPath, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}), 0o644)
+			if err := os.WriteFile(pemPath, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}), 0o644); err != nil {
+				t.Fatal(err)
+			}
 			out, err := exec.Command("openssl", "verify", "-CAfile", tp.EKCARoot, "-untrusted", tp.EKCAIssuer, pemPath).CombinedOutput()
 			if err != nil || !strings.Contains(string(out), ": OK") {
 				t.Fatalf("EK certificate %s does not chain to the local CA: %v %s", idx, err, out)

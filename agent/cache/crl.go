@@ -242,13 +242,13 @@ func (c *Cache) saveCRLs(set *crlSet) error {
 		return err
 	}
 	if _, err := f.Write(b); err != nil {
-		f.Close()
+		_ = f.Close() // the write error is the one to report
 		return err
 	}
 	// A revocation must survive a crash: a restarted agent must not trust
 	// the revoked node again before it syncs.
 	if err := f.Sync(); err != nil {
-		f.Close()
+		_ = f.Close() // the sync error is the one to report
 		return err
 	}
 	if err := f.Close(); err != nil {

@@ -20,11 +20,10 @@ import (
 // twoRootsPKI is a trust domain in a root rotation: two roots with the
 // same subject (a re-keyed root keeps its name), each with a node CA.
 type twoRootsPKI struct {
-	roots   [2]*x509.Certificate
-	keys    [2]*ecdsa.PrivateKey
-	cas     [2]*x509.Certificate // cas[i] is signed by roots[i]
-	spiffe  []byte
-	entries []api.Entry
+	roots  [2]*x509.Certificate
+	keys   [2]*ecdsa.PrivateKey
+	cas    [2]*x509.Certificate // cas[i] is signed by roots[i]
+	spiffe []byte
 }
 
 func newTwoRootsPKI(t *testing.T) *twoRootsPKI {

@@ -9,6 +9,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net"
 	"os"
@@ -45,7 +46,11 @@ func newCallerDir(t testing.TB) *callerDir {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	t.Cleanup(func() {
+		if err := os.RemoveAll(dir); err != nil {
+			t.Errorf("left behind: %v", err)
+		}
+	})
 	if err := os.Chmod(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -81,13 +86,15 @@ func (d *callerDir) attestWith(t testing.TB, cmd *exec.Cmd, connected func(pid i
 	if err != nil {
 		t.Fatal(err)
 	}
-	os.Chmod(sockDir, 0o755)
+	if err := os.Chmod(sockDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	sock := filepath.Join(sockDir, "agent.sock")
 	l, err := net.Listen("unix", sock)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { l.Close() })
+	t.Cleanup(func() { _ = l.Close() }) // the test is over: closing only stops accepting
 	// connect(2) needs write permission on the socket file.
 	if err := os.Chmod(sock, 0o777); err != nil {
 		t.Fatal(err)
@@ -132,15 +139,10 @@ func startUntil(t testing.TB, cmd *exec.Cmd, want string) *bufio.Scanner {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		stdin.Close()
-		cmd.Process.Kill()
-		cmd.Wait()
-	})
+	t.Cleanup(func() { reap(cmd, stdin) })
 	sc := bufio.NewScanner(out)
 	if !sc.Scan() || sc.Text() != want {
-		cmd.Process.Kill()
-		cmd.Wait()
+		reap(cmd, nil)
 		t.Fatalf("%v: %q, want %q; stderr %q", cmd.Args, sc.Text(), want, stderr.String())
 	}
 	return sc
@@ -195,7 +197,9 @@ func cgroupBase(t testing.TB) string {
 // only way to remove one (its files cannot be unlinked).
 func removeCgroupTree(t testing.TB, root string) {
 	var dirs []string
-	filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+	// The callback never fails: a part of the tree it cannot read is left
+	// to the rmdir below, which reports what stays.
+	_ = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err == nil && d.IsDir() {
 			dirs = append(dirs, p)
 		}
@@ -253,7 +257,7 @@ func startIn(t testing.TB, cmd *exec.Cmd, dir string) *exec.Cmd {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { unix.Close(fd) })
+	t.Cleanup(func() { _ = unix.Close(fd) }) // a read-only directory handle: nothing to flush
 	cmd.SysProcAttr.UseCgroupFD = true
 	cmd.SysProcAttr.CgroupFD = fd
 	return cmd
@@ -446,7 +450,9 @@ func TestAttackMountNamespacePath(t *testing.T) {
 	if err := os.WriteFile(attacker, b, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	os.Chown(attacker, attackUID, attackUID)
+	if err := os.Chown(attacker, attackUID, attackUID); err != nil {
+		t.Fatal(err)
+	}
 	s := sha256.Sum256(b)
 	attackerSum := hex.EncodeToString(s[:])
 
@@ -503,7 +509,7 @@ func TestAttackMountNamespacePath(t *testing.T) {
 		if err := hostInit.Start(); err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { hostInit.Process.Kill(); hostInit.Wait() })
+		t.Cleanup(func() { reap(hostInit, nil) })
 		host := childOf(t, hostInit.Process.Pid)
 		onHost := func(args ...string) *exec.Cmd {
 			return exec.Command(nsenter, append([]string{"--target", strconv.Itoa(host), "--pid", "--mount"}, args...)...)
@@ -564,8 +570,10 @@ func BenchmarkAttestSystemUnit(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer l.Close()
-	os.Chmod(sock, 0o777)
+	defer func() { _ = l.Close() }() // the benchmark is over: closing only stops accepting
+	if err := os.Chmod(sock, 0o777); err != nil {
+		b.Fatal(err)
+	}
 	got := serve(b, l)
 	cmd := startIn(b, d.asUser(helperEnv+"="+sock), unit)
 	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
@@ -574,8 +582,10 @@ func BenchmarkAttestSystemUnit(b *testing.B) {
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)
 	}
-	defer func() { stdin.Close(); cmd.Process.Kill(); cmd.Wait() }()
-	bufio.NewReader(out).ReadString('\n')
+	defer reap(cmd, stdin)
+	if _, err := bufio.NewReader(out).ReadString('\n'); err != nil {
+		b.Fatalf("helper did not connect: %v", err)
+	}
 	c = <-got
 	a := callerid.New("")
 	b.ResetTimer()
@@ -621,13 +631,15 @@ func TestAttackHugeSparseBinary(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	os.Chmod(sockDir, 0o755)
+	if err := os.Chmod(sockDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	sock := filepath.Join(sockDir, "agent.sock")
 	l, err := net.Listen("unix", sock)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { l.Close() })
+	t.Cleanup(func() { _ = l.Close() }) // the test is over: closing only stops accepting
 	if err := os.Chmod(sock, 0o777); err != nil {
 		t.Fatal(err)
 	}
@@ -653,4 +665,15 @@ func TestAttackHugeSparseBinary(t *testing.T) {
 	if s := hasPrefix(sel, "unix:uid:"); len(s) != 1 || s[0] != fmt.Sprintf("unix:uid:%d", attackUID) {
 		t.Errorf("uid selector %v, want unix:uid:%d", s, attackUID)
 	}
+}
+
+// reap ends a helper process a test started: its stdin closed (helpers exit
+// on EOF), then killed and waited for. Their errors are those of a process
+// that is gone or going, which is the point, so none is reported.
+func reap(cmd *exec.Cmd, stdin io.Closer) {
+	if stdin != nil {
+		_ = stdin.Close()
+	}
+	_ = cmd.Process.Kill()
+	_ = cmd.Wait()
 }

@@ -218,10 +218,12 @@ func startTime(pid int32) (uint64, error) {
 
 // bootTicks is the time since boot in the clock ticks of /proc/PID/stat
 // (USER_HZ, 100 on Linux).
-func bootTicks() uint64 {
+func bootTicks() (uint64, error) {
 	var ts unix.Timespec
-	unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts)
-	return uint64(ts.Nano() / 1e7)
+	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil {
+		return 0, fmt.Errorf("CLOCK_BOOTTIME: %w", err)
+	}
+	return uint64(ts.Nano() / 1e7), nil
 }
 
 // soPeerPIDFD is SO_PEERPIDFD (Linux 6.5): a pidfd for the process that
@@ -287,7 +289,7 @@ func (l *listener) Accept() (net.Conn, error) {
 		if c, err := l.admit(nc); err == nil {
 			return c, nil
 		}
-		nc.Close()
+		_ = nc.Close() // refused (admit logged why): nothing is owed to the peer
 	}
 }
 
@@ -313,7 +315,7 @@ func (l *listener) admit(nc net.Conn) (*Conn, error) {
 		c.idle = time.AfterFunc(l.p.IdleTimeout, func() {
 			c.log.Debug("workload API connection closed: no request within the idle timeout",
 				"uid", c.cred.Uid, "pid", c.cred.Pid, "timeout", l.p.IdleTimeout)
-			c.Close()
+			_ = c.Close() // dropped on purpose: its close error has no reader
 		})
 	}
 	return c, nil
@@ -357,7 +359,11 @@ func newConn(uc *net.UnixConn, log *slog.Logger) (*Conn, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Conn{UnixConn: uc, raw: raw, cred: cred, accepted: bootTicks(), log: log, release: func() {}}, nil
+	accepted, err := bootTicks()
+	if err != nil {
+		return nil, err
+	}
+	return &Conn{UnixConn: uc, raw: raw, cred: cred, accepted: accepted, log: log, release: func() {}}, nil
 }
 
 // Caller is the connection's peer (nil before the handshake).
@@ -375,7 +381,7 @@ func (c *Conn) Close() error {
 			c.idle.Stop()
 		}
 		if caller != nil {
-			caller.pidfd.Close()
+			_ = caller.pidfd.Close() // a pidfd is only watched, never written
 		}
 		c.closeErr = c.UnixConn.Close()
 		c.release()
@@ -413,24 +419,26 @@ func (c *Conn) identify() error {
 	}
 	// The pidfd must name the pid SO_PEERCRED reported (same pid
 	// namespace); afterwards only its liveness needs checking.
+	// On the failures below the pidfd is let go of: closing a descriptor
+	// only read from loses nothing, and the error returned says why.
 	if got, err := pidfdPID(pidfd); err != nil || got != int(pid) {
-		unix.Close(pidfd)
+		_ = unix.Close(pidfd)
 		return fmt.Errorf("caller pidfd names pid %d, peer credentials say %d: %v", got, pid, err)
 	}
 	// Non-blocking, so the runtime's poller can wait for the exit.
 	if err := unix.SetNonblock(pidfd, true); err != nil {
-		unix.Close(pidfd)
+		_ = unix.Close(pidfd)
 		return fmt.Errorf("pidfd: %w", err)
 	}
 	f := os.NewFile(uintptr(pidfd), "pidfd:"+strconv.Itoa(int(pid)))
 	raw, err := f.SyscallConn()
 	if err != nil {
-		f.Close()
+		_ = f.Close()
 		return err
 	}
 	caller := &Caller{UID: c.cred.Uid, GID: c.cred.Gid, PID: pid, pidfd: f, pidRaw: raw, pinned: pinned,
 		exeLink: "/proc/" + strconv.Itoa(int(pid)) + "/exe", conn: c}
-	fail := func(err error) error { f.Close(); return err }
+	fail := func(err error) error { _ = f.Close(); return err }
 	if caller.exe, err = statExe(caller.exeLink); err != nil {
 		return fail(fmt.Errorf("pid %d: executable: %w", pid, err))
 	}
@@ -477,7 +485,9 @@ func (c *Conn) watch() {
 	// The exiting process closed its own descriptors first, so a socket
 	// whose other end is not hung up is held by someone else.
 	held := false
-	c.raw.Control(func(fd uintptr) {
+	// Control fails only on a closed socket, which is not held: it is
+	// closed below either way.
+	_ = c.raw.Control(func(fd uintptr) {
 		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
 		if n, err := unix.Poll(p, 0); err == nil && (n == 0 || p[0].Revents&(unix.POLLHUP|unix.POLLRDHUP) == 0) {
 			held = true
@@ -487,7 +497,7 @@ func (c *Conn) watch() {
 		c.log.Warn("workload API caller exited while another process holds its connection: closing it",
 			"uid", c.cred.Uid, "pid", c.cred.Pid, "exe", c.caller.exePath)
 	}
-	c.Close()
+	_ = c.Close() // dropped on purpose: its close error has no reader
 }
 
 // Read reads what the caller wrote. Each chunk carries the credentials
@@ -523,7 +533,7 @@ func (c *Conn) Read(b []byte) (int, error) {
 	if err := c.checkWriter(c.oob[:oobn], flags); err != nil {
 		c.log.Warn("workload API connection used by a process other than the one that connected: closing it",
 			"uid", c.cred.Uid, "pid", c.cred.Pid, "exe", c.caller.exePath, "err", err)
-		c.Close()
+		_ = c.Close() // dropped on purpose: err says why
 		return 0, err
 	}
 	return n, nil

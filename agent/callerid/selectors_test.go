@@ -44,7 +44,10 @@ func TestMain(m *testing.M) {
 			fmt.Fprintln(os.Stderr, "bind mount:", err)
 			os.Exit(3)
 		}
-		os.Unsetenv(bindEnv)
+		if err := os.Unsetenv(bindEnv); err != nil {
+			fmt.Fprintln(os.Stderr, "unsetenv:", err)
+			os.Exit(3)
+		}
 		err := unix.Exec(dst, []string{dst}, os.Environ())
 		fmt.Fprintln(os.Stderr, "exec:", err)
 		os.Exit(3)
@@ -68,9 +71,12 @@ func TestMain(m *testing.M) {
 		if err != nil {
 			os.Exit(2)
 		}
-		os.Stdout.WriteString("connected\n")
-		bufio.NewReader(os.Stdin).ReadString('\n')
-		c.Close()
+		if _, err := os.Stdout.WriteString("connected\n"); err != nil {
+			os.Exit(2)
+		}
+		// Returns at EOF: the test closing stdin is the signal to go.
+		_, _ = bufio.NewReader(os.Stdin).ReadString('\n')
+		_ = c.Close() // nothing was written on it, and the process exits
 		os.Exit(0)
 	}
 	os.Exit(m.Run())
@@ -84,13 +90,19 @@ func runAgent(sock string) int {
 		fmt.Fprintln(os.Stderr, "agent:", err)
 		return 3
 	}
-	defer l.Close()
-	os.Chmod(sock, 0o777)
+	defer func() { _ = l.Close() }() // exiting: closing only stops accepting
+	if err := os.Chmod(sock, 0o777); err != nil {
+		fmt.Fprintln(os.Stderr, "agent:", err)
+		return 3
+	}
 	go func() {
-		io.Copy(io.Discard, os.Stdin)
-		l.Close()
+		// Stdin closing (EOF or error alike) is the signal to stop.
+		_, _ = io.Copy(io.Discard, os.Stdin)
+		_ = l.Close()
 	}()
-	os.Stdout.WriteString("listening\n")
+	if _, err := os.Stdout.WriteString("listening\n"); err != nil {
+		return 3
+	}
 	a := callerid.New("")
 	for {
 		c, err := l.Accept()
@@ -100,7 +112,7 @@ func runAgent(sock string) int {
 		conn, info, err := callerid.Credentials().ServerHandshake(c)
 		if err != nil {
 			fmt.Printf("ERR %v\n", err)
-			c.Close()
+			_ = c.Close() // refused: the ERR line is the report
 			continue
 		}
 		sel, err := a.Attest(context.Background(), info.(*callerid.Caller))
@@ -109,7 +121,7 @@ func runAgent(sock string) int {
 		} else {
 			fmt.Printf("SEL %s\n", strings.Join(sel.List(), " "))
 		}
-		conn.Close()
+		_ = conn.Close() // attested once: the SEL or ERR line is the report
 	}
 }
 
@@ -165,7 +177,7 @@ func serve(t testing.TB, l net.Listener) <-chan *callerid.Caller {
 			close(out)
 			return
 		}
-		t.Cleanup(func() { conn.Close() })
+		t.Cleanup(func() { _ = conn.Close() }) // the test is over: nothing more goes through it
 		out <- info.(*callerid.Caller)
 	}()
 	return out
@@ -180,7 +192,7 @@ func TestAttestCallerAndExit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
+	defer func() { _ = l.Close() }() // the test is over: closing only stops accepting
 	got := serve(t, l)
 	self, _ := os.Executable()
 	cmd := exec.Command(self)
@@ -190,7 +202,7 @@ func TestAttestCallerAndExit(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	defer cmd.Process.Kill()
+	defer func() { _ = cmd.Process.Kill() }() // fails when the helper already exited, as it should have
 	if line, _ := bufio.NewReader(out).ReadString('\n'); line != "connected\n" {
 		t.Fatalf("helper: %q", line)
 	}
@@ -199,9 +211,13 @@ func TestAttestCallerAndExit(t *testing.T) {
 		t.Fatalf("caller %+v, helper pid %d", caller, cmd.Process.Pid)
 	}
 	var u unix.Utsname
-	unix.Uname(&u)
+	if err := unix.Uname(&u); err != nil {
+		t.Fatal(err)
+	}
 	var major, minor int
-	fmt.Sscanf(unix.ByteSliceToString(u.Release[:]), "%d.%d", &major, &minor)
+	if _, err := fmt.Sscanf(unix.ByteSliceToString(u.Release[:]), "%d.%d", &major, &minor); err != nil {
+		t.Fatalf("kernel release %q: %v", unix.ByteSliceToString(u.Release[:]), err)
+	}
 	if (major > 6 || major == 6 && minor >= 5) && !caller.Pinned() {
 		t.Fatalf("kernel %d.%d has SO_PEERPIDFD but the pidfd was not taken from it", major, minor)
 	}
@@ -219,8 +235,12 @@ func TestAttestCallerAndExit(t *testing.T) {
 	if !sel.Has(want...) {
 		t.Fatalf("selectors %v, want %v", sel.List(), want)
 	}
-	stdin.Close()
-	cmd.Wait()
+	if err := stdin.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("helper: %v", err)
+	}
 	if _, err := a.Attest(context.Background(), caller); !errors.Is(err, callerid.ErrGone) {
 		t.Fatalf("after the caller exited: %v", err)
 	}

@@ -4,6 +4,7 @@
 package inspect
 
 import (
+	"bufio"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -47,7 +48,15 @@ func address(socket, fallback string) string {
 var ErrNone = errors.New("no SVID received")
 
 // Run prints the caller's SVIDs and bundles to w.
-func Run(ctx context.Context, opts Options, fallback string, w io.Writer) error {
+func Run(ctx context.Context, opts Options, fallback string, out io.Writer) (err error) {
+	// Writes stick their first error in w; the deferred Flush returns it,
+	// and what was written before a failure still reaches out.
+	w := bufio.NewWriter(out)
+	defer func() {
+		if ferr := w.Flush(); err == nil && ferr != nil {
+			err = fmt.Errorf("write report: %w", ferr)
+		}
+	}()
 	if opts.Timeout <= 0 {
 		opts.Timeout = 10 * time.Second
 	}
@@ -58,7 +67,7 @@ func Run(ctx context.Context, opts Options, fallback string, w io.Writer) error 
 	if err != nil {
 		return fmt.Errorf("%s: %w", addr, err)
 	}
-	defer c.Close()
+	defer func() { _ = c.Close() }() // its answers are read: closing only hangs up
 	x, err := c.FetchX509Context(ctx)
 	if err != nil {
 		return fmt.Errorf("%s: X.509-SVIDs: %w", addr, err)

@@ -60,7 +60,9 @@ func TPM(ctx context.Context, jc *api.JoinClient, t *tpm.TPM, keyURI string) (*S
 	if err != nil {
 		return nil, fmt.Errorf("attestation key: %w", err)
 	}
-	defer ak.Close()
+	// Close flushes the AK from the TPM; it fails only when the TPM is gone,
+	// which the join's own steps report.
+	defer func() { _ = ak.Close() }()
 	ch, err := jc.TPMHello(ctx, &api.JoinTPMHello{EKPublic: ek.Public, EKCert: ek.Cert, AKPublic: ak.Public})
 	if err != nil {
 		return nil, fmt.Errorf("join refused at hello: %w", err)

@@ -70,7 +70,7 @@ func (e *env) joinClient(t testing.TB, node string, cert func() (*tls.Certificat
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { conn.Close() })
+	t.Cleanup(func() { _ = conn.Close() }) // the test is over: nothing more goes through it
 	return api.NewJoinClient(conn)
 }
 
@@ -98,7 +98,11 @@ func (h *host) open(t testing.TB) {
 		t.Fatal(err)
 	}
 	h.tpm = k
-	t.Cleanup(func() { k.Close() })
+	t.Cleanup(func() {
+		if err := k.Close(); err != nil {
+			t.Error(err)
+		}
+	})
 }
 
 func TestTPMJoinRenewRestart(t *testing.T) {
@@ -134,7 +138,9 @@ func TestTPMJoinRenewRestart(t *testing.T) {
 
 	// The host reboots: TPM restarts, the agent reloads its blob and
 	// renews with the SVID it kept, without joining again.
-	h.tpm.Close()
+	if err := h.tpm.Close(); err != nil {
+		t.Fatal(err)
+	}
 	h.sw.Stop(t)
 	h.sw.Start(t)
 	h.open(t)
@@ -164,7 +170,7 @@ func TestTPMJoinRenewRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
+	defer func() { _ = conn.Close() }() // the test is over: nothing more goes through it
 	wk, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	csr, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, wk)
 	clustertest.Eventually(t, 10*time.Second, "node-2 to know the entry", func() bool { return e.c.Node("node-2").State().Entries() != nil })
@@ -219,7 +225,11 @@ func TestTPMJoinRefused(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { ak.Close() })
+		t.Cleanup(func() {
+			if err := ak.Close(); err != nil {
+				t.Error(err)
+			}
+		})
 		ch, err := jc.TPMHello(ctx, &api.JoinTPMHello{EKPublic: ek.Public, EKCert: ek.Cert, AKPublic: ak.Public})
 		if err != nil {
 			t.Fatal(err)
@@ -275,8 +285,13 @@ func TestTPMJoinRefused(t *testing.T) {
 	})
 	t.Run("agent key blob copied to another TPM", func(t *testing.T) {
 		stolen := filepath.Join(t.TempDir(), "stolen.key")
-		data, _ := os.ReadFile(strings.TrimPrefix(h.key, "tpmkey:file="))
-		os.WriteFile(stolen, data, 0o600)
+		data, err := os.ReadFile(strings.TrimPrefix(h.key, "tpmkey:file="))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(stolen, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
 		// The other TPM cannot load it at all...
 		if _, err := join.TPM(ctx, jc, other.tpm, "tpmkey:file="+stolen); err == nil {
 			t.Fatal("joined with a copied key blob")
@@ -285,12 +300,14 @@ func TestTPMJoinRefused(t *testing.T) {
 		// certification of one of its own keys is refused.
 		ek, _ := other.tpm.EndorsementKey(ctx)
 		own := "tpmkey:file=" + filepath.Join(t.TempDir(), "own.key")
-		join.EnsureKey(ctx, other.tpm, own)
+		if err := join.EnsureKey(ctx, other.tpm, own); err != nil {
+			t.Fatal(err)
+		}
 		ak, err := other.tpm.NewAK(ctx)
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer ak.Close()
+		defer func() { _ = ak.Close() }() // a flush at the end of the subtest
 		e.trustTPMVendor(t, other.sw)
 		ch, err := jc.TPMHello(ctx, &api.JoinTPMHello{EKPublic: ek.Public, EKCert: ek.Cert, AKPublic: ak.Public})
 		if err != nil {
@@ -308,7 +325,11 @@ func TestTPMJoinRefused(t *testing.T) {
 		if _, err := e.c.Admin("node-1").PCRPolicySet(ctx, &api.PCRPolicyRequest{Policy: &api.PCRPolicy{Bank: "sha256", PCRs: map[string]string{"23": zero}}}); err != nil {
 			t.Fatal(err)
 		}
-		defer e.c.Admin("node-1").PCRPolicySet(ctx, &api.PCRPolicyRequest{})
+		defer func() {
+			if _, err := e.c.Admin("node-1").PCRPolicySet(ctx, &api.PCRPolicyRequest{}); err != nil {
+				t.Errorf("clear the PCR policy: %v", err)
+			}
+		}()
 		// PCR 23 is still zero: the quote matches and the join succeeds.
 		clustertest.Eventually(t, 10*time.Second, "policy on node-1", func() bool { return e.c.Node("node-1").State().Policy().PCRPolicy != nil })
 		if _, err := join.TPM(ctx, jc, h.tpm, h.key); err != nil {

@@ -45,7 +45,9 @@ func fuzzServer(t testing.TB) (*Server, context.Context, *ecdsa.PrivateKey) {
 	der, _ := x509.CreateCertificate(rand.Reader, ca, ca, &k.PublicKey, k)
 	root, _ := x509.ParseCertificate(der)
 	b := spiffebundle.FromX509Authorities(td, []*x509.Certificate{root})
-	b.AddJWTAuthority("kid-1", &k.PublicKey)
+	if err := b.AddJWTAuthority("kid-1", &k.PublicKey); err != nil {
+		t.Fatal(err)
+	}
 	snap := &cache.Snapshot{Bundle: b, SVIDs: map[string]*cache.SVID{}, Entries: []api.Entry{{
 		ID: "e1", SPIFFEID: "spiffe://example.org/w", Selectors: []api.Selector{{Type: "unix", Value: "uid:1000"}}}}}
 	s := New(fixed{snap}, callerid.New(""), Options{Log: slog.New(slog.NewTextHandler(io.Discard, nil))})

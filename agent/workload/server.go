@@ -178,7 +178,7 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 	}()
 	al, err := callerid.Listen(l, callerid.ConnPolicy{Admit: s.admitConn, IdleTimeout: s.opts.Limits.IdleTimeout, Log: s.log})
 	if err != nil {
-		l.Close()
+		_ = l.Close() // never served: the listen error is the one to report
 		return err
 	}
 	err = g.Serve(al)

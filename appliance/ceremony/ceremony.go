@@ -81,11 +81,18 @@ func Run(ctx context.Context, p *Plan, opts Options) (err error) {
 	r := &run{plan: p, opts: opts, tr: tr, outputs: map[string]*os.File{}}
 	defer func() {
 		if r.ks != nil {
-			r.ks.Close()
+			// The keys are on the token (or the ceremony failed before
+			// them): letting go of the module cannot change either.
+			_ = r.ks.Close()
 		}
 		if err != nil {
-			r.abandonOutputs()
-			fmt.Fprintf(opts.Out, "CEREMONY FAILED: %v\nNo outputs were kept and the transcript was not changed.\n", err)
+			// Out is the operator's console: if it fails too there is no
+			// one left to tell, and err is returned either way.
+			if left := r.abandonOutputs(); len(left) > 0 {
+				_, _ = fmt.Fprintf(opts.Out, "CEREMONY FAILED: %v\nThese outputs could not be removed; delete them by hand:\n  %s\nThe transcript was not changed.\n", err, strings.Join(left, "\n  "))
+			} else {
+				_, _ = fmt.Fprintf(opts.Out, "CEREMONY FAILED: %v\nNo outputs were kept and the transcript was not changed.\n", err)
+			}
 		}
 	}()
 
@@ -177,11 +184,16 @@ func (r *run) closeOutputs() error {
 	return nil
 }
 
-func (r *run) abandonOutputs() {
+// abandonOutputs removes every output of a failed ceremony and returns
+// the ones it could not remove (with why).
+func (r *run) abandonOutputs() (left []string) {
 	for _, path := range r.order {
-		r.outputs[path].Close()
-		os.Remove(path)
+		_ = r.outputs[path].Close() // removed next: what was written no longer matters
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			left = append(left, err.Error())
+		}
 	}
+	return left
 }
 
 // keyURI addresses the script's key. With a PIN file the key store reads it
@@ -471,7 +483,7 @@ func (r *run) progress(what string, fn func() error) error {
 		case err := <-done:
 			return err
 		case <-tick.C:
-			fmt.Fprintf(r.opts.Out, "      ... %s (%s)\n", what, r.opts.Now().Sub(start).Round(time.Second))
+			_, _ = fmt.Fprintf(r.opts.Out, "      ... %s (%s)\n", what, r.opts.Now().Sub(start).Round(time.Second))
 		}
 	}
 }

@@ -54,7 +54,7 @@ func (e *ceremonyEnv) run(t *testing.T, kind, script string) (string, error) {
 	if err := os.WriteFile(cfgPath, []byte(script), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	defer os.Remove(cfgPath)
+	defer func() { _ = os.Remove(cfgPath) }() // cleanup only
 	cfg, err := Load(cfgPath, kind)
 	if err != nil {
 		return "", err
@@ -265,7 +265,9 @@ root:
 	ceremonies := map[string]bool{}
 	for _, l := range lines {
 		var r Record
-		json.Unmarshal([]byte(l), &r)
+		if err := json.Unmarshal([]byte(l), &r); err != nil {
+			t.Fatalf("transcript line %q: %v", l, err)
+		}
 		ceremonies[r.Ceremony] = true
 	}
 	if len(ceremonies) != 8 {
@@ -277,7 +279,7 @@ root:
 
 	// An edited transcript is detected, and no ceremony appends to it.
 	tampered := strings.Replace(readFile(t, e.path("transcript.jsonl")), "node-1", "node-9", 1)
-	os.WriteFile(e.path("transcript.jsonl"), []byte(tampered), 0o640)
+	writeFile(t, e.path("transcript.jsonl"), []byte(tampered), 0o640)
 	if _, err := VerifyTranscript(e.path("transcript.jsonl")); err == nil || !strings.Contains(err.Error(), "hash chain broken") {
 		t.Fatalf("tampered transcript: %v", err)
 	}
@@ -323,15 +325,17 @@ func TestRefusedCeremoniesChangeNothing(t *testing.T) {
 	mustRun(t, e, KindPINSplit, strings.Replace(e.pinSplitScript(2, other...), e.path("transcript.jsonl"), filepath.Join(otherDir, "t.jsonl"), 1))
 	damaged := e.path("damaged.share")
 	var sh map[string]any
-	json.Unmarshal([]byte(readFile(t, shares[1])), &sh)
+	if err := json.Unmarshal([]byte(readFile(t, shares[1])), &sh); err != nil {
+		t.Fatal(err)
+	}
 	v, _ := base64.StdEncoding.DecodeString(sh["value"].(string))
 	v[5] ^= 0x01
 	sh["value"] = base64.StdEncoding.EncodeToString(v)
 	b, _ := json.Marshal(sh)
-	os.WriteFile(damaged, b, 0o600)
+	writeFile(t, damaged, b, 0o600)
 	openShare := e.path("open.share")
-	os.WriteFile(openShare, []byte(readFile(t, shares[2])), 0o644)
-	os.WriteFile(e.path("exists.pem"), []byte("taken"), 0o644)
+	writeFile(t, openShare, []byte(readFile(t, shares[2])), 0o644)
+	writeFile(t, e.path("exists.pem"), []byte("taken"), 0o644)
 
 	good := e.rootScript(pinShares(shares[0], shares[1]), "root-2", e.path("root-2.pem"))
 	cases := []struct {
@@ -427,6 +431,13 @@ func TestDuration(t *testing.T) {
 	}
 	if _, err := Parse([]byte(""), KindRoot); err == nil || !errors.Is(err, err) {
 		t.Error("empty config accepted")
+	}
+}
+
+func writeFile(t *testing.T, path string, b []byte, mode os.FileMode) {
+	t.Helper()
+	if err := os.WriteFile(path, b, mode); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -75,7 +75,9 @@ func (t *Transcript) Step(step string, detail ...Field) {
 	for _, f := range detail {
 		fmt.Fprintf(&b, "\n      %-22s %s", f.Name+":", f.Value)
 	}
-	fmt.Fprintln(t.out, b.String())
+	// The console echo is for the operator to follow; the record is the
+	// file Commit writes, so a failed echo stops nothing.
+	_, _ = fmt.Fprintln(t.out, b.String())
 }
 
 // Commit appends the pending records and syncs the file.
@@ -86,18 +88,18 @@ func (t *Transcript) Commit() error {
 	}
 	for _, line := range t.pending {
 		if _, err := f.Write(append(line, '\n')); err != nil {
-			f.Close()
+			_ = f.Close() // the write error is the one to report
 			return err
 		}
 	}
 	if err := f.Sync(); err != nil {
-		f.Close()
+		_ = f.Close() // the sync error is the one to report
 		return err
 	}
 	if err := f.Close(); err != nil {
 		return err
 	}
-	fmt.Fprintf(t.out, "transcript: records %d-%d appended to %s (chain head %s)\n", t.firstSeq, t.seq, t.path, t.prev)
+	_, _ = fmt.Fprintf(t.out, "transcript: records %d-%d appended to %s (chain head %s)\n", t.firstSeq, t.seq, t.path, t.prev)
 	t.pending = nil
 	return nil
 }
@@ -112,7 +114,7 @@ func readTranscript(path string) (seq int, prev string, err error) {
 	if err != nil {
 		return 0, "", err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read-only
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 64*1024), 1<<20)
 	n := 0
@@ -160,7 +162,7 @@ func checkTranscript(path string) error {
 	}
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
 	if err == nil {
-		f.Close()
+		_ = f.Close() // opened only to learn it is writable: nothing written
 		return nil
 	}
 	if !errors.Is(err, os.ErrNotExist) {

@@ -48,7 +48,9 @@ func freePort(t testing.TB) string {
 	t.Helper()
 	low := 32768
 	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
-		fmt.Sscan(string(b), &low)
+		if _, err := fmt.Sscan(string(b), &low); err != nil {
+			t.Fatalf("ip_local_port_range %q: %v", b, err)
+		}
 	}
 	lo := 10000
 	if low-lo < 2000 {
@@ -57,7 +59,7 @@ func freePort(t testing.TB) string {
 	for i := 0; i < 1000; i++ {
 		addr := fmt.Sprintf("127.0.0.1:%d", lo+mrand.IntN(low-lo))
 		if ln, err := net.Listen("tcp", addr); err == nil {
-			ln.Close()
+			_ = ln.Close() // only probing that the port is free
 			return addr
 		}
 	}
@@ -98,7 +100,7 @@ func NewClusterWith(t testing.TB, tr *Trust, mod func(*node.Config), ids ...stri
 
 	// An admin credential from node-1's CA, through its own key store.
 	ks := pkcs11.New(pkcs11.Options{})
-	defer ks.Close()
+	defer func() { _ = ks.Close() }() // the credential is written: the module is only let go of
 	cert := ClientCert(t, tr.Authority(t, ks, ids[0]), "/sigil/admin/test-admin")
 	c.AdminCert, c.AdminKey = WriteCredential(t, c.Dir, "admin", cert)
 	return c
@@ -157,7 +159,11 @@ func (c *Cluster) StartWith(cfg *node.Config) (*node.Node, error) {
 	log := slog.New(slog.NewJSONHandler(c.Log, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	n, err := node.Start(context.Background(), cfg, log)
 	if err == nil {
-		c.T.Cleanup(func() { n.Stop() })
+		c.T.Cleanup(func() {
+			if err := n.Stop(); err != nil {
+				c.T.Errorf("stop node: %v", err)
+			}
+		})
 	}
 	return n, err
 }
@@ -169,7 +175,9 @@ func (c *Cluster) Stop(id string) {
 	delete(c.nodes, id)
 	c.mu.Unlock()
 	if n != nil {
-		n.Stop()
+		if err := n.Stop(); err != nil {
+			c.T.Errorf("stop %s: %v", id, err)
+		}
 	}
 }
 
@@ -252,7 +260,7 @@ func (c *Cluster) Client(id, cert, key string) *api.AdminClient {
 	if err != nil {
 		c.T.Fatal(err)
 	}
-	c.T.Cleanup(func() { conn.Close() })
+	c.T.Cleanup(func() { _ = conn.Close() }) // the test is over: nothing more goes through it
 	return api.NewAdminClient(conn)
 }
 

@@ -228,7 +228,10 @@ func atkRewriteAudit(tx *bolt.Tx, renumber bool, edit func([]AuditRecord) []Audi
 			r.Seq = first + uint64(i)
 		}
 		r.Prev = prev
-		r.Hash = recordHash(r)
+		var err error
+		if r.Hash, err = recordHash(r); err != nil {
+			return err
+		}
 		prev = r.Hash
 		if err := putJSON(ab, u64Key(r.Seq), r); err != nil {
 			return err

@@ -94,7 +94,10 @@ func (t *txn) appendAudit(e AuditEvent) error {
 	h := t.head
 	r := &AuditRecord{Seq: h.Seq + 1, Index: t.index, Time: t.c.Time.UTC(), Actor: truncate(t.c.Actor, maxActor),
 		Origin: t.origin, Action: e.Action, Target: e.Target, Detail: e.Detail, Prev: h.Hash}
-	r.Hash = recordHash(r)
+	var err error
+	if r.Hash, err = recordHash(r); err != nil {
+		return fmt.Errorf("audit record %d: %w", r.Seq, err)
+	}
 	if err := putJSON(t.tx.Bucket(bAudit), u64Key(r.Seq), r); err != nil {
 		return err
 	}
@@ -107,12 +110,17 @@ func (t *txn) appendAudit(e AuditEvent) error {
 
 // recordHash is the SHA-256 of the record's JSON with Hash empty. JSON of a
 // struct with sorted map keys is the same bytes on every node.
-func recordHash(r *AuditRecord) string {
+// It fails only for a record JSON cannot carry (a time outside years
+// 0-9999).
+func recordHash(r *AuditRecord) (string, error) {
 	c := *r
 	c.Hash = ""
-	b, _ := json.Marshal(&c)
+	b, err := json.Marshal(&c)
+	if err != nil {
+		return "", err
+	}
 	sum := sha256.Sum256(b)
-	return hex.EncodeToString(sum[:])
+	return hex.EncodeToString(sum[:]), nil
 }
 
 // chainCheck verifies records one at a time, in order.
@@ -140,7 +148,11 @@ func (c *chainCheck) next(r *AuditRecord) error {
 	if r.Prev != c.prev {
 		return fmt.Errorf("prev hash %.16s does not match the record before (%.16s)", r.Prev, c.prev)
 	}
-	if h := recordHash(r); h != r.Hash {
+	h, err := recordHash(r)
+	if err != nil {
+		return fmt.Errorf("record unhashable: %w", err)
+	}
+	if h != r.Hash {
 		return fmt.Errorf("record altered: hash %.16s, content hashes to %.16s", r.Hash, h)
 	}
 	c.prev, c.seq = r.Hash, r.Seq
@@ -171,7 +183,7 @@ func (f *FSM) Audit(after uint64, limit int) []AuditRecord {
 		limit = MaxAuditList
 	}
 	var out []AuditRecord
-	f.view(func(tx *bolt.Tx) error {
+	f.read("Audit", func(tx *bolt.Tx) error {
 		c := tx.Bucket(bAudit).Cursor()
 		for k, v := c.Seek(u64Key(after + 1)); k != nil && len(out) < limit; k, v = c.Next() {
 			var r AuditRecord
@@ -290,11 +302,13 @@ func (f *FSM) VerifyAuditLog(roots []*x509.Certificate) AuditReport {
 func (f *FSM) recordHashAt(seq uint64) (string, bool) {
 	var r AuditRecord
 	var ok bool
-	f.view(func(tx *bolt.Tx) error {
+	if !f.read("recordHashAt", func(tx *bolt.Tx) error {
 		var err error
 		ok, err = getJSON(tx.Bucket(bAudit), u64Key(seq), &r)
 		return err
-	})
+	}) {
+		return "", false
+	}
 	return r.Hash, ok
 }
 
@@ -473,11 +487,13 @@ func applyAuditPrune(t *txn, p *AuditPrune) (any, []AuditEvent, error) {
 func (f *FSM) IssuedSVID(serial string) (IssuedSVID, bool) {
 	var s IssuedSVID
 	var ok bool
-	f.view(func(tx *bolt.Tx) error {
+	if !f.read("IssuedSVID", func(tx *bolt.Tx) error {
 		var err error
 		ok, err = getJSON(tx.Bucket(bSVIDs), []byte(serial), &s)
 		return err
-	})
+	}) {
+		return IssuedSVID{}, false
+	}
 	return s, ok
 }
 
@@ -486,7 +502,7 @@ func (f *FSM) IssuedSVID(serial string) (IssuedSVID, bool) {
 // the record after the last one looked at when all were older).
 func (f *FSM) FirstAuditAtOrAfter(t time.Time, limit int) uint64 {
 	var seq uint64
-	f.view(func(tx *bolt.Tx) error {
+	f.read("FirstAuditAtOrAfter", func(tx *bolt.Tx) error {
 		c := tx.Bucket(bAudit).Cursor()
 		n := 0
 		for k, v := c.First(); k != nil; k, v = c.Next() {

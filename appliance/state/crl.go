@@ -654,7 +654,9 @@ func (f *FSM) saveCRLFile(crls []RootCRL, prev *rootCRLCache) {
 	if err == nil {
 		if fh, oerr := os.Open(tmp); oerr == nil {
 			err = fh.Sync()
-			fh.Close()
+			if cerr := fh.Close(); err == nil {
+				err = cerr
+			}
 		}
 	}
 	if err == nil {

@@ -199,12 +199,14 @@ func TestRootCRLs(t *testing.T) {
 	}
 	// The CRLs are kept beside the state file, which a restart rebuilds:
 	// the next run of the node finds them before raft replays anything.
-	g.Close()
+	if err := g.Close(); err != nil {
+		t.Fatal(err)
+	}
 	h, err := Open(td, Options{Path: g.opts.Path})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer h.Close()
+	defer func() { _ = h.Close() }() // the test's last use of it
 	if carried := h.CarriedRootCRLs(); len(carried) != 1 || !bytes.Equal(carried[0], a.fsm.RootCRLs()[0].DER) || h.CARevoked(p.nodes["node-1"]) {
 		t.Fatalf("carried CRLs after a restart: %d (and the fresh state must not claim them itself)", len(carried))
 	}
@@ -261,7 +263,7 @@ func TestRootCRLSnapshotForged(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer g.Close()
+	defer func() { _ = g.Close() }() // the test's last use of it
 	snap, _ := a.fsm.Export()
 	if err := g.Restore(bytes.NewReader(snap)); err != nil {
 		t.Fatal(err)

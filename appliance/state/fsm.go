@@ -168,7 +168,7 @@ func Open(td spiffeid.TrustDomain, opts Options) (*FSM, error) {
 	}
 	f.db = db
 	if err := f.loadCaches(); err != nil {
-		db.Close()
+		_ = db.Close() // a fresh file nobody else uses: the load error is the one to report
 		return nil, err
 	}
 	return f, nil
@@ -195,7 +195,7 @@ func createDB(path string) (*bolt.DB, error) {
 		return nil, fmt.Errorf("state: open %s: %w", path, err)
 	}
 	if err := db.Update(createBuckets); err != nil {
-		db.Close()
+		_ = db.Close() // the file is unusable either way: report why
 		return nil, err
 	}
 	return db, nil
@@ -224,6 +224,17 @@ func (f *FSM) view(fn func(tx *bolt.Tx) error) error {
 		return errors.New("state: closed")
 	}
 	return f.db.View(fn)
+}
+
+// read is view for the queries that have no error to return: a failure (the
+// store closed, a stored value unreadable) is logged, and the query answers
+// with what it had read before it, or not found.
+func (f *FSM) read(query string, fn func(tx *bolt.Tx) error) bool {
+	if err := f.view(fn); err != nil {
+		f.log.Error("state read failed", "query", query, "err", err)
+		return false
+	}
+	return true
 }
 
 // AuditEvent is an audit record before it is chained.
@@ -491,12 +502,4 @@ func (f *FSM) actorKind(actor string) (kind, name string) {
 		return "admin", n
 	}
 	return "", ""
-}
-
-// nodeOf returns the node name of a node actor, or "".
-func (f *FSM) nodeOf(actor string) string {
-	if k, n := f.actorKind(actor); k == "node" {
-		return n
-	}
-	return ""
 }

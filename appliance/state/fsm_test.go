@@ -36,7 +36,11 @@ func newFSM(t testing.TB) *FSM {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { f.Close() })
+	t.Cleanup(func() {
+		if err := f.Close(); err != nil {
+			t.Error(err)
+		}
+	})
 	return f
 }
 
@@ -222,7 +226,10 @@ func TestAuditChainDetectsTampering(t *testing.T) {
 	// Recomputing one record's hash does not help: the next link breaks.
 	rehashed := append([]AuditRecord(nil), recs...)
 	rehashed[1].Actor = "spiffe://example.org/sigil/admin/mallory"
-	rehashed[1].Hash = recordHash(&rehashed[1])
+	var err error
+	if rehashed[1].Hash, err = recordHash(&rehashed[1]); err != nil {
+		t.Fatal(err)
+	}
 	if n, err := VerifyAudit(rehashed); err == nil || n != 3 {
 		t.Fatalf("rehashed record 2: got %d, %v", n, err)
 	}
@@ -340,9 +347,11 @@ func TestSnapshotArchive(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer o.Close()
+		defer func() { _ = o.Close() }() // a scratch state
 		var x bytes.Buffer
-		o.WriteArchive(&x, "n", t0)
+		if _, err := o.WriteArchive(&x, "n", t0); err != nil {
+			t.Fatal(err)
+		}
 		return x.Bytes()
 	}()
 	cases := map[string][]byte{
@@ -415,7 +424,9 @@ func TestRegistrationIndex(t *testing.T) {
 	// After a raft snapshot restore the index is rebuilt from the entries.
 	snap, _ := a.fsm.Snapshot()
 	var buf bytes.Buffer
-	snap.Persist(&buf)
+	if err := snap.Persist(&buf); err != nil {
+		t.Fatal(err)
+	}
 	snap.Release()
 	b := &applier{t: t, fsm: newFSM(t), index: a.index}
 	if err := b.fsm.Restore(&buf); err != nil {

@@ -24,7 +24,7 @@ func (f *FSM) entriesFrom(tx *bolt.Tx, ids []string) []Entry {
 // Entries returns every entry, ordered by ID.
 func (f *FSM) Entries() []Entry {
 	var out []Entry
-	f.view(func(tx *bolt.Tx) error {
+	f.read("Entries", func(tx *bolt.Tx) error {
 		return tx.Bucket(bEntries).ForEach(func(k, v []byte) error {
 			var e Entry
 			if err := decodeStrict(v, &e); err != nil {
@@ -42,11 +42,13 @@ func (f *FSM) Entries() []Entry {
 func (f *FSM) Entry(id string) (Entry, bool) {
 	var e Entry
 	var ok bool
-	f.view(func(tx *bolt.Tx) error {
+	if !f.read("Entry", func(tx *bolt.Tx) error {
 		var err error
 		ok, err = getJSON(tx.Bucket(bEntries), []byte(id), &e)
 		return err
-	})
+	}) {
+		return Entry{}, false
+	}
 	return e, ok
 }
 
@@ -54,7 +56,7 @@ func (f *FSM) Entry(id string) (Entry, bool) {
 // ordered by ID.
 func (f *FSM) EntriesByParent(parent string) []Entry {
 	var out []Entry
-	f.view(func(tx *bolt.Tx) error {
+	f.read("EntriesByParent", func(tx *bolt.Tx) error {
 		out = f.entriesFrom(tx, idsWithPrefix(tx.Bucket(bEntriesByParent), parent))
 		return nil
 	})
@@ -64,7 +66,7 @@ func (f *FSM) EntriesByParent(parent string) []Entry {
 // EntriesBySPIFFEID returns the entries for one SPIFFE ID, ordered by ID.
 func (f *FSM) EntriesBySPIFFEID(id string) []Entry {
 	var out []Entry
-	f.view(func(tx *bolt.Tx) error {
+	f.read("EntriesBySPIFFEID", func(tx *bolt.Tx) error {
 		out = f.entriesFrom(tx, idsWithPrefix(tx.Bucket(bEntriesBySPIFFE), id))
 		return nil
 	})
@@ -74,7 +76,7 @@ func (f *FSM) EntriesBySPIFFEID(id string) []Entry {
 // Agents returns every agent, ordered by ID.
 func (f *FSM) Agents() []Agent {
 	var out []Agent
-	f.view(func(tx *bolt.Tx) error {
+	f.read("Agents", func(tx *bolt.Tx) error {
 		return tx.Bucket(bAgents).ForEach(func(k, v []byte) error {
 			var a Agent
 			if err := decodeStrict(v, &a); err != nil {
@@ -92,11 +94,13 @@ func (f *FSM) Agents() []Agent {
 func (f *FSM) Agent(id string) (Agent, bool) {
 	var a Agent
 	var ok bool
-	f.view(func(tx *bolt.Tx) error {
+	if !f.read("Agent", func(tx *bolt.Tx) error {
 		var err error
 		ok, err = getJSON(tx.Bucket(bAgents), []byte(id), &a)
 		return err
-	})
+	}) {
+		return Agent{}, false
+	}
 	return a, ok
 }
 
@@ -126,11 +130,13 @@ func clonePolicy(p JoinPolicy) JoinPolicy {
 func (f *FSM) Token(id string) (JoinToken, bool) {
 	var t JoinToken
 	var ok bool
-	f.view(func(tx *bolt.Tx) error {
+	if !f.read("Token", func(tx *bolt.Tx) error {
 		var err error
 		ok, err = getJSON(tx.Bucket(bTokens), []byte(id), &t)
 		return err
-	})
+	}) {
+		return JoinToken{}, false
+	}
 	return t, ok
 }
 
@@ -150,7 +156,7 @@ func (f *FSM) Bundle() Bundle {
 
 // Counts is for metrics: entries, agents and retained audit records.
 func (f *FSM) Counts() (entries, agents, audit int) {
-	f.view(func(tx *bolt.Tx) error {
+	f.read("Counts", func(tx *bolt.Tx) error {
 		entries = tx.Bucket(bEntries).Stats().KeyN
 		agents = tx.Bucket(bAgents).Stats().KeyN
 		return nil

@@ -58,13 +58,16 @@ func (f *FSM) ReadArchive(r io.Reader, dir string) (*StateRestore, ArchiveMeta, 
 		return nil, ArchiveMeta{}, "", err
 	}
 	path := tmp.Name()
-	tmp.Close()
-	defer os.Remove(path)
+	// The scratch file is only a name for readStream, which recreates it:
+	// closing the empty handle and removing the file afterwards are cleanup
+	// whose failure changes nothing the caller sees.
+	_ = tmp.Close()
+	defer func() { _ = os.Remove(path) }()
 	db, meta, sum, err := f.readStream(r, path)
 	if err != nil {
 		return nil, meta, "", err
 	}
-	defer db.Close()
+	defer func() { _ = db.Close() }() // scratch, read-only from here on
 	p := &StateRestore{Archive: sum, Index: meta.Index, AuditHeadSeq: meta.AuditHeadSeq, AuditHead: meta.AuditHead}
 	err = db.View(func(tx *bolt.Tx) error {
 		if _, err := getJSON(tx.Bucket(bMeta), keyPolicy, &p.Policy); err != nil {
@@ -240,12 +243,19 @@ func applyStateRestore(t *txn, p *StateRestore) (any, []AuditEvent, error) {
 		e := p.Entries[i]
 		o, existed := old[e.ID]
 		// Times come from this appliance, never from the archive.
+		same := false
+		if existed {
+			var err error
+			if same, err = entriesEqual(&o, &e); err != nil {
+				return nil, nil, fmt.Errorf("entry %q: %w", e.ID, err)
+			}
+		}
 		switch {
 		case !existed:
 			added++
 			addedIDs = append(addedIDs, e.ID)
 			e.CreatedAt, e.UpdatedAt = t.c.Time, t.c.Time
-		case !entriesEqual(&o, &e):
+		case !same:
 			changed++
 			changedIDs = append(changedIDs, e.ID)
 			e.CreatedAt, e.UpdatedAt = o.CreatedAt, t.c.Time
@@ -267,8 +277,14 @@ func applyStateRestore(t *txn, p *StateRestore) (any, []AuditEvent, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	oldPolicyJSON, _ := json.Marshal(oldPolicy)
-	newPolicyJSON, _ := json.Marshal(p.Policy)
+	oldPolicyJSON, err := json.Marshal(oldPolicy)
+	if err != nil {
+		return nil, nil, fmt.Errorf("current join policy: %w", err)
+	}
+	newPolicyJSON, err := json.Marshal(p.Policy)
+	if err != nil {
+		return nil, nil, fmt.Errorf("archive's join policy: %w", err)
+	}
 	if err := t.putPolicy(p.Policy); err != nil {
 		return nil, nil, err
 	}
@@ -326,13 +342,20 @@ func applyStateRestore(t *txn, p *StateRestore) (any, []AuditEvent, error) {
 	}}}, nil
 }
 
-func entriesEqual(a, b *Entry) bool {
+// entriesEqual compares two entries' content, ignoring revision and times.
+func entriesEqual(a, b *Entry) (bool, error) {
 	x, y := *a, *b
 	x.Revision, y.Revision = 0, 0
 	x.CreatedAt, y.CreatedAt, x.UpdatedAt, y.UpdatedAt = time.Time{}, time.Time{}, time.Time{}, time.Time{}
-	xb, _ := json.Marshal(x)
-	yb, _ := json.Marshal(y)
-	return bytes.Equal(xb, yb)
+	xb, err := json.Marshal(x)
+	if err != nil {
+		return false, err
+	}
+	yb, err := json.Marshal(y)
+	if err != nil {
+		return false, err
+	}
+	return bytes.Equal(xb, yb), nil
 }
 
 // ErrRestoreTooLarge: the configuration in an archive does not fit one

@@ -51,7 +51,11 @@ func TestAuditPruneExportVerify(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { f.Close() })
+	t.Cleanup(func() {
+		if err := f.Close(); err != nil {
+			t.Error(err)
+		}
+	})
 	a := &applier{t: t, fsm: f}
 	a.must(CmdBundleSetRoots, BundleRoots{Roots: [][]byte{ca.rootDER}}) // record 1
 	atkFill(a, 2999, "w")
@@ -70,7 +74,11 @@ func TestAuditPruneExportVerify(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { g.Close() })
+	t.Cleanup(func() {
+		if err := g.Close(); err != nil {
+			t.Error(err)
+		}
+	})
 	if err := g.Restore(bytes.NewReader(atkSnapshot(t, f))); err != nil {
 		t.Fatal(err)
 	}
@@ -265,7 +273,11 @@ func TestAuditPruneSegmentNamesNode(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { f.Close() })
+	t.Cleanup(func() {
+		if err := f.Close(); err != nil {
+			t.Error(err)
+		}
+	})
 	a := &applier{t: t, fsm: f}
 	atkFill(a, 10, "w")
 	a.must(CmdAuditPrune, AuditPrune{Before: 6})
@@ -273,7 +285,7 @@ func TestAuditPruneSegmentNamesNode(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer fh.Close()
+	defer func() { _ = fh.Close() }() // read-only
 	rep, err := ReadSegment(fh, []*x509.Certificate{ca.root}, nil)
 	if err != nil {
 		t.Fatal(err)

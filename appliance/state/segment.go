@@ -65,8 +65,12 @@ func (f *FSM) exportSegment(tx *bolt.Tx, first, last uint64) error {
 	if err != nil {
 		return err
 	}
-	defer os.Remove(tmp.Name())
-	defer tmp.Close()
+	// On success the rename has moved the file and tmp is closed: both
+	// deferred calls then fail harmlessly. On failure they are cleanup of a
+	// file nobody reads, so their errors add nothing to the one returned.
+	defer func() { _ = os.Remove(tmp.Name()) }()
+	defer func() { _ = tmp.Close() }()
+	// bufio.Writer keeps its first error and Flush returns it (checked below).
 	w := bufio.NewWriterSize(tmp, 256<<10)
 	audit := tx.Bucket(bAudit)
 	var firstRec, lastRec AuditRecord
@@ -86,7 +90,10 @@ func (f *FSM) exportSegment(tx *bolt.Tx, first, last uint64) error {
 		}
 		cp = &AuditCheckpoint{Seq: last, Hash: lastRec.Hash, Node: node, Cert: cert, Signature: sig}
 	}
-	hb, _ := json.Marshal(segmentLine{Segment: &hdr})
+	hb, err := json.Marshal(segmentLine{Segment: &hdr})
+	if err != nil {
+		return fmt.Errorf("segment header: %w", err)
+	}
 	w.Write(hb)
 	w.WriteByte('\n')
 	c := audit.Cursor()
@@ -98,7 +105,10 @@ func (f *FSM) exportSegment(tx *bolt.Tx, first, last uint64) error {
 		w.WriteByte('\n')
 	}
 	if cp != nil {
-		cb, _ := json.Marshal(segmentLine{Checkpoint: cp})
+		cb, err := json.Marshal(segmentLine{Checkpoint: cp})
+		if err != nil {
+			return fmt.Errorf("segment checkpoint: %w", err)
+		}
 		w.Write(cb)
 		w.WriteByte('\n')
 	}
@@ -283,7 +293,7 @@ func (f *FSM) exportSegments(next uint64, deliver func(*AuditRecord) error) erro
 			next = r.Seq + 1
 			return err
 		})
-		fh.Close()
+		_ = fh.Close() // read-only, fully read: a close error loses nothing
 		if err != nil {
 			return fmt.Errorf("segment %s: %w", name, err)
 		}

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"io/fs"
 	"os"
 	"slices"
 	"time"
@@ -157,10 +158,14 @@ type hashWriter struct {
 	n int64
 }
 
-func (hw *hashWriter) Write(p []byte) (int, error) {
-	hw.h.Write(p)
-	hw.n += int64(len(p))
-	return hw.w.Write(p)
+// put writes each of ps. A write error sticks in the bufio.Writer: every
+// later write and the Flush that ends the stream return it.
+func (hw *hashWriter) put(ps ...[]byte) {
+	for _, p := range ps {
+		hw.h.Write(p)
+		hw.n += int64(len(p))
+		hw.w.Write(p)
+	}
 }
 
 func writeStream(w io.Writer, td string, tx *bolt.Tx, index uint64, node string, created time.Time) (ArchiveMeta, error) {
@@ -179,9 +184,7 @@ func writeStream(w io.Writer, td string, tx *bolt.Tx, index uint64, node string,
 	if err != nil {
 		return hdr, err
 	}
-	hw.Write([]byte(streamMagic))
-	hw.Write(hb)
-	hw.Write([]byte{'\n'})
+	hw.put([]byte(streamMagic), hb, []byte{'\n'})
 	var lenBuf [binary.MaxVarintLen64]byte
 	frame := func(kind byte, k, v []byte) error {
 		// A frame the reader would refuse must fail the snapshot here,
@@ -189,11 +192,10 @@ func writeStream(w io.Writer, td string, tx *bolt.Tx, index uint64, node string,
 		if len(k) > maxFrameKey || len(v) > maxFrameValue {
 			return fmt.Errorf("state: %s record %q of %d bytes exceeds the snapshot frame limit", frameBuckets[kind], truncate(string(k), 64), len(v))
 		}
-		hw.Write([]byte{kind})
-		hw.Write(lenBuf[:binary.PutUvarint(lenBuf[:], uint64(len(k)))])
-		hw.Write(k)
-		hw.Write(lenBuf[:binary.PutUvarint(lenBuf[:], uint64(len(v)))])
-		_, err := hw.Write(v)
+		hw.put([]byte{kind}, lenBuf[:binary.PutUvarint(lenBuf[:], uint64(len(k)))], k)
+		hw.put(lenBuf[:binary.PutUvarint(lenBuf[:], uint64(len(v)))], v)
+		// Stop at the first failed write rather than frame the rest.
+		_, err := hw.w.Write(nil)
 		return err
 	}
 	for kind := frameMeta; kind <= frameAudit; kind++ {
@@ -215,7 +217,7 @@ func writeStream(w io.Writer, td string, tx *bolt.Tx, index uint64, node string,
 			return hdr, err
 		}
 	}
-	hw.Write([]byte{frameEnd})
+	hw.put([]byte{frameEnd})
 	sum := hw.h.Sum(nil)
 	if _, err := fmt.Fprintf(hw.w, "sha256 %s\n", hex.EncodeToString(sum)); err != nil {
 		return hdr, err
@@ -262,7 +264,7 @@ func (hr *hashReader) ReadByte() (byte, error) {
 func (f *FSM) readStream(r io.Reader, path string) (*bolt.DB, ArchiveMeta, string, error) {
 	var hdr ArchiveMeta
 	fail := func(err error) (*bolt.DB, ArchiveMeta, string, error) {
-		os.Remove(path)
+		_ = os.Remove(path) // best effort: the stream's error is what the caller needs
 		return nil, hdr, "", err
 	}
 	whole := sha256.New()
@@ -284,7 +286,11 @@ func (f *FSM) readStream(r io.Reader, path string) (*bolt.DB, ArchiveMeta, strin
 	if hdr.TrustDomain != f.td.Name() {
 		return fail(badStream("archive is of trust domain %q, this appliance serves %q", hdr.TrustDomain, f.td.Name()))
 	}
-	os.Remove(path)
+	// A file left at path by an earlier attempt must not be opened as if
+	// it were fresh.
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fail(fmt.Errorf("state: remove stale %s: %w", path, err))
+	}
 	db, err := createDB(path)
 	if err != nil {
 		return fail(err)
@@ -294,7 +300,7 @@ func (f *FSM) readStream(r io.Reader, path string) (*bolt.DB, ArchiveMeta, strin
 		if ld.tx != nil {
 			ld.tx.Rollback()
 		}
-		db.Close()
+		_ = db.Close() // the file is removed next: the stream's error is the one to report
 		return fail(err)
 	}
 	for {
@@ -614,13 +620,16 @@ func (f *FSM) Restore(r io.Reader) error {
 	if err != nil {
 		return err
 	}
-	db.Close()
+	if err := db.Close(); err != nil {
+		_ = os.Remove(tmp) // nothing was replaced: best-effort cleanup
+		return fmt.Errorf("state: close restored file: %w", err)
+	}
 	f.dbMu.Lock()
 	// The old file stays open (and in use) until the new one is in place
 	// and open: a failure here leaves the state as it was.
 	if err := os.Rename(tmp, f.opts.Path); err != nil {
 		f.dbMu.Unlock()
-		os.Remove(tmp)
+		_ = os.Remove(tmp) // nothing was replaced: best-effort cleanup
 		return fmt.Errorf("state: install restored file: %w", err)
 	}
 	db, err = createDB(f.opts.Path)
@@ -632,7 +641,11 @@ func (f *FSM) Restore(r io.Reader) error {
 	f.db = db
 	f.dbMu.Unlock()
 	if old != nil {
-		old.Close()
+		// Its file was renamed over: a close error leaks at most a mapping,
+		// and the restored state is in place either way.
+		if err := old.Close(); err != nil {
+			f.log.Warn("closing the replaced state file", "err", err)
+		}
 	}
 	if err := f.loadCaches(); err != nil {
 		return err

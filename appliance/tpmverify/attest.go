@@ -62,7 +62,7 @@ func VerifyEK(public, certDER []byte, cas []*x509.Certificate, allow []string) (
 	if err != nil {
 		return nil, refuse("EK public area: %v", err)
 	}
-	if pub.ObjectAttributes.Restricted != true || pub.ObjectAttributes.Decrypt != true || pub.ObjectAttributes.SignEncrypt {
+	if !pub.ObjectAttributes.Restricted || !pub.ObjectAttributes.Decrypt || pub.ObjectAttributes.SignEncrypt {
 		return nil, refuse("EK is not a restricted decryption key")
 	}
 	der, err := x509.MarshalPKIXPublicKey(key)

@@ -51,7 +51,11 @@ func newHost(t *testing.T) *host {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { k.Close() })
+	t.Cleanup(func() {
+		if err := k.Close(); err != nil {
+			t.Error(err)
+		}
+	})
 	h := &host{sw: sw, tpm: k, key: "tpmkey:file=" + filepath.Join(t.TempDir(), "agent.key"), cas: readCerts(t, sw.EKCARoot, sw.EKCAIssuer)}
 	if _, err := k.CreateKey(ctx, keystore.CreateKeyRequest{URI: h.key, Algorithm: keystore.ECDSAP256}); err != nil {
 		t.Fatal(err)
@@ -62,7 +66,11 @@ func newHost(t *testing.T) *host {
 	if h.ak, err = k.NewAK(ctx); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { h.ak.Close() })
+	t.Cleanup(func() {
+		if err := h.ak.Close(); err != nil {
+			t.Error(err)
+		}
+	})
 	return h
 }
 
@@ -145,7 +153,9 @@ func TestJoinEvidenceRefused(t *testing.T) {
 	mustRefuse(t, func() error { _, err := VerifyCertify(ak, good, []byte("other")); return err }(), "another nonce")
 	// Certify of a key that is not the presented agent key.
 	otherKey := "tpmkey:file=" + filepath.Join(t.TempDir(), "second.key")
-	h.tpm.CreateKey(ctx, keystore.CreateKeyRequest{URI: otherKey, Algorithm: keystore.ECDSAP256})
+	if _, err := h.tpm.CreateKey(ctx, keystore.CreateKeyRequest{URI: otherKey, Algorithm: keystore.ECDSAP256}); err != nil {
+		t.Fatal(err)
+	}
 	c2, _ := h.ak.Certify(ctx, otherKey, []byte("n"))
 	swapped := good
 	swapped.Public = c2.Public
@@ -221,7 +231,11 @@ func TestJoinEvidenceECCP384EK(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer k.Close()
+	t.Cleanup(func() {
+		if err := k.Close(); err != nil {
+			t.Error(err)
+		}
+	})
 	key := "tpmkey:file=" + filepath.Join(t.TempDir(), "agent.key")
 	if _, err := k.CreateKey(ctx, keystore.CreateKeyRequest{URI: key, Algorithm: keystore.ECDSAP256}); err != nil {
 		t.Fatal(err)
@@ -238,7 +252,11 @@ func TestJoinEvidenceECCP384EK(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer akh.Close()
+	t.Cleanup(func() {
+		if err := akh.Close(); err != nil {
+			t.Error(err)
+		}
+	})
 	ak, err := CheckAK(akh.Public)
 	if err != nil {
 		t.Fatal(err)
@@ -255,8 +273,15 @@ func TestJoinEvidenceECCP384EK(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The RSA EK of the same TPM is a different identity.
-	k2, _ := tpm.Open(ctx, tpm.Config{Path: sw.Socket, EK: "rsa"})
-	defer k2.Close()
+	k2, err := tpm.Open(ctx, tpm.Config{Path: sw.Socket, EK: "rsa"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := k2.Close(); err != nil {
+			t.Error(err)
+		}
+	})
 	rsaEv, _ := k2.EndorsementKey(ctx)
 	if rsaEv.Kind != "rsa" {
 		t.Fatalf("rsa EK kind %s", rsaEv.Kind)

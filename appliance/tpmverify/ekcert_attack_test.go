@@ -35,7 +35,11 @@ func TestAttackEKCertWithoutEKU(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer rsaTPM.Close()
+	t.Cleanup(func() {
+		if err := rsaTPM.Close(); err != nil {
+			t.Error(err)
+		}
+	})
 	rsaEK, err := rsaTPM.EndorsementKey(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -44,7 +48,11 @@ func TestAttackEKCertWithoutEKU(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer eccTPM.Close()
+	t.Cleanup(func() {
+		if err := eccTPM.Close(); err != nil {
+			t.Error(err)
+		}
+	})
 	eccEK, err := eccTPM.EndorsementKey(ctx)
 	if err != nil {
 		t.Fatal(err)

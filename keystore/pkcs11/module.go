@@ -55,7 +55,9 @@ func (m *module) release() {
 		return
 	}
 	delete(modules.m, m.path)
-	m.ctx.Finalize()
+	// The library is unloaded next whatever Finalize answers, and the
+	// last user has gone: there is no one left to act on its error.
+	_ = m.ctx.Finalize()
 	m.ctx.Destroy()
 }
 

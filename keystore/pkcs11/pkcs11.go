@@ -15,6 +15,7 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"encoding/asn1"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math/big"
@@ -168,9 +169,11 @@ func (ks *KeyStore) CreateKey(ctx context.Context, req keystore.CreateKeyRequest
 			return fmt.Errorf("generate %s key %q on token %q: %w", req.Algorithm, u.Object, t.label, err)
 		}
 		if err := checkPrivateAttrs(t.mod.ctx, s, privH); err != nil {
-			t.mod.ctx.DestroyObject(s, privH)
-			t.mod.ctx.DestroyObject(s, pubH)
-			return fmt.Errorf("token %q: %w", t.label, err)
+			// A key the token would not make as asked must not stay on it:
+			// if destroying it fails too, the caller is told so.
+			return errors.Join(fmt.Errorf("token %q: %w", t.label, err),
+				wrapDestroy(t.label, u.Object, "private", t.mod.ctx.DestroyObject(s, privH)),
+				wrapDestroy(t.label, u.Object, "public", t.mod.ctx.DestroyObject(s, pubH)))
 		}
 		pub, err = readPublic(t.mod.ctx, s, pubH)
 		return err
@@ -402,4 +405,13 @@ func bytesToUint(b []byte) uint {
 		v = v<<8 | uint(b[i])
 	}
 	return v
+}
+
+// wrapDestroy says which half of a generated key pair could not be
+// destroyed, or is nil.
+func wrapDestroy(label, object, half string, err error) error {
+	if err == nil {
+		return nil
+	}
+	return fmt.Errorf("token %q: the %s key of %q could not be removed: %w", label, half, object, err)
 }

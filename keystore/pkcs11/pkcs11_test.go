@@ -31,8 +31,19 @@ func TestMain(m *testing.M) { os.Exit(testenv.Main(m)) }
 
 func newStore(t *testing.T) *KeyStore {
 	ks := New(Options{})
-	t.Cleanup(func() { ks.Close() })
+	t.Cleanup(func() {
+		if err := ks.Close(); err != nil {
+			t.Error(err)
+		}
+	})
 	return ks
+}
+
+func writeFile(t *testing.T, path string, b []byte, mode os.FileMode) {
+	t.Helper()
+	if err := os.WriteFile(path, b, mode); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func TestCreateSignVerify(t *testing.T) {
@@ -191,9 +202,9 @@ func TestBadInputErrors(t *testing.T) {
 	}
 	dir := t.TempDir()
 	wrongPIN := filepath.Join(dir, "wrong.pin")
-	os.WriteFile(wrongPIN, []byte("not-the-pin\n"), 0o600)
+	writeFile(t, wrongPIN, []byte("not-the-pin\n"), 0o600)
 	openPIN := filepath.Join(dir, "open.pin")
-	os.WriteFile(openPIN, []byte(tok.PIN(t)), 0o644)
+	writeFile(t, openPIN, []byte(tok.PIN(t)), 0o644)
 
 	for _, tc := range []struct {
 		name string
@@ -236,7 +247,11 @@ func TestReloginAfterSessionsLost(t *testing.T) {
 	tok := testenv.ProcessHSM(t).NewToken(t, "relogin")
 	var logBuf testenv.LogBuffer
 	ks := New(Options{Logger: slog.New(slog.NewTextHandler(&logBuf, nil))})
-	t.Cleanup(func() { ks.Close() })
+	t.Cleanup(func() {
+		if err := ks.Close(); err != nil {
+			t.Error(err)
+		}
+	})
 	ctx := context.Background()
 	uri := tok.KeyURI("k")
 	pub, err := ks.CreateKey(ctx, keystore.CreateKeyRequest{URI: uri, Algorithm: keystore.ECDSAP256})
@@ -273,7 +288,11 @@ func TestReloginAfterSessionsLost(t *testing.T) {
 func TestConcurrentSigners(t *testing.T) {
 	tok := testenv.ProcessHSM(t).NewToken(t, "concurrent")
 	ks := New(Options{SessionsPerToken: 4})
-	t.Cleanup(func() { ks.Close() })
+	t.Cleanup(func() {
+		if err := ks.Close(); err != nil {
+			t.Error(err)
+		}
+	})
 	ctx := context.Background()
 	uri := tok.KeyURI("k")
 	pub, err := ks.CreateKey(ctx, keystore.CreateKeyRequest{URI: uri, Algorithm: keystore.ECDSAP256})
@@ -328,7 +347,11 @@ func TestPINProvider(t *testing.T) {
 		asked = append(asked, token)
 		return []byte(tok.PIN(t)), nil
 	}})
-	defer ks.Close()
+	t.Cleanup(func() {
+		if err := ks.Close(); err != nil {
+			t.Error(err)
+		}
+	})
 	if _, err := ks.CreateKey(ctx, keystore.CreateKeyRequest{URI: noSource, Algorithm: keystore.ECDSAP256}); err != nil {
 		t.Fatal(err)
 	}

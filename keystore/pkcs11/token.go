@@ -55,7 +55,7 @@ func openToken(ctx context.Context, u *URI, opts Options, log *slog.Logger) (*to
 		return nil, err
 	}
 	if err := t.login(ctx, s.h); err != nil {
-		mod.ctx.CloseSession(s.h)
+		_ = mod.ctx.CloseSession(s.h) // the module is released next, which ends it anyway
 		mod.release()
 		return nil, err
 	}
@@ -206,7 +206,7 @@ func (t *token) current(s session) bool {
 }
 
 func (t *token) discard(s session) {
-	t.mod.ctx.CloseSession(s.h) // may already be invalid: that is why it goes
+	_ = t.mod.ctx.CloseSession(s.h) // may already be invalid: that is why it goes
 	t.mu.Lock()
 	t.open--
 	t.mu.Unlock()
@@ -268,7 +268,8 @@ func (t *token) close() {
 	for {
 		select {
 		case s := <-t.idle:
-			t.mod.ctx.CloseSession(s.h)
+			// Finalize on release ends every session whatever this says.
+			_ = t.mod.ctx.CloseSession(s.h)
 		default:
 			t.mod.release()
 			return

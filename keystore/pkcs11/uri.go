@@ -216,7 +216,7 @@ func readPIN(src string) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", keystore.ErrPINSource, err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read-only
 	st, err := f.Stat()
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", keystore.ErrPINSource, err)

@@ -112,7 +112,9 @@ func (t *TPM) ekLocked(spec ekSpec) (tpm2.NamedHandle, func(), error) {
 		return tpm2.NamedHandle{}, nil, t.opError("create EK", err)
 	}
 	return tpm2.NamedHandle{Handle: rsp.ObjectHandle, Name: rsp.Name}, func() {
-		tpm2.FlushContext{FlushHandle: rsp.ObjectHandle}.Execute(t.tpm)
+		// A flush fails only when the handle or the TPM is gone: either
+		// way there is nothing left to free.
+		_, _ = tpm2.FlushContext{FlushHandle: rsp.ObjectHandle}.Execute(t.tpm)
 	}, nil
 }
 
@@ -212,7 +214,8 @@ func (ak *AK) Close() error {
 	if ak.handle.Handle == 0 {
 		return nil
 	}
-	tpm2.FlushContext{FlushHandle: ak.handle.Handle}.Execute(t.tpm)
+	// As in evictLRU: a failed flush means the handle or the TPM is gone.
+	_, _ = tpm2.FlushContext{FlushHandle: ak.handle.Handle}.Execute(t.tpm)
 	ak.handle.Handle = 0
 	t.reserved--
 	return nil

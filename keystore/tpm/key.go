@@ -154,7 +154,9 @@ func (t *TPM) pcrPolicy(pcrs []uint) (policy, pcrDigest []byte, err error) {
 	if err != nil {
 		return nil, nil, t.opError("start trial session", err)
 	}
-	defer closeSess()
+	// A trial session holds a slot; a flush fails only when the TPM stopped
+	// answering, which the next command reports.
+	defer func() { _ = closeSess() }()
 	if _, err := (tpm2.PolicyPCR{PolicySession: sess.Handle(), Pcrs: pcrSelection(pcrs)}).Execute(t.tpm); err != nil {
 		return nil, nil, t.opError(fmt.Sprintf("trial PolicyPCR(%v)", pcrs), err)
 	}
@@ -207,15 +209,29 @@ func writeNewFile(path string, data []byte) error {
 		err = cerr
 	}
 	if err != nil {
-		os.Remove(path)
+		_ = os.Remove(path) // a partial blob is no key: the write error is the one to report
 		return fmt.Errorf("write TPM key blob %s: %w", path, err)
 	}
-	// And the directory entry, or the synced file may not be found.
-	if d, err := os.Open(filepath.Dir(path)); err == nil {
-		d.Sync()
-		d.Close()
+	// And the directory entry, or the synced file may not be found after a
+	// crash: a key that may vanish is not handed out.
+	if err := syncDir(filepath.Dir(path)); err != nil {
+		_ = os.Remove(path)
+		return fmt.Errorf("write TPM key blob %s: %w", path, err)
 	}
 	return nil
+}
+
+// syncDir makes a directory's entries durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // readBlob reads and parses a key file. A missing file is ErrNotFound.
@@ -227,7 +243,7 @@ func readBlob(path string) (*keyBlob, error) {
 		}
 		return nil, fmt.Errorf("read TPM key blob: %w", err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read-only
 	b, err := io.ReadAll(io.LimitReader(f, maxBlobSize+1))
 	if err != nil {
 		return nil, fmt.Errorf("read TPM key blob %s: %w", path, err)
@@ -330,7 +346,7 @@ func (t *TPM) evictLRU(keep int) {
 		}
 		// If the flush fails the handle is gone or the TPM is; either
 		// way it is no longer ours to track.
-		tpm2.FlushContext{FlushHandle: oldest.handle.Handle}.Execute(t.tpm)
+		_, _ = tpm2.FlushContext{FlushHandle: oldest.handle.Handle}.Execute(t.tpm)
 		delete(t.loaded, lru)
 	}
 }

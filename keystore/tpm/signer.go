@@ -85,7 +85,9 @@ func (t *TPM) signLocked(k *loadedKey, pcrs []uint, digest []byte, alg tpm2.TPMI
 			return nil, fmt.Errorf("start policy session: %w", err)
 		}
 		// Sessions take slots too (swtpm has 64, other TPMs as few as 3).
-		defer closeSess()
+		// A flush fails only when the TPM stopped answering, which the next
+		// command reports; the signature made here is good either way.
+		defer func() { _ = closeSess() }()
 		// An empty pcrDigest makes the TPM use the current values; the
 		// signature then fails unless they hash to the key's policy.
 		if _, err := (tpm2.PolicyPCR{PolicySession: sess.Handle(), Pcrs: pcrSelection(pcrs)}).Execute(t.tpm); err != nil {

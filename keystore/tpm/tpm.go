@@ -117,12 +117,12 @@ func Open(ctx context.Context, cfg Config) (*TPM, error) {
 	switch cfg.EK {
 	case "", "rsa", "ecc-p384", "ecc-p256":
 	default:
-		dev.Close()
+		_ = dev.Close() // never used: the configuration error is what matters
 		return nil, fmt.Errorf("%w: EK %q: want rsa, ecc-p384 or ecc-p256", keystore.ErrInvalidURI, cfg.EK)
 	}
 	t := &TPM{path: cfg.Path, tpm: &retrying{inner: dev}, maxKeys: cfg.MaxLoadedKeys, loaded: map[[32]byte]*loadedKey{}, ekKind: cfg.EK}
 	fail := func(format string, a ...any) (*TPM, error) {
-		t.tpm.Close()
+		_ = t.tpm.Close() // the TPM is given up: the reason is returned
 		return nil, fmt.Errorf("%w: TPM %s: %s", keystore.ErrUnavailable, cfg.Path, fmt.Sprintf(format, a...))
 	}
 	// Only a raw socket: behind /dev/tpmrm0 the kernel gives us our own
@@ -134,7 +134,7 @@ func Open(ctx context.Context, cfg Config) (*TPM, error) {
 		}
 	}
 	if err := ctx.Err(); err != nil {
-		t.tpm.Close()
+		_ = t.tpm.Close() // given up: the caller's cancellation is the reason
 		return nil, err
 	}
 	// ECCSRKTemplate has a fixed unique field, so the TPM derives the same
@@ -184,10 +184,10 @@ func (t *TPM) Close() error {
 	t.closed = true
 	// Best effort: a TPM that no longer answers has lost them anyway.
 	for id, k := range t.loaded {
-		tpm2.FlushContext{FlushHandle: k.handle.Handle}.Execute(t.tpm)
+		_, _ = tpm2.FlushContext{FlushHandle: k.handle.Handle}.Execute(t.tpm)
 		delete(t.loaded, id)
 	}
-	tpm2.FlushContext{FlushHandle: t.srk.Handle}.Execute(t.tpm)
+	_, _ = tpm2.FlushContext{FlushHandle: t.srk.Handle}.Execute(t.tpm)
 	return t.tpm.Close()
 }
 

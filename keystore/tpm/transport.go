@@ -39,7 +39,9 @@ func (u *udsTransport) Send(cmd []byte) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer conn.Close()
+	// One connection per command: the answer has been read (or the command
+	// failed) by the time it closes.
+	defer func() { _ = conn.Close() }()
 	// A wedged swtpm must not hang signers forever.
 	if err := conn.SetDeadline(time.Now().Add(u.cmdTimeout)); err != nil {
 		return nil, err

@@ -13,8 +13,9 @@ import (
 	"testing"
 )
 
-// nfpmVersion matches the Makefile's pin.
-const nfpmVersion = "v2.45.0"
+// nfpmTool runs nfpm the way the Makefile's NFPM does: at the version
+// pinned in tools/nfpm/go.mod, the one place that pin lives.
+var nfpmTool = []string{"tool", "-modfile=tools/nfpm/go.mod", "nfpm"}
 
 func run(t *testing.T, dir string, env []string, name string, args ...string) string {
 	t.Helper()
@@ -33,7 +34,9 @@ func run(t *testing.T, dir string, env []string, name string, args ...string) st
 func throwawayRoot(t *testing.T) string {
 	r := t.TempDir()
 	for _, d := range []string{"var/lib/dpkg/info", "var/lib/dpkg/updates", "var/lib/dpkg/triggers", "etc"} {
-		os.MkdirAll(filepath.Join(r, d), 0o755)
+		if err := os.MkdirAll(filepath.Join(r, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
 	}
 	files := map[string]string{
 		"var/lib/dpkg/status": "", "var/lib/dpkg/available": "",
@@ -64,11 +67,13 @@ func TestPackagesInstall(t *testing.T) {
 	bin, dist := filepath.Join(tmp, "bin"), filepath.Join(tmp, "dist")
 	run(t, repo, nil, "go", "build", "-trimpath", "-o", bin+"/", "./cmd/...")
 	arch := strings.TrimSpace(run(t, repo, nil, "go", "env", "GOARCH"))
-	os.MkdirAll(dist, 0o755)
+	if err := os.MkdirAll(dist, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	for _, p := range []string{"sigild", "sigil-agent", "sigil-ceremony"} {
-		run(t, repo, []string{"SIGIL_BIN=" + bin, "VERSION=0.0.1", "ARCH=" + arch}, "go", "run",
-			"github.com/goreleaser/nfpm/v2/cmd/nfpm@"+nfpmVersion, "package",
+		args := append(append([]string{}, nfpmTool...), "package",
 			"--config", "packaging/nfpm/"+p+".yaml", "--packager", "deb", "--target", dist+"/")
+		run(t, repo, []string{"SIGIL_BIN=" + bin, "VERSION=0.0.1", "ARCH=" + arch}, "go", args...)
 	}
 	debs, _ := filepath.Glob(filepath.Join(dist, "*.deb"))
 	if len(debs) != 3 {
@@ -146,7 +151,9 @@ func TestPackagesInstall(t *testing.T) {
 		t.Errorf("installed sigil-ceremony: %v %s", err, out)
 	}
 	// Purge removes the state; remove alone keeps it.
-	os.WriteFile(filepath.Join(root, "var/lib/sigil/raft.db"), []byte("state"), 0o600)
+	if err := os.WriteFile(filepath.Join(root, "var/lib/sigil/raft.db"), []byte("state"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	dpkg("-r", "sigild")
 	if _, err := os.Stat(filepath.Join(root, "var/lib/sigil/raft.db")); err != nil {
 		t.Errorf("remove deleted the node's state: %v", err)
