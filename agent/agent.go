@@ -3,8 +3,13 @@
 // directory), joins by TPM attestation, stores its SVID, renews it at about
 // half its lifetime over mutual TLS signed by the TPM key, and re-attests
 // only when the SVID has expired or the appliance refuses to renew it.
+// A host without a TPM joins with a one-time join token instead, its key
+// a software key kept 0600 in the data directory (an identity it loses
+// needs a new token).
 // It reaches the appliance only through appliance/api (and agent/join).
-// The Workload API served to local workloads builds on this (issue #7).
+// On that identity it serves the SPIFFE Workload API to local workloads,
+// keeps their SVIDs in sync with the appliance, writes file outputs, and
+// exposes a health and metrics endpoint (Serve).
 package agent
 
 import (
@@ -185,11 +190,11 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 	}
 	a := &Agent{cfg: cfg, log: log, tpm: t, key: "tpmkey:file=" + filepath.Join(cfg.DataDir, "agent.key")}
 	if err := a.init(); err != nil {
-		t.Close()
+		_ = t.Close() // best effort: the init error is the one to report
 		return nil, err
 	}
 	if err := join.EnsureKey(ctx, t, a.key); err != nil {
-		t.Close()
+		_ = t.Close() // best effort: the key error is the one to report
 		return nil, fmt.Errorf("agent key: %w", err)
 	}
 	return a, nil
@@ -385,16 +390,27 @@ func softKey(path string) (crypto.Signer, error) {
 		if err != nil {
 			return nil, err
 		}
-		der, _ := x509.MarshalPKCS8PrivateKey(k)
+		der, err := x509.MarshalPKCS8PrivateKey(k)
+		if err != nil {
+			return nil, err
+		}
 		f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 		if err != nil {
 			return nil, err
 		}
-		defer f.Close()
 		if err := pem.Encode(f, &pem.Block{Type: "PRIVATE KEY", Bytes: der}); err != nil {
+			_ = f.Close() // the write error is the one to report
 			return nil, err
 		}
-		return k, f.Sync()
+		if err := f.Sync(); err != nil {
+			_ = f.Close() // the sync error is the one to report
+			return nil, err
+		}
+		// Close reports write-back errors: the key is not stored until it succeeds.
+		if err := f.Close(); err != nil {
+			return nil, err
+		}
+		return k, nil
 	}
 	if err != nil {
 		return nil, err
@@ -438,7 +454,8 @@ func (a *Agent) dial(server string, cur *join.SVID) (*api.JoinClient, func(), er
 	if err != nil {
 		return nil, nil, err
 	}
-	return api.NewJoinClient(conn), func() { conn.Close() }, nil
+	// ClientConn.Close fails only when the connection is already closed.
+	return api.NewJoinClient(conn), func() { _ = conn.Close() }, nil
 }
 
 func (a *Agent) set(s *join.SVID) {

@@ -44,7 +44,9 @@ func TestAgentJoinsOnceAndRenewsAfterRestart(t *testing.T) {
 	if st, _ := os.Stat(cfg.DataDir + "/agent.key"); st.Mode().Perm() != 0o600 {
 		t.Fatalf("key blob mode %v", st.Mode().Perm())
 	}
-	a.Close()
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
 
 	// Host and TPM restart.
 	sw.Stop(t)
@@ -53,7 +55,7 @@ func TestAgentJoinsOnceAndRenewsAfterRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer b.Close()
+	defer func() { _ = b.Close() }()
 	if err := b.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -99,7 +101,9 @@ func TestLoadConfig(t *testing.T) {
 		}
 	}
 	p := t.TempDir() + "/bad.yaml"
-	os.WriteFile(p, []byte("servers: [a:1]\ncolour: blue\n"), 0o600)
+	if err := os.WriteFile(p, []byte("servers: [a:1]\ncolour: blue\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := agent.LoadConfig(p); err == nil {
 		t.Fatal("unknown field accepted")
 	}
@@ -117,7 +121,9 @@ func TestAgentTokenJoin(t *testing.T) {
 	}
 	dir := t.TempDir()
 	tokFile := dir + "/token"
-	os.WriteFile(tokFile, []byte(tok.Token+"\n"), 0o600)
+	if err := os.WriteFile(tokFile, []byte(tok.Token+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	cfg := agent.Config{Servers: []string{c.ConfigOf("node-1").API.Listen}, RootCert: tr.RootPath, DataDir: dir + "/data", JoinTokenFile: tokFile}
 	a, err := agent.New(ctx, cfg, nil)
 	if err != nil {
@@ -156,7 +162,7 @@ func TestAgentRenewsOnSchedule(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer a.Close()
+	defer func() { _ = a.Close() }()
 	if err := a.Start(ctx); err != nil {
 		t.Fatal(err)
 	}

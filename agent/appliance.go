@@ -66,7 +66,7 @@ func (p *appliance) failed(conn *grpc.ClientConn, err error) {
 	defer p.mu.Unlock()
 	if p.conn == conn && conn != nil {
 		p.a.log.Warn("appliance server unreachable; trying the next", "server", p.a.cfg.Servers[p.idx%len(p.a.cfg.Servers)], "err", err)
-		conn.Close()
+		_ = conn.Close() // fails only when already closed
 		p.conn = nil
 		p.idx++
 	}
@@ -84,7 +84,7 @@ func (p *appliance) dropRevoked() {
 	if ch := p.peer.Load(); ch != nil && p.a.cache.Revoked(*ch) {
 		p.a.log.Warn("appliance server's issuing CA is revoked by the root's CRL; leaving it", "server", p.a.cfg.Servers[p.idx%len(p.a.cfg.Servers)],
 			"node", (*ch)[0].URIs)
-		p.conn.Close()
+		_ = p.conn.Close() // fails only when already closed
 		p.conn = nil
 		p.idx++
 	}
@@ -94,7 +94,7 @@ func (p *appliance) close() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.conn != nil {
-		p.conn.Close()
+		_ = p.conn.Close() // fails only when already closed
 		p.conn = nil
 	}
 }

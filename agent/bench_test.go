@@ -47,7 +47,7 @@ func BenchmarkWorkloadAPI(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		b.Cleanup(func() { c.Close() })
+		b.Cleanup(func() { _ = c.Close() })
 		return c
 	}
 	first := func(wc workload.SpiffeWorkloadAPIClient) {
@@ -73,7 +73,12 @@ func BenchmarkWorkloadAPI(b *testing.B) {
 		}
 		g := grpc.NewServer()
 		healthpb.RegisterHealthServer(g, health.NewServer())
-		go g.Serve(l)
+		go func() {
+			// Serve returns nil once the deferred Stop runs.
+			if err := g.Serve(l); err != nil {
+				b.Error(err)
+			}
+		}()
 		defer g.Stop()
 		hc := healthpb.NewHealthClient(dial(sock))
 		d := make([]time.Duration, 0, b.N)

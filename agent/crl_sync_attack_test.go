@@ -59,7 +59,7 @@ func newCRLEnv(t *testing.T, prefix string) *crlEnv {
 	}
 	e.a = a
 	if err := a.Start(ctx); err != nil {
-		a.Close()
+		_ = a.Close() // the Start error is the one to report
 		t.Fatal(err)
 	}
 	sctx, cancel := context.WithCancel(ctx)
@@ -68,11 +68,14 @@ func newCRLEnv(t *testing.T, prefix string) *crlEnv {
 	t.Cleanup(func() {
 		cancel()
 		select {
-		case <-done:
+		case err := <-done:
+			if err != nil {
+				t.Errorf("agent Serve: %v", err)
+			}
 		case <-time.After(10 * time.Second):
 			t.Error("agent did not stop")
 		}
-		a.Close()
+		_ = a.Close() // test cleanup
 	})
 	clustertest.Eventually(t, 10*time.Second, "the Workload API socket", func() bool {
 		_, err := os.Stat(cfg.WorkloadAPI.Socket)
@@ -201,7 +204,7 @@ func TestWorkloadAPICarriesRootCRLs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
+	defer func() { _ = conn.Close() }()
 	sctx, cancel := context.WithTimeout(metadata.AppendToOutgoingContext(ctx, "workload.spiffe.io", "true"), 30*time.Second)
 	defer cancel()
 	stream, err := workload.NewSpiffeWorkloadAPIClient(conn).FetchX509SVID(sctx, &workload.X509SVIDRequest{})

@@ -53,7 +53,7 @@ func TestOutputNotifyNginx(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(base) })
+	t.Cleanup(func() { _ = os.RemoveAll(base) })
 	if err := os.Chmod(base, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -132,7 +132,7 @@ http {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer logf.Close()
+	defer func() { _ = logf.Close() }()
 	nginxLog := func() string { b, _ := os.ReadFile(logf.Name()); return string(b) }
 	cmd := exec.Command(bin, "-p", prefix+"/", "-c", confPath, "-e", "stderr")
 	cmd.Stdout, cmd.Stderr = logf, logf
@@ -143,15 +143,16 @@ http {
 		t.Fatal(err)
 	}
 	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
+	go func() { _ = cmd.Wait(); close(exited) }() // it ends by our signal: its status says nothing
 	t.Cleanup(func() {
 		// TERM lets the master reap its workers; KILL the group if not.
-		syscall.Kill(cmd.Process.Pid, syscall.SIGTERM)
+		// Best effort both: nginx may be gone already.
+		_ = syscall.Kill(cmd.Process.Pid, syscall.SIGTERM)
 		select {
 		case <-exited:
 		case <-time.After(10 * time.Second):
 		}
-		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 		<-exited
 		if t.Failed() {
 			t.Logf("nginx output:\n%s", nginxLog())
@@ -186,8 +187,10 @@ http {
 		if err != nil {
 			return reply{}, err
 		}
-		defer conn.Close()
-		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		defer func() { _ = conn.Close() }()
+		if err := conn.SetDeadline(time.Now().Add(10 * time.Second)); err != nil {
+			return reply{}, err
+		}
 		if _, err := io.WriteString(conn, "GET / HTTP/1.0\r\nHost: sigil\r\n\r\n"); err != nil {
 			return reply{}, err
 		}

@@ -41,7 +41,7 @@ func TestAttackRevokedNodeCAAgent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer a.Close()
+	defer func() { _ = a.Close() }()
 	if err := a.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -64,7 +64,10 @@ func TestAttackRevokedNodeCAAgent(t *testing.T) {
 		stopped = true
 		cancel()
 		select {
-		case <-done:
+		case err := <-done:
+			if err != nil {
+				t.Errorf("agent Serve: %v", err)
+			}
 		case <-time.After(10 * time.Second):
 			t.Error("agent did not stop")
 		}
@@ -125,7 +128,7 @@ func checkAgentRefuses(t *testing.T, a *agent.Agent, cfg agent.Config, bad, good
 		if err != nil {
 			return err
 		}
-		defer conn.Close()
+		defer func() { _ = conn.Close() }()
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		defer cancel()
 		_, err = api.NewJoinClient(conn).Token(cctx, &api.JoinTokenRequest{Token: "not-a-token"})
@@ -142,7 +145,7 @@ func checkAgentRefuses(t *testing.T, a *agent.Agent, cfg agent.Config, bad, good
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer b.Close()
+	defer func() { _ = b.Close() }()
 	if len(b.Cache().RootCRLs()) != 1 {
 		t.Fatalf("restarted agent holds %d root CRLs, want 1 (persisted)", len(b.Cache().RootCRLs()))
 	}

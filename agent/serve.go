@@ -54,7 +54,7 @@ func (a *Agent) Serve(ctx context.Context) error {
 	var hl net.Listener
 	if a.cfg.HealthListen != "" {
 		if hl, err = net.Listen("tcp", a.cfg.HealthListen); err != nil {
-			l.Close()
+			_ = l.Close() // the health listener's error is the one to report
 			return err
 		}
 	}
@@ -69,8 +69,19 @@ func (a *Agent) Serve(ctx context.Context) error {
 	}
 	if hl != nil {
 		hs := &http.Server{Handler: a.healthHandler(srv), ReadHeaderTimeout: 5 * time.Second}
-		run(func() { hs.Serve(hl) })
-		run(func() { <-ctx.Done(); hs.Close() })
+		run(func() {
+			// Serve returns ErrServerClosed once the Close below runs; any
+			// other error stops the endpoint while the agent keeps serving.
+			if err := hs.Serve(hl); !errors.Is(err, http.ErrServerClosed) {
+				a.log.Error("health endpoint stopped", "listen", a.cfg.HealthListen, "err", err)
+			}
+		})
+		run(func() {
+			<-ctx.Done()
+			// Shutting down: an error closing the listener or its
+			// connections leaves nothing to do.
+			_ = hs.Close()
+		})
 	}
 	a.log.Info("workload API serving", "socket", sock, "health", a.cfg.HealthListen)
 	err = srv.Serve(ctx, l)
@@ -131,14 +142,22 @@ func (a *Agent) healthHandler(srv *workload.Server) http.Handler {
 			http.Error(w, "agent identity expired", http.StatusServiceUnavailable)
 			return
 		}
-		w.Write([]byte("ok\n"))
+		a.writeHealth(w, r)
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
 		if s, _ := a.cache.Current(); s.Bundle == nil {
 			http.Error(w, "no trust bundle yet", http.StatusServiceUnavailable)
 			return
 		}
-		w.Write([]byte("ok\n"))
+		a.writeHealth(w, r)
 	})
 	return mux
+}
+
+// writeHealth answers a health probe with "ok". A failed write means the
+// client went away: it is logged at debug level, not answered again.
+func (a *Agent) writeHealth(w http.ResponseWriter, r *http.Request) {
+	if _, err := w.Write([]byte("ok\n")); err != nil {
+		a.log.Debug("health response not written", "path", r.URL.Path, "remote", r.RemoteAddr, "err", err)
+	}
 }

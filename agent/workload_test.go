@@ -64,7 +64,7 @@ func workloadRun(ctx context.Context, role string) string {
 	if err != nil {
 		return "ERR " + err.Error()
 	}
-	defer client.Close()
+	defer func() { _ = client.Close() }()
 	switch role {
 	case "fetch":
 		svids, err := client.FetchX509SVIDs(ctx)
@@ -92,19 +92,21 @@ func workloadRun(ctx context.Context, role string) string {
 		if err != nil {
 			return "ERR " + err.Error()
 		}
-		defer l.Close()
+		defer func() { _ = l.Close() }()
 		fmt.Println("LISTEN", l.Addr().String())
 		c, err := l.Accept()
 		if err != nil {
 			return "ERR " + err.Error()
 		}
-		defer c.Close()
+		defer func() { _ = c.Close() }()
 		line, err := bufio.NewReader(c).ReadString('\n')
 		if err != nil {
 			return "ERR read: " + err.Error()
 		}
 		id, _ := spiffetls.PeerIDFromConn(c)
-		fmt.Fprintf(c, "hello %s\n", id)
+		if _, err := fmt.Fprintf(c, "hello %s\n", id); err != nil {
+			return "ERR write: " + err.Error()
+		}
 		return "SERVED " + id.String() + " " + strings.TrimSpace(line)
 	case "client":
 		server := spiffeid.RequireFromString(os.Getenv("SIGIL_PEER"))
@@ -112,8 +114,10 @@ func workloadRun(ctx context.Context, role string) string {
 		if err != nil {
 			return "ERR dial: " + err.Error()
 		}
-		defer c.Close()
-		fmt.Fprintln(c, "ping")
+		defer func() { _ = c.Close() }()
+		if _, err := fmt.Fprintln(c, "ping"); err != nil {
+			return "ERR write: " + err.Error()
+		}
 		reply, err := bufio.NewReader(c).ReadString('\n')
 		if err != nil {
 			return "ERR reply: " + err.Error()
@@ -139,9 +143,14 @@ func newWorkloadDir(t testing.TB) *workloadDir {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	os.Chmod(dir, 0o755)
-	self, _ := os.Executable()
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
 	b, err := os.ReadFile(self)
 	if err != nil {
 		t.Fatal(err)
@@ -168,7 +177,11 @@ func (w *workloadDir) start(t *testing.T, uid int, role string, env ...string) (
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	t.Cleanup(func() {
+		// Best effort: it may have exited already, and Wait reports the kill.
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
 	return cmd, bufio.NewScanner(out)
 }
 
@@ -241,9 +254,9 @@ func newAgentEnv(t testing.TB, prefix string, mod func(*agent.Config)) *agentEnv
 		case <-time.After(10 * time.Second):
 			t.Error("agent did not stop")
 		}
-		a.Close()
+		_ = a.Close() // test cleanup
 		if _, err := os.Stat(w.socket); err == nil {
-			os.Remove(w.socket)
+			_ = os.Remove(w.socket) // best effort: the directory's cleanup removes it anyway
 		}
 	})
 	clustertest.Eventually(t, 10*time.Second, "socket up", func() bool { _, err := os.Stat(w.socket); return err == nil })
@@ -270,7 +283,7 @@ func (e *agentEnv) client(t *testing.T) *workloadapi.Client {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { c.Close() })
+	t.Cleanup(func() { _ = c.Close() })
 	return c
 }
 
@@ -280,8 +293,11 @@ func metric(t *testing.T, addr, name string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
+	defer func() { _ = resp.Body.Close() }()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
 	for line := range strings.SplitSeq(string(b), "\n") {
 		if v, ok := strings.CutPrefix(line, name+" "); ok {
 			return v
@@ -291,7 +307,7 @@ func metric(t *testing.T, addr, name string) string {
 	return ""
 }
 
-// The acceptance path: two workloads under different uids get
+// The end-to-end path: two workloads under different uids get
 // different SVIDs from one agent and authenticate each other with
 // spiffetls; a JWT-SVID of one validates through the agent and through
 // the JWT bundle; callers without an entry and requests without the
@@ -304,7 +320,7 @@ func TestWorkloadAPI(t *testing.T) {
 		outDir = filepath.Join(os.TempDir(), fmt.Sprintf("sigil-out-%d", time.Now().UnixNano()))
 		c.Outputs = []output.Config{{Dir: outDir, Selectors: []string{"unix:uid:1001"}, UID: 1001, GID: 1001, JWTAudiences: []string{"svc-x"}}}
 	})
-	t.Cleanup(func() { os.RemoveAll(outDir) })
+	t.Cleanup(func() { _ = os.RemoveAll(outDir) })
 	ctx := context.Background()
 	rootEntry := e.entry(t, "/test/root", 60, "", "unix:uid:0")
 	e.entry(t, "/wl/a", 0, "internal", "unix:uid:1001", "unix:sha256:"+e.w.binSum)
@@ -317,7 +333,7 @@ func TestWorkloadAPI(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
+	defer func() { _ = conn.Close() }()
 	wc := workload.NewSpiffeWorkloadAPIClient(conn)
 	sctx, scancel := context.WithCancel(metadata.AppendToOutgoingContext(ctx, "workload.spiffe.io", "true"))
 	defer scancel()
@@ -543,7 +559,7 @@ func TestWorkloadAPILimits(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
+	defer func() { _ = conn.Close() }()
 	wc := workload.NewSpiffeWorkloadAPIClient(conn)
 	var open []grpc.ServerStreamingClient[workload.X509SVIDResponse]
 	var codesSeen []codes.Code

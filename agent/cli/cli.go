@@ -57,7 +57,11 @@ func serve(ctx context.Context, path string, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("failed to start: %w", err)
 	}
-	defer a.Close()
+	defer func() {
+		if err := a.Close(); err != nil {
+			log.Warn("closing the TPM", "err", err)
+		}
+	}()
 	if err := a.Start(ctx); err != nil {
 		return fmt.Errorf("could not establish its identity: %w", err)
 	}

@@ -60,9 +60,11 @@ func walkDir(c Config, dir string, create bool) (*outDir, error) {
 	if err != nil {
 		return nil, fmt.Errorf("output %s: open /: %w", c.Dir, err)
 	}
+	// The fds of the walk are O_PATH: closing one flushes nothing, so its
+	// error (only ever EBADF, a bug) is ignored throughout.
 	owner, err := checkDir(c, "/", fd, euid)
 	if err != nil {
-		unix.Close(fd)
+		_ = unix.Close(fd)
 		return nil, err
 	}
 	workloadOwned := ownedByWorkload(c, owner, euid)
@@ -80,20 +82,20 @@ func walkDir(c Config, dir string, create bool) (*outDir, error) {
 		}
 		if err != nil {
 			err = describeOpenError(c, fd, name, path, err)
-			unix.Close(fd)
+			_ = unix.Close(fd)
 			return nil, err
 		}
-		unix.Close(fd)
+		_ = unix.Close(fd)
 		fd = next
 		owner, err := checkDir(c, path, fd, euid)
 		if err != nil {
-			unix.Close(fd)
+			_ = unix.Close(fd)
 			return nil, err
 		}
 		workloadOwned = workloadOwned || ownedByWorkload(c, owner, euid)
 		if last && create {
 			if err := repairDir(c, fd, euid); err != nil {
-				unix.Close(fd)
+				_ = unix.Close(fd)
 				return nil, err
 			}
 		}
@@ -177,7 +179,7 @@ func checkDir(c Config, path string, fd, euid int) (int, error) {
 
 // makeDir creates one missing component and gives it its mode (and, for
 // the output directory itself, the output's group). On failure the new
-// directory is removed again.
+// directory is removed again (the error says so if that failed too).
 func makeDir(c Config, dirfd int, name string, last bool, euid int) (int, error) {
 	if err := unix.Mkdirat(dirfd, name, 0o700); err != nil {
 		if errors.Is(err, unix.EEXIST) { // created meanwhile: check what it is
@@ -194,8 +196,12 @@ func makeDir(c Config, dirfd int, name string, last bool, euid int) (int, error)
 		gid, mode = c.GID, outputDirMode
 	}
 	if err := setDir(fd, euid, gid, mode); err != nil {
-		unix.Close(fd)
-		unix.Unlinkat(dirfd, name, unix.AT_REMOVEDIR)
+		_ = unix.Close(fd) // O_PATH
+		// %v, not %w: describeOpenError looks for the open's own ENOTDIR
+		// and ELOOP, not the removal's.
+		if rmErr := unix.Unlinkat(dirfd, name, unix.AT_REMOVEDIR); rmErr != nil {
+			return -1, fmt.Errorf("set up new directory: %w (removing it again failed too: %v)", err, rmErr)
+		}
 		return -1, fmt.Errorf("set up new directory: %w", err)
 	}
 	return fd, nil
@@ -210,7 +216,9 @@ func setDir(pathfd, euid, gid int, mode uint32) error {
 	if err != nil {
 		return err
 	}
-	defer unix.Close(fd)
+	// fchown and fchmod take effect when they return; closing a directory
+	// fd has nothing left to report.
+	defer func() { _ = unix.Close(fd) }()
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
 		return err
@@ -257,7 +265,7 @@ func onlyOutputFiles(c Config, pathfd int) bool {
 		return false
 	}
 	f := os.NewFile(uintptr(fd), c.Dir)
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	names, err := f.Readdirnames(-1)
 	if err != nil {
 		return false
@@ -278,8 +286,9 @@ func (d *outDir) Close() error { return unix.Close(d.fd) }
 // created exclusively (nothing planted there is reused), gets its final
 // mode and owner before any secret is written into it (mode first: once
 // given away, a non-root agent could no longer chmod it) and is renamed
-// within the same directory fd.
-func (d *outDir) write(name string, data []byte, mode os.FileMode) error {
+// within the same directory fd, and the directory is synced. It returns
+// nil only once all of that succeeded.
+func (d *outDir) write(name string, data []byte, mode os.FileMode) (err error) {
 	c := d.c
 	tmp := "." + name + "." + rand.Text()[:12]
 	fd, err := unix.Openat(d.fd, tmp, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
@@ -290,8 +299,13 @@ func (d *outDir) write(name string, data []byte, mode os.FileMode) error {
 	ok := false
 	defer func() {
 		if !ok {
-			f.Close() // a second Close after the one below is harmless
-			unix.Unlinkat(d.fd, tmp, 0)
+			// Already failing: a second Close after the one below only
+			// says so (os.ErrClosed), and a temporary file left behind
+			// is named in the error.
+			_ = f.Close()
+			if rmErr := unix.Unlinkat(d.fd, tmp, 0); rmErr != nil {
+				err = fmt.Errorf("%w (temporary file %s not removed: %v)", err, tmp, rmErr)
+			}
 		}
 	}()
 	if err := f.Chmod(mode); err != nil {
@@ -313,11 +327,16 @@ func (d *outDir) write(name string, data []byte, mode os.FileMode) error {
 		return fmt.Errorf("output %s: rename %s: %w", c.Dir, name, err)
 	}
 	ok = true
-	// The rename reaches disk with the directory; on tmpfs (the packaged
-	// /run/sigil) there is nothing to sync, hence best effort.
-	if dfd, err := unix.Openat(d.fd, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0); err == nil {
-		unix.Fsync(dfd)
-		unix.Close(dfd)
+	// The rename reaches disk with the directory: until it is synced, the
+	// file is in place but not yet written (on tmpfs, the packaged
+	// /run/sigil, the sync succeeds at once).
+	dfd, err := unix.Openat(d.fd, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("output %s: open directory to sync %s: %w", c.Dir, name, err)
+	}
+	defer func() { _ = unix.Close(dfd) }() // read only: Fsync is what reports
+	if err := unix.Fsync(dfd); err != nil {
+		return fmt.Errorf("output %s: sync directory after renaming %s: %w", c.Dir, name, err)
 	}
 	return nil
 }

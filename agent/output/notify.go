@@ -133,7 +133,7 @@ func signalPIDFile(c Config, sig unix.Signal) error {
 	if err != nil {
 		return fmt.Errorf("pid %d from %s: pidfd_open: %w", pid, path, err)
 	}
-	defer unix.Close(pidfd)
+	defer func() { _ = unix.Close(pidfd) }() // only a handle on the process
 	ruid, suid, err := processUIDs(pid)
 	if err != nil {
 		return fmt.Errorf("pid %d from %s: %w", pid, path, err)
@@ -170,13 +170,13 @@ func readPIDFile(c Config, path string) (int, bool, error) {
 	if err != nil {
 		return 0, false, fmt.Errorf("pid file %s: %w", path, err)
 	}
-	defer d.Close()
+	defer func() { _ = d.Close() }() // O_PATH
 	fd, err := unix.Openat(d.fd, filepath.Base(path), unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return 0, false, fmt.Errorf("pid file %s: %w", path, err)
 	}
 	f := os.NewFile(uintptr(fd), path)
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
 		return 0, false, fmt.Errorf("pid file %s: %w", path, err)
@@ -211,7 +211,7 @@ func processUIDs(pid int) (ruid, suid int, err error) {
 	if err != nil {
 		return 0, 0, err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		v, ok := strings.CutPrefix(sc.Text(), "Uid:")
@@ -229,6 +229,9 @@ func processUIDs(pid int) (ruid, suid int, err error) {
 			break
 		}
 		return r, s, nil
+	}
+	if err := sc.Err(); err != nil {
+		return 0, 0, err
 	}
 	return 0, 0, errors.New("no Uid line in /proc status")
 }

@@ -3,6 +3,8 @@ package output
 import (
 	"bufio"
 	"context"
+	"errors"
+	"io/fs"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -83,7 +85,13 @@ func startVictim(t *testing.T, uid int) *victim {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { cmd.Process.Kill(); stdin.Close(); cmd.Wait() })
+	t.Cleanup(func() {
+		// Best effort: Wait reports the kill, and the victim may have
+		// exited already.
+		_ = cmd.Process.Kill()
+		_ = stdin.Close()
+		_ = cmd.Wait()
+	})
 	if line, err := bufio.NewReader(stdout).ReadString('\n'); err != nil || line != "ready\n" {
 		t.Fatalf("victim: %q %v", line, err)
 	}
@@ -252,14 +260,18 @@ func TestNotifySignalRules(t *testing.T) {
 			writePIDFile(t, filepath.Join(other, "app.pid"), pid, 0, 0o644)
 		}, filepath.Join(other, "app.pid"), "owned by uid 1002"},
 		{"not a pid", 0, func(t *testing.T, pid int) {
-			os.WriteFile(filepath.Join(rdir, "app.pid"), []byte("-1\n"), 0o644)
+			if err := os.WriteFile(filepath.Join(rdir, "app.pid"), []byte("-1\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
 		}, "", "does not hold a pid"},
 		{"missing", 0, func(t *testing.T, pid int) {}, "", "no such file"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			os.Remove(filepath.Join(rdir, "app.pid"))
-			os.Remove(filepath.Join(wdir, "app.pid"))
-			os.Remove(real)
+			for _, p := range []string{filepath.Join(rdir, "app.pid"), filepath.Join(wdir, "app.pid"), real} {
+				if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+					t.Fatal(err)
+				}
+			}
 			v := startVictim(t, tc.victim)
 			tc.setup(t, v.pid)
 			file := tc.file
@@ -347,7 +359,7 @@ func TestNotifyCommand(t *testing.T) {
 	deadline := time.Now().Add(10 * time.Second)
 	for alive() {
 		if time.Now().After(deadline) {
-			syscall.Kill(gc, syscall.SIGKILL)
+			_ = syscall.Kill(gc, syscall.SIGKILL) // best effort before failing
 			t.Fatalf("grandchild %d outlived the timeout", gc)
 		}
 		time.Sleep(20 * time.Millisecond)

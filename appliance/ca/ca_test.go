@@ -30,7 +30,11 @@ func TestMain(m *testing.M) { os.Exit(testenv.Main(m)) }
 func TestNodeIdentityAndPeerChecks(t *testing.T) {
 	tr := clustertest.NewTrust(t, "ca", []string{"node-1", "node-2"}, []string{"node-9"})
 	ks := pkcs11.New(pkcs11.Options{})
-	defer ks.Close()
+	defer func() {
+		if err := ks.Close(); err != nil {
+			t.Errorf("close key store: %v", err)
+		}
+	}()
 	a1 := tr.Authority(t, ks, "node-1")
 	a2 := tr.Authority(t, ks, "node-2")
 
@@ -106,16 +110,29 @@ func TestNodeIdentityAndPeerChecks(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	n2, _ := ca.NewNodeIdentity(a2, time.Hour)
-	ln, _ := tls.Listen("tcp", "127.0.0.1:0", n1.TLSConfig(ca.RoleNode))
-	defer ln.Close()
+	n2, err := ca.NewNodeIdentity(a2, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", n1.TLSConfig(ca.RoleNode))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = ln.Close() }() // also ends the accept loop
 	go func() {
 		for {
 			c, err := ln.Accept()
 			if err != nil {
 				return
 			}
-			go func() { c.(*tls.Conn).Handshake(); c.Write([]byte("ok")); c.Close() }()
+			// The server side only answers: a refused client's handshake
+			// fails here and the dialer sees that as its error.
+			go func() {
+				defer func() { _ = c.Close() }()
+				if c.(*tls.Conn).Handshake() == nil {
+					_, _ = c.Write([]byte("ok"))
+				}
+			}()
 		}
 	}()
 	dial := func(cfg *tls.Config) error {
@@ -123,7 +140,7 @@ func TestNodeIdentityAndPeerChecks(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		defer c.Close()
+		defer func() { _ = c.Close() }() // the result is the Read's
 		buf := make([]byte, 2)
 		_, err = c.Read(buf)
 		return err
@@ -150,7 +167,11 @@ func TestNodeIdentityAndPeerChecks(t *testing.T) {
 func TestAttackReservedPathSigning(t *testing.T) {
 	tr := clustertest.NewTrust(t, "rp", []string{"node-1"}, nil)
 	ks := pkcs11.New(pkcs11.Options{})
-	defer ks.Close()
+	defer func() {
+		if err := ks.Close(); err != nil {
+			t.Errorf("close key store: %v", err)
+		}
+	}()
 	a := tr.Authority(t, ks, "node-1")
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	leaf := func(path string) ca.Leaf {
@@ -235,7 +256,11 @@ func TestAttackReservedPathSigning(t *testing.T) {
 func TestRevokedIssuingCA(t *testing.T) {
 	tr := clustertest.NewTrust(t, "rca", []string{"node-1", "node-2"}, nil)
 	ks := pkcs11.New(pkcs11.Options{})
-	defer ks.Close()
+	defer func() {
+		if err := ks.Close(); err != nil {
+			t.Errorf("close key store: %v", err)
+		}
+	}()
 	a1 := tr.Authority(t, ks, "node-1")
 	a2 := tr.Authority(t, ks, "node-2")
 	raw := func(c tls.Certificate) [][]byte { return c.Certificate }

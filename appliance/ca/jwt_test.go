@@ -52,7 +52,9 @@ func TestJWTKeySign(t *testing.T) {
 				t.Errorf("claims %s: want aud as an array", claims)
 			}
 			b := jwtbundle.New(td)
-			b.AddJWTAuthority("node-1-abc", key.Public())
+			if err := b.AddJWTAuthority("node-1-abc", key.Public()); err != nil {
+				t.Fatal(err)
+			}
 			svid, err := jwtsvid.ParseAndValidate(tok, b, []string{"db"})
 			if err != nil {
 				t.Fatal(err)

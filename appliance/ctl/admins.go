@@ -1,9 +1,9 @@
 package ctl
 
 import (
+	"bufio"
 	"context"
 	"fmt"
-	"io"
 	"strings"
 	"time"
 
@@ -20,7 +20,7 @@ func adminRevokeCmd(g *globals) *cobra.Command {
 		RunE: func(_ *cobra.Command, args []string) error {
 			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
 				return c.AdminRevoke(ctx, &api.AdminRevokeRequest{Name: args[0]})
-			}, func(w io.Writer, v any) {
+			}, func(w *bufio.Writer, v any) {
 				r := v.(*api.AdminRecord)
 				fmt.Fprintf(w, "revoked %s (%s) at %s: certificates issued before are refused; issue a new one to restore access\n",
 					r.Name, r.ID, r.RevokedAt.Format(time.RFC3339))
@@ -39,7 +39,7 @@ func adminListCmd(g *globals) *cobra.Command {
 				}
 				return nonNil(l.Admins), nil
 			},
-				func(w io.Writer, v any) {
+				func(w *bufio.Writer, v any) {
 					var rows [][]string
 					for _, a := range v.([]api.AdminRecord) {
 						revoked := "-"

@@ -142,7 +142,7 @@ func auditListCmd(g *globals) *cobra.Command {
 				notes = listNotes(req, l)
 				l.Records = nonNil(l.Records)
 				return l, nil
-			}, func(w io.Writer, v any) {
+			}, func(w *bufio.Writer, v any) {
 				var rows [][]string
 				for _, r := range v.(*api.AuditList).Records {
 					rows = append(rows, auditRow(&r))
@@ -150,7 +150,7 @@ func auditListCmd(g *globals) *cobra.Command {
 				table(w, auditHeader, rows)
 			})
 			for _, n := range notes {
-				fmt.Fprintln(g.errOut, n)
+				g.note("%s\n", n)
 			}
 			return err
 		}}
@@ -217,8 +217,8 @@ func (g *globals) auditListAll(req api.AuditRequest) error {
 				started, head, first = true, l.Head, l.First
 				if g.output == "json" {
 					fmt.Fprint(w, "{\n  \"records\": [")
-				} else {
-					fmt.Fprintln(tw, auditHeader)
+				} else if _, err := fmt.Fprintln(tw, auditHeader); err != nil {
+					return nil, err
 				}
 				pruned = listNotes(api.AuditRequest{After: after}, &api.AuditList{First: l.First})
 			} else if len(l.Records) > 0 && l.Records[0].Seq != after+1 {
@@ -236,13 +236,15 @@ func (g *globals) auditListAll(req api.AuditRequest) error {
 						w.WriteByte(',')
 					}
 					fmt.Fprintf(w, "\n    %s", b)
-				} else {
-					fmt.Fprintln(tw, strings.Join(auditRow(r), "\t"))
+				} else if _, err := fmt.Fprintln(tw, strings.Join(auditRow(r), "\t")); err != nil {
+					return nil, err
 				}
 				n++
 			}
 			if g.output != "json" {
-				tw.Flush()
+				if err := tw.Flush(); err != nil {
+					return nil, err
+				}
 			}
 			if len(l.Records) == 0 {
 				break
@@ -271,7 +273,7 @@ func (g *globals) auditListAll(req api.AuditRequest) error {
 			return nil, err
 		}
 		for _, p := range pruned {
-			fmt.Fprintln(g.errOut, p)
+			g.note("%s\n", p)
 		}
 		return nil, nil
 	}, nil)
@@ -352,7 +354,7 @@ func (g *globals) auditExport(since uint64, out string) (err error) {
 			}
 			if now := time.Now(); now.Sub(last) >= progressEvery {
 				last = now
-				fmt.Fprintf(g.errOut, "audit export: %d records, at record %d of head %d, %.0f s\n", ch.n, ch.seq, res.Head, now.Sub(start).Seconds())
+				g.note("audit export: %d records, at record %d of head %d, %.0f s\n", ch.n, ch.seq, res.Head, now.Sub(start).Seconds())
 			}
 			return nil
 		})
@@ -360,7 +362,10 @@ func (g *globals) auditExport(since uint64, out string) (err error) {
 			var ce *chainError
 			if errors.As(err, &ce) {
 				if f == nil {
-					w.Flush() // the records before the break, all checked
+					// The records before the break, all checked.
+					if ferr := w.Flush(); ferr != nil {
+						return nil, fmt.Errorf("%w (and writing the records before it failed: %v)", err, ferr)
+					}
 				}
 				return nil, err
 			}
@@ -387,7 +392,7 @@ func (g *globals) auditExport(since uint64, out string) (err error) {
 	}
 	// The records went to out; the summary goes to stdout only when out
 	// is a file, else to stderr.
-	text := func(w io.Writer, _ any) {
+	text := func(w *bufio.Writer, _ any) {
 		switch {
 		case res.Records == 0:
 			fmt.Fprintf(w, "no audit records after %d (head %d)\n", since, res.Head)
@@ -404,7 +409,10 @@ func (g *globals) auditExport(since uint64, out string) (err error) {
 		}
 	}
 	if f == nil {
-		text(g.errOut, nil)
+		// A note, as g.note: the records reached stdout, checked above.
+		w := bufio.NewWriter(g.errOut)
+		text(w, nil)
+		_ = w.Flush()
 		return nil
 	}
 	return g.print(v, text)
@@ -479,7 +487,7 @@ func (g *globals) auditVerify() error {
 			}
 			if now := time.Now(); now.Sub(last) >= progressEvery {
 				last = now
-				fmt.Fprintf(g.errOut, "audit verify: %d records checked, at record %d of head %d, %.0f s\n", ch.n, ch.seq, target, now.Sub(start).Seconds())
+				g.note("audit verify: %d records checked, at record %d of head %d, %.0f s\n", ch.n, ch.seq, target, now.Sub(start).Seconds())
 			}
 		}
 		res.Records, res.From, res.To = ch.n, ch.first, ch.seq
@@ -498,7 +506,7 @@ func (g *globals) auditVerify() error {
 			return nil, err
 		}
 		return res, nil
-	}, func(w io.Writer, _ any) { res.text(w) })
+	}, func(w *bufio.Writer, _ any) { res.text(w) })
 	if err != nil {
 		return err
 	}
@@ -518,7 +526,7 @@ func (r *verifyResult) firstBad() uint64 {
 	return min(r.FirstBad, r.Node.FirstBad)
 }
 
-func (r *verifyResult) text(w io.Writer) {
+func (r *verifyResult) text(w *bufio.Writer) {
 	n := r.Node
 	if n.Intact {
 		count := uint64(0)
@@ -624,7 +632,7 @@ func (g *globals) verifySegments(files []string) error {
 	if len(res.Links) > 0 {
 		res.Intact = false
 	}
-	if err := g.print(res, func(w io.Writer, _ any) {
+	if err := g.print(res, func(w *bufio.Writer, _ any) {
 		for _, s := range res.Files {
 			if s.Error != "" {
 				fmt.Fprintf(w, "FAILED %s: %s\n", s.File, s.Error)
@@ -659,7 +667,7 @@ func readSegment(name string, roots []*x509.Certificate, sr *segmentResult) erro
 	if err != nil {
 		return err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	var last api.AuditRecord
 	tail := &tailBuffer{max: 64 << 10}
 	rep, err := state.ReadSegment(io.TeeReader(bufio.NewReaderSize(f, 1<<20), tail), roots, func(r *api.AuditRecord) error {

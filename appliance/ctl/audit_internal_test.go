@@ -1,6 +1,7 @@
 package ctl
 
 import (
+	"bufio"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -106,7 +107,15 @@ func TestVerifyText(t *testing.T) {
 	r := &verifyResult{Records: 9, From: 1, To: 9, Pages: 1, FirstBad: 7, Error: "record altered: hash 1234, content hashes to 5678",
 		Node: &api.AuditVerify{Intact: false, FirstBad: 7, Error: "record 7: record altered"}}
 	var b strings.Builder
-	r.text(&b)
+	text := func() {
+		t.Helper()
+		w := bufio.NewWriter(&b)
+		r.text(w)
+		if err := w.Flush(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	text()
 	if out := b.String(); !strings.Contains(out, "FAILED: the node's check found record 7 bad: record 7: record altered\n") ||
 		!strings.Contains(out, "FAILED: the check here found record 7 bad: record altered") {
 		t.Fatalf("failure text:\n%s", out)
@@ -116,7 +125,7 @@ func TestVerifyText(t *testing.T) {
 	}
 	r = &verifyResult{Intact: true, Records: 9, From: 1, To: 9, Pages: 1, Node: &api.AuditVerify{Intact: true, From: 1, To: 9, Checkpoints: 2, LastCheckpoint: 6}}
 	b.Reset()
-	r.text(&b)
+	text()
 	if want := "verified records 1..9 (9 records); 2 checkpoints signed by node HSM keys, last at 6; records after it are protected by the hash chain only\n" +
 		"checked here: records 1..9 (9 records, 1 page), hash chain intact\n"; b.String() != want {
 		t.Fatalf("got\n%s\nwant\n%s", b.String(), want)

@@ -1,6 +1,7 @@
 package ctl
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -39,7 +40,7 @@ func caCmd(g *globals) *cobra.Command {
 			}
 			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
 				return c.RootCRLAdd(ctx, &api.RootCRLRequest{CRL: b})
-			}, func(w io.Writer, v any) {
+			}, func(w *bufio.Writer, v any) {
 				r := v.(*api.RootCRLResult)
 				fmt.Fprintf(w, "root CRL number %s of root %.16s stored (next update %s)\n", r.CRL.Number, r.CRL.Root, r.CRL.NextUpdate.Format("2006-01-02T15:04:05Z07:00"))
 				fmt.Fprintf(w, "revoked CA serials: %s\n", orNone(strings.Join(r.CRL.Revoked, ", ")))
@@ -63,7 +64,7 @@ func readSmallFile(path string, limit int64) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	b, err := io.ReadAll(io.LimitReader(f, limit+1))
 	if err != nil {
 		return nil, err

@@ -23,7 +23,9 @@ func TestSigilctlCARevoke(t *testing.T) {
 	dir := t.TempDir()
 	// node-2 never joined: its CA is retired.
 	crl := filepath.Join(dir, "root.crl")
-	os.WriteFile(crl, pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: tr.RootCRL(t, 1, "node-2")}), 0o644)
+	if err := os.WriteFile(crl, pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: tr.RootCRL(t, 1, "node-2")}), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	out := must(with("ca", "revoke", "--crl", crl)...)
 	if want := tr.Nodes["node-2"].Issuing.SerialNumber.Text(16); !strings.Contains(out, "root CRL number 1") || !strings.Contains(out, want) {
 		t.Fatalf("ca revoke:\n%s", out)

@@ -8,6 +8,7 @@
 package ctl
 
 import (
+	"bufio"
 	"context"
 	"crypto/rand"
 	"crypto/x509"
@@ -35,9 +36,16 @@ type globals struct {
 	// ctx is the command's context: main cancels it on an interrupt.
 	ctx context.Context
 	out *outWriter
-	// errOut takes progress and notes, so that out holds only the
-	// result (which may be a stream of records).
+	// errOut takes progress and notes (g.note), so that out holds only
+	// the result (which may be a stream of records).
 	errOut io.Writer
+}
+
+// note writes a progress line or a note to errOut. A failed write there
+// is ignored: the result goes to out (or a file), whose writes are checked,
+// and a note that cannot be shown does not make it wrong.
+func (g *globals) note(format string, args ...any) {
+	_, _ = fmt.Fprintf(g.errOut, format, args...)
 }
 
 // outWriter keeps the first error writing the result: every later write
@@ -112,7 +120,7 @@ func NewCommand(out io.Writer) *cobra.Command {
 }
 
 // run dials, calls fn within --timeout and prints its result.
-func (g *globals) run(fn func(ctx context.Context, c *api.AdminClient) (any, error), text func(w io.Writer, v any)) error {
+func (g *globals) run(fn func(ctx context.Context, c *api.AdminClient) (any, error), text func(w *bufio.Writer, v any)) error {
 	return g.session(func(ctx context.Context, c *api.AdminClient) (any, error) {
 		ctx, cancel := context.WithTimeout(ctx, g.timeout)
 		defer cancel()
@@ -126,7 +134,7 @@ func (g *globals) run(fn func(ctx context.Context, c *api.AdminClient) (any, err
 // not cut off by one overall deadline. fn's context is the command's, which
 // an interrupt cancels, so that a command writing a file can remove what
 // it left half done.
-func (g *globals) session(fn func(ctx context.Context, c *api.AdminClient) (any, error), text func(w io.Writer, v any)) error {
+func (g *globals) session(fn func(ctx context.Context, c *api.AdminClient) (any, error), text func(w *bufio.Writer, v any)) error {
 	dial, closeKey, err := g.dialConfig(g.ctx)
 	if err != nil {
 		return err
@@ -136,7 +144,7 @@ func (g *globals) session(fn func(ctx context.Context, c *api.AdminClient) (any,
 	if err != nil {
 		return err
 	}
-	defer conn.Close()
+	defer func() { _ = conn.Close() }() // fn's calls returned: nothing is pending
 	v, err := fn(g.ctx, api.NewAdminClient(conn))
 	if err != nil {
 		return err
@@ -147,15 +155,22 @@ func (g *globals) session(fn func(ctx context.Context, c *api.AdminClient) (any,
 	return g.print(v, text)
 }
 
-// print writes v as JSON (--output json) or with text.
-func (g *globals) print(v any, text func(w io.Writer, v any)) error {
+// print writes v as JSON (--output json) or with text. text writes into a
+// bufio.Writer, which keeps the first write error for its Flush: print
+// returns that, so text need not check each write.
+func (g *globals) print(v any, text func(w *bufio.Writer, v any)) error {
 	if g.output == "json" {
 		enc := json.NewEncoder(g.out)
 		enc.SetIndent("", "  ")
 		return enc.Encode(v)
 	}
-	if text != nil {
-		text(g.out, v)
+	if text == nil {
+		return nil
+	}
+	w := bufio.NewWriter(g.out)
+	text(w, v)
+	if err := w.Flush(); err != nil {
+		return fmt.Errorf("writing the result: %w", err)
 	}
 	return nil
 }
@@ -168,17 +183,19 @@ func nonNil[T any](l []T) []T {
 	return l
 }
 
-func table(w io.Writer, header string, rows [][]string) {
+// table writes rows aligned under header. tabwriter's only write errors
+// are w's, which w keeps for its Flush (see print).
+func table(w *bufio.Writer, header string, rows [][]string) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, header)
+	_, _ = fmt.Fprintln(tw, header)
 	for _, r := range rows {
-		fmt.Fprintln(tw, strings.Join(r, "\t"))
+		_, _ = fmt.Fprintln(tw, strings.Join(r, "\t"))
 	}
-	tw.Flush()
+	_ = tw.Flush()
 }
 
-func ok(msg string) func(io.Writer, any) {
-	return func(w io.Writer, _ any) { fmt.Fprintln(w, msg) }
+func ok(msg string) func(*bufio.Writer, any) {
+	return func(w *bufio.Writer, _ any) { fmt.Fprintln(w, msg) }
 }
 
 func entryCmd(g *globals) *cobra.Command {
@@ -239,7 +256,7 @@ func entryCmd(g *globals) *cobra.Command {
 			}
 			return nonNil(l.Entries), nil
 		},
-			func(w io.Writer, v any) {
+			func(w *bufio.Writer, v any) {
 				var rows [][]string
 				for _, e := range v.([]api.Entry) {
 					rows = append(rows, []string{e.ID, e.SPIFFEID, e.ParentID, selectorString(e.Selectors)})
@@ -285,7 +302,7 @@ func selectorString(s []api.Selector) string {
 	return strings.Join(out, ",")
 }
 
-func printEntry(w io.Writer, v any) {
+func printEntry(w *bufio.Writer, v any) {
 	e := v.(*api.Entry)
 	table(w, "FIELD\tVALUE", [][]string{
 		{"id", e.ID}, {"spiffe_id", e.SPIFFEID}, {"parent_id", e.ParentID}, {"selectors", selectorString(e.Selectors)},
@@ -297,7 +314,7 @@ func printEntry(w io.Writer, v any) {
 
 func agentCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "agent", Short: "Attested agents"}
-	printAgent := func(w io.Writer, v any) {
+	printAgent := func(w *bufio.Writer, v any) {
 		a := v.(*api.Agent)
 		rows := [][]string{{"id", a.ID}, {"attestation", a.AttestationType}, {"serial", a.SerialNumber},
 			{"expires", a.ExpiresAt.Format(time.RFC3339)}, {"banned", fmt.Sprint(a.Banned)}, {"joined", a.JoinedAt.Format(time.RFC3339)}}
@@ -315,7 +332,7 @@ func agentCmd(g *globals) *cobra.Command {
 				}
 				return nonNil(l.Agents), nil
 			},
-				func(w io.Writer, v any) {
+				func(w *bufio.Writer, v any) {
 					var rows [][]string
 					for _, a := range v.([]api.Agent) {
 						rows = append(rows, []string{a.ID, a.AttestationType, a.ExpiresAt.Format(time.RFC3339), fmt.Sprint(a.Banned)})
@@ -361,7 +378,9 @@ func tpmCmd(g *globals) *cobra.Command {
 					last = ca
 				}
 				return last, nil
-			}, func(w io.Writer, v any) { fmt.Fprintf(w, "trusted %s (%s)\n", v.(*api.EKCA).ID, v.(*api.EKCA).Subject) })
+			}, func(w *bufio.Writer, v any) {
+				fmt.Fprintf(w, "trusted %s (%s)\n", v.(*api.EKCA).ID, v.(*api.EKCA).Subject)
+			})
 		}},
 		&cobra.Command{Use: "list", Args: cobra.NoArgs, Short: "List trusted EK CAs", RunE: func(*cobra.Command, []string) error {
 			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
@@ -371,7 +390,7 @@ func tpmCmd(g *globals) *cobra.Command {
 				}
 				return nonNil(l.CAs), nil
 			},
-				func(w io.Writer, v any) {
+				func(w *bufio.Writer, v any) {
 					var rows [][]string
 					for _, ca := range v.([]api.EKCA) {
 						rows = append(rows, []string{ca.ID, ca.Subject})
@@ -400,7 +419,7 @@ func tpmCmd(g *globals) *cobra.Command {
 				}
 				return nonNil(l.Hashes), nil
 			},
-				func(w io.Writer, v any) {
+				func(w *bufio.Writer, v any) {
 					for _, h := range v.([]string) {
 						fmt.Fprintln(w, h)
 					}
@@ -447,7 +466,7 @@ func tokenCmd(g *globals) *cobra.Command {
 		}
 		return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
 			return c.TokenCreate(ctx, &api.TokenRequest{TTL: secs})
-		}, func(w io.Writer, v any) {
+		}, func(w *bufio.Writer, v any) {
 			t := v.(*api.TokenResponse)
 			fmt.Fprintf(w, "%s\n(expires %s; shown once, the appliance keeps only its hash %.12s)\n", t.Token, t.ExpiresAt.Format(time.RFC3339), t.ID)
 		})
@@ -468,7 +487,7 @@ func clusterCmd(g *globals) *cobra.Command {
 	cmd.AddCommand(
 		&cobra.Command{Use: "status", Args: cobra.NoArgs, Short: "Leader, term, indexes and peers", RunE: func(*cobra.Command, []string) error {
 			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) { return c.ClusterStatus(ctx, &api.Empty{}) },
-				func(w io.Writer, v any) {
+				func(w *bufio.Writer, v any) {
 					s := v.(*api.ClusterStatus)
 					fmt.Fprintf(w, "node %s (%s), leader %s at %s, term %d, last index %d, commit %d, applied %d\n",
 						s.NodeID, s.State, s.LeaderID, s.LeaderAddr, s.Term, s.LastIndex, s.CommitIndex, s.AppliedIndex)
@@ -498,11 +517,13 @@ func bundleCmd(g *globals) *cobra.Command {
 	var format string
 	show := &cobra.Command{Use: "show", Args: cobra.NoArgs, Short: "Show the trust bundle", RunE: func(*cobra.Command, []string) error {
 		return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) { return c.BundleShow(ctx, &api.Empty{}) },
-			func(w io.Writer, v any) {
+			func(w *bufio.Writer, v any) {
 				b := v.(*api.BundleResponse)
 				if format == "pem" {
 					for _, der := range b.Bundle.Roots {
-						pem.Encode(w, &pem.Block{Type: "CERTIFICATE", Bytes: der})
+						// A block without headers always encodes; a write
+						// error stays in w for print.
+						w.Write(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))
 					}
 					return
 				}
@@ -519,7 +540,7 @@ func adminCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "admin", Short: "Admin credentials"}
 	var name, keyOut, certOut, role string
 	var ttl time.Duration
-	issue := &cobra.Command{Use: "issue", Args: cobra.NoArgs, Short: "Make a key here (in a file or a token) and have a node certify it as an admin", RunE: func(*cobra.Command, []string) error {
+	issue := &cobra.Command{Use: "issue", Args: cobra.NoArgs, Short: "Make a key here (in a file or a token) and have a node certify it as an admin", RunE: func(*cobra.Command, []string) (err error) {
 		if name == "" || keyOut == "" || certOut == "" {
 			return clirun.Usagef("--name, --key-out and --cert-out are required")
 		}
@@ -545,22 +566,24 @@ func adminCmd(g *globals) *cobra.Command {
 		cf, err := os.OpenFile(certOut, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 		if err != nil {
 			if kf != nil {
-				kf.Close()
-				os.Remove(keyOut)
+				_ = kf.Close() // empty, and removed now
+				err = removeClaimed(err, keyOut)
 			}
 			return err
 		}
 		written := false
 		defer func() {
+			// Both were closed, their errors checked, before written was
+			// set; otherwise they are being removed.
 			if kf != nil {
-				kf.Close()
+				_ = kf.Close()
 			}
-			cf.Close()
+			_ = cf.Close()
 			if !written {
 				if kf != nil {
-					os.Remove(keyOut)
+					err = removeClaimed(err, keyOut)
 				}
-				os.Remove(certOut)
+				err = removeClaimed(err, certOut)
 			}
 		}()
 		key, err := newAdminKey(g.ctx, keyOut)
@@ -607,7 +630,7 @@ func adminCmd(g *globals) *cobra.Command {
 				out["role"] = role
 			}
 			return out, nil
-		}, func(w io.Writer, v any) {
+		}, func(w *bufio.Writer, v any) {
 			m := v.(map[string]string)
 			r := m["role"]
 			if r == "" {
@@ -627,6 +650,15 @@ func adminCmd(g *globals) *cobra.Command {
 	issue.Flags().StringVar(&role, "role", "", "admin (administers, renews itself) or admin-issuer (also issues and revokes any admin name); default: the name's current role, admin for a new name")
 	cmd.AddCommand(issue, adminRevokeCmd(g), adminListCmd(g))
 	return cmd
+}
+
+// removeClaimed removes a file admin issue claimed but did not complete,
+// after err; err says so if the file could not be removed.
+func removeClaimed(err error, path string) error {
+	if rerr := os.Remove(path); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+		return fmt.Errorf("%w (and %s could not be removed: %v)", err, path, rerr)
+	}
+	return err
 }
 
 func svidCmd(g *globals) *cobra.Command {

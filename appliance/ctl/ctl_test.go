@@ -206,10 +206,15 @@ func testSnapshots(t *testing.T, dir string, run runFunc, must mustFunc, stderr 
 	restoreProgress()
 
 	// A damaged archive is refused by the node.
-	b, _ := os.ReadFile(snap)
+	b, err := os.ReadFile(snap)
+	if err != nil {
+		t.Fatal(err)
+	}
 	b[len(b)/2] ^= 0x40
 	damaged := filepath.Join(dir, "damaged.snap")
-	os.WriteFile(damaged, b, 0o600)
+	if err := os.WriteFile(damaged, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := run(with("snapshot", "restore", damaged)...); err == nil {
 		t.Fatal("a damaged archive was restored")
 	}
@@ -239,7 +244,7 @@ func testAudit(t *testing.T, dir string, run runFunc, must mustFunc, stderr *byt
 		t.Fatal(err)
 	}
 	recs := readExport(t, bufio.NewScanner(f))
-	f.Close()
+	_ = f.Close() // read only
 	if len(recs) < 5 || recs[0].Seq != 1 || recs[0].Prev != "" {
 		t.Fatalf("export: %d records from %d", len(recs), recs[0].Seq)
 	}
@@ -392,9 +397,12 @@ func TestSigilctlAuditSegments(t *testing.T) {
 	})
 	exp := filepath.Join(t.TempDir(), "audit.jsonl")
 	out := must(with("audit", "export", "--out", exp)...)
-	f, _ := os.Open(exp)
+	f, err := os.Open(exp)
+	if err != nil {
+		t.Fatal(err)
+	}
 	recs := readExport(t, bufio.NewScanner(f))
-	f.Close()
+	_ = f.Close() // read only
 	if len(recs) < 1300 || recs[0].Seq != 1 {
 		t.Fatalf("export: %d records from %d", len(recs), recs[0].Seq)
 	}
@@ -432,8 +440,10 @@ func TestSigilctlAuditSegments(t *testing.T) {
 	}
 	lines[1] = strings.Replace(lines[1], `"actor":"`, `"actor":"x`, 1)
 	tampered := filepath.Join(t.TempDir(), filepath.Base(segs[0]))
-	os.WriteFile(tampered, []byte(strings.Join(lines, "")), 0o600)
-	out, err := run(with("audit", "verify-segment", tampered, segs[1])...)
+	if err := os.WriteFile(tampered, []byte(strings.Join(lines, "")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err = run(with("audit", "verify-segment", tampered, segs[1])...)
 	if err == nil || !strings.Contains(out, "FAILED "+tampered+": record "+fmt.Sprint(rec.Seq)+": record altered") {
 		t.Fatalf("verify-segment of a tampered file: %v\n%s", err, out)
 	}

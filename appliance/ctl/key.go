@@ -61,12 +61,15 @@ func (g *globals) dialConfig(ctx context.Context) (api.DialConfig, func(), error
 	}
 	ks := pkcs11.New(pkcs11.Options{})
 	signer, err := ks.Signer(ctx, d.KeyFile)
+	// ks.Close only releases the token (its session, the PKCS#11 library):
+	// on a path that already fails, and after the command has used the key,
+	// its error changes nothing.
 	if err != nil {
-		ks.Close()
+		_ = ks.Close()
 		return d, nil, fmt.Errorf("--key: %w", err)
 	}
 	if !samePublicKey(certs[0].PublicKey, signer.Public()) {
-		ks.Close()
+		_ = ks.Close()
 		return d, nil, fmt.Errorf("--cert %s is not the certificate of the --key token key", d.CertFile)
 	}
 	cert := &tls.Certificate{PrivateKey: signer, Leaf: certs[0]}
@@ -75,7 +78,7 @@ func (g *globals) dialConfig(ctx context.Context) (api.DialConfig, func(), error
 	}
 	d.KeyFile, d.CertFile = "", ""
 	d.Certificate = func() (*tls.Certificate, error) { return cert, nil }
-	return d, func() { ks.Close() }, nil
+	return d, func() { _ = ks.Close() }, nil
 }
 
 func samePublicKey(a, b crypto.PublicKey) bool {
@@ -106,8 +109,10 @@ func newAdminKey(ctx context.Context, keyOut string) (*adminKey, error) {
 		return &adminKey{signer: key, pkcs8: kd, close: func() {}}, nil
 	}
 	ks := pkcs11.New(pkcs11.Options{})
+	// ks.Close only releases the token, as in dialConfig: the key is a
+	// token object once CreateKey returned.
 	if _, err := ks.CreateKey(ctx, keystore.CreateKeyRequest{URI: keyOut, Algorithm: keystore.ECDSAP256}); err != nil {
-		ks.Close()
+		_ = ks.Close()
 		if errors.Is(err, keystore.ErrAlreadyExists) {
 			return nil, fmt.Errorf("--key-out: %w: admin issue makes a new key; name a new object", err)
 		}
@@ -115,8 +120,8 @@ func newAdminKey(ctx context.Context, keyOut string) (*adminKey, error) {
 	}
 	signer, err := ks.Signer(ctx, keyOut)
 	if err != nil {
-		ks.Close()
+		_ = ks.Close()
 		return nil, fmt.Errorf("--key-out: %w", err)
 	}
-	return &adminKey{signer: signer, close: func() { ks.Close() }}, nil
+	return &adminKey{signer: signer, close: func() { _ = ks.Close() }}, nil
 }

@@ -1,6 +1,7 @@
 package ctl
 
 import (
+	"bufio"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -72,7 +73,7 @@ func (g *globals) snapshotSave(path string) (err error) {
 		}
 		saved = true
 		return &snapshotResult{SnapshotArchive: s, File: path, Bytes: p.n, Seconds: p.seconds()}, nil
-	}, func(w io.Writer, v any) {
+	}, func(w *bufio.Writer, v any) {
 		r := v.(*snapshotResult)
 		m := r.Meta
 		fmt.Fprintf(w, "saved %s: index %d, %d bytes, %d entries, %d agents, %d audit records (%d..%d), sha256 %s, %.1f s\n",
@@ -85,7 +86,7 @@ func (g *globals) snapshotRestore(path string) error {
 	if err != nil {
 		return err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	st, err := f.Stat()
 	if err != nil {
 		return err
@@ -101,7 +102,7 @@ func (g *globals) snapshotRestore(path string) error {
 		r := &progressReader{r: io.TeeReader(f, h), p: p, eof: func() {
 			touch() // the node's checks start now: they get a whole --timeout
 			if p.lines > 0 {
-				fmt.Fprintf(p.w, "snapshot restore %s: sent %s; the node is checking the archive (--timeout %v)\n", path, size(p.n), g.timeout)
+				p.printf("snapshot restore %s: sent %s; the node is checking the archive (--timeout %v)\n", path, size(p.n), g.timeout)
 			}
 		}}
 		s, err := c.SnapshotRestoreFrom(ctx, r)
@@ -112,7 +113,7 @@ func (g *globals) snapshotRestore(path string) error {
 			return nil, fmt.Errorf("snapshot restore: the node restored an archive with SHA-256 %s, but %s has %s", s.SHA256, path, got)
 		}
 		return &snapshotResult{SnapshotArchive: s, File: path, Bytes: p.n, Seconds: p.seconds()}, nil
-	}, func(w io.Writer, v any) {
+	}, func(w *bufio.Writer, v any) {
 		r := v.(*snapshotResult)
 		m := r.Meta
 		fmt.Fprintf(w, "restored %s: index %d from node %s, %d entries, %d agents, %d audit records, sha256 %s, %.1f s\n",

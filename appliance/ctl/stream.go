@@ -87,10 +87,16 @@ func (p *progress) add(n int) {
 	secs := now.Sub(p.start).Seconds()
 	rate := float64(p.n) / secs
 	if p.total > 0 {
-		fmt.Fprintf(p.w, "%s: %s of %s (%d%%), %.0f s, %s/s\n", p.label, size(p.n), size(p.total), p.n*100/p.total, secs, size(int64(rate)))
+		p.printf("%s: %s of %s (%d%%), %.0f s, %s/s\n", p.label, size(p.n), size(p.total), p.n*100/p.total, secs, size(int64(rate)))
 		return
 	}
-	fmt.Fprintf(p.w, "%s: %s so far, %.0f s, %s/s\n", p.label, size(p.n), secs, size(int64(rate)))
+	p.printf("%s: %s so far, %.0f s, %s/s\n", p.label, size(p.n), secs, size(int64(rate)))
+}
+
+// printf writes a progress line; like g.note, it ignores a failed write
+// (stderr is not the transfer).
+func (p *progress) printf(format string, args ...any) {
+	_, _ = fmt.Fprintf(p.w, format, args...)
 }
 
 func (p *progress) seconds() float64 { return time.Since(p.start).Seconds() }
@@ -165,7 +171,7 @@ func (f *newFile) finish() error {
 	// The name, too, must survive a crash.
 	if d, err := os.Open(filepath.Dir(f.path)); err == nil {
 		err = d.Sync()
-		d.Close()
+		_ = d.Close() // read only: Sync reports
 		if err != nil {
 			return err
 		}
@@ -175,7 +181,9 @@ func (f *newFile) finish() error {
 
 // abort removes the file and says so in err.
 func (f *newFile) abort(err error) error {
-	f.Close()
+	// Already failing, and closed already when finish's Close failed; the
+	// file is removed next.
+	_ = f.Close()
 	if rerr := os.Remove(f.path); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
 		return fmt.Errorf("%w (and %s could not be removed: %v)", err, f.path, rerr)
 	}

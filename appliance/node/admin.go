@@ -332,8 +332,7 @@ func (a *admin) SnapshotSave(_ *api.Empty, stream grpc.ServerStreamingServer[api
 	if err != nil {
 		return status.Errorf(codes.Internal, "snapshot: %v", err)
 	}
-	defer os.Remove(spool.Name())
-	defer spool.Close()
+	defer a.discardSpool(spool)
 	bw := bufio.NewWriterSize(spool, 1<<20)
 	meta, err := a.state.WriteArchive(bw, a.nodeID, time.Now())
 	if err == nil {
@@ -407,8 +406,7 @@ func (a *admin) SnapshotRestore(stream grpc.ClientStreamingServer[api.SnapshotCh
 	if err != nil {
 		return status.Errorf(codes.Internal, "spool archive: %v", err)
 	}
-	defer os.Remove(f.Name())
-	defer f.Close()
+	defer a.discardSpool(f)
 	var size int64
 	for {
 		ch, err := stream.Recv()
@@ -695,6 +693,16 @@ func newID() string {
 
 // scratchDir is where uploaded archives are checked (0700, inside the data
 // directory).
+// discardSpool closes and removes a spool file. The file is only read
+// back after it is written, so a failed Close loses nothing; but it holds
+// a whole state archive, so one that cannot be removed is logged.
+func (a *admin) discardSpool(f *os.File) {
+	_ = f.Close()
+	if err := os.Remove(f.Name()); err != nil {
+		a.log.Warn("spool file not removed", "path", f.Name(), "err", err)
+	}
+}
+
 func (a *admin) scratchDir() string {
 	d := filepath.Join(a.dataDir, "scratch")
 	if err := os.MkdirAll(d, 0o700); err != nil {

@@ -72,7 +72,7 @@ func local(t *testing.T, c *clustertest.Cluster, id string) *api.AdminClient {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { conn.Close() })
+	t.Cleanup(func() { _ = conn.Close() })
 	return api.NewAdminClient(conn)
 }
 
@@ -189,7 +189,7 @@ func callAll(t *testing.T, c *clustertest.Cluster, node string, cred adminCred) 
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
+	defer func() { _ = conn.Close() }()
 	unary, streams := adminMethods(t)
 	out := map[string]error{}
 	for _, m := range unary {
@@ -332,7 +332,7 @@ func joinByToken(t *testing.T, c *clustertest.Cluster, node string) (adminCred, 
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
+	defer func() { _ = conn.Close() }()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	svid, err := api.NewJoinClient(conn).Token(ctx, &api.JoinTokenRequest{Token: tok.Token, CSR: agentCSR(t, key)})
 	if err != nil {
@@ -355,7 +355,7 @@ func renew(t *testing.T, c *clustertest.Cluster, node string, cred adminCred, ke
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
+	defer func() { _ = conn.Close() }()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	return api.NewJoinClient(conn).Renew(ctx, &api.RenewRequest{CSR: agentCSR(t, key)})

@@ -59,7 +59,7 @@ func TestAttackAnonymousJoinAuditFlood(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer jconn.Close()
+	defer func() { _ = jconn.Close() }()
 	svid, err := api.NewJoinClient(jconn).Token(ctx, &api.JoinTokenRequest{Token: tok.Token, CSR: csr})
 	if err != nil || !strings.HasPrefix(svid.AgentID, "spiffe://example.org/sigil/agent/join_token/") {
 		t.Fatalf("token join: %v", err)
@@ -83,7 +83,7 @@ func TestAttackAnonymousJoinAuditFlood(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { conn.Close() })
+		t.Cleanup(func() { _ = conn.Close() })
 		clients[w] = api.NewJoinClient(conn)
 	}
 	start := time.Now()
@@ -169,8 +169,11 @@ func TestAttackAnonymousJoinAuditFlood(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		body, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		_ = resp.Body.Close() // read to the end
+		if err != nil {
+			t.Fatal(err)
+		}
 		var n uint64
 		for _, line := range strings.Split(string(body), "\n") {
 			for _, class := range classes {

@@ -34,7 +34,7 @@ func rawCommitRate(b *testing.B) float64 {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer store.Close()
+	defer func() { _ = store.Close() }()
 	data := make([]byte, 256)
 	const n = 300
 	start := time.Now()
@@ -221,7 +221,11 @@ func BenchmarkJWTIssuance(b *testing.B) {
 	web := ic.entry(b, "spiffe://example.org/web", agentID)
 	const node = "node-2"
 	ks := pkcs11.New(pkcs11.Options{})
-	defer ks.Close()
+	defer func() {
+		if err := ks.Close(); err != nil {
+			b.Errorf("close key store: %v", err)
+		}
+	}()
 	signer, err := ks.Signer(context.Background(), ic.tr.Nodes[node].KeyURI)
 	if err != nil {
 		b.Fatal(err)

@@ -155,7 +155,11 @@ func TestAccessControl(t *testing.T) {
 	ctx := context.Background()
 
 	ks := pkcs11.New(pkcs11.Options{})
-	defer ks.Close()
+	defer func() {
+		if err := ks.Close(); err != nil {
+			t.Errorf("close key store: %v", err)
+		}
+	}()
 	a2 := tr.Authority(t, ks, "node-2")
 
 	// An agent (or any non-admin) certificate is refused by the admin API.
@@ -204,7 +208,7 @@ func TestAccessControl(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
+	defer func() { _ = conn.Close() }()
 	if st, err := os.Stat(c.ConfigOf("node-1").API.LocalSocket); err != nil || st.Mode().Perm() != 0o600 {
 		t.Fatalf("local socket mode: %v %v", st.Mode(), err)
 	}
@@ -222,7 +226,7 @@ func TestAccessControl(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer resp.Body.Close()
+		defer func() { _ = resp.Body.Close() }()
 		b, _ := io.ReadAll(resp.Body)
 		return resp.StatusCode, string(b)
 	}

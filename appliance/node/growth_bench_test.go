@@ -326,7 +326,9 @@ func rss() string {
 
 func dirSize(dir string) int64 {
 	var n int64
-	filepath.Walk(dir, func(_ string, info os.FileInfo, err error) error {
+	// Best effort: a file removed while the walk counts (a compacted
+	// segment, say) is left out, and the walk itself never fails.
+	_ = filepath.Walk(dir, func(_ string, info os.FileInfo, err error) error {
 		if err == nil && !info.IsDir() {
 			n += info.Size()
 		}
@@ -561,7 +563,7 @@ func profileCPU(b *testing.B, name string) func() {
 	}
 	if err := pprof.StartCPUProfile(f); err != nil {
 		b.Logf("cpu profile %s: %v", name, err)
-		f.Close()
+		_ = f.Close() // nothing was written to it
 		return func() {}
 	}
 	tf, err := os.Create(filepath.Join(growthProfileDir, name+".trace"))
@@ -569,15 +571,19 @@ func profileCPU(b *testing.B, name string) func() {
 		b.Fatal(err)
 	}
 	if name == "cpu-fill" || trace.Start(tf) != nil {
-		tf.Close()
+		_ = tf.Close() // not tracing: nothing was written to it
 		tf = nil
 	}
 	return func() {
 		pprof.StopCPUProfile()
-		f.Close()
+		if err := f.Close(); err != nil {
+			b.Logf("cpu profile %s: %v", name, err)
+		}
 		if tf != nil {
 			trace.Stop()
-			tf.Close()
+			if err := tf.Close(); err != nil {
+				b.Logf("trace %s: %v", name, err)
+			}
 		}
 	}
 }
@@ -591,8 +597,11 @@ func profileWrite(b *testing.B, kind, name string) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer f.Close()
-	if err := pprof.Lookup(kind).WriteTo(f, 0); err != nil {
+	err = pprof.Lookup(kind).WriteTo(f, 0)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
 		b.Fatal(err)
 	}
 }
@@ -619,7 +628,9 @@ func readCPU() cpuMeter {
 		f := strings.Fields(strings.SplitN(string(b), "\n", 2)[0])
 		for _, v := range f[1:min(len(f), 9)] {
 			var n uint64
-			fmt.Sscan(v, &n)
+			if _, err := fmt.Sscan(v, &n); err != nil {
+				break // statValid stays false
+			}
 			m.stat = append(m.stat, n)
 		}
 		m.statValid = len(m.stat) == 8

@@ -136,7 +136,8 @@ func (m *metrics) observeApply(cmd string, d time.Duration, err error) {
 func (n *Node) httpHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
-		fmt.Fprintln(w, "ok")
+		_, err := fmt.Fprintln(w, "ok")
+		n.responseWritten(r, err)
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
 		st := n.raft.Status(r.Context())
@@ -144,10 +145,19 @@ func (n *Node) httpHandler() http.Handler {
 			http.Error(w, "not ready: no raft leader known", http.StatusServiceUnavailable)
 			return
 		}
-		fmt.Fprintf(w, "ready: leader %s, term %d, applied %d\n", st.LeaderID, st.Term, st.AppliedIndex)
+		_, err := fmt.Fprintf(w, "ready: leader %s, term %d, applied %d\n", st.LeaderID, st.Term, st.AppliedIndex)
+		n.responseWritten(r, err)
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(n.metrics.reg, promhttp.HandlerOpts{}))
 	return mux
+}
+
+// responseWritten logs a failed response write at debug level: the client
+// went away, and there is no one left to tell.
+func (n *Node) responseWritten(r *http.Request, err error) {
+	if err != nil {
+		n.log.Debug("http response not written", "path", r.URL.Path, "remote", r.RemoteAddr, "err", err)
+	}
 }
 
 // bundleHandler serves the SPIFFE bundle (federation, https_spiffe
@@ -165,7 +175,8 @@ func (n *Node) bundleHandler() http.Handler {
 			return
 		}
 		w.Header().Set("Content-Type", "application/json")
-		w.Write(doc)
+		_, err = w.Write(doc)
+		n.responseWritten(r, err)
 	})
 	mux.HandleFunc("GET /crl", func(w http.ResponseWriter, r *http.Request) {
 		der, err := n.crl()
@@ -175,7 +186,8 @@ func (n *Node) bundleHandler() http.Handler {
 			return
 		}
 		w.Header().Set("Content-Type", "application/pkix-crl")
-		w.Write(der)
+		_, err = w.Write(der)
+		n.responseWritten(r, err)
 	})
 	return mux
 }

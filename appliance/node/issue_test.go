@@ -69,7 +69,11 @@ func newIssuerWith(t testing.TB, prefix string, mod func(*node.Config)) *issuer 
 		return true
 	})
 	ks := pkcs11.New(pkcs11.Options{})
-	defer ks.Close()
+	defer func() {
+		if err := ks.Close(); err != nil {
+			t.Errorf("close key store: %v", err)
+		}
+	}()
 	cert := clustertest.ClientCert(t, tr.Authority(t, ks, "node-2"), "/sigil/agent/tpm/host-a")
 	ic := &issuer{c: c, tr: tr}
 	ic.agentCert, ic.agentKey = clustertest.WriteCredential(t, c.Dir, "agent", cert)
@@ -81,7 +85,7 @@ func (ic *issuer) agent(t testing.TB, node string) *api.AgentClient {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { conn.Close() })
+	t.Cleanup(func() { _ = conn.Close() })
 	return api.NewAgentClient(conn)
 }
 
@@ -180,7 +184,9 @@ func TestX509SVIDIssuance(t *testing.T) {
 			dir := t.TempDir()
 			write := func(name string, c *x509.Certificate) string {
 				p := filepath.Join(dir, name)
-				os.WriteFile(p, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}), 0o644)
+				if err := os.WriteFile(p, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}), 0o644); err != nil {
+					t.Fatal(err)
+				}
 				return p
 			}
 			out, err := exec.Command("openssl", "verify", "-CAfile", ic.tr.RootPath, "-untrusted", write("inter.pem", chain[1]), write("leaf.pem", leaf)).CombinedOutput()
@@ -220,7 +226,7 @@ func TestX509SVIDIssuance(t *testing.T) {
 		if err != nil {
 			return false
 		}
-		defer resp.Body.Close()
+		defer func() { _ = resp.Body.Close() }()
 		der, _ := io.ReadAll(resp.Body)
 		crl, err := x509.ParseRevocationList(der)
 		if err != nil || crl.CheckSignatureFrom(ic.tr.Nodes["node-2"].Issuing) != nil {
@@ -239,8 +245,11 @@ func TestX509SVIDIssuance(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	_ = resp.Body.Close() // read to the end
+	if err != nil {
+		t.Fatal(err)
+	}
 	b, err := spiffebundle.Parse(ic.tr.TrustDomain, body)
 	if err != nil || len(b.X509Authorities()) != 1 || !b.X509Authorities()[0].Equal(ic.tr.Root) {
 		t.Fatalf("bundle endpoint: %v %s", err, body)
@@ -267,7 +276,7 @@ func TestJWTSVIDAndRotation(t *testing.T) {
 	if _, err := jwtsvid.ParseAndValidate(first.Token, jwtBundle(), []string{"other"}); err == nil {
 		t.Fatal("token valid for the wrong audience")
 	}
-	if got := svid.Expiry.Sub(time.Now()); got > 5*time.Minute+time.Second || got < 4*time.Minute {
+	if got := time.Until(svid.Expiry); got > 5*time.Minute+time.Second || got < 4*time.Minute {
 		t.Fatalf("token lifetime %v, want the 5 minute default", got)
 	}
 
@@ -381,7 +390,9 @@ func TestBanAndNoQuorum(t *testing.T) {
 	if !found {
 		t.Fatal("banned agent's request not audited")
 	}
-	ic.c.Admin("node-1").AgentUnban(ctx, &api.IDRequest{ID: agentID})
+	if _, err := ic.c.Admin("node-1").AgentUnban(ctx, &api.IDRequest{ID: agentID}); err != nil {
+		t.Fatal(err)
+	}
 
 	// A node that cannot reach a quorum issues nothing.
 	ic.c.Stop("node-1")

@@ -53,7 +53,7 @@ func TestAttackJoinChallengeFlood(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer k.Close()
+	defer func() { _ = k.Close() }()
 	hostEK, err := k.EndorsementKey(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -69,7 +69,7 @@ func TestAttackJoinChallengeFlood(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer k.Close()
+		defer func() { _ = k.Close() }()
 		ek, err := k.EndorsementKey(ctx)
 		if err != nil {
 			t.Fatal(err)
@@ -78,7 +78,7 @@ func TestAttackJoinChallengeFlood(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer ak.Close()
+		defer func() { _ = ak.Close() }()
 		ekPub, akPub = ek.Public, ak.Public
 		// Its EK hash, as an operator would allowlist it.
 		var cas []*x509.Certificate
@@ -180,7 +180,7 @@ func TestAttackJoinChallengeFlood(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ak.Close()
+	defer func() { _ = ak.Close() }()
 	jc := joinClientFrom(t, tr, addr, "127.0.0.2")
 	joinStart, sentBefore := time.Now(), sent.Load()
 	hello := &api.JoinTPMHello{EKPublic: ek.Public, EKCert: ek.Cert, AKPublic: ak.Public}
@@ -307,7 +307,7 @@ func anonConnFrom(t *testing.T, tr *clustertest.Trust, addr, from string, wrap f
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { conn.Close() })
+	t.Cleanup(func() { _ = conn.Close() })
 	return conn
 }
 
@@ -326,7 +326,7 @@ func metricValue(t *testing.T, httpAddr, name string) float64 {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer resp.Body.Close()
+	defer func() { _ = resp.Body.Close() }()
 	sc := bufio.NewScanner(resp.Body)
 	for sc.Scan() {
 		if v, ok := strings.CutPrefix(sc.Text(), name+" "); ok {

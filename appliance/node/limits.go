@@ -83,8 +83,9 @@ func grpcLimitOptions(c APIConfig) []grpc.ServerOption {
 			Time:              keepaliveTime,
 			Timeout:           keepaliveTimeout,
 		}),
-		// An idle connection does not keep a 32 KiB write buffer.
-		grpc.SharedWriteBuffer(true),
+		// An idle connection does not keep a 32 KiB write buffer: gRPC
+		// shares write buffers by default (the deprecated
+		// grpc.SharedWriteBuffer(true) asked for what is now the default).
 	}
 }
 
@@ -242,7 +243,7 @@ func (l *connLimiter) established(c *limitedConn, anonymous bool) (ok bool, evic
 	if l.anonMaxAge > 0 {
 		c.age = time.AfterFunc(l.anonMaxAge, func() {
 			l.agedOut.Add(1)
-			c.Close()
+			_ = c.Close() // dropping it: its error tells no one anything
 		})
 	}
 	return true, evict
@@ -271,13 +272,15 @@ func (ll limitListener) Accept() (net.Conn, error) {
 			return nil, err
 		}
 		c, evict := ll.l.admit(raw)
+		// The evicted and the refused connections are dropped: a failed
+		// Close leaves nothing to undo and no one to tell.
 		if evict != nil {
-			evict.Close()
+			_ = evict.Close()
 		}
 		if c != nil {
 			return c, nil
 		}
-		raw.Close()
+		_ = raw.Close()
 	}
 }
 
@@ -300,11 +303,13 @@ func (c limitCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInf
 	}
 	ti, isTLS := info.(credentials.TLSInfo)
 	ok, evict := lc.l.established(lc, !isTLS || len(ti.State.PeerCertificates) == 0)
+	// As in Accept: the evicted and the refused connections are dropped,
+	// and a failed Close changes nothing.
 	if evict != nil {
-		evict.Close()
+		_ = evict.Close()
 	}
 	if !ok {
-		conn.Close()
+		_ = conn.Close()
 		return nil, nil, errTooManyAnonymous
 	}
 	return conn, info, nil

@@ -120,7 +120,7 @@ func TestAttackOversizedMessageBeforeAuth(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { conn.Close() })
+		t.Cleanup(func() { _ = conn.Close() })
 		return conn
 	}
 	// The attacker lifts its own client's limits.
@@ -137,7 +137,9 @@ func TestAttackOversizedMessageBeforeAuth(t *testing.T) {
 		if err := cs.SendMsg(&payload); err != nil && !errors.Is(err, io.EOF) {
 			return err
 		}
-		cs.CloseSend()
+		if err := cs.CloseSend(); err != nil {
+			return err
+		}
 		var resp []byte
 		return cs.RecvMsg(&resp)
 	}
@@ -266,7 +268,7 @@ func TestAttackConnectionFlood(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer conn.Close()
+		defer func() { _ = conn.Close() }()
 		_, err = api.NewJoinClient(conn).Token(cctx, &api.JoinTokenRequest{Token: "no-such-token", CSR: csrFor(t, "")})
 		return err
 	}
@@ -289,8 +291,11 @@ func TestAttackConnectionFlood(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			defer cn.Close()
-			cn.SetReadDeadline(start.Add(handshakeTimeout + 3*time.Second))
+			defer func() { _ = cn.Close() }()
+			if err := cn.SetReadDeadline(start.Add(handshakeTimeout + 3*time.Second)); err != nil {
+				t.Error(err) // without it the Read could wait for ever
+				return
+			}
 			_, err := cn.Read(make([]byte, 1))
 			var ne net.Error
 			switch since := time.Since(start); {
@@ -340,7 +345,7 @@ func TestAttackConnectionFlood(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer conn.Close()
+		defer func() { _ = conn.Close() }()
 		if _, err := api.NewJoinClient(conn).Token(ctx, &api.JoinTokenRequest{Token: "x", CSR: csrFor(t, "")}); status.Code(err) != codes.PermissionDenied {
 			t.Fatalf("anonymous connection %d: %v", i, err)
 		}
@@ -357,7 +362,7 @@ func TestAttackConnectionFlood(t *testing.T) {
 		return status.Code(join(ctx)) == codes.PermissionDenied
 	})
 	for _, conn := range anon {
-		conn.Close()
+		_ = conn.Close() // idled out by the node already
 	}
 
 	// All connections: fill the cap with admins; the next is closed at once.
@@ -386,13 +391,15 @@ func TestAttackConnectionFlood(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			defer cn.Close()
+			defer func() { _ = cn.Close() }()
 			idle = append(idle, cn)
 		}
 		time.Sleep(200 * time.Millisecond)
 		dropped := 0
 		for _, cn := range idle {
-			cn.SetReadDeadline(time.Now().Add(time.Millisecond))
+			if err := cn.SetReadDeadline(time.Now().Add(time.Millisecond)); err != nil {
+				t.Fatal(err)
+			}
 			if _, err := cn.Read(make([]byte, 1)); err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
 				dropped++
 			}
@@ -405,7 +412,7 @@ func TestAttackConnectionFlood(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s listener during an idle flood: %v", name, err)
 		}
-		resp.Body.Close()
+		_ = resp.Body.Close() // only the status matters
 		if resp.StatusCode != http.StatusOK {
 			t.Fatalf("%s listener during an idle flood: %s", name, resp.Status)
 		}
@@ -432,8 +439,11 @@ func metrics(t *testing.T, addr string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
+	defer func() { _ = resp.Body.Close() }()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
 	return string(b)
 }
 
@@ -648,7 +658,7 @@ func TestAttackAnonymousConnectionsOneSource(t *testing.T) {
 				close(done)
 				wg.Wait()
 				for _, conn := range conns {
-					conn.Close()
+					_ = conn.Close() // the load is over
 				}
 			})
 			return answered.Load(), failed.Load()

@@ -114,7 +114,10 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 	ok := false
 	defer func() {
 		if !ok {
-			n.Stop()
+			// Start's own error is the one to return; Stop's is logged.
+			if err := n.Stop(); err != nil {
+				log.Warn("stop after failed start", "err", err)
+			}
 		}
 	}()
 
@@ -440,9 +443,17 @@ func (n *Node) State() *state.FSM { return n.fsm }
 // Raft is the node's raft member.
 func (n *Node) Raft() *raft.Node { return n.raft }
 
-// Stop shuts the node down: API first, then raft, then the HSM.
+// Stop shuts the node down: API first, then raft, then the HSM. Each
+// step runs whatever the one before it did; a step that fails is logged.
 func (n *Node) Stop() error {
 	n.stopOnce.Do(func() {
+		// A listener the gRPC or HTTP server already closed reports
+		// net.ErrClosed when closed again: that is not a failure.
+		closed := func(what string, err error) {
+			if err != nil && !errors.Is(err, net.ErrClosed) {
+				n.log.Warn(what+" close", "err", err)
+			}
+		}
 		if n.stop != nil {
 			n.stop()
 		}
@@ -453,14 +464,14 @@ func (n *Node) Stop() error {
 			n.local.Stop()
 		}
 		if n.http != nil {
-			n.http.Close()
+			closed("http server", n.http.Close())
 		}
 		if n.bundle != nil {
-			n.bundle.Close()
+			closed("bundle server", n.bundle.Close())
 		}
 		for _, ln := range []net.Listener{n.apiLn, n.localLn, n.httpLn, n.bundleLn} {
 			if ln != nil {
-				ln.Close()
+				closed("listener "+ln.Addr().String(), ln.Close())
 			}
 		}
 		if n.refusals != nil {
@@ -478,7 +489,9 @@ func (n *Node) Stop() error {
 			}
 		}
 		if n.ks != nil {
-			n.ks.Close()
+			if err := n.ks.Close(); err != nil {
+				n.log.Warn("key store close", "err", err)
+			}
 		}
 	})
 	return nil

@@ -189,11 +189,11 @@ func (r *refusals) run() {
 		select {
 		case <-tick.C:
 			ctx, cancel := context.WithTimeout(r.ctx, quorumWait)
-			r.flush(ctx)
+			_ = r.flush(ctx) // logged there; the counts wait for the next summary
 			cancel()
 		case <-r.quit:
 			ctx, cancel := context.WithTimeout(context.Background(), refusalStopWait)
-			r.flush(ctx)
+			_ = r.flush(ctx) // logged there (the log is all that is left)
 			cancel()
 			return
 		}

@@ -64,7 +64,7 @@ func newRevocationFixture(t *testing.T, prefix string) *revocationFixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer jconn.Close()
+	defer func() { _ = jconn.Close() }()
 	svid, err := api.NewJoinClient(jconn).Token(ctx, &api.JoinTokenRequest{Token: tok.Token, CSR: csr})
 	if err != nil {
 		t.Fatalf("token join: %v", err)
@@ -226,7 +226,7 @@ func agentSign(ctx context.Context, f *revocationFixture, id string, cert *tls.C
 	if err != nil {
 		return nil, err
 	}
-	defer conn.Close()
+	defer func() { _ = conn.Close() }()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	csr, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
 	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
@@ -287,8 +287,10 @@ func raftSelfJoin(addr, nodeID string, cert tls.Certificate) error {
 	if err != nil {
 		return err
 	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	defer func() { _ = conn.Close() }()
+	if err := conn.SetDeadline(time.Now().Add(10 * time.Second)); err != nil {
+		return err
+	}
 	req, _ := json.Marshal(map[string]any{"Op": "join", "NodeID": nodeID, "Addr": "127.0.0.1:1", "Self": true})
 	msg := []byte{0x02} // the raft package's RPC protocol byte
 	msg = binary.BigEndian.AppendUint32(msg, uint32(len(req)))
@@ -451,7 +453,7 @@ func TestAttackRevokedNodeKeepsRaftConnection(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
+	defer func() { _ = conn.Close() }()
 	if _, err := conn.Write([]byte{0x02}); err != nil { // the raft package's RPC protocol byte
 		t.Fatal(err)
 	}
@@ -461,7 +463,9 @@ func TestAttackRevokedNodeKeepsRaftConnection(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		if err := conn.SetDeadline(time.Now().Add(10 * time.Second)); err != nil {
+			return err
+		}
 		return raftRPC(conn, map[string]any{"Op": "apply", "Cmd": cmd})
 	}
 	if err := forward("raw-warm"); err != nil {

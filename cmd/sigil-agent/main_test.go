@@ -44,7 +44,7 @@ func TestRun(t *testing.T) {
 		{[]string{"-config", filepath.Join(dir, "none.yaml")}, 1, nil, []string{"none.yaml", "no such file"}},
 		{[]string{"--config", badLog}, 1, nil, []string{badLog, `log.level must be debug, info, warn or error (got "loud")`, `log.format must be json or text (got "xml")`}},
 		{[]string{"--config=" + unknown}, 1, nil, []string{unknown, "bogus-field", "colour"}},
-		{[]string{"-config=" + incomplete}, 1, nil, []string{"servers, root-cert, data-dir"}},
+		{[]string{"-config=" + incomplete}, 1, nil, []string{incomplete, "servers is required", "root-cert is required", "data-dir is required"}},
 		{[]string{"--config", twoDocs}, 1, nil, []string{"more than one YAML document"}},
 		// The Go flag package's single-dash style, as older scripts call it.
 		{[]string{"inspect", "-socket", noSocket, "-timeout", "2s", "-audience", "a,b"}, 1, nil, []string{noSocket}},

@@ -19,20 +19,26 @@ func runCLI(args ...string) (code int, stdout, stderr string) {
 func TestCLI(t *testing.T) {
 	dir := t.TempDir()
 	pin := filepath.Join(dir, "pin")
-	os.WriteFile(pin, []byte("12345678\n"), 0o600)
+	write := func(path, content string) {
+		t.Helper()
+		if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(pin, "12345678\n")
 	cfg := filepath.Join(dir, "split.yaml")
-	os.WriteFile(cfg, []byte(`kind: pin-split
+	write(cfg, `kind: pin-split
 transcript: `+filepath.Join(dir, "t.jsonl")+`
 pin-split:
   token: tok
   pin-file: `+pin+`
   threshold: 2
   shares: [`+filepath.Join(dir, "a")+`, `+filepath.Join(dir, "b")+`]
-`), 0o600)
+`)
 	bad := filepath.Join(dir, "bad.yaml")
-	os.WriteFile(bad, []byte("kind: pin-split\nbogus: 1\npin-split:\n  extra: 2\n"), 0o600)
+	write(bad, "kind: pin-split\nbogus: 1\npin-split:\n  extra: 2\n")
 	invalid := filepath.Join(dir, "invalid.yaml")
-	os.WriteFile(invalid, []byte("kind: pin-split\npin-split:\n  threshold: 9\n  shares: [a]\n"), 0o600)
+	write(invalid, "kind: pin-split\npin-split:\n  threshold: 9\n  shares: [a]\n")
 
 	for _, tc := range []struct {
 		args   []string

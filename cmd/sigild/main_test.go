@@ -35,9 +35,13 @@ func TestRun(t *testing.T) {
 	c := &clustertest.Cluster{T: t, Trust: tr, Dir: t.TempDir()}
 	good := writeConfig(t, c.Dir, c.Config("node-1"))
 	bad := filepath.Join(c.Dir, "bad.yaml")
-	os.WriteFile(bad, []byte("node-id: \"Node 1!\"\ntrust-domain: example.org\nlog: {level: loud, format: xml}\n"), 0o600)
+	if err := os.WriteFile(bad, []byte("node-id: \"Node 1!\"\ntrust-domain: example.org\nlog: {level: loud, format: xml}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	unknown := filepath.Join(c.Dir, "unknown.yaml")
-	os.WriteFile(unknown, []byte("node-id: node-1\nbogus-field: 1\n"), 0o600)
+	if err := os.WriteFile(unknown, []byte("node-id: node-1\nbogus-field: 1\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 
 	for _, tc := range []struct {
 		args   []string
@@ -109,12 +113,16 @@ func freePortOn(t *testing.T, host string) string {
 	t.Helper()
 	low := 32768
 	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
-		fmt.Sscan(string(b), &low)
+		if _, err := fmt.Sscan(string(b), &low); err != nil {
+			t.Fatalf("ip_local_port_range %q: %v", b, err)
+		}
 	}
 	for range 1000 {
 		addr := net.JoinHostPort(host, strconv.Itoa(10000+mrand.IntN(low-10000)))
 		if ln, err := net.Listen("tcp", addr); err == nil {
-			ln.Close()
+			if err := ln.Close(); err != nil {
+				t.Fatalf("free port %s: %v", addr, err)
+			}
 			return addr
 		}
 	}
@@ -140,7 +148,9 @@ func TestSigildProcessesSurviveKill9(t *testing.T) {
 	// node exited, and the test timed out waiting for three voters.
 	ks := pkcs11.New(pkcs11.Options{})
 	admin := clustertest.ClientCert(t, tr.Authority(t, ks, "node-1"), "/sigil/admin/ops")
-	ks.Close()
+	if err := ks.Close(); err != nil {
+		t.Fatalf("close key store: %v", err)
+	}
 	certPath, keyPath := clustertest.WriteCredential(t, c.Dir, "ops", admin)
 
 	procs := map[string]*proc{}
@@ -162,7 +172,10 @@ func TestSigildProcessesSurviveKill9(t *testing.T) {
 		p := procs[id]
 		p.cmd = exec.Command(bin, "--config", p.cfgPath)
 		p.cmd.Env = append(os.Environ(), "SOFTHSM2_CONF="+os.Getenv("SOFTHSM2_CONF"))
-		logf, _ := os.OpenFile(filepath.Join(c.Dir, id+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+		logf, err := os.OpenFile(filepath.Join(c.Dir, id+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+		if err != nil {
+			t.Fatal(err)
+		}
 		p.cmd.Stdout, p.cmd.Stderr = logf, logf
 		p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 		if err := p.cmd.Start(); err != nil {
@@ -172,7 +185,7 @@ func TestSigildProcessesSurviveKill9(t *testing.T) {
 		p.killed.Store(false)
 		go func() {
 			err := p.cmd.Wait()
-			logf.Close()
+			_ = logf.Close() // the log is only read back to explain a failure
 			if !p.killed.Load() {
 				t.Errorf("sigild %s exited by itself (%v): see its log", id, err)
 			}
@@ -181,7 +194,9 @@ func TestSigildProcessesSurviveKill9(t *testing.T) {
 	}
 	kill := func(id string) {
 		procs[id].killed.Store(true)
-		procs[id].cmd.Process.Kill()
+		if err := procs[id].cmd.Process.Kill(); err != nil {
+			t.Fatalf("kill sigild %s: %v", id, err)
+		}
 		<-procs[id].done
 	}
 	t.Cleanup(func() {
@@ -197,11 +212,13 @@ func TestSigildProcessesSurviveKill9(t *testing.T) {
 				continue
 			default:
 			}
-			p.cmd.Process.Signal(syscall.SIGTERM)
+			// A process that has just exited refuses the signal; p.done
+			// tells either way.
+			_ = p.cmd.Process.Signal(syscall.SIGTERM)
 			select {
 			case <-p.done:
 			case <-time.After(10 * time.Second):
-				p.cmd.Process.Kill()
+				_ = p.cmd.Process.Kill()
 				<-p.done
 			}
 		}
@@ -229,7 +246,7 @@ func TestSigildProcessesSurviveKill9(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { conn.Close() })
+		t.Cleanup(func() { _ = conn.Close() }) // the test is over
 		return api.NewAdminClient(conn)
 	}
 	clients := map[string]*api.AdminClient{}

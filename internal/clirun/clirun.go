@@ -133,13 +133,15 @@ func Run(ctx context.Context, root *cobra.Command, args []string, stdout, stderr
 	if err == nil {
 		return ExitOK
 	}
-	fmt.Fprintf(stderr, "%s: %v\n", root.Name(), err)
+	// A failed write to stderr has nowhere left to be reported; the exit
+	// code still says the command failed.
+	_, _ = fmt.Fprintf(stderr, "%s: %v\n", root.Name(), err)
 	var u *UsageError
 	if errors.As(err, &u) {
 		if cmd == nil {
 			cmd = root
 		}
-		fmt.Fprintf(stderr, "Run '%s --help' for usage.\n", cmd.CommandPath())
+		_, _ = fmt.Fprintf(stderr, "Run '%s --help' for usage.\n", cmd.CommandPath())
 		return ExitUsage
 	}
 	return ExitFailure

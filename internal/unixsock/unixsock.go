@@ -8,6 +8,7 @@ package unixsock
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -37,14 +38,16 @@ func Listen(path string, dirMode, mode os.FileMode) (net.Listener, error) {
 		if st.Mode()&os.ModeSocket == 0 {
 			return nil, fmt.Errorf("%s exists and is not a socket", path)
 		}
-		os.Remove(path)
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("removing stale socket %s: %w", path, err)
+		}
 	}
 	l, err := bind(path, mode)
 	if err != nil {
 		return nil, err
 	}
 	if err := os.Chmod(path, mode); err != nil {
-		l.Close()
+		_ = l.Close() // the chmod error is the one to report
 		return nil, err
 	}
 	return l, nil

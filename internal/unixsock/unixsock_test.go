@@ -21,7 +21,9 @@ func TestListenModes(t *testing.T) {
 		if err != nil || st.Mode()&os.ModeSocket == 0 || st.Mode().Perm() != mode {
 			t.Errorf("socket %s: %v %v, want mode %v", path, st.Mode(), err, mode)
 		}
-		l.Close()
+		if err := l.Close(); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if st, err := os.Stat(filepath.Join(dir, "run")); err != nil || st.Mode().Perm() != 0o700 {
 		t.Errorf("created directory: %v %v, want 0700", st.Mode(), err)
@@ -41,7 +43,7 @@ func TestBindNeverWider(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
+	defer func() { _ = l.Close() }()
 	st, err := os.Lstat(path)
 	if err != nil || st.Mode().Perm() != 0o600 {
 		t.Fatalf("socket as bind made it: %v %v, want 0600", st.Mode(), err)
@@ -57,14 +59,20 @@ func TestListenReplacesOnlySockets(t *testing.T) {
 	}
 	// A socket left by a run that did not close it (no unlink) is stale.
 	l.(*net.UnixListener).SetUnlinkOnClose(false)
-	l.Close()
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
 	if l, err = Listen(path, 0o700, 0o600); err != nil {
 		t.Fatalf("stale socket not replaced: %v", err)
 	}
-	l.Close()
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
 
 	file := filepath.Join(dir, "file")
-	os.WriteFile(file, []byte("keep"), 0o600)
+	if err := os.WriteFile(file, []byte("keep"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := Listen(file, 0o700, 0o600); err == nil || !strings.Contains(err.Error(), "exists and is not a socket") {
 		t.Fatalf("regular file: %v", err)
 	}
@@ -79,23 +87,25 @@ func TestPeerCred(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
+	defer func() { _ = l.Close() }()
 	c, err := net.Dial("unix", path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
+	defer func() { _ = c.Close() }()
 	s, err := l.Accept()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s.Close()
+	defer func() { _ = s.Close() }() // for the Fatal paths; a second Close is harmless
 	cred, err := PeerCred(s.(*net.UnixConn))
 	if err != nil || int(cred.Pid) != os.Getpid() || int(cred.Uid) != os.Getuid() || int(cred.Gid) != os.Getgid() {
 		t.Fatalf("peer credentials %+v %v, want pid %d uid %d gid %d", cred, err, os.Getpid(), os.Getuid(), os.Getgid())
 	}
 	// A connection whose descriptor is gone has no credentials to give.
-	s.Close()
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := PeerCred(s.(*net.UnixConn)); err == nil {
 		t.Fatal("closed connection gave credentials")
 	}

@@ -60,6 +60,8 @@ func serve(ctx context.Context, cfg *node.Config, stderr io.Writer) error {
 	}
 	<-ctx.Done()
 	log.Info("stopping")
-	n.Stop()
+	if err := n.Stop(); err != nil {
+		return fmt.Errorf("stop: %w", err)
+	}
 	return nil
 }
