@@ -86,6 +86,7 @@ func write[T any](ctx context.Context, a *admin, typ string, payload any) (*T, e
 	out := new(T)
 	if len(resp) > 0 {
 		if err := json.Unmarshal(resp, out); err != nil {
+			a.log.Error("admin request failed: response does not decode", "request", typ, "actor", c.Actor, "err", err)
 			return nil, status.Errorf(codes.Internal, "decode %s response: %v", typ, err)
 		}
 	}
@@ -330,6 +331,7 @@ func (a *admin) SnapshotSave(_ *api.Empty, stream grpc.ServerStreamingServer[api
 	// waits for it).
 	spool, err := os.CreateTemp(a.scratchDir(), "save-*.archive")
 	if err != nil {
+		a.log.Error("snapshot save failed: spool", "actor", callerFrom(ctx).Actor, "err", err)
 		return status.Errorf(codes.Internal, "snapshot: %v", err)
 	}
 	defer a.discardSpool(spool)
@@ -404,6 +406,7 @@ func (a *admin) SnapshotRestore(stream grpc.ClientStreamingServer[api.SnapshotCh
 	c := callerFrom(ctx)
 	f, err := os.CreateTemp(a.scratchDir(), "restore-*.archive")
 	if err != nil {
+		a.log.Error("snapshot restore failed: spool", "actor", c.Actor, "err", err)
 		return status.Errorf(codes.Internal, "spool archive: %v", err)
 	}
 	defer a.discardSpool(f)
@@ -421,10 +424,12 @@ func (a *admin) SnapshotRestore(stream grpc.ClientStreamingServer[api.SnapshotCh
 			return status.Errorf(codes.InvalidArgument, "archive exceeds %d bytes", int64(MaxArchiveSize))
 		}
 		if _, err := f.Write(ch.Data); err != nil {
+			a.log.Error("snapshot restore failed: spool", "actor", c.Actor, "bytes", size, "err", err)
 			return status.Errorf(codes.Internal, "spool archive: %v", err)
 		}
 	}
 	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		a.log.Error("snapshot restore failed: spool", "actor", c.Actor, "err", err)
 		return status.Errorf(codes.Internal, "spool archive: %v", err)
 	}
 	p, meta, sum, err := a.state.ReadArchive(bufio.NewReaderSize(f, 1<<20), a.scratchDir())
@@ -496,6 +501,7 @@ func (a *admin) BundleShow(ctx context.Context, _ *api.Empty) (*api.BundleRespon
 	b := a.state.Bundle()
 	doc, err := SPIFFEBundle(a.td, b)
 	if err != nil {
+		a.log.Error("bundle show failed", "actor", callerFrom(ctx).Actor, "err", err)
 		return nil, status.Errorf(codes.Internal, "bundle: %v", err)
 	}
 	return &api.BundleResponse{Bundle: apiBundle(b), SPIFFE: doc}, nil
@@ -568,6 +574,7 @@ func (a *admin) AdminCertIssue(ctx context.Context, r *api.AdminCertRequest) (*a
 		}
 		admins, err := a.state.Admins()
 		if err != nil {
+			a.log.Error("admin request failed: admin table", "request", "admin cert issue", "actor", c.Actor, "err", err)
 			return nil, status.Errorf(codes.Internal, "the admin table cannot be read: %v", err)
 		}
 		callerRole := state.AdminCertRole(admins, c.Peer.Name, c.Serial)
@@ -578,6 +585,9 @@ func (a *admin) AdminCertIssue(ctx context.Context, r *api.AdminCertRequest) (*a
 	}
 	chain, err := a.ca.SignAdmin(ca.Leaf{ID: id, PublicKey: csr.PublicKey, TTL: ttl, Subject: pkix.Name{CommonName: r.Name}})
 	if err != nil {
+		// The operator may see the HSM's answer (key and token labels, the
+		// PKCS#11 return value): keystore errors never carry a PIN.
+		a.log.Error("admin certificate not issued: signing", "actor", c.Actor, "admin", id.String(), "err", err)
 		return nil, status.Errorf(codes.Internal, "sign: %v", err)
 	}
 	rec, err := a.apply(ctx, c, state.CmdAdminIssue, state.AdminIssue{Name: r.Name, Role: r.Role,
@@ -624,6 +634,7 @@ func (a *admin) AdminRevoke(ctx context.Context, r *api.AdminRevokeRequest) (*ap
 	if !c.Local {
 		admins, err := a.state.Admins()
 		if err != nil {
+			a.log.Error("admin request failed: admin table", "request", "admin revoke", "actor", c.Actor, "err", err)
 			return nil, status.Errorf(codes.Internal, "the admin table cannot be read: %v", err)
 		}
 		if err := state.MayRevokeAdmin(c.Peer.Name, state.AdminCertRole(admins, c.Peer.Name, c.Serial), r.Name); err != nil {
@@ -647,6 +658,7 @@ func (a *admin) AdminList(ctx context.Context, _ *api.Empty) (*api.AdminList, er
 	}
 	admins, err := a.state.Admins()
 	if err != nil {
+		a.log.Error("admin request failed: admin table", "request", "admin list", "actor", callerFrom(ctx).Actor, "err", err)
 		return nil, status.Errorf(codes.Internal, "the admin table cannot be read: %v", err)
 	}
 	out := &api.AdminList{Admins: make([]api.AdminRecord, 0, len(admins))}

@@ -64,7 +64,9 @@ func (s *agentSvc) Sync(r *api.SyncRequest, stream grpc.ServerStreamingServer[ap
 		view, _ := json.Marshal([]any{u.Entries, u.Bundle})
 		if u.Revision > sent && !bytes.Equal(view, last) {
 			if u.SPIFFE, err = SPIFFEBundle(s.td, b); err != nil {
-				return status.Errorf(codes.Internal, "bundle: %v", err)
+				// The stored bundle does not encode: this node's fault.
+				s.issuer.log.Error("sync failed: bundle", "request", "sync", "agent", a.ID, "revision", u.Revision, "err", err)
+				return errInternal()
 			}
 			if err := stream.Send(u); err != nil {
 				return err

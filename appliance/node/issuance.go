@@ -37,6 +37,24 @@ const (
 	quorumWait     = 5 * time.Second
 )
 
+// What agents are told when this node fails them for a reason of its own
+// (HSM, raft, state). The detail (PKCS#11 return values, key and token
+// labels, raft errors) is logged with the request and the agent, never
+// returned: it helps an attacker map the appliance and helps no agent,
+// which can only retry, here or on another node. Refusals of the agent's
+// own request (a malformed CSR, an entry not its own) stay specific.
+const (
+	msgUnavailable = "signing is unavailable on this node, try another"
+	msgInternal    = "internal error"
+)
+
+// errUnavailable is the agent's answer when this node cannot sign or
+// record now (no quorum, HSM failing): another node may.
+func errUnavailable() error { return status.Error(codes.Unavailable, msgUnavailable) }
+
+// errInternal is the agent's answer when this node's own state is wrong.
+func errInternal() error { return status.Error(codes.Internal, msgInternal) }
+
 // The dependencies of issuance, each as small as its use here.
 type (
 	// issuanceState is the replica: the calling agent and its entries.
@@ -105,13 +123,13 @@ type issuer struct {
 func (s *issuer) callingAgent(ctx context.Context, actor, what string) (state.Agent, error) {
 	if !s.quorum.leaderKnown() {
 		s.log.Error("agent request refused: no leader", "request", what, "agent", actor)
-		return state.Agent{}, status.Errorf(codes.Unavailable, "this node knows no raft leader, so it issues nothing")
+		return state.Agent{}, errUnavailable()
 	}
 	a, ok := s.state.Agent(actor)
 	if !ok || a.Banned {
 		// A negative answer may be this node lagging (a join or unban not
 		// applied yet): confirm it against the leader before refusing.
-		if err := catchUp(ctx, s.quorum); err != nil {
+		if err := catchUp(ctx, s.quorum, s.log, "request", what, "agent", actor); err != nil {
 			return state.Agent{}, err
 		}
 		a, ok = s.state.Agent(actor)
@@ -154,7 +172,7 @@ func (s *issuer) x509SVIDs(ctx context.Context, actor string, b *api.X509SVIDBat
 	}
 	for _, r := range b.Requests {
 		if _, ok := s.state.Entry(r.EntryID); !ok {
-			if err := catchUp(ctx, s.quorum); err != nil {
+			if err := catchUp(ctx, s.quorum, s.log, "request", "svid.x509", "agent", a.ID, "entry", shownID(r.EntryID)); err != nil {
 				return nil, err
 			}
 			break
@@ -183,38 +201,48 @@ func (s *issuer) x509SVIDs(ctx context.Context, actor string, b *api.X509SVIDBat
 	// No record, no certificate: if the batch cannot commit, nothing that
 	// was signed leaves this node.
 	if err := s.audit.record(ctx, events...); err != nil {
-		return nil, s.withheld(a.ID, err)
+		return nil, s.withheld("svid.x509", a.ID, "", err)
 	}
 	return out, nil
 }
 
-// catchUp waits (bounded) until this node has applied everything committed
-// before the call.
-func catchUp(ctx context.Context, q quorum) error {
+// readBarrier waits (bounded) until this node has applied everything
+// committed before the call, and returns raft's error as it is.
+func readBarrier(ctx context.Context, q quorum) error {
 	rctx, cancel := context.WithTimeout(ctx, quorumWait)
 	defer cancel()
-	if err := q.readIndex(rctx); err != nil {
-		return status.Errorf(codes.Unavailable, "this node cannot reach a quorum, so it issues nothing: %v", err)
+	return q.readIndex(rctx)
+}
+
+// catchUp is readBarrier for a caller outside the appliance: the raft
+// error is logged with ctxAttrs (request, agent, entry), and the caller
+// is told only that this node cannot serve it now.
+func catchUp(ctx context.Context, q quorum, log *slog.Logger, ctxAttrs ...any) error {
+	if err := readBarrier(ctx, q); err != nil {
+		log.Error("request failed: no quorum for a read barrier", append(ctxAttrs, "err", err)...)
+		return errUnavailable()
 	}
 	return nil
 }
 
-// withheld explains why signed SVIDs were not returned.
-func (s *issuer) withheld(agent string, err error) error {
-	s.log.Error("issuance withheld: not recorded", "agent", agent, "err", err)
+// withheld explains why signed SVIDs were not returned: the agent banned
+// at commit is the agent's own business; any other failure to commit is
+// this node's, logged and not returned.
+func (s *issuer) withheld(what, agent, entry string, err error) error {
+	s.log.Error("issuance withheld: not recorded", "request", what, "agent", agent, "entry", entry, "err", err)
 	if errors.Is(err, errRefusedAtCommit) {
 		return status.Errorf(codes.PermissionDenied, "%s: agent is banned", agent)
 	}
-	return status.Errorf(codes.Unavailable, "the audit record could not be committed (no quorum?), so nothing is issued: %v", err)
+	return errUnavailable()
 }
 
 // signInto fills one result and returns its audit event.
 func (s *issuer) signInto(a state.Agent, r api.X509SVIDRequest, res *api.X509SVIDResult) state.AuditEvent {
 	res.EntryID = r.EntryID
-	e, chain, reason := s.signOne(a, r)
+	e, chain, reason, detail := s.signOne(a, r)
 	if reason != "" {
 		res.Error = reason
-		reason = auditReason(reason)
+		reason = auditReason(detail)
 		s.log.Warn("issuance refused", "request", "svid.x509", "agent", a.ID, "entry", shownID(r.EntryID), "reason", reason)
 		return state.AuditEvent{Action: "svid.x509.refuse", Target: e.SPIFFEID,
 			Detail: map[string]string{"agent": a.ID, "entry": shownID(r.EntryID), "reason": reason}}
@@ -229,32 +257,43 @@ func (s *issuer) signInto(a state.Agent, r api.X509SVIDRequest, res *api.X509SVI
 		"expires": leaf.NotAfter.UTC().Format(time.RFC3339)}}
 }
 
-// signOne checks one request and signs it; reason says why not.
-func (s *issuer) signOne(a state.Agent, r api.X509SVIDRequest) (state.Entry, []*x509.Certificate, string) {
+// signOne checks one request and signs it; reason says why not, to the
+// agent, and detail (the same unless the failure is this node's or names
+// another agent's entry) says it to the log and the audit.
+func (s *issuer) signOne(a state.Agent, r api.X509SVIDRequest) (e state.Entry, chain []*x509.Certificate, reason, detail string) {
 	e, ok := s.state.Entry(r.EntryID)
 	if !ok {
-		return e, nil, fmt.Sprintf("no entry %q", shownID(r.EntryID))
+		reason = fmt.Sprintf("no entry %q", shownID(r.EntryID))
+		return e, nil, reason, reason
 	}
 	if e.ParentID != a.ID {
-		return e, nil, fmt.Sprintf("entry %s (%s) belongs to parent %s, not this agent", e.ID, e.SPIFFEID, e.ParentID)
+		// The entry's SPIFFE ID and parent are another agent's business.
+		return e, nil, fmt.Sprintf("entry %s belongs to another parent, not this agent", e.ID),
+			fmt.Sprintf("entry %s (%s) belongs to parent %s, not this agent", e.ID, e.SPIFFEID, e.ParentID)
 	}
 	csr, err := checkCSR(e, r.CSR)
 	if err != nil {
-		return e, nil, err.Error()
+		return e, nil, err.Error(), err.Error()
 	}
 	id, err := spiffeid.FromString(e.SPIFFEID)
 	if err != nil {
-		return e, nil, err.Error()
+		// The state holds an entry it should have refused: this node's
+		// fault, not the agent's.
+		s.log.Error("issuance failed: stored entry has an invalid SPIFFE ID", "request", "svid.x509", "agent", a.ID, "entry", e.ID, "err", err)
+		return e, nil, msgInternal, "internal error: stored entry has an invalid SPIFFE ID"
 	}
 	ttl := e.X509TTL.Duration()
 	if ttl == 0 {
 		ttl = defaultX509TTL
 	}
-	chain, err := s.x509.Sign(ca.Leaf{ID: id, PublicKey: csr.PublicKey, TTL: ttl, DNSNames: e.DNSNames})
+	chain, err = s.x509.Sign(ca.Leaf{ID: id, PublicKey: csr.PublicKey, TTL: ttl, DNSNames: e.DNSNames})
 	if err != nil {
-		return e, nil, fmt.Sprintf("signing failed: %v", err)
+		// HSM errors name keys, tokens and PKCS#11 return values: logged,
+		// and the audit says only that signing failed.
+		s.log.Error("issuance failed: signing", "request", "svid.x509", "agent", a.ID, "entry", e.ID, "err", err)
+		return e, nil, msgUnavailable, "signing failed on this node"
 	}
-	return e, chain, ""
+	return e, chain, "", ""
 }
 
 // checkCSR parses a workload CSR from an agent: well-formed, signed by the
@@ -289,7 +328,7 @@ func (s *issuer) jwtSVID(ctx context.Context, actor string, r *api.JWTSVIDReques
 	audErr := validAudience(r.Audience)
 	e, ok := s.state.Entry(r.EntryID)
 	if !ok && audErr == nil {
-		if err := catchUp(ctx, s.quorum); err != nil {
+		if err := catchUp(ctx, s.quorum, s.log, "request", "svid.jwt", "agent", a.ID, "entry", shownID(r.EntryID)); err != nil {
 			return nil, err
 		}
 		e, ok = s.state.Entry(r.EntryID)
@@ -301,7 +340,10 @@ func (s *issuer) jwtSVID(ctx context.Context, actor string, r *api.JWTSVIDReques
 	case !ok:
 		reason = fmt.Sprintf("no entry %q", shownID(r.EntryID))
 	case e.ParentID != a.ID:
-		reason = fmt.Sprintf("entry %s belongs to parent %s, not this agent", e.ID, e.ParentID)
+		// The parent is another agent's business: the audit has it, the
+		// caller does not.
+		s.refuse(ctx, "svid.jwt", a.ID, e.SPIFFEID, fmt.Sprintf("entry %s belongs to parent %s, not this agent", e.ID, e.ParentID))
+		return nil, status.Errorf(codes.InvalidArgument, "entry %s belongs to another parent, not this agent", e.ID)
 	}
 	if reason != "" {
 		s.refuse(ctx, "svid.jwt", a.ID, e.SPIFFEID, reason)
@@ -309,7 +351,8 @@ func (s *issuer) jwtSVID(ctx context.Context, actor string, r *api.JWTSVIDReques
 	}
 	key, err := s.jwt.Current(ctx)
 	if err != nil {
-		return nil, status.Errorf(codes.Unavailable, "no publishable JWT key: %v", err)
+		s.log.Error("issuance failed: no publishable JWT key", "request", "svid.jwt", "agent", a.ID, "entry", e.ID, "err", err)
+		return nil, errUnavailable()
 	}
 	ttl := e.JWTTTL.Duration()
 	if ttl == 0 {
@@ -320,12 +363,13 @@ func (s *issuer) jwtSVID(ctx context.Context, actor string, r *api.JWTSVIDReques
 	rand.Read(jti)
 	tok, err := key.Sign(ca.JWTClaims{Subject: e.SPIFFEID, Audience: r.Audience, IssuedAt: now, Expiry: now.Add(ttl), ID: hex.EncodeToString(jti)})
 	if err != nil {
-		return nil, status.Errorf(codes.Internal, "sign JWT: %v", err)
+		s.log.Error("issuance failed: signing", "request", "svid.jwt", "agent", a.ID, "entry", e.ID, "kid", key.KID(), "err", err)
+		return nil, errUnavailable()
 	}
 	if err := s.audit.record(ctx, state.AuditEvent{Action: "svid.jwt.issue", Target: e.SPIFFEID, Detail: map[string]string{
 		"jti": hex.EncodeToString(jti), "agent": a.ID, "entry": e.ID, "kid": key.KID(), "node": s.nodeID,
 		"audience": strings.Join(r.Audience, ","), "expires": now.Add(ttl).UTC().Format(time.RFC3339)}}); err != nil {
-		return nil, s.withheld(a.ID, err)
+		return nil, s.withheld("svid.jwt", a.ID, e.ID, err)
 	}
 	return &api.JWTSVIDResult{Token: tok, SPIFFEID: e.SPIFFEID, ExpiresAt: now.Add(ttl)}, nil
 }
@@ -340,7 +384,8 @@ func (s *issuer) jwtSVID(ctx context.Context, actor string, r *api.JWTSVIDReques
 func (s *issuer) agentSVID(ctx context.Context, id spiffeid.ID, pub crypto.PublicKey, method string, facts map[string]string, replaces string) (*api.AgentSVID, error) {
 	chain, err := s.x509.SignAgent(ca.Leaf{ID: id, PublicKey: pub, TTL: s.agentTTL, Subject: pkix.Name{CommonName: "sigil-agent"}})
 	if err != nil {
-		return nil, status.Errorf(codes.Internal, "sign agent SVID: %v", err)
+		s.log.Error("agent SVID not issued: signing", "agent", id.String(), "method", method, "err", err)
+		return nil, errUnavailable()
 	}
 	leaf := chain[0]
 	if _, err := s.apply.apply(ctx, s.actor, state.CmdAgentUpsert, &state.AgentUpsert{Agent: state.Agent{
@@ -350,7 +395,8 @@ func (s *issuer) agentSVID(ctx context.Context, id spiffeid.ID, pub crypto.Publi
 		if refused(err) {
 			return nil, err
 		}
-		return nil, status.Errorf(codes.Unavailable, "the agent could not be recorded (no quorum?), so no SVID is issued: %v", err)
+		s.log.Error("agent SVID withheld: agent not recorded", "agent", id.String(), "method", method, "err", err)
+		return nil, errUnavailable()
 	}
 	s.log.Info("agent admitted", "agent", id.String(), "method", method, "serial", leaf.SerialNumber.Text(16), "expires", leaf.NotAfter)
 	out := &api.AgentSVID{AgentID: id.String(), ExpiresAt: leaf.NotAfter}

@@ -433,3 +433,60 @@ func TestJWTRotationSchedule(t *testing.T) {
 		}
 	}
 }
+
+// An agent whose node has lost its quorum is told only that this node
+// cannot sign now; why (raft's errors, no leader) is in the node's log,
+// with the request and the agent.
+func TestInternalFailureShownGeneric(t *testing.T) {
+	ic := newIssuer(t, "ig")
+	ctx := context.Background()
+	web := ic.entry(t, "spiffe://example.org/web", agentID)
+	ag := ic.agent(t, "node-3")
+	clustertest.Eventually(t, 10*time.Second, "node-3 to know the entry", func() bool {
+		_, ok := ic.c.Node("node-3").State().Entry(web.ID)
+		return ok
+	})
+	ic.c.Stop("node-1")
+	ic.c.Stop("node-2")
+	const generic = "signing is unavailable on this node, try another"
+	check := func(what string, err error) {
+		t.Helper()
+		st, _ := status.FromError(err)
+		if st.Code() != codes.Unavailable || st.Message() != generic {
+			t.Fatalf("%s on a node without quorum: %v, want Unavailable %q", what, err, generic)
+		}
+	}
+	qctx, qcancel := context.WithTimeout(ctx, 20*time.Second)
+	defer qcancel()
+	res, err := ag.SignX509SVIDs(qctx, &api.X509SVIDBatch{Requests: []api.X509SVIDRequest{{EntryID: web.ID, CSR: csrFor(t, "")}}})
+	if res != nil {
+		t.Fatalf("minority node answered: %+v", res)
+	}
+	check("X.509-SVID batch", err)
+	_, err = ag.SignJWTSVID(qctx, &api.JWTSVIDRequest{EntryID: web.ID, Audience: []string{"db"}})
+	check("JWT-SVID", err)
+	// An entry the node does not know sends it to the read barrier, which
+	// cannot complete.
+	_, err = ag.SignJWTSVID(qctx, &api.JWTSVIDRequest{EntryID: "no-such-entry", Audience: []string{"db"}})
+	check("JWT-SVID for an unknown entry", err)
+
+	// The detail is in the node's log, at error level, naming the request
+	// and the agent.
+	for _, req := range []string{"svid.x509", "svid.jwt"} {
+		found := false
+		for _, line := range strings.Split(ic.c.Log.String(), "\n") {
+			var rec map[string]any
+			if json.Unmarshal([]byte(line), &rec) != nil {
+				continue
+			}
+			if rec["level"] == "ERROR" && rec["request"] == req && rec["agent"] == agentID &&
+				(rec["err"] != nil || strings.Contains(rec["msg"].(string), "no leader")) {
+				found = true
+				break
+			}
+		}
+		if !found {
+			t.Errorf("no error logged with the detail of the failed %s request:\n%s", req, ic.c.Log.String())
+		}
+	}
+}

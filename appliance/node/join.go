@@ -129,9 +129,16 @@ func (j *joinSvc) refuseAnon(ctx context.Context, method, class, subject string,
 
 // catchUp makes this node's replica current before a refusal that a
 // just-committed change could turn around (a new token, an EK allowed);
-// concurrent callers share the read barrier.
-func (j *joinSvc) catchUp(ctx context.Context) error {
-	return j.reads.do(ctx, func(ctx context.Context) error { return catchUp(ctx, j.quorum) })
+// concurrent callers share the read barrier. Its error is logged (within
+// a budget: the callers are anonymous) and not returned: raft's errors are
+// this node's business.
+func (j *joinSvc) catchUp(ctx context.Context, method string) error {
+	if err := j.reads.do(ctx, func(ctx context.Context) error { return readBarrier(ctx, j.quorum) }); err != nil {
+		addr, _ := peerSource(ctx)
+		j.anon.logFailure(classNoQuorum, "join failed: no quorum for a read barrier", "method", method, "remote", addr, "err", err)
+		return errUnavailable()
+	}
+	return nil
 }
 
 func (j *joinSvc) TPMHello(ctx context.Context, r *api.JoinTPMHello) (*api.JoinTPMChallenge, error) {
@@ -162,7 +169,7 @@ func (j *joinSvc) TPMHello(ctx context.Context, r *api.JoinTPMHello) (*api.JoinT
 	if err != nil {
 		// The policy may have just changed on the leader: confirm the
 		// refusal against the latest committed policy.
-		if cerr := j.catchUp(ctx); cerr != nil {
+		if cerr := j.catchUp(ctx, "tpm"); cerr != nil {
 			j.refused.refund(src) // no quorum: not a refusal of the evidence
 			return nil, cerr
 		}
@@ -260,7 +267,7 @@ func (j *joinSvc) Token(ctx context.Context, r *api.JoinTokenRequest) (*api.Agen
 	// without a raft command: guessing tokens costs the cluster no log
 	// entries.
 	if _, ok := j.state.Token(tokID); !ok {
-		if err := j.catchUp(ctx); err != nil {
+		if err := j.catchUp(ctx, "token"); err != nil {
 			return nil, err
 		}
 		if _, ok := j.state.Token(tokID); !ok {
@@ -270,7 +277,9 @@ func (j *joinSvc) Token(ctx context.Context, r *api.JoinTokenRequest) (*api.Agen
 	id := spiffeid.RequireFromPath(j.td, "/sigil/agent/join_token/"+tokID[:16])
 	if _, err := j.apply.apply(ctx, j.actor, state.CmdTokenUse, state.TokenUse{ID: tokID, Agent: id.String()}); err != nil {
 		if !refused(err) {
-			return nil, status.Errorf(codes.Unavailable, "the token could not be redeemed (no quorum?): %v", err)
+			addr, _ := peerSource(ctx)
+			j.anon.logFailure(classNoQuorum, "join failed: token not redeemed", "method", "token", "remote", addr, "token", tokID[:12], "err", err)
+			return nil, errUnavailable()
 		}
 		return nil, j.refuseAnon(ctx, "token", tokenClass(err), tokID[:12], codes.PermissionDenied, err)
 	}
@@ -297,7 +306,7 @@ func (j *joinSvc) Renew(ctx context.Context, r *api.RenewRequest) (*api.AgentSVI
 	if err := checkCSRKey(r.CSR, presented.PublicKey); err != nil {
 		return nil, j.refuse(ctx, "renew", c.Actor, codes.PermissionDenied, err)
 	}
-	if err := catchUp(ctx, j.quorum); err != nil {
+	if err := catchUp(ctx, j.quorum, j.log, "method", "renew", "caller", c.Actor); err != nil {
 		return nil, err
 	}
 	a, ok := j.state.Agent(c.Actor)

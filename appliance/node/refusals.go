@@ -39,6 +39,10 @@ const (
 	classTokenRefused    = "token-refused" // any other refusal of a token redemption
 )
 
+// classNoQuorum is the log budget of this node's own failures (no quorum)
+// met while serving anonymous joins; it is not a refusal class.
+const classNoQuorum = "no-quorum"
+
 const (
 	// maxRefusalSources bounds the (source, class) keys counted between
 	// two summaries; refusals from further sources are counted under
@@ -134,6 +138,22 @@ func (r *refusals) note(ctx context.Context, method, class, subject string, err 
 	}
 	if logIt {
 		r.log.Warn("join refused", "method", method, "class", class, "remote", addr, "subject", subject, "reason", auditReason(err.Error()))
+	}
+}
+
+// logFailure logs a failure of this node's own (no quorum, say) met while
+// serving an anonymous caller, within class's log budget: such callers
+// can ask as often as they like, and the log must not grow with them. It
+// is not counted as a refusal: the caller was not refused for its evidence.
+func (r *refusals) logFailure(class, msg string, args ...any) {
+	r.mu.Lock()
+	logIt, suppressed := r.logAllowed(class, r.now())
+	r.mu.Unlock()
+	if suppressed > 0 {
+		r.log.Warn("join refusals left out of the log", "class", class, "suppressed", suppressed, "per_second", refusalLogPerSecond)
+	}
+	if logIt {
+		r.log.Error(msg, args...)
 	}
 }
 
