@@ -27,6 +27,7 @@ func TestNotifyValidate(t *testing.T) {
 		"signal":           {Signal: "SIGHUP", PIDFile: "/run/nginx.pid"},
 		"command":          {Command: []string{"/usr/sbin/nginx", "-s", "reload"}},
 		"command, timeout": {Command: []string{"/bin/true"}, Timeout: time.Minute},
+		"shortest timeout": {Command: []string{"/bin/true"}, Timeout: time.Second},
 	} {
 		if err := with(n).Validate(); err != nil {
 			t.Errorf("%s: %v", name, err)
@@ -48,6 +49,7 @@ func TestNotifyValidate(t *testing.T) {
 		"pid file with command":  {Command: []string{"/bin/true"}, PIDFile: "/run/x.pid"},
 		"negative timeout":       {Command: []string{"/bin/true"}, Timeout: -time.Second},
 		"timeout too long":       {Command: []string{"/bin/true"}, Timeout: time.Hour},
+		"timeout too short":      {Command: []string{"/bin/true"}, Timeout: 999 * time.Millisecond},
 	} {
 		err := with(n).Validate()
 		if err == nil {
@@ -67,7 +69,7 @@ type victim struct {
 
 func startVictim(t *testing.T, uid int) *victim {
 	t.Helper()
-	cmd := exec.Command("/bin/sh", "-c", `trap 'echo hup' HUP; echo ready; read x`)
+	cmd := exec.Command("/bin/sh", "-c", `trap 'echo hup' HUP; trap 'echo term' TERM; echo ready; read x`)
 	cmd.Env = []string{"PATH=/usr/bin:/bin"}
 	cmd.Dir = "/"
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -122,6 +124,12 @@ func (v *victim) state(t *testing.T) string {
 // hupPending: a SIGHUP reached the process (it is stopped, so it waits).
 func (v *victim) hupPending(t *testing.T) bool {
 	t.Helper()
+	return v.pending(t, syscall.SIGHUP)
+}
+
+// pending: sig (HUP or TERM, which it traps) reached the process.
+func (v *victim) pending(t *testing.T, sig syscall.Signal) bool {
+	t.Helper()
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(v.pid) + "/status")
 	if err != nil {
 		t.Fatal(err)
@@ -133,7 +141,7 @@ func (v *victim) hupPending(t *testing.T) bool {
 				if err != nil {
 					t.Fatal(err)
 				}
-				if mask&(1<<(syscall.SIGHUP-1)) != 0 {
+				if mask&(1<<(sig-1)) != 0 {
 					return true
 				}
 			}
@@ -311,7 +319,9 @@ func TestNotifyCommand(t *testing.T) {
 	c := Config{Dir: filepath.Join(base, "out"), Selectors: []string{"unix:uid:1001"}, UID: 1001, GID: 1001}
 	t.Setenv("SIGIL_SECRET_TEST", "agent-only")
 
-	c.Notify = &Notify{Command: []string{"/bin/sh", "-c", `{ id -u; id -g; id -G; pwd; env | sort; } > "$1/ran"`, "sh", m}}
+	// The session (field 6 of stat) and process group (5) are the
+	// command's own: no controlling terminal of the agent's.
+	c.Notify = &Notify{Command: []string{"/bin/sh", "-c", `{ id -u; id -g; id -G; pwd; read -r pid comm st ppid pgrp sid rest < /proc/$$/stat; echo "$$ $pgrp $sid"; env | sort; } > "$1/ran"`, "sh", m}}
 	if err := c.Validate(); err != nil {
 		t.Fatal(err)
 	}
@@ -323,10 +333,13 @@ func TestNotifyCommand(t *testing.T) {
 		t.Fatal(err)
 	}
 	got := strings.Split(strings.TrimSpace(string(b)), "\n")
-	if len(got) < 4 || got[0] != "1001" || got[1] != "1001" || got[2] != "1001" || got[3] != "/" {
+	if len(got) < 5 || got[0] != "1001" || got[1] != "1001" || got[2] != "1001" || got[3] != "/" {
 		t.Fatalf("uid, gid, groups, cwd: %q", got)
 	}
-	env := strings.Join(got[4:], "\n")
+	if ids := strings.Fields(got[4]); len(ids) != 3 || ids[1] != ids[0] || ids[2] != ids[0] {
+		t.Fatalf("pid, process group, session: %q, want all the same", got[4])
+	}
+	env := strings.Join(got[5:], "\n")
 	if strings.Contains(env, "SIGIL_SECRET_TEST") || !strings.Contains(env, "SIGIL_OUTPUT_DIR="+c.Dir) {
 		t.Fatalf("environment: %s", env)
 	}
@@ -337,9 +350,9 @@ func TestNotifyCommand(t *testing.T) {
 	}
 
 	// The child writes the pid of a grandchild, then both hang.
-	c.Notify = &Notify{Command: []string{"/bin/sh", "-c", `sleep 600 & echo $! > "$1/grandchild"; wait`, "sh", m}, Timeout: 300 * time.Millisecond}
+	c.Notify = &Notify{Command: []string{"/bin/sh", "-c", `sleep 600 & echo $! > "$1/grandchild"; wait`, "sh", m}, Timeout: time.Second}
 	err = notify(context.Background(), c)
-	if err == nil || !strings.Contains(err.Error(), "timeout 300ms") {
+	if err == nil || !strings.Contains(err.Error(), "timeout 1s") {
 		t.Fatalf("hanging command: %v", err)
 	}
 	b, err = os.ReadFile(filepath.Join(m, "grandchild"))
@@ -423,6 +436,9 @@ func TestRunNotifies(t *testing.T) {
 		t.Fatal("the second notification did not see the rotated chain")
 	}
 	wait("both failures counted", func() bool { return st.NotifyFailures.Load() >= 2 })
+	// The command wrote what it saw before it exited: cancelling before
+	// it was reaped would kill it and count a failure.
+	wait("both commands reaped", func() bool { return strings.Count(buf.String(), `"msg":"output notified"`) == 2 })
 	cancel()
 	<-done
 	<-done
