@@ -157,9 +157,9 @@ func Parse(data []byte, kind string) (*Config, error) {
 	c.fieldProblems = fp
 	sum := sha256.Sum256(data)
 	c.sha256 = hex.EncodeToString(sum[:])
-	for _, fp := range fp {
-		if fp.field == "kind" {
-			return nil, fmt.Errorf("kind %s", fp.msg)
+	for _, p := range fp {
+		if p.field == "kind" {
+			return nil, fmt.Errorf("kind %s", p.msg)
 		}
 	}
 	if c.Kind == "" {
