@@ -24,7 +24,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/big"
 	"net/url"
 	"os"
 	"strings"
@@ -74,6 +73,9 @@ func Run(ctx context.Context, p *Plan, opts Options) (err error) {
 		opts.ProgressEvery = time.Second
 	}
 	c := p.Config
+	// The plan first, as the dry run showed it: the witnesses compare it
+	// with the script they read, then follow the steps against it.
+	_ = p.Describe(opts.Out, opts.Now()) // the console; the transcript is the record
 	tr, err := newTranscript(opts.Out, c.Transcript, c.Kind, opts.Now)
 	if err != nil {
 		return err
@@ -145,11 +147,7 @@ type run struct {
 }
 
 func (r *run) reserve(path string) error {
-	mode := os.FileMode(0o644)
-	if r.plan.Config.Kind == KindPINSplit {
-		mode = 0o600
-	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, mode)
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, outputMode(r.plan.Config.Kind))
 	if err != nil {
 		return fmt.Errorf("reserve output: %w", err)
 	}
@@ -382,18 +380,10 @@ func (r *run) crl(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	now := r.opts.Now()
-	tmpl := &x509.RevocationList{
-		Number:     big.NewInt(c.CRL.Number),
-		ThisUpdate: now.Add(-clockSkew),
-		NextUpdate: now.Add(c.CRL.Validity.Duration),
-	}
+	tmpl := crlTemplate(c.CRL, p.Revoked, r.opts.Now())
 	var serials []string
 	for _, cert := range p.Revoked {
-		tmpl.RevokedCertificateEntries = append(tmpl.RevokedCertificateEntries, x509.RevocationListEntry{
-			SerialNumber: cert.SerialNumber, RevocationTime: now, ReasonCode: 5, // cessationOfOperation
-		})
-		serials = append(serials, fmt.Sprintf("%x (%s)", cert.SerialNumber, cert.Subject.CommonName))
+		serials = append(serials, fmt.Sprintf("%s (%s)", serialText(cert.SerialNumber), cert.Subject.CommonName))
 	}
 	r.tr.Step("CRL built", Field{"number", fmt.Sprint(c.CRL.Number)}, Field{"revokes", strings.Join(serials, ", ")},
 		Field{"next update", tmpl.NextUpdate.UTC().Format(time.RFC3339)})
@@ -466,7 +456,7 @@ func (r *run) sign(tmpl, parent *x509.Certificate, signer crypto.Signer) (*x509.
 	if err != nil {
 		return nil, err
 	}
-	r.tr.Step("certificate signed", Field{"serial", fmt.Sprintf("%x", cert.SerialNumber)}, Field{"sha256 fingerprint", fingerprint(der)})
+	r.tr.Step("certificate signed", Field{"serial", serialText(cert.SerialNumber)}, Field{"sha256 fingerprint", fingerprint(der)})
 	return cert, nil
 }
 

@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/big"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -341,8 +342,18 @@ func TestRefusedCeremoniesChangeNothing(t *testing.T) {
 	cases := []struct {
 		name, kind, script, want string
 	}{
-		{"unknown field", KindRoot, good + "colour: blue\n", "field colour not found"},
-		{"misspelled nested field", KindRoot, strings.Replace(good, "  curve: P-384", "  curv: P-384", 1), "field curv not found"},
+		{"unknown field", KindRoot, good + "colour: blue\n", "colour is an unknown field"},
+		{"misspelled nested field", KindRoot, strings.Replace(good, "  curve: P-384", "  curv: P-384", 1), "key.curv is an unknown field (line 10); key has: label, curve"},
+		{"unknown field with other problems", KindRoot, strings.Replace(good, "  curve: P-384", "  curv: P-384", 1) + "colour: blue\n" + "pin-split:\n  token: x\n",
+			"invalid ceremony config:\n  - key.curv is an unknown field (line 10); key has: label, curve\n" +
+				"  - colour is an unknown field (line 17); a ceremony script has: kind, trust-domain, transcript, hsm, key, root, issuing-csr, sign-issuing, crl, pin-split\n" +
+				"  - pin-split is not used by kind root; remove it"},
+		{"mistyped value", KindRoot, strings.Replace(good, "validity: 10y", "validity: [10y]", 1), "root.validity must be a duration such as 90d, 1y or 36h, not a list (line 15)"},
+		{"curve of an existing key", KindSignIssuing, strings.Replace(e.signScript(pinShares(shares[0], shares[1]), "root-key", e.path("root.pem"), e.path("node-1.csr"), "node-1", e.path("n1.pem")), "  label: root-key\n", "  label: root-key\n  curve: P-256\n", 1),
+			"key.curve is not used by kind sign-issuing"},
+		{"curve of an existing key for a CRL", KindCRL, "kind: crl\ntrust-domain: example.org\ntranscript: " + e.path("transcript.jsonl") + "\n" + e.hsmSection(e.root, pinFile(e.root)) + "key:\n  label: root-key\n  curve: P-384\ncrl:\n  root-certificate: " + e.path("root.pem") + "\n  number: 1\n  validity: 30d\n  output: " + e.path("c.crl") + "\n",
+			"key.curve is not used by kind crl"},
+		{"previous root in a root ceremony", KindRoot, strings.Replace(good, "  validity: 10y\n", "  validity: 10y\n  previous: "+e.path("root.pem")+"\n", 1), "root.previous is not used by kind root (only by reissue-root)"},
 		{"second document", KindRoot, good + "---\nkind: root\n", "more than one YAML document"},
 		{"wrong kind", KindIssuingCSR, good, `kind is "root"`},
 		{"bad curve", KindRoot, strings.Replace(good, "P-384", "P-521", 1), "key.curve must be P-256 or P-384"},
@@ -412,8 +423,34 @@ func TestExampleScriptsParse(t *testing.T) {
 	}
 	for _, f := range files {
 		kind := strings.TrimSuffix(filepath.Base(f), ".yaml")
-		if _, err := Load(f, kind); err != nil {
+		c, err := Load(f, kind)
+		if err != nil {
 			t.Errorf("%s: %v", f, err)
+			continue
+		}
+		// Every field known, of its type, and used by the kind (the files
+		// they name exist only at a ceremony).
+		v := &problems{}
+		c.checkFields(v)
+		if err := v.Err(f); err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+// Serials print as openssl x509 -text prints them: the magnitude's bytes,
+// without DER's sign padding, in lower-case hex, colon separated.
+func TestSerialText(t *testing.T) {
+	for in, want := range map[string]string{
+		"0a1b": "0a:1b", "80": "80", "00": "00", "7fffffffffffffffffffffffffffffff": "7f:ff:ff:ff:ff:ff:ff:ff:ff:ff:ff:ff:ff:ff:ff:ff",
+		"0123456789abcdef01": "01:23:45:67:89:ab:cd:ef:01",
+	} {
+		n, ok := new(big.Int).SetString(in, 16)
+		if !ok {
+			t.Fatal(in)
+		}
+		if got := serialText(n); got != want {
+			t.Errorf("serialText(%s) = %q, want %q", in, got, want)
 		}
 	}
 }

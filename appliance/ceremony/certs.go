@@ -14,7 +14,9 @@ import (
 	"fmt"
 	"math/big"
 	"net/url"
+	"os"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -30,6 +32,30 @@ const clockSkew = 5 * time.Minute
 func serialNumber() (*big.Int, error) {
 	// 128 random bits, positive (RFC 5280 allows up to 20 octets).
 	return rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+}
+
+// serialText writes a serial number as `openssl x509 -noout -text` does
+// for the ceremony's 128-bit serials: its bytes in lower-case hex, colon
+// separated, so witnesses compare them character for character (openssl
+// prints serials of 8 bytes or fewer in decimal; the ceremony's are longer
+// but for a 2^-63 chance).
+func serialText(n *big.Int) string {
+	if n == nil {
+		return "none"
+	}
+	b := new(big.Int).Abs(n).Bytes()
+	if len(b) == 0 {
+		b = []byte{0}
+	}
+	parts := make([]string, len(b))
+	for i, c := range b {
+		parts[i] = hex.EncodeToString([]byte{c})
+	}
+	s := strings.Join(parts, ":")
+	if n.Sign() < 0 {
+		s = "(Negative)" + s
+	}
+	return s
 }
 
 func tdURL(td spiffeid.TrustDomain) *url.URL { return td.ID().URL() }
@@ -89,6 +115,35 @@ func issuingTemplate(td spiffeid.TrustDomain, root *x509.Certificate, csr *x509.
 		PermittedDNSDomainsCritical: true,
 		PublicKey:                   csr.PublicKey,
 	}, nil
+}
+
+// crlTemplate builds the CRL revoking certs: this update backdated like
+// certificates, the next update validity ahead, each entry revoked now for
+// cessationOfOperation (a retired node, not a compromised key).
+func crlTemplate(c *CRLConfig, certs []*x509.Certificate, now time.Time) *x509.RevocationList {
+	t := &x509.RevocationList{
+		Number:     big.NewInt(c.Number),
+		ThisUpdate: now.Add(-clockSkew),
+		NextUpdate: now.Add(c.Validity.Duration),
+	}
+	for _, cert := range certs {
+		t.RevokedCertificateEntries = append(t.RevokedCertificateEntries, x509.RevocationListEntry{
+			SerialNumber: cert.SerialNumber, RevocationTime: now, ReasonCode: crlReasonCessation,
+		})
+	}
+	return t
+}
+
+// crlReasonCessation is RFC 5280's cessationOfOperation.
+const crlReasonCessation = 5
+
+// outputMode is the mode outputs are created with: share files are secret
+// to their officer; certificates, CSRs and CRLs are public.
+func outputMode(kind string) os.FileMode {
+	if kind == KindPINSplit {
+		return 0o600
+	}
+	return 0o644
 }
 
 // checkCA is run on the template before the HSM signs and again on the

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -52,6 +53,9 @@ type Config struct {
 	PINSplit    *PINSplitConfig    `yaml:"pin-split"`
 
 	sha256 string // of the script as read, for the transcript
+	// fieldProblems are what Parse found wrong with fields while reading;
+	// Validate lists them first.
+	fieldProblems []fieldProblem
 }
 
 // HSMConfig names the token and how its PIN is given: a 0600 file, or M
@@ -128,8 +132,10 @@ type Duration = strictyaml.Duration
 // ParseDuration parses "8760h", "90d" or "10y" (strictyaml.ParseDuration).
 func ParseDuration(s string) (time.Duration, error) { return strictyaml.ParseDuration(s) }
 
-// Load parses a ceremony script strictly: unknown fields, a second YAML
-// document, or a kind other than the one the operator asked for are errors.
+// Load reads a ceremony script. A script that cannot be read as one YAML
+// mapping, or whose kind is not the one the operator asked for, is an
+// error here; every other problem, unknown fields included, is listed by
+// Validate.
 func Load(path, kind string) (*Config, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
@@ -138,14 +144,27 @@ func Load(path, kind string) (*Config, error) {
 	return Parse(data, kind)
 }
 
-// Parse is Load on bytes.
+// Parse is Load on bytes. Unknown fields and values of the wrong type do
+// not stop it: they are kept, by field path, for Validate to list with the
+// rest. A script of another kind stops it, since checking its fields
+// against the asked-for kind would list nothing but noise.
 func Parse(data []byte, kind string) (*Config, error) {
 	var c Config
-	if err := strictyaml.Decode(data, &c); err != nil {
+	fp, err := decodeScript(data, &c)
+	if err != nil {
 		return nil, err
 	}
+	c.fieldProblems = fp
 	sum := sha256.Sum256(data)
 	c.sha256 = hex.EncodeToString(sum[:])
+	for _, p := range fp {
+		if p.field == "kind" {
+			return nil, fmt.Errorf("kind %s", p.msg)
+		}
+	}
+	if c.Kind == "" {
+		return nil, fmt.Errorf("kind is missing: a %s script starts with \"kind: %s\"", kind, kind)
+	}
 	if c.Kind != kind {
 		return nil, fmt.Errorf("kind is %q but the ceremony asked for is %q: wrong script?", c.Kind, kind)
 	}
@@ -165,32 +184,40 @@ var sections = map[string][]string{
 	KindPINSplit:    {"pin-split"},
 }
 
+// keyCreated says which kinds make a new key (and so use key.curve); the
+// others sign with a key the HSM already holds.
+var keyCreated = map[string]bool{KindRoot: true, KindIssuingCSR: true}
+
+// problems is strictyaml.Problems that leaves out what a field already
+// reported while reading the script would repeat: a mistyped value would
+// otherwise also be reported as missing.
+type problems struct {
+	strictyaml.Problems
+	reported []string
+}
+
+func (p *problems) Add(field, format string, a ...any) {
+	for _, r := range p.reported {
+		if field == r || strings.HasPrefix(field, r+".") || strings.HasPrefix(field, r+"[") {
+			return
+		}
+	}
+	p.Problems.Add(field, format, a...)
+}
+
 // Validate checks the whole script against the file system, without
-// touching any HSM: inputs exist and parse, outputs do not exist yet, PIN
-// sources are private, and shares rebuild a PIN. It lists every problem
-// at once, so an officer fixes them all in one pass rather than one per
-// attempt. It returns what the run needs that validation already read.
+// touching any HSM: fields are known and used by the kind, inputs exist
+// and parse, outputs do not exist yet, PIN sources are private, and shares
+// rebuild a PIN. It lists every problem at once, so an officer fixes them
+// all in one pass rather than one per attempt. It returns what the run
+// needs that validation already read.
 func (c *Config) Validate(now time.Time) (*Plan, error) {
-	v := &strictyaml.Problems{}
-	p := &Plan{Config: c}
-	need, ok := sections[c.Kind]
-	if !ok {
+	if _, ok := sections[c.Kind]; !ok {
 		return nil, fmt.Errorf("kind %q is not one of %s", c.Kind, strings.Join(Kinds, ", "))
 	}
-	present := map[string]bool{"hsm": c.HSM != nil, "key": c.Key != nil, "root": c.Root != nil,
-		"issuing-csr": c.IssuingCSR != nil, "sign-issuing": c.SignIssuing != nil, "crl": c.CRL != nil, "pin-split": c.PINSplit != nil}
-	for name, there := range present {
-		wanted := false
-		for _, n := range need {
-			wanted = wanted || n == name
-		}
-		switch {
-		case wanted && !there:
-			v.Add(name, "is required for kind %s", c.Kind)
-		case !wanted && there:
-			v.Add(name, "is not used by kind %s; remove it", c.Kind)
-		}
-	}
+	v := &problems{}
+	p := &Plan{Config: c}
+	c.checkFields(v)
 
 	if c.Kind != KindPINSplit {
 		td, err := spiffeid.TrustDomainFromString(c.TrustDomain)
@@ -198,8 +225,6 @@ func (c *Config) Validate(now time.Time) (*Plan, error) {
 			v.Add("trust-domain", "must be a SPIFFE trust domain name like example.org (got %q)", c.TrustDomain)
 		}
 		p.TrustDomain = td
-	} else if c.TrustDomain != "" {
-		v.Add("trust-domain", "is not used by kind pin-split; remove it")
 	}
 	if c.Transcript == "" {
 		v.Add("transcript", "is required: every ceremony leaves a transcript")
@@ -216,15 +241,19 @@ func (c *Config) Validate(now time.Time) (*Plan, error) {
 		}
 		switch c.Key.Curve {
 		case "":
-			c.Key.Curve = "P-384"
-			if c.Kind == KindIssuingCSR {
-				// Issuing keys sign every SVID: P-256 is twice as fast in
-				// HSMs and as strong as the TLS it protects.
-				c.Key.Curve = "P-256"
+			if keyCreated[c.Kind] {
+				c.Key.Curve = "P-384"
+				if c.Kind == KindIssuingCSR {
+					// Issuing keys sign every SVID: P-256 is twice as fast
+					// in HSMs and as strong as the TLS it protects.
+					c.Key.Curve = "P-256"
+				}
 			}
 		case "P-256", "P-384":
 		default:
-			v.Add("key.curve", "must be P-256 or P-384 (got %q)", c.Key.Curve)
+			if keyCreated[c.Kind] {
+				v.Add("key.curve", "must be P-256 or P-384 (got %q)", c.Key.Curve)
+			}
 		}
 	}
 	switch c.Kind {
@@ -259,7 +288,45 @@ func (c *Config) Validate(now time.Time) (*Plan, error) {
 	return p, nil
 }
 
-func (c *Config) validateHSM(v *strictyaml.Problems, p *Plan) {
+// checkFields reports what is wrong with the script's shape, before any
+// value is looked at: fields that are unknown or mistyped (found by
+// Parse), sections the kind needs or does not use, and fields the kind
+// would ignore. A field that does nothing is refused rather than left to
+// look like a setting.
+func (c *Config) checkFields(v *problems) {
+	for _, fp := range c.fieldProblems {
+		v.Problems.Add(fp.field, "%s", fp.msg)
+		if !fp.keyOnly {
+			v.reported = append(v.reported, fp.field)
+		}
+	}
+	need := sections[c.Kind]
+	present := []struct {
+		name  string
+		there bool
+	}{{"hsm", c.HSM != nil}, {"key", c.Key != nil}, {"root", c.Root != nil}, {"issuing-csr", c.IssuingCSR != nil},
+		{"sign-issuing", c.SignIssuing != nil}, {"crl", c.CRL != nil}, {"pin-split", c.PINSplit != nil}}
+	for _, s := range present {
+		wanted := slices.Contains(need, s.name)
+		switch {
+		case wanted && !s.there:
+			v.Add(s.name, "is required for kind %s", c.Kind)
+		case !wanted && s.there:
+			v.Add(s.name, "is not used by kind %s; remove it", c.Kind)
+		}
+	}
+	if c.Kind == KindPINSplit && c.TrustDomain != "" {
+		v.Add("trust-domain", "is not used by kind pin-split; remove it")
+	}
+	if c.Key != nil && c.Key.Curve != "" && !keyCreated[c.Kind] {
+		v.Add("key.curve", "is not used by kind %s: it signs with a key the HSM already holds, whose curve is its own; remove it", c.Kind)
+	}
+	if c.Root != nil && c.Root.Previous != "" && c.Kind != KindReissueRoot {
+		v.Add("root.previous", "is not used by kind %s (only by reissue-root); remove it", c.Kind)
+	}
+}
+
+func (c *Config) validateHSM(v *problems, p *Plan) {
 	h := c.HSM
 	if h.Module == "" {
 		v.Add("hsm.module", "is required (the PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so)")
@@ -300,7 +367,7 @@ func (c *Config) validateHSM(v *strictyaml.Problems, p *Plan) {
 	}
 }
 
-func (c *Config) validateRoot(v *strictyaml.Problems, p *Plan, now time.Time) {
+func (c *Config) validateRoot(v *problems, p *Plan, now time.Time) {
 	r := c.Root
 	if r.Subject.CommonName == "" {
 		v.Add("root.subject.common-name", "is required")
@@ -314,9 +381,6 @@ func (c *Config) validateRoot(v *strictyaml.Problems, p *Plan, now time.Time) {
 		v.Add("root.validity", "%v is longer than 30 years", r.Validity.Duration)
 	}
 	checkOutput(v, "root.output", r.Output, p)
-	if c.Kind == KindRoot && r.Previous != "" {
-		v.Add("root.previous", "is only for kind reissue-root")
-	}
 	if c.Kind == KindReissueRoot && r.Previous != "" {
 		cert, err := readCert(r.Previous)
 		if err != nil {
@@ -327,7 +391,7 @@ func (c *Config) validateRoot(v *strictyaml.Problems, p *Plan, now time.Time) {
 	}
 }
 
-func (c *Config) validateSignIssuing(v *strictyaml.Problems, p *Plan, now time.Time) {
+func (c *Config) validateSignIssuing(v *problems, p *Plan, now time.Time) {
 	s := c.SignIssuing
 	root, err := readCert(s.RootCertificate)
 	if err != nil {
@@ -360,7 +424,7 @@ func (c *Config) validateSignIssuing(v *strictyaml.Problems, p *Plan, now time.T
 	checkOutput(v, "sign-issuing.output", s.Output, p)
 }
 
-func (c *Config) validateCRL(v *strictyaml.Problems, p *Plan, now time.Time) {
+func (c *Config) validateCRL(v *problems, p *Plan, now time.Time) {
 	s := c.CRL
 	root, err := readCert(s.RootCertificate)
 	if err != nil {
@@ -389,7 +453,7 @@ func (c *Config) validateCRL(v *strictyaml.Problems, p *Plan, now time.Time) {
 	checkOutput(v, "crl.output", s.Output, p)
 }
 
-func (c *Config) validatePINSplit(v *strictyaml.Problems, p *Plan) {
+func (c *Config) validatePINSplit(v *problems, p *Plan) {
 	s := c.PINSplit
 	if s.Token == "" {
 		v.Add("pin-split.token", "is required (the label of the token whose PIN this is)")
@@ -419,7 +483,7 @@ func (c *Config) validatePINSplit(v *strictyaml.Problems, p *Plan) {
 
 // checkOutput refuses an output that exists (outputs are never overwritten)
 // or whose directory does not, and a path listed twice.
-func checkOutput(v *strictyaml.Problems, field, path string, p *Plan) {
+func checkOutput(v *problems, field, path string, p *Plan) {
 	if path == "" {
 		v.Add(field, "is required")
 		return

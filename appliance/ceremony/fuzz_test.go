@@ -1,6 +1,7 @@
 package ceremony
 
 import (
+	"io"
 	"os"
 	"path/filepath"
 	"testing"
@@ -24,7 +25,9 @@ func FuzzParse(f *testing.F) {
 		for _, k := range Kinds {
 			if c, err := Parse(b, k); err == nil {
 				// Refusing is fine; the test is that nothing panics.
-				_, _ = c.Validate(time.Now())
+				if p, err := c.Validate(time.Now()); err == nil {
+					_ = p.Describe(io.Discard, time.Now())
+				}
 			}
 		}
 	})
