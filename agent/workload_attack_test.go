@@ -3,6 +3,7 @@ package agent_test
 import (
 	"bufio"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -25,6 +26,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/sigil-appliance/sigil/agent"
 	"github.com/sigil-appliance/sigil/appliance/clustertest"
@@ -153,9 +155,11 @@ func attackRun(ctx context.Context, role string) string {
 		if err != nil {
 			return "ERR " + status.Code(err).String()
 		}
-		if _, err := s.Recv(); err != nil {
+		r, err := s.Recv()
+		if err != nil {
 			return "ERR " + status.Code(err).String()
 		}
+		fmt.Println("attack-stream-exec FIRST", serialOf(r))
 		if _, err := unix.FcntlInt(f.Fd(), unix.F_SETFD, 0); err != nil {
 			return "ERR " + err.Error()
 		}
@@ -165,7 +169,9 @@ func attackRun(ctx context.Context, role string) string {
 		return "ERR exec: " + execAs(os.Getenv("SIGIL_TARGET"), "attack-frame-reader").Error()
 	case "attack-frame-reader":
 		// Read the HTTP/2 frames the agent sends on the inherited
-		// connection: is a message (DATA) pushed, or the stream ended?
+		// connection until the stream ends: each message (DATA) pushed
+		// is reported by the serial of the SVID it carries, then how the
+		// stream ended ("DATA 1a2b END").
 		f := os.NewFile(uintptr(envInt("SIGIL_FD")), "agent")
 		c, err := net.FileConn(f)
 		_ = f.Close() // FileConn has its own copy of the descriptor
@@ -176,28 +182,14 @@ func attackRun(ctx context.Context, role string) string {
 		if err := c.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
 			return "ERR " + err.Error()
 		}
-		hdr := make([]byte, 9)
-		for {
-			if _, err := io.ReadFull(c, hdr); err != nil {
-				if errors.Is(err, os.ErrDeadlineExceeded) {
-					return "OPEN"
-				}
-				return "EOF"
-			}
-			n := int(hdr[0])<<16 | int(hdr[1])<<8 | int(hdr[2])
-			if _, err := io.CopyN(io.Discard, c, int64(n)); err != nil {
-				return "EOF"
-			}
-			switch {
-			case hdr[3] == 0 && n > 0: // DATA
-				return "DATA"
-			case hdr[3] == 1 && hdr[4]&1 != 0: // HEADERS, END_STREAM: trailers
-				return "END"
-			}
-		}
+		return readFrames(c)
 	case "attack-raw-reader":
 		// Wait for the process that opened the stream to die, then see
-		// whether the agent still writes to the connection.
+		// whether the agent still sends on the connection: a message, the
+		// trailers, or the connection left open. Frames sent before the
+		// death may still be unread in the socket; those without an SVID
+		// in them (the transport's PINGs) are legitimate, and readFrames
+		// skips them.
 		ppid := os.Getppid()
 		f := os.NewFile(3, "agent")
 		c, err := net.FileConn(f)
@@ -215,18 +207,7 @@ func attackRun(ctx context.Context, role string) string {
 		if err := c.SetReadDeadline(time.Now().Add(8 * time.Second)); err != nil {
 			return "ERR " + err.Error()
 		}
-		n := 0
-		buf := make([]byte, 64<<10)
-		for {
-			k, err := c.Read(buf)
-			n += k
-			if errors.Is(err, os.ErrDeadlineExceeded) {
-				return fmt.Sprintf("OPEN bytes=%d", n)
-			}
-			if err != nil {
-				return fmt.Sprintf("EOF bytes=%d", n)
-			}
-		}
+		return readFrames(c)
 	case "attack-flood":
 		return flood(sock, envInt("SIGIL_FLOOD_N"), time.Duration(envInt("SIGIL_FLOOD_MS"))*time.Millisecond)
 	}
@@ -234,6 +215,66 @@ func attackRun(ctx context.Context, role string) string {
 }
 
 func envInt(k string) int { v, _ := strconv.Atoi(os.Getenv(k)); return v }
+
+// serial is the serial of the SVID the agent's cache holds for an entry
+// ("" while it has none).
+func (e *agentEnv) serial(entryID string) string {
+	s, _ := e.a.Cache().Current()
+	if v := s.SVIDs[entryID]; v != nil {
+		return v.Serial()
+	}
+	return ""
+}
+
+// readFrames reads the server side of an HTTP/2 connection carrying one
+// FetchX509SVID stream: "DATA <serial>" for each message, then END (the
+// trailers), EOF (closed) or OPEN (still open at the read deadline).
+// Frames that carry no message (SETTINGS, PING, WINDOW_UPDATE, GOAWAY)
+// are skipped: the transport sends them whenever it likes.
+func readFrames(c net.Conn) string {
+	var out []string
+	var msg []byte // the gRPC length-prefixed messages not yet decoded
+	hdr := make([]byte, 9)
+	for {
+		if _, err := io.ReadFull(c, hdr); err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				return strings.Join(append(out, "OPEN"), " ")
+			}
+			return strings.Join(append(out, "EOF"), " ")
+		}
+		n := int(hdr[0])<<16 | int(hdr[1])<<8 | int(hdr[2])
+		payload := make([]byte, n)
+		if _, err := io.ReadFull(c, payload); err != nil {
+			return strings.Join(append(out, "EOF"), " ")
+		}
+		switch {
+		case hdr[3] == 0: // DATA
+			if hdr[4]&0x8 != 0 { // PADDED: pad length, data, padding
+				if n == 0 || int(payload[0]) >= n {
+					return strings.Join(append(out, "BADFRAME"), " ")
+				}
+				payload = payload[1 : n-int(payload[0])]
+			}
+			msg = append(msg, payload...)
+			// A message may span DATA frames: decode each one complete.
+			for len(msg) >= 5 {
+				l := int(binary.BigEndian.Uint32(msg[1:5]))
+				if len(msg) < 5+l {
+					break
+				}
+				var r workload.X509SVIDResponse
+				if msg[0] != 0 || proto.Unmarshal(msg[5:5+l], &r) != nil || len(r.Svids) == 0 {
+					out = append(out, "DATA unparsable")
+				} else {
+					out = append(out, "DATA "+serialOf(&r))
+				}
+				msg = msg[5+l:]
+			}
+		case hdr[3] == 1 && hdr[4]&1 != 0: // HEADERS, END_STREAM: trailers
+			return strings.Join(append(out, "END"), " ")
+		}
+	}
+}
 
 // h2Preface is what a gRPC client sends on connecting: the HTTP/2 client
 // preface and an empty SETTINGS frame. A connection that sent it and
@@ -551,19 +592,42 @@ func TestAttackExecAfterConnect(t *testing.T) {
 		// The target is a zombie now (we have not reaped it): dead to the
 		// agent, while the helper still holds the connection.
 		time.Sleep(300 * time.Millisecond)
+		before := e.serial(en.ID)
 		e.a.Cache().Rotate()
-		if got := p.line(t, "attack-raw-reader ", 30*time.Second); got != "EOF bytes=0" {
-			t.Errorf("after its process died the connection got %q (want it closed with nothing sent)", got)
+		// The rotation must have landed before the next subtest: one
+		// landing while that subtest's process has not exec'd yet is
+		// pushed to it, legitimately.
+		clustertest.Eventually(t, 20*time.Second, "the rotation landed", func() bool { return e.serial(en.ID) != before })
+		if got := p.line(t, "attack-raw-reader ", 30*time.Second); got != "EOF" {
+			t.Errorf("after its process died the connection got %q (want it closed with no message or trailers sent)", got)
 		}
 		clustertest.Eventually(t, 5*time.Second, "no stream left", func() bool { return e.a.Workload().Stats.Streams.Load() == 0 })
 	})
 
 	t.Run("stream of a process that exec'd ends", func(t *testing.T) {
 		p := startAttack(t, 1001, target, e.w.socket, "attack-stream-exec", "SIGIL_TARGET="+attacker)
+		first := p.line(t, "attack-stream-exec FIRST ", 30*time.Second)
+		// READY comes from the exec'd binary: the exec is done. A cache
+		// change between the stream's first message and the exec was
+		// pushed, checked, to the process that connected, and may still
+		// wait unread in the socket for the new binary. It carries an
+		// SVID the cache had by now; any SVID signed after this point
+		// (the rotation below) reaching the connection is the attack.
 		p.line(t, "attack-frame-reader READY", 30*time.Second)
+		preExec := map[string]bool{first: true, e.serial(en.ID): true}
 		e.a.Cache().Rotate()
-		if got := p.line(t, "attack-frame-reader ", 30*time.Second); got != "END" {
-			t.Errorf("after its process exec'd another binary the stream got %q (want it ended, no message)", got)
+		clustertest.Eventually(t, 20*time.Second, "the rotation landed", func() bool { return !preExec[e.serial(en.ID)] })
+		got := p.line(t, "attack-frame-reader ", 30*time.Second)
+		f := strings.Fields(got)
+		if len(f) == 0 || f[len(f)-1] != "END" {
+			t.Errorf("after its process exec'd another binary the stream got %q (want it ended)", got)
+		}
+		for i := 0; i+1 < len(f); i += 2 {
+			if f[i] != "DATA" || !preExec[f[i+1]] {
+				t.Errorf("after its process exec'd another binary the stream got %q: %s %s was not pushed before the exec (SVIDs then: %v)", got, f[i], f[i+1], preExec)
+			} else {
+				t.Logf("pushed before the exec, read after it: SVID %s", f[i+1])
+			}
 		}
 	})
 
