@@ -137,6 +137,9 @@ func (a *admin) EntryCreate(ctx context.Context, r *api.EntryRequest) (*api.Entr
 		a.log.Warn("admin request refused", "request", state.CmdEntryCreate, "actor", callerFrom(ctx).Actor, "reason", err.Error())
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
+	if err := a.read(ctx, state.CmdEntryCreate); err != nil {
+		return nil, err
+	}
 	if err := a.checkParent(ctx, state.CmdEntryCreate, e.ParentID, r.Force); err != nil {
 		return nil, err
 	}
@@ -158,7 +161,8 @@ func (a *admin) EntryUpdate(ctx context.Context, r *api.EntryRequest) (*api.Entr
 	}
 	// An entry keeps its parent through updates that do not move it,
 	// whatever became of the agent since: only a new parent is checked.
-	if old, ok := a.state.Entry(e.ID); !ok || old.ParentID != e.ParentID {
+	// (An entry that does not exist is the state machine's to refuse.)
+	if old, ok := a.state.Entry(e.ID); ok && old.ParentID != e.ParentID {
 		if err := a.checkParent(ctx, state.CmdEntryUpdate, e.ParentID, r.Force); err != nil {
 			return nil, err
 		}
@@ -171,11 +175,9 @@ func (a *admin) EntryUpdate(ctx context.Context, r *api.EntryRequest) (*api.Entr
 // not joined, or a banned one. It is the operator's mistake that it
 // catches, not a rule of the state: an entry may be registered ahead of
 // its agent's join, with force, and the state machine stores it either
-// way. A forced override is logged with the reason it overrode.
+// way. A forced override is logged with the reason it overrode. The
+// caller has made this replica current (a.read).
 func (a *admin) checkParent(ctx context.Context, what, parent string, force bool) error {
-	if err := a.read(ctx, what); err != nil {
-		return err
-	}
 	var reason string
 	switch ag, ok := a.state.Agent(parent); {
 	case strings.HasPrefix(parent, "spiffe://"+a.td.Name()+"/sigil/node/"):
