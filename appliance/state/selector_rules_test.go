@@ -54,6 +54,12 @@ func TestSelectorRulesByVersion(t *testing.T) {
 		t.Fatalf("restored %d entries, want 6", n)
 	}
 
+	// An archive saved then (sigilctl snapshot save) holds them too.
+	var arch bytes.Buffer
+	if _, err := a.fsm.WriteArchive(&arch, "node-1", t0); err != nil {
+		t.Fatal(err)
+	}
+
 	before, _ := a.fsm.Export()
 	for sel, want := range map[string]string{
 		"unix:uid:abc":     "not a decimal id",
@@ -84,6 +90,17 @@ func TestSelectorRulesByVersion(t *testing.T) {
 	a.must(CmdEntryUpdate, fix)
 	if err := v3(CmdEntryCreate, entry("legacy-0010", "spiffe://example.org/late", "foo:bar")); err == nil {
 		t.Fatal("a version 3 command committed after version 4: it would skip the selector rules")
+	}
+
+	// Restoring that archive by a version 4 command brings them back as
+	// they were stored.
+	p, _, _, err := a.fsm.ReadArchive(bytes.NewReader(arch.Bytes()), t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.must(CmdStateRestore, p)
+	if e, ok := a.fsm.Entry("legacy-0001"); !ok || e.Selectors[0].String() != "unix:uid:abc" || len(a.fsm.Entries()) != 6 {
+		t.Fatalf("restore of an archive holding entries stored before the rules: %+v, %d entries", e, len(a.fsm.Entries()))
 	}
 }
 
