@@ -354,6 +354,18 @@ func entryRows(e *api.Entry) [][]string {
 	}
 }
 
+// printEntry writes an entry, and a warning when its selectors break the
+// rules: an entry stored before the appliance enforced them still loads,
+// and no workload can match it until it is updated.
 func printEntry(w *bufio.Writer, v any) {
-	table(w, "FIELD\tVALUE", entryRows(v.(*api.Entry)))
+	e := v.(*api.Entry)
+	rows := entryRows(e)
+	sel := make([][2]string, len(e.Selectors))
+	for i, s := range e.Selectors {
+		sel[i] = [2]string{s.Type, s.Value}
+	}
+	if err := selector.CheckSet(sel); err != nil {
+		rows = append(rows, []string{"warning", "no workload can match this entry: " + err.Error()})
+	}
+	table(w, "FIELD\tVALUE", rows)
 }
