@@ -138,7 +138,7 @@ func entryCmd(g *globals) *cobra.Command {
 					return nil, err
 				}
 				if len(entryDiff(stored(*old), stored(e))) == 0 {
-					return &entryUpdate{Entry: old}, nil
+					return &entryUpdate{Entry: old, Changes: []fieldChange{}}, nil
 				}
 				out, err := g.putEntry(ctx, c.EntryUpdate, e, uf.force)
 				if err != nil {

@@ -216,11 +216,12 @@ func ValidateEntry(td spiffeid.TrustDomain, e *Entry) error {
 	return validateEntry(td, e, true)
 }
 
-// SelectorRulesVersion is the first command version whose entries must
-// hold selectors the agent produces. Entries stored before (by version 2
-// and 3 commands, in raft logs, snapshots and restore archives) keep
+// EntryRulesVersion is the first command version whose entries must
+// hold selectors the agent produces, and whose entry updates naming a
+// revision apply only to that revision. Entries stored before (by version
+// 2 and 3 commands, in raft logs, snapshots and restore archives) keep
 // loading as they were stored: only the generic form is checked for them.
-const SelectorRulesVersion = 4
+const EntryRulesVersion = 4
 
 // validateEntry checks an entry; strict adds the selector rules.
 func validateEntry(td spiffeid.TrustDomain, e *Entry, strict bool) error {
@@ -395,7 +396,7 @@ func entryAudit(action string, e *Entry) AuditEvent {
 }
 
 // strictEntries: the selector rules apply to this command's entry.
-func (t *txn) strictEntries() bool { return t.c.Version >= SelectorRulesVersion }
+func (t *txn) strictEntries() bool { return t.c.Version >= EntryRulesVersion }
 
 func applyEntryCreate(t *txn, e *Entry) (any, []AuditEvent, error) {
 	sortSelectors(e.Selectors)

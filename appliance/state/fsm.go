@@ -43,7 +43,7 @@ import (
 // by its name; an agent renewal names the certificate it replaces.
 // Version 4: an entry's selectors must be ones sigil-agent produces, and
 // an entry update that names a revision applies only to that revision
-// (SelectorRulesVersion). The rules a version brings apply to its
+// (EntryRulesVersion). The rules a version brings apply to its
 // commands only: a log of version 2 commands replays exactly as it was
 // first applied.
 const CommandVersion = 4

@@ -150,7 +150,7 @@ func applyStateRestore(t *txn, p *StateRestore) (any, []AuditEvent, error) {
 		e := &p.Entries[i]
 		sortSelectors(e.Selectors)
 		// An archive of an older state may hold entries stored before the
-		// selector rules (SelectorRulesVersion): they restore as they were
+		// selector rules (EntryRulesVersion): they restore as they were
 		// stored, as a raft snapshot of them loads.
 		if err := validateEntry(t.f.td, e, false); err != nil {
 			problem("entry %s: %v", truncate(e.ID, 64), strings.TrimPrefix(err.Error(), ErrRefused.Error()+": "))

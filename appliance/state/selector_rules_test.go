@@ -10,7 +10,7 @@ import (
 
 // Entries stored by version 3 commands with selectors no agent produces
 // replay as they were applied and survive a raft snapshot; from version 4
-// (SelectorRulesVersion) the state machine refuses such selectors itself,
+// (EntryRulesVersion) the state machine refuses such selectors itself,
 // whoever proposed the command.
 func TestSelectorRulesByVersion(t *testing.T) {
 	a := newApplier(t)
