@@ -122,7 +122,7 @@ func entryCmd(g *globals) *cobra.Command {
 
 	var uf entryFlags
 	update := &cobra.Command{Use: "update ID", Short: "Change fields of an entry", Args: cobra.ExactArgs(1),
-		Long: "Change the fields of an entry that flags are given for; the others keep\ntheir values. --selector replaces all the selectors, --add-selector and\n--remove-selector change some. --x509-ttl 0 or --jwt-ttl 0 go back to the\ndefault, --hint '' and --dns '' clear. The entry is read, changed and\nwritten back only if it has not changed meanwhile. What changed is printed\nas old -> new.\n\n" + selectorHelp(),
+		Long: "Change the fields of an entry that flags are given for; the others keep\ntheir values. --selector replaces all the selectors, --add-selector and\n--remove-selector change some. --x509-ttl 0 or --jwt-ttl 0 go back to the\ndefault, --hint '' and --dns '' clear. What changed is printed as\nold -> new. The change applies to the entry as it was read: if someone\nchanged it meanwhile, the update is refused, and repeating it is safe.\n\n" + selectorHelp(),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ch, err := uf.changes(cmd)
 			if err != nil {
