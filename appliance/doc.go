@@ -13,6 +13,8 @@
 //     audit checkpoints and JWT-SVIDs, and verifies peers, admins and
 //     agents against the root.
 //   - tpmverify decides whether an agent's TPM evidence is genuine.
+//   - selector holds the rules for the workload selectors an entry may
+//     hold: the ones sigil-agent produces.
 //   - api is the public interface: the admin, agent and join gRPC
 //     services, their types and typed clients.
 //   - ctl is sigilctl's command tree.

@@ -70,6 +70,10 @@ func DialOptions() []grpc.DialOption {
 		grpc.MaxCallRecvMsgSize(MaxResponseSize), grpc.MaxCallSendMsgSize(MaxRequestSize))}
 }
 
+// ForceParentHint ends the refusal of an entry whose parent no agent
+// serves, which EntryRequest.Force overrides.
+const ForceParentHint = "(force registers it anyway)"
+
 // Messages. Their JSON names (the wire format, and sigilctl's --output
 // json) are lower-case snake_case, like the data types'.
 type (
@@ -77,8 +81,14 @@ type (
 	IDRequest struct {
 		ID string `json:"id"`
 	}
+	// EntryRequest creates or replaces an entry. A refusal that Force
+	// would override ends with ForceParentHint.
 	EntryRequest struct {
 		Entry Entry `json:"entry"`
+		// Force registers an entry whose parent is not a joined, unbanned
+		// agent (an agent that has yet to join, say); without it such an
+		// entry is refused, since no agent would fetch it.
+		Force bool `json:"force,omitempty"`
 	}
 	EntryListRequest struct {
 		ParentID string `json:"parent_id,omitempty"`

@@ -35,6 +35,12 @@ type Entry struct {
 	CreatedAt time.Time  `json:"created_at"`
 	UpdatedAt time.Time  `json:"updated_at"`
 	Revision  uint64     `json:"revision"` // of the last change; set by the appliance
+
+	// EffectiveX509TTL and EffectiveJWTTTL are the lifetimes the entry's
+	// SVIDs get: the stored value, or the default when that is 0. Set by
+	// the appliance in what it serves; ignored in requests.
+	EffectiveX509TTL Seconds `json:"effective_x509_ttl,omitempty"`
+	EffectiveJWTTTL  Seconds `json:"effective_jwt_ttl,omitempty"`
 }
 
 // Agent is an attested sigil-agent as admins see it.

@@ -198,88 +198,6 @@ func ok(msg string) func(*bufio.Writer, any) {
 	return func(w *bufio.Writer, _ any) { fmt.Fprintln(w, msg) }
 }
 
-func entryCmd(g *globals) *cobra.Command {
-	cmd := &cobra.Command{Use: "entry", Short: "Registration entries"}
-	var e api.Entry
-	var selectors []string
-	var x509TTL, jwtTTL time.Duration
-	addFlags := func(c *cobra.Command) {
-		c.Flags().StringVar(&e.SPIFFEID, "spiffe-id", "", "SPIFFE ID to issue")
-		c.Flags().StringVar(&e.ParentID, "parent-id", "", "agent (or node) that may obtain it")
-		c.Flags().StringArrayVar(&selectors, "selector", nil, "type:value the workload must show (repeatable)")
-		c.Flags().DurationVar(&x509TTL, "x509-ttl", 0, "X.509-SVID lifetime (default 1h)")
-		c.Flags().DurationVar(&jwtTTL, "jwt-ttl", 0, "JWT-SVID lifetime (default 5m)")
-		c.Flags().StringArrayVar(&e.DNSNames, "dns", nil, "DNS SAN (repeatable)")
-		c.Flags().StringVar(&e.Hint, "hint", "", "hint for workloads with several identities")
-	}
-	build := func() error {
-		e.Selectors = nil
-		for _, s := range selectors {
-			typ, val, found := strings.Cut(s, ":")
-			if !found {
-				return fmt.Errorf("selector %q: want type:value, e.g. unix:uid:1000", s)
-			}
-			e.Selectors = append(e.Selectors, api.Selector{Type: typ, Value: val})
-		}
-		var err error
-		if e.X509TTL, err = wholeSeconds("x509-ttl", x509TTL); err != nil {
-			return err
-		}
-		e.JWTTTL, err = wholeSeconds("jwt-ttl", jwtTTL)
-		return err
-	}
-	create := &cobra.Command{Use: "create", Short: "Create an entry", Args: cobra.NoArgs, RunE: func(*cobra.Command, []string) error {
-		if err := build(); err != nil {
-			return err
-		}
-		return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
-			return c.EntryCreate(ctx, &api.EntryRequest{Entry: e})
-		}, printEntry)
-	}}
-	addFlags(create)
-	update := &cobra.Command{Use: "update ID", Short: "Replace an entry", Args: cobra.ExactArgs(1), RunE: func(_ *cobra.Command, args []string) error {
-		if err := build(); err != nil {
-			return err
-		}
-		e.ID = args[0]
-		return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
-			return c.EntryUpdate(ctx, &api.EntryRequest{Entry: e})
-		}, printEntry)
-	}}
-	addFlags(update)
-	var filter api.EntryListRequest
-	list := &cobra.Command{Use: "list", Short: "List entries", Args: cobra.NoArgs, RunE: func(*cobra.Command, []string) error {
-		return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
-			l, err := c.EntryList(ctx, &filter)
-			if err != nil {
-				return nil, err
-			}
-			return nonNil(l.Entries), nil
-		},
-			func(w *bufio.Writer, v any) {
-				var rows [][]string
-				for _, e := range v.([]api.Entry) {
-					rows = append(rows, []string{e.ID, e.SPIFFEID, e.ParentID, selectorString(e.Selectors)})
-				}
-				table(w, "ID\tSPIFFE ID\tPARENT\tSELECTORS", rows)
-			})
-	}}
-	list.Flags().StringVar(&filter.ParentID, "parent-id", "", "only entries of this parent")
-	list.Flags().StringVar(&filter.SPIFFEID, "spiffe-id", "", "only entries for this SPIFFE ID")
-	show := &cobra.Command{Use: "show ID", Short: "Show an entry", Args: cobra.ExactArgs(1), RunE: func(_ *cobra.Command, args []string) error {
-		return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
-			return c.EntryShow(ctx, &api.IDRequest{ID: args[0]})
-		}, printEntry)
-	}}
-	del := &cobra.Command{Use: "delete ID", Short: "Delete an entry", Args: cobra.ExactArgs(1), RunE: func(_ *cobra.Command, args []string) error {
-		return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
-			return c.EntryDelete(ctx, &api.IDRequest{ID: args[0]})
-		}, ok("deleted "+args[0]))
-	}}
-	cmd.AddCommand(create, update, list, show, del)
-	return cmd
-}
-
 // wholeSeconds converts a duration flag to the whole seconds the
 // appliance stores. A duration it cannot represent is refused rather than
 // truncated (1500ms would silently become 1s).
@@ -292,24 +210,6 @@ func wholeSeconds(flag string, d time.Duration) (api.Seconds, error) {
 			flag, d, max(d.Round(time.Second), time.Second))
 	}
 	return api.Seconds(d / time.Second), nil
-}
-
-func selectorString(s []api.Selector) string {
-	out := make([]string, len(s))
-	for i, x := range s {
-		out[i] = x.String()
-	}
-	return strings.Join(out, ",")
-}
-
-func printEntry(w *bufio.Writer, v any) {
-	e := v.(*api.Entry)
-	table(w, "FIELD\tVALUE", [][]string{
-		{"id", e.ID}, {"spiffe_id", e.SPIFFEID}, {"parent_id", e.ParentID}, {"selectors", selectorString(e.Selectors)},
-		{"x509_ttl", e.X509TTL.Duration().String()}, {"jwt_ttl", e.JWTTTL.Duration().String()},
-		{"dns_names", strings.Join(e.DNSNames, ",")}, {"hint", e.Hint},
-		{"revision", fmt.Sprint(e.Revision)},
-	})
 }
 
 func agentCmd(g *globals) *cobra.Command {

@@ -49,7 +49,7 @@ func TestSigilctl(t *testing.T) {
 	with := func(args ...string) []string { return append(append([]string{}, mtls...), args...) }
 
 	out = must(with("-o", "json", "entry", "create", "--spiffe-id", "spiffe://example.org/web", "--parent-id",
-		"spiffe://example.org/sigil/agent/tpm/h1", "--selector", "unix:uid:1000", "--selector", "unix:gid:1000", "--hint", "web")...)
+		"spiffe://example.org/sigil/agent/tpm/h1", "--selector", "unix:uid:1000", "--selector", "unix:gid:1000", "--hint", "web", "--force")...)
 	var e struct {
 		ID       string `json:"id"`
 		SPIFFEID string `json:"spiffe_id"`
@@ -342,7 +342,7 @@ func TestSigilctlAuditSegments(t *testing.T) {
 				for i := range work {
 					_, err := adm.EntryCreate(context.Background(), &api.EntryRequest{Entry: api.Entry{
 						SPIFFEID: fmt.Sprintf("spiffe://example.org/w/%d", i), ParentID: "spiffe://example.org/sigil/agent/x",
-						Selectors: []api.Selector{{Type: "unix", Value: fmt.Sprintf("uid:%d", i)}}}})
+						Selectors: []api.Selector{{Type: "unix", Value: fmt.Sprintf("uid:%d", i)}}}, Force: true})
 					if err != nil {
 						errs <- err
 					}

@@ -60,7 +60,7 @@ func TestTokenAdminKey(t *testing.T) {
 	}
 	// The PIN from the file the URI names.
 	out = must(as(uri, "-o", "json", "entry", "create", "--spiffe-id", "spiffe://example.org/tok", "--parent-id",
-		"spiffe://example.org/sigil/agent/tpm/h1", "--selector", "unix:uid:7")...)
+		"spiffe://example.org/sigil/agent/tpm/h1", "--selector", "unix:uid:7", "--force")...)
 	var e struct {
 		ID string `json:"id"`
 	}

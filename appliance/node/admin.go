@@ -138,15 +138,65 @@ func (a *admin) EntryCreate(ctx context.Context, r *api.EntryRequest) (*api.Entr
 		a.log.Warn("admin request refused", "request", state.CmdEntryCreate, "actor", callerFrom(ctx).Actor, "reason", err.Error())
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
+	if err := a.read(ctx, state.CmdEntryCreate); err != nil {
+		return nil, err
+	}
+	if err := a.checkParent(ctx, state.CmdEntryCreate, e.ParentID, r.Force); err != nil {
+		return nil, err
+	}
 	return writeEntry(ctx, a, state.CmdEntryCreate, &e)
 }
 
+// EntryUpdate replaces an entry with the one given. A nonzero revision
+// makes it replace only that revision of the entry (the state machine
+// compares), so that a client that read, changed and wrote back the entry
+// loses no change made in between.
 func (a *admin) EntryUpdate(ctx context.Context, r *api.EntryRequest) (*api.Entry, error) {
 	e := stateEntry(r.Entry)
 	if err := state.ValidateEntry(a.td, &e); err != nil {
+		a.log.Warn("admin request refused", "request", state.CmdEntryUpdate, "actor", callerFrom(ctx).Actor, "reason", err.Error())
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
+	if err := a.read(ctx, state.CmdEntryUpdate); err != nil {
+		return nil, err
+	}
+	// An entry keeps its parent through updates that do not move it,
+	// whatever became of the agent since: only a new parent is checked.
+	// (An entry that does not exist is the state machine's to refuse.)
+	if old, ok := a.state.Entry(e.ID); ok && old.ParentID != e.ParentID {
+		if err := a.checkParent(ctx, state.CmdEntryUpdate, e.ParentID, r.Force); err != nil {
+			return nil, err
+		}
+	}
 	return writeEntry(ctx, a, state.CmdEntryUpdate, &e)
+}
+
+// checkParent refuses, unless forced, an entry no agent would fetch: its
+// parent is a node (nodes fetch no workload entries), an agent that has
+// not joined, or a banned one. It is the operator's mistake that it
+// catches, not a rule of the state: an entry may be registered ahead of
+// its agent's join, with force, and the state machine stores it either
+// way. A forced override is logged with the reason it overrode. The
+// caller has made this replica current (a.read).
+func (a *admin) checkParent(ctx context.Context, what, parent string, force bool) error {
+	var reason string
+	switch ag, ok := a.state.Agent(parent); {
+	case strings.HasPrefix(parent, "spiffe://"+a.td.Name()+"/sigil/node/"):
+		reason = "parent_id " + parent + " is a node: only agents fetch workload entries"
+	case !ok:
+		reason = "parent_id " + parent + " is not an agent that has joined this appliance: no agent fetches the entry until one joins with that ID"
+	case ag.Banned:
+		reason = "parent_id " + parent + " is a banned agent: it gets no SVIDs until it is unbanned"
+	default:
+		return nil
+	}
+	c := callerFrom(ctx)
+	if force {
+		a.log.Warn("entry parent check overridden", "request", what, "actor", c.Actor, "reason", reason)
+		return nil
+	}
+	a.log.Warn("admin request refused", "request", what, "actor", c.Actor, "reason", reason)
+	return status.Error(codes.FailedPrecondition, reason+" "+api.ForceParentHint)
 }
 
 // writeEntry proposes an entry command and serves the stored entry.

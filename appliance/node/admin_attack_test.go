@@ -262,7 +262,7 @@ func TestAttackRevokedAdmin(t *testing.T) {
 	for i, id := range []string{"node-1", "node-2", "node-3"} {
 		asAlice := c.Client(id, alice.cert, alice.key)
 		e := entryFor(100 + i).Entry
-		_, err := asAlice.EntryCreate(ctx, &api.EntryRequest{Entry: e})
+		_, err := asAlice.EntryCreate(ctx, &api.EntryRequest{Entry: e, Force: true})
 		want := func(what string, err error) {
 			if status.Code(err) != codes.Unauthenticated || !strings.Contains(err.Error(), "revoked") {
 				t.Errorf("revoked alice: %s on %s: %v, want Unauthenticated (revoked)", what, id, err)
@@ -515,7 +515,7 @@ func TestAttackRevokedAdminThroughRestartedNode(t *testing.T) {
 	defer cancel()
 	e := entryFor(7).Entry
 	e.ID = "a11ce-01d-cert"
-	_, err = c.Client(victim, alice.cert, alice.key).EntryCreate(cctx, &api.EntryRequest{Entry: e})
+	_, err = c.Client(victim, alice.cert, alice.key).EntryCreate(cctx, &api.EntryRequest{Entry: e, Force: true})
 	t.Logf("%s's replica knew the revocation when the call came: %v; call: %v", victim, !stale, err)
 	if status.Code(err) != codes.Unauthenticated || !strings.Contains(err.Error(), "revoked") {
 		t.Errorf("old certificate through restarted %s: %v, want Unauthenticated (revoked) (the attack succeeded)", victim, err)

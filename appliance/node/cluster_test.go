@@ -27,7 +27,7 @@ func entryFor(i int) *api.EntryRequest {
 		SPIFFEID:  fmt.Sprintf("spiffe://example.org/svc/%d", i),
 		ParentID:  "spiffe://example.org/sigil/agent/tpm/host-a",
 		Selectors: []api.Selector{{Type: "unix", Value: fmt.Sprintf("uid:%d", 1000+i)}},
-	}}
+	}, Force: true} // host-a never joins
 }
 
 func follower(c *clustertest.Cluster, leader string) string {

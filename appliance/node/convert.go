@@ -3,6 +3,7 @@ package node
 import (
 	"maps"
 	"slices"
+	"time"
 
 	"github.com/sigil-appliance/sigil/appliance/api"
 	"github.com/sigil-appliance/sigil/appliance/state"
@@ -41,7 +42,18 @@ func apiEntry(e state.Entry) api.Entry {
 		CreatedAt: e.CreatedAt,
 		UpdatedAt: e.UpdatedAt,
 		Revision:  e.Revision,
+
+		EffectiveX509TTL: api.Seconds(effective(e.X509TTL, defaultX509TTL) / time.Second),
+		EffectiveJWTTTL:  api.Seconds(effective(e.JWTTTL, defaultJWTTTL) / time.Second),
 	}
+}
+
+// effective is a stored TTL as issuance uses it: 0 means the default.
+func effective(s state.Seconds, def time.Duration) time.Duration {
+	if s == 0 {
+		return def
+	}
+	return s.Duration()
 }
 
 func apiEntries(es []state.Entry) []api.Entry { return convertAll(es, apiEntry) }

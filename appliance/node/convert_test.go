@@ -201,7 +201,7 @@ func wantKeys(s string) []string {
 // sigilctl --output json scripts read: they must not drift.
 func TestEntryJSONWireNames(t *testing.T) {
 	full := apiEntry(fullEntry())
-	if got, want := jsonKeys(t, full), wantKeys("id spiffe_id parent_id selectors x509_ttl jwt_ttl dns_names hint created_at updated_at revision"); !slices.Equal(got, want) {
+	if got, want := jsonKeys(t, full), wantKeys("id spiffe_id parent_id selectors x509_ttl jwt_ttl dns_names hint created_at updated_at revision effective_x509_ttl effective_jwt_ttl"); !slices.Equal(got, want) {
 		t.Errorf("api.Entry JSON keys %v, want %v", got, want)
 	}
 	if got, want := jsonKeys(t, api.Entry{}), wantKeys("id spiffe_id parent_id selectors created_at updated_at revision"); !slices.Equal(got, want) {

@@ -107,7 +107,7 @@ func (ic *issuer) entry(t testing.TB, spiffeID, parent string, dns ...string) ap
 	e, err := ic.c.Admin("node-1").EntryCreate(context.Background(), &api.EntryRequest{Entry: api.Entry{
 		SPIFFEID: spiffeID, ParentID: parent, Selectors: []api.Selector{{Type: "unix", Value: "uid:1000"}},
 		X509TTL: 600, DNSNames: dns,
-	}})
+	}, Force: true})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -15,6 +15,8 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	bolt "go.etcd.io/bbolt"
+
+	"github.com/sigil-appliance/sigil/appliance/selector"
 )
 
 // Command types. Adding one is a protocol change: nodes that do not know a
@@ -206,10 +208,23 @@ const (
 // key).
 const maxAgentID = 512
 
-// ValidateEntry checks an entry against the trust domain. The admin API
-// runs it before proposing so that operators get the error at once; the FSM
-// runs it again because it is the authority.
+// ValidateEntry checks an entry against the trust domain and its
+// selectors against what sigil-agent produces (appliance/selector). The
+// admin API runs it before proposing so that operators get the error at
+// once; the FSM runs it again because it is the authority.
 func ValidateEntry(td spiffeid.TrustDomain, e *Entry) error {
+	return validateEntry(td, e, true)
+}
+
+// EntryRulesVersion is the first command version whose entries must
+// hold selectors the agent produces, and whose entry updates naming a
+// revision apply only to that revision. Entries stored before (by version
+// 2 and 3 commands, in raft logs, snapshots and restore archives) keep
+// loading as they were stored: only the generic form is checked for them.
+const EntryRulesVersion = 4
+
+// validateEntry checks an entry; strict adds the selector rules.
+func validateEntry(td spiffeid.TrustDomain, e *Entry, strict bool) error {
 	if !entryIDRE.MatchString(e.ID) {
 		return refuse("entry id %q: want 8-64 characters of A-Z a-z 0-9 -", truncate(e.ID, 64))
 	}
@@ -260,6 +275,15 @@ func ValidateEntry(td spiffeid.TrustDomain, e *Entry) error {
 			return refuse("selector %s given twice", s)
 		}
 		seen[s] = true
+	}
+	if strict {
+		pairs := make([][2]string, len(e.Selectors))
+		for i, s := range e.Selectors {
+			pairs[i] = [2]string{s.Type, s.Value}
+		}
+		if err := selector.CheckSet(pairs); err != nil {
+			return refuse("%v", err)
+		}
 	}
 	if d := e.X509TTL.Duration(); d != 0 && (d < MinX509TTL || d > MaxX509TTL) {
 		return refuse("x509_ttl %v: must be between %v and %v", d, MinX509TTL, MaxX509TTL)
@@ -371,9 +395,12 @@ func entryAudit(action string, e *Entry) AuditEvent {
 		"entry": e.ID, "parent": e.ParentID, "selectors": strings.Join(sel, ",")}}
 }
 
+// strictEntries: the selector rules apply to this command's entry.
+func (t *txn) strictEntries() bool { return t.c.Version >= EntryRulesVersion }
+
 func applyEntryCreate(t *txn, e *Entry) (any, []AuditEvent, error) {
 	sortSelectors(e.Selectors)
-	if err := ValidateEntry(t.f.td, e); err != nil {
+	if err := validateEntry(t.f.td, e, t.strictEntries()); err != nil {
 		return nil, nil, err
 	}
 	if old, err := t.entry(e.ID); err != nil || old != nil {
@@ -399,7 +426,14 @@ func applyEntryUpdate(t *txn, e *Entry) (any, []AuditEvent, error) {
 	if old == nil {
 		return nil, nil, refuse("no entry %s", truncate(e.ID, 64))
 	}
-	if err := ValidateEntry(t.f.td, e); err != nil {
+	// From version 4 an update that names a revision replaces only that
+	// revision: sigilctl reads the entry, changes the fields given and
+	// writes it back, and a change committed in between is not lost.
+	// Version 3 commands carried whatever revision and it was ignored.
+	if t.strictEntries() && e.Revision != 0 && e.Revision != old.Revision {
+		return nil, nil, refuse("entry %s changed since it was read (revision %d, now %d): read it again and repeat the update", e.ID, e.Revision, old.Revision)
+	}
+	if err := validateEntry(t.f.td, e, t.strictEntries()); err != nil {
 		return nil, nil, err
 	}
 	if dup := t.sameEntryExists(e); dup != "" {

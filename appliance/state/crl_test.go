@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -395,7 +396,7 @@ func TestAttackJWTKeyWithoutCA(t *testing.T) {
 	_, err := a.fsm.Apply(a.index, "node-1", commandOfVersion(t, 2, CmdJWTKeyAdd, nodeActor, t0, p.jwtKey(t, "node-1-version2", "node-1", nil)))
 	if err == nil {
 		t.Error("ATTACK SUCCEEDED: a version 2 command published a key without a CA for a node that has shown its CA")
-	} else if !strings.Contains(err.Error(), "carries no issuing CA certificate") && !strings.Contains(err.Error(), "older than version 3") {
+	} else if !strings.Contains(err.Error(), "carries no issuing CA certificate") && !strings.Contains(err.Error(), "older than version "+strconv.Itoa(CommandVersion)) {
 		t.Errorf("version 2 key without a CA: %v", err)
 	}
 	// A version 2 key without a CA from a node that never showed one: a
@@ -633,7 +634,7 @@ func TestAttackCommandVersionDowngrade(t *testing.T) {
 	if err == nil {
 		t.Fatal("ATTACK SUCCEEDED: a version 2 command committed after version 3")
 	}
-	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "older than version 3") {
+	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "older than version "+strconv.Itoa(CommandVersion)) {
 		t.Fatalf("version 2 after version 3: %v, want a refusal naming the committed version", err)
 	}
 	if after, _ := a.fsm.Export(); !bytes.Equal(before, after) {

@@ -40,10 +40,13 @@ import (
 // checked against their raft origin. Version 3: an admin certificate's
 // command carries the certificate's serial (actor_serial), and the state
 // machine decides the admin's standing and role by that certificate, not
-// by its name; an agent renewal names the certificate it replaces. The
-// rules a version brings apply to its commands only: a log of version 2
-// commands replays exactly as it was first applied.
-const CommandVersion = 3
+// by its name; an agent renewal names the certificate it replaces.
+// Version 4: an entry's selectors must be ones sigil-agent produces, and
+// an entry update that names a revision applies only to that revision
+// (EntryRulesVersion). The rules a version brings apply to its
+// commands only: a log of version 2 commands replays exactly as it was
+// first applied.
+const CommandVersion = 4
 
 // minCommandVersion is the oldest envelope version this code still
 // applies (raft logs and snapshots written before the last upgrade).

@@ -149,7 +149,10 @@ func applyStateRestore(t *txn, p *StateRestore) (any, []AuditEvent, error) {
 	for i := range p.Entries {
 		e := &p.Entries[i]
 		sortSelectors(e.Selectors)
-		if err := ValidateEntry(t.f.td, e); err != nil {
+		// An archive of an older state may hold entries stored before the
+		// selector rules (EntryRulesVersion): they restore as they were
+		// stored, as a raft snapshot of them loads.
+		if err := validateEntry(t.f.td, e, false); err != nil {
 			problem("entry %s: %v", truncate(e.ID, 64), strings.TrimPrefix(err.Error(), ErrRefused.Error()+": "))
 			continue
 		}

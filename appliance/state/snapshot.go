@@ -487,7 +487,10 @@ func (l *loader) check(kind byte, k, v []byte) error {
 		if !slices.IsSortedFunc(e.Selectors, compareSelectors) {
 			return fmt.Errorf("entry %s: selectors not in canonical order", truncate(e.ID, 64))
 		}
-		if err := ValidateEntry(l.f.td, &e); err != nil {
+		// Entries are loaded as they were stored: one a version 3 command
+		// stored with selectors no agent produces is still part of the
+		// state (validateEntry, strict false).
+		if err := validateEntry(l.f.td, &e, false); err != nil {
 			return fmt.Errorf("entry %s: %v", e.ID, err)
 		}
 		if dup := tx.Bucket(bEntriesByReg).Get([]byte(registrationKey(&e))); dup != nil {

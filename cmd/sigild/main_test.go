@@ -284,7 +284,7 @@ func TestSigildProcessesSurviveKill9(t *testing.T) {
 					SPIFFEID:  fmt.Sprintf("spiffe://example.org/w/%d/%d", w, i),
 					ParentID:  "spiffe://example.org/sigil/agent/tpm/h",
 					Selectors: []api.Selector{{Type: "unix", Value: fmt.Sprintf("uid:%d", i)}},
-				}})
+				}, Force: true})
 				cancel()
 				if err == nil {
 					mu.Lock()
