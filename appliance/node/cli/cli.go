@@ -1,6 +1,8 @@
 // Package cli is sigild's command line: the root command runs one
 // appliance node from its YAML configuration (see package node), or only
-// checks that configuration (--check-config).
+// checks that configuration (--check-config, check.go): its fields, the
+// files it names, and the issuing CA key in the HSM, opened read-only,
+// against the issuing certificate and the roots.
 package cli
 
 import (
