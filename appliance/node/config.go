@@ -1,11 +1,11 @@
 package node
 
 import (
-	"errors"
 	"fmt"
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -272,6 +272,20 @@ func (c *Config) validateAPILimits(bad func(field, format string, a ...any)) {
 // "36h", "7d").
 type Duration = strictyaml.Duration
 
+// DecodeConfigFile reads and decodes a config file strictly without
+// validating it (Problems does): sigild --check-config lists every problem.
+func DecodeConfigFile(path string) (*Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var c Config
+	if err := strictyaml.Decode(b, &c); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
 // LoadConfig reads and validates a config file strictly.
 func LoadConfig(path string) (*Config, error) {
 	b, err := os.ReadFile(path)
@@ -294,7 +308,20 @@ func ParseConfig(b []byte) (*Config, error) {
 // Validate checks every field and fills defaults.
 func (c *Config) Validate() error {
 	var p strictyaml.Problems
-	bad := p.Add
+	c.validate(p.Add)
+	return p.Err("sigild config")
+}
+
+// Problems is Validate's findings one by one (filling the same defaults),
+// for sigild --check-config, which lists them with what only a look at the
+// HSM and the files finds.
+func (c *Config) Problems() []string {
+	var out []string
+	c.validate(func(field, format string, a ...any) { out = append(out, field+" "+fmt.Sprintf(format, a...)) })
+	return out
+}
+
+func (c *Config) validate(bad func(field, format string, a ...any)) {
 	if !nodeid.Valid(c.NodeID) {
 		bad("node-id", "must match %s (got %q)", nodeid.Pattern, c.NodeID)
 	}
@@ -413,7 +440,7 @@ func (c *Config) Validate() error {
 		bad("audit.export-dir", "must be an absolute path (got %q)", c.Audit.ExportDir)
 	}
 	for _, s := range c.Log.Problems() {
-		p.AddErr(errors.New(s))
+		field, how, _ := strings.Cut(s, " ")
+		bad(field, "%s", how)
 	}
-	return p.Err("sigild config")
 }

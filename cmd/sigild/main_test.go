@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	mrand "math/rand/v2"
 	"net"
@@ -26,7 +28,22 @@ import (
 	testenv "github.com/sigil-appliance/sigil/softhsm-testenv"
 )
 
-func TestMain(m *testing.M) { os.Exit(testenv.Main(m)) }
+// execArgsEnv makes the test binary run sigild's command line itself with
+// these arguments (JSON), in a process whose environment the test chose:
+// SoftHSM reads SOFTHSM2_CONF once per process.
+const execArgsEnv = "SIGILD_TEST_EXEC_ARGS"
+
+func TestMain(m *testing.M) {
+	if a := os.Getenv(execArgsEnv); a != "" {
+		var args []string
+		if err := json.Unmarshal([]byte(a), &args); err != nil {
+			fmt.Fprintln(os.Stderr, execArgsEnv, err)
+			os.Exit(3)
+		}
+		os.Exit(run(context.Background(), args, os.Stdout, os.Stderr))
+	}
+	os.Exit(testenv.Main(m))
+}
 
 // sigild's command line, in process: flags old and new, help, and config
 // files with problems (every one listed, nothing started).
@@ -80,6 +97,103 @@ func TestRun(t *testing.T) {
 		}
 		if !ok {
 			t.Errorf("sigild %q: exit %d, want %d\nstdout: %s\nstderr: %s", tc.args, code, tc.code, out.String(), errb.String())
+		}
+	}
+}
+
+// --check-config opens the HSM and reads every file: each broken config
+// below passes the field checks yet could never start, and is refused with
+// its reason; a good one is valid, and both say what was not checked.
+func TestCheckConfigHSMAndFiles(t *testing.T) {
+	tr := clustertest.NewTrust(t, "check", []string{"node-1", "node-2"}, nil)
+	c := &clustertest.Cluster{T: t, Trust: tr, Dir: t.TempDir()}
+	n1 := tr.Nodes["node-1"]
+	variant := func(name string, mod func(*node.Config)) string {
+		cfg := c.Config("node-1")
+		mod(cfg)
+		cfg.NodeID = "node-1"
+		p := writeConfig(t, c.Dir, cfg)
+		q := filepath.Join(c.Dir, name+".yaml")
+		if err := os.Rename(p, q); err != nil {
+			t.Fatal(err)
+		}
+		return q
+	}
+	check := func(args ...string) (int, string, string) {
+		var out, errb bytes.Buffer
+		code := run(context.Background(), append([]string{"--check-config", "--config"}, args...), &out, &errb)
+		return code, out.String(), errb.String()
+	}
+	notChecked := "raft peers not contacted"
+
+	good := variant("good", func(*node.Config) {})
+	if code, out, errs := check(good); code != 0 || !strings.Contains(out, good+": valid") || !strings.Contains(out, notChecked) {
+		t.Fatalf("good config: exit %d\nstdout: %s\nstderr: %s", code, out, errs)
+	}
+
+	missingPIN := filepath.Join(c.Dir, "absent.pin")
+	openPIN := filepath.Join(c.Dir, "open.pin")
+	if err := os.WriteFile(openPIN, []byte(n1.Token.PIN(t)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		mod  func(*node.Config)
+		want []string
+	}{
+		{"missing PIN file", func(c *node.Config) { c.IssuingKey = strings.Replace(c.IssuingKey, n1.Token.PINFile, missingPIN, 1) },
+			[]string{"issuing-key: pin-source", missingPIN, "no such file"}},
+		{"PIN file readable by others", func(c *node.Config) { c.IssuingKey = strings.Replace(c.IssuingKey, n1.Token.PINFile, openPIN, 1) },
+			[]string{"pin-source " + openPIN + " has mode -rw-r--r--", "chmod 600"}},
+		{"another node's issuing certificate", func(c *node.Config) { c.IssuingCert = tr.Nodes["node-2"].IssuingPath },
+			[]string{`issuing CA certificate of node "node-2", this is node-id "node-1"`, "the HSM key's public key is not the one in issuing-cert"}},
+		{"wrong object label", func(c *node.Config) {
+			c.IssuingKey = strings.Replace(c.IssuingKey, "object=issuing", "object=issuing-2027", 1)
+		},
+			[]string{"issuing-key: keystore: key not found", `object="issuing-2027"`, "object label or id in issuing-key is wrong"}},
+		{"token the module does not have", func(c *node.Config) {
+			c.IssuingKey = strings.Replace(c.IssuingKey, "token="+n1.Token.Label, "token=sigil-node-9", 1)
+		},
+			[]string{"token not found", "token=sigil-node-9", tr.Module, "SOFTHSM2_CONF="}},
+		{"root that did not sign the issuing certificate", func(c *node.Config) { c.RootCerts = []string{tr.Nodes["node-2"].IssuingPath} },
+			[]string{"root-certs[0]", "is not a self-signed CA certificate", "issuing-cert not checked against the roots"}},
+	} {
+		p := variant(strings.ReplaceAll(tc.name, " ", "-"), tc.mod)
+		code, out, errs := check(p)
+		ok := code == 1 && out == "" && strings.Contains(errs, p+": invalid sigild config") && strings.Contains(errs, notChecked)
+		for _, w := range tc.want {
+			ok = ok && strings.Contains(errs, w)
+		}
+		if !ok || strings.Contains(errs, n1.Token.PIN(t)) {
+			t.Errorf("%s: exit %d, want 1 naming %q\nstdout: %s\nstderr: %s", tc.name, code, tc.want, out, errs)
+		}
+	}
+
+	// The demo's failure: a node started without the SOFTHSM2_CONF its
+	// token was made under. Its own process, with an HSM config whose
+	// token directory is empty.
+	empty := t.TempDir()
+	conf := filepath.Join(empty, "softhsm2.conf")
+	if err := os.MkdirAll(filepath.Join(empty, "tokens"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(conf, []byte("directories.tokendir = "+filepath.Join(empty, "tokens")+"\nobjectstore.backend = file\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	args, err := json.Marshal([]string{"--check-config", "--config", good})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = append(os.Environ(), execArgsEnv+"="+string(args), "SOFTHSM2_CONF="+conf)
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 1 {
+		t.Fatalf("check with another SOFTHSM2_CONF: %v, want exit 1\n%s", err, out)
+	}
+	for _, w := range []string{"token not found", "token=" + n1.Token.Label, tr.Module, "SOFTHSM2_CONF=" + conf, "token directory " + filepath.Join(empty, "tokens"), "no initialized tokens"} {
+		if !strings.Contains(string(out), w) {
+			t.Errorf("check with another SOFTHSM2_CONF does not say %q:\n%s", w, out)
 		}
 	}
 }

@@ -36,6 +36,10 @@ type Options struct {
 	// callers that hold it only in memory (a PIN rebuilt from M-of-N shares
 	// during a key ceremony). The returned slice is cleared after login.
 	PIN func(ctx context.Context, token string) ([]byte, error)
+	// ReadOnly opens read-only sessions (sigild --check-config looks at a
+	// token a running node may be using): keys are found and used, never
+	// created.
+	ReadOnly bool
 }
 
 // KeyStore implements keystore.Manager over any number of tokens, opened on
@@ -120,6 +124,9 @@ func (ks *KeyStore) CreateKey(ctx context.Context, req keystore.CreateKeyRequest
 	}
 	if u.Object == "" {
 		return nil, fmt.Errorf("%w: creating a key needs an object (label) attribute", keystore.ErrInvalidURI)
+	}
+	if ks.opts.ReadOnly {
+		return nil, fmt.Errorf("%w: key store opened read-only; cannot create %q", keystore.ErrUnavailable, u.Object)
 	}
 	pubT, privT, mech, err := keyTemplates(req.Algorithm)
 	if err != nil {

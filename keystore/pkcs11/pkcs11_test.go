@@ -232,6 +232,29 @@ func TestBadInputErrors(t *testing.T) {
 			t.Logf("%v", err)
 		})
 	}
+	// "Token not found" says where the module looked: a node started
+	// without the SOFTHSM2_CONF its tokens were made under sees none.
+	_, err := ks.Signer(ctx, strings.Replace(good, "token=errors", "token=no-such-token", 1))
+	for _, want := range []string{"token=no-such-token", hsm.Module, "SOFTHSM2_CONF=" + hsm.Conf, "token directory " + hsm.Dir, `"errors"`} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("token not found: %v, want it to name %s", err, want)
+		}
+	}
+
+	// A read-only store finds and uses keys but creates none.
+	ro := New(Options{ReadOnly: true})
+	t.Cleanup(func() { _ = ro.Close() }) // the test is over
+	s, err := ro.Signer(ctx, good)
+	if err != nil {
+		t.Fatalf("read-only signer: %v", err)
+	}
+	digest := sha256.Sum256([]byte("read-only"))
+	if _, err := s.Sign(rand.Reader, digest[:], crypto.SHA256); err != nil {
+		t.Fatalf("read-only sign: %v", err)
+	}
+	if _, err := ro.CreateKey(ctx, keystore.CreateKeyRequest{URI: tok.KeyURI("k2"), Algorithm: keystore.ECDSAP256}); err == nil || !strings.Contains(err.Error(), "read-only") {
+		t.Fatalf("read-only store created a key: %v", err)
+	}
 
 	// The right PIN from the environment works.
 	t.Setenv("SIGIL_TEST_PIN", fresh.PIN(t))

@@ -4,6 +4,9 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -28,8 +31,9 @@ type token struct {
 	gen      uint64     // bumped on every re-login; older sessions are discarded
 	open     int        // sessions open, idle or in use
 
-	idle chan session
-	max  int
+	idle     chan session
+	max      int
+	readOnly bool
 }
 
 type session struct {
@@ -48,7 +52,7 @@ func openToken(ctx context.Context, u *URI, opts Options, log *slog.Logger) (*to
 		return nil, err
 	}
 	t := &token{mod: mod, slot: slot, label: label, pinSource: u.PINSource, pinFunc: opts.PIN, log: log,
-		idle: make(chan session, opts.SessionsPerToken), max: opts.SessionsPerToken}
+		idle: make(chan session, opts.SessionsPerToken), max: opts.SessionsPerToken, readOnly: opts.ReadOnly}
 	s, err := t.newSession()
 	if err != nil {
 		mod.release()
@@ -71,12 +75,14 @@ func findSlot(mod *module, u *URI) (uint, string, error) {
 	}
 	var found []uint
 	var label string
+	var seen []string
 	for _, s := range slots {
 		ti, err := mod.ctx.GetTokenInfo(s)
 		if err != nil || ti.Flags&pkcs11.CKF_TOKEN_INITIALIZED == 0 {
 			continue
 		}
 		l := strings.TrimRight(ti.Label, " \x00")
+		seen = append(seen, strconv.Quote(l))
 		if u.Token != "" && l != u.Token ||
 			u.Serial != "" && strings.TrimRight(ti.SerialNumber, " \x00") != u.Serial ||
 			u.Manufacturer != "" && strings.TrimRight(ti.ManufacturerID, " \x00") != u.Manufacturer ||
@@ -88,11 +94,45 @@ func findSlot(mod *module, u *URI) (uint, string, error) {
 	}
 	switch len(found) {
 	case 0:
-		return 0, "", fmt.Errorf("%w: no token matching %s in module %s", keystore.ErrTokenNotFound, tokenDesc(u), mod.path)
+		tokens := "no initialized tokens"
+		if len(seen) > 0 {
+			tokens = "tokens " + strings.Join(seen, ", ")
+		}
+		return 0, "", fmt.Errorf("%w: no token matching %s in module %s (it lists %s%s)", keystore.ErrTokenNotFound, tokenDesc(u), mod.path, tokens, moduleConfig(mod.path))
 	case 1:
 		return found[0], label, nil
 	}
 	return 0, "", fmt.Errorf("%w: %d tokens match %s in module %s; add serial= to the URI", keystore.ErrInvalidURI, len(found), tokenDesc(u), mod.path)
+}
+
+// moduleConfig says where a module looked for its tokens, for "token not
+// found" errors: SoftHSM reads its token directory from the file named by
+// SOFTHSM2_CONF in the environment of the process when it initializes (a
+// default file when unset), so a node started without the variable its
+// tokens were made with sees another directory and none of them.
+func moduleConfig(modulePath string) string {
+	if !strings.Contains(strings.ToLower(filepath.Base(modulePath)), "softhsm") {
+		return ""
+	}
+	conf, set := os.LookupEnv("SOFTHSM2_CONF")
+	var s string
+	if !set || conf == "" {
+		conf = "/etc/softhsm/softhsm2.conf"
+		s = "; SOFTHSM2_CONF is not set in this process's environment, so SoftHSM read " + conf
+	} else {
+		s = "; SoftHSM read its configuration from SOFTHSM2_CONF=" + conf
+	}
+	b, err := os.ReadFile(conf)
+	if err != nil {
+		return s + fmt.Sprintf(" (%v)", err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(line, "=")
+		if ok && strings.TrimSpace(k) == "directories.tokendir" {
+			return s + ", token directory " + strings.TrimSpace(v)
+		}
+	}
+	return s
 }
 
 func tokenDesc(u *URI) string {
@@ -107,7 +147,11 @@ func tokenDesc(u *URI) string {
 }
 
 func (t *token) newSession() (session, error) {
-	h, err := t.mod.ctx.OpenSession(t.slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	flags := uint(pkcs11.CKF_SERIAL_SESSION | pkcs11.CKF_RW_SESSION)
+	if t.readOnly {
+		flags = pkcs11.CKF_SERIAL_SESSION
+	}
+	h, err := t.mod.ctx.OpenSession(t.slot, flags)
 	if err != nil {
 		if isRV(err, pkcs11.CKR_TOKEN_NOT_PRESENT) || isRV(err, pkcs11.CKR_SLOT_ID_INVALID) {
 			return session{}, fmt.Errorf("%w: token %q is gone: %v", keystore.ErrTokenNotFound, t.label, err)

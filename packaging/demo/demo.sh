@@ -4,11 +4,19 @@
 #   SoftHSM tokens -> key ceremony (root + three node issuing CAs)
 #   -> three sigild nodes on loopback -> an entry -> an swtpm
 #   -> sigil-agent joined by TPM attestation -> a workload (uid 65534)
-#   fetching its X.509-SVID and a JWT-SVID over the Workload API.
+#   fetching its X.509-SVID and a JWT-SVID over the Workload API
+#   -> node-3 killed and restarted with the command printed at the end.
 # Run as root on Debian: `make demo` (installs the packages it needs first).
 # Stop with `make demo-stop`; running it again starts from scratch.
+#
+# Nothing a node needs comes from this script's environment: each node's
+# sigild.yaml and its environment file (node-N.env: SOFTHSM2_CONF, in the
+# KEY=value form of systemd's EnvironmentFile=) hold all of it, so the
+# printed start commands work from any shell.
 set -euo pipefail
 umask 022
+# The HSM's location reaches each program explicitly, never by inheritance.
+unset SOFTHSM2_CONF
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 demo=${SIGIL_DEMO_DIR:-/var/tmp/sigil-demo}
 td=example.org
@@ -30,15 +38,15 @@ ls "$bin"
 step "Create SoftHSM tokens: sigil-root (the offline ceremony HSM) and one per node"
 hsm="$demo/hsm"
 for t in sigil-root sigil-node-1 sigil-node-2 sigil-node-3; do
-	eval "$("$repo/softhsm-testenv/softhsm-token.sh" "$hsm" "$t" | grep -E '^(SOFTHSM2_CONF|MODULE)=')"
+	eval "$("$repo/softhsm-testenv/softhsm-token.sh" "$hsm" "$t" | grep -E '^(SOFTHSM2_CONF|MODULE)=' | sed 's/^SOFTHSM2_CONF=/hsmconf=/')"
 	echo "token $t, PIN in $hsm/$t.pin (0600)"
 done
-export SOFTHSM2_CONF
+echo "SoftHSM configuration (token directory): $hsmconf"
 
 mkdir -p "$demo/ceremony"
 cer="$demo/ceremony"
 ceremony() { # kind file
-	"$bin/sigil-ceremony" "$1" --config "$2" | sed 's/^/    /'
+	SOFTHSM2_CONF=$hsmconf "$bin/sigil-ceremony" "$1" --config "$2" | sed 's/^/    /'
 }
 step "Key ceremony: the root key (P-384) is made inside the root token and never leaves it"
 cat >"$cer/root.yaml" <<Y
@@ -76,9 +84,18 @@ sign-issuing: {root-certificate: $cer/root.pem, csr: $cer/node-$i.csr, node-id: 
 Y
 	ceremony sign-issuing "$cer/sign-$i.yaml"
 done
-"$bin/sigil-ceremony" verify-transcript "$cer/transcript.jsonl"
+SOFTHSM2_CONF=$hsmconf "$bin/sigil-ceremony" verify-transcript "$cer/transcript.jsonl"
 
-step "Start three sigild nodes on loopback (raft over mutual TLS, HSM-held CAs)"
+# The exact commands that check and start node N, printed at the end: the
+# environment file gives sigild SOFTHSM2_CONF; the log is appended to; the
+# pid file gets sigild's pid whether or not setsid forks (it does when run
+# from an interactive shell).
+check_cmd() { echo "(set -a; . $demo/node-$1.env; $bin/sigild --check-config --config $demo/node-$1/sigild.yaml)"; }
+start_cmd() {
+	echo "setsid sh -c 'echo \$\$ >$demo/sigild-$1.pid; set -a; . $demo/node-$1.env; exec $bin/sigild --config $demo/node-$1/sigild.yaml' >>$demo/node-$1/sigild.log 2>&1 </dev/null &"
+}
+
+step "Start three sigild nodes on loopback (raft over mutual TLS, HSM-held CAs), each checked first"
 for i in 1 2 3; do
 	d="$demo/node-$i"
 	mkdir -p "$d"
@@ -101,9 +118,15 @@ http: {listen: 127.0.0.1:1760$i}
 bundle: {listen: 127.0.0.1:1750$i}
 log: {level: info, format: json}
 Y
-	setsid "$bin/sigild" --config "$d/sigild.yaml" >"$d/sigild.log" 2>&1 </dev/null &
-	echo $! >"$demo/sigild-$i.pid"
-	echo "node-$i: pid $!, API 127.0.0.1:1740$i, log $d/sigild.log"
+	cat >"$demo/node-$i.env" <<E
+# Environment of sigild node-$i (systemd: EnvironmentFile=$demo/node-$i.env).
+# SoftHSM finds its token directory through this file.
+SOFTHSM2_CONF=$hsmconf
+E
+	eval "$(check_cmd "$i")" | sed 's/^/    /'
+	eval "$(start_cmd "$i")"
+	disown # the node outlives this script; its end is not this script's news
+	echo "node-$i: API 127.0.0.1:1740$i, log $d/sigild.log, environment $demo/node-$i.env"
 done
 wait_for() { # what, command...
 	local what=$1; shift
@@ -166,6 +189,38 @@ echo "$out" | grep -q "spiffe://$td/demo/workload (default)" || die "the workloa
 step "Audit: every issuance above is in the hash-chained log"
 "$bin/sigilctl" audit verify
 
+step "Kill node-3 (SIGKILL), write while it is down, restart it with the printed command; it rejoins as a voter and catches up"
+pid3=$(cat "$demo/sigild-3.pid")
+kill -KILL "$pid3"
+while kill -0 "$pid3" 2>/dev/null; do sleep 0.1; done
+echo "killed node-3 (pid $pid3)"
+leader_not_3() { "$bin/sigilctl" -o json cluster status | tr -d ' \n' | grep -qE '"leader_id":"node-[12]"'; }
+wait_for "a leader among node-1 and node-2" leader_not_3
+"$bin/sigilctl" entry create --spiffe-id "spiffe://$td/demo/while-node-3-down" --parent-id "$agent_id" \
+	--selector unix:uid:65535 --hint "written while node-3 was down" >/dev/null
+commit=$("$bin/sigilctl" -o json cluster status | tr -d ' \n' | grep -o '"commit_index":[0-9]*' | cut -d: -f2)
+echo "$(check_cmd 3)"
+eval "$(check_cmd 3)" | sed 's/^/    /'
+echo "$(start_cmd 3)"
+eval "$(start_cmd 3)"
+disown
+wait_for "node-3 ready after restart" curl -fsS http://127.0.0.1:17603/readyz
+# node-3's own view: a follower (or leader) that has applied at least the
+# commit index the cluster had reached while it was down.
+caught_up() {
+	local s; s=$(SIGIL_SERVER=127.0.0.1:17403 "$bin/sigilctl" -o json cluster status | tr -d ' \n')
+	echo "$s" | grep -qE '"state":"(follower|Follower|leader|Leader)"' || return 1
+	[ "$(echo "$s" | grep -o '"applied_index":[0-9]*' | cut -d: -f2)" -ge "$commit" ]
+}
+wait_for "node-3 to apply index $commit" caught_up
+voter() { "$bin/sigilctl" -o json cluster status | tr -d ' \n' | grep -qE '"id":"node-3","addr":"[^"]*","suffrage":"[Vv]oter"'; }
+wait_for "node-3 listed as a voter" voter
+echo "node-3 is back (pid $(cat "$demo/sigild-3.pid")), applied index >= $commit:"
+SIGIL_SERVER=127.0.0.1:17403 "$bin/sigilctl" cluster status
+runs=$(grep -c '"issuing CA opened"' "$demo/node-3/sigild.log")
+[ "$runs" -ge 2 ] || die "node-3's log holds $runs start(s): the restart did not append to it"
+echo "node-3's log $demo/node-3/sigild.log holds both runs (appended)"
+
 cat <<T
 
 Sigil demo running. Everything is in $demo:
@@ -174,4 +229,12 @@ Sigil demo running. Everything is in $demo:
   agent/run/agent.sock                 the Workload API (SPIFFE_ENDPOINT_SOCKET=unix://$ad/run/agent.sock)
 Admin CLI:  SIGIL_SERVER=$SIGIL_SERVER SIGIL_CERT=$SIGIL_CERT SIGIL_KEY=$SIGIL_KEY SIGIL_ROOT=$SIGIL_ROOT $bin/sigilctl entry list
 Stop:       make demo-stop
+
+Check and (re)start a node, from any shell (as root); node-N.env carries
+what sigild needs from the environment (SOFTHSM2_CONF), and the log is
+appended to:
 T
+for i in 1 2 3; do
+	echo "  node-$i check:  $(check_cmd "$i")"
+	echo "  node-$i start:  $(start_cmd "$i")"
+done
