@@ -246,6 +246,17 @@ type AdminServer interface {
 	// ceremony's kind crl): the certificates it lists (node issuing CAs) are
 	// refused everywhere from then on.
 	RootCRLAdd(context.Context, *RootCRLRequest) (*RootCRLResult, error)
+	// PCRPolicyShow answers with the PCR policy a joining TPM must meet.
+	PCRPolicyShow(context.Context, *Empty) (*PCRPolicyResponse, error)
+	// TokenList lists the join tokens the appliance holds, never a token
+	// itself (only its hash is stored).
+	TokenList(context.Context, *Empty) (*TokenList, error)
+	// TokenRevoke revokes an unused join token by its ID or an unambiguous
+	// prefix of at least 12 hex digits.
+	TokenRevoke(context.Context, *IDRequest) (*JoinToken, error)
+	// AgentRemove forgets an agent: its record goes, so its certificate no
+	// longer renews and no workload SVID is issued through it.
+	AgentRemove(context.Context, *AgentRemoveRequest) (*AgentRemoved, error)
 }
 
 // AdminService is the gRPC service name.

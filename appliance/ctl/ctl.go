@@ -355,6 +355,7 @@ func agentCmd(g *globals) *cobra.Command {
 				return c.AgentUnban(ctx, &api.IDRequest{ID: args[0]})
 			}, ok("unbanned "+args[0]))
 		}},
+		agentRemoveCmd(g), // ops.go
 	)
 	return cmd
 }
@@ -451,6 +452,7 @@ func tpmCmd(g *globals) *cobra.Command {
 				return c.PCRPolicySet(ctx, &api.PCRPolicyRequest{})
 			}, ok("PCR policy cleared"))
 		}},
+		pcrShowCmd(g), // ops.go
 	)
 	cmd.AddCommand(ekca, allow, pcr)
 	return cmd
@@ -472,7 +474,7 @@ func tokenCmd(g *globals) *cobra.Command {
 		})
 	}}
 	create.Flags().DurationVar(&ttl, "ttl", time.Hour, "how long the token may be used")
-	cmd.AddCommand(create)
+	cmd.AddCommand(create, tokenListCmd(g), tokenRevokeCmd(g)) // list, revoke: ops.go
 	return cmd
 }
 

@@ -14,6 +14,7 @@ import (
 	"hash"
 	"io"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -721,4 +722,87 @@ func (a *admin) scratchDir() string {
 		a.log.Warn("scratch dir", "err", err)
 	}
 	return d
+}
+
+// PCRPolicyShow answers with the PCR policy in force (nil: none).
+func (a *admin) PCRPolicyShow(ctx context.Context, _ *api.Empty) (*api.PCRPolicyResponse, error) {
+	if err := a.read(ctx, "pcr policy show"); err != nil {
+		return nil, err
+	}
+	return &api.PCRPolicyResponse{Policy: apiPCRPolicy(a.state.Policy().PCRPolicy)}, nil
+}
+
+// TokenList lists the join tokens the state holds, by ID (the token's
+// hash): the tokens themselves were never stored.
+func (a *admin) TokenList(ctx context.Context, _ *api.Empty) (*api.TokenList, error) {
+	if err := a.read(ctx, "token list"); err != nil {
+		return nil, err
+	}
+	out := &api.TokenList{Tokens: []api.JoinToken{}}
+	for _, t := range a.state.Tokens() {
+		out.Tokens = append(out.Tokens, apiJoinToken(t))
+	}
+	return out, nil
+}
+
+// minTokenPrefix is the shortest token ID prefix TokenRevoke accepts: what
+// token create and token list show.
+const minTokenPrefix = 12
+
+// TokenRevoke revokes an unused join token, named by its ID or an
+// unambiguous prefix of it.
+func (a *admin) TokenRevoke(ctx context.Context, r *api.IDRequest) (*api.JoinToken, error) {
+	id := strings.ToLower(r.ID)
+	if len(id) < minTokenPrefix || len(id) > 64 || strings.Trim(id, "0123456789abcdef") != "" {
+		return nil, status.Errorf(codes.InvalidArgument, "token id %q: want the token's ID (hex SHA-256) or at least its first %d hex digits, as token list shows", shownID(r.ID), minTokenPrefix)
+	}
+	if err := a.read(ctx, "token revoke"); err != nil {
+		return nil, err
+	}
+	var matches []string
+	for _, t := range a.state.Tokens() {
+		if strings.HasPrefix(t.ID, id) {
+			matches = append(matches, t.ID)
+		}
+	}
+	switch len(matches) {
+	case 0:
+		return nil, status.Errorf(codes.NotFound, "no join token %s (expired tokens are dropped; see sigilctl token list)", id)
+	case 1:
+	default:
+		return nil, status.Errorf(codes.InvalidArgument, "token id %s matches %d tokens: give more of it", id, len(matches))
+	}
+	t, err := write[state.JoinToken](ctx, a, state.CmdTokenRevoke, state.TokenRevoke{ID: matches[0]})
+	if err != nil {
+		return nil, err
+	}
+	out := apiJoinToken(*t)
+	return &out, nil
+}
+
+func apiJoinToken(t state.JoinToken) api.JoinToken {
+	return api.JoinToken{ID: t.ID, CreatedBy: t.CreatedBy, CreatedAt: t.CreatedAt, ExpiresAt: t.ExpiresAt,
+		UsedBy: t.UsedBy, UsedAt: t.UsedAt, RevokedBy: t.RevokedBy, RevokedAt: t.RevokedAt}
+}
+
+// AgentRemove deletes an agent's record (state.AgentRemove says what
+// happens to the entries it is the parent of). The certificate it holds
+// stays valid until it expires, but it no longer renews, and no workload
+// SVID is issued through it. Removing is not banning: an agent whose
+// attestation the join policy still admits can join again.
+func (a *admin) AgentRemove(ctx context.Context, r *api.AgentRemoveRequest) (*api.AgentRemoved, error) {
+	res, err := write[state.AgentRemoved](ctx, a, state.CmdAgentRemove, state.AgentRemove{ID: r.ID, Force: r.Force})
+	if err != nil {
+		return nil, err
+	}
+	return &api.AgentRemoved{ID: res.ID, KeptEntries: res.KeptEntries}, nil
+}
+
+// apiPCRPolicy is the stored PCR policy as the API serves it; nil stays
+// nil.
+func apiPCRPolicy(p *state.PCRPolicy) *api.PCRPolicy {
+	if p == nil {
+		return nil
+	}
+	return &api.PCRPolicy{Bank: p.Bank, PCRs: maps.Clone(p.PCRs)}
 }

@@ -1,0 +1,114 @@
+package ctl
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/sigil-appliance/sigil/appliance/api"
+)
+
+func pcrShowCmd(g *globals) *cobra.Command {
+	return &cobra.Command{Use: "show", Args: cobra.NoArgs, Short: "Show the PCR values a joining TPM must quote", RunE: func(*cobra.Command, []string) error {
+		return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
+			return c.PCRPolicyShow(ctx, &api.Empty{})
+		}, func(w *bufio.Writer, v any) {
+			p := v.(*api.PCRPolicyResponse).Policy
+			if p == nil {
+				fmt.Fprintln(w, "no PCR policy: joining TPMs need not quote any PCR values")
+				return
+			}
+			idx := make([]string, 0, len(p.PCRs))
+			for k := range p.PCRs {
+				idx = append(idx, k)
+			}
+			// Numerically: PCR 10 after PCR 9.
+			slices.SortFunc(idx, func(a, b string) int {
+				if len(a) != len(b) {
+					return len(a) - len(b)
+				}
+				return strings.Compare(a, b)
+			})
+			rows := make([][]string, 0, len(idx))
+			for _, k := range idx {
+				rows = append(rows, []string{k, p.Bank, p.PCRs[k]})
+			}
+			table(w, "PCR\tBANK\tVALUE", rows)
+		})
+	}}
+}
+
+// tokenState is how token list shows a token's state at time now.
+func tokenState(t api.JoinToken, now time.Time) string {
+	switch {
+	case !t.RevokedAt.IsZero():
+		return "revoked " + t.RevokedAt.Format(time.RFC3339) + " by " + t.RevokedBy
+	case t.UsedBy != "":
+		return "used " + t.UsedAt.Format(time.RFC3339) + " by " + t.UsedBy
+	case !t.ExpiresAt.After(now):
+		return "expired"
+	}
+	return "unused"
+}
+
+func tokenListCmd(g *globals) *cobra.Command {
+	return &cobra.Command{Use: "list", Args: cobra.NoArgs, Short: "List join tokens by ID (their hash; the tokens themselves are never stored)",
+		RunE: func(*cobra.Command, []string) error {
+			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
+				l, err := c.TokenList(ctx, &api.Empty{})
+				if err != nil {
+					return nil, err
+				}
+				return nonNil(l.Tokens), nil
+			}, func(w *bufio.Writer, v any) {
+				now := time.Now()
+				var rows [][]string
+				for _, t := range v.([]api.JoinToken) {
+					rows = append(rows, []string{t.ID[:min(len(t.ID), 12)], t.CreatedAt.Format(time.RFC3339), t.CreatedBy,
+						t.ExpiresAt.Format(time.RFC3339), tokenState(t, now)})
+				}
+				table(w, "ID\tCREATED\tCREATED BY\tEXPIRES\tSTATE", rows)
+			})
+		}}
+}
+
+func tokenRevokeCmd(g *globals) *cobra.Command {
+	return &cobra.Command{Use: "revoke ID", Args: cobra.ExactArgs(1),
+		Short: "Revoke an unused join token, by its ID or its first 12 or more hex digits (as token create and token list show)",
+		RunE: func(_ *cobra.Command, args []string) error {
+			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
+				return c.TokenRevoke(ctx, &api.IDRequest{ID: args[0]})
+			}, func(w *bufio.Writer, v any) {
+				t := v.(*api.JoinToken)
+				fmt.Fprintf(w, "revoked join token %s (it would have expired %s); it no longer joins\n", t.ID, t.ExpiresAt.Format(time.RFC3339))
+			})
+		}}
+}
+
+func agentRemoveCmd(g *globals) *cobra.Command {
+	var force bool
+	cmd := &cobra.Command{Use: "remove ID", Args: cobra.ExactArgs(1), Short: "Forget an agent: its certificate no longer renews",
+		Long: "Deletes the agent's record. The certificate it holds stays valid until it expires, but it no\n" +
+			"longer renews, and no workload SVID is issued through it. An agent that is the parent of\n" +
+			"entries is refused, with the list, unless --force: then the entries are kept (they serve the\n" +
+			"agent again if it joins again under the same ID). Removing is not banning: a host that the\n" +
+			"join policy still admits can join again; ban it to keep it out.",
+		RunE: func(_ *cobra.Command, args []string) error {
+			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
+				return c.AgentRemove(ctx, &api.AgentRemoveRequest{ID: args[0], Force: force})
+			}, func(w *bufio.Writer, v any) {
+				r := v.(*api.AgentRemoved)
+				fmt.Fprintf(w, "removed %s\n", r.ID)
+				if len(r.KeptEntries) > 0 {
+					fmt.Fprintf(w, "kept %d entries parented to it: %s\n", len(r.KeptEntries), strings.Join(r.KeptEntries, ", "))
+				}
+			})
+		}}
+	cmd.Flags().BoolVar(&force, "force", false, "remove an agent that is the parent of entries, keeping the entries")
+	return cmd
+}

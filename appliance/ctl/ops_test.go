@@ -1,0 +1,183 @@
+package ctl_test
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/appliance/clustertest"
+)
+
+// The operator commands of issue #20 against a real three-node cluster:
+// the PCR policy shown, join tokens listed and revoked (a revoked token no
+// longer joins), agents removed (refused while entries name them as parent
+// unless --force; a removed agent no longer renews).
+func TestSigilctlOperatorCommands(t *testing.T) {
+	tr := clustertest.NewTrust(t, "ops", []string{"node-1", "node-2", "node-3"}, nil)
+	c := clustertest.NewCluster(t, tr, "node-1", "node-2", "node-3")
+	c.WaitLeader(30 * time.Second)
+	dir := t.TempDir()
+	run, must, stderr := cli(t)
+	key, cert := filepath.Join(dir, "op.key"), filepath.Join(dir, "op.pem")
+	must("--socket", c.ConfigOf("node-1").API.LocalSocket, "admin", "issue", "--name", "op", "--key-out", key, "--cert-out", cert)
+	creds := []string{"--cert", cert, "--key", key, "--root", tr.RootPath}
+	with := func(args ...string) []string {
+		return append(append([]string{"--server", c.ConfigOf("node-2").API.Listen}, creds...), args...)
+	}
+
+	// PCR policy: none, then the values set, numerically ordered.
+	if out := must(with("tpm", "pcr", "show")...); !strings.Contains(out, "no PCR policy") {
+		t.Fatalf("pcr show without a policy: %s", out)
+	}
+	d0, d10 := strings.Repeat("ab", 32), strings.Repeat("CD", 32)
+	must(with("tpm", "pcr", "set", "10="+d10, "0="+d0)...)
+	out := must(with("tpm", "pcr", "show")...)
+	if !regexp.MustCompile(`(?s)0\s+sha256\s+` + d0 + `.*10\s+sha256\s+` + strings.ToLower(d10)).MatchString(out) {
+		t.Fatalf("pcr show:\n%s", out)
+	}
+	var pol struct {
+		Policy *api.PCRPolicy `json:"policy"`
+	}
+	if err := json.Unmarshal([]byte(must(with("-o", "json", "tpm", "pcr", "show")...)), &pol); err != nil || pol.Policy == nil || len(pol.Policy.PCRs) != 2 {
+		t.Fatalf("pcr show json: %v %+v", err, pol)
+	}
+
+	// Tokens: listed by ID, never the token itself.
+	var leaked, good api.TokenResponse
+	for _, tok := range []*api.TokenResponse{&leaked, &good} {
+		if err := json.Unmarshal([]byte(must(with("-o", "json", "token", "create", "--ttl", "1h")...)), tok); err != nil || tok.Token == "" {
+			t.Fatalf("token create: %v", err)
+		}
+	}
+	out = must(with("token", "list")...)
+	if strings.Contains(out, leaked.Token) || strings.Contains(out, good.Token) {
+		t.Fatalf("token list shows a token:\n%s", out)
+	}
+	if !regexp.MustCompile(leaked.ID[:12] + `\s+\S+\s+spiffe://example.org/sigil/admin/op\s+\S+\s+unused`).MatchString(out) {
+		t.Fatalf("token list lacks the unused token %s:\n%s", leaked.ID[:12], out)
+	}
+	if _, err := run(with("token", "revoke", "abc")...); err == nil || !strings.Contains(err.Error(), "at least its first 12 hex digits") {
+		t.Fatalf("revoke by a short prefix: %v", err)
+	}
+	if _, err := run(with("token", "revoke", strings.Repeat("0", 64))...); err == nil || !strings.Contains(err.Error(), "no join token") {
+		t.Fatalf("revoke of an unknown token: %v", err)
+	}
+	if out := must(with("token", "revoke", leaked.ID[:12])...); !strings.Contains(out, "revoked join token "+leaked.ID) {
+		t.Fatalf("token revoke: %s", out)
+	}
+	if _, err := run(with("token", "revoke", leaked.ID)...); err == nil || !strings.Contains(err.Error(), "already revoked") {
+		t.Fatalf("second revoke: %v", err)
+	}
+	if out := must(with("token", "list")...); !regexp.MustCompile(leaked.ID[:12] + `.*revoked \S+ by spiffe://example.org/sigil/admin/op`).MatchString(out) {
+		t.Fatalf("token list after revoke:\n%s", out)
+	}
+	// The revoked token joins on no node (node-3 applied the revocation
+	// through raft); the good one does.
+	agentKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if _, err := joinWithToken(t, c.ConfigOf("node-3").API.Listen, tr.RootPath, leaked.Token, agentKey); err == nil ||
+		!strings.Contains(err.Error(), "join token "+leaked.ID[:12]+" was revoked") {
+		t.Fatalf("join with a revoked token: %v", err)
+	}
+	svid, err := joinWithToken(t, c.ConfigOf("node-3").API.Listen, tr.RootPath, good.Token, agentKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out := must(with("token", "list")...); !regexp.MustCompile(good.ID[:12] + `.*used \S+ by ` + regexp.QuoteMeta(svid.AgentID)).MatchString(out) {
+		t.Fatalf("token list after the join:\n%s", out)
+	}
+	if _, err := run(with("token", "revoke", good.ID)...); err == nil || !strings.Contains(err.Error(), "already used") {
+		t.Fatalf("revoke of a used token: %v", err)
+	}
+	if out := must(with("audit", "list")...); !regexp.MustCompile(`admin/op\s+token.revoke\s+` + leaked.ID[:12]).MatchString(out) {
+		t.Fatalf("token revoke not audited:\n%s", out)
+	}
+
+	// The agent renews while it is known.
+	renewed, err := renewAgent(t, c.ConfigOf("node-1").API.Listen, tr.RootPath, svid, agentKey)
+	if err != nil {
+		t.Fatalf("renewal of a known agent: %v", err)
+	}
+
+	// Agent remove: refused while an entry names the agent as parent.
+	var e api.Entry
+	if err := json.Unmarshal([]byte(must(with("-o", "json", "entry", "create", "--spiffe-id", "spiffe://example.org/db",
+		"--parent-id", svid.AgentID, "--selector", "unix:uid:70")...)), &e); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := run(with("agent", "remove", svid.AgentID)...); err == nil || !strings.Contains(err.Error(), "parent of 1 entries ("+e.ID+")") {
+		t.Fatalf("remove of a parent agent: %v", err)
+	}
+	if out := must(with("agent", "list")...); !strings.Contains(out, svid.AgentID) {
+		t.Fatalf("a refused remove removed the agent:\n%s", out)
+	}
+	out = must(with("agent", "remove", "--force", svid.AgentID)...)
+	if !strings.Contains(out, "removed "+svid.AgentID) || !strings.Contains(out, "kept 1 entries parented to it: "+e.ID) {
+		t.Fatalf("agent remove --force: %s", out)
+	}
+	if out := must(with("agent", "list")...); strings.Contains(out, svid.AgentID) {
+		t.Fatalf("agent list after remove:\n%s", out)
+	}
+	if _, err := run(with("agent", "show", svid.AgentID)...); err == nil || !strings.Contains(err.Error(), "no agent") {
+		t.Fatalf("agent show after remove: %v", err)
+	}
+	if out := must(with("entry", "show", e.ID)...); !strings.Contains(out, svid.AgentID) {
+		t.Fatalf("the kept entry:\n%s", out)
+	}
+	if _, err := run(with("agent", "remove", svid.AgentID)...); err == nil || !strings.Contains(err.Error(), "no agent") {
+		t.Fatalf("second remove: %v", err)
+	}
+	// Its certificate no longer renews.
+	if _, err := renewAgent(t, c.ConfigOf("node-1").API.Listen, tr.RootPath, renewed, agentKey); err == nil {
+		t.Fatal("a removed agent renewed its certificate")
+	} else if !strings.Contains(err.Error(), "unknown") {
+		t.Fatalf("renewal of a removed agent: %v", err)
+	}
+	if out := must(with("audit", "list")...); !regexp.MustCompile(`admin/op\s+agent.remove\s+` + regexp.QuoteMeta(svid.AgentID)).MatchString(out) {
+		t.Fatalf("agent remove not audited:\n%s", out)
+	}
+	_ = stderr
+}
+
+func joinWithToken(t *testing.T, addr, root, token string, key *ecdsa.PrivateKey) (*api.AgentSVID, error) {
+	t.Helper()
+	conn, err := api.Dial(api.DialConfig{Addr: addr, RootFile: root, Anonymous: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = conn.Close() }()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return api.NewJoinClient(conn).Token(ctx, &api.JoinTokenRequest{Token: token, CSR: csrFor(t, key)})
+}
+
+func renewAgent(t *testing.T, addr, root string, svid *api.AgentSVID, key *ecdsa.PrivateKey) (*api.AgentSVID, error) {
+	t.Helper()
+	cert := &tls.Certificate{Certificate: svid.Chain, PrivateKey: key}
+	conn, err := api.Dial(api.DialConfig{Addr: addr, RootFile: root, Certificate: func() (*tls.Certificate, error) { return cert, nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = conn.Close() }()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return api.NewJoinClient(conn).Renew(ctx, &api.RenewRequest{CSR: csrFor(t, key)})
+}
+
+func csrFor(t *testing.T, key *ecdsa.PrivateKey) []byte {
+	t.Helper()
+	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return csr
+}
