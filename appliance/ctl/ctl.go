@@ -106,7 +106,7 @@ func NewCommand(out io.Writer) *cobra.Command {
 		},
 	}
 	f := root.PersistentFlags()
-	f.StringVar(&g.dial.Addr, "server", os.Getenv("SIGIL_SERVER"), "node API address host:port ($SIGIL_SERVER)")
+	f.StringVar(&g.dial.Addr, "server", os.Getenv("SIGIL_SERVER"), "node API address host:port, or several separated by commas: the next is tried when one cannot be connected to ($SIGIL_SERVER)")
 	f.StringVar(&g.dial.CertFile, "cert", os.Getenv("SIGIL_CERT"), "admin certificate chain, PEM ($SIGIL_CERT)")
 	f.StringVar(&g.dial.KeyFile, "key", os.Getenv("SIGIL_KEY"), "admin private key: a PEM file (mode 0600) or a pkcs11: URI of a key in a token, whose PIN comes from the URI's pin-source (file:/path or env:NAME) ($SIGIL_KEY)")
 	f.StringVar(&g.dial.RootFile, "root", os.Getenv("SIGIL_ROOT"), "trust domain root certificate ($SIGIL_ROOT)")
@@ -140,7 +140,7 @@ func (g *globals) session(fn func(ctx context.Context, c *api.AdminClient) (any,
 		return err
 	}
 	defer closeKey()
-	conn, err := api.Dial(dial)
+	conn, err := g.connect(dial) // ops.go
 	if err != nil {
 		return err
 	}

@@ -3,14 +3,21 @@ package ctl
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
+	"net"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/connectivity"
+	"google.golang.org/grpc/status"
 
 	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/internal/clirun"
 )
 
 func pcrShowCmd(g *globals) *cobra.Command {
@@ -111,4 +118,89 @@ func agentRemoveCmd(g *globals) *cobra.Command {
 		}}
 	cmd.Flags().BoolVar(&force, "force", false, "remove an agent that is the parent of entries, keeping the entries")
 	return cmd
+}
+
+// connect dials the node: the local socket, or the first of the
+// comma-separated --server addresses that accepts a connection. Only a
+// connection that could not be made (refused, unreachable, a TLS
+// handshake that failed) moves on to the next address; the connection is
+// made before any request is sent, so no request reaches two nodes, and
+// an answer of a node (permission denied, invalid argument, no quorum) is
+// the command's answer.
+func (g *globals) connect(dial api.DialConfig) (*grpc.ClientConn, error) {
+	if dial.Socket != "" {
+		return api.Dial(dial)
+	}
+	addrs, err := serverList(dial.Addr)
+	if err != nil {
+		return nil, err
+	}
+	var failed []string
+	for i, addr := range addrs {
+		d := dial
+		d.Addr = addr
+		conn, err := api.Dial(d)
+		if err != nil {
+			return nil, err // the credentials, the same for every address
+		}
+		if err = g.reach(conn); err == nil {
+			return conn, nil
+		}
+		_ = conn.Close() // never used
+		failed = append(failed, fmt.Sprintf("%s: %v", addr, err))
+		if i < len(addrs)-1 {
+			g.note("note: node %s unreachable (%v); trying %s\n", addr, err, addrs[i+1])
+		}
+	}
+	if len(addrs) == 1 {
+		return nil, fmt.Errorf("cannot connect to node %s", failed[0])
+	}
+	return nil, fmt.Errorf("cannot connect to any of the %d nodes: %s", len(addrs), strings.Join(failed, "; "))
+}
+
+// serverList splits --server into addresses.
+func serverList(s string) ([]string, error) {
+	var out []string
+	for _, a := range strings.Split(s, ",") {
+		a = strings.TrimSpace(a)
+		if a == "" {
+			continue
+		}
+		if _, _, err := net.SplitHostPort(a); err != nil {
+			return nil, clirun.Usagef("--server %q: %q is not host:port (%v)", s, a, err)
+		}
+		out = append(out, a)
+	}
+	if len(out) == 0 {
+		return nil, errors.New("no server address (--server or $SIGIL_SERVER) or local socket (--socket)")
+	}
+	return out, nil
+}
+
+// reach makes conn's connection within --timeout. A connection that
+// fails is reported with gRPC's reason, which a fail-fast call on the
+// unconnected channel returns without reaching any node.
+func (g *globals) reach(conn *grpc.ClientConn) error {
+	ctx, cancel := context.WithTimeout(g.ctx, g.timeout)
+	defer cancel()
+	conn.Connect()
+	for {
+		s := conn.GetState()
+		switch s {
+		case connectivity.Ready:
+			return nil
+		case connectivity.TransientFailure, connectivity.Shutdown:
+			_, err := api.NewAdminClient(conn).ClusterStatus(ctx, &api.Empty{})
+			if err == nil {
+				return nil // connected meanwhile
+			}
+			if st, ok := status.FromError(err); ok && st.Code() == codes.Unavailable {
+				return errors.New(st.Message())
+			}
+			return err
+		}
+		if !conn.WaitForStateChange(ctx, s) {
+			return fmt.Errorf("no connection within %v (--timeout)", g.timeout)
+		}
+	}
 }

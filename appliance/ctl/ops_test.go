@@ -1,6 +1,7 @@
 package ctl_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/sigil-appliance/sigil/appliance/api"
 	"github.com/sigil-appliance/sigil/appliance/clustertest"
+	"github.com/sigil-appliance/sigil/appliance/ctl"
 )
 
 // The operator commands of issue #20 against a real three-node cluster:
@@ -145,7 +147,52 @@ func TestSigilctlOperatorCommands(t *testing.T) {
 	if out := must(with("audit", "list")...); !regexp.MustCompile(`admin/op\s+agent.remove\s+` + regexp.QuoteMeta(svid.AgentID)).MatchString(out) {
 		t.Fatalf("agent remove not audited:\n%s", out)
 	}
-	_ = stderr
+
+	// --server lists nodes: a node that cannot be reached is skipped with
+	// a note, a node's answer (here a refusal) is the answer.
+	c.Stop("node-1")
+	c.WaitLeader(30 * time.Second)
+	list := c.ConfigOf("node-1").API.Listen + "," + c.ConfigOf("node-3").API.Listen
+	out = must(append(append([]string{"--server", list}, creds...), "token", "list")...)
+	if !strings.Contains(out, good.ID[:12]) || !strings.Contains(stderr.String(), "node "+c.ConfigOf("node-1").API.Listen+" unreachable") {
+		t.Fatalf("token list with the first node down:\n%s\nstderr: %s", out, stderr)
+	}
+	t.Setenv("SIGIL_SERVER", list)
+	if _, err := run(append(creds, "token", "revoke", strings.Repeat("0", 64))...); err == nil || !strings.Contains(err.Error(), "no join token") {
+		t.Fatalf("an application error through $SIGIL_SERVER with the first node down: %v", err)
+	}
+	// A refusal is not a connection failure: node-2, listed first and up,
+	// answers and node-3 is not asked.
+	if _, err := run(append(append([]string{"--server", c.ConfigOf("node-2").API.Listen + "," + c.ConfigOf("node-3").API.Listen}, creds...),
+		"agent", "remove", "spiffe://example.org/sigil/agent/nope")...); err == nil || !strings.Contains(err.Error(), "no agent") || strings.Contains(stderr.String(), "unreachable") {
+		t.Fatalf("a refusal with two live nodes: %v (stderr %s)", err, stderr)
+	}
+	if _, err := run(append(append([]string{"--server", c.ConfigOf("node-1").API.Listen + ",127.0.0.1:1"}, creds...), "token", "list")...); err == nil ||
+		!strings.Contains(err.Error(), "cannot connect to any of the 2 nodes") {
+		t.Fatalf("every node down: %v", err)
+	}
+	if _, err := run(append(append([]string{"--server", "node-9"}, creds...), "token", "list")...); err == nil || !strings.Contains(err.Error(), "not host:port") {
+		t.Fatalf("a bad address: %v", err)
+	}
+	// Exit codes as the operator's shell sees them: 0, 1 for a refusal or
+	// no node, 2 for a wrong command line.
+	for _, tc := range []struct {
+		args []string
+		code int
+		msg  string
+	}{
+		{[]string{"--server", list, "token", "list"}, 0, ""},
+		{[]string{"--server", list, "token", "revoke", strings.Repeat("0", 64)}, 1, "no join token"},
+		{[]string{"--server", c.ConfigOf("node-1").API.Listen, "token", "list"}, 1, "cannot connect to node " + c.ConfigOf("node-1").API.Listen},
+		{[]string{"--server", "node-9", "token", "list"}, 2, "not host:port"},
+		{[]string{"--server", list, "token", "revoke"}, 2, "accepts 1 arg"},
+	} {
+		var out, errOut bytes.Buffer
+		code := ctl.Run(context.Background(), append(tc.args[:len(tc.args):len(tc.args)], creds...), &out, &errOut)
+		if code != tc.code || !strings.Contains(errOut.String(), tc.msg) {
+			t.Errorf("sigilctl %v: exit %d, want %d with %q; stderr: %s", tc.args, code, tc.code, tc.msg, errOut.String())
+		}
+	}
 }
 
 func joinWithToken(t *testing.T, addr, root, token string, key *ecdsa.PrivateKey) (*api.AgentSVID, error) {
