@@ -141,8 +141,18 @@ type (
 	AuditRequest struct {
 		After uint64 `json:"after"`
 		Limit int    `json:"limit"`
+		// Filter and NewestFirst apply to AuditList only (AuditFilter).
+		Filter      *AuditFilter `json:"filter,omitempty"`
+		NewestFirst bool         `json:"newest_first,omitempty"`
+		// Before, with NewestFirst, lists records before this sequence
+		// number (0: from the head); After then bounds from below.
+		Before uint64 `json:"before,omitempty"`
 	}
 	AuditList struct {
+		// Next, on a filtered or newest-first list, is where the node
+		// stopped before the end of the log (its scan bound or the limit):
+		// the next request's After (Before, newest first). 0: the end.
+		Next    uint64        `json:"next,omitempty"`
 		Records []AuditRecord `json:"records"`
 		// Head is the newest record's sequence number at the time of the
 		// call, so auditors know whether they saw everything.

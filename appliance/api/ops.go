@@ -1,6 +1,9 @@
 package api
 
-import "time"
+import (
+	"strings"
+	"time"
+)
 
 // Messages of the operator commands on join tokens, agents, the PCR
 // policy and the audit log's filters.
@@ -37,4 +40,39 @@ type (
 	PCRPolicyResponse struct {
 		Policy *PCRPolicy `json:"policy"`
 	}
+	// AuditFilter selects audit records; every field given must match.
+	// Actor, Action and Target match exactly or, ending in "*", by
+	// prefix. Since and Until bound the record's time (inclusive).
+	AuditFilter struct {
+		Actor  string    `json:"actor,omitempty"`
+		Action string    `json:"action,omitempty"`
+		Target string    `json:"target,omitempty"`
+		Since  time.Time `json:"since,omitzero"`
+		Until  time.Time `json:"until,omitzero"`
+	}
 )
+
+// MaxAuditScan bounds the records a node reads for one filtered or
+// newest-first AuditList, whatever it finds: a selective filter over a
+// large log takes several requests (AuditList.Next), each of bounded
+// cost, rather than one that reads the whole log.
+const MaxAuditScan = 100000
+
+// Match tells whether r is selected by f.
+func (f *AuditFilter) Match(r *AuditRecord) bool {
+	if f == nil {
+		return true
+	}
+	return matchField(f.Actor, r.Actor) && matchField(f.Action, r.Action) && matchField(f.Target, r.Target) &&
+		(f.Since.IsZero() || !r.Time.Before(f.Since)) && (f.Until.IsZero() || !r.Time.After(f.Until))
+}
+
+func matchField(want, got string) bool {
+	if want == "" {
+		return true
+	}
+	if p, ok := strings.CutSuffix(want, "*"); ok {
+		return strings.HasPrefix(got, p)
+	}
+	return got == want
+}

@@ -148,6 +148,8 @@ func TestSigilctlOperatorCommands(t *testing.T) {
 		t.Fatalf("agent remove not audited:\n%s", out)
 	}
 
+	testAuditFilters(t, run, must, stderr, with, leaked.ID[:12], svid.AgentID)
+
 	// --server lists nodes: a node that cannot be reached is skipped with
 	// a note, a node's answer (here a refusal) is the answer.
 	c.Stop("node-1")
@@ -227,4 +229,87 @@ func csrFor(t *testing.T, key *ecdsa.PrivateKey) []byte {
 		t.Fatal(err)
 	}
 	return csr
+}
+
+// testAuditFilters: audit list selects by actor, action, target and time,
+// newest first, and says where to go on when it stops at --limit.
+func testAuditFilters(t *testing.T, run runFunc, must mustFunc, stderr *bytes.Buffer, with func(...string) []string, revoked, agent string) {
+	t.Helper()
+	list := func(args ...string) []api.AuditRecord {
+		t.Helper()
+		var l api.AuditList
+		if err := json.Unmarshal([]byte(must(with(append([]string{"-o", "json", "audit", "list"}, args...)...)...)), &l); err != nil {
+			t.Fatalf("audit list %v: %v", args, err)
+		}
+		return l.Records
+	}
+	actions := func(recs []api.AuditRecord) string {
+		var a []string
+		for _, r := range recs {
+			a = append(a, r.Action)
+		}
+		return strings.Join(a, ",")
+	}
+	all := list()
+	if r := list("--action", "token.revoke"); len(r) != 1 || r[0].Target != revoked {
+		t.Fatalf("--action token.revoke: %+v", r)
+	}
+	if out := must(with("audit", "list", "--action", "token.revoke")...); !regexp.MustCompile(`admin/op\s+token.revoke\s+` + revoked).MatchString(out) ||
+		strings.Count(out, "\n") != 2 {
+		t.Fatalf("--action token.revoke, as a table:\n%s", out)
+	}
+	tokens := list("--action", "token.*", "--newest-first")
+	if got := actions(tokens); got != "token.use,token.revoke,token.create,token.create" {
+		t.Fatalf("--action 'token.*' --newest-first: %s", got)
+	}
+	for i := 1; i < len(tokens); i++ {
+		if tokens[i].Seq >= tokens[i-1].Seq {
+			t.Fatalf("--newest-first not descending: %d after %d", tokens[i].Seq, tokens[i-1].Seq)
+		}
+	}
+	if r := list("--actor", "spiffe://example.org/sigil/admin/op", "--target", agent); actions(r) != "entry.create,agent.remove" && actions(r) != "agent.remove" {
+		// entry.create's target is the entry's SPIFFE ID, not its parent.
+		t.Fatalf("--actor op --target %s: %s", agent, actions(r))
+	}
+	if r := list("--actor", "spiffe://example.org/sigil/node/*", "--action", "agent.upsert"); len(r) != 2 || r[0].Target != agent {
+		t.Fatalf("--actor node/* --action agent.upsert (the join and the renewal): %+v", r)
+	}
+	if r := list("--since", "1h"); len(r) != len(all) {
+		t.Fatalf("--since 1h: %d records of %d", len(r), len(all))
+	}
+	if r := list("--until", "1h ago"); len(r) != 0 {
+		t.Fatalf("--until '1h ago': %d records", len(r))
+	}
+	if r := list("--since", time.Now().Add(time.Hour).UTC().Format(time.RFC3339)); len(r) != 0 {
+		t.Fatalf("--since in an hour: %d records", len(r))
+	}
+	mid := all[len(all)/2].Time.Format(time.RFC3339Nano)
+	if r := list("--until", mid); len(r) == 0 || len(r) >= len(all) || r[len(r)-1].Time.After(all[len(all)/2].Time) {
+		t.Fatalf("--until %s: %d records of %d", mid, len(r), len(all))
+	}
+	// Capped: the note says where to go on, and going on finds the rest.
+	first := list("--action", "token.*", "--limit", "2")
+	note := regexp.MustCompile(`go on with --after (\d+)`).FindStringSubmatch(stderr.String())
+	if actions(first) != "token.create,token.create" || note == nil {
+		t.Fatalf("--limit 2: %s, stderr %s", actions(first), stderr)
+	}
+	if rest := list("--action", "token.*", "--after", note[1]); actions(rest) != "token.revoke,token.use" {
+		t.Fatalf("--after %s: %s", note[1], actions(rest))
+	}
+	newest := list("--action", "token.*", "--newest-first", "--limit", "1")
+	note = regexp.MustCompile(`go on with --newest-first --before (\d+)`).FindStringSubmatch(stderr.String())
+	if actions(newest) != "token.use" || note == nil {
+		t.Fatalf("--newest-first --limit 1: %s, stderr %s", actions(newest), stderr)
+	}
+	if rest := list("--action", "token.*", "--newest-first", "--before", note[1]); actions(rest) != "token.revoke,token.create,token.create" {
+		t.Fatalf("--newest-first --before %s: %s", note[1], actions(rest))
+	}
+	for _, bad := range [][]string{
+		{"--since", "yesterday"}, {"--until", "-1h"}, {"--all", "--actor", "x"}, {"--before", "3"},
+		{"--since", "1h ago", "--until", "2h ago"},
+	} {
+		if _, err := run(with(append([]string{"audit", "list"}, bad...)...)...); err == nil {
+			t.Fatalf("audit list %v accepted", bad)
+		}
+	}
 }

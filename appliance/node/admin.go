@@ -449,6 +449,9 @@ func (a *admin) SnapshotRestore(stream grpc.ClientStreamingServer[api.SnapshotCh
 // exported to segment files when they were pruned, then the retained log.
 func (a *admin) AuditExport(r *api.AuditRequest, stream grpc.ServerStreamingServer[api.AuditList]) error {
 	ctx := stream.Context()
+	if r.Filter != nil || r.NewestFirst || r.Before != 0 {
+		return status.Error(codes.InvalidArgument, "audit export streams every record in order: filters and newest-first apply to audit list")
+	}
 	if err := a.read(ctx, "audit export"); err != nil {
 		return err
 	}
@@ -481,7 +484,37 @@ func (a *admin) AuditList(ctx context.Context, r *api.AuditRequest) (*api.AuditL
 		return nil, err
 	}
 	head, _ := a.state.AuditHead()
+	if r.Filter != nil || r.NewestFirst || r.Before != 0 {
+		return a.auditSelect(r, head)
+	}
 	return &api.AuditList{Records: a.state.Audit(r.After, r.Limit), Head: head, First: a.state.AuditFirst()}, nil
+}
+
+// auditSelect serves a filtered or newest-first audit list: it reads at
+// most api.MaxAuditScan records and keeps at most r.Limit, so a request
+// costs the same whatever the log holds; Next says where to go on.
+func (a *admin) auditSelect(r *api.AuditRequest, head uint64) (*api.AuditList, error) {
+	if r.Before != 0 && !r.NewestFirst {
+		return nil, status.Error(codes.InvalidArgument, "before applies to a newest-first list only")
+	}
+	if f := r.Filter; f != nil && !f.Since.IsZero() && !f.Until.IsZero() && f.Until.Before(f.Since) {
+		return nil, status.Errorf(codes.InvalidArgument, "until %s is before since %s", f.Until.Format(time.RFC3339), f.Since.Format(time.RFC3339))
+	}
+	limit := r.Limit
+	if limit <= 0 || limit > state.MaxAuditList {
+		limit = state.MaxAuditList
+	}
+	out := &api.AuditList{Records: []api.AuditRecord{}, Head: head, First: a.state.AuditFirst()}
+	last, end := a.state.AuditScan(r.After, r.Before, r.NewestFirst, api.MaxAuditScan, func(rec *state.AuditRecord) bool {
+		if r.Filter.Match(rec) {
+			out.Records = append(out.Records, *rec)
+		}
+		return len(out.Records) < limit
+	})
+	if !end {
+		out.Next = last
+	}
+	return out, nil
 }
 
 // AuditVerify walks the retained chain and checks every checkpoint's HSM
