@@ -254,7 +254,7 @@ func testAuditFilters(t *testing.T, run runFunc, must mustFunc, stderr *bytes.Bu
 	if r := list("--action", "token.revoke"); len(r) != 1 || r[0].Target != revoked {
 		t.Fatalf("--action token.revoke: %+v", r)
 	}
-	if out := must(with("audit", "list", "--action", "token.revoke")...); !regexp.MustCompile(`admin/op\s+token.revoke\s+` + revoked).MatchString(out) ||
+	if out := must(with("audit", "list", "--action", "token.revoke")...); !regexp.MustCompile(`admin/op\s+token.revoke\s+`+revoked).MatchString(out) ||
 		strings.Count(out, "\n") != 2 {
 		t.Fatalf("--action token.revoke, as a table:\n%s", out)
 	}
