@@ -317,7 +317,8 @@ func agentCmd(g *globals) *cobra.Command {
 	printAgent := func(w *bufio.Writer, v any) {
 		a := v.(*api.Agent)
 		rows := [][]string{{"id", a.ID}, {"attestation", a.AttestationType}, {"serial", a.SerialNumber},
-			{"expires", a.ExpiresAt.Format(time.RFC3339)}, {"banned", fmt.Sprint(a.Banned)}, {"joined", a.JoinedAt.Format(time.RFC3339)}}
+			{"expires", a.ExpiresAt.Format(time.RFC3339)}, {"banned", fmt.Sprint(a.Banned)}, {"joined", a.JoinedAt.Format(time.RFC3339)},
+			{"last_seen", lastSeen(*a, time.Now()) + " (by " + a.SeenBy + ")"}}
 		for k, v := range a.Facts {
 			rows = append(rows, []string{"fact." + k, v})
 		}
@@ -334,10 +335,13 @@ func agentCmd(g *globals) *cobra.Command {
 			},
 				func(w *bufio.Writer, v any) {
 					var rows [][]string
+					by := ""
+					now := time.Now()
 					for _, a := range v.([]api.Agent) {
-						rows = append(rows, []string{a.ID, a.AttestationType, a.ExpiresAt.Format(time.RFC3339), fmt.Sprint(a.Banned)})
+						rows = append(rows, []string{a.ID, a.AttestationType, a.ExpiresAt.Format(time.RFC3339), fmt.Sprint(a.Banned), lastSeen(a, now)})
+						by = a.SeenBy
 					}
-					table(w, "ID\tATTESTATION\tSVID EXPIRES\tBANNED", rows)
+					table(w, "ID\tATTESTATION\tSVID EXPIRES\tBANNED\tLAST SEEN (BY "+by+")", rows) // lastSeen: ops.go
 				})
 		}},
 		&cobra.Command{Use: "show ID", Args: cobra.ExactArgs(1), Short: "Show an agent", RunE: func(_ *cobra.Command, args []string) error {

@@ -204,3 +204,15 @@ func (g *globals) reach(conn *grpc.ClientConn) error {
 		}
 	}
 }
+
+// lastSeen is how agent list and show put the answering node's view of
+// an agent's contacts (api.Agent.SeenBy).
+func lastSeen(a api.Agent, now time.Time) string {
+	switch {
+	case a.Connected:
+		return "connected"
+	case a.LastSeen.IsZero():
+		return "not seen"
+	}
+	return now.Sub(a.LastSeen).Round(time.Second).String() + " ago"
+}

@@ -110,6 +110,34 @@ func TestSigilctlOperatorCommands(t *testing.T) {
 		t.Fatalf("renewal of a known agent: %v", err)
 	}
 
+	// Last seen, as each node saw it: node-1 renewed the agent, node-2
+	// has not heard from it; an open sync stream to node-2 shows it
+	// connected there, and once closed (the agent stopped), when it was.
+	seenBy := func(node string) string {
+		t.Helper()
+		return must(append(append([]string{"--server", c.ConfigOf(node).API.Listen}, creds...), "agent", "list")...)
+	}
+	row := regexp.QuoteMeta(svid.AgentID) + `\s+join_token\s+\S+\s+false\s+`
+	if out := seenBy("node-1"); !regexp.MustCompile(`LAST SEEN \(BY node-1\)`).MatchString(out) || !regexp.MustCompile(row+`\d+s ago`).MatchString(out) {
+		t.Fatalf("agent list on node-1 after its renewal there:\n%s", out)
+	}
+	if out := seenBy("node-2"); !regexp.MustCompile(row + `not seen`).MatchString(out) {
+		t.Fatalf("agent list on node-2, which the agent never called:\n%s", out)
+	}
+	closeSync := openSync(t, c.ConfigOf("node-2").API.Listen, tr.RootPath, renewed, agentKey)
+	if out := seenBy("node-2"); !regexp.MustCompile(row + `connected`).MatchString(out) {
+		t.Fatalf("agent list on node-2 while the agent syncs there:\n%s", out)
+	}
+	closeSync()
+	clustertest.Eventually(t, 10*time.Second, "the closed sync stream to end", func() bool {
+		return regexp.MustCompile(row + `\d+s ago`).MatchString(seenBy("node-2"))
+	})
+	var shown api.Agent
+	if err := json.Unmarshal([]byte(must(with("-o", "json", "agent", "show", svid.AgentID)...)), &shown); err != nil ||
+		shown.SeenBy != "node-2" || shown.Connected || time.Since(shown.LastSeen) > time.Minute {
+		t.Fatalf("agent show json: %v %+v", err, shown)
+	}
+
 	// Agent remove: refused while an entry names the agent as parent.
 	var e api.Entry
 	if err := json.Unmarshal([]byte(must(with("-o", "json", "entry", "create", "--spiffe-id", "spiffe://example.org/db",
@@ -311,5 +339,30 @@ func testAuditFilters(t *testing.T, run runFunc, must mustFunc, stderr *bytes.Bu
 		if _, err := run(with(append([]string{"audit", "list"}, bad...)...)...); err == nil {
 			t.Fatalf("audit list %v accepted", bad)
 		}
+	}
+}
+
+// openSync opens an agent's sync stream and waits for its first update;
+// the function returned closes it.
+func openSync(t *testing.T, addr, root string, svid *api.AgentSVID, key *ecdsa.PrivateKey) func() {
+	t.Helper()
+	cert := &tls.Certificate{Certificate: svid.Chain, PrivateKey: key}
+	conn, err := api.Dial(api.DialConfig{Addr: addr, RootFile: root, Certificate: func() (*tls.Certificate, error) { return cert, nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	stream, err := api.NewAgentClient(conn).Sync(ctx, &api.SyncRequest{})
+	if err == nil {
+		_, err = stream.Recv()
+	}
+	if err != nil {
+		cancel()
+		_ = conn.Close()
+		t.Fatalf("sync: %v", err)
+	}
+	return func() {
+		cancel()
+		_ = conn.Close()
 	}
 }

@@ -45,6 +45,7 @@ type admin struct {
 	log        *slog.Logger
 	authLog    *rateLog // refusals of authenticated callers, rate-limited
 
+	seen   *seenAgents // this node's view of agent contacts (agentseen.go)
 	state  *state.FSM  // the replica this service administers
 	member raftMember  // commands, reads and membership
 	ca     adminSigner // issues admin certificates
@@ -193,7 +194,24 @@ func (a *admin) AgentList(ctx context.Context, _ *api.Empty) (*api.AgentList, er
 	if err := a.read(ctx, "agent list"); err != nil {
 		return nil, err
 	}
-	return &api.AgentList{Agents: apiAgents(a.state.Agents())}, nil
+	agents := a.state.Agents()
+	out := &api.AgentList{Agents: apiAgents(agents)}
+	known := make(map[string]bool, len(agents))
+	for i := range out.Agents {
+		a.lastSeen(&out.Agents[i])
+		known[agents[i].ID] = true
+	}
+	a.seen.prune(func(id string) bool { return known[id] })
+	return out, nil
+}
+
+// lastSeen adds this node's view of the agent's contacts.
+func (a *admin) lastSeen(ag *api.Agent) {
+	if a.seen == nil {
+		return
+	}
+	ag.SeenBy = a.nodeID
+	ag.LastSeen, ag.Connected = a.seen.contact(ag.ID)
 }
 
 func (a *admin) AgentShow(ctx context.Context, r *api.IDRequest) (*api.Agent, error) {
@@ -205,6 +223,7 @@ func (a *admin) AgentShow(ctx context.Context, r *api.IDRequest) (*api.Agent, er
 		return nil, status.Errorf(codes.NotFound, "no agent %s", r.ID)
 	}
 	out := apiAgent(ag)
+	a.lastSeen(&out)
 	return &out, nil
 }
 
