@@ -325,7 +325,7 @@ func agentCmd(g *globals) *cobra.Command {
 		table(w, "FIELD\tVALUE", rows)
 	}
 	cmd.AddCommand(
-		&cobra.Command{Use: "list", Args: cobra.NoArgs, Short: "List agents", RunE: func(*cobra.Command, []string) error {
+		&cobra.Command{Use: "list", Args: cobra.NoArgs, Short: "List agents", Long: lastSeenHelp, RunE: func(*cobra.Command, []string) error {
 			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
 				l, err := c.AgentList(ctx, &api.Empty{})
 				if err != nil {

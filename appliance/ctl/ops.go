@@ -216,3 +216,9 @@ func lastSeen(a api.Agent, now time.Time) string {
 	}
 	return now.Sub(a.LastSeen).Round(time.Second).String() + " ago"
 }
+
+const lastSeenHelp = "Lists the agents the appliance admitted. LAST SEEN is the answering node's own view (the\n" +
+	"header names it): \"connected\" while the agent holds a sync stream open to that node, else when\n" +
+	"it last called it, or \"not seen\". Nodes keep it in memory, not replicated: an agent that talks\n" +
+	"to another node is not seen here, a restarted node has seen no one yet, and a host that vanished\n" +
+	"without closing its connection shows connected until gRPC notices."
