@@ -104,7 +104,8 @@ func agentRemoveCmd(g *globals) *cobra.Command {
 			"longer renews, and no workload SVID is issued through it. An agent that is the parent of\n" +
 			"entries is refused, with the list, unless --force: then the entries are kept (they serve the\n" +
 			"agent again if it joins again under the same ID). Removing is not banning: a host that the\n" +
-			"join policy still admits can join again; ban it to keep it out.",
+			"join policy still admits can join again; ban it to keep it out. A snapshot taken before the\n" +
+			"removal lists the agent, and snapshot restore refuses it: take a new snapshot afterwards.",
 		RunE: func(_ *cobra.Command, args []string) error {
 			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
 				return c.AgentRemove(ctx, &api.AgentRemoveRequest{ID: args[0], Force: force})
