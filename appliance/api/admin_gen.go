@@ -42,6 +42,10 @@ const (
 	AdminMethodAdminRevoke     = "/" + AdminService + "/AdminRevoke"
 	AdminMethodAdminList       = "/" + AdminService + "/AdminList"
 	AdminMethodRootCRLAdd      = "/" + AdminService + "/RootCRLAdd"
+	AdminMethodPCRPolicyShow   = "/" + AdminService + "/PCRPolicyShow"
+	AdminMethodTokenList       = "/" + AdminService + "/TokenList"
+	AdminMethodTokenRevoke     = "/" + AdminService + "/TokenRevoke"
+	AdminMethodAgentRemove     = "/" + AdminService + "/AgentRemove"
 )
 
 // RegisterAdmin adds the admin service to a gRPC server: every method of
@@ -79,6 +83,10 @@ func RegisterAdmin(s grpc.ServiceRegistrar, impl AdminServer) {
 			unary("AdminRevoke", AdminMethodAdminRevoke, AdminServer.AdminRevoke),
 			unary("AdminList", AdminMethodAdminList, AdminServer.AdminList),
 			unary("RootCRLAdd", AdminMethodRootCRLAdd, AdminServer.RootCRLAdd),
+			unary("PCRPolicyShow", AdminMethodPCRPolicyShow, AdminServer.PCRPolicyShow),
+			unary("TokenList", AdminMethodTokenList, AdminServer.TokenList),
+			unary("TokenRevoke", AdminMethodTokenRevoke, AdminServer.TokenRevoke),
+			unary("AgentRemove", AdminMethodAgentRemove, AdminServer.AgentRemove),
 		},
 		Streams: []grpc.StreamDesc{
 			serverStream("SnapshotSave", AdminServer.SnapshotSave),
@@ -225,6 +233,29 @@ func (c *AdminClient) AdminList(ctx context.Context, r *Empty) (*AdminList, erro
 // refused everywhere from then on.
 func (c *AdminClient) RootCRLAdd(ctx context.Context, r *RootCRLRequest) (*RootCRLResult, error) {
 	return invoke[RootCRLRequest, RootCRLResult](ctx, c.cc, AdminMethodRootCRLAdd, r)
+}
+
+// PCRPolicyShow answers with the PCR policy a joining TPM must meet.
+func (c *AdminClient) PCRPolicyShow(ctx context.Context, r *Empty) (*PCRPolicyResponse, error) {
+	return invoke[Empty, PCRPolicyResponse](ctx, c.cc, AdminMethodPCRPolicyShow, r)
+}
+
+// TokenList lists the join tokens the appliance holds, never a token
+// itself (only its hash is stored).
+func (c *AdminClient) TokenList(ctx context.Context, r *Empty) (*TokenList, error) {
+	return invoke[Empty, TokenList](ctx, c.cc, AdminMethodTokenList, r)
+}
+
+// TokenRevoke revokes an unused join token by its ID or an unambiguous
+// prefix of at least 12 hex digits.
+func (c *AdminClient) TokenRevoke(ctx context.Context, r *IDRequest) (*JoinToken, error) {
+	return invoke[IDRequest, JoinToken](ctx, c.cc, AdminMethodTokenRevoke, r)
+}
+
+// AgentRemove forgets an agent: its record goes, so its certificate no
+// longer renews and no workload SVID is issued through it.
+func (c *AdminClient) AgentRemove(ctx context.Context, r *AgentRemoveRequest) (*AgentRemoved, error) {
+	return invoke[AgentRemoveRequest, AgentRemoved](ctx, c.cc, AdminMethodAgentRemove, r)
 }
 
 // The client methods written by hand over the openers above: a missing one

@@ -151,8 +151,18 @@ type (
 	AuditRequest struct {
 		After uint64 `json:"after"`
 		Limit int    `json:"limit"`
+		// Filter and NewestFirst apply to AuditList only (AuditFilter).
+		Filter      *AuditFilter `json:"filter,omitempty"`
+		NewestFirst bool         `json:"newest_first,omitempty"`
+		// Before, with NewestFirst, lists records before this sequence
+		// number (0: from the head); After then bounds from below.
+		Before uint64 `json:"before,omitempty"`
 	}
 	AuditList struct {
+		// Next, on a filtered or newest-first list, is where the node
+		// stopped before the end of the log (its scan bound or the limit):
+		// the next request's After (Before, newest first). 0: the end.
+		Next    uint64        `json:"next,omitempty"`
 		Records []AuditRecord `json:"records"`
 		// Head is the newest record's sequence number at the time of the
 		// call, so auditors know whether they saw everything.
@@ -256,6 +266,17 @@ type AdminServer interface {
 	// ceremony's kind crl): the certificates it lists (node issuing CAs) are
 	// refused everywhere from then on.
 	RootCRLAdd(context.Context, *RootCRLRequest) (*RootCRLResult, error)
+	// PCRPolicyShow answers with the PCR policy a joining TPM must meet.
+	PCRPolicyShow(context.Context, *Empty) (*PCRPolicyResponse, error)
+	// TokenList lists the join tokens the appliance holds, never a token
+	// itself (only its hash is stored).
+	TokenList(context.Context, *Empty) (*TokenList, error)
+	// TokenRevoke revokes an unused join token by its ID or an unambiguous
+	// prefix of at least 12 hex digits.
+	TokenRevoke(context.Context, *IDRequest) (*JoinToken, error)
+	// AgentRemove forgets an agent: its record goes, so its certificate no
+	// longer renews and no workload SVID is issued through it.
+	AgentRemove(context.Context, *AgentRemoveRequest) (*AgentRemoved, error)
 }
 
 // AdminService is the gRPC service name.

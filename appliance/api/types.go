@@ -54,6 +54,14 @@ type Agent struct {
 	JoinedAt        time.Time         `json:"joined_at"`
 	UpdatedAt       time.Time         `json:"updated_at"`
 	Revision        uint64            `json:"revision"`
+	// SeenBy is the node that answered; LastSeen is when the agent last
+	// called that node (zero: not since it started), and Connected
+	// whether the agent holds a sync stream open to it now. Each node
+	// keeps its own view in memory, not replicated: an agent that talks
+	// to another node is seen there.
+	SeenBy    string    `json:"seen_by,omitempty"`
+	LastSeen  time.Time `json:"last_seen,omitzero"`
+	Connected bool      `json:"connected,omitempty"`
 }
 
 // JoinPolicy is which TPMs may join: trusted EK CAs, allowed EK hashes,

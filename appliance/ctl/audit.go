@@ -20,6 +20,7 @@ import (
 
 	"github.com/sigil-appliance/sigil/appliance/api"
 	"github.com/sigil-appliance/sigil/appliance/state"
+	"github.com/sigil-appliance/sigil/internal/clirun"
 )
 
 func auditCmd(g *globals) *cobra.Command {
@@ -121,16 +122,32 @@ func (l *pruneLink) see(recs []api.AuditRecord) {
 func auditListCmd(g *globals) *cobra.Command {
 	var req api.AuditRequest
 	var all bool
+	var sel auditSelection
 	list := &cobra.Command{Use: "list", Args: cobra.NoArgs, Short: "List audit records",
 		Long: fmt.Sprintf("Lists retained audit records after --after. One request returns at most %d; --all pages\n"+
 			"through to the head. Records pruned from the replicated log are in the nodes' segment files:\n"+
-			"sigilctl audit export includes them.", state.MaxAuditList),
+			"sigilctl audit export includes them.\n\n"+
+			"--actor, --action, --target, --since and --until select records (all that are given must\n"+
+			"match; actor, action and target exactly, or by prefix when they end in *), and\n"+
+			"--newest-first lists from the head down. The node filters: each request reads at most %d\n"+
+			"records, and sigilctl goes on until it has --limit records (at most %d) or has walked the\n"+
+			"whole retained log.", state.MaxAuditList, api.MaxAuditScan, state.MaxAuditList),
 		RunE: func(*cobra.Command, []string) error {
+			filtered, err := sel.request(&req, time.Now())
+			if err != nil {
+				return err
+			}
+			if filtered {
+				if all {
+					return clirun.Usagef("--all pages an unfiltered list; a filtered or --newest-first list walks the whole retained log already (--limit bounds what it shows, at most %d)", state.MaxAuditList)
+				}
+				return g.auditSelect(req)
+			}
 			if all {
 				return g.auditListAll(req)
 			}
 			var notes []string
-			err := g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
+			err = g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
 				r := req
 				if r.Limit <= 0 || r.Limit > pageSize {
 					r.Limit = pageSize
@@ -157,6 +174,7 @@ func auditListCmd(g *globals) *cobra.Command {
 	list.Flags().Uint64Var(&req.After, "after", 0, "records after this sequence number")
 	list.Flags().IntVar(&req.Limit, "limit", 0, fmt.Sprintf("at most this many records (0: all, up to %d per request)", state.MaxAuditList))
 	list.Flags().BoolVar(&all, "all", false, "page through every retained record up to the head (--limit bounds the total)")
+	sel.flags(list) // auditfilter.go
 	return list
 }
 

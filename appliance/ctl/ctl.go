@@ -106,7 +106,7 @@ func NewCommand(out io.Writer) *cobra.Command {
 		},
 	}
 	f := root.PersistentFlags()
-	f.StringVar(&g.dial.Addr, "server", os.Getenv("SIGIL_SERVER"), "node API address host:port ($SIGIL_SERVER)")
+	f.StringVar(&g.dial.Addr, "server", os.Getenv("SIGIL_SERVER"), "node API address host:port, or several separated by commas: the next is tried when one cannot be connected to ($SIGIL_SERVER)")
 	f.StringVar(&g.dial.CertFile, "cert", os.Getenv("SIGIL_CERT"), "admin certificate chain, PEM ($SIGIL_CERT)")
 	f.StringVar(&g.dial.KeyFile, "key", os.Getenv("SIGIL_KEY"), "admin private key: a PEM file (mode 0600) or a pkcs11: URI of a key in a token, whose PIN comes from the URI's pin-source (file:/path or env:NAME) ($SIGIL_KEY)")
 	f.StringVar(&g.dial.RootFile, "root", os.Getenv("SIGIL_ROOT"), "trust domain root certificate ($SIGIL_ROOT)")
@@ -140,7 +140,7 @@ func (g *globals) session(fn func(ctx context.Context, c *api.AdminClient) (any,
 		return err
 	}
 	defer closeKey()
-	conn, err := api.Dial(dial)
+	conn, err := g.connect(dial) // ops.go
 	if err != nil {
 		return err
 	}
@@ -217,14 +217,15 @@ func agentCmd(g *globals) *cobra.Command {
 	printAgent := func(w *bufio.Writer, v any) {
 		a := v.(*api.Agent)
 		rows := [][]string{{"id", a.ID}, {"attestation", a.AttestationType}, {"serial", a.SerialNumber},
-			{"expires", a.ExpiresAt.Format(time.RFC3339)}, {"banned", fmt.Sprint(a.Banned)}, {"joined", a.JoinedAt.Format(time.RFC3339)}}
+			{"expires", a.ExpiresAt.Format(time.RFC3339)}, {"banned", fmt.Sprint(a.Banned)}, {"joined", a.JoinedAt.Format(time.RFC3339)},
+			{"last_seen", lastSeen(*a, time.Now()) + " (by " + a.SeenBy + ")"}}
 		for k, v := range a.Facts {
 			rows = append(rows, []string{"fact." + k, v})
 		}
 		table(w, "FIELD\tVALUE", rows)
 	}
 	cmd.AddCommand(
-		&cobra.Command{Use: "list", Args: cobra.NoArgs, Short: "List agents", RunE: func(*cobra.Command, []string) error {
+		&cobra.Command{Use: "list", Args: cobra.NoArgs, Short: "List agents", Long: lastSeenHelp, RunE: func(*cobra.Command, []string) error {
 			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
 				l, err := c.AgentList(ctx, &api.Empty{})
 				if err != nil {
@@ -234,10 +235,13 @@ func agentCmd(g *globals) *cobra.Command {
 			},
 				func(w *bufio.Writer, v any) {
 					var rows [][]string
+					by := ""
+					now := time.Now()
 					for _, a := range v.([]api.Agent) {
-						rows = append(rows, []string{a.ID, a.AttestationType, a.ExpiresAt.Format(time.RFC3339), fmt.Sprint(a.Banned)})
+						rows = append(rows, []string{a.ID, a.AttestationType, a.ExpiresAt.Format(time.RFC3339), fmt.Sprint(a.Banned), lastSeen(a, now)})
+						by = a.SeenBy
 					}
-					table(w, "ID\tATTESTATION\tSVID EXPIRES\tBANNED", rows)
+					table(w, "ID\tATTESTATION\tSVID EXPIRES\tBANNED\tLAST SEEN (BY "+by+")", rows) // lastSeen: ops.go
 				})
 		}},
 		&cobra.Command{Use: "show ID", Args: cobra.ExactArgs(1), Short: "Show an agent", RunE: func(_ *cobra.Command, args []string) error {
@@ -255,6 +259,7 @@ func agentCmd(g *globals) *cobra.Command {
 				return c.AgentUnban(ctx, &api.IDRequest{ID: args[0]})
 			}, ok("unbanned "+args[0]))
 		}},
+		agentRemoveCmd(g), // ops.go
 	)
 	return cmd
 }
@@ -351,6 +356,7 @@ func tpmCmd(g *globals) *cobra.Command {
 				return c.PCRPolicySet(ctx, &api.PCRPolicyRequest{})
 			}, ok("PCR policy cleared"))
 		}},
+		pcrShowCmd(g), // ops.go
 	)
 	cmd.AddCommand(ekca, allow, pcr)
 	return cmd
@@ -372,7 +378,7 @@ func tokenCmd(g *globals) *cobra.Command {
 		})
 	}}
 	create.Flags().DurationVar(&ttl, "ttl", time.Hour, "how long the token may be used")
-	cmd.AddCommand(create)
+	cmd.AddCommand(create, tokenListCmd(g), tokenRevokeCmd(g)) // list, revoke: ops.go
 	return cmd
 }
 

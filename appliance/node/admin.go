@@ -14,6 +14,7 @@ import (
 	"hash"
 	"io"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -44,6 +45,7 @@ type admin struct {
 	log        *slog.Logger
 	authLog    *rateLog // refusals of authenticated callers, rate-limited
 
+	seen   *seenAgents // this node's view of agent contacts (agentseen.go)
 	state  *state.FSM  // the replica this service administers
 	member raftMember  // commands, reads and membership
 	ca     adminSigner // issues admin certificates
@@ -242,7 +244,24 @@ func (a *admin) AgentList(ctx context.Context, _ *api.Empty) (*api.AgentList, er
 	if err := a.read(ctx, "agent list"); err != nil {
 		return nil, err
 	}
-	return &api.AgentList{Agents: apiAgents(a.state.Agents())}, nil
+	agents := a.state.Agents()
+	out := &api.AgentList{Agents: apiAgents(agents)}
+	known := make(map[string]bool, len(agents))
+	for i := range out.Agents {
+		a.lastSeen(&out.Agents[i])
+		known[agents[i].ID] = true
+	}
+	a.seen.prune(func(id string) bool { return known[id] })
+	return out, nil
+}
+
+// lastSeen adds this node's view of the agent's contacts.
+func (a *admin) lastSeen(ag *api.Agent) {
+	if a.seen == nil {
+		return
+	}
+	ag.SeenBy = a.nodeID
+	ag.LastSeen, ag.Connected = a.seen.contact(ag.ID)
 }
 
 func (a *admin) AgentShow(ctx context.Context, r *api.IDRequest) (*api.Agent, error) {
@@ -254,6 +273,7 @@ func (a *admin) AgentShow(ctx context.Context, r *api.IDRequest) (*api.Agent, er
 		return nil, status.Errorf(codes.NotFound, "no agent %s", r.ID)
 	}
 	out := apiAgent(ag)
+	a.lastSeen(&out)
 	return &out, nil
 }
 
@@ -498,6 +518,9 @@ func (a *admin) SnapshotRestore(stream grpc.ClientStreamingServer[api.SnapshotCh
 // exported to segment files when they were pruned, then the retained log.
 func (a *admin) AuditExport(r *api.AuditRequest, stream grpc.ServerStreamingServer[api.AuditList]) error {
 	ctx := stream.Context()
+	if r.Filter != nil || r.NewestFirst || r.Before != 0 {
+		return status.Error(codes.InvalidArgument, "audit export streams every record in order: filters and newest-first apply to audit list")
+	}
 	if err := a.read(ctx, "audit export"); err != nil {
 		return err
 	}
@@ -530,7 +553,37 @@ func (a *admin) AuditList(ctx context.Context, r *api.AuditRequest) (*api.AuditL
 		return nil, err
 	}
 	head, _ := a.state.AuditHead()
+	if r.Filter != nil || r.NewestFirst || r.Before != 0 {
+		return a.auditSelect(r, head)
+	}
 	return &api.AuditList{Records: a.state.Audit(r.After, r.Limit), Head: head, First: a.state.AuditFirst()}, nil
+}
+
+// auditSelect serves a filtered or newest-first audit list: it reads at
+// most api.MaxAuditScan records and keeps at most r.Limit, so a request
+// costs the same whatever the log holds; Next says where to go on.
+func (a *admin) auditSelect(r *api.AuditRequest, head uint64) (*api.AuditList, error) {
+	if r.Before != 0 && !r.NewestFirst {
+		return nil, status.Error(codes.InvalidArgument, "before applies to a newest-first list only")
+	}
+	if f := r.Filter; f != nil && !f.Since.IsZero() && !f.Until.IsZero() && f.Until.Before(f.Since) {
+		return nil, status.Errorf(codes.InvalidArgument, "until %s is before since %s", f.Until.Format(time.RFC3339), f.Since.Format(time.RFC3339))
+	}
+	limit := r.Limit
+	if limit <= 0 || limit > state.MaxAuditList {
+		limit = state.MaxAuditList
+	}
+	out := &api.AuditList{Records: []api.AuditRecord{}, Head: head, First: a.state.AuditFirst()}
+	last, end := a.state.AuditScan(r.After, r.Before, r.NewestFirst, api.MaxAuditScan, func(rec *state.AuditRecord) bool {
+		if r.Filter.Match(rec) {
+			out.Records = append(out.Records, *rec)
+		}
+		return len(out.Records) < limit
+	})
+	if !end {
+		out.Next = last
+	}
+	return out, nil
 }
 
 // AuditVerify walks the retained chain and checks every checkpoint's HSM
@@ -771,4 +824,87 @@ func (a *admin) scratchDir() string {
 		a.log.Warn("scratch dir", "err", err)
 	}
 	return d
+}
+
+// PCRPolicyShow answers with the PCR policy in force (nil: none).
+func (a *admin) PCRPolicyShow(ctx context.Context, _ *api.Empty) (*api.PCRPolicyResponse, error) {
+	if err := a.read(ctx, "pcr policy show"); err != nil {
+		return nil, err
+	}
+	return &api.PCRPolicyResponse{Policy: apiPCRPolicy(a.state.Policy().PCRPolicy)}, nil
+}
+
+// TokenList lists the join tokens the state holds, by ID (the token's
+// hash): the tokens themselves were never stored.
+func (a *admin) TokenList(ctx context.Context, _ *api.Empty) (*api.TokenList, error) {
+	if err := a.read(ctx, "token list"); err != nil {
+		return nil, err
+	}
+	out := &api.TokenList{Tokens: []api.JoinToken{}}
+	for _, t := range a.state.Tokens() {
+		out.Tokens = append(out.Tokens, apiJoinToken(t))
+	}
+	return out, nil
+}
+
+// minTokenPrefix is the shortest token ID prefix TokenRevoke accepts: what
+// token create and token list show.
+const minTokenPrefix = 12
+
+// TokenRevoke revokes an unused join token, named by its ID or an
+// unambiguous prefix of it.
+func (a *admin) TokenRevoke(ctx context.Context, r *api.IDRequest) (*api.JoinToken, error) {
+	id := strings.ToLower(r.ID)
+	if len(id) < minTokenPrefix || len(id) > 64 || strings.Trim(id, "0123456789abcdef") != "" {
+		return nil, status.Errorf(codes.InvalidArgument, "token id %q: want the token's ID (hex SHA-256) or at least its first %d hex digits, as token list shows", shownID(r.ID), minTokenPrefix)
+	}
+	if err := a.read(ctx, "token revoke"); err != nil {
+		return nil, err
+	}
+	var matches []string
+	for _, t := range a.state.Tokens() {
+		if strings.HasPrefix(t.ID, id) {
+			matches = append(matches, t.ID)
+		}
+	}
+	switch len(matches) {
+	case 0:
+		return nil, status.Errorf(codes.NotFound, "no join token %s (expired tokens are dropped; see sigilctl token list)", id)
+	case 1:
+	default:
+		return nil, status.Errorf(codes.InvalidArgument, "token id %s matches %d tokens: give more of it", id, len(matches))
+	}
+	t, err := write[state.JoinToken](ctx, a, state.CmdTokenRevoke, state.TokenRevoke{ID: matches[0]})
+	if err != nil {
+		return nil, err
+	}
+	out := apiJoinToken(*t)
+	return &out, nil
+}
+
+func apiJoinToken(t state.JoinToken) api.JoinToken {
+	return api.JoinToken{ID: t.ID, CreatedBy: t.CreatedBy, CreatedAt: t.CreatedAt, ExpiresAt: t.ExpiresAt,
+		UsedBy: t.UsedBy, UsedAt: t.UsedAt, RevokedBy: t.RevokedBy, RevokedAt: t.RevokedAt}
+}
+
+// AgentRemove deletes an agent's record (state.AgentRemove says what
+// happens to the entries it is the parent of). The certificate it holds
+// stays valid until it expires, but it no longer renews, and no workload
+// SVID is issued through it. Removing is not banning: an agent whose
+// attestation the join policy still admits can join again.
+func (a *admin) AgentRemove(ctx context.Context, r *api.AgentRemoveRequest) (*api.AgentRemoved, error) {
+	res, err := write[state.AgentRemoved](ctx, a, state.CmdAgentRemove, state.AgentRemove{ID: r.ID, Force: r.Force})
+	if err != nil {
+		return nil, err
+	}
+	return &api.AgentRemoved{ID: res.ID, KeptEntries: res.KeptEntries}, nil
+}
+
+// apiPCRPolicy is the stored PCR policy as the API serves it; nil stays
+// nil.
+func apiPCRPolicy(p *state.PCRPolicy) *api.PCRPolicy {
+	if p == nil {
+		return nil
+	}
+	return &api.PCRPolicy{Bank: p.Bank, PCRs: maps.Clone(p.PCRs)}
 }

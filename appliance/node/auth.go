@@ -74,6 +74,9 @@ func (n *Node) authenticate(ctx context.Context, req any, info *grpc.UnaryServer
 			return nil, err
 		}
 	}
+	if who.Role == ca.RoleAgent {
+		n.seen.saw(actor, time.Now()) // agentseen.go
+	}
 	return h(context.WithValue(ctx, callerKey{}, c), req)
 }
 
@@ -207,6 +210,13 @@ func (n *Node) authenticateStream(srv any, ss grpc.ServerStream, info *grpc.Stre
 	if who.Role == ca.RoleAdmin {
 		if err := n.checkAdmin(ctx, info.FullMethod, &c, ti.State.PeerCertificates[0]); err != nil {
 			return err
+		}
+	}
+	if who.Role == ca.RoleAgent { // agentseen.go
+		if info.FullMethod == api.AgentMethodSync {
+			defer n.seen.syncOpened(c.Actor, time.Now())()
+		} else {
+			n.seen.saw(c.Actor, time.Now())
 		}
 	}
 	return h(srv, &callerStream{ServerStream: ss, ctx: context.WithValue(ctx, callerKey{}, c)})

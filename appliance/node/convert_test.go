@@ -116,7 +116,11 @@ func TestConvertAgentAndBundle(t *testing.T) {
 		s := fullAgent()
 		allSet(t, s)
 		got := apiAgent(s)
-		allSet(t, got)
+		// SeenBy, LastSeen and Connected are the answering node's view
+		// (agentseen.go), not the state's: the admin service adds them.
+		view := got
+		view.SeenBy, view.LastSeen, view.Connected = "node-1", convTime(3), true
+		allSet(t, view)
 		want := api.Agent{ID: s.ID, AttestationType: "tpm", Facts: map[string]string{"ek_hash": "ab12", "ak_name": "cd34"},
 			SerialNumber: "0a1b", ExpiresAt: convTime(2), Banned: true, JoinedAt: convTime(0), UpdatedAt: convTime(1), Revision: 7}
 		if !reflect.DeepEqual(got, want) {

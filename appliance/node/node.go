@@ -56,6 +56,7 @@ import (
 
 // Node is a running appliance node.
 type Node struct {
+	seen  seenAgents // agentseen.go
 	cfg   *Config
 	log   *slog.Logger
 	td    spiffeid.TrustDomain
@@ -507,6 +508,6 @@ func (n *Node) auditExportDir() string {
 
 // adminSvc is the admin service over this node's state, raft member and CA.
 func (n *Node) adminSvc() *admin {
-	return &admin{td: n.td, nodeID: n.cfg.NodeID, roots: n.roots, dataDir: n.cfg.DataDir, maxCertTTL: n.adminCertMaxTTL(),
+	return &admin{seen: &n.seen, td: n.td, nodeID: n.cfg.NodeID, roots: n.roots, dataDir: n.cfg.DataDir, maxCertTTL: n.adminCertMaxTTL(),
 		log: n.log, authLog: n.authLog, state: n.fsm, member: n.member(), ca: n.auth}
 }

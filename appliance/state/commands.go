@@ -712,6 +712,8 @@ func applyTokenUse(t *txn, p *TokenUse) (any, []AuditEvent, error) {
 		return nil, nil, refuse("join tokens are disabled")
 	case !ok:
 		return nil, nil, refuse("unknown join token")
+	case !tok.RevokedAt.IsZero():
+		return nil, nil, refuse("join token %.12s was revoked at %s by %s", p.ID, tok.RevokedAt.Format(time.RFC3339), tok.RevokedBy)
 	case tok.UsedBy != "":
 		return nil, nil, refuse("join token %.12s was already used by %s", p.ID, tok.UsedBy)
 	case !tok.ExpiresAt.After(t.c.Time):

@@ -107,6 +107,11 @@ type JoinToken struct {
 	CreatedAt time.Time `json:"created_at"`
 	UsedBy    string    `json:"used_by,omitempty"`
 	UsedAt    time.Time `json:"used_at,omitzero"`
+	// RevokedAt and RevokedBy are set by token.revoke: the token no
+	// longer joins. Tokens stored before token.revoke existed carry
+	// neither.
+	RevokedAt time.Time `json:"revoked_at,omitzero"`
+	RevokedBy string    `json:"revoked_by,omitempty"`
 }
 
 // Bundle is the trust domain's trust bundle.
