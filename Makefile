@@ -76,6 +76,8 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) vet -tags faults ./faults/
+	@# The API's registration and clients are generated from its interfaces.
+	@$(GO) generate ./appliance/api && git diff --exit-code --stat -- appliance/api || { echo "appliance/api: generated files are stale; run go generate ./appliance/api and commit"; exit 1; }
 	@$(GO) list $(TEST_HELPERS) >/dev/null || { echo "TEST_HELPERS names a package that does not exist"; exit 1; }
 	@set -o pipefail; bad=$$($(GO) list -tags $(LINT_TAGS) -f '{{.ImportPath}}{{range .Imports}} {{.}}{{end}}' ./... | \
 		awk -v helpers="$(TEST_HELPERS)" 'BEGIN { n = split(helpers, h, " "); for (i = 1; i <= n; i++) helper[h[i]] = 1 } \
