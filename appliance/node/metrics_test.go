@@ -123,7 +123,6 @@ func TestMetricsOperator(t *testing.T) {
 		t.Fatalf("%d audit records for %d calls of a banned agent, want 1", banned, 2*calls)
 	}
 
-
 	// Commit failures apart from refusals: a duplicate entry is the state
 	// machine's refusal, not a failed commit.
 	if _, err := c.Admin("node-2").EntryCreate(ctx, &api.EntryRequest{Entry: api.Entry{ID: web.ID,
