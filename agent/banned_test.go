@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -52,6 +53,31 @@ func TestBannedAgentHealth(t *testing.T) {
 		t.Fatal("the agent log does not say it is banned")
 	}
 
+	// Its renewals are refused, each counted on the appliance, and
+	// audited once.
+	const renewals = 5
+	for i := 0; i < renewals; i++ {
+		if err := e.a.Renew(ctx); err == nil || !strings.Contains(err.Error(), "banned") {
+			t.Fatalf("renewal %d of a banned agent: %v", i, err)
+		}
+	}
+	if v := nodeMetric(t, e.c.Node("node-1").HTTPAddr(), `sigil_banned_agent_calls_total{request="join.renew"}`); v != strconv.Itoa(renewals) {
+		t.Fatalf("banned renewals counted: %s, want %d", v, renewals)
+	}
+	recs, err := e.c.Admin(leader).AuditList(ctx, &api.AuditRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	audited := 0
+	for _, r := range recs.Records {
+		if r.Action == "join.renew.refuse" && r.Target == e.id {
+			audited++
+		}
+	}
+	if audited != 1 {
+		t.Fatalf("%d audit records for %d renewals of a banned agent, want 1", audited, renewals)
+	}
+
 	if _, err := e.c.Admin(leader).AgentUnban(ctx, &api.IDRequest{ID: e.id}); err != nil {
 		t.Fatal(err)
 	}
@@ -62,4 +88,25 @@ func TestBannedAgentHealth(t *testing.T) {
 	if code, body := probe("/healthz"); code != http.StatusOK {
 		t.Fatalf("/healthz after the unban: %d %q", code, body)
 	}
+}
+
+// nodeMetric is one series of a node's /metrics, as the text format
+// writes it (name with its labels).
+func nodeMetric(t *testing.T, addr, series string) string {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = resp.Body.Close() }()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, series+" "); ok {
+			return v
+		}
+	}
+	return "0"
 }

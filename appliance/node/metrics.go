@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -178,6 +179,15 @@ func registerNodeGauges(n *Node, reg *prometheus.Registry) {
 					}
 				}
 				return time.Until(first).Seconds()
+			}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sigil_state_bytes",
+			Help: "Size of this node's state database file: entries, agents and the retained audit records, most of it the audit (-1: not readable)."},
+			func() float64 {
+				fi, err := os.Stat(n.statePath())
+				if err != nil {
+					return -1
+				}
+				return float64(fi.Size())
 			}),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sigil_jwt_key_expiry_seconds",
 			Help: "Seconds until the newest JWT key this node published expires (negative or absent key: none published)."},

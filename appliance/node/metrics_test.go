@@ -143,7 +143,7 @@ func TestMetricsOperator(t *testing.T) {
 		if m["sigil_raft_leader_changes_total"] < 1 {
 			t.Errorf("%s: no leader change counted", id)
 		}
-		for _, g := range []string{"sigil_root_ca_expiry_seconds", "sigil_issuing_ca_expiry_seconds", "sigil_audit_records"} {
+		for _, g := range []string{"sigil_root_ca_expiry_seconds", "sigil_issuing_ca_expiry_seconds", "sigil_audit_records", "sigil_state_bytes"} {
 			if m[g] <= 0 {
 				t.Errorf("%s: %s = %v", id, g, m[g])
 			}

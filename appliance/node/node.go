@@ -149,7 +149,7 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 		return nil, err
 	}
 	n.fsm, err = state.Open(n.td, state.Options{
-		Path:      filepath.Join(cfg.DataDir, "state", "state.db"),
+		Path:      n.statePath(),
 		NodeID:    cfg.NodeID,
 		Logger:    log,
 		ExportDir: n.auditExportDir(),
@@ -509,6 +509,9 @@ func (n *Node) StopBecause(reason string) error {
 	})
 	return nil
 }
+
+// statePath is the replicated state's database file.
+func (n *Node) statePath() string { return filepath.Join(n.cfg.DataDir, "state", "state.db") }
 
 // auditExportDir holds the signed segments of pruned audit records.
 func (n *Node) auditExportDir() string {
