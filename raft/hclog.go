@@ -12,10 +12,12 @@ import (
 )
 
 const (
-	// repeatWindow is how often one repeated warning or error of the raft
-	// library (a heartbeat to a dead peer fails several times a second) is
-	// logged: the first occurrence, then one line per window carrying how
-	// many were left out since.
+	// repeatWindow is how often one repeated line of the raft library
+	// (a heartbeat to a dead peer fails several times a second; a node cut
+	// off from the quorum starts an election every timeout) is logged:
+	// the first occurrence, then one line per window carrying how many
+	// were left out since. Debug lines are not limited: they are off
+	// unless someone is looking.
 	repeatWindow = 10 * time.Second
 	// maxRepeatKeys bounds the (message, peer) pairs tracked; the library's
 	// messages are fixed strings and the peers are cluster members, so the
@@ -88,7 +90,7 @@ func (s *hclogSink) Accept(name string, level hclog.Level, msg string, args ...a
 		// hclog's own convention for an odd argument.
 		attrs = append(attrs, slog.Any("EXTRA_VALUE_AT_END", hclogValue(args[len(args)-1])))
 	}
-	if lvl >= slog.LevelWarn {
+	if lvl >= slog.LevelInfo {
 		ok, suppressed := s.allow(repeatKey{msg, peer})
 		if !ok {
 			return
@@ -103,9 +105,8 @@ func (s *hclogSink) Accept(name string, level hclog.Level, msg string, args ...a
 	s.log.LogAttrs(context.Background(), lvl, msg, attrs...)
 }
 
-// allow says whether a warning or error is logged now: the first of its
-// key in a window is, with the count of those left out in the window
-// before.
+// allow says whether a line is logged now: the first of its key in a
+// window is, with the count of those left out in the window before.
 func (s *hclogSink) allow(k repeatKey) (ok bool, suppressed uint64) {
 	now := s.now()
 	s.mu.Lock()

@@ -13,8 +13,8 @@ import (
 )
 
 // The library's lines arrive as slog records at their own level, their
-// key/values as attributes, no key twice, and a repeated failure is
-// logged once per window with the count of those left out.
+// key/values as attributes, no key twice, and a repeated line is logged
+// once per window with the count of those left out.
 func TestHCLogAdapter(t *testing.T) {
 	var buf bytes.Buffer
 	log := slog.New(slog.NewJSONHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug})).With("node", "node-1", "component", "raft")
