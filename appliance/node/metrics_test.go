@@ -169,11 +169,35 @@ func TestMetricsOperator(t *testing.T) {
 	// A stopped follower: the leader sees it unreachable; the log says
 	// why the node stopped.
 	gone := follower(c, leader)
+	goneAddr := c.Node(gone).RaftAddr()
 	c.Stop(gone)
+	stopped := time.Now()
 	clustertest.Eventually(t, 15*time.Second, "the leader to see "+gone+" unreachable", func() bool {
 		return scrape(t, c, leader)[`sigil_raft_peer_reachable{peer="`+gone+`"}`] == 0
 	})
+	// Keep the peer down a little longer, then count the leader's raft
+	// lines about it: each message at most once per 10 s window.
+	time.Sleep(3 * time.Second)
 	logs := c.Log.String()
+	windows := int(time.Since(stopped)/(10*time.Second)) + 1
+	perMsg := map[string]int{}
+	for _, l := range strings.Split(logs, "\n") {
+		if strings.Contains(l, `"component":"raft"`) && strings.Contains(l, `"node":"`+leader+`"`) && strings.Contains(l, goneAddr) {
+			var rec struct {
+				Time       time.Time
+				Msg, Level string
+			}
+			if err := json.Unmarshal([]byte(l), &rec); err == nil && rec.Level != "DEBUG" && !rec.Time.Before(stopped) {
+				perMsg[rec.Msg]++
+			}
+		}
+	}
+	for msg, n := range perMsg {
+		if n > windows {
+			t.Errorf("leader logged %q about the stopped peer %d times in %d windows", msg, n, windows)
+		}
+	}
+	t.Logf("leader's raft lines about the stopped peer: %v", perMsg)
 	// Every line is JSON with no key twice; raft's own lines carry their
 	// fields as attributes.
 	raftLines := 0
