@@ -4,7 +4,8 @@
 // small RPC for forwarded writes, linearizable reads and membership.
 //
 // It replicates opaque commands into an FSM and knows nothing about what
-// they mean.
+// they mean. hashicorp/raft's own log lines reach the node's slog logger
+// as structured records at their level, repeated ones limited (hclog.go).
 package raft
 
 import (

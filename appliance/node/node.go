@@ -24,8 +24,10 @@
 //     replicated bundle (jwtkeys.go); signing and rotation are
 //     appliance/ca's.
 //   - Root CRLs and this node's CRL (revocation.go, crl.go), the HTTP and
-//     bundle endpoints and metrics (http.go), conversions between state
-//     and API types (convert.go), and the node's configuration (config.go).
+//     bundle endpoints and metrics (http.go; the services' counters, peer
+//     reachability, expiries and the once-per-period audit of banned
+//     agents in metrics.go), conversions between state and API types
+//     (convert.go), and the node's configuration (config.go).
 package node
 
 import (
