@@ -79,7 +79,7 @@ func (m *opsMetrics) banned(request string) {
 	}
 }
 
-// svidType is the metric type of an issuance request name.
+// svidType is the metric type of an issuance request name ("": none).
 func svidType(what string) string {
 	switch {
 	case strings.HasPrefix(what, "svid.jwt"):
@@ -87,7 +87,7 @@ func svidType(what string) string {
 	case strings.HasPrefix(what, "svid.x509"):
 		return svidX509
 	}
-	return what // sync, renew: not an SVID type; counted by the caller's own label
+	return "" // sync: not an SVID request
 }
 
 const (
