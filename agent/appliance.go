@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -25,6 +26,39 @@ type appliance struct {
 	conn *grpc.ClientConn
 	// peer is the chain the current connection's server last presented.
 	peer *atomic.Pointer[[]*x509.Certificate]
+	// banned is the appliance's refusal while it refuses this agent as
+	// banned (nil otherwise): health and readiness report it until a call
+	// succeeds again (an unban).
+	banned atomic.Pointer[string]
+}
+
+// observe keeps the banned state from a call's outcome: the appliance
+// answers a banned agent's calls with PermissionDenied naming the ban
+// ("agent is banned", "is banned or gone"); any success clears it.
+func (p *appliance) observe(err error) {
+	if err == nil {
+		if p.banned.Swap(nil) != nil {
+			p.a.log.Info("the appliance serves this agent again: no longer banned")
+		}
+		return
+	}
+	st, ok := status.FromError(err)
+	if !ok || st.Code() != codes.PermissionDenied || !strings.Contains(st.Message(), "banned") {
+		return
+	}
+	msg := st.Message()
+	if p.banned.Swap(&msg) == nil {
+		p.a.log.Error("the appliance refuses this agent: it is banned; an operator must unban it", "reason", msg)
+	}
+}
+
+// bannedReason is the appliance's refusal while this agent is banned ("":
+// not banned, as far as the last call said).
+func (p *appliance) bannedReason() string {
+	if m := p.banned.Load(); m != nil {
+		return *m
+	}
+	return ""
 }
 
 func (p *appliance) client() (*api.AgentClient, *grpc.ClientConn, error) {
@@ -109,6 +143,7 @@ func unaryCall[Req, Resp any](ctx context.Context, p *appliance, f func(*api.Age
 			continue
 		}
 		resp, err := f(c, ctx, r)
+		p.observe(err)
 		if err == nil {
 			return resp, nil
 		}
@@ -138,6 +173,7 @@ func (p *appliance) Sync(ctx context.Context, r *api.SyncRequest) (grpc.ServerSt
 	}
 	s, err := c.Sync(ctx, r)
 	if err != nil {
+		p.observe(err)
 		p.failed(conn, err)
 		return nil, err
 	}
@@ -152,6 +188,7 @@ type syncStream struct {
 
 func (s *syncStream) Recv() (*api.SyncUpdate, error) {
 	u, err := s.ServerStreamingClient.Recv()
+	s.p.observe(err)
 	if err != nil {
 		s.p.failed(s.conn, err)
 	}

@@ -135,9 +135,28 @@ func (a *Agent) healthHandler(srv *workload.Server) http.Handler {
 		}
 		return 0
 	})
+	gauge("sigil_agent_banned", "1 while the appliance refuses this agent as banned (an operator must unban it).", func() float64 {
+		if a.app.bannedReason() != "" {
+			return 1
+		}
+		return 0
+	})
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	// A banned agent is alive but of no use: both probes say so, with the
+	// appliance's own words, so that an orchestrator stops sending it
+	// workloads and an operator sees why.
+	banned := func(w http.ResponseWriter) bool {
+		if reason := a.app.bannedReason(); reason != "" {
+			http.Error(w, "agent is banned by the appliance: "+reason, http.StatusServiceUnavailable)
+			return true
+		}
+		return false
+	}
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		if banned(w) {
+			return
+		}
 		if s := a.SVID(); s == nil || time.Now().After(s.Chain[0].NotAfter) {
 			http.Error(w, "agent identity expired", http.StatusServiceUnavailable)
 			return
@@ -145,6 +164,9 @@ func (a *Agent) healthHandler(srv *workload.Server) http.Handler {
 		a.writeHealth(w, r)
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		if banned(w) {
+			return
+		}
 		if s, _ := a.cache.Current(); s.Bundle == nil {
 			http.Error(w, "no trust bundle yet", http.StatusServiceUnavailable)
 			return

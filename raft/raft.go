@@ -4,7 +4,8 @@
 // small RPC for forwarded writes, linearizable reads and membership.
 //
 // It replicates opaque commands into an FSM and knows nothing about what
-// they mean.
+// they mean. hashicorp/raft's own log lines reach the node's slog logger
+// as structured records at their level, repeated ones limited (hclog.go).
 package raft
 
 import (
@@ -122,8 +123,10 @@ type Status struct {
 	Peers        []Peer
 }
 
-// Peer is one member of the configuration. LastContact and LastIndex are
-// the leader's view (zero elsewhere or when unknown).
+// Peer is one member of the configuration. On the leader, LastContact and
+// LastIndex are its view of each peer; on a follower, the leader's
+// LastContact is when this follower last heard from it, and the other
+// peers' are zero (a follower does not talk to them).
 type Peer struct {
 	ID          string
 	Addr        string
@@ -146,7 +149,8 @@ type Node struct {
 	pool  *rpcPool
 	conns connSet // established connections, for ResetConnections
 
-	leaderReady atomic.Uint64 // term in which this leader committed a barrier
+	leaderReady   atomic.Uint64 // term in which this leader committed a barrier
+	leaderChanges atomic.Uint64 // leaders this node learned of (LeaderChanges)
 
 	statsMu sync.Mutex
 	stats   map[string]Peer
@@ -220,7 +224,7 @@ func New(ctx context.Context, cfg Config, fsm FSM) (*Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("raft: open log store: %w", err)
 	}
-	hlog := hclog.New(&hclog.LoggerOptions{Name: "raft", Level: hclog.Warn, Output: &slogWriter{n.log}, JSONFormat: true})
+	hlog := newHCLogger(n.log)
 	snaps, err := hraft.NewFileSnapshotStoreWithLogger(cfg.DataDir, 3, hlog)
 	if err != nil {
 		return nil, fmt.Errorf("raft: open snapshot store: %w", err)
@@ -252,12 +256,40 @@ func New(ctx context.Context, cfg Config, fsm FSM) (*Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("raft: start: %w", err)
 	}
-	n.wg.Add(2)
+	obs := make(chan hraft.Observation, 16)
+	observer := hraft.NewObserver(obs, false, func(o *hraft.Observation) bool {
+		_, ok := o.Data.(hraft.LeaderObservation)
+		return ok
+	})
+	n.r.RegisterObserver(observer)
+	n.wg.Add(3)
 	go func() { defer n.wg.Done(); n.acceptLoop() }()
 	go func() { defer n.wg.Done(); n.statsLoop() }()
+	go func() { defer n.wg.Done(); n.observeLeaders(obs, observer) }()
 	ok = true
 	return n, nil
 }
+
+// observeLeaders counts the leaders this node learns of (an election won
+// by anyone, or a new leader heard from) until the node shuts down.
+func (n *Node) observeLeaders(obs chan hraft.Observation, o *hraft.Observer) {
+	defer n.r.DeregisterObserver(o)
+	for {
+		select {
+		case <-n.ctx.Done():
+			return
+		case ob := <-obs:
+			if l, ok := ob.Data.(hraft.LeaderObservation); ok && l.LeaderID != "" {
+				n.leaderChanges.Add(1)
+				n.log.Info("raft leader changed", "leader", string(l.LeaderID), "term", n.r.CurrentTerm())
+			}
+		}
+	}
+}
+
+// LeaderChanges is how many times this node learned of a new leader since
+// it started (a leader lost and then found again counts once more).
+func (n *Node) LeaderChanges() uint64 { return n.leaderChanges.Load() }
 
 // Addr is the advertised raft address.
 func (n *Node) Addr() string { return n.cfg.AdvertiseAddr }
@@ -591,13 +623,13 @@ func (n *Node) changeMembership(ctx context.Context, req *rpcRequest) error {
 				return nil // already a member: joining is idempotent
 			}
 		}
-		n.log.Info("adding voter", "node", req.NodeID, "addr", req.Addr)
+		n.log.Info("adding voter", "member", req.NodeID, "addr", req.Addr)
 		return n.r.AddVoter(hraft.ServerID(req.NodeID), hraft.ServerAddress(req.Addr), 0, n.timeout(ctx)).Error()
 	case opRemove:
 		if req.NodeID == "" {
 			return errors.New("raft: remove needs a node ID")
 		}
-		n.log.Info("removing server", "node", req.NodeID)
+		n.log.Info("removing server", "member", req.NodeID)
 		return n.r.RemoveServer(hraft.ServerID(req.NodeID), 0, n.timeout(ctx)).Error()
 	}
 	return fmt.Errorf("raft: unknown membership op %q", req.Op)
@@ -632,12 +664,16 @@ func (n *Node) Status(ctx context.Context) Status {
 		LastIndex: n.r.LastIndex(), CommitIndex: n.r.CommitIndex(), AppliedIndex: n.fsm.AppliedIndex(),
 		LeaderID: string(leaderID), LeaderAddr: string(leaderAddr),
 	}
+	isLeader := n.IsLeader()
 	if cfg, err := n.configuration(); err == nil {
 		n.statsMu.Lock()
 		for _, s := range cfg.Servers {
 			p := Peer{ID: string(s.ID), Addr: string(s.Address), Suffrage: strings.ToLower(s.Suffrage.String())}
-			if seen, ok := n.stats[p.ID]; ok && n.IsLeader() {
+			if seen, ok := n.stats[p.ID]; ok && isLeader {
 				p.LastContact, p.LastIndex = seen.LastContact, seen.LastIndex
+			}
+			if !isLeader && p.ID == st.LeaderID {
+				p.LastContact = n.r.LastContact()
 			}
 			if p.ID == n.cfg.NodeID {
 				p.LastContact, p.LastIndex = time.Now(), st.LastIndex
@@ -798,11 +834,3 @@ func (s *snapAdapter) Persist(sink hraft.SnapshotSink) error {
 }
 
 func (s *snapAdapter) Release() { s.s.Release() }
-
-// slogWriter carries hashicorp's log lines (warnings and worse) into slog.
-type slogWriter struct{ log *slog.Logger }
-
-func (w *slogWriter) Write(p []byte) (int, error) {
-	w.log.Warn("raft library", "line", strings.TrimSpace(string(p)))
-	return len(p), nil
-}

@@ -568,7 +568,7 @@ func (n *Node) handleRPC(req *rpcRequest, peer, remote string) *rpcResponse {
 		return &rpcResponse{Index: idx}
 	case opJoin, opRemove:
 		if err := n.authorizeMembership(req, peer); err != nil {
-			n.log.Warn("membership request refused", "op", req.Op, "node", req.NodeID, "peer", peer, "err", err)
+			n.log.Warn("membership request refused", "op", req.Op, "member", req.NodeID, "peer", peer, "err", err)
 			return &rpcResponse{Err: err.Error()}
 		}
 		// Any member may receive a join; it goes to the leader from here,

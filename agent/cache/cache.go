@@ -355,7 +355,7 @@ func (c *Cache) apply(u *api.SyncUpdate) error {
 			}
 		}
 	})
-	c.log.Info("appliance view applied", "revision", u.Revision, "entries", len(entries), "bundle_sequence", u.Bundle.Sequence)
+	c.log.Debug("appliance view applied", "revision", u.Revision, "entries", len(entries), "bundle_sequence", u.Bundle.Sequence)
 	c.wake()
 	if revokedMore && c.opts.OnRevoked != nil {
 		c.opts.OnRevoked()

@@ -16,6 +16,7 @@ type metrics struct {
 	reg       *prometheus.Registry
 	apply     *prometheus.HistogramVec
 	applyErrs *prometheus.CounterVec
+	ops       *opsMetrics // counted by the services (metrics.go)
 }
 
 func newMetrics(n *Node) *metrics {
@@ -27,8 +28,8 @@ func newMetrics(n *Node) *metrics {
 	}, []string{"command"})
 	m.applyErrs = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "sigil_raft_apply_errors_total",
-		Help: "Commands that were refused or could not be committed.",
-	}, []string{"command"})
+		Help: "Commands that did not commit, by command and kind: refused_by_state (the state machine refused it: a duplicate, a banned agent, an operator's mistake) or commit_failed (no quorum, timeout, shutdown: the cluster's failure).",
+	}, []string{"command", "kind"})
 	status := func(f func(s statusView) float64) func() float64 {
 		return func() float64 {
 			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
@@ -69,6 +70,8 @@ func newMetrics(n *Node) *metrics {
 		}),
 		limitsCollector{n},
 	)
+	registerNodeGauges(n, m.reg)
+	m.ops = newOpsMetrics(m.reg)
 	return m
 }
 
@@ -126,8 +129,12 @@ func (m *metrics) observeApply(cmd string, d time.Duration, err error) {
 		return
 	}
 	m.apply.WithLabelValues(cmd).Observe(d.Seconds())
-	if err != nil {
-		m.applyErrs.WithLabelValues(cmd).Inc()
+	switch {
+	case err == nil:
+	case refused(err):
+		m.applyErrs.WithLabelValues(cmd, "refused_by_state").Inc()
+	default:
+		m.applyErrs.WithLabelValues(cmd, "commit_failed").Inc()
 	}
 }
 

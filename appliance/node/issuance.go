@@ -114,6 +114,9 @@ type issuer struct {
 	audit  auditRecorder
 	x509   svidSigner
 	jwt    jwtSigner
+
+	m    *opsMetrics  // nil: nothing counted
+	bans *bannedAudit // nil: every refusal of a banned agent audited
 }
 
 // callingAgent returns the calling agent from this node's state. That may
@@ -123,6 +126,7 @@ type issuer struct {
 func (s *issuer) callingAgent(ctx context.Context, actor, what string) (state.Agent, error) {
 	if !s.quorum.leaderKnown() {
 		s.log.Error("agent request refused: no leader", "request", what, "agent", actor)
+		s.countRefusal(what, refuseUnavailable)
 		return state.Agent{}, errUnavailable()
 	}
 	a, ok := s.state.Agent(actor)
@@ -130,22 +134,55 @@ func (s *issuer) callingAgent(ctx context.Context, actor, what string) (state.Ag
 		// A negative answer may be this node lagging (a join or unban not
 		// applied yet): confirm it against the leader before refusing.
 		if err := catchUp(ctx, s.quorum, s.log, "request", what, "agent", actor); err != nil {
+			s.countRefusal(what, refuseUnavailable)
 			return state.Agent{}, err
 		}
 		a, ok = s.state.Agent(actor)
 	}
-	reason := ""
 	switch {
 	case !ok:
-		reason = "unknown agent: it has not joined"
-	case a.Banned:
-		reason = "agent is banned"
-	}
-	if reason != "" {
+		reason := "unknown agent: it has not joined"
+		s.countRefusal(what, refuseUnknown)
 		s.refuse(ctx, what, actor, "", reason)
+		return state.Agent{}, status.Errorf(codes.PermissionDenied, "%s: %s", actor, reason)
+	case a.Banned:
+		reason := "agent is banned"
+		s.countRefusal(what, refuseBanned)
+		s.m.banned(what)
+		s.refuseBanned(ctx, what, actor, reason)
 		return state.Agent{}, status.Errorf(codes.PermissionDenied, "%s: %s", actor, reason)
 	}
 	return a, nil
+}
+
+// countRefusal counts a refused SVID request (sync is not one).
+func (s *issuer) countRefusal(what, class string) {
+	if t := svidType(what); t == svidX509 || t == svidJWT {
+		s.m.refuse(t, class)
+	}
+}
+
+// refuseBanned logs and audits a banned agent's call, at most once per
+// agent per period (s.bans): it retries for as long as it runs, and the
+// audit must not grow with it. The counter sigil_banned_agent_calls_total
+// has every call; the audit record says how many went unrecorded.
+func (s *issuer) refuseBanned(ctx context.Context, what, agent, reason string) {
+	audit, suppressed := s.bans.take(agent)
+	if !audit {
+		s.log.Debug("issuance refused", "request", what, "agent", agent, "reason", reason)
+		return
+	}
+	s.log.Warn("issuance refused", "request", what, "agent", agent, "reason", reason, "refused_since_last_record", suppressed)
+	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	every := bannedAuditEvery
+	if s.bans != nil {
+		every = s.bans.every
+	}
+	if err := s.audit.record(actx, state.AuditEvent{Action: what + ".refuse",
+		Detail: bannedDetail(map[string]string{"agent": agent, "reason": reason}, suppressed, every)}); err != nil {
+		s.log.Error("audit of refusal failed", "request", what, "agent", agent, "err", err)
+	}
 }
 
 // refuse logs and audits a refusal (best effort: refusals must not be
@@ -164,6 +201,7 @@ func (s *issuer) refuse(ctx context.Context, what, agent, target, reason string)
 // x509SVIDs signs a batch of workload X.509-SVIDs for the calling agent.
 func (s *issuer) x509SVIDs(ctx context.Context, actor string, b *api.X509SVIDBatch) (*api.X509SVIDBatchResult, error) {
 	if len(b.Requests) == 0 || len(b.Requests) > maxBatch {
+		s.m.refuse(svidX509, refuseBadRequest)
 		return nil, status.Errorf(codes.InvalidArgument, "a batch holds 1 to %d requests, not %d", maxBatch, len(b.Requests))
 	}
 	a, err := s.callingAgent(ctx, actor, "svid.x509")
@@ -173,6 +211,7 @@ func (s *issuer) x509SVIDs(ctx context.Context, actor string, b *api.X509SVIDBat
 	for _, r := range b.Requests {
 		if _, ok := s.state.Entry(r.EntryID); !ok {
 			if err := catchUp(ctx, s.quorum, s.log, "request", "svid.x509", "agent", a.ID, "entry", shownID(r.EntryID)); err != nil {
+				s.m.refuse(svidX509, refuseUnavailable)
 				return nil, err
 			}
 			break
@@ -203,6 +242,13 @@ func (s *issuer) x509SVIDs(ctx context.Context, actor string, b *api.X509SVIDBat
 	if err := s.audit.record(ctx, events...); err != nil {
 		return nil, s.withheld("svid.x509", a.ID, "", err)
 	}
+	issued := 0
+	for _, r := range out.Results {
+		if r.Error == "" {
+			issued++
+		}
+	}
+	s.m.issue(svidX509, issued)
 	return out, nil
 }
 
@@ -231,8 +277,11 @@ func catchUp(ctx context.Context, q quorum, log *slog.Logger, ctxAttrs ...any) e
 func (s *issuer) withheld(what, agent, entry string, err error) error {
 	s.log.Error("issuance withheld: not recorded", "request", what, "agent", agent, "entry", entry, "err", err)
 	if errors.Is(err, errRefusedAtCommit) {
+		s.countRefusal(what, refuseAtCommit)
+		s.m.banned(what)
 		return status.Errorf(codes.PermissionDenied, "%s: agent is banned", agent)
 	}
+	s.countRefusal(what, refuseUnavailable)
 	return errUnavailable()
 }
 
@@ -242,6 +291,7 @@ func (s *issuer) signInto(a state.Agent, r api.X509SVIDRequest, res *api.X509SVI
 	e, chain, reason, detail := s.signOne(a, r)
 	if reason != "" {
 		res.Error = reason
+		s.m.refuse(svidX509, x509RefusalClass(reason))
 		reason = auditReason(detail)
 		s.log.Warn("issuance refused", "request", "svid.x509", "agent", a.ID, "entry", shownID(r.EntryID), "reason", reason)
 		return state.AuditEvent{Action: "svid.x509.refuse", Target: e.SPIFFEID,
@@ -255,6 +305,19 @@ func (s *issuer) signInto(a state.Agent, r api.X509SVIDRequest, res *api.X509SVI
 	return state.AuditEvent{Action: "svid.x509.issue", Target: e.SPIFFEID, Detail: map[string]string{
 		"serial": leaf.SerialNumber.Text(16), "agent": a.ID, "entry": e.ID, "node": s.nodeID,
 		"expires": leaf.NotAfter.UTC().Format(time.RFC3339)}}
+}
+
+// x509RefusalClass is the metric class of signOne's reason.
+func x509RefusalClass(reason string) string {
+	switch {
+	case reason == msgUnavailable || reason == msgInternal:
+		return refuseUnavailable
+	case strings.HasPrefix(reason, "no entry"):
+		return refuseNoEntry
+	case strings.Contains(reason, "belongs to another parent"):
+		return refuseNotParent
+	}
+	return refuseBadRequest
 }
 
 // signOne checks one request and signs it; reason says why not, to the
@@ -329,6 +392,7 @@ func (s *issuer) jwtSVID(ctx context.Context, actor string, r *api.JWTSVIDReques
 	e, ok := s.state.Entry(r.EntryID)
 	if !ok && audErr == nil {
 		if err := catchUp(ctx, s.quorum, s.log, "request", "svid.jwt", "agent", a.ID, "entry", shownID(r.EntryID)); err != nil {
+			s.m.refuse(svidJWT, refuseUnavailable)
 			return nil, err
 		}
 		e, ok = s.state.Entry(r.EntryID)
@@ -337,9 +401,12 @@ func (s *issuer) jwtSVID(ctx context.Context, actor string, r *api.JWTSVIDReques
 	switch {
 	case audErr != nil:
 		reason = audErr.Error()
+		s.m.refuse(svidJWT, refuseBadRequest)
 	case !ok:
 		reason = fmt.Sprintf("no entry %q", shownID(r.EntryID))
+		s.m.refuse(svidJWT, refuseNoEntry)
 	case e.ParentID != a.ID:
+		s.m.refuse(svidJWT, refuseNotParent)
 		// The parent is another agent's business: the audit has it, the
 		// caller does not.
 		s.refuse(ctx, "svid.jwt", a.ID, e.SPIFFEID, fmt.Sprintf("entry %s belongs to parent %s, not this agent", e.ID, e.ParentID))
@@ -352,6 +419,7 @@ func (s *issuer) jwtSVID(ctx context.Context, actor string, r *api.JWTSVIDReques
 	key, err := s.jwt.Current(ctx)
 	if err != nil {
 		s.log.Error("issuance failed: no publishable JWT key", "request", "svid.jwt", "agent", a.ID, "entry", e.ID, "err", err)
+		s.m.refuse(svidJWT, refuseUnavailable)
 		return nil, errUnavailable()
 	}
 	ttl := e.JWTTTL.Duration()
@@ -364,6 +432,7 @@ func (s *issuer) jwtSVID(ctx context.Context, actor string, r *api.JWTSVIDReques
 	tok, err := key.Sign(ca.JWTClaims{Subject: e.SPIFFEID, Audience: r.Audience, IssuedAt: now, Expiry: now.Add(ttl), ID: hex.EncodeToString(jti)})
 	if err != nil {
 		s.log.Error("issuance failed: signing", "request", "svid.jwt", "agent", a.ID, "entry", e.ID, "kid", key.KID(), "err", err)
+		s.m.refuse(svidJWT, refuseUnavailable)
 		return nil, errUnavailable()
 	}
 	if err := s.audit.record(ctx, state.AuditEvent{Action: "svid.jwt.issue", Target: e.SPIFFEID, Detail: map[string]string{
@@ -371,6 +440,7 @@ func (s *issuer) jwtSVID(ctx context.Context, actor string, r *api.JWTSVIDReques
 		"audience": strings.Join(r.Audience, ","), "expires": now.Add(ttl).UTC().Format(time.RFC3339)}}); err != nil {
 		return nil, s.withheld("svid.jwt", a.ID, e.ID, err)
 	}
+	s.m.issue(svidJWT, 1)
 	return &api.JWTSVIDResult{Token: tok, SPIFFEID: e.SPIFFEID, ExpiresAt: now.Add(ttl)}, nil
 }
 
@@ -385,6 +455,7 @@ func (s *issuer) agentSVID(ctx context.Context, id spiffeid.ID, pub crypto.Publi
 	chain, err := s.x509.SignAgent(ca.Leaf{ID: id, PublicKey: pub, TTL: s.agentTTL, Subject: pkix.Name{CommonName: "sigil-agent"}})
 	if err != nil {
 		s.log.Error("agent SVID not issued: signing", "agent", id.String(), "method", method, "err", err)
+		s.m.refuse(svidAgent, refuseUnavailable)
 		return nil, errUnavailable()
 	}
 	leaf := chain[0]
@@ -396,8 +467,10 @@ func (s *issuer) agentSVID(ctx context.Context, id spiffeid.ID, pub crypto.Publi
 			return nil, err
 		}
 		s.log.Error("agent SVID withheld: agent not recorded", "agent", id.String(), "method", method, "err", err)
+		s.m.refuse(svidAgent, refuseUnavailable)
 		return nil, errUnavailable()
 	}
+	s.m.issue(svidAgent, 1)
 	s.log.Info("agent admitted", "agent", id.String(), "method", method, "serial", leaf.SerialNumber.Text(16), "expires", leaf.NotAfter)
 	out := &api.AgentSVID{AgentID: id.String(), ExpiresAt: leaf.NotAfter}
 	for _, c := range chain {

@@ -57,6 +57,9 @@ type joinDeps struct {
 	audit         auditRecorder
 	anon          *refusals // anonymous refusals, summarized
 	issuer        *issuer   // signs and records the agents' SVIDs
+
+	m    *opsMetrics  // nil: nothing counted (metrics.go)
+	bans *bannedAudit // nil: every refusal of a banned agent audited
 }
 
 // joinState is the replica as joining reads it.
@@ -110,11 +113,30 @@ var _ api.JoinServer = (*joinSvc)(nil)
 func (j *joinSvc) refuse(ctx context.Context, method, subject string, code codes.Code, err error) error {
 	c := callerFrom(ctx)
 	reason := auditReason(err.Error())
+	class := provenClass(reason)
+	j.anon.countOnly(class)
+	j.m.refuse(svidAgent, class)
+	detail := map[string]string{"caller": c.Actor, "reason": reason}
+	if class == classBanned {
+		// A banned agent retries for as long as it runs: audited at most
+		// once per agent per period (metrics.go), counted every time.
+		j.m.banned("join." + method)
+		audit, suppressed := j.bans.take(subject)
+		if !audit {
+			j.log.Debug("join refused", "method", method, "caller", c.Actor, "subject", subject, "reason", reason)
+			return status.Error(code, err.Error())
+		}
+		every := bannedAuditEvery
+		if j.bans != nil {
+			every = j.bans.every
+		}
+		detail = bannedDetail(detail, suppressed, every)
+	}
 	j.log.Warn("join refused", "method", method, "caller", c.Actor, "subject", subject, "reason", reason)
 	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
 	if aerr := j.audit.record(actx, state.AuditEvent{Action: "join." + method + ".refuse", Target: subject,
-		Detail: map[string]string{"caller": c.Actor, "reason": reason}}); aerr != nil {
+		Detail: detail}); aerr != nil {
 		j.log.Error("audit of refused join failed", "err", aerr)
 	}
 	return status.Error(code, err.Error())
@@ -142,6 +164,7 @@ func (j *joinSvc) catchUp(ctx context.Context, method string) error {
 }
 
 func (j *joinSvc) TPMHello(ctx context.Context, r *api.JoinTPMHello) (*api.JoinTPMChallenge, error) {
+	j.m.join("tpm-hello")
 	src := helloSource(ctx)
 	// Both buckets before any evidence is checked: a source that has used
 	// either up costs the node nothing more. Every hello takes a token
@@ -213,6 +236,7 @@ func (j *joinSvc) TPMHello(ctx context.Context, r *api.JoinTPMHello) (*api.JoinT
 }
 
 func (j *joinSvc) TPMProve(ctx context.Context, r *api.JoinTPMProof) (*api.AgentSVID, error) {
+	j.m.join("tpm-prove")
 	ch := j.pending.take(string(r.Nonce))
 	if ch == nil {
 		return nil, j.refuseAnon(ctx, "tpm", classNonceUnknown, "", codes.PermissionDenied, errors.New("unknown or already used nonce (a replay, or the challenge came from another node)"))
@@ -252,6 +276,7 @@ func (j *joinSvc) TPMProve(ctx context.Context, r *api.JoinTPMProof) (*api.Agent
 }
 
 func (j *joinSvc) Token(ctx context.Context, r *api.JoinTokenRequest) (*api.AgentSVID, error) {
+	j.m.join("token")
 	if j.disableTokens {
 		return nil, j.refuseAnon(ctx, "token", classTokensDisabled, "", codes.PermissionDenied, errors.New("join tokens are disabled on this node (join.disable-tokens)"))
 	}
@@ -296,6 +321,7 @@ func (j *joinSvc) Token(ctx context.Context, r *api.JoinTokenRequest) (*api.Agen
 // only in place of the presented one), so of two renewals of the same
 // certificate at the same moment only one is recorded and answered.
 func (j *joinSvc) Renew(ctx context.Context, r *api.RenewRequest) (*api.AgentSVID, error) {
+	j.m.join("renew")
 	c := callerFrom(ctx)
 	p, _ := peer.FromContext(ctx)
 	ti, _ := p.AuthInfo.(credentials.TLSInfo)

@@ -24,8 +24,10 @@
 //     replicated bundle (jwtkeys.go); signing and rotation are
 //     appliance/ca's.
 //   - Root CRLs and this node's CRL (revocation.go, crl.go), the HTTP and
-//     bundle endpoints and metrics (http.go), conversions between state
-//     and API types (convert.go), and the node's configuration (config.go).
+//     bundle endpoints and metrics (http.go; the services' counters, peer
+//     reachability, expiries and the once-per-period audit of banned
+//     agents in metrics.go), conversions between state and API types
+//     (convert.go), and the node's configuration (config.go).
 package node
 
 import (
@@ -116,7 +118,7 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 	defer func() {
 		if !ok {
 			// Start's own error is the one to return; Stop's is logged.
-			if err := n.Stop(); err != nil {
+			if err := n.StopBecause("start failed"); err != nil {
 				log.Warn("stop after failed start", "err", err)
 			}
 		}
@@ -150,7 +152,7 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 		return nil, err
 	}
 	n.fsm, err = state.Open(n.td, state.Options{
-		Path:      filepath.Join(cfg.DataDir, "state", "state.db"),
+		Path:      n.statePath(),
 		NodeID:    cfg.NodeID,
 		Logger:    log,
 		ExportDir: n.auditExportDir(),
@@ -203,8 +205,10 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 		Ready:        member.leaderKnown,
 		Logger:       log,
 	})
+	bans := newBannedAudit()
 	n.issuer = &issuer{nodeID: cfg.NodeID, actor: n.actor(), agentTTL: cfg.Join.AgentSVIDTTL.Duration, log: log,
-		state: n.fsm, apply: member, quorum: member, audit: n.batch, x509: n.auth, jwt: n.jwt}
+		state: n.fsm, apply: member, quorum: member, audit: n.batch, x509: n.auth, jwt: n.jwt,
+		m: n.metrics.ops, bans: bans}
 	n.wg.Add(3)
 	go func() { defer n.wg.Done(); n.batch.run(runCtx) }()
 	go func() { defer n.wg.Done(); n.jwt.Maintain(runCtx) }()
@@ -252,7 +256,8 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 	api.RegisterAdmin(n.grpc, n.adminSvc())
 	api.RegisterAgent(n.grpc, &agentSvc{td: n.td, state: n.fsm, issuer: n.issuer})
 	api.RegisterJoin(n.grpc, newJoinSvc(joinDeps{td: n.td, disableTokens: cfg.Join.DisableTokens, actor: n.actor(), log: log,
-		state: n.fsm, apply: member, quorum: member, audit: n.batch, anon: n.refusals, issuer: n.issuer}, n.metrics.reg))
+		state: n.fsm, apply: member, quorum: member, audit: n.batch, anon: n.refusals, issuer: n.issuer,
+		m: n.metrics.ops, bans: bans}, n.metrics.reg))
 	n.serve(func() error { return n.grpc.Serve(n.apiLn) })
 
 	if cfg.API.LocalSocket != "" {
@@ -446,8 +451,18 @@ func (n *Node) Raft() *raft.Node { return n.raft }
 
 // Stop shuts the node down: API first, then raft, then the HSM. Each
 // step runs whatever the one before it did; a step that fails is logged.
-func (n *Node) Stop() error {
+func (n *Node) Stop() error { return n.StopBecause("stop requested") }
+
+// StopBecause is Stop with the reason the last log line gives ("signal
+// terminated", "start failed"): the line an operator looks for after a
+// node went away.
+func (n *Node) StopBecause(reason string) error {
 	n.stopOnce.Do(func() {
+		start := time.Now()
+		n.log.Info("sigild stopping", "reason", reason)
+		defer func() {
+			n.log.Info("sigild stopped", "reason", reason, "seconds", time.Since(start).Seconds())
+		}()
 		// A listener the gRPC or HTTP server already closed reports
 		// net.ErrClosed when closed again: that is not a failure.
 		closed := func(what string, err error) {
@@ -497,6 +512,9 @@ func (n *Node) Stop() error {
 	})
 	return nil
 }
+
+// statePath is the replicated state's database file.
+func (n *Node) statePath() string { return filepath.Join(n.cfg.DataDir, "state", "state.db") }
 
 // auditExportDir holds the signed segments of pruned audit records.
 func (n *Node) auditExportDir() string {

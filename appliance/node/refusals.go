@@ -39,6 +39,29 @@ const (
 	classTokenRefused    = "token-refused" // any other refusal of a token redemption
 )
 
+// Reason classes of refusals of a proven identity (an agent renewing,
+// a banned agent whose evidence checked out): counted in the same metric,
+// audited by the join service itself (join.go).
+const (
+	classBanned        = "banned"           // the agent is banned (or gone)
+	classNotCurrent    = "not-current"      // a renewal with an older certificate than the agent's latest
+	classKeyMismatch   = "key-mismatch"     // renewal CSR unparsable or for another key
+	classRefusedCommit = "refused-by-state" // any other refusal by the state machine
+)
+
+// provenClass classifies a refusal of a proven identity by its reason.
+func provenClass(reason string) string {
+	switch {
+	case strings.Contains(reason, "banned"):
+		return classBanned
+	case strings.Contains(reason, "not the agent's current certificate"):
+		return classNotCurrent
+	case strings.HasPrefix(reason, "CSR"):
+		return classKeyMismatch
+	}
+	return classRefusedCommit
+}
+
 // classNoQuorum is the log budget of this node's own failures (no quorum)
 // met while serving anonymous joins; it is not a refusal class.
 const classNoQuorum = "no-quorum"
@@ -105,7 +128,7 @@ func newRefusals(log *slog.Logger, interval time.Duration, reg prometheus.Regist
 	r.ctx, r.cancel = context.WithCancel(context.Background())
 	r.total = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "sigil_join_refusals_total",
-		Help: "Anonymous join refusals on this node, by reason class (summarized in the audit log, not recorded one by one).",
+		Help: "Join refusals on this node, by reason class: anonymous ones (summarized in the audit log, not recorded one by one) and those of a proven agent (banned, not-current, key-mismatch, refused-by-state: audited by the join service, a banned agent at most once per period).",
 	}, []string{"class"})
 	if reg != nil {
 		reg.MustRegister(r.total)
@@ -138,6 +161,13 @@ func (r *refusals) note(ctx context.Context, method, class, subject string, err 
 	}
 	if logIt {
 		r.log.Warn("join refused", "method", method, "class", class, "remote", addr, "subject", subject, "reason", auditReason(err.Error()))
+	}
+}
+
+// countOnly counts a refusal the caller audits itself (a proven agent's).
+func (r *refusals) countOnly(class string) {
+	if r != nil {
+		r.total.WithLabelValues(class).Inc()
 	}
 }
 

@@ -1,0 +1,240 @@
+package node
+
+import (
+	"context"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sigil-appliance/sigil/appliance/state"
+)
+
+// SVID types and refusal classes of sigil_svids_issued_total and
+// sigil_svids_refused_total: fixed labels, never caller-chosen text.
+const (
+	svidX509  = "x509"
+	svidJWT   = "jwt"
+	svidAgent = "agent"
+
+	refuseBanned      = "banned"            // the calling agent is banned
+	refuseUnknown     = "unknown-agent"     // the calling agent has not joined
+	refuseNoEntry     = "no-entry"          // the entry does not exist
+	refuseNotParent   = "not-parent"        // the entry is another agent's
+	refuseBadRequest  = "bad-request"       // malformed CSR, audiences out of bounds
+	refuseUnavailable = "unavailable"       // this node's own failure: no quorum, signing, commit
+	refuseAtCommit    = "refused-at-commit" // the state machine refused the record (banned meanwhile)
+)
+
+// opsMetrics are the counters the services increment as they decide. A
+// nil *opsMetrics counts nothing (services built by tests).
+type opsMetrics struct {
+	issued      *prometheus.CounterVec
+	refused     *prometheus.CounterVec
+	joins       *prometheus.CounterVec
+	bannedCalls *prometheus.CounterVec
+}
+
+func newOpsMetrics(reg prometheus.Registerer) *opsMetrics {
+	m := &opsMetrics{
+		issued: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "sigil_svids_issued_total",
+			Help: "SVIDs this node issued and recorded, by type (x509, jwt, agent)."}, []string{"type"}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "sigil_svids_refused_total",
+			Help: "SVID requests this node refused or could not serve, by type and class."}, []string{"type", "class"}),
+		joins: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "sigil_join_attempts_total",
+			Help: "Join and renewal calls this node received, by method (tpm-hello, tpm-prove, token, renew)."}, []string{"method"}),
+		bannedCalls: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "sigil_banned_agent_calls_total",
+			Help: "Calls of banned agents refused, by request (audited at most once per agent per period)."}, []string{"request"}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.issued, m.refused, m.joins, m.bannedCalls)
+	}
+	return m
+}
+
+func (m *opsMetrics) issue(typ string, n int) {
+	if m != nil && n > 0 {
+		m.issued.WithLabelValues(typ).Add(float64(n))
+	}
+}
+
+func (m *opsMetrics) refuse(typ, class string) {
+	if m != nil {
+		m.refused.WithLabelValues(typ, class).Inc()
+	}
+}
+
+func (m *opsMetrics) join(method string) {
+	if m != nil {
+		m.joins.WithLabelValues(method).Inc()
+	}
+}
+
+func (m *opsMetrics) banned(request string) {
+	if m != nil {
+		m.bannedCalls.WithLabelValues(request).Inc()
+	}
+}
+
+// svidType is the metric type of an issuance request name ("": none).
+func svidType(what string) string {
+	switch {
+	case strings.HasPrefix(what, "svid.jwt"):
+		return svidJWT
+	case strings.HasPrefix(what, "svid.x509"):
+		return svidX509
+	}
+	return "" // sync: not an SVID request
+}
+
+const (
+	// bannedAuditEvery is how often a banned agent's refused calls are
+	// audited: one record per agent per period, carrying how many calls
+	// were refused since the last. A banned agent retries forever (every
+	// sync backoff, every renewal), and one record per call grew the
+	// replicated audit by thousands of records a day per agent.
+	bannedAuditEvery = time.Hour
+	// maxBannedTracked bounds the agents tracked; beyond it (all seen
+	// within the period), refusals are audited one by one, as before.
+	maxBannedTracked = 4096
+)
+
+type bannedTally struct {
+	last       time.Time
+	suppressed uint64
+}
+
+// bannedAudit decides which refusals of a banned agent are audited.
+type bannedAudit struct {
+	now   func() time.Time
+	every time.Duration
+
+	mu     sync.Mutex
+	agents map[string]*bannedTally
+}
+
+func newBannedAudit() *bannedAudit {
+	return &bannedAudit{now: time.Now, every: bannedAuditEvery, agents: map[string]*bannedTally{}}
+}
+
+// take says whether this refusal of agent is audited; if so, suppressed
+// is how many were not since the last audited one. A nil *bannedAudit
+// audits every refusal.
+func (b *bannedAudit) take(agent string) (audit bool, suppressed uint64) {
+	if b == nil {
+		return true, 0
+	}
+	now := b.now()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	t := b.agents[agent]
+	if t == nil && len(b.agents) >= maxBannedTracked {
+		for id, v := range b.agents {
+			if now.Sub(v.last) >= b.every {
+				delete(b.agents, id)
+			}
+		}
+		if len(b.agents) >= maxBannedTracked {
+			return true, 0
+		}
+	}
+	if t == nil || now.Sub(t.last) >= b.every {
+		if t != nil {
+			suppressed = t.suppressed
+		}
+		b.agents[agent] = &bannedTally{last: now}
+		return true, suppressed
+	}
+	t.suppressed++
+	return false, 0
+}
+
+// bannedDetail adds the count of unaudited refusals to an audit detail.
+func bannedDetail(d map[string]string, suppressed uint64, every time.Duration) map[string]string {
+	if suppressed > 0 {
+		d["refused_since_last_record"] = strconv.FormatUint(suppressed, 10)
+	}
+	d["recorded_at_most_every"] = every.String()
+	return d
+}
+
+// registerNodeGauges adds what an operator watches of the node's view of
+// the cluster and of its certificates.
+func registerNodeGauges(n *Node, reg *prometheus.Registry) {
+	reg.MustRegister(
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "sigil_raft_leader_changes_total",
+			Help: "Leaders this node learned of since it started (elections won by any node)."},
+			func() float64 { return float64(n.raft.LeaderChanges()) }),
+		peerCollector{n},
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sigil_root_ca_expiry_seconds",
+			Help: "Seconds until the first of the configured root certificates expires."},
+			func() float64 {
+				var first time.Time
+				for _, r := range n.roots {
+					if first.IsZero() || r.NotAfter.Before(first) {
+						first = r.NotAfter
+					}
+				}
+				return time.Until(first).Seconds()
+			}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sigil_state_bytes",
+			Help: "Size of this node's state database file: entries, agents and the retained audit records, most of it the audit (-1: not readable)."},
+			func() float64 {
+				fi, err := os.Stat(n.statePath())
+				if err != nil {
+					return -1
+				}
+				return float64(fi.Size())
+			}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sigil_jwt_key_expiry_seconds",
+			Help: "Seconds until the newest JWT key this node published expires (negative or absent key: none published)."},
+			func() float64 { return time.Until(newestJWTKey(n.fsm.Bundle(), n.cfg.NodeID)).Seconds() }),
+	)
+}
+
+// newestJWTKey is when the newest of node's published JWT keys expires
+// (zero: none).
+func newestJWTKey(b state.Bundle, node string) time.Time {
+	var last time.Time
+	for _, k := range b.JWTKeys {
+		if k.Node == node && k.NotAfter.After(last) {
+			last = k.NotAfter
+		}
+	}
+	return last
+}
+
+// peerReachableWithin is how recent a contact must be for a peer to count
+// as reachable: the leader asks every peer each second and followers hear
+// from the leader every heartbeat.
+const peerReachableWithin = 5 * time.Second
+
+var descPeerReachable = prometheus.NewDesc("sigil_raft_peer_reachable",
+	"1 if this node heard from the peer recently, 0 if not. The leader reports every member; a follower reports itself and the leader (it does not talk to other followers).",
+	[]string{"peer"}, nil)
+
+// peerCollector reports peer reachability from this node's raft view.
+// Peer IDs are the cluster's node IDs: a bounded label set.
+type peerCollector struct{ n *Node }
+
+func (peerCollector) Describe(ch chan<- *prometheus.Desc) { ch <- descPeerReachable }
+
+func (c peerCollector) Collect(ch chan<- prometheus.Metric) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	st := c.n.raft.Status(ctx)
+	leader := st.State == "leader"
+	for _, p := range st.Peers {
+		if !leader && p.ID != st.NodeID && p.ID != st.LeaderID {
+			continue
+		}
+		v := 0.0
+		if !p.LastContact.IsZero() && time.Since(p.LastContact) < peerReachableWithin {
+			v = 1
+		}
+		ch <- prometheus.MustNewConstMetric(descPeerReachable, prometheus.GaugeValue, v, p.ID)
+	}
+}
