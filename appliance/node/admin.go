@@ -92,8 +92,38 @@ func write[T any](ctx context.Context, a *admin, typ string, payload any) (*T, e
 			return nil, status.Errorf(codes.Internal, "decode %s response: %v", typ, err)
 		}
 	}
-	a.log.Info("admin change", "command", typ, "actor", c.Actor)
+	a.log.Info("admin change", "command", typ, "actor", c.Actor, "target", commandTarget(payload))
 	return out, nil
+}
+
+// commandTarget names what an admin command changes, for the log line
+// that reports it ("" when the command has no single target, such as a
+// PCR policy or a restore). Token IDs are hashes of the token, never the
+// token itself.
+func commandTarget(payload any) string {
+	switch p := payload.(type) {
+	case *state.Entry:
+		return p.ID + " " + p.SPIFFEID
+	case state.EntryID:
+		return p.ID
+	case state.AgentID:
+		return p.ID
+	case state.AgentRemove:
+		return p.ID
+	case state.EKCARemove:
+		return p.ID
+	case state.EKHash:
+		return p.Hash
+	case state.TokenCreate:
+		return p.ID
+	case state.TokenRevoke:
+		return p.ID
+	case state.AdminRevoke:
+		return p.Name
+	case state.Revoke:
+		return p.Serial
+	}
+	return ""
 }
 
 // fail logs a refused or failed request and maps it to a gRPC status.

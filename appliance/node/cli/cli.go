@@ -88,8 +88,11 @@ func serve(ctx context.Context, cfg *node.Config, stderr io.Writer) error {
 		return fmt.Errorf("failed to start: %w", err)
 	}
 	<-ctx.Done()
-	log.Info("stopping")
-	if err := n.Stop(); err != nil {
+	reason := "stop requested"
+	if c := context.Cause(ctx); c != nil && !errors.Is(c, context.Canceled) {
+		reason = c.Error()
+	}
+	if err := n.StopBecause(reason); err != nil {
 		return fmt.Errorf("stop: %w", err)
 	}
 	return nil
