@@ -719,7 +719,7 @@ func (n *Node) LeaderStatus(ctx context.Context) (Status, error) {
 	}
 	id, addr := n.leader()
 	if addr == "" {
-		return Status{}, ErrNoLeader
+		return Status{}, fmt.Errorf("%w known to %s (no quorum, or an election under way)", ErrNoLeader, n.cfg.NodeID)
 	}
 	var r rpcResponse
 	if err := n.pool.call(ctx, addr, &rpcRequest{Op: opLeaderStatus}, &r); err != nil {
