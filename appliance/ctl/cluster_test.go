@@ -101,7 +101,7 @@ func TestClusterStatusLeaderView(t *testing.T) {
 		st := status()
 		last = st
 		p := peer(st, stopped)
-		if !st.View.Leader || p.Reachable == nil || *p.Reachable || p.Lag == nil {
+		if !st.View.Leader || p.Reachable == nil || *p.Reachable || p.Lag == nil || p.ContactAgeMS == nil {
 			return false
 		}
 		grew := lag != 0 && *p.Lag > lag
