@@ -1,7 +1,8 @@
 // Package raft is Sigil's replication layer: a hashicorp/raft member with
 // bolt log and stable stores (fsync on every write) and file snapshots,
 // reached over one mutual-TLS listener that carries both raft traffic and a
-// small RPC for forwarded writes, linearizable reads and membership.
+// small RPC for forwarded writes, linearizable reads, membership and the
+// leader's status.
 //
 // It replicates opaque commands into an FSM and knows nothing about what
 // they mean.
