@@ -1,7 +1,8 @@
 // Package raft is Sigil's replication layer: a hashicorp/raft member with
 // bolt log and stable stores (fsync on every write) and file snapshots,
 // reached over one mutual-TLS listener that carries both raft traffic and a
-// small RPC for forwarded writes, linearizable reads and membership.
+// small RPC for forwarded writes, linearizable reads, membership and the
+// leader's status.
 //
 // It replicates opaque commands into an FSM and knows nothing about what
 // they mean. hashicorp/raft's own log lines reach the node's slog logger
@@ -120,19 +121,42 @@ type Status struct {
 	AppliedIndex uint64
 	LeaderID     string
 	LeaderAddr   string
-	Peers        []Peer
+	// ReachableWithin is the bound on a peer's last contact for it to
+	// count as reachable: three heartbeat timeouts.
+	ReachableWithin time.Duration
+	Peers           []Peer
 }
 
-// Peer is one member of the configuration. On the leader, LastContact and
-// LastIndex are its view of each peer; on a follower, the leader's
-// LastContact is when this follower last heard from it, and the other
-// peers' are zero (a follower does not talk to them).
+// Peer is one member of the configuration as the node that took the
+// Status sees it. Only the leader hears from every member (it asks each
+// for its last log index once per heartbeat timeout); a follower hears
+// only from the leader, and a node without a leader from no one. What the
+// view cannot know is left nil (zero LastContact), never reported as zero.
 type Peer struct {
-	ID          string
-	Addr        string
-	Suffrage    string
+	ID       string
+	Addr     string
+	Suffrage string
+	// LastContact is when this node last heard from the peer, by its own
+	// clock; ContactAge is its age when the Status was taken. Both are
+	// zero when unknown. The node itself counts as heard from now.
 	LastContact time.Time
-	LastIndex   uint64
+	ContactAge  time.Duration
+	// Reachable: heard from within ReachableWithin. Nil when the view
+	// cannot tell: a follower's view of other followers, or a leader that
+	// has not yet had the time to ask.
+	Reachable *bool
+	// MatchIndex is the last log index the peer reported to the leader;
+	// Lag is the leader's LastIndex minus it. Both are known in the
+	// leader's view only (nil elsewhere, or before the peer first
+	// answered).
+	MatchIndex *uint64
+	Lag        *uint64
+}
+
+// peerStats is what the leader last heard from a peer.
+type peerStats struct {
+	contact time.Time
+	index   uint64
 }
 
 // Node is a raft member.
@@ -152,8 +176,10 @@ type Node struct {
 	leaderReady   atomic.Uint64 // term in which this leader committed a barrier
 	leaderChanges atomic.Uint64 // leaders this node learned of (LeaderChanges)
 
-	statsMu sync.Mutex
-	stats   map[string]Peer
+	statsMu     sync.Mutex
+	stats       map[string]peerStats // the leader's, since leaderSince
+	leaderSince time.Time            // when statsLoop saw this node lead; zero when it does not
+	polling     map[string]bool      // peers with a stats request in flight
 
 	ctx      context.Context
 	cancel   context.CancelFunc
@@ -204,7 +230,8 @@ func New(ctx context.Context, cfg Config, fsm FSM) (*Node, error) {
 	if err := cfg.defaults(); err != nil {
 		return nil, err
 	}
-	n := &Node{cfg: cfg, log: cfg.Logger.With("component", "raft"), fsm: fsm, fsmA: newFSMAdapter(fsm), stats: map[string]Peer{}}
+	n := &Node{cfg: cfg, log: cfg.Logger.With("component", "raft"), fsm: fsm, fsmA: newFSMAdapter(fsm),
+		stats: map[string]peerStats{}, polling: map[string]bool{}}
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	ok := false
 	defer func() {
@@ -656,39 +683,97 @@ func (n *Node) isMember(id string) bool {
 	return false
 }
 
-// Status reports this node's view.
+// Status reports this node's view (see Peer for what each view knows).
 func (n *Node) Status(ctx context.Context) Status {
 	leaderAddr, leaderID := n.r.LeaderWithID()
 	st := Status{
 		NodeID: n.cfg.NodeID, State: strings.ToLower(n.r.State().String()), Term: n.r.CurrentTerm(),
 		LastIndex: n.r.LastIndex(), CommitIndex: n.r.CommitIndex(), AppliedIndex: n.fsm.AppliedIndex(),
-		LeaderID: string(leaderID), LeaderAddr: string(leaderAddr),
+		LeaderID: string(leaderID), LeaderAddr: string(leaderAddr), ReachableWithin: n.reachableWithin(),
 	}
-	isLeader := n.IsLeader()
-	if cfg, err := n.configuration(); err == nil {
-		n.statsMu.Lock()
-		for _, s := range cfg.Servers {
-			p := Peer{ID: string(s.ID), Addr: string(s.Address), Suffrage: strings.ToLower(s.Suffrage.String())}
-			if seen, ok := n.stats[p.ID]; ok && isLeader {
-				p.LastContact, p.LastIndex = seen.LastContact, seen.LastIndex
+	cfg, err := n.configuration()
+	if err != nil {
+		return st
+	}
+	now := time.Now()
+	leading := st.State == "leader"
+	n.statsMu.Lock()
+	defer n.statsMu.Unlock()
+	for _, s := range cfg.Servers {
+		p := Peer{ID: string(s.ID), Addr: string(s.Address), Suffrage: strings.ToLower(s.Suffrage.String())}
+		switch {
+		case p.ID == n.cfg.NodeID:
+			p.LastContact, p.Reachable = now, ptr(true)
+			if leading {
+				p.MatchIndex, p.Lag = ptr(st.LastIndex), ptr(uint64(0))
 			}
-			if !isLeader && p.ID == st.LeaderID {
-				p.LastContact = n.r.LastContact()
+		case leading:
+			if seen, ok := n.stats[p.ID]; ok {
+				p.contact(seen.contact, now, st.ReachableWithin)
+				p.MatchIndex = ptr(seen.index)
+				p.Lag = ptr(st.LastIndex - min(seen.index, st.LastIndex))
+			} else if !n.leaderSince.IsZero() && now.Sub(n.leaderSince) > st.ReachableWithin {
+				// Asked for longer than the bound and never answered.
+				p.Reachable = ptr(false)
 			}
-			if p.ID == n.cfg.NodeID {
-				p.LastContact, p.LastIndex = time.Now(), st.LastIndex
+		case p.ID == st.LeaderID:
+			// A follower hears from its leader (heartbeats, entries).
+			if lc := n.r.LastContact(); !lc.IsZero() {
+				p.contact(lc, now, st.ReachableWithin)
 			}
-			st.Peers = append(st.Peers, p)
 		}
-		n.statsMu.Unlock()
+		st.Peers = append(st.Peers, p)
 	}
 	return st
 }
 
-// statsLoop has the leader ask every peer for its last index each second;
-// the answers give operators each peer's last contact.
+func (p *Peer) contact(at, now time.Time, within time.Duration) {
+	p.LastContact, p.ContactAge = at, max(now.Sub(at), 0)
+	p.Reachable = ptr(p.ContactAge <= within)
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// reachableWithin: three heartbeat timeouts, so a peer answering the
+// statsLoop (once per heartbeat timeout) stays reachable through a slow
+// answer or two.
+func (n *Node) reachableWithin() time.Duration { return 3 * n.cfg.HeartbeatTimeout }
+
+// LeaderStatus is the leader's Status: this node's own when it leads, or
+// the leader's, asked over the RPC listener (members only may ask). It
+// does not wait for an election: with no leader known it fails with
+// ErrNoLeader at once, and with the leader's error (or ctx's) when the
+// leader does not answer.
+func (n *Node) LeaderStatus(ctx context.Context) (Status, error) {
+	if n.IsLeader() {
+		return n.Status(ctx), nil
+	}
+	id, addr := n.leader()
+	if addr == "" {
+		return Status{}, fmt.Errorf("%w known to %s (no quorum, or an election under way)", ErrNoLeader, n.cfg.NodeID)
+	}
+	var r rpcResponse
+	if err := n.pool.call(ctx, addr, &rpcRequest{Op: opLeaderStatus}, &r); err != nil {
+		return Status{}, fmt.Errorf("raft: status from leader %s at %s: %w", id, addr, err)
+	}
+	switch {
+	case r.NotLeader:
+		return Status{}, fmt.Errorf("raft: status from leader %s at %s: %w: it no longer leads", id, addr, ErrNoLeader)
+	case r.Err != "":
+		return Status{}, fmt.Errorf("raft: status from leader %s at %s: %s", id, addr, r.Err)
+	case r.Status == nil:
+		return Status{}, fmt.Errorf("raft: status from leader %s at %s: empty answer", id, addr)
+	}
+	return *r.Status, nil
+}
+
+// statsLoop has the leader ask every peer for its last index once per
+// heartbeat timeout, each peer on its own, so that one that does not
+// answer delays no other; the answers are each peer's last contact and
+// match index in Status. A node that stops leading forgets them: a new
+// leadership starts from what it hears itself.
 func (n *Node) statsLoop() {
-	t := time.NewTicker(time.Second)
+	t := time.NewTicker(n.cfg.HeartbeatTimeout)
 	defer t.Stop()
 	for {
 		select {
@@ -697,26 +782,45 @@ func (n *Node) statsLoop() {
 		case <-t.C:
 		}
 		if !n.IsLeader() {
+			n.statsMu.Lock()
+			if !n.leaderSince.IsZero() {
+				n.leaderSince, n.stats = time.Time{}, map[string]peerStats{}
+			}
+			n.statsMu.Unlock()
 			continue
 		}
 		cfg, err := n.configuration()
 		if err != nil {
 			continue
 		}
+		n.statsMu.Lock()
+		if n.leaderSince.IsZero() {
+			n.leaderSince, n.stats = time.Now(), map[string]peerStats{}
+		}
 		for _, s := range cfg.Servers {
-			if string(s.ID) == n.cfg.NodeID {
+			id, addr := string(s.ID), string(s.Address)
+			if id == n.cfg.NodeID || n.polling[id] {
 				continue
 			}
-			ctx, cancel := context.WithTimeout(n.ctx, 800*time.Millisecond)
-			var r rpcResponse
-			err := n.pool.call(ctx, string(s.Address), &rpcRequest{Op: opStats}, &r)
-			cancel()
-			if err == nil {
-				n.statsMu.Lock()
-				n.stats[string(s.ID)] = Peer{LastContact: time.Now(), LastIndex: r.Index}
-				n.statsMu.Unlock()
-			}
+			n.polling[id] = true
+			n.wg.Add(1)
+			go n.pollPeer(id, addr)
 		}
+		n.statsMu.Unlock()
+	}
+}
+
+func (n *Node) pollPeer(id, addr string) {
+	defer n.wg.Done()
+	ctx, cancel := context.WithTimeout(n.ctx, n.reachableWithin())
+	defer cancel()
+	var r rpcResponse
+	err := n.pool.call(ctx, addr, &rpcRequest{Op: opStats}, &r)
+	n.statsMu.Lock()
+	defer n.statsMu.Unlock()
+	delete(n.polling, id)
+	if err == nil && !n.leaderSince.IsZero() {
+		n.stats[id] = peerStats{contact: time.Now(), index: r.Index}
 	}
 }
 

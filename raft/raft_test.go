@@ -616,6 +616,7 @@ func TestAttackForwardFromNonMember(t *testing.T) {
 		for _, req := range []rpcRequest{
 			{Op: opApply, Cmd: set("evil", "x"), NodeID: leaderID},
 			{Op: opReadIndex, NodeID: leaderID},
+			{Op: opLeaderStatus},
 		} {
 			if err := writeFrame(conn, &req); err != nil {
 				t.Fatal(err)
@@ -624,7 +625,7 @@ func TestAttackForwardFromNonMember(t *testing.T) {
 			if err := readFrame(conn, &r); err != nil {
 				t.Fatalf("%s to %s: %v", req.Op, addr, err)
 			}
-			if !strings.Contains(r.Err, "not a cluster member") || r.Resp != nil || r.Index != 0 || r.NotLeader {
+			if !strings.Contains(r.Err, "not a cluster member") || r.Resp != nil || r.Index != 0 || r.NotLeader || r.Status != nil {
 				t.Fatalf("%s from a non-member to %s answered %+v", req.Op, addr, r)
 			}
 		}
@@ -816,5 +817,81 @@ func TestAttackRaftFromNonMember(t *testing.T) {
 	_, leader := c.leader()
 	if _, err := leader.Apply(context.Background(), set("after", "1")); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A follower's LeaderStatus is the leader's view: every member's contact
+// and match index; a stopped member turns unreachable with a growing lag,
+// and a node without a leader says so instead of answering zeros.
+func TestLeaderStatusForwarded(t *testing.T) {
+	c := newTestCluster(t, "a", "b", "c")
+	ctx := context.Background()
+	leaderID, leader := c.leader()
+	if _, err := leader.Apply(ctx, set("k", "v")); err != nil {
+		t.Fatal(err)
+	}
+	fs := c.followers(leaderID)
+	asked, stopped := c.nodes[fs[0]], fs[1]
+	peer := func(st Status, id string) Peer {
+		for _, p := range st.Peers {
+			if p.ID == id {
+				return p
+			}
+		}
+		t.Fatalf("%s missing from %+v", id, st.Peers)
+		return Peer{}
+	}
+	reachable := func(p Peer) bool { return p.Reachable != nil && *p.Reachable }
+	var st Status
+	eventually(t, "the leader's view through a follower, every member reachable and caught up", func() bool {
+		var err error
+		if st, err = asked.LeaderStatus(ctx); err != nil {
+			t.Logf("leader status via %s: %v", fs[0], err)
+			return false
+		}
+		for _, p := range st.Peers {
+			if !reachable(p) || p.MatchIndex == nil || *p.MatchIndex == 0 || p.Lag == nil || *p.Lag != 0 {
+				return false
+			}
+		}
+		return st.NodeID == leaderID && st.State == "leader" && len(st.Peers) == 3
+	})
+	// The follower's own view knows its leader's contact and nothing of
+	// the other follower.
+	local := asked.Status(ctx)
+	if p := peer(local, leaderID); !reachable(p) || p.LastContact.IsZero() || p.MatchIndex != nil {
+		t.Fatalf("follower's view of its leader: %+v", p)
+	}
+	if p := peer(local, stopped); p.Reachable != nil || !p.LastContact.IsZero() || p.MatchIndex != nil || p.Lag != nil {
+		t.Fatalf("follower's view of another follower claims knowledge: %+v", p)
+	}
+
+	c.stop(stopped)
+	var lag uint64
+	eventually(t, "the stopped member unreachable with a growing lag, the others reachable", func() bool {
+		if _, err := leader.Apply(ctx, set("k", "w")); err != nil {
+			t.Fatal(err)
+		}
+		st, err := asked.LeaderStatus(ctx)
+		if err != nil {
+			return false
+		}
+		p := peer(st, stopped)
+		if p.Reachable == nil || *p.Reachable || p.Lag == nil {
+			return false
+		}
+		grew := lag != 0 && *p.Lag > lag
+		lag = *p.Lag
+		return grew && reachable(peer(st, leaderID)) && reachable(peer(st, fs[0])) && p.ContactAge > st.ReachableWithin
+	})
+
+	// Without a quorum no leader answers: an error, not a view of zeros.
+	c.stop(leaderID)
+	eventually(t, "no leader", func() bool {
+		_, err := asked.LeaderStatus(ctx)
+		return errors.Is(err, ErrNoLeader)
+	})
+	if p := peer(asked.Status(ctx), leaderID); p.Reachable != nil && *p.Reachable {
+		t.Fatalf("a stopped leader still reachable in the local view: %+v", p)
 	}
 }

@@ -429,6 +429,8 @@ const (
 	opJoin      = "join"
 	opRemove    = "remove"
 	opStats     = "stats"
+	// opLeaderStatus asks the leader for its Status (Node.LeaderStatus).
+	opLeaderStatus = "leader-status"
 )
 
 type rpcRequest struct {
@@ -442,11 +444,12 @@ type rpcRequest struct {
 }
 
 type rpcResponse struct {
-	Resp      []byte `json:",omitempty"`
-	Err       string `json:",omitempty"`
-	Refused   bool   `json:",omitempty"`
-	NotLeader bool   `json:",omitempty"`
-	Index     uint64 `json:",omitempty"`
+	Resp      []byte  `json:",omitempty"`
+	Err       string  `json:",omitempty"`
+	Refused   bool    `json:",omitempty"`
+	NotLeader bool    `json:",omitempty"`
+	Index     uint64  `json:",omitempty"`
+	Status    *Status `json:",omitempty"`
 }
 
 func writeFrame(w io.Writer, v any) error {
@@ -531,7 +534,7 @@ func (n *Node) handleRPC(req *rpcRequest, peer, remote string) *rpcResponse {
 	ctx, cancel := context.WithTimeout(n.ctx, n.cfg.ApplyTimeout)
 	defer cancel()
 	switch req.Op {
-	case opApply, opReadIndex:
+	case opApply, opReadIndex, opLeaderStatus:
 		if err := n.authorizeMember(peer); err != nil {
 			n.log.Warn("rpc refused: peer is not a cluster member", "op", req.Op, "peer", peer, "remote", remote)
 			return &rpcResponse{Err: fmt.Sprintf("raft rpc %s refused: %v", req.Op, err)}
@@ -540,6 +543,12 @@ func (n *Node) handleRPC(req *rpcRequest, peer, remote string) *rpcResponse {
 	switch req.Op {
 	case opStats:
 		return &rpcResponse{Index: n.r.LastIndex()}
+	case opLeaderStatus:
+		if !n.IsLeader() {
+			return &rpcResponse{NotLeader: true}
+		}
+		st := n.Status(ctx)
+		return &rpcResponse{Status: &st}
 	case opApply:
 		if !n.IsLeader() {
 			return &rpcResponse{NotLeader: true}

@@ -125,23 +125,57 @@ type (
 		NodeID string `json:"node_id"`
 		Addr   string `json:"addr"`
 	}
+	// ClusterStatus is the answering node's own raft state (NodeID to
+	// LeaderAddr) and the members as View.NodeID sees them: the leader,
+	// asked through raft when a follower answers, or the answering node
+	// itself when no leader answered (View.LeaderError says why).
 	ClusterStatus struct {
-		NodeID       string `json:"node_id"`
-		State        string `json:"state"`
-		Term         uint64 `json:"term"`
-		LastIndex    uint64 `json:"last_index"`
-		CommitIndex  uint64 `json:"commit_index"`
-		AppliedIndex uint64 `json:"applied_index"`
-		LeaderID     string `json:"leader_id"`
-		LeaderAddr   string `json:"leader_addr"`
-		Peers        []Peer `json:"peers"`
+		NodeID       string      `json:"node_id"`
+		State        string      `json:"state"`
+		Term         uint64      `json:"term"`
+		LastIndex    uint64      `json:"last_index"`
+		CommitIndex  uint64      `json:"commit_index"`
+		AppliedIndex uint64      `json:"applied_index"`
+		LeaderID     string      `json:"leader_id"`
+		LeaderAddr   string      `json:"leader_addr"`
+		View         ClusterView `json:"view"`
+		Peers        []Peer      `json:"peers"`
 	}
+	// ClusterView says whose view ClusterStatus.Peers is. Only the leader
+	// hears from every member; a follower's own view knows its leader's
+	// contact and nothing of the others, and a node without a leader knows
+	// only itself: what a view cannot know is left out of Peer, never
+	// given as zero.
+	ClusterView struct {
+		NodeID string `json:"node_id"`
+		// Leader: NodeID was the leader when it answered.
+		Leader    bool   `json:"leader"`
+		Term      uint64 `json:"term"`
+		LastIndex uint64 `json:"last_index"`
+		// ReachableWithinMS bounds a reachable peer's contact age (three
+		// heartbeat timeouts).
+		ReachableWithinMS int64 `json:"reachable_within_ms"`
+		// LeaderError says why the leader's view is not shown (no leader
+		// known, the leader did not answer); empty when it is.
+		LeaderError string `json:"leader_error,omitempty"`
+	}
+	// Peer is one member of the raft configuration as the view's node
+	// sees it. Fields the view cannot know are omitted.
 	Peer struct {
-		ID          string    `json:"id"`
-		Addr        string    `json:"addr"`
-		Suffrage    string    `json:"suffrage"`
-		LastContact time.Time `json:"last_contact,omitzero"`
-		LastIndex   uint64    `json:"last_index"`
+		ID       string `json:"id"`
+		Addr     string `json:"addr"`
+		Suffrage string `json:"suffrage"`
+		// Reachable: heard from within View.ReachableWithinMS.
+		Reachable *bool `json:"reachable,omitempty"`
+		// LastContact is by the view node's clock; ContactAgeMS is its
+		// age when the view was taken, which needs no agreement between
+		// clocks.
+		LastContact  time.Time `json:"last_contact,omitzero"`
+		ContactAgeMS *int64    `json:"contact_age_ms,omitempty"`
+		// MatchIndex is the last log index the peer reported to the
+		// leader; Lag is View.LastIndex minus it. Leader's view only.
+		MatchIndex *uint64 `json:"match_index,omitempty"`
+		Lag        *uint64 `json:"lag,omitempty"`
 	}
 	SnapshotArchive struct {
 		Archive []byte      `json:"archive,omitempty"`

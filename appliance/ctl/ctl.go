@@ -391,23 +391,11 @@ func clusterCmd(g *globals) *cobra.Command {
 	joinCmd.Flags().StringVar(&join.NodeID, "node-id", "", "node ID")
 	joinCmd.Flags().StringVar(&join.Addr, "addr", "", "the node's raft address host:port")
 	cmd.AddCommand(
-		&cobra.Command{Use: "status", Args: cobra.NoArgs, Short: "Leader, term, indexes and peers", RunE: func(*cobra.Command, []string) error {
-			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) { return c.ClusterStatus(ctx, &api.Empty{}) },
-				func(w *bufio.Writer, v any) {
-					s := v.(*api.ClusterStatus)
-					fmt.Fprintf(w, "node %s (%s), leader %s at %s, term %d, last index %d, commit %d, applied %d\n",
-						s.NodeID, s.State, s.LeaderID, s.LeaderAddr, s.Term, s.LastIndex, s.CommitIndex, s.AppliedIndex)
-					var rows [][]string
-					for _, p := range s.Peers {
-						lc := "-"
-						if !p.LastContact.IsZero() {
-							lc = time.Since(p.LastContact).Round(time.Millisecond).String() + " ago"
-						}
-						rows = append(rows, []string{p.ID, p.Addr, p.Suffrage, lc, fmt.Sprint(p.LastIndex)})
-					}
-					table(w, "PEER\tADDRESS\tSUFFRAGE\tLAST CONTACT\tLAST INDEX", rows)
-				})
-		}},
+		&cobra.Command{Use: "status", Args: cobra.NoArgs, Short: "Leader, term, indexes, and each member's reachability and lag as the leader sees them",
+			Long: clusterStatusLong, RunE: func(*cobra.Command, []string) error {
+				return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) { return c.ClusterStatus(ctx, &api.Empty{}) },
+					func(w *bufio.Writer, v any) { printClusterStatus(w, v.(*api.ClusterStatus)) }) // cluster.go
+			}},
 		joinCmd,
 		&cobra.Command{Use: "remove NODE-ID", Args: cobra.ExactArgs(1), Short: "Remove a node", RunE: func(_ *cobra.Command, args []string) error {
 			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {

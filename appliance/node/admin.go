@@ -377,15 +377,53 @@ func TokenID(token string) string {
 	return hex.EncodeToString(sum[:])
 }
 
+// ClusterStatus answers with this node's own state and the leader's view
+// of the members, asked through raft when this node does not lead; when
+// the leader cannot be asked it shows this node's own view and says why.
+// It never fails for want of a leader: the answer is the report.
 func (a *admin) ClusterStatus(ctx context.Context, _ *api.Empty) (*api.ClusterStatus, error) {
-	return clusterStatus(a.member.raft.Status(ctx)), nil
+	r := a.member.raft
+	local := r.Status(ctx)
+	view, err := local, error(nil)
+	if local.State != "leader" {
+		fctx, cancel := context.WithTimeout(ctx, leaderStatusWait(ctx))
+		view, err = r.LeaderStatus(fctx)
+		cancel()
+		if err != nil {
+			view = local
+		}
+	}
+	out := clusterStatus(local, view)
+	if err != nil {
+		out.View.LeaderError = err.Error()
+	}
+	return out, nil
 }
 
-func clusterStatus(st raft.Status) *api.ClusterStatus {
+// leaderStatusWait bounds the question to the leader: 2s, or half of what
+// the caller has left, so that the local view can still be answered when
+// the leader does not.
+func leaderStatusWait(ctx context.Context) time.Duration {
+	wait := 2 * time.Second
+	if d, ok := ctx.Deadline(); ok {
+		wait = min(wait, time.Until(d)/2)
+	}
+	return max(wait, time.Millisecond)
+}
+
+func clusterStatus(st, view raft.Status) *api.ClusterStatus {
 	out := &api.ClusterStatus{NodeID: st.NodeID, State: st.State, Term: st.Term, LastIndex: st.LastIndex,
-		CommitIndex: st.CommitIndex, AppliedIndex: st.AppliedIndex, LeaderID: st.LeaderID, LeaderAddr: st.LeaderAddr}
-	for _, p := range st.Peers {
-		out.Peers = append(out.Peers, api.Peer{ID: p.ID, Addr: p.Addr, Suffrage: p.Suffrage, LastContact: p.LastContact, LastIndex: p.LastIndex})
+		CommitIndex: st.CommitIndex, AppliedIndex: st.AppliedIndex, LeaderID: st.LeaderID, LeaderAddr: st.LeaderAddr,
+		View: api.ClusterView{NodeID: view.NodeID, Leader: view.State == "leader", Term: view.Term, LastIndex: view.LastIndex,
+			ReachableWithinMS: view.ReachableWithin.Milliseconds()}}
+	for _, p := range view.Peers {
+		ap := api.Peer{ID: p.ID, Addr: p.Addr, Suffrage: p.Suffrage, Reachable: p.Reachable, LastContact: p.LastContact,
+			MatchIndex: p.MatchIndex, Lag: p.Lag}
+		if !p.LastContact.IsZero() {
+			ms := p.ContactAge.Milliseconds()
+			ap.ContactAgeMS = &ms
+		}
+		out.Peers = append(out.Peers, ap)
 	}
 	return out
 }

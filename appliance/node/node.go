@@ -191,6 +191,7 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 		return nil, fmt.Errorf("raft: %w", err)
 	}
 	n.metrics = newMetrics(n)
+	n.metrics.reg.MustRegister(peersReachable(n)) // raftreach.go
 
 	runCtx, cancel := context.WithCancel(context.Background())
 	n.stop = cancel
