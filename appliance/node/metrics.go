@@ -207,11 +207,6 @@ func newestJWTKey(b state.Bundle, node string) time.Time {
 	return last
 }
 
-// peerReachableWithin is how recent a contact must be for a peer to count
-// as reachable: the leader asks every peer each second and followers hear
-// from the leader every heartbeat.
-const peerReachableWithin = 5 * time.Second
-
 var descPeerReachable = prometheus.NewDesc("sigil_raft_peer_reachable",
 	"1 if this node heard from the peer recently, 0 if not. The leader reports every member; a follower reports itself and the leader (it does not talk to other followers).",
 	[]string{"peer"}, nil)
@@ -226,13 +221,16 @@ func (c peerCollector) Collect(ch chan<- prometheus.Metric) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	st := c.n.raft.Status(ctx)
-	leader := st.State == "leader"
+	// The raft view decides (heard from within three heartbeat timeouts,
+	// the bound cluster status and sigil_raft_peers_reachable use); a peer
+	// this node cannot judge (a follower's view of the other followers, a
+	// new leader's before the first answers) is left out, not reported 0.
 	for _, p := range st.Peers {
-		if !leader && p.ID != st.NodeID && p.ID != st.LeaderID {
+		if p.Reachable == nil {
 			continue
 		}
 		v := 0.0
-		if !p.LastContact.IsZero() && time.Since(p.LastContact) < peerReachableWithin {
+		if *p.Reachable {
 			v = 1
 		}
 		ch <- prometheus.MustNewConstMetric(descPeerReachable, prometheus.GaugeValue, v, p.ID)
