@@ -35,6 +35,7 @@ func TestBannedAgentHealth(t *testing.T) {
 	if v := metric(t, e.cfg.HealthListen, "sigil_agent_banned"); v != "0" {
 		t.Fatalf("sigil_agent_banned %s before the ban", v)
 	}
+	testReadmeAgentMetrics(t, e.cfg.HealthListen)
 
 	leader := e.c.WaitLeader(10 * time.Second)
 	if _, err := e.c.Admin(leader).AgentBan(ctx, &api.IDRequest{ID: e.id}); err != nil {

@@ -86,6 +86,12 @@ func newJoinSvc(d joinDeps, reg prometheus.Registerer) *joinSvc {
 		Name: "sigil_join_challenges_replaced_total",
 		Help: "Pending TPM join challenges dropped for a newer hello: for the same EK from the same source (same-ek), from a source at its bound (source-full).",
 	}, []string{"reason"})
+	// Both reasons at zero from the start (joinlimit.go names them): the
+	// metric is on /metrics before the first replacement, and a rate over
+	// it sees that first one.
+	for _, r := range []string{"same-ek", "source-full"} {
+		replaced.WithLabelValues(r)
+	}
 	j := &joinSvc{joinDeps: d,
 		pending: newChallengeTable(challengeTTL, maxPending, maxPendingPerSource, func(r string) { replaced.WithLabelValues(r).Inc() }),
 		limit:   newSourceLimiter(helloRate, helloBurst, maxHelloSources),

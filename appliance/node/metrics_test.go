@@ -3,9 +3,14 @@ package node_test
 import (
 	"bufio"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"encoding/json"
 	"io"
 	"net/http"
+	"os"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -49,9 +54,11 @@ func scrape(t *testing.T, c *clustertest.Cluster, id string) map[string]float64 
 }
 
 // What an operator watches, each from a real cluster: SVIDs issued and
-// refused by type and class, a banned agent counted on every call and
-// audited once, leader changes, peer reachability as each node sees it,
-// expiries, commit failures apart from refusals, and the log's shape.
+// refused by type and class, joins by method, a banned agent counted on
+// every call and audited once, every sigild metric README names, admin
+// changes logged with their target, leader changes, peer reachability as
+// each node sees it, expiries, commit failures apart from refusals (and
+// counted when quorum is gone), and the log's shape.
 func TestMetricsOperator(t *testing.T) {
 	ic := newIssuer(t, "obs")
 	c := ic.c
@@ -79,6 +86,23 @@ func TestMetricsOperator(t *testing.T) {
 		`sigil_svids_issued_total{type="jwt"}`:                      1,
 		`sigil_svids_refused_total{class="no-entry",type="x509"}`:   1,
 		`sigil_svids_refused_total{class="bad-request",type="jwt"}`: 1,
+	} {
+		if m[series] != want {
+			t.Errorf("node-3 %s = %v, want %v", series, m[series], want)
+		}
+	}
+
+	// Joins by method, and the agent SVID a join issues; a join with a
+	// token nobody created is refused by class.
+	joinByToken(t, c, "node-3")
+	if _, err := joinWithToken(t, c, "node-3", strings.Repeat("ab", 32)); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("join with an unknown token: %v", err)
+	}
+	m = scrape(t, c, "node-3")
+	for series, want := range map[string]float64{
+		`sigil_join_attempts_total{method="token"}`:        2,
+		`sigil_svids_issued_total{type="agent"}`:           1,
+		`sigil_join_refusals_total{class="token-unknown"}`: 1,
 	} {
 		if m[series] != want {
 			t.Errorf("node-3 %s = %v, want %v", series, m[series], want)
@@ -124,11 +148,10 @@ func TestMetricsOperator(t *testing.T) {
 	}
 
 	// Commit failures apart from refusals: a duplicate entry is the state
-	// machine's refusal, not a failed commit.
-	// Force: the parent was banned above, and the parent check (before
-	// any command) must not be what refuses it.
-	if _, err := c.Admin("node-2").EntryCreate(ctx, &api.EntryRequest{Force: true, Entry: api.Entry{ID: web.ID,
-		SPIFFEID: "spiffe://example.org/web2", ParentID: agentID, Selectors: []api.Selector{{Type: "unix", Value: "uid:1"}}}}); err == nil {
+	// machine's refusal, not a failed commit (--force: its parent is
+	// banned now, which the node itself refuses before proposing).
+	if _, err := c.Admin("node-2").EntryCreate(ctx, &api.EntryRequest{Entry: api.Entry{ID: web.ID,
+		SPIFFEID: "spiffe://example.org/web2", ParentID: agentID, Selectors: []api.Selector{{Type: "unix", Value: "uid:1"}}}, Force: true}); err == nil {
 		t.Fatal("an entry with an existing ID was created")
 	} else {
 		t.Logf("duplicate entry refused: %v", err)
@@ -138,6 +161,36 @@ func TestMetricsOperator(t *testing.T) {
 		m[`sigil_raft_apply_errors_total{command="entry.create",kind="commit_failed"}`] != 0 {
 		t.Fatalf("node-2 apply errors: refused %v, failed %v", m[`sigil_raft_apply_errors_total{command="entry.create",kind="refused_by_state"}`],
 			m[`sigil_raft_apply_errors_total{command="entry.create",kind="commit_failed"}`])
+	}
+
+	// An agent's certificate calling an admin method: refused before the
+	// call is read, and counted.
+	if _, err := c.Client("node-3", ic.agentCert, ic.agentKey).AuditList(ctx, &api.AuditRequest{Limit: 1}); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("an admin call with an agent's certificate: %v", err)
+	}
+	// The same duplicate through node-3, so that one node's scrape holds
+	// every metric README names.
+	if _, err := c.Admin("node-3").EntryCreate(ctx, &api.EntryRequest{Entry: api.Entry{ID: web.ID,
+		SPIFFEID: "spiffe://example.org/web2", ParentID: agentID, Selectors: []api.Selector{{Type: "unix", Value: "uid:1"}}}, Force: true}); err == nil {
+		t.Fatal("an entry with an existing ID was created")
+	}
+	testReadmeMetrics(t, c, "node-3")
+
+	// Admin changes are logged with what they changed.
+	adminChanges := map[string]string{}
+	for _, l := range strings.Split(c.Log.String(), "\n") {
+		var rec struct{ Msg, Command, Target, Actor string }
+		if json.Unmarshal([]byte(l), &rec) == nil && rec.Msg == "admin change" {
+			adminChanges[rec.Command] = rec.Target
+		}
+	}
+	for cmd, want := range map[string]string{
+		"entry.create": web.ID + " spiffe://example.org/web",
+		"agent.ban":    agentID,
+	} {
+		if got, ok := adminChanges[cmd]; !ok || got != want {
+			t.Errorf("admin change %s logged with target %q (logged: %v), want %q", cmd, got, ok, want)
+		}
 	}
 
 	// Leader changes, reachability and expiries on every node.
@@ -220,6 +273,75 @@ func TestMetricsOperator(t *testing.T) {
 		t.Fatal("no sigild stopped line with its reason")
 	}
 	t.Logf("%d raft lines with a peer field", raftLines)
+
+	// The cluster's failure, apart from refusals: with two of three nodes
+	// stopped, a write on the last one cannot commit.
+	// (An unban: entry writes read through a barrier first, and that
+	// fails before anything is proposed.)
+	failed := `sigil_raft_apply_errors_total{command="agent.unban",kind="commit_failed"}`
+	before := scrape(t, c, leader)[failed]
+	c.Stop(follower(c, leader))
+	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if _, err := c.Admin(leader).AgentUnban(wctx, &api.IDRequest{ID: agentID}); err == nil {
+		t.Fatal("a write committed on one node of three")
+	}
+	clustertest.Eventually(t, 10*time.Second, leader+" to count the failed commit", func() bool {
+		return scrape(t, c, leader)[failed] > before
+	})
+}
+
+// joinWithToken asks node to admit an agent by token.
+func joinWithToken(t *testing.T, c *clustertest.Cluster, node, token string) (*api.AgentSVID, error) {
+	t.Helper()
+	conn, err := api.Dial(api.DialConfig{Addr: c.ConfigOf(node).API.Listen, RootFile: c.Trust.RootPath, Anonymous: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = conn.Close() }()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	return api.NewJoinClient(conn).Token(context.Background(), &api.JoinTokenRequest{Token: token, CSR: agentCSR(t, key)})
+}
+
+// testReadmeMetrics: every sigild metric README's "Operations: what to
+// watch" table names is in a scrape of node's /metrics.
+func testReadmeMetrics(t *testing.T, c *clustertest.Cluster, node string) {
+	t.Helper()
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, ops, ok := strings.Cut(string(readme), "## Operations: what to watch")
+	_, table, ok2 := strings.Cut(ops, "### sigild")
+	if !ok || !ok2 {
+		t.Fatal(`README has no "Operations: what to watch" section with a sigild table`)
+	}
+	table, _, _ = strings.Cut(table, "\n#")
+	var names []string
+	for _, l := range strings.Split(table, "\n") {
+		cells := strings.Split(l, "|")
+		if len(cells) < 3 {
+			continue
+		}
+		for _, n := range regexp.MustCompile("`([a-z_]+)`").FindAllStringSubmatch(cells[1], -1) {
+			if strings.HasPrefix(n[1], "sigil_") && !strings.HasPrefix(n[1], "sigil_agent_") {
+				names = append(names, n[1])
+			}
+		}
+	}
+	if len(names) < 20 {
+		t.Fatalf("only %d sigild metrics found in README's table: %v", len(names), names)
+	}
+	scraped := map[string]bool{}
+	for series := range scrape(t, c, node) {
+		name, _, _ := strings.Cut(series, "{")
+		scraped[strings.TrimSuffix(strings.TrimSuffix(strings.TrimSuffix(name, "_bucket"), "_sum"), "_count")] = true
+	}
+	for _, n := range names {
+		if !scraped[n] {
+			t.Errorf("README names %s; %s's /metrics has no such series", n, node)
+		}
+	}
 }
 
 // duplicateKey is a top-level key that appears twice in a JSON object
