@@ -111,7 +111,8 @@ func newSuite(t *testing.T) *suite {
 	}
 	sh(t, "mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "sigil-faults", s.tmpfs)
 	t.Cleanup(func() {
-		if out, err := exec.Command("umount", "-l", s.tmpfs).CombinedOutput(); err != nil {
+		// The disk-full scenario unmounts it itself when it ran to the end.
+		if out, err := exec.Command("umount", "-l", s.tmpfs).CombinedOutput(); err != nil && !strings.Contains(string(out), "not mounted") {
 			t.Errorf("umount %s: %v %s", s.tmpfs, err, out)
 		}
 	})
@@ -690,7 +691,7 @@ func (s *suite) startAgent(t *testing.T) *agentProc {
 }
 
 // fetch connects afresh and returns the default SVID's serial when the
-// caller gets n SVIDs ("" otherwise).
+// caller gets n SVIDs, or at least one for n = 0 ("" otherwise).
 func (a *agentProc) fetch(n int) string {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -700,7 +701,7 @@ func (a *agentProc) fetch(n int) string {
 	}
 	defer func() { _ = c.Close() }() // its answers are read: closing only hangs up
 	svids, err := c.FetchX509SVIDs(ctx)
-	if err != nil || len(svids) != n {
+	if err != nil || len(svids) == 0 || (n > 0 && len(svids) != n) {
 		return ""
 	}
 	return svids[0].Certificates[0].SerialNumber.Text(16)
@@ -725,7 +726,9 @@ func (a *agentProc) watch() *watch {
 				return
 			case <-time.After(250 * time.Millisecond):
 			}
-			if a.fetch(1) != "" {
+			// Any SVID counts: a later scenario adds a second entry for
+			// the same workload.
+			if a.fetch(0) != "" {
 				w.ok.Add(1)
 			} else {
 				w.failed.Add(1)

@@ -141,9 +141,13 @@ func (s *issuer) callingAgent(ctx context.Context, actor, what string) (state.Ag
 	}
 	switch {
 	case !ok:
-		reason := "unknown agent: it has not joined"
+		// An agent removed with `agent remove` keeps a valid certificate
+		// until it expires and may retry for as long: it is audited like a
+		// banned one, at most once per agent per period, and counted.
+		reason := "unknown agent: it has not joined or was removed"
 		s.countRefusal(what, refuseUnknown)
-		s.refuse(ctx, what, actor, "", reason)
+		s.m.banned(what)
+		s.refuseBanned(ctx, what, actor, reason)
 		return state.Agent{}, status.Errorf(codes.PermissionDenied, "%s: %s", actor, reason)
 	case a.Banned:
 		reason := "agent is banned"

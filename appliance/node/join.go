@@ -297,13 +297,20 @@ func (j *joinSvc) Token(ctx context.Context, r *api.JoinTokenRequest) (*api.Agen
 	// A token no one created is refused here, after a linearizable read,
 	// without a raft command: guessing tokens costs the cluster no log
 	// entries.
-	if _, ok := j.state.Token(tokID); !ok {
+	tok, ok := j.state.Token(tokID)
+	if !ok {
 		if err := j.catchUp(ctx, "token"); err != nil {
 			return nil, err
 		}
-		if _, ok := j.state.Token(tokID); !ok {
+		if tok, ok = j.state.Token(tokID); !ok {
 			return nil, j.refuseAnon(ctx, "token", classTokenUnknown, tokID[:12], codes.PermissionDenied, errors.New("unknown join token"))
 		}
+	}
+	// A used, revoked or expired token is refused here too, without a raft
+	// command (whoever holds a leaked token could otherwise make each retry
+	// a log entry); the state machine decides again at commit for the race.
+	if reason := tokenUnusable(tok, time.Now()); reason != "" {
+		return nil, j.refuseToken(ctx, tokID, fmt.Errorf("join token %.12s %s", tokID, reason))
 	}
 	id := spiffeid.RequireFromPath(j.td, "/sigil/agent/join_token/"+tokID[:16])
 	if _, err := j.apply.apply(ctx, j.actor, state.CmdTokenUse, state.TokenUse{ID: tokID, Agent: id.String()}); err != nil {
@@ -312,7 +319,7 @@ func (j *joinSvc) Token(ctx context.Context, r *api.JoinTokenRequest) (*api.Agen
 			j.anon.logFailure(classNoQuorum, "join failed: token not redeemed", "method", "token", "remote", addr, "token", tokID[:12], "err", err)
 			return nil, errUnavailable()
 		}
-		return nil, j.refuseAnon(ctx, "token", tokenClass(err), tokID[:12], codes.PermissionDenied, err)
+		return nil, j.refuseToken(ctx, tokID, err)
 	}
 	return j.issue(ctx, "token", id, csr.PublicKey, "join_token", map[string]string{"token": tokID[:12]})
 }
@@ -372,6 +379,40 @@ func (j *joinSvc) issueReplacing(ctx context.Context, op string, id spiffeid.ID,
 }
 
 // tokenClass classifies the state machine's refusal of a token redemption.
+// tokenUnusable says why a stored token no longer joins ("" if it does).
+func tokenUnusable(t state.JoinToken, now time.Time) string {
+	switch {
+	case !t.RevokedAt.IsZero():
+		return "was revoked"
+	case t.UsedBy != "":
+		return "was already used"
+	case !t.ExpiresAt.After(now):
+		return "expired"
+	}
+	return ""
+}
+
+// refuseToken refuses a token redemption. The caller is anonymous: it
+// learns which of used, expired or revoked applies, not by whom or when
+// (the state machine's refusal names the agent that used it or the admin
+// that revoked it); the refusal summary in the log keeps the detail.
+func (j *joinSvc) refuseToken(ctx context.Context, tokID string, err error) error {
+	class := tokenClass(err)
+	j.anon.note(ctx, "token", class, tokID[:12], err)
+	msg := "join token " + tokID[:12] + " cannot be used"
+	switch {
+	case strings.Contains(err.Error(), "revoked"):
+		msg = "join token " + tokID[:12] + " was revoked"
+	case class == classTokenUsed:
+		msg = "join token " + tokID[:12] + " was already used"
+	case class == classTokenExpired:
+		msg = "join token " + tokID[:12] + " expired"
+	case class == classTokensDisabled:
+		msg = "join tokens are disabled on this appliance"
+	}
+	return status.Error(codes.PermissionDenied, msg)
+}
+
 func tokenClass(err error) string {
 	msg := err.Error()
 	switch {

@@ -332,6 +332,12 @@ func (f *FSM) apply(index uint64, origin string, cmd []byte) (any, *txn, error) 
 	if c.Actor == "" || c.Time.IsZero() {
 		return nil, nil, refuse("command %s has no actor or time", c.Type)
 	}
+	// Audit records carry the time in UTC as RFC 3339, which has four-digit
+	// years only: a time outside them would fail the record's hash on every
+	// replica, at every replay.
+	if y := c.Time.UTC().Year(); y < 1 || y > 9999 {
+		return nil, nil, refuse("command %s: time %s is outside years 1 to 9999", c.Type, c.Time.UTC().Format(time.RFC3339))
+	}
 	if err := f.authorize(reg.allow, &c, origin); err != nil {
 		return nil, nil, err
 	}

@@ -84,6 +84,11 @@ func applyAgentRemove(t *txn, p *AgentRemove) (any, []AuditEvent, error) {
 	if a == nil {
 		return nil, nil, refuse("no agent %s", truncate(p.ID, 128))
 	}
+	// The ban lives on the record: removing it would let the host join
+	// again as a fresh, unbanned agent.
+	if a.Banned {
+		return nil, nil, refuse("agent %s is banned: removing it would lift the ban (a host the join policy admits could join again); unban it first if that is meant", a.ID)
+	}
 	children := idsWithPrefix(t.tx.Bucket(bEntriesByParent), a.ID)
 	if len(children) > 0 && !p.Force {
 		return nil, nil, refuse("agent %s is the parent of %d entries (%s): delete or re-parent them first, or remove with force to keep them",

@@ -1,6 +1,7 @@
 package state
 
 import (
+	"bytes"
 	"fmt"
 	"strings"
 	"testing"
@@ -82,6 +83,59 @@ func TestAgentRemove(t *testing.T) {
 	}
 	// The agent may join again.
 	a.must(CmdAgentUpsert, ag)
+}
+
+// TestAttackRemoveLiftsBan: an operator (or a compromised admin) removes a
+// banned agent; the ban lived on the record, so the host could join again
+// as a fresh agent. A banned agent is not removed.
+func TestAttackRemoveLiftsBan(t *testing.T) {
+	a := newApplier(t)
+	ag := &Agent{ID: "spiffe://example.org/sigil/agent/tpm/dd", AttestationType: "tpm"}
+	a.must(CmdAgentUpsert, ag)
+	a.must(CmdAgentBan, AgentID{ID: ag.ID})
+	before := len(a.fsm.Audit(0, 0))
+	_, err := a.apply(CmdAgentRemove, t0, AgentRemove{ID: ag.ID, Force: true})
+	if err == nil || !strings.Contains(err.Error(), "is banned: removing it would lift the ban") {
+		t.Fatalf("ATTACK SUCCEEDED: removing a banned agent: %v", err)
+	}
+	if got, ok := a.fsm.Agent(ag.ID); !ok || !got.Banned {
+		t.Fatalf("the banned agent's record changed: %+v %v", got, ok)
+	}
+	if _, err := a.apply(CmdAgentUpsert, t0, ag); err == nil {
+		t.Fatal("ATTACK SUCCEEDED: the banned agent joined again")
+	}
+	if n := len(a.fsm.Audit(0, 0)); n != before {
+		t.Fatalf("refused commands wrote %d audit records", n-before)
+	}
+	a.must(CmdAgentUnban, AgentID{ID: ag.ID})
+	a.must(CmdAgentRemove, AgentRemove{ID: ag.ID})
+}
+
+// TestAttackCommandTimeOutOfRange: a member stamps a command with a time
+// whose UTC year is 10000; the audit record's hash could not be computed
+// and every replica would fail on that entry at every replay. It is
+// refused and changes nothing.
+func TestAttackCommandTimeOutOfRange(t *testing.T) {
+	a := newApplier(t)
+	before := len(a.fsm.Audit(0, 0))
+	// Go's encoder refuses such a time, so the member writes the bytes.
+	at := time.Date(2001, 2, 3, 4, 5, 6, 0, time.UTC)
+	cmd := testCommand(t, CmdEntryCreate, admin, "", at, entry("e0000009", "spiffe://example.org/far", "unix:uid:9"))
+	forged := bytes.Replace(cmd, []byte(`"2001-02-03T04:05:06Z"`), []byte(`"9999-12-31T23:59:59-01:00"`), 1)
+	if bytes.Equal(forged, cmd) {
+		t.Fatalf("no time to replace in %s", cmd)
+	}
+	a.index++
+	_, err := a.fsm.Apply(a.index, origin, forged)
+	if err == nil || !strings.Contains(err.Error(), "outside years 1 to 9999") {
+		t.Fatalf("ATTACK SUCCEEDED: a command dated 9999-12-31T23:59:59-01:00: %v", err)
+	}
+	if _, ok := a.fsm.Entry("e0000009"); ok {
+		t.Fatal("the entry was stored")
+	}
+	if n := len(a.fsm.Audit(0, 0)); n != before {
+		t.Fatalf("the refused command wrote %d audit records", n-before)
+	}
 }
 
 // AuditScan walks pages in both directions, from any point, and stops at
