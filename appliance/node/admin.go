@@ -622,15 +622,30 @@ func (a *admin) AuditList(ctx context.Context, r *api.AuditRequest) (*api.AuditL
 	}
 	head, _ := a.state.AuditHead()
 	if r.Filter != nil || r.NewestFirst || r.Before != 0 {
-		return a.auditSelect(r, head)
+		return a.auditSelect(ctx, r, head)
 	}
 	return &api.AuditList{Records: a.state.Audit(r.After, r.Limit), Head: head, First: a.state.AuditFirst()}, nil
 }
 
+// auditListBytes bounds the records one filtered answer carries (records
+// may hold up to about 35 KB of detail each, so r.Limit alone could build
+// more than api.MaxResponseSize before the send fails).
+const auditListBytes = api.MaxResponseSize / 2
+
+// auditRecordSize estimates a record's JSON size from what varies.
+func auditRecordSize(r *state.AuditRecord) int {
+	n := 512 + len(r.Actor) + len(r.Action) + len(r.Target)
+	for k, v := range r.Detail {
+		n += len(k) + len(v) + 8
+	}
+	return n
+}
+
 // auditSelect serves a filtered or newest-first audit list: it reads at
-// most api.MaxAuditScan records and keeps at most r.Limit, so a request
-// costs the same whatever the log holds; Next says where to go on.
-func (a *admin) auditSelect(r *api.AuditRequest, head uint64) (*api.AuditList, error) {
+// most api.MaxAuditScan records and keeps at most r.Limit (and about
+// auditListBytes), so a request costs the same whatever the log holds; it
+// stops early when the caller gives up. Next says where to go on.
+func (a *admin) auditSelect(ctx context.Context, r *api.AuditRequest, head uint64) (*api.AuditList, error) {
 	if r.Before != 0 && !r.NewestFirst {
 		return nil, status.Error(codes.InvalidArgument, "before applies to a newest-first list only")
 	}
@@ -642,12 +657,17 @@ func (a *admin) auditSelect(r *api.AuditRequest, head uint64) (*api.AuditList, e
 		limit = state.MaxAuditList
 	}
 	out := &api.AuditList{Records: []api.AuditRecord{}, Head: head, First: a.state.AuditFirst()}
+	size := 0
 	last, end := a.state.AuditScan(r.After, r.Before, r.NewestFirst, api.MaxAuditScan, func(rec *state.AuditRecord) bool {
 		if r.Filter.Match(rec) {
 			out.Records = append(out.Records, *rec)
+			size += auditRecordSize(rec)
 		}
-		return len(out.Records) < limit
+		return len(out.Records) < limit && size < auditListBytes && ctx.Err() == nil
 	})
+	if err := ctx.Err(); err != nil {
+		return nil, status.FromContextError(err).Err()
+	}
 	if !end {
 		out.Next = last
 	}
@@ -964,6 +984,9 @@ func (a *admin) AgentRemove(ctx context.Context, r *api.AgentRemoveRequest) (*ap
 	res, err := write[state.AgentRemoved](ctx, a, state.CmdAgentRemove, state.AgentRemove{ID: r.ID, Force: r.Force})
 	if err != nil {
 		return nil, err
+	}
+	if a.seen != nil { // this node's view; the others forget it at their next agent list
+		a.seen.prune(func(id string) bool { return id != res.ID })
 	}
 	return &api.AgentRemoved{ID: res.ID, KeptEntries: res.KeptEntries}, nil
 }

@@ -36,7 +36,9 @@ type Kind struct {
 func (k Kind) Prefix() string { return k.Type + ":" + k.Name + ":" }
 
 // Kinds are the selectors sigil-agent produces, in the order operators
-// read them in help.
+// read them in help. The state machine applies these rules to commands of
+// version 4 when the log replays: a change that flips a verdict needs a
+// new command version (appliance/state TestSelectorRulesPinned).
 var Kinds = []Kind{
 	{"unix", "uid", true, "a decimal user id, e.g. unix:uid:1000", checkID},
 	{"unix", "gid", true, "a decimal group id (the primary group), e.g. unix:gid:1000", checkID},
