@@ -3,10 +3,10 @@ package agent_test
 import (
 	"io"
 	"net/http"
-	"os"
-	"regexp"
 	"strings"
 	"testing"
+
+	"github.com/sigil-appliance/sigil/appliance/clustertest"
 )
 
 // testReadmeAgentMetrics: every sigil-agent metric README's "Operations:
@@ -14,28 +14,7 @@ import (
 // its health listener).
 func testReadmeAgentMetrics(t *testing.T, healthAddr string) {
 	t.Helper()
-	readme, err := os.ReadFile("../README.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, ops, ok := strings.Cut(string(readme), "## Operations: what to watch")
-	_, table, ok2 := strings.Cut(ops, "### sigil-agent")
-	if !ok || !ok2 {
-		t.Fatal(`README has no "Operations: what to watch" section with a sigil-agent table`)
-	}
-	table, _, _ = strings.Cut(table, "\n#")
-	var names []string
-	for _, l := range strings.Split(table, "\n") {
-		cells := strings.Split(l, "|")
-		if len(cells) < 3 {
-			continue
-		}
-		for _, n := range regexp.MustCompile("`([a-z_]+)`").FindAllStringSubmatch(cells[1], -1) {
-			if strings.HasPrefix(n[1], "sigil_agent_") {
-				names = append(names, n[1])
-			}
-		}
-	}
+	names := clustertest.ReadmeMetrics(t, "../README.md", "sigil-agent", func(n string) bool { return strings.HasPrefix(n, "sigil_agent_") })
 	if len(names) < 15 {
 		t.Fatalf("only %d agent metrics found in README's table: %v", len(names), names)
 	}

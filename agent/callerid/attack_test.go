@@ -82,6 +82,25 @@ func (d *callerDir) attest(t testing.TB, cmd *exec.Cmd) callerid.Selectors {
 // and before it is attested.
 func (d *callerDir) attestWith(t testing.TB, cmd *exec.Cmd, connected func(pid int)) callerid.Selectors {
 	t.Helper()
+	caller := d.connect(t, cmd)
+	if connected != nil {
+		connected(cmd.Process.Pid)
+	}
+	if caller == nil || int(caller.PID) != cmd.Process.Pid {
+		t.Fatalf("caller %+v, started pid %d", caller, cmd.Process.Pid)
+	}
+	sel, err := callerid.New("").Attest(context.Background(), caller)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%v: %v", cmd.Args, sel.List())
+	return sel
+}
+
+// connect starts cmd (a caller helper) against a fresh socket in d and
+// returns the caller the listening side saw (nil if none).
+func (d *callerDir) connect(t testing.TB, cmd *exec.Cmd) *callerid.Caller {
+	t.Helper()
 	sockDir, err := os.MkdirTemp(d.dir, "sock-")
 	if err != nil {
 		t.Fatal(err)
@@ -102,19 +121,7 @@ func (d *callerDir) attestWith(t testing.TB, cmd *exec.Cmd, connected func(pid i
 	got := serve(t, l)
 	cmd.Env = append(cmd.Env, helperEnv+"="+sock, "PATH=/usr/bin:/bin", "TMPDIR=/tmp")
 	startUntil(t, cmd, "connected")
-	caller := <-got
-	if connected != nil {
-		connected(cmd.Process.Pid)
-	}
-	if caller == nil || int(caller.PID) != cmd.Process.Pid {
-		t.Fatalf("caller %+v, started pid %d", caller, cmd.Process.Pid)
-	}
-	sel, err := callerid.New("").Attest(context.Background(), caller)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("%v: %v", cmd.Args, sel.List())
-	return sel
+	return <-got
 }
 
 // startUntil starts a helper (caller or agent), waits for its first line
@@ -627,27 +634,7 @@ func TestAttackHugeSparseBinary(t *testing.T) {
 	if err := os.Truncate(d.bin, 64<<30); err != nil {
 		t.Fatal(err)
 	}
-	sockDir, err := os.MkdirTemp(d.dir, "sock-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chmod(sockDir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(sockDir, "agent.sock")
-	l, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = l.Close() }) // the test is over: closing only stops accepting
-	if err := os.Chmod(sock, 0o777); err != nil {
-		t.Fatal(err)
-	}
-	got := serve(t, l)
-	cmd := d.asUser()
-	cmd.Env = append(cmd.Env, helperEnv+"="+sock, "PATH=/usr/bin:/bin", "TMPDIR=/tmp")
-	startUntil(t, cmd, "connected")
-	caller := <-got
+	caller := d.connect(t, d.asUser())
 	if caller == nil {
 		t.Fatal("no caller")
 	}

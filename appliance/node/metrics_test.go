@@ -9,8 +9,6 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
-	"os"
-	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -307,28 +305,9 @@ func joinWithToken(t *testing.T, c *clustertest.Cluster, node, token string) (*a
 // watch" table names is in a scrape of node's /metrics.
 func testReadmeMetrics(t *testing.T, c *clustertest.Cluster, node string) {
 	t.Helper()
-	readme, err := os.ReadFile("../../README.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, ops, ok := strings.Cut(string(readme), "## Operations: what to watch")
-	_, table, ok2 := strings.Cut(ops, "### sigild")
-	if !ok || !ok2 {
-		t.Fatal(`README has no "Operations: what to watch" section with a sigild table`)
-	}
-	table, _, _ = strings.Cut(table, "\n#")
-	var names []string
-	for _, l := range strings.Split(table, "\n") {
-		cells := strings.Split(l, "|")
-		if len(cells) < 3 {
-			continue
-		}
-		for _, n := range regexp.MustCompile("`([a-z_]+)`").FindAllStringSubmatch(cells[1], -1) {
-			if strings.HasPrefix(n[1], "sigil_") && !strings.HasPrefix(n[1], "sigil_agent_") {
-				names = append(names, n[1])
-			}
-		}
-	}
+	names := clustertest.ReadmeMetrics(t, "../../README.md", "sigild", func(n string) bool {
+		return strings.HasPrefix(n, "sigil_") && !strings.HasPrefix(n, "sigil_agent_")
+	})
 	if len(names) < 20 {
 		t.Fatalf("only %d sigild metrics found in README's table: %v", len(names), names)
 	}
