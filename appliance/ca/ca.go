@@ -13,9 +13,11 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/asn1"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -45,6 +47,8 @@ type Authority struct {
 	// revocation source yet, nothing is revoked).
 	revoked atomic.Pointer[RevocationCheck]
 	refused refusalLog
+	// verified caches chains Classify verified (verified.go).
+	verified verifiedChains
 }
 
 // refusalLog logs refusals of revoked chains, at most one line a second
@@ -138,6 +142,9 @@ func New(td spiffeid.TrustDomain, nodeID string, signer crypto.Signer, issuing *
 	if k, ok := signer.Public().(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(issuing.PublicKey) {
 		return nil, errors.New("the HSM key is not the key of the issuing CA certificate")
 	}
+	if err := proveKey(signer, issuing); err != nil {
+		return nil, err
+	}
 	if issuing.Subject.CommonName != nodeID {
 		return nil, fmt.Errorf("issuing CA certificate is for node %q, this is node %q", issuing.Subject.CommonName, nodeID)
 	}
@@ -156,6 +163,30 @@ func New(td spiffeid.TrustDomain, nodeID string, signer crypto.Signer, issuing *
 	}
 	return &Authority{td: td, nodeID: nodeID, signer: signer, issuing: issuing,
 		bundle: x509bundle.FromX509Authorities(td, roots), now: now}, nil
+}
+
+// proveKey signs a test digest with signer and verifies it with the issuing
+// certificate's key: the public key an HSM reports is a separate object
+// from its private key, and leaves signed with ECDSA keys are not verified
+// one by one (leaf.go), so the private key is shown to be the
+// certificate's once, before anything is signed.
+func proveKey(signer crypto.Signer, issuing *x509.Certificate) error {
+	digest := sha256.Sum256([]byte("sigil issuing key proof"))
+	sig, err := signer.Sign(rand.Reader, digest[:], crypto.SHA256)
+	if err != nil {
+		return fmt.Errorf("the HSM key does not sign: %w", err)
+	}
+	var ok bool
+	switch k := issuing.PublicKey.(type) {
+	case *ecdsa.PublicKey:
+		ok = ecdsa.VerifyASN1(k, digest[:], sig)
+	case *rsa.PublicKey:
+		ok = rsa.VerifyPKCS1v15(k, crypto.SHA256, digest[:], sig) == nil
+	}
+	if !ok {
+		return errors.New("the HSM key's signature does not verify with the issuing CA certificate's key")
+	}
+	return nil
 }
 
 // TrustDomain served by this authority.
@@ -208,13 +239,11 @@ func Reserved(path string) bool {
 // refuses the reserved paths (/sigil and under): agents, admins and nodes
 // have their own methods.
 func (a *Authority) Sign(l Leaf) ([]*x509.Certificate, error) {
-	if err := a.member(l.ID); err != nil {
+	p, err := a.Prepare(l)
+	if err != nil {
 		return nil, err
 	}
-	if Reserved(l.ID.Path()) {
-		return nil, fmt.Errorf("cannot sign %s as a workload: paths at or under %s are reserved for the appliance", l.ID, reservedPath)
-	}
-	return a.sign(l)
+	return p.Sign()
 }
 
 // SignAgent issues an agent's own SVID: only IDs under /sigil/agent/.
@@ -259,12 +288,38 @@ func (a *Authority) member(id spiffeid.ID) error {
 	return nil
 }
 
-// sign makes the certificate; callers have checked the ID.
-func (a *Authority) sign(l Leaf) ([]*x509.Certificate, error) {
-	if a.Revoked() {
-		// Whatever it signed would be refused everywhere; a revoked CA
-		// that still signs is the compromise the revocation answers.
-		return nil, fmt.Errorf("sign %s: %w: this node's issuing CA (serial %x) is on the root's CRL", l.ID, ErrRevoked, a.issuing.SerialNumber)
+// Prepared is a certificate whose serial number and validity are fixed
+// but which is not signed yet: what an audit record of its issuance says
+// is known before the HSM signs, so the record can commit while it signs.
+type Prepared struct {
+	a                   *Authority
+	leaf                Leaf
+	serial              *big.Int
+	notBefore, notAfter time.Time
+}
+
+// Serial is the certificate's serial number, in hex as the audit has it.
+func (p *Prepared) Serial() string { return p.serial.Text(16) }
+
+// NotAfter is when the certificate expires.
+func (p *Prepared) NotAfter() time.Time { return p.notAfter }
+
+// Prepare checks a workload SVID as Sign does and fixes its serial and
+// validity; Sign on the result signs it.
+func (a *Authority) Prepare(l Leaf) (*Prepared, error) {
+	if err := a.member(l.ID); err != nil {
+		return nil, err
+	}
+	if Reserved(l.ID.Path()) {
+		return nil, fmt.Errorf("cannot sign %s as a workload: paths at or under %s are reserved for the appliance", l.ID, reservedPath)
+	}
+	return a.prepare(l)
+}
+
+// prepare fixes serial and validity; callers have checked the ID.
+func (a *Authority) prepare(l Leaf) (*Prepared, error) {
+	if err := a.usable(l.ID); err != nil {
+		return nil, err
 	}
 	now := a.now()
 	notAfter := now.Add(l.TTL)
@@ -278,24 +333,69 @@ func (a *Authority) sign(l Leaf) ([]*x509.Certificate, error) {
 	if err != nil {
 		return nil, err
 	}
+	return &Prepared{a: a, leaf: l, serial: sn.Add(sn, big.NewInt(1)), notBefore: now.Add(-30 * time.Second), notAfter: notAfter}, nil
+}
+
+// usable refuses to sign with a revoked issuing CA: whatever it signed
+// would be refused everywhere, and a revoked CA that still signs is the
+// compromise the revocation answers.
+func (a *Authority) usable(id spiffeid.ID) error {
+	if a.Revoked() {
+		return fmt.Errorf("sign %s: %w: this node's issuing CA (serial %x) is on the root's CRL", id, ErrRevoked, a.issuing.SerialNumber)
+	}
+	return nil
+}
+
+// sign makes the certificate; callers have checked the ID.
+func (a *Authority) sign(l Leaf) ([]*x509.Certificate, error) {
+	p, err := a.prepare(l)
+	if err != nil {
+		return nil, err
+	}
+	return p.Sign()
+}
+
+// Sign signs the prepared certificate and returns it with the issuing CA
+// certificate. The issuing CA is checked again: it may have been revoked
+// since Prepare.
+func (p *Prepared) Sign() ([]*x509.Certificate, error) {
+	a, l := p.a, p.leaf
+	if err := a.usable(l.ID); err != nil {
+		return nil, err
+	}
 	ku := x509.KeyUsageDigitalSignature
 	if _, ok := l.PublicKey.(*rsa.PublicKey); ok {
 		ku |= x509.KeyUsageKeyEncipherment
 	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          sn.Add(sn, big.NewInt(1)),
-		Subject:               l.Subject,
-		NotBefore:             now.Add(-30 * time.Second),
-		NotAfter:              notAfter,
-		KeyUsage:              ku,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		BasicConstraintsValid: true,
-		URIs:                  []*url.URL{l.ID.URL()},
-		DNSNames:              l.DNSNames,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, a.issuing, l.PublicKey, a.signer)
-	if err != nil {
-		return nil, fmt.Errorf("sign %s: %w", l.ID, err)
+	var der []byte
+	if _, ok := a.signer.Public().(*ecdsa.PublicKey); ok {
+		// leaf.go: no verification after signing for ECDSA issuing keys.
+		subject, err := asn1.Marshal(l.Subject.ToRDNSequence())
+		if err != nil {
+			return nil, fmt.Errorf("sign %s: subject: %w", l.ID, err)
+		}
+		der, err = signLeaf(&leafTemplate{serial: p.serial, notBefore: p.notBefore, notAfter: p.notAfter,
+			subject: subject, publicKey: l.PublicKey, keyUsage: ku, uris: []*url.URL{l.ID.URL()}, dnsNames: l.DNSNames},
+			a.issuing, a.signer)
+		if err != nil {
+			return nil, fmt.Errorf("sign %s: %w", l.ID, err)
+		}
+	} else {
+		tmpl := &x509.Certificate{
+			SerialNumber:          p.serial,
+			Subject:               l.Subject,
+			NotBefore:             p.notBefore,
+			NotAfter:              p.notAfter,
+			KeyUsage:              ku,
+			ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+			BasicConstraintsValid: true,
+			URIs:                  []*url.URL{l.ID.URL()},
+			DNSNames:              l.DNSNames,
+		}
+		var err error
+		if der, err = x509.CreateCertificate(rand.Reader, tmpl, a.issuing, l.PublicKey, a.signer); err != nil {
+			return nil, fmt.Errorf("sign %s: %w", l.ID, err)
+		}
 	}
 	leaf, err := x509.ParseCertificate(der)
 	if err != nil {
@@ -332,9 +432,20 @@ type Peer struct {
 // chain holding a revoked certificate (SetRevocationCheck) is refused,
 // whatever role it claims.
 func (a *Authority) Classify(raw [][]byte) (Peer, error) {
-	id, chains, err := x509svid.ParseAndVerify(raw, a.bundle)
-	if err != nil {
-		return Peer{}, err
+	// Verified chains are cached (verified.go); the CRLs are consulted on
+	// every call. x509svid verifies at the wall clock's time, so the cache
+	// is consulted at it too.
+	key, now := chainKey(raw), time.Now()
+	var id spiffeid.ID
+	var chains [][]*x509.Certificate
+	if v, ok := a.verified.get(key, now); ok {
+		id, chains = v.id, v.chains
+	} else {
+		var err error
+		if id, chains, err = x509svid.ParseAndVerify(raw, a.bundle); err != nil {
+			return Peer{}, err
+		}
+		a.verified.put(key, id, chains, now)
 	}
 	if err := a.checkRevoked(chains); err != nil {
 		return Peer{}, fmt.Errorf("%s: %w", id, err)

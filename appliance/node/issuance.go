@@ -74,13 +74,21 @@ type (
 		readIndex(ctx context.Context) error
 	}
 	// auditRecorder commits audit events; it returns only once they are
-	// committed, or fails.
+	// committed, or fails. expect announces a record that a request is
+	// preparing (the batcher waits for it rather than commit without it).
 	auditRecorder interface {
 		record(ctx context.Context, events ...state.AuditEvent) error
+		expect() expectation
+	}
+	// expectation is an announced record: record it, or settle it when
+	// the request ends without one (settle after record does nothing).
+	expectation interface {
+		record(ctx context.Context, events ...state.AuditEvent) error
+		settle()
 	}
 	// svidSigner is the node's issuing CA (ca.Authority).
 	svidSigner interface {
-		Sign(ca.Leaf) ([]*x509.Certificate, error)
+		Prepare(ca.Leaf) (*ca.Prepared, error)
 		SignAgent(ca.Leaf) ([]*x509.Certificate, error)
 	}
 	// jwtSigner hands out the JWT key to sign with now (ca.JWTKeys).
@@ -212,48 +220,113 @@ func (s *issuer) x509SVIDs(ctx context.Context, actor string, b *api.X509SVIDBat
 	if err != nil {
 		return nil, err
 	}
-	for _, r := range b.Requests {
-		if _, ok := s.state.Entry(r.EntryID); !ok {
-			if err := catchUp(ctx, s.quorum, s.log, "request", "svid.x509", "agent", a.ID, "entry", shownID(r.EntryID)); err != nil {
-				s.m.refuse(svidX509, refuseUnavailable)
-				return nil, err
+	rec := s.audit.expect()
+	defer rec.settle()
+	// Each entry is read once per batch (a read decodes it from the
+	// replica's store); a missing one may be this node lagging a create,
+	// so one read barrier is taken before any is refused.
+	entries := make(map[string]state.Entry, 1)
+	lookup := func() (missing bool) {
+		for _, r := range b.Requests {
+			if _, seen := entries[r.EntryID]; seen {
+				continue
 			}
-			break
+			if e, ok := s.state.Entry(r.EntryID); ok {
+				entries[r.EntryID] = e
+			} else {
+				missing = true
+			}
 		}
+		return missing
+	}
+	if lookup() {
+		if err := catchUp(ctx, s.quorum, s.log, "request", "svid.x509", "agent", a.ID); err != nil {
+			s.m.refuse(svidX509, refuseUnavailable)
+			return nil, err
+		}
+		lookup()
 	}
 	out := &api.X509SVIDBatchResult{Results: make([]api.X509SVIDResult, len(b.Requests))}
-	// Sign in parallel: the HSM has a session pool and the CSR checks are
-	// CPU work; one goroutine per batch would leave cores idle.
+	// Check every request and fix each certificate's serial and expiry:
+	// the audit records are then known, and commit while the HSM signs.
 	events := make([]state.AuditEvent, len(b.Requests))
+	prepared := make([]*ca.Prepared, len(b.Requests))
+	each(len(b.Requests), func(i int) {
+		events[i], prepared[i] = s.prepareOne(a, entries, b.Requests[i], &out.Results[i])
+	})
+	committed := make(chan error, 1)
+	go func() { committed <- rec.record(ctx, events...) }()
+	chains := make([][]*x509.Certificate, len(b.Requests))
+	signErrs := make([]error, len(b.Requests))
+	each(len(b.Requests), func(i int) {
+		if prepared[i] != nil {
+			chains[i], signErrs[i] = prepared[i].Sign()
+		}
+	})
+	// No record, no certificate: if the batch cannot commit, nothing that
+	// was signed leaves this node.
+	if err := <-committed; err != nil {
+		return nil, s.withheld("svid.x509", a.ID, "", err)
+	}
+	var unsigned []state.AuditEvent
+	issued := 0
+	for i, r := range b.Requests {
+		res := &out.Results[i]
+		switch {
+		case prepared[i] == nil:
+		case signErrs[i] != nil:
+			// Recorded as issued, then the HSM failed: the agent is told
+			// to retry, the log has the detail, and the audit says that
+			// the recorded serial was never signed.
+			s.log.Error("issuance failed: signing", "request", "svid.x509", "agent", a.ID, "entry", r.EntryID, "serial", prepared[i].Serial(), "err", signErrs[i])
+			s.m.refuse(svidX509, refuseUnavailable)
+			res.Error = msgUnavailable
+			unsigned = append(unsigned, state.AuditEvent{Action: "svid.x509.unsigned", Target: events[i].Target, Detail: map[string]string{
+				"serial": prepared[i].Serial(), "agent": a.ID, "entry": r.EntryID, "node": s.nodeID, "reason": "signing failed on this node"}})
+		default:
+			leaf := chains[i][0]
+			res.SPIFFEID, res.ExpiresAt = events[i].Target, leaf.NotAfter
+			for _, c := range chains[i] {
+				res.Chain = append(res.Chain, c.Raw)
+			}
+			issued++
+		}
+	}
+	if len(unsigned) > 0 {
+		actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), quorumWait)
+		if err := s.audit.record(actx, unsigned...); err != nil {
+			s.log.Error("audit of unsigned SVIDs failed", "request", "svid.x509", "agent", a.ID, "unsigned", len(unsigned), "err", err)
+		}
+		cancel()
+	}
+	s.m.issue(svidX509, issued)
+	return out, nil
+}
+
+// each runs f for 0..n-1: in the caller for one, else on a few
+// goroutines (CSR checks are CPU work and the HSM has a session pool;
+// one goroutine per batch would leave cores idle).
+func each(n int, f func(i int)) {
+	if n == 1 {
+		f(0)
+		return
+	}
 	var wg sync.WaitGroup
 	work := make(chan int)
-	for w := 0; w < min(len(b.Requests), 2*runtime.GOMAXPROCS(0)); w++ {
+	for w := 0; w < min(n, 2*runtime.GOMAXPROCS(0)); w++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for i := range work {
-				events[i] = s.signInto(a, b.Requests[i], &out.Results[i])
+				f(i)
 			}
 		}()
 	}
-	for i := range b.Requests {
+	for i := 0; i < n; i++ {
 		work <- i
 	}
 	close(work)
 	wg.Wait()
-	// No record, no certificate: if the batch cannot commit, nothing that
-	// was signed leaves this node.
-	if err := s.audit.record(ctx, events...); err != nil {
-		return nil, s.withheld("svid.x509", a.ID, "", err)
-	}
-	issued := 0
-	for _, r := range out.Results {
-		if r.Error == "" {
-			issued++
-		}
-	}
-	s.m.issue(svidX509, issued)
-	return out, nil
 }
 
 // readBarrier waits (bounded) until this node has applied everything
@@ -289,26 +362,25 @@ func (s *issuer) withheld(what, agent, entry string, err error) error {
 	return errUnavailable()
 }
 
-// signInto fills one result and returns its audit event.
-func (s *issuer) signInto(a state.Agent, r api.X509SVIDRequest, res *api.X509SVIDResult) state.AuditEvent {
+// prepareOne checks one request and fixes its certificate's serial and
+// expiry; it returns the request's audit event, and the certificate to
+// sign (nil when refused: res says why). entries holds the batch's
+// entries that exist, by ID.
+func (s *issuer) prepareOne(a state.Agent, entries map[string]state.Entry, r api.X509SVIDRequest, res *api.X509SVIDResult) (state.AuditEvent, *ca.Prepared) {
 	res.EntryID = r.EntryID
-	e, chain, reason, detail := s.signOne(a, r)
+	e, ok := entries[r.EntryID]
+	p, reason, detail := s.checkOne(a, e, ok, r)
 	if reason != "" {
 		res.Error = reason
 		s.m.refuse(svidX509, x509RefusalClass(reason))
 		reason = auditReason(detail)
 		s.log.Warn("issuance refused", "request", "svid.x509", "agent", a.ID, "entry", shownID(r.EntryID), "reason", reason)
 		return state.AuditEvent{Action: "svid.x509.refuse", Target: e.SPIFFEID,
-			Detail: map[string]string{"agent": a.ID, "entry": shownID(r.EntryID), "reason": reason}}
-	}
-	leaf := chain[0]
-	res.SPIFFEID, res.ExpiresAt = e.SPIFFEID, leaf.NotAfter
-	for _, c := range chain {
-		res.Chain = append(res.Chain, c.Raw)
+			Detail: map[string]string{"agent": a.ID, "entry": shownID(r.EntryID), "reason": reason}}, nil
 	}
 	return state.AuditEvent{Action: "svid.x509.issue", Target: e.SPIFFEID, Detail: map[string]string{
-		"serial": leaf.SerialNumber.Text(16), "agent": a.ID, "entry": e.ID, "node": s.nodeID,
-		"expires": leaf.NotAfter.UTC().Format(time.RFC3339)}}
+		"serial": p.Serial(), "agent": a.ID, "entry": e.ID, "node": s.nodeID,
+		"expires": p.NotAfter().UTC().Format(time.RFC3339)}}, p
 }
 
 // x509RefusalClass is the metric class of signOne's reason.
@@ -324,43 +396,42 @@ func x509RefusalClass(reason string) string {
 	return refuseBadRequest
 }
 
-// signOne checks one request and signs it; reason says why not, to the
-// agent, and detail (the same unless the failure is this node's or names
-// another agent's entry) says it to the log and the audit.
-func (s *issuer) signOne(a state.Agent, r api.X509SVIDRequest) (e state.Entry, chain []*x509.Certificate, reason, detail string) {
-	e, ok := s.state.Entry(r.EntryID)
-	if !ok {
+// checkOne checks one request and prepares its certificate; reason says
+// why not, to the agent, and detail (the same unless the failure is this
+// node's or names another agent's entry) says it to the log and the audit.
+func (s *issuer) checkOne(a state.Agent, e state.Entry, exists bool, r api.X509SVIDRequest) (p *ca.Prepared, reason, detail string) {
+	if !exists {
 		reason = fmt.Sprintf("no entry %q", shownID(r.EntryID))
-		return e, nil, reason, reason
+		return nil, reason, reason
 	}
 	if e.ParentID != a.ID {
 		// The entry's SPIFFE ID and parent are another agent's business.
-		return e, nil, fmt.Sprintf("entry %s belongs to another parent, not this agent", e.ID),
+		return nil, fmt.Sprintf("entry %s belongs to another parent, not this agent", e.ID),
 			fmt.Sprintf("entry %s (%s) belongs to parent %s, not this agent", e.ID, e.SPIFFEID, e.ParentID)
 	}
 	csr, err := checkCSR(e, r.CSR)
 	if err != nil {
-		return e, nil, err.Error(), err.Error()
+		return nil, err.Error(), err.Error()
 	}
 	id, err := spiffeid.FromString(e.SPIFFEID)
 	if err != nil {
 		// The state holds an entry it should have refused: this node's
 		// fault, not the agent's.
 		s.log.Error("issuance failed: stored entry has an invalid SPIFFE ID", "request", "svid.x509", "agent", a.ID, "entry", e.ID, "err", err)
-		return e, nil, msgInternal, "internal error: stored entry has an invalid SPIFFE ID"
+		return nil, msgInternal, "internal error: stored entry has an invalid SPIFFE ID"
 	}
 	ttl := e.X509TTL.Duration()
 	if ttl == 0 {
 		ttl = defaultX509TTL
 	}
-	chain, err = s.x509.Sign(ca.Leaf{ID: id, PublicKey: csr.PublicKey, TTL: ttl, DNSNames: e.DNSNames})
+	p, err = s.x509.Prepare(ca.Leaf{ID: id, PublicKey: csr.PublicKey, TTL: ttl, DNSNames: e.DNSNames})
 	if err != nil {
-		// HSM errors name keys, tokens and PKCS#11 return values: logged,
-		// and the audit says only that signing failed.
+		// CA errors (revoked, expired) are this node's: logged, and the
+		// audit says only that signing failed.
 		s.log.Error("issuance failed: signing", "request", "svid.x509", "agent", a.ID, "entry", e.ID, "err", err)
-		return e, nil, msgUnavailable, "signing failed on this node"
+		return nil, msgUnavailable, "signing failed on this node"
 	}
-	return e, chain, "", ""
+	return p, "", ""
 }
 
 // checkCSR parses a workload CSR from an agent: well-formed, signed by the
@@ -420,6 +491,8 @@ func (s *issuer) jwtSVID(ctx context.Context, actor string, r *api.JWTSVIDReques
 		s.refuse(ctx, "svid.jwt", a.ID, e.SPIFFEID, reason)
 		return nil, status.Error(codes.InvalidArgument, reason)
 	}
+	rec := s.audit.expect()
+	defer rec.settle()
 	key, err := s.jwt.Current(ctx)
 	if err != nil {
 		s.log.Error("issuance failed: no publishable JWT key", "request", "svid.jwt", "agent", a.ID, "entry", e.ID, "err", err)
@@ -433,16 +506,29 @@ func (s *issuer) jwtSVID(ctx context.Context, actor string, r *api.JWTSVIDReques
 	now := time.Now().Truncate(time.Second)
 	jti := make([]byte, 16)
 	rand.Read(jti)
-	tok, err := key.Sign(ca.JWTClaims{Subject: e.SPIFFEID, Audience: r.Audience, IssuedAt: now, Expiry: now.Add(ttl), ID: hex.EncodeToString(jti)})
-	if err != nil {
-		s.log.Error("issuance failed: signing", "request", "svid.jwt", "agent", a.ID, "entry", e.ID, "kid", key.KID(), "err", err)
-		s.m.refuse(svidJWT, refuseUnavailable)
-		return nil, errUnavailable()
-	}
-	if err := s.audit.record(ctx, state.AuditEvent{Action: "svid.jwt.issue", Target: e.SPIFFEID, Detail: map[string]string{
-		"jti": hex.EncodeToString(jti), "agent": a.ID, "entry": e.ID, "kid": key.KID(), "node": s.nodeID,
-		"audience": strings.Join(r.Audience, ","), "expires": now.Add(ttl).UTC().Format(time.RFC3339)}}); err != nil {
+	claims := ca.JWTClaims{Subject: e.SPIFFEID, Audience: r.Audience, IssuedAt: now, Expiry: now.Add(ttl), ID: hex.EncodeToString(jti)}
+	// The record commits while the HSM signs (what it says is fixed by
+	// now); the token is returned only once both are done.
+	committed := make(chan error, 1)
+	go func() {
+		committed <- rec.record(ctx, state.AuditEvent{Action: "svid.jwt.issue", Target: e.SPIFFEID, Detail: map[string]string{
+			"jti": claims.ID, "agent": a.ID, "entry": e.ID, "kid": key.KID(), "node": s.nodeID,
+			"audience": strings.Join(r.Audience, ","), "expires": claims.Expiry.UTC().Format(time.RFC3339)}})
+	}()
+	tok, signErr := key.Sign(claims)
+	if err := <-committed; err != nil {
 		return nil, s.withheld("svid.jwt", a.ID, e.ID, err)
+	}
+	if signErr != nil {
+		s.log.Error("issuance failed: signing", "request", "svid.jwt", "agent", a.ID, "entry", e.ID, "kid", key.KID(), "jti", claims.ID, "err", signErr)
+		s.m.refuse(svidJWT, refuseUnavailable)
+		actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), quorumWait)
+		defer cancel()
+		if err := s.audit.record(actx, state.AuditEvent{Action: "svid.jwt.unsigned", Target: e.SPIFFEID, Detail: map[string]string{
+			"jti": claims.ID, "agent": a.ID, "entry": e.ID, "kid": key.KID(), "node": s.nodeID, "reason": "signing failed on this node"}}); err != nil {
+			s.log.Error("audit of an unsigned JWT-SVID failed", "request", "svid.jwt", "agent", a.ID, "jti", claims.ID, "err", err)
+		}
+		return nil, errUnavailable()
 	}
 	s.m.issue(svidJWT, 1)
 	return &api.JWTSVIDResult{Token: tok, SPIFFEID: e.SPIFFEID, ExpiresAt: now.Add(ttl)}, nil

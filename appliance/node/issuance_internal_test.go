@@ -2,14 +2,21 @@ package node
 
 import (
 	"context"
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"errors"
+	"io"
 	"log/slog"
+	"math/big"
+	"net/url"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/codes"
@@ -39,7 +46,12 @@ func (a *keptAudit) record(_ context.Context, ev ...state.AuditEvent) error {
 	a.events = append(a.events, ev...)
 	return nil
 }
-func (s failingSigner) Sign(ca.Leaf) ([]*x509.Certificate, error)      { return nil, s.err }
+func (a *keptAudit) expect() expectation { return keptExpected{a} }
+
+type keptExpected struct{ *keptAudit }
+
+func (keptExpected) settle() {}
+func (s failingSigner) Prepare(ca.Leaf) (*ca.Prepared, error)          { return nil, s.err }
 func (s failingSigner) SignAgent(ca.Leaf) ([]*x509.Certificate, error) { return nil, s.err }
 
 // An HSM that fails to sign and a raft that cannot complete a read barrier
@@ -113,4 +125,72 @@ func testCSR(t *testing.T) []byte {
 		t.Fatal(err)
 	}
 	return der
+}
+
+// flakySigner is a software key that stops signing after ok signatures:
+// an HSM failing between the moment an SVID's record commits and the
+// moment it would have been signed.
+type flakySigner struct {
+	*ecdsa.PrivateKey
+	ok *atomic.Int32
+}
+
+func (f flakySigner) Sign(r io.Reader, d []byte, o crypto.SignerOpts) ([]byte, error) {
+	if f.ok.Add(-1) < 0 {
+		return nil, errors.New("CKR_DEVICE_REMOVED")
+	}
+	return f.PrivateKey.Sign(r, d, o)
+}
+
+// Records commit while the HSM signs: when the signature then fails, the
+// agent gets no certificate (and the fixed message), and the audit holds
+// the issuance record followed by one saying that its serial was never
+// signed, so that no audit reader counts an SVID that does not exist.
+func TestIssuanceSignFailureAfterRecord(t *testing.T) {
+	const agent = "spiffe://example.org/sigil/agent/tpm/host-a"
+	td := spiffeid.RequireTrustDomainFromString("example.org")
+	rootKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	root := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "root"}, IsCA: true, BasicConstraintsValid: true,
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageCertSign}
+	rootDER, _ := x509.CreateCertificate(rand.Reader, root, root, &rootKey.PublicKey, rootKey)
+	root, _ = x509.ParseCertificate(rootDER)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	issuing := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "node-3"}, IsCA: true, BasicConstraintsValid: true,
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageCertSign,
+		URIs: []*url.URL{{Scheme: "spiffe", Host: "example.org"}}}
+	issDER, err := x509.CreateCertificate(rand.Reader, issuing, root, &key.PublicKey, rootKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	issuing, _ = x509.ParseCertificate(issDER)
+	ok := new(atomic.Int32)
+	ok.Store(1) // the key proof in ca.New, then nothing
+	auth, err := ca.New(td, "node-3", flakySigner{key, ok}, issuing, []*x509.Certificate{root}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logBuf syncBuffer
+	audit := &keptAudit{}
+	s := &issuer{
+		nodeID: "node-3", log: slog.New(slog.NewJSONHandler(&logBuf, nil)),
+		state: fakeIssuanceState{agents: map[string]state.Agent{agent: {ID: agent}},
+			entries: map[string]state.Entry{"e1": {ID: "e1", SPIFFEID: "spiffe://example.org/web", ParentID: agent}}},
+		quorum: failingQuorum{}, audit: audit, x509: auth,
+	}
+	res, err := s.x509SVIDs(context.Background(), agent, &api.X509SVIDBatch{Requests: []api.X509SVIDRequest{{EntryID: "e1", CSR: testCSR(t)}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := res.Results[0]; r.Error != msgUnavailable || len(r.Chain) != 0 {
+		t.Fatalf("result after a failed signature: %+v", r)
+	}
+	if len(audit.events) != 2 || audit.events[0].Action != "svid.x509.issue" || audit.events[1].Action != "svid.x509.unsigned" {
+		t.Fatalf("audit: %+v", audit.events)
+	}
+	if serial := audit.events[0].Detail["serial"]; serial == "" || audit.events[1].Detail["serial"] != serial {
+		t.Fatalf("the unsigned record names serial %q, the issuance %q", audit.events[1].Detail["serial"], serial)
+	}
+	if !strings.Contains(logBuf.String(), "CKR_DEVICE_REMOVED") || strings.Contains(audit.events[1].Detail["reason"], "CKR_") {
+		t.Fatalf("HSM detail belongs in the log, not the audit:\n%s\n%+v", logBuf.String(), audit.events[1])
+	}
 }

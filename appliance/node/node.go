@@ -428,7 +428,7 @@ func (m raftMember) apply(ctx context.Context, actor, typ string, payload any) (
 func (m raftMember) readIndex(ctx context.Context) error { return m.raft.ReadIndex(ctx) }
 
 func (m raftMember) leaderKnown() bool {
-	return m.raft.Status(context.Background()).LeaderID != ""
+	return m.raft.LeaderID() != ""
 }
 
 // Addrs are the bound addresses (useful with :0 in tests).
