@@ -21,8 +21,8 @@ import (
 	"google.golang.org/grpc/metadata"
 
 	"github.com/sigil-appliance/sigil/agent"
-	"github.com/sigil-appliance/sigil/appliance/api"
 	wlapi "github.com/sigil-appliance/sigil/agent/workload"
+	"github.com/sigil-appliance/sigil/appliance/api"
 )
 
 // BenchmarkWorkloadAPI measures the agent's Workload API from its cache:

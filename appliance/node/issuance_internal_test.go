@@ -50,7 +50,7 @@ func (a *keptAudit) expect() expectation { return keptExpected{a} }
 
 type keptExpected struct{ *keptAudit }
 
-func (keptExpected) settle() {}
+func (keptExpected) settle()                                           {}
 func (s failingSigner) Prepare(ca.Leaf) (*ca.Prepared, error)          { return nil, s.err }
 func (s failingSigner) SignAgent(ca.Leaf) ([]*x509.Certificate, error) { return nil, s.err }
 
