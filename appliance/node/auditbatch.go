@@ -48,6 +48,10 @@ var errRefusedAtCommit = errors.New("refused when recorded: the agent is banned 
 type auditJob struct {
 	events []state.AuditEvent
 	done   chan error
+	// expected: an announced record (expect); the batcher counts it as
+	// arrived when it takes the job, so that it never waits for a record
+	// it already holds.
+	expected bool
 }
 
 func newAuditBatcher(apply applier, actor string) *auditBatcher {
@@ -56,14 +60,14 @@ func newAuditBatcher(apply applier, actor string) *auditBatcher {
 
 // record blocks until the events are committed, or fails.
 func (b *auditBatcher) record(ctx context.Context, events ...state.AuditEvent) error {
-	return b.enqueue(ctx, nil, events)
+	return b.enqueue(ctx, auditJob{events: events})
 }
 
 // expect says that a record is on its way: its request is being checked
 // and signed. A batch that could commit waits (briefly) for expected
 // records, so that callers answered together are committed together again
-// (see run). The expectation ends when its record is queued, or when
-// settle is called (the request ended without one).
+// (see run). The expectation ends when the batcher takes its record, or
+// when settle is called (the request ended without one).
 func (b *auditBatcher) expect() expectation {
 	b.arriving.Add(1)
 	return &expected{b: b}
@@ -71,29 +75,27 @@ func (b *auditBatcher) expect() expectation {
 
 type expected struct {
 	b    *auditBatcher
-	once sync.Once
+	once sync.Once // the expectation ends once: settled, or handed over
 }
 
 func (e *expected) settle() { e.once.Do(func() { e.b.arriving.Add(-1) }) }
 
 func (e *expected) record(ctx context.Context, events ...state.AuditEvent) error {
-	return e.b.enqueue(ctx, e.settle, events)
+	handed := false
+	e.once.Do(func() { handed = true })
+	return e.b.enqueue(ctx, auditJob{events: events, expected: handed})
 }
 
-// enqueue queues events, calls queued (if any) once they are queued or
-// cannot be, and waits for their commit.
-func (b *auditBatcher) enqueue(ctx context.Context, queued func(), events []state.AuditEvent) error {
-	if queued != nil {
-		defer queued()
-	}
-	job := auditJob{events: events, done: make(chan error, 1)}
+// enqueue queues a job and waits for its commit.
+func (b *auditBatcher) enqueue(ctx context.Context, job auditJob) error {
+	job.done = make(chan error, 1)
 	select {
 	case b.in <- job:
 	case <-ctx.Done():
+		if job.expected {
+			b.arriving.Add(-1)
+		}
 		return ctx.Err()
-	}
-	if queued != nil {
-		queued()
 	}
 	select {
 	case err := <-job.done:
@@ -123,7 +125,12 @@ func (b *auditBatcher) run(ctx context.Context) {
 	for {
 		var jobs []auditJob
 		var events []state.AuditEvent
-		take := func(j auditJob) { jobs, events = append(jobs, j), append(events, j.events...) }
+		take := func(j auditJob) {
+			jobs, events = append(jobs, j), append(events, j.events...)
+			if j.expected {
+				b.arriving.Add(-1)
+			}
+		}
 		select {
 		case <-ctx.Done():
 			return

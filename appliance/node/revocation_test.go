@@ -19,6 +19,9 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"github.com/sigil-appliance/sigil/appliance/api"
 	"github.com/sigil-appliance/sigil/appliance/ceremony"
 	"github.com/sigil-appliance/sigil/appliance/clustertest"
@@ -604,4 +607,47 @@ func TestRevokedRotatedCA(t *testing.T) {
 	// The node may already have shown its new CA before the CRL (a JWT key
 	// published at start); either way it writes again, which is the property.
 	t.Logf("shown again after the CRL: %v", strings.Contains(c.Log.String(), "this node's issuing CA shown again"))
+}
+
+// TestAttackRevokedChainOnOpenConnection: a certificate minted by a node's
+// issuing CA makes calls on one long-lived connection, so that the node
+// has verified its chain and keeps the verification (ca.Classify caches
+// verified chains). The root then revokes that CA. The next call on the
+// same connection, with nothing re-handshaken, must be refused: the cache
+// spares the signature checks, never the CRL check.
+func TestAttackRevokedChainOnOpenConnection(t *testing.T) {
+	f := newRevocationFixture(t, "rcc")
+	ctx := context.Background()
+	agentPath := strings.TrimPrefix(f.agentID, "spiffe://example.org")
+	minted := clustertest.ClientCert(t, f.c.Node(f.bad).Authority(), agentPath)
+	target := f.good[0]
+	conn, err := api.Dial(api.DialConfig{Addr: f.c.ConfigOf(target).API.Listen, RootFile: f.tr.RootPath,
+		Certificate: func() (*tls.Certificate, error) { return &minted, nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = conn.Close() }()
+	cl := api.NewAgentClient(conn)
+	sign := func() error {
+		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		csr, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		_, err := cl.SignX509SVIDs(cctx, &api.X509SVIDBatch{Requests: []api.X509SVIDRequest{{EntryID: f.entryID, CSR: csr}}})
+		return err
+	}
+	for i := 0; i < 3; i++ {
+		if err := sign(); err != nil {
+			t.Fatalf("call %d before the revocation: %v", i, err)
+		}
+	}
+	addRootCRL(t, f.c.Admin("node-1"), f.tr.RootCRL(t, 1, f.bad))
+	clustertest.Eventually(t, 10*time.Second, target+" to hold the CRL", func() bool {
+		return sign() != nil
+	})
+	for i := 0; i < 3; i++ {
+		if err := sign(); status.Code(err) != codes.Unauthenticated {
+			t.Fatalf("ATTACK SUCCEEDED: call %d on the open connection after the revocation: %v", i, err)
+		}
+	}
 }
