@@ -49,6 +49,10 @@ type Authority struct {
 	refused refusalLog
 	// verified caches chains Classify verified (verified.go).
 	verified verifiedChains
+	// signed counts ECDSA leaf signatures, one in verifyEvery of which is
+	// verified; verifyAll is set once one did not verify (leaf.go).
+	signed    atomic.Uint64
+	verifyAll atomic.Bool
 }
 
 // refusalLog logs refusals of revoked chains, at most one line a second
@@ -182,6 +186,8 @@ func proveKey(signer crypto.Signer, issuing *x509.Certificate) error {
 		ok = ecdsa.VerifyASN1(k, digest[:], sig)
 	case *rsa.PublicKey:
 		ok = rsa.VerifyPKCS1v15(k, crypto.SHA256, digest[:], sig) == nil
+	default:
+		return fmt.Errorf("issuing key type %T is not supported (ECDSA or RSA)", issuing.PublicKey)
 	}
 	if !ok {
 		return errors.New("the HSM key's signature does not verify with the issuing CA certificate's key")
@@ -374,9 +380,15 @@ func (p *Prepared) Sign() ([]*x509.Certificate, error) {
 		if err != nil {
 			return nil, fmt.Errorf("sign %s: subject: %w", l.ID, err)
 		}
+		verify := a.verifyAll.Load() || a.signed.Add(1)%verifyEvery == 1
 		der, err = signLeaf(&leafTemplate{serial: p.serial, notBefore: p.notBefore, notAfter: p.notAfter,
 			subject: subject, publicKey: l.PublicKey, keyUsage: ku, uris: []*url.URL{l.ID.URL()}, dnsNames: l.DNSNames},
-			a.issuing, a.signer)
+			a.issuing, a.signer, verify)
+		if errors.Is(err, errBadSignature) {
+			// From now on every signature is checked: a wrong one is
+			// refused, never sent (the caller logs this error).
+			a.verifyAll.Store(true)
+		}
 		if err != nil {
 			return nil, fmt.Errorf("sign %s: %w", l.ID, err)
 		}

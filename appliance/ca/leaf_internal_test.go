@@ -11,10 +11,15 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/asn1"
+	"errors"
+	"io"
 	"math/big"
 	"net/url"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 // The leaf encoder writes, byte for byte, the TBSCertificate that
@@ -58,6 +63,7 @@ func TestLeafMatchesCreateCertificate(t *testing.T) {
 			{"rsa-key", &rsaKey.PublicKey, x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment, pkix.Name{}, nil, time.Now().Add(time.Hour)},
 			{"ed25519-key", edPub, x509.KeyUsageDigitalSignature, pkix.Name{}, nil, time.Now().Add(time.Hour)},
 			{"after-2050", &p256.PublicKey, x509.KeyUsageDigitalSignature, pkix.Name{}, nil, time.Date(2051, 3, 4, 5, 6, 7, 0, time.UTC)},
+			{"issuer-subject", &p256.PublicKey, x509.KeyUsageDigitalSignature, caTmpl.Subject, nil, time.Now().Add(time.Hour)},
 		} {
 			t.Run(curve.Params().Name+"/"+c.name, func(t *testing.T) {
 				uri, _ := url.Parse("spiffe://example.org/ns/web")
@@ -86,7 +92,7 @@ func TestLeafMatchesCreateCertificate(t *testing.T) {
 				if !bytes.Equal(got, wantCert.RawTBSCertificate) {
 					t.Fatalf("TBS differs from x509.CreateCertificate's:\n got %x\nwant %x", got, wantCert.RawTBSCertificate)
 				}
-				der, err := signLeaf(tmpl, issuer, caKey)
+				der, err := signLeaf(tmpl, issuer, caKey, true)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -110,6 +116,95 @@ func TestLeafKeyUsageBounds(t *testing.T) {
 	for _, ku := range []x509.KeyUsage{0, -1, 1 << 9} {
 		if _, err := keyUsageBits(ku); err == nil {
 			t.Errorf("key usage %d was encoded", ku)
+		}
+	}
+}
+
+// A DNS name x509 would refuse (not ASCII) is refused before anything is
+// signed.
+func TestLeafRefusesNonASCIIDNSName(t *testing.T) {
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	issuer := &x509.Certificate{RawSubject: []byte{0x30, 0}}
+	subject, _ := asn1.Marshal(pkix.Name{}.ToRDNSequence())
+	_, err := leafTBS(&leafTemplate{serial: big.NewInt(1), notBefore: time.Now(), notAfter: time.Now().Add(time.Hour), subject: subject,
+		publicKey: &key.PublicKey, keyUsage: x509.KeyUsageDigitalSignature, dnsNames: []string{"b\u00fc.example"}}, issuer, oidECDSAWithSHA256)
+	if err == nil {
+		t.Fatal("a non-ASCII DNS name was encoded")
+	}
+}
+
+// swappedSigner reports the issuing key but, once told to, signs with
+// another: an HSM whose key handle changed under a running node.
+type swappedSigner struct {
+	right, wrong *ecdsa.PrivateKey
+	swapped      atomic.Bool
+}
+
+func (s *swappedSigner) Public() crypto.PublicKey { return &s.right.PublicKey }
+func (s *swappedSigner) Sign(r io.Reader, d []byte, o crypto.SignerOpts) ([]byte, error) {
+	if s.swapped.Load() {
+		return s.wrong.Sign(r, d, o)
+	}
+	return s.right.Sign(r, d, o)
+}
+
+// Signatures that stop verifying are caught by the sampled check within
+// verifyEvery leaves, never sent, and from then on every leaf is checked;
+// a key that does not match the issuing certificate is refused by New.
+func TestLeafSignaturesSampledAndCheckedAfterAFault(t *testing.T) {
+	td := spiffeid.RequireTrustDomainFromString("example.org")
+	rootKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	rootTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "root"}, IsCA: true, BasicConstraintsValid: true,
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageCertSign}
+	rootDER, _ := x509.CreateCertificate(rand.Reader, rootTmpl, rootTmpl, &rootKey.PublicKey, rootKey)
+	root, _ := x509.ParseCertificate(rootDER)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	other, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	issTmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "node-1"}, IsCA: true, BasicConstraintsValid: true,
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageCertSign}
+	issDER, _ := x509.CreateCertificate(rand.Reader, issTmpl, root, &key.PublicKey, rootKey)
+	issuing, _ := x509.ParseCertificate(issDER)
+
+	swapped := &swappedSigner{right: other, wrong: other}
+	swapped.right = key
+	swapped.swapped.Store(true)
+	if _, err := New(td, "node-1", swapped, issuing, []*x509.Certificate{root}, nil); err == nil {
+		t.Fatal("New accepted a signer whose signatures do not match the issuing certificate")
+	}
+
+	s := &swappedSigner{right: key, wrong: other}
+	a, err := New(td, "node-1", s, issuing, []*x509.Certificate{root}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf := Leaf{ID: spiffeid.RequireFromString("spiffe://example.org/web"), PublicKey: &other.PublicKey, TTL: time.Minute}
+	for i := 0; i < 3; i++ {
+		if _, err := a.Sign(leaf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.swapped.Store(true)
+	caught := -1
+	for i := 0; i < verifyEvery; i++ {
+		chain, err := a.Sign(leaf)
+		if err == nil {
+			if chain[0].CheckSignatureFrom(issuing) == nil {
+				t.Fatalf("leaf %d after the swap verifies", i)
+			}
+			continue
+		}
+		if !errors.Is(err, errBadSignature) {
+			t.Fatalf("leaf %d: %v", i, err)
+		}
+		caught = i
+		break
+	}
+	if caught < 0 {
+		t.Fatalf("no wrong signature caught within %d leaves", verifyEvery)
+	}
+	for i := 0; i < 3; i++ {
+		if _, err := a.Sign(leaf); !errors.Is(err, errBadSignature) {
+			t.Fatalf("after a wrong signature was caught, leaf %d: %v (every signature must be checked)", i, err)
 		}
 	}
 }

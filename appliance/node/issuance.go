@@ -91,11 +91,28 @@ type (
 		Prepare(ca.Leaf) (*ca.Prepared, error)
 		SignAgent(ca.Leaf) ([]*x509.Certificate, error)
 	}
-	// jwtSigner hands out the JWT key to sign with now (ca.JWTKeys).
+	// jwtSigner hands out the JWT key to sign with now (ca.JWTKeys,
+	// through jwtKeys).
 	jwtSigner interface {
-		Current(ctx context.Context) (*ca.JWTKey, error)
+		Current(ctx context.Context) (jwtKey, error)
+	}
+	// jwtKey signs JWT-SVIDs (ca.JWTKey).
+	jwtKey interface {
+		KID() string
+		Sign(ca.JWTClaims) (string, error)
 	}
 )
+
+// jwtKeys is ca.JWTKeys as a jwtSigner.
+type jwtKeys struct{ *ca.JWTKeys }
+
+func (k jwtKeys) Current(ctx context.Context) (jwtKey, error) {
+	key, err := k.JWTKeys.Current(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return key, nil
+}
 
 // issuer issues agents their identities: workload X.509-SVIDs and
 // JWT-SVIDs for the entries an agent is parent of, and the agents' own
@@ -220,8 +237,6 @@ func (s *issuer) x509SVIDs(ctx context.Context, actor string, b *api.X509SVIDBat
 	if err != nil {
 		return nil, err
 	}
-	rec := s.audit.expect()
-	defer rec.settle()
 	// Each entry is read once per batch (a read decodes it from the
 	// replica's store); a missing one may be this node lagging a create,
 	// so one read barrier is taken before any is refused.
@@ -246,6 +261,11 @@ func (s *issuer) x509SVIDs(ctx context.Context, actor string, b *api.X509SVIDBat
 		}
 		lookup()
 	}
+	// From here on a record is coming: announced, so that the batcher
+	// waits for it rather than commit without it (not before: a read
+	// barrier above may take seconds, and the batcher would wait on it).
+	rec := s.audit.expect()
+	defer rec.settle()
 	out := &api.X509SVIDBatchResult{Results: make([]api.X509SVIDResult, len(b.Requests))}
 	// Check every request and fix each certificate's serial and expiry:
 	// the audit records are then known, and commit while the HSM signs.
@@ -491,14 +511,14 @@ func (s *issuer) jwtSVID(ctx context.Context, actor string, r *api.JWTSVIDReques
 		s.refuse(ctx, "svid.jwt", a.ID, e.SPIFFEID, reason)
 		return nil, status.Error(codes.InvalidArgument, reason)
 	}
-	rec := s.audit.expect()
-	defer rec.settle()
 	key, err := s.jwt.Current(ctx)
 	if err != nil {
 		s.log.Error("issuance failed: no publishable JWT key", "request", "svid.jwt", "agent", a.ID, "entry", e.ID, "err", err)
 		s.m.refuse(svidJWT, refuseUnavailable)
 		return nil, errUnavailable()
 	}
+	rec := s.audit.expect()
+	defer rec.settle()
 	ttl := e.JWTTTL.Duration()
 	if ttl == 0 {
 		ttl = defaultJWTTTL

@@ -148,27 +148,7 @@ func (f flakySigner) Sign(r io.Reader, d []byte, o crypto.SignerOpts) ([]byte, e
 // signed, so that no audit reader counts an SVID that does not exist.
 func TestIssuanceSignFailureAfterRecord(t *testing.T) {
 	const agent = "spiffe://example.org/sigil/agent/tpm/host-a"
-	td := spiffeid.RequireTrustDomainFromString("example.org")
-	rootKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	root := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "root"}, IsCA: true, BasicConstraintsValid: true,
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageCertSign}
-	rootDER, _ := x509.CreateCertificate(rand.Reader, root, root, &rootKey.PublicKey, rootKey)
-	root, _ = x509.ParseCertificate(rootDER)
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	issuing := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "node-3"}, IsCA: true, BasicConstraintsValid: true,
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageCertSign,
-		URIs: []*url.URL{{Scheme: "spiffe", Host: "example.org"}}}
-	issDER, err := x509.CreateCertificate(rand.Reader, issuing, root, &key.PublicKey, rootKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	issuing, _ = x509.ParseCertificate(issDER)
-	ok := new(atomic.Int32)
-	ok.Store(1) // the key proof in ca.New, then nothing
-	auth, err := ca.New(td, "node-3", flakySigner{key, ok}, issuing, []*x509.Certificate{root}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	auth, _ := testAuthority(t, 1) // the key proof in ca.New, then nothing
 	var logBuf syncBuffer
 	audit := &keptAudit{}
 	s := &issuer{
@@ -193,4 +173,106 @@ func TestIssuanceSignFailureAfterRecord(t *testing.T) {
 	if !strings.Contains(logBuf.String(), "CKR_DEVICE_REMOVED") || strings.Contains(audit.events[1].Detail["reason"], "CKR_") {
 		t.Fatalf("HSM detail belongs in the log, not the audit:\n%s\n%+v", logBuf.String(), audit.events[1])
 	}
+}
+
+// failingAudit cannot commit: no quorum.
+type failingAudit struct{ err error }
+
+func (f failingAudit) record(context.Context, ...state.AuditEvent) error { return f.err }
+func (f failingAudit) expect() expectation                               { return failingExpected(f) }
+
+type failingExpected failingAudit
+
+func (f failingExpected) record(context.Context, ...state.AuditEvent) error { return f.err }
+func (failingExpected) settle()                                             {}
+
+// fixedKeys hands out one JWT key; fixedKey signs with a fixed token or
+// fails (control flow only: the JWT encoding is ca's, tested there).
+type (
+	fixedKeys struct{ key fixedKey }
+	fixedKey  struct{ err error }
+)
+
+func (k fixedKeys) Current(context.Context) (jwtKey, error) { return k.key, nil }
+func (fixedKey) KID() string                                { return "kid-1" }
+func (k fixedKey) Sign(ca.JWTClaims) (string, error) {
+	if k.err != nil {
+		return "", k.err
+	}
+	return "header.payload.signature", nil
+}
+
+// Signatures made while the record fails to commit are never returned:
+// X.509-SVIDs and JWT-SVIDs alike, the agent gets Unavailable.
+func TestIssuanceNothingReturnedWithoutCommit(t *testing.T) {
+	const agent = "spiffe://example.org/sigil/agent/tpm/host-a"
+	auth, _ := testAuthority(t, 1000)
+	noQuorum := errors.New("raft: no leader")
+	s := &issuer{
+		nodeID: "node-3", log: slog.New(slog.DiscardHandler),
+		state: fakeIssuanceState{agents: map[string]state.Agent{agent: {ID: agent}},
+			entries: map[string]state.Entry{"e1": {ID: "e1", SPIFFEID: "spiffe://example.org/web", ParentID: agent}}},
+		quorum: failingQuorum{}, audit: failingAudit{err: noQuorum}, x509: auth, jwt: fixedKeys{},
+	}
+	ctx := context.Background()
+	res, err := s.x509SVIDs(ctx, agent, &api.X509SVIDBatch{Requests: []api.X509SVIDRequest{{EntryID: "e1", CSR: testCSR(t)}}})
+	if status.Code(err) != codes.Unavailable || res != nil {
+		t.Fatalf("X.509-SVID without a commit: %+v, %v", res, err)
+	}
+	tok, err := s.jwtSVID(ctx, agent, &api.JWTSVIDRequest{EntryID: "e1", Audience: []string{"db"}})
+	if status.Code(err) != codes.Unavailable || tok != nil {
+		t.Fatalf("JWT-SVID without a commit: %+v, %v", tok, err)
+	}
+}
+
+// A JWT whose record committed but whose signature then failed is not
+// returned, and the audit says its jti was never signed.
+func TestIssuanceJWTSignFailureAfterRecord(t *testing.T) {
+	const agent = "spiffe://example.org/sigil/agent/tpm/host-a"
+	audit := &keptAudit{}
+	s := &issuer{
+		nodeID: "node-3", log: slog.New(slog.DiscardHandler),
+		state: fakeIssuanceState{agents: map[string]state.Agent{agent: {ID: agent}},
+			entries: map[string]state.Entry{"e1": {ID: "e1", SPIFFEID: "spiffe://example.org/web", ParentID: agent}}},
+		quorum: failingQuorum{}, audit: audit, jwt: fixedKeys{key: fixedKey{err: errors.New("CKR_DEVICE_ERROR")}},
+	}
+	tok, err := s.jwtSVID(context.Background(), agent, &api.JWTSVIDRequest{EntryID: "e1", Audience: []string{"db"}})
+	if status.Code(err) != codes.Unavailable || tok != nil {
+		t.Fatalf("JWT-SVID after a failed signature: %+v, %v", tok, err)
+	}
+	if len(audit.events) != 2 || audit.events[0].Action != "svid.jwt.issue" || audit.events[1].Action != "svid.jwt.unsigned" ||
+		audit.events[0].Detail["jti"] == "" || audit.events[1].Detail["jti"] != audit.events[0].Detail["jti"] {
+		t.Fatalf("audit: %+v", audit.events)
+	}
+	if strings.Contains(audit.events[1].Detail["reason"], "CKR_") {
+		t.Fatalf("HSM detail in the audit: %+v", audit.events[1])
+	}
+}
+
+// testAuthority is an issuing CA for node-3 under a fresh root, with a
+// software key that signs ok times and then fails as a removed HSM does.
+func testAuthority(t *testing.T, ok int32) (*ca.Authority, *ecdsa.PrivateKey) {
+	t.Helper()
+	td := spiffeid.RequireTrustDomainFromString("example.org")
+	rootKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	root := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "root"}, IsCA: true, BasicConstraintsValid: true,
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageCertSign}
+	rootDER, _ := x509.CreateCertificate(rand.Reader, root, root, &rootKey.PublicKey, rootKey)
+	root, _ = x509.ParseCertificate(rootDER)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	issuing := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "node-3"}, IsCA: true, BasicConstraintsValid: true,
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageCertSign,
+		URIs: []*url.URL{{Scheme: "spiffe", Host: "example.org"}}}
+	issDER, err := x509.CreateCertificate(rand.Reader, issuing, root, &key.PublicKey, rootKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	issuing, _ = x509.ParseCertificate(issDER)
+	left := new(atomic.Int32)
+	left.Store(ok)
+	auth, err := ca.New(td, "node-3", flakySigner{key, left}, issuing, []*x509.Certificate{root}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return auth, key
 }

@@ -208,7 +208,7 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 	})
 	bans := newBannedAudit()
 	n.issuer = &issuer{nodeID: cfg.NodeID, actor: n.actor(), agentTTL: cfg.Join.AgentSVIDTTL.Duration, log: log,
-		state: n.fsm, apply: member, quorum: member, audit: n.batch, x509: n.auth, jwt: n.jwt,
+		state: n.fsm, apply: member, quorum: member, audit: n.batch, x509: n.auth, jwt: jwtKeys{n.jwt},
 		m: n.metrics.ops, bans: bans}
 	n.wg.Add(3)
 	go func() { defer n.wg.Done(); n.batch.run(runCtx) }()
