@@ -29,7 +29,7 @@ type syncState interface {
 	Bundle() state.Bundle
 	Index() uint64
 	EntriesByParent(parent string) []state.Entry
-	ConfigChanged() <-chan struct{}
+	AgentChanged(id string) <-chan struct{}
 }
 
 var _ api.AgentServer = (*agentSvc)(nil)
@@ -54,7 +54,7 @@ func (s *agentSvc) Sync(r *api.SyncRequest, stream grpc.ServerStreamingServer[ap
 	var last []byte
 	sent := r.Revision
 	for {
-		changed := s.state.ConfigChanged()
+		changed := s.state.AgentChanged(a.ID)
 		ag, ok := s.state.Agent(a.ID)
 		if !ok || ag.Banned {
 			return status.Errorf(codes.PermissionDenied, "%s is banned or gone", a.ID)

@@ -413,7 +413,7 @@ func applyEntryCreate(t *txn, e *Entry) (any, []AuditEvent, error) {
 		return nil, nil, refuse("entry %s already registers %s for parent %s with these selectors", dup, e.SPIFFEID, e.ParentID)
 	}
 	e.CreatedAt, e.UpdatedAt, e.Revision = t.c.Time, t.c.Time, t.index
-	t.configChanged = true
+	t.touchAgent(e.ParentID)
 	return e, []AuditEvent{entryAudit(t.c.Type, e)}, putEntry(t.tx, nil, e)
 }
 
@@ -440,7 +440,8 @@ func applyEntryUpdate(t *txn, e *Entry) (any, []AuditEvent, error) {
 		return nil, nil, refuse("entry %s already registers %s for parent %s with these selectors", dup, e.SPIFFEID, e.ParentID)
 	}
 	e.CreatedAt, e.UpdatedAt, e.Revision = old.CreatedAt, t.c.Time, t.index
-	t.configChanged = true
+	t.touchAgent(old.ParentID)
+	t.touchAgent(e.ParentID)
 	return e, []AuditEvent{entryAudit(t.c.Type, e)}, putEntry(t.tx, old, e)
 }
 
@@ -455,7 +456,7 @@ func applyEntryDelete(t *txn, p *EntryID) (any, []AuditEvent, error) {
 	if err := deleteEntryIndexes(t.tx, e); err != nil {
 		return nil, nil, err
 	}
-	t.configChanged = true
+	t.touchAgent(e.ParentID)
 	return nil, []AuditEvent{entryAudit(t.c.Type, e)}, t.tx.Bucket(bEntries).Delete([]byte(e.ID))
 }
 
@@ -516,7 +517,7 @@ func applyAgentUpsert(t *txn, p *AgentUpsert) (any, []AuditEvent, error) {
 	for k, v := range a.Facts {
 		detail["fact."+k] = v
 	}
-	t.configChanged = true
+	t.touchAgent(a.ID)
 	return a, []AuditEvent{{Action: t.c.Type, Target: a.ID, Detail: detail}}, putJSON(t.tx.Bucket(bAgents), []byte(a.ID), a)
 }
 
@@ -532,7 +533,7 @@ func (t *txn) setBanned(id string, banned bool) (any, []AuditEvent, error) {
 		return nil, nil, refuse("agent %s is already %s", id, map[bool]string{true: "banned", false: "not banned"}[banned])
 	}
 	a.Banned, a.UpdatedAt, a.Revision = banned, t.c.Time, t.index
-	t.configChanged = true
+	t.touchAgent(id)
 	return a, []AuditEvent{{Action: t.c.Type, Target: id}}, putJSON(t.tx.Bucket(bAgents), []byte(id), a)
 }
 

@@ -132,6 +132,10 @@ type FSM struct {
 	mu       sync.Mutex // watchers
 	watch    chan struct{}
 	cfgWatch chan struct{}
+	// agentWatch: one channel per agent someone waits on (AgentChanged),
+	// closed when that agent's view changes. A change to one agent's
+	// entries wakes its own stream only, not every agent's.
+	agentWatch map[string]chan struct{}
 
 	// Caches of small, hot values, replaced after each change.
 	bundle     atomic.Pointer[Bundle]
@@ -257,6 +261,9 @@ type txn struct {
 	origin string
 	// what changed, for caches and watchers
 	bundleChanged, policyChanged, configChanged bool
+	// agents whose view changed (their entries, their own record); a
+	// config change that names none changes every agent's view
+	agentsChanged map[string]bool
 	// head is the audit head while records are appended (nil: untouched)
 	head *AuditHead
 }
@@ -420,8 +427,56 @@ func (f *FSM) afterChange(t *txn) {
 	if t.configChanged || t.bundleChanged || t.policyChanged {
 		close(f.cfgWatch)
 		f.cfgWatch = make(chan struct{})
+		if t.bundleChanged || t.policyChanged || len(t.agentsChanged) == 0 {
+			f.wakeAllAgentsLocked()
+		} else {
+			for id := range t.agentsChanged {
+				if ch, ok := f.agentWatch[id]; ok {
+					close(ch)
+					delete(f.agentWatch, id)
+				}
+			}
+		}
 	}
 	f.mu.Unlock()
+}
+
+// touchAgent records that an agent's view (its entries or its own record)
+// changed in this command.
+func (t *txn) touchAgent(id string) {
+	t.configChanged = true
+	if t.agentsChanged == nil {
+		t.agentsChanged = map[string]bool{}
+	}
+	t.agentsChanged[id] = true
+}
+
+// wakeAllAgentsLocked closes every agent watch (f.mu held).
+func (f *FSM) wakeAllAgentsLocked() {
+	for _, ch := range f.agentWatch {
+		close(ch)
+	}
+	f.agentWatch = nil
+}
+
+// AgentChanged returns a channel closed at the next change to what an
+// agent sees: its entries, its own record (a ban, a removal), the bundle
+// or the join policy, or a restored state. Entries and bans of other
+// agents do not close it: a fleet's sync streams are not all woken by a
+// change that concerns one of them. The channel is shared by everyone
+// waiting on the same agent; it is forgotten once closed.
+func (f *FSM) AgentChanged(id string) <-chan struct{} {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if ch, ok := f.agentWatch[id]; ok {
+		return ch
+	}
+	if f.agentWatch == nil {
+		f.agentWatch = map[string]chan struct{}{}
+	}
+	ch := make(chan struct{})
+	f.agentWatch[id] = ch
+	return ch
 }
 
 // AppliedIndex is the raft index of the last command this replica has

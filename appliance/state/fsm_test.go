@@ -458,3 +458,36 @@ func TestConfigChangedIgnoresAudit(t *testing.T) {
 		t.Fatal("an entry change did not wake config watchers")
 	}
 }
+
+// A change that concerns one agent (its entries, its renewal, its ban)
+// wakes that agent's watchers only; a policy or bundle change wakes every
+// agent's. A fleet's sync streams are not all woken by one agent renewing.
+func TestAgentChangedWakesOnlyThatAgent(t *testing.T) {
+	a := newApplier(t)
+	const agentA, agentB = "spiffe://example.org/sigil/agent/tpm/abc", "spiffe://example.org/sigil/agent/tpm/def"
+	woke := func(ch <-chan struct{}) bool {
+		select {
+		case <-ch:
+			return true
+		default:
+			return false
+		}
+	}
+	step := func(what string, wantA, wantB bool, apply func()) {
+		t.Helper()
+		wa, wb := a.fsm.AgentChanged(agentA), a.fsm.AgentChanged(agentB)
+		apply()
+		if woke(wa) != wantA || woke(wb) != wantB {
+			t.Fatalf("%s: agent A woken %v (want %v), agent B woken %v (want %v)", what, woke(wa), wantA, woke(wb), wantB)
+		}
+	}
+	step("agent A joins", true, false, func() { a.must(CmdAgentUpsert, &Agent{ID: agentA, AttestationType: "test"}) })
+	step("agent B joins", false, true, func() { a.must(CmdAgentUpsert, &Agent{ID: agentB, AttestationType: "test"}) })
+	step("an entry for A", true, false, func() { a.must(CmdEntryCreate, entry("entry-0001", "spiffe://example.org/a", "unix:uid:1")) })
+	step("an audit record", false, false, func() { a.must(CmdAudit, AuditAppend{Events: []AuditEvent{{Action: "x"}}}) })
+	moved := entry("entry-0001", "spiffe://example.org/a", "unix:uid:1")
+	moved.ParentID = agentB
+	step("the entry moved from A to B", true, true, func() { a.must(CmdEntryUpdate, moved) })
+	step("B banned", false, true, func() { a.must(CmdAgentBan, AgentID{ID: agentB}) })
+	step("a policy change", true, true, func() { a.must(CmdJoinTokensToggle, JoinTokens{Enabled: false}) })
+}

@@ -101,7 +101,7 @@ func applyAgentRemove(t *txn, p *AgentRemove) (any, []AuditEvent, error) {
 	if err := t.tx.Bucket(bAgents).Delete([]byte(a.ID)); err != nil {
 		return nil, nil, err
 	}
-	t.configChanged = true
+	t.touchAgent(a.ID)
 	return &AgentRemoved{ID: a.ID, KeptEntries: children}, []AuditEvent{{Action: t.c.Type, Target: a.ID, Detail: detail}}, nil
 }
 

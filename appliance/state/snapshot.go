@@ -661,6 +661,7 @@ func (f *FSM) Restore(r io.Reader) error {
 	f.watch = make(chan struct{})
 	close(f.cfgWatch)
 	f.cfgWatch = make(chan struct{})
+	f.wakeAllAgentsLocked()
 	f.mu.Unlock()
 	return nil
 }
