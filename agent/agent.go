@@ -329,6 +329,7 @@ func (a *Agent) Renew(ctx context.Context) error {
 // not renew in step) until ctx ends. When the SVID has expired, or the
 // appliance refuses this identity, it attests again.
 func (a *Agent) Run(ctx context.Context) {
+	failures := 0
 	for {
 		cur := a.SVID()
 		wait := time.Second
@@ -336,6 +337,9 @@ func (a *Agent) Run(ctx context.Context) {
 			life := cur.Chain[0].NotAfter.Sub(cur.Chain[0].NotBefore)
 			at := cur.Chain[0].NotBefore.Add(life/2 - time.Duration(mrand.Int64N(int64(life/10)+1)))
 			wait = max(time.Until(at), time.Second)
+			if failures > 0 {
+				wait = retryWait(failures, time.Until(cur.Chain[0].NotAfter))
+			}
 			if a.ownRevoked(cur) {
 				wait = 5 * time.Second // a failed attestation is retried soon
 			}
@@ -367,9 +371,22 @@ func (a *Agent) Run(ctx context.Context) {
 			}
 		}
 		if err != nil {
-			a.log.Error("identity not refreshed; will retry", "err", err)
+			failures++
+			a.log.Error("identity not refreshed; will retry", "err", err, "failures", failures)
+		} else {
+			failures = 0
 		}
 	}
+}
+
+// retryWait is how long to wait after failures failed renewals in a row,
+// left before the SVID expires: doubling from 1 s to 30 s with jitter (a
+// fleet whose node died must not come back in step), and never more than
+// a quarter of what is left, so retries quicken as expiry nears.
+func retryWait(failures int, left time.Duration) time.Duration {
+	d := min(time.Second<<min(failures-1, 5), 30*time.Second)
+	d = d/2 + time.Duration(mrand.Int64N(int64(d/2)+1))
+	return max(min(d, left/4), time.Second)
 }
 
 // tokenJoin redeems the one-time token (it cannot be used again, so a
