@@ -21,8 +21,10 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"maps"
 	mrand "math/rand/v2"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -98,14 +100,25 @@ type Fleet struct {
 	T      testing.TB
 	C      *clustertest.Cluster
 	Agents []*Agent
-	// JoinRetries counts joins the nodes refused for a limit and that
-	// were tried again; JoinTime is how long all joins took.
+	// JoinRetries counts joins (or their token writes) the nodes refused
+	// for a limit, for load, or dropped, and that were tried again (the first five are logged); JoinTime is
+	// how long all joins took.
 	JoinRetries atomic.Int64
 	JoinTime    time.Duration
 
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+
+	mu          sync.Mutex
+	joinRetries map[string]int
+}
+
+// JoinRetriesBy counts retried joins by why they were retried.
+func (f *Fleet) JoinRetriesBy() map[string]int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return maps.Clone(f.joinRetries)
 }
 
 // Start joins opt.Agents agents, spread evenly over the cluster's three
@@ -117,7 +130,7 @@ func Start(t testing.TB, c *clustertest.Cluster, opt Options) *Fleet {
 		opt.Joiners = 16
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	f := &Fleet{T: t, C: c, ctx: ctx, cancel: cancel}
+	f := &Fleet{T: t, C: c, ctx: ctx, cancel: cancel, joinRetries: map[string]int{}}
 	t.Cleanup(f.stop)
 	admins := map[string]*api.AdminClient{}
 	ids := NodeIDs()
@@ -164,15 +177,21 @@ func Start(t testing.TB, c *clustertest.Cluster, opt Options) *Fleet {
 	return f
 }
 
-// limited reports whether the node refused a call for one of its limits
-// (per-source anonymous calls and connections), which a real agent
-// retries.
-func limited(err error) bool {
-	switch status.Code(err) {
-	case codes.ResourceExhausted, codes.Unavailable:
-		return true
+// retryable classes a failed join the way an operator would have to
+// act on it ("" for not retryable): the node refused it for one of its
+// limits or for load (an agent retries), or, under load, it reported a
+// fresh token as existing or already used: the node retried a write that
+// had committed (the agent would need a new token).
+func retryable(err error) string {
+	switch st, _ := status.FromError(err); {
+	case st.Code() == codes.ResourceExhausted || st.Code() == codes.Unavailable:
+		return "limit or load (" + st.Code().String() + ")"
+	case st.Code() == codes.FailedPrecondition && strings.Contains(st.Message(), "exists"):
+		return "new token refused as existing"
+	case st.Code() == codes.PermissionDenied && strings.Contains(st.Message(), "already used"):
+		return "new token refused as used"
 	}
-	return false
+	return ""
 }
 
 func (f *Fleet) join(a *Agent, admin *api.AdminClient) error {
@@ -184,20 +203,27 @@ func (f *Fleet) join(a *Agent, admin *api.AdminClient) error {
 	if err != nil {
 		return err
 	}
-	tok, err := admin.TokenCreate(f.ctx, &api.TokenRequest{TTL: 600})
-	if err != nil {
-		return fmt.Errorf("token: %w", err)
-	}
 	var svid *api.AgentSVID
 	for attempt := 0; ; attempt++ {
-		svid, err = tokenJoin(f.ctx, a.addr, a.root, tok.Token, csr)
+		// A fresh token each time: a join the node completed but whose
+		// answer was lost (the connection dropped) has used its token.
+		tok, err := admin.TokenCreate(f.ctx, &api.TokenRequest{TTL: 600})
+		if err == nil {
+			svid, err = tokenJoin(f.ctx, a.addr, a.root, tok.Token, csr)
+		}
 		if err == nil {
 			break
 		}
-		if !limited(err) || attempt == 50 {
-			return fmt.Errorf("token join to %s: %w", a.Node, err)
+		class := retryable(err)
+		if class == "" || attempt == 50 {
+			return fmt.Errorf("token and join to %s: %w", a.Node, err)
 		}
-		f.JoinRetries.Add(1)
+		f.mu.Lock()
+		f.joinRetries[class]++
+		f.mu.Unlock()
+		if f.JoinRetries.Add(1) <= 5 {
+			f.T.Logf("fleet: join to %s retried (%s): %v", a.Node, class, err)
+		}
 		time.Sleep(time.Duration(50+mrand.IntN(200)) * time.Millisecond)
 	}
 	cert, err := tlsCert(svid, key)
@@ -421,6 +447,9 @@ func (f *Fleet) Arrivals(timeout time.Duration, since time.Time, cond func(Updat
 	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
 	return out
 }
+
+// Renewals counts the agent's successful renewals.
+func (a *Agent) Renewals() int64 { return a.renewals.Load() }
 
 // RenewalStats counts the fleet's renewals so far.
 type RenewalStats struct {

@@ -67,8 +67,8 @@ func BenchmarkFleet(b *testing.B) {
 	b.ReportMetric(per(float64(before.Goroutines), float64(after.Goroutines)), "goroutines/agent")
 	b.ReportMetric(per(float64(before.FDs), float64(after.FDs)), "fds/agent")
 	b.ReportMetric(float64(n)/f.JoinTime.Seconds(), "joins/s")
-	b.Logf("%d agents: joined in %v (%d join retries); heap in use %d -> %d MiB; goroutines %d -> %d; fds %d -> %d",
-		n, f.JoinTime.Round(time.Millisecond), f.JoinRetries.Load(), before.HeapInuse>>20, after.HeapInuse>>20,
+	b.Logf("%d agents: joined in %v (join retries: %v); heap in use %d -> %d MiB; goroutines %d -> %d; fds %d -> %d",
+		n, f.JoinTime.Round(time.Millisecond), f.JoinRetriesBy(), before.HeapInuse>>20, after.HeapInuse>>20,
 		before.Goroutines, after.Goroutines, before.FDs, after.FDs)
 
 	// One entry change for one agent, ~20 agents spread over the fleet
