@@ -110,8 +110,10 @@ type Fleet struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	mu          sync.Mutex
-	joinRetries map[string]int
+	mu                  sync.Mutex
+	joinRetries         map[string]int
+	renewFailures       map[string]int
+	renewFailuresLogged atomic.Int64
 }
 
 // JoinRetriesBy counts retried joins by why they were retried.
@@ -130,7 +132,7 @@ func Start(t testing.TB, c *clustertest.Cluster, opt Options) *Fleet {
 		opt.Joiners = 16
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	f := &Fleet{T: t, C: c, ctx: ctx, cancel: cancel, joinRetries: map[string]int{}}
+	f := &Fleet{T: t, C: c, ctx: ctx, cancel: cancel, joinRetries: map[string]int{}, renewFailures: map[string]int{}}
 	t.Cleanup(f.stop)
 	admins := map[string]*api.AdminClient{}
 	ids := NodeIDs()
@@ -333,10 +335,36 @@ func (f *Fleet) renewLoop(a *Agent) {
 			continue
 		}
 		a.renewFailed.Add(1)
-		if time.Now().Before(leaf.NotAfter) {
+		valid := time.Now().Before(leaf.NotAfter)
+		if valid {
 			a.renewFailedValid.Add(1)
 		}
+		f.renewFailure(a, err, valid)
 	}
+}
+
+// renewFailure counts a failed renewal by its gRPC code and message (the
+// appliance's messages name no agent, so they class well) and logs the
+// first five.
+func (f *Fleet) renewFailure(a *Agent, err error, valid bool) {
+	st, _ := status.FromError(err)
+	class := st.Code().String() + ": " + st.Message()
+	if len(class) > 120 {
+		class = class[:120]
+	}
+	f.mu.Lock()
+	f.renewFailures[class]++
+	f.mu.Unlock()
+	if f.renewFailuresLogged.Add(1) <= 5 {
+		f.T.Logf("fleet: renewal by %s on %s failed (SVID still valid: %v): %v", a.ID, a.Node, valid, err)
+	}
+}
+
+// RenewFailuresBy counts failed renewals by gRPC code and message.
+func (f *Fleet) RenewFailuresBy() map[string]int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return maps.Clone(f.renewFailures)
 }
 
 func (a *Agent) renew(ctx context.Context) error {

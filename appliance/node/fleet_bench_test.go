@@ -131,4 +131,7 @@ func BenchmarkFleet(b *testing.B) {
 	b.ReportMetric(float64(r1.Expired), "svid-expired-total")
 	b.Logf("steady window %v: %d renewal attempts, %d done; counters at the end: %+v (at the window's start: %+v)",
 		w1.Sub(w0).Round(time.Millisecond), len(starts), len(done), r1, r0)
+	if fails := f.RenewFailuresBy(); len(fails) > 0 {
+		b.Logf("failed renewals by answer: %v", fails)
+	}
 }
