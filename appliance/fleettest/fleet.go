@@ -114,6 +114,8 @@ type Fleet struct {
 	joinRetries         map[string]int
 	renewFailures       map[string]int
 	renewFailuresLogged atomic.Int64
+	syncEnds            map[string]int
+	syncEndsLogged      atomic.Int64
 }
 
 // JoinRetriesBy counts retried joins by why they were retried.
@@ -132,7 +134,7 @@ func Start(t testing.TB, c *clustertest.Cluster, opt Options) *Fleet {
 		opt.Joiners = 16
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	f := &Fleet{T: t, C: c, ctx: ctx, cancel: cancel, joinRetries: map[string]int{}, renewFailures: map[string]int{}}
+	f := &Fleet{T: t, C: c, ctx: ctx, cancel: cancel, joinRetries: map[string]int{}, renewFailures: map[string]int{}, syncEnds: map[string]int{}}
 	t.Cleanup(f.stop)
 	admins := map[string]*api.AdminClient{}
 	ids := NodeIDs()
@@ -284,6 +286,10 @@ func (f *Fleet) sync(a *Agent) {
 			return
 		}
 		a.syncRestarts.Add(1)
+		f.count(f.syncEnds, err)
+		if f.syncEndsLogged.Add(1) <= 5 {
+			f.T.Logf("fleet: Sync stream of %s on %s ended (resuming after revision %d): %v", a.ID, a.Node, rev, err)
+		}
 		sleep(f.ctx, time.Second)
 	}
 }
@@ -343,21 +349,37 @@ func (f *Fleet) renewLoop(a *Agent) {
 	}
 }
 
-// renewFailure counts a failed renewal by its gRPC code and message (the
-// appliance's messages name no agent, so they class well) and logs the
-// first five.
+// renewFailure counts a failed renewal by its gRPC code and message and
+// logs the first five.
 func (f *Fleet) renewFailure(a *Agent, err error, valid bool) {
-	st, _ := status.FromError(err)
-	class := st.Code().String() + ": " + st.Message()
-	if len(class) > 120 {
-		class = class[:120]
-	}
-	f.mu.Lock()
-	f.renewFailures[class]++
-	f.mu.Unlock()
+	f.count(f.renewFailures, err)
 	if f.renewFailuresLogged.Add(1) <= 5 {
 		f.T.Logf("fleet: renewal by %s on %s failed (SVID still valid: %v): %v", a.ID, a.Node, valid, err)
 	}
+}
+
+// count adds err to m by its gRPC code and message, cut where the
+// appliance's messages start naming agents and serials.
+func (f *Fleet) count(m map[string]int, err error) {
+	st, _ := status.FromError(err)
+	class := st.Code().String() + ": " + st.Message()
+	if i := strings.Index(class, "spiffe://"); i > 0 {
+		class = class[:i] + "..."
+	}
+	if len(class) > 100 {
+		class = class[:100] + "..."
+	}
+	f.mu.Lock()
+	m[class]++
+	f.mu.Unlock()
+}
+
+// SyncEndsBy counts Sync streams that ended (and were reopened) by the
+// error they ended with.
+func (f *Fleet) SyncEndsBy() map[string]int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return maps.Clone(f.syncEnds)
 }
 
 // RenewFailuresBy counts failed renewals by gRPC code and message.

@@ -134,4 +134,7 @@ func BenchmarkFleet(b *testing.B) {
 	if fails := f.RenewFailuresBy(); len(fails) > 0 {
 		b.Logf("failed renewals by answer: %v", fails)
 	}
+	if ends := f.SyncEndsBy(); len(ends) > 0 {
+		b.Logf("Sync streams ended and reopened, by error: %v", ends)
+	}
 }
