@@ -2,6 +2,7 @@ package fleettest_test
 
 import (
 	"context"
+	"os"
 	"slices"
 	"testing"
 	"time"
@@ -9,7 +10,10 @@ import (
 	"github.com/sigil-appliance/sigil/appliance/api"
 	"github.com/sigil-appliance/sigil/appliance/clustertest"
 	"github.com/sigil-appliance/sigil/appliance/fleettest"
+	testenv "github.com/sigil-appliance/sigil/softhsm-testenv"
 )
+
+func TestMain(m *testing.M) { os.Exit(testenv.Main(m)) }
 
 // TestFleetSmoke keeps the harness honest at a small size: every agent
 // joins, syncs, sees its own entry change and a bundle change, and
