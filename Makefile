@@ -86,7 +86,7 @@ fleet: deps
 	@set -o pipefail; SIGIL_FLEET_AGENTS=$(FLEET_AGENTS) SIGIL_FLEET_TTL=$(FLEET_TTL) SIGIL_FLEET_WINDOW=$(FLEET_WINDOW) \
 		$(GO) test -v -p 1 -count=1 -run '^$$' -bench '^BenchmarkFleet$$' -benchtime 1x -timeout 90m ./appliance/node/ | tee fleet.out | \
 		awk '/^BenchmarkFleet/ && NF > 4 { printf "%s (%s agents)\n", $$1, "$(FLEET_AGENTS)"; for (i = 5; i < NF; i += 2) printf "  %-26s %s\n", $$(i+1), $$i } \
-			/fleet:|agents:|steady window|open-file/ { sub(/^ +/, ""); print "  " $$0 } /^(FAIL|panic)/ { failed=1 } END { exit failed }'
+			/fleet:|agents:|steady window|open-file|by answer|by error/ { sub(/^ +/, ""); print "  " $$0 } /^(FAIL|panic)/ { failed=1 } END { exit failed }'
 
 # gofmt, vet, staticcheck, errcheck (tests included: an unchecked error in a
 # test's setup makes it pass or fail for the wrong reason), and the
