@@ -47,8 +47,9 @@ func BenchmarkFleet(b *testing.B) {
 	ttl := time.Duration(envInt(b, "SIGIL_FLEET_TTL", 60)) * time.Second
 	window := time.Duration(envInt(b, "SIGIL_FLEET_WINDOW", 20)) * time.Second
 	// Two descriptors per agent (its end and the node's), renewal
-	// connections in flight (each two more) and the cluster's own.
-	fleettest.RaiseFDLimit(b, uint64(3*n+4096))
+	// connections in flight (two more each, a few percent of the fleet at
+	// once) and the cluster's own.
+	fleettest.RaiseFDLimit(b, uint64(2*n+n/4+512))
 
 	c := fleettest.NewCluster(b, "fl", ttl, n)
 	leader := c.WaitLeader(30 * time.Second)
