@@ -165,8 +165,7 @@ func TestLeafSignaturesSampledAndCheckedAfterAFault(t *testing.T) {
 	issDER, _ := x509.CreateCertificate(rand.Reader, issTmpl, root, &key.PublicKey, rootKey)
 	issuing, _ := x509.ParseCertificate(issDER)
 
-	swapped := &swappedSigner{right: other, wrong: other}
-	swapped.right = key
+	swapped := &swappedSigner{right: key, wrong: other}
 	swapped.swapped.Store(true)
 	if _, err := New(td, "node-1", swapped, issuing, []*x509.Certificate{root}, nil); err == nil {
 		t.Fatal("New accepted a signer whose signatures do not match the issuing certificate")

@@ -120,8 +120,8 @@ func (b *auditBatcher) enqueue(ctx context.Context, job auditJob) error {
 // when no request is under way.
 func (b *auditBatcher) run(ctx context.Context) {
 	sem := make(chan struct{}, maxInFlight)
-	lastJobs := 0                          // jobs in the batch committed last
-	var lastDone atomic.Pointer[time.Time] // when its callers were answered
+	lastJobs := 0             // jobs in the batch committed last
+	var lastDone atomic.Int64 // when its callers were answered (Unix ns)
 	for {
 		var jobs []auditJob
 		var events []state.AuditEvent
@@ -162,7 +162,7 @@ func (b *auditBatcher) run(ctx context.Context) {
 		// soon, if it ended just now: expect them. Jobs that waited for
 		// the slot arrived during that commit and are others.
 		returning := 0
-		if done := lastDone.Load(); done != nil && time.Since(*done) < maxGather {
+		if done := lastDone.Load(); done != 0 && time.Since(time.Unix(0, done)) < maxGather {
 			returning = lastJobs
 			if waited {
 				returning += len(jobs)
@@ -215,8 +215,7 @@ func (b *auditBatcher) run(ctx context.Context) {
 				}
 				j.done <- jerr
 			}
-			now := time.Now()
-			lastDone.Store(&now)
+			lastDone.Store(time.Now().UnixNano())
 		}()
 	}
 }

@@ -27,6 +27,7 @@ import (
 	"github.com/sigil-appliance/sigil/appliance/api"
 	"github.com/sigil-appliance/sigil/appliance/ca"
 	"github.com/sigil-appliance/sigil/appliance/clustertest"
+	"github.com/sigil-appliance/sigil/appliance/fleettest"
 	"github.com/sigil-appliance/sigil/appliance/state"
 	"github.com/sigil-appliance/sigil/keystore/pkcs11"
 )
@@ -313,9 +314,9 @@ func timed(b *testing.B, f func() error) []time.Duration {
 
 // reportLatency reports p50 and p99 of sorted latencies and returns p50.
 func reportLatency(b *testing.B, lat []time.Duration) time.Duration {
-	p50, p99 := lat[len(lat)/2], lat[len(lat)*99/100]
-	b.ReportMetric(float64(p50.Microseconds())/1000, "p50-ms")
-	b.ReportMetric(float64(p99.Microseconds())/1000, "p99-ms")
+	p50 := fleettest.Quantile(lat, 0.5)
+	b.ReportMetric(fleettest.Ms(p50), "p50-ms")
+	b.ReportMetric(fleettest.Ms(fleettest.Quantile(lat, 0.99)), "p99-ms")
 	return p50
 }
 
