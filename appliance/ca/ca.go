@@ -444,6 +444,24 @@ type Peer struct {
 // chain holding a revoked certificate (SetRevocationCheck) is refused,
 // whatever role it claims.
 func (a *Authority) Classify(raw [][]byte) (Peer, error) {
+	return a.classify(raw, nil)
+}
+
+// ClassifyCerts is Classify for certificates a TLS handshake has parsed.
+// A verification it caches holds these very certificates: the cache then
+// costs a connected agent no second parsed copy of its leaf (a node
+// holding a fleet keeps both for as long as each agent is connected).
+func (a *Authority) ClassifyCerts(certs []*x509.Certificate) (Peer, error) {
+	raw := make([][]byte, len(certs))
+	for i, c := range certs {
+		raw[i] = c.Raw
+	}
+	return a.classify(raw, certs)
+}
+
+// classify verifies raw, or parsed when it is not nil (the same chain,
+// parsed).
+func (a *Authority) classify(raw [][]byte, parsed []*x509.Certificate) (Peer, error) {
 	// Verified chains are cached (verified.go); the CRLs are consulted on
 	// every call. x509svid verifies at the wall clock's time, so the cache
 	// is consulted at it too.
@@ -454,7 +472,12 @@ func (a *Authority) Classify(raw [][]byte) (Peer, error) {
 		id, chains = v.id, v.chains
 	} else {
 		var err error
-		if id, chains, err = x509svid.ParseAndVerify(raw, a.bundle); err != nil {
+		if parsed != nil {
+			id, chains, err = x509svid.Verify(parsed, a.bundle)
+		} else {
+			id, chains, err = x509svid.ParseAndVerify(raw, a.bundle)
+		}
+		if err != nil {
 			return Peer{}, err
 		}
 		a.verified.put(key, id, chains, now)
@@ -545,11 +568,7 @@ func (n *NodeIdentity) Certificate() (*tls.Certificate, error) {
 // connect (the caller authorizes per request beyond that).
 func (n *NodeIdentity) TLSConfig(allow ...Role) *tls.Config {
 	verify := func(cs tls.ConnectionState) error {
-		raw := make([][]byte, len(cs.PeerCertificates))
-		for i, c := range cs.PeerCertificates {
-			raw[i] = c.Raw
-		}
-		p, err := n.a.Classify(raw)
+		p, err := n.a.ClassifyCerts(cs.PeerCertificates)
 		if err != nil {
 			return err
 		}
@@ -588,11 +607,7 @@ func (n *NodeIdentity) TLSConfigAllowAnonymous(allow ...Role) *tls.Config {
 
 // PeerFromState classifies the peer of an established TLS connection.
 func (a *Authority) PeerFromState(cs tls.ConnectionState) (Peer, error) {
-	raw := make([][]byte, len(cs.PeerCertificates))
-	for i, c := range cs.PeerCertificates {
-		raw[i] = c.Raw
-	}
-	return a.Classify(raw)
+	return a.ClassifyCerts(cs.PeerCertificates)
 }
 
 // SignCheckpoint signs an audit checkpoint digest (state.CheckpointDigest:

@@ -1,15 +1,20 @@
 // Package fleettest runs a fleet of simulated agents in the test's process
-// against a real three-node cluster from clustertest, to measure what a
-// fleet costs the appliance. It owns the agents it starts (their
-// connections, Sync streams and renewal loops) and stops all of them when
-// the test ends. Only tests and benchmarks import it.
+// against a real appliance of three sigild processes (Appliance), to
+// measure what a fleet costs the appliance. It owns the processes and the
+// agents it starts (their connections, Sync streams and renewal loops)
+// and stops all of them when the test ends. Only tests and benchmarks
+// import it.
 //
 // A simulated agent is the real agent's protocol without its Workload API
 // or TPM: it joins with a one-time token through the real join service
 // (its key is a software P-256 key, as a token-joined sigil-agent's is),
-// keeps one mutual-TLS connection to one node with one Sync stream on it,
-// and renews its own SVID on the real agent's schedule over a fresh
-// connection each time, as sigil-agent does.
+// keeps one mutual-TLS connection to its current node with one Sync
+// stream on it, and renews its own SVID on the real agent's schedule over
+// a fresh connection each time. Like sigil-agent, it lists all three nodes
+// and starts on one of them (agent i on node i mod 3: the even spread a
+// random start gives a large fleet); when its node fails it moves to the
+// next in its list, reopening Sync after sigil-agent's jittered backoff,
+// and a renewal tries each node once from the current one.
 package fleettest
 
 import (
@@ -19,10 +24,12 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
 	mrand "math/rand/v2"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -35,29 +42,10 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/sigil-appliance/sigil/appliance/api"
-	"github.com/sigil-appliance/sigil/appliance/clustertest"
-	"github.com/sigil-appliance/sigil/appliance/node"
 )
 
-// NodeIDs are the three nodes NewCluster starts.
+// NodeIDs are the three nodes an Appliance runs.
 func NodeIDs() []string { return []string{"node-1", "node-2", "node-3"} }
-
-// NewCluster starts a real three-node cluster (SoftHSM CAs, raft, TLS)
-// whose agent SVIDs live for agentTTL, sized to hold agents connections:
-// the default connection cap per node (4096) would otherwise measure the
-// cap, not the fleet.
-func NewCluster(t testing.TB, prefix string, agentTTL time.Duration, agents int) *clustertest.Cluster {
-	t.Helper()
-	tr := clustertest.NewTrust(t, prefix, NodeIDs(), nil)
-	return clustertest.NewClusterWith(t, tr, func(cfg *node.Config) {
-		cfg.Join.AgentSVIDTTL = node.Duration{Duration: agentTTL}
-		// Each node holds a third of the agents plus renewal and admin
-		// connections in flight.
-		if need := agents/3 + 1024; need > 4096 {
-			cfg.API.MaxConnections = need
-		}
-	}, NodeIDs()...)
-}
 
 // Options shape a fleet.
 type Options struct {
@@ -70,20 +58,33 @@ type Options struct {
 
 // Update is what an agent recorded of one SyncUpdate.
 type Update struct {
+	Node     string // the node whose stream delivered it
 	Revision uint64
 	Entries  []string // entry IDs
 	JWTKeys  []string // key IDs in the bundle
 	At       time.Time
+	// Bytes is the update's size as the API's JSON codec encodes it, for
+	// the first agent only (measured, not spent on every agent).
+	Bytes int
 }
 
 // Agent is one simulated agent.
 type Agent struct {
 	ID   string
-	Node string // the node its connection and renewals go to
+	Node string // the node it joined and started on
 
-	addr, root string
-	cert       atomic.Pointer[tls.Certificate]
-	conn       *grpc.ClientConn
+	measure bool              // record each update's encoded size
+	servers []string          // node IDs in this agent's order, Node first
+	addrs   map[string]string // node ID to API address
+	root    string
+	cert    atomic.Pointer[tls.Certificate]
+
+	// cur indexes servers: the node the connection, Sync and the first
+	// renewal attempt go to. conn is nil until dialled, and after a
+	// failure.
+	connMu sync.Mutex
+	cur    int
+	conn   *grpc.ClientConn
 
 	mu      sync.Mutex
 	updates []Update
@@ -98,7 +99,7 @@ type Agent struct {
 // Fleet is a set of running simulated agents.
 type Fleet struct {
 	T      testing.TB
-	C      *clustertest.Cluster
+	App    *Appliance
 	Agents []*Agent
 	// JoinRetries counts joins (or their token writes) the nodes refused
 	// for a limit, for load, or dropped, and that were tried again (the first five are logged); JoinTime is
@@ -125,26 +126,28 @@ func (f *Fleet) JoinRetriesBy() map[string]int {
 	return maps.Clone(f.joinRetries)
 }
 
-// Start joins opt.Agents agents, spread evenly over the cluster's three
+// Start joins opt.Agents agents, spread evenly over the appliance's three
 // nodes, opens each one's Sync stream as soon as it has joined (as a fleet
 // that boots does) and starts its renewals. It logs progress every 10%.
-func Start(t testing.TB, c *clustertest.Cluster, opt Options) *Fleet {
+func Start(t testing.TB, app *Appliance, opt Options) *Fleet {
 	t.Helper()
 	if opt.Joiners <= 0 {
 		opt.Joiners = 16
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	f := &Fleet{T: t, C: c, ctx: ctx, cancel: cancel, joinRetries: map[string]int{}, renewFailures: map[string]int{}, syncEnds: map[string]int{}}
+	f := &Fleet{T: t, App: app, ctx: ctx, cancel: cancel, joinRetries: map[string]int{}, renewFailures: map[string]int{}, syncEnds: map[string]int{}}
 	t.Cleanup(f.stop)
 	admins := map[string]*api.AdminClient{}
 	ids := NodeIDs()
+	addrs := map[string]string{}
 	for _, id := range ids {
-		admins[id] = c.Admin(id)
+		admins[id] = app.Admin(id)
+		addrs[id] = app.Proc(id).API
 	}
 	f.Agents = make([]*Agent, opt.Agents)
 	for i := range f.Agents {
-		id := ids[i%len(ids)]
-		f.Agents[i] = &Agent{Node: id, addr: c.ConfigOf(id).API.Listen, root: c.Trust.RootPath, changed: make(chan struct{})}
+		order := append(slices.Clone(ids[i%len(ids):]), ids[:i%len(ids)]...)
+		f.Agents[i] = &Agent{Node: order[0], measure: i == 0, servers: order, addrs: addrs, root: app.Trust.RootPath, changed: make(chan struct{})}
 	}
 	start := time.Now()
 	var done atomic.Int64
@@ -213,7 +216,7 @@ func (f *Fleet) join(a *Agent, admin *api.AdminClient) error {
 		// answer was lost (the connection dropped) has used its token.
 		tok, err := admin.TokenCreate(f.ctx, &api.TokenRequest{TTL: 600})
 		if err == nil {
-			svid, err = tokenJoin(f.ctx, a.addr, a.root, tok.Token, csr)
+			svid, err = tokenJoin(f.ctx, a.addrs[a.Node], a.root, tok.Token, csr)
 		}
 		if err == nil {
 			break
@@ -236,11 +239,61 @@ func (f *Fleet) join(a *Agent, admin *api.AdminClient) error {
 	}
 	a.ID = svid.AgentID
 	a.cert.Store(cert)
-	// The connection presents whatever SVID is current at each handshake,
-	// as sigil-agent's does.
-	a.conn, err = api.Dial(api.DialConfig{Addr: a.addr, RootFile: a.root,
-		Certificate: func() (*tls.Certificate, error) { return a.cert.Load(), nil }})
+	_, _, err = a.connection()
 	return err
+}
+
+// connection is the agent's connection to its current node, dialled if
+// there is none. It presents whatever SVID is current at each handshake,
+// as sigil-agent's does.
+func (a *Agent) connection() (*grpc.ClientConn, string, error) {
+	a.connMu.Lock()
+	defer a.connMu.Unlock()
+	node := a.servers[a.cur%len(a.servers)]
+	if a.conn == nil {
+		conn, err := api.Dial(api.DialConfig{Addr: a.addrs[node], RootFile: a.root,
+			Certificate: func() (*tls.Certificate, error) { return a.cert.Load(), nil }})
+		if err != nil {
+			a.cur++
+			return nil, node, err
+		}
+		a.conn = conn
+	}
+	return a.conn, node, nil
+}
+
+// failed moves to the next node when err says the node could not be
+// reached or answer (sigil-agent's rule), if conn is still the current
+// connection (nil: a renewal's own connection to the current node).
+func (a *Agent) failed(conn *grpc.ClientConn, node string, err error) {
+	if c := status.Code(err); c != codes.Unavailable && c != codes.DeadlineExceeded {
+		return
+	}
+	a.connMu.Lock()
+	defer a.connMu.Unlock()
+	if a.servers[a.cur%len(a.servers)] != node || (conn != nil && a.conn != conn) {
+		return
+	}
+	if a.conn != nil {
+		_ = a.conn.Close() // the node is gone or failing: nothing more goes through it
+		a.conn = nil
+	}
+	a.cur++
+}
+
+// Current is the node the agent is on now.
+func (a *Agent) Current() string {
+	a.connMu.Lock()
+	defer a.connMu.Unlock()
+	return a.servers[a.cur%len(a.servers)]
+}
+
+// syncBackoff is sigil-agent's wait before reopening Sync after its
+// fails-th consecutive failure (agent/cache): 1 s doubling to 30 s, a
+// random half of it.
+func syncBackoff(fails int) time.Duration {
+	d := min(time.Second<<min(fails, 8), 30*time.Second)
+	return d/2 + time.Duration(mrand.Int64N(int64(d/2)+1))
 }
 
 func tokenJoin(ctx context.Context, addr, root, token string, csr []byte) (*api.AgentSVID, error) {
@@ -270,17 +323,24 @@ func (f *Fleet) run(a *Agent) {
 }
 
 // sync keeps the agent's Sync stream open, resuming after the last
-// revision it saw when the stream ends, as the agent's cache does.
+// revision it saw when the stream ends, as the agent's cache does: on the
+// next node when this one failed, after a jittered backoff.
 func (f *Fleet) sync(a *Agent) {
 	var rev uint64
+	fails := 0
 	for f.ctx.Err() == nil {
-		st, err := api.NewAgentClient(a.conn).Sync(f.ctx, &api.SyncRequest{Revision: rev})
-		for err == nil {
-			var u *api.SyncUpdate
-			if u, err = st.Recv(); err == nil {
-				a.record(u)
-				rev = u.Revision
+		conn, node, err := a.connection()
+		if err == nil {
+			var st grpc.ServerStreamingClient[api.SyncUpdate]
+			st, err = api.NewAgentClient(conn).Sync(f.ctx, &api.SyncRequest{Revision: rev})
+			for err == nil {
+				var u *api.SyncUpdate
+				if u, err = st.Recv(); err == nil {
+					a.record(u, node)
+					rev, fails = u.Revision, 0
+				}
 			}
+			a.failed(conn, node, err)
 		}
 		if f.ctx.Err() != nil {
 			return
@@ -288,14 +348,19 @@ func (f *Fleet) sync(a *Agent) {
 		a.syncRestarts.Add(1)
 		f.count(f.syncEnds, err)
 		if f.syncEndsLogged.Add(1) <= 5 {
-			f.T.Logf("fleet: Sync stream of %s on %s ended (resuming after revision %d): %v", a.ID, a.Node, rev, err)
+			f.T.Logf("fleet: Sync stream of %s on %s ended (resuming after revision %d): %v", a.ID, node, rev, err)
 		}
-		sleep(f.ctx, time.Second)
+		sleep(f.ctx, syncBackoff(fails))
+		fails++
 	}
 }
 
-func (a *Agent) record(u *api.SyncUpdate) {
-	r := Update{Revision: u.Revision, At: time.Now()}
+func (a *Agent) record(u *api.SyncUpdate, node string) {
+	r := Update{Node: node, Revision: u.Revision, At: time.Now()}
+	if a.measure {
+		b, _ := json.Marshal(u)
+		r.Bytes = len(b)
+	}
 	for _, e := range u.Entries {
 		r.Entries = append(r.Entries, e.ID)
 	}
@@ -312,7 +377,8 @@ func (a *Agent) record(u *api.SyncUpdate) {
 // renewLoop is sigil-agent's Run for a token-joined agent: renew at half
 // the SVID's life less a random tenth of it, retry a failure after a
 // second. An agent whose SVID expires would have to join again with a new
-// token; the simulated one stops and is counted as expired.
+// token; the simulated one stops and is counted as expired. A renewal
+// counts as failed when no node gave a new SVID (each was tried once).
 func (f *Fleet) renewLoop(a *Agent) {
 	for {
 		leaf := a.cert.Load().Leaf
@@ -389,9 +455,28 @@ func (f *Fleet) RenewFailuresBy() map[string]int {
 	return maps.Clone(f.renewFailures)
 }
 
+// renew asks each node once, from the current one, as sigil-agent's
+// Renew does.
 func (a *Agent) renew(ctx context.Context) error {
+	var last error
+	for range a.servers {
+		node := a.Current()
+		err := a.renewAt(ctx, node)
+		if err == nil {
+			return nil
+		}
+		last = err
+		a.failed(nil, node, err)
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	return last
+}
+
+func (a *Agent) renewAt(ctx context.Context, node string) error {
 	cur := a.cert.Load()
-	conn, err := api.Dial(api.DialConfig{Addr: a.addr, RootFile: a.root,
+	conn, err := api.Dial(api.DialConfig{Addr: a.addrs[node], RootFile: a.root,
 		Certificate: func() (*tls.Certificate, error) { return cur, nil }})
 	if err != nil {
 		return err
@@ -431,9 +516,14 @@ func sleep(ctx context.Context, d time.Duration) bool {
 func (f *Fleet) stop() {
 	f.cancel()
 	for _, a := range f.Agents {
-		if a != nil && a.conn != nil {
+		if a == nil {
+			continue
+		}
+		a.connMu.Lock()
+		if a.conn != nil {
 			_ = a.conn.Close() // the fleet is over: nothing more goes through it
 		}
+		a.connMu.Unlock()
 	}
 	f.wg.Wait()
 }
@@ -462,7 +552,7 @@ func (a *Agent) WaitUpdate(ctx context.Context, cond func(Update) bool) (Update,
 		a.mu.Unlock()
 		select {
 		case <-ctx.Done():
-			return Update{}, fmt.Errorf("agent %s on %s: %w", a.ID, a.Node, ctx.Err())
+			return Update{}, fmt.Errorf("agent %s on %s: %w", a.ID, a.Current(), ctx.Err())
 		case <-ch:
 		}
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"slices"
+	"syscall"
 	"testing"
 	"time"
 
@@ -20,8 +21,8 @@ func TestMain(m *testing.M) { os.Exit(testenv.Main(m)) }
 // renews. A 2 s TTL renews about every second (SVIDs are backdated 30 s,
 // so half their life has passed at once).
 func TestFleetSmoke(t *testing.T) {
-	c := fleettest.NewCluster(t, "fs", 2*time.Second, 12)
-	f := fleettest.Start(t, c, fleettest.Options{Agents: 12, Joiners: 4})
+	app := fleettest.StartAppliance(t, "fs", fleettest.ApplianceOptions{AgentTTL: 2 * time.Second, Agents: 12})
+	f := fleettest.Start(t, app, fleettest.Options{Agents: 12, Joiners: 4})
 	f.WaitSynced(time.Minute)
 	nodes := map[string]int{}
 	for _, a := range f.Agents {
@@ -32,7 +33,7 @@ func TestFleetSmoke(t *testing.T) {
 	}
 	ctx := context.Background()
 	a := f.Agents[5]
-	e, err := c.Admin("node-1").EntryCreate(ctx, &api.EntryRequest{Entry: api.Entry{
+	e, err := app.Admin("node-1").EntryCreate(ctx, &api.EntryRequest{Entry: api.Entry{
 		SPIFFEID: "spiffe://example.org/fleet/smoke", ParentID: a.ID, Selectors: []api.Selector{{Type: "unix", Value: "uid:1000"}}}})
 	if err != nil {
 		t.Fatal(err)
@@ -43,11 +44,11 @@ func TestFleetSmoke(t *testing.T) {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	kid, err := c.Node("node-2").JWTRotate(ctx)
+	rot, err := app.Admin("node-2").JWTKeyRotate(ctx, &api.Empty{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := f.Arrivals(30*time.Second, start, func(u fleettest.Update) bool { return slices.Contains(u.JWTKeys, kid) }); len(got) != 12 {
+	if got := f.Arrivals(30*time.Second, start, func(u fleettest.Update) bool { return slices.Contains(u.JWTKeys, rot.KID) }); len(got) != 12 {
 		t.Errorf("bundle change reached %d agents, want 12", len(got))
 	}
 	for _, a := range f.Agents {
@@ -55,6 +56,36 @@ func TestFleetSmoke(t *testing.T) {
 	}
 	if s := f.Renewals(); s.FailedValid != 0 || s.Expired != 0 || s.SyncRestarts != 0 {
 		t.Errorf("renewals: %+v, want no failures, expiries or stream restarts", s)
+	}
+
+	// A node dies: its agents move to the next node in their lists, are
+	// synced there and go on renewing, with no renewal failing.
+	const victim = "node-3"
+	done := map[*fleettest.Agent]int64{}
+	for _, a := range f.Agents {
+		done[a] = a.Renewals()
+	}
+	killed := time.Now()
+	app.Kill(victim, syscall.SIGKILL)
+	for _, a := range f.Agents {
+		if a.Node != victim {
+			continue
+		}
+		wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		u, err := a.WaitUpdate(wctx, func(u fleettest.Update) bool { return u.Node != victim && u.At.After(killed) })
+		cancel()
+		if err != nil {
+			t.Fatalf("after %s died: %v", victim, err)
+		}
+		if a.Current() != u.Node {
+			t.Errorf("%s synced from %s but is on %s", a.ID, u.Node, a.Current())
+		}
+	}
+	for _, a := range f.Agents {
+		clustertest.Eventually(t, 30*time.Second, "a renewal by "+a.ID+" after the kill", func() bool { return a.Renewals() > done[a]+1 })
+	}
+	if s := f.Renewals(); s.FailedValid != 0 || s.Expired != 0 {
+		t.Errorf("renewals across the kill: %+v, want no failures or expiries", s)
 	}
 }
 

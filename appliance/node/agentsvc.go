@@ -1,8 +1,8 @@
 package node
 
 import (
-	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -51,7 +51,9 @@ func (s *agentSvc) Sync(r *api.SyncRequest, stream grpc.ServerStreamingServer[ap
 	if err != nil {
 		return err
 	}
-	var last []byte
+	// The last view sent is kept as its digest: a stream lives as long as
+	// its agent is connected, and the view (bundle included) is KiBs.
+	var last [sha256.Size]byte
 	sent := r.Revision
 	for {
 		changed := s.state.AgentChanged(a.ID)
@@ -62,7 +64,7 @@ func (s *agentSvc) Sync(r *api.SyncRequest, stream grpc.ServerStreamingServer[ap
 		b := s.state.Bundle()
 		u := &api.SyncUpdate{Revision: s.state.Index(), Entries: apiEntries(s.state.EntriesByParent(a.ID)), Bundle: apiBundle(b)}
 		view, _ := json.Marshal([]any{u.Entries, u.Bundle})
-		if u.Revision > sent && !bytes.Equal(view, last) {
+		if digest := sha256.Sum256(view); u.Revision > sent && digest != last {
 			if u.SPIFFE, err = SPIFFEBundle(s.td, b); err != nil {
 				// The stored bundle does not encode: this node's fault.
 				s.issuer.log.Error("sync failed: bundle", "request", "sync", "agent", a.ID, "revision", u.Revision, "err", err)
@@ -71,7 +73,7 @@ func (s *agentSvc) Sync(r *api.SyncRequest, stream grpc.ServerStreamingServer[ap
 			if err := stream.Send(u); err != nil {
 				return err
 			}
-			last, sent = view, u.Revision
+			last, sent = digest, u.Revision
 		}
 		select {
 		case <-ctx.Done():

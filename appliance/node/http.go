@@ -4,9 +4,11 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"regexp"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
@@ -70,6 +72,15 @@ func newMetrics(n *Node) *metrics {
 		}),
 		limitsCollector{n},
 	)
+	// The process's own figures (heap, goroutines, descriptors, CPU): what
+	// a fleet costs a node shows here. go_gc_heap_live_bytes is the heap
+	// the last GC found live, steadier than the allocation counters
+	// between collections.
+	m.reg.MustRegister(
+		collectors.NewGoCollector(collectors.WithGoCollectorRuntimeMetrics(
+			collectors.GoRuntimeMetricsRule{Matcher: regexp.MustCompile(`^/gc/heap/live:bytes$`)})),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	)
 	registerNodeGauges(n, m.reg)
 	m.ops = newOpsMetrics(m.reg)
 	return m
@@ -87,6 +98,9 @@ var (
 	descConnsRefused = prometheus.NewDesc("sigil_listener_connections_refused_total",
 		"Connections closed by a listener's bounds: over max-connections, the oldest in its handshake dropped for a new one, over max-anonymous-connections (in all or from one source), anonymous ones at their maximum age.",
 		[]string{"listener", "reason"}, nil)
+	descHandshakes = prometheus.NewDesc("sigil_listener_handshakes_total",
+		"Connections that completed their handshake, per listener (TLS; on a plain HTTP listener, the first request).",
+		[]string{"listener"}, nil)
 	descCallsRefused = prometheus.NewDesc("sigil_api_calls_refused_total",
 		"API calls refused by method and TLS role, or over max-anonymous-calls, before their message was read.",
 		[]string{"reason"}, nil)
@@ -95,6 +109,7 @@ var (
 func (limitsCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descConns
 	ch <- descConnsRefused
+	ch <- descHandshakes
 	ch <- descCallsRefused
 }
 
@@ -110,6 +125,7 @@ func (c limitsCollector) Collect(ch chan<- prometheus.Metric) {
 		for reason, v := range map[string]uint64{"max-connections": st.RefusedMax, "handshake-evicted": st.Evicted, "max-anonymous-connections": st.RefusedAnonymous, "max-anonymous-connections-per-source": st.RefusedAnonymousSource, "anonymous-max-age": st.AgedOut} {
 			ch <- prometheus.MustNewConstMetric(descConnsRefused, prometheus.CounterValue, float64(v), name, reason)
 		}
+		ch <- prometheus.MustNewConstMetric(descHandshakes, prometheus.CounterValue, float64(st.Handshakes), name)
 	}
 	if c.n.gate != nil {
 		for reason, v := range c.n.gate.refusals() {

@@ -353,7 +353,8 @@ func (j *joinSvc) Renew(ctx context.Context, r *api.RenewRequest) (*api.AgentSVI
 		return nil, j.refuse(ctx, "renew", c.Actor, codes.PermissionDenied, errors.New("agent is banned or unknown"))
 	}
 	serial := presented.SerialNumber.Text(16)
-	if a.SerialNumber == "" || serial != a.SerialNumber {
+	previous := serial == a.PreviousSerial && time.Now().Before(a.PreviousUntil)
+	if a.SerialNumber == "" || (serial != a.SerialNumber && !previous) {
 		return nil, j.refuse(ctx, "renew", c.Actor, codes.PermissionDenied, fmt.Errorf(
 			"certificate serial %s is not the agent's current certificate (%s): only the latest SVID renews; attest again", serial, a.SerialNumber))
 	}

@@ -59,6 +59,10 @@ const (
 	maxHeaderListSize = 16 << 10 // gRPC metadata; gRPC's own default is 16 MiB
 )
 
+// apiReadBufferSize is each API connection's read buffer (see
+// grpcLimitOptions).
+const apiReadBufferSize = 4 << 10
+
 // HTTP listeners (health, metrics, bundle): few callers, small requests.
 const (
 	httpMaxConns          = 256
@@ -86,6 +90,12 @@ func grpcLimitOptions(c APIConfig) []grpc.ServerOption {
 		// An idle connection does not keep a 32 KiB write buffer: gRPC
 		// shares write buffers by default (the deprecated
 		// grpc.SharedWriteBuffer(true) asked for what is now the default).
+		// Its read buffer is per connection for the connection's life, and
+		// at gRPC's default of 32 KiB it was half of what each connected
+		// agent cost a node (heap profile of BenchmarkFleet). Every call
+		// here is a few hundred bytes to a few KiB; a message larger than
+		// the buffer is read in more syscalls, not refused.
+		grpc.ReadBufferSize(apiReadBufferSize),
 	}
 }
 
@@ -104,6 +114,9 @@ type connLimiter struct {
 	log                              *rateLog
 	refusedMax, evicted, refusedAnon atomic.Uint64 // refusal counters, for metrics
 	refusedAnonSource, agedOut       atomic.Uint64
+	// handshakes counts connections that completed their handshake: a
+	// fleet reconnecting after a node died shows as its rate.
+	handshakes atomic.Uint64
 
 	mu           sync.Mutex
 	open         int
@@ -129,6 +142,7 @@ type limiterStats struct {
 	Open, Pending, Anonymous              int
 	RefusedMax, Evicted, RefusedAnonymous uint64
 	RefusedAnonymousSource, AgedOut       uint64
+	Handshakes                            uint64
 }
 
 func (l *connLimiter) stats() limiterStats {
@@ -136,19 +150,20 @@ func (l *connLimiter) stats() limiterStats {
 	defer l.mu.Unlock()
 	return limiterStats{Open: l.open, Pending: l.pending.Len(), Anonymous: l.anonymous,
 		RefusedMax: l.refusedMax.Load(), Evicted: l.evicted.Load(), RefusedAnonymous: l.refusedAnon.Load(),
-		RefusedAnonymousSource: l.refusedAnonSource.Load(), AgedOut: l.agedOut.Load()}
+		RefusedAnonymousSource: l.refusedAnonSource.Load(), AgedOut: l.agedOut.Load(), Handshakes: l.handshakes.Load()}
 }
 
 // limitedConn gives its slot back when closed, whoever closes it.
 type limitedConn struct {
 	net.Conn
-	l      *connLimiter
-	elem   *list.Element // in l.pending while not established; guarded by l.mu
-	anon   bool          // counted in l.anonymous and l.anonBySource[source]; guarded by l.mu
-	source string        // sourceKey of the remote address, once anon
-	srcEl  *list.Element // in l.anonBySource[source]; guarded by l.mu
-	age    *time.Timer   // closes an anonymous connection at its maximum age; guarded by l.mu
-	once   sync.Once
+	l       *connLimiter
+	elem    *list.Element // in l.pending while not established; guarded by l.mu
+	anon    bool          // counted in l.anonymous and l.anonBySource[source]; guarded by l.mu
+	source  string        // sourceKey of the remote address, once anon
+	srcEl   *list.Element // in l.anonBySource[source]; guarded by l.mu
+	age     *time.Timer   // closes an anonymous connection at its maximum age; guarded by l.mu
+	counted bool          // in l.handshakes; guarded by l.mu
+	once    sync.Once
 }
 
 func (c *limitedConn) Close() error {
@@ -216,6 +231,10 @@ func (l *connLimiter) established(c *limitedConn, anonymous bool) (ok bool, evic
 	if c.elem != nil {
 		l.pending.Remove(c.elem)
 		c.elem = nil
+	}
+	if !c.counted {
+		c.counted = true
+		l.handshakes.Add(1)
 	}
 	if !anonymous || c.anon {
 		return true, nil

@@ -530,10 +530,12 @@ func TestAgentRenewExpectSerial(t *testing.T) {
 	a.must(CmdAgentUpsert, up("b2", "b1"))
 	before, _ := a.fsm.Export()
 	for _, c := range []struct{ serial, expect, want string }{
-		{"b3", "b1", "current certificate is b2"}, // the concurrent renewal of b1
+		// The concurrent renewal of b1, once b1's grace (TestAgentRenewGrace)
+		// is over.
+		{"b3", "b1", "current certificate is b2"},
 		{"b4", "XYZ", "expect_serial"},
 	} {
-		if _, err := a.apply(CmdAgentUpsert, t0, up(c.serial, c.expect)); err == nil || !strings.Contains(err.Error(), c.want) {
+		if _, err := a.apply(CmdAgentUpsert, t0.Add(RenewGrace), up(c.serial, c.expect)); err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Fatalf("renewal of %s: %v, want a refusal with %q", c.expect, err, c.want)
 		}
 	}
@@ -549,4 +551,86 @@ func TestAgentRenewExpectSerial(t *testing.T) {
 	}
 	// A join replaces any certificate.
 	a.must(CmdAgentUpsert, up("b5", ""))
+}
+
+// A renewal whose answer was lost (the node was killed between commit and
+// reply) leaves the agent holding the certificate it replaced: that one
+// may renew again within RenewGrace, once per lost answer, without the
+// grace growing. The certificate the lost renewal issued is then dead: a
+// copy of it that does exist (a clone that renewed beside the agent) is
+// refused at its next renewal, which exposes the clone.
+func TestAgentRenewGrace(t *testing.T) {
+	a := newApplier(t)
+	agentID := "spiffe://example.org/sigil/agent/join_token/g"
+	up := func(serial, expect string) AgentUpsert {
+		return AgentUpsert{Agent: Agent{ID: agentID, AttestationType: "join_token", SerialNumber: serial, ExpiresAt: t0.Add(time.Hour)}, ExpectSerial: expect}
+	}
+	renew := func(at time.Duration, serial, expect string) error {
+		_, err := a.apply(CmdAgentUpsert, t0.Add(at), up(serial, expect))
+		return err
+	}
+	record := func() Agent { ag, _ := a.fsm.Agent(agentID); return ag }
+	a.must(CmdAgentUpsert, up("c1", ""))
+	if ag := record(); ag.PreviousSerial != "" || !ag.PreviousUntil.IsZero() {
+		t.Fatalf("a join left a grace: %+v", ag)
+	}
+	if err := renew(0, "c2", "c1"); err != nil {
+		t.Fatal(err)
+	}
+	if ag := record(); ag.SerialNumber != "c2" || ag.PreviousSerial != "c1" || !ag.PreviousUntil.Equal(t0.Add(RenewGrace)) {
+		t.Fatalf("after renewing c1: %+v", ag)
+	}
+	// c2's answer was lost: c1 renews again, and the grace stays c1's.
+	if err := renew(time.Minute, "c3", "c1"); err != nil {
+		t.Fatalf("renewal of the replaced certificate within its grace: %v", err)
+	}
+	if ag := record(); ag.SerialNumber != "c3" || ag.PreviousSerial != "c1" || !ag.PreviousUntil.Equal(t0.Add(RenewGrace)) {
+		t.Fatalf("after renewing c1 again: %+v", ag)
+	}
+	recs := a.fsm.Audit(0, 100)
+	last := recs[len(recs)-1]
+	if last.Detail["replaced_undelivered"] != "c2" || last.Detail["renewed_again"] != "c1" {
+		t.Fatalf("audit of the repeated renewal: %v", last.Detail)
+	}
+	before, _ := a.fsm.Export()
+	for _, c := range []struct {
+		at             time.Duration
+		serial, expect string
+	}{
+		{2 * time.Minute, "c4", "c2"}, // the lost answer's certificate, held after all
+		{RenewGrace, "c4", "c1"},      // the grace is over
+	} {
+		if err := renew(c.at, c.serial, c.expect); !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "current certificate is c3") {
+			t.Fatalf("renewal of %s at +%v: %v, want a refusal", c.expect, c.at, err)
+		}
+	}
+	// A version 4 command (a node not yet upgraded wrote it) replays as
+	// then: no grace.
+	a.index++
+	if _, err := a.fsm.Apply(a.index, origin, commandOfVersion(t, 4, CmdAgentUpsert, nodeActor, t0.Add(time.Minute), up("c4", "c1"))); !errors.Is(err, ErrRefused) {
+		t.Fatalf("version 4 renewal of the replaced certificate: %v, want a refusal", err)
+	}
+	if after, _ := a.fsm.Export(); !bytes.Equal(before, after) {
+		t.Fatal("a refused renewal changed the state")
+	}
+	// Renewing the current certificate moves the grace to it.
+	if err := renew(3*time.Minute, "c5", "c3"); err != nil {
+		t.Fatal(err)
+	}
+	if ag := record(); ag.PreviousSerial != "c3" || !ag.PreviousUntil.Equal(t0.Add(3*time.Minute+RenewGrace)) {
+		t.Fatalf("after renewing c3: %+v", ag)
+	}
+	if err := renew(4*time.Minute, "c6", "c1"); !errors.Is(err, ErrRefused) {
+		t.Fatalf("c1 after c3 renewed: %v, want a refusal", err)
+	}
+	// A command cannot set the grace itself.
+	forged := up("c7", "c5")
+	forged.PreviousSerial, forged.PreviousUntil = "c1", t0.Add(24*time.Hour)
+	a.index++
+	if _, err := a.fsm.Apply(a.index, origin, testCommand(t, CmdAgentUpsert, nodeActor, "", t0.Add(5*time.Minute), forged)); err != nil {
+		t.Fatal(err)
+	}
+	if ag := record(); ag.PreviousSerial != "c5" || !ag.PreviousUntil.Equal(t0.Add(5*time.Minute+RenewGrace)) {
+		t.Fatalf("after a renewal carrying its own grace: %+v", ag)
+	}
 }

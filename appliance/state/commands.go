@@ -223,6 +223,18 @@ func ValidateEntry(td spiffeid.TrustDomain, e *Entry) error {
 // loading as they were stored: only the generic form is checked for them.
 const EntryRulesVersion = 4
 
+// RenewGraceVersion is the first command version whose renewals may name
+// the agent's previous certificate (Agent.PreviousSerial).
+const RenewGraceVersion = 5
+
+// RenewGrace is how long after a renewal the certificate it replaced may
+// renew again. An agent whose renewal answer was lost retries within
+// seconds to a few minutes (its backoff tops out at 30 s); the grace is
+// also how long a stolen copy of the replaced certificate and its key
+// could renew in the agent's place, which the agent's next renewal then
+// exposes (it is refused: its certificate is no longer the current one).
+const RenewGrace = 10 * time.Minute
+
 // validateEntry checks an entry; strict adds the selector rules.
 func validateEntry(td spiffeid.TrustDomain, e *Entry, strict bool) error {
 	if !entryIDRE.MatchString(e.ID) {
@@ -503,7 +515,23 @@ func applyAgentUpsert(t *txn, p *AgentUpsert) (any, []AuditEvent, error) {
 	} else {
 		a.JoinedAt = t.c.Time
 	}
-	if p.ExpectSerial != "" && (old == nil || old.SerialNumber != p.ExpectSerial) {
+	// A join replaces any certificate and leaves no grace; a renewal
+	// replaces the current one, or within its grace the one the last
+	// renewal replaced (that renewal's certificate was never used to
+	// renew, so it is taken as never delivered).
+	a.PreviousSerial, a.PreviousUntil = "", time.Time{}
+	undelivered := ""
+	switch grace := t.c.Version >= RenewGraceVersion; {
+	case p.ExpectSerial == "":
+	case old != nil && old.SerialNumber == p.ExpectSerial:
+		if grace {
+			a.PreviousSerial, a.PreviousUntil = p.ExpectSerial, t.c.Time.Add(RenewGrace)
+		}
+	case grace && old != nil && old.PreviousSerial == p.ExpectSerial && t.c.Time.Before(old.PreviousUntil):
+		// The deadline stays the first renewal's: retries do not extend it.
+		a.PreviousSerial, a.PreviousUntil = old.PreviousSerial, old.PreviousUntil
+		undelivered = old.SerialNumber
+	default:
 		current := "none"
 		if old != nil && old.SerialNumber != "" {
 			current = old.SerialNumber
@@ -514,6 +542,10 @@ func applyAgentUpsert(t *txn, p *AgentUpsert) (any, []AuditEvent, error) {
 	a.Banned = false
 	a.UpdatedAt, a.Revision = t.c.Time, t.index
 	detail := map[string]string{"attestation": a.AttestationType, "serial": a.SerialNumber}
+	if undelivered != "" {
+		detail["renewed_again"] = p.ExpectSerial
+		detail["replaced_undelivered"] = undelivered
+	}
 	for k, v := range a.Facts {
 		detail["fact."+k] = v
 	}

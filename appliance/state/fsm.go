@@ -43,10 +43,12 @@ import (
 // by its name; an agent renewal names the certificate it replaces.
 // Version 4: an entry's selectors must be ones sigil-agent produces, and
 // an entry update that names a revision applies only to that revision
-// (EntryRulesVersion). The rules a version brings apply to its
+// (EntryRulesVersion). Version 5: a renewal may name the certificate the
+// agent's last renewal replaced, within RenewGrace of that renewal
+// (RenewGraceVersion). The rules a version brings apply to its
 // commands only: a log of version 2 commands replays exactly as it was
 // first applied.
-const CommandVersion = 4
+const CommandVersion = 5
 
 // minCommandVersion is the oldest envelope version this code still
 // applies (raft logs and snapshots written before the last upgrade).

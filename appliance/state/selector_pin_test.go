@@ -12,9 +12,10 @@ import (
 // version would replay old commands with other verdicts than the replicas
 // that applied them live (other entries, another audit chain). A change
 // to appliance/selector that flips any verdict here needs a new
-// CommandVersion, with these rules kept for version 4.
+// CommandVersion, with these rules kept for version 4. Version 5 changed
+// renewals only (RenewGraceVersion): its selector rules are version 4's.
 func TestSelectorRulesPinned(t *testing.T) {
-	if CommandVersion != 4 || EntryRulesVersion != 4 {
+	if CommandVersion != 5 || EntryRulesVersion != 4 {
 		t.Fatalf("CommandVersion %d, EntryRulesVersion %d: pin the rules of the new version here and keep version 4's", CommandVersion, EntryRulesVersion)
 	}
 	hex := func(c string) string { return strings.Repeat(c, 64) }

@@ -64,11 +64,18 @@ type Agent struct {
 	AttestationType string            `json:"attestation_type"`
 	Facts           map[string]string `json:"facts,omitempty"` // EK hash, AK name, PCR digest...
 	SerialNumber    string            `json:"serial_number,omitempty"`
-	ExpiresAt       time.Time         `json:"expires_at,omitzero"`
-	Banned          bool              `json:"banned,omitempty"`
-	JoinedAt        time.Time         `json:"joined_at"`
-	UpdatedAt       time.Time         `json:"updated_at"`
-	Revision        uint64            `json:"revision"`
+	// PreviousSerial is the certificate the last renewal replaced. It may
+	// renew once more until PreviousUntil: a renewal's answer can be lost
+	// after its commit (the node answering was killed), and its agent
+	// then still holds only the replaced certificate. The state machine
+	// sets both (version 5 commands); a command's values are ignored.
+	PreviousSerial string    `json:"previous_serial,omitempty"`
+	PreviousUntil  time.Time `json:"previous_until,omitzero"`
+	ExpiresAt      time.Time `json:"expires_at,omitzero"`
+	Banned         bool      `json:"banned,omitempty"`
+	JoinedAt       time.Time `json:"joined_at"`
+	UpdatedAt      time.Time `json:"updated_at"`
+	Revision       uint64    `json:"revision"`
 }
 
 // JoinPolicy decides which TPMs may join.
