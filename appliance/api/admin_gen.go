@@ -46,6 +46,7 @@ const (
 	AdminMethodTokenList       = "/" + AdminService + "/TokenList"
 	AdminMethodTokenRevoke     = "/" + AdminService + "/TokenRevoke"
 	AdminMethodAgentRemove     = "/" + AdminService + "/AgentRemove"
+	AdminMethodJWTKeyRotate    = "/" + AdminService + "/JWTKeyRotate"
 )
 
 // RegisterAdmin adds the admin service to a gRPC server: every method of
@@ -87,6 +88,7 @@ func RegisterAdmin(s grpc.ServiceRegistrar, impl AdminServer) {
 			unary("TokenList", AdminMethodTokenList, AdminServer.TokenList),
 			unary("TokenRevoke", AdminMethodTokenRevoke, AdminServer.TokenRevoke),
 			unary("AgentRemove", AdminMethodAgentRemove, AdminServer.AgentRemove),
+			unary("JWTKeyRotate", AdminMethodJWTKeyRotate, AdminServer.JWTKeyRotate),
 		},
 		Streams: []grpc.StreamDesc{
 			serverStream("SnapshotSave", AdminServer.SnapshotSave),
@@ -256,6 +258,19 @@ func (c *AdminClient) TokenRevoke(ctx context.Context, r *IDRequest) (*JoinToken
 // longer renews and no workload SVID is issued through it.
 func (c *AdminClient) AgentRemove(ctx context.Context, r *AgentRemoveRequest) (*AgentRemoved, error) {
 	return invoke[AgentRemoveRequest, AgentRemoved](ctx, c.cc, AdminMethodAgentRemove, r)
+}
+
+// JWTKeyRotate rotates the answering node's own JWT signing key now,
+// as its jwt.rotate-every schedule does: a new key is made in that
+// node's HSM and published in the trust bundle, and from then on the
+// node signs JWT-SVIDs with it. Earlier keys stay in the bundle until
+// the tokens they signed have expired. The answer names the new key
+// and the node. Refused (ResourceExhausted) while the node already has
+// MaxNodeJWTKeys keys in the bundle. Audited: bundle.jwt.rotate names
+// the caller and the kid before the key is made, bundle.jwt.add
+// records its publication.
+func (c *AdminClient) JWTKeyRotate(ctx context.Context, r *Empty) (*JWTKeyRotated, error) {
+	return invoke[Empty, JWTKeyRotated](ctx, c.cc, AdminMethodJWTKeyRotate, r)
 }
 
 // The client methods written by hand over the openers above: a missing one

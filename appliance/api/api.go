@@ -311,6 +311,16 @@ type AdminServer interface {
 	// AgentRemove forgets an agent: its record goes, so its certificate no
 	// longer renews and no workload SVID is issued through it.
 	AgentRemove(context.Context, *AgentRemoveRequest) (*AgentRemoved, error)
+	// JWTKeyRotate rotates the answering node's own JWT signing key now,
+	// as its jwt.rotate-every schedule does: a new key is made in that
+	// node's HSM and published in the trust bundle, and from then on the
+	// node signs JWT-SVIDs with it. Earlier keys stay in the bundle until
+	// the tokens they signed have expired. The answer names the new key
+	// and the node. Refused (ResourceExhausted) while the node already has
+	// MaxNodeJWTKeys keys in the bundle. Audited: bundle.jwt.rotate names
+	// the caller and the kid before the key is made, bundle.jwt.add
+	// records its publication.
+	JWTKeyRotate(context.Context, *Empty) (*JWTKeyRotated, error)
 }
 
 // AdminService is the gRPC service name.

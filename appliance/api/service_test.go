@@ -103,6 +103,7 @@ var wire = map[string]string{
 	"/sigil.admin.v1.Admin/TokenList":       "unary",
 	"/sigil.admin.v1.Admin/TokenRevoke":     "unary",
 	"/sigil.admin.v1.Admin/AgentRemove":     "unary",
+	"/sigil.admin.v1.Admin/JWTKeyRotate":    "unary",
 	"/sigil.agent.v1.Agent/SignX509SVIDs":   "unary",
 	"/sigil.agent.v1.Agent/SignJWTSVID":     "unary",
 	"/sigil.agent.v1.Agent/Sync":            "server-stream",

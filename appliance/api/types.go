@@ -111,6 +111,28 @@ type JWTKey struct {
 	CA []byte `json:"ca,omitempty"`
 }
 
+// JWTKeyRotated is what a JWT key rotation on demand made: the new key's
+// kid and the node whose key it is (the node that answered).
+type JWTKeyRotated struct {
+	KID  string `json:"kid"`
+	Node string `json:"node"`
+}
+
+// MaxNodeJWTKeys bounds rotations on demand (JWTKeyRotate): one is refused
+// while its node already has this many keys in the trust bundle. Each
+// rotation makes an HSM key and adds a key to the replicated bundle, which
+// every agent receives, for the key's signing period plus the longest
+// token life (48 h by default), so a script asking in a loop would grow
+// both without bound. The schedule alone keeps about three keys per node
+// (default jwt.rotate-every 24 h: the current key, the one before it while
+// its tokens may live, and an expired one until it is retired), which
+// leaves room for several rotations on demand within two days: enough to
+// answer a suspected exposure and to test that a rotation reaches every
+// agent. A node whose rotate-every is much shorter (under about 4 h) keeps
+// this many keys by schedule alone, and is refused every rotation on
+// demand.
+const MaxNodeJWTKeys = 8
+
 // Revocation is a revoked X.509-SVID serial, listed until the SVID expires.
 type Revocation struct {
 	Serial   string    `json:"serial"` // hex

@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -156,7 +157,7 @@ func (j *JWTKeys) Current(ctx context.Context) (*JWTKey, error) {
 		j.current = k
 		return k, nil
 	}
-	k, err := j.create(ctx)
+	k, err := j.create(ctx, j.newKID())
 	if err != nil {
 		return nil, err
 	}
@@ -194,12 +195,16 @@ func (j *JWTKeys) adopt(ctx context.Context) *JWTKey {
 	return nil
 }
 
-// create makes a key in the HSM and publishes it; only a committed key is
-// returned.
-func (j *JWTKeys) create(ctx context.Context) (*JWTKey, error) {
+// newKID names a new key of this node.
+func (j *JWTKeys) newKID() string {
 	b := make([]byte, 12)
 	rand.Read(b)
-	kid := j.a.nodeID + "-" + hex.EncodeToString(b)
+	return j.a.nodeID + "-" + hex.EncodeToString(b)
+}
+
+// create makes the key kid in the HSM and publishes it; only a committed
+// key is returned.
+func (j *JWTKeys) create(ctx context.Context, kid string) (*JWTKey, error) {
 	uri, err := j.cfg.KeyURI(kid)
 	if err != nil {
 		return nil, err
@@ -233,7 +238,69 @@ func (j *JWTKeys) create(ctx context.Context) (*JWTKey, error) {
 func (j *JWTKeys) Rotate(ctx context.Context) (string, error) {
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	k, err := j.create(ctx)
+	k, err := j.create(ctx, j.newKID())
+	if err != nil {
+		return "", err
+	}
+	j.current = k
+	return k.kid, nil
+}
+
+// ErrTooManyJWTKeys is RotateOnDemand's refusal: this node already has as
+// many keys in the bundle as an on-demand rotation may leave there.
+var ErrTooManyJWTKeys = errors.New("too many JWT keys")
+
+// OnDemand bounds and records a rotation an operator asked for
+// (RotateOnDemand).
+type OnDemand struct {
+	// MaxKeys: the rotation is refused while this node already has this
+	// many keys in the bundle (published and not yet retired, whether
+	// they still sign, still validate tokens, or await retirement).
+	MaxKeys int
+	// Sync makes the bundle that Published reads current (a linearizable
+	// read barrier), so that the count includes every key this node
+	// published before, wherever the commit was applied first.
+	Sync func(context.Context) error
+	// Record is called with the new key's kid after the bound is checked
+	// and before the key is made (an audit record of who asked): when it
+	// fails, nothing is made.
+	Record func(ctx context.Context, kid string) error
+}
+
+// RotateOnDemand is Rotate for an operator's request: every key stays in
+// the replicated bundle, which every agent holds, until the tokens it
+// signed have expired, so a caller asking again and again would grow the
+// bundle without bound. It is refused, with an error wrapping
+// ErrTooManyJWTKeys, while this node has o.MaxKeys keys in the bundle.
+// Rotations of this node (scheduled and on demand) take one lock, and the
+// count is taken under it after o.Sync, so concurrent requests cannot
+// together pass the bound.
+func (j *JWTKeys) RotateOnDemand(ctx context.Context, o OnDemand) (string, error) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if err := o.Sync(ctx); err != nil {
+		return "", err
+	}
+	n, oldest := 0, time.Time{}
+	for _, k := range j.cfg.Publisher.Published() {
+		if k.Node != j.a.nodeID {
+			continue
+		}
+		n++
+		if oldest.IsZero() || k.NotAfter.Before(oldest) {
+			oldest = k.NotAfter
+		}
+	}
+	if n >= o.MaxKeys {
+		return "", fmt.Errorf("%w: node %s has %d in the trust bundle, and a rotation on demand is refused from %d on "+
+			"(each key stays until every token it signed has expired); the first of them leaves the bundle after %s",
+			ErrTooManyJWTKeys, j.a.nodeID, n, o.MaxKeys, oldest.UTC().Format(time.RFC3339))
+	}
+	kid := j.newKID()
+	if err := o.Record(ctx, kid); err != nil {
+		return "", err
+	}
+	k, err := j.create(ctx, kid)
 	if err != nil {
 		return "", err
 	}

@@ -1,19 +1,27 @@
 package ca
 
 import (
+	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/base64"
+	"errors"
+	"math/big"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
+
+	"github.com/sigil-appliance/sigil/keystore"
 )
 
 // TestJWTKeySign: tokens validate with go-spiffe's JWT-SVID parser, carry
@@ -79,5 +87,162 @@ func TestJWTKeyRefusesRSA(t *testing.T) {
 	}
 	if _, err := newJWTKey("k", key, time.Now().Add(time.Hour)); err == nil || !strings.Contains(err.Error(), "not ECDSA") {
 		t.Fatalf("RSA key: %v, want a refusal", err)
+	}
+}
+
+// memKeys is a key store in memory.
+type memKeys struct {
+	mu      sync.Mutex
+	keys    map[string]*ecdsa.PrivateKey
+	created int
+}
+
+func (m *memKeys) CreateKey(_ context.Context, req keystore.CreateKeyRequest) (crypto.PublicKey, error) {
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.keys[req.URI] = k
+	m.created++
+	return k.Public(), nil
+}
+
+func (m *memKeys) Signer(_ context.Context, uri string) (crypto.Signer, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	k, ok := m.keys[uri]
+	if !ok {
+		return nil, errors.New("no key " + uri)
+	}
+	return k, nil
+}
+
+// memBundle is the replicated bundle in memory; published says when
+// Publish returns, and applied when Published shows the key (later, as on
+// a follower that applies a commit after the leader answered, until Sync).
+type memBundle struct {
+	mu        sync.Mutex
+	published []PublishedJWTKey
+	applied   int
+}
+
+func (b *memBundle) Published() []PublishedJWTKey {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return append([]PublishedJWTKey(nil), b.published[:b.applied]...)
+}
+
+func (b *memBundle) Publish(_ context.Context, k PublishedJWTKey) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.published = append(b.published, k)
+	return nil
+}
+
+func (b *memBundle) Withdraw(context.Context, string) error { return errors.New("not here") }
+
+func (b *memBundle) sync(context.Context) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.applied = len(b.published)
+	return nil
+}
+
+func testAuthority(t *testing.T, nodeID string) *Authority {
+	t.Helper()
+	td := spiffeid.RequireTrustDomainFromString("example.org")
+	rootKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	rootTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "root"}, IsCA: true, BasicConstraintsValid: true,
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageCertSign}
+	rootDER, _ := x509.CreateCertificate(rand.Reader, rootTmpl, rootTmpl, &rootKey.PublicKey, rootKey)
+	root, _ := x509.ParseCertificate(rootDER)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	issTmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: nodeID}, IsCA: true, BasicConstraintsValid: true,
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageCertSign}
+	issDER, _ := x509.CreateCertificate(rand.Reader, issTmpl, root, &key.PublicKey, rootKey)
+	issuing, _ := x509.ParseCertificate(issDER)
+	a, err := New(td, nodeID, key, issuing, []*x509.Certificate{root}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
+
+// TestRotateOnDemandBound: concurrent requests make exactly the keys that
+// fit under the bound, counting this node's keys only and counting them
+// after Sync (a key another request published is counted even before
+// Published shows it unsynced); each kid is recorded before its key is
+// made, and a failed record makes nothing; past the bound, nothing is
+// made or recorded and the refusal wraps ErrTooManyJWTKeys.
+func TestRotateOnDemandBound(t *testing.T) {
+	ks := &memKeys{keys: map[string]*ecdsa.PrivateKey{}}
+	bundle := &memBundle{}
+	// Another node's keys do not count against this node's bound.
+	for i := range 5 {
+		bundle.published = append(bundle.published, PublishedJWTKey{KID: "node-2-" + string(rune('a'+i)), Node: "node-2", NotAfter: time.Now().Add(time.Hour)})
+	}
+	bundle.applied = len(bundle.published)
+	j := testAuthority(t, "node-1").JWTKeys(JWTConfig{Keys: ks, Publisher: bundle, KeyURI: func(kid string) (string, error) { return "mem:" + kid, nil },
+		Rotate: time.Hour, MaxTokenLife: 24 * time.Hour, Ready: func() bool { return true }})
+	ctx := context.Background()
+	const max = 4
+	var mu sync.Mutex
+	var recorded []string
+	o := OnDemand{MaxKeys: max, Sync: bundle.sync, Record: func(_ context.Context, kid string) error {
+		mu.Lock()
+		defer mu.Unlock()
+		if _, err := ks.Signer(ctx, "mem:"+kid); err == nil {
+			t.Errorf("key %s made before it was recorded", kid)
+		}
+		recorded = append(recorded, kid)
+		return nil
+	}}
+
+	// A record that fails: nothing made.
+	failing := o
+	failing.Record = func(context.Context, string) error { return errors.New("no quorum") }
+	if _, err := j.RotateOnDemand(ctx, failing); err == nil || !strings.Contains(err.Error(), "no quorum") {
+		t.Fatalf("rotation whose record failed: %v", err)
+	}
+	if ks.created != 0 || len(bundle.Published()) != 5 {
+		t.Fatalf("a rotation whose record failed made %d keys", ks.created)
+	}
+
+	var wg sync.WaitGroup
+	var made, refused []string
+	for range max + 5 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			kid, err := j.RotateOnDemand(ctx, o)
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case err == nil:
+				made = append(made, kid)
+			case errors.Is(err, ErrTooManyJWTKeys):
+				refused = append(refused, err.Error())
+			default:
+				t.Errorf("rotation: %v", err)
+			}
+		}()
+	}
+	wg.Wait()
+	if len(made) != max || len(refused) != 5 || ks.created != max || len(recorded) != max {
+		t.Fatalf("%d concurrent requests, bound %d: %d made, %d refused, %d keys created, %d recorded", max+5, max, len(made), len(refused), ks.created, len(recorded))
+	}
+	if !strings.Contains(refused[0], "node node-1 has 4 in the trust bundle") {
+		t.Fatalf("refusal: %s", refused[0])
+	}
+	cur, err := j.Current(ctx)
+	if err != nil || cur.KID() != bundle.published[len(bundle.published)-1].KID {
+		t.Fatalf("signing with %v (%v), want the last key made", cur, err)
+	}
+	for _, k := range bundle.published[5:] {
+		if k.Node != "node-1" || !strings.HasPrefix(k.KID, "node-1-") {
+			t.Fatalf("published %+v", k)
+		}
 	}
 }

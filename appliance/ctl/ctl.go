@@ -1,10 +1,11 @@
 // Package ctl is sigilctl's command tree: the admin's view of the
 // appliance over its API (entries, agents, TPM join policy, join tokens,
-// cluster membership, snapshots, audit, the trust bundle, admin
-// credentials). Output is a table for people or JSON (--output json) for
-// scripts: JSON keys are lower-case snake_case, and lists print as a
-// top-level array (audit list, which also reports the head, as an object
-// with "records"). A command whose output could not be written fails.
+// cluster membership, snapshots, audit, the trust bundle, JWT signing
+// keys, admin credentials). Output is a table for people or JSON
+// (--output json) for scripts: JSON keys are lower-case snake_case, and
+// lists print as a top-level array (audit list, which also reports the
+// head, as an object with "records"). A command whose output could not be
+// written fails.
 package ctl
 
 import (
@@ -19,6 +20,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -114,7 +116,7 @@ func NewCommand(out io.Writer) *cobra.Command {
 	f.StringVarP(&g.output, "output", "o", "text", "output format: text or json")
 	f.DurationVar(&g.timeout, "timeout", 30*time.Second, "time limit for each request; for streams (snapshots, audit export), the longest wait without progress")
 
-	root.AddCommand(entryCmd(g), agentCmd(g), tpmCmd(g), tokenCmd(g), clusterCmd(g), snapshotCmd(g), auditCmd(g), bundleCmd(g), adminCmd(g), svidCmd(g))
+	root.AddCommand(entryCmd(g), agentCmd(g), tpmCmd(g), tokenCmd(g), clusterCmd(g), snapshotCmd(g), auditCmd(g), bundleCmd(g), jwtCmd(g), adminCmd(g), svidCmd(g))
 	root.AddCommand(caCmd(g)) // crl.go
 	return clirun.Prepare(root)
 }
@@ -427,6 +429,29 @@ func bundleCmd(g *globals) *cobra.Command {
 	}}
 	show.Flags().StringVar(&format, "format", "spiffe", "spiffe (JWKS bundle document) or pem (X.509 roots)")
 	cmd.AddCommand(show)
+	return cmd
+}
+
+func jwtCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "jwt", Short: "JWT-SVID signing keys"}
+	cmd.AddCommand(&cobra.Command{Use: "rotate", Args: cobra.NoArgs,
+		Short: "Rotate the answering node's JWT signing key now, and print the new key's kid and the node",
+		Long: "The node that answers (the first --server that accepts a connection) makes a new JWT signing\n" +
+			"key in its own HSM, publishes it in the trust bundle and signs JWT-SVIDs with it from then on,\n" +
+			"as its jwt.rotate-every schedule would; each node has its own keys, so rotate every node by\n" +
+			"asking each (--server one node at a time). Earlier keys stay in the bundle until the tokens\n" +
+			"they signed have expired. Audited: bundle.jwt.rotate names you and the kid, bundle.jwt.add\n" +
+			"records the publication. Refused while the node already has " + strconv.Itoa(api.MaxNodeJWTKeys) + " keys in the bundle, so\n" +
+			"that a script in a loop cannot grow the bundle every agent receives without bound; the refusal\n" +
+			"says when the first of them leaves.",
+		RunE: func(*cobra.Command, []string) error {
+			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
+				return c.JWTKeyRotate(ctx, &api.Empty{})
+			}, func(w *bufio.Writer, v any) {
+				r := v.(*api.JWTKeyRotated)
+				fmt.Fprintf(w, "node %s rotated its JWT signing key: kid %s\n", r.Node, r.KID)
+			})
+		}})
 	return cmd
 }
 

@@ -204,6 +204,27 @@ func TestSigilctlOperatorCommands(t *testing.T) {
 
 	testAuditFilters(t, must, stderr, with, leaked.ID[:12], svid.AgentID)
 
+	// JWT key rotation: the node asked (node-2) rotates its own key, the
+	// bundle another node serves lists it, the audit log names the admin.
+	out = must(with("jwt", "rotate")...)
+	m := regexp.MustCompile(`^node node-2 rotated its JWT signing key: kid (node-2-[0-9a-f]{24})\n$`).FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("jwt rotate: %q", out)
+	}
+	var rot api.JWTKeyRotated
+	if err := json.Unmarshal([]byte(must(with("-o", "json", "jwt", "rotate")...)), &rot); err != nil || rot.Node != "node-2" ||
+		!strings.HasPrefix(rot.KID, "node-2-") || rot.KID == m[1] {
+		t.Fatalf("jwt rotate json: %v %+v", err, rot)
+	}
+	if out := must(append(append([]string{"--server", c.ConfigOf("node-3").API.Listen}, creds...), "bundle", "show")...); !strings.Contains(out, `"kid":"`+m[1]+`"`) ||
+		!strings.Contains(out, `"kid":"`+rot.KID+`"`) {
+		t.Fatalf("bundle show on node-3 lacks node-2's new keys %s, %s:\n%s", m[1], rot.KID, out)
+	}
+	if out := must(with("audit", "list", "--action", "bundle.jwt.rotate")...); !regexp.MustCompile(`admin/op\s+bundle.jwt.rotate\s+`+m[1]).MatchString(out) ||
+		!strings.Contains(out, rot.KID) {
+		t.Fatalf("jwt rotate not audited:\n%s", out)
+	}
+
 	// --server lists nodes: a node that cannot be reached is skipped with
 	// a note, a node's answer (here a refusal) is the answer.
 	c.Stop("node-1")

@@ -49,6 +49,13 @@ type admin struct {
 	state  *state.FSM  // the replica this service administers
 	member raftMember  // commands, reads and membership
 	ca     adminSigner // issues admin certificates
+	jwt    jwtRotator  // this node's JWT signing keys
+}
+
+// jwtRotator is this node's JWT key rotation (ca.JWTKeys) as admins ask
+// for it.
+type jwtRotator interface {
+	RotateOnDemand(context.Context, ca.OnDemand) (string, error)
 }
 
 // adminSigner is the node's issuing CA as the admin service uses it.
@@ -998,4 +1005,51 @@ func apiPCRPolicy(p *state.PCRPolicy) *api.PCRPolicy {
 		return nil
 	}
 	return &api.PCRPolicy{Bank: p.Bank, PCRs: maps.Clone(p.PCRs)}
+}
+
+// auditJWTRotate records who asked for a JWT key rotation, and the kid it
+// will have, before the key is made. The key's publication that follows
+// is bundle.jwt.add, whose actor is the node (only a node publishes its
+// own keys), as for a scheduled rotation; a bundle.jwt.rotate without a
+// bundle.jwt.add of its kid is a rotation that failed after it was asked
+// for (the node logs why).
+const auditJWTRotate = "bundle.jwt.rotate"
+
+// JWTKeyRotate rotates this node's own JWT signing key now: every node
+// signs with keys in its own HSM, so the node asked is the node rotated.
+// The request is audited in the caller's name (the state machine checks
+// at commit that the caller's certificate may still act) before the key
+// is made, and refused while this node has api.MaxNodeJWTKeys keys in the
+// bundle (ca.JWTKeys.RotateOnDemand).
+func (a *admin) JWTKeyRotate(ctx context.Context, _ *api.Empty) (*api.JWTKeyRotated, error) {
+	const what = "jwt key rotate"
+	c := callerFrom(ctx)
+	if err := a.read(ctx, what); err != nil {
+		return nil, err
+	}
+	asked := ""
+	kid, err := a.jwt.RotateOnDemand(ctx, ca.OnDemand{
+		MaxKeys: api.MaxNodeJWTKeys,
+		Sync:    a.member.readIndex,
+		Record: func(ctx context.Context, kid string) error {
+			ev := state.AuditEvent{Action: auditJWTRotate, Target: kid, Detail: map[string]string{"node": a.nodeID}}
+			if _, err := a.apply(ctx, c, state.CmdAudit, state.AuditAppend{Events: []state.AuditEvent{ev}}); err != nil {
+				return err
+			}
+			asked = kid
+			return nil
+		},
+	})
+	switch {
+	case errors.Is(err, ca.ErrTooManyJWTKeys):
+		a.log.Warn("admin request refused", "request", what, "actor", c.Actor, "reason", err.Error())
+		return nil, status.Error(codes.ResourceExhausted, err.Error())
+	case err != nil && asked != "":
+		a.log.Error("JWT key rotation failed after it was recorded", "actor", c.Actor, "kid", asked, "err", err)
+		return nil, a.fail(what, c, err)
+	case err != nil:
+		return nil, a.fail(what, c, err)
+	}
+	a.log.Info("JWT key rotated on demand", "actor", c.Actor, "kid", kid)
+	return &api.JWTKeyRotated{KID: kid, Node: a.nodeID}, nil
 }

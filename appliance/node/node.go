@@ -385,7 +385,8 @@ func (n *Node) bundleLoop(ctx context.Context) {
 // raftReady reports whether a leader is known.
 func (n *Node) raftReady() bool { return n.member().leaderKnown() }
 
-// JWTRotate makes and publishes a new JWT key now (operators and tests).
+// JWTRotate makes and publishes a new JWT key now, unbounded (tests;
+// operators rotate through the admin API, JWTKeyRotate).
 func (n *Node) JWTRotate(ctx context.Context) (string, error) { return n.jwt.Rotate(ctx) }
 
 // BundleAddr is the bundle endpoint's address, if configured.
@@ -528,5 +529,5 @@ func (n *Node) auditExportDir() string {
 // adminSvc is the admin service over this node's state, raft member and CA.
 func (n *Node) adminSvc() *admin {
 	return &admin{seen: &n.seen, td: n.td, nodeID: n.cfg.NodeID, roots: n.roots, dataDir: n.cfg.DataDir, maxCertTTL: n.adminCertMaxTTL(),
-		log: n.log, authLog: n.authLog, state: n.fsm, member: n.member(), ca: n.auth}
+		log: n.log, authLog: n.authLog, state: n.fsm, member: n.member(), ca: n.auth, jwt: n.jwt}
 }

@@ -23,7 +23,9 @@ func TestRun(t *testing.T) {
 		stdout []string
 		stderr []string
 	}{
-		{[]string{"--help"}, 0, []string{"entry", "agent", "tpm", "token", "cluster", "snapshot", "audit", "bundle", "admin", "svid", "ca", "--output"}, nil},
+		{[]string{"--help"}, 0, []string{"entry", "agent", "tpm", "token", "cluster", "snapshot", "audit", "bundle", "jwt", "admin", "svid", "ca", "--output"}, nil},
+		{[]string{"help", "jwt"}, 0, []string{"rotate"}, nil},
+		{[]string{"jwt", "rotate", "--help"}, 0, []string{"its own HSM", "Refused while the node already has 8 keys"}, nil},
 		{[]string{"entry", "--help"}, 0, []string{"create", "update", "list", "show", "delete"}, nil},
 		{[]string{"help", "audit"}, 0, []string{"export", "verify-segment"}, nil},
 		{nil, 2, nil, []string{"usage: sigilctl <command>", "entry"}},
@@ -36,6 +38,7 @@ func TestRun(t *testing.T) {
 		{[]string{"entry", "list", "--timeout", "soon"}, 2, nil, []string{"--timeout"}},
 		{[]string{"entry", "list", "--timeout", "0s"}, 2, nil, []string{"--timeout must be positive"}},
 		{[]string{"cluster", "status", "extra"}, 2, nil, []string{`cluster status: takes no arguments (got "extra")`}},
+		{[]string{"jwt", "rotate", "node-2"}, 2, nil, []string{`jwt rotate: takes no arguments (got "node-2")`}},
 		// Durations the appliance keeps in whole seconds are refused, not
 		// truncated, before anything is dialed.
 		{[]string{"entry", "create", "--spiffe-id", "spiffe://example.org/w", "--x509-ttl", "1500ms"}, 2, nil, []string{"--x509-ttl 1.5s", "whole seconds", "2s"}},
