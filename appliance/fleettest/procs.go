@@ -50,10 +50,10 @@ type Proc struct {
 	// Pprof is host:port of Go's profiles when the appliance was built
 	// for them (ApplianceOptions.Pprof), else "".
 	Pprof string
-	cfg  string
-	log  string
-	cmd  *exec.Cmd
-	done chan struct{}
+	cfg   string
+	log   string
+	cmd   *exec.Cmd
+	done  chan struct{}
 }
 
 // ApplianceOptions shape the nodes.
