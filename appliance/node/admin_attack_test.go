@@ -361,22 +361,31 @@ func renew(t *testing.T, c *clustertest.Cluster, node string, cred adminCred, ke
 	return api.NewJoinClient(conn).Renew(ctx, &api.RenewRequest{CSR: agentCSR(t, key)})
 }
 
-// A copy of a token-joined agent's key and certificate (stolen) renews
-// beside the real agent: once the agent has renewed, the old certificate
-// renews nowhere, and the agent's current one still does.
+// A copy of a token-joined agent's key and certificate (stolen: a backup
+// of its data directory, say) renews beside the real agent: once the agent
+// has renewed twice, or once more than state.RenewGrace ago, the copy
+// renews nowhere, and the agent's current certificate still does. Within
+// the grace of the agent's last renewal, the copy's certificate is the one
+// that renewal replaced, which may renew again because a renewal's answer
+// can be lost (the node answering killed after the commit): the copy then
+// renews once, and the real agent's next renewal is refused and audited,
+// which exposes it.
 func TestAttackRenewWithOldSerial(t *testing.T) {
 	tr := clustertest.NewTrust(t, "rn", []string{"node-1", "node-2", "node-3"}, nil)
 	c := clustertest.NewCluster(t, tr, "node-1", "node-2", "node-3")
 	ctx := context.Background()
 	stolen, key := joinByToken(t, c, "node-1")
 
-	// The real agent renews on node-2.
+	// The real agent renews on node-2, then on node-3.
 	svid, err := renew(t, c, "node-2", stolen, key)
 	if err != nil {
 		t.Fatal(err)
 	}
-	current := writeCred(t, c, "agent-1", key, svid.Chain)
 	agentID := svid.AgentID
+	if svid, err = renew(t, c, "node-3", writeCred(t, c, "agent-1", key, svid.Chain), key); err != nil {
+		t.Fatal(err)
+	}
+	current := writeCred(t, c, "agent-2", key, svid.Chain)
 
 	// The attack, on every node, at once.
 	for _, id := range []string{"node-3", "node-1", "node-2"} {
@@ -392,30 +401,54 @@ func TestAttackRenewWithOldSerial(t *testing.T) {
 			t.Fatalf("%s: the agent's current serial is %s, want %x", id, a.SerialNumber, current.leaf.SerialNumber)
 		}
 	}
-	recs, err := c.Admin("node-1").AuditList(ctx, &api.AuditRequest{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	refused := 0
-	for _, r := range recs.Records {
-		if r.Action == "join.renew.refuse" && r.Target == agentID && strings.Contains(r.Detail["reason"], "not the agent's current certificate") {
-			refused++
+	refusedRenewals := func() int {
+		recs, err := c.Admin("node-1").AuditList(ctx, &api.AuditRequest{})
+		if err != nil {
+			t.Fatal(err)
 		}
+		n := 0
+		for _, r := range recs.Records {
+			if r.Action == "join.renew.refuse" && r.Target == agentID && strings.Contains(r.Detail["reason"], "not the agent's current certificate") {
+				n++
+			}
+		}
+		return n
 	}
-	if refused != 3 {
-		t.Fatalf("%d refused renewals audited, want 3", refused)
+	if n := refusedRenewals(); n != 3 {
+		t.Fatalf("%d refused renewals audited, want 3", n)
 	}
 
-	// The real agent keeps renewing; each renewal retires the one before.
+	// A copy of the current certificate, taken just before the agent's
+	// next renewal, renews within that renewal's grace: the copy gets a
+	// certificate, and the real agent is then refused (exposed).
+	copied := current
 	next, err := renew(t, c, "node-3", current, key)
 	if err != nil {
 		t.Fatalf("current certificate: %v", err)
 	}
-	if _, err := renew(t, c, "node-1", current, key); status.Code(err) != codes.PermissionDenied {
-		t.Fatalf("previous certificate after the next renewal: %v", err)
+	if _, err := renew(t, c, "node-1", copied, key); err != nil {
+		t.Fatalf("the replaced certificate within its grace: %v", err)
 	}
-	if _, err := renew(t, c, "node-2", writeCred(t, c, "agent-2", key, next.Chain), key); err != nil {
-		t.Fatalf("newest certificate: %v", err)
+	if _, err := renew(t, c, "node-2", writeCred(t, c, "agent-3", key, next.Chain), key); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("the real agent after the copy renewed in its grace: %v, want PermissionDenied", err)
+	}
+	if n := refusedRenewals(); n != 4 {
+		t.Fatalf("%d refused renewals audited, want 4 (the real agent's)", n)
+	}
+	recs, err := c.Admin("node-1").AuditList(ctx, &api.AuditRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	nextLeaf, err := x509.ParseCertificate(next.Chain[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	exposed := false
+	for _, r := range recs.Records {
+		exposed = exposed || r.Action == "agent.upsert" && r.Target == agentID && r.Detail["replaced_undelivered"] == nextLeaf.SerialNumber.Text(16)
+	}
+	if !exposed {
+		t.Fatal("no audit record names the certificate the copy's renewal replaced")
 	}
 }
 

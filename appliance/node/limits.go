@@ -61,7 +61,7 @@ const (
 
 // apiReadBufferSize is each API connection's read buffer (see
 // grpcLimitOptions).
-const apiReadBufferSize = 4 << 10
+const apiReadBufferSize = 1 << 10
 
 // HTTP listeners (health, metrics, bundle): few callers, small requests.
 const (
@@ -92,10 +92,15 @@ func grpcLimitOptions(c APIConfig) []grpc.ServerOption {
 		// grpc.SharedWriteBuffer(true) asked for what is now the default).
 		// Its read buffer is per connection for the connection's life, and
 		// at gRPC's default of 32 KiB it was half of what each connected
-		// agent cost a node (heap profile of BenchmarkFleet). Every call
-		// here is a few hundred bytes to a few KiB; a message larger than
-		// the buffer is read in more syscalls, not refused.
+		// agent cost a node (heap profile of BenchmarkFleet). Agents' calls
+		// are a few hundred bytes; a larger message (an admin's snapshot
+		// chunk) is read straight into its destination, not refused.
 		grpc.ReadBufferSize(apiReadBufferSize),
+		// No HPACK dynamic table for what callers send: it held ~1 KiB of
+		// header strings per connection for the connection's life, to
+		// save a few hundred bytes on calls an agent makes every few
+		// minutes.
+		grpc.HeaderTableSize(0),
 	}
 }
 

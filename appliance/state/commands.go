@@ -233,7 +233,7 @@ const RenewGraceVersion = 5
 // also how long a stolen copy of the replaced certificate and its key
 // could renew in the agent's place, which the agent's next renewal then
 // exposes (it is refused: its certificate is no longer the current one).
-const RenewGrace = 10 * time.Minute
+const RenewGrace = 5 * time.Minute
 
 // validateEntry checks an entry; strict adds the selector rules.
 func validateEntry(td spiffeid.TrustDomain, e *Entry, strict bool) error {
