@@ -172,6 +172,12 @@ type Node struct {
 	store *raftboltdb.BoltStore
 	pool  *rpcPool
 	conns connSet // established connections, for ResetConnections
+	dedup *applyDedup
+
+	// testBeforeAnswer, when set (tests only), sees each RPC answer before
+	// it is written; false drops the connection instead, as if the answer
+	// had been lost on the way.
+	testBeforeAnswer atomic.Pointer[func(*rpcRequest, *rpcResponse) bool]
 
 	leaderReady   atomic.Uint64 // term in which this leader committed a barrier
 	leaderChanges atomic.Uint64 // leaders this node learned of (LeaderChanges)
@@ -238,7 +244,7 @@ func New(ctx context.Context, cfg Config, fsm FSM) (*Node, error) {
 		return nil, err
 	}
 	n := &Node{cfg: cfg, log: cfg.Logger.With("component", "raft"), fsm: fsm, fsmA: newFSMAdapter(fsm),
-		stats: map[string]peerStats{}, polling: map[string]bool{}}
+		stats: map[string]peerStats{}, polling: map[string]bool{}, dedup: newApplyDedup(cfg.ApplyTimeout + dedupMargin)}
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	ok := false
 	defer func() {
@@ -379,9 +385,18 @@ func (n *Node) timeout(ctx context.Context) time.Duration {
 // (bounded by ctx, or ApplyTimeout) for one. The FSM sees this node's ID as
 // the command's origin (the leader takes it from the TLS identity of the
 // forwarding connection, not from anything the follower says).
+//
+// Every forward of one call carries the same request ID, so a leader that
+// committed the command and whose answer was lost answers the re-send with
+// that answer instead of applying it again (dedup.go, which also says when
+// a command can still be applied twice: a leadership change in between).
+// Since the leader keeps answers for a limited time, a follower re-sends
+// for at most ApplyTimeout after its first send, however long ctx allows.
 func (n *Node) Apply(ctx context.Context, cmd []byte) ([]byte, error) {
 	ctx, cancel := n.bounded(ctx)
 	defer cancel()
+	var req *rpcRequest
+	var resendUntil time.Time
 	for {
 		if n.IsLeader() {
 			resp, err := n.applyLocal(ctx, n.cfg.NodeID, cmd)
@@ -389,8 +404,16 @@ func (n *Node) Apply(ctx context.Context, cmd []byte) ([]byte, error) {
 				return resp, err
 			}
 		} else if _, leader := n.leader(); leader != "" {
+			if req == nil {
+				req = &rpcRequest{Op: opApply, Cmd: cmd, RequestID: newRequestID()}
+				resendUntil = time.Now().Add(n.cfg.ApplyTimeout)
+			} else if !time.Now().Before(resendUntil) {
+				return nil, fmt.Errorf("%w: no answer from the leader within %v of forwarding the command (request %x); it may have been applied", ErrNoLeader, n.cfg.ApplyTimeout, req.RequestID)
+			}
 			var r rpcResponse
-			err := n.pool.call(ctx, leader, &rpcRequest{Op: opApply, Cmd: cmd}, &r)
+			cctx, ccancel := context.WithDeadline(ctx, resendUntil)
+			err := n.pool.call(cctx, leader, req, &r)
+			ccancel()
 			if err == nil && !r.NotLeader {
 				if r.Refused {
 					return nil, &ApplyError{Msg: r.Err}

@@ -34,13 +34,19 @@ type kv struct {
 	mu      sync.Mutex
 	m       map[string]string
 	origins map[string]string
+	calls   map[string]int // Apply calls per command, refused ones included
 	applied atomic.Uint64
 }
 
-func newKV() *kv { return &kv{m: map[string]string{}, origins: map[string]string{}} }
+func newKV() *kv {
+	return &kv{m: map[string]string{}, origins: map[string]string{}, calls: map[string]int{}}
+}
 
 func (k *kv) Apply(index uint64, origin string, cmd []byte) ([]byte, error) {
 	defer k.applied.Store(index) // refused commands are consumed too
+	k.mu.Lock()
+	k.calls[string(cmd)]++
+	k.mu.Unlock()
 	if k.delay > 0 {
 		time.Sleep(k.delay)
 	}
@@ -72,6 +78,13 @@ func (k *kv) origin(key string) (string, bool) {
 	defer k.mu.Unlock()
 	o, ok := k.origins[key]
 	return o, ok
+}
+
+// applies is how many times this replica applied cmd.
+func (k *kv) applies(cmd []byte) int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.calls[string(cmd)]
 }
 
 func (k *kv) size() int {

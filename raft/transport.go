@@ -441,6 +441,13 @@ type rpcRequest struct {
 	// Self marks a node asking to add itself (checked against its TLS
 	// identity); otherwise a member forwards an operator's request.
 	Self bool `json:",omitempty"`
+	// RequestID (apply only, 16 random bytes) is the same on every
+	// re-send of one Node.Apply call: the leader answers a re-send with
+	// the first answer instead of applying it again (dedup.go). Leaders
+	// that predate it ignore it (unknown JSON fields are skipped), and a
+	// request without it, from a follower that predates it, is applied as
+	// it comes.
+	RequestID []byte `json:",omitempty"`
 }
 
 type rpcResponse struct {
@@ -504,6 +511,11 @@ func (n *Node) serveRPC(c net.Conn, cs tls.ConnectionState) {
 		peer = id
 	}
 	idle := n.cfg.Limits.withDefaults().RPCIdleTimeout
+	// answered is the forwarded apply last answered on this connection.
+	// rpcPool sends the next request on a connection only after reading
+	// the previous answer whole, so the next frame tells the leader that
+	// the answer arrived and need not be kept for a re-send.
+	var answered *requestID
 	for {
 		if err := c.SetReadDeadline(time.Now().Add(idle)); err != nil {
 			return
@@ -515,15 +527,27 @@ func (n *Node) serveRPC(c net.Conn, cs tls.ConnectionState) {
 			}
 			return
 		}
+		if answered != nil {
+			n.dedup.ack(peer, *answered)
+			answered = nil
+		}
 		if err := c.SetReadDeadline(time.Time{}); err != nil {
 			return
 		}
 		resp := n.handleRPC(&req, peer, c.RemoteAddr().String())
+		if hook := n.testBeforeAnswer.Load(); hook != nil && !(*hook)(&req, resp) {
+			return
+		}
 		if err := c.SetWriteDeadline(time.Now().Add(30 * time.Second)); err != nil {
 			return
 		}
 		if err := writeFrame(c, resp); err != nil {
 			return
+		}
+		if req.Op == opApply {
+			if id, err := parseRequestID(req.RequestID); err == nil {
+				answered = &id
+			}
 		}
 	}
 }
@@ -550,22 +574,7 @@ func (n *Node) handleRPC(req *rpcRequest, peer, remote string) *rpcResponse {
 		st := n.Status(ctx)
 		return &rpcResponse{Status: &st}
 	case opApply:
-		if !n.IsLeader() {
-			return &rpcResponse{NotLeader: true}
-		}
-		// The origin is the authenticated peer, never anything in the
-		// request ("" when Config.PeerNodeID is nil).
-		resp, err := n.applyLocal(ctx, peer, req.Cmd)
-		var ae *ApplyError
-		switch {
-		case errors.As(err, &ae):
-			return &rpcResponse{Refused: true, Err: ae.Msg}
-		case errors.Is(err, hraft.ErrNotLeader), errors.Is(err, hraft.ErrLeadershipLost):
-			return &rpcResponse{NotLeader: true}
-		case err != nil:
-			return &rpcResponse{Err: err.Error()}
-		}
-		return &rpcResponse{Resp: resp}
+		return n.forwardedApply(ctx, req, peer)
 	case opReadIndex:
 		if !n.IsLeader() {
 			return &rpcResponse{NotLeader: true}
@@ -591,6 +600,64 @@ func (n *Node) handleRPC(req *rpcRequest, peer, remote string) *rpcResponse {
 		return &rpcResponse{}
 	}
 	return &rpcResponse{Err: fmt.Sprintf("raft rpc: unknown op %q", req.Op)}
+}
+
+// forwardedApply applies a member's forwarded command once per request ID
+// (dedup.go), keyed by the authenticated peer so that no member can reach
+// another's answers. A known ID is answered from the table even when this
+// node no longer leads: that answer is what happened, and a not-leader
+// answer would send the follower to a new leader that does not know the ID.
+func (n *Node) forwardedApply(ctx context.Context, req *rpcRequest, peer string) *rpcResponse {
+	if len(req.RequestID) == 0 {
+		if !n.IsLeader() {
+			return &rpcResponse{NotLeader: true}
+		}
+		return n.applyForPeer(ctx, req.Cmd, peer)
+	}
+	id, err := parseRequestID(req.RequestID)
+	if err != nil {
+		n.log.Warn("rpc refused: malformed request ID", "peer", peer, "len", len(req.RequestID))
+		return &rpcResponse{Err: err.Error()}
+	}
+	e, first, err := n.dedup.begin(peer, id)
+	if err != nil {
+		n.log.Warn("rpc refused", "op", req.Op, "peer", peer, "err", err)
+		return &rpcResponse{Err: err.Error()}
+	}
+	if !first {
+		select {
+		case <-e.done:
+			return e.resp
+		case <-ctx.Done():
+			// The first is still running: its outcome is not known, and
+			// applying this one too is what the table is for avoiding.
+			return &rpcResponse{Err: fmt.Sprintf("raft: forwarded apply %x is still being applied on the leader: %v", id, ctx.Err())}
+		}
+	}
+	var resp *rpcResponse
+	if n.IsLeader() {
+		resp = n.applyForPeer(ctx, req.Cmd, peer)
+	} else {
+		resp = &rpcResponse{NotLeader: true}
+	}
+	n.dedup.finish(peer, e, resp)
+	return resp
+}
+
+func (n *Node) applyForPeer(ctx context.Context, cmd []byte, peer string) *rpcResponse {
+	// The origin is the authenticated peer, never anything in the
+	// request ("" when Config.PeerNodeID is nil).
+	resp, err := n.applyLocal(ctx, peer, cmd)
+	var ae *ApplyError
+	switch {
+	case errors.As(err, &ae):
+		return &rpcResponse{Refused: true, Err: ae.Msg}
+	case errors.Is(err, hraft.ErrNotLeader), errors.Is(err, hraft.ErrLeadershipLost):
+		return &rpcResponse{NotLeader: true}
+	case err != nil:
+		return &rpcResponse{Err: err.Error()}
+	}
+	return &rpcResponse{Resp: resp}
 }
 
 // authorizeMember: forwarded writes and read indexes are for current
@@ -708,8 +775,15 @@ func (p *rpcPool) closeAll() {
 }
 
 // call sends one request; a pooled connection that went stale is retried
-// once on a fresh one.
+// once on a fresh one. The retry is the same request: a forwarded apply
+// keeps its request ID, so a leader that got the first one does not apply
+// it twice.
 func (p *rpcPool) call(ctx context.Context, addr string, req *rpcRequest, resp *rpcResponse) error {
+	// An ended context would only fail the write and cost a pooled
+	// connection.
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	for attempt := 0; attempt < 2; attempt++ {
 		c, err := p.get(ctx, addr)
 		if err != nil {
