@@ -49,8 +49,17 @@ import (
 
 // Config is sigil-agent's configuration.
 type Config struct {
-	// Servers are appliance API addresses (host:port), tried in order.
+	// Servers are appliance API addresses (host:port). The agent keeps to
+	// one of them (its current server) for the Sync stream, SVID signing,
+	// joins and renewals, and moves to the next in list order, wrapping
+	// around, when that one cannot be reached or answers that it is
+	// unavailable.
 	Servers []string `yaml:"servers"`
+	// ServerOrder picks the first current server: "random" (the default)
+	// draws one at start, so a fleet whose agents all list the same nodes
+	// spreads over them instead of loading the first; "listed" starts at
+	// the first listed.
+	ServerOrder string `yaml:"server-order"`
 	// RootCert is the trust domain's root certificate.
 	RootCert string `yaml:"root-cert"`
 	// DataDir holds agent.key (the TPM-wrapped key blob, 0600) and
@@ -93,6 +102,21 @@ type WorkloadAPIConfig struct {
 // DefaultSocket is where workloads find the Workload API.
 const DefaultSocket = "/run/sigil/agent.sock"
 
+// ServerOrder values.
+const (
+	ServerOrderRandom = "random"
+	ServerOrderListed = "listed"
+)
+
+// firstServer is the index of the first current server. math/rand is
+// enough: the draw spreads load, nothing depends on it being unpredictable.
+func (c Config) firstServer() int {
+	if c.ServerOrder == ServerOrderListed {
+		return 0
+	}
+	return mrand.IntN(len(c.Servers))
+}
+
 // Validate checks the whole configuration before anything starts and
 // lists every problem it finds.
 func (c Config) Validate() error {
@@ -104,6 +128,9 @@ func (c Config) Validate() error {
 		if f.missing {
 			p.Add(f.name, "is required")
 		}
+	}
+	if o := c.ServerOrder; o != "" && o != ServerOrderRandom && o != ServerOrderListed {
+		p.Add("server-order", "%q: want %s or %s", o, ServerOrderRandom, ServerOrderListed)
 	}
 	if (c.TPM == "") == (c.JoinTokenFile == "") {
 		p.Add("tpm, join-token-file:", "set exactly one (tpm on hosts with a TPM, join-token-file on hosts without)")
@@ -207,7 +234,7 @@ func (a *Agent) init() error {
 	if err != nil {
 		return fmt.Errorf("root-cert: %w", err)
 	}
-	a.app = &appliance{a: a}
+	a.app = &appliance{a: a, idx: a.cfg.firstServer()}
 	a.revoked = make(chan struct{}, 1)
 	a.cache = cache.New(a.app, cache.Options{Log: a.log, Roots: roots,
 		CRLFile: filepath.Join(a.cfg.DataDir, "root-crls.pem"), OnRevoked: a.onRevoked})
@@ -271,14 +298,16 @@ func (a *Agent) Start(ctx context.Context) error {
 	return a.Join(ctx)
 }
 
-// Join attests the TPM to the first appliance node that answers.
+// Server is the appliance server the agent currently uses (host:port).
+func (a *Agent) Server() string { return a.cfg.Servers[a.app.current()] }
+
+// Join attests the TPM to the first appliance node that answers, starting
+// at the current server.
 func (a *Agent) Join(ctx context.Context) error {
-	var last error
-	for _, srv := range a.cfg.Servers {
+	err := a.app.eachServer(ctx, func(srv string) error {
 		jc, closeConn, err := a.dial(srv, nil)
 		if err != nil {
-			last = err
-			continue
+			return err
 		}
 		var s *join.SVID
 		if a.tpm != nil {
@@ -288,41 +317,40 @@ func (a *Agent) Join(ctx context.Context) error {
 		}
 		closeConn()
 		if err != nil {
-			last = err
 			a.log.Warn("join failed", "server", srv, "err", err)
-			continue
+			return err
 		}
 		a.joins.Add(1)
 		a.log.Info("joined", "agent", s.ID, "server", srv, "expires", s.Chain[0].NotAfter)
 		return a.store(s)
+	})
+	if err != nil {
+		return fmt.Errorf("join failed on every server tried: %w", err)
 	}
-	return fmt.Errorf("join failed on every server: %w", last)
+	return nil
 }
 
-// Renew asks for a new SVID for the same TPM key over mutual TLS.
+// Renew asks for a new SVID for the same TPM key over mutual TLS,
+// starting at the current server.
 func (a *Agent) Renew(ctx context.Context) error {
 	cur := a.SVID()
 	if cur == nil {
 		return errors.New("no identity to renew")
 	}
-	var last error
-	for _, srv := range a.cfg.Servers {
+	return a.app.eachServer(ctx, func(srv string) error {
 		jc, closeConn, err := a.dial(srv, cur)
 		if err != nil {
-			last = err
-			continue
+			return err
 		}
 		s, err := join.Renew(ctx, jc, cur.Signer)
 		closeConn()
 		if err != nil {
-			last = err
-			continue
+			return err
 		}
 		a.renewals.Add(1)
 		a.log.Info("renewed", "agent", s.ID, "server", srv, "expires", s.Chain[0].NotAfter)
 		return a.store(s)
-	}
-	return last
+	})
 }
 
 // Run renews at about half the SVID's life (with jitter, so a fleet does

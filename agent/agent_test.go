@@ -25,9 +25,11 @@ func TestAgentJoinsOnceAndRenewsAfterRestart(t *testing.T) {
 	sw := testenv.NewTPM(t)
 	ctx := context.Background()
 	clustertest.TrustEKCAs(t, c.Admin("node-1"), sw.EKCARoot, sw.EKCAIssuer)
+	// Listed order: the renewal below starts at node-3, which is down.
 	cfg := agent.Config{
-		Servers:  []string{c.ConfigOf("node-3").API.Listen, c.ConfigOf("node-1").API.Listen},
-		RootCert: tr.RootPath, DataDir: t.TempDir(), TPM: sw.Socket,
+		Servers:     []string{c.ConfigOf("node-3").API.Listen, c.ConfigOf("node-1").API.Listen},
+		ServerOrder: agent.ServerOrderListed,
+		RootCert:    tr.RootPath, DataDir: t.TempDir(), TPM: sw.Socket,
 	}
 	log := slog.New(slog.NewTextHandler(c.Log, nil))
 	a, err := agent.New(ctx, cfg, log)
@@ -78,7 +80,7 @@ func TestAgentJoinsOnceAndRenewsAfterRestart(t *testing.T) {
 
 func TestLoadConfig(t *testing.T) {
 	c, err := agent.LoadConfig("../packaging/agent.yaml")
-	if err != nil || len(c.Servers) != 3 || c.TPM != "/dev/tpmrm0" || c.WorkloadAPI.Socket != agent.DefaultSocket || c.Log.Level != "info" ||
+	if err != nil || len(c.Servers) != 3 || c.ServerOrder != agent.ServerOrderRandom || c.TPM != "/dev/tpmrm0" || c.WorkloadAPI.Socket != agent.DefaultSocket || c.Log.Level != "info" ||
 		c.WorkloadAPI.Limits.StreamsPerCaller != 1024 || len(c.Outputs) != 1 || c.Outputs[0].UID != 1500 {
 		t.Fatalf("example config: %+v %v", c, err)
 	}
@@ -87,6 +89,7 @@ func TestLoadConfig(t *testing.T) {
 	}
 	for name, mod := range map[string]func(*agent.Config){
 		"relative socket":     func(c *agent.Config) { c.WorkloadAPI.Socket = "agent.sock" },
+		"server order":        func(c *agent.Config) { c.ServerOrder = "first" },
 		"bad socket mode":     func(c *agent.Config) { c.WorkloadAPI.SocketMode = "rwx" },
 		"relative output dir": func(c *agent.Config) { c.Outputs[0].Dir = "out" },
 		"output selector":     func(c *agent.Config) { c.Outputs[0].Selectors = []string{"uid"} },

@@ -16,14 +16,19 @@ import (
 )
 
 // appliance is the agent service on the appliance, reached over mutual
-// TLS with the agent's current SVID (the TPM key signs each handshake). It
-// stays on one server until that one fails, then moves to the next.
+// TLS with the agent's current SVID (the TPM key signs each handshake).
+// It holds the agent's current server: the Sync stream and SVID signing
+// use its connection, and joins and renewals start there, so all of them
+// stay on one server until it fails and then move on together.
 type appliance struct {
 	a *Agent
 
-	mu   sync.Mutex
-	idx  int
-	conn *grpc.ClientConn
+	mu sync.Mutex
+	// idx is the current server, an index into Servers.
+	idx int
+	// conn is the connection to server connIdx (nil: none yet).
+	conn    *grpc.ClientConn
+	connIdx int
 	// peer is the chain the current connection's server last presented.
 	peer *atomic.Pointer[[]*x509.Certificate]
 	// banned is the appliance's refusal while it refuses this agent as
@@ -65,7 +70,7 @@ func (p *appliance) client() (*api.AgentClient, *grpc.ClientConn, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.conn == nil {
-		srv := p.a.cfg.Servers[p.idx%len(p.a.cfg.Servers)]
+		srv := p.a.cfg.Servers[p.idx]
 		peer := &atomic.Pointer[[]*x509.Certificate]{}
 		conn, err := api.Dial(api.DialConfig{Addr: srv, RootFile: p.a.cfg.RootCert,
 			Certificate: func() (*tls.Certificate, error) {
@@ -83,27 +88,90 @@ func (p *appliance) client() (*api.AgentClient, *grpc.ClientConn, error) {
 				return nil
 			}})
 		if err != nil {
-			p.idx++
+			p.idx = p.next(p.idx)
 			return nil, nil, err
 		}
-		p.conn, p.peer = conn, peer
+		p.conn, p.connIdx, p.peer = conn, p.idx, peer
 	}
 	return api.NewAgentClient(p.conn), p.conn, nil
 }
 
-// failed moves to the next server when conn could not reach its own.
+func (p *appliance) next(i int) int { return (i + 1) % len(p.a.cfg.Servers) }
+
+// current is the index of the current server.
+func (p *appliance) current() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.idx
+}
+
+// unreachable reports whether err means the agent should pass this server
+// over: Unavailable (no connection, or a node that asks to be passed over,
+// such as one that knows no leader) or DeadlineExceeded.
+func unreachable(err error) bool {
+	c := status.Code(err)
+	return c == codes.Unavailable || c == codes.DeadlineExceeded
+}
+
+// failed leaves conn's server when conn could not reach it.
 func (p *appliance) failed(conn *grpc.ClientConn, err error) {
-	if c := status.Code(err); c != codes.Unavailable && c != codes.DeadlineExceeded {
+	if !unreachable(err) {
 		return
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.conn == conn && conn != nil {
-		p.a.log.Warn("appliance server unreachable; trying the next", "server", p.a.cfg.Servers[p.idx%len(p.a.cfg.Servers)], "err", err)
-		_ = conn.Close() // fails only when already closed
-		p.conn = nil
-		p.idx++
+		p.leave(p.connIdx, err)
 	}
+}
+
+// serverFailed leaves server i when a call of its own (a join or a
+// renewal, on a connection of their own) could not reach it.
+func (p *appliance) serverFailed(i int, err error) {
+	if !unreachable(err) {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.leave(i, err)
+}
+
+// leave makes the server after i current, unless another caller already
+// moved on from i (two calls failing on one dead server must not skip a
+// live one), and closes the connection to i so that Sync follows.
+// p.mu is held.
+func (p *appliance) leave(i int, err error) {
+	if p.idx == i {
+		p.idx = p.next(i)
+		p.a.log.Warn("appliance server unavailable; moving to the next", "server", p.a.cfg.Servers[i], "next", p.a.cfg.Servers[p.idx], "err", err)
+	}
+	if p.conn != nil && p.connIdx == i {
+		_ = p.conn.Close() // fails only when already closed
+		p.conn = nil
+	}
+}
+
+// eachServer calls f on the servers in list order from the current one,
+// wrapping around, each at most once, until f succeeds; an unreachable
+// server makes the next one current. It returns f's last error.
+func (p *appliance) eachServer(ctx context.Context, f func(srv string) error) error {
+	start, n := p.current(), len(p.a.cfg.Servers)
+	var last error
+	for k := range n {
+		i := (start + k) % n
+		err := f(p.a.cfg.Servers[i])
+		if err == nil {
+			return nil
+		}
+		last = err
+		p.serverFailed(i, err)
+		// Past the caller's deadline every further server would fail too,
+		// and be left for it.
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	return last
 }
 
 // dropRevoked closes the connection when the server it reached presented
@@ -116,11 +184,13 @@ func (p *appliance) dropRevoked() {
 		return
 	}
 	if ch := p.peer.Load(); ch != nil && p.a.cache.Revoked(*ch) {
-		p.a.log.Warn("appliance server's issuing CA is revoked by the root's CRL; leaving it", "server", p.a.cfg.Servers[p.idx%len(p.a.cfg.Servers)],
+		p.a.log.Warn("appliance server's issuing CA is revoked by the root's CRL; leaving it", "server", p.a.cfg.Servers[p.connIdx],
 			"node", (*ch)[0].URIs)
 		_ = p.conn.Close() // fails only when already closed
 		p.conn = nil
-		p.idx++
+		if p.idx == p.connIdx {
+			p.idx = p.next(p.connIdx)
+		}
 	}
 }
 

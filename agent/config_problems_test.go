@@ -21,6 +21,9 @@ func TestConfigListsEveryProblem(t *testing.T) {
 		{"missing fields and both join methods",
 			"tpm: /dev/tpmrm0\njoin-token-file: /etc/sigil/token\n",
 			[]string{"servers is required", "root-cert is required", "data-dir is required", "tpm, join-token-file: set exactly one"}},
+		{"server order",
+			"servers: [a:1]\nserver-order: round-robin\njoin-token-file: /t\n" + base,
+			[]string{`server-order "round-robin": want random or listed`}},
 		{"every output and the limits",
 			"servers: [a:1]\njoin-token-file: /t\n" + base +
 				"workload-api:\n  limits:\n    burst: -1\noutputs:\n  - dir: out\n    selectors: [unix:uid:1]\n  - dir: /o\n",

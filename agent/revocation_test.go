@@ -31,9 +31,11 @@ func TestAttackRevokedNodeCAAgent(t *testing.T) {
 	sw := testenv.NewTPM(t)
 	ctx := context.Background()
 	clustertest.TrustEKCAs(t, c.Admin("node-1"), sw.EKCARoot, sw.EKCAIssuer)
+	// Listed order: the agent must join through the node that goes bad.
 	cfg := agent.Config{
-		Servers:  []string{c.ConfigOf(bad).API.Listen, c.ConfigOf("node-1").API.Listen},
-		RootCert: tr.RootPath, DataDir: t.TempDir(), TPM: sw.Socket,
+		Servers:     []string{c.ConfigOf(bad).API.Listen, c.ConfigOf("node-1").API.Listen},
+		ServerOrder: agent.ServerOrderListed,
+		RootCert:    tr.RootPath, DataDir: t.TempDir(), TPM: sw.Socket,
 		WorkloadAPI: agent.WorkloadAPIConfig{Socket: filepath.Join(t.TempDir(), "agent.sock")},
 	}
 	log := slog.New(slog.NewJSONHandler(c.Log, &slog.HandlerOptions{Level: slog.LevelInfo}))
