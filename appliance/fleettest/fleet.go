@@ -9,7 +9,10 @@
 // (its key is a software P-256 key, as a token-joined sigil-agent's is),
 // keeps one mutual-TLS connection to one node with one Sync stream on it,
 // and renews its own SVID on the real agent's schedule over a fresh
-// connection each time, as sigil-agent does.
+// connection each time, as sigil-agent does; with the new SVID it replaces
+// its connection (nodes serve a connection only while the SVID it was
+// opened with is valid) and reopens its Sync stream on the new one, as
+// sigil-agent does.
 package fleettest
 
 import (
@@ -83,7 +86,7 @@ type Agent struct {
 
 	addr, root string
 	cert       atomic.Pointer[tls.Certificate]
-	conn       *grpc.ClientConn
+	conn       atomic.Pointer[grpc.ClientConn] // opened with cert as it was then
 
 	mu      sync.Mutex
 	updates []Update
@@ -236,11 +239,25 @@ func (f *Fleet) join(a *Agent, admin *api.AdminClient) error {
 	}
 	a.ID = svid.AgentID
 	a.cert.Store(cert)
-	// The connection presents whatever SVID is current at each handshake,
-	// as sigil-agent's does.
-	a.conn, err = api.Dial(api.DialConfig{Addr: a.addr, RootFile: a.root,
+	return a.connect(f.ctx)
+}
+
+// connect replaces the agent's connection with one that presents its
+// current SVID, as sigil-agent does whenever it has a new one, and closes
+// the old one (its Sync stream ends, and is reopened on the new one).
+func (a *Agent) connect(ctx context.Context) error {
+	conn, err := api.Dial(api.DialConfig{Addr: a.addr, RootFile: a.root,
 		Certificate: func() (*tls.Certificate, error) { return a.cert.Load(), nil }})
-	return err
+	if err != nil {
+		return err
+	}
+	if old := a.conn.Swap(conn); old != nil {
+		_ = old.Close() // replaced: nothing more goes through it
+	}
+	if ctx.Err() != nil {
+		_ = conn.Close() // the fleet stopped meanwhile (stop may have closed the old one only)
+	}
+	return nil
 }
 
 func tokenJoin(ctx context.Context, addr, root, token string, csr []byte) (*api.AgentSVID, error) {
@@ -270,11 +287,14 @@ func (f *Fleet) run(a *Agent) {
 }
 
 // sync keeps the agent's Sync stream open, resuming after the last
-// revision it saw when the stream ends, as the agent's cache does.
+// revision it saw when the stream ends, as the agent's cache does: at
+// once when the agent replaced its connection (a new SVID), after a
+// second otherwise (counted as a restart).
 func (f *Fleet) sync(a *Agent) {
 	var rev uint64
 	for f.ctx.Err() == nil {
-		st, err := api.NewAgentClient(a.conn).Sync(f.ctx, &api.SyncRequest{Revision: rev})
+		conn := a.conn.Load()
+		st, err := api.NewAgentClient(conn).Sync(f.ctx, &api.SyncRequest{Revision: rev})
 		for err == nil {
 			var u *api.SyncUpdate
 			if u, err = st.Recv(); err == nil {
@@ -284,6 +304,9 @@ func (f *Fleet) sync(a *Agent) {
 		}
 		if f.ctx.Err() != nil {
 			return
+		}
+		if status.Code(err) == codes.Canceled && a.conn.Load() != conn {
+			continue
 		}
 		a.syncRestarts.Add(1)
 		f.count(f.syncEnds, err)
@@ -413,7 +436,7 @@ func (a *Agent) renew(ctx context.Context) error {
 		return err
 	}
 	a.cert.Store(next)
-	return nil
+	return a.connect(ctx)
 }
 
 // sleep waits d or until ctx ends; it reports whether d passed.
@@ -431,8 +454,11 @@ func sleep(ctx context.Context, d time.Duration) bool {
 func (f *Fleet) stop() {
 	f.cancel()
 	for _, a := range f.Agents {
-		if a != nil && a.conn != nil {
-			_ = a.conn.Close() // the fleet is over: nothing more goes through it
+		if a == nil {
+			continue
+		}
+		if conn := a.conn.Load(); conn != nil {
+			_ = conn.Close() // the fleet is over: nothing more goes through it
 		}
 	}
 	f.wg.Wait()
