@@ -387,9 +387,7 @@ func (a *Agent) Run(ctx context.Context) {
 			// Renewal presents the revoked SVID: only a new attestation
 			// gives an identity the nodes accept.
 			a.log.Warn("own SVID was signed by an issuing CA the root revoked; attesting again", "agent", cur.ID)
-			if err = a.Join(ctx); err == nil {
-				a.app.close() // established connections still present the old SVID
-			}
+			err = a.Join(ctx) // store reconnects: established connections still present the old SVID
 		case cur == nil || time.Now().After(cur.Chain[0].NotAfter):
 			err = a.Join(ctx)
 		default:
@@ -510,7 +508,9 @@ func (a *Agent) set(s *join.SVID) {
 }
 
 // store keeps the SVID for restarts (certificates only: the key is in the
-// TPM) and makes it current.
+// TPM), makes it current and reconnects to the appliance with it: the
+// connection open until now presents the previous SVID, and the nodes end
+// its calls (the Sync stream too) once that one expires.
 func (a *Agent) store(s *join.SVID) error {
 	var b []byte
 	for _, c := range s.Chain {
@@ -524,6 +524,7 @@ func (a *Agent) store(s *join.SVID) error {
 		return err
 	}
 	a.set(s)
+	a.app.reconnect()
 	return nil
 }
 

@@ -183,3 +183,58 @@ func TestAgentRenewsOnSchedule(t *testing.T) {
 		t.Fatalf("renewal joined again (%d joins)", a.Joins())
 	}
 }
+
+// The nodes serve a connection only while the SVID it was opened with is
+// valid, so the agent reconnects with each new SVID: its Sync stream and
+// its signing go on across the expiry of the SVIDs it started with, and a
+// reconnect is not counted as a sync failure. (Before it reconnected, the
+// nodes ended its stream at the first SVID's expiry and refused every
+// call on the connection it kept.)
+func TestAgentSyncsAcrossSVIDExpiry(t *testing.T) {
+	tr := clustertest.NewTrust(t, "ax", []string{"node-1"}, nil)
+	c := clustertest.NewClusterWith(t, tr, func(cfg *node.Config) { cfg.Join.AgentSVIDTTL = node.Duration{Duration: 3 * time.Second} }, "node-1")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	tok, err := c.Admin("node-1").TokenCreate(ctx, &api.TokenRequest{TTL: 600})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	if err := os.WriteFile(dir+"/token", []byte(tok.Token), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.NewJSONHandler(c.Log, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	a, err := agent.New(ctx, agent.Config{Servers: []string{c.ConfigOf("node-1").API.Listen}, RootCert: tr.RootPath,
+		DataDir: dir + "/data", JoinTokenFile: dir + "/token"}, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = a.Close() }()
+	if err := a.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	first := a.SVID()
+	done := make(chan struct{}, 2)
+	go func() { a.Run(ctx); done <- struct{}{} }()
+	go func() { a.Cache().Run(ctx); done <- struct{}{} }()
+	defer func() { cancel(); <-done; <-done }()
+	clustertest.Eventually(t, 10*time.Second, "the first sync", func() bool { return a.Cache().Stats.Connected.Load() })
+
+	time.Sleep(time.Until(first.Chain[0].NotAfter) + time.Second)
+	if a.Renewals() == 0 {
+		t.Fatal("the agent did not renew before its first SVID expired")
+	}
+	e, err := c.Admin("node-1").EntryCreate(ctx, &api.EntryRequest{Entry: api.Entry{SPIFFEID: "spiffe://example.org/expiry/later", ParentID: first.ID,
+		Selectors: []api.Selector{{Type: "unix", Value: "uid:1000"}}, X509TTL: 600}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	clustertest.Eventually(t, 15*time.Second, "the entry made after the first SVID expired, synced and signed", func() bool {
+		snap, _ := a.Cache().Current()
+		return snap.SVIDs[e.ID] != nil
+	})
+	if n := a.Cache().Stats.SyncFailures.Load(); n != 0 {
+		t.Errorf("%d sync failures across %d renewals, want none: a reconnect for a new SVID is not a failure", n, a.Renewals())
+	}
+	t.Logf("%d renewals; entry synced and signed %v after the first SVID expired", a.Renewals(), time.Since(first.Chain[0].NotAfter).Round(time.Millisecond))
+}

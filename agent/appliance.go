@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"fmt"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -12,6 +13,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/sigil-appliance/sigil/agent/cache"
 	"github.com/sigil-appliance/sigil/appliance/api"
 )
 
@@ -113,16 +115,51 @@ func unreachable(err error) bool {
 	return c == codes.Unavailable || c == codes.DeadlineExceeded
 }
 
-// failed leaves conn's server when conn could not reach it.
+// failed leaves conn's server when conn could not reach it. A call
+// refused as unauthenticated (the SVID the connection was opened with has
+// expired, by the node's clock) drops the connection but stays on the
+// server: the next call handshakes again with the current SVID.
 func (p *appliance) failed(conn *grpc.ClientConn, err error) {
-	if !unreachable(err) {
+	unauthenticated := status.Code(err) == codes.Unauthenticated
+	if !unreachable(err) && !unauthenticated {
 		return
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.conn == conn && conn != nil {
-		p.leave(p.connIdx, err)
+	if p.conn != conn || conn == nil {
+		return
 	}
+	if unauthenticated {
+		_ = conn.Close() // fails only when already closed
+		p.conn = nil
+		p.a.log.Warn("appliance refused this connection's SVID; reconnecting with the current one", "server", p.a.cfg.Servers[p.connIdx], "err", err)
+		return
+	}
+	p.leave(p.connIdx, err)
+}
+
+// reconnect closes the connection so that the next call dials anew and
+// presents the agent's current SVID: TLS presents a certificate only at
+// the handshake, and the nodes end every call on a connection once the
+// SVID it was opened with expires. The agent calls it whenever it has a
+// new SVID. The Sync stream on the closed connection ends with
+// cache.ErrReconnect, which the cache reopens at once; a signing call in
+// flight on it fails and is retried as any failed call is.
+func (p *appliance) reconnect() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.conn != nil {
+		_ = p.conn.Close() // fails only when already closed
+		p.conn = nil
+	}
+}
+
+// replaced reports whether conn is no longer the connection calls use
+// (closed for a new SVID, a revoked node, a failure).
+func (p *appliance) replaced(conn *grpc.ClientConn) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.conn != conn
 }
 
 // serverFailed leaves server i when a call of its own (a join or a
@@ -243,11 +280,23 @@ func (p *appliance) Sync(ctx context.Context, r *api.SyncRequest) (grpc.ServerSt
 	}
 	s, err := c.Sync(ctx, r)
 	if err != nil {
+		if err := p.reconnecting(conn, err); err != nil {
+			return nil, err
+		}
 		p.observe(err)
 		p.failed(conn, err)
 		return nil, err
 	}
 	return &syncStream{ServerStreamingClient: s, p: p, conn: conn}, nil
+}
+
+// reconnecting returns err as cache.ErrReconnect when it is conn's closing
+// because the agent replaced it (a new SVID), and nil otherwise.
+func (p *appliance) reconnecting(conn *grpc.ClientConn, err error) error {
+	if status.Code(err) == codes.Canceled && p.replaced(conn) {
+		return fmt.Errorf("%w: %v", cache.ErrReconnect, err)
+	}
+	return nil
 }
 
 type syncStream struct {
@@ -258,6 +307,13 @@ type syncStream struct {
 
 func (s *syncStream) Recv() (*api.SyncUpdate, error) {
 	u, err := s.ServerStreamingClient.Recv()
+	if err != nil {
+		// The agent closed this connection to reconnect (a new SVID):
+		// not a failure of the appliance.
+		if err := s.p.reconnecting(s.conn, err); err != nil {
+			return nil, err
+		}
+	}
 	s.p.observe(err)
 	if err != nil {
 		s.p.failed(s.conn, err)

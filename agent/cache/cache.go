@@ -260,6 +260,12 @@ func (c *Cache) backoff(n int) time.Duration {
 	return d/2 + time.Duration(mrand.Int64N(int64(d/2)+1))
 }
 
+// ErrReconnect ends a Sync stream that the Appliance closed on purpose to
+// reconnect (the agent has a new SVID, and the nodes serve a connection
+// only while the SVID it was opened with is valid): the cache opens it
+// again at once, and does not count it as a failure.
+var ErrReconnect = errors.New("the agent reconnects to the appliance")
+
 func (c *Cache) syncLoop(ctx context.Context) {
 	fails := 0
 	for ctx.Err() == nil {
@@ -268,6 +274,10 @@ func (c *Cache) syncLoop(ctx context.Context) {
 		c.Stats.Connected.Store(false)
 		if ctx.Err() != nil {
 			return
+		}
+		if errors.Is(err, ErrReconnect) {
+			c.log.Debug("appliance sync stream reopened on a new connection", "err", err)
+			continue
 		}
 		c.Stats.SyncFailures.Add(1)
 		c.log.Warn("appliance sync stream ended; serving from cache", "err", err, "retry", fails)

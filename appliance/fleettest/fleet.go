@@ -10,7 +10,9 @@
 // (its key is a software P-256 key, as a token-joined sigil-agent's is),
 // keeps one mutual-TLS connection to its current node with one Sync
 // stream on it, and renews its own SVID on the real agent's schedule over
-// a fresh connection each time. Like sigil-agent, it lists all three nodes
+// a fresh connection each time; with the new SVID it replaces its
+// connection (nodes serve a connection only while the SVID it was opened
+// with is valid) and reopens Sync on it at once. Like sigil-agent, it lists all three nodes
 // and starts on one of them (agent i on node i mod 3: the even spread a
 // random start gives a large fleet); when its node fails it moves to the
 // next in its list, reopening Sync after sigil-agent's jittered backoff,
@@ -281,6 +283,25 @@ func (a *Agent) failed(conn *grpc.ClientConn, node string, err error) {
 	a.cur++
 }
 
+// reconnect drops the agent's connection, so that Sync reopens at once on
+// a new one presenting the current SVID, as sigil-agent does with each new
+// SVID.
+func (a *Agent) reconnect() {
+	a.connMu.Lock()
+	defer a.connMu.Unlock()
+	if a.conn != nil {
+		_ = a.conn.Close() // replaced: nothing more goes through it
+		a.conn = nil
+	}
+}
+
+// replaced reports whether conn is no longer the agent's connection.
+func (a *Agent) replaced(conn *grpc.ClientConn) bool {
+	a.connMu.Lock()
+	defer a.connMu.Unlock()
+	return a.conn != conn
+}
+
 // Current is the node the agent is on now.
 func (a *Agent) Current() string {
 	a.connMu.Lock()
@@ -339,6 +360,9 @@ func (f *Fleet) sync(a *Agent) {
 					a.record(u, node)
 					rev, fails = u.Revision, 0
 				}
+			}
+			if status.Code(err) == codes.Canceled && a.replaced(conn) {
+				continue // a new SVID: reopen at once, not a failure
 			}
 			a.failed(conn, node, err)
 		}
@@ -498,6 +522,7 @@ func (a *Agent) renewAt(ctx context.Context, node string) error {
 		return err
 	}
 	a.cert.Store(next)
+	a.reconnect()
 	return nil
 }
 

@@ -488,7 +488,14 @@ func (a *admin) SnapshotSave(_ *api.Empty, stream grpc.ServerStreamingServer[api
 	if err == nil {
 		_, err = spool.Seek(0, io.SeekStart)
 	}
-	w := &chunkWriter{send: func(b []byte) error { return stream.Send(&api.SnapshotChunk{Data: b}) }, h: sha256.New()}
+	// The save stops when its context ends (the admin's certificate
+	// expired, or the client left).
+	w := &chunkWriter{send: func(b []byte) error {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		return stream.Send(&api.SnapshotChunk{Data: b})
+	}, h: sha256.New()}
 	if err == nil {
 		_, err = io.Copy(w, bufio.NewReaderSize(spool, 1<<20))
 	}

@@ -44,7 +44,10 @@ func (s *agentSvc) SignJWTSVID(ctx context.Context, r *api.JWTSVIDRequest) (*api
 
 // Sync streams the agent's entries and the bundle: at once, then on every
 // change that concerns this agent. A client resuming at the current
-// revision waits for the next change.
+// revision waits for the next change. The stream's context ends when the
+// agent's SVID that its connection was opened with expires
+// (authenticateStream turns that end into Unauthenticated): nothing is
+// sent after it, not even a change that came at the same moment.
 func (s *agentSvc) Sync(r *api.SyncRequest, stream grpc.ServerStreamingServer[api.SyncUpdate]) error {
 	ctx := stream.Context()
 	a, err := s.issuer.callingAgent(ctx, callerFrom(ctx).Actor, "sync")
@@ -56,6 +59,9 @@ func (s *agentSvc) Sync(r *api.SyncRequest, stream grpc.ServerStreamingServer[ap
 	var last [sha256.Size]byte
 	sent := r.Revision
 	for {
+		if ctx.Err() != nil {
+			return nil
+		}
 		changed := s.state.AgentChanged(a.ID)
 		ag, ok := s.state.Agent(a.ID)
 		if !ok || ag.Banned {

@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -55,6 +56,9 @@ func (n *Node) authenticate(ctx context.Context, req any, info *grpc.UnaryServer
 	}
 	who := ca.Peer{Role: ca.RoleNone}
 	if len(ti.State.PeerCertificates) > 0 {
+		if err := n.checkNotExpired(info.FullMethod, ti.State.PeerCertificates[0], time.Now()); err != nil {
+			return nil, err
+		}
 		var err error
 		if who, err = n.auth.PeerFromState(ti.State); err != nil {
 			n.authLog.warn("api call refused: unverified client", "method", info.FullMethod, "remote", p.Addr.String(), "err", err)
@@ -199,6 +203,10 @@ func (n *Node) authenticateStream(srv any, ss grpc.ServerStream, info *grpc.Stre
 	if len(ti.State.PeerCertificates) == 0 {
 		return status.Error(codes.Unauthenticated, "a client certificate is required")
 	}
+	leaf := ti.State.PeerCertificates[0]
+	if err := n.checkNotExpired(info.FullMethod, leaf, time.Now()); err != nil {
+		return err
+	}
 	who, err := n.auth.PeerFromState(ti.State)
 	if err != nil {
 		return status.Error(codes.Unauthenticated, "client certificate not accepted")
@@ -219,7 +227,66 @@ func (n *Node) authenticateStream(srv any, ss grpc.ServerStream, info *grpc.Stre
 			n.seen.saw(c.Actor, time.Now())
 		}
 	}
-	return h(srv, &callerStream{ServerStream: ss, ctx: context.WithValue(ctx, callerKey{}, c)})
+	// The stream ends when the certificate it was opened with expires:
+	// its context is cancelled then (a timer per stream), and the
+	// handler's return, whatever it is, becomes the expiry's status.
+	sctx, cancel := context.WithDeadlineCause(context.WithValue(ctx, callerKey{}, c), leaf.NotAfter, errPeerExpired)
+	defer cancel()
+	err = h(srv, &callerStream{ServerStream: ss, ctx: sctx})
+	if errors.Is(context.Cause(sctx), errPeerExpired) {
+		n.log.Warn("stream ended: the caller's certificate expired", "method", info.FullMethod, "caller", c.Actor,
+			"role", who.Role.String(), "serial", leaf.SerialNumber.Text(16), "expired", leaf.NotAfter.UTC().Format(time.RFC3339))
+		return expiredStatus(leaf)
+	}
+	return err
+}
+
+// errPeerExpired is the cause with which a stream's context ends when the
+// client certificate of its connection expires.
+var errPeerExpired = errors.New("the client certificate of this connection expired")
+
+// checkNotExpired refuses a call on a connection whose client certificate
+// (leaf, as presented at the handshake) has expired since. TLS checks a
+// certificate's validity only at the handshake, and a gRPC connection
+// lives as long as its ends keep it: an agent's, held open by its Sync
+// stream, outlives its SVID unless the agent reconnects after renewing.
+// (Classify would refuse the call too, as an unverified chain; this says
+// why.) Refusals are logged at most once a second: the caller may call
+// again at will.
+func (n *Node) checkNotExpired(method string, leaf *x509.Certificate, now time.Time) error {
+	if !now.After(leaf.NotAfter) {
+		return nil
+	}
+	if n.gate != nil {
+		n.gate.count("certificate-expired")
+	}
+	caller := "(no SPIFFE ID)"
+	if len(leaf.URIs) == 1 {
+		caller = shownID(leaf.URIs[0].String())
+	}
+	n.authLog.warn("api call refused: the caller's certificate expired after the connection was opened", "method", method,
+		"caller", caller, "serial", leaf.SerialNumber.Text(16), "expired", leaf.NotAfter.UTC().Format(time.RFC3339))
+	return expiredStatus(leaf)
+}
+
+// expiredStatus is the status of a call refused, or a stream ended,
+// because the connection's client certificate (leaf) expired: for an
+// agent, its SVID. The connection was verified at its handshake, so the
+// leaf's SPIFFE ID is the caller's.
+func expiredStatus(leaf *x509.Certificate) error {
+	id, path := "(no SPIFFE ID)", ""
+	if len(leaf.URIs) == 1 {
+		id, path = shownID(leaf.URIs[0].String()), leaf.URIs[0].Path
+	}
+	at := leaf.NotAfter.UTC().Format(time.RFC3339)
+	switch {
+	case strings.HasPrefix(path, "/sigil/agent/"):
+		return status.Errorf(codes.Unauthenticated, "agent SVID %s expired at %s: this connection was opened with it and is no longer served; "+
+			"the agent must renew its SVID before it expires (or join again) and reconnect with the new one", id, at)
+	case strings.HasPrefix(path, "/sigil/admin/"):
+		return status.Errorf(codes.Unauthenticated, "admin certificate %s expired at %s: this connection was opened with it and is no longer served; reconnect with a current admin certificate", id, at)
+	}
+	return status.Errorf(codes.Unauthenticated, "client certificate %s expired at %s: this connection was opened with it and is no longer served; reconnect with a current certificate", id, at)
 }
 
 type callerStream struct {

@@ -38,19 +38,43 @@ const (
 )
 
 // What agents are told when this node fails them for a reason of its own
-// (HSM, raft, state). The detail (PKCS#11 return values, key and token
-// labels, raft errors) is logged with the request and the agent, never
-// returned: it helps an attacker map the appliance and helps no agent,
-// which can only retry, here or on another node. Refusals of the agent's
-// own request (a malformed CSR, an entry not its own) stay specific.
+// (HSM, raft, state): the kind of failure, one fixed message each. The
+// detail (PKCS#11 return values, key and token labels, raft errors) is
+// logged with the request and the agent, never returned: it helps an
+// attacker map the appliance and helps no agent, which can only retry,
+// here or on another node. The failures of this node's own making are
+// Unavailable, which agents fail over on. Refusals of the agent's own
+// request (a malformed CSR, an entry not its own) stay specific.
 const (
+	// msgUnavailable: this node cannot sign (HSM or CA failing, no JWT
+	// key to sign with).
 	msgUnavailable = "signing is unavailable on this node, try another"
-	msgInternal    = "internal error"
+	// msgNoLeader: this node knows no raft leader (an election, a
+	// partition), so it cannot tell whether the agent may be served.
+	msgNoLeader = "this node has no cluster leader now, try another"
+	// msgNotCurrent: a read barrier (making this replica current before
+	// a refusal or a lookup it cannot answer yet) failed or timed out: no
+	// quorum, or the cluster is too loaded to answer within quorumWait.
+	msgNotCurrent = "this node cannot catch up with the cluster now (no quorum, or overloaded), try another"
+	// msgNoCommit: a record (audit, agent, token use) that must commit
+	// before the answer did not: no quorum, or overloaded.
+	msgNoCommit = "the cluster cannot commit now (no quorum, or overloaded), try another"
+	msgInternal = "internal error"
 )
 
-// errUnavailable is the agent's answer when this node cannot sign or
-// record now (no quorum, HSM failing): another node may.
+// errUnavailable is the agent's answer when this node cannot sign now
+// (HSM failing, no JWT key): another node may.
 func errUnavailable() error { return status.Error(codes.Unavailable, msgUnavailable) }
+
+// errNoLeader is the answer when this node knows no leader.
+func errNoLeader() error { return status.Error(codes.Unavailable, msgNoLeader) }
+
+// errNotCurrent is the answer when a read barrier failed.
+func errNotCurrent() error { return status.Error(codes.Unavailable, msgNotCurrent) }
+
+// errNoCommit is the answer when a record the answer waits for did not
+// commit.
+func errNoCommit() error { return status.Error(codes.Unavailable, msgNoCommit) }
 
 // errInternal is the agent's answer when this node's own state is wrong.
 func errInternal() error { return status.Error(codes.Internal, msgInternal) }
@@ -182,7 +206,7 @@ func (s *issuer) callingAgent(ctx context.Context, actor, what string) (state.Ag
 	if !awaitLeader(ctx, s.quorum) {
 		s.log.Error("agent request refused: no leader", "request", what, "agent", actor)
 		s.countRefusal(what, refuseUnavailable)
-		return state.Agent{}, errUnavailable()
+		return state.Agent{}, errNoLeader()
 	}
 	a, ok := s.state.Agent(actor)
 	if !ok || a.Banned {
@@ -389,18 +413,18 @@ func readBarrier(ctx context.Context, q quorum) error {
 
 // catchUp is readBarrier for a caller outside the appliance: the raft
 // error is logged with ctxAttrs (request, agent, entry), and the caller
-// is told only that this node cannot serve it now.
+// is told only that this node cannot catch up now (msgNotCurrent).
 func catchUp(ctx context.Context, q quorum, log *slog.Logger, ctxAttrs ...any) error {
 	if err := readBarrier(ctx, q); err != nil {
 		log.Error("request failed: no quorum for a read barrier", append(ctxAttrs, "err", err)...)
-		return errUnavailable()
+		return errNotCurrent()
 	}
 	return nil
 }
 
 // withheld explains why signed SVIDs were not returned: the agent banned
 // at commit is the agent's own business; any other failure to commit is
-// this node's, logged and not returned.
+// the cluster's, logged and not returned (msgNoCommit).
 func (s *issuer) withheld(what, agent, entry string, err error) error {
 	s.log.Error("issuance withheld: not recorded", "request", what, "agent", agent, "entry", entry, "err", err)
 	if errors.Is(err, errRefusedAtCommit) {
@@ -409,7 +433,7 @@ func (s *issuer) withheld(what, agent, entry string, err error) error {
 		return status.Errorf(codes.PermissionDenied, "%s: agent is banned", agent)
 	}
 	s.countRefusal(what, refuseUnavailable)
-	return errUnavailable()
+	return errNoCommit()
 }
 
 // prepareOne checks one request and fixes its certificate's serial and
@@ -608,7 +632,7 @@ func (s *issuer) agentSVID(ctx context.Context, id spiffeid.ID, pub crypto.Publi
 		}
 		s.log.Error("agent SVID withheld: agent not recorded", "agent", id.String(), "method", method, "err", err)
 		s.m.refuse(svidAgent, refuseUnavailable)
-		return nil, errUnavailable()
+		return nil, errNoCommit()
 	}
 	s.m.issue(svidAgent, 1)
 	s.log.Info("agent admitted", "agent", id.String(), "method", method, "serial", leaf.SerialNumber.Text(16), "expires", leaf.NotAfter)

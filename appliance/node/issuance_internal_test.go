@@ -96,10 +96,11 @@ func TestIssuanceInternalDetailLoggedNotReturned(t *testing.T) {
 	if _, err := s.agentSVID(ctx, spiffeid.RequireFromString(agent), nil, "tpm", nil, ""); status.Code(err) != codes.Unavailable || status.Convert(err).Message() != msgUnavailable {
 		t.Errorf("agent SVID with a failing HSM: %v", err)
 	}
-	// An unknown entry needs a read barrier, which fails.
+	// An unknown entry needs a read barrier, which fails: the agent is
+	// told that, not that signing failed.
 	_, err = s.jwtSVID(ctx, agent, &api.JWTSVIDRequest{EntryID: "unknown", Audience: []string{"db"}})
-	if status.Code(err) != codes.Unavailable || status.Convert(err).Message() != msgUnavailable {
-		t.Errorf("JWT-SVID without a read barrier: %v", err)
+	if status.Code(err) != codes.Unavailable || status.Convert(err).Message() != msgNotCurrent {
+		t.Errorf("JWT-SVID without a read barrier: %v, want Unavailable %q", err, msgNotCurrent)
 	}
 	log := logBuf.String()
 	for _, want := range []string{
@@ -275,4 +276,55 @@ func testAuthority(t *testing.T, ok int32) (*ca.Authority, *ecdsa.PrivateKey) {
 		t.Fatal(err)
 	}
 	return auth, key
+}
+
+// noLeader is a replica that knows no leader and cannot complete a read
+// barrier.
+type noLeader struct{ failingQuorum }
+
+func (noLeader) leaderKnown() bool { return false }
+
+// A refusal for a reason of the cluster's says which (issue #19: under
+// load a Sync stream was refused with "signing is unavailable", which
+// Sync does not do): no leader, no read barrier, no commit. The code
+// stays Unavailable, which agents fail over on; raft's words stay in the
+// log.
+func TestClusterRefusalsSayWhy(t *testing.T) {
+	const agent = "spiffe://example.org/sigil/agent/tpm/host-a"
+	raftErr := errors.New("raft: read index: context deadline exceeded")
+	var logBuf syncBuffer
+	s := &issuer{nodeID: "node-3", log: slog.New(slog.NewJSONHandler(&logBuf, nil)),
+		state:  fakeIssuanceState{agents: map[string]state.Agent{agent: {ID: agent}}},
+		quorum: failingQuorum{err: raftErr}, audit: &keptAudit{}}
+	ctx := context.Background()
+	for _, tc := range []struct {
+		what, agent string
+		quorum      quorum
+		want        string
+	}{
+		{"sync", agent, noLeader{}, msgNoLeader},
+		{"svid.x509", agent, noLeader{}, msgNoLeader},
+		// An agent this replica does not know (a join not applied here yet)
+		// is confirmed by a read barrier, which fails under load.
+		{"sync", "spiffe://example.org/sigil/agent/join_token/0123456789abcdef", failingQuorum{err: raftErr}, msgNotCurrent},
+	} {
+		s.quorum = tc.quorum
+		_, err := s.callingAgent(ctx, tc.agent, tc.what)
+		if st, _ := status.FromError(err); st.Code() != codes.Unavailable || st.Message() != tc.want {
+			t.Errorf("%s by %s: %v, want Unavailable %q", tc.what, tc.agent, err, tc.want)
+		}
+	}
+	// A record that does not commit.
+	s.quorum = failingQuorum{}
+	if err := s.withheld("svid.jwt", agent, "e1", raftErr); status.Code(err) != codes.Unavailable || status.Convert(err).Message() != msgNoCommit {
+		t.Errorf("uncommitted record: %v, want Unavailable %q", err, msgNoCommit)
+	}
+	for _, msg := range []string{msgNoLeader, msgNotCurrent, msgNoCommit} {
+		if strings.Contains(msg, "sign") {
+			t.Errorf("%q speaks of signing", msg)
+		}
+	}
+	if !strings.Contains(logBuf.String(), "context deadline exceeded") {
+		t.Errorf("raft's error is not in the log:\n%s", logBuf.String())
+	}
 }

@@ -164,7 +164,7 @@ func (j *joinSvc) catchUp(ctx context.Context, method string) error {
 	if err := j.reads.do(ctx, func(ctx context.Context) error { return readBarrier(ctx, j.quorum) }); err != nil {
 		addr, _ := peerSource(ctx)
 		j.anon.logFailure(classNoQuorum, "join failed: no quorum for a read barrier", "method", method, "remote", addr, "err", err)
-		return errUnavailable()
+		return errNotCurrent()
 	}
 	return nil
 }
@@ -317,7 +317,7 @@ func (j *joinSvc) Token(ctx context.Context, r *api.JoinTokenRequest) (*api.Agen
 		if !refused(err) {
 			addr, _ := peerSource(ctx)
 			j.anon.logFailure(classNoQuorum, "join failed: token not redeemed", "method", "token", "remote", addr, "token", tokID[:12], "err", err)
-			return nil, errUnavailable()
+			return nil, errNoCommit()
 		}
 		return nil, j.refuseToken(ctx, tokID, err)
 	}
