@@ -44,7 +44,7 @@ func (s *agentSvc) SignJWTSVID(ctx context.Context, r *api.JWTSVIDRequest) (*api
 
 // Sync streams the agent's entries and the bundle: at once, then on every
 // change that concerns this agent. A client resuming at the current
-// revision waits for the next change. The stream's context ends when the
+// revision gets the current view once more, then changes. The stream's context ends when the
 // agent's SVID that its connection was opened with expires
 // (authenticateStream turns that end into Unauthenticated): nothing is
 // sent after it, not even a change that came at the same moment.
@@ -58,6 +58,12 @@ func (s *agentSvc) Sync(r *api.SyncRequest, stream grpc.ServerStreamingServer[ap
 	// its agent is connected, and the view (bundle included) is KiBs.
 	var last [sha256.Size]byte
 	sent := r.Revision
+	// The first view goes out even at the revision the agent already
+	// has: it tells the agent (and its readiness) that this stream works.
+	// A client resuming after a node died would otherwise hear nothing
+	// until its next change. A node behind the agent's revision stays
+	// quiet until it has caught up, so no view goes backwards.
+	first := true
 	for {
 		if ctx.Err() != nil {
 			return nil
@@ -70,7 +76,7 @@ func (s *agentSvc) Sync(r *api.SyncRequest, stream grpc.ServerStreamingServer[ap
 		b := s.state.Bundle()
 		u := &api.SyncUpdate{Revision: s.state.Index(), Entries: apiEntries(s.state.EntriesByParent(a.ID)), Bundle: apiBundle(b)}
 		view, _ := json.Marshal([]any{u.Entries, u.Bundle})
-		if digest := sha256.Sum256(view); u.Revision > sent && digest != last {
+		if digest := sha256.Sum256(view); (first && u.Revision >= sent) || (u.Revision > sent && digest != last) {
 			if u.SPIFFE, err = SPIFFEBundle(s.td, b); err != nil {
 				// The stored bundle does not encode: this node's fault.
 				s.issuer.log.Error("sync failed: bundle", "request", "sync", "agent", a.ID, "revision", u.Revision, "err", err)
@@ -79,7 +85,7 @@ func (s *agentSvc) Sync(r *api.SyncRequest, stream grpc.ServerStreamingServer[ap
 			if err := stream.Send(u); err != nil {
 				return err
 			}
-			last, sent = digest, u.Revision
+			last, sent, first = digest, u.Revision, false
 		}
 		select {
 		case <-ctx.Done():
