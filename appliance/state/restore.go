@@ -298,8 +298,17 @@ func applyStateRestore(t *txn, p *StateRestore) (any, []AuditEvent, error) {
 	if err != nil {
 		return nil, nil, err
 	}
+	if err := t.tx.DeleteBucket(bTokensByExpiry); err != nil {
+		return nil, nil, err
+	}
+	if _, err := t.tx.CreateBucket(bTokensByExpiry); err != nil {
+		return nil, nil, err
+	}
 	for _, tk := range keepTokens {
 		if err := putJSON(tb, []byte(tk.ID), tk); err != nil {
+			return nil, nil, err
+		}
+		if err := indexToken(t.tx, &tk); err != nil {
 			return nil, nil, err
 		}
 	}

@@ -512,6 +512,9 @@ func (l *loader) check(kind byte, k, v []byte) error {
 		if err := decodeStrict(v, &t); err != nil || t.ID != string(k) || !hexHashRE.MatchString(t.ID) {
 			return fmt.Errorf("token %q: malformed", truncate(string(k), 64))
 		}
+		if err := indexToken(tx, &t); err != nil {
+			return err
+		}
 	case frameJWTKey:
 		var j JWTKey
 		if err := decodeStrict(v, &j); err != nil || j.KID != string(k) {

@@ -25,6 +25,7 @@ var (
 	bEntriesBySPIFFE = []byte("idx_entries_by_spiffe_id")
 	bEntriesByReg    = []byte("idx_entries_by_registration")
 	bSVIDsByExpiry   = []byte("idx_svids_by_expiry")
+	bTokensByExpiry  = []byte("idx_tokens_by_expiry")
 )
 
 // Meta keys.
@@ -39,7 +40,7 @@ var (
 )
 
 var allBuckets = [][]byte{bMeta, bEntries, bAgents, bTokens, bJWTKeys, bRevoked, bSVIDs, bAudit,
-	bEntriesByParent, bEntriesBySPIFFE, bEntriesByReg, bSVIDsByExpiry}
+	bEntriesByParent, bEntriesBySPIFFE, bEntriesByReg, bSVIDsByExpiry, bTokensByExpiry}
 
 func createBuckets(tx *bolt.Tx) error {
 	for _, b := range allBuckets {
