@@ -310,11 +310,11 @@ func (a *Agent) Current() string {
 }
 
 // syncBackoff is sigil-agent's wait before reopening Sync after its
-// fails-th consecutive failure (agent/cache): 1 s doubling to 30 s, a
-// random half of it.
+// fails-th consecutive failure (agent/cache): anywhere up to 2 s doubling
+// to 30 s.
 func syncBackoff(fails int) time.Duration {
-	d := min(time.Second<<min(fails, 8), 30*time.Second)
-	return d/2 + time.Duration(mrand.Int64N(int64(d/2)+1))
+	d := min(2*time.Second<<min(fails, 8), 30*time.Second)
+	return time.Duration(mrand.Int64N(int64(d) + 1))
 }
 
 func tokenJoin(ctx context.Context, addr, root, token string, csr []byte) (*api.AgentSVID, error) {

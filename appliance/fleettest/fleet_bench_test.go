@@ -57,6 +57,12 @@ const handshakes = `sigil_listener_handshakes_total{listener="api"}`
 //     one of its agents has an update from another node, the handshake
 //     rate the other two saw, and renewals that failed meanwhile.
 func BenchmarkFleet(b *testing.B) {
+	// Each figure is also logged as it is measured: a run that fails
+	// later (the node kill) still shows what it measured before.
+	metric := func(v float64, unit string) {
+		b.ReportMetric(v, unit)
+		b.Logf("fleet: %s = %.4g", unit, v)
+	}
 	n := envInt(b, "SIGIL_FLEET_AGENTS", 500)
 	ttl := time.Duration(envInt(b, "SIGIL_FLEET_TTL", 60)) * time.Second
 	window := time.Duration(envInt(b, "SIGIL_FLEET_WINDOW", 20)) * time.Second
@@ -84,7 +90,7 @@ func BenchmarkFleet(b *testing.B) {
 
 	f := fleettest.Start(b, app, fleettest.Options{Agents: n})
 	f.WaitSynced(10 * time.Minute)
-	b.ReportMetric(float64(n)/f.JoinTime.Seconds(), "joins/s")
+	metric(float64(n)/f.JoinTime.Seconds(), "joins/s")
 
 	// What a connected agent costs a node: each node's growth over the
 	// agents on it, the largest of the three.
@@ -111,12 +117,12 @@ func BenchmarkFleet(b *testing.B) {
 			}
 		}
 	}
-	b.ReportMetric(worst.heap/1024, "node-heap-KiB/agent")
-	b.ReportMetric(worst.rss/1024, "node-rss-KiB/agent")
-	b.ReportMetric(worst.goroutines, "node-goroutines/agent")
-	b.ReportMetric(worst.fds, "node-fds/agent")
+	metric(worst.heap/1024, "node-heap-KiB/agent")
+	metric(worst.rss/1024, "node-rss-KiB/agent")
+	metric(worst.goroutines, "node-goroutines/agent")
+	metric(worst.fds, "node-fds/agent")
 	self1 := fleettest.Read(b)
-	b.ReportMetric(float64(int64(self1.HeapInuse)-int64(self0.HeapInuse))/float64(n)/1024, "sim-agent-heap-KiB")
+	metric(float64(int64(self1.HeapInuse)-int64(self0.HeapInuse))/float64(n)/1024, "sim-agent-heap-KiB")
 	b.Logf("%d agents: joined in %v (join retries: %v); the simulated agents' process: heap in use %d -> %d MiB, goroutines %d -> %d, descriptors %d -> %d",
 		n, f.JoinTime.Round(time.Millisecond), f.JoinRetriesBy(), self0.HeapInuse>>20, self1.HeapInuse>>20,
 		self0.Goroutines, self1.Goroutines, self0.FDs, self1.FDs)
@@ -150,9 +156,9 @@ func BenchmarkFleet(b *testing.B) {
 		entry = append(entry, u.At.Sub(start))
 	}
 	slices.Sort(entry)
-	b.ReportMetric(fleettest.Ms(fleettest.Quantile(entry, 0.5)), "entry-p50-ms")
-	b.ReportMetric(fleettest.Ms(fleettest.Quantile(entry, 0.99)), "entry-p99-ms")
-	b.ReportMetric(fleettest.Ms(entry[len(entry)-1]), "entry-max-ms")
+	metric(fleettest.Ms(fleettest.Quantile(entry, 0.5)), "entry-p50-ms")
+	metric(fleettest.Ms(fleettest.Quantile(entry, 0.99)), "entry-p99-ms")
+	metric(fleettest.Ms(entry[len(entry)-1]), "entry-max-ms")
 
 	// One bundle change (a JWT key rotation on a follower, which every
 	// agent must learn): from the call to each agent's update holding
@@ -163,11 +169,11 @@ func BenchmarkFleet(b *testing.B) {
 		b.Fatal(err)
 	}
 	bundle := f.Arrivals(5*time.Minute, start, func(u fleettest.Update) bool { return slices.Contains(u.JWTKeys, rot.KID) })
-	b.ReportMetric(fleettest.Ms(fleettest.Quantile(bundle, 0.5)), "bundle-p50-ms")
-	b.ReportMetric(fleettest.Ms(fleettest.Quantile(bundle, 0.99)), "bundle-p99-ms")
-	b.ReportMetric(fleettest.Ms(bundle[len(bundle)-1]), "bundle-all-ms")
+	metric(fleettest.Ms(fleettest.Quantile(bundle, 0.5)), "bundle-p50-ms")
+	metric(fleettest.Ms(fleettest.Quantile(bundle, 0.99)), "bundle-p99-ms")
+	metric(fleettest.Ms(bundle[len(bundle)-1]), "bundle-all-ms")
 	if u := f.Agents[0].Updates(); len(u) > 0 {
-		b.ReportMetric(float64(u[len(u)-1].Bytes), "sync-update-bytes")
+		metric(float64(u[len(u)-1].Bytes), "sync-update-bytes")
 	}
 
 	// Renewals in steady state: the fleet has joined and synced, and
@@ -179,12 +185,12 @@ func BenchmarkFleet(b *testing.B) {
 	cpu1 := nodesCPU(app, ids)
 	starts, done := f.RenewalTimes(w0, w1)
 	renewals := float64(len(done))
-	b.ReportMetric(renewals/w1.Sub(w0).Seconds(), "renewals/s")
-	b.ReportMetric(fleettest.MaxShare1s(starts), "renew-max-1s-share")
-	b.ReportMetric(1/w1.Sub(w0).Seconds(), "renew-even-1s-share")
-	b.ReportMetric((cpu1-cpu0)/w1.Sub(w0).Seconds(), "node-cpu-cores")
+	metric(renewals/w1.Sub(w0).Seconds(), "renewals/s")
+	metric(fleettest.MaxShare1s(starts), "renew-max-1s-share")
+	metric(1/w1.Sub(w0).Seconds(), "renew-even-1s-share")
+	metric((cpu1-cpu0)/w1.Sub(w0).Seconds(), "node-cpu-cores")
 	if renewals > 0 {
-		b.ReportMetric((cpu1-cpu0)*1000/renewals, "node-cpu-ms/renewal")
+		metric((cpu1-cpu0)*1000/renewals, "node-cpu-ms/renewal")
 	}
 	b.Logf("steady window %v: %d renewal attempts, %d done; counters at the end: %+v (at the window's start: %+v)",
 		w1.Sub(w0).Round(time.Millisecond), len(starts), len(done), r1, r0)
@@ -230,18 +236,18 @@ func BenchmarkFleet(b *testing.B) {
 	time.Sleep(max(back[len(back)-1], 10*time.Second))
 	close(stopRate)
 	rz := f.Renewals()
-	b.ReportMetric(fleettest.Ms(fleettest.Quantile(back, 0.5)), "failover-p50-ms")
-	b.ReportMetric(fleettest.Ms(fleettest.Quantile(back, 0.99)), "failover-p99-ms")
-	b.ReportMetric(fleettest.Ms(back[len(back)-1]), "failover-all-ms")
-	b.ReportMetric(<-rates, "failover-peak-handshakes/s")
-	b.ReportMetric(float64(rz.Renewals-rk.Renewals), "failover-renewals")
-	b.ReportMetric(float64(rz.FailedValid-rk.FailedValid), "failover-renew-failed-valid")
+	metric(fleettest.Ms(fleettest.Quantile(back, 0.5)), "failover-p50-ms")
+	metric(fleettest.Ms(fleettest.Quantile(back, 0.99)), "failover-p99-ms")
+	metric(fleettest.Ms(back[len(back)-1]), "failover-all-ms")
+	metric(<-rates, "failover-peak-handshakes/s")
+	metric(float64(rz.Renewals-rk.Renewals), "failover-renewals")
+	metric(float64(rz.FailedValid-rk.FailedValid), "failover-renew-failed-valid")
 	b.Logf("failover from %s: %d agents synced elsewhere, the last after %v; renewals meanwhile: %d done, %d failed (%d while valid), %d SVIDs expired",
 		victim, len(moved), back[len(back)-1].Round(time.Millisecond), rz.Renewals-rk.Renewals, rz.Failed-rk.Failed, rz.FailedValid-rk.FailedValid, rz.Expired-rk.Expired)
 
-	b.ReportMetric(float64(rz.Failed), "renew-failed-total")
-	b.ReportMetric(float64(rz.FailedValid), "renew-failed-valid-total")
-	b.ReportMetric(float64(rz.Expired), "svid-expired-total")
+	metric(float64(rz.Failed), "renew-failed-total")
+	metric(float64(rz.FailedValid), "renew-failed-valid-total")
+	metric(float64(rz.Expired), "svid-expired-total")
 	if fails := f.RenewFailuresBy(); len(fails) > 0 {
 		b.Logf("failed renewals by answer: %v", fails)
 	}

@@ -30,6 +30,7 @@ type syncState interface {
 	Index() uint64
 	EntriesByParent(parent string) []state.Entry
 	AgentChanged(id string) <-chan struct{}
+	Changed() <-chan struct{}
 }
 
 var _ api.AgentServer = (*agentSvc)(nil)
@@ -69,6 +70,14 @@ func (s *agentSvc) Sync(r *api.SyncRequest, stream grpc.ServerStreamingServer[ap
 			return nil
 		}
 		changed := s.state.AgentChanged(a.ID)
+		// Until the first view is sent, a node behind the agent's revision
+		// (it resumed here from a node that was ahead) looks again at each
+		// change it applies: its own agent's changes alone may be minutes
+		// away.
+		var behind <-chan struct{}
+		if first {
+			behind = s.state.Changed()
+		}
 		ag, ok := s.state.Agent(a.ID)
 		if !ok || ag.Banned {
 			return status.Errorf(codes.PermissionDenied, "%s is banned or gone", a.ID)
@@ -91,6 +100,7 @@ func (s *agentSvc) Sync(r *api.SyncRequest, stream grpc.ServerStreamingServer[ap
 		case <-ctx.Done():
 			return nil
 		case <-changed:
+		case <-behind:
 		}
 	}
 }
