@@ -119,6 +119,7 @@ type connLimiter struct {
 	log                              *rateLog
 	refusedMax, evicted, refusedAnon atomic.Uint64 // refusal counters, for metrics
 	refusedAnonSource, agedOut       atomic.Uint64
+	refusedBusy                      atomic.Uint64
 	// handshakes counts connections that completed their handshake: a
 	// fleet reconnecting after a node died shows as its rate.
 	handshakes atomic.Uint64
@@ -147,7 +148,7 @@ type limiterStats struct {
 	Open, Pending, Anonymous              int
 	RefusedMax, Evicted, RefusedAnonymous uint64
 	RefusedAnonymousSource, AgedOut       uint64
-	Handshakes                            uint64
+	Handshakes, RefusedBusy               uint64
 }
 
 func (l *connLimiter) stats() limiterStats {
@@ -155,7 +156,7 @@ func (l *connLimiter) stats() limiterStats {
 	defer l.mu.Unlock()
 	return limiterStats{Open: l.open, Pending: l.pending.Len(), Anonymous: l.anonymous,
 		RefusedMax: l.refusedMax.Load(), Evicted: l.evicted.Load(), RefusedAnonymous: l.refusedAnon.Load(),
-		RefusedAnonymousSource: l.refusedAnonSource.Load(), AgedOut: l.agedOut.Load(), Handshakes: l.handshakes.Load()}
+		RefusedAnonymousSource: l.refusedAnonSource.Load(), AgedOut: l.agedOut.Load(), Handshakes: l.handshakes.Load(), RefusedBusy: l.refusedBusy.Load()}
 }
 
 // limitedConn gives its slot back when closed, whoever closes it.
@@ -168,8 +169,23 @@ type limitedConn struct {
 	srcEl   *list.Element // in l.anonBySource[source]; guarded by l.mu
 	age     *time.Timer   // closes an anonymous connection at its maximum age; guarded by l.mu
 	counted bool          // in l.handshakes; guarded by l.mu
-	once    sync.Once
+	// readSince is when a Read that has not returned began (Unix ns; 0:
+	// none): a connection in its handshake is then waiting on its client,
+	// not on this node.
+	readSince atomic.Int64
+	once      sync.Once
 }
+
+func (c *limitedConn) Read(b []byte) (int, error) {
+	c.readSince.Store(time.Now().UnixNano())
+	n, err := c.Conn.Read(b)
+	c.readSince.Store(0)
+	return n, err
+}
+
+// handshakeWait is how long a connection in its handshake must have been
+// waiting on its client before a new connection may take its slot.
+const handshakeWait = 100 * time.Millisecond
 
 func (c *limitedConn) Close() error {
 	c.once.Do(func() {
@@ -207,7 +223,27 @@ func (l *connLimiter) admit(raw net.Conn) (c, evict *limitedConn) {
 		return nil, nil
 	}
 	if l.pending.Len() >= l.maxPending {
-		evict = l.pending.Remove(l.pending.Front()).(*limitedConn)
+		// The oldest connection that has been waiting on its client for
+		// handshakeWait gives its slot up: a flood of connections that
+		// never handshake costs each of them its slot within moments. One
+		// that waits on this node (its handshake is being computed, or
+		// has not been scheduled yet) keeps it, and the new connection is
+		// refused instead: a fleet reconnecting at once (a node died) must
+		// not have its handshakes dropped half done by the next arrivals,
+		// which wasted the CPU each had cost and never let any complete.
+		now := time.Now().UnixNano()
+		for e := l.pending.Front(); e != nil; e = e.Next() {
+			if p := e.Value.(*limitedConn); p.readSince.Load() != 0 && now-p.readSince.Load() >= int64(handshakeWait) {
+				evict = p
+				break
+			}
+		}
+		if evict == nil {
+			l.refusedBusy.Add(1)
+			l.log.warn(l.name+": connections refused: every handshake slot is busy on this node", "max_handshakes", l.maxPending)
+			return nil, nil
+		}
+		l.pending.Remove(evict.elem)
 		evict.elem = nil
 		l.evicted.Add(1)
 		l.log.warn(l.name+": dropped the oldest connections still in their handshake", "max_handshakes", l.maxPending)
