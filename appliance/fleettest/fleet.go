@@ -482,24 +482,20 @@ func (f *Fleet) RenewFailuresBy() map[string]int {
 // renew asks each node once, from the current one, as sigil-agent's
 // Renew does.
 func (a *Agent) renew(ctx context.Context) error {
-	var errs []error
+	var last error
 	for range a.servers {
 		node := a.Current()
 		err := a.renewAt(ctx, node)
 		if err == nil {
 			return nil
 		}
-		errs = append(errs, fmt.Errorf("%s: %w", node, err))
+		last = err
 		a.failed(nil, node, err)
 		if ctx.Err() != nil {
 			break
 		}
 	}
-	// Each node's answer, for the log; the last one for counting.
-	if len(errs) > 1 {
-		return fmt.Errorf("%w (before it: %v)", errs[len(errs)-1], errors.Join(errs[:len(errs)-1]...))
-	}
-	return errs[0]
+	return last
 }
 
 func (a *Agent) renewAt(ctx context.Context, node string) error {

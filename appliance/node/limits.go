@@ -10,7 +10,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -346,96 +345,14 @@ func (ll limitListener) Accept() (net.Conn, error) {
 }
 
 // limitCreds marks a connection established once its TLS handshake is
-// done and holds anonymous connections to their own cap. With a gate, only
-// a few handshakes are computed at once.
+// done and holds anonymous connections to their own cap.
 type limitCreds struct {
 	credentials.TransportCredentials
-	gate    *handshakeGate
-	timeout time.Duration // the handshake timeout
 }
-
-func (c limitCreds) gateWait() time.Duration { return max(c.timeout, time.Second) }
-
-// handshakeGate lets a few TLS handshakes be computed at once, the newest
-// waiting connection first. Hundreds computed at once (a fleet
-// reconnecting after a node died) share the CPU so thinly that each takes
-// longer than the next arrivals wait to take its slot, and none completes;
-// a few at a time complete in milliseconds. A connection waiting here has
-// not been read from, so it keeps its handshake slot (connLimiter.admit);
-// the newest goes first because under a flood of connections that never
-// handshake the oldest waiting are the flood's, and a caller that just
-// arrived is served while they wait out the handshake timeout.
-type handshakeGate struct {
-	mu      sync.Mutex
-	free    int
-	waiting []chan struct{} // the newest last
-}
-
-func newHandshakeGate(n int) *handshakeGate { return &handshakeGate{free: n} }
-
-// handshakesAtOnce is how many handshakes a node computes at once: a few
-// per core keep every core busy while each completes quickly.
-func handshakesAtOnce() int { return max(4, 4*runtime.GOMAXPROCS(0)) }
-
-// enter waits for a turn until timeout; false: none came.
-func (g *handshakeGate) enter(timeout time.Duration) bool {
-	g.mu.Lock()
-	if g.free > 0 {
-		g.free--
-		g.mu.Unlock()
-		return true
-	}
-	ch := make(chan struct{})
-	g.waiting = append(g.waiting, ch)
-	g.mu.Unlock()
-	t := time.NewTimer(timeout)
-	defer t.Stop()
-	select {
-	case <-ch:
-		return true
-	case <-t.C:
-	}
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	for i, w := range g.waiting {
-		if w == ch {
-			g.waiting = append(g.waiting[:i], g.waiting[i+1:]...)
-			return false
-		}
-	}
-	// Handed a turn as the timer fired: give it on.
-	g.leaveLocked()
-	return false
-}
-
-func (g *handshakeGate) leave() {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	g.leaveLocked()
-}
-
-func (g *handshakeGate) leaveLocked() {
-	if n := len(g.waiting); n > 0 {
-		close(g.waiting[n-1])
-		g.waiting = g.waiting[:n-1]
-		return
-	}
-	g.free++
-}
-
-var errHandshakeWait = errors.New("no handshake turn within the handshake timeout")
 
 var errTooManyAnonymous = errors.New("too many connections without a client certificate; retry later")
 
 func (c limitCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
-	if c.gate != nil {
-		// gRPC has set the handshake deadline on raw; waiting for a turn
-		// counts against the same timeout.
-		if !c.gate.enter(c.gateWait()) {
-			return nil, nil, errHandshakeWait
-		}
-		defer c.gate.leave()
-	}
 	conn, info, err := c.TransportCredentials.ServerHandshake(raw)
 	if err != nil {
 		return nil, nil, err
@@ -459,7 +376,7 @@ func (c limitCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInf
 }
 
 func (c limitCreds) Clone() credentials.TransportCredentials {
-	return limitCreds{c.TransportCredentials.Clone(), c.gate, c.timeout}
+	return limitCreds{c.TransportCredentials.Clone()}
 }
 
 // tapGate refuses calls by method and TLS role before gRPC reads their

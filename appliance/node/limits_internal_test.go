@@ -62,35 +62,3 @@ func TestHandshakeSlotsBusyRefuseNew(t *testing.T) {
 		t.Fatalf("stats %+v, want one eviction, two pending, two open", st)
 	}
 }
-
-// The gate lets n handshakes in at once and hands a freed turn to the
-// newest waiter; a waiter whose timeout passes gives up without taking a
-// turn from anyone.
-func TestHandshakeGate(t *testing.T) {
-	g := newHandshakeGate(1)
-	if !g.enter(time.Second) {
-		t.Fatal("the first handshake waited")
-	}
-	order := make(chan int, 3)
-	for i := range 3 {
-		go func() {
-			if g.enter(5 * time.Second) {
-				order <- i
-				g.leave()
-			}
-		}()
-		time.Sleep(50 * time.Millisecond) // waiter i arrives after i-1
-	}
-	if g.enter(10 * time.Millisecond) {
-		t.Fatal("a fourth waiter got a turn while the first handshake holds it")
-	}
-	g.leave()
-	got := []int{<-order, <-order, <-order}
-	if got[0] != 2 {
-		t.Fatalf("turns went to waiters %v, want the newest (2) first", got)
-	}
-	if !g.enter(time.Second) {
-		t.Fatal("the turn was not given back")
-	}
-	g.leave()
-}

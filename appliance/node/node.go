@@ -250,7 +250,7 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 	n.authLog = newRateLog(log)
 	tlsCfg := n.ident.TLSConfigAllowAnonymous(ca.RoleAdmin, ca.RoleAgent)
 	n.grpc = grpc.NewServer(append(append(api.ServerOptions(), grpcLimitOptions(cfg.API)...),
-		grpc.Creds(limitCreds{credentials.NewTLS(tlsCfg), newHandshakeGate(handshakesAtOnce()), cfg.API.HandshakeTimeout.Duration}),
+		grpc.Creds(limitCreds{credentials.NewTLS(tlsCfg)}),
 		grpc.InTapHandle(n.gate.tap),
 		grpc.ChainUnaryInterceptor(n.authenticate),
 		grpc.ChainStreamInterceptor(n.authenticateStream))...)
