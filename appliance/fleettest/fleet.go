@@ -482,20 +482,24 @@ func (f *Fleet) RenewFailuresBy() map[string]int {
 // renew asks each node once, from the current one, as sigil-agent's
 // Renew does.
 func (a *Agent) renew(ctx context.Context) error {
-	var last error
+	var errs []error
 	for range a.servers {
 		node := a.Current()
 		err := a.renewAt(ctx, node)
 		if err == nil {
 			return nil
 		}
-		last = err
+		errs = append(errs, fmt.Errorf("%s: %w", node, err))
 		a.failed(nil, node, err)
 		if ctx.Err() != nil {
 			break
 		}
 	}
-	return last
+	// Each node's answer, for the log; the last one for counting.
+	if len(errs) > 1 {
+		return fmt.Errorf("%w (before it: %v)", errs[len(errs)-1], errors.Join(errs[:len(errs)-1]...))
+	}
+	return errs[0]
 }
 
 func (a *Agent) renewAt(ctx context.Context, node string) error {

@@ -173,19 +173,46 @@ type limitedConn struct {
 	// none): a connection in its handshake is then waiting on its client,
 	// not on this node.
 	readSince atomic.Int64
-	once      sync.Once
+	// spoke is set once the client has sent anything: a handshake under
+	// way, not an idle connection.
+	spoke atomic.Bool
+	once  sync.Once
 }
 
 func (c *limitedConn) Read(b []byte) (int, error) {
 	c.readSince.Store(time.Now().UnixNano())
 	n, err := c.Conn.Read(b)
 	c.readSince.Store(0)
+	if n > 0 && !c.spoke.Load() {
+		c.spoke.Store(true)
+	}
 	return n, err
 }
 
-// handshakeWait is how long a connection in its handshake must have been
-// waiting on its client before a new connection may take its slot.
-const handshakeWait = 100 * time.Millisecond
+// How long a connection in its handshake must have been waiting on its
+// client before a new connection may take its slot: one that has sent
+// nothing (a flood's) soon; one whose handshake is under way, longer, as a
+// client that is itself busy (a host whose fleet of processes reconnects
+// at once) answers late, and dropping it half done wastes what both sides
+// computed.
+const (
+	idleHandshakeWait = 100 * time.Millisecond
+	handshakeWait     = 2 * time.Second
+)
+
+// evictable reports whether c, in its handshake, may give its slot up to
+// a new connection at now (Unix ns).
+func (c *limitedConn) evictable(now int64) bool {
+	since := c.readSince.Load()
+	if since == 0 {
+		return false // waiting on this node
+	}
+	wait := idleHandshakeWait
+	if c.spoke.Load() {
+		wait = handshakeWait
+	}
+	return now-since >= int64(wait)
+}
 
 func (c *limitedConn) Close() error {
 	c.once.Do(func() {
@@ -223,17 +250,18 @@ func (l *connLimiter) admit(raw net.Conn) (c, evict *limitedConn) {
 		return nil, nil
 	}
 	if l.pending.Len() >= l.maxPending {
-		// The oldest connection that has been waiting on its client for
-		// handshakeWait gives its slot up: a flood of connections that
-		// never handshake costs each of them its slot within moments. One
-		// that waits on this node (its handshake is being computed, or
-		// has not been scheduled yet) keeps it, and the new connection is
-		// refused instead: a fleet reconnecting at once (a node died) must
-		// not have its handshakes dropped half done by the next arrivals,
-		// which wasted the CPU each had cost and never let any complete.
+		// The oldest connection that has been waiting on its client long
+		// enough (evictable) gives its slot up: a flood of connections
+		// that never handshake costs each of them its slot within moments.
+		// One that waits on this node (its handshake is being computed, or
+		// has not been scheduled yet), or whose handshake is under way and
+		// waited less, keeps it, and the new connection is refused
+		// instead: a fleet reconnecting at once (a node died) must not
+		// have its handshakes dropped half done by the next arrivals,
+		// which wasted the CPU each had cost and let almost none complete.
 		now := time.Now().UnixNano()
 		for e := l.pending.Front(); e != nil; e = e.Next() {
-			if p := e.Value.(*limitedConn); p.readSince.Load() != 0 && now-p.readSince.Load() >= int64(handshakeWait) {
+			if p := e.Value.(*limitedConn); p.evictable(now) {
 				evict = p
 				break
 			}

@@ -50,9 +50,10 @@ func TestHandshakeSlotsBusyRefuseNew(t *testing.T) {
 		t.Fatalf("stats %+v, want one refusal, no eviction, two pending", st)
 	}
 	// b waits on its client (a read with nothing to read) past
-	// handshakeWait: the next connection takes its slot.
+	// idleHandshakeWait, having sent nothing: the next connection takes
+	// its slot.
 	go func() { _, _ = b.Read(make([]byte, 1)) }() // returns when the test closes it
-	time.Sleep(handshakeWait + 50*time.Millisecond)
+	time.Sleep(idleHandshakeWait + 50*time.Millisecond)
 	c, evict := admit()
 	if c == nil || evict != b {
 		t.Fatalf("admitted %v, evicted b %v; want the new one in b's slot", c != nil, evict == b)
@@ -60,5 +61,26 @@ func TestHandshakeSlotsBusyRefuseNew(t *testing.T) {
 	_ = evict.Close() // as Accept does
 	if st := l.stats(); st.Evicted != 1 || st.Pending != 2 || st.Open != 2 {
 		t.Fatalf("stats %+v, want one eviction, two pending, two open", st)
+	}
+
+	// A handshake under way (its client has sent something, and the node
+	// waits for the rest) keeps its slot for handshakeWait.
+	l2 := newConnLimiter("api", 16, 1, 16, slog.New(slog.DiscardHandler))
+	raw, client := tcpPair(t)
+	d, _ := l2.admit(raw)
+	if _, err := client.Write([]byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Read(make([]byte, 5)); err != nil {
+		t.Fatal(err)
+	}
+	go func() { _, _ = d.Read(make([]byte, 1)) }() // the rest never comes
+	time.Sleep(idleHandshakeWait + 50*time.Millisecond)
+	raw2, _ := tcpPair(t)
+	if c, evict := l2.admit(raw2); c != nil || evict != nil {
+		t.Fatalf("a handshake under way lost its slot after %v", idleHandshakeWait+50*time.Millisecond)
+	}
+	if !d.evictable(time.Now().Add(handshakeWait).UnixNano()) {
+		t.Fatalf("a handshake under way still keeps its slot after %v", handshakeWait)
 	}
 }
