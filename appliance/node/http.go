@@ -96,7 +96,7 @@ var (
 		"Open connections per listener: all, still in their handshake (or idle HTTP keep-alive), without a client certificate.",
 		[]string{"listener", "state"}, nil)
 	descConnsRefused = prometheus.NewDesc("sigil_listener_connections_refused_total",
-		"Connections closed by a listener's bounds: over max-connections, the oldest in its handshake dropped for a new one (it had waited on its client), a new one refused while every handshake slot waits on this node, over max-anonymous-connections (in all or from one source), anonymous ones at their maximum age.",
+		"Connections closed by a listener's bounds: over max-connections, the oldest in its handshake dropped for a new one, over max-anonymous-connections (in all or from one source), anonymous ones at their maximum age.",
 		[]string{"listener", "reason"}, nil)
 	descHandshakes = prometheus.NewDesc("sigil_listener_handshakes_total",
 		"Connections that completed their handshake, per listener (TLS; on a plain HTTP listener, the first request).",
@@ -122,7 +122,7 @@ func (c limitsCollector) Collect(ch chan<- prometheus.Metric) {
 		for state, v := range map[string]int{"open": st.Open, "handshake": st.Pending, "anonymous": st.Anonymous} {
 			ch <- prometheus.MustNewConstMetric(descConns, prometheus.GaugeValue, float64(v), name, state)
 		}
-		for reason, v := range map[string]uint64{"max-connections": st.RefusedMax, "handshake-evicted": st.Evicted, "max-anonymous-connections": st.RefusedAnonymous, "max-anonymous-connections-per-source": st.RefusedAnonymousSource, "anonymous-max-age": st.AgedOut, "handshakes-busy": st.RefusedBusy} {
+		for reason, v := range map[string]uint64{"max-connections": st.RefusedMax, "handshake-evicted": st.Evicted, "max-anonymous-connections": st.RefusedAnonymous, "max-anonymous-connections-per-source": st.RefusedAnonymousSource, "anonymous-max-age": st.AgedOut} {
 			ch <- prometheus.MustNewConstMetric(descConnsRefused, prometheus.CounterValue, float64(v), name, reason)
 		}
 		ch <- prometheus.MustNewConstMetric(descHandshakes, prometheus.CounterValue, float64(st.Handshakes), name)

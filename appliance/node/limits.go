@@ -119,7 +119,6 @@ type connLimiter struct {
 	log                              *rateLog
 	refusedMax, evicted, refusedAnon atomic.Uint64 // refusal counters, for metrics
 	refusedAnonSource, agedOut       atomic.Uint64
-	refusedBusy                      atomic.Uint64
 	// handshakes counts connections that completed their handshake: a
 	// fleet reconnecting after a node died shows as its rate.
 	handshakes atomic.Uint64
@@ -148,7 +147,7 @@ type limiterStats struct {
 	Open, Pending, Anonymous              int
 	RefusedMax, Evicted, RefusedAnonymous uint64
 	RefusedAnonymousSource, AgedOut       uint64
-	Handshakes, RefusedBusy               uint64
+	Handshakes                            uint64
 }
 
 func (l *connLimiter) stats() limiterStats {
@@ -156,7 +155,7 @@ func (l *connLimiter) stats() limiterStats {
 	defer l.mu.Unlock()
 	return limiterStats{Open: l.open, Pending: l.pending.Len(), Anonymous: l.anonymous,
 		RefusedMax: l.refusedMax.Load(), Evicted: l.evicted.Load(), RefusedAnonymous: l.refusedAnon.Load(),
-		RefusedAnonymousSource: l.refusedAnonSource.Load(), AgedOut: l.agedOut.Load(), Handshakes: l.handshakes.Load(), RefusedBusy: l.refusedBusy.Load()}
+		RefusedAnonymousSource: l.refusedAnonSource.Load(), AgedOut: l.agedOut.Load(), Handshakes: l.handshakes.Load()}
 }
 
 // limitedConn gives its slot back when closed, whoever closes it.
@@ -169,49 +168,7 @@ type limitedConn struct {
 	srcEl   *list.Element // in l.anonBySource[source]; guarded by l.mu
 	age     *time.Timer   // closes an anonymous connection at its maximum age; guarded by l.mu
 	counted bool          // in l.handshakes; guarded by l.mu
-	// readSince is when a Read that has not returned began (Unix ns; 0:
-	// none): a connection in its handshake is then waiting on its client,
-	// not on this node.
-	readSince atomic.Int64
-	// spoke is set once the client has sent anything: a handshake under
-	// way, not an idle connection.
-	spoke atomic.Bool
-	once  sync.Once
-}
-
-func (c *limitedConn) Read(b []byte) (int, error) {
-	c.readSince.Store(time.Now().UnixNano())
-	n, err := c.Conn.Read(b)
-	c.readSince.Store(0)
-	if n > 0 && !c.spoke.Load() {
-		c.spoke.Store(true)
-	}
-	return n, err
-}
-
-// How long a connection in its handshake must have been waiting on its
-// client before a new connection may take its slot: one that has sent
-// nothing (a flood's) soon; one whose handshake is under way, longer, as a
-// client that is itself busy (a host whose fleet of processes reconnects
-// at once) answers late, and dropping it half done wastes what both sides
-// computed.
-const (
-	idleHandshakeWait = 100 * time.Millisecond
-	handshakeWait     = 2 * time.Second
-)
-
-// evictable reports whether c, in its handshake, may give its slot up to
-// a new connection at now (Unix ns).
-func (c *limitedConn) evictable(now int64) bool {
-	since := c.readSince.Load()
-	if since == 0 {
-		return false // waiting on this node
-	}
-	wait := idleHandshakeWait
-	if c.spoke.Load() {
-		wait = handshakeWait
-	}
-	return now-since >= int64(wait)
+	once    sync.Once
 }
 
 func (c *limitedConn) Close() error {
@@ -250,28 +207,7 @@ func (l *connLimiter) admit(raw net.Conn) (c, evict *limitedConn) {
 		return nil, nil
 	}
 	if l.pending.Len() >= l.maxPending {
-		// The oldest connection that has been waiting on its client long
-		// enough (evictable) gives its slot up: a flood of connections
-		// that never handshake costs each of them its slot within moments.
-		// One that waits on this node (its handshake is being computed, or
-		// has not been scheduled yet), or whose handshake is under way and
-		// waited less, keeps it, and the new connection is refused
-		// instead: a fleet reconnecting at once (a node died) must not
-		// have its handshakes dropped half done by the next arrivals,
-		// which wasted the CPU each had cost and let almost none complete.
-		now := time.Now().UnixNano()
-		for e := l.pending.Front(); e != nil; e = e.Next() {
-			if p := e.Value.(*limitedConn); p.evictable(now) {
-				evict = p
-				break
-			}
-		}
-		if evict == nil {
-			l.refusedBusy.Add(1)
-			l.log.warn(l.name+": connections refused: every handshake slot is busy on this node", "max_handshakes", l.maxPending)
-			return nil, nil
-		}
-		l.pending.Remove(evict.elem)
+		evict = l.pending.Remove(l.pending.Front()).(*limitedConn)
 		evict.elem = nil
 		l.evicted.Add(1)
 		l.log.warn(l.name+": dropped the oldest connections still in their handshake", "max_handshakes", l.maxPending)
