@@ -76,12 +76,15 @@ bench: deps
 # the steady-state window) default to a compressed day: a 570 s SVID is
 # renewed every 4-5 minutes, so the 300 s window sees about one renewal
 # per agent. FLEET_KILL is the node killed: leader or follower.
+# FLEET_MAX_HANDSHAKES is each node's api.max-handshakes, by default
+# README's sizing rule (a quarter of the fleet, at least 256).
 FLEET_AGENTS ?= 10000
 FLEET_TTL ?= 570
 FLEET_WINDOW ?= 300
 FLEET_KILL ?= leader
+FLEET_MAX_HANDSHAKES ?= $(shell echo $$(( $(FLEET_AGENTS) / 4 > 256 ? $(FLEET_AGENTS) / 4 : 256 )))
 fleet: deps
-	@set -o pipefail; SIGIL_FLEET_AGENTS=$(FLEET_AGENTS) SIGIL_FLEET_TTL=$(FLEET_TTL) SIGIL_FLEET_WINDOW=$(FLEET_WINDOW) SIGIL_FLEET_KILL=$(FLEET_KILL) \
+	@set -o pipefail; SIGIL_FLEET_AGENTS=$(FLEET_AGENTS) SIGIL_FLEET_TTL=$(FLEET_TTL) SIGIL_FLEET_WINDOW=$(FLEET_WINDOW) SIGIL_FLEET_KILL=$(FLEET_KILL) SIGIL_FLEET_MAX_HANDSHAKES=$(FLEET_MAX_HANDSHAKES) \
 		$(GO) test -v -p 1 -count=1 -run '^$$' -bench '^BenchmarkFleet$$' -benchtime 1x -timeout 90m ./appliance/fleettest/ | tee fleet.out | \
 		awk '/^BenchmarkFleet/ && NF > 4 { printf "%s (%s agents)\n", $$1, "$(FLEET_AGENTS)"; for (i = 5; i < NF; i += 2) printf "  %-26s %s\n", $$(i+1), $$i } \
 			/fleet:|agents|steady window|open-file|by answer|by error|killed|failover/ { sub(/^ +/, ""); print "  " $$0 } /^(FAIL|panic)/ { failed=1 } END { exit failed }'

@@ -80,7 +80,12 @@ func BenchmarkFleet(b *testing.B) {
 	// SIGIL_FLEET_PPROF=dir: each node's heap profile, once the fleet is
 	// synced, goes to dir/<node>.heap (sigild built with -tags pprof).
 	profiles := os.Getenv("SIGIL_FLEET_PPROF")
-	app := fleettest.StartAppliance(b, "fl", fleettest.ApplianceOptions{AgentTTL: ttl, Agents: n, Pprof: profiles != ""})
+	// SIGIL_FLEET_MAX_HANDSHAKES sets each node's api.max-handshakes;
+	// the default is README's sizing rule, a quarter of the fleet (what
+	// each of two survivors must take in when a node dies, with room for
+	// renewals), and at least the product's default, 256.
+	app := fleettest.StartAppliance(b, "fl", fleettest.ApplianceOptions{AgentTTL: ttl, Agents: n, Pprof: profiles != "",
+		MaxHandshakes: envInt(b, "SIGIL_FLEET_MAX_HANDSHAKES", max(256, n/4))})
 	ids := fleettest.NodeIDs()
 	before := map[string]nodeFigures{}
 	for _, id := range ids {

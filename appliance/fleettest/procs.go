@@ -63,6 +63,9 @@ type ApplianceOptions struct {
 	// Agents sizes each node's connection bound: a node may have to hold
 	// every agent once the others are gone.
 	Agents int
+	// MaxHandshakes is each node's api.max-handshakes (at least the
+	// default, 256).
+	MaxHandshakes int
 	// Pprof builds sigild with the pprof tag and has each node serve Go's
 	// profiles on a loopback port (Proc.Pprof).
 	Pprof bool
@@ -104,7 +107,8 @@ func StartAppliance(t testing.TB, prefix string, opt ApplianceOptions) *Applianc
 			"cluster": cluster,
 			// Every agent, plus renewal and admin connections in flight:
 			// after a node dies the two left hold the whole fleet.
-			"api":    map[string]any{"listen": cfg.API.Listen, "local-socket": cfg.API.LocalSocket, "max-connections": max(4096, opt.Agents+1024)},
+			"api": map[string]any{"listen": cfg.API.Listen, "local-socket": cfg.API.LocalSocket, "max-connections": max(4096, opt.Agents+1024),
+				"max-handshakes": max(256, opt.MaxHandshakes)},
 			"http":   map[string]any{"listen": cfg.HTTP.Listen},
 			"bundle": map[string]any{"listen": cfg.Bundle.Listen},
 			"join":   map[string]any{"agent-svid-ttl": opt.AgentTTL.String()},
