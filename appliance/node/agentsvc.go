@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/json"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
@@ -43,6 +44,11 @@ func (s *agentSvc) SignJWTSVID(ctx context.Context, r *api.JWTSVIDRequest) (*api
 	return s.issuer.jwtSVID(ctx, callerFrom(ctx).Actor, r)
 }
 
+// behindWatch bounds how long a Sync stream on a node behind the agent's
+// revision re-reads its view at every apply before it waits for the
+// agent's own changes only.
+const behindWatch = 30 * time.Second
+
 // Sync streams the agent's entries and the bundle: at once, then on every
 // change that concerns this agent. A client resuming at the current
 // revision gets the current view once more, then changes. The stream's context ends when the
@@ -65,6 +71,11 @@ func (s *agentSvc) Sync(r *api.SyncRequest, stream grpc.ServerStreamingServer[ap
 	// until its next change. A node behind the agent's revision stays
 	// quiet until it has caught up, so no view goes backwards.
 	first := true
+	// A node behind looks again at each apply for a while, not for ever:
+	// an agent naming a revision far ahead (another cluster's, a forged
+	// one) would otherwise cost a view per commit for as long as it
+	// stays connected.
+	behindUntil := time.Now().Add(behindWatch)
 	for {
 		if ctx.Err() != nil {
 			return nil
@@ -75,7 +86,7 @@ func (s *agentSvc) Sync(r *api.SyncRequest, stream grpc.ServerStreamingServer[ap
 		// change it applies: its own agent's changes alone may be minutes
 		// away.
 		var behind <-chan struct{}
-		if first {
+		if first && time.Now().Before(behindUntil) {
 			behind = s.state.Changed()
 		}
 		ag, ok := s.state.Agent(a.ID)
@@ -85,7 +96,11 @@ func (s *agentSvc) Sync(r *api.SyncRequest, stream grpc.ServerStreamingServer[ap
 		b := s.state.Bundle()
 		u := &api.SyncUpdate{Revision: s.state.Index(), Entries: apiEntries(s.state.EntriesByParent(a.ID)), Bundle: apiBundle(b)}
 		view, _ := json.Marshal([]any{u.Entries, u.Bundle})
-		if digest := sha256.Sum256(view); (first && u.Revision >= sent) || (u.Revision > sent && digest != last) {
+		// A view at the revision already sent is sent again if it differs:
+		// a read between an apply's index and its refreshed bundle saw the
+		// old bundle at the new revision, and the wake that follows finds
+		// the same revision with the new one.
+		if digest := sha256.Sum256(view); (first && u.Revision >= sent) || (u.Revision >= sent && digest != last) {
 			if u.SPIFFE, err = SPIFFEBundle(s.td, b); err != nil {
 				// The stored bundle does not encode: this node's fault.
 				s.issuer.log.Error("sync failed: bundle", "request", "sync", "agent", a.ID, "revision", u.Revision, "err", err)

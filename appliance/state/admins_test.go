@@ -633,4 +633,17 @@ func TestAgentRenewGrace(t *testing.T) {
 	if ag := record(); ag.PreviousSerial != "c5" || !ag.PreviousUntil.Equal(t0.Add(5*time.Minute+RenewGrace)) {
 		t.Fatalf("after a renewal carrying its own grace: %+v", ag)
 	}
+	// A ban ends the grace: unbanned, only the current certificate renews.
+	if _, err := a.apply(CmdAgentBan, t0.Add(6*time.Minute), AgentID{ID: agentID}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.apply(CmdAgentUnban, t0.Add(6*time.Minute), AgentID{ID: agentID}); err != nil {
+		t.Fatal(err)
+	}
+	if err := renew(7*time.Minute, "c8", "c5"); !errors.Is(err, ErrRefused) {
+		t.Fatalf("c5 after a ban and unban, within its grace: %v, want a refusal", err)
+	}
+	if err := renew(7*time.Minute, "c8", "c7"); err != nil {
+		t.Fatalf("the current certificate after a ban and unban: %v", err)
+	}
 }

@@ -565,6 +565,11 @@ func (t *txn) setBanned(id string, banned bool) (any, []AuditEvent, error) {
 		return nil, nil, refuse("agent %s is already %s", id, map[bool]string{true: "banned", false: "not banned"}[banned])
 	}
 	a.Banned, a.UpdatedAt, a.Revision = banned, t.c.Time, t.index
+	if banned {
+		// A ban ends the renewal grace: unbanned later, only the current
+		// certificate renews.
+		a.PreviousSerial, a.PreviousUntil = "", time.Time{}
+	}
 	t.touchAgent(id)
 	return a, []AuditEvent{{Action: t.c.Type, Target: id}}, putJSON(t.tx.Bucket(bAgents), []byte(id), a)
 }
@@ -733,7 +738,7 @@ func dropExpiredTokens(tx *bolt.Tx, now time.Time) error {
 	limit := u64Key(uint64(now.Unix()))
 	var drop [][]byte
 	c := byExp.Cursor()
-	for k, _ := c.First(); k != nil && len(k) > 8 && bytes.Compare(k[:8], limit) <= 0; k, _ = c.Next() {
+	for k, _ := c.First(); len(k) > 8 && bytes.Compare(k[:8], limit) <= 0; k, _ = c.Next() {
 		var tok JoinToken
 		ok, err := getJSON(tokens, k[8:], &tok)
 		if err != nil {
