@@ -18,10 +18,11 @@ func TestMain(m *testing.M) { os.Exit(testenv.Main(m)) }
 
 // TestFleetSmoke keeps the harness honest at a small size: every agent
 // joins, syncs, sees its own entry change and a bundle change, and
-// renews. A 2 s TTL renews about every second (SVIDs are backdated 30 s,
-// so half their life has passed at once).
+// renews. A 10 s TTL renews about every second (SVIDs are backdated 30 s,
+// so half their life has passed at once) with 10 s to spare: a 2 s TTL
+// let a renewal slowed by a loaded CI machine expire its SVID.
 func TestFleetSmoke(t *testing.T) {
-	app := fleettest.StartAppliance(t, "fs", fleettest.ApplianceOptions{AgentTTL: 2 * time.Second, Agents: 12})
+	app := fleettest.StartAppliance(t, "fs", fleettest.ApplianceOptions{AgentTTL: 10 * time.Second, Agents: 12})
 	f := fleettest.Start(t, app, fleettest.Options{Agents: 12, Joiners: 4})
 	f.WaitSynced(time.Minute)
 	nodes := map[string]int{}
