@@ -145,14 +145,7 @@ func (p *appliance) failed(conn *grpc.ClientConn, err error) {
 // new SVID. The Sync stream on the closed connection ends with
 // cache.ErrReconnect, which the cache reopens at once; a signing call in
 // flight on it fails and is retried as any failed call is.
-func (p *appliance) reconnect() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.conn != nil {
-		_ = p.conn.Close() // fails only when already closed
-		p.conn = nil
-	}
-}
+func (p *appliance) reconnect() { p.close() }
 
 // replaced reports whether conn is no longer the connection calls use
 // (closed for a new SVID, a revoked node, a failure).

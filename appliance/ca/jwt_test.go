@@ -152,22 +152,29 @@ func (b *memBundle) sync(context.Context) error {
 
 func testAuthority(t *testing.T, nodeID string) *Authority {
 	t.Helper()
-	td := spiffeid.RequireTrustDomainFromString("example.org")
-	rootKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	rootTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "root"}, IsCA: true, BasicConstraintsValid: true,
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageCertSign}
-	rootDER, _ := x509.CreateCertificate(rand.Reader, rootTmpl, rootTmpl, &rootKey.PublicKey, rootKey)
-	root, _ := x509.ParseCertificate(rootDER)
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	issTmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: nodeID}, IsCA: true, BasicConstraintsValid: true,
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageCertSign}
-	issDER, _ := x509.CreateCertificate(rand.Reader, issTmpl, root, &key.PublicKey, rootKey)
-	issuing, _ := x509.ParseCertificate(issDER)
+	td, root, issuing, key := testCA(nodeID)
 	a, err := New(td, nodeID, key, issuing, []*x509.Certificate{root}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return a
+}
+
+// testCA makes a root and nodeID's issuing CA under it, in memory, valid
+// for the hour around now.
+func testCA(nodeID string) (td spiffeid.TrustDomain, root, issuing *x509.Certificate, key *ecdsa.PrivateKey) {
+	td = spiffeid.RequireTrustDomainFromString("example.org")
+	rootKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	rootTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "root"}, IsCA: true, BasicConstraintsValid: true,
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageCertSign}
+	rootDER, _ := x509.CreateCertificate(rand.Reader, rootTmpl, rootTmpl, &rootKey.PublicKey, rootKey)
+	root, _ = x509.ParseCertificate(rootDER)
+	key, _ = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	issTmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: nodeID}, IsCA: true, BasicConstraintsValid: true,
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageCertSign}
+	issDER, _ := x509.CreateCertificate(rand.Reader, issTmpl, root, &key.PublicKey, rootKey)
+	issuing, _ = x509.ParseCertificate(issDER)
+	return td, root, issuing, key
 }
 
 // TestRotateOnDemandBound: concurrent requests make exactly the keys that

@@ -152,18 +152,8 @@ func (s *swappedSigner) Sign(r io.Reader, d []byte, o crypto.SignerOpts) ([]byte
 // verifyEvery leaves, never sent, and from then on every leaf is checked;
 // a key that does not match the issuing certificate is refused by New.
 func TestLeafSignaturesSampledAndCheckedAfterAFault(t *testing.T) {
-	td := spiffeid.RequireTrustDomainFromString("example.org")
-	rootKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	rootTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "root"}, IsCA: true, BasicConstraintsValid: true,
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageCertSign}
-	rootDER, _ := x509.CreateCertificate(rand.Reader, rootTmpl, rootTmpl, &rootKey.PublicKey, rootKey)
-	root, _ := x509.ParseCertificate(rootDER)
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	td, root, issuing, key := testCA("node-1")
 	other, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	issTmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "node-1"}, IsCA: true, BasicConstraintsValid: true,
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageCertSign}
-	issDER, _ := x509.CreateCertificate(rand.Reader, issTmpl, root, &key.PublicKey, rootKey)
-	issuing, _ := x509.ParseCertificate(issDER)
 
 	swapped := &swappedSigner{right: key, wrong: other}
 	swapped.swapped.Store(true)

@@ -65,25 +65,10 @@ func TestTokenExpiryIndex(t *testing.T) {
 
 	// A snapshot restores the index from the tokens.
 	b := newFSM(t)
-	restoreInto(t, a.fsm, b)
+	if err := b.Restore(bytes.NewReader(atkSnapshot(t, a.fsm))); err != nil {
+		t.Fatal(err)
+	}
 	if tokens, indexed = tokenIDs(t, b); len(tokens) != 1 || fmt.Sprint(tokens) != fmt.Sprint(indexed) {
 		t.Fatalf("restored: tokens %v, index %v", tokens, indexed)
-	}
-}
-
-// restoreInto restores a raft snapshot of from into to.
-func restoreInto(t *testing.T, from, to *FSM) {
-	t.Helper()
-	snap, err := from.Snapshot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer snap.Release()
-	var buf bytes.Buffer
-	if err := snap.Persist(&buf); err != nil {
-		t.Fatal(err)
-	}
-	if err := to.Restore(bytes.NewReader(buf.Bytes())); err != nil {
-		t.Fatal(err)
 	}
 }
