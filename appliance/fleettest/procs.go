@@ -145,7 +145,7 @@ func StartAppliance(t testing.TB, prefix string, opt ApplianceOptions) *Applianc
 // Start (re)starts node id's process. Its output goes to its log file.
 func (a *Appliance) Start(id string) {
 	a.T.Helper()
-	p := a.proc(id)
+	p := a.Proc(id)
 	cmd := exec.Command(filepath.Join(a.Dir, "sigild"), "--config", p.cfg)
 	logf, err := os.OpenFile(p.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
@@ -169,7 +169,8 @@ func (a *Appliance) Start(id string) {
 	a.mu.Unlock()
 }
 
-func (a *Appliance) proc(id string) *Proc {
+// Proc returns node id's process description.
+func (a *Appliance) Proc(id string) *Proc {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	p := a.procs[id]
@@ -179,12 +180,10 @@ func (a *Appliance) proc(id string) *Proc {
 	return p
 }
 
-// Proc returns node id's process description.
-func (a *Appliance) Proc(id string) *Proc { return a.proc(id) }
 
 // Running reports whether node id's process is alive.
 func (a *Appliance) Running(id string) bool {
-	p := a.proc(id)
+	p := a.Proc(id)
 	a.mu.Lock()
 	done := p.done
 	a.mu.Unlock()
@@ -201,7 +200,7 @@ func (a *Appliance) Running(id string) bool {
 
 // Kill sends sig to node id and waits for it to exit (SIGKILL after 20 s).
 func (a *Appliance) Kill(id string, sig syscall.Signal) {
-	p := a.proc(id)
+	p := a.Proc(id)
 	a.mu.Lock()
 	cmd, done := p.cmd, p.done
 	a.mu.Unlock()
@@ -225,7 +224,7 @@ func (a *Appliance) stopAll() {
 	}
 	if a.T.Failed() {
 		for _, id := range NodeIDs() {
-			if b, err := os.ReadFile(a.proc(id).log); err == nil {
+			if b, err := os.ReadFile(a.Proc(id).log); err == nil {
 				a.T.Logf("%s log (tail):\n%s", id, tail(string(b), 3000))
 			}
 		}
@@ -242,7 +241,7 @@ func tail(s string, n int) string {
 // WaitReady waits for node id's /readyz.
 func (a *Appliance) WaitReady(id string, timeout time.Duration) {
 	a.T.Helper()
-	url := "http://" + a.proc(id).HTTP + "/readyz"
+	url := "http://" + a.Proc(id).HTTP + "/readyz"
 	clustertest.Eventually(a.T, timeout, id+" ready", func() bool {
 		r, err := http.Get(url)
 		if err != nil {
@@ -286,7 +285,7 @@ func (a *Appliance) Leader(exclude string) string {
 // HeapProfile writes node id's heap profile (after a GC) to path; the
 // appliance must have been started with Pprof.
 func (a *Appliance) HeapProfile(id, path string) error {
-	p := a.proc(id)
+	p := a.Proc(id)
 	if p.Pprof == "" {
 		return fmt.Errorf("%s serves no profiles: start the appliance with Pprof", id)
 	}
@@ -315,7 +314,7 @@ type Metrics map[string]float64
 
 // Scrape reads node id's /metrics.
 func (a *Appliance) Scrape(ctx context.Context, id string) (Metrics, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+a.proc(id).HTTP+"/metrics", nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+a.Proc(id).HTTP+"/metrics", nil)
 	if err != nil {
 		return nil, err
 	}
