@@ -180,7 +180,6 @@ func (a *Appliance) Proc(id string) *Proc {
 	return p
 }
 
-
 // Running reports whether node id's process is alive.
 func (a *Appliance) Running(id string) bool {
 	p := a.Proc(id)
