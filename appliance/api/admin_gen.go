@@ -47,6 +47,10 @@ const (
 	AdminMethodTokenRevoke     = "/" + AdminService + "/TokenRevoke"
 	AdminMethodAgentRemove     = "/" + AdminService + "/AgentRemove"
 	AdminMethodJWTKeyRotate    = "/" + AdminService + "/JWTKeyRotate"
+	AdminMethodJoinRuleCreate  = "/" + AdminService + "/JoinRuleCreate"
+	AdminMethodJoinRuleList    = "/" + AdminService + "/JoinRuleList"
+	AdminMethodJoinRuleShow    = "/" + AdminService + "/JoinRuleShow"
+	AdminMethodJoinRuleDelete  = "/" + AdminService + "/JoinRuleDelete"
 )
 
 // RegisterAdmin adds the admin service to a gRPC server: every method of
@@ -89,6 +93,10 @@ func RegisterAdmin(s grpc.ServiceRegistrar, impl AdminServer) {
 			unary("TokenRevoke", AdminMethodTokenRevoke, AdminServer.TokenRevoke),
 			unary("AgentRemove", AdminMethodAgentRemove, AdminServer.AgentRemove),
 			unary("JWTKeyRotate", AdminMethodJWTKeyRotate, AdminServer.JWTKeyRotate),
+			unary("JoinRuleCreate", AdminMethodJoinRuleCreate, AdminServer.JoinRuleCreate),
+			unary("JoinRuleList", AdminMethodJoinRuleList, AdminServer.JoinRuleList),
+			unary("JoinRuleShow", AdminMethodJoinRuleShow, AdminServer.JoinRuleShow),
+			unary("JoinRuleDelete", AdminMethodJoinRuleDelete, AdminServer.JoinRuleDelete),
 		},
 		Streams: []grpc.StreamDesc{
 			serverStream("SnapshotSave", AdminServer.SnapshotSave),
@@ -271,6 +279,26 @@ func (c *AdminClient) AgentRemove(ctx context.Context, r *AgentRemoveRequest) (*
 // records its publication.
 func (c *AdminClient) JWTKeyRotate(ctx context.Context, r *Empty) (*JWTKeyRotated, error) {
 	return invoke[Empty, JWTKeyRotated](ctx, c.cc, AdminMethodJWTKeyRotate, r)
+}
+
+// JoinRuleCreate adds a join rule for pipeline runs (Join.Job); a
+// preset fills the issuer, claim names and templates it leaves empty.
+func (c *AdminClient) JoinRuleCreate(ctx context.Context, r *JoinRule) (*JoinRule, error) {
+	return invoke[JoinRule, JoinRule](ctx, c.cc, AdminMethodJoinRuleCreate, r)
+}
+
+func (c *AdminClient) JoinRuleList(ctx context.Context, r *Empty) (*JoinRuleList, error) {
+	return invoke[Empty, JoinRuleList](ctx, c.cc, AdminMethodJoinRuleList, r)
+}
+
+func (c *AdminClient) JoinRuleShow(ctx context.Context, r *IDRequest) (*JoinRule, error) {
+	return invoke[IDRequest, JoinRule](ctx, c.cc, AdminMethodJoinRuleShow, r)
+}
+
+// JoinRuleDelete removes a rule: its runs join no more (running ones
+// keep their SVIDs until they expire or end).
+func (c *AdminClient) JoinRuleDelete(ctx context.Context, r *IDRequest) (*Empty, error) {
+	return invoke[IDRequest, Empty](ctx, c.cc, AdminMethodJoinRuleDelete, r)
 }
 
 // The client methods written by hand over the openers above: a missing one

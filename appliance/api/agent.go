@@ -38,6 +38,13 @@ type (
 		SPIFFEID  string    `json:"spiffe_id"`
 		ExpiresAt time.Time `json:"expires_at"`
 	}
+	// RunEndRequest ends a job agent's run: the agent's record and its
+	// run's entry go, and the run's X.509-SVIDs named in Serials (hex, as
+	// issued to this agent) are revoked. ExitCode is the run's, audited.
+	RunEndRequest struct {
+		Serials  []string `json:"serials,omitempty"`
+		ExitCode int      `json:"exit_code"`
+	}
 	// SyncRequest resumes after a revision (0: from the start).
 	SyncRequest struct {
 		Revision uint64 `json:"revision"`
@@ -62,7 +69,13 @@ type AgentServer interface {
 	// Sync streams the agent's view (SyncUpdate) after a revision: at once,
 	// then on every change that concerns the agent.
 	Sync(*SyncRequest, grpc.ServerStreamingServer[SyncUpdate]) error
+	// RunEnd ends the calling job agent's run (job agents only): audited,
+	// its SVIDs revoked, its record and entry removed.
+	RunEnd(context.Context, *RunEndRequest) (*Empty, error)
 }
+
+// MaxRunEndSerials bounds a RunEnd request.
+const MaxRunEndSerials = 16
 
 // AgentService is the gRPC service name.
 const AgentService = "sigil.agent.v1.Agent"

@@ -14,6 +14,7 @@ const (
 	AgentMethodSignX509SVIDs = "/" + AgentService + "/SignX509SVIDs"
 	AgentMethodSignJWTSVID   = "/" + AgentService + "/SignJWTSVID"
 	AgentMethodSync          = "/" + AgentService + "/Sync"
+	AgentMethodRunEnd        = "/" + AgentService + "/RunEnd"
 )
 
 // RegisterAgent adds the agent service to a gRPC server: every method of
@@ -25,6 +26,7 @@ func RegisterAgent(s grpc.ServiceRegistrar, impl AgentServer) {
 		Methods: []grpc.MethodDesc{
 			unary("SignX509SVIDs", AgentMethodSignX509SVIDs, AgentServer.SignX509SVIDs),
 			unary("SignJWTSVID", AgentMethodSignJWTSVID, AgentServer.SignJWTSVID),
+			unary("RunEnd", AgentMethodRunEnd, AgentServer.RunEnd),
 		},
 		Streams: []grpc.StreamDesc{
 			serverStream("Sync", AgentServer.Sync),
@@ -50,4 +52,10 @@ func (c *AgentClient) SignJWTSVID(ctx context.Context, r *JWTSVIDRequest) (*JWTS
 // then on every change that concerns the agent.
 func (c *AgentClient) Sync(ctx context.Context, r *SyncRequest) (grpc.ServerStreamingClient[SyncUpdate], error) {
 	return openServerStream[SyncRequest, SyncUpdate](ctx, c.cc, "Sync", AgentMethodSync, r)
+}
+
+// RunEnd ends the calling job agent's run (job agents only): audited,
+// its SVIDs revoked, its record and entry removed.
+func (c *AgentClient) RunEnd(ctx context.Context, r *RunEndRequest) (*Empty, error) {
+	return invoke[RunEndRequest, Empty](ctx, c.cc, AgentMethodRunEnd, r)
 }

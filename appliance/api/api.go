@@ -321,6 +321,14 @@ type AdminServer interface {
 	// the caller and the kid before the key is made, bundle.jwt.add
 	// records its publication.
 	JWTKeyRotate(context.Context, *Empty) (*JWTKeyRotated, error)
+	// JoinRuleCreate adds a join rule for pipeline runs (Join.Job); a
+	// preset fills the issuer, claim names and templates it leaves empty.
+	JoinRuleCreate(context.Context, *JoinRule) (*JoinRule, error)
+	JoinRuleList(context.Context, *Empty) (*JoinRuleList, error)
+	JoinRuleShow(context.Context, *IDRequest) (*JoinRule, error)
+	// JoinRuleDelete removes a rule: its runs join no more (running ones
+	// keep their SVIDs until they expire or end).
+	JoinRuleDelete(context.Context, *IDRequest) (*Empty, error)
 }
 
 // AdminService is the gRPC service name.

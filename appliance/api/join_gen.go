@@ -15,6 +15,7 @@ const (
 	JoinMethodTPMProve = "/" + JoinService + "/TPMProve"
 	JoinMethodToken    = "/" + JoinService + "/Token"
 	JoinMethodRenew    = "/" + JoinService + "/Renew"
+	JoinMethodJob      = "/" + JoinService + "/Job"
 )
 
 // RegisterJoin adds the join service to a gRPC server: every method of
@@ -28,6 +29,7 @@ func RegisterJoin(s grpc.ServiceRegistrar, impl JoinServer) {
 			unary("TPMProve", JoinMethodTPMProve, JoinServer.TPMProve),
 			unary("Token", JoinMethodToken, JoinServer.Token),
 			unary("Renew", JoinMethodRenew, JoinServer.Renew),
+			unary("Job", JoinMethodJob, JoinServer.Job),
 		},
 		Streams: []grpc.StreamDesc{},
 	}, impl)
@@ -53,4 +55,11 @@ func (c *JoinClient) Token(ctx context.Context, r *JoinTokenRequest) (*AgentSVID
 
 func (c *JoinClient) Renew(ctx context.Context, r *RenewRequest) (*AgentSVID, error) {
 	return invoke[RenewRequest, AgentSVID](ctx, c.cc, JoinMethodRenew, r)
+}
+
+// Job joins a pipeline run by its platform's signed ID token (each
+// token joins once); a run joins again with a fresh token of the same
+// run to renew.
+func (c *JoinClient) Job(ctx context.Context, r *JoinJobRequest) (*JobSVID, error) {
+	return invoke[JoinJobRequest, JobSVID](ctx, c.cc, JoinMethodJob, r)
 }

@@ -197,3 +197,48 @@ type RootCRLResult struct {
 	// WithdrawnJWTKeys were published by nodes whose CA is now revoked.
 	WithdrawnJWTKeys []string `json:"withdrawn_jwt_keys,omitempty"`
 }
+
+// JoinRule admits pipeline runs (Join.Job) by their platform's signed ID
+// token: who signs (Issuer, keys by OIDC discovery or the static JWKS),
+// for whom (Audience), which runs (every condition must hold), and which
+// identity they get (SPIFFEIDTemplate, filled from the token's claims).
+type JoinRule struct {
+	Name string `json:"name"`
+	// Preset is github-actions, gitlab-ci, kubernetes or oidc: it fills
+	// the issuer, templates and audited claims the rule leaves empty.
+	Preset string `json:"preset,omitempty"`
+	Issuer string `json:"issuer"`
+	// JWKS is the issuer's key set (JSON) for appliances that cannot reach
+	// the issuer; empty: keys come from the issuer's OIDC discovery.
+	JWKS string `json:"jwks,omitempty"`
+	// IssuerCA is PEM roots for discovery over TLS (empty: the system's).
+	IssuerCA   string           `json:"issuer_ca,omitempty"`
+	Audience   string           `json:"audience"`
+	Conditions []ClaimCondition `json:"conditions,omitempty"`
+	// SPIFFEIDTemplate is the run's identity's path, e.g.
+	// /ci/github/{{repository_owner}}/{{repository_name}}.
+	SPIFFEIDTemplate string `json:"spiffe_id_template"`
+	// RunTemplate names the run (the job agent's ID); the preset's default
+	// when empty.
+	RunTemplate string  `json:"run_template,omitempty"`
+	TTL         Seconds `json:"ttl"`
+	MaxTokenAge Seconds `json:"max_token_age"`
+	// AuditClaims are recorded with each join (the preset's when empty).
+	AuditClaims []string  `json:"audit_claims,omitempty"`
+	CreatedBy   string    `json:"created_by,omitempty"`
+	CreatedAt   time.Time `json:"created_at,omitzero"`
+	Revision    uint64    `json:"revision,omitempty"`
+}
+
+// ClaimCondition requires a token claim (a flattened name such as
+// repository or kubernetes.io.namespace) to match Pattern: exact, or a
+// glob where * matches within one /-separated part and ? one character.
+type ClaimCondition struct {
+	Claim   string `json:"claim"`
+	Pattern string `json:"pattern"`
+}
+
+// JoinRuleList lists the join rules by name.
+type JoinRuleList struct {
+	Rules []JoinRule `json:"rules"`
+}
