@@ -119,12 +119,17 @@ func (c Config) firstServer() int {
 
 // Validate checks the whole configuration before anything starts and
 // lists every problem it finds.
-func (c Config) Validate() error {
+func (c Config) Validate() error { return c.validate(false) }
+
+// validate checks c for a host agent, or with inMemory for an agent whose
+// identity lives only in the process (NewInMemory): it has no data dir,
+// TPM or join token file.
+func (c Config) validate(inMemory bool) error {
 	var p strictyaml.Problems
 	for _, f := range []struct {
 		name    string
 		missing bool
-	}{{"servers", len(c.Servers) == 0}, {"root-cert", c.RootCert == ""}, {"data-dir", c.DataDir == ""}} {
+	}{{"servers", len(c.Servers) == 0}, {"root-cert", c.RootCert == ""}, {"data-dir", c.DataDir == "" && !inMemory}} {
 		if f.missing {
 			p.Add(f.name, "is required")
 		}
@@ -132,7 +137,10 @@ func (c Config) Validate() error {
 	if o := c.ServerOrder; o != "" && o != ServerOrderRandom && o != ServerOrderListed {
 		p.Add("server-order", "%q: want %s or %s", o, ServerOrderRandom, ServerOrderListed)
 	}
-	if (c.TPM == "") == (c.JoinTokenFile == "") {
+	switch {
+	case inMemory && (c.DataDir != "" || c.TPM != "" || c.JoinTokenFile != ""):
+		p.Add("data-dir, tpm, join-token-file:", "an in-memory agent has none of them")
+	case !inMemory && (c.TPM == "") == (c.JoinTokenFile == ""):
 		p.Add("tpm, join-token-file:", "set exactly one (tpm on hosts with a TPM, join-token-file on hosts without)")
 	}
 	_, err := c.socketMode()
@@ -167,8 +175,11 @@ type Agent struct {
 	log *slog.Logger
 	tpm *tpm.TPM // nil for token-joined agents
 	key string
-	// soft is the software key of a token-joined agent.
+	// soft is the software key of a token-joined or in-memory agent.
 	soft crypto.Signer
+	// inMemory: nothing is persisted and the caller keeps the identity
+	// current (NewInMemory).
+	inMemory bool
 
 	mu   sync.Mutex
 	svid *join.SVID
@@ -227,6 +238,26 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
 	return a, nil
 }
 
+// NewInMemory returns an agent whose identity lives only in this process,
+// for a pipeline run (sigil-agent exec, package agent/jobrun): key is its
+// software key, kept in memory; nothing is written (cfg has no data dir:
+// no key, SVID or CRL file). The caller brings the identity up and keeps
+// it current with JoinWith (a job run renews by joining again with a fresh
+// platform token); Serve serves on it but does not renew it.
+func NewInMemory(cfg Config, key crypto.Signer, log *slog.Logger) (*Agent, error) {
+	if log == nil {
+		log = slog.Default()
+	}
+	if err := cfg.validate(true); err != nil {
+		return nil, err
+	}
+	a := &Agent{cfg: cfg, log: log, soft: key, inMemory: true}
+	if err := a.init(); err != nil {
+		return nil, err
+	}
+	return a, nil
+}
+
 func (a *Agent) init() error {
 	// Root CRLs from the appliance are checked against the configured
 	// roots, never against what a node sends.
@@ -236,8 +267,11 @@ func (a *Agent) init() error {
 	}
 	a.app = &appliance{a: a, idx: a.cfg.firstServer()}
 	a.revoked = make(chan struct{}, 1)
-	a.cache = cache.New(a.app, cache.Options{Log: a.log, Roots: roots,
-		CRLFile: filepath.Join(a.cfg.DataDir, "root-crls.pem"), OnRevoked: a.onRevoked})
+	crlFile := ""
+	if !a.inMemory {
+		crlFile = filepath.Join(a.cfg.DataDir, "root-crls.pem")
+	}
+	a.cache = cache.New(a.app, cache.Options{Log: a.log, Roots: roots, CRLFile: crlFile, OnRevoked: a.onRevoked})
 	return nil
 }
 
@@ -282,6 +316,9 @@ func (a *Agent) SVID() *join.SVID {
 // Start brings the identity up: the stored SVID if it is still valid and
 // for this TPM's key, else a new join.
 func (a *Agent) Start(ctx context.Context) error {
+	if a.inMemory {
+		return errors.New("an in-memory agent has no stored identity: its owner joins it with JoinWith")
+	}
 	signer, err := a.signer(ctx)
 	if err != nil {
 		return err
@@ -304,17 +341,28 @@ func (a *Agent) Server() string { return a.cfg.Servers[a.app.current()] }
 // Join attests the TPM to the first appliance node that answers, starting
 // at the current server.
 func (a *Agent) Join(ctx context.Context) error {
+	return a.JoinWith(ctx, func(ctx context.Context, jc *api.JoinClient) (*join.SVID, error) {
+		if a.tpm != nil {
+			return join.TPM(ctx, jc, a.tpm, a.key)
+		}
+		return a.tokenJoin(ctx, jc)
+	})
+}
+
+// JoinFunc joins over jc, an anonymous connection to one appliance server.
+type JoinFunc func(ctx context.Context, jc *api.JoinClient) (*join.SVID, error)
+
+// JoinWith joins through f on the first appliance server that answers,
+// starting at the current one, and makes the SVID f returns the agent's
+// identity. Join uses it with the agent's TPM or token; an in-memory
+// agent's owner calls it to join and to renew.
+func (a *Agent) JoinWith(ctx context.Context, f JoinFunc) error {
 	err := a.app.eachServer(ctx, func(srv string) error {
 		jc, closeConn, err := a.dial(srv, nil)
 		if err != nil {
 			return err
 		}
-		var s *join.SVID
-		if a.tpm != nil {
-			s, err = join.TPM(ctx, jc, a.tpm, a.key)
-		} else {
-			s, err = a.tokenJoin(ctx, jc)
-		}
+		s, err := f(ctx, jc)
 		closeConn()
 		if err != nil {
 			a.log.Warn("join failed", "server", srv, "err", err)
@@ -508,10 +556,15 @@ func (a *Agent) set(s *join.SVID) {
 }
 
 // store keeps the SVID for restarts (certificates only: the key is in the
-// TPM), makes it current and reconnects to the appliance with it: the
+// TPM; an in-memory agent keeps nothing), makes it current and reconnects to the appliance with it: the
 // connection open until now presents the previous SVID, and the nodes end
 // its calls (the Sync stream too) once that one expires.
 func (a *Agent) store(s *join.SVID) error {
+	if a.inMemory {
+		a.set(s)
+		a.app.reconnect()
+		return nil
+	}
 	var b []byte
 	for _, c := range s.Chain {
 		b = append(b, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)

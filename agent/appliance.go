@@ -264,6 +264,14 @@ func (p *appliance) SignJWTSVID(ctx context.Context, r *api.JWTSVIDRequest) (*ap
 	return unaryCall(ctx, p, (*api.AgentClient).SignJWTSVID, r)
 }
 
+// RunEnd ends a job agent's run (an in-memory agent joined by a job join):
+// the appliance revokes the serials, records the exit code and removes the
+// agent and its run's entry. It tries each server at most once.
+func (a *Agent) RunEnd(ctx context.Context, r *api.RunEndRequest) error {
+	_, err := unaryCall(ctx, a.app, (*api.AgentClient).RunEnd, r)
+	return err
+}
+
 // Sync opens the update stream; the cache retries a failed one, which then
 // goes to the next server.
 func (p *appliance) Sync(ctx context.Context, r *api.SyncRequest) (grpc.ServerStreamingClient[api.SyncUpdate], error) {

@@ -62,7 +62,9 @@ func (a *Agent) Serve(ctx context.Context) error {
 	defer cancel()
 	var wg sync.WaitGroup
 	run := func(f func()) { wg.Add(1); go func() { defer wg.Done(); f() }() }
-	run(func() { a.Run(ctx) })
+	if !a.inMemory { // an in-memory agent's owner renews it (NewInMemory)
+		run(func() { a.Run(ctx) })
+	}
 	run(func() { a.cache.Run(ctx) })
 	for _, o := range a.cfg.Outputs {
 		run(func() { output.Run(ctx, a.cache, o, a.log, &a.outputStats) })

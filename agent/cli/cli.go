@@ -1,6 +1,7 @@
 // Package cli is sigil-agent's command line: the root command runs the
 // agent from its YAML configuration (see package agent); `inspect` shows
-// what the Workload API gives the caller.
+// what the Workload API gives the caller; `exec` runs one CI/CD job's
+// command under the run's own identity (package agent/jobrun).
 package cli
 
 import (
@@ -40,7 +41,7 @@ func NewCommand() *cobra.Command {
 		},
 	}
 	root.Flags().StringVar(&config, "config", DefaultConfig, "configuration file (YAML)")
-	root.AddCommand(inspectCmd())
+	root.AddCommand(inspectCmd(), execCmd())
 	return clirun.Prepare(root)
 }
 

@@ -120,6 +120,28 @@ func Token(ctx context.Context, jc *api.JoinClient, token string, signer crypto.
 	return parse(res, signer)
 }
 
+// Job joins a pipeline run (sigil-agent exec) with its platform's signed
+// ID token, checked by the appliance against the join rule named rule;
+// uid is the Unix user the run's commands run as. The same call with a
+// fresh token of the same run renews (job agents cannot use Renew). It
+// returns the job agent's SVID and what the appliance said about the run
+// (its identity, entry and run ID).
+func Job(ctx context.Context, jc *api.JoinClient, rule, token string, uid uint32, signer crypto.Signer) (*SVID, *api.JobSVID, error) {
+	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, signer)
+	if err != nil {
+		return nil, nil, err
+	}
+	res, err := jc.Job(ctx, &api.JoinJobRequest{Rule: rule, Token: token, CSR: csr, UID: uid})
+	if err != nil {
+		return nil, nil, fmt.Errorf("job join refused: %w", err)
+	}
+	s, err := parse(&res.AgentSVID, signer)
+	if err != nil {
+		return nil, nil, err
+	}
+	return s, res, nil
+}
+
 func parse(res *api.AgentSVID, signer crypto.Signer) (*SVID, error) {
 	s := &SVID{ID: res.AgentID, Signer: signer}
 	for _, der := range res.Chain {

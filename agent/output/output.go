@@ -244,6 +244,15 @@ func writeFile(c Config, name string, data []byte, mode os.FileMode) error {
 	return d.write(name, data, mode)
 }
 
+// WritePrivate replaces dir/name atomically with data, mode 0600 and
+// owned by the calling user, walking dir under the same rules as an
+// output's directory (no symlinks, no component another user could swap).
+// It is for sigil-agent exec --out (package agent/jobrun), which runs as
+// the job's own user; dir must exist (a missing one would be made 0750).
+func WritePrivate(dir, name string, data []byte) error {
+	return writeFile(Config{Dir: dir, UID: os.Geteuid(), GID: os.Getegid()}, name, data, 0o600)
+}
+
 // notifyOnce runs c's notification, logging and counting the outcome.
 func notifyOnce(ctx context.Context, c Config, log *slog.Logger, st *Stats) {
 	what := "command " + strings.Join(c.Notify.Command, " ")

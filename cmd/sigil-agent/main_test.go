@@ -27,13 +27,28 @@ func TestRun(t *testing.T) {
 	twoDocs := write("two.yaml", base+"---\n"+base)
 	noSocket := filepath.Join(dir, "no.sock")
 
+	t.Setenv("SIGIL_SERVERS", "")
+	t.Setenv("SIGIL_ROOT_CERT", "")
+	t.Setenv("ACTIONS_ID_TOKEN_REQUEST_URL", "")
 	for _, tc := range []struct {
 		args   []string
 		code   int
 		stdout []string
 		stderr []string
 	}{
-		{[]string{"--help"}, 0, []string{"inspect", "--config", "/etc/sigil/agent.yaml"}, nil},
+		{[]string{"--help"}, 0, []string{"inspect", "exec", "--config", "/etc/sigil/agent.yaml"}, nil},
+		{[]string{"exec", "--help"}, 0, []string{"--server", "--root-cert", "--rule", "--token-file", "--token-env", "--github-actions", "--token-audience", "--out", "--audience", "SIGIL_SERVERS"}, nil},
+		{[]string{"exec", "--rule", "r", "--token-env", "T", "--server", "h:1", "--root-cert", "/x", "true"}, 2, nil, []string{"give the command after --"}},
+		{[]string{"exec", "--rule", "r", "--token-env", "T", "--server", "h:1", "--root-cert", "/x", "--"}, 2, nil, []string{"give the command after --"}},
+		{[]string{"exec", "--rule", "r", "--token-env", "T", "--root-cert", "/x", "--", "true"}, 2, nil, []string{"--server or $SIGIL_SERVERS"}},
+		{[]string{"exec", "--rule", "r", "--token-env", "T", "--server", "h:1", "--", "true"}, 2, nil, []string{"--root-cert or $SIGIL_ROOT_CERT"}},
+		{[]string{"exec", "--token-env", "T", "--server", "h:1", "--root-cert", "/x", "--", "true"}, 2, nil, []string{"give --rule"}},
+		{[]string{"exec", "--rule", "r", "--server", "h:1", "--root-cert", "/x", "--", "true"}, 2, nil, []string{"exactly one of --token-file, --token-env, --github-actions"}},
+		{[]string{"exec", "--rule", "r", "--token-env", "T", "--token-file", "/t", "--server", "h:1", "--root-cert", "/x", "--", "true"}, 2, nil, []string{"exactly one of"}},
+		{[]string{"exec", "--rule", "r", "--token-file", "/t", "--token-audience", "a", "--server", "h:1", "--root-cert", "/x", "--", "true"}, 2, nil, []string{"--token-audience is for --github-actions"}},
+		{[]string{"exec", "--rule", "r", "--token-file", "/t", "--audience", "a", "--server", "h:1", "--root-cert", "/x", "--", "true"}, 2, nil, []string{"give --out"}},
+		{[]string{"exec", "--rule", "r", "--token-env", "SIGIL_TEST_NO_SUCH_VAR", "--server", "h:1", "--root-cert", "/x", "--", "true"}, 1, nil, []string{"SIGIL_TEST_NO_SUCH_VAR: empty platform token"}},
+		{[]string{"exec", "--rule", "r", "--github-actions", "--token-audience", "a", "--server", "h:1", "--root-cert", "/x", "--", "true"}, 1, nil, []string{"id-token: write"}},
 		{[]string{"help"}, 0, []string{"inspect"}, nil},
 		{[]string{"inspect", "--help"}, 0, []string{"--socket", "--audience", "--timeout", "10s"}, nil},
 		{[]string{"bogus"}, 2, nil, []string{`unknown command "bogus"`, "inspect"}},

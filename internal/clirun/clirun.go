@@ -37,6 +37,22 @@ func Usagef(format string, a ...any) error {
 	return &UsageError{Err: fmt.Errorf(format, a...)}
 }
 
+// ExitStatus ends the process with Code, as a command that passes on
+// another's exit status does (sigil-agent exec). Err, when set, is
+// reported as any error is; nil prints nothing.
+type ExitStatus struct {
+	Code int
+	Err  error
+}
+
+func (e *ExitStatus) Error() string {
+	if e.Err == nil {
+		return fmt.Sprintf("exit status %d", e.Code)
+	}
+	return e.Err.Error()
+}
+func (e *ExitStatus) Unwrap() error { return e.Err }
+
 const preparedKey = "sigil.clirun.prepared"
 
 // Prepare makes a command tree behave as the package doc says. It is
@@ -132,6 +148,13 @@ func Run(ctx context.Context, root *cobra.Command, args []string, stdout, stderr
 	cmd, err := root.ExecuteC()
 	if err == nil {
 		return ExitOK
+	}
+	var st *ExitStatus
+	if errors.As(err, &st) {
+		if st.Err != nil {
+			_, _ = fmt.Fprintf(stderr, "%s: %v\n", root.Name(), st.Err)
+		}
+		return st.Code
 	}
 	// A failed write to stderr has nowhere left to be reported; the exit
 	// code still says the command failed.
