@@ -267,7 +267,9 @@ func (p *appliance) SignJWTSVID(ctx context.Context, r *api.JWTSVIDRequest) (*ap
 // RunEnd ends a job agent's run (an in-memory agent joined by a job join):
 // the appliance revokes the serials, records the exit code and removes the
 // agent and its run's entry. It tries each server at most once.
+// The agent is over with it: its connection is closed.
 func (a *Agent) RunEnd(ctx context.Context, r *api.RunEndRequest) error {
+	defer a.app.close()
 	_, err := unaryCall(ctx, a.app, (*api.AgentClient).RunEnd, r)
 	return err
 }
