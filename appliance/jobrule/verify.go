@@ -75,7 +75,7 @@ type Verified struct {
 	ReplayKey string
 	// ReplayUntil is when the caller may forget ReplayKey: after it the
 	// token is refused as expired or too old anyway.
-	ReplayUntil       time.Time
+	ReplayUntil      time.Time
 	IssuedAt, Expiry time.Time
 }
 
