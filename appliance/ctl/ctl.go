@@ -118,7 +118,7 @@ func NewCommand(out io.Writer) *cobra.Command {
 
 	root.AddCommand(entryCmd(g), agentCmd(g), tpmCmd(g), tokenCmd(g), clusterCmd(g), snapshotCmd(g), auditCmd(g), bundleCmd(g), jwtCmd(g), adminCmd(g), svidCmd(g))
 	root.AddCommand(joinRuleCmd(g)) // joinrule.go
-	root.AddCommand(caCmd(g)) // crl.go
+	root.AddCommand(caCmd(g))       // crl.go
 	return clirun.Prepare(root)
 }
 

@@ -88,7 +88,9 @@ func joinRuleCmd(g *globals) *cobra.Command {
 			})
 	}}
 	show := &cobra.Command{Use: "show NAME", Args: cobra.ExactArgs(1), Short: "Show a join rule", RunE: func(_ *cobra.Command, args []string) error {
-		return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) { return c.JoinRuleShow(ctx, &api.IDRequest{ID: args[0]}) },
+		return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
+			return c.JoinRuleShow(ctx, &api.IDRequest{ID: args[0]})
+		},
 			func(w *bufio.Writer, v any) { printJoinRule(w, v.(*api.JoinRule)) })
 	}}
 	del := &cobra.Command{Use: "delete NAME", Args: cobra.ExactArgs(1), Short: "Delete a join rule (running jobs keep their SVIDs until they expire or end)",

@@ -232,7 +232,10 @@ func TestAttackJobJoinRefusals(t *testing.T) {
 		{"bad signature", "gh", jobruletest.SignWithKey(t, other, gh(nil)), "signature", codes.PermissionDenied},
 		{"unknown key", "gh", jobruletest.SignWithKey(t, jobruletest.NewKey(t, "RS256", "rogue"), gh(nil)), "unknown-key", codes.PermissionDenied},
 		{"alg none", "gh", jobruletest.None(t, iss.Current("RS256").KID, gh(nil)), "algorithm", codes.PermissionDenied},
-		{"expired", "gh", iss.Sign(t, gh(func(m map[string]any) { m["exp"] = now.Add(-time.Hour).Unix(); m["iat"] = now.Add(-2 * time.Hour).Unix() })), "expired", codes.PermissionDenied},
+		{"expired", "gh", iss.Sign(t, gh(func(m map[string]any) {
+			m["exp"] = now.Add(-time.Hour).Unix()
+			m["iat"] = now.Add(-2 * time.Hour).Unix()
+		})), "expired", codes.PermissionDenied},
 		{"too old", "gh", iss.Sign(t, gh(func(m map[string]any) { m["iat"] = now.Add(-time.Hour).Unix(); m["nbf"] = now.Add(-time.Hour).Unix() })), "too-old", codes.PermissionDenied},
 		{"wrong audience", "gh", iss.Sign(t, gh(func(m map[string]any) { m["aud"] = "sts.amazonaws.com" })), "audience", codes.PermissionDenied},
 		{"claim mismatch", "gh", iss.Sign(t, gh(func(m map[string]any) { m["ref"] = "refs/heads/feature" })), "ref", codes.PermissionDenied},
