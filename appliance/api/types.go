@@ -59,6 +59,8 @@ type Agent struct {
 	// whether the agent holds a sync stream open to it now. Each node
 	// keeps its own view in memory, not replicated: an agent that talks
 	// to another node is seen there.
+	// Job is a job agent's run (pipeline runs joined by Join.Job).
+	Job       *JobRun   `json:"job,omitempty"`
 	SeenBy    string    `json:"seen_by,omitempty"`
 	LastSeen  time.Time `json:"last_seen,omitzero"`
 	Connected bool      `json:"connected,omitempty"`
@@ -236,6 +238,16 @@ type JoinRule struct {
 type ClaimCondition struct {
 	Claim   string `json:"claim"`
 	Pattern string `json:"pattern"`
+}
+
+// JobRun is a job agent's run: the identity (SPIFFEID) its commands,
+// running as UID on the job's machine, get for the rule's TTL.
+type JobRun struct {
+	Rule     string  `json:"rule"`
+	Run      string  `json:"run"`
+	SPIFFEID string  `json:"spiffe_id"`
+	UID      uint32  `json:"uid"`
+	TTL      Seconds `json:"ttl"`
 }
 
 // JoinRuleList lists the join rules by name.

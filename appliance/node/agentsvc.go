@@ -94,7 +94,11 @@ func (s *agentSvc) Sync(r *api.SyncRequest, stream grpc.ServerStreamingServer[ap
 			return status.Errorf(codes.PermissionDenied, "%s is banned or gone", a.ID)
 		}
 		b := s.state.Bundle()
-		u := &api.SyncUpdate{Revision: s.state.Index(), Entries: apiEntries(s.state.EntriesByParent(a.ID)), Bundle: apiBundle(b)}
+		entries := s.state.EntriesByParent(a.ID)
+		if je, ok := ag.JobEntry(); ok {
+			entries = append(entries, je)
+		}
+		u := &api.SyncUpdate{Revision: s.state.Index(), Entries: apiEntries(entries), Bundle: apiBundle(b)}
 		view, _ := json.Marshal([]any{u.Entries, u.Bundle})
 		// A view at the revision already sent is sent again if it differs:
 		// a read between an apply's index and its refreshed bundle saw the

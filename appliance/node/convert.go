@@ -88,6 +88,7 @@ func apiAgent(a state.Agent) api.Agent {
 		JoinedAt:        a.JoinedAt,
 		UpdatedAt:       a.UpdatedAt,
 		Revision:        a.Revision,
+		Job:             apiJobRun(a.Job),
 	}
 }
 

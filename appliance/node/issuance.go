@@ -300,6 +300,10 @@ func (s *issuer) x509SVIDs(ctx context.Context, actor string, b *api.X509SVIDBat
 			if _, seen := entries[r.EntryID]; seen {
 				continue
 			}
+			if je, ok := a.JobEntry(); ok && je.ID == r.EntryID {
+				entries[r.EntryID] = je
+				continue
+			}
 			if e, ok := s.state.Entry(r.EntryID); ok {
 				entries[r.EntryID] = e
 			} else {
@@ -498,6 +502,9 @@ func (s *issuer) checkOne(a state.Agent, e state.Entry, exists bool, r api.X509S
 	if ttl == 0 {
 		ttl = defaultX509TTL
 	}
+	if ttl = capToAgent(a, ttl, time.Now()); ttl < time.Second {
+		return nil, "the job agent's run has ended: join again", fmt.Sprintf("job agent %s expired at %s", a.ID, a.ExpiresAt.Format(time.RFC3339))
+	}
 	p, err = s.x509.Prepare(ca.Leaf{ID: id, PublicKey: csr.PublicKey, TTL: ttl, DNSNames: e.DNSNames})
 	if err != nil {
 		// CA errors (revoked, expired) are this node's: logged, and the
@@ -539,6 +546,9 @@ func (s *issuer) jwtSVID(ctx context.Context, actor string, r *api.JWTSVIDReques
 	// audit record); then the entry must be this agent's.
 	audErr := validAudience(r.Audience)
 	e, ok := s.state.Entry(r.EntryID)
+	if je, isJob := a.JobEntry(); isJob && je.ID == r.EntryID {
+		e, ok = je, true
+	}
 	if !ok && audErr == nil {
 		if err := catchUp(ctx, s.quorum, s.log, "request", "svid.jwt", "agent", a.ID, "entry", shownID(r.EntryID)); err != nil {
 			s.m.refuse(svidJWT, refuseUnavailable)
@@ -576,6 +586,10 @@ func (s *issuer) jwtSVID(ctx context.Context, actor string, r *api.JWTSVIDReques
 	ttl := e.JWTTTL.Duration()
 	if ttl == 0 {
 		ttl = defaultJWTTTL
+	}
+	if ttl = capToAgent(a, ttl, time.Now()); ttl < time.Second {
+		s.refuse(ctx, "svid.jwt", a.ID, e.SPIFFEID, "job agent's run has ended")
+		return nil, status.Error(codes.FailedPrecondition, "the job agent's run has ended: join again")
 	}
 	now := time.Now().Truncate(time.Second)
 	jti := make([]byte, 16)

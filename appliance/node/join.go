@@ -43,6 +43,7 @@ type joinSvc struct {
 	limit   *sourceLimiter  // hellos that would get a challenge, per source
 	refused *sourceLimiter  // hellos refused on their evidence, per source
 	reads   readGroup       // read barriers confirming refusals, shared
+	jobKeys *jobKeys        // join rules' issuer keys (jobjoin.go)
 }
 
 // joinDeps are what admitting agents needs from the node.
@@ -67,6 +68,7 @@ type joinState interface {
 	Policy() state.JoinPolicy
 	Token(id string) (state.JoinToken, bool)
 	Agent(id string) (state.Agent, bool)
+	JoinRule(name string) (state.JoinRule, bool)
 }
 
 type challenge struct {
@@ -95,7 +97,8 @@ func newJoinSvc(d joinDeps, reg prometheus.Registerer) *joinSvc {
 	j := &joinSvc{joinDeps: d,
 		pending: newChallengeTable(challengeTTL, maxPending, maxPendingPerSource, func(r string) { replaced.WithLabelValues(r).Inc() }),
 		limit:   newSourceLimiter(helloRate, helloBurst, maxHelloSources),
-		refused: newSourceLimiter(refusedRate, refusedBurst, maxHelloSources)}
+		refused: newSourceLimiter(refusedRate, refusedBurst, maxHelloSources),
+		jobKeys: newJobKeys(d.log, reg)}
 	if reg != nil {
 		reg.MustRegister(replaced,
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sigil_join_challenges_pending",
@@ -351,6 +354,9 @@ func (j *joinSvc) Renew(ctx context.Context, r *api.RenewRequest) (*api.AgentSVI
 	a, ok := j.state.Agent(c.Actor)
 	if !ok || a.Banned {
 		return nil, j.refuse(ctx, "renew", c.Actor, codes.PermissionDenied, errors.New("agent is banned or unknown"))
+	}
+	if a.Job != nil {
+		return nil, j.refuse(ctx, "renew", c.Actor, codes.FailedPrecondition, refuseJobRenew(a))
 	}
 	serial := presented.SerialNumber.Text(16)
 	previous := serial == a.PreviousSerial && time.Now().Before(a.PreviousUntil)

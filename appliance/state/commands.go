@@ -489,6 +489,9 @@ func applyAgentUpsert(t *txn, p *AgentUpsert) (any, []AuditEvent, error) {
 	if !validAgentID(t.f.td, a.ID) {
 		return nil, nil, refuse("agent id %q: want spiffe://%s/sigil/agent/...", truncate(a.ID, 128), t.f.td.Name())
 	}
+	if a.Job != nil || strings.HasPrefix(a.ID, "spiffe://"+t.f.td.Name()+jobAgentPathPrefix) {
+		return nil, nil, refuse("agent %s: job agents are recorded by %s only (they renew by joining again)", truncate(a.ID, 128), CmdJobJoin)
+	}
 	if a.AttestationType == "" || len(a.AttestationType) > 32 {
 		return nil, nil, refuse("agent %s: attestation type missing or too long", a.ID)
 	}

@@ -45,10 +45,11 @@ import (
 // an entry update that names a revision applies only to that revision
 // (EntryRulesVersion). Version 5: a renewal may name the certificate the
 // agent's last renewal replaced, within RenewGrace of that renewal
-// (RenewGraceVersion). The rules a version brings apply to its
+// (RenewGraceVersion). Version 6: job identity (join rules, job.join,
+// job.end; JobVersion). The rules a version brings apply to its
 // commands only: a log of version 2 commands replays exactly as it was
 // first applied.
-const CommandVersion = 5
+const CommandVersion = 6
 
 // minCommandVersion is the oldest envelope version this code still
 // applies (raft logs and snapshots written before the last upgrade).

@@ -22,6 +22,11 @@ import (
 //     the commands that made them would check it);
 //   - agents are never rolled back: the archive may name only agents this
 //     appliance knows, and every ban in force stays in force;
+//   - join rules become the archive's (each checked as join-rule.create
+//     checks it), with this appliance's revision, so no join checked
+//     against a rule before the restore commits after it; job agents
+//     (runs) are not part of an archive's configuration and stay as
+//     they are, as do the platform tokens already used;
 //   - join tokens are the archive's that this appliance still holds, with
 //     this appliance's used/unused state (a restore cannot revive a used
 //     token or plant a new one);
@@ -46,6 +51,8 @@ type StateRestore struct {
 	Revocations  []Revocation `json:"revocations"`
 	// RootCRLs are merged, never dropped (crl.go, mergeRootCRLs).
 	RootCRLs []RootCRL `json:"root_crls,omitempty"`
+	// JoinRules replace the appliance's (version 6).
+	JoinRules []JoinRule `json:"join_rules,omitempty"`
 }
 
 // ReadArchive verifies an archive completely (layout, checksum, trust
@@ -89,9 +96,22 @@ func (f *FSM) ReadArchive(r io.Reader, dir string) (*StateRestore, ArchiveMeta, 
 		}); err != nil {
 			return err
 		}
+		jobs := "spiffe://" + f.td.Name() + jobAgentPathPrefix
 		if err := tx.Bucket(bAgents).ForEach(func(k, _ []byte) error {
-			p.Agents = append(p.Agents, string(k))
+			// A run's agent is not configuration: it has likely ended
+			// since the archive was made.
+			if !strings.HasPrefix(string(k), jobs) {
+				p.Agents = append(p.Agents, string(k))
+			}
 			return nil
+		}); err != nil {
+			return err
+		}
+		if err := tx.Bucket(bJoinRules).ForEach(func(_, v []byte) error {
+			var r JoinRule
+			err := decodeStrict(v, &r)
+			p.JoinRules = append(p.JoinRules, r)
+			return err
 		}); err != nil {
 			return err
 		}
@@ -174,6 +194,23 @@ func applyStateRestore(t *txn, p *StateRestore) (any, []AuditEvent, error) {
 	// Policy.
 	if err := checkPolicy(&p.Policy); err != nil {
 		problem("join policy: %v", err)
+	}
+	if len(p.JoinRules) > 0 && t.c.Version < JobVersion {
+		problem("join rules are restored by version %d commands, not %d", JobVersion, t.c.Version)
+	}
+	if len(p.JoinRules) > MaxJoinRules {
+		problem("%d join rules: at most %d", len(p.JoinRules), MaxJoinRules)
+	}
+	ruleNames := map[string]bool{}
+	for i := range p.JoinRules {
+		r := &p.JoinRules[i]
+		if err := checkJoinRule(r); err != nil {
+			problem("%v", strings.TrimPrefix(err.Error(), ErrRefused.Error()+": "))
+		}
+		if ruleNames[r.Name] {
+			problem("join rule %s appears twice", truncate(r.Name, 64))
+		}
+		ruleNames[r.Name] = true
 	}
 	// Bundle: no roots or JWT keys the current bundle does not hold.
 	cur, err := readBundle(t.tx, t.f.td.Name())
@@ -312,6 +349,10 @@ func applyStateRestore(t *txn, p *StateRestore) (any, []AuditEvent, error) {
 			return nil, nil, err
 		}
 	}
+	rulesChanged, err := t.replaceJoinRules(p.JoinRules)
+	if err != nil {
+		return nil, nil, err
+	}
 	rev := t.tx.Bucket(bRevoked)
 	merged := 0
 	for _, r := range p.Revocations {
@@ -347,6 +388,8 @@ func applyStateRestore(t *txn, p *StateRestore) (any, []AuditEvent, error) {
 		"tokens_expired":       strconv.Itoa(dropped),
 		"revocations_restored": strconv.Itoa(merged),
 		"root_crls_adopted":    strconv.Itoa(crlsAdopted),
+		"join_rules":           strconv.Itoa(len(p.JoinRules)),
+		"join_rules_changed":   strconv.FormatBool(rulesChanged),
 		// Which entries, as far as the detail bound allows (cut with …).
 		"entries_added_ids":   strings.Join(addedIDs, ","),
 		"entries_changed_ids": strings.Join(changedIDs, ","),

@@ -47,11 +47,14 @@ const (
 	frameRevocation
 	frameSVID
 	frameAudit
+	frameJoinRule
+	frameJobToken
 )
 
 var frameBuckets = map[byte][]byte{
 	frameMeta: bMeta, frameEntry: bEntries, frameAgent: bAgents, frameToken: bTokens,
 	frameJWTKey: bJWTKeys, frameRevocation: bRevoked, frameSVID: bSVIDs, frameAudit: bAudit,
+	frameJoinRule: bJoinRules, frameJobToken: bJobTokens,
 }
 
 // streamMetaKeys are the meta values a stream carries; the index and the
@@ -198,7 +201,7 @@ func writeStream(w io.Writer, td string, tx *bolt.Tx, index uint64, node string,
 		_, err := hw.w.Write(nil)
 		return err
 	}
-	for kind := frameMeta; kind <= frameAudit; kind++ {
+	for kind := frameMeta; kind <= frameJobToken; kind++ {
 		err := tx.Bucket(frameBuckets[kind]).ForEach(func(k, v []byte) error {
 			if kind == frameMeta && !streamMetaKeys[string(k)] {
 				return nil
@@ -507,6 +510,11 @@ func (l *loader) check(kind byte, k, v []byte) error {
 			return fmt.Errorf("agent %q: not an agent ID of %s", truncate(string(k), 128), l.f.td.Name())
 		}
 		l.hdr.Agents++
+		return indexJobAgent(tx, l.f.td, &a)
+	case frameJoinRule:
+		return loadJoinRuleFrame(k, v)
+	case frameJobToken:
+		return loadJobTokenFrame(tx, k, v)
 	case frameToken:
 		var t JoinToken
 		if err := decodeStrict(v, &t); err != nil || t.ID != string(k) || !hexHashRE.MatchString(t.ID) {

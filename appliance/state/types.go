@@ -73,9 +73,12 @@ type Agent struct {
 	PreviousUntil  time.Time `json:"previous_until,omitzero"`
 	ExpiresAt      time.Time `json:"expires_at,omitzero"`
 	Banned         bool      `json:"banned,omitempty"`
-	JoinedAt       time.Time `json:"joined_at"`
-	UpdatedAt      time.Time `json:"updated_at"`
-	Revision       uint64    `json:"revision"`
+	// Job is a job agent's run (job.join sets it; version 6): the run's
+	// identity, for which the agent's implied entry (JobEntry) issues.
+	Job       *JobRun   `json:"job,omitempty"`
+	JoinedAt  time.Time `json:"joined_at"`
+	UpdatedAt time.Time `json:"updated_at"`
+	Revision  uint64    `json:"revision"`
 }
 
 // JoinPolicy decides which TPMs may join.
