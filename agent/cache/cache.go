@@ -490,6 +490,7 @@ func (c *Cache) sign(ctx context.Context, entries []api.Entry) error {
 			c.update(func(s *Snapshot) {
 				for id, v := range got {
 					if _, live := entryIn(s.Entries, id); live {
+						holdIfCut(s.SVIDs[id], v)
 						s.SVIDs[id] = v
 					}
 				}
@@ -501,6 +502,18 @@ func (c *Cache) sign(ctx context.Context, entries []api.Entry) error {
 		}
 	}
 	return nil
+}
+
+// holdIfCut keeps v, which replaces old, until it expires when the
+// appliance cut it where it cut old: a job agent's workload SVIDs end no
+// later than the job agent's own SVID, so once that is the limit a new
+// signing gives no longer life, and rotating at half of what is left
+// would re-sign ever faster until the agent's expiry. The agent's owner
+// calls Rotate once the agent's own SVID was renewed.
+func holdIfCut(old, v *SVID) {
+	if old != nil && old.entryKey == v.entryKey && !v.NotAfter.After(old.NotAfter) {
+		v.rotateAt = v.NotAfter
+	}
 }
 
 func entryIn(es []api.Entry, id string) (api.Entry, bool) {

@@ -131,8 +131,9 @@ type run struct {
 	uid uint32
 
 	mu sync.Mutex
-	// job is what the last join said about the run.
-	job *api.JobSVID
+	// job is what the last join said about the run, joined when.
+	job    *api.JobSVID
+	joined time.Time
 	// serials are the run's X.509-SVIDs seen in the cache, with their
 	// expiry: RunEnd revokes those still valid.
 	serials map[string]time.Time
@@ -244,7 +245,7 @@ func (r *run) join(ctx context.Context, tok string) error {
 	if r.job != nil && r.job.EntryID != job.EntryID {
 		r.log.Warn("the run's entry changed on renewal", "was", r.job.EntryID, "now", job.EntryID)
 	}
-	r.job = job
+	r.job, r.joined = job, time.Now()
 	return nil
 }
 
@@ -340,9 +341,13 @@ func (r *run) renewLoop(ctx context.Context) {
 	failures := 0
 	told := false
 	for {
-		cur := r.a.SVID()
-		nb, na := cur.Chain[0].NotBefore, cur.Chain[0].NotAfter
-		wait := time.Until(nb.Add(na.Sub(nb) / 2))
+		// Half the life left at the join: the certificate's NotBefore
+		// is backdated for clock skew, which a one-minute TTL feels.
+		r.mu.Lock()
+		joined := r.joined
+		r.mu.Unlock()
+		na := r.a.SVID().Chain[0].NotAfter
+		wait := time.Until(joined.Add(na.Sub(joined) / 2))
 		if failures > 0 {
 			wait = retryWait(failures, time.Until(na))
 		}
@@ -377,6 +382,9 @@ func (r *run) renewLoop(ctx context.Context) {
 			continue
 		}
 		failures, told = 0, false
+		// The run's SVIDs were cut at the agent's previous expiry (see
+		// cache.holdIfCut): re-sign them for the new one.
+		r.a.Cache().Rotate()
 		r.log.Info("run identity renewed", "run", r.jobInfo().RunID, "expires", r.a.SVID().Chain[0].NotAfter)
 	}
 }
