@@ -221,14 +221,21 @@ func (iss *Issuer) SignWith(t testing.TB, alg string, claims map[string]any) str
 // does not publish makes a forgery.
 func SignWithKey(t testing.TB, k *Key, claims map[string]any) string {
 	t.Helper()
+	payload, err := json.Marshal(claims)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return SignBytes(t, k, payload)
+}
+
+// SignBytes signs any payload with k, for claims a map cannot hold
+// (duplicate names, odd JSON).
+func SignBytes(t testing.TB, k *Key, payload []byte) string {
+	t.Helper()
 	signer, err := jose.NewSigner(jose.SigningKey{
 		Algorithm: jose.SignatureAlgorithm(k.Alg),
 		Key:       jose.JSONWebKey{Key: k.Signer, KeyID: k.KID},
 	}, (&jose.SignerOptions{}).WithType("JWT"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	payload, err := json.Marshal(claims)
 	if err != nil {
 		t.Fatal(err)
 	}
