@@ -20,6 +20,8 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
+	"io"
+	"log"
 	"net/http"
 	"net/http/httptest"
 	"sync"
@@ -39,6 +41,7 @@ type Key struct {
 // Issuer is a running OIDC issuer.
 type Issuer struct {
 	srv *httptest.Server
+	mux *http.ServeMux
 
 	mu        sync.Mutex
 	keys      []*Key // published, in order
@@ -55,10 +58,13 @@ func NewIssuer(t testing.TB) *Issuer {
 	iss := &Issuer{}
 	iss.rsa = iss.addKey(t, "RS256")
 	iss.ec = iss.addKey(t, "ES256")
-	mux := http.NewServeMux()
-	mux.HandleFunc("/.well-known/openid-configuration", iss.serveConfig)
-	mux.HandleFunc("/keys", iss.serveJWKS)
-	iss.srv = httptest.NewTLSServer(mux)
+	iss.mux = http.NewServeMux()
+	iss.mux.HandleFunc("/.well-known/openid-configuration", iss.serveConfig)
+	iss.mux.HandleFunc("/keys", iss.serveJWKS)
+	iss.srv = httptest.NewUnstartedServer(iss.mux)
+	// Tests that refuse the server's certificate are expected to.
+	iss.srv.Config.ErrorLog = log.New(io.Discard, "", 0)
+	iss.srv.StartTLS()
 	t.Cleanup(iss.srv.Close)
 	return iss
 }
@@ -157,6 +163,10 @@ func (iss *Issuer) Fetches() int {
 	defer iss.mu.Unlock()
 	return iss.fetches
 }
+
+// Handle serves more of the issuer's URL space (redirects, slow or
+// broken endpoints).
+func (iss *Issuer) Handle(pattern string, h http.Handler) { iss.mux.Handle(pattern, h) }
 
 // ServeConfig replaces the discovery document with body (nil: the real
 // one), for tests of bad issuers.
