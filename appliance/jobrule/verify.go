@@ -55,7 +55,12 @@ type Refusal struct {
 	Err    error
 }
 
-func (r *Refusal) Error() string { return string(r.Reason) + ": " + r.Err.Error() }
+func (r *Refusal) Error() string {
+	if r.Err == nil {
+		return string(r.Reason)
+	}
+	return string(r.Reason) + ": " + r.Err.Error()
+}
 func (r *Refusal) Unwrap() error { return r.Err }
 
 func refuse(r Reason, format string, args ...any) *Refusal {
@@ -144,7 +149,9 @@ func Verify(ctx context.Context, s Spec, keys KeySource, token string, now time.
 		return nil, refuse(ReasonMalformed, "not a valid JWS: %v", err)
 	}
 	payload, err := jws.Verify(key)
-	if err != nil {
+	if errors.Is(err, jose.ErrUnsupportedCriticalHeader) {
+		return nil, refuse(ReasonMalformed, "header marks as critical a parameter this verifier does not know")
+	} else if err != nil {
 		return nil, refuse(ReasonBadSignature, "signature does not verify with kid %q", clip(hdr.Kid, 64))
 	}
 
