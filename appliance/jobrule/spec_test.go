@@ -151,6 +151,16 @@ func TestValidate(t *testing.T) {
 		{"P-384 key", func(s *jobrule.Spec) {
 			s.JWKS = jwksOf(t, jose.JSONWebKey{Key: p384.Public(), KeyID: "a"})
 		}, []string{"jwks: ", "only P-256"}},
+		{"key for another algorithm", func(s *jobrule.Spec) {
+			s.JWKS = jwksOf(t, jose.JSONWebKey{Key: p256.Public(), KeyID: "a", Algorithm: "RS256"})
+		}, []string{"jwks: ", `is for alg "RS256", not ES256`}},
+		{"encryption key", func(s *jobrule.Spec) {
+			s.JWKS = jwksOf(t, jose.JSONWebKey{Key: p256.Public(), KeyID: "a", Use: "enc"})
+		}, []string{"jwks: ", `is for "enc"`}},
+		{"duplicate kid", func(s *jobrule.Spec) {
+			s.JWKS = jwksOf(t, jose.JSONWebKey{Key: p256.Public(), KeyID: "a"}, jose.JSONWebKey{Key: p256.Public(), KeyID: "a"})
+		}, []string{"jwks: ", "kid appears twice"}},
+		{"run template too long", func(s *jobrule.Spec) { s.RunTemplate = strings.Repeat("r", 256) }, []string{"run_template: longer than 255"}},
 		{"key without kid", func(s *jobrule.Spec) { s.JWKS = jwksOf(t, jose.JSONWebKey{Key: p256.Public()}) }, []string{"jwks: ", "no kid"}},
 		{"too many keys", func(s *jobrule.Spec) { s.JWKS = jwksOf(t, many...) }, []string{"jwks: 65 keys"}},
 		{"JWKS not JSON", func(s *jobrule.Spec) { s.JWKS = []byte("nope") }, []string{"jwks: "}},
