@@ -139,6 +139,11 @@ func TestAttackCraftedJobCommands(t *testing.T) {
 		{"replay key forgotten too late", CmdJobJoin, mod(func(j *JobJoin) { j.ReplayUntil = t0.Add(100 * time.Hour) }), "within"},
 		{"no replay key", CmdJobJoin, mod(func(j *JobJoin) { j.ReplayKey = "" }), "replay key"},
 		{"unknown rule", CmdJobJoin, jobJoin("nope", rev, "2-1", "token-2", t0), "no join rule"},
+		{"same run, another identity", CmdJobJoin, func() JobJoin {
+			j := jobJoin("gh", rev, "1-1", "token-3", t0)
+			j.Agent.Job.SPIFFEID = "spiffe://example.org/ci/github/octo-org/other-repo"
+			return j
+		}(), "another identity"},
 		{"a ban smuggled in", CmdJobJoin, mod(func(j *JobJoin) { j.Agent.Banned = true }), "ban"},
 		{"job agent by agent.upsert", CmdAgentUpsert, &AgentUpsert{Agent: Agent{ID: "spiffe://example.org/sigil/agent/job/gh/9-1", AttestationType: "job", SerialNumber: "ab"}}, "job agents are recorded by job.join only"},
 		{"run by agent.upsert", CmdAgentUpsert, &AgentUpsert{Agent: Agent{ID: "spiffe://example.org/sigil/agent/tpm/x", AttestationType: "tpm", SerialNumber: "ab",
