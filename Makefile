@@ -19,7 +19,8 @@ FUZZ_TARGETS := \
 	./appliance/state:FuzzReadArchive ./appliance/state:FuzzApply \
 	./appliance/ceremony:FuzzParse ./appliance/pinshare:FuzzCombine \
 	./agent:FuzzParseConfig ./agent/workload:FuzzValidateJWTSVID ./agent/workload:FuzzFetchJWTSVID \
-	./internal/pemfile:FuzzDecode ./internal/strictyaml:FuzzParseDuration
+	./internal/pemfile:FuzzDecode ./internal/strictyaml:FuzzParseDuration \
+	./appliance/jobrule:FuzzVerifyPayload ./appliance/jobrule:FuzzVerifyToken
 VERSION ?= 0.8.0
 # Build and lint tools are pinned once each, by `tool` lines in modules of
 # their own under tools/, so their dependencies never move the product's
@@ -33,7 +34,8 @@ NFPM ?= $(GO) tool -modfile=tools/nfpm/go.mod nfpm
 TEST_HELPERS := \
 	github.com/sigil-appliance/sigil/softhsm-testenv \
 	github.com/sigil-appliance/sigil/appliance/clustertest \
-	github.com/sigil-appliance/sigil/appliance/fleettest
+	github.com/sigil-appliance/sigil/appliance/fleettest \
+	github.com/sigil-appliance/sigil/appliance/jobrule/jobruletest
 # What staticcheck and errcheck examine; the faults tag adds the fault suite.
 LINT_PKGS ?= ./...
 LINT_TAGS := faults
@@ -106,6 +108,9 @@ lint:
 	@bad=$$($(GO) list -f '{{range .Imports}}{{$$.ImportPath}} -> {{.}}{{"\n"}}{{end}}' ./keystore/... | \
 		grep -E ' -> [^/]+\.[^/]+/' | grep -vE ' -> (github.com/miekg/pkcs11|github.com/google/go-tpm/|github.com/sigil-appliance/sigil/keystore)' || true); \
 	if [ -n "$$bad" ]; then echo "keystore may import only the standard library and HSM/TPM libraries:"; echo "$$bad"; exit 1; fi
+	@bad=$$($(GO) list -f '{{range .Imports}}{{$$.ImportPath}} -> {{.}}{{"\n"}}{{end}}' ./appliance/jobrule | \
+		grep -E ' -> [^/]+\.[^/]+/' | grep -vE ' -> (github.com/go-jose/go-jose/v4|github.com/spiffe/go-spiffe/v2/spiffeid)$$' || true); \
+	if [ -n "$$bad" ]; then echo "appliance/jobrule may import only the standard library, go-jose and spiffeid:"; echo "$$bad"; exit 1; fi
 	@bad=$$($(GO) list -f '{{range .Imports}}{{$$.ImportPath}} -> {{.}}{{"\n"}}{{end}}' ./... | \
 		grep -E '/(appliance|raft|keystore)(/[^ ]*)? -> github.com/sigil-appliance/sigil/agent' || true); \
 	if [ -n "$$bad" ]; then echo "appliance, raft and keystore must not import agent:"; echo "$$bad"; exit 1; fi

@@ -15,6 +15,10 @@
 //   - tpmverify decides whether an agent's TPM evidence is genuine.
 //   - selector holds the rules for the workload selectors an entry may
 //     hold: the ones sigil-agent produces.
+//   - jobrule verifies a pipeline run's platform ID token (GitHub
+//     Actions, GitLab CI, Kubernetes, any OIDC issuer) against a join
+//     rule and names the run's identity; jobrule/jobruletest runs a real
+//     OIDC issuer for tests.
 //   - api is the public interface: the admin, agent and join gRPC
 //     services, their types and typed clients.
 //   - ctl is sigilctl's command tree.

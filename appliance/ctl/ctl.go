@@ -222,6 +222,10 @@ func agentCmd(g *globals) *cobra.Command {
 		rows := [][]string{{"id", a.ID}, {"attestation", a.AttestationType}, {"serial", a.SerialNumber},
 			{"expires", a.ExpiresAt.Format(time.RFC3339)}, {"banned", fmt.Sprint(a.Banned)}, {"joined", a.JoinedAt.Format(time.RFC3339)},
 			{"last_seen", lastSeen(*a, time.Now()) + " (by " + a.SeenBy + ")"}}
+		if j := a.Job; j != nil {
+			rows = append(rows, []string{"job.rule", j.Rule}, []string{"job.run", j.Run}, []string{"job.identity", j.SPIFFEID},
+				[]string{"job.uid", fmt.Sprint(j.UID)}, []string{"job.ttl", j.TTL.Duration().String()})
+		}
 		for k, v := range a.Facts {
 			rows = append(rows, []string{"fact." + k, v})
 		}

@@ -119,7 +119,19 @@ func parseKey(i int, rk json.RawMessage) (*jose.JSONWebKey, error) {
 	if err := checkKey(k.Key); err != nil {
 		return nil, fmt.Errorf("%s: %v", where, err)
 	}
+	// A key that names its algorithm is for that one only; the key's
+	// type already says which Verify will use it with.
+	if want := algFor(k.Key); k.Algorithm != "" && k.Algorithm != want {
+		return nil, fmt.Errorf("%s is for alg %q, not %s", where, clip(k.Algorithm, 32), want)
+	}
 	return &k, nil
+}
+
+func algFor(k crypto.PublicKey) string {
+	if _, ok := k.(*rsa.PublicKey); ok {
+		return string(jose.RS256)
+	}
+	return string(jose.ES256)
 }
 
 func checkKey(k crypto.PublicKey) error {

@@ -80,13 +80,15 @@ const (
 // and claims Verify derives from the token before conditions and
 // templates see it.
 type preset struct {
-	issuer      string // default; empty: the rule must say
-	template    string // default; empty: the rule must say
-	run         string
-	audit       []string
-	aliases     map[string]string // short name -> flattened claim
-	deriveChild [2]string         // {child, parent}: child = parent after owner+"/"
-	deriveOwner string
+	issuer   string // default; empty: the rule must say
+	template string // default; empty: the rule must say
+	run      string
+	audit    []string
+	aliases  map[string]string // short name -> flattened claim
+	// child, when set, is the part of claim full after the value of
+	// claim owner and a "/" (repository_name from repository and
+	// repository_owner).
+	child, full, owner string
 }
 
 func presetFor(name string) (*preset, bool) {
@@ -99,8 +101,7 @@ func presetFor(name string) (*preset, bool) {
 			run:      "{{run_id}}-{{run_attempt}}",
 			audit: []string{"repository", "ref", "sha", "run_id", "run_attempt", "actor",
 				"workflow", "workflow_ref", "job_workflow_ref", "event_name", "environment"},
-			deriveChild: [2]string{"repository_name", "repository"},
-			deriveOwner: "repository_owner",
+			child: "repository_name", full: "repository", owner: "repository_owner",
 		}, true
 	case PresetGitLabCI:
 		return &preset{
@@ -109,8 +110,7 @@ func presetFor(name string) (*preset, bool) {
 			run:      "{{job_id}}",
 			audit: []string{"project_path", "ref", "ref_type", "sha", "pipeline_id", "job_id",
 				"user_login", "environment", "pipeline_source"},
-			deriveChild: [2]string{"project_name", "project_path"},
-			deriveOwner: "namespace_path",
+			child: "project_name", full: "project_path", owner: "namespace_path",
 		}, true
 	case PresetKubernetes:
 		return &preset{

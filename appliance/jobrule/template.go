@@ -52,8 +52,12 @@ func parseTemplate(t string) ([]part, error) {
 // stand-in value: what comes out must be a valid SPIFFE ID path (or, for
 // a run template, one valid segment).
 func checkTemplate(t string, segment bool) error {
-	if len(t) > MaxPathBytes {
-		return fmt.Errorf("longer than %d bytes", MaxPathBytes)
+	limit := MaxPathBytes
+	if segment {
+		limit = MaxRunBytes
+	}
+	if len(t) > limit {
+		return fmt.Errorf("longer than %d bytes", limit)
 	}
 	parts, err := parseTemplate(t)
 	if err != nil {

@@ -55,7 +55,12 @@ type Refusal struct {
 	Err    error
 }
 
-func (r *Refusal) Error() string { return string(r.Reason) + ": " + r.Err.Error() }
+func (r *Refusal) Error() string {
+	if r.Err == nil {
+		return string(r.Reason)
+	}
+	return string(r.Reason) + ": " + r.Err.Error()
+}
 func (r *Refusal) Unwrap() error { return r.Err }
 
 func refuse(r Reason, format string, args ...any) *Refusal {
@@ -144,7 +149,9 @@ func Verify(ctx context.Context, s Spec, keys KeySource, token string, now time.
 		return nil, refuse(ReasonMalformed, "not a valid JWS: %v", err)
 	}
 	payload, err := jws.Verify(key)
-	if err != nil {
+	if errors.Is(err, jose.ErrUnsupportedCriticalHeader) {
+		return nil, refuse(ReasonMalformed, "header marks as critical a parameter this verifier does not know")
+	} else if err != nil {
 		return nil, refuse(ReasonBadSignature, "signature does not verify with kid %q", clip(hdr.Kid, 64))
 	}
 
@@ -160,7 +167,7 @@ func Verify(ctx context.Context, s Spec, keys KeySource, token string, now time.
 	}
 	exp, ok := cs.time("exp")
 	if !ok {
-		return nil, refuse(ReasonMalformed, "exp missing or not a number")
+		return nil, refuse(ReasonMalformed, "exp missing or not a valid time")
 	}
 	if !now.Before(exp.Add(Leeway)) {
 		return nil, refuse(ReasonExpired, "expired at %v", exp.UTC().Format(time.RFC3339))
@@ -169,14 +176,14 @@ func Verify(ctx context.Context, s Spec, keys KeySource, token string, now time.
 		return nil, refuse(ReasonNotYetValid, "not valid before %v", nbf.UTC().Format(time.RFC3339))
 	} else if !ok {
 		if _, present := cs.flat["nbf"]; present {
-			return nil, refuse(ReasonMalformed, "nbf is not a number")
+			return nil, refuse(ReasonMalformed, "nbf is not a valid time")
 		}
 	}
 	iat, ok := cs.time("iat")
 	if !ok {
 		// Without iat a token's age is unknown, and only age bounds how
 		// long a leaked long-lived token stays usable.
-		return nil, refuse(ReasonTooOld, "iat missing or not a number: the token's age is unknown")
+		return nil, refuse(ReasonTooOld, "iat missing or not a valid time: the token's age is unknown")
 	}
 	if now.Add(Leeway).Before(iat) {
 		return nil, refuse(ReasonNotYetValid, "issued in the future (%v)", iat.UTC().Format(time.RFC3339))
@@ -248,13 +255,13 @@ func derive(p *preset, claims map[string]string, token string) {
 			delete(claims, alias)
 		}
 	}
-	if child, parent := p.deriveChild[0], p.deriveChild[1]; child != "" {
-		delete(claims, child)
-		owner, okOwner := claims[p.deriveOwner]
-		full, okFull := claims[parent]
+	if p.child != "" {
+		delete(claims, p.child)
+		owner, okOwner := claims[p.owner]
+		full, okFull := claims[p.full]
 		if okOwner && okFull && owner != "" {
 			if rest, ok := strings.CutPrefix(full, owner+"/"); ok {
-				claims[child] = rest
+				claims[p.child] = rest
 			}
 		}
 	}

@@ -143,11 +143,13 @@ func (j *joinSvc) Job(ctx context.Context, r *api.JoinJobRequest) (*api.JobSVID,
 			j.anon.logFailure(classNoQuorum, "job join failed: issuer keys unavailable", "rule", rule.Name, "remote", addr, "err", err)
 			return nil, status.Error(codes.Unavailable, "the join rule's issuer keys are unavailable on this node; retry later")
 		}
-		class := classMalformed
-		if ref != nil {
-			class = "job-" + string(ref.Reason)
+		if ref == nil {
+			// The stored rule is unusable: this appliance's fault.
+			j.refused.refund(src)
+			j.log.Error("job join failed: join rule unusable", "rule", rule.Name, "err", err)
+			return nil, errUnavailable()
 		}
-		return nil, j.refuseAnon(ctx, "job", class, rule.Name, codes.PermissionDenied, err)
+		return nil, j.refuseAnon(ctx, "job", "job-"+string(ref.Reason), rule.Name, codes.PermissionDenied, err)
 	}
 	j.refused.refund(src)
 	agentID, err := state.JobAgentID(j.td, rule.Name, v.Run)

@@ -268,3 +268,42 @@ func TestAttackJobJoinRefusals(t *testing.T) {
 		}
 	}
 }
+
+// A GitLab CI job's and a Kubernetes pod's ID tokens map through their
+// presets: the identity and the run come from the platform's claims.
+func TestJobJoinPresets(t *testing.T) {
+	iss := jobruletest.NewIssuer(t)
+	tr := clustertest.NewTrust(t, "jp", []string{"node-1"}, nil)
+	c := clustertest.NewCluster(t, tr, "node-1")
+	ctx := context.Background()
+	admin := c.Admin("node-1")
+	td := c.Trust.TrustDomain.Name()
+	for _, tc := range []struct {
+		preset         string
+		claims         map[string]any
+		identity, run  string
+		auditedClaim   string
+		auditedClaimIs string
+	}{
+		{"gitlab-ci", jobruletest.GitLabClaims(iss.URL(), "spiffe://"+td, time.Now()), "/ci/gitlab/my-group/my-project", "302", "fact.project_path", "my-group/my-project"},
+		{"kubernetes", jobruletest.KubernetesClaims(iss.URL(), "spiffe://"+td, time.Now()), "/k8s/ns/ci/sa/builder", "9d2c4e6f-1a3b-4c5d-8e7f-0a1b2c3d4e5f", "fact.pod", "runner-7d9f"},
+	} {
+		t.Run(tc.preset, func(t *testing.T) {
+			if _, err := admin.JoinRuleCreate(ctx, &api.JoinRule{Name: tc.preset, Preset: tc.preset, Issuer: iss.URL(),
+				IssuerCA: string(iss.CAPEM()), TTL: 300, MaxTokenAge: 300}); err != nil {
+				t.Fatal(err)
+			}
+			svid, _, err := jobJoin(t, c, "node-1", tc.preset, iss.Sign(t, tc.claims))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if svid.SPIFFEID != "spiffe://"+td+tc.identity || svid.RunID != tc.run ||
+				svid.AgentID != "spiffe://"+td+"/sigil/agent/job/"+tc.preset+"/"+tc.run {
+				t.Fatalf("joined as %s (run %s, agent %s)", svid.SPIFFEID, svid.RunID, svid.AgentID)
+			}
+			if !auditHas(t, admin, "job.join", svid.AgentID, map[string]string{tc.auditedClaim: tc.auditedClaimIs}) {
+				t.Fatalf("audit record lacks %s=%s", tc.auditedClaim, tc.auditedClaimIs)
+			}
+		})
+	}
+}

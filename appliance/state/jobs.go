@@ -59,7 +59,7 @@ var (
 	bJobTokens          = []byte("job_tokens")
 	bJobTokensByExpiry  = []byte("idx_job_tokens_by_expiry")
 	bJobAgentsByExpiry  = []byte("idx_job_agents_by_expiry")
-	jobRunSegmentRE     = regexp.MustCompile(`^[A-Za-z0-9._-]{1,128}$`)
+	jobRunSegmentRE     = regexp.MustCompile(`^[A-Za-z0-9._-]{1,255}$`)
 	jobAttestation      = "job"
 	jobAgentPathPrefix  = "/sigil/agent/job/"
 	jobEntryIDPrefix    = "job-"
@@ -242,7 +242,7 @@ func checkJobAgent(td spiffeid.TrustDomain, a *Agent) error {
 	}
 	j := a.Job
 	if !jobRunSegmentRE.MatchString(j.Run) {
-		return refuse("job agent %s: run %q: want 1-128 of A-Z a-z 0-9 . _ -", truncate(a.ID, 128), truncate(j.Run, 64))
+		return refuse("job agent %s: run %q: want 1-255 of A-Z a-z 0-9 . _ -", truncate(a.ID, 128), truncate(j.Run, 64))
 	}
 	want, err := JobAgentID(td, j.Rule, j.Run)
 	if err != nil || a.ID != want.String() {
@@ -323,6 +323,13 @@ func applyJobJoin(t *txn, p *JobJoin) (any, []AuditEvent, error) {
 	if old != nil {
 		if old.Banned {
 			return nil, nil, refuse("agent %s is banned", a.ID)
+		}
+		// A run renews with the same identity. Another run whose token
+		// names the same run (a run template too coarse for the identity
+		// template) would otherwise re-point the first run's agent, and
+		// the first run's still-valid certificate, at its identity.
+		if old.Job == nil || old.Job.SPIFFEID != a.Job.SPIFFEID {
+			return nil, nil, refuse("run %s of rule %s already joined with another identity: a run's identity does not change (make the rule's run template name runs more finely)", a.Job.Run, rule.Name)
 		}
 		a.JoinedAt = old.JoinedAt
 		if err := t.tx.Bucket(bJobAgentsByExpiry).Delete(expiryKey(old.ExpiresAt, old.ID)); err != nil {

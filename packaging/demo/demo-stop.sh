@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Stops what demo.sh started (agent, nodes, swtpm), leaving the directory
+# Stops what demo.sh started (CI issuer, agent, nodes, swtpm), leaving the directory
 # for inspection; the next demo run replaces it.
 set -uo pipefail
 demo=${SIGIL_DEMO_DIR:-/var/tmp/sigil-demo}
 [ -d "$demo" ] || { echo "no demo in $demo"; exit 0; }
-for p in agent sigild-3 sigild-2 sigild-1 swtpm; do
+for p in ci-issuer agent sigild-3 sigild-2 sigild-1 swtpm; do
 	f="$demo/$p.pid"
 	[ -s "$f" ] || continue
 	pid=$(cat "$f")

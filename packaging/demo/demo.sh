@@ -189,6 +189,30 @@ echo "$out" | grep -q "spiffe://$td/demo/workload (default)" || die "the workloa
 step "Audit: every issuance above is in the hash-chained log"
 "$bin/sigilctl" audit verify
 
+step "A pipeline run gets its own identity with sigil-agent exec (a local OIDC issuer stands in for the CI platform)"
+# demo-ci-issuer is not part of Sigil: it plays GitHub Actions' token
+# service, publishing discovery and a JWKS over TLS on loopback and
+# signing a token shaped like a GitHub Actions run's.
+ci="$demo/ci"
+mkdir -p "$ci"
+(cd "$repo" && go build -trimpath -o "$bin/demo-ci-issuer" ./packaging/demo/ciissuer)
+setsid "$bin/demo-ci-issuer" serve --dir "$ci" --addr 127.0.0.1:17480 >"$ci/issuer.log" 2>&1 </dev/null &
+echo $! >"$demo/ci-issuer.pid"
+wait_for "the demo CI issuer" curl -fsS --cacert "$ci/tls-ca.pem" https://127.0.0.1:17480/.well-known/openid-configuration
+echo "issuer $(cat "$ci/issuer") (stand-in for https://token.actions.githubusercontent.com)"
+"$bin/sigilctl" join-rule create demo-ci --preset github-actions --issuer "$(cat "$ci/issuer")" --issuer-ca "$ci/tls-ca.pem" \
+	--claim 'repository=demo-org/*' --claim ref=refs/heads/main --ttl 15m --max-token-age 5m
+(umask 077 && "$bin/demo-ci-issuer" token --dir "$ci" --aud "spiffe://$td" --run 4242 >"$ci/run-4242.token")
+echo "+ sigil-agent exec --rule demo-ci --token-file $ci/run-4242.token -- sigil-agent inspect"
+out=$("$bin/sigil-agent" exec --server 127.0.0.1:17401 --server 127.0.0.1:17402 --server 127.0.0.1:17403 \
+	--root-cert "$SIGIL_ROOT" --rule demo-ci --token-file "$ci/run-4242.token" --log-level warn -- "$bin/sigil-agent" inspect)
+echo "$out"
+echo "$out" | grep -q "spiffe://$td/ci/github/demo-org/deploy-infra" || die "the run did not get its identity"
+echo "The audit log has who and what ran, and that the run ended:"
+"$bin/sigilctl" audit list --action 'job.*' --newest-first --limit 2
+"$bin/sigilctl" agent list | grep -c /sigil/agent/job/ >/dev/null && die "the run's job agent outlived the run"
+echo "(the run's job agent is gone: nothing outlives the run)"
+
 step "Kill node-3 (SIGKILL), write while it is down, restart it with the printed command; it rejoins as a voter and catches up"
 pid3=$(cat "$demo/sigild-3.pid")
 kill -KILL "$pid3"

@@ -20,6 +20,8 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
+	"io"
+	"log"
 	"net/http"
 	"net/http/httptest"
 	"sync"
@@ -39,6 +41,7 @@ type Key struct {
 // Issuer is a running OIDC issuer.
 type Issuer struct {
 	srv *httptest.Server
+	mux *http.ServeMux
 
 	mu        sync.Mutex
 	keys      []*Key // published, in order
@@ -55,10 +58,13 @@ func NewIssuer(t testing.TB) *Issuer {
 	iss := &Issuer{}
 	iss.rsa = iss.addKey(t, "RS256")
 	iss.ec = iss.addKey(t, "ES256")
-	mux := http.NewServeMux()
-	mux.HandleFunc("/.well-known/openid-configuration", iss.serveConfig)
-	mux.HandleFunc("/keys", iss.serveJWKS)
-	iss.srv = httptest.NewTLSServer(mux)
+	iss.mux = http.NewServeMux()
+	iss.mux.HandleFunc("/.well-known/openid-configuration", iss.serveConfig)
+	iss.mux.HandleFunc("/keys", iss.serveJWKS)
+	iss.srv = httptest.NewUnstartedServer(iss.mux)
+	// Tests that refuse the server's certificate are expected to.
+	iss.srv.Config.ErrorLog = log.New(io.Discard, "", 0)
+	iss.srv.StartTLS()
 	t.Cleanup(iss.srv.Close)
 	return iss
 }
@@ -158,6 +164,10 @@ func (iss *Issuer) Fetches() int {
 	return iss.fetches
 }
 
+// Handle serves more of the issuer's URL space (redirects, slow or
+// broken endpoints).
+func (iss *Issuer) Handle(pattern string, h http.Handler) { iss.mux.Handle(pattern, h) }
+
 // ServeConfig replaces the discovery document with body (nil: the real
 // one), for tests of bad issuers.
 func (iss *Issuer) ServeConfig(body []byte) {
@@ -221,14 +231,21 @@ func (iss *Issuer) SignWith(t testing.TB, alg string, claims map[string]any) str
 // does not publish makes a forgery.
 func SignWithKey(t testing.TB, k *Key, claims map[string]any) string {
 	t.Helper()
+	payload, err := json.Marshal(claims)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return SignBytes(t, k, payload)
+}
+
+// SignBytes signs any payload with k, for claims a map cannot hold
+// (duplicate names, odd JSON).
+func SignBytes(t testing.TB, k *Key, payload []byte) string {
+	t.Helper()
 	signer, err := jose.NewSigner(jose.SigningKey{
 		Algorithm: jose.SignatureAlgorithm(k.Alg),
 		Key:       jose.JSONWebKey{Key: k.Signer, KeyID: k.KID},
 	}, (&jose.SignerOptions{}).WithType("JWT"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	payload, err := json.Marshal(claims)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -297,7 +314,7 @@ func GitHubClaims(iss, aud string, now time.Time) map[string]any {
 		"ref":                   "refs/heads/main",
 		"ref_type":              "branch",
 		"ref_protected":         "true",
-		"sha":                   "example0sha0d6fe1a7b4c4d1e0c9b2a3f4e5d6c7",
+		"sha":                   "9f4b1c0d6fe1a7b4c4d1e0c9b2a3f4e5d6c7a8b9",
 		"repository":            "octo-org/octo-repo",
 		"repository_id":         "74",
 		"repository_owner":      "octo-org",
@@ -311,7 +328,7 @@ func GitHubClaims(iss, aud string, now time.Time) map[string]any {
 		"actor_id":              "12",
 		"workflow":              "CI",
 		"workflow_ref":          "octo-org/octo-repo/.github/workflows/ci.yml@refs/heads/main",
-		"workflow_sha":          "example0sha0d6fe1a7b4c4d1e0c9b2a3f4e5d6c7",
+		"workflow_sha":          "9f4b1c0d6fe1a7b4c4d1e0c9b2a3f4e5d6c7a8b9",
 		"job_workflow_ref":      "octo-org/octo-repo/.github/workflows/ci.yml@refs/heads/main",
 		"event_name":            "push",
 		"environment":           "prod",
