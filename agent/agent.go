@@ -5,7 +5,9 @@
 // only when the SVID has expired or the appliance refuses to renew it.
 // A host without a TPM joins with a one-time join token instead, its key
 // a software key kept 0600 in the data directory (an identity it loses
-// needs a new token).
+// needs a new token). A pipeline run's agent (NewInMemory, for
+// sigil-agent exec in agent/jobrun) keeps its key and SVID in memory only
+// and is joined and renewed by its owner through JoinWith.
 // It reaches the appliance only through appliance/api (and agent/join).
 // On that identity it serves the SPIFFE Workload API to local workloads,
 // keeps their SVIDs in sync with the appliance, writes file outputs, and
@@ -271,7 +273,17 @@ func (a *Agent) init() error {
 	if !a.inMemory {
 		crlFile = filepath.Join(a.cfg.DataDir, "root-crls.pem")
 	}
-	a.cache = cache.New(a.app, cache.Options{Log: a.log, Roots: roots, CRLFile: crlFile, OnRevoked: a.onRevoked})
+	opts := cache.Options{Log: a.log, Roots: roots, CRLFile: crlFile, OnRevoked: a.onRevoked}
+	if a.inMemory {
+		// A job agent's workload SVIDs end at its own expiry at the latest.
+		opts.CutAt = func() time.Time {
+			if s := a.SVID(); s != nil {
+				return s.Chain[0].NotAfter
+			}
+			return time.Time{}
+		}
+	}
+	a.cache = cache.New(a.app, opts)
 	return nil
 }
 

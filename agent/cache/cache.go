@@ -139,6 +139,12 @@ type Options struct {
 	// OnRevoked is called (outside the cache's locks) when a root CRL
 	// revokes a certificate the cache did not know revoked.
 	OnRevoked func()
+	// CutAt, when set, is when the appliance cuts every SVID it signs for
+	// this agent (a job agent's own expiry: its workload SVIDs never
+	// outlive it). An SVID that ends there is kept until it expires
+	// instead of rotating at half its life, since a new one would end
+	// there too; the agent calls Rotate once its own SVID was renewed.
+	CutAt func() time.Time
 }
 
 // Stats are counters for metrics.
@@ -490,7 +496,7 @@ func (c *Cache) sign(ctx context.Context, entries []api.Entry) error {
 			c.update(func(s *Snapshot) {
 				for id, v := range got {
 					if _, live := entryIn(s.Entries, id); live {
-						holdIfCut(s.SVIDs[id], v)
+						c.holdIfCut(v)
 						s.SVIDs[id] = v
 					}
 				}
@@ -504,14 +510,16 @@ func (c *Cache) sign(ctx context.Context, entries []api.Entry) error {
 	return nil
 }
 
-// holdIfCut keeps v, which replaces old, until it expires when the
-// appliance cut it where it cut old: a job agent's workload SVIDs end no
-// later than the job agent's own SVID, so once that is the limit a new
-// signing gives no longer life, and rotating at half of what is left
-// would re-sign ever faster until the agent's expiry. The agent's owner
-// calls Rotate once the agent's own SVID was renewed.
-func holdIfCut(old, v *SVID) {
-	if old != nil && old.entryKey == v.entryKey && !v.NotAfter.After(old.NotAfter) {
+// holdIfCut keeps v until it expires when the appliance cut it at
+// Options.CutAt: rotating at half of what is left would re-sign ever
+// faster, each new SVID ending at the same limit, until the agent's own
+// expiry.
+func (c *Cache) holdIfCut(v *SVID) {
+	if c.opts.CutAt == nil {
+		return
+	}
+	// The appliance truncates lifetimes to the second.
+	if cut := c.opts.CutAt(); !cut.IsZero() && !v.NotAfter.Before(cut.Add(-time.Second)) {
 		v.rotateAt = v.NotAfter
 	}
 }

@@ -77,31 +77,28 @@ func TestBadUpdateChangesNothing(t *testing.T) {
 	}
 }
 
-// An SVID the appliance cut at the same point as the one it replaces (a
-// job agent's, at the agent's own expiry) is kept until it expires, not
-// re-signed at half of what is left again and again; one that lives
-// longer than its predecessor rotates at half its life as usual.
+// A job agent's SVIDs end at the agent's own expiry (Options.CutAt): one
+// that ends there is kept until it expires, not re-signed at half of what
+// is left again and again; one that ends earlier rotates at half its life
+// as usual, as does every SVID of an agent without CutAt.
 func TestHoldIfCut(t *testing.T) {
 	now := time.Now()
-	old := &SVID{NotAfter: now.Add(20 * time.Second), entryKey: "k"}
-	cut := &SVID{NotAfter: old.NotAfter, rotateAt: now.Add(-5 * time.Second), entryKey: "k"}
-	holdIfCut(old, cut)
+	agentExp := now.Add(20 * time.Second)
+	c := New(nil, Options{CutAt: func() time.Time { return agentExp }})
+	cut := &SVID{NotAfter: agentExp.Truncate(time.Second), rotateAt: now.Add(-5 * time.Second)}
+	c.holdIfCut(cut)
 	if !cut.rotateAt.Equal(cut.NotAfter) {
 		t.Fatalf("cut SVID rotates at %v, want at its expiry %v", cut.rotateAt, cut.NotAfter)
 	}
-	longer := &SVID{NotAfter: now.Add(time.Hour), rotateAt: now.Add(30 * time.Minute), entryKey: "k"}
-	holdIfCut(old, longer)
-	if !longer.rotateAt.Equal(now.Add(30 * time.Minute)) {
-		t.Fatal("an SVID longer than its predecessor lost its half-life rotation")
+	shorter := &SVID{NotAfter: now.Add(10 * time.Second), rotateAt: now.Add(5 * time.Second)}
+	c.holdIfCut(shorter)
+	if !shorter.rotateAt.Equal(now.Add(5 * time.Second)) {
+		t.Fatal("an SVID ending before the agent lost its half-life rotation")
 	}
-	changed := &SVID{NotAfter: old.NotAfter, rotateAt: now, entryKey: "other"}
-	holdIfCut(old, changed)
-	if !changed.rotateAt.Equal(now) {
-		t.Fatal("an SVID for a changed entry was held")
-	}
-	first := &SVID{NotAfter: old.NotAfter, rotateAt: now, entryKey: "k"}
-	holdIfCut(nil, first)
-	if !first.rotateAt.Equal(now) {
-		t.Fatal("a first SVID was held")
+	host := New(nil, Options{})
+	v := &SVID{NotAfter: agentExp, rotateAt: now}
+	host.holdIfCut(v)
+	if !v.rotateAt.Equal(now) {
+		t.Fatal("an SVID of an agent without CutAt was held")
 	}
 }
