@@ -209,7 +209,9 @@ out=$("$bin/sigil-agent" exec --server 127.0.0.1:17401 --server 127.0.0.1:17402 
 echo "$out"
 echo "$out" | grep -q "spiffe://$td/ci/github/demo-org/deploy-infra" || die "the run did not get its identity"
 echo "The audit log has who and what ran, and that the run ended:"
-"$bin/sigilctl" audit list --action 'job.*' --newest-first --limit 2
+"$bin/sigilctl" audit list --action 'job.*' --newest-first --limit 2 2>/dev/null
+echo "The run's join record: who and what ran (from the platform's signed token)"
+"$bin/sigilctl" -o json audit list --action job.join --newest-first --limit 1 2>/dev/null | grep -E '"(fact\.[a-z_]+|rule|run|spiffe_id)":'
 "$bin/sigilctl" agent list | grep -c /sigil/agent/job/ >/dev/null && die "the run's job agent outlived the run"
 echo "(the run's job agent is gone: nothing outlives the run)"
 
