@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"strings"
-	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -79,12 +78,11 @@ func joinRuleCmd(g *globals) *cobra.Command {
 	list := &cobra.Command{Use: "list", Args: cobra.NoArgs, Short: "List join rules", RunE: func(*cobra.Command, []string) error {
 		return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) { return c.JoinRuleList(ctx, &api.Empty{}) },
 			func(w *bufio.Writer, v any) {
-				tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-				fmt.Fprintln(tw, "NAME\tISSUER\tAUDIENCE\tIDENTITY\tTTL\tCONDITIONS")
+				var rows [][]string
 				for _, r := range v.(*api.JoinRuleList).Rules {
-					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\n", r.Name, r.Issuer, r.Audience, r.SPIFFEIDTemplate, r.TTL.Duration(), len(r.Conditions))
+					rows = append(rows, []string{r.Name, r.Issuer, r.Audience, r.SPIFFEIDTemplate, r.TTL.Duration().String(), fmt.Sprint(len(r.Conditions))})
 				}
-				tw.Flush()
+				table(w, "NAME\tISSUER\tAUDIENCE\tIDENTITY\tTTL\tCONDITIONS", rows)
 			})
 	}}
 	show := &cobra.Command{Use: "show NAME", Args: cobra.ExactArgs(1), Short: "Show a join rule", RunE: func(_ *cobra.Command, args []string) error {
@@ -104,7 +102,6 @@ func joinRuleCmd(g *globals) *cobra.Command {
 }
 
 func printJoinRule(w *bufio.Writer, r *api.JoinRule) {
-	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	keys := "OIDC discovery"
 	if r.JWKS != "" {
 		keys = "static JWKS"
@@ -113,17 +110,15 @@ func printJoinRule(w *bufio.Writer, r *api.JoinRule) {
 	if preset == "" {
 		preset = "-"
 	}
-	for _, kv := range [][2]string{
+	rows := [][]string{
 		{"name", r.Name}, {"preset", preset}, {"issuer", r.Issuer}, {"keys", keys}, {"audience", r.Audience},
 		{"identity", "spiffe://<td>" + r.SPIFFEIDTemplate}, {"run", r.RunTemplate},
 		{"ttl", r.TTL.Duration().String()}, {"max token age", r.MaxTokenAge.Duration().String()},
 		{"audit claims", strings.Join(r.AuditClaims, ", ")},
 		{"created", r.CreatedAt.Format(time.RFC3339) + " by " + r.CreatedBy},
-	} {
-		fmt.Fprintf(tw, "%s:\t%s\n", kv[0], kv[1])
 	}
 	for _, c := range r.Conditions {
-		fmt.Fprintf(tw, "condition:\t%s = %s\n", c.Claim, c.Pattern)
+		rows = append(rows, []string{"condition", c.Claim + " = " + c.Pattern})
 	}
-	tw.Flush()
+	table(w, "FIELD\tVALUE", rows)
 }
