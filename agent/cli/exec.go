@@ -62,7 +62,7 @@ func execCmd() *cobra.Command {
 	fl := cmd.Flags()
 	fl.StringArrayVar(&f.servers, "server", nil, "appliance API address host:port (repeatable, tried in order; default $"+ServersEnv+")")
 	fl.StringVar(&f.rootCert, "root-cert", "", "the trust domain's root certificate (default $"+RootCertEnv+")")
-	fl.StringVar(&f.rule, "rule", "", "the join rule that admits this run")
+	fl.StringVar(&f.rule, "rule", "", "the join rule that admits this run (default: the first of the token issuer's rules that does)")
 	fl.StringVar(&f.tokenFile, "token-file", "", "read the platform ID token from this file (re-read to renew)")
 	fl.StringVar(&f.tokenEnv, "token-env", "", "read the platform ID token from this environment variable (cannot renew)")
 	fl.BoolVar(&f.githubActions, "github-actions", false, "request ID tokens from GitHub Actions (needs permissions: id-token: write)")
@@ -91,8 +91,6 @@ func (f *execFlags) options(args []string, stdin io.Reader, stdout, stderr io.Wr
 		return o, clirun.Usagef("exec: give --server or $%s", ServersEnv)
 	case o.RootCert == "":
 		return o, clirun.Usagef("exec: give --root-cert or $%s", RootCertEnv)
-	case o.Rule == "":
-		return o, clirun.Usagef("exec: give --rule")
 	case len(f.audiences) > 0 && f.out == "":
 		return o, clirun.Usagef("exec: --audience writes JWT-SVIDs to --out: give --out")
 	}

@@ -40,7 +40,8 @@ type Options struct {
 	Servers []string
 	// RootCert is the trust domain's root certificate (PEM file).
 	RootCert string
-	// Rule is the join rule that admits the run.
+	// Rule is the join rule that admits the run; empty: the appliance
+	// checks the token against the rules of its issuer.
 	Rule string
 	// Token gives the platform ID tokens.
 	Token TokenSource
@@ -74,8 +75,6 @@ func (o *Options) check() error {
 		return errors.New("no appliance servers")
 	case o.RootCert == "":
 		return errors.New("no root certificate")
-	case o.Rule == "":
-		return errors.New("no join rule")
 	case o.Token == nil:
 		return errors.New("no platform token source")
 	case len(o.Command) == 0:

@@ -105,9 +105,9 @@ func (j *joinSvc) Job(ctx context.Context, r *api.JoinJobRequest) (*api.JobSVID,
 		return nil, j.refuseAnon(ctx, "job", classRateLimited, "", codes.ResourceExhausted,
 			fmt.Errorf("too many refused joins from %s (at most %g a second, bursts of %d); retry in %v", src, refusedRate, refusedBurst, retry.Round(time.Millisecond)))
 	}
-	if len(r.Token) > api.MaxJobTokenBytes || len(r.Rule) > 64 || r.Rule == "" {
+	if len(r.Token) > api.MaxJobTokenBytes || len(r.Rule) > 64 {
 		return nil, j.refuseAnon(ctx, "job", classMalformed, "", codes.InvalidArgument,
-			fmt.Errorf("a job join names a rule (at most 64 bytes) and carries a token of at most %d bytes", api.MaxJobTokenBytes))
+			fmt.Errorf("a job join names a rule of at most 64 bytes (or none) and carries a token of at most %d bytes", api.MaxJobTokenBytes))
 	}
 	csr, err := x509.ParseCertificateRequest(r.CSR)
 	if err == nil {
@@ -116,40 +116,34 @@ func (j *joinSvc) Job(ctx context.Context, r *api.JoinJobRequest) (*api.JobSVID,
 	if err != nil {
 		return nil, j.refuseAnon(ctx, "job", classMalformed, "", codes.InvalidArgument, fmt.Errorf("CSR: %v", err))
 	}
-	rule, ok := j.state.JoinRule(r.Rule)
-	if !ok {
-		if err := j.catchUp(ctx, "job"); err != nil {
+	rules, err := j.jobRules(ctx, r)
+	if err != nil {
+		if status.Code(err) == codes.Unavailable {
 			j.refused.refund(src)
+		}
+		return nil, err
+	}
+	// The first rule the token satisfies admits it; when none does, the
+	// refusal is the first candidate's.
+	var rule state.JoinRule
+	var v *jobrule.Verified
+	var refusal *jobrule.Refusal
+	var refusedBy string
+	for _, cand := range rules {
+		got, ref, err := j.verifyJob(ctx, src, cand, r.Token)
+		if err != nil {
 			return nil, err
 		}
-		if rule, ok = j.state.JoinRule(r.Rule); !ok {
-			return nil, j.refuseAnon(ctx, "job", classJobRuleUnknown, shownID(r.Rule), codes.PermissionDenied, fmt.Errorf("no join rule %q", shownID(r.Rule)))
-		}
-	}
-	keys, err := j.jobKeys.forRule(rule)
-	if err != nil {
-		j.refused.refund(src)
-		j.log.Error("job join failed: join rule's keys unusable", "rule", rule.Name, "err", err)
-		return nil, errUnavailable()
-	}
-	v, err := jobrule.Verify(ctx, rule.Spec(), keys, r.Token, time.Now())
-	if err != nil {
-		var ref *jobrule.Refusal
-		if errors.As(err, &ref) && ref.Reason == jobrule.ReasonKeysUnavailable {
-			// The issuer's keys could not be fetched: this appliance's
-			// problem (or the issuer's), not the caller's evidence.
-			j.refused.refund(src)
-			addr, _ := peerSource(ctx)
-			j.anon.logFailure(classNoQuorum, "job join failed: issuer keys unavailable", "rule", rule.Name, "remote", addr, "err", err)
-			return nil, status.Error(codes.Unavailable, "the join rule's issuer keys are unavailable on this node; retry later")
-		}
 		if ref == nil {
-			// The stored rule is unusable: this appliance's fault.
-			j.refused.refund(src)
-			j.log.Error("job join failed: join rule unusable", "rule", rule.Name, "err", err)
-			return nil, errUnavailable()
+			rule, v = cand, got
+			break
 		}
-		return nil, j.refuseAnon(ctx, "job", "job-"+string(ref.Reason), rule.Name, codes.PermissionDenied, err)
+		if refusal == nil {
+			refusal, refusedBy = ref, cand.Name
+		}
+	}
+	if v == nil {
+		return nil, j.refuseAnon(ctx, "job", "job-"+string(refusal.Reason), refusedBy, codes.PermissionDenied, refusal)
 	}
 	j.refused.refund(src)
 	agentID, err := state.JobAgentID(j.td, rule.Name, v.Run)
@@ -186,6 +180,89 @@ func (j *joinSvc) Job(ctx context.Context, r *api.JoinJobRequest) (*api.JobSVID,
 		return nil, j.refuseAnon(ctx, "job", class, agentID.String(), codes.PermissionDenied, err)
 	}
 	return &api.JobSVID{AgentSVID: *out, SPIFFEID: runID.String(), EntryID: state.JobEntryID(agentID.String()), RunID: v.Run}, nil
+}
+
+// maxJobRuleCandidates bounds the rules one token is checked against when
+// the caller names none (those of the token's issuer, by name).
+const maxJobRuleCandidates = 8
+
+// jobRules is the rules a job join's token is checked against: the one
+// it names, or when it names none, those of the token's (unverified)
+// issuer. Confirmed against the latest committed state before a refusal.
+func (j *joinSvc) jobRules(ctx context.Context, r *api.JoinJobRequest) ([]state.JoinRule, error) {
+	find := func() ([]state.JoinRule, error) {
+		if r.Rule != "" {
+			if rule, ok := j.state.JoinRule(r.Rule); ok {
+				return []state.JoinRule{rule}, nil
+			}
+			return nil, fmt.Errorf("no join rule %q", shownID(r.Rule))
+		}
+		iss, err := jobrule.UnverifiedIssuer(r.Token)
+		if err != nil {
+			return nil, err
+		}
+		var out []state.JoinRule
+		for _, rule := range j.state.JoinRules() {
+			if rule.Issuer == iss && len(out) < maxJobRuleCandidates {
+				out = append(out, rule)
+			}
+		}
+		if len(out) == 0 {
+			return nil, fmt.Errorf("no join rule for issuer %q", shownID(iss))
+		}
+		return out, nil
+	}
+	rules, err := find()
+	var ref *jobrule.Refusal
+	if err != nil && !errors.As(err, &ref) {
+		// A rule created a moment ago may not have reached this node: a
+		// refusal for want of a rule is confirmed first (not one of a
+		// token that does not parse).
+		if cerr := j.catchUp(ctx, "job"); cerr != nil {
+			return nil, cerr
+		}
+		rules, err = find()
+	}
+	if err != nil {
+		class := classJobRuleUnknown
+		if errors.As(err, &ref) {
+			class = "job-" + string(ref.Reason)
+		}
+		return nil, j.refuseAnon(ctx, "job", class, shownID(r.Rule), codes.PermissionDenied, err)
+	}
+	return rules, nil
+}
+
+// verifyJob checks a token against one rule. A refusal of the token is
+// returned as ref; err is this node's failure (keys unavailable, a rule
+// that cannot be used), already a gRPC status, with the source's refused
+// join refunded.
+func (j *joinSvc) verifyJob(ctx context.Context, src string, rule state.JoinRule, token string) (v *jobrule.Verified, ref *jobrule.Refusal, err error) {
+	keys, err := j.jobKeys.forRule(rule)
+	if err != nil {
+		j.refused.refund(src)
+		j.log.Error("job join failed: join rule's keys unusable", "rule", rule.Name, "err", err)
+		return nil, nil, errUnavailable()
+	}
+	v, err = jobrule.Verify(ctx, rule.Spec(), keys, token, time.Now())
+	if err == nil {
+		return v, nil, nil
+	}
+	if !errors.As(err, &ref) {
+		// The stored rule is unusable: this appliance's fault.
+		j.refused.refund(src)
+		j.log.Error("job join failed: join rule unusable", "rule", rule.Name, "err", err)
+		return nil, nil, errUnavailable()
+	}
+	if ref.Reason == jobrule.ReasonKeysUnavailable {
+		// The issuer's keys could not be fetched: this appliance's
+		// problem (or the issuer's), not the caller's evidence.
+		j.refused.refund(src)
+		addr, _ := peerSource(ctx)
+		j.anon.logFailure(classNoQuorum, "job join failed: issuer keys unavailable", "rule", rule.Name, "remote", addr, "err", err)
+		return nil, nil, status.Error(codes.Unavailable, "the join rule's issuer keys are unavailable on this node; retry later")
+	}
+	return nil, ref, nil
 }
 
 // jobAgentSVID signs a job agent's SVID for ttl (the rule's) and records

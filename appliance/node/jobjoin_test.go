@@ -306,4 +306,19 @@ func TestJobJoinPresets(t *testing.T) {
 			}
 		})
 	}
+	// A join naming no rule is checked against the rules of the token's
+	// issuer, by name: the Kubernetes token fails gitlab-ci's and joins
+	// by kubernetes.
+	k8s := jobruletest.KubernetesClaims(iss.URL(), "spiffe://"+td, time.Now())
+	k8s["jti"] = "second-k8s-token"
+	svid, _, err := jobJoin(t, c, "node-1", "", iss.Sign(t, k8s))
+	if err != nil || svid.SPIFFEID != "spiffe://"+td+"/k8s/ns/ci/sa/builder" {
+		t.Fatalf("join without a rule: %v %+v", err, svid)
+	}
+	// An issuer no rule names: refused as such.
+	other := jobruletest.NewIssuer(t)
+	if _, _, err := jobJoin(t, c, "node-1", "", other.Sign(t, jobruletest.KubernetesClaims(other.URL(), "spiffe://"+td, time.Now()))); status.Code(err) != codes.PermissionDenied ||
+		!strings.Contains(err.Error(), "no join rule for issuer") {
+		t.Fatalf("join of an unknown issuer's token: %v", err)
+	}
 }

@@ -69,6 +69,7 @@ type joinState interface {
 	Token(id string) (state.JoinToken, bool)
 	Agent(id string) (state.Agent, bool)
 	JoinRule(name string) (state.JoinRule, bool)
+	JoinRules() []state.JoinRule
 }
 
 type challenge struct {

@@ -42,7 +42,6 @@ func TestRun(t *testing.T) {
 		{[]string{"exec", "--rule", "r", "--token-env", "T", "--server", "h:1", "--root-cert", "/x", "--"}, 2, nil, []string{"give the command after --"}},
 		{[]string{"exec", "--rule", "r", "--token-env", "T", "--root-cert", "/x", "--", "true"}, 2, nil, []string{"--server or $SIGIL_SERVERS"}},
 		{[]string{"exec", "--rule", "r", "--token-env", "T", "--server", "h:1", "--", "true"}, 2, nil, []string{"--root-cert or $SIGIL_ROOT_CERT"}},
-		{[]string{"exec", "--token-env", "T", "--server", "h:1", "--root-cert", "/x", "--", "true"}, 2, nil, []string{"give --rule"}},
 		{[]string{"exec", "--rule", "r", "--server", "h:1", "--root-cert", "/x", "--", "true"}, 2, nil, []string{"exactly one of --token-file, --token-env, --github-actions"}},
 		{[]string{"exec", "--rule", "r", "--token-env", "T", "--token-file", "/t", "--server", "h:1", "--root-cert", "/x", "--", "true"}, 2, nil, []string{"exactly one of"}},
 		{[]string{"exec", "--rule", "r", "--token-file", "/t", "--token-audience", "a", "--server", "h:1", "--root-cert", "/x", "--", "true"}, 2, nil, []string{"--token-audience is for --github-actions"}},
