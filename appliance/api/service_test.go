@@ -104,13 +104,19 @@ var wire = map[string]string{
 	"/sigil.admin.v1.Admin/TokenRevoke":     "unary",
 	"/sigil.admin.v1.Admin/AgentRemove":     "unary",
 	"/sigil.admin.v1.Admin/JWTKeyRotate":    "unary",
+	"/sigil.admin.v1.Admin/JoinRuleCreate":  "unary",
+	"/sigil.admin.v1.Admin/JoinRuleList":    "unary",
+	"/sigil.admin.v1.Admin/JoinRuleShow":    "unary",
+	"/sigil.admin.v1.Admin/JoinRuleDelete":  "unary",
 	"/sigil.agent.v1.Agent/SignX509SVIDs":   "unary",
 	"/sigil.agent.v1.Agent/SignJWTSVID":     "unary",
 	"/sigil.agent.v1.Agent/Sync":            "server-stream",
+	"/sigil.agent.v1.Agent/RunEnd":          "unary",
 	"/sigil.join.v1.Join/TPMHello":          "unary",
 	"/sigil.join.v1.Join/TPMProve":          "unary",
 	"/sigil.join.v1.Join/Token":             "unary",
 	"/sigil.join.v1.Join/Renew":             "unary",
+	"/sigil.join.v1.Join/Job":               "unary",
 }
 
 type serviceCase struct {
