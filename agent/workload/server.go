@@ -194,10 +194,11 @@ var reflectionMethods = map[string]bool{
 	reflectionv1alpha.ServerReflection_ServerReflectionInfo_FullMethodName: true,
 }
 
-// workloadFiles is what reflection may describe: workload.proto and the
-// files it imports. Left to its default, reflection would resolve any
-// symbol of any proto linked into the agent (the appliance's API types
-// among them); a caller of this socket has no business with those.
+// workloadFiles is what reflection may describe: the services this
+// socket serves (workload.proto, and reflection's own) and the files they
+// import. Left to its default, reflection would resolve any symbol of any
+// proto linked into the agent; a caller of this socket has no business
+// with those.
 func workloadFiles() *protoregistry.Files {
 	files := new(protoregistry.Files)
 	var add func(fd protoreflect.FileDescriptor)
@@ -214,6 +215,8 @@ func workloadFiles() *protoregistry.Files {
 		_ = files.RegisterFile(fd)
 	}
 	add(workload.File_workload_proto)
+	add(reflectionv1.File_grpc_reflection_v1_reflection_proto)
+	add(reflectionv1alpha.File_grpc_reflection_v1alpha_reflection_proto)
 	return files
 }
 
