@@ -82,7 +82,7 @@ func dnsNames(in []string) []string {
 	return out
 }
 
-// ipAddresses drops empty addresses, so that --ip '' means none, and
+// ipAddresses drops empty addresses, so that an empty --ip means none, and
 // writes each address the appliance can parse in the canonical form it
 // stores (fd00:0::1 as fd00::1, ::ffff:10.0.0.5 as 10.0.0.5, which is
 // also how a certificate carries it). The appliance checks the rest.
