@@ -386,7 +386,7 @@ func (c *Cache) apply(u *api.SyncUpdate) error {
 
 // entryKey is what an SVID's content depends on: a change re-signs it.
 func entryKey(e api.Entry) string {
-	return fmt.Sprintf("%s|%d|%s|%s", e.SPIFFEID, e.X509TTL, strings.Join(e.DNSNames, ","), e.Hint)
+	return fmt.Sprintf("%s|%d|%s|%s|%s", e.SPIFFEID, e.X509TTL, strings.Join(e.DNSNames, ","), strings.Join(e.IPAddresses, ","), e.Hint)
 }
 
 // due lists entries whose SVID is missing, outdated, revoked, expired or

@@ -27,7 +27,12 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/reflection"
+	reflectionv1 "google.golang.org/grpc/reflection/grpc_reflection_v1"
+	reflectionv1alpha "google.golang.org/grpc/reflection/grpc_reflection_v1alpha"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/reflect/protoregistry"
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/sigil-appliance/sigil/agent/cache"
@@ -115,6 +120,13 @@ type Server struct {
 	conns   int // open connections, all uids
 
 	lastRefusalLog atomic.Int64 // unix nanoseconds
+
+	// dupHints are the (dropped, kept) entry pairs of duplicate hints
+	// already logged for the appliance view of revision dupRev: the log
+	// says it once per view, not on every call.
+	dupMu   sync.Mutex
+	dupRev  uint64
+	dupSeen map[[2]string]bool
 }
 
 // New returns a Workload API server over src.
@@ -157,7 +169,9 @@ func Listen(path string, mode os.FileMode) (net.Listener, error) {
 }
 
 // GRPCServer returns a gRPC server with the Workload API registered on
-// the attesting transport.
+// the attesting transport, and gRPC server reflection (v1 and v1alpha),
+// which the Workload Endpoint spec recommends so that generic tools
+// (grpcurl) can find the API.
 func (s *Server) GRPCServer() *grpc.Server {
 	g := grpc.NewServer(
 		grpc.Creds(callerid.Credentials()),
@@ -165,7 +179,45 @@ func (s *Server) GRPCServer() *grpc.Server {
 		grpc.StreamInterceptor(s.stream),
 	)
 	workload.RegisterSpiffeWorkloadAPIServer(g, s)
+	opts := reflection.ServerOptions{Services: g, DescriptorResolver: workloadFiles(), ExtensionResolver: new(protoregistry.Types)}
+	reflectionv1.RegisterServerReflectionServer(g, reflection.NewServerV1(opts))
+	reflectionv1alpha.RegisterServerReflectionServer(g, reflection.NewServer(opts))
 	return g
+}
+
+// reflectionMethods are the reflection services' one method each. They
+// carry no credential and no caller's data, so they are answered without
+// the Workload API's security header (generic clients do not send it) and
+// without attestation; the caller's rate and stream limits still apply.
+var reflectionMethods = map[string]bool{
+	reflectionv1.ServerReflection_ServerReflectionInfo_FullMethodName:      true,
+	reflectionv1alpha.ServerReflection_ServerReflectionInfo_FullMethodName: true,
+}
+
+// workloadFiles is what reflection may describe: the services this
+// socket serves (workload.proto, and reflection's own) and the files they
+// import. Left to its default, reflection would resolve any symbol of any
+// proto linked into the agent; a caller of this socket has no business
+// with those.
+func workloadFiles() *protoregistry.Files {
+	files := new(protoregistry.Files)
+	var add func(fd protoreflect.FileDescriptor)
+	add = func(fd protoreflect.FileDescriptor) {
+		if _, err := files.FindFileByPath(fd.Path()); err == nil {
+			return
+		}
+		imports := fd.Imports()
+		for i := range imports.Len() {
+			add(imports.Get(i).FileDescriptor)
+		}
+		// Only a conflict could fail, and each file is added once, after
+		// its imports.
+		_ = files.RegisterFile(fd)
+	}
+	add(workload.File_workload_proto)
+	add(reflectionv1.File_grpc_reflection_v1_reflection_proto)
+	add(reflectionv1alpha.File_grpc_reflection_v1alpha_reflection_proto)
+	return files
 }
 
 // Serve serves on l until ctx ends, under the connection caps and idle
@@ -204,25 +256,9 @@ func (s *Server) admit(ctx context.Context, method string, stream bool) (context
 		s.log.Warn("workload API call without the security header", "method", method)
 		return nil, nil, status.Error(codes.InvalidArgument, "security header missing from request")
 	}
-	c, ok := callerid.FromContext(ctx)
-	if !ok {
-		return nil, nil, status.Error(codes.Internal, "caller credentials missing")
-	}
-	lim := s.limit(c.UID)
-	if !lim.allow() {
-		s.Stats.Limited.Add(1)
-		s.log.Warn("workload API caller over its request rate", "method", method, "uid", c.UID, "pid", c.PID)
-		return nil, nil, status.Error(codes.ResourceExhausted, "too many requests")
-	}
-	done := func() {}
-	if stream {
-		if !lim.openStream(s.opts.Limits.StreamsPerCaller) {
-			s.Stats.Limited.Add(1)
-			s.log.Warn("workload API caller over its stream limit", "method", method, "uid", c.UID, "pid", c.PID)
-			return nil, nil, status.Error(codes.ResourceExhausted, "too many streams")
-		}
-		s.Stats.Streams.Add(1)
-		done = func() { lim.closeStream(); s.Stats.Streams.Add(-1) }
+	c, done, err := s.limits(ctx, method, stream)
+	if err != nil {
+		return nil, nil, err
 	}
 	snap, _ := s.src.Current()
 	sel, err := s.att.Attest(ctx, c)
@@ -241,6 +277,35 @@ func (s *Server) admit(ctx context.Context, method string, stream bool) (context
 	c.Active()
 	s.Stats.Attestations.Add(1)
 	return context.WithValue(ctx, callerKey{}, &call{caller: c, sel: sel}), done, nil
+}
+
+// limits counts a call against its caller's request rate and, for a
+// stream, its stream limit; done gives the stream's place back. Over a
+// limit the answer is Unavailable, the code the Workload Endpoint spec
+// gives for a server that cannot serve now (clients such as go-spiffe's
+// retry it with backoff).
+func (s *Server) limits(ctx context.Context, method string, stream bool) (*callerid.Caller, func(), error) {
+	c, ok := callerid.FromContext(ctx)
+	if !ok {
+		return nil, nil, status.Error(codes.Internal, "caller credentials missing")
+	}
+	lim := s.limit(c.UID)
+	if !lim.allow() {
+		s.Stats.Limited.Add(1)
+		s.log.Warn("workload API caller over its request rate", "method", method, "uid", c.UID, "pid", c.PID)
+		return nil, nil, status.Error(codes.Unavailable, "too many requests")
+	}
+	done := func() {}
+	if stream {
+		if !lim.openStream(s.opts.Limits.StreamsPerCaller) {
+			s.Stats.Limited.Add(1)
+			s.log.Warn("workload API caller over its stream limit", "method", method, "uid", c.UID, "pid", c.PID)
+			return nil, nil, status.Error(codes.Unavailable, "too many streams")
+		}
+		s.Stats.Streams.Add(1)
+		done = func() { lim.closeStream(); s.Stats.Streams.Add(-1) }
+	}
+	return c, done, nil
 }
 
 // still re-checks a caller before an answer or a pushed message leaves:
@@ -330,6 +395,14 @@ type wrapped struct {
 func (w wrapped) Context() context.Context { return w.ctx }
 
 func (s *Server) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+	if reflectionMethods[info.FullMethod] {
+		_, done, err := s.limits(ss.Context(), info.FullMethod, true)
+		if err != nil {
+			return err
+		}
+		defer done()
+		return h(srv, ss)
+	}
 	ctx, done, err := s.admit(ss.Context(), info.FullMethod, true)
 	if err != nil {
 		return err
@@ -362,6 +435,7 @@ func (s *Server) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerSt
 		if len(entries) == 0 {
 			return s.deny(c, "FetchX509SVID", "no registration entry matches the caller's selectors")
 		}
+		entries = s.uniqueHints(snap, entries)
 		now := time.Now()
 		svids := snap.SVIDsFor(entries, now)
 		var expiry <-chan time.Time
@@ -402,6 +476,59 @@ func (s *Server) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerSt
 		case <-changed:
 		case <-expiry:
 		}
+	}
+}
+
+// uniqueHints drops every entry whose hint an earlier one of entries
+// already has: the Workload API spec requires the hints of one response
+// to be unique. entries are in the cache's match order (oldest entry
+// first), so a hint always stands for its oldest entry, and adding an
+// entry never changes what a hint names. The choice is made on entries,
+// not on the SVIDs sent: while the oldest entry's SVID is being signed,
+// its hint is absent rather than naming another identity for a while.
+// An empty hint is no hint and is never a duplicate.
+func (s *Server) uniqueHints(snap *cache.Snapshot, entries []api.Entry) []api.Entry {
+	var first map[string]string // hint -> the entry that has it
+	var out []api.Entry         // nil until the first duplicate
+	for i, e := range entries {
+		if e.Hint != "" {
+			if first == nil {
+				first = map[string]string{}
+			}
+			if kept, dup := first[e.Hint]; dup {
+				s.logDuplicateHint(snap.Revision, e, kept)
+				if out == nil {
+					out = slices.Clone(entries[:i])
+				}
+				continue
+			}
+			first[e.Hint] = e.ID
+		}
+		if out != nil {
+			out = append(out, e)
+		}
+	}
+	if out == nil {
+		return entries
+	}
+	return out
+}
+
+// logDuplicateHint says at debug level that dropped was left out for
+// kept's hint, once per appliance view (a change of entries is a new
+// revision), not on every call.
+func (s *Server) logDuplicateHint(rev uint64, dropped api.Entry, kept string) {
+	s.dupMu.Lock()
+	if s.dupRev != rev || s.dupSeen == nil {
+		s.dupRev, s.dupSeen = rev, map[[2]string]bool{}
+	}
+	key := [2]string{dropped.ID, kept}
+	seen := s.dupSeen[key]
+	s.dupSeen[key] = true
+	s.dupMu.Unlock()
+	if !seen {
+		s.log.Debug("entry left out of Workload API responses: an older entry matching the same callers has its hint",
+			"entry", dropped.ID, "spiffe_id", dropped.SPIFFEID, "hint", dropped.Hint, "kept_entry", kept, "revision", rev)
 	}
 }
 
@@ -536,6 +663,7 @@ func (s *Server) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest)
 	if len(entries) == 0 {
 		return nil, s.deny(c, "FetchJWTSVID", fmt.Sprintf("no registration entry for %q matches the caller's selectors", req.SpiffeId))
 	}
+	entries = s.uniqueHints(snap, entries)
 	resp := &workload.JWTSVIDResponse{}
 	seen := map[string]bool{}
 	for _, e := range entries {

@@ -31,10 +31,13 @@ type Entry struct {
 	X509TTL   Seconds    `json:"x509_ttl,omitempty"` // 0: the default (1h)
 	JWTTTL    Seconds    `json:"jwt_ttl,omitempty"`  // 0: the default (5m)
 	DNSNames  []string   `json:"dns_names,omitempty"`
-	Hint      string     `json:"hint,omitempty"`
-	CreatedAt time.Time  `json:"created_at"`
-	UpdatedAt time.Time  `json:"updated_at"`
-	Revision  uint64     `json:"revision"` // of the last change; set by the appliance
+	// IPAddresses are the X.509-SVIDs' IP SANs, IPv4 or IPv6 in text
+	// form (the appliance stores the canonical form).
+	IPAddresses []string  `json:"ip_addresses,omitempty"`
+	Hint        string    `json:"hint,omitempty"`
+	CreatedAt   time.Time `json:"created_at"`
+	UpdatedAt   time.Time `json:"updated_at"`
+	Revision    uint64    `json:"revision"` // of the last change; set by the appliance
 
 	// EffectiveX509TTL and EffectiveJWTTTL are the lifetimes the entry's
 	// SVIDs get: the stored value, or the default when that is 0. Set by

@@ -22,6 +22,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/big"
+	"net"
 	"net/url"
 	"strings"
 	"sync"
@@ -218,7 +219,10 @@ type Leaf struct {
 	PublicKey crypto.PublicKey
 	TTL       time.Duration
 	DNSNames  []string
-	Subject   pkix.Name
+	// IPAddresses are IP SANs; an IPv4 address is encoded in 4 bytes
+	// whatever form it is given in, as x509 does.
+	IPAddresses []net.IP
+	Subject     pkix.Name
 }
 
 // Reserved paths: everything at or under /sigil names the appliance's own
@@ -382,7 +386,7 @@ func (p *Prepared) Sign() ([]*x509.Certificate, error) {
 		}
 		verify := a.verifyAll.Load() || a.signed.Add(1)%verifyEvery == 1
 		der, err = signLeaf(&leafTemplate{serial: p.serial, notBefore: p.notBefore, notAfter: p.notAfter,
-			subject: subject, publicKey: l.PublicKey, keyUsage: ku, uris: []*url.URL{l.ID.URL()}, dnsNames: l.DNSNames},
+			subject: subject, publicKey: l.PublicKey, keyUsage: ku, uris: []*url.URL{l.ID.URL()}, dnsNames: l.DNSNames, ipAddresses: l.IPAddresses},
 			a.issuing, a.signer, verify)
 		if errors.Is(err, errBadSignature) {
 			// From now on every signature is checked: a wrong one is
@@ -403,6 +407,7 @@ func (p *Prepared) Sign() ([]*x509.Certificate, error) {
 			BasicConstraintsValid: true,
 			URIs:                  []*url.URL{l.ID.URL()},
 			DNSNames:              l.DNSNames,
+			IPAddresses:           l.IPAddresses,
 		}
 		var err error
 		if der, err = x509.CreateCertificate(rand.Reader, tmpl, a.issuing, l.PublicKey, a.signer); err != nil {

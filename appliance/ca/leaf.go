@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
+	"net"
 	"net/url"
 	"time"
 	"unicode/utf8"
@@ -43,6 +44,7 @@ type leafTemplate struct {
 	keyUsage            x509.KeyUsage
 	uris                []*url.URL
 	dnsNames            []string
+	ipAddresses         []net.IP
 }
 
 var (
@@ -126,7 +128,8 @@ func addAlgorithm(b *cryptobyte.Builder, alg asn1.ObjectIdentifier) {
 // leafTBS is the DER TBSCertificate, laid out as x509.CreateCertificate
 // lays out the same template: extensions key usage, extended key usage,
 // basic constraints, authority key ID, subject alternative names (critical
-// when the subject is empty), in that order.
+// when the subject is empty; DNS names, IP addresses, URIs), in that
+// order.
 func leafTBS(t *leafTemplate, issuer *x509.Certificate, alg asn1.ObjectIdentifier) ([]byte, error) {
 	spki, err := x509.MarshalPKIXPublicKey(t.publicKey)
 	if err != nil {
@@ -141,6 +144,16 @@ func leafTBS(t *leafTemplate, issuer *x509.Certificate, alg asn1.ObjectIdentifie
 			// x509 refuses these before signing; so must we, or an HSM
 			// signature is spent on a certificate nothing can parse.
 			return nil, fmt.Errorf("DNS name %q is not ASCII", d)
+		}
+	}
+	ips := make([][]byte, len(t.ipAddresses))
+	for i, ip := range t.ipAddresses {
+		// As x509's marshalSANs: IPv4 in 4 bytes, IPv6 in 16; anything
+		// else x509 would write as given, which nothing parses back.
+		if ips[i] = ip.To4(); ips[i] == nil {
+			if ips[i] = ip.To16(); ips[i] == nil {
+				return nil, fmt.Errorf("IP address %v is neither IPv4 nor IPv6", []byte(ip))
+			}
 		}
 	}
 	var b cryptobyte.Builder
@@ -178,12 +191,15 @@ func leafTBS(t *leafTemplate, issuer *x509.Certificate, alg asn1.ObjectIdentifie
 						})
 					})
 				}
-				if len(t.dnsNames) > 0 || len(t.uris) > 0 {
+				if len(t.dnsNames) > 0 || len(ips) > 0 || len(t.uris) > 0 {
 					emptySubject := len(t.subject) == 2 // SEQUENCE {}
 					addExtension(b, oidExtSAN, emptySubject, func(b *cryptobyte.Builder) {
 						b.AddASN1(cbasn1.SEQUENCE, func(b *cryptobyte.Builder) {
 							for _, d := range t.dnsNames {
 								b.AddASN1(cbasn1.Tag(2).ContextSpecific(), func(b *cryptobyte.Builder) { b.AddBytes([]byte(d)) })
+							}
+							for _, ip := range ips {
+								b.AddASN1(cbasn1.Tag(7).ContextSpecific(), func(b *cryptobyte.Builder) { b.AddBytes(ip) })
 							}
 							for _, u := range t.uris {
 								b.AddASN1(cbasn1.Tag(6).ContextSpecific(), func(b *cryptobyte.Builder) { b.AddBytes([]byte(u.String())) })

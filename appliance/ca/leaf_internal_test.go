@@ -14,6 +14,7 @@ import (
 	"errors"
 	"io"
 	"math/big"
+	"net"
 	"net/url"
 	"sync/atomic"
 	"testing"
@@ -24,7 +25,8 @@ import (
 
 // The leaf encoder writes, byte for byte, the TBSCertificate that
 // x509.CreateCertificate writes for the same template, for every shape
-// this authority issues (workload, workload with DNS names, agent with a
+// this authority issues (workload, workload with DNS names and/or IP
+// addresses, agent with a
 // subject, RSA and Ed25519 workload keys) under P-256 and P-384 issuing
 // keys and with dates on both sides of 2050; and what it signs verifies
 // under the issuing certificate. Issuing keys are software keys here: the
@@ -56,14 +58,20 @@ func TestLeafMatchesCreateCertificate(t *testing.T) {
 			subject pkix.Name
 			dns     []string
 			after   time.Time
+			ips     []net.IP
 		}{
-			{"workload", &p256.PublicKey, x509.KeyUsageDigitalSignature, pkix.Name{}, nil, time.Now().Add(time.Hour)},
-			{"dns-names", &p256.PublicKey, x509.KeyUsageDigitalSignature, pkix.Name{}, []string{"web.example.org", "*.web.example.org"}, time.Now().Add(time.Hour)},
-			{"agent", &p256.PublicKey, x509.KeyUsageDigitalSignature, pkix.Name{CommonName: "sigil-agent"}, nil, time.Now().Add(time.Hour)},
-			{"rsa-key", &rsaKey.PublicKey, x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment, pkix.Name{}, nil, time.Now().Add(time.Hour)},
-			{"ed25519-key", edPub, x509.KeyUsageDigitalSignature, pkix.Name{}, nil, time.Now().Add(time.Hour)},
-			{"after-2050", &p256.PublicKey, x509.KeyUsageDigitalSignature, pkix.Name{}, nil, time.Date(2051, 3, 4, 5, 6, 7, 0, time.UTC)},
-			{"issuer-subject", &p256.PublicKey, x509.KeyUsageDigitalSignature, caTmpl.Subject, nil, time.Now().Add(time.Hour)},
+			{"workload", &p256.PublicKey, x509.KeyUsageDigitalSignature, pkix.Name{}, nil, time.Now().Add(time.Hour), nil},
+			{"dns-names", &p256.PublicKey, x509.KeyUsageDigitalSignature, pkix.Name{}, []string{"web.example.org", "*.web.example.org"}, time.Now().Add(time.Hour), nil},
+			{"agent", &p256.PublicKey, x509.KeyUsageDigitalSignature, pkix.Name{CommonName: "sigil-agent"}, nil, time.Now().Add(time.Hour), nil},
+			{"rsa-key", &rsaKey.PublicKey, x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment, pkix.Name{}, nil, time.Now().Add(time.Hour), nil},
+			{"ed25519-key", edPub, x509.KeyUsageDigitalSignature, pkix.Name{}, nil, time.Now().Add(time.Hour), nil},
+			{"after-2050", &p256.PublicKey, x509.KeyUsageDigitalSignature, pkix.Name{}, nil, time.Date(2051, 3, 4, 5, 6, 7, 0, time.UTC), nil},
+			{"issuer-subject", &p256.PublicKey, x509.KeyUsageDigitalSignature, caTmpl.Subject, nil, time.Now().Add(time.Hour), nil},
+			// net.ParseIP gives IPv4 in 16 bytes: it must be written in 4.
+			{"ip-addresses", &p256.PublicKey, x509.KeyUsageDigitalSignature, pkix.Name{}, nil, time.Now().Add(time.Hour),
+				[]net.IP{net.ParseIP("10.0.0.5"), net.ParseIP("fd00::1"), net.IPv4(192, 0, 2, 1).To4()}},
+			{"dns-and-ip", &p256.PublicKey, x509.KeyUsageDigitalSignature, pkix.Name{}, []string{"web.example.org"}, time.Now().Add(time.Hour),
+				[]net.IP{net.ParseIP("2001:db8::7")}},
 		} {
 			t.Run(curve.Params().Name+"/"+c.name, func(t *testing.T) {
 				uri, _ := url.Parse("spiffe://example.org/ns/web")
@@ -72,7 +80,7 @@ func TestLeafMatchesCreateCertificate(t *testing.T) {
 				want, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{
 					SerialNumber: serial, Subject: c.subject, NotBefore: before, NotAfter: c.after, KeyUsage: c.ku,
 					ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-					BasicConstraintsValid: true, URIs: []*url.URL{uri}, DNSNames: c.dns,
+					BasicConstraintsValid: true, URIs: []*url.URL{uri}, DNSNames: c.dns, IPAddresses: c.ips,
 				}, issuer, c.pub, caKey)
 				if err != nil {
 					t.Fatal(err)
@@ -80,7 +88,7 @@ func TestLeafMatchesCreateCertificate(t *testing.T) {
 				wantCert, _ := x509.ParseCertificate(want)
 				subject, _ := asn1.Marshal(c.subject.ToRDNSequence())
 				tmpl := &leafTemplate{serial: serial, notBefore: before, notAfter: c.after, subject: subject,
-					publicKey: c.pub, keyUsage: c.ku, uris: []*url.URL{uri}, dnsNames: c.dns}
+					publicKey: c.pub, keyUsage: c.ku, uris: []*url.URL{uri}, dnsNames: c.dns, ipAddresses: c.ips}
 				alg, _, err := ecdsaAlgorithm(&caKey.PublicKey)
 				if err != nil {
 					t.Fatal(err)

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"net/netip"
 	"slices"
 	"strings"
 	"time"
@@ -22,7 +23,7 @@ import (
 type entryFlags struct {
 	spiffeID, parentID, hint string
 	selectors, add, remove   []string
-	dns                      []string
+	dns, ips                 []string
 	x509TTL, jwtTTL          time.Duration
 	force                    bool
 }
@@ -52,7 +53,8 @@ func (f *entryFlags) register(c *cobra.Command, update bool) {
 	fl.DurationVar(&f.x509TTL, "x509-ttl", 0, "X.509-SVID lifetime; 0 means the default, 1h")
 	fl.DurationVar(&f.jwtTTL, "jwt-ttl", 0, "JWT-SVID lifetime; 0 means the default, 5m")
 	fl.StringArrayVar(&f.dns, "dns", nil, "DNS SAN (repeatable; on update the list replaces the stored one, --dns '' clears it)")
-	fl.StringVar(&f.hint, "hint", "", "hint for workloads with several identities")
+	fl.StringArrayVar(&f.ips, "ip", nil, "IP SAN, IPv4 or IPv6 (repeatable; on update the list replaces the stored one, --ip '' clears it)")
+	fl.StringVar(&f.hint, "hint", "", "hint for workloads with several identities (a workload that matches two entries with one hint gets it on the older entry's SVID only)")
 	fl.BoolVar(&f.force, "force", false, "register the entry even though its parent is not a joined, unbanned agent (one that has yet to join, say)")
 }
 
@@ -78,6 +80,52 @@ func dnsNames(in []string) []string {
 		}
 	}
 	return out
+}
+
+// ipAddresses drops empty addresses, so that an empty --ip means none, and
+// writes each address the appliance can parse in the canonical form it
+// stores (fd00:0::1 as fd00::1, ::ffff:10.0.0.5 as 10.0.0.5, which is
+// also how a certificate carries it). The appliance checks the rest.
+func ipAddresses(in []string) []string {
+	var out []string
+	for _, s := range in {
+		if s == "" {
+			continue
+		}
+		if a, err := netip.ParseAddr(s); err == nil && a.Zone() == "" {
+			s = a.Unmap().String()
+		}
+		out = append(out, s)
+	}
+	return out
+}
+
+// warnSharedHint says on stderr which other entries of e's parent have
+// e's hint: a workload that matches several of them gets the hint on the
+// oldest one's SVID only (the Workload API's hints are unique within a
+// response). Entries of one parent with one hint may well match disjoint
+// workloads, so this is a warning, and the entry stays. It is sigilctl's
+// check, after the change, from the parent's entry list: the appliance
+// itself does not refuse or warn.
+func (g *globals) warnSharedHint(ctx context.Context, c *api.AdminClient, e *api.Entry) {
+	if e == nil || e.Hint == "" {
+		return
+	}
+	l, err := c.EntryList(ctx, &api.EntryListRequest{ParentID: e.ParentID})
+	if err != nil {
+		g.note("warning: could not check whether other entries of %s have hint %q: %v\n", e.ParentID, e.Hint, err)
+		return
+	}
+	var others []string
+	for _, o := range l.Entries {
+		if o.ID != e.ID && o.Hint == e.Hint {
+			others = append(others, o.ID+" ("+o.SPIFFEID+")")
+		}
+	}
+	if len(others) > 0 {
+		g.note("warning: hint %q is also on entry %s of parent %s: a workload that matches several of them gets the hint on the oldest entry's SVID only\n",
+			e.Hint, strings.Join(others, ", "), e.ParentID)
+	}
 }
 
 // putEntry sends an entry create or update. With --force it first asks
@@ -107,7 +155,7 @@ func entryCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			e := api.Entry{SPIFFEID: cf.spiffeID, ParentID: cf.parentID, Selectors: sel, DNSNames: dnsNames(cf.dns), Hint: cf.hint}
+			e := api.Entry{SPIFFEID: cf.spiffeID, ParentID: cf.parentID, Selectors: sel, DNSNames: dnsNames(cf.dns), IPAddresses: ipAddresses(cf.ips), Hint: cf.hint}
 			if e.X509TTL, err = wholeSeconds("x509-ttl", cf.x509TTL); err != nil {
 				return err
 			}
@@ -115,14 +163,18 @@ func entryCmd(g *globals) *cobra.Command {
 				return err
 			}
 			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
-				return g.putEntry(ctx, c.EntryCreate, e, cf.force)
+				out, err := g.putEntry(ctx, c.EntryCreate, e, cf.force)
+				if err == nil {
+					g.warnSharedHint(ctx, c, out)
+				}
+				return out, err
 			}, printEntry)
 		}}
 	cf.register(create, false)
 
 	var uf entryFlags
 	update := &cobra.Command{Use: "update ID", Short: "Change fields of an entry", Args: cobra.ExactArgs(1),
-		Long: "Change the fields of an entry that flags are given for; the others keep\ntheir values. --selector replaces all the selectors, --add-selector and\n--remove-selector change some. --x509-ttl 0 or --jwt-ttl 0 go back to the\ndefault, --hint '' and --dns '' clear. What changed is printed as\nold -> new. The change applies to the entry as it was read: if someone\nchanged it meanwhile, the update is refused, and repeating it is safe.\n\n" + selectorHelp(),
+		Long: "Change the fields of an entry that flags are given for; the others keep\ntheir values. --selector replaces all the selectors, --add-selector and\n--remove-selector change some. --x509-ttl 0 or --jwt-ttl 0 go back to the\ndefault, --hint '', --dns '' and --ip '' clear. What changed is printed as\nold -> new. The change applies to the entry as it was read: if someone\nchanged it meanwhile, the update is refused, and repeating it is safe.\n\n" + selectorHelp(),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ch, err := uf.changes(cmd)
 			if err != nil {
@@ -143,6 +195,9 @@ func entryCmd(g *globals) *cobra.Command {
 				out, err := g.putEntry(ctx, c.EntryUpdate, e, uf.force)
 				if err != nil {
 					return nil, err
+				}
+				if out.Hint != old.Hint || out.ParentID != old.ParentID {
+					g.warnSharedHint(ctx, c, out)
 				}
 				return &entryUpdate{Entry: out, Changes: entryDiff(old, out)}, nil
 			}, printUpdate)
@@ -187,7 +242,7 @@ func entryCmd(g *globals) *cobra.Command {
 // them to the stored entry.
 func (f *entryFlags) changes(cmd *cobra.Command) (func(api.Entry) (api.Entry, error), error) {
 	changed := cmd.Flags().Changed
-	fields := []string{"spiffe-id", "parent-id", "selector", "add-selector", "remove-selector", "x509-ttl", "jwt-ttl", "dns", "hint"}
+	fields := []string{"spiffe-id", "parent-id", "selector", "add-selector", "remove-selector", "x509-ttl", "jwt-ttl", "dns", "ip", "hint"}
 	if !slices.ContainsFunc(fields, changed) {
 		return nil, clirun.Usagef("nothing to change: give at least one of --%s", strings.Join(fields, ", --"))
 	}
@@ -246,6 +301,9 @@ func (f *entryFlags) changes(cmd *cobra.Command) (func(api.Entry) (api.Entry, er
 		}
 		if changed("dns") {
 			e.DNSNames = dnsNames(f.dns)
+		}
+		if changed("ip") {
+			e.IPAddresses = ipAddresses(f.ips)
 		}
 		if changed("hint") {
 			e.Hint = f.hint
@@ -349,7 +407,7 @@ func entryRows(e *api.Entry) [][]string {
 	return [][]string{
 		{"id", e.ID}, {"spiffe_id", e.SPIFFEID}, {"parent_id", e.ParentID}, {"selectors", selectorString(e.Selectors)},
 		{"x509_ttl", ttlString(e.X509TTL, e.EffectiveX509TTL)}, {"jwt_ttl", ttlString(e.JWTTTL, e.EffectiveJWTTTL)},
-		{"dns_names", strings.Join(e.DNSNames, ",")}, {"hint", e.Hint},
+		{"dns_names", strings.Join(e.DNSNames, ",")}, {"ip_addresses", strings.Join(e.IPAddresses, ",")}, {"hint", e.Hint},
 		{"revision", fmt.Sprint(e.Revision)},
 	}
 }

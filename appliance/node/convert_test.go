@@ -22,7 +22,7 @@ func convTime(h int) time.Time {
 func fullEntry() state.Entry {
 	return state.Entry{ID: "e1", SPIFFEID: "spiffe://example.org/web", ParentID: "spiffe://example.org/sigil/agent/a1",
 		Selectors: []state.Selector{{Type: "unix", Value: "uid:1000"}, {Type: "unix", Value: "gid:10"}},
-		X509TTL:   3600, JWTTTL: 300, DNSNames: []string{"web.example.org", "web"}, Hint: "web",
+		X509TTL:   3600, JWTTTL: 300, DNSNames: []string{"web.example.org", "web"}, IPAddresses: []string{"10.0.0.5", "fd00::1"}, Hint: "web",
 		CreatedAt: convTime(0), UpdatedAt: convTime(1), Revision: 42}
 }
 

@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"runtime"
 	"strings"
 	"sync"
@@ -505,7 +506,16 @@ func (s *issuer) checkOne(a state.Agent, e state.Entry, exists bool, r api.X509S
 	if ttl = capToAgent(a, ttl, time.Now()); ttl < time.Second {
 		return nil, "the job agent's run has ended: join again", fmt.Sprintf("job agent %s expired at %s", a.ID, a.ExpiresAt.Format(time.RFC3339))
 	}
-	p, err = s.x509.Prepare(ca.Leaf{ID: id, PublicKey: csr.PublicKey, TTL: ttl, DNSNames: e.DNSNames})
+	ips := make([]net.IP, len(e.IPAddresses))
+	for i, ip := range e.IPAddresses {
+		if ips[i] = net.ParseIP(ip); ips[i] == nil {
+			// The state machine refuses these (state.CheckIPSAN): this
+			// node's fault, not the agent's.
+			s.log.Error("issuance failed: stored entry has an invalid IP address", "request", "svid.x509", "agent", a.ID, "entry", e.ID, "ip", ip)
+			return nil, msgInternal, "internal error: stored entry has an invalid IP address"
+		}
+	}
+	p, err = s.x509.Prepare(ca.Leaf{ID: id, PublicKey: csr.PublicKey, TTL: ttl, DNSNames: e.DNSNames, IPAddresses: ips})
 	if err != nil {
 		// CA errors (revoked, expired) are this node's: logged, and the
 		// audit says only that signing failed.

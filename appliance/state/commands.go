@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"fmt"
+	"net/netip"
 	"regexp"
 	"slices"
 	"strconv"
@@ -199,6 +200,7 @@ const (
 const (
 	MaxSelectors   = 32
 	MaxDNSNames    = 32
+	MaxIPAddresses = 32
 	MaxEKCAs       = 64
 	MaxEKCADER     = 8 << 10
 	MaxEKAllowlist = 10000
@@ -226,6 +228,12 @@ const EntryRulesVersion = 4
 // RenewGraceVersion is the first command version whose renewals may name
 // the agent's previous certificate (Agent.PreviousSerial).
 const RenewGraceVersion = 5
+
+// IPSANVersion is the first command version whose entries may carry IP
+// SANs (Entry.IPAddresses). Nodes of earlier versions refused the field
+// as unknown, so a command of an earlier version that has it is refused
+// as they refused it: a raft log replays the same on every node.
+const IPSANVersion = 6
 
 // RenewGrace is how long after a renewal the certificate it replaced may
 // renew again. An agent whose renewal answer was lost retries within
@@ -275,6 +283,9 @@ func validateEntry(td spiffeid.TrustDomain, e *Entry, strict bool) error {
 	if len(e.DNSNames) > MaxDNSNames {
 		return refuse("entry %s has %d DNS names; at most %d", id, len(e.DNSNames), MaxDNSNames)
 	}
+	if len(e.IPAddresses) > MaxIPAddresses {
+		return refuse("entry %s has %d IP addresses; at most %d", id, len(e.IPAddresses), MaxIPAddresses)
+	}
 	seen := map[Selector]bool{}
 	for _, s := range e.Selectors {
 		if !selectorTypeRE.MatchString(s.Type) {
@@ -308,8 +319,55 @@ func validateEntry(td spiffeid.TrustDomain, e *Entry, strict bool) error {
 			return refuse("dns name %q is not a valid lowercase DNS name", n)
 		}
 	}
+	ips := map[string]bool{}
+	for _, s := range e.IPAddresses {
+		if err := CheckIPSAN(s); err != nil {
+			return refuse("%v", err)
+		}
+		if ips[s] {
+			return refuse("ip address %s given twice", s)
+		}
+		ips[s] = true
+	}
 	if len(e.Hint) > 64 {
 		return refuse("hint is longer than 64 characters")
+	}
+	return nil
+}
+
+// CheckIPSAN checks one IP SAN of an entry: an address a workload can be
+// reached at, in its canonical text form, so that one address is stored
+// (and compared, and shown) one way. The unspecified address, multicast
+// addresses and the IPv4 limited broadcast name no host; a zone (fe80::1%eth0)
+// means something on one host only and has no place in a certificate;
+// an IPv4-mapped IPv6 address is written as IPv4, which is what x509
+// encodes it as.
+func CheckIPSAN(s string) error {
+	a, err := netip.ParseAddr(s)
+	switch {
+	case err != nil:
+		return fmt.Errorf("ip address %q: not an IPv4 or IPv6 address", truncate(s, 64))
+	case a.Zone() != "":
+		return fmt.Errorf("ip address %s: a zone is not allowed in a certificate", s)
+	case a.Is4In6():
+		return fmt.Errorf("ip address %s: write the IPv4 address (%s)", s, a.Unmap())
+	case a.String() != s:
+		return fmt.Errorf("ip address %q: write it as %s", s, a)
+	case a.IsUnspecified():
+		return fmt.Errorf("ip address %s is the unspecified address", s)
+	case a.IsMulticast():
+		return fmt.Errorf("ip address %s is a multicast address", s)
+	case a == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
+		return fmt.Errorf("ip address %s is the broadcast address", s)
+	}
+	return nil
+}
+
+// checkIPSANVersion refuses IP SANs in a command of a version before
+// IPSANVersion.
+func (t *txn) checkIPSANVersion(e *Entry) error {
+	if len(e.IPAddresses) > 0 && t.c.Version < IPSANVersion {
+		return refuse("entry %s: ip_addresses is a field of version %d commands, not of version %d", truncate(e.ID, 64), IPSANVersion, t.c.Version)
 	}
 	return nil
 }
@@ -411,6 +469,9 @@ func entryAudit(action string, e *Entry) AuditEvent {
 func (t *txn) strictEntries() bool { return t.c.Version >= EntryRulesVersion }
 
 func applyEntryCreate(t *txn, e *Entry) (any, []AuditEvent, error) {
+	if err := t.checkIPSANVersion(e); err != nil {
+		return nil, nil, err
+	}
 	sortSelectors(e.Selectors)
 	if err := validateEntry(t.f.td, e, t.strictEntries()); err != nil {
 		return nil, nil, err
@@ -430,6 +491,9 @@ func applyEntryCreate(t *txn, e *Entry) (any, []AuditEvent, error) {
 }
 
 func applyEntryUpdate(t *txn, e *Entry) (any, []AuditEvent, error) {
+	if err := t.checkIPSANVersion(e); err != nil {
+		return nil, nil, err
+	}
 	sortSelectors(e.Selectors)
 	old, err := t.entry(e.ID)
 	if err != nil {

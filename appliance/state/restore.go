@@ -176,6 +176,9 @@ func applyStateRestore(t *txn, p *StateRestore) (any, []AuditEvent, error) {
 			problem("entry %s: %v", truncate(e.ID, 64), strings.TrimPrefix(err.Error(), ErrRefused.Error()+": "))
 			continue
 		}
+		if err := t.checkIPSANVersion(e); err != nil {
+			problem("%v", strings.TrimPrefix(err.Error(), ErrRefused.Error()+": "))
+		}
 		if ids[e.ID] {
 			problem("entry %s appears twice", e.ID)
 		}

@@ -24,9 +24,13 @@ type Entry struct {
 	X509TTL   Seconds    `json:"x509_ttl,omitempty"`
 	JWTTTL    Seconds    `json:"jwt_ttl,omitempty"`
 	DNSNames  []string   `json:"dns_names,omitempty"`
-	Hint      string     `json:"hint,omitempty"`
-	CreatedAt time.Time  `json:"created_at"`
-	UpdatedAt time.Time  `json:"updated_at"`
+	// IPAddresses are IP SANs of the entry's X.509-SVIDs, each in its
+	// canonical text form (netip.Addr.String); version 6 commands on
+	// (IPSANVersion).
+	IPAddresses []string  `json:"ip_addresses,omitempty"`
+	Hint        string    `json:"hint,omitempty"`
+	CreatedAt   time.Time `json:"created_at"`
+	UpdatedAt   time.Time `json:"updated_at"`
 	// Revision is the raft index of the last change, for watchers that
 	// resume from a revision.
 	Revision uint64 `json:"revision"`
