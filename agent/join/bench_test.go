@@ -52,7 +52,8 @@ func BenchmarkTPMJoin(b *testing.B) {
 	// the TPM join's measured just before.
 	iss := jobruletest.NewIssuer(b)
 	if _, err := e.c.Admin("node-1").JoinRuleCreate(ctx, &api.JoinRule{Name: "bench", Preset: "github-actions",
-		Issuer: iss.URL(), JWKS: string(iss.JWKS()), TTL: 600, MaxTokenAge: 300}); err != nil {
+		Issuer: iss.URL(), JWKS: string(iss.JWKS()), TTL: 600, MaxTokenAge: 300,
+		Conditions: []api.ClaimCondition{{Claim: "repository", Pattern: "octo-org/*"}}}); err != nil {
 		b.Fatal(err)
 	}
 	b.Run("job", func(b *testing.B) {

@@ -18,6 +18,8 @@ import (
 	"net/url"
 	"path"
 	"regexp"
+	"slices"
+	"strings"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -89,7 +91,20 @@ type preset struct {
 	// claim owner and a "/" (repository_name from repository and
 	// repository_owner).
 	child, full, owner string
+	// scope, for issuers that sign for anyone's projects (GitHub, GitLab),
+	// names the claims a condition must pin, at least one of them, so
+	// that the rule admits one owner's runs and not every project on the
+	// platform: exact claims (IDs, owner names) must match exactly,
+	// owner-prefixed ones (owner/project paths) in their first part.
+	scope map[string]scopeKind
 }
+
+type scopeKind int
+
+const (
+	scopeExact scopeKind = iota + 1
+	scopeOwnerPrefix
+)
 
 func presetFor(name string) (*preset, bool) {
 	// Built on each call: presets are never shared mutable state.
@@ -102,6 +117,8 @@ func presetFor(name string) (*preset, bool) {
 			audit: []string{"repository", "ref", "sha", "run_id", "run_attempt", "actor",
 				"workflow", "workflow_ref", "job_workflow_ref", "event_name", "environment"},
 			child: "repository_name", full: "repository", owner: "repository_owner",
+			scope: map[string]scopeKind{"repository_owner_id": scopeExact, "repository_id": scopeExact,
+				"repository_owner": scopeExact, "repository": scopeOwnerPrefix},
 		}, true
 	case PresetGitLabCI:
 		return &preset{
@@ -111,6 +128,8 @@ func presetFor(name string) (*preset, bool) {
 			audit: []string{"project_path", "ref", "ref_type", "sha", "pipeline_id", "job_id",
 				"user_login", "environment", "pipeline_source"},
 			child: "project_name", full: "project_path", owner: "namespace_path",
+			scope: map[string]scopeKind{"namespace_id": scopeExact, "project_id": scopeExact,
+				"namespace_path": scopeExact, "project_path": scopeOwnerPrefix},
 		}, true
 	case PresetKubernetes:
 		return &preset{
@@ -186,6 +205,15 @@ func (s Spec) Validate() error {
 	}
 	if s.Audience == "" || len(s.Audience) > MaxAudienceBytes || !printable(s.Audience) {
 		bad("audience", "must be 1-%d printable characters", MaxAudienceBytes)
+	}
+	if p, ok := presetFor(s.Preset); ok && len(p.scope) > 0 && !scoped(p.scope, s.Conditions) {
+		names := make([]string, 0, len(p.scope))
+		for n := range p.scope {
+			names = append(names, n)
+		}
+		slices.Sort(names)
+		bad("conditions", "preset %s: the issuer signs for every project on the platform, so a condition must pin the owner: one of %s, exact (an owner/project path may glob after the owner)",
+			s.Preset, strings.Join(names, ", "))
 	}
 	if len(s.Conditions) > MaxConditions {
 		bad("conditions", "%d conditions, at most %d", len(s.Conditions), MaxConditions)
@@ -336,4 +364,24 @@ func clipBytes(s string, n int) string {
 		s = s[:len(s)-1]
 	}
 	return s
+}
+
+// scoped reports whether a condition pins one of scope's claims: exactly,
+// or (owner-prefixed claims) with an exact first part.
+func scoped(scope map[string]scopeKind, conds []Condition) bool {
+	const glob = "*?[\\"
+	for _, c := range conds {
+		switch scope[c.Claim] {
+		case scopeExact:
+			if c.Pattern != "" && !strings.ContainsAny(c.Pattern, glob) {
+				return true
+			}
+		case scopeOwnerPrefix:
+			owner, _, found := strings.Cut(c.Pattern, "/")
+			if owner != "" && !strings.ContainsAny(owner, glob) && (found || !strings.ContainsAny(c.Pattern, glob)) {
+				return true
+			}
+		}
+	}
+	return false
 }

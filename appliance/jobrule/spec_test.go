@@ -199,3 +199,40 @@ func TestValidate(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// GitHub's and GitLab's issuers sign for every project on the platform,
+// and any workflow can ask for a token with the appliance's audience: a
+// rule of those presets must pin the owner, or it admits everyone's runs.
+func TestAttackUnscopedMultiTenantRule(t *testing.T) {
+	for _, tc := range []struct {
+		preset string
+		conds  []jobrule.Condition
+		ok     bool
+	}{
+		{jobrule.PresetGitHubActions, nil, false},
+		{jobrule.PresetGitHubActions, []jobrule.Condition{{Claim: "ref", Pattern: "refs/heads/main"}}, false},
+		{jobrule.PresetGitHubActions, []jobrule.Condition{{Claim: "repository", Pattern: "*/infra"}}, false},
+		{jobrule.PresetGitHubActions, []jobrule.Condition{{Claim: "repository", Pattern: "octo-*/infra"}}, false},
+		{jobrule.PresetGitHubActions, []jobrule.Condition{{Claim: "repository_owner", Pattern: "octo*"}}, false},
+		{jobrule.PresetGitHubActions, []jobrule.Condition{{Claim: "repository", Pattern: "octo-org/*"}}, true},
+		{jobrule.PresetGitHubActions, []jobrule.Condition{{Claim: "repository", Pattern: "octo-org/infra"}}, true},
+		{jobrule.PresetGitHubActions, []jobrule.Condition{{Claim: "repository_owner_id", Pattern: "65"}}, true},
+		{jobrule.PresetGitLabCI, nil, false},
+		{jobrule.PresetGitLabCI, []jobrule.Condition{{Claim: "project_path", Pattern: "*"}}, false},
+		{jobrule.PresetGitLabCI, []jobrule.Condition{{Claim: "project_path", Pattern: "my-group/*"}}, true},
+		{jobrule.PresetGitLabCI, []jobrule.Condition{{Claim: "namespace_id", Pattern: "72"}}, true},
+		{jobrule.PresetKubernetes, nil, true},
+	} {
+		s := jobrule.Spec{Name: "r", Preset: tc.preset, Issuer: "https://issuer.example", TTL: time.Hour, MaxTokenAge: 10 * time.Minute, Conditions: tc.conds}
+		if err := s.ApplyPreset(td); err != nil {
+			t.Fatal(err)
+		}
+		err := s.Validate()
+		if (err == nil) != tc.ok {
+			t.Errorf("%s %v: %v, want ok=%v", tc.preset, tc.conds, err, tc.ok)
+		}
+		if err != nil && !strings.Contains(err.Error(), "must pin the owner") {
+			t.Errorf("%s %v: %v does not say why", tc.preset, tc.conds, err)
+		}
+	}
+}

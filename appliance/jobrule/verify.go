@@ -110,6 +110,14 @@ func Verify(ctx context.Context, s Spec, keys KeySource, token string, now time.
 	if len(segs) != 3 {
 		return nil, refuse(ReasonMalformed, "not a compact JWS (%d parts, want 3)", len(segs))
 	}
+	// Only the canonical base64url form of each part is accepted: the
+	// verifier checks the decoded bytes, so spare bits in a part's last
+	// character would otherwise give one signed token many spellings.
+	for i, seg := range segs {
+		if b, err := base64.RawURLEncoding.Strict().DecodeString(seg); err != nil || base64.RawURLEncoding.EncodeToString(b) != seg {
+			return nil, refuse(ReasonMalformed, "part %d is not canonical base64url", i+1)
+		}
+	}
 	// The header is read before the signature is checked only to choose
 	// the algorithm and key; it is trusted for nothing else.
 	hdrJSON, err := base64.RawURLEncoding.DecodeString(segs[0])
@@ -193,7 +201,10 @@ func Verify(ctx context.Context, s Spec, keys KeySource, token string, now time.
 	}
 
 	claims := cs.flat
-	derive(p, claims, token)
+	// What identifies the token is what its issuer signed (the payload),
+	// not how it is spelled: an ES256 signature has two valid forms.
+	signed := sha256Hex(s.Issuer + "\x00payload\x00" + string(payload))
+	derive(p, claims, signed)
 	for _, c := range s.Conditions {
 		v, ok := claims[c.Claim]
 		if !ok {
@@ -234,10 +245,13 @@ func Verify(ctx context.Context, s Spec, keys KeySource, token string, now time.
 	if jti, ok := cs.flat["jti"]; ok && jti != "" {
 		v.ReplayKey = sha256Hex(s.Issuer + "\x00" + jti)
 	} else {
-		v.ReplayKey = sha256Hex(token)
+		v.ReplayKey = signed
 	}
+	// The window is the longest any rule of this issuer could accept the
+	// token for, not this rule's: a token used on a rule with a short
+	// maximum age must stay used for a rule with a longer one.
 	until := exp
-	if aged := iat.Add(s.MaxTokenAge); aged.Before(until) {
+	if aged := iat.Add(MaxMaxTokenAge); aged.Before(until) {
 		until = aged
 	}
 	v.ReplayUntil = until.Add(Leeway)
@@ -247,7 +261,7 @@ func Verify(ctx context.Context, s Spec, keys KeySource, token string, now time.
 // derive adds the preset's derived claims. They replace any claim of the
 // same name in the token, so that what a template sees under a derived
 // name always comes from the derivation.
-func derive(p *preset, claims map[string]string, token string) {
+func derive(p *preset, claims map[string]string, signed string) {
 	for alias, full := range p.aliases {
 		if v, ok := claims[full]; ok {
 			claims[alias] = v
@@ -268,7 +282,7 @@ func derive(p *preset, claims map[string]string, token string) {
 	if jti, ok := claims["jti"]; ok && safeValue(jti) == nil {
 		claims["token_id"] = jti
 	} else {
-		claims["token_id"] = sha256Hex(token)[:32]
+		claims["token_id"] = signed[:32]
 	}
 }
 

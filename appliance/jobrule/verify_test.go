@@ -2,12 +2,15 @@ package jobrule_test
 
 import (
 	"context"
+	"crypto/elliptic"
 	"crypto/sha256"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"math/big"
 	"strings"
 	"testing"
 	"time"
@@ -31,8 +34,13 @@ func rule(t *testing.T, iss *jobruletest.Issuer, preset string, edit ...func(*jo
 		Name: "ci", Preset: preset, Issuer: iss.URL(), IssuerCA: iss.CAPEM(),
 		TTL: time.Hour, MaxTokenAge: 10 * time.Minute,
 	}
-	if preset == jobrule.PresetOIDC || preset == "" {
+	switch preset {
+	case jobrule.PresetOIDC, "":
 		s.SPIFFEIDTemplate = "/svc/{{service}}"
+	case jobrule.PresetGitHubActions:
+		s.Conditions = []jobrule.Condition{{Claim: "repository_owner", Pattern: "octo-org"}}
+	case jobrule.PresetGitLabCI:
+		s.Conditions = []jobrule.Condition{{Claim: "namespace_path", Pattern: "my-group"}}
 	}
 	for _, e := range edit {
 		e(&s)
@@ -147,10 +155,12 @@ func TestGitHubActionsByDiscovery(t *testing.T) {
 		t.Errorf("%d key set fetches for two tokens, want 1", n)
 	}
 
-	// A long-lived token: iat + MaxTokenAge bounds the replay window.
-	c["exp"] = now.Add(2 * time.Hour).Unix()
+	// A long-lived token: iat + the longest maximum age any rule may
+	// have bounds the replay window (not this rule's: a rule of the same
+	// issuer with a longer one must still find the token used).
+	c["exp"] = now.Add(48 * time.Hour).Unix()
 	v := mustVerify(t, s, keys, iss.Sign(t, c))
-	if want := time.Unix(c["iat"].(int64), 0).Add(s.MaxTokenAge + jobrule.Leeway); !v.ReplayUntil.Equal(want) {
+	if want := time.Unix(c["iat"].(int64), 0).Add(jobrule.MaxMaxTokenAge + jobrule.Leeway); !v.ReplayUntil.Equal(want) {
 		t.Errorf("replay until %v, want %v", v.ReplayUntil, want)
 	}
 }
@@ -237,17 +247,79 @@ func TestGenericOIDC(t *testing.T) {
 	c["jti"] = "a/b"
 	tok = iss.Sign(t, c)
 	v = mustVerify(t, s, static(t, iss), tok)
-	if v.Run != sha(tok)[:32] {
-		t.Errorf("run %q, want the token's hash", v.Run)
+	if v.Run != signedSHA(t, iss.URL(), tok)[:32] {
+		t.Errorf("run %q, want the signed payload's hash", v.Run)
 	}
 	if v.ReplayKey != sha(iss.URL()+"\x00a/b") {
 		t.Errorf("replay key %s", v.ReplayKey)
 	}
 	delete(c, "jti")
 	tok = iss.Sign(t, c)
-	if v = mustVerify(t, s, static(t, iss), tok); v.ReplayKey != sha(tok) {
-		t.Errorf("replay key %s, want the token's hash", v.ReplayKey)
+	if v = mustVerify(t, s, static(t, iss), tok); v.ReplayKey != signedSHA(t, iss.URL(), tok) {
+		t.Errorf("replay key %s, want the signed payload's hash", v.ReplayKey)
 	}
+}
+
+// signedSHA is the hash that names a token without a usable jti: of its
+// issuer and the payload its issuer signed.
+func signedSHA(t *testing.T, issuer, tok string) string {
+	t.Helper()
+	payload, err := base64.RawURLEncoding.DecodeString(strings.Split(tok, ".")[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sha(issuer + "\x00payload\x00" + string(payload))
+}
+
+// A token without jti, used once, comes back re-spelled: spare bits of a
+// part's last base64url character changed (the decoded bytes, and so the
+// signature check, unchanged), or an ES256 signature swapped for its
+// other valid form (s -> n-s). Neither may count as a new token: the
+// first is refused as malformed, the second has the same replay key.
+func TestAttackRespelledToken(t *testing.T) {
+	iss := jobruletest.NewIssuer(t)
+	s := rule(t, iss, jobrule.PresetGitHubActions)
+	c := jobruletest.GitHubClaims(iss.URL(), s.Audience, now)
+	delete(c, "jti")
+	for _, alg := range []string{"RS256", "ES256"} {
+		tok := iss.SignWith(t, alg, c)
+		v := mustVerify(t, s, static(t, iss), tok)
+		parts := strings.Split(tok, ".")
+		for i := range parts {
+			re := respell(parts[i])
+			if re == parts[i] {
+				continue
+			}
+			alt := append([]string(nil), parts...)
+			alt[i] = re
+			refused(t, s, static(t, iss), strings.Join(alt, "."), jobrule.ReasonMalformed, "canonical")
+		}
+		if alg == "ES256" {
+			sig, _ := base64.RawURLEncoding.DecodeString(parts[2])
+			r, sv := new(big.Int).SetBytes(sig[:32]), new(big.Int).SetBytes(sig[32:])
+			sv.Sub(elliptic.P256().Params().N, sv)
+			twin := make([]byte, 64)
+			r.FillBytes(twin[:32])
+			sv.FillBytes(twin[32:])
+			alt := parts[0] + "." + parts[1] + "." + base64.RawURLEncoding.EncodeToString(twin)
+			v2, err := jobrule.Verify(context.Background(), s, static(t, iss), alt, now)
+			if err == nil && v2.ReplayKey != v.ReplayKey {
+				t.Errorf("the ES256 twin signature has another replay key: %s vs %s", v2.ReplayKey, v.ReplayKey)
+			}
+		}
+	}
+}
+
+// respell changes the unused low bits of a base64url part's last
+// character, if it has any.
+func respell(seg string) string {
+	spare := map[int]int{2: 4, 3: 2}[len(seg)%4] // unused bits in the last character
+	if spare == 0 {
+		return seg
+	}
+	const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+	i := strings.IndexByte(alphabet, seg[len(seg)-1])
+	return seg[:len(seg)-1] + string(alphabet[i^1])
 }
 
 func TestAuditValuesTruncated(t *testing.T) {
@@ -421,7 +493,11 @@ func TestRefusedClaims(t *testing.T) {
 // path segments are refused, not cleaned.
 func TestAttackPathTraversal(t *testing.T) {
 	iss := jobruletest.NewIssuer(t)
-	s := rule(t, iss, jobrule.PresetGitHubActions)
+	// Scoped by the repository's ID, so that the owner's name reaches the
+	// template.
+	s := rule(t, iss, jobrule.PresetGitHubActions, func(s *jobrule.Spec) {
+		s.Conditions = []jobrule.Condition{{Claim: "repository_id", Pattern: "74"}}
+	})
 	keys := static(t, iss)
 	for _, owner := range []string{"a/b", "..", ".", "a..b", "%2e", "%2e%2e", " x", "x ", "é", "a\x00b", "a\\b", ""} {
 		t.Run(fmt.Sprintf("%q", owner), func(t *testing.T) {

@@ -289,8 +289,13 @@ func TestJobJoinPresets(t *testing.T) {
 		{"kubernetes", jobruletest.KubernetesClaims(iss.URL(), "spiffe://"+td, time.Now()), "/k8s/ns/ci/sa/builder", "9d2c4e6f-1a3b-4c5d-8e7f-0a1b2c3d4e5f", "fact.pod", "runner-7d9f"},
 	} {
 		t.Run(tc.preset, func(t *testing.T) {
+			var conds []api.ClaimCondition
+			if tc.preset == "gitlab-ci" {
+				// gitlab.com signs for every project: the rule pins the group.
+				conds = []api.ClaimCondition{{Claim: "namespace_path", Pattern: "my-group"}}
+			}
 			if _, err := admin.JoinRuleCreate(ctx, &api.JoinRule{Name: tc.preset, Preset: tc.preset, Issuer: iss.URL(),
-				IssuerCA: string(iss.CAPEM()), TTL: 300, MaxTokenAge: 300}); err != nil {
+				IssuerCA: string(iss.CAPEM()), TTL: 300, MaxTokenAge: 300, Conditions: conds}); err != nil {
 				t.Fatal(err)
 			}
 			svid, _, err := jobJoin(t, c, "node-1", tc.preset, iss.Sign(t, tc.claims))
