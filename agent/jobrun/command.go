@@ -26,6 +26,11 @@ type signals struct {
 	mu   sync.Mutex
 	proc *os.Process
 	got  os.Signal // the first signal that came while no command ran
+	// pending came after the command started but before attach: the
+	// command may already be running (and waiting for it).
+	pending  []os.Signal
+	started  bool
+	detached bool
 }
 
 func newSignals() *signals {
@@ -42,6 +47,8 @@ func (s *signals) loop() {
 		case s.proc != nil:
 			// The command may have exited a moment ago: nothing to tell.
 			_ = s.proc.Signal(sig)
+		case s.started && !s.detached:
+			s.pending = append(s.pending, sig)
 		case s.got == nil:
 			s.got = sig
 			close(s.early)
@@ -56,13 +63,32 @@ func (s *signals) stop() {
 	close(s.ch)
 }
 
-func (s *signals) attach(p *os.Process) {
+// starting marks the command as about to start: signals from here to
+// attach are held for it, not taken as the end of the setup.
+func (s *signals) starting() {
 	s.mu.Lock()
-	s.proc = p
+	s.started = true
 	s.mu.Unlock()
 }
 
-func (s *signals) detach() { s.attach(nil) }
+// attach sends the command the signals held since starting, then each
+// that comes.
+func (s *signals) attach(p *os.Process) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.proc = p
+	for _, sig := range s.pending {
+		_ = p.Signal(sig)
+	}
+	s.pending = nil
+}
+
+// detach stops forwarding: the command has ended (or never started).
+func (s *signals) detach() {
+	s.mu.Lock()
+	s.proc, s.pending, s.detached = nil, nil, true
+	s.mu.Unlock()
+}
 
 // first is the signal that came before the command ran (nil: none).
 func (s *signals) first() os.Signal {
@@ -88,7 +114,11 @@ func runCommand(ctx context.Context, o Options, env []string, sigs *signals) (in
 	cmd := exec.Command(o.Command[0], o.Command[1:]...)
 	cmd.Env = env
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = o.Stdin, o.Stdout, o.Stderr
+	// The command can run (and wait for a signal) before Start returns
+	// here: a signal from now on is held for it.
+	sigs.starting()
 	if err := cmd.Start(); err != nil {
+		sigs.detach()
 		code := 126
 		if errors.Is(err, exec.ErrNotFound) || errors.Is(err, fs.ErrNotExist) {
 			code = 127

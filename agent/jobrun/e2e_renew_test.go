@@ -102,7 +102,17 @@ func TestExecRenewsWithFreshToken(t *testing.T) {
 	clustertest.Eventually(t, 30*time.Second, "both runs joined", func() bool {
 		return strings.Contains(fileLog.String(), "run SVID written") && strings.Contains(envLog.String(), "job joined")
 	})
-	agentID := "spiffe://" + jc.td + "/sigil/agent/job/gh/111-1"
+	// The run's agent: its ID ends with its key's name.
+	agents, err := jc.admin.AgentList(ctx, &api.Empty{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var agentID string
+	for _, a := range agents.Agents {
+		if strings.HasPrefix(a.ID, "spiffe://"+jc.td+"/sigil/agent/job/gh/111-1/") {
+			agentID = a.ID
+		}
+	}
 	first, err := jc.admin.AgentShow(ctx, &api.IDRequest{ID: agentID})
 	if err != nil {
 		t.Fatal(err)
@@ -173,7 +183,7 @@ func TestExecRenewsWithFreshToken(t *testing.T) {
 	if !revoked[firstSVID] || !revoked[secondSVID] {
 		t.Errorf("the renewed run's SVIDs %s and %s not both revoked", firstSVID, secondSVID)
 	}
-	agents, err := jc.admin.AgentList(ctx, &api.Empty{})
+	agents, err = jc.admin.AgentList(ctx, &api.Empty{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -24,6 +24,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -101,6 +102,12 @@ func (o *Options) check() error {
 	}
 	if o.Env == nil {
 		o.Env = os.Environ()
+	}
+	// The platform token the run joined with is not the command's: kept in
+	// its environment, anything that dumps the environment would hand out
+	// a token that joins (it is single use, but only once used).
+	if et, ok := o.Token.(*EnvToken); ok {
+		o.Env = slices.DeleteFunc(slices.Clone(o.Env), func(kv string) bool { return strings.HasPrefix(kv, et.Var+"=") })
 	}
 	return nil
 }

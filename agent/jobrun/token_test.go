@@ -8,6 +8,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -181,5 +182,23 @@ func TestEnvTokenOnce(t *testing.T) {
 	t.Setenv("EMPTY_TOKEN", "")
 	if _, err := NewEnvToken("EMPTY_TOKEN"); err == nil {
 		t.Fatal("empty variable accepted")
+	}
+}
+
+// The platform token a run joined with from an environment variable does
+// not reach the command's environment; the rest of it does.
+func TestEnvTokenNotPassedToCommand(t *testing.T) {
+	t.Setenv("JOB_TOKEN", fakeJWT)
+	t.Setenv("JOB_OTHER", "kept")
+	e, err := NewEnvToken("JOB_TOKEN")
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := Options{Servers: []string{"h:1"}, RootCert: "/x", Token: e, Command: []string{"true"}}
+	if err := o.check(); err != nil {
+		t.Fatal(err)
+	}
+	if slices.ContainsFunc(o.Env, func(kv string) bool { return strings.HasPrefix(kv, "JOB_TOKEN=") }) || !slices.Contains(o.Env, "JOB_OTHER=kept") {
+		t.Fatalf("command environment: %v", o.Env)
 	}
 }

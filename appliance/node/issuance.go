@@ -86,6 +86,7 @@ type (
 	issuanceState interface {
 		Agent(id string) (state.Agent, bool)
 		Entry(id string) (state.Entry, bool)
+		JobRuleStands(a state.Agent) bool
 	}
 	// applier proposes a raft command and returns the state machine's
 	// response.
@@ -233,6 +234,14 @@ func (s *issuer) callingAgent(ctx context.Context, actor, what string) (state.Ag
 		reason := "agent is banned"
 		s.countRefusal(what, refuseBanned)
 		s.m.banned(what)
+		s.refuseBanned(ctx, what, actor, reason)
+		return state.Agent{}, status.Errorf(codes.PermissionDenied, "%s: %s", actor, reason)
+	case what != "run.end" && !s.state.JobRuleStands(a):
+		// The rule that admitted this run was deleted or replaced (a
+		// restore re-stamps every rule): what it admitted ends with it.
+		// The run may still end itself.
+		reason := "the join rule that admitted this run was deleted or changed"
+		s.countRefusal(what, refuseBanned)
 		s.refuseBanned(ctx, what, actor, reason)
 		return state.Agent{}, status.Errorf(codes.PermissionDenied, "%s: %s", actor, reason)
 	}

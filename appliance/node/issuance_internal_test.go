@@ -40,6 +40,7 @@ type (
 
 func (f fakeIssuanceState) Agent(id string) (state.Agent, bool) { a, ok := f.agents[id]; return a, ok }
 func (f fakeIssuanceState) Entry(id string) (state.Entry, bool) { e, ok := f.entries[id]; return e, ok }
+func (f fakeIssuanceState) JobRuleStands(state.Agent) bool      { return true }
 func (q failingQuorum) leaderKnown() bool                       { return true }
 func (q failingQuorum) readIndex(context.Context) error         { return q.err }
 func (a *keptAudit) record(_ context.Context, ev ...state.AuditEvent) error {

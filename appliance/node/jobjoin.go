@@ -3,8 +3,10 @@ package node
 import (
 	"context"
 	"crypto"
+	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -42,24 +44,20 @@ const (
 	classJobRuleChanged = "job-rule-changed"
 )
 
-// jobKeys holds each join rule's key source: a static JWKS, or the
-// issuer's discovery with its cached keys, kept while the rule's revision
-// stands.
+// jobKeys holds the join rules' key sources: a static JWKS, or an
+// issuer's discovery with its cached keys. Rules of one issuer (and CA)
+// share one source, so a made-up kid costs one refetch per issuer, not
+// one per rule.
 type jobKeys struct {
 	log     *slog.Logger
 	fetches *prometheus.CounterVec // sigil_job_jwks_fetches_total{result}
 
 	mu     sync.Mutex
-	byRule map[string]ruleKeys
-}
-
-type ruleKeys struct {
-	rev  uint64
-	keys jobrule.KeySource
+	byKeys map[[sha256.Size]byte]jobrule.KeySource
 }
 
 func newJobKeys(log *slog.Logger, reg prometheus.Registerer) *jobKeys {
-	k := &jobKeys{log: log, byRule: map[string]ruleKeys{},
+	k := &jobKeys{log: log, byKeys: map[[sha256.Size]byte]jobrule.KeySource{},
 		fetches: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "sigil_job_jwks_fetches_total",
 			Help: "Fetches of join rules' issuer keys by OIDC discovery, by result (ok, error)."}, []string{"result"})}
 	k.fetches.WithLabelValues("ok")
@@ -70,29 +68,40 @@ func newJobKeys(log *slog.Logger, reg prometheus.Registerer) *jobKeys {
 	return k
 }
 
-// forRule returns the rule's key source, made once per rule revision.
+// forRule returns the key source for the rule's issuer, CA and static
+// JWKS, made on first use.
 func (k *jobKeys) forRule(r state.JoinRule) (jobrule.KeySource, error) {
+	h := sha256.New()
+	for _, part := range [][]byte{[]byte(r.Issuer), r.IssuerCA, r.JWKS} {
+		h.Write(binary.BigEndian.AppendUint64(nil, uint64(len(part))))
+		h.Write(part)
+	}
+	var id [sha256.Size]byte
+	h.Sum(id[:0])
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if c, ok := k.byRule[r.Name]; ok && c.rev == r.Revision {
-		return c.keys, nil
+	if src, ok := k.byKeys[id]; ok {
+		return src, nil
 	}
-	name := r.Name
+	issuer := r.Issuer
 	src, err := jobrule.KeysFor(r.Spec(), jobrule.DiscoveryOptions{OnFetch: func(err error) {
 		if err != nil {
 			k.fetches.WithLabelValues("error").Inc()
-			k.log.Error("join rule's issuer keys not fetched", "rule", name, "err", err)
+			k.log.Error("join rule issuer's keys not fetched", "issuer", issuer, "err", err)
 			return
 		}
 		k.fetches.WithLabelValues("ok").Inc()
-		k.log.Info("join rule's issuer keys fetched", "rule", name)
+		k.log.Info("join rule issuer's keys fetched", "issuer", issuer)
 	}})
 	if err != nil {
 		return nil, fmt.Errorf("join rule %s: %w", r.Name, err)
 	}
-	// Rules are few (state.MaxJoinRules); a deleted rule's source goes
-	// when a rule of that name comes back or the node restarts.
-	k.byRule[r.Name] = ruleKeys{rev: r.Revision, keys: src}
+	// Sources of rules since deleted or changed are dropped all at once
+	// when the map outgrows what the rules in force can use.
+	if len(k.byKeys) >= 2*state.MaxJoinRules {
+		clear(k.byKeys)
+	}
+	k.byKeys[id] = src
 	return src, nil
 }
 
@@ -145,8 +154,18 @@ func (j *joinSvc) Job(ctx context.Context, r *api.JoinJobRequest) (*api.JobSVID,
 	if v == nil {
 		return nil, j.refuseAnon(ctx, "job", "job-"+string(refusal.Reason), refusedBy, codes.PermissionDenied, refusal)
 	}
-	j.refused.refund(src)
-	agentID, err := state.JobAgentID(j.td, rule.Name, v.Run)
+	// A token already used is refused here, before anything is signed or
+	// proposed (the state machine decides again at commit); the refusal
+	// stays charged to the source.
+	if j.state.JobTokenUsed(v.ReplayKey) {
+		return nil, j.refuseAnon(ctx, "job", classJobReplay, rule.Name, codes.PermissionDenied,
+			errors.New("platform token already used (a replay): each token joins once"))
+	}
+	spki, err := x509.MarshalPKIXPublicKey(csr.PublicKey)
+	if err != nil {
+		return nil, j.refuseAnon(ctx, "job", classMalformed, "", codes.InvalidArgument, fmt.Errorf("CSR key: %v", err))
+	}
+	agentID, err := state.JobAgentID(j.td, rule.Name, v.Run, state.JobKeyName(spki))
 	if err != nil {
 		return nil, j.refuseAnon(ctx, "job", "job-"+string(jobrule.ReasonUnsafeValue), rule.Name, codes.PermissionDenied, fmt.Errorf("run name %q: %v", shownID(v.Run), err))
 	}
@@ -160,12 +179,16 @@ func (j *joinSvc) Job(ctx context.Context, r *api.JoinJobRequest) (*api.JobSVID,
 			facts[k] = val
 		}
 	}
-	join := state.JobJoin{RuleRevision: rule.Revision, ReplayKey: v.ReplayKey, ReplayUntil: v.ReplayUntil.UTC(),
+	// Replicas drop used tokens by the proposing node's clock: a margin
+	// keeps a token used while the nodes' clocks differ by minutes.
+	join := state.JobJoin{ReplayKey: v.ReplayKey, ReplayUntil: v.ReplayUntil.Add(replayMargin).UTC(),
 		Agent: state.Agent{ID: agentID.String(), AttestationType: "job", Facts: facts,
-			Job: &state.JobRun{Rule: rule.Name, Run: v.Run, SPIFFEID: runID.String(), UID: r.UID, TTL: rule.TTL}}}
+			Job: &state.JobRun{Rule: rule.Name, RuleRevision: rule.Revision, Run: v.Run, Key: state.JobKeyName(spki),
+				SPIFFEID: runID.String(), UID: r.UID, TTL: rule.TTL}}}
 	out, err := j.issuer.jobAgentSVID(ctx, agentID, csr.PublicKey, rule.TTL.Duration(), join)
 	if err != nil {
 		if !refused(err) {
+			j.refused.refund(src) // this node's failure, not the caller's
 			return nil, err
 		}
 		class := classRefusedCommit
@@ -179,8 +202,13 @@ func (j *joinSvc) Job(ctx context.Context, r *api.JoinJobRequest) (*api.JobSVID,
 		}
 		return nil, j.refuseAnon(ctx, "job", class, agentID.String(), codes.PermissionDenied, err)
 	}
+	// Admitted: the join does not count against its source.
+	j.refused.refund(src)
 	return &api.JobSVID{AgentSVID: *out, SPIFFEID: runID.String(), EntryID: state.JobEntryID(agentID.String()), RunID: v.Run}, nil
 }
+
+// replayMargin is added to a used token's replay window (see Job).
+const replayMargin = 5 * time.Minute
 
 // maxJobRuleCandidates bounds the rules one token is checked against when
 // the caller names none (those of the token's issuer, by name).
@@ -256,8 +284,9 @@ func (j *joinSvc) verifyJob(ctx context.Context, src string, rule state.JoinRule
 	}
 	if ref.Reason == jobrule.ReasonKeysUnavailable {
 		// The issuer's keys could not be fetched: this appliance's
-		// problem (or the issuer's), not the caller's evidence.
-		j.refused.refund(src)
+		// problem (or the issuer's), not the caller's evidence. It stays
+		// charged: after a failed fetch, any unknown kid lands here until
+		// the next fetch is due, and must not be free.
 		addr, _ := peerSource(ctx)
 		j.anon.logFailure(classNoQuorum, "job join failed: issuer keys unavailable", "rule", rule.Name, "remote", addr, "err", err)
 		return nil, nil, status.Error(codes.Unavailable, "the join rule's issuer keys are unavailable on this node; retry later")

@@ -22,12 +22,18 @@ import (
 // answer and the run's agent key.
 func jobJoin(t *testing.T, c *clustertest.Cluster, node, rule, token string) (*api.JobSVID, *ecdsa.PrivateKey, error) {
 	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	return jobJoinWith(t, c, node, rule, token, key)
+}
+
+// jobJoinWith is jobJoin with a given agent key (a renewal keeps it).
+func jobJoinWith(t *testing.T, c *clustertest.Cluster, node, rule, token string, key *ecdsa.PrivateKey) (*api.JobSVID, *ecdsa.PrivateKey, error) {
+	t.Helper()
 	conn, err := api.Dial(api.DialConfig{Addr: c.ConfigOf(node).API.Listen, RootFile: c.Trust.RootPath, Anonymous: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer func() { _ = conn.Close() }()
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	out, err := api.NewJoinClient(conn).Job(ctx, &api.JoinJobRequest{Rule: rule, Token: token, CSR: agentCSR(t, key), UID: 1000})
@@ -89,8 +95,8 @@ func TestJobJoinGitHubActions(t *testing.T) {
 	if want := "spiffe://" + td + "/ci/github/octo-org/octo-repo"; svid.SPIFFEID != want {
 		t.Fatalf("run identity %s, want %s", svid.SPIFFEID, want)
 	}
-	if want := "spiffe://" + td + "/sigil/agent/job/gh/1234567-1"; svid.AgentID != want {
-		t.Fatalf("job agent %s, want %s", svid.AgentID, want)
+	if want := "spiffe://" + td + "/sigil/agent/job/gh/1234567-1/"; !strings.HasPrefix(svid.AgentID, want) || len(svid.AgentID) != len(want)+16 {
+		t.Fatalf("job agent %s, want %s<key>", svid.AgentID, want)
 	}
 	if d := time.Until(svid.ExpiresAt); d > 10*time.Minute+time.Second || d < 9*time.Minute {
 		t.Fatalf("job agent SVID lives %v, want the rule's 10m", d)
@@ -153,11 +159,19 @@ func TestJobJoinGitHubActions(t *testing.T) {
 		!strings.Contains(err.Error(), "fresh platform token") {
 		t.Fatalf("renewal of a job agent: %v", err)
 	}
-	// A fresh token of the same run renews: same agent, new certificate.
+	// A fresh token of the same run, with the same key, renews: same
+	// agent, new certificate.
 	claims["jti"] = "second-token-of-run"
-	again, _, err := jobJoin(t, c, "node-2", "gh", iss.Sign(t, claims))
+	again, _, err := jobJoinWith(t, c, "node-2", "gh", iss.Sign(t, claims), key)
 	if err != nil || again.AgentID != svid.AgentID {
 		t.Fatalf("second token of the run: %v %+v", err, again)
+	}
+	// Another job of the same workflow run (same claims, its own key) is
+	// another agent: ending one does not end the other.
+	claims["jti"] = "other-job-of-run"
+	sibling, siblingKey, err := jobJoin(t, c, "node-3", "gh", iss.Sign(t, claims))
+	if err != nil || sibling.AgentID == svid.AgentID || sibling.SPIFFEID != svid.SPIFFEID {
+		t.Fatalf("another job of the run: %v %+v", err, sibling)
 	}
 
 	// Run end, with the run's serial: revoked, and the agent is gone.
@@ -187,6 +201,25 @@ func TestJobJoinGitHubActions(t *testing.T) {
 	// After its run ended the agent gets nothing more.
 	if _, err := ac.SignJWTSVID(ctx, &api.JWTSVIDRequest{EntryID: svid.EntryID, Audience: []string{"deploy"}}); status.Code(err) != codes.PermissionDenied {
 		t.Fatalf("JWT-SVID after run end: %v", err)
+	}
+	// The sibling job still works, until its rule is deleted: what the
+	// rule admitted ends with it.
+	scred := writeCred(t, c, "job-sibling", siblingKey, sibling.Chain)
+	sconn, err := api.Dial(api.DialConfig{Addr: c.ConfigOf("node-1").API.Listen, CertFile: scred.cert, KeyFile: scred.key, RootFile: c.Trust.RootPath})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = sconn.Close() }()
+	sac := api.NewAgentClient(sconn)
+	if _, err := sac.SignJWTSVID(ctx, &api.JWTSVIDRequest{EntryID: sibling.EntryID, Audience: []string{"deploy"}}); err != nil {
+		t.Fatalf("the sibling job after the first ended: %v", err)
+	}
+	if _, err := admin.JoinRuleDelete(ctx, &api.IDRequest{ID: "gh"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sac.SignJWTSVID(ctx, &api.JWTSVIDRequest{EntryID: sibling.EntryID, Audience: []string{"deploy"}}); status.Code(err) != codes.PermissionDenied ||
+		!strings.Contains(err.Error(), "join rule") {
+		t.Fatalf("a job of a deleted rule: %v", err)
 	}
 }
 
@@ -303,7 +336,7 @@ func TestJobJoinPresets(t *testing.T) {
 				t.Fatal(err)
 			}
 			if svid.SPIFFEID != "spiffe://"+td+tc.identity || svid.RunID != tc.run ||
-				svid.AgentID != "spiffe://"+td+"/sigil/agent/job/"+tc.preset+"/"+tc.run {
+				!strings.HasPrefix(svid.AgentID, "spiffe://"+td+"/sigil/agent/job/"+tc.preset+"/"+tc.run+"/") {
 				t.Fatalf("joined as %s (run %s, agent %s)", svid.SPIFFEID, svid.RunID, svid.AgentID)
 			}
 			if !auditHas(t, admin, "job.join", svid.AgentID, map[string]string{tc.auditedClaim: tc.auditedClaimIs}) {

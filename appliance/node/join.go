@@ -70,6 +70,7 @@ type joinState interface {
 	Agent(id string) (state.Agent, bool)
 	JoinRule(name string) (state.JoinRule, bool)
 	JoinRules() []state.JoinRule
+	JobTokenUsed(key string) bool
 }
 
 type challenge struct {

@@ -60,6 +60,7 @@ var (
 	bJobTokensByExpiry  = []byte("idx_job_tokens_by_expiry")
 	bJobAgentsByExpiry  = []byte("idx_job_agents_by_expiry")
 	jobRunSegmentRE     = regexp.MustCompile(`^[A-Za-z0-9._-]{1,255}$`)
+	jobKeyRE            = regexp.MustCompile(`^[0-9a-f]{16}$`)
 	jobAttestation      = "job"
 	jobAgentPathPrefix  = "/sigil/agent/job/"
 	jobEntryIDPrefix    = "job-"
@@ -95,21 +96,28 @@ type (
 	// JobRun is what a job agent's run may obtain: SPIFFEID, for the rule's
 	// TTL, for the run's commands running as UID on the job's machine.
 	JobRun struct {
-		Rule     string  `json:"rule"`
-		Run      string  `json:"run"`
+		Rule string `json:"rule"`
+		// RuleRevision is the rule's revision that admitted the run: a
+		// rule deleted or replaced since ends what it admitted.
+		RuleRevision uint64 `json:"rule_revision"`
+		Run          string `json:"run"`
+		// Key names the run's agent key (the first 16 hex digits of the
+		// SHA-256 of its public key): each job of a run (a workflow run's
+		// jobs share its claims) has its own agent, and only the same key
+		// renews it.
+		Key      string  `json:"key"`
 		SPIFFEID string  `json:"spiffe_id"`
 		UID      uint32  `json:"uid"`
 		TTL      Seconds `json:"ttl"`
 	}
 	// JobJoin records a run's join (or its renewal by a fresh token): the
-	// job agent (Agent.Job set) and the token's replay key, kept until
-	// ReplayUntil. RuleRevision is the rule the node checked the token
-	// against: a rule deleted or replaced since refuses the join.
+	// job agent (Agent.Job set; its RuleRevision is the rule the node
+	// checked the token against: a rule deleted or replaced since refuses
+	// the join) and the token's replay key, kept until ReplayUntil.
 	JobJoin struct {
-		Agent        Agent     `json:"agent"`
-		RuleRevision uint64    `json:"rule_revision"`
-		ReplayKey    string    `json:"replay_key"`
-		ReplayUntil  time.Time `json:"replay_until"`
+		Agent       Agent     `json:"agent"`
+		ReplayKey   string    `json:"replay_key"`
+		ReplayUntil time.Time `json:"replay_until"`
 	}
 	// JobEnd ends a run: the job agent goes and the X.509-SVIDs named by
 	// serial (issued to it) are revoked.
@@ -159,10 +167,15 @@ func checkJoinRule(r *JoinRule) error {
 	return nil
 }
 
-// JobAgentID is the ID of a rule's run's job agent.
-func JobAgentID(td spiffeid.TrustDomain, rule, run string) (spiffeid.ID, error) {
-	return spiffeid.FromSegments(td, "sigil", "agent", "job", rule, run)
+// JobAgentID is the ID of the job agent of a rule's run with an agent
+// key (JobKeyName).
+func JobAgentID(td spiffeid.TrustDomain, rule, run, key string) (spiffeid.ID, error) {
+	return spiffeid.FromSegments(td, "sigil", "agent", "job", rule, run, key)
 }
+
+// JobKeyName names a job agent's key in its ID: the first 16 hex digits
+// of the SHA-256 of its public key (PKIX DER).
+func JobKeyName(spki []byte) string { return hashHex(string(spki))[:16] }
 
 // JobEntryID is the ID of the entry a job agent's record implies.
 func JobEntryID(agent string) string {
@@ -244,9 +257,12 @@ func checkJobAgent(td spiffeid.TrustDomain, a *Agent) error {
 	if !jobRunSegmentRE.MatchString(j.Run) {
 		return refuse("job agent %s: run %q: want 1-255 of A-Z a-z 0-9 . _ -", truncate(a.ID, 128), truncate(j.Run, 64))
 	}
-	want, err := JobAgentID(td, j.Rule, j.Run)
+	if !jobKeyRE.MatchString(j.Key) {
+		return refuse("job agent %s: key name %q: want 16 hex digits", truncate(a.ID, 128), truncate(j.Key, 64))
+	}
+	want, err := JobAgentID(td, j.Rule, j.Run, j.Key)
 	if err != nil || a.ID != want.String() {
-		return refuse("job agent %q: want the ID of rule %q's run %q", truncate(a.ID, 128), truncate(j.Rule, 64), truncate(j.Run, 64))
+		return refuse("job agent %q: want the ID of rule %q's run %q with key %s", truncate(a.ID, 128), truncate(j.Rule, 64), truncate(j.Run, 64), j.Key)
 	}
 	if a.AttestationType != jobAttestation {
 		return refuse("job agent %s: attestation type %q, want %q", a.ID, truncate(a.AttestationType, 32), jobAttestation)
@@ -287,8 +303,8 @@ func applyJobJoin(t *txn, p *JobJoin) (any, []AuditEvent, error) {
 	switch {
 	case rule == nil:
 		return nil, nil, refuse("no join rule %q (deleted since the token was checked?)", truncate(a.Job.Rule, 64))
-	case rule.Revision != p.RuleRevision:
-		return nil, nil, refuse("join rule %s changed since the token was checked (revision %d, checked against %d)", rule.Name, rule.Revision, p.RuleRevision)
+	case a.Job.RuleRevision != rule.Revision:
+		return nil, nil, refuse("join rule %s changed since the token was checked (revision %d, checked against %d)", rule.Name, rule.Revision, a.Job.RuleRevision)
 	case a.Job.TTL != rule.TTL:
 		return nil, nil, refuse("job agent %s: TTL %s, the rule's is %s", a.ID, a.Job.TTL.Duration(), rule.TTL.Duration())
 	case !hexHashRE.MatchString(p.ReplayKey):
@@ -617,4 +633,24 @@ func (f *FSM) joinRulesIn(tx *bolt.Tx) []JoinRule {
 		return nil
 	})
 	return out
+}
+
+// JobTokenUsed reports whether a platform token's replay key is recorded.
+func (f *FSM) JobTokenUsed(key string) bool {
+	used := false
+	f.read("JobTokenUsed", func(tx *bolt.Tx) error {
+		used = tx.Bucket(bJobTokens).Get([]byte(key)) != nil
+		return nil
+	})
+	return used
+}
+
+// JobRuleStands reports whether the rule that admitted a job agent's run
+// is still in force, at the revision that admitted it. Other agents: true.
+func (f *FSM) JobRuleStands(a Agent) bool {
+	if a.Job == nil {
+		return true
+	}
+	r, ok := f.JoinRule(a.Job.Rule)
+	return ok && r.Revision == a.Job.RuleRevision
 }

@@ -19,11 +19,11 @@ func jobRule(name string) *JoinRule {
 // jobJoin is a job.join for run of rule (at revision rev) with a replay
 // key made from key, at time at.
 func jobJoin(rule string, rev uint64, run, key string, at time.Time) JobJoin {
-	return JobJoin{RuleRevision: rev, ReplayKey: fmt.Sprintf("%064x", []byte(key))[:64], ReplayUntil: at.Add(5 * time.Minute),
-		Agent: Agent{ID: "spiffe://example.org/sigil/agent/job/" + rule + "/" + run, AttestationType: "job",
+	return JobJoin{ReplayKey: fmt.Sprintf("%064x", []byte(key))[:64], ReplayUntil: at.Add(5 * time.Minute),
+		Agent: Agent{ID: "spiffe://example.org/sigil/agent/job/" + rule + "/" + run + "/0123456789abcdef", AttestationType: "job",
 			SerialNumber: "abc" + fmt.Sprintf("%x", at.UnixNano()), ExpiresAt: at.Add(10 * time.Minute),
 			Facts: map[string]string{"repository": "octo-org/octo-repo", "actor": "octocat"},
-			Job:   &JobRun{Rule: rule, Run: run, SPIFFEID: "spiffe://example.org/ci/github/octo-org/octo-repo", UID: 1000, TTL: 600}}}
+			Job:   &JobRun{Rule: rule, RuleRevision: rev, Run: run, Key: "0123456789abcdef", SPIFFEID: "spiffe://example.org/ci/github/octo-org/octo-repo", UID: 1000, TTL: 600}}}
 }
 
 func ruleRevision(t *testing.T, f *FSM, name string) uint64 {
@@ -129,7 +129,9 @@ func TestAttackCraftedJobCommands(t *testing.T) {
 		payload   any
 		want      string
 	}{
-		{"agent ID of another rule", CmdJobJoin, mod(func(j *JobJoin) { j.Agent.ID = "spiffe://example.org/sigil/agent/job/other/2-1" }), "want the ID"},
+		{"agent ID of another rule", CmdJobJoin, mod(func(j *JobJoin) { j.Agent.ID = "spiffe://example.org/sigil/agent/job/other/2-1/0123456789abcdef" }), "want the ID"},
+		{"agent ID of another key", CmdJobJoin, mod(func(j *JobJoin) { j.Agent.ID = "spiffe://example.org/sigil/agent/job/gh/2-1/fedcba9876543210" }), "want the ID"},
+		{"no key name", CmdJobJoin, mod(func(j *JobJoin) { j.Agent.Job.Key = "" }), "key name"},
 		{"agent ID of a TPM host", CmdJobJoin, mod(func(j *JobJoin) { j.Agent.ID = "spiffe://example.org/sigil/agent/tpm/abc" }), "want the ID"},
 		{"run with a slash", CmdJobJoin, mod(func(j *JobJoin) { j.Agent.Job.Run = "a/b" }), "run"},
 		{"identity under /sigil/", CmdJobJoin, mod(func(j *JobJoin) { j.Agent.Job.SPIFFEID = "spiffe://example.org/sigil/node/node-1" }), "not under /sigil/"},
@@ -145,12 +147,12 @@ func TestAttackCraftedJobCommands(t *testing.T) {
 			return j
 		}(), "another identity"},
 		{"a ban smuggled in", CmdJobJoin, mod(func(j *JobJoin) { j.Agent.Banned = true }), "ban"},
-		{"job agent by agent.upsert", CmdAgentUpsert, &AgentUpsert{Agent: Agent{ID: "spiffe://example.org/sigil/agent/job/gh/9-1", AttestationType: "job", SerialNumber: "ab"}}, "job agents are recorded by job.join only"},
+		{"job agent by agent.upsert", CmdAgentUpsert, &AgentUpsert{Agent: Agent{ID: "spiffe://example.org/sigil/agent/job/gh/9-1/0123456789abcdef", AttestationType: "job", SerialNumber: "ab"}}, "job agents are recorded by job.join only"},
 		{"run by agent.upsert", CmdAgentUpsert, &AgentUpsert{Agent: Agent{ID: "spiffe://example.org/sigil/agent/tpm/x", AttestationType: "tpm", SerialNumber: "ab",
 			Job: &JobRun{Rule: "gh", Run: "1", SPIFFEID: "spiffe://example.org/x", TTL: 60}}}, "job agents are recorded by job.join only"},
 		{"end of a TPM agent", CmdJobEnd, JobEnd{Agent: "spiffe://example.org/sigil/agent/tpm/abc"}, "not a job agent"},
-		{"run end revoking another agent's SVID", CmdJobEnd, JobEnd{Agent: "spiffe://example.org/sigil/agent/job/gh/1-1", Serials: []string{"beef"}}, "not issued to"},
-		{"too many serials", CmdJobEnd, JobEnd{Agent: "spiffe://example.org/sigil/agent/job/gh/1-1", Serials: make([]string, MaxRunEndSerials+1)}, "at most"},
+		{"run end revoking another agent's SVID", CmdJobEnd, JobEnd{Agent: "spiffe://example.org/sigil/agent/job/gh/1-1/0123456789abcdef", Serials: []string{"beef"}}, "not issued to"},
+		{"too many serials", CmdJobEnd, JobEnd{Agent: "spiffe://example.org/sigil/agent/job/gh/1-1/0123456789abcdef", Serials: make([]string, MaxRunEndSerials+1)}, "at most"},
 		{"rule with an http issuer", CmdJoinRuleCreate, func() *JoinRule { r := jobRule("x"); r.Issuer = "http://issuer.example"; return r }(), "issuer"},
 		{"rule that exists", CmdJoinRuleCreate, jobRule("gh"), "exists"},
 	} {
