@@ -368,6 +368,16 @@ func (c *oidcCert) start(ctx context.Context) error {
 	return nil
 }
 
+// CheckOIDCCertificate loads http.oidc-cert and http.oidc-key as the node
+// would at start (sigild --check-config): the chain, the key (hsm opens a
+// pkcs11: key), that they belong together and that the certificate is
+// valid now.
+func CheckOIDCCertificate(ctx context.Context, cfg *Config, hsm func(ctx context.Context, uri string) (crypto.Signer, error)) error {
+	c := &oidcCert{certPath: cfg.HTTP.OIDCCert, keyRef: cfg.HTTP.OIDCKey, hsm: hsm}
+	_, err := c.load(ctx)
+	return err
+}
+
 // startOIDC opens the OIDC listener: its certificate first (a node does
 // not start with one it cannot serve), then the port, bounded like the
 // other HTTP listeners.
