@@ -861,11 +861,11 @@ var kidRE = regexp.MustCompile(`^[A-Za-z0-9_-]{8,64}$`)
 // The check is the same for every command version. Before RSA keys were
 // a node's choice it admitted any key with an Equal method (RSA, Ed25519,
 // X25519 and every ECDSA curve included): what it refuses now no node
-// version ever made, since nodes made ECDSA P-256 keys only, so a log a
-// node wrote replays as it was applied. Nodes of a version before
-// jwt.key-type admit an RSA key into their state like any other, but
-// validators outside the appliance may not: set rsa-2048 once every node
-// and every agent runs a version that has it (README).
+// version ever made, since nodes made ECDSA P-256 keys only, so a log
+// that nodes wrote replays as it was applied (only a node can publish a
+// key). Nodes of a version before jwt.key-type admit an RSA key (RS256,
+// rsa-2048) like any other key with Equal, so a mixed-version cluster
+// does not diverge on one: old nodes do not refuse it.
 func checkJWTKeyType(pub crypto.PublicKey) error {
 	switch k := pub.(type) {
 	case *ecdsa.PublicKey:
