@@ -28,6 +28,8 @@
 //     reachability, expiries and the once-per-period audit of banned
 //     agents in metrics.go), conversions between state and API types
 //     (convert.go), and the node's configuration (config.go).
+//   - The OIDC listener (oidc.go): jwt.issuer's discovery document and
+//     JWKS for cloud token services, over the operator's certificate.
 package node
 
 import (

@@ -280,3 +280,65 @@ func grepLines(s, sub string) string {
 	}
 	return strings.Join(out, "\n")
 }
+
+// jwt.key-type changed on a node takes effect at its next start: it makes
+// a key of the new type instead of adopting its old one, signs with it,
+// and its old key stays in the bundle (and the JWKS) so that the tokens
+// it signed still verify. The discovery document then names both
+// algorithms.
+func TestJWTKeyTypeChangeAtRestart(t *testing.T) {
+	tr := clustertest.NewTrust(t, "kt", []string{"node-1", "node-2", "node-3"}, nil)
+	web := newOIDCTLS(t, t.TempDir(), tr)
+	issuerURL := "https://" + clustertest.FreePort(t)
+	ic := newIssuerOn(t, tr, func(cfg *node.Config) {
+		cfg.JWT.Issuer = issuerURL
+		if cfg.NodeID == "node-1" {
+			cfg.HTTP.OIDCListen, cfg.HTTP.OIDCCert, cfg.HTTP.OIDCKey = strings.TrimPrefix(issuerURL, "https://"), web.certFile, web.keyFile
+		}
+	})
+	c := ic.c
+	ctx := context.Background()
+	wl := ic.entry(t, "spiffe://example.org/ci/deploy", agentID)
+	sign := func(id string) string {
+		t.Helper()
+		r, err := ic.agent(t, id).SignJWTSVID(ctx, &api.JWTSVIDRequest{EntryID: wl.ID, Audience: []string{"sts.amazonaws.com"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r.Token
+	}
+	before := sign("node-2")
+	if alg, _ := jwtHeader(t, before); alg != "ES256" {
+		t.Fatalf("before the change: %s", alg)
+	}
+	c.Stop("node-2")
+	c.ConfigOf("node-2").JWT.KeyType = node.JWTKeyRSA2048
+	c.Start("node-2")
+	c.WaitLeader(30 * time.Second)
+	after := sign("node-2")
+	alg, kid := jwtHeader(t, after)
+	if _, oldKID := jwtHeader(t, before); alg != "RS256" || kid == oldKID {
+		t.Fatalf("after the change: alg %s kid %s (old kid %s), want RS256 and a new key", alg, kid, oldKID)
+	}
+	octx := oidc.ClientContext(ctx, web.client())
+	clustertest.Eventually(t, 10*time.Second, "node-1 to serve the new key", func() bool {
+		provider, err := oidc.NewProvider(octx, issuerURL)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var meta struct {
+			Algs []string `json:"id_token_signing_alg_values_supported"`
+		}
+		if err := provider.Claims(&meta); err != nil || !slices.Equal(meta.Algs, []string{"ES256", "RS256"}) {
+			return false
+		}
+		v := provider.Verifier(&oidc.Config{ClientID: "sts.amazonaws.com"})
+		for _, tok := range []string{before, after} {
+			if _, err := v.Verify(octx, tok); err != nil {
+				t.Logf("verify: %v", err)
+				return false
+			}
+		}
+		return true
+	})
+}
