@@ -36,6 +36,7 @@ import (
 	"github.com/sigil-appliance/sigil/agent/output"
 	"github.com/sigil-appliance/sigil/appliance/api"
 	"github.com/sigil-appliance/sigil/appliance/clustertest"
+	"github.com/sigil-appliance/sigil/appliance/node"
 	testenv "github.com/sigil-appliance/sigil/softhsm-testenv"
 )
 
@@ -219,8 +220,14 @@ type agentEnv struct {
 // by TPM attestation and serving the Workload API.
 func newAgentEnv(t testing.TB, prefix string, mod func(*agent.Config)) *agentEnv {
 	t.Helper()
+	return newAgentEnvWith(t, prefix, nil, mod)
+}
+
+// newAgentEnvWith is newAgentEnv with a hook on the node's config.
+func newAgentEnvWith(t testing.TB, prefix string, nodeMod func(*node.Config), mod func(*agent.Config)) *agentEnv {
+	t.Helper()
 	tr := clustertest.NewTrust(t, prefix, []string{"node-1"}, nil)
-	c := clustertest.NewCluster(t, tr, "node-1")
+	c := clustertest.NewClusterWith(t, tr, nodeMod, "node-1")
 	sw := testenv.NewTPM(t)
 	ctx := context.Background()
 	clustertest.TrustEKCAs(t, c.Admin("node-1"), sw.EKCARoot, sw.EKCAIssuer)

@@ -21,6 +21,10 @@ const (
 	ECDSAP256 Algorithm = "ecdsa-p256"
 	ECDSAP384 Algorithm = "ecdsa-p384"
 	RSA3072   Algorithm = "rsa-3072"
+	// RSA2048 is for JWT signing keys only (RS256, which some cloud token
+	// services require); ParseAlgorithm does not offer it, so a ceremony
+	// never makes a CA key this small.
+	RSA2048 Algorithm = "rsa-2048"
 )
 
 // ParseAlgorithm accepts the canonical names and the curve names operators

@@ -3,7 +3,10 @@ package ca
 import (
 	"context"
 	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
@@ -54,6 +57,11 @@ type JWTConfig struct {
 	Publisher JWTPublisher
 	// KeyURI addresses the HSM key of a kid.
 	KeyURI func(kid string) (string, error)
+	// Algorithm is the type of the keys made: keystore.ECDSAP256 (ES256,
+	// the default) or keystore.RSA2048 (RS256). A key of another type
+	// already published by this node is not adopted at restart: the next
+	// key made is of this type.
+	Algorithm keystore.Algorithm
 	// Rotate is how long a key signs.
 	Rotate time.Duration
 	// MaxTokenLife bounds every token's lifetime, and so how long a key
@@ -84,12 +92,15 @@ func (a *Authority) JWTKeys(cfg JWTConfig) *JWTKeys {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
+	if cfg.Algorithm == "" {
+		cfg.Algorithm = keystore.ECDSAP256
+	}
 	return &JWTKeys{a: a, cfg: cfg}
 }
 
 // JWTKey signs JWT-SVIDs with one HSM key: JWS compact serialization,
-// ES256 for a P-256 key (ES384 for P-384), with kid and typ "JWT" in the
-// protected header.
+// ES256 for a P-256 key (ES384 for P-384), RS256 for an RSA key, with kid
+// and typ "JWT" in the protected header.
 type JWTKey struct {
 	kid       string
 	signUntil time.Time
@@ -100,19 +111,15 @@ type JWTKey struct {
 func (k *JWTKey) KID() string { return k.kid }
 
 // newJWTKey wraps an HSM signer for JWS. Only ECDSA P-256 and P-384 keys
-// sign: those are the algorithms SPIFFE JWT-SVID validators accept from
-// this appliance.
+// and RSA keys of 2048 to 4096 bits sign: those are the algorithms SPIFFE
+// JWT-SVID validators accept from this appliance (and RS256, PKCS#1 v1.5
+// with SHA-256, is the one every cloud token service accepts).
 func newJWTKey(kid string, s crypto.Signer, signUntil time.Time) (*JWTKey, error) {
+	alg, err := JWTAlgorithm(s.Public())
+	if err != nil {
+		return nil, fmt.Errorf("JWT key %s: %w", kid, err)
+	}
 	opaque := cryptosigner.Opaque(s)
-	var alg jose.SignatureAlgorithm
-	for _, a := range opaque.Algs() {
-		if a == jose.ES256 || a == jose.ES384 {
-			alg = a
-		}
-	}
-	if alg == "" {
-		return nil, fmt.Errorf("JWT key %s: key type %T is not ECDSA P-256 or P-384", kid, s.Public())
-	}
 	opts := (&jose.SignerOptions{}).WithType("JWT").WithHeader(jose.HeaderKey("kid"), kid)
 	jws, err := jose.NewSigner(jose.SigningKey{Algorithm: alg, Key: opaque}, opts)
 	if err != nil {
@@ -121,8 +128,49 @@ func newJWTKey(kid string, s crypto.Signer, signUntil time.Time) (*JWTKey, error
 	return &JWTKey{kid: kid, signUntil: signUntil, jws: jws}, nil
 }
 
+// JWTAlgorithm is the JWS algorithm a JWT key of this appliance signs
+// with: ES256 or ES384 for ECDSA P-256 or P-384, RS256 for RSA of 2048 to
+// 4096 bits. Any other key is refused (the replicated state refuses to
+// publish it too: state.checkJWTKey).
+func JWTAlgorithm(pub crypto.PublicKey) (jose.SignatureAlgorithm, error) {
+	switch k := pub.(type) {
+	case *ecdsa.PublicKey:
+		switch k.Curve {
+		case elliptic.P256():
+			return jose.ES256, nil
+		case elliptic.P384():
+			return jose.ES384, nil
+		}
+		return "", fmt.Errorf("ECDSA curve %s is not P-256 or P-384", k.Curve.Params().Name)
+	case *rsa.PublicKey:
+		if b := k.N.BitLen(); b < 2048 || b > 4096 {
+			return "", fmt.Errorf("RSA key of %d bits: want 2048 to 4096", b)
+		}
+		return jose.RS256, nil
+	}
+	return "", fmt.Errorf("key type %T is not ECDSA P-256 or P-384 or RSA", pub)
+}
+
+// algorithmOf is the keystore algorithm a key of this node was made with.
+func algorithmOf(pub crypto.PublicKey) keystore.Algorithm {
+	switch k := pub.(type) {
+	case *ecdsa.PublicKey:
+		if k.Curve == elliptic.P256() {
+			return keystore.ECDSAP256
+		}
+	case *rsa.PublicKey:
+		if k.N.BitLen() == 2048 {
+			return keystore.RSA2048
+		}
+	}
+	return ""
+}
+
 // JWTClaims are what a JWT-SVID says.
 type JWTClaims struct {
+	// Issuer is the iss claim, the cluster's OIDC issuer URL (jwt.issuer);
+	// empty: no iss claim (SPIFFE JWT-SVIDs need none).
+	Issuer   string
 	Subject  string
 	Audience []string
 	IssuedAt time.Time
@@ -131,10 +179,14 @@ type JWTClaims struct {
 }
 
 // Sign makes a JWT-SVID: the claims sub, aud (always an array), iat, exp
-// (seconds) and jti.
+// (seconds) and jti, and iss when the claims name an issuer.
 func (k *JWTKey) Sign(c JWTClaims) (string, error) {
-	payload, err := json.Marshal(map[string]any{"sub": c.Subject, "aud": c.Audience,
-		"iat": c.IssuedAt.Unix(), "exp": c.Expiry.Unix(), "jti": c.ID})
+	claims := map[string]any{"sub": c.Subject, "aud": c.Audience,
+		"iat": c.IssuedAt.Unix(), "exp": c.Expiry.Unix(), "jti": c.ID}
+	if c.Issuer != "" {
+		claims["iss"] = c.Issuer
+	}
+	payload, err := json.Marshal(claims)
 	if err != nil {
 		return "", err
 	}
@@ -170,6 +222,11 @@ func (j *JWTKeys) adopt(ctx context.Context) *JWTKey {
 	var best *PublishedJWTKey
 	for _, k := range j.cfg.Publisher.Published() {
 		if k.Node != j.a.nodeID || !time.Now().Before(k.NotAfter.Add(-j.cfg.MaxTokenLife)) {
+			continue
+		}
+		// A key of the type configured before jwt.key-type changed keeps
+		// validating its tokens but signs no more.
+		if pub, err := x509.ParsePKIXPublicKey(k.PublicKey); err != nil || algorithmOf(pub) != j.cfg.Algorithm {
 			continue
 		}
 		if best == nil || k.NotAfter.After(best.NotAfter) {
@@ -209,7 +266,7 @@ func (j *JWTKeys) create(ctx context.Context, kid string) (*JWTKey, error) {
 	if err != nil {
 		return nil, err
 	}
-	pub, err := j.cfg.Keys.CreateKey(ctx, keystore.CreateKeyRequest{URI: uri, Algorithm: keystore.ECDSAP256})
+	pub, err := j.cfg.Keys.CreateKey(ctx, keystore.CreateKeyRequest{URI: uri, Algorithm: j.cfg.Algorithm})
 	if err != nil {
 		return nil, fmt.Errorf("create JWT key in the HSM: %w", err)
 	}

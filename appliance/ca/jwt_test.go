@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto"
 	"crypto/ecdsa"
+	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
@@ -25,15 +26,21 @@ import (
 )
 
 // TestJWTKeySign: tokens validate with go-spiffe's JWT-SVID parser, carry
-// exactly alg, kid and typ in their header, and hold aud as an array.
+// exactly alg, kid and typ in their header, and hold aud as an array; iss
+// only when an issuer is configured.
 func TestJWTKeySign(t *testing.T) {
 	td := spiffeid.RequireTrustDomainFromString("example.org")
 	for _, tc := range []struct {
-		curve elliptic.Curve
-		alg   string
-	}{{elliptic.P256(), "ES256"}, {elliptic.P384(), "ES384"}} {
+		newKey func() (crypto.Signer, error)
+		alg    string
+		issuer string
+	}{
+		{func() (crypto.Signer, error) { return ecdsa.GenerateKey(elliptic.P256(), rand.Reader) }, "ES256", ""},
+		{func() (crypto.Signer, error) { return ecdsa.GenerateKey(elliptic.P384(), rand.Reader) }, "ES384", ""},
+		{func() (crypto.Signer, error) { return rsa.GenerateKey(rand.Reader, 2048) }, "RS256", "https://sigil.example.org"},
+	} {
 		t.Run(tc.alg, func(t *testing.T) {
-			key, err := ecdsa.GenerateKey(tc.curve, rand.Reader)
+			key, err := tc.newKey()
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -42,7 +49,7 @@ func TestJWTKeySign(t *testing.T) {
 				t.Fatal(err)
 			}
 			now := time.Now().Truncate(time.Second)
-			tok, err := k.Sign(JWTClaims{Subject: "spiffe://example.org/web", Audience: []string{"db"},
+			tok, err := k.Sign(JWTClaims{Issuer: tc.issuer, Subject: "spiffe://example.org/web", Audience: []string{"db"},
 				IssuedAt: now, Expiry: now.Add(5 * time.Minute), ID: "j1"})
 			if err != nil {
 				t.Fatal(err)
@@ -59,6 +66,10 @@ func TestJWTKeySign(t *testing.T) {
 			if !strings.Contains(string(claims), `"aud":["db"]`) {
 				t.Errorf("claims %s: want aud as an array", claims)
 			}
+			if hasIss := strings.Contains(string(claims), `"iss":`); hasIss != (tc.issuer != "") ||
+				tc.issuer != "" && !strings.Contains(string(claims), `"iss":"`+tc.issuer+`"`) {
+				t.Errorf("claims %s: want iss %q", claims, tc.issuer)
+			}
 			b := jwtbundle.New(td)
 			if err := b.AddJWTAuthority("node-1-abc", key.Public()); err != nil {
 				t.Fatal(err)
@@ -70,7 +81,7 @@ func TestJWTKeySign(t *testing.T) {
 			if svid.ID.String() != "spiffe://example.org/web" || !svid.Expiry.Equal(now.Add(5*time.Minute)) {
 				t.Errorf("parsed %s expiring %v", svid.ID, svid.Expiry)
 			}
-			other, _ := ecdsa.GenerateKey(tc.curve, rand.Reader)
+			other, _ := tc.newKey()
 			b.SetJWTAuthorities(map[string]crypto.PublicKey{"node-1-abc": other.Public()})
 			if _, err := jwtsvid.ParseAndValidate(tok, b, []string{"db"}); err == nil {
 				t.Error("token validated with another key")
@@ -79,14 +90,22 @@ func TestJWTKeySign(t *testing.T) {
 	}
 }
 
-// TestJWTKeyRefusesRSA: only ECDSA P-256 and P-384 keys sign JWT-SVIDs.
-func TestJWTKeyRefusesRSA(t *testing.T) {
-	key, err := rsa.GenerateKey(rand.Reader, 2048)
+// TestJWTKeyRefusesOtherKeys: only ECDSA P-256 and P-384 keys and RSA
+// keys of 2048 to 4096 bits sign JWT-SVIDs.
+func TestJWTKeyRefusesOtherKeys(t *testing.T) {
+	small, err := rsa.GenerateKey(rand.Reader, 1024)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := newJWTKey("k", key, time.Now().Add(time.Hour)); err == nil || !strings.Contains(err.Error(), "not ECDSA") {
-		t.Fatalf("RSA key: %v, want a refusal", err)
+	p521, _ := ecdsa.GenerateKey(elliptic.P521(), rand.Reader)
+	_, ed, _ := ed25519.GenerateKey(rand.Reader)
+	for _, tc := range []struct {
+		key  crypto.Signer
+		want string
+	}{{small, "RSA key of 1024 bits: want 2048 to 4096"}, {p521, "curve P-521 is not P-256 or P-384"}, {ed, "ed25519.PublicKey is not ECDSA"}} {
+		if _, err := newJWTKey("k", tc.key, time.Now().Add(time.Hour)); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%T: %v, want a refusal saying %q", tc.key.Public(), err, tc.want)
+		}
 	}
 }
 

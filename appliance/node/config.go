@@ -3,6 +3,7 @@ package node
 import (
 	"fmt"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,6 +15,7 @@ import (
 	"github.com/sigil-appliance/sigil/internal/logconfig"
 	"github.com/sigil-appliance/sigil/internal/nodeid"
 	"github.com/sigil-appliance/sigil/internal/strictyaml"
+	"github.com/sigil-appliance/sigil/keystore"
 	"github.com/sigil-appliance/sigil/keystore/pkcs11"
 )
 
@@ -92,10 +94,38 @@ type JoinConfig struct {
 	AgentSVIDTTL Duration `yaml:"agent-svid-ttl"`
 }
 
-// JWTConfig is this node's JWT key schedule.
+// JWTConfig is this node's JWT key schedule, key type and OIDC issuer.
 type JWTConfig struct {
 	// RotateEvery is how long one JWT key signs (default 24h).
 	RotateEvery Duration `yaml:"rotate-every"`
+	// KeyType is the type of the JWT keys this node makes in its HSM:
+	// ec-p256 (ES256, the default) or rsa-2048 (RS256, which some cloud
+	// token services require). Set the same on every node of a cluster. A
+	// change takes effect at the node's next start: it makes a key of the
+	// new type, and its keys of the old type stay published until the
+	// tokens they signed have expired.
+	KeyType string `yaml:"key-type"`
+	// Issuer is the cluster's OIDC issuer, an https URL without query,
+	// fragment or trailing slash: JWT-SVIDs carry it as iss, and
+	// http.oidc-listen serves its discovery document. Every node of a
+	// cluster must have the same value (any node's token verifies against
+	// the one issuer); empty: tokens carry no iss.
+	Issuer string `yaml:"issuer"`
+}
+
+// JWT key types (jwt.key-type).
+const (
+	JWTKeyEC256   = "ec-p256"
+	JWTKeyRSA2048 = "rsa-2048"
+)
+
+// JWTKeyAlgorithm is the keystore algorithm of jwt.key-type (after
+// Validate).
+func (c *Config) JWTKeyAlgorithm() keystore.Algorithm {
+	if c.JWT.KeyType == JWTKeyRSA2048 {
+		return keystore.RSA2048
+	}
+	return keystore.ECDSAP256
 }
 
 // ClusterConfig is raft membership and transport.
@@ -185,13 +215,119 @@ const (
 	defaultIdleTimeout             = 2 * time.Minute
 )
 
-// HTTPConfig serves /healthz, /readyz and /metrics (no secrets).
+// HTTPConfig serves /healthz, /readyz and /metrics (no secrets) and,
+// when OIDCListen is set, the OIDC discovery document and JWKS.
 type HTTPConfig struct {
 	Listen string `yaml:"listen"`
+	// OIDCListen (host:port) serves jwt.issuer's discovery document
+	// (/.well-known/openid-configuration under the issuer's path) and the
+	// JWKS it names over TLS with an operator's certificate (https_web):
+	// what cloud token services (AWS STS, GCP, Azure) fetch to verify
+	// JWT-SVIDs. It needs jwt.issuer, OIDCCert and OIDCKey.
+	OIDCListen string `yaml:"oidc-listen"`
+	// OIDCCert is the listener's certificate chain (PEM, leaf first), from
+	// a CA the cloud services trust, for the issuer's host name.
+	OIDCCert string `yaml:"oidc-cert"`
+	// OIDCKey is its private key: a PEM file readable by its owner only
+	// (0600), or a key in this node's HSM by pkcs11: URI with pin-source.
+	OIDCKey string `yaml:"oidc-key"`
 }
 
 // LogConfig is slog's level and format, shared with sigil-agent.
 type LogConfig = logconfig.Config
+
+// validateOIDC checks jwt.issuer, jwt.key-type and the OIDC listener.
+func (c *Config) validateOIDC(bad func(field, format string, a ...any)) {
+	switch c.JWT.KeyType {
+	case "":
+		c.JWT.KeyType = JWTKeyEC256
+	case JWTKeyEC256, JWTKeyRSA2048:
+	default:
+		bad("jwt.key-type", "must be %s or %s (got %q)", JWTKeyEC256, JWTKeyRSA2048, c.JWT.KeyType)
+	}
+	if c.JWT.Issuer != "" {
+		if err := checkIssuer(c.JWT.Issuer); err != nil {
+			bad("jwt.issuer", "%v (got %q)", err, c.JWT.Issuer)
+		}
+	}
+	h := c.HTTP
+	if h.OIDCListen == "" {
+		for _, f := range [][2]string{{"http.oidc-cert", h.OIDCCert}, {"http.oidc-key", h.OIDCKey}} {
+			if f[1] != "" {
+				bad(f[0], "is set but http.oidc-listen is not: nothing would use it")
+			}
+		}
+		return
+	}
+	if _, _, err := net.SplitHostPort(h.OIDCListen); err != nil {
+		bad("http.oidc-listen", "must be host:port (got %q)", h.OIDCListen)
+	}
+	if c.JWT.Issuer == "" {
+		bad("http.oidc-listen", "needs jwt.issuer: the discovery document names it")
+	}
+	if h.OIDCCert == "" {
+		bad("http.oidc-cert", "is required with http.oidc-listen (a PEM certificate chain for the issuer's host)")
+	} else if _, err := os.Stat(h.OIDCCert); err != nil {
+		bad("http.oidc-cert", "%v", err)
+	}
+	switch {
+	case h.OIDCKey == "":
+		bad("http.oidc-key", "is required with http.oidc-listen (a 0600 PEM key file or a pkcs11: URI)")
+	case strings.HasPrefix(h.OIDCKey, "pkcs11:"):
+		if u, err := pkcs11.ParseURI(h.OIDCKey); err != nil {
+			bad("http.oidc-key", "%v", err)
+		} else if u.PINSource == "" {
+			bad("http.oidc-key", "needs pin-source=file:/path (the PIN is never in the config)")
+		}
+	default:
+		if err := checkKeyFileMode(h.OIDCKey); err != nil {
+			bad("http.oidc-key", "%v", err)
+		}
+	}
+}
+
+// checkIssuer: an OIDC issuer is an https URL with a host and no query or
+// fragment (OpenID Connect Discovery 1.0, section 2), compared by token
+// services character for character, so it has no trailing slash either
+// (the JWKS URL is the issuer plus /keys).
+func checkIssuer(s string) error {
+	u, err := url.Parse(s)
+	switch {
+	case err != nil:
+		return fmt.Errorf("is not a URL: %v", err)
+	case u.Scheme != "https":
+		return fmt.Errorf("must be an https URL (cloud token services fetch its keys over TLS only)")
+	case u.Host == "" || u.Hostname() == "":
+		return fmt.Errorf("must name a host")
+	case u.User != nil:
+		return fmt.Errorf("must not carry user information")
+	case u.RawQuery != "" || u.ForceQuery || u.Fragment != "" || strings.Contains(s, "#"):
+		return fmt.Errorf("must not have a query or fragment")
+	case strings.HasSuffix(s, "/"):
+		return fmt.Errorf("must not end in a slash (iss is compared character for character)")
+	case u.RawPath != "" || u.Opaque != "":
+		return fmt.Errorf("must have a plain path")
+	case len(s) > 255:
+		return fmt.Errorf("is longer than 255 bytes")
+	}
+	return nil
+}
+
+// checkKeyFileMode refuses a private key file that group or others could
+// read (or that is not a regular file).
+func checkKeyFileMode(path string) error {
+	st, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	if !st.Mode().IsRegular() {
+		return fmt.Errorf("%s is not a regular file", path)
+	}
+	if st.Mode().Perm()&0o077 != 0 {
+		return fmt.Errorf("%s has mode %v; a private key must be readable by its owner only (chmod 600)", path, st.Mode().Perm())
+	}
+	return nil
+}
 
 // validateAPILimits fills the API limits' defaults and checks their
 // ranges. The upper bounds keep a typo from disabling a limit.
@@ -373,6 +509,7 @@ func (c *Config) validate(bad func(field, format string, a ...any)) {
 			bad("http.listen", "must be host:port (got %q)", c.HTTP.Listen)
 		}
 	}
+	c.validateOIDC(bad)
 	if c.Bundle.Listen != "" {
 		if _, _, err := net.SplitHostPort(c.Bundle.Listen); err != nil {
 			bad("bundle.listen", "must be host:port (got %q)", c.Bundle.Listen)

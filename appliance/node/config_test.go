@@ -1,9 +1,14 @@
 package node
 
 import (
+	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/sigil-appliance/sigil/keystore"
 )
 
 func TestConfigParsing(t *testing.T) {
@@ -74,5 +79,76 @@ func TestConfigAPILimitDefaults(t *testing.T) {
 	if a := c.API; a.MaxAnonymousConnectionsPerSource != 4 || a.MaxAnonymousCallsPerSource != 2 || a.MaxAnonymousCallsPerConnection != 2 ||
 		a.AnonymousConnectionMaxAge.Duration != 2*time.Minute {
 		t.Fatalf("anonymous limit defaults under small caps: %+v", a)
+	}
+}
+
+// jwt.issuer, jwt.key-type and the OIDC listener: bad values are refused
+// naming the setting and what is wrong with it.
+func TestConfigOIDC(t *testing.T) {
+	dir := t.TempDir()
+	cert := filepath.Join(dir, "oidc.pem")
+	key := filepath.Join(dir, "oidc-key.pem")
+	open := filepath.Join(dir, "oidc-key-644.pem")
+	for path, mode := range map[string]os.FileMode{cert: 0o644, key: 0o600, open: 0o644} {
+		if err := os.WriteFile(path, []byte("x"), mode); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(path, mode); err != nil { // past the umask
+			t.Fatal(err)
+		}
+	}
+	listener := func(issuer, cert, key string) string {
+		return fmt.Sprintf("node-id: n1\njwt:\n  issuer: %q\nhttp:\n  oidc-listen: 127.0.0.1:8445\n  oidc-cert: %q\n  oidc-key: %q\n", issuer, cert, key)
+	}
+	const good = "https://sigil.example.org"
+	for _, tc := range []struct{ yaml, want string }{
+		{"node-id: n1\njwt:\n  issuer: http://sigil.example.org\n", `jwt.issuer must be an https URL (cloud token services fetch its keys over TLS only) (got "http://sigil.example.org")`},
+		{"node-id: n1\njwt:\n  issuer: sigil.example.org\n", "jwt.issuer must be an https URL"},
+		{"node-id: n1\njwt:\n  issuer: https://sigil.example.org/\n", "jwt.issuer must not end in a slash"},
+		{"node-id: n1\njwt:\n  issuer: https://sigil.example.org/x?a=b\n", "jwt.issuer must not have a query or fragment"},
+		{"node-id: n1\njwt:\n  issuer: https://sigil.example.org#f\n", "jwt.issuer must not have a query or fragment"},
+		{"node-id: n1\njwt:\n  issuer: https://u:p@sigil.example.org\n", "jwt.issuer must not carry user information"},
+		{"node-id: n1\njwt:\n  issuer: https:///path\n", "jwt.issuer must name a host"},
+		{"node-id: n1\njwt:\n  key-type: rsa-4096\n", `jwt.key-type must be ec-p256 or rsa-2048 (got "rsa-4096")`},
+		{"node-id: n1\nhttp:\n  oidc-listen: 127.0.0.1:8445\n", "http.oidc-listen needs jwt.issuer"},
+		{"node-id: n1\nhttp:\n  oidc-listen: 127.0.0.1:8445\n", "http.oidc-cert is required with http.oidc-listen"},
+		{"node-id: n1\nhttp:\n  oidc-listen: 127.0.0.1:8445\n", "http.oidc-key is required with http.oidc-listen"},
+		{listener(good, filepath.Join(dir, "missing.pem"), key), "http.oidc-cert stat " + dir + "/missing.pem: no such file or directory"},
+		{listener(good, cert, open), "http.oidc-key " + open + " has mode -rw-r--r--; a private key must be readable by its owner only (chmod 600)"},
+		{listener(good, cert, filepath.Join(dir, "nokey.pem")), "http.oidc-key stat " + dir + "/nokey.pem: no such file"},
+		{listener(good, cert, "pkcs11:token=t;object=k?module-path=/x.so"), "http.oidc-key needs pin-source"},
+		{listener(good, cert, "pkcs11:token=t;object=k?module-path=/x.so&pin-value=1234"), "pin-value is not allowed"},
+		{"node-id: n1\nhttp:\n  oidc-cert: /etc/x.pem\n", "http.oidc-cert is set but http.oidc-listen is not"},
+		{"node-id: n1\nhttp:\n  oidc-listen: nowhere\n", `http.oidc-listen must be host:port (got "nowhere")`},
+	} {
+		_, err := ParseConfig([]byte(tc.yaml))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: %v, want %q", tc.yaml, err, tc.want)
+		}
+		if err != nil && strings.Contains(err.Error(), "1234") {
+			t.Errorf("error echoes a PIN: %v", err)
+		}
+	}
+	// A complete setting (key file 0600, or an HSM key) raises none.
+	for _, k := range []string{key, "pkcs11:token=t;object=k?module-path=/x.so&pin-source=file:/etc/sigil/hsm.pin"} {
+		c, _ := ParseConfig([]byte(listener(good, cert, k)))
+		for _, p := range c.Problems() {
+			if strings.HasPrefix(p, "jwt.") || strings.HasPrefix(p, "http.") {
+				t.Errorf("complete OIDC settings with key %s: %s", k, p)
+			}
+		}
+	}
+	c, _ := ParseConfig([]byte("node-id: n1\n"))
+	if c.JWT.KeyType != JWTKeyEC256 || c.JWTKeyAlgorithm() != keystore.ECDSAP256 || c.JWT.Issuer != "" {
+		t.Fatalf("jwt defaults: %+v", c.JWT)
+	}
+	c, _ = ParseConfig([]byte("node-id: n1\njwt:\n  key-type: rsa-2048\n  issuer: https://sigil.example.org/federation\n"))
+	if c.JWTKeyAlgorithm() != keystore.RSA2048 {
+		t.Fatalf("jwt.key-type rsa-2048: %v", c.JWTKeyAlgorithm())
+	}
+	for _, p := range c.Problems() {
+		if strings.HasPrefix(p, "jwt.") {
+			t.Errorf("issuer with a path: %s", p)
+		}
 	}
 }

@@ -114,7 +114,7 @@ func (limitsCollector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 func (c limitsCollector) Collect(ch chan<- prometheus.Metric) {
-	for name, l := range map[string]*connLimiter{"api": c.n.apiLim, "http": c.n.httpLim, "bundle": c.n.bundleLim} {
+	for name, l := range map[string]*connLimiter{"api": c.n.apiLim, "http": c.n.httpLim, "bundle": c.n.bundleLim, "oidc": c.n.oidcLim} {
 		if l == nil {
 			continue
 		}

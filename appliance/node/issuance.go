@@ -158,6 +158,8 @@ type issuer struct {
 	actor    string // this node in audit records and commands
 	agentTTL time.Duration
 	log      *slog.Logger
+	// jwtIssuer is the iss claim of JWT-SVIDs (jwt.issuer; empty: none).
+	jwtIssuer string
 
 	state  issuanceState
 	apply  applier
@@ -613,7 +615,7 @@ func (s *issuer) jwtSVID(ctx context.Context, actor string, r *api.JWTSVIDReques
 	now := time.Now().Truncate(time.Second)
 	jti := make([]byte, 16)
 	rand.Read(jti)
-	claims := ca.JWTClaims{Subject: e.SPIFFEID, Audience: r.Audience, IssuedAt: now, Expiry: now.Add(ttl), ID: hex.EncodeToString(jti)}
+	claims := ca.JWTClaims{Issuer: s.jwtIssuer, Subject: e.SPIFFEID, Audience: r.Audience, IssuedAt: now, Expiry: now.Add(ttl), ID: hex.EncodeToString(jti)}
 	// The record commits while the HSM signs (what it says is fixed by
 	// now); the token is returned only once both are done.
 	committed := make(chan error, 1)

@@ -51,7 +51,12 @@ func newIssuer(t testing.TB, prefix string) *issuer {
 }
 
 func newIssuerWith(t testing.TB, prefix string, mod func(*node.Config)) *issuer {
-	tr := clustertest.NewTrust(t, prefix, []string{"node-1", "node-2", "node-3"}, nil)
+	return newIssuerOn(t, clustertest.NewTrust(t, prefix, []string{"node-1", "node-2", "node-3"}, nil), mod)
+}
+
+// newIssuerOn is newIssuerWith on a trust made by the caller (who may put
+// keys in the nodes' tokens before they start).
+func newIssuerOn(t testing.TB, tr *clustertest.Trust, mod func(*node.Config)) *issuer {
 	c := clustertest.NewClusterWith(t, tr, mod, "node-1", "node-2", "node-3")
 	// The agent joins (issue #6 does this by TPM attestation); here the
 	// node records it directly.

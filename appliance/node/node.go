@@ -28,6 +28,8 @@
 //     reachability, expiries and the once-per-period audit of banned
 //     agents in metrics.go), conversions between state and API types
 //     (convert.go), and the node's configuration (config.go).
+//   - The OIDC listener (oidc.go): jwt.issuer's discovery document and
+//     JWKS for cloud token services, over the operator's certificate.
 package node
 
 import (
@@ -78,6 +80,8 @@ type Node struct {
 	httpLn   net.Listener
 	bundle   *http.Server
 	bundleLn net.Listener
+	oidc     *http.Server // http.oidc-listen (oidc.go)
+	oidcLn   net.Listener
 	metrics  *metrics
 	batch    *auditBatcher
 	refusals *refusals // anonymous join refusals, summarized (refusals.go)
@@ -86,8 +90,8 @@ type Node struct {
 	crls     crlCache
 
 	// Connection and call bounds of the listeners (limits.go).
-	apiLim, httpLim, bundleLim *connLimiter
-	gate                       *tapGate
+	apiLim, httpLim, bundleLim, oidcLim *connLimiter
+	gate                                *tapGate
 	// authLog logs refusals of authenticated callers (auth.go), which
 	// they can repeat at will, at most once a second per reason.
 	authLog *rateLog
@@ -201,13 +205,14 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 		Keys:         n.ks,
 		Publisher:    jwtBundle{state: n.fsm, apply: member, actor: n.actor()},
 		KeyURI:       jwtKeyURI(cfg.IssuingKey),
+		Algorithm:    cfg.JWTKeyAlgorithm(),
 		Rotate:       cfg.JWT.RotateEvery.Duration,
 		MaxTokenLife: state.MaxJWTTTL,
 		Ready:        member.leaderKnown,
 		Logger:       log,
 	})
 	bans := newBannedAudit()
-	n.issuer = &issuer{nodeID: cfg.NodeID, actor: n.actor(), agentTTL: cfg.Join.AgentSVIDTTL.Duration, log: log,
+	n.issuer = &issuer{nodeID: cfg.NodeID, actor: n.actor(), agentTTL: cfg.Join.AgentSVIDTTL.Duration, log: log, jwtIssuer: cfg.JWT.Issuer,
 		state: n.fsm, apply: member, quorum: member, audit: n.batch, x509: n.auth, jwt: jwtKeys{n.jwt},
 		m: n.metrics.ops, bans: bans}
 	n.wg.Add(3)
@@ -307,6 +312,11 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 			return nil
 		})
 	}
+	if cfg.HTTP.OIDCListen != "" {
+		if err := n.startOIDC(ctx); err != nil {
+			return nil, err
+		}
+	}
 	log.Info("node started", "raft", n.raft.Addr(), "api", n.apiLn.Addr().String())
 	ok = true
 	return n, nil
@@ -395,6 +405,14 @@ func (n *Node) BundleAddr() string {
 		return ""
 	}
 	return n.bundleLn.Addr().String()
+}
+
+// OIDCAddr is the OIDC listener's address, if configured.
+func (n *Node) OIDCAddr() string {
+	if n.oidcLn == nil {
+		return ""
+	}
+	return n.oidcLn.Addr().String()
 }
 
 // actor is how this node appears in audit records.
@@ -487,7 +505,10 @@ func (n *Node) StopBecause(reason string) error {
 		if n.bundle != nil {
 			closed("bundle server", n.bundle.Close())
 		}
-		for _, ln := range []net.Listener{n.apiLn, n.localLn, n.httpLn, n.bundleLn} {
+		if n.oidc != nil {
+			closed("oidc server", n.oidc.Close())
+		}
+		for _, ln := range []net.Listener{n.apiLn, n.localLn, n.httpLn, n.bundleLn, n.oidcLn} {
 			if ln != nil {
 				closed("listener "+ln.Addr().String(), ln.Close())
 			}

@@ -3,6 +3,9 @@ package state
 import (
 	"bytes"
 	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
@@ -915,6 +918,37 @@ func applyBundleRoots(t *txn, p *BundleRoots) (any, []AuditEvent, error) {
 
 var kidRE = regexp.MustCompile(`^[A-Za-z0-9_-]{8,64}$`)
 
+// checkJWTKeyType admits the key types nodes sign JWT-SVIDs with
+// (ca.JWTAlgorithm): ECDSA P-256 or P-384 (ES256, ES384) and RSA of 2048
+// to 4096 bits with exponent 65537 (RS256, jwt.key-type rsa-2048).
+//
+// The check is the same for every command version. Before RSA keys were
+// a node's choice it admitted any key with an Equal method (RSA, Ed25519,
+// X25519 and every ECDSA curve included): what it refuses now no node
+// version ever made, since nodes made ECDSA P-256 keys only, so a log
+// that nodes wrote replays as it was applied (only a node can publish a
+// key). Nodes of a version before jwt.key-type admit an RSA key (RS256,
+// rsa-2048) like any other key with Equal, so a mixed-version cluster
+// does not diverge on one: old nodes do not refuse it.
+func checkJWTKeyType(pub crypto.PublicKey) error {
+	switch k := pub.(type) {
+	case *ecdsa.PublicKey:
+		if k.Curve != elliptic.P256() && k.Curve != elliptic.P384() {
+			return fmt.Errorf("ECDSA curve %s: want P-256 or P-384", k.Curve.Params().Name)
+		}
+		return nil
+	case *rsa.PublicKey:
+		if b := k.N.BitLen(); b < 2048 || b > 4096 {
+			return fmt.Errorf("RSA key of %d bits: want 2048 to 4096", b)
+		}
+		if k.E != 65537 {
+			return fmt.Errorf("RSA public exponent %d: want 65537", k.E)
+		}
+		return nil
+	}
+	return fmt.Errorf("unsupported key type %T: want ECDSA P-256 or P-384, or RSA", pub)
+}
+
 // checkJWTKey validates a JWT key's form.
 func checkJWTKey(k *JWTKey) error {
 	if !kidRE.MatchString(k.KID) {
@@ -924,8 +958,8 @@ func checkJWTKey(k *JWTKey) error {
 	if err != nil {
 		return refuse("JWT key %s: %v", k.KID, err)
 	}
-	if _, ok := pub.(interface{ Equal(crypto.PublicKey) bool }); !ok {
-		return refuse("JWT key %s: unsupported key type %T", k.KID, pub)
+	if err := checkJWTKeyType(pub); err != nil {
+		return refuse("JWT key %s: %v", k.KID, err)
 	}
 	_, err = checkJWTKeyCAForm(k)
 	return err

@@ -155,6 +155,11 @@ func TestCheckConfigHSMAndFiles(t *testing.T) {
 			c.IssuingKey = strings.Replace(c.IssuingKey, "token="+n1.Token.Label, "token=sigil-node-9", 1)
 		},
 			[]string{"token not found", "token=sigil-node-9", tr.Module, "SOFTHSM2_CONF="}},
+		{"OIDC key in the HSM that is not the OIDC certificate's", func(c *node.Config) {
+			c.JWT.Issuer, c.HTTP.OIDCListen = "https://sigil.example.org", "127.0.0.1:0"
+			c.HTTP.OIDCCert, c.HTTP.OIDCKey = tr.Nodes["node-2"].IssuingPath, c.IssuingKey
+		},
+			[]string{"http.oidc-key pkcs11:", "is not the key of the certificate in http.oidc-cert " + tr.Nodes["node-2"].IssuingPath}},
 		{"root that did not sign the issuing certificate", func(c *node.Config) { c.RootCerts = []string{tr.Nodes["node-2"].IssuingPath} },
 			[]string{"root-certs[0]", "is not a self-signed CA certificate", "issuing-cert not checked against the roots"}},
 	} {
@@ -469,6 +474,10 @@ func writeConfig(t *testing.T, dir string, cfg *node.Config) string {
 		"api":  map[string]any{"listen": cfg.API.Listen, "local-socket": cfg.API.LocalSocket},
 		"http": map[string]any{"listen": cfg.HTTP.Listen},
 		"log":  map[string]any{"level": "info", "format": "json"},
+	}
+	if cfg.HTTP.OIDCListen != "" {
+		m["http"] = map[string]any{"listen": cfg.HTTP.Listen, "oidc-listen": cfg.HTTP.OIDCListen, "oidc-cert": cfg.HTTP.OIDCCert, "oidc-key": cfg.HTTP.OIDCKey}
+		m["jwt"] = map[string]any{"issuer": cfg.JWT.Issuer}
 	}
 	b, err := yaml.Marshal(m)
 	if err != nil {

@@ -266,15 +266,19 @@ func keyTemplates(alg keystore.Algorithm) (pub, priv []*pkcs11.Attribute, mech u
 		pub = append(pub, pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_EC), pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, params))
 		priv = append(priv, pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_EC))
 		return pub, priv, pkcs11.CKM_EC_KEY_PAIR_GEN, nil
-	case keystore.RSA3072:
+	case keystore.RSA3072, keystore.RSA2048:
+		bits := 3072
+		if alg == keystore.RSA2048 {
+			bits = 2048
+		}
 		pub = append(pub,
 			pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA),
-			pkcs11.NewAttribute(pkcs11.CKA_MODULUS_BITS, 3072),
+			pkcs11.NewAttribute(pkcs11.CKA_MODULUS_BITS, bits),
 			pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, []byte{1, 0, 1}))
 		priv = append(priv, pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA))
 		return pub, priv, pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, nil
 	}
-	return nil, nil, 0, fmt.Errorf("%w: %q (pkcs11 backend: %s, %s, %s)", keystore.ErrUnsupportedAlgorithm, alg, keystore.ECDSAP256, keystore.ECDSAP384, keystore.RSA3072)
+	return nil, nil, 0, fmt.Errorf("%w: %q (pkcs11 backend: %s, %s, %s, %s)", keystore.ErrUnsupportedAlgorithm, alg, keystore.ECDSAP256, keystore.ECDSAP384, keystore.RSA3072, keystore.RSA2048)
 }
 
 var (

@@ -52,7 +52,7 @@ func TestCreateSignVerify(t *testing.T) {
 	ctx := context.Background()
 	msg := sha256.Sum256([]byte("sigil"))
 
-	for _, alg := range []keystore.Algorithm{keystore.ECDSAP256, keystore.ECDSAP384, keystore.RSA3072} {
+	for _, alg := range []keystore.Algorithm{keystore.ECDSAP256, keystore.ECDSAP384, keystore.RSA3072, keystore.RSA2048} {
 		t.Run(string(alg), func(t *testing.T) {
 			uri := tok.KeyURI("key-" + string(alg))
 			pub, err := ks.CreateKey(ctx, keystore.CreateKeyRequest{URI: uri, Algorithm: alg})
@@ -85,6 +85,9 @@ func TestCreateSignVerify(t *testing.T) {
 					t.Fatal("signature verifies for another digest")
 				}
 			case *rsa.PublicKey:
+				if want := map[keystore.Algorithm]int{keystore.RSA2048: 2048, keystore.RSA3072: 3072}[alg]; p.N.BitLen() != want {
+					t.Fatalf("%s key has %d bits", alg, p.N.BitLen())
+				}
 				if err := rsa.VerifyPKCS1v15(p, crypto.SHA256, msg[:], sig); err != nil {
 					t.Fatal(err)
 				}

@@ -52,8 +52,9 @@ func checkConfig(ctx context.Context, cfg *node.Config) *report {
 			r.bad("issuing-key: the HSM key's public key is not the one in issuing-cert %s (%s): the certificate was made for another key", cfg.IssuingCert, issuing.Subject)
 		}
 	}
+	checkOIDC(ctx, r, cfg)
 	r.skip("raft peers not contacted (cluster.join, and the members recorded in %s)", filepath.Join(cfg.DataDir, "raft"))
-	r.skip("listen addresses not bound (cluster.bind, api.listen, http.listen, bundle.listen): another process may hold them when the node starts")
+	r.skip("listen addresses not bound (cluster.bind, api.listen, http.listen, http.oidc-listen, bundle.listen): another process may hold them when the node starts")
 	r.skip("the state and raft stores in data-dir not opened")
 	r.skip("the issuing certificate not checked against the root CRLs (they are in the replicated state)")
 	r.skip("the HSM key not used to sign")
@@ -219,6 +220,23 @@ func checkHSMKey(ctx context.Context, r *report, cfg *node.Config, pinOK bool) c
 		r.bad("issuing-key: %v", err)
 	}
 	return nil
+}
+
+// checkOIDC loads the OIDC listener's certificate and key as the node
+// would (an HSM key read-only), when the fields themselves are sound.
+func checkOIDC(ctx context.Context, r *report, cfg *node.Config) {
+	h := cfg.HTTP
+	if h.OIDCListen == "" || !fileExists(h.OIDCCert) || h.OIDCKey == "" {
+		return // nothing to check, or Problems reported it
+	}
+	ctx, cancel := context.WithTimeout(ctx, hsmCheckTimeout)
+	defer cancel()
+	ks := pkcs11.New(pkcs11.Options{ReadOnly: true, SessionsPerToken: 1})
+	defer func() { _ = ks.Close() }() // read-only sessions: nothing to lose
+	if err := node.CheckOIDCCertificate(ctx, cfg, ks.Signer); err != nil {
+		r.bad("%v", err)
+	}
+	r.skip("the OIDC certificate not checked against jwt.issuer's host name or the clouds' trusted CAs")
 }
 
 func fileExists(p string) bool {
