@@ -31,7 +31,7 @@ func fullAgent() state.Agent {
 		Facts: map[string]string{"ek_hash": "ab12", "ak_name": "cd34"}, SerialNumber: "0a1b", ExpiresAt: convTime(2),
 		PreviousSerial: "09ff", PreviousUntil: convTime(3),
 		Banned: true, JoinedAt: convTime(0), UpdatedAt: convTime(1), Revision: 7,
-		Job: &state.JobRun{Rule: "gh", Run: "1-1", SPIFFEID: "spiffe://example.org/ci/x", UID: 1000, TTL: 600}}
+		Job: &state.JobRun{Rule: "gh", RuleRevision: 3, Run: "1-1", Key: "0123456789abcdef", SPIFFEID: "spiffe://example.org/ci/x", UID: 1000, TTL: 600}}
 }
 
 func fullBundle() state.Bundle {
@@ -208,7 +208,7 @@ func wantKeys(s string) []string {
 // sigilctl --output json scripts read: they must not drift.
 func TestEntryJSONWireNames(t *testing.T) {
 	full := apiEntry(fullEntry())
-	if got, want := jsonKeys(t, full), wantKeys("id spiffe_id parent_id selectors x509_ttl jwt_ttl dns_names hint created_at updated_at revision effective_x509_ttl effective_jwt_ttl"); !slices.Equal(got, want) {
+	if got, want := jsonKeys(t, full), wantKeys("id spiffe_id parent_id selectors x509_ttl jwt_ttl dns_names ip_addresses hint created_at updated_at revision effective_x509_ttl effective_jwt_ttl"); !slices.Equal(got, want) {
 		t.Errorf("api.Entry JSON keys %v, want %v", got, want)
 	}
 	if got, want := jsonKeys(t, api.Entry{}), wantKeys("id spiffe_id parent_id selectors created_at updated_at revision"); !slices.Equal(got, want) {
@@ -233,7 +233,8 @@ func TestEntryJSONWireNames(t *testing.T) {
 		v    any
 		want string
 	}{
-		{apiAgent(fullAgent()), "id attestation_type facts serial_number expires_at banned joined_at updated_at revision"},
+		{apiAgent(fullAgent()), "id attestation_type facts serial_number expires_at banned job joined_at updated_at revision"},
+		{*apiAgent(fullAgent()).Job, "rule run spiffe_id uid ttl"},
 		{apiBundle(fullBundle()), "trust_domain roots jwt_keys revoked root_crls sequence"},
 		{apiBundle(fullBundle()).JWTKeys[0], "kid node ca public_key not_after"},
 		{apiBundle(fullBundle()).Revoked[0], "serial node not_after at"},
