@@ -44,6 +44,14 @@ type LogBuffer = testenv.LogBuffer
 // from below the kernel's ephemeral range: a port handed out by :0 can be
 // taken as the source port of an outgoing connection before (or while) the
 // node that owns it is down.
+//
+// Ports are handed out in turn from this process's stripe of the range
+// (by process ID), starting at a random place: a cluster's ports are all
+// chosen before its nodes bind them, so random draws with a probe alone
+// let two of its nodes draw the same one (about one cluster in 200), and
+// packages tested in parallel (other processes, other stripes) rarely
+// draw the same port between a probe and a bind. A port comes round
+// again only after the whole stripe (thousands of ports).
 func freePort(t testing.TB) string {
 	t.Helper()
 	low := 32768
@@ -56,8 +64,18 @@ func freePort(t testing.TB) string {
 	if low-lo < 2000 {
 		t.Fatalf("ephemeral ports start at %d: no room for test ports below them", low)
 	}
-	for i := 0; i < 1000; i++ {
-		addr := fmt.Sprintf("127.0.0.1:%d", lo+mrand.IntN(low-lo))
+	const stripes = 8
+	width := (low - lo) / stripes
+	base := lo + (os.Getpid()%stripes)*width
+	portTurn.mu.Lock()
+	defer portTurn.mu.Unlock()
+	if !portTurn.started {
+		portTurn.next, portTurn.started = mrand.IntN(width), true
+	}
+	for i := 0; i < width; i++ {
+		port := base + portTurn.next%width
+		portTurn.next++
+		addr := fmt.Sprintf("127.0.0.1:%d", port)
 		if ln, err := net.Listen("tcp", addr); err == nil {
 			_ = ln.Close() // only probing that the port is free
 			return addr
@@ -65,6 +83,13 @@ func freePort(t testing.TB) string {
 	}
 	t.Fatal("no free loopback port")
 	return ""
+}
+
+// portTurn is where freePort goes on in this process's stripe.
+var portTurn struct {
+	mu      sync.Mutex
+	next    int
+	started bool
 }
 
 // NewCluster configures nodes (the first bootstraps, the rest join it) and
