@@ -96,6 +96,15 @@ start_cmd() {
 }
 
 step "Start three sigild nodes on loopback (raft over mutual TLS, HSM-held CAs), each checked first"
+# OIDC discovery for cloud APIs: JWT-SVIDs carry iss, and every node serves
+# the discovery document and the JWKS of all nodes' keys over TLS. A cloud
+# would need a certificate from a CA it trusts and one name in front of the
+# nodes; the demo's issuer is node-1's listener, with a self-signed
+# certificate.
+oidc_issuer=https://127.0.0.1:17801
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj /CN=127.0.0.1 \
+	-addext subjectAltName=IP:127.0.0.1 -keyout "$demo/oidc-key.pem" -out "$demo/oidc.pem" 2>/dev/null
+chmod 0600 "$demo/oidc-key.pem"
 for i in 1 2 3; do
 	d="$demo/node-$i"
 	mkdir -p "$d"
@@ -114,8 +123,9 @@ cluster:
   heartbeat-timeout: 500ms
   election-timeout: 500ms
 api: {listen: 127.0.0.1:1740$i, local-socket: $d/admin.sock, admin-cert-max-ttl: 24h}
-http: {listen: 127.0.0.1:1760$i}
+http: {listen: 127.0.0.1:1760$i, oidc-listen: 127.0.0.1:1780$i, oidc-cert: $demo/oidc.pem, oidc-key: $demo/oidc-key.pem}
 bundle: {listen: 127.0.0.1:1750$i}
+jwt: {issuer: $oidc_issuer}
 log: {level: info, format: json}
 Y
 	cat >"$demo/node-$i.env" <<E
@@ -214,6 +224,13 @@ echo "The run's join record: who and what ran (from the platform's signed token)
 "$bin/sigilctl" -o json audit list --action job.join --newest-first --limit 1 2>/dev/null | grep -E '"(fact\.[a-z_]+|rule|run|spiffe_id)":'
 "$bin/sigilctl" agent list | grep -c /sigil/agent/job/ >/dev/null && die "the run's job agent outlived the run"
 echo "(the run's job agent is gone: nothing outlives the run)"
+
+step "OIDC discovery for cloud APIs: JWT-SVIDs carry iss $oidc_issuer"
+echo "issuer: $oidc_issuer (register it with AWS IAM, GCP workload identity federation or Azure: README)"
+curl -fsS --cacert "$demo/oidc.pem" "$oidc_issuer/.well-known/openid-configuration"
+echo
+echo "JWKS (the JWT keys the nodes have published; a node publishes its first when it first signs):"
+curl -fsS --cacert "$demo/oidc.pem" "$oidc_issuer/keys" | grep -o '"kid":"[^"]*"' || die "no JWKS at $oidc_issuer/keys"
 
 step "Kill node-3 (SIGKILL), write while it is down, restart it with the printed command; it rejoins as a voter and catches up"
 pid3=$(cat "$demo/sigild-3.pid")
