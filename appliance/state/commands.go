@@ -883,6 +883,17 @@ func (t *txn) bumpBundle() (uint64, error) {
 	return seq, putU64(meta, keyBundleSequence, seq)
 }
 
+// bumpBundleQuietly is bumpBundle for a change only the agents this
+// command touches need (revocations of SVIDs that only they held): the
+// sequence moves (and with it each node's CRL), but the rest of the fleet
+// is not woken for a new view.
+func (t *txn) bumpBundleQuietly() (uint64, error) {
+	meta := t.tx.Bucket(bMeta)
+	seq := getU64(meta, keyBundleSequence) + 1
+	t.bundleQuiet = true
+	return seq, putU64(meta, keyBundleSequence, seq)
+}
+
 func applyBundleRoots(t *txn, p *BundleRoots) (any, []AuditEvent, error) {
 	if len(p.Roots) == 0 {
 		return nil, nil, refuse("a trust bundle needs at least one root")

@@ -264,6 +264,9 @@ type txn struct {
 	origin string
 	// what changed, for caches and watchers
 	bundleChanged, policyChanged, configChanged bool
+	// bundleQuiet: the bundle changed in a way only the agents touched in
+	// this command need to hear of (revocations of their own SVIDs).
+	bundleQuiet bool
 	// agents whose view changed (their entries, their own record); a
 	// config change that names none changes every agent's view
 	agentsChanged map[string]bool
@@ -417,7 +420,7 @@ func (t *txn) checkVersionFloor() error {
 
 // afterChange refreshes caches and wakes watchers.
 func (f *FSM) afterChange(t *txn) {
-	if t.bundleChanged || t.policyChanged {
+	if t.bundleChanged || t.policyChanged || t.bundleQuiet {
 		if err := f.loadCaches(); err != nil {
 			f.log.Error("state caches", "err", err)
 		}

@@ -190,3 +190,35 @@ func TestJobStateBounded(t *testing.T) {
 	}
 	t.Logf("after %d runs over a day: %d job agents, %d used tokens", runs, agents, used)
 }
+
+// A run end revokes the run's SVIDs: the bundle's sequence (and each
+// node's CRL) moves, but only the run's own agent is woken, not the
+// fleet: a CI ending a run a second would otherwise send every agent a
+// new view a second.
+func TestJobEndWakesOnlyItsAgent(t *testing.T) {
+	a := newApplier(t)
+	a.must(CmdJoinRuleCreate, jobRule("gh"))
+	j := jobJoin("gh", ruleRevision(t, a.fsm, "gh"), "1-1", "token-1", t0)
+	a.must(CmdJobJoin, j)
+	host := "spiffe://example.org/sigil/agent/tpm/abc"
+	a.must(CmdAgentUpsert, &AgentUpsert{Agent: Agent{ID: host, AttestationType: "tpm", SerialNumber: "aa", ExpiresAt: t0.Add(time.Hour)}})
+	a.must(CmdIssue, &AuditAppend{Events: []AuditEvent{{Action: "svid.x509.issue", Target: "spiffe://example.org/ci/github/octo-org/octo-repo", Detail: map[string]string{
+		"serial": "beef", "agent": j.Agent.ID, "node": origin, "expires": t0.Add(10 * time.Minute).Format(time.RFC3339)}}}})
+	seq := a.fsm.Bundle().Sequence
+	hostWatch, runWatch := a.fsm.AgentChanged(host), a.fsm.AgentChanged(j.Agent.ID)
+	a.must(CmdJobEnd, JobEnd{Agent: j.Agent.ID, Serials: []string{"beef"}})
+	b := a.fsm.Bundle()
+	if b.Sequence != seq+1 || len(b.Revoked) != 1 || b.Revoked[0].Serial != "beef" {
+		t.Fatalf("after the run end: sequence %d (was %d), revoked %+v", b.Sequence, seq, b.Revoked)
+	}
+	select {
+	case <-runWatch:
+	default:
+		t.Fatal("the run's agent was not woken")
+	}
+	select {
+	case <-hostWatch:
+		t.Fatal("another agent was woken by a run's end")
+	default:
+	}
+}
