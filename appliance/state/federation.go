@@ -274,10 +274,17 @@ func NextBundle(own spiffeid.TrustDomain, cur *Federation, doc []byte) (*spiffeb
 		return nil, fmt.Errorf("%w: bundle of %s: sequence %d is older than the stored %d (a rollback)", ErrBundleRollback, cur.TrustDomain, seq, cur.BundleSequence)
 	case old.Equal(b):
 		return nil, fmt.Errorf("%w: bundle of %s is unchanged", ErrBundleUnchanged, cur.TrustDomain)
-	case hasSeq && cur.HasSequence && seq == cur.BundleSequence:
-		return nil, fmt.Errorf("%w: bundle of %s: sequence %d is the stored bundle's, with other content", ErrBundleRollback, cur.TrustDomain, seq)
+	case hasSeq && cur.HasSequence && seq == cur.BundleSequence && !sameKeys(old, b):
+		// Only the refresh hint may change under one sequence number: it
+		// says nothing about whom to trust.
+		return nil, fmt.Errorf("%w: bundle of %s: sequence %d is the stored bundle's, with other keys", ErrBundleRollback, cur.TrustDomain, seq)
 	}
 	return b, nil
+}
+
+// sameKeys: two bundles hold the same X.509 authorities and JWT keys.
+func sameKeys(a, b *spiffebundle.Bundle) bool {
+	return a.X509Bundle().Equal(b.X509Bundle()) && a.JWTBundle().Equal(b.JWTBundle())
 }
 
 // ErrBundleUnchanged: a bundle set to what is stored (the leader's
