@@ -133,49 +133,72 @@ func (f *federationFetcher) refreshInterval(r *state.Federation) time.Duration {
 }
 
 // run fetches due relationships while this node leads; every node runs
-// it. A relationship added or changed is fetched at once.
+// it. A relationship added or changed is fetched at once. The
+// relationships are read again only when the configuration changed: a
+// read decodes every stored bundle.
 func (f *federationFetcher) run(ctx context.Context) {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	for {
+	var rels []state.Federation
+	for reload := true; ; {
 		changed := f.fsm.ConfigChanged()
+		if reload {
+			rels = f.fsm.Federations()
+			f.forgetDeleted(rels)
+			reload = false
+		}
+		if f.isLeader() {
+			for _, r := range f.due(rels, time.Now()) {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					f.fetchOnce(ctx, &r)
+				}()
+			}
+		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
 		case <-changed:
+			reload = true
 		}
-		rels := f.fsm.Federations()
-		leader := f.isLeader()
-		now := time.Now()
-		f.mu.Lock()
-		for name := range f.status {
-			if !slices.ContainsFunc(rels, func(r state.Federation) bool { return r.TrustDomain == name }) {
-				delete(f.status, name)
-				f.fetches.DeletePartialMatch(prometheus.Labels{"trust_domain": name})
-			}
-		}
-		for i := range rels {
-			r := rels[i]
-			s := f.status[r.TrustDomain]
-			if s == nil || s.revision != r.Revision {
-				s = &fetchStatus{revision: r.Revision}
-				f.status[r.TrustDomain] = s
-			}
-			if !leader || r.BundleEndpointURL == "" || s.inFlight || now.Before(s.next) {
-				continue
-			}
-			s.inFlight = true
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				f.fetchOnce(ctx, &r)
-			}()
-		}
-		f.mu.Unlock()
 	}
+}
+
+// forgetDeleted drops the status and metrics of relationships gone.
+func (f *federationFetcher) forgetDeleted(rels []state.Federation) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for name := range f.status {
+		if !slices.ContainsFunc(rels, func(r state.Federation) bool { return r.TrustDomain == name }) {
+			delete(f.status, name)
+			f.fetches.DeletePartialMatch(prometheus.Labels{"trust_domain": name})
+		}
+	}
+}
+
+// due returns the relationships whose fetch is due at now and marks them
+// in flight.
+func (f *federationFetcher) due(rels []state.Federation, now time.Time) []state.Federation {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []state.Federation
+	for _, r := range rels {
+		s := f.status[r.TrustDomain]
+		if s == nil || s.revision != r.Revision {
+			s = &fetchStatus{revision: r.Revision}
+			f.status[r.TrustDomain] = s
+		}
+		if r.BundleEndpointURL == "" || s.inFlight || now.Before(s.next) {
+			continue
+		}
+		s.inFlight = true
+		out = append(out, r)
+	}
+	return out
 }
 
 // fetchOnce fetches one relationship, proposes what changed and records
