@@ -262,3 +262,58 @@ func TestFederationFetchFailures(t *testing.T) {
 		t.Fatalf("a down endpoint changed the stored bundle: %+v", r)
 	}
 }
+
+// An agent's sync stream carries the bundles of the trust domains its
+// entries federate with, and a change to one (set out of band here)
+// wakes it; a deleted relationship's bundle leaves its view.
+func TestFederationSync(t *testing.T) {
+	ic := newIssuer(t, "fsy")
+	ctx := context.Background()
+	const foreign = "other.example"
+	ftd := newForeignTD(t, foreign, "spiffe://other.example/x")
+	doc1, doc2 := ftd.doc(t, foreign, 1), ftd.doc(t, foreign, 2, newForeignTD(t, foreign, "spiffe://other.example/x").root)
+	admin := ic.c.Admin("node-1")
+	if _, err := admin.FederationAdd(ctx, &api.FederationRelationship{TrustDomain: foreign, Bundle: doc1}); err != nil {
+		t.Fatal(err)
+	}
+	ic.entry(t, "spiffe://example.org/plain", agentID)
+	if _, err := admin.EntryCreate(ctx, &api.EntryRequest{Entry: api.Entry{SPIFFEID: "spiffe://example.org/fed", ParentID: agentID,
+		Selectors: []api.Selector{{Type: "unix", Value: "uid:1001"}}, FederatesWith: []string{foreign}}, Force: true}); err != nil {
+		t.Fatal(err)
+	}
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := ic.agent(t, "node-3").Sync(sctx, &api.SyncRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	recvUntil := func(what string, ok func(u *api.SyncUpdate) bool) {
+		t.Helper()
+		deadline := time.AfterFunc(10*time.Second, cancel)
+		defer deadline.Stop()
+		for {
+			u, err := stream.Recv()
+			if err != nil {
+				t.Fatalf("sync: waiting for %s: %v", what, err)
+			}
+			if ok(u) {
+				return
+			}
+		}
+	}
+	recvUntil("the federated bundle", func(u *api.SyncUpdate) bool {
+		return len(u.Entries) == 2 && string(u.Federated[foreign]) == string(doc1) && len(u.Federated) == 1
+	})
+	if _, err := admin.FederationBundleSet(ctx, &api.FederationBundle{TrustDomain: foreign, Bundle: doc2}); err != nil {
+		t.Fatal(err)
+	}
+	recvUntil("the new federated bundle", func(u *api.SyncUpdate) bool { return string(u.Federated[foreign]) == string(doc2) })
+	// A rollback set out of band is refused before it is proposed.
+	if _, err := admin.FederationBundleSet(ctx, &api.FederationBundle{TrustDomain: foreign, Bundle: doc1}); err == nil || !strings.Contains(err.Error(), "rollback") {
+		t.Fatalf("a rollback set by an admin: %v", err)
+	}
+	if _, err := admin.FederationDelete(ctx, &api.IDRequest{ID: foreign}); err != nil {
+		t.Fatal(err)
+	}
+	recvUntil("the bundle to leave", func(u *api.SyncUpdate) bool { return len(u.Entries) == 2 && len(u.Federated) == 0 })
+}
