@@ -48,16 +48,21 @@ const (
 // Results of sigil_federation_fetches_total: fixed labels, never text a
 // foreign endpoint chose.
 const (
-	fetchUpdated     = "updated"     // a new bundle committed
-	fetchUnchanged   = "unchanged"   // the stored bundle is current
-	fetchUnreachable = "unreachable" // connect, TLS (endpoint authentication) or read failure
-	fetchBadStatus   = "bad_status"  // an HTTP status other than 200
-	fetchTooLarge    = "too_large"   // a body over state.MaxFederatedBundle
-	fetchInvalid     = "invalid"     // not a bundle the state machine accepts
-	fetchRollback    = "rollback"    // the sequence would go back
-	fetchNoBundle    = "no_bundle"   // https_spiffe without a bundle to authenticate the endpoint with
-	fetchNotCommited = "not_committed"
+	fetchUpdated      = "updated"       // a new bundle committed
+	fetchUnchanged    = "unchanged"     // the stored bundle is current
+	fetchUnreachable  = "unreachable"   // connect, TLS (endpoint authentication) or read failure
+	fetchBadStatus    = "bad_status"    // an HTTP status other than 200
+	fetchTooLarge     = "too_large"     // a body over state.MaxFederatedBundle
+	fetchInvalid      = "invalid"       // not a bundle the state machine accepts
+	fetchRollback     = "rollback"      // the sequence would go back
+	fetchNoBundle     = "no_bundle"     // https_spiffe without a bundle to authenticate the endpoint with
+	fetchNotCommitted = "not_committed" // the relationship changed meanwhile, or no quorum
 )
+
+// fetchLogEvery bounds the failure lines of one relationship: a foreign
+// endpoint that stays broken logs once a minute (and when the kind of
+// failure changes), not at every retry.
+const fetchLogEvery = time.Minute
 
 // fetchStatus is this node's own view of one relationship's fetches.
 type fetchStatus struct {
@@ -68,6 +73,9 @@ type fetchStatus struct {
 	lastFetch   time.Time
 	lastErr     string
 	lastSuccess time.Time
+	lastLog     time.Time // of a failure line
+	lastResult  string
+	unlogged    int // failures since the last line
 }
 
 // federationFetcher runs the leader's fetches and keeps their status.
@@ -75,7 +83,6 @@ type federationFetcher struct {
 	td        spiffeid.TrustDomain
 	fsm       *state.FSM
 	log       *slog.Logger
-	warn      *rateLog
 	isLeader  func() bool
 	propose   func(ctx context.Context, typ string, payload any) ([]byte, error)
 	minWait   time.Duration
@@ -96,7 +103,6 @@ func newFederationFetcher(n *Node) *federationFetcher {
 	if f.minWait <= 0 {
 		f.minWait = minFederationRefresh
 	}
-	f.warn = newRateLog(f.log)
 	f.fetches = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "sigil_federation_fetches_total",
 		Help: "Fetches of foreign bundle endpoints by this node (as leader), by trust domain and result."}, []string{"trust_domain", "result"})
 	n.metrics.reg.MustRegister(f.fetches, f)
@@ -216,7 +222,7 @@ func (f *federationFetcher) fetchOnce(ctx context.Context, r *state.Federation) 
 	s.inFlight, s.lastFetch = false, now
 	interval := f.refreshInterval(r)
 	if err == nil {
-		s.lastErr, s.failures, s.lastSuccess = "", 0, now
+		s.lastErr, s.failures, s.lastSuccess, s.lastResult = "", 0, now, result
 		if result == fetchUpdated {
 			// The new bundle's hint applies from the next round.
 			if cur, ok := f.fsm.Federation(r.TrustDomain); ok {
@@ -236,8 +242,14 @@ func (f *federationFetcher) fetchOnce(ctx context.Context, r *state.Federation) 
 	// Jitter: -25% to +0%, so that retries spread and never exceed the hint.
 	wait -= time.Duration(rand.Int64N(int64(wait)/4 + 1))
 	s.next = now.Add(wait)
-	f.warn.warn("federation: fetch of a foreign bundle failed; the stored bundle stays", "trust_domain", r.TrustDomain,
-		"endpoint", r.BundleEndpointURL, "result", result, "failures", s.failures, "retry_in", wait.Round(time.Second), "err", err)
+	if result == s.lastResult && now.Sub(s.lastLog) < fetchLogEvery {
+		s.unlogged++
+		return
+	}
+	f.log.Warn("federation: fetch of a foreign bundle failed; the stored bundle stays", "trust_domain", r.TrustDomain,
+		"endpoint", r.BundleEndpointURL, "result", result, "failures", s.failures, "retry_in", wait.Round(time.Second),
+		"failures_not_logged", s.unlogged, "err", err)
+	s.lastLog, s.lastResult, s.unlogged = now, result, 0
 }
 
 // fetch gets the endpoint's bundle and proposes it if it changed.
@@ -282,7 +294,7 @@ func (f *federationFetcher) fetch(ctx context.Context, r *state.Federation) (str
 	}
 	cur, ok := f.fsm.Federation(r.TrustDomain)
 	if !ok || cur.Revision != r.Revision {
-		return fetchNotCommited, errors.New("the relationship changed during the fetch")
+		return fetchNotCommitted, errors.New("the relationship changed during the fetch")
 	}
 	switch _, err := state.NextBundle(f.td, &cur, doc); {
 	case errors.Is(err, state.ErrBundleUnchanged):
@@ -293,7 +305,7 @@ func (f *federationFetcher) fetch(ctx context.Context, r *state.Federation) (str
 		return fetchInvalid, err
 	}
 	if _, err := f.propose(ctx, state.CmdFederationBundleSet, state.FederationBundleSet{TrustDomain: r.TrustDomain, Bundle: doc, Revision: r.Revision}); err != nil {
-		return fetchNotCommited, fmt.Errorf("committing the fetched bundle: %w", err)
+		return fetchNotCommitted, fmt.Errorf("committing the fetched bundle: %w", err)
 	}
 	seq, _ := bundleSequence(r.TrustDomain, doc)
 	f.log.Info("federation: foreign bundle updated", "trust_domain", r.TrustDomain, "sequence", seq)
