@@ -253,6 +253,28 @@ func TestFederationFetchFailures(t *testing.T) {
 			t.Fatalf("%s changed the stored bundle: %+v", tc.name, r)
 		}
 	}
+	// https_spiffe without a bundle cannot authenticate the endpoint; an
+	// endpoint that is another trust domain's (the stand-in presents a
+	// c.example SVID) fails its authentication as e.example's.
+	if _, err := admin.FederationAdd(ctx, &api.FederationRelationship{TrustDomain: "d.example", BundleEndpointURL: srv.URL + "/",
+		Profile: "https_spiffe", EndpointSPIFFEID: "spiffe://d.example/x"}); err != nil {
+		t.Fatal(err)
+	}
+	eTD := newForeignTD(t, "e.example", "spiffe://e.example/x")
+	if _, err := admin.FederationAdd(ctx, &api.FederationRelationship{TrustDomain: "e.example", BundleEndpointURL: srv.URL + "/",
+		Profile: "https_spiffe", EndpointSPIFFEID: "spiffe://e.example/x", Bundle: eTD.doc(t, "e.example", 1)}); err != nil {
+		t.Fatal(err)
+	}
+	for td, want := range map[string]string{"d.example": `result="no_bundle",trust_domain="d.example"`, "e.example": `result="unreachable",trust_domain="e.example"`} {
+		clustertest.Eventually(t, 20*time.Second, td+"'s failure to be reported", func() bool {
+			r, err := admin.FederationShow(ctx, &api.IDRequest{ID: td})
+			return err == nil && r.LastFetchError != "" && strings.Contains(metricsOf(t, n), want)
+		})
+	}
+	if r, _ := admin.FederationShow(ctx, &api.IDRequest{ID: "e.example"}); r.BundleSequence != 1 {
+		t.Fatalf("another domain's endpoint changed e.example's bundle: %+v", r)
+	}
+
 	// Down.
 	srv.Close()
 	clustertest.Eventually(t, 20*time.Second, "a down endpoint to be reported", func() bool {
