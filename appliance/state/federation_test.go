@@ -207,6 +207,24 @@ func TestFederationByVersion(t *testing.T) {
 	e := entry("entry-0002", "spiffe://example.org/db", "unix:uid:2")
 	e.FederatesWith = []string{"other.org"}
 	refusedWith(t, "version 6 federates_with", v6(CmdEntryCreate, e), "federates_with is a field of version 7 commands, not of version 6")
+	// A version 6 restore carrying relationships or federates_with (as a
+	// crafted command could) is refused too.
+	var arch bytes.Buffer
+	if _, err := a.fsm.WriteArchive(&arch, "node-1", t0); err != nil {
+		t.Fatal(err)
+	}
+	p, _, _, err := a.fsm.ReadArchive(bytes.NewReader(arch.Bytes()), t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Federations = []Federation{{TrustDomain: "other.org"}}
+	refusedWith(t, "version 6 restore of relationships", v6(CmdStateRestore, p), "federation relationships are restored by version 7 commands, not 6")
+	p.Federations = nil
+	p.Entries[0].FederatesWith = []string{"other.org"}
+	refusedWith(t, "version 6 restore of federates_with", v6(CmdStateRestore, p), "federates_with is restored by version 7 commands, not 6")
+	if len(a.fsm.Federations()) != 0 {
+		t.Fatal("a refused restore stored a relationship")
+	}
 	a.must(CmdFederationAdd, &Federation{TrustDomain: "other.org"})
 	a.must(CmdEntryCreate, e)
 }
