@@ -223,6 +223,11 @@ func TestFederationFetchFailures(t *testing.T) {
 		Profile: "https_spiffe", EndpointSPIFFEID: endpointID, Bundle: ftd.doc(t, foreign, 5)}); err != nil {
 		t.Fatal(err)
 	}
+	// An archive of the relationship at sequence 5, restored at the end.
+	snap, err := admin.SnapshotSave(ctx, &api.Empty{})
+	if err != nil {
+		t.Fatal(err)
+	}
 	show := func() *api.FederationRelationship {
 		r, err := admin.FederationShow(ctx, &api.IDRequest{ID: foreign})
 		if err != nil {
@@ -282,6 +287,16 @@ func TestFederationFetchFailures(t *testing.T) {
 	})
 	if r := show(); r.BundleSequence != 6 {
 		t.Fatalf("a down endpoint changed the stored bundle: %+v", r)
+	}
+
+	// A restore makes the archive's relationships the state's (d and e
+	// go), but the bundle stays at 6: a restore never rolls one back.
+	if _, err := admin.SnapshotRestore(ctx, &api.SnapshotArchive{Archive: snap.Archive}); err != nil {
+		t.Fatal(err)
+	}
+	l, err := admin.FederationList(ctx, &api.Empty{})
+	if err != nil || len(l.Relationships) != 1 || l.Relationships[0].TrustDomain != foreign || l.Relationships[0].BundleSequence != 6 {
+		t.Fatalf("relationships after the restore: %+v %v", l, err)
 	}
 }
 
