@@ -437,9 +437,10 @@ func (f *FSM) afterChange(t *txn) {
 		f.cfgWatch = make(chan struct{})
 		// A foreign bundle's change wakes every agent, not only those whose
 		// entries federate with it: finding those would cost a scan of the
-		// entries per change, and bundles change every few minutes at most.
-		// Each woken stream recomputes its view, and sends only if it
-		// changed.
+		// entries (or an index kept for it) per change. The cost is one view
+		// per connected agent (its entries read, the view hashed; sent only
+		// if it changed) for each bundle change, and a foreign bundle changes
+		// at most once per fetch interval (30 s to 1 h, 5 min by default).
 		if t.bundleChanged || t.policyChanged || t.federationChanged || len(t.agentsChanged) == 0 {
 			f.wakeAllAgentsLocked()
 		} else {
@@ -473,8 +474,9 @@ func (f *FSM) wakeAllAgentsLocked() {
 }
 
 // AgentChanged returns a channel closed at the next change to what an
-// agent sees: its entries, its own record (a ban, a removal), the bundle
-// or the join policy, or a restored state. Entries and bans of other
+// agent sees: its entries, its own record (a ban, a removal), the bundle,
+// the join policy, a federation relationship or foreign bundle, or a
+// restored state. Entries and bans of other
 // agents do not close it: a fleet's sync streams are not all woken by a
 // change that concerns one of them. The channel is shared by everyone
 // waiting on the same agent; it is forgotten once closed.
