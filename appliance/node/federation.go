@@ -80,13 +80,12 @@ type fetchStatus struct {
 
 // federationFetcher runs the leader's fetches and keeps their status.
 type federationFetcher struct {
-	td        spiffeid.TrustDomain
-	fsm       *state.FSM
-	log       *slog.Logger
-	isLeader  func() bool
-	propose   func(ctx context.Context, typ string, payload any) ([]byte, error)
-	minWait   time.Duration
-	transport func(*state.Federation) (*http.Transport, error) // tests: nil is fetchTransport
+	td       spiffeid.TrustDomain
+	fsm      *state.FSM
+	log      *slog.Logger
+	isLeader func() bool
+	propose  func(ctx context.Context, typ string, payload any) ([]byte, error)
+	minWait  time.Duration
 
 	fetches *prometheus.CounterVec
 
@@ -118,6 +117,11 @@ var bundleAgeDesc = prometheus.NewDesc("sigil_federation_bundle_refresh_age_seco
 func (f *federationFetcher) Describe(ch chan<- *prometheus.Desc) { ch <- bundleAgeDesc }
 
 func (f *federationFetcher) Collect(ch chan<- prometheus.Metric) {
+	// Only the leader fetches: a former leader's ages would grow for ever
+	// and alert on a cluster whose bundles are current.
+	if !f.isLeader() {
+		return
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	now := time.Now()
@@ -254,11 +258,7 @@ func (f *federationFetcher) fetchOnce(ctx context.Context, r *state.Federation) 
 
 // fetch gets the endpoint's bundle and proposes it if it changed.
 func (f *federationFetcher) fetch(ctx context.Context, r *state.Federation) (string, error) {
-	mk := f.transport
-	if mk == nil {
-		mk = f.fetchTransport
-	}
-	tr, err := mk(r)
+	tr, err := f.fetchTransport(r)
 	if err != nil {
 		if errors.Is(err, errNoBundleYet) {
 			return fetchNoBundle, err
