@@ -61,15 +61,17 @@ func metricsOf(t *testing.T, n *node.Node) string {
 	return string(b)
 }
 
-// Two appliances of different trust domains federate both ways over
-// their real bundle endpoints (https_spiffe: each endpoint authenticated
-// as the other's node SVID, against the other's bundle): each leader
-// fetches the other's bundle and commits it when it changes (a JWT key
-// rotation), and agents' entries may then federate with it.
+// Two appliances of different trust domains (a.example of three nodes,
+// b.example of one) federate both ways over their real bundle endpoints
+// (https_spiffe: each endpoint authenticated as the other's node SVID,
+// against the other's bundle): each leader, and only the leader, fetches
+// the other's bundle and commits it when it changes (a JWT key
+// rotation); after a failover the new leader does; agents' entries may
+// then federate with it.
 func TestFederationBothWays(t *testing.T) {
-	trA := clustertest.NewTrustIn(t, "a.example", "fda", []string{"node-1"}, nil)
+	trA := clustertest.NewTrustIn(t, "a.example", "fda", []string{"node-1", "node-2", "node-3"}, nil)
 	trB := clustertest.NewTrustIn(t, "b.example", "fdb", []string{"node-1"}, nil)
-	a := clustertest.NewClusterWith(t, trA, fastFederation, "node-1")
+	a := clustertest.NewClusterWith(t, trA, fastFederation, "node-1", "node-2", "node-3")
 	b := clustertest.NewClusterWith(t, trB, fastFederation, "node-1")
 	ctx := context.Background()
 	na, nb := a.Node("node-1"), b.Node("node-1")
@@ -100,8 +102,10 @@ func TestFederationBothWays(t *testing.T) {
 		c      *clustertest.Cluster
 		peerTD string
 	}{{a, "b.example"}, {b, "a.example"}} {
+		// The fetch status is the answering node's own: the leader's.
+		l := side.c.WaitLeader(10 * time.Second)
 		clustertest.Eventually(t, 20*time.Second, "a first successful fetch of "+side.peerTD, func() bool {
-			r, err := side.c.Admin("node-1").FederationShow(ctx, &api.IDRequest{ID: side.peerTD})
+			r, err := side.c.Admin(l).FederationShow(ctx, &api.IDRequest{ID: side.peerTD})
 			return err == nil && !r.LastFetch.IsZero() && r.LastFetchError == ""
 		})
 	}
@@ -124,27 +128,49 @@ func TestFederationBothWays(t *testing.T) {
 			return err == nil && fb.HasJWTAuthority(rot.KID)
 		})
 	}
-	if m := metricsOf(t, na); !strings.Contains(m, `sigil_federation_fetches_total{result="updated",trust_domain="b.example"}`) ||
-		!strings.Contains(m, `sigil_federation_bundle_refresh_age_seconds{trust_domain="b.example"}`) {
-		t.Fatalf("metrics lack the fetches:\n%s", grepLines(m, "federation"))
+	leader := a.WaitLeader(10 * time.Second)
+	for _, id := range a.Running() {
+		m := metricsOf(t, a.Node(id))
+		fetched := strings.Contains(m, `sigil_federation_fetches_total{result="updated",trust_domain="b.example"}`) &&
+			strings.Contains(m, `sigil_federation_bundle_refresh_age_seconds{trust_domain="b.example"}`)
+		if fetched != (id == leader) || id != leader && strings.Contains(m, "sigil_federation_fetches_total{") {
+			t.Fatalf("%s (leader %s) federation metrics:\n%s", id, leader, grepLines(m, "federation"))
+		}
 	}
+
+	// The leader goes: the new one fetches.
+	a.Stop(leader)
+	leader = a.WaitLeader(30 * time.Second)
+	na = a.Node(leader)
+	rot, err := b.Admin("node-1").JWTKeyRotate(ctx, &api.Empty{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	clustertest.Eventually(t, 30*time.Second, "the new leader to fetch b.example's new key", func() bool {
+		r, err := a.Admin(leader).FederationShow(ctx, &api.IDRequest{ID: "b.example"})
+		if err != nil {
+			return false
+		}
+		fb, err := spiffebundle.Parse(spiffeid.RequireTrustDomainFromString("b.example"), r.Bundle)
+		return err == nil && fb.HasJWTAuthority(rot.KID) && !r.LastFetch.IsZero()
+	})
 
 	// Entries federate with relationships only; the bundle is the agent's.
 	e := entryFor(1).Entry
 	e.SPIFFEID, e.ParentID = "spiffe://a.example/svc/1", "spiffe://a.example/sigil/agent/tpm/host-a"
 	e.FederatesWith = []string{"c.example"}
-	if _, err := a.Admin("node-1").EntryCreate(ctx, &api.EntryRequest{Entry: e, Force: true}); err == nil || !strings.Contains(err.Error(), "not a federation relationship") {
+	if _, err := a.Admin(leader).EntryCreate(ctx, &api.EntryRequest{Entry: e, Force: true}); err == nil || !strings.Contains(err.Error(), "not a federation relationship") {
 		t.Fatalf("entry federating with an unknown trust domain: %v", err)
 	}
 	e.FederatesWith = []string{"b.example"}
-	if _, err := a.Admin("node-1").EntryCreate(ctx, &api.EntryRequest{Entry: e, Force: true}); err != nil {
+	if _, err := a.Admin(leader).EntryCreate(ctx, &api.EntryRequest{Entry: e, Force: true}); err != nil {
 		t.Fatal(err)
 	}
 	if got := na.State().FederatedBundles([]string{"b.example"}); len(got["b.example"]) == 0 {
 		t.Fatal("no federated bundle for b.example")
 	}
 	// Deleted: the bundle goes.
-	if _, err := a.Admin("node-1").FederationDelete(ctx, &api.IDRequest{ID: "b.example"}); err != nil {
+	if _, err := a.Admin(leader).FederationDelete(ctx, &api.IDRequest{ID: "b.example"}); err != nil {
 		t.Fatal(err)
 	}
 	if got := na.State().FederatedBundles([]string{"b.example"}); got != nil {
