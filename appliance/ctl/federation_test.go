@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -101,7 +102,19 @@ func TestSigilctlFederation(t *testing.T) {
 	if !strings.Contains(out, "other.example,web.example") {
 		t.Fatalf("entry create printed:\n%s", out)
 	}
+	id := regexp.MustCompile(`(?m)^id\s+(\S+)`).FindStringSubmatch(out)
+	if id == nil {
+		t.Fatalf("no entry id in:\n%s", out)
+	}
+	if out := must("entry", "update", id[1], "--federates-with", "other.example"); !strings.Contains(out, "other.example,web.example -> other.example") {
+		t.Fatalf("entry update --federates-with printed:\n%s", out)
+	}
 	must("federation", "delete", "web.example")
+	// Deleted relationships stay named by entries until an update drops
+	// them; --federates-with '' clears the list.
+	if out := must("entry", "update", id[1], "--federates-with", ""); !strings.Contains(out, "other.example -> (empty)") {
+		t.Fatalf("entry update --federates-with '' printed:\n%s", out)
+	}
 	if out := must("federation", "show", "other.example"); !strings.Contains(out, "sequence 4") {
 		t.Fatalf("federation show:\n%s", out)
 	}
