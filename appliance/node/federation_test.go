@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/pem"
 	"io"
 	"math/big"
 	"net/http"
@@ -305,6 +306,31 @@ func TestFederationFetchFailures(t *testing.T) {
 	if r, _ := admin.FederationShow(ctx, &api.IDRequest{ID: "e.example"}); r.BundleSequence != 1 {
 		t.Fatalf("another domain's endpoint changed e.example's bundle: %+v", r)
 	}
+
+	// https_web: a Web PKI endpoint, here authenticated by the roots of
+	// --endpoint-ca (httptest's certificate is its own CA); no bundle is
+	// needed first.
+	wTD := newForeignTD(t, "w.example", "spiffe://w.example/x")
+	web := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write(wTD.doc(t, "w.example", 9)) }))
+	defer web.Close()
+	caPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: web.Certificate().Raw})
+	if _, err := admin.FederationAdd(ctx, &api.FederationRelationship{TrustDomain: "w.example", BundleEndpointURL: web.URL + "/",
+		Profile: "https_web", EndpointCA: string(caPEM)}); err != nil {
+		t.Fatal(err)
+	}
+	clustertest.Eventually(t, 20*time.Second, "the https_web bundle to be fetched", func() bool {
+		r, err := admin.FederationShow(ctx, &api.IDRequest{ID: "w.example"})
+		return err == nil && r.BundleSequence == 9
+	})
+	// Without the endpoint CA, the system roots do not know it.
+	if _, err := admin.FederationAdd(ctx, &api.FederationRelationship{TrustDomain: "v.example", BundleEndpointURL: web.URL + "/",
+		Profile: "https_web"}); err != nil {
+		t.Fatal(err)
+	}
+	clustertest.Eventually(t, 20*time.Second, "an unknown Web PKI certificate to be refused", func() bool {
+		r, err := admin.FederationShow(ctx, &api.IDRequest{ID: "v.example"})
+		return err == nil && strings.Contains(r.LastFetchError, "certificate") && len(r.Bundle) == 0
+	})
 
 	// Down.
 	srv.Close()
