@@ -11,46 +11,51 @@ import (
 // Full method names of the admin service (sigil.admin.v1.Admin), as
 // interceptors see them in FullMethod.
 const (
-	AdminMethodEntryCreate     = "/" + AdminService + "/EntryCreate"
-	AdminMethodEntryUpdate     = "/" + AdminService + "/EntryUpdate"
-	AdminMethodEntryDelete     = "/" + AdminService + "/EntryDelete"
-	AdminMethodEntryShow       = "/" + AdminService + "/EntryShow"
-	AdminMethodEntryList       = "/" + AdminService + "/EntryList"
-	AdminMethodAgentList       = "/" + AdminService + "/AgentList"
-	AdminMethodAgentShow       = "/" + AdminService + "/AgentShow"
-	AdminMethodAgentBan        = "/" + AdminService + "/AgentBan"
-	AdminMethodAgentUnban      = "/" + AdminService + "/AgentUnban"
-	AdminMethodEKCAAdd         = "/" + AdminService + "/EKCAAdd"
-	AdminMethodEKCAList        = "/" + AdminService + "/EKCAList"
-	AdminMethodEKCARemove      = "/" + AdminService + "/EKCARemove"
-	AdminMethodEKAllowAdd      = "/" + AdminService + "/EKAllowAdd"
-	AdminMethodEKAllowList     = "/" + AdminService + "/EKAllowList"
-	AdminMethodEKAllowRemove   = "/" + AdminService + "/EKAllowRemove"
-	AdminMethodTokenCreate     = "/" + AdminService + "/TokenCreate"
-	AdminMethodClusterStatus   = "/" + AdminService + "/ClusterStatus"
-	AdminMethodClusterJoin     = "/" + AdminService + "/ClusterJoin"
-	AdminMethodClusterRemove   = "/" + AdminService + "/ClusterRemove"
-	AdminMethodSnapshotSave    = "/" + AdminService + "/SnapshotSave"
-	AdminMethodSnapshotRestore = "/" + AdminService + "/SnapshotRestore"
-	AdminMethodAuditExport     = "/" + AdminService + "/AuditExport"
-	AdminMethodAuditList       = "/" + AdminService + "/AuditList"
-	AdminMethodAuditVerify     = "/" + AdminService + "/AuditVerify"
-	AdminMethodBundleShow      = "/" + AdminService + "/BundleShow"
-	AdminMethodAdminCertIssue  = "/" + AdminService + "/AdminCertIssue"
-	AdminMethodSVIDRevoke      = "/" + AdminService + "/SVIDRevoke"
-	AdminMethodPCRPolicySet    = "/" + AdminService + "/PCRPolicySet"
-	AdminMethodAdminRevoke     = "/" + AdminService + "/AdminRevoke"
-	AdminMethodAdminList       = "/" + AdminService + "/AdminList"
-	AdminMethodRootCRLAdd      = "/" + AdminService + "/RootCRLAdd"
-	AdminMethodPCRPolicyShow   = "/" + AdminService + "/PCRPolicyShow"
-	AdminMethodTokenList       = "/" + AdminService + "/TokenList"
-	AdminMethodTokenRevoke     = "/" + AdminService + "/TokenRevoke"
-	AdminMethodAgentRemove     = "/" + AdminService + "/AgentRemove"
-	AdminMethodJWTKeyRotate    = "/" + AdminService + "/JWTKeyRotate"
-	AdminMethodJoinRuleCreate  = "/" + AdminService + "/JoinRuleCreate"
-	AdminMethodJoinRuleList    = "/" + AdminService + "/JoinRuleList"
-	AdminMethodJoinRuleShow    = "/" + AdminService + "/JoinRuleShow"
-	AdminMethodJoinRuleDelete  = "/" + AdminService + "/JoinRuleDelete"
+	AdminMethodEntryCreate         = "/" + AdminService + "/EntryCreate"
+	AdminMethodEntryUpdate         = "/" + AdminService + "/EntryUpdate"
+	AdminMethodEntryDelete         = "/" + AdminService + "/EntryDelete"
+	AdminMethodEntryShow           = "/" + AdminService + "/EntryShow"
+	AdminMethodEntryList           = "/" + AdminService + "/EntryList"
+	AdminMethodAgentList           = "/" + AdminService + "/AgentList"
+	AdminMethodAgentShow           = "/" + AdminService + "/AgentShow"
+	AdminMethodAgentBan            = "/" + AdminService + "/AgentBan"
+	AdminMethodAgentUnban          = "/" + AdminService + "/AgentUnban"
+	AdminMethodEKCAAdd             = "/" + AdminService + "/EKCAAdd"
+	AdminMethodEKCAList            = "/" + AdminService + "/EKCAList"
+	AdminMethodEKCARemove          = "/" + AdminService + "/EKCARemove"
+	AdminMethodEKAllowAdd          = "/" + AdminService + "/EKAllowAdd"
+	AdminMethodEKAllowList         = "/" + AdminService + "/EKAllowList"
+	AdminMethodEKAllowRemove       = "/" + AdminService + "/EKAllowRemove"
+	AdminMethodTokenCreate         = "/" + AdminService + "/TokenCreate"
+	AdminMethodClusterStatus       = "/" + AdminService + "/ClusterStatus"
+	AdminMethodClusterJoin         = "/" + AdminService + "/ClusterJoin"
+	AdminMethodClusterRemove       = "/" + AdminService + "/ClusterRemove"
+	AdminMethodSnapshotSave        = "/" + AdminService + "/SnapshotSave"
+	AdminMethodSnapshotRestore     = "/" + AdminService + "/SnapshotRestore"
+	AdminMethodAuditExport         = "/" + AdminService + "/AuditExport"
+	AdminMethodAuditList           = "/" + AdminService + "/AuditList"
+	AdminMethodAuditVerify         = "/" + AdminService + "/AuditVerify"
+	AdminMethodBundleShow          = "/" + AdminService + "/BundleShow"
+	AdminMethodAdminCertIssue      = "/" + AdminService + "/AdminCertIssue"
+	AdminMethodSVIDRevoke          = "/" + AdminService + "/SVIDRevoke"
+	AdminMethodPCRPolicySet        = "/" + AdminService + "/PCRPolicySet"
+	AdminMethodAdminRevoke         = "/" + AdminService + "/AdminRevoke"
+	AdminMethodAdminList           = "/" + AdminService + "/AdminList"
+	AdminMethodRootCRLAdd          = "/" + AdminService + "/RootCRLAdd"
+	AdminMethodPCRPolicyShow       = "/" + AdminService + "/PCRPolicyShow"
+	AdminMethodTokenList           = "/" + AdminService + "/TokenList"
+	AdminMethodTokenRevoke         = "/" + AdminService + "/TokenRevoke"
+	AdminMethodAgentRemove         = "/" + AdminService + "/AgentRemove"
+	AdminMethodJWTKeyRotate        = "/" + AdminService + "/JWTKeyRotate"
+	AdminMethodJoinRuleCreate      = "/" + AdminService + "/JoinRuleCreate"
+	AdminMethodJoinRuleList        = "/" + AdminService + "/JoinRuleList"
+	AdminMethodJoinRuleShow        = "/" + AdminService + "/JoinRuleShow"
+	AdminMethodJoinRuleDelete      = "/" + AdminService + "/JoinRuleDelete"
+	AdminMethodFederationAdd       = "/" + AdminService + "/FederationAdd"
+	AdminMethodFederationList      = "/" + AdminService + "/FederationList"
+	AdminMethodFederationShow      = "/" + AdminService + "/FederationShow"
+	AdminMethodFederationDelete    = "/" + AdminService + "/FederationDelete"
+	AdminMethodFederationBundleSet = "/" + AdminService + "/FederationBundleSet"
 )
 
 // RegisterAdmin adds the admin service to a gRPC server: every method of
@@ -97,6 +102,11 @@ func RegisterAdmin(s grpc.ServiceRegistrar, impl AdminServer) {
 			unary("JoinRuleList", AdminMethodJoinRuleList, AdminServer.JoinRuleList),
 			unary("JoinRuleShow", AdminMethodJoinRuleShow, AdminServer.JoinRuleShow),
 			unary("JoinRuleDelete", AdminMethodJoinRuleDelete, AdminServer.JoinRuleDelete),
+			unary("FederationAdd", AdminMethodFederationAdd, AdminServer.FederationAdd),
+			unary("FederationList", AdminMethodFederationList, AdminServer.FederationList),
+			unary("FederationShow", AdminMethodFederationShow, AdminServer.FederationShow),
+			unary("FederationDelete", AdminMethodFederationDelete, AdminServer.FederationDelete),
+			unary("FederationBundleSet", AdminMethodFederationBundleSet, AdminServer.FederationBundleSet),
 		},
 		Streams: []grpc.StreamDesc{
 			serverStream("SnapshotSave", AdminServer.SnapshotSave),
@@ -299,6 +309,32 @@ func (c *AdminClient) JoinRuleShow(ctx context.Context, r *IDRequest) (*JoinRule
 // keep their SVIDs until they expire or end).
 func (c *AdminClient) JoinRuleDelete(ctx context.Context, r *IDRequest) (*Empty, error) {
 	return invoke[IDRequest, Empty](ctx, c.cc, AdminMethodJoinRuleDelete, r)
+}
+
+// FederationAdd trusts a foreign trust domain: its bundle endpoint
+// (fetched by the leader on the bundle's refresh hint) and optionally
+// an initial bundle (Bundle, a SPIFFE bundle document).
+func (c *AdminClient) FederationAdd(ctx context.Context, r *FederationRelationship) (*FederationRelationship, error) {
+	return invoke[FederationRelationship, FederationRelationship](ctx, c.cc, AdminMethodFederationAdd, r)
+}
+
+func (c *AdminClient) FederationList(ctx context.Context, r *Empty) (*FederationList, error) {
+	return invoke[Empty, FederationList](ctx, c.cc, AdminMethodFederationList, r)
+}
+
+func (c *AdminClient) FederationShow(ctx context.Context, r *IDRequest) (*FederationRelationship, error) {
+	return invoke[IDRequest, FederationRelationship](ctx, c.cc, AdminMethodFederationShow, r)
+}
+
+// FederationDelete stops trusting a foreign trust domain: its bundle
+// leaves every agent's view.
+func (c *AdminClient) FederationDelete(ctx context.Context, r *IDRequest) (*Empty, error) {
+	return invoke[IDRequest, Empty](ctx, c.cc, AdminMethodFederationDelete, r)
+}
+
+// FederationBundleSet sets a foreign bundle out of band.
+func (c *AdminClient) FederationBundleSet(ctx context.Context, r *FederationBundle) (*FederationRelationship, error) {
+	return invoke[FederationBundle, FederationRelationship](ctx, c.cc, AdminMethodFederationBundleSet, r)
 }
 
 // The client methods written by hand over the openers above: a missing one

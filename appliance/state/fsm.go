@@ -46,10 +46,12 @@ import (
 // (EntryRulesVersion). Version 5: a renewal may name the certificate the
 // agent's last renewal replaced, within RenewGrace of that renewal
 // (RenewGraceVersion). Version 6: job identity (join rules, job.join,
-// job.end; JobVersion), and IP SANs on entries (IPSANVersion). The rules a version brings apply to its
-// commands only: a log of version 2 commands replays exactly as it was
-// first applied.
-const CommandVersion = 6
+// job.end; JobVersion), and IP SANs on entries (IPSANVersion). Version
+// 7: SPIFFE federation (relationships, foreign bundles, entries'
+// federates_with; FederationVersion). The rules a version brings apply to
+// its commands only: a log of version 2 commands replays exactly as it
+// was first applied.
+const CommandVersion = 7
 
 // minCommandVersion is the oldest envelope version this code still
 // applies (raft logs and snapshots written before the last upgrade).
@@ -267,6 +269,9 @@ type txn struct {
 	// bundleQuiet: the bundle changed in a way only the agents touched in
 	// this command need to hear of (revocations of their own SVIDs).
 	bundleQuiet bool
+	// a federation relationship or a foreign bundle changed: agents'
+	// federated bundles, so every agent's view (federation.go)
+	federationChanged bool
 	// agents whose view changed (their entries, their own record); a
 	// config change that names none changes every agent's view
 	agentsChanged map[string]bool
@@ -430,10 +435,16 @@ func (f *FSM) afterChange(t *txn) {
 	f.mu.Lock()
 	close(f.watch)
 	f.watch = make(chan struct{})
-	if t.configChanged || t.bundleChanged || t.policyChanged {
+	if t.configChanged || t.bundleChanged || t.policyChanged || t.federationChanged {
 		close(f.cfgWatch)
 		f.cfgWatch = make(chan struct{})
-		if t.bundleChanged || t.policyChanged || len(t.agentsChanged) == 0 {
+		// A foreign bundle's change wakes every agent, not only those whose
+		// entries federate with it: finding those would cost a scan of the
+		// entries (or an index kept for it) per change. The cost is one view
+		// per connected agent (its entries read, the view hashed; sent only
+		// if it changed) for each bundle change, and a foreign bundle changes
+		// at most once per fetch interval (30 s to 1 h, 5 min by default).
+		if t.bundleChanged || t.policyChanged || t.federationChanged || len(t.agentsChanged) == 0 {
 			f.wakeAllAgentsLocked()
 		} else {
 			for id := range t.agentsChanged {
@@ -466,8 +477,9 @@ func (f *FSM) wakeAllAgentsLocked() {
 }
 
 // AgentChanged returns a channel closed at the next change to what an
-// agent sees: its entries, its own record (a ban, a removal), the bundle
-// or the join policy, or a restored state. Entries and bans of other
+// agent sees: its entries, its own record (a ban, a removal), the bundle,
+// the join policy, a federation relationship or foreign bundle, or a
+// restored state. Entries and bans of other
 // agents do not close it: a fleet's sync streams are not all woken by a
 // change that concerns one of them. The channel is shared by everyone
 // waiting on the same agent; it is forgotten once closed.
