@@ -458,7 +458,9 @@ func (s *Server) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerSt
 			// The foreign trust domains of the SVIDs sent, not of every
 			// matching entry: an entry whose SVID is not served yet
 			// must not widen what the caller's peers are trusted as.
-			resp.FederatedBundles = x509Bundles(snap.FederatedFor(entriesOf(entries, svids)))
+			if len(snap.Federated) > 0 {
+				resp.FederatedBundles = x509Bundles(snap.FederatedFor(entriesOf(entries, svids)))
+			}
 			fp := fingerprint(resp.Svids, roots, resp.Crl, resp.FederatedBundles)
 			if first || fp != last {
 				if err := s.still(c, "FetchX509SVID", snap); err != nil {
