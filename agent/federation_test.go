@@ -1,0 +1,178 @@
+package agent_test
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
+
+	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/appliance/clustertest"
+)
+
+// federatedRun is the workload side of TestFederation, with nothing but
+// go-spiffe and its own agent's socket (SPIFFE_ENDPOINT_SOCKET):
+//
+//   - fed-server listens with spiffetls for the one ID of the other trust
+//     domain (SIGIL_PEER), reads the client's JWT-SVID, validates it
+//     through its own agent for its audience (SIGIL_AUD), and answers with
+//     its own JWT-SVID for the client's audience (SIGIL_PEER_AUD);
+//   - fed-client dials with spiffetls for any member of the other trust
+//     domain (SIGIL_PEER_TD), sends its JWT-SVID for the server's audience
+//     and validates the answer through its own agent.
+func federatedRun(ctx context.Context, client *workloadapi.Client, role string) string {
+	ownJWT := func() (string, error) {
+		s, err := client.FetchJWTSVID(ctx, jwtsvid.Params{Audience: os.Getenv("SIGIL_PEER_AUD")})
+		if err != nil {
+			return "", fmt.Errorf("own JWT-SVID: %w", err)
+		}
+		return s.Marshal(), nil
+	}
+	switch role {
+	case "fed-server":
+		peer := spiffeid.RequireFromString(os.Getenv("SIGIL_PEER"))
+		l, err := spiffetls.Listen(ctx, "tcp", "127.0.0.1:0", tlsconfig.AuthorizeID(peer))
+		if err != nil {
+			return "ERR " + err.Error()
+		}
+		defer func() { _ = l.Close() }()
+		fmt.Println("LISTEN", l.Addr().String())
+		c, err := l.Accept()
+		if err != nil {
+			return "ERR " + err.Error()
+		}
+		defer func() { _ = c.Close() }()
+		tok, err := bufio.NewReader(c).ReadString('\n')
+		if err != nil {
+			return "ERR read: " + err.Error()
+		}
+		tlsPeer, _ := spiffetls.PeerIDFromConn(c)
+		v, err := client.ValidateJWTSVID(ctx, strings.TrimSpace(tok), os.Getenv("SIGIL_AUD"))
+		if err != nil {
+			return "ERR validate: " + err.Error()
+		}
+		mine, err := ownJWT()
+		if err != nil {
+			return "ERR " + err.Error()
+		}
+		if _, err := fmt.Fprintln(c, mine); err != nil {
+			return "ERR write: " + err.Error()
+		}
+		return "SERVED tls=" + tlsPeer.String() + " jwt=" + v.ID.String()
+	case "fed-client":
+		td := spiffeid.RequireTrustDomainFromString(os.Getenv("SIGIL_PEER_TD"))
+		c, err := spiffetls.Dial(ctx, "tcp", os.Getenv("SIGIL_ADDR"), tlsconfig.AuthorizeMemberOf(td))
+		if err != nil {
+			return "ERR dial: " + err.Error()
+		}
+		defer func() { _ = c.Close() }()
+		mine, err := ownJWT()
+		if err != nil {
+			return "ERR " + err.Error()
+		}
+		if _, err := fmt.Fprintln(c, mine); err != nil {
+			return "ERR write: " + err.Error()
+		}
+		reply, err := bufio.NewReader(c).ReadString('\n')
+		if err != nil {
+			return "ERR reply: " + err.Error()
+		}
+		tlsPeer, _ := spiffetls.PeerIDFromConn(c)
+		v, err := client.ValidateJWTSVID(ctx, strings.TrimSpace(reply), os.Getenv("SIGIL_AUD"))
+		if err != nil {
+			return "ERR validate: " + err.Error()
+		}
+		return "GOT tls=" + tlsPeer.String() + " jwt=" + v.ID.String()
+	}
+	return "ERR unknown role"
+}
+
+// federate makes from trust to's trust domain: a federation relationship
+// on from's appliance with to's bundle endpoint (https_spiffe, served by
+// to's node) and, to authenticate its first fetch, to's bundle as its
+// admin shows it.
+func federate(t *testing.T, from, to *agentEnv) {
+	t.Helper()
+	ctx := context.Background()
+	b, err := to.c.Admin(to.c.WaitLeader(10*time.Second)).BundleShow(ctx, &api.Empty{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	toTD := to.tr.TrustDomain
+	_, err = from.c.Admin(from.c.WaitLeader(10*time.Second)).FederationAdd(ctx, &api.FederationRelationship{
+		TrustDomain:       toTD.Name(),
+		BundleEndpointURL: "https://" + to.c.ConfigOf("node-1").Bundle.Listen,
+		Profile:           "https_spiffe",
+		EndpointSPIFFEID:  spiffeid.RequireFromPath(toTD, "/sigil/node/node-1").String(),
+		Bundle:            b.SPIFFE,
+	})
+	if err != nil {
+		t.Fatalf("%s trusting %s: %v", from.tr.TrustDomain, toTD, err)
+	}
+}
+
+// Issue #17 end to end: two Sigil appliances of two trust domains
+// federate both ways; an agent of each serves a workload whose entry
+// federates with the other trust domain. The workloads, using only
+// go-spiffe and their own agent, complete mutual TLS with each other
+// (the server authorizing the client's ID, the client any member of the
+// server's trust domain) and each validates the other's JWT-SVID through
+// its own agent's ValidateJWTSVID.
+func TestFederation(t *testing.T) {
+	alpha := newAgentEnvOn(t, newTrustIn(t, "fa", "alpha.test"), nil, nil)
+	beta := newAgentEnvOn(t, newTrustIn(t, "fb", "beta.test"), nil, nil)
+	federate(t, alpha, beta)
+	federate(t, beta, alpha)
+	fedEntry := func(e *agentEnv, path string, uid int, with string) string {
+		t.Helper()
+		r := &api.EntryRequest{Entry: api.Entry{SPIFFEID: e.td + path, ParentID: e.id, FederatesWith: []string{with},
+			Selectors: []api.Selector{{Type: "unix", Value: fmt.Sprintf("uid:%d", uid)}}}}
+		en, err := e.c.Admin(e.c.WaitLeader(10*time.Second)).EntryCreate(context.Background(), r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return en.SPIFFEID
+	}
+	server := fedEntry(alpha, "/fed/server", 1001, "beta.test")
+	client := fedEntry(beta, "/fed/client", 1002, "alpha.test")
+
+	// Each agent gets the other trust domain's bundle from its appliance.
+	for _, e := range []struct {
+		env   *agentEnv
+		other string
+	}{{alpha, "beta.test"}, {beta, "alpha.test"}} {
+		td := spiffeid.RequireTrustDomainFromString(e.other)
+		clustertest.Eventually(t, 30*time.Second, e.env.td+" agent holds "+e.other+"'s bundle", func() bool {
+			s, _ := e.env.a.Cache().Current()
+			return s.Federated[td] != nil
+		})
+	}
+
+	_, srv := alpha.w.start(t, 1001, "fed-server", "SIGIL_PEER="+client, "SIGIL_AUD=alpha-server", "SIGIL_PEER_AUD=beta-client")
+	addr := expectLine(t, srv, "LISTEN ")
+	got := beta.w.result(t, 1002, "fed-client", "SIGIL_PEER_TD=alpha.test", "SIGIL_ADDR="+addr,
+		"SIGIL_AUD=beta-client", "SIGIL_PEER_AUD=alpha-server")
+	if want := "GOT tls=" + server + " jwt=" + server; got != want {
+		t.Fatalf("client: %q, want %q", got, want)
+	}
+	if got, want := expectLine(t, srv, "fed-server "), "SERVED tls="+client+" jwt="+client; got != want {
+		t.Fatalf("server: %q, want %q", got, want)
+	}
+}
+
+// newTrustIn is trust material for a one-node appliance of trust domain
+// td. clustertest makes example.org only so far.
+func newTrustIn(t *testing.T, prefix, td string) *clustertest.Trust {
+	t.Helper()
+	t.Skipf("clustertest cannot make trust domain %s yet (example.org only): the appliance side of federation is not merged", td)
+	return nil
+}
