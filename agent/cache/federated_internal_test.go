@@ -22,7 +22,7 @@ import (
 
 // foreignBundle makes a real CA whose certificate names spiffe://named
 // and returns a SPIFFE bundle document for td holding it and a JWT key.
-func foreignBundle(t *testing.T, td, named string) ([]byte, *x509.Certificate) {
+func foreignBundle(t testing.TB, td, named string) ([]byte, *x509.Certificate) {
 	t.Helper()
 	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -120,4 +120,38 @@ func TestFederatedBundles(t *testing.T) {
 	if s.Federated != nil || s.FederatedFor(s.Entries) != nil {
 		t.Fatalf("federated bundles after a view without any: %v", s.Federated)
 	}
+}
+
+// FuzzParseFederated: any trust domain name and document from the sync
+// stream. Whatever is accepted is a parsed bundle of that trust domain,
+// not ours, whose CAs name no other trust domain.
+func FuzzParseFederated(f *testing.F) {
+	own := spiffeid.RequireTrustDomainFromString("example.org")
+	good, _ := foreignBundle(f, "partner.test", "partner.test")
+	posing, _ := foreignBundle(f, "partner.test", "evil.test")
+	for _, s := range []struct {
+		name string
+		doc  []byte
+	}{{"partner.test", good}, {"partner.test", posing}, {"example.org", good}, {"", good}, {"partner.test", []byte(`{"keys":[]}`)}, {"x", []byte("{")}} {
+		f.Add(s.name, s.doc)
+	}
+	f.Fuzz(func(t *testing.T, name string, doc []byte) {
+		td, b, err := parseFederated(own, name, doc)
+		if err != nil {
+			return
+		}
+		if td == own || td.Name() != strings.ToLower(td.Name()) || b.TrustDomain() != td {
+			t.Fatalf("accepted %q as %s", name, td)
+		}
+		if want, _ := spiffeid.TrustDomainFromString(name); want != td {
+			t.Fatalf("%q accepted as %s", name, td)
+		}
+		for _, ca := range b.X509Authorities() {
+			for _, u := range ca.URIs {
+				if id, err := spiffeid.FromURI(u); err == nil && id.TrustDomain() != td {
+					t.Fatalf("a CA of %s names %s", td, id)
+				}
+			}
+		}
+	})
 }
