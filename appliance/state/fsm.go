@@ -46,10 +46,12 @@ import (
 // (EntryRulesVersion). Version 5: a renewal may name the certificate the
 // agent's last renewal replaced, within RenewGrace of that renewal
 // (RenewGraceVersion). Version 6: job identity (join rules, job.join,
-// job.end; JobVersion), and IP SANs on entries (IPSANVersion). The rules a version brings apply to its
-// commands only: a log of version 2 commands replays exactly as it was
-// first applied.
-const CommandVersion = 6
+// job.end; JobVersion), and IP SANs on entries (IPSANVersion). Version
+// 7: SPIFFE federation (relationships, foreign bundles, entries'
+// federates_with; FederationVersion). The rules a version brings apply to
+// its commands only: a log of version 2 commands replays exactly as it
+// was first applied.
+const CommandVersion = 7
 
 // minCommandVersion is the oldest envelope version this code still
 // applies (raft logs and snapshots written before the last upgrade).
@@ -264,6 +266,9 @@ type txn struct {
 	origin string
 	// what changed, for caches and watchers
 	bundleChanged, policyChanged, configChanged bool
+	// a federation relationship or a foreign bundle changed: agents'
+	// federated bundles, so every agent's view (federation.go)
+	federationChanged bool
 	// agents whose view changed (their entries, their own record); a
 	// config change that names none changes every agent's view
 	agentsChanged map[string]bool
@@ -427,10 +432,15 @@ func (f *FSM) afterChange(t *txn) {
 	f.mu.Lock()
 	close(f.watch)
 	f.watch = make(chan struct{})
-	if t.configChanged || t.bundleChanged || t.policyChanged {
+	if t.configChanged || t.bundleChanged || t.policyChanged || t.federationChanged {
 		close(f.cfgWatch)
 		f.cfgWatch = make(chan struct{})
-		if t.bundleChanged || t.policyChanged || len(t.agentsChanged) == 0 {
+		// A foreign bundle's change wakes every agent, not only those whose
+		// entries federate with it: finding those would cost a scan of the
+		// entries per change, and bundles change every few minutes at most.
+		// Each woken stream recomputes its view, and sends only if it
+		// changed.
+		if t.bundleChanged || t.policyChanged || t.federationChanged || len(t.agentsChanged) == 0 {
 			f.wakeAllAgentsLocked()
 		} else {
 			for id := range t.agentsChanged {
