@@ -14,6 +14,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/sigil-appliance/sigil/appliance/api"
 	"github.com/sigil-appliance/sigil/appliance/clustertest"
@@ -115,6 +117,9 @@ func federate(t *testing.T, from, to *agentEnv) {
 		EndpointSPIFFEID:  spiffeid.RequireFromPath(toTD, "/sigil/node/node-1").String(),
 		Bundle:            b.SPIFFE,
 	})
+	if status.Code(err) == codes.Unimplemented {
+		t.Skipf("the appliance does not serve federation yet: %v", err)
+	}
 	if err != nil {
 		t.Fatalf("%s trusting %s: %v", from.tr.TrustDomain, toTD, err)
 	}
@@ -128,8 +133,12 @@ func federate(t *testing.T, from, to *agentEnv) {
 // server's trust domain) and each validates the other's JWT-SVID through
 // its own agent's ValidateJWTSVID.
 func TestFederation(t *testing.T) {
-	alpha := newAgentEnvOn(t, newTrustIn(t, "fa", "alpha.test"), nil, nil)
-	beta := newAgentEnvOn(t, newTrustIn(t, "fb", "beta.test"), nil, nil)
+	// Both trusts before either node: SoftHSM shows a process only the
+	// tokens that existed when the module was initialized.
+	alphaTrust := clustertest.NewTrustIn(t, "alpha.test", "fa", []string{"node-1"}, nil)
+	betaTrust := clustertest.NewTrustIn(t, "beta.test", "fb", []string{"node-1"}, nil)
+	alpha := newAgentEnvOn(t, alphaTrust, nil, nil)
+	beta := newAgentEnvOn(t, betaTrust, nil, nil)
 	federate(t, alpha, beta)
 	federate(t, beta, alpha)
 	fedEntry := func(e *agentEnv, path string, uid int, with string) string {
@@ -167,12 +176,4 @@ func TestFederation(t *testing.T) {
 	if got, want := expectLine(t, srv, "fed-server "), "SERVED tls="+client+" jwt="+client; got != want {
 		t.Fatalf("server: %q, want %q", got, want)
 	}
-}
-
-// newTrustIn is trust material for a one-node appliance of trust domain
-// td. clustertest makes example.org only so far.
-func newTrustIn(t *testing.T, prefix, td string) *clustertest.Trust {
-	t.Helper()
-	t.Skipf("clustertest cannot make trust domain %s yet (example.org only): the appliance side of federation is not merged", td)
-	return nil
 }
