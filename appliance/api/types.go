@@ -278,8 +278,11 @@ type FederationRelationship struct {
 	EndpointCA       string `json:"endpoint_ca,omitempty"` // PEM, https_web only
 	// Bundle is the foreign trust domain's current SPIFFE bundle document
 	// (JSON), with its sequence and refresh hint.
-	Bundle          []byte    `json:"bundle,omitempty"`
-	BundleSequence  uint64    `json:"bundle_sequence,omitempty"`
+	Bundle         []byte `json:"bundle,omitempty"`
+	BundleSequence uint64 `json:"bundle_sequence,omitempty"`
+	// BundleChanges counts the bundles stored for the relationship (the
+	// order of bundles that carry no sequence number).
+	BundleChanges   uint64    `json:"bundle_changes,omitempty"`
 	RefreshHint     Seconds   `json:"refresh_hint,omitempty"`
 	BundleUpdatedAt time.Time `json:"bundle_updated_at,omitzero"`
 	// LastFetch and LastFetchError are the answering node's own view of

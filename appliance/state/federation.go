@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/x509"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"net/url"
 	"slices"
@@ -268,20 +269,31 @@ func NextBundle(own spiffeid.TrustDomain, cur *Federation, doc []byte) (*spiffeb
 	seq, hasSeq := b.SequenceNumber()
 	switch {
 	case cur.HasSequence && !hasSeq:
-		return nil, fmt.Errorf("bundle of %s has no sequence number; the stored one has %d (a bundle without one could be any older bundle)", cur.TrustDomain, cur.BundleSequence)
+		return nil, fmt.Errorf("%w: bundle of %s has no sequence number; the stored one has %d (a bundle without one could be any older bundle)", ErrBundleRollback, cur.TrustDomain, cur.BundleSequence)
 	case hasSeq && cur.HasSequence && seq < cur.BundleSequence:
-		return nil, fmt.Errorf("bundle of %s: sequence %d is older than the stored %d (a rollback)", cur.TrustDomain, seq, cur.BundleSequence)
+		return nil, fmt.Errorf("%w: bundle of %s: sequence %d is older than the stored %d (a rollback)", ErrBundleRollback, cur.TrustDomain, seq, cur.BundleSequence)
 	case old.Equal(b):
 		return nil, fmt.Errorf("%w: bundle of %s is unchanged", ErrBundleUnchanged, cur.TrustDomain)
-	case hasSeq && cur.HasSequence && seq == cur.BundleSequence:
-		return nil, fmt.Errorf("bundle of %s: sequence %d is the stored bundle's, with other content", cur.TrustDomain, seq)
+	case hasSeq && cur.HasSequence && seq == cur.BundleSequence && !sameKeys(old, b):
+		// Only the refresh hint may change under one sequence number: it
+		// says nothing about whom to trust.
+		return nil, fmt.Errorf("%w: bundle of %s: sequence %d is the stored bundle's, with other keys", ErrBundleRollback, cur.TrustDomain, seq)
 	}
 	return b, nil
 }
 
+// sameKeys: two bundles hold the same X.509 authorities and JWT keys.
+func sameKeys(a, b *spiffebundle.Bundle) bool {
+	return a.X509Bundle().Equal(b.X509Bundle()) && a.JWTBundle().Equal(b.JWTBundle())
+}
+
 // ErrBundleUnchanged: a bundle set to what is stored (the leader's
 // fetches that found nothing new are not proposed).
-var ErrBundleUnchanged = fmt.Errorf("unchanged")
+var ErrBundleUnchanged = errors.New("unchanged")
+
+// ErrBundleRollback: a bundle whose sequence would go back (or that
+// drops it, or reuses it for other content).
+var ErrBundleRollback = errors.New("sequence does not move forward")
 
 // storeBundle puts a checked bundle into a relationship.
 func (t *txn) storeBundle(f *Federation, b *spiffebundle.Bundle, doc []byte) {

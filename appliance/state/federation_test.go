@@ -107,7 +107,7 @@ func TestFederationCommands(t *testing.T) {
 		return err
 	}
 	refusedWith(t, "same bundle", set(fedBundle(t, "other.org", 1, r1)), "unchanged")
-	refusedWith(t, "same sequence, other content", set(fedBundle(t, "other.org", 1, r2)), "sequence 1 is the stored bundle's, with other content")
+	refusedWith(t, "same sequence, other content", set(fedBundle(t, "other.org", 1, r2)), "sequence 1 is the stored bundle's, with other keys")
 	refusedWith(t, "rollback", set(fedBundle(t, "other.org", 0, r2)), "sequence 0 is older than the stored 1 (a rollback)")
 	refusedWith(t, "sequence dropped", set(fedBundle(t, "other.org", -1, r2)), "has no sequence number; the stored one has 1")
 	huge := bytes.Repeat([]byte(" "), MaxFederatedBundle)
