@@ -19,6 +19,7 @@ import (
 
 	"github.com/sigil-appliance/sigil/appliance/api"
 	"github.com/sigil-appliance/sigil/appliance/clustertest"
+	"github.com/sigil-appliance/sigil/appliance/node"
 )
 
 // federatedRun is the workload side of TestFederation, with nothing but
@@ -131,14 +132,21 @@ func federate(t *testing.T, from, to *agentEnv) {
 // go-spiffe and their own agent, complete mutual TLS with each other
 // (the server authorizing the client's ID, the client any member of the
 // server's trust domain) and each validates the other's JWT-SVID through
-// its own agent's ValidateJWTSVID.
+// its own agent's ValidateJWTSVID. A workload of beta.test whose entry
+// does not federate cannot authenticate alpha's server.
 func TestFederation(t *testing.T) {
 	// Both trusts before either node: SoftHSM shows a process only the
 	// tokens that existed when the module was initialized.
 	alphaTrust := clustertest.NewTrustIn(t, "alpha.test", "fa", []string{"node-1"}, nil)
 	betaTrust := clustertest.NewTrustIn(t, "beta.test", "fb", []string{"node-1"}, nil)
-	alpha := newAgentEnvOn(t, alphaTrust, nil, nil)
-	beta := newAgentEnvOn(t, betaTrust, nil, nil)
+	// Bundle endpoints that ask to be fetched again every 2 s: a new JWT
+	// key reaches the other trust domain within the test's patience.
+	fast := func(c *node.Config) {
+		c.Bundle.MinFetchInterval = node.Duration{Duration: time.Second}
+		c.Bundle.RefreshHint = node.Duration{Duration: 2 * time.Second}
+	}
+	alpha := newAgentEnvOn(t, alphaTrust, fast, nil)
+	beta := newAgentEnvOn(t, betaTrust, fast, nil)
 	federate(t, alpha, beta)
 	federate(t, beta, alpha)
 	fedEntry := func(e *agentEnv, path string, uid int, with string) string {
@@ -154,15 +162,24 @@ func TestFederation(t *testing.T) {
 	server := fedEntry(alpha, "/fed/server", 1001, "beta.test")
 	client := fedEntry(beta, "/fed/client", 1002, "alpha.test")
 
-	// Each agent gets the other trust domain's bundle from its appliance.
+	// Each agent gets the other trust domain's bundle from its appliance,
+	// and with it the JWT key the other signs with from now on: a node
+	// makes its JWT key when it first signs one, and a foreign key is
+	// known only from the next fetch of its bundle, so the test makes
+	// both keys first and waits for each to cross over.
 	for _, e := range []struct {
 		env   *agentEnv
+		from  *agentEnv
 		other string
-	}{{alpha, "beta.test"}, {beta, "alpha.test"}} {
+	}{{alpha, beta, "beta.test"}, {beta, alpha, "alpha.test"}} {
+		rot, err := e.from.c.Admin(e.from.c.WaitLeader(10*time.Second)).JWTKeyRotate(context.Background(), &api.Empty{})
+		if err != nil {
+			t.Fatal(err)
+		}
 		td := spiffeid.RequireTrustDomainFromString(e.other)
-		clustertest.Eventually(t, 30*time.Second, e.env.td+" agent holds "+e.other+"'s bundle", func() bool {
+		clustertest.Eventually(t, 30*time.Second, e.env.td+"'s agent to hold "+e.other+"'s bundle with JWT key "+rot.KID, func() bool {
 			s, _ := e.env.a.Cache().Current()
-			return s.Federated[td] != nil
+			return s.Federated[td] != nil && s.Federated[td].HasJWTAuthority(rot.KID)
 		})
 	}
 
@@ -170,10 +187,23 @@ func TestFederation(t *testing.T) {
 	addr := expectLine(t, srv, "LISTEN ")
 	got := beta.w.result(t, 1002, "fed-client", "SIGIL_PEER_TD=alpha.test", "SIGIL_ADDR="+addr,
 		"SIGIL_AUD=beta-client", "SIGIL_PEER_AUD=alpha-server")
+	served := expectLine(t, srv, "fed-server ")
 	if want := "GOT tls=" + server + " jwt=" + server; got != want {
-		t.Fatalf("client: %q, want %q", got, want)
+		t.Errorf("client: %q, want %q", got, want)
 	}
-	if got, want := expectLine(t, srv, "fed-server "), "SERVED tls="+client+" jwt="+client; got != want {
-		t.Fatalf("server: %q, want %q", got, want)
+	if want := "SERVED tls=" + client + " jwt=" + client; served != want {
+		t.Errorf("server: %q, want %q", served, want)
 	}
+
+	// A workload of beta.test whose entry does not federate has no
+	// alpha.test bundle: it cannot authenticate alpha's server.
+	beta.entry(t, "/fed/loner", 0, "", "unix:uid:1003")
+	_, srv = alpha.w.start(t, 1001, "fed-server", "SIGIL_PEER="+client, "SIGIL_AUD=alpha-server", "SIGIL_PEER_AUD=beta-client")
+	addr = expectLine(t, srv, "LISTEN ")
+	got = beta.w.result(t, 1003, "fed-client", "SIGIL_PEER_TD=alpha.test", "SIGIL_ADDR="+addr,
+		"SIGIL_AUD=beta-client", "SIGIL_PEER_AUD=alpha-server")
+	if !strings.HasPrefix(got, "ERR dial: ") || !strings.Contains(got, "alpha.test") {
+		t.Errorf("a workload that does not federate dialled alpha.test: %q", got)
+	}
+	t.Logf("a workload that does not federate: %s", got)
 }
