@@ -2,7 +2,6 @@ package workload_test
 
 import (
 	"context"
-	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -414,7 +413,7 @@ func leafOf(t *testing.T, ca *testCA, path string) *x509.Certificate {
 	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	u, _ := url.Parse("spiffe://" + ca.td.Name() + path)
 	der, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{SerialNumber: big.NewInt(2), URIs: []*url.URL{u}, KeyUsage: x509.KeyUsageDigitalSignature,
-		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour)}, ca.cert, k.Public().(crypto.PublicKey), ca.key)
+		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour)}, ca.cert, k.Public(), ca.key)
 	if err != nil {
 		t.Fatal(err)
 	}
