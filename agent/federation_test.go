@@ -133,7 +133,9 @@ func federate(t *testing.T, from, to *agentEnv) {
 // (the server authorizing the client's ID, the client any member of the
 // server's trust domain) and each validates the other's JWT-SVID through
 // its own agent's ValidateJWTSVID. A workload of beta.test whose entry
-// does not federate cannot authenticate alpha's server.
+// does not federate cannot authenticate alpha's server; once alpha
+// deletes its relationship with beta.test, alpha's workload refuses
+// beta's.
 func TestFederation(t *testing.T) {
 	// Both trusts before either node: SoftHSM shows a process only the
 	// tokens that existed when the module was initialized.
@@ -206,4 +208,26 @@ func TestFederation(t *testing.T) {
 		t.Errorf("a workload that does not federate dialled alpha.test: %q", got)
 	}
 	t.Logf("a workload that does not federate: %s", got)
+
+	// alpha stops trusting beta.test: its agent drops the bundle, and its
+	// workload no longer accepts beta's client.
+	if _, err := alpha.c.Admin(alpha.c.WaitLeader(10*time.Second)).FederationDelete(context.Background(), &api.IDRequest{ID: "beta.test"}); err != nil {
+		t.Fatal(err)
+	}
+	clustertest.Eventually(t, 20*time.Second, "alpha's agent to drop beta.test's bundle", func() bool {
+		s, _ := alpha.a.Cache().Current()
+		return s.Federated[spiffeid.RequireTrustDomainFromString("beta.test")] == nil
+	})
+	_, srv = alpha.w.start(t, 1001, "fed-server", "SIGIL_PEER="+client, "SIGIL_AUD=alpha-server", "SIGIL_PEER_AUD=beta-client")
+	addr = expectLine(t, srv, "LISTEN ")
+	got = beta.w.result(t, 1002, "fed-client", "SIGIL_PEER_TD=alpha.test", "SIGIL_ADDR="+addr,
+		"SIGIL_AUD=beta-client", "SIGIL_PEER_AUD=alpha-server")
+	served = expectLine(t, srv, "fed-server ")
+	if !strings.HasPrefix(served, "ERR ") || !strings.Contains(served, "beta.test") {
+		t.Errorf("alpha's server after the relationship was deleted: %q (client: %q)", served, got)
+	}
+	t.Logf("after the relationship was deleted: server %s; client %s", served, got)
+	if strings.HasPrefix(got, "GOT ") {
+		t.Errorf("beta's client completed after alpha stopped trusting beta.test: %q", got)
+	}
 }
