@@ -207,6 +207,11 @@ func ParseEndpointCA(pemData []byte) ([]*x509.Certificate, error) {
 // ParseForeignBundle checks a foreign SPIFFE bundle document for trust
 // domain name: well-formed, bounded, with CA certificates as X.509
 // authorities and JWT keys of the types SVIDs are signed with.
+//
+// It is part of the state machine's verdict, replayed from raft logs: it
+// reads no clock (a foreign root's validity is the workloads' to check),
+// and a go-spiffe upgrade that changes what spiffebundle.Parse accepts
+// needs a new command version with the old verdict kept for the old.
 func ParseForeignBundle(own spiffeid.TrustDomain, name string, doc []byte) (*spiffebundle.Bundle, error) {
 	td, err := CheckForeignTrustDomain(own, name)
 	if err != nil {
@@ -273,7 +278,7 @@ func NextBundle(own spiffeid.TrustDomain, cur *Federation, doc []byte) (*spiffeb
 	case hasSeq && cur.HasSequence && seq < cur.BundleSequence:
 		return nil, fmt.Errorf("%w: bundle of %s: sequence %d is older than the stored %d (a rollback)", ErrBundleRollback, cur.TrustDomain, seq, cur.BundleSequence)
 	case old.Equal(b):
-		return nil, fmt.Errorf("%w: bundle of %s is unchanged", ErrBundleUnchanged, cur.TrustDomain)
+		return nil, fmt.Errorf("%w: federation with %s already holds this bundle", ErrBundleUnchanged, cur.TrustDomain)
 	case hasSeq && cur.HasSequence && seq == cur.BundleSequence && !sameKeys(old, b):
 		// Only the refresh hint may change under one sequence number: it
 		// says nothing about whom to trust.
@@ -289,7 +294,7 @@ func sameKeys(a, b *spiffebundle.Bundle) bool {
 
 // ErrBundleUnchanged: a bundle set to what is stored (the leader's
 // fetches that found nothing new are not proposed).
-var ErrBundleUnchanged = errors.New("unchanged")
+var ErrBundleUnchanged = errors.New("bundle unchanged")
 
 // ErrBundleRollback: a bundle whose sequence would go back (or that
 // drops it, or reuses it for other content).

@@ -9,6 +9,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"math/big"
 	"net/url"
 	"strings"
@@ -265,6 +266,19 @@ func TestSnapshotRefusesBadFederation(t *testing.T) {
 		if err := newFSM(t).Restore(bytes.NewReader(forged)); !errors.Is(err, ErrBadArchive) {
 			t.Errorf("%s: snapshot loaded: %v", name, err)
 		}
+	}
+	// More relationships than federation.add would have allowed.
+	many := atkForge(t, base, func(tx *bolt.Tx) error {
+		for i := range MaxFederations {
+			name := fmt.Sprintf("td%d.example", i)
+			if err := putJSON(tx.Bucket(bFederations), []byte(name), &Federation{TrustDomain: name}); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err := newFSM(t).Restore(bytes.NewReader(many)); !errors.Is(err, ErrBadArchive) || !strings.Contains(err.Error(), "more than 64 federation relationships") {
+		t.Errorf("a snapshot of %d relationships: %v", MaxFederations+1, err)
 	}
 }
 

@@ -391,6 +391,8 @@ type loader struct {
 	chain chainCheck
 	kind  byte
 	last  []byte
+	// feds counts relationships (bucket stats miss the batch's writes)
+	feds int
 }
 
 const loaderBatch = 20000
@@ -517,7 +519,7 @@ func (l *loader) check(kind byte, k, v []byte) error {
 	case frameJobToken:
 		return loadJobTokenFrame(tx, k, v)
 	case frameFederation:
-		if tx.Bucket(bFederations).Stats().KeyN >= MaxFederations {
+		if l.feds++; l.feds > MaxFederations {
 			return fmt.Errorf("more than %d federation relationships", MaxFederations)
 		}
 		return loadFederationFrame(l.f.td, k, v)
