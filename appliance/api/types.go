@@ -304,4 +304,9 @@ type FederationList struct {
 type FederationBundle struct {
 	TrustDomain string `json:"trust_domain"`
 	Bundle      []byte `json:"bundle"`
+	// Force replaces the stored bundle whatever its sequence: the way back
+	// from a bundle whose sequence was set far ahead (a foreign endpoint,
+	// once subverted, could otherwise lock every later bundle out).
+	// Audited as such.
+	Force bool `json:"force,omitempty"`
 }

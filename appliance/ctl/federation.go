@@ -82,8 +82,9 @@ func federationCmd(g *globals) *cobra.Command {
 			}, ok("deleted federation with "+args[0]))
 		}}
 	var setFile string
+	var setForce bool
 	set := &cobra.Command{Use: "bundle-set TRUST_DOMAIN", Args: cobra.ExactArgs(1),
-		Short: "Set a foreign bundle out of band (its sequence must not go back)",
+		Short: "Set a foreign bundle out of band (its sequence must not go back, unless --force)",
 		RunE: func(_ *cobra.Command, args []string) error {
 			if setFile == "" {
 				return clirun.Usagef("--bundle-file is required")
@@ -93,10 +94,11 @@ func federationCmd(g *globals) *cobra.Command {
 				return fmt.Errorf("--bundle-file: %w", err)
 			}
 			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {
-				return c.FederationBundleSet(ctx, &api.FederationBundle{TrustDomain: args[0], Bundle: b})
+				return c.FederationBundleSet(ctx, &api.FederationBundle{TrustDomain: args[0], Bundle: b, Force: setForce})
 			}, func(w *bufio.Writer, v any) { printFederation(w, v.(*api.FederationRelationship)) })
 		}}
 	set.Flags().StringVar(&setFile, "bundle-file", "", "the SPIFFE bundle document (JSON)")
+	set.Flags().BoolVar(&setForce, "force", false, "replace the stored bundle whatever its sequence (the way back from a sequence a subverted endpoint set far ahead; audited)")
 	cmd.AddCommand(add, list, show, del, set)
 	return cmd
 }

@@ -286,6 +286,11 @@ func (c *Config) validateOIDC(bad func(field, format string, a ...any)) {
 			bad("http.oidc-key", "%v", err)
 		} else if u.PINSource == "" {
 			bad("http.oidc-key", "needs pin-source=file:/path (the PIN is never in the config)")
+		} else if iss, err := pkcs11.ParseURI(c.IssuingKey); err == nil && u.Token == iss.Token &&
+			(u.Object != "" && u.Object == iss.Object || len(u.ID) > 0 && string(u.ID) == string(iss.ID)) {
+			bad("http.oidc-key", "names the issuing CA's key: a TLS key must be a key of its own")
+		} else if strings.HasPrefix(u.Object, "sigil-jwt-") {
+			bad("http.oidc-key", "names a JWT signing key: a TLS key must be a key of its own")
 		}
 	default:
 		if err := checkKeyFileMode(h.OIDCKey); err != nil {

@@ -121,6 +121,9 @@ func TestConfigOIDC(t *testing.T) {
 		{listener(good, cert, "pkcs11:token=t;object=k?module-path=/x.so"), "http.oidc-key needs pin-source"},
 		{listener(good, cert, "pkcs11:token=t;object=k?module-path=/x.so&pin-value=1234"), "pin-value is not allowed"},
 		{"node-id: n1\nhttp:\n  oidc-cert: /etc/x.pem\n", "http.oidc-cert is set but http.oidc-listen is not"},
+		{"issuing-key: \"pkcs11:token=t;object=ca?module-path=/x.so&pin-source=file:/p\"\n" + listener(good, cert, "pkcs11:token=t;object=ca?module-path=/x.so&pin-source=file:/p"),
+			"http.oidc-key names the issuing CA's key"},
+		{listener(good, cert, "pkcs11:token=t;object=sigil-jwt-abc?module-path=/x.so&pin-source=file:/p"), "http.oidc-key names a JWT signing key"},
 		{"node-id: n1\nhttp:\n  oidc-listen: nowhere\n", `http.oidc-listen must be host:port (got "nowhere")`},
 	} {
 		_, err := ParseConfig([]byte(tc.yaml))

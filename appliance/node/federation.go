@@ -12,8 +12,11 @@ import (
 	"net"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
@@ -144,8 +147,9 @@ func (f *federationFetcher) refreshInterval(r *state.Federation) time.Duration {
 
 // run fetches due relationships while this node leads; every node runs
 // it. A relationship added or changed is fetched at once. The
-// relationships are read again only when the configuration changed: a
-// read decodes every stored bundle.
+// relationships are read again only when one of them (or a foreign
+// bundle) changed: a read decodes every stored bundle, and other changes
+// (an agent's renewal, a job's join) come many a second.
 func (f *federationFetcher) run(ctx context.Context) {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
@@ -153,7 +157,7 @@ func (f *federationFetcher) run(ctx context.Context) {
 	defer wg.Wait()
 	var rels []state.Federation
 	for reload := true; ; {
-		changed := f.fsm.ConfigChanged()
+		changed := f.fsm.FederationsChanged()
 		if reload {
 			rels = f.fsm.Federations()
 			f.forgetDeleted(rels)
@@ -239,7 +243,10 @@ func (f *federationFetcher) fetchOnce(ctx context.Context, r *state.Federation) 
 	if ctx.Err() != nil {
 		return
 	}
-	s.lastErr = err.Error()
+	// What a foreign endpoint sent (a status line, a certificate's names)
+	// reaches admins' terminals through FederationShow: no control
+	// characters, bounded.
+	s.lastErr = printableText(err.Error(), 512)
 	s.failures++
 	wait := federationFirstRetry << min(s.failures-1, 16)
 	wait = min(wait, interval)
@@ -296,8 +303,13 @@ func (f *federationFetcher) fetch(ctx context.Context, r *state.Federation) (str
 	if !ok || cur.Revision != r.Revision {
 		return fetchNotCommitted, errors.New("the relationship changed during the fetch")
 	}
-	switch _, err := state.NextBundle(f.td, &cur, doc); {
+	switch next, err := state.NextBundle(f.td, &cur, doc); {
 	case errors.Is(err, state.ErrBundleUnchanged):
+		return fetchUnchanged, nil
+	case err == nil && state.SameTrust(next, cur.Bundle):
+		// Only the refresh hint changed: not worth a commit (and a view to
+		// every agent) each time a foreign endpoint varies it. The stored
+		// hint stands until the keys or the sequence change.
 		return fetchUnchanged, nil
 	case errors.Is(err, state.ErrBundleRollback):
 		return fetchRollback, err
@@ -451,10 +463,28 @@ func (a *admin) FederationBundleSet(ctx context.Context, r *api.FederationBundle
 	if _, err := state.ParseForeignBundle(a.td, r.TrustDomain, r.Bundle); err != nil {
 		return nil, a.refuseEarly(ctx, state.CmdFederationBundleSet, err)
 	}
-	out, err := write[state.Federation](ctx, a, state.CmdFederationBundleSet, state.FederationBundleSet{TrustDomain: r.TrustDomain, Bundle: r.Bundle})
+	out, err := write[state.Federation](ctx, a, state.CmdFederationBundleSet, state.FederationBundleSet{TrustDomain: r.TrustDomain, Bundle: r.Bundle, Force: r.Force})
 	if err != nil {
 		return nil, err
 	}
 	res := a.apiFederation(*out)
 	return &res, nil
+}
+
+// printableText is s without control characters (each replaced by '?'),
+// cut to at most n bytes on a rune boundary.
+func printableText(s string, n int) string {
+	s = strings.Map(func(r rune) rune {
+		if unicode.IsControl(r) || r == utf8.RuneError {
+			return '?'
+		}
+		return r
+	}, s)
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n] + "…"
 }

@@ -90,6 +90,9 @@ type (
 		TrustDomain string `json:"trust_domain"`
 		Bundle      []byte `json:"bundle"`
 		Revision    uint64 `json:"revision,omitempty"`
+		// Force (admins only) replaces the stored bundle whatever its
+		// sequence: the way back from a sequence set far ahead.
+		Force bool `json:"force,omitempty"`
 	}
 	// FederationDelete names the relationship to delete.
 	FederationDelete struct {
@@ -237,9 +240,17 @@ func ParseForeignBundle(own spiffeid.TrustDomain, name string, doc []byte) (*spi
 		}
 		// A bundle claiming our trust domain's roots (a SPIFFE ID of ours in
 		// a root) is another trust domain's attempt to speak for ours.
+		// A root naming a third trust domain is refused too: agents drop
+		// such a bundle (keeping the last they had), and the appliance
+		// must not report as current a bundle its agents never use.
 		for _, u := range c.URIs {
-			if id, err := spiffeid.FromURI(u); err == nil && id.TrustDomain() == own {
+			id, err := spiffeid.FromURI(u)
+			switch {
+			case err != nil:
+			case id.TrustDomain() == own:
 				return nil, fmt.Errorf("bundle of %s: X.509 authority %d (%s) names trust domain %s, this appliance's own", td, i, c.Subject, own)
+			case id.TrustDomain() != td:
+				return nil, fmt.Errorf("bundle of %s: X.509 authority %d (%s) names trust domain %s, not %s", td, i, c.Subject, id.TrustDomain(), td)
 			}
 		}
 	}
@@ -285,6 +296,21 @@ func NextBundle(own spiffeid.TrustDomain, cur *Federation, doc []byte) (*spiffeb
 		return nil, fmt.Errorf("%w: bundle of %s: sequence %d is the stored bundle's, with other keys", ErrBundleRollback, cur.TrustDomain, seq)
 	}
 	return b, nil
+}
+
+// SameTrust reports whether b trusts what the stored bundle document does:
+// the same authorities, keys and sequence (the refresh hint aside).
+func SameTrust(b *spiffebundle.Bundle, stored []byte) bool {
+	if len(stored) == 0 {
+		return false
+	}
+	old, err := spiffebundle.Parse(b.TrustDomain(), stored)
+	if err != nil || !sameKeys(old, b) {
+		return false
+	}
+	s1, ok1 := old.SequenceNumber()
+	s2, ok2 := b.SequenceNumber()
+	return ok1 == ok2 && s1 == s2
 }
 
 // sameKeys: two bundles hold the same X.509 authorities and JWT keys.
@@ -402,13 +428,36 @@ func applyFederationBundleSet(t *txn, p *FederationBundleSet) (any, []AuditEvent
 	if p.Revision != 0 && p.Revision != f.Revision {
 		return nil, nil, refuse("federation with %s changed since its bundle was fetched (revision %d, fetched for %d)", f.TrustDomain, f.Revision, p.Revision)
 	}
-	b, err := NextBundle(t.f.td, f, p.Bundle)
+	if kind, _ := t.f.actorKind(t.c.Actor); p.Force && kind == "node" {
+		return nil, nil, refuse("federation with %s: only an admin forces a bundle", f.TrustDomain)
+	}
+	var b *spiffebundle.Bundle
+	if p.Force {
+		// The sequence rule is what a subverted endpoint could turn
+		// against us (a sequence far ahead refuses every later bundle):
+		// an admin may set a checked bundle regardless, and the audit
+		// record says so.
+		b, err = ParseForeignBundle(t.f.td, f.TrustDomain, p.Bundle)
+		if err == nil && len(f.Bundle) > 0 {
+			if old, perr := spiffebundle.Parse(b.TrustDomain(), f.Bundle); perr == nil && old.Equal(b) {
+				err = fmt.Errorf("%w: federation with %s already holds this bundle", ErrBundleUnchanged, f.TrustDomain)
+			}
+		}
+	} else {
+		b, err = NextBundle(t.f.td, f, p.Bundle)
+	}
 	if err != nil {
 		return nil, nil, refuse("%v", err)
 	}
+	replaced := f.BundleSequence
 	t.storeBundle(f, b, p.Bundle)
 	t.federationChanged = true
-	return f, []AuditEvent{federationAudit(t.c.Type, f)}, putJSON(t.tx.Bucket(bFederations), []byte(f.TrustDomain), f)
+	ev := federationAudit(t.c.Type, f)
+	if p.Force {
+		ev.Detail["forced"] = "true"
+		ev.Detail["replaced_sequence"] = strconv.FormatUint(replaced, 10)
+	}
+	return f, []AuditEvent{ev}, putJSON(t.tx.Bucket(bFederations), []byte(f.TrustDomain), f)
 }
 
 // checkFederatesWith checks an entry's federates_with: its command's

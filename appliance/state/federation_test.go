@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"math/big"
 	"net/url"
 	"strings"
@@ -311,4 +312,32 @@ func atkForgeFederation(t *testing.T, base []byte, edit func(f *Federation)) []b
 		edit(&f)
 		return putJSON(b, []byte("other.org"), &f)
 	})
+}
+
+// A foreign endpoint, once subverted, serves a bundle whose sequence is
+// far ahead: every later bundle (the real domain's, an admin's) would be
+// refused as a rollback for ever, and the attacker's root stay trusted.
+// An admin forces the real bundle back (audited); a node cannot force. A
+// bundle whose root names a third trust domain is refused, as agents
+// would drop it.
+func TestAttackFederationSequenceLock(t *testing.T) {
+	a := newApplier(t)
+	real1, evil := fedCA(t, "other.org"), fedCA(t, "other.org")
+	a.must(CmdFederationAdd, &Federation{TrustDomain: "other.org", Bundle: fedBundle(t, "other.org", 1, real1)})
+	f, _ := a.fsm.Federation("other.org")
+	if _, err := atkApplyAs(a, origin, nodeActor, CmdFederationBundleSet, t0.Add(time.Minute),
+		FederationBundleSet{TrustDomain: "other.org", Bundle: fedBundle(t, "other.org", math.MaxInt64, evil), Revision: f.Revision}); err != nil {
+		t.Fatal(err)
+	}
+	realNext := fedBundle(t, "other.org", 2, real1)
+	refusedWith(t, "the real bundle after the lock", errOf(a.apply(CmdFederationBundleSet, t0.Add(2*time.Minute), FederationBundleSet{TrustDomain: "other.org", Bundle: realNext})), "rollback")
+	refusedWith(t, "a node forcing", errOf(atkApplyAs(a, origin, nodeActor, CmdFederationBundleSet, t0.Add(2*time.Minute),
+		FederationBundleSet{TrustDomain: "other.org", Bundle: realNext, Force: true})), "only an admin forces")
+	a.must(CmdFederationBundleSet, FederationBundleSet{TrustDomain: "other.org", Bundle: realNext, Force: true})
+	if f, _ := a.fsm.Federation("other.org"); f.BundleSequence != 2 {
+		t.Fatalf("after the forced set: sequence %d", f.BundleSequence)
+	}
+	// From there the sequence rule holds again.
+	refusedWith(t, "the attacker's bundle again", errOf(a.apply(CmdFederationBundleSet, t0.Add(3*time.Minute), FederationBundleSet{TrustDomain: "other.org", Bundle: fedBundle(t, "other.org", 1, evil)})), "rollback")
+	refusedWith(t, "a root of a third domain", errOf(a.apply(CmdFederationBundleSet, t0.Add(3*time.Minute), FederationBundleSet{TrustDomain: "other.org", Bundle: fedBundle(t, "other.org", 3, fedCA(t, "third.org"))})), "names trust domain third.org, not other.org")
 }

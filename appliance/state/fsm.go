@@ -137,6 +137,10 @@ type FSM struct {
 	mu       sync.Mutex // watchers
 	watch    chan struct{}
 	cfgWatch chan struct{}
+	// fedWatch is closed when a federation relationship or a foreign
+	// bundle changes (and at a restore): the leader's fetch loop reads
+	// the relationships again only then, not at every agent's renewal.
+	fedWatch chan struct{}
 	// agentWatch: one channel per agent someone waits on (AgentChanged),
 	// closed when that agent's view changes. A change to one agent's
 	// entries wakes its own stream only, not every agent's.
@@ -170,7 +174,7 @@ func Open(td spiffeid.TrustDomain, opts Options) (*FSM, error) {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	f := &FSM{td: td, opts: opts, log: opts.Logger.With("component", "state"),
-		watch: make(chan struct{}), cfgWatch: make(chan struct{})}
+		watch: make(chan struct{}), cfgWatch: make(chan struct{}), fedWatch: make(chan struct{})}
 	if err := os.MkdirAll(filepath.Dir(opts.Path), 0o700); err != nil {
 		return nil, err
 	}
@@ -435,6 +439,10 @@ func (f *FSM) afterChange(t *txn) {
 	f.mu.Lock()
 	close(f.watch)
 	f.watch = make(chan struct{})
+	if t.federationChanged {
+		close(f.fedWatch)
+		f.fedWatch = make(chan struct{})
+	}
 	if t.configChanged || t.bundleChanged || t.policyChanged || t.federationChanged {
 		close(f.cfgWatch)
 		f.cfgWatch = make(chan struct{})
@@ -509,6 +517,14 @@ func (f *FSM) Changed() <-chan struct{} {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.watch
+}
+
+// FederationsChanged returns a channel closed at the next change to a
+// federation relationship or a foreign bundle.
+func (f *FSM) FederationsChanged() <-chan struct{} {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.fedWatch
 }
 
 // ConfigChanged returns a channel closed at the next change to entries,

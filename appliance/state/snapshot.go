@@ -679,6 +679,8 @@ func (f *FSM) Restore(r io.Reader) error {
 	close(f.watch)
 	f.watch = make(chan struct{})
 	close(f.cfgWatch)
+	close(f.fedWatch)
+	f.fedWatch = make(chan struct{})
 	f.cfgWatch = make(chan struct{})
 	f.wakeAllAgentsLocked()
 	f.mu.Unlock()
