@@ -79,6 +79,9 @@ type fetchStatus struct {
 	lastLog     time.Time // of a failure line
 	lastResult  string
 	unlogged    int // failures since the last line
+	// servedHint is the refresh hint the endpoint served last when only
+	// the hint differed from the stored bundle's (not committed).
+	servedHint time.Duration
 }
 
 // federationFetcher runs the leader's fetches and keeps their status.
@@ -229,10 +232,14 @@ func (f *federationFetcher) fetchOnce(ctx context.Context, r *state.Federation) 
 	}
 	s.inFlight, s.lastFetch = false, now
 	interval := f.refreshInterval(r)
+	if s.servedHint > 0 {
+		interval = min(max(s.servedHint, f.minWait), maxFederationRefresh)
+	}
 	if err == nil {
 		s.lastErr, s.failures, s.lastSuccess, s.lastResult = "", 0, now, result
 		if result == fetchUpdated {
 			// The new bundle's hint applies from the next round.
+			s.servedHint = 0
 			if cur, ok := f.fsm.Federation(r.TrustDomain); ok {
 				interval = f.refreshInterval(&cur)
 			}
@@ -308,8 +315,15 @@ func (f *federationFetcher) fetch(ctx context.Context, r *state.Federation) (str
 		return fetchUnchanged, nil
 	case err == nil && state.SameTrust(next, cur.Bundle):
 		// Only the refresh hint changed: not worth a commit (and a view to
-		// every agent) each time a foreign endpoint varies it. The stored
-		// hint stands until the keys or the sequence change.
+		// every agent) each time a foreign endpoint varies it. The served
+		// hint paces the next fetches all the same (fetchOnce).
+		if h, ok := next.RefreshHint(); ok {
+			f.mu.Lock()
+			if st := f.status[r.TrustDomain]; st != nil && st.revision == r.Revision {
+				st.servedHint = h
+			}
+			f.mu.Unlock()
+		}
 		return fetchUnchanged, nil
 	case errors.Is(err, state.ErrBundleRollback):
 		return fetchRollback, err
