@@ -183,10 +183,12 @@ func (d *Discovery) fetch(ctx context.Context, c *fetchCall) {
 	d.call = nil
 	c.err = err
 	d.mu.Unlock()
-	close(c.done)
+	// Told before the waiters are released, so that whoever saw a fetch's
+	// result can count on its report having been made.
 	if d.opts.OnFetch != nil {
 		d.opts.OnFetch(err)
 	}
+	close(c.done)
 }
 
 func (d *Discovery) fetchKeys(ctx context.Context) (map[string]crypto.PublicKey, error) {
