@@ -46,10 +46,13 @@ import (
 // (EntryRulesVersion). Version 5: a renewal may name the certificate the
 // agent's last renewal replaced, within RenewGrace of that renewal
 // (RenewGraceVersion). Version 6: job identity (join rules, job.join,
-// job.end; JobVersion), and IP SANs on entries (IPSANVersion). The rules a version brings apply to its
+// job.end; JobVersion), and IP SANs on entries (IPSANVersion). Version 7
+// is reserved for another branch. Version 8: a node's issuing CA renewed
+// while it runs (CmdNodeCAInstall, NodeCAInstallVersion). The rules a
+// version brings apply to its
 // commands only: a log of version 2 commands replays exactly as it was
 // first applied.
-const CommandVersion = 6
+const CommandVersion = NodeCAInstallVersion
 
 // minCommandVersion is the oldest envelope version this code still
 // applies (raft logs and snapshots written before the last upgrade).
