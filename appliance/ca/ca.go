@@ -660,6 +660,13 @@ func (n *NodeIdentity) rotate() (*tls.Certificate, error) {
 	return c, nil
 }
 
+// Renew issues a new certificate now: after the issuing CA was renewed,
+// so that peers see the new chain at their next handshake.
+func (n *NodeIdentity) Renew() error {
+	_, err := n.rotate()
+	return err
+}
+
 // Certificate returns the current certificate, renewing it past half life.
 func (n *NodeIdentity) Certificate() (*tls.Certificate, error) {
 	n.mu.Lock()

@@ -50,6 +50,9 @@ type admin struct {
 	member raftMember  // commands, reads and membership
 	ca     adminSigner // issues admin certificates
 	jwt    jwtRotator  // this node's JWT signing keys
+	// renew installs renewed issuing certificates (issuingcert.go; nil:
+	// refused).
+	renew *issuingRenewal
 }
 
 // jwtRotator is this node's JWT key rotation (ca.JWTKeys) as admins ask

@@ -88,6 +88,7 @@ type Node struct {
 	jwt      *ca.JWTKeys
 	issuer   *issuer // X.509- and JWT-SVIDs for agents (issuance.go)
 	crls     crlCache
+	renew    *issuingRenewal // issuingcert.go
 
 	// Connection and call bounds of the listeners (limits.go).
 	apiLim, httpLim, bundleLim, oidcLim *connLimiter
@@ -171,6 +172,7 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 		return nil, fmt.Errorf("state: %w", err)
 	}
 	n.auth.SetRevocationCheck(n.rootCRLCheck(), log) // root CRLs (revocation.go)
+	n.auth.SetLogger(log)
 	n.raft, err = raft.New(ctx, raft.Config{
 		NodeID:        cfg.NodeID,
 		BindAddr:      cfg.Cluster.Bind,
@@ -211,6 +213,7 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 		Ready:        member.leaderKnown,
 		Logger:       log,
 	})
+	n.renew = &issuingRenewal{path: cfg.IssuingCert, auth: n.auth, ident: n.ident, jwt: n.jwt, log: log}
 	bans := newBannedAudit()
 	n.issuer = &issuer{nodeID: cfg.NodeID, actor: n.actor(), agentTTL: cfg.Join.AgentSVIDTTL.Duration, log: log, jwtIssuer: cfg.JWT.Issuer,
 		state: n.fsm, apply: member, quorum: member, audit: n.batch, x509: n.auth, jwt: jwtKeys{n.jwt},
@@ -550,5 +553,5 @@ func (n *Node) auditExportDir() string {
 // adminSvc is the admin service over this node's state, raft member and CA.
 func (n *Node) adminSvc() *admin {
 	return &admin{seen: &n.seen, td: n.td, nodeID: n.cfg.NodeID, roots: n.roots, dataDir: n.cfg.DataDir, maxCertTTL: n.adminCertMaxTTL(),
-		log: n.log, authLog: n.authLog, state: n.fsm, member: n.member(), ca: n.auth, jwt: n.jwt}
+		log: n.log, authLog: n.authLog, state: n.fsm, member: n.member(), ca: n.auth, jwt: n.jwt, renew: n.renew}
 }

@@ -1,0 +1,197 @@
+package node
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/appliance/ca"
+	"github.com/sigil-appliance/sigil/appliance/state"
+	"github.com/sigil-appliance/sigil/internal/pemfile"
+)
+
+// Renewing the issuing CA while the node runs (issue #18): the root
+// ceremony signs a new certificate for the node's existing HSM key
+// (sign-issuing with the node's CSR again), and an admin hands it to the
+// node (NodeIssuingCertInstall, sigilctl node issuing-cert install).
+//
+// The order is chosen so that a refusal changes nothing and a failure
+// leaves the node consistent:
+//  1. the certificate is checked as at start-up, plus revocation and a
+//     later expiry (ca.Authority.CheckRenewal);
+//  2. it is staged beside the configured issuing-cert file (written and
+//     synced, not yet in place): a full disk fails here, before anything
+//     is recorded;
+//  3. the change is committed (state.CmdNodeCAInstall, the admin's command
+//     proposed by this node: the state machine checks the chain again and
+//     records the CA as this node's, audited with both serials);
+//  4. the authority swaps its certificate (signings in flight finish with
+//     the old one, which stays valid: peers verify both against the root);
+//  5. the staged file replaces the configured one, the old one kept as
+//     .previous, so a restart uses the new certificate;
+//  6. the node's TLS certificate is renewed under the new CA and a JWT
+//     key carrying it is published (JWT keys carry their CA so that a
+//     root CRL revoking the old CA withdraws only the old keys).
+//
+// A failure after 3 leaves a committed record of a certificate that is
+// valid and the node's: the error says which step failed, and repeating
+// the install finishes it (CheckRenewal then refuses only when the swap
+// itself happened: the same certificate again).
+
+// issuingRenewal installs renewed issuing certificates on this node.
+type issuingRenewal struct {
+	mu    sync.Mutex // one install at a time, from check to publication
+	path  string     // the configured issuing-cert file
+	auth  *ca.Authority
+	ident *ca.NodeIdentity
+	jwt   interface {
+		Rotate(context.Context) (string, error)
+	}
+	log *slog.Logger
+}
+
+// NodeIssuingCertInstall installs a renewed issuing CA certificate on
+// this node (see issuingRenewal). The request must name this node; one
+// naming another node is refused rather than forwarded: the certificate
+// is for a key in that node's HSM, which only that node can check, and
+// an admin who reached the wrong node should learn it rather than have
+// the change made elsewhere.
+func (a *admin) NodeIssuingCertInstall(ctx context.Context, r *api.IssuingCertRequest) (*api.IssuingCertInstalled, error) {
+	const what = "node issuing-cert install"
+	c := callerFrom(ctx)
+	refuse := func(code codes.Code, err error) error {
+		a.log.Warn("admin request refused", "request", what, "actor", c.Actor, "reason", err.Error())
+		return status.Error(code, err.Error())
+	}
+	if a.renew == nil {
+		return nil, refuse(codes.Unimplemented, errors.New("this node cannot install issuing certificates"))
+	}
+	certs, err := pemfile.ParseCerts("the request's certificate", r.PEM)
+	if err != nil {
+		return nil, refuse(codes.InvalidArgument, err)
+	}
+	cert := certs[0]
+	node := r.Node
+	if node == "" {
+		node = cert.Subject.CommonName
+	}
+	if node != a.nodeID {
+		return nil, refuse(codes.FailedPrecondition, fmt.Errorf("the request is for node %q, and this is node %s: send it to node %q's API (sigilctl --server), which alone holds the key the certificate is for", node, a.nodeID, node))
+	}
+	if cert.Subject.CommonName != node {
+		return nil, refuse(codes.InvalidArgument, fmt.Errorf("the certificate (serial %x) is for node %q, not node %q", cert.SerialNumber, cert.Subject.CommonName, node))
+	}
+	if err := a.read(ctx, what); err != nil { // the CRLs committed before the call count
+		return nil, err
+	}
+	return a.renew.install(ctx, cert, func(ctx context.Context, p state.NodeCAInstall) error {
+		_, err := write[api.Empty](ctx, a, state.CmdNodeCAInstall, p)
+		return err
+	}, func(err error) error { return refuse(codes.FailedPrecondition, err) })
+}
+
+// install runs the steps above; commit proposes the state command (its
+// error is already a gRPC status), refused maps a refusal of the checks.
+func (r *issuingRenewal) install(ctx context.Context, cert *x509.Certificate, commit func(context.Context, state.NodeCAInstall) error, refused func(error) error) (*api.IssuingCertInstalled, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err := r.auth.CheckRenewal(cert); err != nil {
+		return nil, refused(err)
+	}
+	old := r.auth.Issuing()
+	staged, err := stageFile(r.path, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}))
+	if err != nil {
+		r.log.Error("issuing certificate not installed: it cannot be written beside issuing-cert", "err", err)
+		return nil, status.Errorf(codes.Internal, "write the new issuing certificate beside %s: %v (nothing changed)", r.path, err)
+	}
+	defer os.Remove(staged) // gone once renamed into place
+	if err := commit(ctx, state.NodeCAInstall{Cert: cert.Raw, Previous: old.SerialNumber.Text(16)}); err != nil {
+		return nil, err
+	}
+	if _, err := r.auth.Install(cert); err != nil {
+		// A CRL revoking it committed between the check and now.
+		r.log.Error("issuing certificate recorded but not installed", "serial", cert.SerialNumber.Text(16), "err", err)
+		return nil, status.Errorf(codes.FailedPrecondition, "the certificate was recorded but this node does not sign with it: %v", err)
+	}
+	r.log.Warn("issuing CA renewed: new SVIDs are signed by the new certificate",
+		"serial", cert.SerialNumber.Text(16), "not_after", cert.NotAfter.UTC(),
+		"previous_serial", old.SerialNumber.Text(16), "previous_not_after", old.NotAfter.UTC())
+	if err := replaceKeepingPrevious(r.path, staged); err != nil {
+		r.log.Error("the node signs with the new issuing certificate but issuing-cert still holds the old one: a restart would use the old one until this is fixed",
+			"path", r.path, "err", err)
+		return nil, status.Errorf(codes.Internal, "installed and recorded, but %s was not replaced (a restart would use the old certificate; install again to retry): %v", r.path, err)
+	}
+	if err := r.ident.Renew(); err != nil {
+		r.log.Warn("node TLS certificate not renewed under the new issuing CA; the old one serves until its half-life", "err", err)
+	}
+	out := &api.IssuingCertInstalled{Node: r.auth.NodeID(), Serial: cert.SerialNumber.Text(16), NotAfter: cert.NotAfter.UTC(),
+		PreviousSerial: old.SerialNumber.Text(16), PreviousNotAfter: old.NotAfter.UTC()}
+	if kid, err := r.jwt.Rotate(ctx); err != nil {
+		r.log.Error("no JWT key published with the new issuing CA; the rotation schedule publishes one later", "err", err)
+	} else {
+		out.JWTKey = kid
+		r.log.Info("JWT key published with the new issuing CA", "kid", kid)
+	}
+	return out, nil
+}
+
+// stageFile writes data, synced, to a new file beside path and returns
+// its name.
+func stageFile(path string, data []byte) (string, error) {
+	f, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".new-*")
+	if err != nil {
+		return "", err
+	}
+	name := f.Name()
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Chmod(0o644) // a certificate: as readable as the one it replaces
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(name)
+		return "", err
+	}
+	return name, nil
+}
+
+// replaceKeepingPrevious copies path to path.previous (itself replaced
+// atomically) and renames staged over path: at every moment path holds a
+// whole certificate, the old or the new.
+func replaceKeepingPrevious(path, staged string) error {
+	cur, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	prev, err := stageFile(path, cur)
+	if err != nil {
+		return err
+	}
+	if err := os.Rename(prev, path+".previous"); err != nil {
+		os.Remove(prev)
+		return err
+	}
+	if err := os.Rename(staged, path); err != nil {
+		return err
+	}
+	if d, err := os.Open(filepath.Dir(path)); err == nil { // the renames survive a crash
+		d.Sync()
+		d.Close()
+	}
+	return nil
+}
