@@ -384,5 +384,12 @@ const (
 	ExpiryJWTKey    = "jwt-key"
 )
 
+// JWTKeyWarnWithin is when sigilctl cluster status warns about a node's
+// newest JWT key, whatever --warn-within says: JWT keys live for days by
+// design (jwt.rotate-every plus the longest token life), so the newest
+// one expiring within the longest JWT-SVID life (24 h) means the node has
+// stopped rotating.
+const JWTKeyWarnWithin = 24 * time.Hour
+
 // AdminService is the gRPC service name.
 const AdminService = "sigil.admin.v1.Admin"
