@@ -215,8 +215,18 @@ func CheckIssuing(td spiffeid.TrustDomain, nodeID string, signer crypto.Signer, 
 	for _, r := range roots {
 		pool.AddCert(r)
 	}
-	if _, err := issuing.Verify(x509.VerifyOptions{Roots: pool, CurrentTime: now, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+	chains, err := issuing.Verify(x509.VerifyOptions{Roots: pool, CurrentTime: now, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+	if err != nil {
 		return fmt.Errorf("issuing CA certificate does not chain to the root: %w", err)
+	}
+	// x509 checks each certificate's validity at now only; one that
+	// outlives its root would turn invalid under the SVIDs it signed (the
+	// ceremony refuses to make one).
+	for _, ch := range chains {
+		if root := ch[len(ch)-1]; issuing.NotAfter.After(root.NotAfter) {
+			return fmt.Errorf("issuing CA certificate expires %s, after the root that signed it (%s)",
+				issuing.NotAfter.UTC().Format(time.RFC3339), root.NotAfter.UTC().Format(time.RFC3339))
+		}
 	}
 	return nil
 }

@@ -1,6 +1,7 @@
 package node
 
 import (
+	"bytes"
 	"context"
 	"crypto/x509"
 	"encoding/pem"
@@ -10,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -48,16 +50,73 @@ import (
 // the install finishes it (CheckRenewal then refuses only when the swap
 // itself happened: the same certificate again).
 
-// issuingRenewal installs renewed issuing certificates on this node.
+// issuingRenewal installs renewed issuing certificates on this node, and
+// shows the state the CA this node signs with when the state records
+// another (show).
 type issuingRenewal struct {
-	mu    sync.Mutex // one install at a time, from check to publication
+	mu    sync.Mutex // one install or show at a time, from check to publication
 	path  string     // the configured issuing-cert file
 	auth  *ca.Authority
 	ident *ca.NodeIdentity
 	jwt   interface {
 		Rotate(context.Context) (string, error)
 	}
-	log *slog.Logger
+	state  *state.FSM
+	member raftMember
+	actor  string // this node, as the audit names it
+	log    *slog.Logger
+}
+
+// showLoop records this node's issuing CA in the state whenever the
+// state's record for it is missing, names another certificate, or lacks
+// the expiry (written before expiries were kept): after a start with a
+// certificate replaced while the node was stopped, and on a node that has
+// published no JWT key yet, so that every node's CA is recorded (the
+// expiry metric of every node, checkOriginCA) from its first minutes.
+func (r *issuingRenewal) showLoop(ctx context.Context) {
+	wait := time.Second
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+		wait = 30 * time.Second
+		if !r.member.leaderKnown() {
+			wait = time.Second
+			continue
+		}
+		if err := r.show(ctx); err != nil {
+			r.log.Warn("showing this node's issuing CA to the state failed; retried in 30s", "err", err)
+		}
+	}
+}
+
+// show commits this node's current CA when the state records another.
+func (r *issuingRenewal) show(ctx context.Context) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	own := r.auth.Issuing()
+	prev := ""
+	for _, rec := range r.state.NodeCAs() {
+		if rec.Node != r.auth.NodeID() {
+			continue
+		}
+		if bytes.Equal(rec.Issuer, own.RawIssuer) && rec.Serial == own.SerialNumber.Text(16) && !rec.NotAfter.IsZero() {
+			return nil
+		}
+		prev = rec.Serial
+	}
+	if r.auth.Revoked() {
+		return nil // refused anyway; the revocation is logged where it bites
+	}
+	actx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if _, err := r.member.apply(actx, r.actor, state.CmdNodeCAInstall, state.NodeCAInstall{Cert: own.Raw, Previous: prev}); err != nil {
+		return err
+	}
+	r.log.Info("this node's issuing CA recorded in the state", "serial", own.SerialNumber.Text(16), "previous_recorded_serial", prev)
+	return nil
 }
 
 // NodeIssuingCertInstall installs a renewed issuing CA certificate on

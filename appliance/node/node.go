@@ -213,7 +213,8 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 		Ready:        member.leaderKnown,
 		Logger:       log,
 	})
-	n.renew = &issuingRenewal{path: cfg.IssuingCert, auth: n.auth, ident: n.ident, jwt: n.jwt, log: log}
+	n.renew = &issuingRenewal{path: cfg.IssuingCert, auth: n.auth, ident: n.ident, jwt: n.jwt,
+		state: n.fsm, member: member, actor: n.actor(), log: log}
 	bans := newBannedAudit()
 	n.issuer = &issuer{nodeID: cfg.NodeID, actor: n.actor(), agentTTL: cfg.Join.AgentSVIDTTL.Duration, log: log, jwtIssuer: cfg.JWT.Issuer,
 		state: n.fsm, apply: member, quorum: member, audit: n.batch, x509: n.auth, jwt: jwtKeys{n.jwt},
@@ -222,6 +223,8 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 	go func() { defer n.wg.Done(); n.batch.run(runCtx) }()
 	go func() { defer n.wg.Done(); n.jwt.Maintain(runCtx) }()
 	go func() { defer n.wg.Done(); n.watchRootCRLs(runCtx) }() // revocation.go
+	n.wg.Add(1)
+	go func() { defer n.wg.Done(); n.renew.showLoop(runCtx) }() // issuingcert.go
 	n.refusals = newNodeRefusals(n)
 	n.wg.Add(2)
 	go func() { defer n.wg.Done(); n.refusals.run() }()

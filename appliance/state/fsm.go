@@ -520,7 +520,8 @@ const (
 	// byAdmin: an admin (certificate or a node's local socket); the
 	// proposing node vouches for it and is recorded with it.
 	byAdmin
-	// byAdminOrNode: audit records of either.
+	// byAdminOrNode: audit records of either, and a node's issuing CA
+	// (installed by an admin, or shown by the node itself).
 	byAdminOrNode
 )
 

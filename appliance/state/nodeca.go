@@ -15,11 +15,13 @@ import (
 // consults and the expiry metric reads), and its audit record names the
 // admin who asked, the node, and the old and new serials.
 //
-// The command is an admin's (byAdmin: the admin's standing is checked at
-// commit, as for every admin command) proposed by the node the
-// certificate is for: the certificate must name the raft origin, so an
-// admin on one node cannot change another node's record, and a node
-// records only a CA the root signed for its own name.
+// The command is an admin's (the admin's standing is checked at commit, as
+// for every admin command) proposed by the node the certificate is for,
+// or the node's own when it shows, after a start, a CA the state does not
+// record for it (a certificate replaced while it was stopped, or a node
+// that has not shown one yet). Either way the certificate must name the
+// raft origin, so an admin on one node cannot change another node's
+// record, and a node records only a CA the root signed for its own name.
 
 // CmdNodeCAInstall records a renewed issuing CA of the proposing node.
 const CmdNodeCAInstall = "node.issuing-ca.install"
@@ -37,7 +39,7 @@ type NodeCAInstall struct {
 }
 
 func init() {
-	register(CmdNodeCAInstall, byAdmin, applyNodeCAInstall)
+	register(CmdNodeCAInstall, byAdminOrNode, applyNodeCAInstall)
 }
 
 // applyNodeCAInstall checks the certificate as the node did (the state
