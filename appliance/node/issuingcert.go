@@ -74,21 +74,28 @@ type issuingRenewal struct {
 // published no JWT key yet, so that every node's CA is recorded (the
 // expiry metric of every node, checkOriginCA) from its first minutes.
 func (r *issuingRenewal) showLoop(ctx context.Context) {
-	wait := time.Second
+	const every = 30 * time.Second
+	wait, failWait := time.Second, time.Second
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-time.After(wait):
 		}
-		wait = 30 * time.Second
-		if !r.member.leaderKnown() {
+		// A new cluster's roots are set by its first leader (bundleLoop):
+		// until then no CA can be checked against them.
+		if !r.member.leaderKnown() || len(r.state.Bundle().Roots) == 0 {
 			wait = time.Second
 			continue
 		}
 		if err := r.show(ctx); err != nil {
-			r.log.Warn("showing this node's issuing CA to the state failed; retried in 30s", "err", err)
+			// Retried soon (an election, a replica catching up), then
+			// every 30s.
+			wait, failWait = failWait, min(2*failWait, every)
+			r.log.Warn("showing this node's issuing CA to the state failed", "err", err, "retry_in", wait.String())
+			continue
 		}
+		wait, failWait = every, time.Second
 	}
 }
 
@@ -96,6 +103,13 @@ func (r *issuingRenewal) showLoop(ctx context.Context) {
 func (r *issuingRenewal) show(ctx context.Context) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	// The replica must be current: one replaying its log after a start
+	// would otherwise see an old record and show a CA already recorded.
+	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := r.member.readIndex(rctx); err != nil {
+		return err
+	}
 	own := r.auth.Issuing()
 	prev := ""
 	for _, rec := range r.state.NodeCAs() {

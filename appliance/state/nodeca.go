@@ -1,6 +1,7 @@
 package state
 
 import (
+	"bytes"
 	"crypto/x509"
 	"time"
 
@@ -81,10 +82,19 @@ func applyNodeCAInstall(t *txn, p *NodeCAInstall) (any, []AuditEvent, error) {
 	if _, revoked := set[revokedKey(ca.RawIssuer, ca.SerialNumber)]; revoked {
 		return nil, nil, refuse("node %s's new issuing CA (serial %x) is revoked by the root's CRL", t.origin, ca.SerialNumber)
 	}
+	serial := ca.SerialNumber.Text(16)
+	prev, err := t.nodeCA(t.origin)
+	if err != nil {
+		return nil, nil, err
+	}
+	if prev != nil && bytes.Equal(prev.Issuer, ca.RawIssuer) && prev.Serial == serial && !prev.NotAfter.IsZero() {
+		// Already recorded (a node showing its CA again from a replica
+		// that lagged): nothing changes, nothing is audited.
+		return nil, nil, nil
+	}
 	if err := t.noteNodeCA(t.origin, ca); err != nil {
 		return nil, nil, err
 	}
-	serial := ca.SerialNumber.Text(16)
 	return nil, []AuditEvent{{Action: CmdNodeCAInstall, Target: t.origin, Detail: map[string]string{
 		"node": t.origin, "serial": serial, "previous_serial": p.Previous,
 		"not_after": ca.NotAfter.UTC().Format(time.RFC3339)}}}, nil

@@ -105,6 +105,21 @@ func TestNodeCAInstall(t *testing.T) {
 		t.Fatalf("audit: %+v", audited)
 	}
 	a.must(CmdEntryCreate, entry("entry-0001", "spiffe://example.org/web", "unix:uid:1"))
+	// The node showing the recorded CA again: nothing changes, nothing is
+	// audited.
+	idx := record().Index
+	if _, err := a.applyAs(nodeActor, CmdNodeCAInstall, NodeCAInstall{Cert: renewed.Raw}); err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, r := range a.fsm.Audit(0, 0) {
+		if r.Action == CmdNodeCAInstall {
+			n++
+		}
+	}
+	if record().Index != idx || n != 1 {
+		t.Fatalf("showing the recorded CA again: record index %d (was %d), %d install records", record().Index, idx, n)
+	}
 	// The node showing the revoked CA itself is refused.
 	if _, err := a.applyAs(nodeActor, CmdNodeCAInstall, NodeCAInstall{Cert: old.Raw}); !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "revoked") {
 		t.Fatalf("showing the revoked CA: %v", err)
