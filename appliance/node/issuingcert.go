@@ -185,7 +185,8 @@ func (r *issuingRenewal) install(ctx context.Context, cert *x509.Certificate, co
 	staged, err := stageFile(r.path, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}))
 	if err != nil {
 		r.log.Error("issuing certificate not installed: it cannot be written beside issuing-cert", "err", err)
-		return nil, status.Errorf(codes.Internal, "write the new issuing certificate beside %s: %v (nothing changed)", r.path, err)
+		return nil, status.Errorf(codes.Internal, "write the new issuing certificate beside %s: %v (nothing changed; sigild must be able to write that directory: "+
+			"under the packaged unit's ProtectSystem=strict, give it in a ReadWritePaths= drop-in, or keep issuing-cert under /var/lib/sigil)", r.path, err)
 	}
 	defer os.Remove(staged) // gone once renamed into place
 	if err := commit(ctx, state.NodeCAInstall{Cert: cert.Raw, Previous: old.SerialNumber.Text(16)}); err != nil {
