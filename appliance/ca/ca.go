@@ -220,13 +220,19 @@ func CheckIssuing(td spiffeid.TrustDomain, nodeID string, signer crypto.Signer, 
 		return fmt.Errorf("issuing CA certificate does not chain to the root: %w", err)
 	}
 	// x509 checks each certificate's validity at now only; one that
-	// outlives its root would turn invalid under the SVIDs it signed (the
-	// ceremony refuses to make one).
+	// outlives every root it chains to would turn invalid under the SVIDs
+	// it signed (the ceremony refuses to make one). One root lasting long
+	// enough is enough: a root re-issued for the same key (reissue-root)
+	// extends the chain.
+	var last time.Time
 	for _, ch := range chains {
-		if root := ch[len(ch)-1]; issuing.NotAfter.After(root.NotAfter) {
-			return fmt.Errorf("issuing CA certificate expires %s, after the root that signed it (%s)",
-				issuing.NotAfter.UTC().Format(time.RFC3339), root.NotAfter.UTC().Format(time.RFC3339))
+		if r := ch[len(ch)-1]; r.NotAfter.After(last) {
+			last = r.NotAfter
 		}
+	}
+	if issuing.NotAfter.After(last) {
+		return fmt.Errorf("issuing CA certificate expires %s, after the root that signed it (%s)",
+			issuing.NotAfter.UTC().Format(time.RFC3339), last.UTC().Format(time.RFC3339))
 	}
 	return nil
 }
