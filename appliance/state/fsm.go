@@ -49,9 +49,8 @@ import (
 // job.end; JobVersion), and IP SANs on entries (IPSANVersion). Version 7
 // is reserved for another branch. Version 8: a node's issuing CA renewed
 // while it runs (CmdNodeCAInstall, NodeCAInstallVersion). The rules a
-// version brings apply to its
-// commands only: a log of version 2 commands replays exactly as it was
-// first applied.
+// version brings apply to its commands only: a log of version 2 commands
+// replays exactly as it was first applied.
 const CommandVersion = NodeCAInstallVersion
 
 // minCommandVersion is the oldest envelope version this code still
