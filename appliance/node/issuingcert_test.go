@@ -155,8 +155,8 @@ func TestIssuingCertRenewalUnderLoad(t *testing.T) {
 			return false
 		})
 	}
-	// (Each node also recorded its CA itself after it started: those
-	// records name the node.)
+	// (A node showing a changed CA itself after a start is audited in its
+	// own name: not here.)
 	var recs []api.AuditRecord
 	for _, rec := range auditActions(t, c, "node-3")[state.CmdNodeCAInstall] {
 		if !strings.Contains(rec.Actor, "/sigil/node/") {

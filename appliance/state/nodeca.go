@@ -95,6 +95,13 @@ func applyNodeCAInstall(t *txn, p *NodeCAInstall) (any, []AuditEvent, error) {
 	if err := t.noteNodeCA(t.origin, ca); err != nil {
 		return nil, nil, err
 	}
+	if kind, _ := t.f.actorKind(t.c.Actor); prev == nil && kind == "node" {
+		// A node showing its CA for the first time registers what it
+		// started with, as its first JWT key or checkpoint would: no
+		// change to audit. Every install, and every change of a node's
+		// recorded CA, is audited.
+		return nil, nil, nil
+	}
 	return nil, []AuditEvent{{Action: CmdNodeCAInstall, Target: t.origin, Detail: map[string]string{
 		"node": t.origin, "serial": serial, "previous_serial": p.Previous,
 		"not_after": ca.NotAfter.UTC().Format(time.RFC3339)}}}, nil

@@ -15,7 +15,8 @@ import (
 
 // TestNodeCAInstall: a renewed issuing CA of the proposing node is
 // recorded with its expiry and audited with both serials, whether an
-// admin installed it or the node showed it; one of another node, of
+// admin installed it or the node showed it (a node's first showing is
+// recorded, not audited); one of another node, of
 // another root, expired at the command's time, revoked, or in a command
 // older than version 8 is refused and changes nothing. A node whose
 // recorded CA was revoked gets its new one through.
@@ -78,6 +79,22 @@ func TestNodeCAInstall(t *testing.T) {
 	fresh.index++
 	if _, err := fresh.fsm.Apply(fresh.index, origin, v2Command(t, CmdNodeCAInstall, admin, "", t0, NodeCAInstall{Cert: renew("node-1", t0, t0.Add(day), nil).Raw})); !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "needs command version 8") {
 		t.Errorf("version 2 command: %v", err)
+	}
+
+	// A node showing its CA for the first time: recorded, not audited
+	// (nothing changed; what it started with is registered).
+	first := newApplier(t)
+	first.must(CmdBundleSetRoots, BundleRoots{Roots: [][]byte{p.root.Raw}})
+	if _, err := first.applyAs(nodeActor, CmdNodeCAInstall, NodeCAInstall{Cert: old.Raw}); err != nil {
+		t.Fatal(err)
+	}
+	if recs := first.fsm.NodeCAs(); len(recs) != 1 || recs[0].Serial != old.SerialNumber.Text(16) {
+		t.Fatalf("first show: %+v", recs)
+	}
+	for _, r := range first.fsm.Audit(0, 0) {
+		if r.Action == CmdNodeCAInstall {
+			t.Fatalf("first show audited: %+v", r)
+		}
 	}
 
 	// node-1's recorded CA is revoked: its commands are refused from now
