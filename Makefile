@@ -17,6 +17,7 @@ FUZZ_TARGETS := \
 	./appliance/node:FuzzCheckCSR ./appliance/node:FuzzParseConfig \
 	./appliance/tpmverify:FuzzCheckAK ./appliance/tpmverify:FuzzVerifyEK ./appliance/tpmverify:FuzzVerifyCertify ./appliance/tpmverify:FuzzVerifyQuote \
 	./appliance/state:FuzzReadArchive ./appliance/state:FuzzApply \
+	./appliance/state:FuzzForeignBundle \
 	./appliance/ceremony:FuzzParse ./appliance/pinshare:FuzzCombine \
 	./agent:FuzzParseConfig ./agent/workload:FuzzValidateJWTSVID ./agent/workload:FuzzFetchJWTSVID \
 	./internal/pemfile:FuzzDecode ./internal/strictyaml:FuzzParseDuration \

@@ -109,6 +109,8 @@ func workloadRun(ctx context.Context, role string) string {
 			return "ERR write: " + err.Error()
 		}
 		return "SERVED " + id.String() + " " + strings.TrimSpace(line)
+	case "fed-server", "fed-client":
+		return federatedRun(ctx, client, role) // federation_test.go
 	case "client":
 		server := spiffeid.RequireFromString(os.Getenv("SIGIL_PEER"))
 		c, err := spiffetls.Dial(ctx, "tcp", os.Getenv("SIGIL_ADDR"), tlsconfig.AuthorizeID(server))
@@ -226,7 +228,12 @@ func newAgentEnv(t testing.TB, prefix string, mod func(*agent.Config)) *agentEnv
 // newAgentEnvWith is newAgentEnv with a hook on the node's config.
 func newAgentEnvWith(t testing.TB, prefix string, nodeMod func(*node.Config), mod func(*agent.Config)) *agentEnv {
 	t.Helper()
-	tr := clustertest.NewTrust(t, prefix, []string{"node-1"}, nil)
+	return newAgentEnvOn(t, clustertest.NewTrust(t, prefix, []string{"node-1"}, nil), nodeMod, mod)
+}
+
+// newAgentEnvOn is newAgentEnvWith on the trust material tr (its node-1).
+func newAgentEnvOn(t testing.TB, tr *clustertest.Trust, nodeMod func(*node.Config), mod func(*agent.Config)) *agentEnv {
+	t.Helper()
 	c := clustertest.NewClusterWith(t, tr, nodeMod, "node-1")
 	sw := testenv.NewTPM(t)
 	ctx := context.Background()

@@ -72,6 +72,10 @@ type Snapshot struct {
 	selectors [][]string
 	// Bundle is the trust domain's bundle (nil before the first sync).
 	Bundle *spiffebundle.Bundle
+	// Federated are the bundles of the foreign trust domains this agent's
+	// entries federate with (FederatedFor picks a caller's), as of the
+	// same appliance view as Entries. Never our own trust domain.
+	Federated map[spiffeid.TrustDomain]*spiffebundle.Bundle
 	// Revoked holds revoked leaf serials (hex): an SVID listed here is
 	// replaced at once. Serials are random, so one list serves every
 	// issuing node.
@@ -177,6 +181,9 @@ type Cache struct {
 	crlMu      sync.Mutex // serializes CRL updates and their file
 	crls       atomic.Pointer[crlSet]
 	crlSkipped map[[32]byte]bool // SHA-256 of CRLs skipped; guarded by crlMu
+
+	fedMu      sync.Mutex
+	fedSkipped map[[32]byte]bool // federated bundles dropped and logged (federated.go)
 }
 
 type jwtItem struct {
@@ -207,6 +214,7 @@ func New(app Appliance, opts Options) *Cache {
 		jwts:    map[string]jwtItem{},
 
 		crlSkipped: map[[32]byte]bool{},
+		fedSkipped: map[[32]byte]bool{},
 	}
 	c.loadCRLs()
 	c.snap.RootCRLs = c.RootCRLs()
@@ -351,6 +359,10 @@ func (c *Cache) apply(u *api.SyncUpdate) error {
 		}
 		entries = append(entries, e)
 	}
+	// apply runs on the sync loop only, so the snapshot read here is the
+	// one the update replaces as far as federated bundles go.
+	prev, _ := c.Current()
+	fed := c.federated(td, u.Federated, prev.Federated)
 	sort.SliceStable(entries, func(i, j int) bool {
 		if !entries[i].CreatedAt.Equal(entries[j].CreatedAt) {
 			return entries[i].CreatedAt.Before(entries[j].CreatedAt)
@@ -359,6 +371,7 @@ func (c *Cache) apply(u *api.SyncUpdate) error {
 	})
 	c.update(func(s *Snapshot) {
 		s.Revision, s.Entries, s.Bundle, s.RootCRLs = u.Revision, entries, b, crls
+		s.Federated = fed
 		s.selectors = selectorStrings(entries)
 		s.Revoked = map[string]bool{}
 		for _, r := range u.Bundle.Revoked {
@@ -376,7 +389,7 @@ func (c *Cache) apply(u *api.SyncUpdate) error {
 			}
 		}
 	})
-	c.log.Debug("appliance view applied", "revision", u.Revision, "entries", len(entries), "bundle_sequence", u.Bundle.Sequence)
+	c.log.Debug("appliance view applied", "revision", u.Revision, "entries", len(entries), "bundle_sequence", u.Bundle.Sequence, "federated", len(u.Federated))
 	c.wake()
 	if revokedMore && c.opts.OnRevoked != nil {
 		c.opts.OnRevoked()

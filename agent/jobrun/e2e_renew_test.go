@@ -1,7 +1,6 @@
 package jobrun_test
 
 import (
-	"bytes"
 	"context"
 	"crypto/x509"
 	"encoding/pem"
@@ -9,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -18,24 +16,6 @@ import (
 	"github.com/sigil-appliance/sigil/appliance/clustertest"
 	"github.com/sigil-appliance/sigil/appliance/jobrule/jobruletest"
 )
-
-// syncBuffer is a log that tests read while the run writes it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // A run that outlives half its identity's life (the rule's shortest TTL,
 // one minute) renews by joining again: with a token file, once the file
@@ -52,7 +32,7 @@ func TestExecRenewsWithFreshToken(t *testing.T) {
 		code int
 		err  error
 	}
-	start := func(name string, tok jobrun.TokenSource, out string, log *syncBuffer) (stop func() runResult) {
+	start := func(name string, tok jobrun.TokenSource, out string, log *clustertest.LogBuffer) (stop func() runResult) {
 		stopFile := filepath.Join(dir, name+".stop")
 		done := make(chan runResult, 1)
 		go func() {
@@ -87,7 +67,7 @@ func TestExecRenewsWithFreshToken(t *testing.T) {
 		t.Fatal(err)
 	}
 	out := filepath.Join(dir, "out")
-	var fileLog syncBuffer
+	var fileLog clustertest.LogBuffer
 	stopFileRun := start("file", &jobrun.FileToken{Path: tokenFile}, out, &fileLog)
 
 	// The environment variable run.
@@ -96,7 +76,7 @@ func TestExecRenewsWithFreshToken(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var envLog syncBuffer
+	var envLog clustertest.LogBuffer
 	stopEnvRun := start("env", envTok, "", &envLog)
 
 	clustertest.Eventually(t, 30*time.Second, "both runs joined", func() bool {

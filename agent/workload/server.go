@@ -6,6 +6,7 @@
 package workload
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/binary"
@@ -13,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
 	"slices"
@@ -21,6 +23,7 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
@@ -452,7 +455,13 @@ func (s *Server) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerSt
 				})
 				soonest = minTime(soonest, v.NotAfter)
 			}
-			fp := fingerprint(resp.Svids, roots, resp.Crl)
+			// The foreign trust domains of the SVIDs sent, not of every
+			// matching entry: an entry whose SVID is not served yet
+			// must not widen what the caller's peers are trusted as.
+			if len(snap.Federated) > 0 {
+				resp.FederatedBundles = x509Bundles(snap.FederatedFor(entriesOf(entries, svids)))
+			}
+			fp := fingerprint(resp.Svids, roots, resp.Crl, resp.FederatedBundles)
 			if first || fp != last {
 				if err := s.still(c, "FetchX509SVID", snap); err != nil {
 					return err
@@ -532,7 +541,7 @@ func (s *Server) logDuplicateHint(rev uint64, dropped api.Entry, kept string) {
 	}
 }
 
-func fingerprint(svids []*workload.X509SVID, roots []byte, crls [][]byte) [32]byte {
+func fingerprint(svids []*workload.X509SVID, roots []byte, crls [][]byte, federated map[string][]byte) [32]byte {
 	h := sha256.New()
 	for _, v := range svids {
 		h.Write(v.X509Svid)
@@ -544,8 +553,52 @@ func fingerprint(svids []*workload.X509SVID, roots []byte, crls [][]byte) [32]by
 		h.Write(binary.BigEndian.AppendUint32(nil, uint32(len(c))))
 		h.Write(c)
 	}
+	h.Write(bundlesKey(federated))
 	var out [32]byte
 	h.Sum(out[:0])
+	return out
+}
+
+// bundlesKey is a byte string that changes when any bundle of m changes,
+// is added or leaves (sorted, length-prefixed: one map never encodes
+// like another).
+func bundlesKey(m map[string][]byte) []byte {
+	var out []byte
+	for _, td := range slices.Sorted(maps.Keys(m)) {
+		out = binary.BigEndian.AppendUint32(out, uint32(len(td)))
+		out = append(out, td...)
+		out = binary.BigEndian.AppendUint32(out, uint32(len(m[td])))
+		out = append(out, m[td]...)
+	}
+	return out
+}
+
+// entriesOf returns the entries of svids (which SVIDsFor took from
+// entries).
+func entriesOf(entries []api.Entry, svids []*cache.SVID) []api.Entry {
+	served := make(map[string]bool, len(svids))
+	for _, v := range svids {
+		served[v.EntryID] = true
+	}
+	return slices.DeleteFunc(slices.Clone(entries), func(e api.Entry) bool { return !served[e.ID] })
+}
+
+// x509Bundles renders foreign bundles as the Workload API carries them:
+// each trust domain's X.509 authorities, DER concatenated, under the
+// trust domain's SPIFFE ID. A bundle without X.509 authorities (JWT
+// only) is left out: it has nothing to verify a chain with.
+func x509Bundles(fed map[spiffeid.TrustDomain]*spiffebundle.Bundle) map[string][]byte {
+	var out map[string][]byte
+	for td, b := range fed {
+		der := authoritiesDER(b)
+		if len(der) == 0 {
+			continue
+		}
+		if out == nil {
+			out = map[string][]byte{}
+		}
+		out[td.IDString()] = der
+	}
 	return out
 }
 
@@ -556,20 +609,26 @@ func minTime(a, b time.Time) time.Time {
 	return a
 }
 
-func rootsDER(s *cache.Snapshot) []byte {
+func rootsDER(s *cache.Snapshot) []byte { return authoritiesDER(s.Bundle) }
+
+func authoritiesDER(b *spiffebundle.Bundle) []byte {
 	var out []byte
-	for _, c := range s.Bundle.X509Authorities() {
+	for _, c := range b.X509Authorities() {
 		out = append(out, c.Raw...)
 	}
 	return out
 }
 
-// verifier admits callers that may read bundles and validate tokens.
-func (s *Server) verifier(c *call, snap *cache.Snapshot, method string) error {
-	if s.opts.AllowUnauthenticatedVerifiers || len(snap.Match(c.sel.Has)) > 0 {
-		return nil
+// verifier admits callers that may read bundles and validate tokens, and
+// returns the caller's entries: the foreign trust domains they federate
+// with are the ones the caller gets bundles of (an unauthenticated
+// verifier, with none, gets our trust domain's only).
+func (s *Server) verifier(c *call, snap *cache.Snapshot, method string) ([]api.Entry, error) {
+	entries := snap.Match(c.sel.Has)
+	if s.opts.AllowUnauthenticatedVerifiers || len(entries) > 0 {
+		return entries, nil
 	}
-	return s.deny(c, method, "no registration entry matches the caller's selectors (unauthenticated verifiers not allowed)")
+	return nil, s.deny(c, method, "no registration entry matches the caller's selectors (unauthenticated verifiers not allowed)")
 }
 
 // waitBundle returns the first snapshot that has a bundle.
@@ -587,31 +646,60 @@ func (s *Server) waitBundle(ctx context.Context) (*cache.Snapshot, <-chan struct
 	}
 }
 
-// FetchX509Bundles streams the trust domain's X.509 authorities and the
-// root CRLs. What it compares to see a change is the roots followed by the
-// CRLs (DER is self-delimiting, so either changing changes it).
+// FetchX509Bundles streams the X.509 authorities of our trust domain and
+// of every foreign one the caller's entries federate with, and the root
+// CRLs, at once and again whenever any of them changes.
 func (s *Server) FetchX509Bundles(_ *workload.X509BundlesRequest, stream grpc.ServerStreamingServer[workload.X509BundlesResponse]) error {
-	return s.streamBundle(stream.Context(), "FetchX509Bundles",
-		func(snap *cache.Snapshot) ([]byte, error) {
-			return slices.Concat(append([][]byte{rootsDER(snap)}, snap.RootCRLs...)...), nil
+	return s.streamBundles(stream.Context(), "FetchX509Bundles",
+		func(snap *cache.Snapshot, entries []api.Entry) (map[string][]byte, [][]byte, error) {
+			m := x509Bundles(snap.FederatedFor(entries))
+			if m == nil {
+				m = map[string][]byte{}
+			}
+			m[snap.Bundle.TrustDomain().IDString()] = rootsDER(snap)
+			return m, snap.RootCRLs, nil
 		},
-		func(snap *cache.Snapshot, td string, _ []byte) error {
-			return stream.Send(&workload.X509BundlesResponse{Bundles: map[string][]byte{td: rootsDER(snap)}, Crl: snap.RootCRLs})
+		func(bundles map[string][]byte, crls [][]byte) error {
+			return stream.Send(&workload.X509BundlesResponse{Bundles: bundles, Crl: crls})
 		})
 }
 
-// FetchJWTBundles streams the trust domain's JWT authorities as a JWKS.
+// FetchJWTBundles streams, as JWKS, the JWT authorities of our trust
+// domain and of every foreign one the caller's entries federate with.
 func (s *Server) FetchJWTBundles(_ *workload.JWTBundlesRequest, stream grpc.ServerStreamingServer[workload.JWTBundlesResponse]) error {
-	return s.streamBundle(stream.Context(), "FetchJWTBundles",
-		func(snap *cache.Snapshot) ([]byte, error) { return snap.Bundle.JWTBundle().Marshal() },
-		func(_ *cache.Snapshot, td string, b []byte) error {
-			return stream.Send(&workload.JWTBundlesResponse{Bundles: map[string][]byte{td: b}})
+	return s.streamBundles(stream.Context(), "FetchJWTBundles",
+		func(snap *cache.Snapshot, entries []api.Entry) (map[string][]byte, [][]byte, error) {
+			m := map[string][]byte{}
+			for td, b := range snap.FederatedFor(entries) {
+				if len(b.JWTAuthorities()) == 0 {
+					continue // X.509 only: no key to verify a token with
+				}
+				jwks, err := b.JWTBundle().Marshal()
+				if err != nil {
+					return nil, nil, err
+				}
+				m[td.IDString()] = jwks
+			}
+			jwks, err := snap.Bundle.JWTBundle().Marshal()
+			if err != nil {
+				return nil, nil, err
+			}
+			m[snap.Bundle.TrustDomain().IDString()] = jwks
+			return m, nil, nil
+		},
+		func(bundles map[string][]byte, _ [][]byte) error {
+			return stream.Send(&workload.JWTBundlesResponse{Bundles: bundles})
 		})
 }
 
-// streamBundle sends one rendering of the bundle at once and again
-// whenever it changes, to callers the verifier rule admits.
-func (s *Server) streamBundle(ctx context.Context, method string, render func(*cache.Snapshot) ([]byte, error), send func(snap *cache.Snapshot, td string, b []byte) error) error {
+// streamBundles sends one rendering of the caller's bundles at once and
+// again whenever it changes (our bundle, a foreign one, the caller's
+// entries federating with other trust domains, the CRLs), to callers the
+// verifier rule admits.
+func (s *Server) streamBundles(ctx context.Context, method string,
+	render func(*cache.Snapshot, []api.Entry) (map[string][]byte, [][]byte, error),
+	send func(bundles map[string][]byte, crls [][]byte) error,
+) error {
 	c := callOf(ctx)
 	var last []byte
 	for {
@@ -619,21 +707,27 @@ func (s *Server) streamBundle(ctx context.Context, method string, render func(*c
 		if err != nil {
 			return nil
 		}
-		if err := s.verifier(c, snap, method); err != nil {
+		entries, err := s.verifier(c, snap, method)
+		if err != nil {
 			return err
 		}
-		b, err := render(snap)
+		bundles, crls, err := render(snap, entries)
 		if err != nil {
 			return status.Error(codes.Internal, "bundle unavailable")
 		}
-		if last == nil || string(b) != string(last) {
+		key := bundlesKey(bundles)
+		for _, crl := range crls {
+			key = binary.BigEndian.AppendUint32(key, uint32(len(crl)))
+			key = append(key, crl...)
+		}
+		if last == nil || !bytes.Equal(key, last) {
 			if err := s.still(c, method, snap); err != nil {
 				return err
 			}
-			if err := send(snap, snap.Bundle.TrustDomain().IDString(), b); err != nil {
+			if err := send(bundles, crls); err != nil {
 				return err
 			}
-			last = b
+			last = key
 		}
 		select {
 		case <-ctx.Done():
@@ -681,7 +775,8 @@ func (s *Server) FetchJWTSVID(ctx context.Context, req *workload.JWTSVIDRequest)
 	return resp, nil
 }
 
-// ValidateJWTSVID checks a token against the trust domain's JWT bundle.
+// ValidateJWTSVID checks a token against the JWT bundle of its trust
+// domain: ours, or a foreign one the caller's entries federate with.
 func (s *Server) ValidateJWTSVID(ctx context.Context, req *workload.ValidateJWTSVIDRequest) (*workload.ValidateJWTSVIDResponse, error) {
 	c := callOf(ctx)
 	if req.Audience == "" {
@@ -694,10 +789,17 @@ func (s *Server) ValidateJWTSVID(ctx context.Context, req *workload.ValidateJWTS
 	if snap.Bundle == nil {
 		return nil, status.Error(codes.Unavailable, "no trust bundle yet")
 	}
-	if err := s.verifier(c, snap, "ValidateJWTSVID"); err != nil {
+	entries, err := s.verifier(c, snap, "ValidateJWTSVID")
+	if err != nil {
 		return nil, err
 	}
-	svid, err := jwtsvid.ParseAndValidate(req.Svid, jwtbundle.NewSet(snap.Bundle.JWTBundle()), []string{req.Audience})
+	// Tokens of a foreign trust domain validate only for a caller whose
+	// entries federate with it; any other is refused as having no bundle.
+	set := jwtbundle.NewSet(snap.Bundle.JWTBundle())
+	for _, b := range snap.FederatedFor(entries) {
+		set.Add(b.JWTBundle())
+	}
+	svid, err := jwtsvid.ParseAndValidate(req.Svid, set, []string{req.Audience})
 	if err != nil {
 		s.log.Info("JWT-SVID failed validation", "uid", c.caller.UID, "pid", c.caller.PID, "err", err)
 		return nil, status.Error(codes.InvalidArgument, err.Error())

@@ -52,6 +52,11 @@ const (
 	AdminMethodJoinRuleList           = "/" + AdminService + "/JoinRuleList"
 	AdminMethodJoinRuleShow           = "/" + AdminService + "/JoinRuleShow"
 	AdminMethodJoinRuleDelete         = "/" + AdminService + "/JoinRuleDelete"
+	AdminMethodFederationAdd          = "/" + AdminService + "/FederationAdd"
+	AdminMethodFederationList         = "/" + AdminService + "/FederationList"
+	AdminMethodFederationShow         = "/" + AdminService + "/FederationShow"
+	AdminMethodFederationDelete       = "/" + AdminService + "/FederationDelete"
+	AdminMethodFederationBundleSet    = "/" + AdminService + "/FederationBundleSet"
 )
 
 // RegisterAdmin adds the admin service to a gRPC server: every method of
@@ -99,6 +104,11 @@ func RegisterAdmin(s grpc.ServiceRegistrar, impl AdminServer) {
 			unary("JoinRuleList", AdminMethodJoinRuleList, AdminServer.JoinRuleList),
 			unary("JoinRuleShow", AdminMethodJoinRuleShow, AdminServer.JoinRuleShow),
 			unary("JoinRuleDelete", AdminMethodJoinRuleDelete, AdminServer.JoinRuleDelete),
+			unary("FederationAdd", AdminMethodFederationAdd, AdminServer.FederationAdd),
+			unary("FederationList", AdminMethodFederationList, AdminServer.FederationList),
+			unary("FederationShow", AdminMethodFederationShow, AdminServer.FederationShow),
+			unary("FederationDelete", AdminMethodFederationDelete, AdminServer.FederationDelete),
+			unary("FederationBundleSet", AdminMethodFederationBundleSet, AdminServer.FederationBundleSet),
 		},
 		Streams: []grpc.StreamDesc{
 			serverStream("SnapshotSave", AdminServer.SnapshotSave),
@@ -316,6 +326,32 @@ func (c *AdminClient) JoinRuleShow(ctx context.Context, r *IDRequest) (*JoinRule
 // keep their SVIDs until they expire or end).
 func (c *AdminClient) JoinRuleDelete(ctx context.Context, r *IDRequest) (*Empty, error) {
 	return invoke[IDRequest, Empty](ctx, c.cc, AdminMethodJoinRuleDelete, r)
+}
+
+// FederationAdd trusts a foreign trust domain: its bundle endpoint
+// (fetched by the leader on the bundle's refresh hint) and optionally
+// an initial bundle (Bundle, a SPIFFE bundle document).
+func (c *AdminClient) FederationAdd(ctx context.Context, r *FederationRelationship) (*FederationRelationship, error) {
+	return invoke[FederationRelationship, FederationRelationship](ctx, c.cc, AdminMethodFederationAdd, r)
+}
+
+func (c *AdminClient) FederationList(ctx context.Context, r *Empty) (*FederationList, error) {
+	return invoke[Empty, FederationList](ctx, c.cc, AdminMethodFederationList, r)
+}
+
+func (c *AdminClient) FederationShow(ctx context.Context, r *IDRequest) (*FederationRelationship, error) {
+	return invoke[IDRequest, FederationRelationship](ctx, c.cc, AdminMethodFederationShow, r)
+}
+
+// FederationDelete stops trusting a foreign trust domain: its bundle
+// leaves every agent's view.
+func (c *AdminClient) FederationDelete(ctx context.Context, r *IDRequest) (*Empty, error) {
+	return invoke[IDRequest, Empty](ctx, c.cc, AdminMethodFederationDelete, r)
+}
+
+// FederationBundleSet sets a foreign bundle out of band.
+func (c *AdminClient) FederationBundleSet(ctx context.Context, r *FederationBundle) (*FederationRelationship, error) {
+	return invoke[FederationBundle, FederationRelationship](ctx, c.cc, AdminMethodFederationBundleSet, r)
 }
 
 // The client methods written by hand over the openers above: a missing one

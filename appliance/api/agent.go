@@ -56,6 +56,9 @@ type (
 		Entries  []Entry `json:"entries"`
 		Bundle   Bundle  `json:"bundle"`
 		SPIFFE   []byte  `json:"spiffe"`
+		// Federated holds the SPIFFE bundle documents of the foreign trust
+		// domains the agent's entries federate with, by trust domain name.
+		Federated map[string][]byte `json:"federated,omitempty"`
 	}
 )
 

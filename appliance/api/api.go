@@ -375,6 +375,17 @@ type AdminServer interface {
 	// JoinRuleDelete removes a rule: its runs join no more (running ones
 	// keep their SVIDs until they expire or end).
 	JoinRuleDelete(context.Context, *IDRequest) (*Empty, error)
+	// FederationAdd trusts a foreign trust domain: its bundle endpoint
+	// (fetched by the leader on the bundle's refresh hint) and optionally
+	// an initial bundle (Bundle, a SPIFFE bundle document).
+	FederationAdd(context.Context, *FederationRelationship) (*FederationRelationship, error)
+	FederationList(context.Context, *Empty) (*FederationList, error)
+	FederationShow(context.Context, *IDRequest) (*FederationRelationship, error)
+	// FederationDelete stops trusting a foreign trust domain: its bundle
+	// leaves every agent's view.
+	FederationDelete(context.Context, *IDRequest) (*Empty, error)
+	// FederationBundleSet sets a foreign bundle out of band.
+	FederationBundleSet(context.Context, *FederationBundle) (*FederationRelationship, error)
 }
 
 // Expiry kinds.

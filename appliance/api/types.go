@@ -33,11 +33,15 @@ type Entry struct {
 	DNSNames  []string   `json:"dns_names,omitempty"`
 	// IPAddresses are the X.509-SVIDs' IP SANs, IPv4 or IPv6 in text
 	// form (the appliance stores the canonical form).
-	IPAddresses []string  `json:"ip_addresses,omitempty"`
-	Hint        string    `json:"hint,omitempty"`
-	CreatedAt   time.Time `json:"created_at"`
-	UpdatedAt   time.Time `json:"updated_at"`
-	Revision    uint64    `json:"revision"` // of the last change; set by the appliance
+	IPAddresses []string `json:"ip_addresses,omitempty"`
+	// FederatesWith names foreign trust domains (federation
+	// relationships) whose bundles the entry's workloads receive and
+	// trust besides their own.
+	FederatesWith []string  `json:"federates_with,omitempty"`
+	Hint          string    `json:"hint,omitempty"`
+	CreatedAt     time.Time `json:"created_at"`
+	UpdatedAt     time.Time `json:"updated_at"`
+	Revision      uint64    `json:"revision"` // of the last change; set by the appliance
 
 	// EffectiveX509TTL and EffectiveJWTTTL are the lifetimes the entry's
 	// SVIDs get: the stored value, or the default when that is 0. Set by
@@ -256,4 +260,53 @@ type JobRun struct {
 // JoinRuleList lists the join rules by name.
 type JoinRuleList struct {
 	Rules []JoinRule `json:"rules"`
+}
+
+// FederationRelationship is a foreign SPIFFE trust domain this appliance
+// trusts: its bundle, fetched from its bundle endpoint (or set out of
+// band), goes to the workloads whose entries federate with it.
+type FederationRelationship struct {
+	TrustDomain string `json:"trust_domain"`
+	// BundleEndpointURL is the foreign bundle endpoint (https); empty: the
+	// bundle is only ever set out of band (FederationBundleSet).
+	BundleEndpointURL string `json:"bundle_endpoint_url,omitempty"`
+	// Profile is https_spiffe (the endpoint authenticates with an X.509-SVID
+	// of EndpointSPIFFEID, checked against the foreign bundle itself) or
+	// https_web (Web PKI, or the roots in EndpointCA).
+	Profile          string `json:"profile,omitempty"`
+	EndpointSPIFFEID string `json:"endpoint_spiffe_id,omitempty"`
+	EndpointCA       string `json:"endpoint_ca,omitempty"` // PEM, https_web only
+	// Bundle is the foreign trust domain's current SPIFFE bundle document
+	// (JSON), with its sequence and refresh hint.
+	Bundle         []byte `json:"bundle,omitempty"`
+	BundleSequence uint64 `json:"bundle_sequence,omitempty"`
+	// BundleChanges counts the bundles stored for the relationship (the
+	// order of bundles that carry no sequence number).
+	BundleChanges   uint64    `json:"bundle_changes,omitempty"`
+	RefreshHint     Seconds   `json:"refresh_hint,omitempty"`
+	BundleUpdatedAt time.Time `json:"bundle_updated_at,omitzero"`
+	// LastFetch and LastFetchError are the answering node's own view of
+	// its last fetch (only the leader fetches): not replicated.
+	LastFetch      time.Time `json:"last_fetch,omitzero"`
+	LastFetchError string    `json:"last_fetch_error,omitempty"`
+	CreatedBy      string    `json:"created_by,omitempty"`
+	CreatedAt      time.Time `json:"created_at,omitzero"`
+	Revision       uint64    `json:"revision,omitempty"`
+}
+
+// FederationList lists the federation relationships by trust domain.
+type FederationList struct {
+	Relationships []FederationRelationship `json:"relationships"`
+}
+
+// FederationBundle sets a foreign trust domain's bundle out of band (a
+// SPIFFE bundle document, JSON): its sequence must not go backwards.
+type FederationBundle struct {
+	TrustDomain string `json:"trust_domain"`
+	Bundle      []byte `json:"bundle"`
+	// Force replaces the stored bundle whatever its sequence: the way back
+	// from a bundle whose sequence was set far ahead (a foreign endpoint,
+	// once subverted, could otherwise lock every later bundle out).
+	// Audited as such.
+	Force bool `json:"force,omitempty"`
 }

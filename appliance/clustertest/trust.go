@@ -58,15 +58,24 @@ type Node struct {
 }
 
 // NewTrust runs the ceremonies for nodes (signed by the root) and rogue
-// nodes (signed by another root of the same trust domain name). All tokens
-// are made first: SoftHSM shows a process only tokens that existed when
-// the module was initialized.
+// nodes (signed by another root of the same trust domain name) of trust
+// domain example.org. All tokens are made first: SoftHSM shows a process
+// only tokens that existed when the module was initialized.
 func NewTrust(t testing.TB, prefix string, nodes []string, rogue []string) *Trust {
+	t.Helper()
+	return NewTrustIn(t, "example.org", prefix, nodes, rogue)
+}
+
+// NewTrustIn is NewTrust for another trust domain (federation tests run
+// two appliances of different trust domains). A test that needs two makes
+// both before it starts a node: SoftHSM shows a process only the tokens
+// that existed when the module was initialized.
+func NewTrustIn(t testing.TB, trustDomain, prefix string, nodes []string, rogue []string) *Trust {
 	t.Helper()
 	// Token labels are unique per process, so tests can run with -count.
 	prefix = fmt.Sprintf("%s%d", prefix, trustSeq.Add(1))
 	hsm := testenv.ProcessHSM(t)
-	tr := &Trust{Dir: t.TempDir(), TrustDomain: spiffeid.RequireTrustDomainFromString("example.org"), Nodes: map[string]*Node{}, Module: hsm.Module}
+	tr := &Trust{Dir: t.TempDir(), TrustDomain: spiffeid.RequireTrustDomainFromString(trustDomain), Nodes: map[string]*Node{}, Module: hsm.Module}
 	rootTok := hsm.NewToken(t, prefix+"-root")
 	for _, id := range append(append([]string{}, nodes...), rogue...) {
 		tr.Nodes[id] = &Node{ID: id, Token: hsm.NewToken(t, prefix+"-"+id)}
@@ -93,8 +102,8 @@ func NewTrust(t testing.TB, prefix string, nodes []string, rogue []string) *Trus
 	}
 	transcript := filepath.Join(tr.Dir, "transcript.jsonl")
 	rootScript := func(label, out string) string {
-		return fmt.Sprintf("kind: root\ntrust-domain: example.org\ntranscript: %s\n%skey:\n  label: %s\nroot:\n  subject:\n    common-name: Test Root %s\n  validity: 2y\n  output: %s\n",
-			transcript, hsmSection(rootTok), label, label, out)
+		return fmt.Sprintf("kind: root\ntrust-domain: %s\ntranscript: %s\n%skey:\n  label: %s\nroot:\n  subject:\n    common-name: Test Root %s\n  validity: 2y\n  output: %s\n",
+			trustDomain, transcript, hsmSection(rootTok), label, label, out)
 	}
 	tr.RootPath = filepath.Join(tr.Dir, "root.pem")
 	run(ceremony.KindRoot, rootScript("root", tr.RootPath))
@@ -106,15 +115,15 @@ func NewTrust(t testing.TB, prefix string, nodes []string, rogue []string) *Trus
 	for _, id := range append(append([]string{}, nodes...), rogue...) {
 		n := tr.Nodes[id]
 		csr := filepath.Join(tr.Dir, id+".csr")
-		run(ceremony.KindIssuingCSR, fmt.Sprintf("kind: issuing-csr\ntrust-domain: example.org\ntranscript: %s\n%skey:\n  label: issuing\nissuing-csr:\n  node-id: %s\n  output: %s\n",
-			transcript, hsmSection(n.Token), id, csr))
+		run(ceremony.KindIssuingCSR, fmt.Sprintf("kind: issuing-csr\ntrust-domain: %s\ntranscript: %s\n%skey:\n  label: issuing\nissuing-csr:\n  node-id: %s\n  output: %s\n",
+			trustDomain, transcript, hsmSection(n.Token), id, csr))
 		label, root := "root", tr.RootPath
 		if n.Rogue {
 			label, root = "rogue-root", rogueRoot
 		}
 		n.IssuingPath = filepath.Join(tr.Dir, id+"-issuing.pem")
-		run(ceremony.KindSignIssuing, fmt.Sprintf("kind: sign-issuing\ntrust-domain: example.org\ntranscript: %s\n%skey:\n  label: %s\nsign-issuing:\n  root-certificate: %s\n  csr: %s\n  node-id: %s\n  validity: 1y\n  output: %s\n",
-			transcript, hsmSection(rootTok), label, root, csr, id, n.IssuingPath))
+		run(ceremony.KindSignIssuing, fmt.Sprintf("kind: sign-issuing\ntrust-domain: %s\ntranscript: %s\n%skey:\n  label: %s\nsign-issuing:\n  root-certificate: %s\n  csr: %s\n  node-id: %s\n  validity: 1y\n  output: %s\n",
+			trustDomain, transcript, hsmSection(rootTok), label, root, csr, id, n.IssuingPath))
 		n.Issuing = readCert(t, n.IssuingPath)
 		n.KeyURI = n.Token.KeyURI("issuing")
 	}

@@ -117,9 +117,10 @@ func NewCommand(out io.Writer) *cobra.Command {
 	f.DurationVar(&g.timeout, "timeout", 30*time.Second, "time limit for each request; for streams (snapshots, audit export), the longest wait without progress")
 
 	root.AddCommand(entryCmd(g), agentCmd(g), tpmCmd(g), tokenCmd(g), clusterCmd(g), snapshotCmd(g), auditCmd(g), bundleCmd(g), jwtCmd(g), adminCmd(g), svidCmd(g))
-	root.AddCommand(joinRuleCmd(g)) // joinrule.go
-	root.AddCommand(caCmd(g))       // crl.go
-	root.AddCommand(nodeCmd(g))     // issuingcert.go
+	root.AddCommand(joinRuleCmd(g))   // joinrule.go
+	root.AddCommand(federationCmd(g)) // federation.go
+	root.AddCommand(caCmd(g))         // crl.go
+	root.AddCommand(nodeCmd(g))       // issuingcert.go
 	return clirun.Prepare(root)
 }
 

@@ -23,7 +23,7 @@ import (
 type entryFlags struct {
 	spiffeID, parentID, hint string
 	selectors, add, remove   []string
-	dns, ips                 []string
+	dns, ips, federatesWith  []string
 	x509TTL, jwtTTL          time.Duration
 	force                    bool
 }
@@ -54,6 +54,7 @@ func (f *entryFlags) register(c *cobra.Command, update bool) {
 	fl.DurationVar(&f.jwtTTL, "jwt-ttl", 0, "JWT-SVID lifetime; 0 means the default, 5m")
 	fl.StringArrayVar(&f.dns, "dns", nil, "DNS SAN (repeatable; on update the list replaces the stored one, --dns '' clears it)")
 	fl.StringArrayVar(&f.ips, "ip", nil, "IP SAN, IPv4 or IPv6 (repeatable; on update the list replaces the stored one, --ip '' clears it)")
+	fl.StringArrayVar(&f.federatesWith, "federates-with", nil, "foreign trust domain (a federation relationship) whose bundle the entry's workloads get (repeatable; on update the list replaces the stored one, --federates-with '' clears it)")
 	fl.StringVar(&f.hint, "hint", "", "hint for workloads with several identities (a workload that matches two entries with one hint gets it on the older entry's SVID only)")
 	fl.BoolVar(&f.force, "force", false, "register the entry even though its parent is not a joined, unbanned agent (one that has yet to join, say)")
 }
@@ -71,7 +72,8 @@ func parseSelectors(flag string, in []string) ([]api.Selector, error) {
 	return out, nil
 }
 
-// dnsNames drops empty names, so that --dns ” means none.
+// dnsNames drops empty names, so that an empty --dns (or --federates-with)
+// means none.
 func dnsNames(in []string) []string {
 	var out []string
 	for _, n := range in {
@@ -155,7 +157,7 @@ func entryCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			e := api.Entry{SPIFFEID: cf.spiffeID, ParentID: cf.parentID, Selectors: sel, DNSNames: dnsNames(cf.dns), IPAddresses: ipAddresses(cf.ips), Hint: cf.hint}
+			e := api.Entry{SPIFFEID: cf.spiffeID, ParentID: cf.parentID, Selectors: sel, DNSNames: dnsNames(cf.dns), IPAddresses: ipAddresses(cf.ips), FederatesWith: dnsNames(cf.federatesWith), Hint: cf.hint}
 			if e.X509TTL, err = wholeSeconds("x509-ttl", cf.x509TTL); err != nil {
 				return err
 			}
@@ -242,7 +244,7 @@ func entryCmd(g *globals) *cobra.Command {
 // them to the stored entry.
 func (f *entryFlags) changes(cmd *cobra.Command) (func(api.Entry) (api.Entry, error), error) {
 	changed := cmd.Flags().Changed
-	fields := []string{"spiffe-id", "parent-id", "selector", "add-selector", "remove-selector", "x509-ttl", "jwt-ttl", "dns", "ip", "hint"}
+	fields := []string{"spiffe-id", "parent-id", "selector", "add-selector", "remove-selector", "x509-ttl", "jwt-ttl", "dns", "ip", "federates-with", "hint"}
 	if !slices.ContainsFunc(fields, changed) {
 		return nil, clirun.Usagef("nothing to change: give at least one of --%s", strings.Join(fields, ", --"))
 	}
@@ -304,6 +306,9 @@ func (f *entryFlags) changes(cmd *cobra.Command) (func(api.Entry) (api.Entry, er
 		}
 		if changed("ip") {
 			e.IPAddresses = ipAddresses(f.ips)
+		}
+		if changed("federates-with") {
+			e.FederatesWith = dnsNames(f.federatesWith)
 		}
 		if changed("hint") {
 			e.Hint = f.hint
@@ -407,7 +412,8 @@ func entryRows(e *api.Entry) [][]string {
 	return [][]string{
 		{"id", e.ID}, {"spiffe_id", e.SPIFFEID}, {"parent_id", e.ParentID}, {"selectors", selectorString(e.Selectors)},
 		{"x509_ttl", ttlString(e.X509TTL, e.EffectiveX509TTL)}, {"jwt_ttl", ttlString(e.JWTTTL, e.EffectiveJWTTTL)},
-		{"dns_names", strings.Join(e.DNSNames, ",")}, {"ip_addresses", strings.Join(e.IPAddresses, ",")}, {"hint", e.Hint},
+		{"dns_names", strings.Join(e.DNSNames, ",")}, {"ip_addresses", strings.Join(e.IPAddresses, ",")},
+		{"federates_with", strings.Join(e.FederatesWith, ",")}, {"hint", e.Hint},
 		{"revision", fmt.Sprint(e.Revision)},
 	}
 }

@@ -46,11 +46,12 @@ type admin struct {
 	log        *slog.Logger
 	authLog    *rateLog // refusals of authenticated callers, rate-limited
 
-	seen   *seenAgents // this node's view of agent contacts (agentseen.go)
-	state  *state.FSM  // the replica this service administers
-	member raftMember  // commands, reads and membership
-	ca     adminSigner // issues admin certificates
-	jwt    jwtRotator  // this node's JWT signing keys
+	seen   *seenAgents        // this node's view of agent contacts (agentseen.go)
+	state  *state.FSM         // the replica this service administers
+	member raftMember         // commands, reads and membership
+	ca     adminSigner        // issues admin certificates
+	jwt    jwtRotator         // this node's JWT signing keys
+	fed    *federationFetcher // this node's fetch status of foreign bundles (nil: none)
 	// renew installs renewed issuing certificates (issuingcert.go; nil:
 	// refused).
 	renew *issuingRenewal
@@ -133,6 +134,12 @@ func commandTarget(payload any) string {
 		return p.Name
 	case state.Revoke:
 		return p.Serial
+	case *state.Federation:
+		return p.TrustDomain
+	case state.FederationDelete:
+		return p.TrustDomain
+	case state.FederationBundleSet:
+		return p.TrustDomain
 	}
 	return ""
 }
@@ -748,6 +755,12 @@ func (a *admin) BundleShow(ctx context.Context, _ *api.Empty) (*api.BundleRespon
 
 // SPIFFEBundle renders the trust bundle as a SPIFFE bundle document.
 func SPIFFEBundle(td spiffeid.TrustDomain, b state.Bundle) ([]byte, error) {
+	return spiffeBundleDoc(td, b, 0)
+}
+
+// spiffeBundleDoc is SPIFFEBundle with a spiffe_refresh_hint (0: none),
+// as the bundle endpoint serves it to federated trust domains.
+func spiffeBundleDoc(td spiffeid.TrustDomain, b state.Bundle, hint time.Duration) ([]byte, error) {
 	sb := spiffebundle.New(td)
 	for _, der := range b.Roots {
 		c, err := x509.ParseCertificate(der)
@@ -766,6 +779,9 @@ func SPIFFEBundle(td spiffeid.TrustDomain, b state.Bundle) ([]byte, error) {
 		}
 	}
 	sb.SetSequenceNumber(b.Sequence)
+	if hint > 0 {
+		sb.SetRefreshHint(hint)
+	}
 	return sb.Marshal()
 }
 

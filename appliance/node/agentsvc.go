@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/json"
+	"slices"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -30,6 +31,7 @@ type syncState interface {
 	Bundle() state.Bundle
 	Index() uint64
 	EntriesByParent(parent string) []state.Entry
+	FederatedBundles(names []string) map[string][]byte
 	AgentChanged(id string) <-chan struct{}
 	Changed() <-chan struct{}
 }
@@ -98,8 +100,9 @@ func (s *agentSvc) Sync(r *api.SyncRequest, stream grpc.ServerStreamingServer[ap
 		if je, ok := ag.JobEntry(); ok {
 			entries = append(entries, je)
 		}
-		u := &api.SyncUpdate{Revision: s.state.Index(), Entries: apiEntries(entries), Bundle: apiBundle(b)}
-		view, _ := json.Marshal([]any{u.Entries, u.Bundle})
+		u := &api.SyncUpdate{Revision: s.state.Index(), Entries: apiEntries(entries), Bundle: apiBundle(b),
+			Federated: s.state.FederatedBundles(federatesWith(entries))}
+		view, _ := json.Marshal([]any{u.Entries, u.Bundle, u.Federated})
 		// A view at the revision already sent is sent again if it differs:
 		// a read between an apply's index and its refreshed bundle saw the
 		// old bundle at the new revision, and the wake that follows finds
@@ -122,4 +125,18 @@ func (s *agentSvc) Sync(r *api.SyncRequest, stream grpc.ServerStreamingServer[ap
 		case <-behind:
 		}
 	}
+}
+
+// federatesWith is the trust domains an agent's entries federate with,
+// each once. A name whose relationship was deleted finds no bundle.
+func federatesWith(entries []state.Entry) []string {
+	var out []string
+	for _, e := range entries {
+		for _, td := range e.FederatesWith {
+			if !slices.Contains(out, td) {
+				out = append(out, td)
+			}
+		}
+	}
+	return out
 }

@@ -82,6 +82,14 @@ const (
 // served over TLS with this node's SPIFFE identity).
 type BundleConfig struct {
 	Listen string `yaml:"listen"`
+	// RefreshHint is the spiffe_refresh_hint the endpoint serves: how
+	// often federated trust domains should fetch the bundle again
+	// (default 5m). Shorter than the time between a new root or JWT key
+	// and its use, so that peers have it first.
+	RefreshHint Duration `yaml:"refresh-hint"`
+	// MinFetchInterval bounds how often the leader fetches a foreign
+	// bundle endpoint whatever that bundle's hint says (default 30s).
+	MinFetchInterval Duration `yaml:"min-fetch-interval"`
 }
 
 // JoinConfig says how agents may join through this node.
@@ -278,6 +286,11 @@ func (c *Config) validateOIDC(bad func(field, format string, a ...any)) {
 			bad("http.oidc-key", "%v", err)
 		} else if u.PINSource == "" {
 			bad("http.oidc-key", "needs pin-source=file:/path (the PIN is never in the config)")
+		} else if iss, err := pkcs11.ParseURI(c.IssuingKey); err == nil && u.Token == iss.Token &&
+			(u.Object != "" && u.Object == iss.Object || len(u.ID) > 0 && string(u.ID) == string(iss.ID)) {
+			bad("http.oidc-key", "names the issuing CA's key: a TLS key must be a key of its own")
+		} else if strings.HasPrefix(u.Object, "sigil-jwt-") {
+			bad("http.oidc-key", "names a JWT signing key: a TLS key must be a key of its own")
 		}
 	default:
 		if err := checkKeyFileMode(h.OIDCKey); err != nil {
@@ -514,6 +527,18 @@ func (c *Config) validate(bad func(field, format string, a ...any)) {
 		if _, _, err := net.SplitHostPort(c.Bundle.Listen); err != nil {
 			bad("bundle.listen", "must be host:port (got %q)", c.Bundle.Listen)
 		}
+	}
+	if c.Bundle.RefreshHint.Duration == 0 {
+		c.Bundle.RefreshHint.Duration = defaultBundleRefreshHint
+	}
+	if d := c.Bundle.RefreshHint.Duration; d < time.Second || d > 24*time.Hour {
+		bad("bundle.refresh-hint", "must be between 1s and 24h (got %v)", d)
+	}
+	if c.Bundle.MinFetchInterval.Duration == 0 {
+		c.Bundle.MinFetchInterval.Duration = minFederationRefresh
+	}
+	if d := c.Bundle.MinFetchInterval.Duration; d < time.Second || d > maxFederationRefresh {
+		bad("bundle.min-fetch-interval", "must be between 1s and %v (got %v)", maxFederationRefresh, d)
 	}
 	if c.Join.AgentSVIDTTL.Duration == 0 {
 		c.Join.AgentSVIDTTL.Duration = time.Hour

@@ -49,6 +49,8 @@ func TestConfigParsing(t *testing.T) {
 		{"node-id: n1\napi:\n  max-anonymous-calls-per-source: 65\n", "api.max-anonymous-calls-per-source must be between 1 and api.max-anonymous-calls, 64 (got 65)"},
 		{"node-id: n1\napi:\n  max-anonymous-calls-per-connection: 9\n", "api.max-anonymous-calls-per-connection must be between 1 and api.max-anonymous-calls-per-source, 8 (got 9)"},
 		{"node-id: n1\napi:\n  anonymous-call-timeout: 1h\n", "api.anonymous-call-timeout must be between"},
+		{"node-id: n1\nbundle:\n  refresh-hint: 500ms\n", "bundle.refresh-hint must be between 1s and 24h"},
+		{"node-id: n1\nbundle:\n  min-fetch-interval: 2h\n", "bundle.min-fetch-interval must be between 1s and 1h0m0s"},
 		{"node-id: n1\napi:\n  anonymous-call-timeout: 30s\n  anonymous-connection-max-age: 20s\n", "api.anonymous-connection-max-age must be between api.anonymous-call-timeout, 30s, and 24h (got 20s)"},
 	} {
 		_, err := ParseConfig([]byte(tc.yaml))
@@ -119,6 +121,9 @@ func TestConfigOIDC(t *testing.T) {
 		{listener(good, cert, "pkcs11:token=t;object=k?module-path=/x.so"), "http.oidc-key needs pin-source"},
 		{listener(good, cert, "pkcs11:token=t;object=k?module-path=/x.so&pin-value=1234"), "pin-value is not allowed"},
 		{"node-id: n1\nhttp:\n  oidc-cert: /etc/x.pem\n", "http.oidc-cert is set but http.oidc-listen is not"},
+		{"issuing-key: \"pkcs11:token=t;object=ca?module-path=/x.so&pin-source=file:/p\"\n" + listener(good, cert, "pkcs11:token=t;object=ca?module-path=/x.so&pin-source=file:/p"),
+			"http.oidc-key names the issuing CA's key"},
+		{listener(good, cert, "pkcs11:token=t;object=sigil-jwt-abc?module-path=/x.so&pin-source=file:/p"), "http.oidc-key names a JWT signing key"},
 		{"node-id: n1\nhttp:\n  oidc-listen: nowhere\n", `http.oidc-listen must be host:port (got "nowhere")`},
 	} {
 		_, err := ParseConfig([]byte(tc.yaml))

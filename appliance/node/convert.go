@@ -31,18 +31,19 @@ func convertAll[T, U any](s []T, f func(T) U) []U {
 // apiEntry is a stored entry as the API serves it.
 func apiEntry(e state.Entry) api.Entry {
 	return api.Entry{
-		ID:          e.ID,
-		SPIFFEID:    e.SPIFFEID,
-		ParentID:    e.ParentID,
-		Selectors:   convertAll(e.Selectors, func(s state.Selector) api.Selector { return api.Selector{Type: s.Type, Value: s.Value} }),
-		X509TTL:     api.Seconds(e.X509TTL),
-		JWTTTL:      api.Seconds(e.JWTTTL),
-		DNSNames:    slices.Clone(e.DNSNames),
-		IPAddresses: slices.Clone(e.IPAddresses),
-		Hint:        e.Hint,
-		CreatedAt:   e.CreatedAt,
-		UpdatedAt:   e.UpdatedAt,
-		Revision:    e.Revision,
+		ID:            e.ID,
+		SPIFFEID:      e.SPIFFEID,
+		ParentID:      e.ParentID,
+		Selectors:     convertAll(e.Selectors, func(s state.Selector) api.Selector { return api.Selector{Type: s.Type, Value: s.Value} }),
+		X509TTL:       api.Seconds(e.X509TTL),
+		JWTTTL:        api.Seconds(e.JWTTTL),
+		DNSNames:      slices.Clone(e.DNSNames),
+		IPAddresses:   slices.Clone(e.IPAddresses),
+		FederatesWith: slices.Clone(e.FederatesWith),
+		Hint:          e.Hint,
+		CreatedAt:     e.CreatedAt,
+		UpdatedAt:     e.UpdatedAt,
+		Revision:      e.Revision,
 
 		EffectiveX509TTL: api.Seconds(effective(e.X509TTL, defaultX509TTL) / time.Second),
 		EffectiveJWTTTL:  api.Seconds(effective(e.JWTTTL, defaultJWTTTL) / time.Second),
@@ -63,18 +64,19 @@ func apiEntries(es []state.Entry) []api.Entry { return convertAll(es, apiEntry) 
 // times and the revision itself).
 func stateEntry(e api.Entry) state.Entry {
 	return state.Entry{
-		ID:          e.ID,
-		SPIFFEID:    e.SPIFFEID,
-		ParentID:    e.ParentID,
-		Selectors:   convertAll(e.Selectors, func(s api.Selector) state.Selector { return state.Selector{Type: s.Type, Value: s.Value} }),
-		X509TTL:     state.Seconds(e.X509TTL),
-		JWTTTL:      state.Seconds(e.JWTTTL),
-		DNSNames:    slices.Clone(e.DNSNames),
-		IPAddresses: slices.Clone(e.IPAddresses),
-		Hint:        e.Hint,
-		CreatedAt:   e.CreatedAt,
-		UpdatedAt:   e.UpdatedAt,
-		Revision:    e.Revision,
+		ID:            e.ID,
+		SPIFFEID:      e.SPIFFEID,
+		ParentID:      e.ParentID,
+		Selectors:     convertAll(e.Selectors, func(s api.Selector) state.Selector { return state.Selector{Type: s.Type, Value: s.Value} }),
+		X509TTL:       state.Seconds(e.X509TTL),
+		JWTTTL:        state.Seconds(e.JWTTTL),
+		DNSNames:      slices.Clone(e.DNSNames),
+		IPAddresses:   slices.Clone(e.IPAddresses),
+		FederatesWith: slices.Clone(e.FederatesWith),
+		Hint:          e.Hint,
+		CreatedAt:     e.CreatedAt,
+		UpdatedAt:     e.UpdatedAt,
+		Revision:      e.Revision,
 	}
 }
 

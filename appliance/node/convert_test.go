@@ -22,7 +22,7 @@ func convTime(h int) time.Time {
 func fullEntry() state.Entry {
 	return state.Entry{ID: "e1", SPIFFEID: "spiffe://example.org/web", ParentID: "spiffe://example.org/sigil/agent/a1",
 		Selectors: []state.Selector{{Type: "unix", Value: "uid:1000"}, {Type: "unix", Value: "gid:10"}},
-		X509TTL:   3600, JWTTTL: 300, DNSNames: []string{"web.example.org", "web"}, IPAddresses: []string{"10.0.0.5", "fd00::1"}, Hint: "web",
+		X509TTL:   3600, JWTTTL: 300, DNSNames: []string{"web.example.org", "web"}, IPAddresses: []string{"10.0.0.5", "fd00::1"}, FederatesWith: []string{"other.org"}, Hint: "web",
 		CreatedAt: convTime(0), UpdatedAt: convTime(1), Revision: 42}
 }
 
@@ -208,7 +208,7 @@ func wantKeys(s string) []string {
 // sigilctl --output json scripts read: they must not drift.
 func TestEntryJSONWireNames(t *testing.T) {
 	full := apiEntry(fullEntry())
-	if got, want := jsonKeys(t, full), wantKeys("id spiffe_id parent_id selectors x509_ttl jwt_ttl dns_names ip_addresses hint created_at updated_at revision effective_x509_ttl effective_jwt_ttl"); !slices.Equal(got, want) {
+	if got, want := jsonKeys(t, full), wantKeys("id spiffe_id parent_id selectors x509_ttl jwt_ttl dns_names ip_addresses federates_with hint created_at updated_at revision effective_x509_ttl effective_jwt_ttl"); !slices.Equal(got, want) {
 		t.Errorf("api.Entry JSON keys %v, want %v", got, want)
 	}
 	if got, want := jsonKeys(t, api.Entry{}), wantKeys("id spiffe_id parent_id selectors created_at updated_at revision"); !slices.Equal(got, want) {

@@ -192,7 +192,7 @@ func (n *Node) bundleHandler() http.Handler {
 			http.NotFound(w, r)
 			return
 		}
-		doc, err := SPIFFEBundle(n.td, n.fsm.Bundle())
+		doc, err := spiffeBundleDoc(n.td, n.fsm.Bundle(), n.cfg.Bundle.RefreshHint.Duration)
 		if err != nil {
 			http.Error(w, "bundle unavailable", http.StatusInternalServerError)
 			return

@@ -86,7 +86,8 @@ type Node struct {
 	batch    *auditBatcher
 	refusals *refusals // anonymous join refusals, summarized (refusals.go)
 	jwt      *ca.JWTKeys
-	issuer   *issuer // X.509- and JWT-SVIDs for agents (issuance.go)
+	issuer   *issuer            // X.509- and JWT-SVIDs for agents (issuance.go)
+	fed      *federationFetcher // the leader's fetches of foreign bundles (federation.go)
 	crls     crlCache
 	renew    *issuingRenewal // issuingcert.go
 
@@ -231,6 +232,9 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 	go func() { defer n.wg.Done(); n.checkpointLoop(runCtx) }()
 	n.wg.Add(1)
 	go func() { defer n.wg.Done(); n.retentionLoop(runCtx) }()
+	n.fed = newFederationFetcher(n)
+	n.wg.Add(1)
+	go func() { defer n.wg.Done(); n.fed.run(runCtx) }() // federation.go
 	if cfg.Cluster.Bootstrap {
 		switch err := n.raft.Bootstrap(ctx); {
 		case err == nil:
@@ -556,5 +560,5 @@ func (n *Node) auditExportDir() string {
 // adminSvc is the admin service over this node's state, raft member and CA.
 func (n *Node) adminSvc() *admin {
 	return &admin{seen: &n.seen, td: n.td, nodeID: n.cfg.NodeID, roots: n.roots, dataDir: n.cfg.DataDir, maxCertTTL: n.adminCertMaxTTL(),
-		log: n.log, authLog: n.authLog, state: n.fsm, member: n.member(), ca: n.auth, jwt: n.jwt, renew: n.renew}
+		log: n.log, authLog: n.authLog, state: n.fsm, member: n.member(), ca: n.auth, jwt: n.jwt, fed: n.fed, renew: n.renew}
 }

@@ -19,6 +19,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/go-jose/go-jose/v4"
@@ -206,6 +207,8 @@ type oidcCert struct {
 	cur     *tls.Certificate
 	stamp   string // the files' sizes and modification times when loaded
 	checked time.Time
+	// failLogged is when a reload that failed was last logged.
+	failLogged time.Time
 }
 
 func (c *oidcCert) hsmKey() bool { return strings.HasPrefix(c.keyRef, "pkcs11:") }
@@ -287,6 +290,11 @@ func readKeyFile(path string) (crypto.Signer, error) {
 	if st.Mode().Perm()&0o077 != 0 {
 		return nil, fmt.Errorf("%s has mode %v; a private key must be readable by its owner only (chmod 600)", path, st.Mode().Perm())
 	}
+	// Owned by sigild's user or root: a file another user owns could be
+	// replaced by that user, and is reloaded within seconds.
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok && sys.Uid != 0 && int(sys.Uid) != os.Getuid() {
+		return nil, fmt.Errorf("%s is owned by uid %d; the OIDC key must be owned by sigild's user (uid %d) or root", path, sys.Uid, os.Getuid())
+	}
 	b, err := io.ReadAll(io.LimitReader(f, oidcMaxKeyFile+1))
 	if err != nil {
 		return nil, err
@@ -347,8 +355,13 @@ func (c *oidcCert) get(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
 	}
 	next, err := c.load(ctx)
 	if err != nil {
-		c.log.Error("OIDC certificate changed but does not load; serving the previous one", "err", err)
-		c.stamp = stamp // logged once per change, not per handshake
+		// Tried again at the next recheck (the HSM may have failed for a
+		// moment; the stamp covers only the files), logged at most once a
+		// minute.
+		if time.Since(c.failLogged) >= time.Minute {
+			c.log.Error("OIDC certificate changed but does not load; serving the previous one", "err", err)
+			c.failLogged = time.Now()
+		}
 		return c.cur, nil
 	}
 	c.log.Info("OIDC certificate reloaded", "subject", next.Leaf.Subject.String(), "not_after", next.Leaf.NotAfter)

@@ -561,7 +561,7 @@ func TestAttackForgedArchive(t *testing.T) {
 		}{
 			"meta index":         {withFrame(atkFrame{frameMeta, keyIndex, u64Key(1)}), "unknown meta key"},
 			"meta audit head":    {withFrame(atkFrame{frameMeta, keyAuditHead, head}), "unknown meta key"},
-			"index bucket frame": {append(append([]atkFrame(nil), frames...), atkFrame{frameJobToken + 1, []byte("x"), []byte("entry-0001")}), "unknown frame kind"},
+			"index bucket frame": {append(append([]atkFrame(nil), frames...), atkFrame{frameFederation + 1, []byte("x"), []byte("entry-0001")}), "unknown frame kind"},
 			"out of order": {func() []atkFrame {
 				out := append([]atkFrame(nil), frames...)
 				i := slices.IndexFunc(out, func(x atkFrame) bool { return x.kind == frameEntry })

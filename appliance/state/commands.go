@@ -335,7 +335,7 @@ func validateEntry(td spiffeid.TrustDomain, e *Entry, strict bool) error {
 	if len(e.Hint) > 64 {
 		return refuse("hint is longer than 64 characters")
 	}
-	return nil
+	return checkEntryFederatesWith(td, e)
 }
 
 // CheckIPSAN checks one IP SAN of an entry: an address a workload can be
@@ -475,6 +475,9 @@ func applyEntryCreate(t *txn, e *Entry) (any, []AuditEvent, error) {
 	if err := t.checkIPSANVersion(e); err != nil {
 		return nil, nil, err
 	}
+	if err := t.checkFederatesWith(e); err != nil {
+		return nil, nil, err
+	}
 	sortSelectors(e.Selectors)
 	if err := validateEntry(t.f.td, e, t.strictEntries()); err != nil {
 		return nil, nil, err
@@ -495,6 +498,9 @@ func applyEntryCreate(t *txn, e *Entry) (any, []AuditEvent, error) {
 
 func applyEntryUpdate(t *txn, e *Entry) (any, []AuditEvent, error) {
 	if err := t.checkIPSANVersion(e); err != nil {
+		return nil, nil, err
+	}
+	if err := t.checkFederatesWith(e); err != nil {
 		return nil, nil, err
 	}
 	sortSelectors(e.Selectors)

@@ -46,11 +46,12 @@ import (
 // (EntryRulesVersion). Version 5: a renewal may name the certificate the
 // agent's last renewal replaced, within RenewGrace of that renewal
 // (RenewGraceVersion). Version 6: job identity (join rules, job.join,
-// job.end; JobVersion), and IP SANs on entries (IPSANVersion). Version 7
-// is reserved for another branch. Version 8: a node's issuing CA renewed
-// while it runs (CmdNodeCAInstall, NodeCAInstallVersion). The rules a
-// version brings apply to its commands only: a log of version 2 commands
-// replays exactly as it was first applied.
+// job.end; JobVersion), and IP SANs on entries (IPSANVersion). Version
+// 7: SPIFFE federation (relationships, foreign bundles, entries'
+// federates_with; FederationVersion). Version 8: a node's issuing CA
+// renewed while it runs (CmdNodeCAInstall, NodeCAInstallVersion). The
+// rules a version brings apply to its commands only: a log of version 2
+// commands replays exactly as it was first applied.
 const CommandVersion = NodeCAInstallVersion
 
 // minCommandVersion is the oldest envelope version this code still
@@ -137,6 +138,10 @@ type FSM struct {
 	mu       sync.Mutex // watchers
 	watch    chan struct{}
 	cfgWatch chan struct{}
+	// fedWatch is closed when a federation relationship or a foreign
+	// bundle changes (and at a restore): the leader's fetch loop reads
+	// the relationships again only then, not at every agent's renewal.
+	fedWatch chan struct{}
 	// agentWatch: one channel per agent someone waits on (AgentChanged),
 	// closed when that agent's view changes. A change to one agent's
 	// entries wakes its own stream only, not every agent's.
@@ -170,7 +175,7 @@ func Open(td spiffeid.TrustDomain, opts Options) (*FSM, error) {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	f := &FSM{td: td, opts: opts, log: opts.Logger.With("component", "state"),
-		watch: make(chan struct{}), cfgWatch: make(chan struct{})}
+		watch: make(chan struct{}), cfgWatch: make(chan struct{}), fedWatch: make(chan struct{})}
 	if err := os.MkdirAll(filepath.Dir(opts.Path), 0o700); err != nil {
 		return nil, err
 	}
@@ -269,6 +274,9 @@ type txn struct {
 	// bundleQuiet: the bundle changed in a way only the agents touched in
 	// this command need to hear of (revocations of their own SVIDs).
 	bundleQuiet bool
+	// a federation relationship or a foreign bundle changed: agents'
+	// federated bundles, so every agent's view (federation.go)
+	federationChanged bool
 	// agents whose view changed (their entries, their own record); a
 	// config change that names none changes every agent's view
 	agentsChanged map[string]bool
@@ -432,10 +440,20 @@ func (f *FSM) afterChange(t *txn) {
 	f.mu.Lock()
 	close(f.watch)
 	f.watch = make(chan struct{})
-	if t.configChanged || t.bundleChanged || t.policyChanged {
+	if t.federationChanged {
+		close(f.fedWatch)
+		f.fedWatch = make(chan struct{})
+	}
+	if t.configChanged || t.bundleChanged || t.policyChanged || t.federationChanged {
 		close(f.cfgWatch)
 		f.cfgWatch = make(chan struct{})
-		if t.bundleChanged || t.policyChanged || len(t.agentsChanged) == 0 {
+		// A foreign bundle's change wakes every agent, not only those whose
+		// entries federate with it: finding those would cost a scan of the
+		// entries (or an index kept for it) per change. The cost is one view
+		// per connected agent (its entries read, the view hashed; sent only
+		// if it changed) for each bundle change, and a foreign bundle changes
+		// at most once per fetch interval (30 s to 1 h, 5 min by default).
+		if t.bundleChanged || t.policyChanged || t.federationChanged || len(t.agentsChanged) == 0 {
 			f.wakeAllAgentsLocked()
 		} else {
 			for id := range t.agentsChanged {
@@ -468,8 +486,9 @@ func (f *FSM) wakeAllAgentsLocked() {
 }
 
 // AgentChanged returns a channel closed at the next change to what an
-// agent sees: its entries, its own record (a ban, a removal), the bundle
-// or the join policy, or a restored state. Entries and bans of other
+// agent sees: its entries, its own record (a ban, a removal), the bundle,
+// the join policy, a federation relationship or foreign bundle, or a
+// restored state. Entries and bans of other
 // agents do not close it: a fleet's sync streams are not all woken by a
 // change that concerns one of them. The channel is shared by everyone
 // waiting on the same agent; it is forgotten once closed.
@@ -499,6 +518,14 @@ func (f *FSM) Changed() <-chan struct{} {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.watch
+}
+
+// FederationsChanged returns a channel closed at the next change to a
+// federation relationship or a foreign bundle.
+func (f *FSM) FederationsChanged() <-chan struct{} {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.fedWatch
 }
 
 // ConfigChanged returns a channel closed at the next change to entries,

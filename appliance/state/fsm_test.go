@@ -47,7 +47,7 @@ func newFSM(t testing.TB) *FSM {
 // applier feeds commands with increasing raft indexes, proposed by node-1:
 // admin commands as admin, node commands as the node itself.
 type applier struct {
-	t     *testing.T
+	t     testing.TB
 	fsm   *FSM
 	index uint64
 }

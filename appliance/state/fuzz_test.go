@@ -2,6 +2,7 @@ package state
 
 import (
 	"bytes"
+	"strings"
 	"testing"
 )
 
@@ -63,6 +64,43 @@ func FuzzApply(f *testing.F) {
 		}
 		if rep := fsm.VerifyAuditLog(nil); !rep.Intact {
 			t.Fatalf("audit chain broken at %d: %v", rep.FirstBad, rep.Error)
+		}
+	})
+}
+
+// FuzzForeignBundle: whatever a foreign bundle endpoint serves, the state
+// machine's rule takes only a bounded bundle of that trust domain that
+// names none of ours, and never one behind the stored sequence.
+func FuzzForeignBundle(f *testing.F) {
+	root := fedCA(f, "other.org")
+	stored := fedBundle(f, "other.org", 5, root)
+	f.Add(stored)
+	f.Add(fedBundle(f, "other.org", 6, root))
+	f.Add(fedBundle(f, "other.org", 4, root))
+	f.Add(fedBundle(f, "other.org", -1, root))
+	f.Add([]byte(`{"keys":[{"use":"jwt-svid","kty":"EC","crv":"P-256","kid":"k","x":"AA","y":"AA"}],"spiffe_sequence":9}`))
+	f.Add([]byte(`{}`))
+	cur := &Federation{TrustDomain: "other.org", Bundle: stored, BundleSequence: 5, HasSequence: true}
+	f.Fuzz(func(t *testing.T, doc []byte) {
+		b, err := NextBundle(td, cur, doc)
+		if err != nil {
+			return
+		}
+		if len(doc) > MaxFederatedBundle || len(b.X509Authorities()) > MaxFederatedAuthorities || len(b.JWTAuthorities()) > MaxFederatedAuthorities {
+			t.Fatalf("accepted an unbounded bundle (%d bytes)", len(doc))
+		}
+		if seq, ok := b.SequenceNumber(); !ok || seq < 5 {
+			t.Fatalf("accepted sequence %d (%v) after 5", seq, ok)
+		}
+		for _, c := range b.X509Authorities() {
+			if !c.IsCA {
+				t.Fatal("accepted a non-CA X.509 authority")
+			}
+			for _, u := range c.URIs {
+				if strings.HasPrefix(u.String(), "spiffe://example.org") {
+					t.Fatal("accepted an authority naming our trust domain")
+				}
+			}
 		}
 	})
 }

@@ -27,6 +27,10 @@ import (
 //     against a rule before the restore commits after it; job agents
 //     (runs) are not part of an archive's configuration and stay as
 //     they are, as do the platform tokens already used;
+//   - federation relationships become the archive's (each checked as
+//     federation.add checks it), but a foreign bundle never goes back:
+//     where this appliance holds one for the same trust domain, the
+//     archive's replaces it only if it is ahead in sequence;
 //   - join tokens are the archive's that this appliance still holds, with
 //     this appliance's used/unused state (a restore cannot revive a used
 //     token or plant a new one);
@@ -53,6 +57,9 @@ type StateRestore struct {
 	RootCRLs []RootCRL `json:"root_crls,omitempty"`
 	// JoinRules replace the appliance's (version 6).
 	JoinRules []JoinRule `json:"join_rules,omitempty"`
+	// Federations replace the appliance's relationships (version 7), their
+	// bundles never going back (replaceFederations).
+	Federations []Federation `json:"federations,omitempty"`
 }
 
 // ReadArchive verifies an archive completely (layout, checksum, trust
@@ -111,6 +118,14 @@ func (f *FSM) ReadArchive(r io.Reader, dir string) (*StateRestore, ArchiveMeta, 
 			var r JoinRule
 			err := decodeStrict(v, &r)
 			p.JoinRules = append(p.JoinRules, r)
+			return err
+		}); err != nil {
+			return err
+		}
+		if err := tx.Bucket(bFederations).ForEach(func(_, v []byte) error {
+			var r Federation
+			err := decodeStrict(v, &r)
+			p.Federations = append(p.Federations, r)
 			return err
 		}); err != nil {
 			return err
@@ -179,6 +194,12 @@ func applyStateRestore(t *txn, p *StateRestore) (any, []AuditEvent, error) {
 		if err := t.checkIPSANVersion(e); err != nil {
 			problem("%v", strings.TrimPrefix(err.Error(), ErrRefused.Error()+": "))
 		}
+		// An entry may name a relationship deleted since (as in the state
+		// itself): only the field's version is checked, not the name.
+		if len(e.FederatesWith) > 0 && t.c.Version < FederationVersion {
+			problem("entry %s: federates_with is restored by version %d commands, not %d", truncate(e.ID, 64), FederationVersion, t.c.Version)
+		}
+		slices.Sort(e.FederatesWith)
 		if ids[e.ID] {
 			problem("entry %s appears twice", e.ID)
 		}
@@ -203,6 +224,23 @@ func applyStateRestore(t *txn, p *StateRestore) (any, []AuditEvent, error) {
 	}
 	if len(p.JoinRules) > MaxJoinRules {
 		problem("%d join rules: at most %d", len(p.JoinRules), MaxJoinRules)
+	}
+	if len(p.Federations) > 0 && t.c.Version < FederationVersion {
+		problem("federation relationships are restored by version %d commands, not %d", FederationVersion, t.c.Version)
+	}
+	if len(p.Federations) > MaxFederations {
+		problem("%d federation relationships: at most %d", len(p.Federations), MaxFederations)
+	}
+	fedNames := map[string]bool{}
+	for i := range p.Federations {
+		f := &p.Federations[i]
+		if err := checkStoredFederation(t.f.td, f); err != nil {
+			problem("%v", strings.TrimPrefix(err.Error(), ErrRefused.Error()+": "))
+		}
+		if fedNames[f.TrustDomain] {
+			problem("federation with %s appears twice", truncate(f.TrustDomain, 128))
+		}
+		fedNames[f.TrustDomain] = true
 	}
 	ruleNames := map[string]bool{}
 	for i := range p.JoinRules {
@@ -356,6 +394,10 @@ func applyStateRestore(t *txn, p *StateRestore) (any, []AuditEvent, error) {
 	if err != nil {
 		return nil, nil, err
 	}
+	fedsChanged, err := t.replaceFederations(p.Federations)
+	if err != nil {
+		return nil, nil, err
+	}
 	rev := t.tx.Bucket(bRevoked)
 	merged := 0
 	for _, r := range p.Revocations {
@@ -393,6 +435,8 @@ func applyStateRestore(t *txn, p *StateRestore) (any, []AuditEvent, error) {
 		"root_crls_adopted":    strconv.Itoa(crlsAdopted),
 		"join_rules":           strconv.Itoa(len(p.JoinRules)),
 		"join_rules_changed":   strconv.FormatBool(rulesChanged),
+		"federations":          strconv.Itoa(len(p.Federations)),
+		"federations_changed":  strconv.FormatBool(fedsChanged),
 		// Which entries, as far as the detail bound allows (cut with …).
 		"entries_added_ids":   strings.Join(addedIDs, ","),
 		"entries_changed_ids": strings.Join(changedIDs, ","),

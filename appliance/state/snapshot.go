@@ -49,12 +49,13 @@ const (
 	frameAudit
 	frameJoinRule
 	frameJobToken
+	frameFederation
 )
 
 var frameBuckets = map[byte][]byte{
 	frameMeta: bMeta, frameEntry: bEntries, frameAgent: bAgents, frameToken: bTokens,
 	frameJWTKey: bJWTKeys, frameRevocation: bRevoked, frameSVID: bSVIDs, frameAudit: bAudit,
-	frameJoinRule: bJoinRules, frameJobToken: bJobTokens,
+	frameJoinRule: bJoinRules, frameJobToken: bJobTokens, frameFederation: bFederations,
 }
 
 // streamMetaKeys are the meta values a stream carries; the index and the
@@ -201,7 +202,7 @@ func writeStream(w io.Writer, td string, tx *bolt.Tx, index uint64, node string,
 		_, err := hw.w.Write(nil)
 		return err
 	}
-	for kind := frameMeta; kind <= frameJobToken; kind++ {
+	for kind := frameMeta; kind <= frameFederation; kind++ {
 		err := tx.Bucket(frameBuckets[kind]).ForEach(func(k, v []byte) error {
 			if kind == frameMeta && !streamMetaKeys[string(k)] {
 				return nil
@@ -390,6 +391,8 @@ type loader struct {
 	chain chainCheck
 	kind  byte
 	last  []byte
+	// feds counts relationships (bucket stats miss the batch's writes)
+	feds int
 }
 
 const loaderBatch = 20000
@@ -515,6 +518,11 @@ func (l *loader) check(kind byte, k, v []byte) error {
 		return loadJoinRuleFrame(k, v)
 	case frameJobToken:
 		return loadJobTokenFrame(tx, k, v)
+	case frameFederation:
+		if l.feds++; l.feds > MaxFederations {
+			return fmt.Errorf("more than %d federation relationships", MaxFederations)
+		}
+		return loadFederationFrame(l.f.td, k, v)
 	case frameToken:
 		var t JoinToken
 		if err := decodeStrict(v, &t); err != nil || t.ID != string(k) || !hexHashRE.MatchString(t.ID) {
@@ -671,6 +679,8 @@ func (f *FSM) Restore(r io.Reader) error {
 	close(f.watch)
 	f.watch = make(chan struct{})
 	close(f.cfgWatch)
+	close(f.fedWatch)
+	f.fedWatch = make(chan struct{})
 	f.cfgWatch = make(chan struct{})
 	f.wakeAllAgentsLocked()
 	f.mu.Unlock()

@@ -26,7 +26,7 @@ var (
 	bEntriesByReg    = []byte("idx_entries_by_registration")
 	bSVIDsByExpiry   = []byte("idx_svids_by_expiry")
 	bTokensByExpiry  = []byte("idx_tokens_by_expiry")
-	// Job identity's buckets are in jobs.go.
+	// Job identity's buckets are in jobs.go, federation's in federation.go.
 )
 
 // Meta keys.
@@ -42,7 +42,7 @@ var (
 
 var allBuckets = [][]byte{bMeta, bEntries, bAgents, bTokens, bJWTKeys, bRevoked, bSVIDs, bAudit,
 	bEntriesByParent, bEntriesBySPIFFE, bEntriesByReg, bSVIDsByExpiry, bTokensByExpiry,
-	bJoinRules, bJobTokens, bJobTokensByExpiry, bJobAgentsByExpiry}
+	bJoinRules, bJobTokens, bJobTokensByExpiry, bJobAgentsByExpiry, bFederations}
 
 func createBuckets(tx *bolt.Tx) error {
 	for _, b := range allBuckets {

@@ -27,10 +27,14 @@ type Entry struct {
 	// IPAddresses are IP SANs of the entry's X.509-SVIDs, each in its
 	// canonical text form (netip.Addr.String); version 6 commands on
 	// (IPSANVersion).
-	IPAddresses []string  `json:"ip_addresses,omitempty"`
-	Hint        string    `json:"hint,omitempty"`
-	CreatedAt   time.Time `json:"created_at"`
-	UpdatedAt   time.Time `json:"updated_at"`
+	IPAddresses []string `json:"ip_addresses,omitempty"`
+	// FederatesWith names the foreign trust domains (federation
+	// relationships) whose bundles the entry's workloads receive; version
+	// 7 commands on (FederationVersion), kept sorted.
+	FederatesWith []string  `json:"federates_with,omitempty"`
+	Hint          string    `json:"hint,omitempty"`
+	CreatedAt     time.Time `json:"created_at"`
+	UpdatedAt     time.Time `json:"updated_at"`
 	// Revision is the raft index of the last change, for watchers that
 	// resume from a revision.
 	Revision uint64 `json:"revision"`
