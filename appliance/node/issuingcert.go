@@ -3,6 +3,7 @@ package node
 import (
 	"bytes"
 	"context"
+	"crypto"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
@@ -13,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -31,19 +33,30 @@ import (
 // leaves the node consistent:
 //  1. the certificate is checked as at start-up, plus revocation and a
 //     later expiry (ca.Authority.CheckRenewal);
-//  2. it is staged beside the configured issuing-cert file (written and
-//     synced, not yet in place): a full disk fails here, before anything
-//     is recorded;
+//  2. it is staged in the node's data directory (installedIssuingDir:
+//     written and synced, not yet in place): a full disk fails here,
+//     before anything is recorded;
 //  3. the change is committed (state.CmdNodeCAInstall, the admin's command
 //     proposed by this node: the state machine checks the chain again and
 //     records the CA as this node's, audited with both serials);
 //  4. the authority swaps its certificate (signings in flight finish with
 //     the old one, which stays valid: peers verify both against the root);
-//  5. the staged file replaces the configured one, the old one kept as
-//     .previous, so a restart uses the new certificate;
+//  5. the staged file becomes <data-dir>/issuing/current.pem, the one it
+//     replaces (if any) kept as previous.pem, so that a restart uses the
+//     new certificate (startIssuing);
 //  6. the node's TLS certificate is renewed under the new CA and a JWT
 //     key carrying it is published (JWT keys carry their CA so that a
 //     root CRL revoking the old CA withdraws only the old keys).
+//
+// The configured issuing-cert file is the operator's: the daemon never
+// writes it (under the packaged unit's ProtectSystem=strict it cannot:
+// /etc is read-only to sigild, and the data directory is its own). At
+// start the node takes the data directory's copy instead of the
+// configured file when that copy is for the same key, node and trust
+// domain, chains to the roots now, and expires later (startIssuing);
+// otherwise the configured file, with a warning naming why the copy was
+// ignored. An operator who puts a newer certificate in the configured
+// file wins the same way: the later expiry is used.
 //
 // A failure after 3 leaves a committed record of a certificate that is
 // valid and the node's: the error says which step failed, and repeating
@@ -55,7 +68,7 @@ import (
 // another (show).
 type issuingRenewal struct {
 	mu    sync.Mutex // one install or show at a time, from check to publication
-	path  string     // the configured issuing-cert file
+	dir   string     // where installed certificates are kept (installedIssuingDir)
 	auth  *ca.Authority
 	ident *ca.NodeIdentity
 	jwt   interface {
@@ -182,11 +195,14 @@ func (r *issuingRenewal) install(ctx context.Context, cert *x509.Certificate, co
 		return nil, refused(err)
 	}
 	old := r.auth.Issuing()
-	staged, err := stageFile(r.path, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}))
+	if err := os.MkdirAll(r.dir, 0o700); err != nil {
+		r.log.Error("issuing certificate not installed: its directory in the data directory cannot be made", "err", err)
+		return nil, status.Errorf(codes.Internal, "make %s: %v (nothing changed)", r.dir, err)
+	}
+	staged, err := stageFile(filepath.Join(r.dir, installedIssuingName), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}))
 	if err != nil {
-		r.log.Error("issuing certificate not installed: it cannot be written beside issuing-cert", "err", err)
-		return nil, status.Errorf(codes.Internal, "write the new issuing certificate beside %s: %v (nothing changed; sigild must be able to write that directory: "+
-			"under the packaged unit's ProtectSystem=strict, give it in a ReadWritePaths= drop-in, or keep issuing-cert under /var/lib/sigil)", r.path, err)
+		r.log.Error("issuing certificate not installed: it cannot be written to the data directory", "dir", r.dir, "err", err)
+		return nil, status.Errorf(codes.Internal, "write the new issuing certificate to %s: %v (nothing changed)", r.dir, err)
 	}
 	defer os.Remove(staged) // gone once renamed into place
 	if err := commit(ctx, state.NodeCAInstall{Cert: cert.Raw, Previous: old.SerialNumber.Text(16)}); err != nil {
@@ -200,10 +216,10 @@ func (r *issuingRenewal) install(ctx context.Context, cert *x509.Certificate, co
 	r.log.Warn("issuing CA renewed: new SVIDs are signed by the new certificate",
 		"serial", cert.SerialNumber.Text(16), "not_after", cert.NotAfter.UTC(),
 		"previous_serial", old.SerialNumber.Text(16), "previous_not_after", old.NotAfter.UTC())
-	if err := replaceKeepingPrevious(r.path, staged); err != nil {
-		r.log.Error("the node signs with the new issuing certificate but issuing-cert still holds the old one: a restart would use the old one until this is fixed",
-			"path", r.path, "err", err)
-		return nil, status.Errorf(codes.Internal, "installed and recorded, but %s was not replaced (a restart would use the old certificate; install again to retry): %v", r.path, err)
+	if err := replaceKeepingPrevious(r.dir, staged); err != nil {
+		r.log.Error("the node signs with the new issuing certificate but it was not kept in the data directory: a restart would use the previous one until this is fixed",
+			"dir", r.dir, "err", err)
+		return nil, status.Errorf(codes.Internal, "installed and recorded, but not kept in %s (a restart would use the previous certificate; install again to retry): %v", r.dir, err)
 	}
 	if err := r.ident.Renew(); err != nil {
 		r.log.Warn("node TLS certificate not renewed under the new issuing CA; the old one serves until its half-life", "err", err)
@@ -244,28 +260,75 @@ func stageFile(path string, data []byte) (string, error) {
 	return name, nil
 }
 
-// replaceKeepingPrevious copies path to path.previous (itself replaced
-// atomically) and renames staged over path: at every moment path holds a
-// whole certificate, the old or the new.
-func replaceKeepingPrevious(path, staged string) error {
-	cur, err := os.ReadFile(path)
+// installedIssuingName and installedPreviousName are the files in
+// installedIssuingDir: the certificate installed last, and the one it
+// replaced there.
+const (
+	installedIssuingName  = "current.pem"
+	installedPreviousName = "previous.pem"
+)
+
+// installedIssuingDir is where a node keeps the issuing certificates
+// installed while it ran: its data directory, which sigild may write
+// (the configured issuing-cert file is the operator's, often under /etc).
+func installedIssuingDir(dataDir string) string { return filepath.Join(dataDir, "issuing") }
+
+// replaceKeepingPrevious renames dir/current.pem (if any) to
+// dir/previous.pem and staged to dir/current.pem: at every moment
+// current.pem is absent (no install yet) or holds a whole certificate.
+func replaceKeepingPrevious(dir, staged string) error {
+	cur := filepath.Join(dir, installedIssuingName)
+	if err := os.Rename(cur, filepath.Join(dir, installedPreviousName)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	if err := os.Rename(staged, cur); err != nil {
+		return err
+	}
+	d, err := os.Open(dir) // the renames survive a crash
 	if err != nil {
 		return err
 	}
-	prev, err := stageFile(path, cur)
+	defer d.Close()
+	return d.Sync()
+}
+
+// startIssuing is the issuing certificate a node starts with: the one an
+// install kept in the data directory (installedIssuingDir) when it is
+// for the configured certificate's key, passes ca.CheckIssuing (this
+// HSM key, this node, this trust domain, chains to roots and is valid
+// now) and expires later than configured; otherwise configured. A copy
+// that is there but not used is logged with the reason: it is either
+// stale (the operator put a newer certificate in issuing-cert, which is
+// then used) or not this node's to use.
+func startIssuing(log *slog.Logger, dataDir string, td spiffeid.TrustDomain, nodeID string, signer crypto.Signer, configured *x509.Certificate, roots []*x509.Certificate, now time.Time) *x509.Certificate {
+	path := filepath.Join(installedIssuingDir(dataDir), installedIssuingName)
+	if _, err := os.Lstat(path); errors.Is(err, os.ErrNotExist) {
+		return configured
+	}
+	ignore := func(reason string, args ...any) *x509.Certificate {
+		log.Warn("the issuing certificate installed in the data directory is not used: the configured issuing-cert is",
+			append([]any{"path", path, "reason", reason, "serial", configured.SerialNumber.Text(16), "not_after", configured.NotAfter.UTC()}, args...)...)
+		return configured
+	}
+	c, err := pemfile.ReadCert(path)
 	if err != nil {
-		return err
+		return ignore(err.Error())
 	}
-	if err := os.Rename(prev, path+".previous"); err != nil {
-		os.Remove(prev)
-		return err
+	args := []any{"installed_serial", c.SerialNumber.Text(16), "installed_not_after", c.NotAfter.UTC()}
+	if c.Equal(configured) {
+		return configured // the operator copied it into issuing-cert: nothing to say
 	}
-	if err := os.Rename(staged, path); err != nil {
-		return err
+	if k, ok := configured.PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(c.PublicKey) {
+		return ignore("it is for another key than the configured issuing-cert", args...)
 	}
-	if d, err := os.Open(filepath.Dir(path)); err == nil { // the renames survive a crash
-		d.Sync()
-		d.Close()
+	if !c.NotAfter.After(configured.NotAfter) {
+		return ignore("it expires no later than the configured issuing-cert (stale: a newer certificate was configured)", args...)
 	}
-	return nil
+	if err := ca.CheckIssuing(td, nodeID, signer, c, roots, now); err != nil {
+		return ignore(err.Error(), args...)
+	}
+	log.Info("issuing certificate installed while the node ran is used instead of the configured issuing-cert (it expires later)",
+		"path", path, "serial", c.SerialNumber.Text(16), "not_after", c.NotAfter.UTC(),
+		"configured_serial", configured.SerialNumber.Text(16), "configured_not_after", configured.NotAfter.UTC())
+	return c
 }

@@ -11,6 +11,7 @@ import (
 	"math/big"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -106,6 +107,10 @@ func TestIssuingCertRenewalUnderLoad(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	configured, err := os.ReadFile(c.ConfigOf("node-1").IssuingCert)
+	if err != nil {
+		t.Fatal(err)
+	}
 	before := ok.Load()
 	r, err := c.Admin("node-1").NodeIssuingCertInstall(ctx, &api.IssuingCertRequest{Node: "node-1", PEM: pemBytes})
 	if err != nil {
@@ -198,20 +203,36 @@ func TestIssuingCertRenewalUnderLoad(t *testing.T) {
 		t.Fatalf("cluster status expiries lack node-1's new CA: %+v", st.Expiries)
 	}
 
-	// The file: the new certificate in place, the old one kept.
+	// The files: the configured issuing-cert is the operator's and stays
+	// as it was (the packaged unit could not write it); the installed
+	// certificate is kept in node-1's data directory.
 	path := c.ConfigOf("node-1").IssuingCert
-	if cur, err := os.ReadFile(path); err != nil || !bytes.Equal(cur, pemBytes) {
-		t.Fatalf("%s after the install: %v\n%s", path, err, cur)
+	if cur, err := os.ReadFile(path); err != nil || !bytes.Equal(cur, configured) {
+		t.Fatalf("the install changed the configured %s: %v", path, err)
 	}
-	if prev, err := os.ReadFile(path + ".previous"); err != nil || !bytes.Equal(prev, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: old.Raw})) {
-		t.Fatalf("%s.previous: %v", path, err)
+	dir := filepath.Join(c.ConfigOf("node-1").DataDir, "issuing")
+	if cur, err := os.ReadFile(filepath.Join(dir, "current.pem")); err != nil || !bytes.Equal(cur, pemBytes) {
+		t.Fatalf("%s/current.pem after the install: %v\n%s", dir, err, cur)
+	}
+	if fi, err := os.Stat(filepath.Join(dir, "current.pem")); err != nil || fi.Mode().Perm() != 0o644 {
+		t.Fatalf("%s/current.pem: %v, mode %v, want 0644", dir, err, fi.Mode())
+	}
+	if _, err := os.Stat(filepath.Join(dir, "previous.pem")); !os.IsNotExist(err) {
+		t.Fatalf("a first install left previous.pem: %v", err)
+	}
+	if left, _ := filepath.Glob(filepath.Join(dir, "*.new-*")); len(left) != 0 {
+		t.Fatalf("staged files left: %v", left)
 	}
 
-	// After a restart node-1 uses the new certificate.
+	// After a restart, its config still naming the old certificate's
+	// file, node-1 uses the new certificate and says so.
 	c.Stop("node-1")
 	c.Start("node-1")
 	if got := c.Node("node-1").Authority().Issuing(); !got.Equal(renewed) {
 		t.Fatalf("node-1 restarted with serial %x, want %s", got.SerialNumber, newSerial)
+	}
+	if !strings.Contains(c.Log.String(), "issuing certificate installed while the node ran is used instead of the configured issuing-cert") {
+		t.Error("the start did not log that it used the installed certificate")
 	}
 	var chain []*x509.Certificate
 	clustertest.Eventually(t, 30*time.Second, "node-1 to issue after its restart", func() bool {
@@ -331,13 +352,74 @@ func TestIssuingCertInstallRefusals(t *testing.T) {
 	if b, _ := os.ReadFile(path); !bytes.Equal(b, fileBefore) {
 		t.Fatal("a refusal changed node-1's issuing-cert file")
 	}
-	if _, err := os.Stat(path + ".previous"); !os.IsNotExist(err) {
-		t.Fatalf("a refusal left %s.previous: %v", path, err)
+	if left, _ := filepath.Glob(filepath.Join(c.ConfigOf("node-1").DataDir, "issuing", "*")); len(left) != 0 {
+		t.Fatalf("a refusal left files in the data directory: %v", left)
 	}
 	if after := c.Node("node-1").State().NodeCAs(); len(after) != 1 || after[0].Serial != recordBefore[0].Serial || after[0].Index != recordBefore[0].Index {
 		t.Fatalf("a refusal changed the state's record: %+v, was %+v", after, recordBefore)
 	}
 	if recs := auditActions(t, c, "node-1")[state.CmdNodeCAInstall]; len(recs) != auditedBefore {
 		t.Fatalf("refusals audited as installs: %+v", recs)
+	}
+}
+
+// TestIssuingCertStartIgnoresBadCopy: a certificate in the data
+// directory's issuing/current.pem that is not one node-1 may use, or is
+// stale (the configured one expires later), is ignored at start with a
+// warning naming why, and node-1 starts with the configured issuing-cert;
+// a valid one that expires later is used.
+func TestIssuingCertStartIgnoresBadCopy(t *testing.T) {
+	tr := clustertest.NewTrust(t, "icd", []string{"node-1", "node-2"}, []string{"rogue-1"})
+	c := clustertest.NewCluster(t, tr, "node-1")
+	configured := c.Node("node-1").Authority().Issuing()
+	dir := filepath.Join(c.ConfigOf("node-1").DataDir, "issuing")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	file := func(p string) []byte {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	stale, _ := tr.SignIssuing(t, "node-1", "30d", false)
+	rogue, _ := tr.SignIssuing(t, "node-1", "1y", true)
+	node2, _ := tr.SignIssuing(t, "node-2", "1y", false)
+	c.Stop("node-1")
+	for _, tc := range []struct {
+		name, reason string
+		pem          []byte
+	}{
+		{"not a certificate", "CERTIFICATE", []byte("hello")},
+		{"stale", "expires no later than the configured issuing-cert", file(stale)},
+		{"another root", "does not chain to the root", file(rogue)},
+		{"another node's key", "another key than the configured issuing-cert", file(node2)},
+	} {
+		if err := os.WriteFile(filepath.Join(dir, "current.pem"), tc.pem, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		before := strings.Count(c.Log.String(), "the issuing certificate installed in the data directory is not used")
+		n := c.Start("node-1")
+		if got := n.Authority().Issuing(); !got.Equal(configured) {
+			t.Errorf("%s: node-1 started with serial %x, want the configured %x", tc.name, got.SerialNumber, configured.SerialNumber)
+		}
+		var warned bool
+		for _, l := range strings.Split(c.Log.String(), "\n") {
+			warned = warned || strings.Contains(l, "the issuing certificate installed in the data directory is not used") && strings.Contains(l, `"level":"WARN"`) && strings.Contains(l, tc.reason)
+		}
+		if after := strings.Count(c.Log.String(), "the issuing certificate installed in the data directory is not used"); after != before+1 || !warned {
+			t.Errorf("%s: %d warnings, want one giving the reason %q", tc.name, after-before, tc.reason)
+		}
+		c.Stop("node-1")
+	}
+	// A valid one expiring later is used (as an install would have left
+	// it).
+	good, goodCert := tr.SignIssuing(t, "node-1", "1y", false)
+	if err := os.WriteFile(filepath.Join(dir, "current.pem"), file(good), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Start("node-1").Authority().Issuing(); !got.Equal(goodCert) {
+		t.Fatalf("node-1 started with serial %x, want the data directory's %x", got.SerialNumber, goodCert.SerialNumber)
 	}
 }

@@ -146,6 +146,9 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("issuing CA key: %w", err)
 	}
+	// An issuing certificate installed while the node ran, kept in the
+	// data directory, when it is valid and newer (issuingcert.go).
+	issuing = startIssuing(log, cfg.DataDir, n.td, cfg.NodeID, signer, issuing, n.roots, time.Now())
 	if n.auth, err = ca.New(n.td, cfg.NodeID, signer, issuing, n.roots, nil); err != nil {
 		return nil, err
 	}
@@ -214,7 +217,7 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 		Ready:        member.leaderKnown,
 		Logger:       log,
 	})
-	n.renew = &issuingRenewal{path: cfg.IssuingCert, auth: n.auth, ident: n.ident, jwt: n.jwt,
+	n.renew = &issuingRenewal{dir: installedIssuingDir(cfg.DataDir), auth: n.auth, ident: n.ident, jwt: n.jwt,
 		state: n.fsm, member: member, actor: n.actor(), log: log}
 	bans := newBannedAudit()
 	n.issuer = &issuer{nodeID: cfg.NodeID, actor: n.actor(), agentTTL: cfg.Join.AgentSVIDTTL.Duration, log: log, jwtIssuer: cfg.JWT.Issuer,
