@@ -363,9 +363,11 @@ type AdminServer interface {
 	// at start-up (its HSM key, its name, the trust domain, a chain to a
 	// root valid now), that no root CRL revokes it and that it expires
 	// later than the current one; then it records it (audited with both
-	// serials), writes it to its issuing-cert file (the old one kept as
-	// .previous), signs with it from then on, and publishes a JWT key
-	// carrying it. Refusals change nothing.
+	// serials), keeps it in its data directory (issuing/current.pem, the
+	// one it replaces as previous.pem; the configured issuing-cert file is
+	// never written, and a restart uses the kept one while it expires
+	// later), signs with it from then on, and publishes a JWT key carrying
+	// it. Refusals change nothing.
 	NodeIssuingCertInstall(context.Context, *IssuingCertRequest) (*IssuingCertInstalled, error)
 	// JoinRuleCreate adds a join rule for pipeline runs (Join.Job); a
 	// preset fills the issuer, claim names and templates it leaves empty.

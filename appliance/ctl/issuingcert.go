@@ -28,8 +28,9 @@ func nodeCmd(g *globals) *cobra.Command {
 			"names it. --node defaults to the node the certificate names. The node checks it as at start-up (its\n" +
 			"HSM key, its name, the trust domain, a chain to a root, valid now), that no root CRL revokes it and\n" +
 			"that it expires later than the current one; a refusal changes nothing. Then the change is recorded\n" +
-			"(audited with both serials), the node signs with the new certificate from then on, writes it to its\n" +
-			"issuing-cert file (the old one kept as .previous) and publishes a JWT key carrying it.",
+			"(audited with both serials), the node signs with the new certificate from then on, keeps it in its\n" +
+			"data directory (issuing/current.pem; the configured issuing-cert file is not written, and a restart\n" +
+			"uses the kept certificate while it expires later than that file's) and publishes a JWT key carrying it.",
 		RunE: func(_ *cobra.Command, args []string) error {
 			b, err := readSmallFile(args[0], maxIssuingCertFile)
 			if err != nil {
@@ -47,7 +48,7 @@ func nodeCmd(g *globals) *cobra.Command {
 			}, func(w *bufio.Writer, v any) {
 				r := v.(*api.IssuingCertInstalled)
 				fmt.Fprintf(w, "node %s signs with issuing CA serial %s (expires %s) from now on\n", r.Node, r.Serial, r.NotAfter.Format(time.RFC3339))
-				fmt.Fprintf(w, "replaced serial %s (expires %s), kept as the .previous file\n", r.PreviousSerial, r.PreviousNotAfter.Format(time.RFC3339))
+				fmt.Fprintf(w, "replaced serial %s (expires %s)\n", r.PreviousSerial, r.PreviousNotAfter.Format(time.RFC3339))
 				fmt.Fprintf(w, "JWT key published with it: %s\n", orNone(r.JWTKey))
 			})
 		}}

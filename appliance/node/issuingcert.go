@@ -33,7 +33,7 @@ import (
 // leaves the node consistent:
 //  1. the certificate is checked as at start-up, plus revocation and a
 //     later expiry (ca.Authority.CheckRenewal);
-//  2. it is staged in the node's data directory (installedIssuingDir:
+//  2. it is staged in the node's data directory (InstalledIssuingDir:
 //     written and synced, not yet in place): a full disk fails here,
 //     before anything is recorded;
 //  3. the change is committed (state.CmdNodeCAInstall, the admin's command
@@ -68,7 +68,7 @@ import (
 // another (show).
 type issuingRenewal struct {
 	mu    sync.Mutex // one install or show at a time, from check to publication
-	dir   string     // where installed certificates are kept (installedIssuingDir)
+	dir   string     // where installed certificates are kept (InstalledIssuingDir)
 	auth  *ca.Authority
 	ident *ca.NodeIdentity
 	jwt   interface {
@@ -261,17 +261,18 @@ func stageFile(path string, data []byte) (string, error) {
 }
 
 // installedIssuingName and installedPreviousName are the files in
-// installedIssuingDir: the certificate installed last, and the one it
+// InstalledIssuingDir: the certificate installed last, and the one it
 // replaced there.
 const (
 	installedIssuingName  = "current.pem"
 	installedPreviousName = "previous.pem"
 )
 
-// installedIssuingDir is where a node keeps the issuing certificates
-// installed while it ran: its data directory, which sigild may write
-// (the configured issuing-cert file is the operator's, often under /etc).
-func installedIssuingDir(dataDir string) string { return filepath.Join(dataDir, "issuing") }
+// InstalledIssuingDir is where a node keeps the issuing certificates
+// installed while it ran: in its data directory, which sigild may write
+// (the configured issuing-cert file is the operator's, under /etc when
+// packaged, which the unit leaves read-only to sigild).
+func InstalledIssuingDir(dataDir string) string { return filepath.Join(dataDir, "issuing") }
 
 // replaceKeepingPrevious renames dir/current.pem (if any) to
 // dir/previous.pem and staged to dir/current.pem: at every moment
@@ -293,7 +294,7 @@ func replaceKeepingPrevious(dir, staged string) error {
 }
 
 // startIssuing is the issuing certificate a node starts with: the one an
-// install kept in the data directory (installedIssuingDir) when it is
+// install kept in the data directory (InstalledIssuingDir) when it is
 // for the configured certificate's key, passes ca.CheckIssuing (this
 // HSM key, this node, this trust domain, chains to roots and is valid
 // now) and expires later than configured; otherwise configured. A copy
@@ -301,7 +302,7 @@ func replaceKeepingPrevious(dir, staged string) error {
 // stale (the operator put a newer certificate in issuing-cert, which is
 // then used) or not this node's to use.
 func startIssuing(log *slog.Logger, dataDir string, td spiffeid.TrustDomain, nodeID string, signer crypto.Signer, configured *x509.Certificate, roots []*x509.Certificate, now time.Time) *x509.Certificate {
-	path := filepath.Join(installedIssuingDir(dataDir), installedIssuingName)
+	path := filepath.Join(InstalledIssuingDir(dataDir), installedIssuingName)
 	if _, err := os.Lstat(path); errors.Is(err, os.ErrNotExist) {
 		return configured
 	}

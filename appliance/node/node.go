@@ -217,7 +217,7 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 		Ready:        member.leaderKnown,
 		Logger:       log,
 	})
-	n.renew = &issuingRenewal{dir: installedIssuingDir(cfg.DataDir), auth: n.auth, ident: n.ident, jwt: n.jwt,
+	n.renew = &issuingRenewal{dir: InstalledIssuingDir(cfg.DataDir), auth: n.auth, ident: n.ident, jwt: n.jwt,
 		state: n.fsm, member: member, actor: n.actor(), log: log}
 	bans := newBannedAudit()
 	n.issuer = &issuer{nodeID: cfg.NodeID, actor: n.actor(), agentTTL: cfg.Join.AgentSVIDTTL.Duration, log: log, jwtIssuer: cfg.JWT.Issuer,
