@@ -274,12 +274,26 @@ const (
 // packaged, which the unit leaves read-only to sigild).
 func InstalledIssuingDir(dataDir string) string { return filepath.Join(dataDir, "issuing") }
 
-// replaceKeepingPrevious renames dir/current.pem (if any) to
-// dir/previous.pem and staged to dir/current.pem: at every moment
-// current.pem is absent (no install yet) or holds a whole certificate.
+// replaceKeepingPrevious links dir/current.pem (if any) as
+// dir/previous.pem and renames staged over dir/current.pem: once a
+// certificate was installed, current.pem holds a whole one at every
+// moment, the old or the new (a crash between the steps leaves the old).
 func replaceKeepingPrevious(dir, staged string) error {
 	cur := filepath.Join(dir, installedIssuingName)
-	if err := os.Rename(cur, filepath.Join(dir, installedPreviousName)); err != nil && !errors.Is(err, os.ErrNotExist) {
+	prev := filepath.Join(dir, installedPreviousName)
+	if _, err := os.Lstat(cur); err == nil {
+		tmp := prev + ".new"
+		if err := os.Remove(tmp); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		if err := os.Link(cur, tmp); err != nil {
+			return err
+		}
+		if err := os.Rename(tmp, prev); err != nil {
+			os.Remove(tmp)
+			return err
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
 	if err := os.Rename(staged, cur); err != nil {

@@ -250,6 +250,26 @@ func TestIssuingCertRenewalUnderLoad(t *testing.T) {
 	if _, _, err := x509svid.Verify(chain, roots); err != nil || !chain[1].Equal(renewed) {
 		t.Fatalf("SVID after the restart: %v, issued by serial %x", err, chain[1].SerialNumber)
 	}
+
+	// A second install keeps the first one as previous.pem.
+	secondPath, _ := tr.SignIssuing(t, "node-1", "1y", false)
+	second, err := os.ReadFile(secondPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clustertest.Eventually(t, 30*time.Second, "the second install", func() bool {
+		_, err := c.Admin("node-1").NodeIssuingCertInstall(ctx, &api.IssuingCertRequest{PEM: second})
+		return err == nil
+	})
+	if cur, err := os.ReadFile(filepath.Join(dir, "current.pem")); err != nil || !bytes.Equal(cur, second) {
+		t.Fatalf("current.pem after the second install: %v", err)
+	}
+	if prev, err := os.ReadFile(filepath.Join(dir, "previous.pem")); err != nil || !bytes.Equal(prev, pemBytes) {
+		t.Fatalf("previous.pem after the second install: %v", err)
+	}
+	if left, _ := filepath.Glob(filepath.Join(dir, "*.new*")); len(left) != 0 {
+		t.Fatalf("staged files left: %v", left)
+	}
 }
 
 // TestIssuingCertInstallRefusals: every certificate node-1 must not take
