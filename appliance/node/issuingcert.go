@@ -204,7 +204,7 @@ func (r *issuingRenewal) install(ctx context.Context, cert *x509.Certificate, co
 		r.log.Error("issuing certificate not installed: it cannot be written to the data directory", "dir", r.dir, "err", err)
 		return nil, status.Errorf(codes.Internal, "write the new issuing certificate to %s: %v (nothing changed)", r.dir, err)
 	}
-	defer os.Remove(staged) // gone once renamed into place
+	defer func() { _ = os.Remove(staged) }() // gone once renamed into place: nothing to remove
 	if err := commit(ctx, state.NodeCAInstall{Cert: cert.Raw, Previous: old.SerialNumber.Text(16)}); err != nil {
 		return nil, err
 	}
@@ -254,7 +254,7 @@ func stageFile(path string, data []byte) (string, error) {
 		err = cerr
 	}
 	if err != nil {
-		os.Remove(name)
+		_ = os.Remove(name) // the write's error is the one to report
 		return "", err
 	}
 	return name, nil
@@ -290,7 +290,7 @@ func replaceKeepingPrevious(dir, staged string) error {
 			return err
 		}
 		if err := os.Rename(tmp, prev); err != nil {
-			os.Remove(tmp)
+			_ = os.Remove(tmp) // the rename's error is the one to report
 			return err
 		}
 	} else if !errors.Is(err, os.ErrNotExist) {
@@ -303,8 +303,11 @@ func replaceKeepingPrevious(dir, staged string) error {
 	if err != nil {
 		return err
 	}
-	defer d.Close()
-	return d.Sync()
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // startIssuing is the issuing certificate a node starts with: the one an
