@@ -140,3 +140,58 @@ func fields(typ reflect.Type) map[string]reflect.Type {
 	}
 	return out
 }
+
+// TestSigildUnitWritable: under the packaged unit (ProtectSystem=strict)
+// sigild writes only its StateDirectory, RuntimeDirectory and
+// ReadWritePaths. The example's data-dir, where an issuing certificate
+// installed while the node runs is kept (node.InstalledIssuingDir), must
+// be among them; the configured issuing-cert must not be (it is the
+// operator's, and the unit is not weakened to let the daemon write /etc).
+func TestSigildUnitWritable(t *testing.T) {
+	unit, err := os.ReadFile("systemd/sigild.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := node.DecodeConfigFile("sigild/sigild.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	strict := false
+	var writable []string
+	for _, l := range strings.Split(string(unit), "\n") {
+		k, v, _ := strings.Cut(strings.TrimSpace(l), "=")
+		switch k {
+		case "ProtectSystem":
+			strict = v == "strict"
+		case "StateDirectory":
+			for _, d := range strings.Fields(v) {
+				writable = append(writable, "/var/lib/"+d)
+			}
+		case "RuntimeDirectory":
+			for _, d := range strings.Fields(v) {
+				writable = append(writable, "/run/"+d)
+			}
+		case "ReadWritePaths":
+			for _, d := range strings.Fields(v) {
+				writable = append(writable, strings.TrimLeft(d, "-+"))
+			}
+		}
+	}
+	if !strict {
+		t.Fatal("sigild.service: ProtectSystem=strict is gone")
+	}
+	under := func(p string) bool {
+		for _, w := range writable {
+			if p == w || strings.HasPrefix(p, strings.TrimSuffix(w, "/")+"/") {
+				return true
+			}
+		}
+		return false
+	}
+	if d := node.InstalledIssuingDir(cfg.DataDir); !under(d) {
+		t.Errorf("sigild cannot write %s (installed issuing certificates) under the unit: writable %v", d, writable)
+	}
+	if under(cfg.IssuingCert) {
+		t.Errorf("the unit lets sigild write issuing-cert %s: it is the operator's file", cfg.IssuingCert)
+	}
+}

@@ -11,51 +11,52 @@ import (
 // Full method names of the admin service (sigil.admin.v1.Admin), as
 // interceptors see them in FullMethod.
 const (
-	AdminMethodEntryCreate         = "/" + AdminService + "/EntryCreate"
-	AdminMethodEntryUpdate         = "/" + AdminService + "/EntryUpdate"
-	AdminMethodEntryDelete         = "/" + AdminService + "/EntryDelete"
-	AdminMethodEntryShow           = "/" + AdminService + "/EntryShow"
-	AdminMethodEntryList           = "/" + AdminService + "/EntryList"
-	AdminMethodAgentList           = "/" + AdminService + "/AgentList"
-	AdminMethodAgentShow           = "/" + AdminService + "/AgentShow"
-	AdminMethodAgentBan            = "/" + AdminService + "/AgentBan"
-	AdminMethodAgentUnban          = "/" + AdminService + "/AgentUnban"
-	AdminMethodEKCAAdd             = "/" + AdminService + "/EKCAAdd"
-	AdminMethodEKCAList            = "/" + AdminService + "/EKCAList"
-	AdminMethodEKCARemove          = "/" + AdminService + "/EKCARemove"
-	AdminMethodEKAllowAdd          = "/" + AdminService + "/EKAllowAdd"
-	AdminMethodEKAllowList         = "/" + AdminService + "/EKAllowList"
-	AdminMethodEKAllowRemove       = "/" + AdminService + "/EKAllowRemove"
-	AdminMethodTokenCreate         = "/" + AdminService + "/TokenCreate"
-	AdminMethodClusterStatus       = "/" + AdminService + "/ClusterStatus"
-	AdminMethodClusterJoin         = "/" + AdminService + "/ClusterJoin"
-	AdminMethodClusterRemove       = "/" + AdminService + "/ClusterRemove"
-	AdminMethodSnapshotSave        = "/" + AdminService + "/SnapshotSave"
-	AdminMethodSnapshotRestore     = "/" + AdminService + "/SnapshotRestore"
-	AdminMethodAuditExport         = "/" + AdminService + "/AuditExport"
-	AdminMethodAuditList           = "/" + AdminService + "/AuditList"
-	AdminMethodAuditVerify         = "/" + AdminService + "/AuditVerify"
-	AdminMethodBundleShow          = "/" + AdminService + "/BundleShow"
-	AdminMethodAdminCertIssue      = "/" + AdminService + "/AdminCertIssue"
-	AdminMethodSVIDRevoke          = "/" + AdminService + "/SVIDRevoke"
-	AdminMethodPCRPolicySet        = "/" + AdminService + "/PCRPolicySet"
-	AdminMethodAdminRevoke         = "/" + AdminService + "/AdminRevoke"
-	AdminMethodAdminList           = "/" + AdminService + "/AdminList"
-	AdminMethodRootCRLAdd          = "/" + AdminService + "/RootCRLAdd"
-	AdminMethodPCRPolicyShow       = "/" + AdminService + "/PCRPolicyShow"
-	AdminMethodTokenList           = "/" + AdminService + "/TokenList"
-	AdminMethodTokenRevoke         = "/" + AdminService + "/TokenRevoke"
-	AdminMethodAgentRemove         = "/" + AdminService + "/AgentRemove"
-	AdminMethodJWTKeyRotate        = "/" + AdminService + "/JWTKeyRotate"
-	AdminMethodJoinRuleCreate      = "/" + AdminService + "/JoinRuleCreate"
-	AdminMethodJoinRuleList        = "/" + AdminService + "/JoinRuleList"
-	AdminMethodJoinRuleShow        = "/" + AdminService + "/JoinRuleShow"
-	AdminMethodJoinRuleDelete      = "/" + AdminService + "/JoinRuleDelete"
-	AdminMethodFederationAdd       = "/" + AdminService + "/FederationAdd"
-	AdminMethodFederationList      = "/" + AdminService + "/FederationList"
-	AdminMethodFederationShow      = "/" + AdminService + "/FederationShow"
-	AdminMethodFederationDelete    = "/" + AdminService + "/FederationDelete"
-	AdminMethodFederationBundleSet = "/" + AdminService + "/FederationBundleSet"
+	AdminMethodEntryCreate            = "/" + AdminService + "/EntryCreate"
+	AdminMethodEntryUpdate            = "/" + AdminService + "/EntryUpdate"
+	AdminMethodEntryDelete            = "/" + AdminService + "/EntryDelete"
+	AdminMethodEntryShow              = "/" + AdminService + "/EntryShow"
+	AdminMethodEntryList              = "/" + AdminService + "/EntryList"
+	AdminMethodAgentList              = "/" + AdminService + "/AgentList"
+	AdminMethodAgentShow              = "/" + AdminService + "/AgentShow"
+	AdminMethodAgentBan               = "/" + AdminService + "/AgentBan"
+	AdminMethodAgentUnban             = "/" + AdminService + "/AgentUnban"
+	AdminMethodEKCAAdd                = "/" + AdminService + "/EKCAAdd"
+	AdminMethodEKCAList               = "/" + AdminService + "/EKCAList"
+	AdminMethodEKCARemove             = "/" + AdminService + "/EKCARemove"
+	AdminMethodEKAllowAdd             = "/" + AdminService + "/EKAllowAdd"
+	AdminMethodEKAllowList            = "/" + AdminService + "/EKAllowList"
+	AdminMethodEKAllowRemove          = "/" + AdminService + "/EKAllowRemove"
+	AdminMethodTokenCreate            = "/" + AdminService + "/TokenCreate"
+	AdminMethodClusterStatus          = "/" + AdminService + "/ClusterStatus"
+	AdminMethodClusterJoin            = "/" + AdminService + "/ClusterJoin"
+	AdminMethodClusterRemove          = "/" + AdminService + "/ClusterRemove"
+	AdminMethodSnapshotSave           = "/" + AdminService + "/SnapshotSave"
+	AdminMethodSnapshotRestore        = "/" + AdminService + "/SnapshotRestore"
+	AdminMethodAuditExport            = "/" + AdminService + "/AuditExport"
+	AdminMethodAuditList              = "/" + AdminService + "/AuditList"
+	AdminMethodAuditVerify            = "/" + AdminService + "/AuditVerify"
+	AdminMethodBundleShow             = "/" + AdminService + "/BundleShow"
+	AdminMethodAdminCertIssue         = "/" + AdminService + "/AdminCertIssue"
+	AdminMethodSVIDRevoke             = "/" + AdminService + "/SVIDRevoke"
+	AdminMethodPCRPolicySet           = "/" + AdminService + "/PCRPolicySet"
+	AdminMethodAdminRevoke            = "/" + AdminService + "/AdminRevoke"
+	AdminMethodAdminList              = "/" + AdminService + "/AdminList"
+	AdminMethodRootCRLAdd             = "/" + AdminService + "/RootCRLAdd"
+	AdminMethodPCRPolicyShow          = "/" + AdminService + "/PCRPolicyShow"
+	AdminMethodTokenList              = "/" + AdminService + "/TokenList"
+	AdminMethodTokenRevoke            = "/" + AdminService + "/TokenRevoke"
+	AdminMethodAgentRemove            = "/" + AdminService + "/AgentRemove"
+	AdminMethodJWTKeyRotate           = "/" + AdminService + "/JWTKeyRotate"
+	AdminMethodNodeIssuingCertInstall = "/" + AdminService + "/NodeIssuingCertInstall"
+	AdminMethodJoinRuleCreate         = "/" + AdminService + "/JoinRuleCreate"
+	AdminMethodJoinRuleList           = "/" + AdminService + "/JoinRuleList"
+	AdminMethodJoinRuleShow           = "/" + AdminService + "/JoinRuleShow"
+	AdminMethodJoinRuleDelete         = "/" + AdminService + "/JoinRuleDelete"
+	AdminMethodFederationAdd          = "/" + AdminService + "/FederationAdd"
+	AdminMethodFederationList         = "/" + AdminService + "/FederationList"
+	AdminMethodFederationShow         = "/" + AdminService + "/FederationShow"
+	AdminMethodFederationDelete       = "/" + AdminService + "/FederationDelete"
+	AdminMethodFederationBundleSet    = "/" + AdminService + "/FederationBundleSet"
 )
 
 // RegisterAdmin adds the admin service to a gRPC server: every method of
@@ -98,6 +99,7 @@ func RegisterAdmin(s grpc.ServiceRegistrar, impl AdminServer) {
 			unary("TokenRevoke", AdminMethodTokenRevoke, AdminServer.TokenRevoke),
 			unary("AgentRemove", AdminMethodAgentRemove, AdminServer.AgentRemove),
 			unary("JWTKeyRotate", AdminMethodJWTKeyRotate, AdminServer.JWTKeyRotate),
+			unary("NodeIssuingCertInstall", AdminMethodNodeIssuingCertInstall, AdminServer.NodeIssuingCertInstall),
 			unary("JoinRuleCreate", AdminMethodJoinRuleCreate, AdminServer.JoinRuleCreate),
 			unary("JoinRuleList", AdminMethodJoinRuleList, AdminServer.JoinRuleList),
 			unary("JoinRuleShow", AdminMethodJoinRuleShow, AdminServer.JoinRuleShow),
@@ -289,6 +291,23 @@ func (c *AdminClient) AgentRemove(ctx context.Context, r *AgentRemoveRequest) (*
 // records its publication.
 func (c *AdminClient) JWTKeyRotate(ctx context.Context, r *Empty) (*JWTKeyRotated, error) {
 	return invoke[Empty, JWTKeyRotated](ctx, c.cc, AdminMethodJWTKeyRotate, r)
+}
+
+// NodeIssuingCertInstall installs a renewed issuing CA certificate on
+// the node it is for, while that node runs: the root ceremony signed
+// it for the node's existing HSM key. Only the node named in the
+// request (and in the certificate) answers; another node refuses
+// (FailedPrecondition) naming it. The node checks the certificate as
+// at start-up (its HSM key, its name, the trust domain, a chain to a
+// root valid now), that no root CRL revokes it and that it expires
+// later than the current one; then it records it (audited with both
+// serials), keeps it in its data directory (issuing/current.pem, the
+// one it replaces as previous.pem; the configured issuing-cert file is
+// never written, and a restart uses the kept one while it expires
+// later), signs with it from then on, and publishes a JWT key carrying
+// it. Refusals change nothing.
+func (c *AdminClient) NodeIssuingCertInstall(ctx context.Context, r *IssuingCertRequest) (*IssuingCertInstalled, error) {
+	return invoke[IssuingCertRequest, IssuingCertInstalled](ctx, c.cc, AdminMethodNodeIssuingCertInstall, r)
 }
 
 // JoinRuleCreate adds a join rule for pipeline runs (Join.Job); a

@@ -140,6 +140,40 @@ type (
 		LeaderAddr   string      `json:"leader_addr"`
 		View         ClusterView `json:"view"`
 		Peers        []Peer      `json:"peers"`
+		// Expiries are what the trust chain needs renewed in time, as the
+		// answering node's replica knows it: each node's recorded issuing
+		// CA, the bundle's roots and JWT keys.
+		Expiries []Expiry `json:"expiries,omitempty"`
+	}
+	// Expiry is one certificate or key and when it expires.
+	Expiry struct {
+		// Kind is ExpiryIssuingCA, ExpiryRoot or ExpiryJWTKey.
+		Kind string `json:"kind"`
+		// Name: the node (issuing CA, JWT key), or the root's subject.
+		Name string `json:"name"`
+		// Serial (hex) of a certificate, or a JWT key's kid.
+		Serial   string    `json:"serial"`
+		NotAfter time.Time `json:"not_after"`
+	}
+	// IssuingCertRequest carries a renewed issuing CA certificate (PEM;
+	// the first certificate is the node's, any after it are ignored
+	// chain certificates) and the node it is for.
+	IssuingCertRequest struct {
+		Node string `json:"node"`
+		PEM  []byte `json:"pem"`
+	}
+	// IssuingCertInstalled says which certificate a node replaced with
+	// which.
+	IssuingCertInstalled struct {
+		Node             string    `json:"node"`
+		Serial           string    `json:"serial"`
+		NotAfter         time.Time `json:"not_after"`
+		PreviousSerial   string    `json:"previous_serial"`
+		PreviousNotAfter time.Time `json:"previous_not_after"`
+		// JWTKey is the kid of the JWT key published with the new
+		// certificate ("" when that failed: the node logs why and its
+		// schedule publishes one later).
+		JWTKey string `json:"jwt_key,omitempty"`
 	}
 	// ClusterView says whose view ClusterStatus.Peers is. Only the leader
 	// hears from every member; a follower's own view knows its leader's
@@ -321,6 +355,20 @@ type AdminServer interface {
 	// the caller and the kid before the key is made, bundle.jwt.add
 	// records its publication.
 	JWTKeyRotate(context.Context, *Empty) (*JWTKeyRotated, error)
+	// NodeIssuingCertInstall installs a renewed issuing CA certificate on
+	// the node it is for, while that node runs: the root ceremony signed
+	// it for the node's existing HSM key. Only the node named in the
+	// request (and in the certificate) answers; another node refuses
+	// (FailedPrecondition) naming it. The node checks the certificate as
+	// at start-up (its HSM key, its name, the trust domain, a chain to a
+	// root valid now), that no root CRL revokes it and that it expires
+	// later than the current one; then it records it (audited with both
+	// serials), keeps it in its data directory (issuing/current.pem, the
+	// one it replaces as previous.pem; the configured issuing-cert file is
+	// never written, and a restart uses the kept one while it expires
+	// later), signs with it from then on, and publishes a JWT key carrying
+	// it. Refusals change nothing.
+	NodeIssuingCertInstall(context.Context, *IssuingCertRequest) (*IssuingCertInstalled, error)
 	// JoinRuleCreate adds a join rule for pipeline runs (Join.Job); a
 	// preset fills the issuer, claim names and templates it leaves empty.
 	JoinRuleCreate(context.Context, *JoinRule) (*JoinRule, error)
@@ -341,6 +389,20 @@ type AdminServer interface {
 	// FederationBundleSet sets a foreign bundle out of band.
 	FederationBundleSet(context.Context, *FederationBundle) (*FederationRelationship, error)
 }
+
+// Expiry kinds.
+const (
+	ExpiryIssuingCA = "issuing-ca"
+	ExpiryRoot      = "root"
+	ExpiryJWTKey    = "jwt-key"
+)
+
+// JWTKeyWarnWithin is when sigilctl cluster status warns about a node's
+// newest JWT key, whatever --warn-within says: JWT keys live for days by
+// design (jwt.rotate-every plus the longest token life), so the newest
+// one expiring within the longest JWT-SVID life (24 h) means the node has
+// stopped rotating.
+const JWTKeyWarnWithin = 24 * time.Hour
 
 // AdminService is the gRPC service name.
 const AdminService = "sigil.admin.v1.Admin"

@@ -38,12 +38,22 @@ import (
 
 // Authority signs with one node's issuing CA.
 type Authority struct {
-	td      spiffeid.TrustDomain
-	nodeID  string
-	signer  crypto.Signer
-	issuing *x509.Certificate
+	td     spiffeid.TrustDomain
+	nodeID string
+	signer crypto.Signer
+	// issuing is the current issuing certificate: Install swaps it while
+	// the node runs (a renewal for the same HSM key). A signing holds the
+	// one it started with (Prepared), so in-flight signings finish with
+	// the old certificate and new ones use the new.
+	issuing atomic.Pointer[issuingCA]
+	roots   []*x509.Certificate
 	bundle  *x509bundle.Bundle
 	now     func() time.Time
+	// log receives the once-per-certificate warning that SVID lifetimes
+	// are cut at the issuing CA's expiry (nil: not logged).
+	log atomic.Pointer[slog.Logger]
+	// installMu serializes Install's check and swap.
+	installMu sync.Mutex
 	// revoked is consulted on every handshake and signature (nil: no
 	// revocation source yet, nothing is revoked).
 	revoked atomic.Pointer[RevocationCheck]
@@ -54,6 +64,14 @@ type Authority struct {
 	// verified; verifyAll is set once one did not verify (leaf.go).
 	signed    atomic.Uint64
 	verifyAll atomic.Bool
+}
+
+// issuingCA is one issuing certificate as the authority signs with it.
+type issuingCA struct {
+	cert *x509.Certificate
+	// cutWarned is set once a leaf's lifetime was cut at this
+	// certificate's expiry and the warning was logged.
+	cutWarned atomic.Bool
 }
 
 // refusalLog logs refusals of revoked chains, at most one line a second
@@ -132,11 +150,16 @@ func (a *Authority) checkRevoked(chains [][]*x509.Certificate) error {
 }
 
 // Revoked reports whether this node's own issuing CA is revoked.
-func (a *Authority) Revoked() bool { return a.isRevoked(a.issuing) }
+func (a *Authority) Revoked() bool { return a.isRevoked(a.Issuing()) }
 
-// New checks that the pieces belong together before anything is signed:
-// the signer holds the key of the intermediate, the intermediate is this
-// node's and chains to a root of the trust domain, and it is valid now.
+// SetLogger sets where the authority logs what an operator must act on
+// (SVID lifetimes cut at the issuing CA's expiry: the CA needs renewing).
+func (a *Authority) SetLogger(log *slog.Logger) { a.log.Store(log) }
+
+// New checks that the pieces belong together before anything is signed
+// (CheckIssuing): the signer holds the key of the intermediate, the
+// intermediate is this node's, a CA of the trust domain, chains to a root
+// and is valid now.
 func New(td spiffeid.TrustDomain, nodeID string, signer crypto.Signer, issuing *x509.Certificate, roots []*x509.Certificate, now func() time.Time) (*Authority, error) {
 	if now == nil {
 		now = time.Now
@@ -144,30 +167,111 @@ func New(td spiffeid.TrustDomain, nodeID string, signer crypto.Signer, issuing *
 	if err := nodeid.Check(nodeID); err != nil {
 		return nil, err
 	}
-	if k, ok := signer.Public().(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(issuing.PublicKey) {
-		return nil, errors.New("the HSM key is not the key of the issuing CA certificate")
-	}
-	if err := proveKey(signer, issuing); err != nil {
+	if err := CheckIssuing(td, nodeID, signer, issuing, roots, now()); err != nil {
 		return nil, err
 	}
+	a := &Authority{td: td, nodeID: nodeID, signer: signer, roots: roots,
+		bundle: x509bundle.FromX509Authorities(td, roots), now: now}
+	a.issuing.Store(&issuingCA{cert: issuing})
+	return a, nil
+}
+
+// CheckIssuing is what an issuing certificate must be before a node signs
+// with it, at start-up (New) and when a renewal is installed while the
+// node runs (CheckRenewal): its key is the HSM key signer holds (and the
+// HSM key signs for it), it names nodeID, it is a CA of td (its URI SAN and
+// name constraint, when present, name td), and it chains to one of roots
+// at now (so it is valid now, and within the root's validity).
+func CheckIssuing(td spiffeid.TrustDomain, nodeID string, signer crypto.Signer, issuing *x509.Certificate, roots []*x509.Certificate, now time.Time) error {
+	if k, ok := signer.Public().(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(issuing.PublicKey) {
+		return errors.New("the HSM key is not the key of the issuing CA certificate")
+	}
+	if err := proveKey(signer, issuing); err != nil {
+		return err
+	}
 	if issuing.Subject.CommonName != nodeID {
-		return nil, fmt.Errorf("issuing CA certificate is for node %q, this is node %q", issuing.Subject.CommonName, nodeID)
+		return fmt.Errorf("issuing CA certificate is for node %q, this is node %q", issuing.Subject.CommonName, nodeID)
 	}
 	if !issuing.IsCA {
-		return nil, errors.New("issuing CA certificate is not a CA")
+		return errors.New("issuing CA certificate is not a CA")
+	}
+	// The ceremony writes the trust domain's ID as the only URI SAN and
+	// limits URIs below to it; a certificate saying another trust domain
+	// was made for another appliance, whatever root signed it.
+	for _, u := range issuing.URIs {
+		if u.String() != td.IDString() {
+			return fmt.Errorf("issuing CA certificate is for %s, this node serves trust domain %s", u, td)
+		}
+	}
+	for _, d := range issuing.PermittedURIDomains {
+		if d != td.Name() {
+			return fmt.Errorf("issuing CA certificate is constrained to URIs in %q, this node serves trust domain %s", d, td)
+		}
 	}
 	if len(roots) == 0 {
-		return nil, errors.New("no root certificates")
+		return errors.New("no root certificates")
 	}
 	pool := x509.NewCertPool()
 	for _, r := range roots {
 		pool.AddCert(r)
 	}
-	if _, err := issuing.Verify(x509.VerifyOptions{Roots: pool, CurrentTime: now(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
-		return nil, fmt.Errorf("issuing CA certificate does not chain to the root: %w", err)
+	chains, err := issuing.Verify(x509.VerifyOptions{Roots: pool, CurrentTime: now, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+	if err != nil {
+		return fmt.Errorf("issuing CA certificate does not chain to the root: %w", err)
 	}
-	return &Authority{td: td, nodeID: nodeID, signer: signer, issuing: issuing,
-		bundle: x509bundle.FromX509Authorities(td, roots), now: now}, nil
+	// x509 checks each certificate's validity at now only; one that
+	// outlives every root it chains to would turn invalid under the SVIDs
+	// it signed (the ceremony refuses to make one). One root lasting long
+	// enough is enough: a root re-issued for the same key (reissue-root)
+	// extends the chain.
+	var last time.Time
+	for _, ch := range chains {
+		if r := ch[len(ch)-1]; r.NotAfter.After(last) {
+			last = r.NotAfter
+		}
+	}
+	if issuing.NotAfter.After(last) {
+		return fmt.Errorf("issuing CA certificate expires %s, after the root that signed it (%s)",
+			issuing.NotAfter.UTC().Format(time.RFC3339), last.UTC().Format(time.RFC3339))
+	}
+	return nil
+}
+
+// CheckRenewal checks a renewed issuing certificate before anything
+// changes: everything New checks, against this authority's HSM key and
+// roots; that no root CRL revokes it; and that it expires later than the
+// current one (installing one that expires sooner is a mistake an
+// operator makes with the wrong file, and it would shorten every SVID).
+// The same certificate again is refused too: there is nothing to do.
+func (a *Authority) CheckRenewal(c *x509.Certificate) error {
+	if err := CheckIssuing(a.td, a.nodeID, a.signer, c, a.roots, a.now()); err != nil {
+		return err
+	}
+	if a.isRevoked(c) {
+		return fmt.Errorf("%w: issuing CA certificate (serial %x) is on the root's CRL", ErrRevoked, c.SerialNumber)
+	}
+	cur := a.Issuing()
+	if c.Equal(cur) {
+		return fmt.Errorf("issuing CA certificate (serial %x) is the one this node signs with already", c.SerialNumber)
+	}
+	if !c.NotAfter.After(cur.NotAfter) {
+		return fmt.Errorf("issuing CA certificate (serial %x) expires %s, not later than the current one (serial %x, %s)",
+			c.SerialNumber, c.NotAfter.UTC().Format(time.RFC3339), cur.SerialNumber, cur.NotAfter.UTC().Format(time.RFC3339))
+	}
+	return nil
+}
+
+// Install makes c the issuing certificate from now on, after CheckRenewal
+// (again: a CRL may have committed since the caller checked), and returns
+// the one it replaces. Signings prepared before finish with the old one.
+func (a *Authority) Install(c *x509.Certificate) (*x509.Certificate, error) {
+	a.installMu.Lock()
+	defer a.installMu.Unlock()
+	if err := a.CheckRenewal(c); err != nil {
+		return nil, err
+	}
+	old := a.issuing.Swap(&issuingCA{cert: c})
+	return old.cert, nil
 }
 
 // proveKey signs a test digest with signer and verifies it with the issuing
@@ -203,7 +307,7 @@ func (a *Authority) TrustDomain() spiffeid.TrustDomain { return a.td }
 func (a *Authority) NodeID() string { return a.nodeID }
 
 // Issuing is the node's intermediate certificate.
-func (a *Authority) Issuing() *x509.Certificate { return a.issuing }
+func (a *Authority) Issuing() *x509.Certificate { return a.issuing.Load().cert }
 
 // Bundle is the X.509 trust bundle (the roots).
 func (a *Authority) Bundle() *x509bundle.Bundle { return a.bundle }
@@ -302,7 +406,10 @@ func (a *Authority) member(id spiffeid.ID) error {
 // but which is not signed yet: what an audit record of its issuance says
 // is known before the HSM signs, so the record can commit while it signs.
 type Prepared struct {
-	a                   *Authority
+	a *Authority
+	// iss is the issuing certificate current at Prepare: the one that
+	// signs, even if a renewal is installed meanwhile.
+	iss                 *issuingCA
 	leaf                Leaf
 	serial              *big.Int
 	notBefore, notAfter time.Time
@@ -328,13 +435,15 @@ func (a *Authority) Prepare(l Leaf) (*Prepared, error) {
 
 // prepare fixes serial and validity; callers have checked the ID.
 func (a *Authority) prepare(l Leaf) (*Prepared, error) {
-	if err := a.usable(l.ID); err != nil {
+	iss := a.issuing.Load()
+	if err := a.usable(l.ID, iss.cert); err != nil {
 		return nil, err
 	}
 	now := a.now()
 	notAfter := now.Add(l.TTL)
-	if notAfter.After(a.issuing.NotAfter) {
-		notAfter = a.issuing.NotAfter
+	if notAfter.After(iss.cert.NotAfter) {
+		notAfter = iss.cert.NotAfter
+		a.warnCut(iss, l.TTL)
 	}
 	if !notAfter.After(now) {
 		return nil, errors.New("the issuing CA has expired")
@@ -343,15 +452,28 @@ func (a *Authority) prepare(l Leaf) (*Prepared, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Prepared{a: a, leaf: l, serial: sn.Add(sn, big.NewInt(1)), notBefore: now.Add(-30 * time.Second), notAfter: notAfter}, nil
+	return &Prepared{a: a, iss: iss, leaf: l, serial: sn.Add(sn, big.NewInt(1)), notBefore: now.Add(-30 * time.Second), notAfter: notAfter}, nil
+}
+
+// warnCut logs, once per issuing certificate, that leaves are being cut
+// at its expiry: from then on every SVID is shorter than asked, and they
+// all expire together with the CA unless it is renewed
+// (NodeIssuingCertInstall).
+func (a *Authority) warnCut(iss *issuingCA, ttl time.Duration) {
+	l := a.log.Load()
+	if l == nil || iss.cutWarned.Swap(true) {
+		return
+	}
+	l.Warn("SVID lifetimes are being cut at the issuing CA's expiry: renew this node's issuing certificate (sigilctl node issuing-cert install)",
+		"issuing_serial", iss.cert.SerialNumber.Text(16), "issuing_not_after", iss.cert.NotAfter.UTC(), "ttl_asked", ttl.String())
 }
 
 // usable refuses to sign with a revoked issuing CA: whatever it signed
 // would be refused everywhere, and a revoked CA that still signs is the
 // compromise the revocation answers.
-func (a *Authority) usable(id spiffeid.ID) error {
-	if a.Revoked() {
-		return fmt.Errorf("sign %s: %w: this node's issuing CA (serial %x) is on the root's CRL", id, ErrRevoked, a.issuing.SerialNumber)
+func (a *Authority) usable(id spiffeid.ID, issuing *x509.Certificate) error {
+	if a.isRevoked(issuing) {
+		return fmt.Errorf("sign %s: %w: this node's issuing CA (serial %x) is on the root's CRL", id, ErrRevoked, issuing.SerialNumber)
 	}
 	return nil
 }
@@ -369,8 +491,8 @@ func (a *Authority) sign(l Leaf) ([]*x509.Certificate, error) {
 // certificate. The issuing CA is checked again: it may have been revoked
 // since Prepare.
 func (p *Prepared) Sign() ([]*x509.Certificate, error) {
-	a, l := p.a, p.leaf
-	if err := a.usable(l.ID); err != nil {
+	a, l, issuing := p.a, p.leaf, p.iss.cert
+	if err := a.usable(l.ID, issuing); err != nil {
 		return nil, err
 	}
 	ku := x509.KeyUsageDigitalSignature
@@ -387,7 +509,7 @@ func (p *Prepared) Sign() ([]*x509.Certificate, error) {
 		verify := a.verifyAll.Load() || a.signed.Add(1)%verifyEvery == 1
 		der, err = signLeaf(&leafTemplate{serial: p.serial, notBefore: p.notBefore, notAfter: p.notAfter,
 			subject: subject, publicKey: l.PublicKey, keyUsage: ku, uris: []*url.URL{l.ID.URL()}, dnsNames: l.DNSNames, ipAddresses: l.IPAddresses},
-			a.issuing, a.signer, verify)
+			issuing, a.signer, verify)
 		if errors.Is(err, errBadSignature) {
 			// From now on every signature is checked: a wrong one is
 			// refused, never sent (the caller logs this error).
@@ -410,7 +532,7 @@ func (p *Prepared) Sign() ([]*x509.Certificate, error) {
 			IPAddresses:           l.IPAddresses,
 		}
 		var err error
-		if der, err = x509.CreateCertificate(rand.Reader, tmpl, a.issuing, l.PublicKey, a.signer); err != nil {
+		if der, err = x509.CreateCertificate(rand.Reader, tmpl, issuing, l.PublicKey, a.signer); err != nil {
 			return nil, fmt.Errorf("sign %s: %w", l.ID, err)
 		}
 	}
@@ -418,7 +540,7 @@ func (p *Prepared) Sign() ([]*x509.Certificate, error) {
 	if err != nil {
 		return nil, err
 	}
-	return []*x509.Certificate{leaf, a.issuing}, nil
+	return []*x509.Certificate{leaf, issuing}, nil
 }
 
 // Role is what a verified peer is to this appliance.
@@ -554,6 +676,13 @@ func (n *NodeIdentity) rotate() (*tls.Certificate, error) {
 	return c, nil
 }
 
+// Renew issues a new certificate now: after the issuing CA was renewed,
+// so that peers see the new chain at their next handshake.
+func (n *NodeIdentity) Renew() error {
+	_, err := n.rotate()
+	return err
+}
+
 // Certificate returns the current certificate, renewing it past half life.
 func (n *NodeIdentity) Certificate() (*tls.Certificate, error) {
 	n.mu.Lock()
@@ -658,5 +787,5 @@ func (a *Authority) CRL(number uint64, serials []*big.Int, nextUpdate time.Durat
 	for _, s := range serials {
 		tmpl.RevokedCertificateEntries = append(tmpl.RevokedCertificateEntries, x509.RevocationListEntry{SerialNumber: s, RevocationTime: now})
 	}
-	return x509.CreateRevocationList(rand.Reader, tmpl, a.issuing, a.signer)
+	return x509.CreateRevocationList(rand.Reader, tmpl, a.Issuing(), a.signer)
 }

@@ -284,7 +284,7 @@ func (j *JWTKeys) create(ctx context.Context, kid string) (*JWTKey, error) {
 		return nil, err
 	}
 	if err := j.cfg.Publisher.Publish(ctx, PublishedJWTKey{KID: kid, Node: j.a.nodeID, PublicKey: der, NotAfter: notAfter,
-		CA: j.a.issuing.Raw}); err != nil {
+		CA: j.a.Issuing().Raw}); err != nil {
 		return nil, fmt.Errorf("publish JWT key %s: %w", kid, err)
 	}
 	j.cfg.Logger.Info("JWT key published", "kid", kid, "signs_until", k.signUntil, "published_until", notAfter)

@@ -132,6 +132,39 @@ func NewTrustIn(t testing.TB, trustDomain, prefix string, nodes []string, rogue 
 	return tr
 }
 
+// SignIssuing runs the sign-issuing ceremony again for node's CSR (the
+// key already in its HSM), as an operator renewing the node's issuing CA
+// does, with validity (ceremony syntax: "1y", "30d"). With rogue the other
+// root signs it (NewTrust must have made rogue nodes). It returns the new
+// certificate's file and the certificate.
+func (tr *Trust) SignIssuing(t testing.TB, node, validity string, rogue bool) (string, *x509.Certificate) {
+	t.Helper()
+	n := tr.Nodes[node]
+	if n == nil {
+		t.Fatalf("SignIssuing: no node %q", node)
+	}
+	label, root := "root", tr.RootPath
+	if rogue {
+		label, root = "rogue-root", tr.RogueRootPath
+	}
+	out := filepath.Join(tr.Dir, fmt.Sprintf("%s-issuing-%d.pem", node, time.Now().UnixNano()))
+	script := fmt.Sprintf("kind: sign-issuing\ntrust-domain: example.org\ntranscript: %s\nhsm:\n  module: %s\n  token: %s\n  pin-file: %s\nkey:\n  label: %s\nsign-issuing:\n  root-certificate: %s\n  csr: %s\n  node-id: %s\n  validity: %s\n  output: %s\n",
+		filepath.Join(tr.Dir, "transcript.jsonl"), tr.Module, tr.RootToken.Label, tr.RootToken.PINFile, label, root,
+		filepath.Join(tr.Dir, node+".csr"), node, validity, out)
+	cfg, err := ceremony.Parse([]byte(script), ceremony.KindSignIssuing)
+	if err != nil {
+		t.Fatalf("sign-issuing script: %v", err)
+	}
+	plan, err := cfg.Validate(time.Now())
+	if err != nil {
+		t.Fatalf("sign-issuing: %v", err)
+	}
+	if err := ceremony.Run(context.Background(), plan, ceremony.Options{}); err != nil {
+		t.Fatalf("sign-issuing ceremony: %v", err)
+	}
+	return out, readCert(t, out)
+}
+
 // Authority opens a node's issuing CA through a key store the caller
 // closes.
 func (tr *Trust) Authority(t testing.TB, ks *pkcs11.KeyStore, node string) *ca.Authority {

@@ -21,7 +21,15 @@ the answering node's own view is shown, marked as such with the reason:
 a follower knows only its leader's contact and a node without a leader
 only itself, so the rest reads "unknown". The command still exits 0: a
 node answered and the answer is the report. Scripts check "view.leader"
-in the JSON output (or a node's /readyz).`
+in the JSON output (or a node's /readyz).
+
+Then the trust chain's expiries as the answering node's replica records
+them: each node's issuing CA, the roots, and each node's newest JWT key,
+with a WARNING line for each issuing CA or root expiring within
+--warn-within (default 30 days) and each newest JWT key expiring within
+24h (keys are short-lived by design: the newest one running out means
+the node stopped rotating). The command exits 0 with warnings too; scripts
+read "expiries" in the JSON output.`
 
 // printClusterStatus prints the view's header, the answering node and the
 // members. What the view cannot know reads "unknown", never 0.

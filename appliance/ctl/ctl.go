@@ -120,6 +120,7 @@ func NewCommand(out io.Writer) *cobra.Command {
 	root.AddCommand(joinRuleCmd(g))   // joinrule.go
 	root.AddCommand(federationCmd(g)) // federation.go
 	root.AddCommand(caCmd(g))         // crl.go
+	root.AddCommand(nodeCmd(g))       // issuingcert.go
 	return clirun.Prepare(root)
 }
 
@@ -398,12 +399,19 @@ func clusterCmd(g *globals) *cobra.Command {
 	}}
 	joinCmd.Flags().StringVar(&join.NodeID, "node-id", "", "node ID")
 	joinCmd.Flags().StringVar(&join.Addr, "addr", "", "the node's raft address host:port")
+	var warnWithin time.Duration
+	status := &cobra.Command{Use: "status", Args: cobra.NoArgs, Short: "Leader, term, indexes, each member's reachability and lag as the leader sees them, and expiries",
+		Long: clusterStatusLong, RunE: func(*cobra.Command, []string) error {
+			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) { return c.ClusterStatus(ctx, &api.Empty{}) },
+				func(w *bufio.Writer, v any) {
+					s := v.(*api.ClusterStatus)
+					printClusterStatus(w, s)                             // cluster.go
+					printExpiries(w, s.Expiries, warnWithin, time.Now()) // issuingcert.go
+				})
+		}}
+	status.Flags().DurationVar(&warnWithin, "warn-within", 720*time.Hour, "warn about issuing CAs and roots expiring within this (a node's newest JWT key: within 24h at most)")
 	cmd.AddCommand(
-		&cobra.Command{Use: "status", Args: cobra.NoArgs, Short: "Leader, term, indexes, and each member's reachability and lag as the leader sees them",
-			Long: clusterStatusLong, RunE: func(*cobra.Command, []string) error {
-				return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) { return c.ClusterStatus(ctx, &api.Empty{}) },
-					func(w *bufio.Writer, v any) { printClusterStatus(w, v.(*api.ClusterStatus)) }) // cluster.go
-			}},
+		status,
 		joinCmd,
 		&cobra.Command{Use: "remove NODE-ID", Args: cobra.ExactArgs(1), Short: "Remove a node", RunE: func(_ *cobra.Command, args []string) error {
 			return g.run(func(ctx context.Context, c *api.AdminClient) (any, error) {

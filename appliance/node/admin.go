@@ -17,6 +17,7 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -51,6 +52,9 @@ type admin struct {
 	ca     adminSigner        // issues admin certificates
 	jwt    jwtRotator         // this node's JWT signing keys
 	fed    *federationFetcher // this node's fetch status of foreign bundles (nil: none)
+	// renew installs renewed issuing certificates (issuingcert.go; nil:
+	// refused).
+	renew *issuingRenewal
 }
 
 // jwtRotator is this node's JWT key rotation (ca.JWTKeys) as admins ask
@@ -411,7 +415,37 @@ func (a *admin) ClusterStatus(ctx context.Context, _ *api.Empty) (*api.ClusterSt
 	if err != nil {
 		out.View.LeaderError = err.Error()
 	}
+	out.Expiries = expiries(a.state.NodeCAs(), a.state.Bundle())
 	return out, nil
+}
+
+// expiries lists what the trust chain needs renewed in time, as this
+// replica knows it: each node's recorded issuing CA, every root, and each
+// node's newest JWT key (older keys are meant to expire; the newest one
+// running out means rotation has stopped).
+func expiries(cas []state.NodeCA, b state.Bundle) []api.Expiry {
+	var out []api.Expiry
+	for _, r := range cas {
+		if !r.NotAfter.IsZero() { // recorded before expiries were kept
+			out = append(out, api.Expiry{Kind: api.ExpiryIssuingCA, Name: r.Node, Serial: r.Serial, NotAfter: r.NotAfter})
+		}
+	}
+	for _, der := range b.Roots {
+		if c, err := x509.ParseCertificate(der); err == nil {
+			out = append(out, api.Expiry{Kind: api.ExpiryRoot, Name: c.Subject.String(), Serial: c.SerialNumber.Text(16), NotAfter: c.NotAfter.UTC()})
+		}
+	}
+	newest := map[string]state.JWTKey{}
+	for _, k := range b.JWTKeys {
+		if cur, ok := newest[k.Node]; !ok || k.NotAfter.After(cur.NotAfter) {
+			newest[k.Node] = k
+		}
+	}
+	for _, node := range slices.Sorted(maps.Keys(newest)) {
+		k := newest[node]
+		out = append(out, api.Expiry{Kind: api.ExpiryJWTKey, Name: node, Serial: k.KID, NotAfter: k.NotAfter.UTC()})
+	}
+	return out
 }
 
 // leaderStatusWait bounds the question to the leader: 2s, or half of what

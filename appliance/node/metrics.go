@@ -169,6 +169,7 @@ func registerNodeGauges(n *Node, reg *prometheus.Registry) {
 			Help: "Leaders this node learned of since it started (elections won by any node)."},
 			func() float64 { return float64(n.raft.LeaderChanges()) }),
 		peerCollector{n},
+		nodeCACollector{n},
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sigil_root_ca_expiry_seconds",
 			Help: "Seconds until the first of the configured root certificates expires."},
 			func() float64 {
@@ -205,6 +206,26 @@ func newestJWTKey(b state.Bundle, node string) time.Time {
 		}
 	}
 	return last
+}
+
+var descNodeCAExpiry = prometheus.NewDesc("sigil_node_issuing_ca_expiry_seconds",
+	"Seconds until each node's issuing CA expires, as the replicated state records it (the CA it last showed: a JWT key, a checkpoint, an install). Every node reports every node, so one scrape sees a node that is down.",
+	[]string{"node", "serial"}, nil)
+
+// nodeCACollector reports every node's recorded issuing CA expiry. The
+// records are bounded (state.MaxNodeCAs) and change only when a CA does,
+// so the label set stays small.
+type nodeCACollector struct{ n *Node }
+
+func (nodeCACollector) Describe(ch chan<- *prometheus.Desc) { ch <- descNodeCAExpiry }
+
+func (c nodeCACollector) Collect(ch chan<- prometheus.Metric) {
+	for _, r := range c.n.fsm.NodeCAs() {
+		if r.NotAfter.IsZero() {
+			continue // recorded before expiries were kept, until the node shows its CA again
+		}
+		ch <- prometheus.MustNewConstMetric(descNodeCAExpiry, prometheus.GaugeValue, time.Until(r.NotAfter).Seconds(), r.Node, r.Serial)
+	}
 }
 
 var descPeerReachable = prometheus.NewDesc("sigil_raft_peer_reachable",

@@ -89,6 +89,7 @@ type Node struct {
 	issuer   *issuer            // X.509- and JWT-SVIDs for agents (issuance.go)
 	fed      *federationFetcher // the leader's fetches of foreign bundles (federation.go)
 	crls     crlCache
+	renew    *issuingRenewal // issuingcert.go
 
 	// Connection and call bounds of the listeners (limits.go).
 	apiLim, httpLim, bundleLim, oidcLim *connLimiter
@@ -145,6 +146,9 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("issuing CA key: %w", err)
 	}
+	// An issuing certificate installed while the node ran, kept in the
+	// data directory, when it is valid and newer (issuingcert.go).
+	issuing = startIssuing(log, cfg.DataDir, n.td, cfg.NodeID, signer, issuing, n.roots, time.Now())
 	if n.auth, err = ca.New(n.td, cfg.NodeID, signer, issuing, n.roots, nil); err != nil {
 		return nil, err
 	}
@@ -172,6 +176,7 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 		return nil, fmt.Errorf("state: %w", err)
 	}
 	n.auth.SetRevocationCheck(n.rootCRLCheck(), log) // root CRLs (revocation.go)
+	n.auth.SetLogger(log)
 	n.raft, err = raft.New(ctx, raft.Config{
 		NodeID:        cfg.NodeID,
 		BindAddr:      cfg.Cluster.Bind,
@@ -212,6 +217,8 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 		Ready:        member.leaderKnown,
 		Logger:       log,
 	})
+	n.renew = &issuingRenewal{dir: InstalledIssuingDir(cfg.DataDir), auth: n.auth, ident: n.ident, jwt: n.jwt,
+		state: n.fsm, member: member, actor: n.actor(), log: log}
 	bans := newBannedAudit()
 	n.issuer = &issuer{nodeID: cfg.NodeID, actor: n.actor(), agentTTL: cfg.Join.AgentSVIDTTL.Duration, log: log, jwtIssuer: cfg.JWT.Issuer,
 		state: n.fsm, apply: member, quorum: member, audit: n.batch, x509: n.auth, jwt: jwtKeys{n.jwt},
@@ -220,6 +227,8 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 	go func() { defer n.wg.Done(); n.batch.run(runCtx) }()
 	go func() { defer n.wg.Done(); n.jwt.Maintain(runCtx) }()
 	go func() { defer n.wg.Done(); n.watchRootCRLs(runCtx) }() // revocation.go
+	n.wg.Add(1)
+	go func() { defer n.wg.Done(); n.renew.showLoop(runCtx) }() // issuingcert.go
 	n.refusals = newNodeRefusals(n)
 	n.wg.Add(2)
 	go func() { defer n.wg.Done(); n.refusals.run() }()
@@ -554,5 +563,5 @@ func (n *Node) auditExportDir() string {
 // adminSvc is the admin service over this node's state, raft member and CA.
 func (n *Node) adminSvc() *admin {
 	return &admin{seen: &n.seen, td: n.td, nodeID: n.cfg.NodeID, roots: n.roots, dataDir: n.cfg.DataDir, maxCertTTL: n.adminCertMaxTTL(),
-		log: n.log, authLog: n.authLog, state: n.fsm, member: n.member(), ca: n.auth, jwt: n.jwt, fed: n.fed}
+		log: n.log, authLog: n.authLog, state: n.fsm, member: n.member(), ca: n.auth, jwt: n.jwt, fed: n.fed, renew: n.renew}
 }

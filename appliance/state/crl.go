@@ -798,6 +798,10 @@ type NodeCA struct {
 	Serial string `json:"serial"`
 	// Index is the raft index of the command that showed it.
 	Index uint64 `json:"index"`
+	// NotAfter is the CA certificate's expiry (zero in records written
+	// before it was kept, until the node shows its CA again): the expiry
+	// metric of every node's issuing CA.
+	NotAfter time.Time `json:"not_after,omitzero"`
 }
 
 func readNodeCAs(tx *bolt.Tx) ([]NodeCA, error) {
@@ -851,11 +855,13 @@ func (t *txn) noteNodeCA(node string, ca *x509.Certificate) error {
 	if err != nil {
 		return err
 	}
-	rec := NodeCA{Node: node, Issuer: ca.RawIssuer, Serial: ca.SerialNumber.Text(16), Index: t.index}
+	rec := NodeCA{Node: node, Issuer: ca.RawIssuer, Serial: ca.SerialNumber.Text(16), Index: t.index, NotAfter: ca.NotAfter.UTC()}
 	i, found := slices.BinarySearchFunc(recs, node, func(r NodeCA, n string) int { return strings.Compare(r.Node, n) })
 	switch {
-	case found && bytes.Equal(recs[i].Issuer, rec.Issuer) && recs[i].Serial == rec.Serial:
+	case found && bytes.Equal(recs[i].Issuer, rec.Issuer) && recs[i].Serial == rec.Serial && !recs[i].NotAfter.IsZero():
 		return nil // shown before: the record stays as it was
+	case found && bytes.Equal(recs[i].Issuer, rec.Issuer) && recs[i].Serial == rec.Serial:
+		recs[i].NotAfter = rec.NotAfter // an older record learns the expiry; its index stays
 	case found:
 		recs[i] = rec
 	default:
@@ -925,6 +931,8 @@ func (t *txn) checkOriginCA() error {
 	switch {
 	case t.c.Type == CmdJWTKeyAdd:
 		return nil // checkJWTKeyCA: the CA is required, and refused if revoked
+	case t.c.Type == CmdNodeCAInstall:
+		return nil // applyNodeCAInstall refuses a revoked CA
 	case t.c.Type == CmdAuditCheckpoint && t.c.Version >= JWTKeyCAVersion:
 		return nil // noteCheckpointCA refuses a revoked CA
 	}

@@ -48,10 +48,11 @@ import (
 // (RenewGraceVersion). Version 6: job identity (join rules, job.join,
 // job.end; JobVersion), and IP SANs on entries (IPSANVersion). Version
 // 7: SPIFFE federation (relationships, foreign bundles, entries'
-// federates_with; FederationVersion). The rules a version brings apply to
-// its commands only: a log of version 2 commands replays exactly as it
-// was first applied.
-const CommandVersion = 7
+// federates_with; FederationVersion). Version 8: a node's issuing CA
+// renewed while it runs (CmdNodeCAInstall, NodeCAInstallVersion). The
+// rules a version brings apply to its commands only: a log of version 2
+// commands replays exactly as it was first applied.
+const CommandVersion = NodeCAInstallVersion
 
 // minCommandVersion is the oldest envelope version this code still
 // applies (raft logs and snapshots written before the last upgrade).
@@ -545,7 +546,8 @@ const (
 	// byAdmin: an admin (certificate or a node's local socket); the
 	// proposing node vouches for it and is recorded with it.
 	byAdmin
-	// byAdminOrNode: audit records of either.
+	// byAdminOrNode: audit records of either, and a node's issuing CA
+	// (installed by an admin, or shown by the node itself).
 	byAdminOrNode
 )
 

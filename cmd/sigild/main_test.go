@@ -130,6 +130,30 @@ func TestCheckConfigHSMAndFiles(t *testing.T) {
 	if code, out, errs := check(good); code != 0 || !strings.Contains(out, good+": valid") || !strings.Contains(out, notChecked) {
 		t.Fatalf("good config: exit %d\nstdout: %s\nstderr: %s", code, out, errs)
 	}
+	// An issuing certificate installed while the node ran, kept in
+	// data-dir, is named among what was not checked.
+	dataDir := c.Config("node-1").DataDir
+	_, statErr := os.Stat(dataDir)
+	if err := os.MkdirAll(filepath.Join(dataDir, "issuing"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(dataDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	kept := filepath.Join(dataDir, "issuing", "current.pem")
+	if err := os.WriteFile(kept, []byte("not checked"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if code, out, errs := check(good); code != 0 || !strings.Contains(out, kept+" (the issuing certificate last installed while the node ran) not checked") {
+		t.Fatalf("good config with %s: exit %d\nstdout: %s\nstderr: %s", kept, code, out, errs)
+	}
+	if os.IsNotExist(statErr) {
+		if err := os.RemoveAll(dataDir); err != nil {
+			t.Fatal(err)
+		}
+	} else if err := os.RemoveAll(filepath.Join(dataDir, "issuing")); err != nil {
+		t.Fatal(err)
+	}
 
 	missingPIN := filepath.Join(c.Dir, "absent.pin")
 	openPIN := filepath.Join(c.Dir, "open.pin")
