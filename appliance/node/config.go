@@ -14,6 +14,7 @@ import (
 	"github.com/sigil-appliance/sigil/appliance/state"
 	"github.com/sigil-appliance/sigil/internal/logconfig"
 	"github.com/sigil-appliance/sigil/internal/nodeid"
+	"github.com/sigil-appliance/sigil/internal/pemfile"
 	"github.com/sigil-appliance/sigil/internal/strictyaml"
 	"github.com/sigil-appliance/sigil/keystore"
 	"github.com/sigil-appliance/sigil/keystore/pkcs11"
@@ -333,13 +334,7 @@ func checkKeyFileMode(path string) error {
 	if err != nil {
 		return err
 	}
-	if !st.Mode().IsRegular() {
-		return fmt.Errorf("%s is not a regular file", path)
-	}
-	if st.Mode().Perm()&0o077 != 0 {
-		return fmt.Errorf("%s has mode %v; a private key must be readable by its owner only (chmod 600)", path, st.Mode().Perm())
-	}
-	return nil
+	return pemfile.CheckPrivate(path, st)
 }
 
 // validateAPILimits fills the API limits' defaults and checks their

@@ -284,11 +284,8 @@ func readKeyFile(path string) (crypto.Signer, error) {
 	if err != nil {
 		return nil, err
 	}
-	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s is not a regular file", path)
-	}
-	if st.Mode().Perm()&0o077 != 0 {
-		return nil, fmt.Errorf("%s has mode %v; a private key must be readable by its owner only (chmod 600)", path, st.Mode().Perm())
+	if err := pemfile.CheckPrivate(path, st); err != nil {
+		return nil, err
 	}
 	// Owned by sigild's user or root: a file another user owns could be
 	// replaced by that user, and is reloaded within seconds.

@@ -13,6 +13,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 )
 
@@ -140,4 +141,17 @@ func read(path string) ([]byte, error) {
 		return nil, errors.New("no file named")
 	}
 	return os.ReadFile(path)
+}
+
+// CheckPrivate refuses a private key file that is not a regular file or
+// that group or others could read; st is the file's (from Stat, or from
+// the opened file, so that what is checked is what is read).
+func CheckPrivate(path string, st fs.FileInfo) error {
+	if !st.Mode().IsRegular() {
+		return fmt.Errorf("%s is not a regular file", path)
+	}
+	if st.Mode().Perm()&0o077 != 0 {
+		return fmt.Errorf("%s has mode %v; a private key must be readable by its owner only (chmod 600)", path, st.Mode().Perm())
+	}
+	return nil
 }
