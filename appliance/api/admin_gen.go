@@ -48,6 +48,8 @@ const (
 	AdminMethodAgentRemove            = "/" + AdminService + "/AgentRemove"
 	AdminMethodJWTKeyRotate           = "/" + AdminService + "/JWTKeyRotate"
 	AdminMethodNodeIssuingCertInstall = "/" + AdminService + "/NodeIssuingCertInstall"
+	AdminMethodRootRotate             = "/" + AdminService + "/RootRotate"
+	AdminMethodRootRotation           = "/" + AdminService + "/RootRotation"
 	AdminMethodJoinRuleCreate         = "/" + AdminService + "/JoinRuleCreate"
 	AdminMethodJoinRuleList           = "/" + AdminService + "/JoinRuleList"
 	AdminMethodJoinRuleShow           = "/" + AdminService + "/JoinRuleShow"
@@ -100,6 +102,8 @@ func RegisterAdmin(s grpc.ServiceRegistrar, impl AdminServer) {
 			unary("AgentRemove", AdminMethodAgentRemove, AdminServer.AgentRemove),
 			unary("JWTKeyRotate", AdminMethodJWTKeyRotate, AdminServer.JWTKeyRotate),
 			unary("NodeIssuingCertInstall", AdminMethodNodeIssuingCertInstall, AdminServer.NodeIssuingCertInstall),
+			unary("RootRotate", AdminMethodRootRotate, AdminServer.RootRotate),
+			unary("RootRotation", AdminMethodRootRotation, AdminServer.RootRotation),
 			unary("JoinRuleCreate", AdminMethodJoinRuleCreate, AdminServer.JoinRuleCreate),
 			unary("JoinRuleList", AdminMethodJoinRuleList, AdminServer.JoinRuleList),
 			unary("JoinRuleShow", AdminMethodJoinRuleShow, AdminServer.JoinRuleShow),
@@ -308,6 +312,18 @@ func (c *AdminClient) JWTKeyRotate(ctx context.Context, r *Empty) (*JWTKeyRotate
 // it. Refusals change nothing.
 func (c *AdminClient) NodeIssuingCertInstall(ctx context.Context, r *IssuingCertRequest) (*IssuingCertInstalled, error) {
 	return invoke[IssuingCertRequest, IssuingCertInstalled](ctx, c.cc, AdminMethodNodeIssuingCertInstall, r)
+}
+
+// RootRotate moves the root rotation one phase (RootRotateRequest) and
+// answers where it then stands. A phase out of order, or one whose
+// wait has not passed, is refused (FailedPrecondition) with the reason.
+func (c *AdminClient) RootRotate(ctx context.Context, r *RootRotateRequest) (*RootRotationStatus, error) {
+	return invoke[RootRotateRequest, RootRotationStatus](ctx, c.cc, AdminMethodRootRotate, r)
+}
+
+// RootRotation answers where the root rotation stands.
+func (c *AdminClient) RootRotation(ctx context.Context, r *Empty) (*RootRotationStatus, error) {
+	return invoke[Empty, RootRotationStatus](ctx, c.cc, AdminMethodRootRotation, r)
 }
 
 // JoinRuleCreate adds a join rule for pipeline runs (Join.Job); a

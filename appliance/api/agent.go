@@ -45,6 +45,13 @@ type (
 		Serials  []string `json:"serials,omitempty"`
 		ExitCode int      `json:"exit_code"`
 	}
+	// BundleAckRequest tells the node the agent has applied the trust
+	// bundle of Sequence: its roots are kept on disk, trusted for dialing
+	// nodes and served to its workloads. A root rotation's phases wait
+	// for every agent's acknowledgement.
+	BundleAckRequest struct {
+		Sequence uint64 `json:"sequence"`
+	}
 	// SyncRequest resumes after a revision (0: from the start).
 	SyncRequest struct {
 		Revision uint64 `json:"revision"`
@@ -75,6 +82,11 @@ type AgentServer interface {
 	// RunEnd ends the calling job agent's run (job agents only): audited,
 	// its SVIDs revoked, its record and entry removed.
 	RunEnd(context.Context, *RunEndRequest) (*Empty, error)
+	// BundleAck records that the agent applied the bundle of a sequence
+	// (the sequence must not be ahead of the node's). Only an
+	// acknowledgement a root rotation waits for is committed; others are
+	// answered without a state change.
+	BundleAck(context.Context, *BundleAckRequest) (*Empty, error)
 }
 
 // MaxRunEndSerials bounds a RunEnd request.

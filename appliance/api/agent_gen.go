@@ -15,6 +15,7 @@ const (
 	AgentMethodSignJWTSVID   = "/" + AgentService + "/SignJWTSVID"
 	AgentMethodSync          = "/" + AgentService + "/Sync"
 	AgentMethodRunEnd        = "/" + AgentService + "/RunEnd"
+	AgentMethodBundleAck     = "/" + AgentService + "/BundleAck"
 )
 
 // RegisterAgent adds the agent service to a gRPC server: every method of
@@ -27,6 +28,7 @@ func RegisterAgent(s grpc.ServiceRegistrar, impl AgentServer) {
 			unary("SignX509SVIDs", AgentMethodSignX509SVIDs, AgentServer.SignX509SVIDs),
 			unary("SignJWTSVID", AgentMethodSignJWTSVID, AgentServer.SignJWTSVID),
 			unary("RunEnd", AgentMethodRunEnd, AgentServer.RunEnd),
+			unary("BundleAck", AgentMethodBundleAck, AgentServer.BundleAck),
 		},
 		Streams: []grpc.StreamDesc{
 			serverStream("Sync", AgentServer.Sync),
@@ -58,4 +60,12 @@ func (c *AgentClient) Sync(ctx context.Context, r *SyncRequest) (grpc.ServerStre
 // its SVIDs revoked, its record and entry removed.
 func (c *AgentClient) RunEnd(ctx context.Context, r *RunEndRequest) (*Empty, error) {
 	return invoke[RunEndRequest, Empty](ctx, c.cc, AgentMethodRunEnd, r)
+}
+
+// BundleAck records that the agent applied the bundle of a sequence
+// (the sequence must not be ahead of the node's). Only an
+// acknowledgement a root rotation waits for is committed; others are
+// answered without a state change.
+func (c *AgentClient) BundleAck(ctx context.Context, r *BundleAckRequest) (*Empty, error) {
+	return invoke[BundleAckRequest, Empty](ctx, c.cc, AgentMethodBundleAck, r)
 }

@@ -175,6 +175,53 @@ type (
 		// schedule publishes one later).
 		JWTKey string `json:"jwt_key,omitempty"`
 	}
+	// RootRotateRequest moves a root rotation: Phase is "add" (Root: the
+	// new root, PEM), "switch", "rollback" or "retire". Force skips the
+	// waits the proposing node checks (agents' acknowledgements, the
+	// federation refresh hint, the lifetime of what the old root signed),
+	// never the state's own rules. Audited as forced.
+	RootRotateRequest struct {
+		Phase string `json:"phase"`
+		Root  []byte `json:"root,omitempty"`
+		Force bool   `json:"force,omitempty"`
+	}
+	// RootRotationStatus is where a root rotation stands ("" phase: none
+	// in progress) and what the next phase waits for.
+	RootRotationStatus struct {
+		Phase string `json:"phase"`
+		// Old and New are hex SHA-256 fingerprints of the roots.
+		Old []string `json:"old,omitempty"`
+		New string   `json:"new,omitempty"`
+		// Sequence is the bundle sequence agents must acknowledge before
+		// the next phase (the one the last phase committed at).
+		Sequence uint64    `json:"sequence,omitempty"`
+		Since    time.Time `json:"since,omitempty"`
+		// Roots are the bundle's roots now (hex SHA-256, with expiry).
+		Roots []RootInfo `json:"roots,omitempty"`
+		// NodesNotStaged are member nodes with no issuing certificate
+		// under the new root staged (phase added) or not yet signing under
+		// it (phase switched).
+		NodesNotStaged []string `json:"nodes_not_staged,omitempty"`
+		// AgentsPending are agents that have not acknowledged Sequence,
+		// at most MaxPendingListed of them; AgentsPendingCount counts all.
+		AgentsPending      []PendingAgent `json:"agents_pending,omitempty"`
+		AgentsPendingCount int            `json:"agents_pending_count"`
+		// RetireAfter is when the last SVID the old root's chain signed
+		// expires at the latest (phase switched): retire refuses before.
+		RetireAfter time.Time `json:"retire_after,omitempty"`
+		// Next is what the next phase needs, in words.
+		Next string `json:"next,omitempty"`
+	}
+	RootInfo struct {
+		SHA256   string    `json:"sha256"`
+		Subject  string    `json:"subject"`
+		NotAfter time.Time `json:"not_after"`
+	}
+	PendingAgent struct {
+		SPIFFEID string    `json:"spiffe_id"`
+		Acked    uint64    `json:"acked"`
+		LastSeen time.Time `json:"last_seen,omitempty"`
+	}
 	// ClusterView says whose view ClusterStatus.Peers is. Only the leader
 	// hears from every member; a follower's own view knows its leader's
 	// contact and nothing of the others, and a node without a leader knows
@@ -369,6 +416,12 @@ type AdminServer interface {
 	// later), signs with it from then on, and publishes a JWT key carrying
 	// it. Refusals change nothing.
 	NodeIssuingCertInstall(context.Context, *IssuingCertRequest) (*IssuingCertInstalled, error)
+	// RootRotate moves the root rotation one phase (RootRotateRequest) and
+	// answers where it then stands. A phase out of order, or one whose
+	// wait has not passed, is refused (FailedPrecondition) with the reason.
+	RootRotate(context.Context, *RootRotateRequest) (*RootRotationStatus, error)
+	// RootRotation answers where the root rotation stands.
+	RootRotation(context.Context, *Empty) (*RootRotationStatus, error)
 	// JoinRuleCreate adds a join rule for pipeline runs (Join.Job); a
 	// preset fills the issuer, claim names and templates it leaves empty.
 	JoinRuleCreate(context.Context, *JoinRule) (*JoinRule, error)
@@ -406,3 +459,6 @@ const JWTKeyWarnWithin = 24 * time.Hour
 
 // AdminService is the gRPC service name.
 const AdminService = "sigil.admin.v1.Admin"
+
+// MaxPendingListed bounds RootRotationStatus.AgentsPending.
+const MaxPendingListed = 100
