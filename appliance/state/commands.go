@@ -588,8 +588,10 @@ func applyAgentUpsert(t *txn, p *AgentUpsert) (any, []AuditEvent, error) {
 			return nil, nil, refuse("agent %s is banned", a.ID)
 		}
 		a.JoinedAt = old.JoinedAt
+		a.BundleAck = old.BundleAck
 	} else {
 		a.JoinedAt = t.c.Time
+		a.BundleAck = 0
 	}
 	// A join replaces any certificate and leaves no grace; a renewal
 	// replaces the current one, or within its grace the one the last

@@ -802,6 +802,10 @@ type NodeCA struct {
 	// before it was kept, until the node shows its CA again): the expiry
 	// metric of every node's issuing CA.
 	NotAfter time.Time `json:"not_after,omitzero"`
+	// Root is the hex SHA-256 of the bundle root that signed the CA
+	// (recorded by version 9 commands: a root rotation's retire waits
+	// until every member's CA is the new root's).
+	Root string `json:"root,omitempty"`
 }
 
 func readNodeCAs(tx *bolt.Tx) ([]NodeCA, error) {
@@ -823,6 +827,9 @@ func checkNodeCAs(recs []NodeCA) error {
 		}
 		if len(r.Issuer) == 0 || len(r.Issuer) > maxNodeCAIssuer || !serialRE.MatchString(r.Serial) {
 			return fmt.Errorf("node CA record %d (node %s): malformed issuer or serial", i, r.Node)
+		}
+		if r.Root != "" && !hexHashRE.MatchString(r.Root) {
+			return fmt.Errorf("node CA record %d (node %s): malformed root fingerprint", i, r.Node)
 		}
 	}
 	return nil
@@ -851,17 +858,27 @@ func (t *txn) noteNodeCA(node string, ca *x509.Certificate) error {
 	if len(ca.RawIssuer) > maxNodeCAIssuer {
 		return refuse("node %s's issuing CA has an issuer name of %d bytes; at most %d", truncate(node, 64), len(ca.RawIssuer), maxNodeCAIssuer)
 	}
+	if err := t.checkInstallPhase(ca); err != nil {
+		return err
+	}
 	recs, err := readNodeCAs(t.tx)
 	if err != nil {
 		return err
 	}
 	rec := NodeCA{Node: node, Issuer: ca.RawIssuer, Serial: ca.SerialNumber.Text(16), Index: t.index, NotAfter: ca.NotAfter.UTC()}
+	if t.c.Version >= RootRotationVersion {
+		if rec.Root, err = t.signingRoot(ca); err != nil {
+			return err
+		}
+	}
 	i, found := slices.BinarySearchFunc(recs, node, func(r NodeCA, n string) int { return strings.Compare(r.Node, n) })
 	switch {
-	case found && bytes.Equal(recs[i].Issuer, rec.Issuer) && recs[i].Serial == rec.Serial && !recs[i].NotAfter.IsZero():
+	case found && bytes.Equal(recs[i].Issuer, rec.Issuer) && recs[i].Serial == rec.Serial && !recs[i].NotAfter.IsZero() && (rec.Root == "" || recs[i].Root == rec.Root):
 		return nil // shown before: the record stays as it was
+	case found && bytes.Equal(recs[i].Issuer, rec.Issuer) && recs[i].Serial == rec.Serial && !recs[i].NotAfter.IsZero():
+		recs[i].Root = rec.Root // an older record learns its root; its index stays
 	case found && bytes.Equal(recs[i].Issuer, rec.Issuer) && recs[i].Serial == rec.Serial:
-		recs[i].NotAfter = rec.NotAfter // an older record learns the expiry; its index stays
+		recs[i].NotAfter, recs[i].Root = rec.NotAfter, rec.Root // an older record learns the expiry; its index stays
 	case found:
 		recs[i] = rec
 	default:

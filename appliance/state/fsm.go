@@ -49,10 +49,12 @@ import (
 // job.end; JobVersion), and IP SANs on entries (IPSANVersion). Version
 // 7: SPIFFE federation (relationships, foreign bundles, entries'
 // federates_with; FederationVersion). Version 8: a node's issuing CA
-// renewed while it runs (CmdNodeCAInstall, NodeCAInstallVersion). The
+// renewed while it runs (CmdNodeCAInstall, NodeCAInstallVersion).
+// Version 9: phased root rotation (bundle.root.*, node.issuing-ca.stage,
+// agent.bundle.ack; RootRotationVersion). The
 // rules a version brings apply to its commands only: a log of version 2
 // commands replays exactly as it was first applied.
-const CommandVersion = NodeCAInstallVersion
+const CommandVersion = RootRotationVersion
 
 // minCommandVersion is the oldest envelope version this code still
 // applies (raft logs and snapshots written before the last upgrade).

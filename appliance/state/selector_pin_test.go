@@ -14,11 +14,11 @@ import (
 // to appliance/selector that flips any verdict here needs a new
 // CommandVersion, with these rules kept for version 4. Version 5 changed
 // renewals only (RenewGraceVersion), version 6 added job identity
-// (JobVersion), version 7 federation (FederationVersion) and version 8
-// the issuing CA renewal (NodeCAInstallVersion): their selector rules are
-// version 4's.
+// (JobVersion), version 7 federation (FederationVersion), version 8
+// the issuing CA renewal (NodeCAInstallVersion) and version 9 root
+// rotation (RootRotationVersion): their selector rules are version 4's.
 func TestSelectorRulesPinned(t *testing.T) {
-	if CommandVersion != 8 || EntryRulesVersion != 4 {
+	if CommandVersion != 9 || EntryRulesVersion != 4 {
 		t.Fatalf("CommandVersion %d, EntryRulesVersion %d: pin the rules of the new version here and keep version 4's", CommandVersion, EntryRulesVersion)
 	}
 	hex := func(c string) string { return strings.Repeat(c, 64) }

@@ -469,6 +469,22 @@ func (l *loader) check(kind byte, k, v []byte) error {
 			if _, err := checkStoredRootCRLs(crls, nil); err != nil {
 				return err
 			}
+		case string(keyRootRotation):
+			var r RootRotation
+			if err := decodeStrict(v, &r); err != nil {
+				return fmt.Errorf("root rotation: %v", err)
+			}
+			if err := checkRootRotation(&r); err != nil {
+				return err
+			}
+		case string(keyRetiredRoots):
+			var rs []RetiredRoot
+			if err := decodeStrict(v, &rs); err != nil {
+				return fmt.Errorf("retired roots: %v", err)
+			}
+			if err := checkRetiredRoots(rs); err != nil {
+				return err
+			}
 		case string(keyNodeCAs):
 			var recs []NodeCA
 			if err := decodeStrict(v, &recs); err != nil {

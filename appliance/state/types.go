@@ -87,6 +87,11 @@ type Agent struct {
 	JoinedAt  time.Time `json:"joined_at"`
 	UpdatedAt time.Time `json:"updated_at"`
 	Revision  uint64    `json:"revision"`
+	// BundleAck is the highest bundle sequence the agent acknowledged
+	// while a root rotation waited for it (CmdBundleAck; version 9). The
+	// state machine keeps it across the agent's renewals; a command's
+	// value is ignored.
+	BundleAck uint64 `json:"bundle_ack,omitempty"`
 }
 
 // JoinPolicy decides which TPMs may join.
