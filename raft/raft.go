@@ -707,6 +707,20 @@ func (n *Node) configuration() (hraft.Configuration, error) {
 	return f.Configuration(), nil
 }
 
+// Members are the IDs of the cluster's servers, as this node's latest
+// configuration has them.
+func (n *Node) Members() ([]string, error) {
+	cfg, err := n.configuration()
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, s := range cfg.Servers {
+		out = append(out, string(s.ID))
+	}
+	return out, nil
+}
+
 func (n *Node) isMember(id string) bool {
 	cfg, err := n.configuration()
 	if err != nil {

@@ -174,6 +174,9 @@ type (
 		// certificate ("" when that failed: the node logs why and its
 		// schedule publishes one later).
 		JWTKey string `json:"jwt_key,omitempty"`
+		// Staged: the certificate is under a rotation's new root (phase
+		// added): the node recorded it and signs with it at the switch.
+		Staged bool `json:"staged,omitempty"`
 	}
 	// RootRotateRequest moves a root rotation: Phase is "add" (Root: the
 	// new root, PEM), "switch", "rollback" or "retire". Force skips the

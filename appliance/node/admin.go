@@ -55,6 +55,15 @@ type admin struct {
 	// renew installs renewed issuing certificates (issuingcert.go; nil:
 	// refused).
 	renew *issuingRenewal
+	// rotation is what a root rotation's phases wait for on this node
+	// (rootrotation.go; nil: refused).
+	rotation rotationWaits
+}
+
+// rotationWaits is the node as RootRotate consults it.
+type rotationWaits interface {
+	maxSignedLife() time.Duration
+	waitsFor(rot *state.RootRotation, phase string) error
 }
 
 // jwtRotator is this node's JWT key rotation (ca.JWTKeys) as admins ask
@@ -735,9 +744,28 @@ func (a *admin) AuditVerify(ctx context.Context, _ *api.Empty) (*api.AuditVerify
 	if err := a.read(ctx, "audit verify"); err != nil {
 		return nil, err
 	}
-	rep := a.state.VerifyAuditLog(a.roots)
+	rep := a.state.VerifyAuditLog(a.auditRoots())
 	return &api.AuditVerify{Records: rep.To, Intact: rep.Intact, FirstBad: rep.FirstBad, Error: rep.Error,
 		From: rep.From, To: rep.To, Checkpoints: rep.Checkpoints, LastCheckpoint: rep.LastCheckpoint}, nil
+}
+
+// auditRoots are the roots checkpoints may chain to: the bundle's, the
+// roots earlier rotations retired (history signed under them stays
+// verifiable) and the configured ones.
+func (a *admin) auditRoots() []*x509.Certificate {
+	out := slices.Clone(a.roots)
+	add := func(der []byte) {
+		if c, err := x509.ParseCertificate(der); err == nil && !slices.ContainsFunc(out, c.Equal) {
+			out = append(out, c)
+		}
+	}
+	for _, d := range a.state.Bundle().Roots {
+		add(d)
+	}
+	for _, r := range a.state.RetiredRoots() {
+		add(r.DER)
+	}
+	return out
 }
 
 func (a *admin) BundleShow(ctx context.Context, _ *api.Empty) (*api.BundleResponse, error) {

@@ -78,6 +78,8 @@ type issuingRenewal struct {
 	member raftMember
 	actor  string // this node, as the audit names it
 	log    *slog.Logger
+	// dataDir keeps the bundle's roots (rootrotation.go; "": not kept).
+	dataDir string
 }
 
 // showLoop records this node's issuing CA in the state whenever the
@@ -116,6 +118,11 @@ func (r *issuingRenewal) showLoop(ctx context.Context) {
 func (r *issuingRenewal) show(ctx context.Context) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	return r.showLocked(ctx)
+}
+
+// showLocked is show with r.mu held.
+func (r *issuingRenewal) showLocked(ctx context.Context) error {
 	// The replica must be current: one replaying its log after a start
 	// would otherwise see an old record and show a CA already recorded.
 	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -179,6 +186,17 @@ func (a *admin) NodeIssuingCertInstall(ctx context.Context, r *api.IssuingCertRe
 	}
 	if err := a.read(ctx, what); err != nil { // the CRLs committed before the call count
 		return nil, err
+	}
+	if a.renew.rotationStaging(cert) {
+		// The new root is in the bundle: make sure this node trusts it
+		// before checking the certificate against it.
+		if err := a.renew.follow(ctx); err != nil {
+			a.log.Warn("following the root rotation before staging failed", "err", err)
+		}
+		return a.renew.stage(ctx, cert, func(ctx context.Context, p state.NodeCAStage) error {
+			_, err := write[api.Empty](ctx, a, state.CmdNodeCAStage, p)
+			return err
+		}, func(err error) error { return refuse(codes.FailedPrecondition, err) })
 	}
 	return a.renew.install(ctx, cert, func(ctx context.Context, p state.NodeCAInstall) error {
 		_, err := write[api.Empty](ctx, a, state.CmdNodeCAInstall, p)

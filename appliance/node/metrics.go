@@ -171,10 +171,10 @@ func registerNodeGauges(n *Node, reg *prometheus.Registry) {
 		peerCollector{n},
 		nodeCACollector{n},
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sigil_root_ca_expiry_seconds",
-			Help: "Seconds until the first of the configured root certificates expires."},
+			Help: "Seconds until the first of the trust bundle's root certificates expires."},
 			func() float64 {
 				var first time.Time
-				for _, r := range n.roots {
+				for _, r := range n.auth.Roots() {
 					if first.IsZero() || r.NotAfter.Before(first) {
 						first = r.NotAfter
 					}

@@ -141,6 +141,13 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 		}
 		n.roots = append(n.roots, r)
 	}
+	// The roots the bundle had when this node last ran count too: after a
+	// rotation they are what the cluster trusts (rootrotation.go).
+	kept, err := KeptRoots(cfg.DataDir)
+	if err != nil {
+		log.Warn("the roots kept from the bundle are unreadable; starting with root-certs only", "err", err)
+	}
+	startWith := startRoots(n.roots, kept)
 	n.ks = pkcs11.New(pkcs11.Options{Logger: log})
 	signer, err := n.ks.Signer(ctx, cfg.IssuingKey)
 	if err != nil {
@@ -148,8 +155,8 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 	}
 	// An issuing certificate installed while the node ran, kept in the
 	// data directory, when it is valid and newer (issuingcert.go).
-	issuing = startIssuing(log, cfg.DataDir, n.td, cfg.NodeID, signer, issuing, n.roots, time.Now())
-	if n.auth, err = ca.New(n.td, cfg.NodeID, signer, issuing, n.roots, nil); err != nil {
+	issuing = startIssuing(log, cfg.DataDir, n.td, cfg.NodeID, signer, issuing, startWith, time.Now())
+	if n.auth, err = ca.New(n.td, cfg.NodeID, signer, issuing, startWith, nil); err != nil {
 		return nil, err
 	}
 	if n.ident, err = ca.NewNodeIdentity(n.auth, 24*time.Hour); err != nil {
@@ -218,7 +225,7 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 		Logger:       log,
 	})
 	n.renew = &issuingRenewal{dir: InstalledIssuingDir(cfg.DataDir), auth: n.auth, ident: n.ident, jwt: n.jwt,
-		state: n.fsm, member: member, actor: n.actor(), log: log}
+		state: n.fsm, member: member, actor: n.actor(), log: log, dataDir: cfg.DataDir}
 	bans := newBannedAudit()
 	n.issuer = &issuer{nodeID: cfg.NodeID, actor: n.actor(), agentTTL: cfg.Join.AgentSVIDTTL.Duration, log: log, jwtIssuer: cfg.JWT.Issuer,
 		state: n.fsm, apply: member, quorum: member, audit: n.batch, x509: n.auth, jwt: jwtKeys{n.jwt},
@@ -229,6 +236,8 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 	go func() { defer n.wg.Done(); n.watchRootCRLs(runCtx) }() // revocation.go
 	n.wg.Add(1)
 	go func() { defer n.wg.Done(); n.renew.showLoop(runCtx) }() // issuingcert.go
+	n.wg.Add(1)
+	go func() { defer n.wg.Done(); n.renew.rotationLoop(runCtx) }() // rootrotation.go
 	n.refusals = newNodeRefusals(n)
 	n.wg.Add(2)
 	go func() { defer n.wg.Done(); n.refusals.run() }()
@@ -563,5 +572,5 @@ func (n *Node) auditExportDir() string {
 // adminSvc is the admin service over this node's state, raft member and CA.
 func (n *Node) adminSvc() *admin {
 	return &admin{seen: &n.seen, td: n.td, nodeID: n.cfg.NodeID, roots: n.roots, dataDir: n.cfg.DataDir, maxCertTTL: n.adminCertMaxTTL(),
-		log: n.log, authLog: n.authLog, state: n.fsm, member: n.member(), ca: n.auth, jwt: n.jwt, fed: n.fed, renew: n.renew}
+		log: n.log, authLog: n.authLog, state: n.fsm, member: n.member(), ca: n.auth, jwt: n.jwt, fed: n.fed, renew: n.renew, rotation: n}
 }

@@ -35,7 +35,7 @@ func (n *Node) rootCRLCheck() ca.RevocationCheck {
 	carried := map[string]struct{}{}
 	for i, der := range n.fsm.CarriedRootCRLs() {
 		crl, err := x509.ParseRevocationList(der)
-		ok := err == nil && slices.ContainsFunc(n.roots, func(r *x509.Certificate) bool {
+		ok := err == nil && slices.ContainsFunc(n.auth.Roots(), func(r *x509.Certificate) bool {
 			return bytes.Equal(crl.RawIssuer, r.RawSubject) && crl.CheckSignatureFrom(r) == nil
 		})
 		if !ok {

@@ -1,22 +1,508 @@
 package node
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/appliance/state"
+	"github.com/sigil-appliance/sigil/internal/pemfile"
 )
 
+// A root rotation (state/rootrotation.go) is committed phase by phase;
+// each node follows the committed phase on its own (rotationLoop), so a
+// node that was down, or the leader that died mid-phase, catches up from
+// the state alone:
+//   - its authority trusts exactly the bundle's roots (after add: old and
+//     new; after retire: the new), kept in <data-dir>/roots.pem so that a
+//     restart trusts what the cluster trusted, whatever root-certs says;
+//   - while the rotation is switched it signs with the certificate it
+//     staged under the new root (the state holds it); rolled back to
+//     added, with the one it had before (issuing/previous.pem);
+//   - after a change of issuing certificate its TLS certificate is
+//     renewed under it, a JWT key carrying it is published, and its CA is
+//     shown to the state (which retire waits for).
+
+// keptRootsName is the file in the data directory holding the bundle's
+// roots as this node last applied them.
+const keptRootsName = "roots.pem"
+
+// KeptRoots reads the roots a node kept from the replicated bundle (nil:
+// none kept yet).
+func KeptRoots(dataDir string) ([]*x509.Certificate, error) {
+	path := filepath.Join(dataDir, keptRootsName)
+	if _, err := os.Lstat(path); errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	return pemfile.ReadCerts(path)
+}
+
+// startRoots are the roots a node starts with: the configured root-certs
+// and the roots it kept from the bundle. The rotation loop narrows them to
+// the bundle's as soon as the replica is read.
+func startRoots(configured, kept []*x509.Certificate) []*x509.Certificate {
+	out := slices.Clone(configured)
+	for _, k := range kept {
+		if !slices.ContainsFunc(out, func(c *x509.Certificate) bool { return c.Equal(k) }) {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+func rootFP(c *x509.Certificate) string {
+	sum := sha256.Sum256(c.Raw)
+	return hex.EncodeToString(sum[:])
+}
+
+// signedBy reports whether root signed c.
+func signedBy(c, root *x509.Certificate) bool {
+	return bytes.Equal(c.RawIssuer, root.RawSubject) && c.CheckSignatureFrom(root) == nil
+}
+
+// underRoot reports whether one of roots with fingerprint fp signed c.
+func underRoot(c *x509.Certificate, roots []*x509.Certificate, fp string) bool {
+	for _, r := range roots {
+		if rootFP(r) == fp && signedBy(c, r) {
+			return true
+		}
+	}
+	return false
+}
+
+func sameCerts(a, b []*x509.Certificate) bool {
+	return len(a) == len(b) && !slices.ContainsFunc(a, func(c *x509.Certificate) bool {
+		return !slices.ContainsFunc(b, func(d *x509.Certificate) bool { return c.Equal(d) })
+	})
+}
+
+// rotationLoop keeps this node in step with the committed rotation.
+func (r *issuingRenewal) rotationLoop(ctx context.Context) {
+	wait := 30 * time.Second
+	for {
+		changed := r.state.ConfigChanged()
+		if err := r.follow(ctx); err != nil {
+			r.log.Error("following the root rotation failed; retrying", "err", err, "retry_in", "5s")
+			wait = 5 * time.Second
+		} else {
+			wait = 30 * time.Second
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		case <-time.After(wait):
+		}
+	}
+}
+
+// follow makes the authority's roots the bundle's and its issuing
+// certificate the one the rotation's phase asks for.
+func (r *issuingRenewal) follow(ctx context.Context) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	b := r.state.Bundle()
+	if len(b.Roots) == 0 {
+		return nil // a new cluster: its first leader sets them
+	}
+	var roots []*x509.Certificate
+	for _, d := range b.Roots {
+		c, err := x509.ParseCertificate(d)
+		if err != nil {
+			return fmt.Errorf("bundle root: %w", err)
+		}
+		roots = append(roots, c)
+	}
+	// Widen first (never drop a root the current certificate needs before
+	// the swap), swap, then narrow to the bundle's.
+	cur := r.auth.Roots()
+	if wide := startRoots(cur, roots); !sameCerts(wide, cur) {
+		if err := r.auth.SetRoots(wide); err != nil {
+			return fmt.Errorf("trust the bundle's roots: %w", err)
+		}
+	}
+	rot := r.state.RootRotation()
+	iss := r.auth.Issuing()
+	switch {
+	case rot != nil && rot.Phase == state.PhaseSwitched && !underRoot(iss, roots, rot.New):
+		s := stagedFor(rot, r.auth.NodeID())
+		if s == nil {
+			return fmt.Errorf("the rotation switched to root %.16s but the state holds no certificate staged for this node", rot.New)
+		}
+		c, err := x509.ParseCertificate(s.Cert)
+		if err != nil {
+			return fmt.Errorf("staged certificate: %w", err)
+		}
+		if err := r.swap(ctx, c, "the rotation switched: new SVIDs chain to the new root"); err != nil {
+			return err
+		}
+	case rot != nil && rot.Phase == state.PhaseAdded && underRoot(iss, roots, rot.New):
+		prev, err := pemfile.ReadCert(filepath.Join(r.dir, installedPreviousName))
+		if err != nil {
+			return fmt.Errorf("the rotation rolled back but the certificate this node signed with before (%s) cannot be read: %w", installedPreviousName, err)
+		}
+		if underRoot(prev, roots, rot.New) {
+			return fmt.Errorf("the rotation rolled back but %s is under the new root too", installedPreviousName)
+		}
+		if err := r.swap(ctx, prev, "the rotation rolled back: new SVIDs chain to the old root again"); err != nil {
+			return err
+		}
+	}
+	if !sameCerts(r.auth.Roots(), roots) {
+		if err := r.auth.SetRoots(roots); err != nil {
+			return fmt.Errorf("trust exactly the bundle's roots: %w", err)
+		}
+		r.log.Warn("trusted roots changed with the bundle", "roots", fingerprints(roots), "sequence", b.Sequence)
+	}
+	if err := r.keepRoots(roots); err != nil {
+		r.log.Error("the bundle's roots could not be kept in the data directory: a restart trusts root-certs until the replica is read", "err", err)
+	}
+	// The TLS certificate follows the issuing certificate (a renewal that
+	// failed at the swap is retried here).
+	if tc, err := r.ident.Certificate(); err == nil && len(tc.Certificate) > 1 && !bytes.Equal(tc.Certificate[1], r.auth.Issuing().Raw) {
+		if err := r.ident.Renew(); err != nil {
+			return fmt.Errorf("renew the node TLS certificate under the current issuing CA: %w", err)
+		}
+	}
+	return nil
+}
+
+func fingerprints(cs []*x509.Certificate) string {
+	var fps []string
+	for _, c := range cs {
+		fps = append(fps, rootFP(c)[:16])
+	}
+	return strings.Join(fps, ",")
+}
+
+func stagedFor(rot *state.RootRotation, node string) *state.StagedCA {
+	for i := range rot.Staged {
+		if rot.Staged[i].Node == node {
+			return &rot.Staged[i]
+		}
+	}
+	return nil
+}
+
+// swap signs with c from now on, keeps it as current.pem (the one it
+// replaces as previous.pem), renews the TLS certificate, publishes a JWT
+// key carrying it and shows it to the state (r.mu held).
+func (r *issuingRenewal) swap(ctx context.Context, c *x509.Certificate, why string) error {
+	if err := os.MkdirAll(r.dir, 0o700); err != nil {
+		return err
+	}
+	staged, err := stageFile(filepath.Join(r.dir, installedIssuingName), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}))
+	if err != nil {
+		return fmt.Errorf("keep the certificate in %s: %w", r.dir, err)
+	}
+	defer func() { _ = os.Remove(staged) }() // gone once renamed into place
+	old, err := r.auth.Switch(c)
+	if err != nil {
+		return fmt.Errorf("sign with certificate %s: %w", c.SerialNumber.Text(16), err)
+	}
+	r.log.Warn("issuing CA switched: "+why, "serial", c.SerialNumber.Text(16), "issuer", c.Issuer.String(),
+		"not_after", c.NotAfter.UTC(), "previous_serial", old.SerialNumber.Text(16), "previous_issuer", old.Issuer.String())
+	if err := replaceKeepingPrevious(r.dir, staged); err != nil {
+		r.log.Error("the node signs with the switched certificate but it was not kept in the data directory; the rotation loop switches again after a restart", "dir", r.dir, "err", err)
+	}
+	if err := r.ident.Renew(); err != nil {
+		r.log.Warn("node TLS certificate not renewed under the switched CA; retried", "err", err)
+	}
+	if kid, err := r.jwt.Rotate(ctx); err != nil {
+		r.log.Error("no JWT key published with the switched issuing CA; the rotation schedule publishes one later", "err", err)
+	} else {
+		r.log.Info("JWT key published with the switched issuing CA", "kid", kid)
+	}
+	if err := r.showLocked(ctx); err != nil {
+		r.log.Warn("showing the switched issuing CA to the state failed; the show loop retries", "err", err)
+	}
+	return nil
+}
+
+// keepRoots writes the roots to <data-dir>/roots.pem when they differ.
+func (r *issuingRenewal) keepRoots(roots []*x509.Certificate) error {
+	if r.dataDir == "" {
+		return nil
+	}
+	var buf bytes.Buffer
+	for _, c := range roots {
+		_ = pem.Encode(&buf, &pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}) // a bytes.Buffer does not fail
+	}
+	path := filepath.Join(r.dataDir, keptRootsName)
+	if cur, err := os.ReadFile(path); err == nil && bytes.Equal(cur, buf.Bytes()) {
+		return nil
+	}
+	tmp, err := stageFile(path, buf.Bytes())
+	if err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		_ = os.Remove(tmp) // the rename's error is the one to report
+		return err
+	}
+	return nil
+}
+
+// stage is install for a certificate under the new root while the
+// rotation is in phase added: checked, then committed as this node's
+// staged CA (state.CmdNodeCAStage); the node signs with it at the switch.
+func (r *issuingRenewal) stage(ctx context.Context, cert *x509.Certificate, commit func(context.Context, state.NodeCAStage) error, refused func(error) error) (*api.IssuingCertInstalled, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err := r.auth.CheckNext(cert); err != nil {
+		return nil, refused(err)
+	}
+	if err := commit(ctx, state.NodeCAStage{Cert: cert.Raw}); err != nil {
+		return nil, err
+	}
+	old := r.auth.Issuing()
+	r.log.Info("issuing certificate under the new root staged: the node signs with it when the rotation switches",
+		"serial", cert.SerialNumber.Text(16), "issuer", cert.Issuer.String(), "not_after", cert.NotAfter.UTC())
+	return &api.IssuingCertInstalled{Node: r.auth.NodeID(), Serial: cert.SerialNumber.Text(16), NotAfter: cert.NotAfter.UTC(),
+		PreviousSerial: old.SerialNumber.Text(16), PreviousNotAfter: old.NotAfter.UTC(), Staged: true}, nil
+}
+
+// rotationStaging reports whether cert is to be staged rather than
+// installed: a rotation is in phase added and the new root signed it.
+func (r *issuingRenewal) rotationStaging(cert *x509.Certificate) bool {
+	rot := r.state.RootRotation()
+	if rot == nil || rot.Phase != state.PhaseAdded {
+		return false
+	}
+	for _, d := range r.state.Bundle().Roots {
+		if root, err := x509.ParseCertificate(d); err == nil && rootFP(root) == rot.New && signedBy(cert, root) {
+			return true
+		}
+	}
+	return false
+}
+
+// maxSignedLife is the longest lifetime of anything this node signs: an
+// old root's chain is trusted until it has passed since the switch. Its
+// own TLS certificate is not counted: it is renewed at the switch, and
+// retire waits until every node shows its CA under the new root.
+func (n *Node) maxSignedLife() time.Duration {
+	life := max(defaultX509TTL, defaultJWTTTL, n.cfg.Join.AgentSVIDTTL.Duration, n.adminCertMaxTTL())
+	for _, e := range n.fsm.Entries() {
+		life = max(life, e.X509TTL.Duration(), e.JWTTTL.Duration())
+	}
+	for _, jr := range n.fsm.JoinRules() {
+		life = max(life, jr.TTL.Duration())
+	}
+	// Clocks of the nodes and of the relying parties differ a little.
+	return life + time.Minute
+}
+
+// RootRotate moves the rotation one phase (see state/rootrotation.go for
+// the state's rules; this node adds the waits Force skips).
 func (a *admin) RootRotate(ctx context.Context, r *api.RootRotateRequest) (*api.RootRotationStatus, error) {
-	return nil, status.Error(codes.Unimplemented, "root rotation")
+	const what = "ca rotate"
+	c := callerFrom(ctx)
+	refuse := func(code codes.Code, err error) error {
+		a.log.Warn("admin request refused", "request", what, "phase", r.Phase, "actor", c.Actor, "reason", err.Error())
+		return status.Error(code, err.Error())
+	}
+	if a.rotation == nil {
+		return nil, refuse(codes.Unimplemented, errors.New("this node cannot rotate roots"))
+	}
+	if err := a.read(ctx, what); err != nil {
+		return nil, err
+	}
+	rot := a.state.RootRotation()
+	phase := state.RootPhase{MaxTTL: a.rotation.maxSignedLife(), Force: r.Force}
+	var typ string
+	var payload any
+	switch r.Phase {
+	case "add":
+		certs, err := pemfile.ParseCerts("the new root", r.Root)
+		if err != nil {
+			return nil, refuse(codes.InvalidArgument, err)
+		}
+		if len(certs) != 1 {
+			return nil, refuse(codes.InvalidArgument, fmt.Errorf("the new root file holds %d certificates; want exactly one", len(certs)))
+		}
+		typ, payload = state.CmdRootAdd, state.RootAdd{Root: certs[0].Raw}
+	case "switch", "retire":
+		if rot != nil && !r.Force {
+			if err := a.rotation.waitsFor(rot, r.Phase); err != nil {
+				return nil, refuse(codes.FailedPrecondition, err)
+			}
+		}
+		members, err := a.member.raft.Members()
+		if err != nil {
+			return nil, a.fail(what, c, err)
+		}
+		phase.Members = members
+		typ, payload = state.CmdRootSwitch, phase
+		if r.Phase == "retire" {
+			typ = state.CmdRootRetire
+		}
+	case "rollback":
+		typ, payload = state.CmdRootRollback, phase
+	default:
+		return nil, refuse(codes.InvalidArgument, fmt.Errorf("phase %q: want add, switch, rollback or retire", truncateString(r.Phase, 32)))
+	}
+	if _, err := write[json.RawMessage](ctx, a, typ, payload); err != nil {
+		return nil, err
+	}
+	// The committed phase is followed here at once (every node's loop
+	// does it too), so the answer shows this node already on it.
+	if err := a.renew.follow(ctx); err != nil {
+		a.log.Error("following the root rotation on this node failed; its loop retries", "err", err)
+	}
+	return a.rotationStatus(), nil
 }
 
+func truncateString(s string, n int) string {
+	if len(s) > n {
+		return s[:n] + "..."
+	}
+	return s
+}
+
+// waitsFor refuses a phase while agents have not acknowledged the last
+// one, and a switch before federated peers refetched the bundle.
+func (n *Node) waitsFor(rot *state.RootRotation, phase string) error {
+	if (phase == "switch") != (rot.Phase == state.PhaseAdded) {
+		return nil // out of order: the state machine says why
+	}
+	if pending, count := n.fsm.PendingAcks(rot.Sequence, time.Now(), 10); count > 0 {
+		var ids []string
+		for _, p := range pending {
+			ids = append(ids, p.ID)
+		}
+		more := ""
+		if count > len(ids) {
+			more = fmt.Sprintf(" and %d more", count-len(ids))
+		}
+		return fmt.Errorf("%d agents have not acknowledged bundle sequence %d (the %s): %s%s; wait (sigilctl ca rotate status), remove agents that will not return (sigilctl agent remove), or force it",
+			count, rot.Sequence, rot.Phase, strings.Join(ids, ", "), more)
+	}
+	if phase == "switch" && n.bundleLn != nil {
+		if ready := rot.Added.Add(n.cfg.Bundle.RefreshHint.Duration); time.Now().Before(ready) {
+			return fmt.Errorf("federated trust domains fetch this bundle every %s: switch after %s, when they hold the new root (or force it)",
+				n.cfg.Bundle.RefreshHint.Duration, ready.UTC().Format(time.RFC3339))
+		}
+	}
+	return nil
+}
+
+// RootRotation answers where the rotation stands.
 func (a *admin) RootRotation(ctx context.Context, _ *api.Empty) (*api.RootRotationStatus, error) {
-	return nil, status.Error(codes.Unimplemented, "root rotation")
+	if err := a.read(ctx, "ca rotate status"); err != nil {
+		return nil, err
+	}
+	return a.rotationStatus(), nil
 }
 
+func (a *admin) rotationStatus() *api.RootRotationStatus {
+	out := &api.RootRotationStatus{}
+	var roots []*x509.Certificate
+	for _, d := range a.state.Bundle().Roots {
+		if c, err := x509.ParseCertificate(d); err == nil {
+			roots = append(roots, c)
+			out.Roots = append(out.Roots, api.RootInfo{SHA256: rootFP(c), Subject: c.Subject.String(), NotAfter: c.NotAfter.UTC()})
+		}
+	}
+	rot := a.state.RootRotation()
+	if rot == nil {
+		out.Next = "no rotation: start one with sigilctl ca rotate add NEW-ROOT.pem"
+		return out
+	}
+	out.Phase, out.Old, out.New, out.Sequence, out.Since = rot.Phase, rot.Old, rot.New, rot.Sequence, rot.Since
+	out.RetireAfter = rot.RetireAfter
+	pending, count := a.state.PendingAcks(rot.Sequence, time.Now(), api.MaxPendingListed)
+	out.AgentsPendingCount = count
+	for _, p := range pending {
+		pa := api.PendingAgent{SPIFFEID: p.ID, Acked: p.BundleAck}
+		if last, _ := a.seen.contact(p.ID); !last.IsZero() {
+			pa.LastSeen = last.UTC()
+		}
+		out.AgentsPending = append(out.AgentsPending, pa)
+	}
+	members, _ := a.member.raft.Members()
+	recs := map[string]state.NodeCA{}
+	for _, rec := range a.state.NodeCAs() {
+		recs[rec.Node] = rec
+	}
+	for _, m := range members {
+		switch rot.Phase {
+		case state.PhaseAdded:
+			if stagedFor(rot, m) == nil {
+				out.NodesNotStaged = append(out.NodesNotStaged, m)
+			}
+		case state.PhaseSwitched:
+			if recs[m].Root != rot.New {
+				out.NodesNotStaged = append(out.NodesNotStaged, m)
+			}
+		}
+	}
+	waits := ""
+	if count > 0 {
+		waits = fmt.Sprintf("; %d agents have not acknowledged sequence %d", count, rot.Sequence)
+	}
+	switch rot.Phase {
+	case state.PhaseAdded:
+		if len(out.NodesNotStaged) > 0 {
+			out.Next = "stage each node's certificate under the new root (sigilctl node issuing-cert install), then switch"
+		} else {
+			out.Next = "switch (sigilctl ca rotate switch)"
+		}
+	case state.PhaseSwitched:
+		out.Next = fmt.Sprintf("retire after %s (sigilctl ca rotate retire)", rot.RetireAfter.UTC().Format(time.RFC3339))
+		if len(out.NodesNotStaged) > 0 {
+			out.Next = "wait for every node to sign under the new root, then retire after " + rot.RetireAfter.UTC().Format(time.RFC3339)
+		}
+	case state.PhaseRetired:
+		out.Next = "done: the old root is retired"
+	}
+	out.Next += waits
+	return out
+}
+
+// BundleAck commits the calling agent's acknowledgement when a rotation
+// waits for it; any other acknowledgement is answered without a commit,
+// so that an agent's acks cost one command per phase.
 func (s *agentSvc) BundleAck(ctx context.Context, r *api.BundleAckRequest) (*api.Empty, error) {
+	actor := callerFrom(ctx).Actor
+	fsm, ok := s.state.(interface {
+		RootRotation() *state.RootRotation
+	})
+	if !ok {
+		return &api.Empty{}, nil
+	}
+	rot := fsm.RootRotation()
+	if rot == nil || r.Sequence < rot.Sequence || r.Sequence > s.state.Bundle().Sequence {
+		return &api.Empty{}, nil
+	}
+	a, err := s.issuer.callingAgent(ctx, actor, "bundle.ack")
+	if err != nil {
+		return nil, err
+	}
+	if a.BundleAck >= rot.Sequence {
+		return &api.Empty{}, nil
+	}
+	if _, err := s.issuer.apply.apply(ctx, s.issuer.actor, state.CmdBundleAck, state.BundleAck{Agent: a.ID, Sequence: r.Sequence}); err != nil {
+		if refused(err) {
+			return &api.Empty{}, nil // acknowledged meanwhile (a retry, or another node)
+		}
+		s.issuer.log.Warn("bundle acknowledgement not recorded", "agent", a.ID, "sequence", r.Sequence, "err", err)
+		return nil, errNoCommit()
+	}
 	return &api.Empty{}, nil
 }
