@@ -2,12 +2,17 @@
 // (in its HSM, used through keystore's crypto.Signer) with the intermediate
 // the root ceremony signed for it. It signs X.509-SVIDs (workloads, agents,
 // admins, the node's own TLS identity), CRLs and audit checkpoints, and
-// verifies the identities of peers, admins and agents against the root.
+// verifies the identities of peers, admins and agents against the trust
+// roots. Both the roots (SetRoots) and the issuing certificate (Install for
+// a renewal, Switch for one under a new root) change while the node runs,
+// for a root rotation: every verification reads the roots current when it
+// runs, every signing the issuing certificate current when it was prepared.
 // It also makes, publishes, rotates and retires the node's JWT signing
 // keys (HSM keys of their own) and signs JWT-SVIDs with them (jwt.go).
 package ca
 
 import (
+	"bytes"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -24,6 +29,7 @@ import (
 	"math/big"
 	"net"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -46,14 +52,19 @@ type Authority struct {
 	// one it started with (Prepared), so in-flight signings finish with
 	// the old certificate and new ones use the new.
 	issuing atomic.Pointer[issuingCA]
-	roots   []*x509.Certificate
-	bundle  *x509bundle.Bundle
-	now     func() time.Time
+	// roots is the trust roots: SetRoots replaces the whole set at once,
+	// so a verification sees either the old set or the new, never a mix.
+	roots atomic.Pointer[rootSet]
+	now   func() time.Time
 	// log receives the once-per-certificate warning that SVID lifetimes
 	// are cut at the issuing CA's expiry (nil: not logged).
 	log atomic.Pointer[slog.Logger]
-	// installMu serializes Install's check and swap.
-	installMu sync.Mutex
+	// swapMu serializes the check and swap of the issuing certificate
+	// (Install, Switch) with those of the roots (SetRoots): each checks
+	// against the other, and two unserialized swaps could each pass
+	// against what the other was replacing, leaving an issuing
+	// certificate that chains to none of the roots.
+	swapMu sync.Mutex
 	// revoked is consulted on every handshake and signature (nil: no
 	// revocation source yet, nothing is revoked).
 	revoked atomic.Pointer[RevocationCheck]
@@ -64,6 +75,16 @@ type Authority struct {
 	// verified; verifyAll is set once one did not verify (leaf.go).
 	signed    atomic.Uint64
 	verifyAll atomic.Bool
+}
+
+// rootSet is one set of trust roots, never modified once stored: a
+// verification holds the set it loaded for as long as it runs.
+type rootSet struct {
+	certs  []*x509.Certificate
+	bundle *x509bundle.Bundle
+	// gen counts the sets this authority has had (0 for New's): the
+	// verified-chain cache holds verifications of one gen only.
+	gen uint64
 }
 
 // issuingCA is one issuing certificate as the authority signs with it.
@@ -170,15 +191,117 @@ func New(td spiffeid.TrustDomain, nodeID string, signer crypto.Signer, issuing *
 	if err := CheckIssuing(td, nodeID, signer, issuing, roots, now()); err != nil {
 		return nil, err
 	}
-	a := &Authority{td: td, nodeID: nodeID, signer: signer, roots: roots,
-		bundle: x509bundle.FromX509Authorities(td, roots), now: now}
+	a := &Authority{td: td, nodeID: nodeID, signer: signer, now: now}
+	a.roots.Store(newRootSet(td, slices.Clone(roots), 0))
 	a.issuing.Store(&issuingCA{cert: issuing})
 	return a, nil
 }
 
+// newRootSet keeps certs itself, so callers pass a copy: their own
+// callers' slices may change afterwards, and a stored set may not.
+func newRootSet(td spiffeid.TrustDomain, certs []*x509.Certificate, gen uint64) *rootSet {
+	return &rootSet{certs: certs, bundle: x509bundle.FromX509Authorities(td, certs), gen: gen}
+}
+
+// SetRoots makes roots the trust roots from now on, for every verification
+// that starts after it returns: Classify (and the TLS configs of
+// NodeIdentity, which verify through it at each handshake, so running
+// listeners and dialers follow), PeerFromState, CheckRenewal, CheckNext and
+// Bundle. Chains verified against the previous roots are not reused; a
+// verification already running when it is called may still finish against
+// them.
+//
+// Each root must be a self-signed CA certificate, valid now, and, when it
+// names a trust domain (URI SAN), of this one. A set under which this
+// node's current issuing certificate would not chain is refused: the node
+// would go on signing under a root it no longer trusts, and refuse in raft
+// and API handshakes every peer still under that root, its own chains
+// too. To move to a set without the current issuing certificate's root,
+// Switch to a certificate under a root of the new set first.
+func (a *Authority) SetRoots(roots []*x509.Certificate) error {
+	if len(roots) == 0 {
+		return errors.New("refusing an empty set of root certificates: nothing would verify")
+	}
+	// Checked and stored: one copy, whatever the caller does with roots.
+	roots = slices.Clone(roots)
+	now := a.now()
+	for i, r := range roots {
+		if err := checkRoot(a.td, r, now); err != nil {
+			return fmt.Errorf("root %d: %w", i, err)
+		}
+	}
+	a.swapMu.Lock()
+	defer a.swapMu.Unlock()
+	cur := a.Issuing()
+	// The question is whether the set holds the current certificate's
+	// root, not whether the certificate is valid today: an issuing
+	// certificate that has expired (the node signs nothing that verifies
+	// anyway) must not also stop the node from taking the roots under
+	// which its replacement chains. Hence the time clamped into its
+	// validity.
+	at := now
+	if at.Before(cur.NotBefore) {
+		at = cur.NotBefore
+	} else if at.After(cur.NotAfter) {
+		at = cur.NotAfter
+	}
+	if err := chainsToRoots(cur, roots, at); err != nil {
+		return fmt.Errorf("refusing roots under which this node's current issuing CA certificate (serial %x) would not chain, "+
+			"which would lock the node out (switch to an issuing certificate under one of the new roots first): %w", cur.SerialNumber, err)
+	}
+	next := newRootSet(a.td, roots, a.roots.Load().gen+1)
+	a.roots.Store(next)
+	// After the store: a verification still running under the old set
+	// then finds the cache at the new gen and cannot store its answer.
+	a.verified.reset(next.gen)
+	return nil
+}
+
+// checkRoot is what a trust root must be for SetRoots.
+func checkRoot(td spiffeid.TrustDomain, r *x509.Certificate, now time.Time) error {
+	if r == nil {
+		return errors.New("no certificate")
+	}
+	if !r.IsCA {
+		return fmt.Errorf("%q (serial %x) is not a CA certificate", r.Subject.String(), r.SerialNumber)
+	}
+	if !bytes.Equal(r.RawIssuer, r.RawSubject) || r.CheckSignatureFrom(r) != nil {
+		return fmt.Errorf("%q (serial %x) is not self-signed", r.Subject.String(), r.SerialNumber)
+	}
+	if now.Before(r.NotBefore) || now.After(r.NotAfter) {
+		return fmt.Errorf("%q (serial %x) is not valid now: valid from %s to %s", r.Subject.String(), r.SerialNumber,
+			r.NotBefore.UTC().Format(time.RFC3339), r.NotAfter.UTC().Format(time.RFC3339))
+	}
+	// As CheckIssuing does for issuing certificates: a root naming
+	// another trust domain was made for another appliance.
+	for _, u := range r.URIs {
+		if u.String() != td.IDString() {
+			return fmt.Errorf("%q (serial %x) is a root of %s, this node serves trust domain %s", r.Subject.String(), r.SerialNumber, u, td)
+		}
+	}
+	return nil
+}
+
+// Roots is a copy of the current trust roots.
+func (a *Authority) Roots() []*x509.Certificate { return slices.Clone(a.roots.Load().certs) }
+
+// ChainsTo reports whether c, an issuing certificate, verifies now with
+// root as the only root: which of the roots a node's issuing certificate
+// is under (ChainsTo(a.Issuing(), root): the root this node signs under).
+// root need not be one of this authority's roots.
+func (a *Authority) ChainsTo(c, root *x509.Certificate) bool {
+	if c == nil || root == nil {
+		return false
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(root)
+	_, err := c.Verify(x509.VerifyOptions{Roots: pool, CurrentTime: a.now(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+	return err == nil
+}
+
 // CheckIssuing is what an issuing certificate must be before a node signs
-// with it, at start-up (New) and when a renewal is installed while the
-// node runs (CheckRenewal): its key is the HSM key signer holds (and the
+// with it, at start-up (New) and when one is installed while the node runs
+// (CheckRenewal, CheckNext): its key is the HSM key signer holds (and the
 // HSM key signs for it), it names nodeID, it is a CA of td (its URI SAN and
 // name constraint, when present, name td), and it chains to one of roots
 // at now (so it is valid now, and within the root's validity).
@@ -211,6 +334,13 @@ func CheckIssuing(td spiffeid.TrustDomain, nodeID string, signer crypto.Signer, 
 	if len(roots) == 0 {
 		return errors.New("no root certificates")
 	}
+	return chainsToRoots(issuing, roots, now)
+}
+
+// chainsToRoots is CheckIssuing's chain check alone (no HSM signature):
+// issuing verifies to one of roots at now, and does not outlive all of
+// them.
+func chainsToRoots(issuing *x509.Certificate, roots []*x509.Certificate, now time.Time) error {
 	pool := x509.NewCertPool()
 	for _, r := range roots {
 		pool.AddCert(r)
@@ -237,18 +367,30 @@ func CheckIssuing(td spiffeid.TrustDomain, nodeID string, signer crypto.Signer, 
 	return nil
 }
 
-// CheckRenewal checks a renewed issuing certificate before anything
-// changes: everything New checks, against this authority's HSM key and
-// roots; that no root CRL revokes it; and that it expires later than the
-// current one (installing one that expires sooner is a mistake an
-// operator makes with the wrong file, and it would shorten every SVID).
-// The same certificate again is refused too: there is nothing to do.
-func (a *Authority) CheckRenewal(c *x509.Certificate) error {
-	if err := CheckIssuing(a.td, a.nodeID, a.signer, c, a.roots, a.now()); err != nil {
+// CheckNext checks an issuing certificate under a new root before it is
+// staged for a root rotation's switch (and again at Switch): everything New
+// checks, against this authority's HSM key and current roots (which by
+// then hold the new root), and that no root CRL revokes it. Unlike
+// CheckRenewal it may expire before the current certificate: it chains to
+// another root, whose lifetime is its own.
+func (a *Authority) CheckNext(c *x509.Certificate) error {
+	if err := CheckIssuing(a.td, a.nodeID, a.signer, c, a.roots.Load().certs, a.now()); err != nil {
 		return err
 	}
 	if a.isRevoked(c) {
 		return fmt.Errorf("%w: issuing CA certificate (serial %x) is on the root's CRL", ErrRevoked, c.SerialNumber)
+	}
+	return nil
+}
+
+// CheckRenewal checks a renewed issuing certificate before anything
+// changes: everything CheckNext checks, and that it expires later than
+// the current one (installing one that expires sooner is a mistake an
+// operator makes with the wrong file, and it would shorten every SVID).
+// The same certificate again is refused too: there is nothing to do.
+func (a *Authority) CheckRenewal(c *x509.Certificate) error {
+	if err := a.CheckNext(c); err != nil {
+		return err
 	}
 	cur := a.Issuing()
 	if c.Equal(cur) {
@@ -265,9 +407,24 @@ func (a *Authority) CheckRenewal(c *x509.Certificate) error {
 // (again: a CRL may have committed since the caller checked), and returns
 // the one it replaces. Signings prepared before finish with the old one.
 func (a *Authority) Install(c *x509.Certificate) (*x509.Certificate, error) {
-	a.installMu.Lock()
-	defer a.installMu.Unlock()
-	if err := a.CheckRenewal(c); err != nil {
+	return a.swapIssuing(c, a.CheckRenewal)
+}
+
+// Switch is Install for a root rotation's switch: c, the certificate
+// staged under the new root (or, rolling back, the previous one under the
+// old root), is checked with CheckNext instead of CheckRenewal, so it may
+// expire before the one it replaces.
+func (a *Authority) Switch(c *x509.Certificate) (*x509.Certificate, error) {
+	return a.swapIssuing(c, a.CheckNext)
+}
+
+// swapIssuing checks c and makes it the issuing certificate, with no
+// SetRoots in between: the roots it was checked against are still the
+// roots when it takes over.
+func (a *Authority) swapIssuing(c *x509.Certificate, check func(*x509.Certificate) error) (*x509.Certificate, error) {
+	a.swapMu.Lock()
+	defer a.swapMu.Unlock()
+	if err := check(c); err != nil {
 		return nil, err
 	}
 	old := a.issuing.Swap(&issuingCA{cert: c})
@@ -309,8 +466,9 @@ func (a *Authority) NodeID() string { return a.nodeID }
 // Issuing is the node's intermediate certificate.
 func (a *Authority) Issuing() *x509.Certificate { return a.issuing.Load().cert }
 
-// Bundle is the X.509 trust bundle (the roots).
-func (a *Authority) Bundle() *x509bundle.Bundle { return a.bundle }
+// Bundle is the X.509 trust bundle of the current roots. A later SetRoots
+// does not change a bundle already returned.
+func (a *Authority) Bundle() *x509bundle.Bundle { return a.roots.Load().bundle }
 
 // NodeSPIFFEID is spiffe://<td>/sigil/node/<id>.
 func NodeSPIFFEID(td spiffeid.TrustDomain, nodeID string) spiffeid.ID {
@@ -592,22 +750,25 @@ func (a *Authority) classify(raw [][]byte, parsed []*x509.Certificate) (Peer, er
 	// Verified chains are cached (verified.go); the CRLs are consulted on
 	// every call. x509svid verifies at the wall clock's time, so the cache
 	// is consulted at it too.
-	key, now := chainKey(raw), time.Now()
+	//
+	// One load of the roots: the verification and the cache entry it
+	// makes are of the same set, whatever SetRoots does meanwhile.
+	key, now, rs := chainKey(raw), time.Now(), a.roots.Load()
 	var id spiffeid.ID
 	var chains [][]*x509.Certificate
-	if v, ok := a.verified.get(key, now); ok {
+	if v, ok := a.verified.get(key, rs.gen, now); ok {
 		id, chains = v.id, v.chains
 	} else {
 		var err error
 		if parsed != nil {
-			id, chains, err = x509svid.Verify(parsed, a.bundle)
+			id, chains, err = x509svid.Verify(parsed, rs.bundle)
 		} else {
-			id, chains, err = x509svid.ParseAndVerify(raw, a.bundle)
+			id, chains, err = x509svid.ParseAndVerify(raw, rs.bundle)
 		}
 		if err != nil {
 			return Peer{}, err
 		}
-		a.verified.put(key, id, chains, now)
+		a.verified.put(key, rs.gen, id, chains, now)
 	}
 	if err := a.checkRevoked(chains); err != nil {
 		return Peer{}, fmt.Errorf("%s: %w", id, err)
@@ -699,7 +860,10 @@ func (n *NodeIdentity) Certificate() (*tls.Certificate, error) {
 
 // TLSConfig is a mutual-TLS config for node-to-node and API traffic. Every
 // peer must present a chain to the roots; allow decides which roles may
-// connect (the caller authorizes per request beyond that).
+// connect (the caller authorizes per request beyond that). The chain is
+// verified by Classify at each handshake, against the roots current then,
+// and the certificate presented is the current one (Renew after Switch):
+// a config made once follows root rotations.
 func (n *NodeIdentity) TLSConfig(allow ...Role) *tls.Config {
 	verify := func(cs tls.ConnectionState) error {
 		p, err := n.a.ClassifyCerts(cs.PeerCertificates)
@@ -715,7 +879,7 @@ func (n *NodeIdentity) TLSConfig(allow ...Role) *tls.Config {
 	}
 	return &tls.Config{
 		MinVersion:           tls.VersionTLS13,
-		ClientAuth:           tls.RequireAnyClientCert, // verified in VerifyConnection against the roots
+		ClientAuth:           tls.RequireAnyClientCert, // verified in VerifyConnection against the roots of the moment
 		InsecureSkipVerify:   true,                     // ditto for servers: SPIFFE IDs, not host names
 		GetCertificate:       func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return n.Certificate() },
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return n.Certificate() },

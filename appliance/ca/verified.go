@@ -17,21 +17,31 @@ import (
 // benchmarks, re-verifying the caller's chain (a P-384 root signature and a
 // P-256 one) on every call was 28% of all CPU.
 //
-// What a cached answer depends on does not change while it is kept: the
-// roots are fixed for the life of an Authority, and the answer is used only
-// between the latest NotBefore and the earliest NotAfter of the chains it
-// verified. Revocation can change at any moment, so Classify checks the
-// cached chains against the CRLs on every call. Refusals are not cached:
-// the TLS handshake already refuses chains that do not verify, so a refused
-// chain reaching Classify is rare and may as well pay again.
+// What a cached answer depends on does not change while it is kept: it
+// holds verifications against one set of roots only (gen: SetRoots
+// empties it and moves it to the new set's gen, and an answer of any other
+// gen is neither stored nor returned, so a verification that started
+// before a swap and ends after it is not kept), and the answer is used
+// only between the latest NotBefore and the earliest NotAfter of the
+// chains it verified. Revocation can change at any moment, so Classify
+// checks the cached chains against the CRLs on every call. Refusals are
+// not cached: the TLS handshake already refuses chains that do not
+// verify, so a refused chain reaching Classify is rare and may as well pay
+// again.
+//
+// One gen for the whole cache, not one per entry: a swap then frees the
+// entries (and the CA copies) of the old roots at once, rather than
+// leaving them to fill the bound until they expire, and the check is the
+// same one comparison under the lock a lookup takes anyway.
 type verifiedChains struct {
 	mu  sync.Mutex
+	gen uint64
 	m   map[[32]byte]verifiedChain
 	max int
 	// cas holds one parsed copy of each CA certificate met in a verified
 	// chain (node issuing CAs; roots are the bundle's own), so that
-	// entries share them. Only certificates that chained to a root get
-	// here, so it holds what the roots signed: a few per node.
+	// entries share them. Only certificates that chained to a root of gen
+	// get here, so it holds what those roots signed: a few per node.
 	cas map[string]*x509.Certificate
 }
 
@@ -65,10 +75,22 @@ func chainKey(raw [][]byte) [32]byte {
 	return k
 }
 
-// get returns the verified chains of raw if they are cached and valid now.
-func (c *verifiedChains) get(key [32]byte, now time.Time) (verifiedChain, bool) {
+// reset empties the cache for the roots of gen. Calls come with a growing
+// gen (SetRoots is serialized).
+func (c *verifiedChains) reset(gen uint64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.gen, c.m, c.cas = gen, nil, nil
+}
+
+// get returns the verified chains of raw if they are cached, were verified
+// against the roots of gen, and are valid now.
+func (c *verifiedChains) get(key [32]byte, gen uint64, now time.Time) (verifiedChain, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if gen != c.gen {
+		return verifiedChain{}, false
+	}
 	v, ok := c.m[key]
 	if !ok {
 		return verifiedChain{}, false
@@ -80,9 +102,9 @@ func (c *verifiedChains) get(key [32]byte, now time.Time) (verifiedChain, bool) 
 	return v, true
 }
 
-// put remembers chains that verified now, valid while every certificate in
-// them is.
-func (c *verifiedChains) put(key [32]byte, id spiffeid.ID, chains [][]*x509.Certificate, now time.Time) {
+// put remembers chains that verified now against the roots of gen, valid
+// while every certificate in them is, unless the roots have changed since.
+func (c *verifiedChains) put(key [32]byte, gen uint64, id spiffeid.ID, chains [][]*x509.Certificate, now time.Time) {
 	v := verifiedChain{id: id, chains: chains}
 	for _, ch := range chains {
 		for _, cert := range ch {
@@ -99,6 +121,9 @@ func (c *verifiedChains) put(key [32]byte, id spiffeid.ID, chains [][]*x509.Cert
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if gen != c.gen {
+		return
+	}
 	if c.cas == nil {
 		c.cas = map[string]*x509.Certificate{}
 	}
