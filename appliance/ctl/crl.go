@@ -21,7 +21,7 @@ const maxCRLFile = 1 << 20
 // caCmd handles the node issuing CAs: revoking them with a CRL from the
 // root key ceremony (kind crl).
 func caCmd(g *globals) *cobra.Command {
-	cmd := &cobra.Command{Use: "ca", Short: "Node issuing CAs"}
+	cmd := &cobra.Command{Use: "ca", Short: "Node issuing CAs and the root: revocation, rotation"}
 	var crlFile string
 	revoke := &cobra.Command{Use: "revoke --crl FILE", Args: cobra.NoArgs,
 		Short: "Add a root-signed CRL (from the crl ceremony): every certificate of the CAs it lists is refused from then on",
@@ -48,7 +48,7 @@ func caCmd(g *globals) *cobra.Command {
 			})
 		}}
 	revoke.Flags().StringVar(&crlFile, "crl", "", "CRL file signed by the root (PEM or DER)")
-	cmd.AddCommand(revoke)
+	cmd.AddCommand(revoke, rotateCmd(g)) // rotate.go
 	return cmd
 }
 

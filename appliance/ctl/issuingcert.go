@@ -30,7 +30,9 @@ func nodeCmd(g *globals) *cobra.Command {
 			"that it expires later than the current one; a refusal changes nothing. Then the change is recorded\n" +
 			"(audited with both serials), the node signs with the new certificate from then on, keeps it in its\n" +
 			"data directory (issuing/current.pem; the configured issuing-cert file is not written, and a restart\n" +
-			"uses the kept certificate while it expires later than that file's) and publishes a JWT key carrying it.",
+			"uses the kept certificate while it expires later than that file's) and publishes a JWT key carrying it.\n" +
+			"While a root rotation is in phase added, a certificate under the new root is staged instead: the node\n" +
+			"signs with it when the rotation switches (sigilctl ca rotate).",
 		RunE: func(_ *cobra.Command, args []string) error {
 			b, err := readSmallFile(args[0], maxIssuingCertFile)
 			if err != nil {
@@ -47,6 +49,10 @@ func nodeCmd(g *globals) *cobra.Command {
 				return c.NodeIssuingCertInstall(ctx, &api.IssuingCertRequest{Node: node, PEM: b})
 			}, func(w *bufio.Writer, v any) {
 				r := v.(*api.IssuingCertInstalled)
+				if r.Staged {
+					fmt.Fprintf(w, "node %s staged issuing CA serial %s (expires %s) under the rotation's new root: it signs with it from the switch on (sigilctl ca rotate switch)\n", r.Node, r.Serial, r.NotAfter.Format(time.RFC3339))
+					return
+				}
 				fmt.Fprintf(w, "node %s signs with issuing CA serial %s (expires %s) from now on\n", r.Node, r.Serial, r.NotAfter.Format(time.RFC3339))
 				fmt.Fprintf(w, "replaced serial %s (expires %s)\n", r.PreviousSerial, r.PreviousNotAfter.Format(time.RFC3339))
 				fmt.Fprintf(w, "JWT key published with it: %s\n", orNone(r.JWTKey))

@@ -121,12 +121,21 @@ func (r *issuingRenewal) follow(ctx context.Context) error {
 		return nil // a new cluster: its first leader sets them
 	}
 	var roots []*x509.Certificate
+	now := time.Now()
 	for _, d := range b.Roots {
 		c, err := x509.ParseCertificate(d)
 		if err != nil {
 			return fmt.Errorf("bundle root: %w", err)
 		}
+		if now.After(c.NotAfter) {
+			// An old root that ran out before its rotation retired it
+			// verifies nothing; the authority refuses it in a set.
+			continue
+		}
 		roots = append(roots, c)
+	}
+	if len(roots) == 0 {
+		return errors.New("every root of the trust bundle has expired")
 	}
 	// Widen first (never drop a root the current certificate needs before
 	// the swap), swap, then narrow to the bundle's.
