@@ -2,6 +2,7 @@ package clustertest
 
 import (
 	"context"
+	"crypto/x509"
 	"fmt"
 	"log/slog"
 	mrand "math/rand/v2"
@@ -34,6 +35,9 @@ type Cluster struct {
 
 	// Admin is an admin credential (files) issued by node-1's CA.
 	AdminCert, AdminKey string
+	// ClientRoots is the roots file admin clients dial nodes with ("":
+	// the trust's root); a root rotation's test points it at both roots.
+	ClientRoots string
 }
 
 // LogBuffer collects every node's structured log for assertions.
@@ -129,6 +133,17 @@ func NewClusterWith(t testing.TB, tr *Trust, mod func(*node.Config), ids ...stri
 	cert := ClientCert(t, tr.Authority(t, ks, ids[0]), "/sigil/admin/test-admin")
 	c.AdminCert, c.AdminKey = WriteCredential(t, c.Dir, "admin", cert)
 	return c
+}
+
+// RenewAdmin replaces the admin credential with one from node's CA under
+// issuing (a rotation's new chain) and roots: after a root is retired, a
+// credential under it is refused.
+func (c *Cluster) RenewAdmin(t testing.TB, node string, issuing *x509.Certificate, roots []*x509.Certificate) {
+	t.Helper()
+	ks := pkcs11.New(pkcs11.Options{})
+	defer func() { _ = ks.Close() }() // the credential is written: the module is only let go of
+	cert := ClientCert(t, c.Trust.AuthorityWith(t, ks, node, issuing, roots), "/sigil/admin/test-admin")
+	c.AdminCert, c.AdminKey = WriteCredential(t, c.Dir, fmt.Sprintf("admin-%d", time.Now().UnixNano()), cert)
 }
 
 // Config builds a node config with fresh ports and a private data dir.
@@ -281,7 +296,11 @@ func (c *Cluster) Admin(id string) *api.AdminClient {
 // Client dials a node's API with any credential files.
 func (c *Cluster) Client(id, cert, key string) *api.AdminClient {
 	c.T.Helper()
-	conn, err := api.Dial(api.DialConfig{Addr: c.ConfigOf(id).API.Listen, CertFile: cert, KeyFile: key, RootFile: c.Trust.RootPath})
+	roots := c.Trust.RootPath
+	if c.ClientRoots != "" {
+		roots = c.ClientRoots
+	}
+	conn, err := api.Dial(api.DialConfig{Addr: c.ConfigOf(id).API.Listen, CertFile: cert, KeyFile: key, RootFile: roots})
 	if err != nil {
 		c.T.Fatal(err)
 	}

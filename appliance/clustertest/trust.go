@@ -139,30 +139,68 @@ func NewTrustIn(t testing.TB, trustDomain, prefix string, nodes []string, rogue 
 // certificate's file and the certificate.
 func (tr *Trust) SignIssuing(t testing.TB, node, validity string, rogue bool) (string, *x509.Certificate) {
 	t.Helper()
-	n := tr.Nodes[node]
-	if n == nil {
-		t.Fatalf("SignIssuing: no node %q", node)
-	}
 	label, root := "root", tr.RootPath
 	if rogue {
 		label, root = "rogue-root", tr.RogueRootPath
 	}
+	return tr.SignIssuingBy(t, node, validity, label, root)
+}
+
+// SignIssuingBy is SignIssuing by the root whose key has label (in the
+// root token) and whose certificate is rootPath: a root NewRoot made.
+func (tr *Trust) SignIssuingBy(t testing.TB, node, validity, label, rootPath string) (string, *x509.Certificate) {
+	t.Helper()
+	if tr.Nodes[node] == nil {
+		t.Fatalf("SignIssuing: no node %q", node)
+	}
 	out := filepath.Join(tr.Dir, fmt.Sprintf("%s-issuing-%d.pem", node, time.Now().UnixNano()))
-	script := fmt.Sprintf("kind: sign-issuing\ntrust-domain: example.org\ntranscript: %s\nhsm:\n  module: %s\n  token: %s\n  pin-file: %s\nkey:\n  label: %s\nsign-issuing:\n  root-certificate: %s\n  csr: %s\n  node-id: %s\n  validity: %s\n  output: %s\n",
-		filepath.Join(tr.Dir, "transcript.jsonl"), tr.Module, tr.RootToken.Label, tr.RootToken.PINFile, label, root,
+	script := fmt.Sprintf("kind: sign-issuing\ntrust-domain: %s\ntranscript: %s\nhsm:\n  module: %s\n  token: %s\n  pin-file: %s\nkey:\n  label: %s\nsign-issuing:\n  root-certificate: %s\n  csr: %s\n  node-id: %s\n  validity: %s\n  output: %s\n",
+		tr.TrustDomain.Name(), filepath.Join(tr.Dir, "transcript.jsonl"), tr.Module, tr.RootToken.Label, tr.RootToken.PINFile, label, rootPath,
 		filepath.Join(tr.Dir, node+".csr"), node, validity, out)
-	cfg, err := ceremony.Parse([]byte(script), ceremony.KindSignIssuing)
+	tr.runCeremony(t, ceremony.KindSignIssuing, script)
+	return out, readCert(t, out)
+}
+
+// NewRoot runs the root ceremony again on the root token for a new root
+// (a rotation's), its key labelled label, valid for validity. It returns
+// the certificate's file and the certificate.
+func (tr *Trust) NewRoot(t testing.TB, label, validity string) (string, *x509.Certificate) {
+	t.Helper()
+	out := filepath.Join(tr.Dir, label+".pem")
+	script := fmt.Sprintf("kind: root\ntrust-domain: %s\ntranscript: %s\nhsm:\n  module: %s\n  token: %s\n  pin-file: %s\nkey:\n  label: %s\nroot:\n  subject:\n    common-name: Test Root %s\n  validity: %s\n  output: %s\n",
+		tr.TrustDomain.Name(), filepath.Join(tr.Dir, "transcript.jsonl"), tr.Module, tr.RootToken.Label, tr.RootToken.PINFile, label, label, validity, out)
+	tr.runCeremony(t, ceremony.KindRoot, script)
+	return out, readCert(t, out)
+}
+
+func (tr *Trust) runCeremony(t testing.TB, kind, script string) {
+	t.Helper()
+	cfg, err := ceremony.Parse([]byte(script), kind)
 	if err != nil {
-		t.Fatalf("sign-issuing script: %v", err)
+		t.Fatalf("%s script: %v", kind, err)
 	}
 	plan, err := cfg.Validate(time.Now())
 	if err != nil {
-		t.Fatalf("sign-issuing: %v", err)
+		t.Fatalf("%s: %v", kind, err)
 	}
 	if err := ceremony.Run(context.Background(), plan, ceremony.Options{}); err != nil {
-		t.Fatalf("sign-issuing ceremony: %v", err)
+		t.Fatalf("%s ceremony: %v", kind, err)
 	}
-	return out, readCert(t, out)
+}
+
+// AuthorityWith opens a node's issuing CA with another issuing
+// certificate for its key (one a rotation's new root signed) and roots.
+func (tr *Trust) AuthorityWith(t testing.TB, ks *pkcs11.KeyStore, node string, issuing *x509.Certificate, roots []*x509.Certificate) *ca.Authority {
+	t.Helper()
+	s, err := ks.Signer(context.Background(), tr.Nodes[node].KeyURI)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := ca.New(tr.TrustDomain, node, s, issuing, roots, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
 }
 
 // Authority opens a node's issuing CA through a key store the caller

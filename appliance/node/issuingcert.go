@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -336,7 +337,7 @@ func replaceKeepingPrevious(dir, staged string) error {
 // that is there but not used is logged with the reason: it is either
 // stale (the operator put a newer certificate in issuing-cert, which is
 // then used) or not this node's to use.
-func startIssuing(log *slog.Logger, dataDir string, td spiffeid.TrustDomain, nodeID string, signer crypto.Signer, configured *x509.Certificate, roots []*x509.Certificate, now time.Time) *x509.Certificate {
+func startIssuing(log *slog.Logger, dataDir string, td spiffeid.TrustDomain, nodeID string, signer crypto.Signer, configured *x509.Certificate, roots, kept []*x509.Certificate, now time.Time) *x509.Certificate {
 	path := filepath.Join(InstalledIssuingDir(dataDir), installedIssuingName)
 	if _, err := os.Lstat(path); errors.Is(err, os.ErrNotExist) {
 		return configured
@@ -357,7 +358,13 @@ func startIssuing(log *slog.Logger, dataDir string, td spiffeid.TrustDomain, nod
 	if k, ok := configured.PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(c.PublicKey) {
 		return ignore("it is for another key than the configured issuing-cert", args...)
 	}
-	if !c.NotAfter.After(configured.NotAfter) {
+	// After a root rotation the configured file may be under a root the
+	// cluster retired: a copy under a root the bundle still had when the
+	// node last ran wins whatever the expiries.
+	underKept := func(x *x509.Certificate) bool {
+		return slices.ContainsFunc(kept, func(r *x509.Certificate) bool { return signedBy(x, r) })
+	}
+	if !c.NotAfter.After(configured.NotAfter) && !(len(kept) > 0 && underKept(c) && !underKept(configured)) {
 		return ignore("it expires no later than the configured issuing-cert (stale: a newer certificate was configured)", args...)
 	}
 	if err := ca.CheckIssuing(td, nodeID, signer, c, roots, now); err != nil {

@@ -155,7 +155,7 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 	}
 	// An issuing certificate installed while the node ran, kept in the
 	// data directory, when it is valid and newer (issuingcert.go).
-	issuing = startIssuing(log, cfg.DataDir, n.td, cfg.NodeID, signer, issuing, startWith, time.Now())
+	issuing = startIssuing(log, cfg.DataDir, n.td, cfg.NodeID, signer, issuing, startWith, kept, time.Now())
 	if n.auth, err = ca.New(n.td, cfg.NodeID, signer, issuing, startWith, nil); err != nil {
 		return nil, err
 	}

@@ -306,12 +306,21 @@ func (r *issuingRenewal) rotationStaging(cert *x509.Certificate) bool {
 // own TLS certificate is not counted: it is renewed at the switch, and
 // retire waits until every node shows its CA under the new root.
 func (n *Node) maxSignedLife() time.Duration {
-	life := max(defaultX509TTL, defaultJWTTTL, n.cfg.Join.AgentSVIDTTL.Duration, n.adminCertMaxTTL())
+	life := max(n.cfg.Join.AgentSVIDTTL.Duration, n.adminCertMaxTTL())
 	for _, e := range n.fsm.Entries() {
-		life = max(life, e.X509TTL.Duration(), e.JWTTTL.Duration())
+		x509TTL, jwtTTL := e.X509TTL.Duration(), e.JWTTTL.Duration()
+		if x509TTL == 0 {
+			x509TTL = defaultX509TTL
+		}
+		if jwtTTL == 0 {
+			jwtTTL = defaultJWTTTL
+		}
+		life = max(life, x509TTL, jwtTTL)
 	}
 	for _, jr := range n.fsm.JoinRules() {
-		life = max(life, jr.TTL.Duration())
+		// A run's SVIDs end with its job agent; its JWT-SVIDs live as
+		// long as any entry's default.
+		life = max(life, jr.TTL.Duration(), defaultJWTTTL)
 	}
 	// Clocks of the nodes and of the relying parties differ a little.
 	return life + time.Minute

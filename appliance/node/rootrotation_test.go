@@ -1,0 +1,346 @@
+package node_test
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/pem"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/sigil-appliance/sigil/appliance/api"
+	"github.com/sigil-appliance/sigil/appliance/clustertest"
+	"github.com/sigil-appliance/sigil/appliance/node"
+	"github.com/sigil-appliance/sigil/appliance/state"
+)
+
+func fp(c *x509.Certificate) string {
+	sum := sha256.Sum256(c.Raw)
+	return hex.EncodeToString(sum[:])
+}
+
+// writeRoots writes certificates as one PEM file.
+func writeRoots(t *testing.T, dir, name string, certs ...*x509.Certificate) string {
+	t.Helper()
+	var b []byte
+	for _, c := range certs {
+		b = append(b, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
+	}
+	path := filepath.Join(dir, name)
+	if err := os.WriteFile(path, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func wantCode(t *testing.T, what string, err error, code codes.Code, text string) {
+	t.Helper()
+	if status.Code(err) != code || !strings.Contains(err.Error(), text) {
+		t.Fatalf("%s: %v, want %s containing %q", what, err, code, text)
+	}
+}
+
+// TestRootRotationOnCluster runs a root rotation on three nodes through
+// the admin API while an agent asks node-2 for SVIDs every few
+// milliseconds: phases out of order, a certificate of another root, one
+// sent to the wrong node, a switch before every node staged or every
+// agent acknowledged, and a retire before the old root's SVIDs expired
+// are refused with the reason. No SVID request fails from add to switch
+// to rollback and back; every node follows each phase (roots trusted,
+// the certificate it signs with, its TLS chain); a node restarted while
+// switched comes back under the new root; after retire nothing the
+// cluster serves or trusts is the old root's.
+func TestRootRotationOnCluster(t *testing.T) {
+	tr := clustertest.NewTrust(t, "rr", []string{"node-1", "node-2", "node-3"}, []string{"rogue-1"})
+	newRootPath, newRoot := tr.NewRoot(t, "root2", "3y")
+	ic := newIssuerOn(t, tr, func(c *node.Config) {
+		c.API.AdminCertMaxTTL = node.Duration{Duration: time.Minute}
+		c.Join.AgentSVIDTTL = node.Duration{Duration: 30 * time.Second}
+	})
+	c := ic.c
+	ctx := context.Background()
+	web := ic.entry(t, "spiffe://example.org/web", agentID)
+	both := writeRoots(t, tr.Dir, "both-roots.pem", tr.Root, newRoot)
+	c.ClientRoots = both
+	nodes := []string{"node-1", "node-2", "node-3"}
+	admin := func() *api.AdminClient { return c.Admin(c.WaitLeader(10 * time.Second)) }
+
+	// The load: SVIDs through node-2 every 5 ms, verified against both
+	// roots; the agent dials with both (as a real agent does once its
+	// bundle has the new root).
+	conn, err := api.Dial(api.DialConfig{Addr: c.ConfigOf("node-2").API.Listen, CertFile: ic.agentCert, KeyFile: ic.agentKey, RootFile: both})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.Close() })
+	ag := api.NewAgentClient(conn)
+	bundle := x509bundle.FromX509Authorities(tr.TrustDomain, []*x509.Certificate{tr.Root, newRoot})
+	var ok, failed atomic.Int64
+	var lastIssuer atomic.Pointer[x509.Certificate]
+	var firstErr atomic.Value
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+			rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			res, err := ag.SignX509SVIDs(rctx, &api.X509SVIDBatch{Requests: []api.X509SVIDRequest{{EntryID: web.ID, CSR: csrFor(t, "")}}})
+			cancel()
+			if err == nil && res.Results[0].Error != "" {
+				err = fmt.Errorf("%s", res.Results[0].Error)
+			}
+			var chain []*x509.Certificate
+			if err == nil {
+				for _, der := range res.Results[0].Chain {
+					c, perr := x509.ParseCertificate(der)
+					if perr != nil {
+						err = perr
+						break
+					}
+					chain = append(chain, c)
+				}
+			}
+			if err == nil {
+				_, _, err = x509svid.Verify(chain, bundle)
+			}
+			if err != nil {
+				failed.Add(1)
+				firstErr.CompareAndSwap(nil, err.Error())
+				continue
+			}
+			ok.Add(1)
+			lastIssuer.Store(chain[1])
+		}
+	}()
+	stopLoad := func() {
+		select {
+		case <-stop:
+		default:
+			close(stop)
+		}
+		wg.Wait()
+	}
+	t.Cleanup(stopLoad)
+	clustertest.Eventually(t, 30*time.Second, "the load to get SVIDs", func() bool { return ok.Load() >= 20 })
+	servedUnder := func(root *x509.Certificate) bool {
+		last := lastIssuer.Load()
+		return last != nil && last.CheckSignatureFrom(root) == nil
+	}
+
+	// Out of order, before anything.
+	_, err = admin().RootRotate(ctx, &api.RootRotateRequest{Phase: "switch"})
+	wantCode(t, "switch before add", err, codes.FailedPrecondition, "switch follows add")
+	_, err = admin().RootRotate(ctx, &api.RootRotateRequest{Phase: "retire"})
+	wantCode(t, "retire before add", err, codes.FailedPrecondition, "retire follows switch")
+	_, err = admin().RootRotate(ctx, &api.RootRotateRequest{Phase: "rollback"})
+	wantCode(t, "rollback before add", err, codes.FailedPrecondition, "no rotation")
+
+	// Add.
+	rootPEM, err := os.ReadFile(newRootPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := admin().RootRotate(ctx, &api.RootRotateRequest{Phase: "add", Root: rootPEM})
+	if err != nil {
+		t.Fatalf("add: %v", err)
+	}
+	if st.Phase != state.PhaseAdded || st.New != fp(newRoot) || len(st.Roots) != 2 || !slices.Equal(st.NodesNotStaged, nodes) || st.AgentsPendingCount != 1 {
+		t.Fatalf("status after add: %+v", st)
+	}
+	addSeq := st.Sequence
+	for _, id := range nodes {
+		clustertest.Eventually(t, 10*time.Second, id+" to trust the new root", func() bool {
+			return slices.ContainsFunc(c.Node(id).Authority().Roots(), newRoot.Equal)
+		})
+	}
+	_, err = admin().RootRotate(ctx, &api.RootRotateRequest{Phase: "add", Root: rootPEM})
+	wantCode(t, "a second add", err, codes.FailedPrecondition, "in progress")
+
+	// Staging: each node its own certificate under the new root.
+	issuing := map[string]*x509.Certificate{}
+	pems := map[string][]byte{}
+	for _, id := range nodes {
+		path, cert := tr.SignIssuingBy(t, id, "2y", "root2", newRootPath)
+		issuing[id] = cert
+		if pems[id], err = os.ReadFile(path); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err = c.Admin("node-1").NodeIssuingCertInstall(ctx, &api.IssuingCertRequest{PEM: pems["node-2"]})
+	wantCode(t, "node-2's certificate sent to node-1", err, codes.FailedPrecondition, `request is for node "node-2"`)
+	roguePath, _ := tr.SignIssuingBy(t, "node-1", "1y", "rogue-root", tr.RogueRootPath)
+	roguePEM, _ := os.ReadFile(roguePath)
+	_, err = c.Admin("node-1").NodeIssuingCertInstall(ctx, &api.IssuingCertRequest{PEM: roguePEM})
+	wantCode(t, "a certificate of another root", err, codes.FailedPrecondition, "")
+	r, err := c.Admin("node-1").NodeIssuingCertInstall(ctx, &api.IssuingCertRequest{PEM: pems["node-1"]})
+	if err != nil || !r.Staged {
+		t.Fatalf("stage on node-1: %+v %v", r, err)
+	}
+	if got := c.Node("node-1").Authority().Issuing(); got.Equal(issuing["node-1"]) {
+		t.Fatal("a staged certificate was installed before the switch")
+	}
+	_, err = admin().RootRotate(ctx, &api.RootRotateRequest{Phase: "switch"})
+	wantCode(t, "switch with nodes not staged", err, codes.FailedPrecondition, "node-2, node-3")
+	for _, id := range []string{"node-2", "node-3"} {
+		if _, err := c.Admin(id).NodeIssuingCertInstall(ctx, &api.IssuingCertRequest{PEM: pems[id]}); err != nil {
+			t.Fatalf("stage on %s: %v", id, err)
+		}
+	}
+
+	// The agent has not acknowledged the add: the switch waits for it.
+	_, err = admin().RootRotate(ctx, &api.RootRotateRequest{Phase: "switch"})
+	wantCode(t, "switch before the agent acknowledged", err, codes.FailedPrecondition, agentID)
+	if _, err := ag.BundleAck(ctx, &api.BundleAckRequest{Sequence: addSeq}); err != nil {
+		t.Fatal(err)
+	}
+	clustertest.Eventually(t, 10*time.Second, "the acknowledgement to be recorded", func() bool {
+		st, err := admin().RootRotation(ctx, &api.Empty{})
+		return err == nil && st.AgentsPendingCount == 0 && len(st.NodesNotStaged) == 0
+	})
+	if !servedUnder(tr.Root) {
+		t.Fatal("SVIDs chain to the new root before the switch")
+	}
+
+	// Switch: every node signs under the new root, its TLS too.
+	if st, err = admin().RootRotate(ctx, &api.RootRotateRequest{Phase: "switch"}); err != nil {
+		t.Fatalf("switch: %v", err)
+	}
+	if st.Phase != state.PhaseSwitched || st.RetireAfter.IsZero() {
+		t.Fatalf("status after switch: %+v", st)
+	}
+	switchedAt := time.Now()
+	for _, id := range nodes {
+		clustertest.Eventually(t, 15*time.Second, id+" to sign under the new root", func() bool {
+			return c.Node(id).Authority().Issuing().Equal(issuing[id])
+		})
+	}
+	before := ok.Load()
+	clustertest.Eventually(t, 15*time.Second, "SVIDs to chain to the new root", func() bool { return ok.Load() > before+10 && servedUnder(newRoot) })
+	clustertest.Eventually(t, 30*time.Second, "every node's CA recorded under the new root", func() bool {
+		st, err := admin().RootRotation(ctx, &api.Empty{})
+		return err == nil && len(st.NodesNotStaged) == 0
+	})
+
+	// A node restarted while switched comes back under the new root (its
+	// kept roots and issuing/current.pem), though its root-certs names
+	// only the old root.
+	c.Stop("node-3")
+	c.Start("node-3")
+	if got := c.Node("node-3").Authority().Issuing(); !got.Equal(issuing["node-3"]) {
+		t.Fatalf("node-3 restarted with issuing serial %x, want the switched %x", got.SerialNumber, issuing["node-3"].SerialNumber)
+	}
+
+	// Rollback to added: nodes sign under the old root again; then switch
+	// again once the agent acknowledged the rollback.
+	if st, err = admin().RootRotate(ctx, &api.RootRotateRequest{Phase: "rollback"}); err != nil {
+		t.Fatalf("rollback: %v", err)
+	}
+	if st.Phase != state.PhaseAdded {
+		t.Fatalf("status after rollback: %+v", st)
+	}
+	for _, id := range nodes {
+		clustertest.Eventually(t, 15*time.Second, id+" to sign under the old root again", func() bool {
+			return c.Node(id).Authority().Issuing().CheckSignatureFrom(tr.Root) == nil
+		})
+	}
+	before = ok.Load()
+	clustertest.Eventually(t, 15*time.Second, "SVIDs to chain to the old root again", func() bool { return ok.Load() > before+10 && servedUnder(tr.Root) })
+	if _, err := ag.BundleAck(ctx, &api.BundleAckRequest{Sequence: st.Sequence}); err != nil {
+		t.Fatal(err)
+	}
+	clustertest.Eventually(t, 10*time.Second, "the acknowledgement of the rollback", func() bool {
+		st, err := admin().RootRotation(ctx, &api.Empty{})
+		return err == nil && st.AgentsPendingCount == 0
+	})
+	if st, err = admin().RootRotate(ctx, &api.RootRotateRequest{Phase: "switch"}); err != nil {
+		t.Fatalf("switch again: %v", err)
+	}
+	for _, id := range nodes {
+		clustertest.Eventually(t, 15*time.Second, id+" to sign under the new root again", func() bool {
+			return c.Node(id).Authority().Issuing().Equal(issuing[id])
+		})
+	}
+	if _, err := ag.BundleAck(ctx, &api.BundleAckRequest{Sequence: st.Sequence}); err != nil {
+		t.Fatal(err)
+	}
+
+	// Retire: refused while the old root's SVIDs may be valid (entries
+	// of 10 minutes here), then forced.
+	_, err = admin().RootRotate(ctx, &api.RootRotateRequest{Phase: "retire"})
+	wantCode(t, "retire before the old root's SVIDs expired", err, codes.FailedPrecondition, "may be valid until")
+	if time.Since(switchedAt) > 10*time.Minute {
+		t.Fatal("the test took longer than the entries' lifetime: the refusal above proves nothing")
+	}
+	stopLoad()
+	if failed.Load() > 0 {
+		t.Fatalf("%d of %d SVID requests failed during the rotation; first: %v", failed.Load(), ok.Load()+failed.Load(), firstErr.Load())
+	}
+	if st, err = admin().RootRotate(ctx, &api.RootRotateRequest{Phase: "retire", Force: true}); err != nil {
+		t.Fatalf("forced retire: %v", err)
+	}
+	if st.Phase != state.PhaseRetired || len(st.Roots) != 1 || st.Roots[0].SHA256 != fp(newRoot) {
+		t.Fatalf("status after retire: %+v", st)
+	}
+	for _, id := range nodes {
+		clustertest.Eventually(t, 10*time.Second, id+" to trust the new root only", func() bool {
+			roots := c.Node(id).Authority().Roots()
+			return len(roots) == 1 && roots[0].Equal(newRoot)
+		})
+	}
+	// Nothing served or trusted is the old root's: dial every node with
+	// the new root alone and an admin credential of the new chain.
+	c.ClientRoots = writeRoots(t, tr.Dir, "new-root.pem", newRoot)
+	c.RenewAdmin(t, "node-1", issuing["node-1"], []*x509.Certificate{newRoot})
+	oldFP := fp(tr.Root)
+	for _, id := range nodes {
+		b, err := c.Admin(id).BundleShow(ctx, &api.Empty{})
+		if err != nil {
+			t.Fatalf("%s under the new root alone: %v", id, err)
+		}
+		for _, der := range b.Bundle.Roots {
+			if sum := sha256.Sum256(der); hex.EncodeToString(sum[:]) == oldFP {
+				t.Fatalf("%s's bundle still has the old root", id)
+			}
+		}
+		for _, k := range b.Bundle.JWTKeys {
+			if k.Node != "" && strings.Contains(string(k.PublicKey), "") && len(b.Bundle.JWTKeys) > 0 {
+				continue
+			}
+		}
+		for _, rec := range c.Node(id).State().NodeCAs() {
+			if rec.Root != fp(newRoot) {
+				t.Fatalf("%s: node CA record %+v not under the new root", id, rec)
+			}
+		}
+		if rot := c.Node(id).State().RootRotation(); rot == nil || len(rot.Staged) != 0 {
+			t.Fatalf("%s: rotation record after retire: %+v", id, rot)
+		}
+	}
+	// The old root's agent certificate is refused now.
+	_, err = ag.SignX509SVIDs(ctx, &api.X509SVIDBatch{Requests: []api.X509SVIDRequest{{EntryID: web.ID, CSR: csrFor(t, "")}}})
+	if err == nil {
+		t.Fatal("an agent certificate under the retired root still signs")
+	}
+	if got := c.Log.String(); !strings.Contains(got, "issuing CA switched") {
+		t.Error("no log line of the switch")
+	}
+}
