@@ -447,6 +447,48 @@ func TestExampleScriptsParse(t *testing.T) {
 	}
 }
 
+// The scripts README.md shows (indented blocks starting "kind: ") are
+// valid scripts of their kind: every field known, of its type, and used.
+func TestReadmeScriptsParse(t *testing.T) {
+	b, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var scripts []string
+	lines := strings.Split(string(b), "\n")
+	for i := 0; i < len(lines); i++ {
+		l := lines[i]
+		if !strings.HasPrefix(strings.TrimLeft(l, " "), "kind: ") || !strings.HasPrefix(l, "    ") {
+			continue
+		}
+		indent := l[:len(l)-len(strings.TrimLeft(l, " "))]
+		var block []string
+		for ; i < len(lines) && (strings.HasPrefix(lines[i], indent) || strings.TrimSpace(lines[i]) == ""); i++ {
+			if strings.TrimSpace(lines[i]) == "" && i+1 < len(lines) && !strings.HasPrefix(lines[i+1], indent) {
+				break
+			}
+			block = append(block, strings.TrimPrefix(lines[i], indent))
+		}
+		scripts = append(scripts, strings.Join(block, "\n"))
+	}
+	if len(scripts) == 0 {
+		t.Fatal("README.md shows no ceremony script: the check checks nothing")
+	}
+	for _, s := range scripts {
+		kind := strings.TrimSpace(strings.TrimPrefix(strings.SplitN(s, "\n", 2)[0], "kind: "))
+		c, err := Parse([]byte(s), kind)
+		if err != nil {
+			t.Errorf("README script %q: %v", kind, err)
+			continue
+		}
+		v := &problems{}
+		c.checkFields(v)
+		if err := v.Err("README " + kind + " script"); err != nil {
+			t.Error(err)
+		}
+	}
+}
+
 // Serials print as openssl x509 -text prints them: the magnitude's bytes,
 // without DER's sign padding, in lower-case hex, colon separated.
 func TestSerialText(t *testing.T) {
