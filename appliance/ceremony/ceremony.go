@@ -1,8 +1,9 @@
 // Package ceremony runs Sigil's key ceremonies: the offline, scripted
 // creation of the root CA key and certificate in a ceremony HSM, of each
 // node's issuing CA key (in that node's HSM) and CSR, the root's signature
-// over those CSRs, root re-issuance, CRLs for retired intermediates, and the
-// M-of-N splitting of HSM PINs.
+// over those CSRs, root re-issuance, the old root's cross certificate for a
+// successor root, CRLs for retired intermediates, and the M-of-N splitting
+// of HSM PINs.
 //
 // A ceremony is one YAML script, validated in full before any HSM is
 // opened. Every step is printed, numbered, for the witnesses and recorded in
@@ -40,10 +41,14 @@ import (
 type Plan struct {
 	Config      *Config
 	TrustDomain spiffeid.TrustDomain
-	RootCert    *x509.Certificate
-	CSR         *x509.CertificateRequest
-	Previous    *x509.Certificate
-	Revoked     []*x509.Certificate
+	// RootCert is the certificate of the HSM key that signs (the old root
+	// for cross-sign).
+	RootCert *x509.Certificate
+	// NewRoot is the successor root a cross-sign ceremony certifies.
+	NewRoot  *x509.Certificate
+	CSR      *x509.CertificateRequest
+	Previous *x509.Certificate
+	Revoked  []*x509.Certificate
 
 	pin     []byte // rebuilt from shares, or read for pin-split; memory only
 	outputs []string
@@ -122,6 +127,8 @@ func Run(ctx context.Context, p *Plan, opts Options) (err error) {
 		err = r.issuingCSR(ctx)
 	case KindSignIssuing:
 		err = r.signIssuing(ctx)
+	case KindCrossSign:
+		err = r.crossSign(ctx)
 	case KindCRL:
 		err = r.crl(ctx)
 	default:
@@ -284,11 +291,13 @@ func (r *run) root(ctx context.Context, create bool) error {
 		return err
 	}
 	tmpl.PublicKey = signer.Public()
-	if err := checkCA(tmpl, nil, p.TrustDomain, 1); err != nil {
+	pathLen := rootPathLen(c.Root)
+	if err := checkCA(tmpl, nil, p.TrustDomain, pathLen); err != nil {
 		return fmt.Errorf("root certificate template failed its checks, nothing signed: %w", err)
 	}
 	r.tr.Step("root certificate built and checked", Field{"subject", tmpl.Subject.String()},
 		Field{"validity", tmpl.NotBefore.UTC().Format(time.RFC3339) + " .. " + tmpl.NotAfter.UTC().Format(time.RFC3339)},
+		Field{"path length", fmt.Sprint(pathLen)},
 		Field{"name constraint", strings.Join(tmpl.PermittedURIDomains, ",")})
 	cert, err := r.sign(tmpl, tmpl, signer)
 	if err != nil {
@@ -297,7 +306,7 @@ func (r *run) root(ctx context.Context, create bool) error {
 	if err := cert.CheckSignatureFrom(cert); err != nil {
 		return fmt.Errorf("root certificate does not verify under its own key: %w", err)
 	}
-	if err := checkCA(cert, nil, p.TrustDomain, 1); err != nil {
+	if err := checkCA(cert, nil, p.TrustDomain, pathLen); err != nil {
 		return fmt.Errorf("signed root certificate failed its checks: %w", err)
 	}
 	return r.write(c.Root.Output, pemBytes("CERTIFICATE", cert.Raw), "root certificate")
@@ -371,6 +380,48 @@ func (r *run) signIssuing(ctx context.Context) error {
 	}
 	r.tr.Step("issuing CA chain verified", Field{"root sha256", fingerprint(p.RootCert.Raw)})
 	return r.write(c.SignIssuing.Output, pemBytes("CERTIFICATE", cert.Raw), "issuing CA certificate")
+}
+
+// crossSign has the old root's key certify the new root's subject and key.
+// Everything about both roots was checked by Validate; here the HSM key is
+// checked to be the old root's before anything is built or signed.
+func (r *run) crossSign(ctx context.Context) error {
+	p, c := r.plan, r.plan.Config
+	oldRoot, newRoot := p.RootCert, p.NewRoot
+	r.tr.Step("roots checked (self-signed, this trust domain, valid now, distinct keys and subjects)",
+		Field{"old root", oldRoot.Subject.String()}, Field{"old root sha256", fingerprint(oldRoot.Raw)},
+		Field{"new root", newRoot.Subject.String()}, Field{"new root sha256", fingerprint(newRoot.Raw)},
+		Field{"new root key sha256", spkiFingerprint(newRoot.PublicKey)})
+	r.openHSM()
+	signer, err := r.existingKey(ctx, oldRoot.PublicKey, "old root certificate "+c.CrossSign.OldRootCertificate)
+	if err != nil {
+		return err
+	}
+	tmpl, err := crossTemplate(oldRoot, newRoot, c.CrossSign.Validity.Duration, r.opts.Now())
+	if err != nil {
+		return err
+	}
+	if err := checkCross(tmpl, oldRoot, newRoot, p.TrustDomain, false); err != nil {
+		return fmt.Errorf("cross certificate template failed its checks, nothing signed: %w", err)
+	}
+	r.tr.Step("cross certificate built and checked", Field{"subject", tmpl.Subject.String()}, Field{"issuer", oldRoot.Subject.String()},
+		Field{"validity", tmpl.NotBefore.UTC().Format(time.RFC3339) + " .. " + tmpl.NotAfter.UTC().Format(time.RFC3339)},
+		Field{"path length", "1"}, Field{"name constraint", strings.Join(tmpl.PermittedURIDomains, ",")},
+		Field{"public key sha256", spkiFingerprint(tmpl.PublicKey)})
+	cert, err := r.sign(tmpl, oldRoot, signer)
+	if err != nil {
+		return err
+	}
+	if err := checkCross(cert, oldRoot, newRoot, p.TrustDomain, true); err != nil {
+		return fmt.Errorf("signed cross certificate failed its checks: %w", err)
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(oldRoot)
+	if _, err := cert.Verify(x509.VerifyOptions{Roots: roots, CurrentTime: r.opts.Now(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+		return fmt.Errorf("signed cross certificate does not chain to the old root: %w", err)
+	}
+	r.tr.Step("cross certificate verified under the old root", Field{"old root sha256", fingerprint(oldRoot.Raw)})
+	return r.write(c.CrossSign.Output, pemBytes("CERTIFICATE", cert.Raw), "cross certificate")
 }
 
 func (r *run) crl(ctx context.Context) error {

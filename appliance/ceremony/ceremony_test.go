@@ -290,7 +290,7 @@ root:
 }
 
 // snapshot is what a refused ceremony must leave unchanged: every file in
-// the ceremony directory and every object on the tokens.
+// the ceremony directory and every object on every token.
 func snapshot(t *testing.T, e *ceremonyEnv) string {
 	t.Helper()
 	var b strings.Builder
@@ -304,7 +304,16 @@ func snapshot(t *testing.T, e *ceremonyEnv) string {
 		sum := sha256.Sum256([]byte(readFile(t, e.path(n))))
 		fmt.Fprintf(&b, "%s %s\n", n, hex.EncodeToString(sum[:8]))
 	}
-	for _, tok := range append([]*testenv.Token{e.root}, e.nodes["node-1"]) {
+	toks := []*testenv.Token{e.root}
+	var nodes []string
+	for n := range e.nodes {
+		nodes = append(nodes, n)
+	}
+	sort.Strings(nodes)
+	for _, n := range nodes {
+		toks = append(toks, e.nodes[n])
+	}
+	for _, tok := range toks {
 		b.WriteString(tok.ListObjects(t))
 	}
 	return b.String()
@@ -346,7 +355,7 @@ func TestRefusedCeremoniesChangeNothing(t *testing.T) {
 		{"misspelled nested field", KindRoot, strings.Replace(good, "  curve: P-384", "  curv: P-384", 1), "key.curv is an unknown field (line 10); key has: label, curve"},
 		{"unknown field with other problems", KindRoot, strings.Replace(good, "  curve: P-384", "  curv: P-384", 1) + "colour: blue\n" + "pin-split:\n  token: x\n",
 			"invalid ceremony config:\n  - key.curv is an unknown field (line 10); key has: label, curve\n" +
-				"  - colour is an unknown field (line 17); a ceremony script has: kind, trust-domain, transcript, hsm, key, root, issuing-csr, sign-issuing, crl, pin-split\n" +
+				"  - colour is an unknown field (line 17); a ceremony script has: kind, trust-domain, transcript, hsm, key, root, issuing-csr, sign-issuing, cross-sign, crl, pin-split\n" +
 				"  - pin-split is not used by kind root; remove it"},
 		{"mistyped value", KindRoot, strings.Replace(good, "validity: 10y", "validity: [10y]", 1), "root.validity must be a duration such as 90d, 1y or 36h, not a list (line 15)"},
 		{"curve of an existing key", KindSignIssuing, strings.Replace(e.signScript(pinShares(shares[0], shares[1]), "root-key", e.path("root.pem"), e.path("node-1.csr"), "node-1", e.path("n1.pem")), "  label: root-key\n", "  label: root-key\n  curve: P-256\n", 1),
@@ -433,6 +442,48 @@ func TestExampleScriptsParse(t *testing.T) {
 		v := &problems{}
 		c.checkFields(v)
 		if err := v.Err(f); err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+// The scripts README.md shows (indented blocks starting "kind: ") are
+// valid scripts of their kind: every field known, of its type, and used.
+func TestReadmeScriptsParse(t *testing.T) {
+	b, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var scripts []string
+	lines := strings.Split(string(b), "\n")
+	for i := 0; i < len(lines); i++ {
+		l := lines[i]
+		if !strings.HasPrefix(strings.TrimLeft(l, " "), "kind: ") || !strings.HasPrefix(l, "    ") {
+			continue
+		}
+		indent := l[:len(l)-len(strings.TrimLeft(l, " "))]
+		var block []string
+		for ; i < len(lines) && (strings.HasPrefix(lines[i], indent) || strings.TrimSpace(lines[i]) == ""); i++ {
+			if strings.TrimSpace(lines[i]) == "" && i+1 < len(lines) && !strings.HasPrefix(lines[i+1], indent) {
+				break
+			}
+			block = append(block, strings.TrimPrefix(lines[i], indent))
+		}
+		scripts = append(scripts, strings.Join(block, "\n"))
+	}
+	if len(scripts) == 0 {
+		t.Fatal("README.md shows no ceremony script: the check checks nothing")
+	}
+	for _, s := range scripts {
+		kind := strings.TrimSpace(strings.TrimPrefix(strings.SplitN(s, "\n", 2)[0], "kind: "))
+		c, err := Parse([]byte(s), kind)
+		if err != nil {
+			t.Errorf("README script %q: %v", kind, err)
+			continue
+		}
+		v := &problems{}
+		c.checkFields(v)
+		if err := v.Err("README " + kind + " script"); err != nil {
 			t.Error(err)
 		}
 	}

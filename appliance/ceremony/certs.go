@@ -1,6 +1,7 @@
 package ceremony
 
 import (
+	"bytes"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -61,9 +62,10 @@ func serialText(n *big.Int) string {
 func tdURL(td spiffeid.TrustDomain) *url.URL { return td.ID().URL() }
 
 // rootTemplate builds the self-signed trust anchor: CA, path length 1 (root
-// → issuing CA → leaf), certSign and cRLSign only, the trust domain's
-// SPIFFE ID (signing certificates carry no path), and optionally a URI
-// name constraint to the trust domain.
+// → issuing CA → leaf; 2 when root.path-length says so, leaving room for
+// a cross certificate to a successor root), certSign and cRLSign only, the
+// trust domain's SPIFFE ID (signing certificates carry no path), and
+// optionally a URI name constraint to the trust domain.
 func rootTemplate(td spiffeid.TrustDomain, r *RootConfig, now time.Time) (*x509.Certificate, error) {
 	sn, err := serialNumber()
 	if err != nil {
@@ -76,7 +78,7 @@ func rootTemplate(td spiffeid.TrustDomain, r *RootConfig, now time.Time) (*x509.
 		NotAfter:              now.Add(r.Validity.Duration),
 		IsCA:                  true,
 		BasicConstraintsValid: true,
-		MaxPathLen:            1,
+		MaxPathLen:            rootPathLen(r),
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
 		URIs:                  []*url.URL{tdURL(td)},
 	}
@@ -85,6 +87,14 @@ func rootTemplate(td spiffeid.TrustDomain, r *RootConfig, now time.Time) (*x509.
 		t.PermittedDNSDomainsCritical = true
 	}
 	return t, nil
+}
+
+// rootPathLen is the root's path length: root.path-length, default 1.
+func rootPathLen(r *RootConfig) int {
+	if r.PathLength != nil {
+		return *r.PathLength
+	}
+	return 1
 }
 
 // issuingTemplate builds a node's intermediate from its CSR: CA, path
@@ -115,6 +125,142 @@ func issuingTemplate(td spiffeid.TrustDomain, root *x509.Certificate, csr *x509.
 		PermittedDNSDomainsCritical: true,
 		PublicKey:                   csr.PublicKey,
 	}, nil
+}
+
+// rootProblems says what keeps cert from being a root of td as kind root
+// makes them, valid at now: self-signed, a CA of path length 1 or 2,
+// certSign and cRLSign only, no EKU, the trust domain's SPIFFE ID as its
+// only SAN, no name constraint but the trust domain's URI one, a strong
+// key. The cross-sign ceremony refuses both its inputs on any of these.
+func rootProblems(cert *x509.Certificate, td spiffeid.TrustDomain, now time.Time) []string {
+	var out []string
+	bad := func(format string, a ...any) { out = append(out, fmt.Sprintf(format, a...)) }
+	if !bytes.Equal(cert.RawSubject, cert.RawIssuer) {
+		bad("is not self-signed: it was issued by %s to %s, so it is not a root", cert.Issuer, cert.Subject)
+	} else if err := cert.CheckSignatureFrom(cert); err != nil {
+		bad("is not self-signed: its signature does not verify under its own key (%v)", err)
+	}
+	if !cert.IsCA || !cert.BasicConstraintsValid {
+		bad("is not a CA certificate (basicConstraints cA)")
+	} else if cert.MaxPathLen != 1 && cert.MaxPathLen != 2 {
+		bad("has path length %d; a Sigil root has 1 or 2 (root.path-length)", cert.MaxPathLen)
+	}
+	if cert.KeyUsage != x509.KeyUsageCertSign|x509.KeyUsageCRLSign {
+		bad("has key usage %b, want certSign and cRLSign only", cert.KeyUsage)
+	}
+	if len(cert.ExtKeyUsage)+len(cert.UnknownExtKeyUsage) != 0 {
+		bad("has extended key usages; a root does not restrict its chains by EKU")
+	}
+	var uris []string
+	for _, u := range cert.URIs {
+		uris = append(uris, u.String())
+	}
+	if !td.IsZero() && !slices.Equal(uris, []string{td.IDString()}) {
+		bad("is for %v, not trust domain %s (want the URI SAN %s only)", uris, td.Name(), td.IDString())
+	}
+	if len(cert.DNSNames)+len(cert.IPAddresses)+len(cert.EmailAddresses) != 0 {
+		bad("has DNS, IP or email SANs")
+	}
+	if len(cert.PermittedURIDomains) > 0 && !td.IsZero() && !slices.Equal(cert.PermittedURIDomains, []string{td.Name()}) {
+		bad("has URI name constraint %v, want [%s]", cert.PermittedURIDomains, td.Name())
+	}
+	if len(cert.ExcludedURIDomains)+len(cert.PermittedDNSDomains)+len(cert.ExcludedDNSDomains)+len(cert.PermittedIPRanges)+
+		len(cert.ExcludedIPRanges)+len(cert.PermittedEmailAddresses)+len(cert.ExcludedEmailAddresses) != 0 {
+		bad("has name constraints other than the trust domain's URI one")
+	}
+	if err := checkKeyStrength(cert.PublicKey); err != nil {
+		bad("key: %v", err)
+	}
+	switch {
+	case now.After(cert.NotAfter):
+		bad("expired on %s", cert.NotAfter.UTC().Format(time.RFC3339))
+	case now.Before(cert.NotBefore):
+		bad("is not valid before %s", cert.NotBefore.UTC().Format(time.RFC3339))
+	}
+	return out
+}
+
+// crossTemplate builds the old root's certificate for the new root: the new
+// root's subject (byte for byte, so certificates issued by the new root
+// chain to it by name), public key, key identifier, SPIFFE ID and name
+// constraints; CA of path length 1 (issuing CAs, then SVIDs, below it,
+// whatever the new root allows); not before the later of start - skew and
+// either root's not before; validity after that (Validate refused a
+// validity outliving either root).
+func crossTemplate(oldRoot, newRoot *x509.Certificate, validity time.Duration, now time.Time) (*x509.Certificate, error) {
+	sn, err := serialNumber()
+	if err != nil {
+		return nil, err
+	}
+	notBefore := now.Add(-clockSkew)
+	for _, r := range []*x509.Certificate{oldRoot, newRoot} {
+		if notBefore.Before(r.NotBefore) {
+			notBefore = r.NotBefore
+		}
+	}
+	return &x509.Certificate{
+		SerialNumber:                sn,
+		RawSubject:                  newRoot.RawSubject,
+		Subject:                     newRoot.Subject,
+		NotBefore:                   notBefore,
+		NotAfter:                    now.Add(validity),
+		IsCA:                        true,
+		BasicConstraintsValid:       true,
+		MaxPathLen:                  1,
+		KeyUsage:                    x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+		URIs:                        newRoot.URIs,
+		SubjectKeyId:                newRoot.SubjectKeyId,
+		PermittedURIDomains:         newRoot.PermittedURIDomains,
+		PermittedDNSDomainsCritical: newRoot.PermittedDNSDomainsCritical,
+		PublicKey:                   newRoot.PublicKey,
+	}, nil
+}
+
+// checkCross is run on the cross certificate's template before the HSM
+// signs and on the parsed result after (signed: issuer, signature and
+// authority key ID are checked too): exactly the new root's name, key,
+// key ID and constraints, a CA of path length 1, inside both roots'
+// validity.
+func checkCross(c, oldRoot, newRoot *x509.Certificate, td spiffeid.TrustDomain, signed bool) error {
+	var errs []error
+	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
+	if err := checkCA(c, nil, td, 1); err != nil {
+		errs = append(errs, err)
+	}
+	if !bytes.Equal(c.RawSubject, newRoot.RawSubject) {
+		bad("subject is not the new root's, byte for byte")
+	}
+	if !samePublicKey(c.PublicKey, newRoot.PublicKey) {
+		bad("public key is not the new root's")
+	}
+	if !bytes.Equal(c.SubjectKeyId, newRoot.SubjectKeyId) {
+		bad("subject key ID %x is not the new root's %x", c.SubjectKeyId, newRoot.SubjectKeyId)
+	}
+	if !slices.Equal(c.PermittedURIDomains, newRoot.PermittedURIDomains) || c.PermittedDNSDomainsCritical != newRoot.PermittedDNSDomainsCritical {
+		bad("name constraint %v (critical %v) is not the new root's %v (critical %v)", c.PermittedURIDomains, c.PermittedDNSDomainsCritical,
+			newRoot.PermittedURIDomains, newRoot.PermittedDNSDomainsCritical)
+	}
+	for _, r := range []struct {
+		name string
+		cert *x509.Certificate
+	}{{"old", oldRoot}, {"new", newRoot}} {
+		if c.NotBefore.Before(r.cert.NotBefore) || c.NotAfter.After(r.cert.NotAfter) {
+			bad("validity %s..%s is not inside the %s root's %s..%s", c.NotBefore.UTC().Format(time.RFC3339), c.NotAfter.UTC().Format(time.RFC3339),
+				r.name, r.cert.NotBefore.UTC().Format(time.RFC3339), r.cert.NotAfter.UTC().Format(time.RFC3339))
+		}
+	}
+	if signed {
+		if !bytes.Equal(c.RawIssuer, oldRoot.RawSubject) {
+			bad("issuer %s is not the old root %s", c.Issuer, oldRoot.Subject)
+		}
+		if len(oldRoot.SubjectKeyId) > 0 && !bytes.Equal(c.AuthorityKeyId, oldRoot.SubjectKeyId) {
+			bad("authority key ID %x is not the old root's key ID %x", c.AuthorityKeyId, oldRoot.SubjectKeyId)
+		}
+		if err := c.CheckSignatureFrom(oldRoot); err != nil {
+			bad("signature does not verify under the old root: %v", err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // crlTemplate builds the CRL revoking certs: this update backdated like

@@ -28,12 +28,14 @@ const (
 	KindReissueRoot = "reissue-root"
 	KindIssuingCSR  = "issuing-csr"
 	KindSignIssuing = "sign-issuing"
+	KindCrossSign   = "cross-sign"
 	KindCRL         = "crl"
 	KindPINSplit    = "pin-split"
 )
 
-// Kinds lists every ceremony kind, in the order a new trust domain uses them.
-var Kinds = []string{KindPINSplit, KindRoot, KindIssuingCSR, KindSignIssuing, KindReissueRoot, KindCRL}
+// Kinds lists every ceremony kind, in the order a new trust domain uses
+// them: cross-sign comes with a root rotation, after the new root exists.
+var Kinds = []string{KindPINSplit, KindRoot, KindIssuingCSR, KindSignIssuing, KindReissueRoot, KindCrossSign, KindCRL}
 
 // Config is a ceremony script: the whole input of one ceremony. Each kind
 // uses some sections and refuses the others, so a script cannot carry a
@@ -49,6 +51,7 @@ type Config struct {
 	Root        *RootConfig        `yaml:"root"`
 	IssuingCSR  *IssuingCSRConfig  `yaml:"issuing-csr"`
 	SignIssuing *SignIssuingConfig `yaml:"sign-issuing"`
+	CrossSign   *CrossSignConfig   `yaml:"cross-sign"`
 	CRL         *CRLConfig         `yaml:"crl"`
 	PINSplit    *PINSplitConfig    `yaml:"pin-split"`
 
@@ -86,8 +89,13 @@ type RootConfig struct {
 	Validity Duration `yaml:"validity"`
 	// NameConstraint limits every certificate below the root to the trust
 	// domain's SPIFFE IDs (default true).
-	NameConstraint *bool  `yaml:"name-constraint"`
-	Output         string `yaml:"output"`
+	NameConstraint *bool `yaml:"name-constraint"`
+	// PathLength is how many CA certificates may stand between the root
+	// and an SVID: 1 (the default: issuing CAs only) or 2 (room for one
+	// cross certificate, so a successor root can be cross-signed by this
+	// one; see kind cross-sign).
+	PathLength *int   `yaml:"path-length"`
+	Output     string `yaml:"output"`
 	// Previous (reissue-root only) is the certificate being replaced; its
 	// key must be the key in the HSM.
 	Previous string `yaml:"previous"`
@@ -106,6 +114,21 @@ type SignIssuingConfig struct {
 	NodeID          string   `yaml:"node-id"`
 	Validity        Duration `yaml:"validity"`
 	Output          string   `yaml:"output"`
+}
+
+// CrossSignConfig has the old root's key (the script's key, in the HSM)
+// certify the new root's subject and public key, for relying parties that
+// trust only the old root during a root rotation.
+type CrossSignConfig struct {
+	// OldRootCertificate is the certificate of the key in the HSM: the
+	// issuer of the cross certificate.
+	OldRootCertificate string `yaml:"old-root-certificate"`
+	// NewRootCertificate is the successor root (made by kind root): its
+	// subject, public key, key identifier, SPIFFE ID and name constraints
+	// are what the cross certificate carries.
+	NewRootCertificate string   `yaml:"new-root-certificate"`
+	Validity           Duration `yaml:"validity"`
+	Output             string   `yaml:"output"`
 }
 
 // CRLConfig revokes retired intermediates.
@@ -180,6 +203,7 @@ var sections = map[string][]string{
 	KindReissueRoot: {"hsm", "key", "root"},
 	KindIssuingCSR:  {"hsm", "key", "issuing-csr"},
 	KindSignIssuing: {"hsm", "key", "sign-issuing"},
+	KindCrossSign:   {"hsm", "key", "cross-sign"},
 	KindCRL:         {"hsm", "key", "crl"},
 	KindPINSplit:    {"pin-split"},
 }
@@ -272,6 +296,10 @@ func (c *Config) Validate(now time.Time) (*Plan, error) {
 		if c.SignIssuing != nil {
 			c.validateSignIssuing(v, p, now)
 		}
+	case KindCrossSign:
+		if c.CrossSign != nil {
+			c.validateCrossSign(v, p, now)
+		}
 	case KindCRL:
 		if c.CRL != nil {
 			c.validateCRL(v, p, now)
@@ -305,7 +333,7 @@ func (c *Config) checkFields(v *problems) {
 		name  string
 		there bool
 	}{{"hsm", c.HSM != nil}, {"key", c.Key != nil}, {"root", c.Root != nil}, {"issuing-csr", c.IssuingCSR != nil},
-		{"sign-issuing", c.SignIssuing != nil}, {"crl", c.CRL != nil}, {"pin-split", c.PINSplit != nil}}
+		{"sign-issuing", c.SignIssuing != nil}, {"cross-sign", c.CrossSign != nil}, {"crl", c.CRL != nil}, {"pin-split", c.PINSplit != nil}}
 	for _, s := range present {
 		wanted := slices.Contains(need, s.name)
 		switch {
@@ -380,6 +408,9 @@ func (c *Config) validateRoot(v *problems, p *Plan, now time.Time) {
 	} else if r.Validity.Duration > 30*365*24*time.Hour {
 		v.Add("root.validity", "%v is longer than 30 years", r.Validity.Duration)
 	}
+	if r.PathLength != nil && *r.PathLength != 1 && *r.PathLength != 2 {
+		v.Add("root.path-length", "must be 1 (issuing CAs only) or 2 (room for a cross-signed successor root) (got %d)", *r.PathLength)
+	}
 	checkOutput(v, "root.output", r.Output, p)
 	if c.Kind == KindReissueRoot && r.Previous != "" {
 		cert, err := readCert(r.Previous)
@@ -422,6 +453,59 @@ func (c *Config) validateSignIssuing(v *problems, p *Plan, now time.Time) {
 		v.Add("sign-issuing.validity", "%v would outlive the root (expires %s)", s.Validity.Duration, root.NotAfter.Format(time.RFC3339))
 	}
 	checkOutput(v, "sign-issuing.output", s.Output, p)
+}
+
+func (c *Config) validateCrossSign(v *problems, p *Plan, now time.Time) {
+	s := c.CrossSign
+	const oldField, newField = "cross-sign.old-root-certificate", "cross-sign.new-root-certificate"
+	oldRoot, err := readCert(s.OldRootCertificate)
+	if err != nil {
+		v.Add(oldField, "%v", err)
+	} else {
+		p.RootCert = oldRoot
+		for _, msg := range rootProblems(oldRoot, p.TrustDomain, now) {
+			v.Add(oldField, "%s %s", s.OldRootCertificate, msg)
+		}
+	}
+	newRoot, err := readCert(s.NewRootCertificate)
+	if err != nil {
+		v.Add(newField, "%v", err)
+	} else {
+		p.NewRoot = newRoot
+		for _, msg := range rootProblems(newRoot, p.TrustDomain, now) {
+			v.Add(newField, "%s %s", s.NewRootCertificate, msg)
+		}
+	}
+	if oldRoot != nil && newRoot != nil {
+		switch {
+		case samePublicKey(oldRoot.PublicKey, newRoot.PublicKey):
+			v.Add(newField, "%s has the old root's key: that is a re-issued root (reissue-root), not a successor to cross-sign", s.NewRootCertificate)
+		case bytes.Equal(oldRoot.RawSubject, newRoot.RawSubject):
+			v.Add(newField, "%s has the old root's subject (%s): give the new root a name of its own (e.g. its year in the common name); "+
+				"a cross certificate whose subject is its issuer is self-issued, which RFC 5280 path validation treats specially and crypto/x509 does not",
+				s.NewRootCertificate, newRoot.Subject)
+		}
+		// Under the old root, the chain of an SVID signed under the new
+		// root is: issuing CA, cross certificate. Verifiers (crypto/x509,
+		// OpenSSL) count both against the old root's path length.
+		if oldRoot.IsCA && oldRoot.MaxPathLen == 1 { // other lengths are refused above
+			v.Add(oldField, "%s has path length %d: an SVID's chain through a cross certificate (issuing CA, cross certificate) puts 2 CA certificates below it, "+
+				"which crypto/x509 and OpenSSL refuse; only a root made with root.path-length: 2 can cross-sign its successor", s.OldRootCertificate, oldRoot.MaxPathLen)
+		}
+	}
+	if s.Validity.Duration <= 0 {
+		v.Add("cross-sign.validity", "is required (e.g. 1y: until relying parties that pin the old root have the new one)")
+	} else {
+		end := now.Add(s.Validity.Duration)
+		if oldRoot != nil && end.After(oldRoot.NotAfter) {
+			v.Add("cross-sign.validity", "%v would outlive the old root (expires %s): a cross certificate ends within its issuer's validity",
+				durationText(s.Validity.Duration), oldRoot.NotAfter.UTC().Format(time.RFC3339))
+		}
+		if newRoot != nil && end.After(newRoot.NotAfter) {
+			v.Add("cross-sign.validity", "%v would outlive the new root (expires %s)", durationText(s.Validity.Duration), newRoot.NotAfter.UTC().Format(time.RFC3339))
+		}
+	}
+	checkOutput(v, "cross-sign.output", s.Output, p)
 }
 
 func (c *Config) validateCRL(v *problems, p *Plan, now time.Time) {

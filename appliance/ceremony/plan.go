@@ -47,6 +47,8 @@ func (p *Plan) Describe(w io.Writer, now time.Time) error {
 		p.describeIssuingCSR(d)
 	case KindSignIssuing:
 		p.describeSignIssuing(d, now)
+	case KindCrossSign:
+		p.describeCrossSign(d, now)
 	case KindCRL:
 		p.describeCRL(d, now)
 	}
@@ -127,14 +129,21 @@ func (p *Plan) describeRoot(d *planText, now time.Time) {
 	d.field("subject", tmpl.Subject.String())
 	d.field("issuer", "the same: self-signed")
 	d.field("SPIFFE ID", p.TrustDomain.IDString())
-	d.field("CA", "yes, path length 1 (root, then issuing CAs, then SVIDs)")
+	if tmpl.MaxPathLen == 2 {
+		d.field("CA", "yes, path length 2 (root, then a cross certificate for a successor root if it ever cross-signs one, then issuing CAs, then SVIDs)")
+	} else {
+		d.field("CA", "yes, path length 1 (root, then issuing CAs, then SVIDs; it cannot cross-sign a successor: root.path-length 2 can)")
+	}
+	if p.Previous != nil && p.Previous.MaxPathLen != tmpl.MaxPathLen {
+		d.sub("note", fmt.Sprintf("the previous root's path length is %d", p.Previous.MaxPathLen))
+	}
 	d.field("key usage", "certificate signing, CRL signing")
 	if len(tmpl.PermittedURIDomains) > 0 {
 		d.field("name constraint", "URI SANs in "+strings.Join(tmpl.PermittedURIDomains, ", ")+" only")
 	} else {
 		d.field("name constraint", "none (root.name-constraint: false)")
 	}
-	validity(d, tmpl.NotBefore, tmpl.NotAfter, now, c.Root.Validity.Duration)
+	validity(d, tmpl.NotBefore, tmpl.NotAfter, now, c.Root.Validity.Duration, "")
 	d.field("serial", serialPolicy)
 	d.field("public key", fmt.Sprintf("key %q", c.Key.Label))
 	d.step("Sign it with key %q on token %q (self-signed); check it verifies under its own key and check it again", c.Key.Label, c.HSM.Token)
@@ -179,11 +188,56 @@ func (p *Plan) describeSignIssuing(d *planText, now time.Time) {
 	d.field("CA", "yes, path length 0 (it signs SVIDs only)")
 	d.field("key usage", "certificate signing, CRL signing")
 	d.field("name constraint", "URI SANs in "+strings.Join(tmpl.PermittedURIDomains, ", ")+" only")
-	validity(d, tmpl.NotBefore, tmpl.NotAfter, now, s.Validity.Duration)
+	validity(d, tmpl.NotBefore, tmpl.NotAfter, now, s.Validity.Duration, "the issuer's not before")
 	d.field("serial", serialPolicy)
 	d.field("public key", "the CSR's, sha256 "+spkiFingerprint(p.CSR.PublicKey))
 	d.step("Sign it with the root key %q on token %q; check it again, that it carries the CSR's key, and that it chains to the root", c.Key.Label, c.HSM.Token)
 	d.step("Write the issuing CA certificate to %s", s.Output)
+}
+
+func (p *Plan) describeCrossSign(d *planText, now time.Time) {
+	c, s := p.Config, p.Config.CrossSign
+	d.step("Check both roots (checked already: self-signed, CAs of trust domain %s, valid now, different keys and subjects)", c.TrustDomain)
+	p.describeCert(d, "old root", p.RootCert)
+	if p.RootCert != nil {
+		d.sub("file", s.OldRootCertificate)
+	}
+	p.describeCert(d, "new root", p.NewRoot)
+	if p.NewRoot != nil {
+		d.sub("file", s.NewRootCertificate)
+		d.sub("public key", keyType(p.NewRoot.PublicKey)+", sha256 "+spkiFingerprint(p.NewRoot.PublicKey))
+	}
+	p.describeHSM(d)
+	p.describeExistingKey(d, p.RootCert, "the old root certificate "+s.OldRootCertificate)
+	if p.RootCert == nil || p.NewRoot == nil {
+		return
+	}
+	tmpl, err := crossTemplate(p.RootCert, p.NewRoot, s.Validity.Duration, now)
+	if err != nil {
+		d.step("Build the cross certificate (cannot describe it: %v)", err)
+		return
+	}
+	d.step("Build the cross certificate: the new root's subject and key, issued by the old root; check it (CA, path length 1, key usage, inside both roots' validity, the new root's name, key ID and constraint)")
+	d.field("subject", tmpl.Subject.String()+" (the new root's, byte for byte)")
+	d.field("issuer", p.RootCert.Subject.String())
+	d.field("SPIFFE ID", p.TrustDomain.IDString())
+	d.field("CA", "yes, path length 1 (issuing CAs, then SVIDs, below it)")
+	d.field("key usage", "certificate signing, CRL signing")
+	if len(tmpl.PermittedURIDomains) > 0 {
+		d.field("name constraint", "URI SANs in "+strings.Join(tmpl.PermittedURIDomains, ", ")+" only (the new root's)")
+	} else {
+		d.field("name constraint", "none (the new root has none)")
+	}
+	d.field("subject key ID", fmt.Sprintf("%x (the new root's)", tmpl.SubjectKeyId))
+	floor := "the old root's not before"
+	if tmpl.NotBefore.Equal(p.NewRoot.NotBefore) {
+		floor = "the new root's not before"
+	}
+	validity(d, tmpl.NotBefore, tmpl.NotAfter, now, s.Validity.Duration, floor)
+	d.field("serial", serialPolicy)
+	d.field("public key", "the new root's, sha256 "+spkiFingerprint(p.NewRoot.PublicKey))
+	d.step("Sign it with the old root key %q on token %q; check it again and that it verifies under the old root", c.Key.Label, c.HSM.Token)
+	d.step("Write the cross certificate to %s", s.Output)
 }
 
 func (p *Plan) describeCRL(d *planText, now time.Time) {
@@ -218,11 +272,12 @@ var skewText = strings.TrimSuffix(clockSkew.String(), "0s")
 // serialPolicy is how the ceremony numbers certificates (serialNumber).
 const serialPolicy = "128 random bits, positive, drawn when the certificate is built (printed after signing)"
 
-// validity prints a certificate's validity and how it was reached.
-func validity(d *planText, notBefore, notAfter, now time.Time, v time.Duration) {
+// validity prints a certificate's validity and how it was reached; floor
+// names the not before it is clamped to when start - skew is earlier.
+func validity(d *planText, notBefore, notAfter, now time.Time, v time.Duration, floor string) {
 	why := "start - " + skewText + ", for slow clocks"
 	if !notBefore.Equal(now.Add(-clockSkew)) {
-		why = "the issuer's not before, which is later than start - " + skewText
+		why = floor + ", which is later than start - " + skewText
 	}
 	d.field("not before", fmt.Sprintf("%s (%s)", notBefore.UTC().Format(time.RFC3339), why))
 	d.field("not after", fmt.Sprintf("%s (start + %s)", notAfter.UTC().Format(time.RFC3339), durationText(v)))

@@ -84,7 +84,7 @@ pin-split:
 	if code, out, _ := runCLI("--help"); code != 0 {
 		t.Fatal("--help failed")
 	} else {
-		for _, k := range []string{"pin-split", "root", "issuing-csr", "sign-issuing", "reissue-root", "crl", "verify-transcript"} {
+		for _, k := range []string{"pin-split", "root", "issuing-csr", "sign-issuing", "reissue-root", "cross-sign", "crl", "verify-transcript"} {
 			if !strings.Contains(out, "  "+k+" ") {
 				t.Errorf("--help does not list %s:\n%s", k, out)
 			}
@@ -117,7 +117,7 @@ func TestHelp(t *testing.T) {
 		}
 	}
 	_, out, _ := runCLI("--help")
-	if !strings.Contains(out, "kinds, in the order a new trust domain uses them: pin-split, root, issuing-csr, sign-issuing, reissue-root, crl") {
+	if !strings.Contains(out, "kinds, in the order a new trust domain uses them: pin-split, root, issuing-csr, sign-issuing, reissue-root, cross-sign, crl") {
 		t.Errorf("--help does not list the kinds in order:\n%s", out)
 	}
 }
@@ -125,7 +125,7 @@ func TestHelp(t *testing.T) {
 // A command line that names no kind, an unknown kind, or no script says
 // why on its first line, then how to call it, and exits 2.
 func TestUsageErrorsSayWhy(t *testing.T) {
-	kinds := "one of: pin-split, root, issuing-csr, sign-issuing, reissue-root, crl"
+	kinds := "one of: pin-split, root, issuing-csr, sign-issuing, reissue-root, cross-sign, crl"
 	for _, tc := range []struct {
 		args  []string
 		first string // the first line of stderr
@@ -172,7 +172,7 @@ root:
 `)
 	code, out, errOut := runCLI("root", "--config", cfg, "--dry-run")
 	want := []string{
-		"colour is an unknown field (line 4); a ceremony script has: kind, trust-domain, transcript, hsm, key, root, issuing-csr, sign-issuing, crl, pin-split",
+		"colour is an unknown field (line 4); a ceremony script has: kind, trust-domain, transcript, hsm, key, root, issuing-csr, sign-issuing, cross-sign, crl, pin-split",
 		"key.curv is an unknown field (line 10); key has: label, curve",
 		`root.validity is not valid: duration "1.5y": want a positive whole number before "y" (line 15)`,
 		`root.name-constraint must be true or false, not "maybe" (line 16)`,
