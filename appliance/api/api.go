@@ -198,7 +198,7 @@ type (
 		// Sequence is the bundle sequence agents must acknowledge before
 		// the next phase (the one the last phase committed at).
 		Sequence uint64    `json:"sequence,omitempty"`
-		Since    time.Time `json:"since,omitempty"`
+		Since    time.Time `json:"since,omitzero"`
 		// Roots are the bundle's roots now (hex SHA-256, with expiry).
 		Roots []RootInfo `json:"roots,omitempty"`
 		// NodesNotStaged are member nodes with no issuing certificate
@@ -211,7 +211,7 @@ type (
 		AgentsPendingCount int            `json:"agents_pending_count"`
 		// RetireAfter is when the last SVID the old root's chain signed
 		// expires at the latest (phase switched): retire refuses before.
-		RetireAfter time.Time `json:"retire_after,omitempty"`
+		RetireAfter time.Time `json:"retire_after,omitzero"`
 		// Next is what the next phase needs, in words.
 		Next string `json:"next,omitempty"`
 	}
@@ -223,7 +223,7 @@ type (
 	PendingAgent struct {
 		SPIFFEID string    `json:"spiffe_id"`
 		Acked    uint64    `json:"acked"`
-		LastSeen time.Time `json:"last_seen,omitempty"`
+		LastSeen time.Time `json:"last_seen,omitzero"`
 	}
 	// ClusterView says whose view ClusterStatus.Peers is. Only the leader
 	// hears from every member; a follower's own view knows its leader's

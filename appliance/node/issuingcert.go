@@ -81,6 +81,9 @@ type issuingRenewal struct {
 	log    *slog.Logger
 	// dataDir keeps the bundle's roots (rootrotation.go; "": not kept).
 	dataDir string
+	// configured is the issuing-cert file: a rollback's certificate when
+	// the data directory has none under the old root.
+	configured string
 }
 
 // showLoop records this node's issuing CA in the state whenever the

@@ -225,7 +225,7 @@ func Start(ctx context.Context, cfg *Config, log *slog.Logger) (*Node, error) {
 		Logger:       log,
 	})
 	n.renew = &issuingRenewal{dir: InstalledIssuingDir(cfg.DataDir), auth: n.auth, ident: n.ident, jwt: n.jwt,
-		state: n.fsm, member: member, actor: n.actor(), log: log, dataDir: cfg.DataDir}
+		state: n.fsm, member: member, actor: n.actor(), log: log, dataDir: cfg.DataDir, configured: cfg.IssuingCert}
 	bans := newBannedAudit()
 	n.issuer = &issuer{nodeID: cfg.NodeID, actor: n.actor(), agentTTL: cfg.Join.AgentSVIDTTL.Duration, log: log, jwtIssuer: cfg.JWT.Issuer,
 		state: n.fsm, apply: member, quorum: member, audit: n.batch, x509: n.auth, jwt: jwtKeys{n.jwt},

@@ -161,12 +161,9 @@ func (r *issuingRenewal) follow(ctx context.Context) error {
 			return err
 		}
 	case rot != nil && rot.Phase == state.PhaseAdded && underRoot(iss, roots, rot.New):
-		prev, err := pemfile.ReadCert(filepath.Join(r.dir, installedPreviousName))
+		prev, err := r.beforeSwitch(roots, rot)
 		if err != nil {
-			return fmt.Errorf("the rotation rolled back but the certificate this node signed with before (%s) cannot be read: %w", installedPreviousName, err)
-		}
-		if underRoot(prev, roots, rot.New) {
-			return fmt.Errorf("the rotation rolled back but %s is under the new root too", installedPreviousName)
+			return fmt.Errorf("the rotation rolled back but this node has no certificate under the old root to sign with: %w", err)
 		}
 		if err := r.swap(ctx, prev, "the rotation rolled back: new SVIDs chain to the old root again"); err != nil {
 			return err
@@ -208,6 +205,30 @@ func stagedFor(rot *state.RootRotation, node string) *state.StagedCA {
 	return nil
 }
 
+// beforeSwitch is the certificate to sign with after a rollback from
+// switched: the one the switch replaced (previous.pem), else the
+// configured issuing-cert, whichever is under an old root and valid.
+func (r *issuingRenewal) beforeSwitch(roots []*x509.Certificate, rot *state.RootRotation) (*x509.Certificate, error) {
+	var problems []string
+	for _, path := range []string{filepath.Join(r.dir, installedPreviousName), r.configured} {
+		if path == "" {
+			continue
+		}
+		c, err := pemfile.ReadCert(path)
+		if err == nil && !slices.ContainsFunc(rot.Old, func(fp string) bool { return underRoot(c, roots, fp) }) {
+			err = errors.New("not under the old root")
+		}
+		if err == nil {
+			err = r.auth.CheckNext(c)
+		}
+		if err == nil {
+			return c, nil
+		}
+		problems = append(problems, path+": "+err.Error())
+	}
+	return nil, errors.New(strings.Join(problems, "; "))
+}
+
 // swap signs with c from now on, keeps it as current.pem (the one it
 // replaces as previous.pem), renews the TLS certificate, publishes a JWT
 // key carrying it and shows it to the state (r.mu held).
@@ -215,7 +236,15 @@ func (r *issuingRenewal) swap(ctx context.Context, c *x509.Certificate, why stri
 	if err := os.MkdirAll(r.dir, 0o700); err != nil {
 		return err
 	}
-	staged, err := stageFile(filepath.Join(r.dir, installedIssuingName), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}))
+	cur := filepath.Join(r.dir, installedIssuingName)
+	if _, err := os.Lstat(cur); errors.Is(err, os.ErrNotExist) {
+		// The node signs with the configured file: keep that as current
+		// for a moment, so that it becomes previous.pem (a rollback's).
+		if err := os.WriteFile(cur, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: r.auth.Issuing().Raw}), 0o644); err != nil {
+			return fmt.Errorf("keep the current certificate in %s: %w", r.dir, err)
+		}
+	}
+	staged, err := stageFile(cur, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}))
 	if err != nil {
 		return fmt.Errorf("keep the certificate in %s: %w", r.dir, err)
 	}
@@ -365,6 +394,7 @@ func (a *admin) RootRotate(ctx context.Context, r *api.RootRotateRequest) (*api.
 		if err != nil {
 			return nil, a.fail(what, c, err)
 		}
+		slices.Sort(members)
 		phase.Members = members
 		typ, payload = state.CmdRootSwitch, phase
 		if r.Phase == "retire" {
@@ -454,6 +484,7 @@ func (a *admin) rotationStatus() *api.RootRotationStatus {
 		out.AgentsPending = append(out.AgentsPending, pa)
 	}
 	members, _ := a.member.raft.Members()
+	slices.Sort(members)
 	recs := map[string]state.NodeCA{}
 	for _, rec := range a.state.NodeCAs() {
 		recs[rec.Node] = rec
