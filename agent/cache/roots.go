@@ -54,6 +54,18 @@ func sameRoots(a, b []*x509.Certificate) bool {
 	return subset(a, b) && subset(b, a)
 }
 
+// overlaps reports whether a and b share a certificate.
+func overlaps(a, b []*x509.Certificate) bool {
+	for _, x := range a {
+		for _, y := range b {
+			if x.Equal(y) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 func subset(a, b []*x509.Certificate) bool {
 	for _, x := range a {
 		if !slices.ContainsFunc(b, func(y *x509.Certificate) bool { return bytes.Equal(x.Raw, y.Raw) }) {
@@ -183,6 +195,15 @@ func (c *Cache) adoptRoots(td spiffeid.TrustDomain, ders [][]byte, doc *spiffebu
 	c.rootsMu.Lock()
 	defer c.rootsMu.Unlock()
 	certs, err := bundleRoots(td, ders, doc)
+	cur := c.roots.Load()
+	if err == nil && !cur.same(certs) && !overlaps(cur.certs, certs) {
+		// Every phase of a root rotation keeps a root the agent already
+		// trusts (add keeps the old, retire the new one added before), so
+		// a set sharing none is no rotation: one node (compromised, or of
+		// another appliance) must not swap the agent's trust anchors in
+		// one update and lock it out of the honest nodes.
+		err = fmt.Errorf("none of the %d roots is one the agent trusts now (%s): a rotation adds a root before it retires one", len(certs), fingerprints(cur.certs))
+	}
 	if err != nil {
 		var all []byte
 		for _, d := range ders {
@@ -197,7 +218,6 @@ func (c *Cache) adoptRoots(td spiffeid.TrustDomain, ders [][]byte, doc *spiffebu
 		return false, false
 	}
 	c.rootsRefused = [32]byte{}
-	cur := c.roots.Load()
 	if cur.same(certs) {
 		if !c.rootsSaved {
 			c.rootsSaved = c.saveRoots(certs)

@@ -10,6 +10,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
+	"io"
 	"log/slog"
 	"math/big"
 	"net/url"
@@ -227,6 +228,7 @@ func TestBundleRootsRefused(t *testing.T) {
 		"not the document's":   rootsUpdateDoc(t, 2, 9, []*x509.Certificate{A, B}, []*x509.Certificate{A}),
 		"not a CA":             rootsUpdate(t, 2, 9, []*x509.Certificate{A, leaf}),
 		"another trust domain": rootsUpdate(t, 2, 9, []*x509.Certificate{A, other}),
+		"no root in common":    rootsUpdate(t, 2, 9, []*x509.Certificate{B}), // TestAttackBundleSwapsEveryRoot
 	} {
 		t.Run(name, func(t *testing.T) {
 			file := filepath.Join(t.TempDir(), "roots.pem")
@@ -382,4 +384,34 @@ func TestBundleAckLoop(t *testing.T) {
 	apply(2, A, B)
 	apply(2, A, B)
 	waitCalls(3, 3, 3, 4, 6, 8, 9, 2)
+}
+
+// TestAttackBundleSwapsEveryRoot: a node (compromised, or another
+// appliance's) sends a bundle whose roots share none with those the agent
+// trusts, to lock it out of the honest nodes (it would keep the set on
+// disk and trust nothing else after a restart). The set is refused and
+// nothing changes; the phases of a real rotation (A; A and B; B) are
+// kept, each overlapping the last.
+func TestAttackBundleSwapsEveryRoot(t *testing.T) {
+	p := newTwoRootsPKI(t)
+	A, B := p.roots[0], p.roots[1]
+	file := filepath.Join(t.TempDir(), "roots.pem")
+	c := New(nil, Options{Roots: []*x509.Certificate{A}, RootsFile: file, Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err := c.apply(rootsUpdate(t, 1, 8, []*x509.Certificate{A})); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.apply(rootsUpdate(t, 2, 9, []*x509.Certificate{B})); err != nil {
+		t.Fatal(err)
+	}
+	if r := c.Roots(); len(r) != 1 || !r[0].Equal(A) {
+		t.Fatalf("a bundle of B alone replaced the trusted roots: %d roots", len(r))
+	}
+	for i, set := range [][]*x509.Certificate{{A, B}, {B}} {
+		if err := c.apply(rootsUpdate(t, uint64(3+i), uint64(10+i), set)); err != nil {
+			t.Fatal(err)
+		}
+		if r := c.Roots(); !sameRoots(r, set) {
+			t.Fatalf("rotation step %d not kept: %d roots", i, len(r))
+		}
+	}
 }
