@@ -401,6 +401,14 @@ func (a *admin) RootRotate(ctx context.Context, r *api.RootRotateRequest) (*api.
 			typ = state.CmdRootRetire
 		}
 	case "rollback":
+		// A rollback past add checks that no member still signs under
+		// the new root it removes.
+		members, err := a.member.raft.Members()
+		if err != nil {
+			return nil, a.fail(what, c, err)
+		}
+		slices.Sort(members)
+		phase.Members = members
 		typ, payload = state.CmdRootRollback, phase
 	default:
 		return nil, refuse(codes.InvalidArgument, fmt.Errorf("phase %q: want add, switch, rollback or retire", truncateString(r.Phase, 32)))

@@ -123,7 +123,8 @@ type (
 	}
 	// RootPhase moves a rotation: Members are the cluster's voting
 	// members as the proposing node's raft configuration has them (the
-	// state does not know the membership); MaxTTL is the longest lifetime
+	// state does not know the membership; switch, retire and a rollback
+	// past add check them); MaxTTL is the longest lifetime
 	// of anything a node signs (SVIDs, agent and admin certificates,
 	// JWT-SVIDs); Force skips the lifetime waits and is audited.
 	RootPhase struct {
@@ -484,6 +485,7 @@ func applyRootRollback(t *txn, p *RootPhase) (any, []AuditEvent, error) {
 		return nil, nil, refuse("rollback: %s (a retired rotation is final)", phaseNow(rot))
 	}
 	from := rot.Phase
+	var withdrawn []string
 	switch rot.Phase {
 	case PhaseSwitched:
 		// Nodes sign under the old root again from this commit; what they
@@ -503,6 +505,34 @@ func applyRootRollback(t *txn, p *RootPhase) (any, []AuditEvent, error) {
 			return nil, nil, refuse("SVIDs signed under the new root %.16s may be valid until %s: removing it before then would break them (or force it)",
 				rot.New, rot.NewSignedUntil.UTC().Format(time.RFC3339))
 		}
+		// As retire waits for every member under the new root, removing
+		// the new root waits for every member back under an old one: a
+		// node still signing under it (down at the rollback from
+		// switched, or unable to swap back) would sign under a root
+		// nothing trusts, and a CRL of the new root that revoked it would
+		// go with the root. Force does not skip it.
+		if len(p.Members) == 0 {
+			return nil, nil, refuse("rollback names no member nodes")
+		}
+		recs, err := readNodeCAs(t.tx)
+		if err != nil {
+			return nil, nil, err
+		}
+		var still []string
+		for _, m := range p.Members {
+			i, found := slices.BinarySearchFunc(recs, m, func(r NodeCA, n string) int { return strings.Compare(r.Node, n) })
+			if found && recs[i].Root == rot.New {
+				still = append(still, m)
+			}
+		}
+		if len(still) > 0 {
+			return nil, nil, refuse("nodes still signing under the new root %.16s, which the rollback would remove: %s (they go back to the old root on their own; a node that cannot must be removed from the cluster first)",
+				rot.New, strings.Join(still, ", "))
+		}
+		newRoot, err := t.rootByFingerprint(rot.New)
+		if err != nil {
+			return nil, nil, err
+		}
 		roots, err := readRoots(t.tx)
 		if err != nil {
 			return nil, nil, err
@@ -517,6 +547,11 @@ func applyRootRollback(t *txn, p *RootPhase) (any, []AuditEvent, error) {
 		if err := t.dropRootCRLs([]string{rot.New}); err != nil {
 			return nil, nil, err
 		}
+		// What the new root's CAs published (after a switch) chains to
+		// nothing trusted now, and no CRL could withdraw it any more.
+		if withdrawn, err = t.withdrawJWTKeysUnder([]*x509.Certificate{newRoot}); err != nil {
+			return nil, nil, err
+		}
 		if _, err := t.bumpBundle(); err != nil {
 			return nil, nil, err
 		}
@@ -528,8 +563,11 @@ func applyRootRollback(t *txn, p *RootPhase) (any, []AuditEvent, error) {
 	if from == PhaseSwitched {
 		to = PhaseAdded
 	}
-	return rot, []AuditEvent{{Action: t.c.Type, Detail: forcedDetail(map[string]string{
-		"new_root": rot.New, "from": from, "to": to}, p)}}, nil
+	detail := map[string]string{"new_root": rot.New, "from": from, "to": to}
+	if to == "none" {
+		detail["withdrawn_jwt_keys"] = strings.Join(withdrawn, ",")
+	}
+	return rot, []AuditEvent{{Action: t.c.Type, Detail: forcedDetail(detail, p)}}, nil
 }
 
 func applyRootRetire(t *txn, p *RootPhase) (any, []AuditEvent, error) {
