@@ -438,11 +438,24 @@ func applyRootSwitch(t *txn, p *RootPhase) (any, []AuditEvent, error) {
 	if len(p.Members) == 0 {
 		return nil, nil, refuse("switch names no member nodes")
 	}
+	// A staged certificate a root CRL revoked since it was staged is not
+	// valid either: its node could not sign with it (CheckNext refuses
+	// it) and would go on under the old root after the switch.
+	set, err := t.revokedSet()
+	if err != nil {
+		return nil, nil, err
+	}
 	var missing []string
 	for _, m := range p.Members {
 		s := rot.staged(m)
 		if s == nil || !t.c.Time.Before(s.NotAfter) {
 			missing = append(missing, m)
+			continue
+		}
+		if c, err := x509.ParseCertificate(s.Cert); err != nil {
+			missing = append(missing, m)
+		} else if _, revoked := set[revokedKey(c.RawIssuer, c.SerialNumber)]; revoked {
+			missing = append(missing, m+" (staged certificate revoked)")
 		}
 	}
 	if len(missing) > 0 {

@@ -130,3 +130,24 @@ func TestAttackRollbackPastAddRevivesRevokedNode(t *testing.T) {
 		t.Fatalf("node-1, whose recorded CA the new root's CRL revoked, proposes again after the rollback removed that CRL (roots %v)", f.roots())
 	}
 }
+
+// TestAttackSwitchWithRevokedStagedCert: the switch checks that every
+// member has a valid staged certificate, but not that none was revoked
+// since it was staged. A node whose staged certificate the new root's CRL
+// revokes cannot switch (ca.Authority.CheckNext refuses it): after the
+// switch it goes on signing under the old root, its JWT keys and
+// checkpoints under the old CA are refused (switched away), and retire is
+// blocked until someone notices.
+func TestAttackSwitchWithRevokedStagedCert(t *testing.T) {
+	f := newRotationFixture(t)
+	if _, err := f.admin(t0, CmdRootAdd, RootAdd{Root: f.new.root.Raw}); err != nil {
+		t.Fatal(err)
+	}
+	f.stage(t, "node-1", f.new.nodes["node-1"])
+	f.stage(t, "node-2", f.new.nodes["node-2"])
+	if _, err := f.admin(t0, CmdRootCRLAdd, RootCRLAdd{DER: f.new.crl(t, 1, t0, t0.Add(30*24*time.Hour), "node-2")}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := f.admin(t0.Add(time.Minute), CmdRootSwitch, RootPhase{Members: members, MaxTTL: time.Hour})
+	wantRefused(t, "switch with node-2's staged certificate revoked", err, "node-2")
+}
