@@ -3,6 +3,7 @@ package state
 import (
 	"bytes"
 	"crypto/x509"
+	"strings"
 	"testing"
 	"time"
 )
@@ -150,4 +151,43 @@ func TestAttackSwitchWithRevokedStagedCert(t *testing.T) {
 	}
 	_, err := f.admin(t0.Add(time.Minute), CmdRootSwitch, RootPhase{Members: members, MaxTTL: time.Hour})
 	wantRefused(t, "switch with node-2's staged certificate revoked", err, "node-2")
+}
+
+// TestAttackJobRejoinLosesBundleAck: a job agent renews by joining again
+// (job.join with a fresh token). The state says an agent's acknowledgement
+// is kept across renewals and a command's value is ignored; job.join
+// replaced it with the payload's (0 from an honest node, anything from a
+// crafted command). The agent acknowledges only when its bundle changes,
+// so after a renewal it shows as pending, and the switch waits (or is
+// forced) for an agent that has the bundle.
+func TestAttackJobRejoinLosesBundleAck(t *testing.T) {
+	f := newRotationFixture(t)
+	f.a.must(CmdJoinRuleCreate, jobRule("gh"))
+	rev := ruleRevision(t, f.a.fsm, "gh")
+	// A crafted first join claiming an acknowledgement is not taken.
+	first := jobJoin("gh", rev, "1-1", "token-1", t0)
+	first.Agent.BundleAck = 1 << 40
+	f.a.must(CmdJobJoin, first)
+	if ag, _ := f.a.fsm.Agent(first.Agent.ID); ag.BundleAck != 0 {
+		t.Errorf("a job.join command set the agent's acknowledged sequence to %d", ag.BundleAck)
+	}
+	if _, err := f.admin(t0, CmdRootAdd, RootAdd{Root: f.new.root.Raw}); err != nil {
+		t.Fatal(err)
+	}
+	seq := f.a.fsm.RootRotation().Sequence
+	for _, id := range []string{first.Agent.ID, "spiffe://example.org/sigil/agent/join/a1"} {
+		if _, err := f.as(origin, nodeActor, t0, CmdBundleAck, BundleAck{Agent: id, Sequence: seq}); err != nil && !strings.Contains(err.Error(), "already acknowledged") {
+			t.Fatalf("ack of %s: %v", id, err)
+		}
+	}
+	if _, n := f.a.fsm.PendingAcks(seq, t0.Add(time.Minute), 10); n != 0 {
+		t.Fatalf("%d agents pending after both acknowledged", n)
+	}
+	renew := jobJoin("gh", rev, "1-1", "token-2", t0.Add(time.Minute))
+	if _, err := f.a.apply(CmdJobJoin, t0.Add(time.Minute), renew); err != nil {
+		t.Fatal(err)
+	}
+	if pending, n := f.a.fsm.PendingAcks(seq, t0.Add(2*time.Minute), 10); n != 0 {
+		t.Fatalf("the job agent's acknowledgement was lost in its renewal: %d pending (%s)", n, pending[0].ID)
+	}
 }
