@@ -198,6 +198,11 @@ func (a *admin) NodeIssuingCertInstall(ctx context.Context, r *api.IssuingCertRe
 			a.log.Warn("following the root rotation before staging failed", "err", err)
 		}
 		return a.renew.stage(ctx, cert, func(ctx context.Context, p state.NodeCAStage) error {
+			if a.rotation != nil {
+				// This node's lifetimes, which the switch waits for
+				// whichever node proposes it.
+				p.MaxTTL = a.rotation.maxSignedLife()
+			}
 			_, err := write[api.Empty](ctx, a, state.CmdNodeCAStage, p)
 			return err
 		}, func(err error) error { return refuse(codes.FailedPrecondition, err) })

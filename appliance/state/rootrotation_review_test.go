@@ -191,3 +191,38 @@ func TestAttackJobRejoinLosesBundleAck(t *testing.T) {
 		t.Fatalf("the job agent's acknowledgement was lost in its renewal: %d pending (%s)", n, pending[0].ID)
 	}
 }
+
+// TestRootRotationStagedLifetimes: the lifetime the switch (and a
+// rollback from switched) waits for is the largest of the proposer's and
+// those the nodes staged with, whichever node proposes; a staged lifetime
+// out of bounds is refused.
+func TestRootRotationStagedLifetimes(t *testing.T) {
+	f := newRotationFixture(t)
+	if _, err := f.admin(t0, CmdRootAdd, RootAdd{Root: f.new.root.Raw}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := f.as("node-1", admin, t0, CmdNodeCAStage, NodeCAStage{Cert: f.new.nodes["node-1"].Raw, MaxTTL: 2 * maxPhaseTTL})
+	wantRefused(t, "a staged lifetime of two years", err, "max_ttl")
+	if _, err := f.as("node-1", admin, t0, CmdNodeCAStage, NodeCAStage{Cert: f.new.nodes["node-1"].Raw, MaxTTL: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.as("node-2", admin, t0, CmdNodeCAStage, NodeCAStage{Cert: f.new.nodes["node-2"].Raw, MaxTTL: 7 * 24 * time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	at := t0.Add(time.Minute)
+	if _, err := f.admin(at, CmdRootSwitch, RootPhase{Members: members, MaxTTL: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.a.fsm.RootRotation().RetireAfter; !got.Equal(at.Add(7 * 24 * time.Hour)) {
+		t.Fatalf("retire_after %s, want the switch + node-2's 7 days", got)
+	}
+	_, err = f.admin(at.Add(2*time.Hour), CmdRootRetire, RootPhase{Members: members, MaxTTL: time.Hour})
+	wantRefused(t, "retire after the proposer's lifetime only", err, "may be valid until")
+	back := t0.Add(time.Hour)
+	if _, err := f.admin(back, CmdRootRollback, RootPhase{Members: members, MaxTTL: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.a.fsm.RootRotation().NewSignedUntil; !got.Equal(back.Add(7 * 24 * time.Hour)) {
+		t.Fatalf("new_signed_until %s, want the rollback + node-2's 7 days", got)
+	}
+}
