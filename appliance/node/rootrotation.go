@@ -168,6 +168,18 @@ func (r *issuingRenewal) follow(ctx context.Context) error {
 		if err := r.swap(ctx, prev, "the rotation rolled back: new SVIDs chain to the old root again"); err != nil {
 			return err
 		}
+	case (rot == nil || rot.Phase == state.PhaseRetired) && !slices.ContainsFunc(roots, func(root *x509.Certificate) bool { return signedBy(iss, root) }):
+		// Under none of the bundle's roots in any other phase (retired,
+		// or none after a rollback): a node restarted with stale kept
+		// roots picked a certificate under a root the cluster dropped.
+		// Go back to the one it kept under a bundle root.
+		c, err := r.underBundle(roots)
+		if err != nil {
+			return fmt.Errorf("this node's issuing certificate (serial %x) is under none of the trust bundle's roots, and neither is a certificate it kept: %w", iss.SerialNumber, err)
+		}
+		if err := r.swap(ctx, c, "the issuing certificate was under none of the trust bundle's roots"); err != nil {
+			return err
+		}
 	}
 	if !sameCerts(r.auth.Roots(), roots) {
 		if err := r.auth.SetRoots(roots); err != nil {
@@ -225,6 +237,36 @@ func (r *issuingRenewal) beforeSwitch(roots []*x509.Certificate, rot *state.Root
 			return c, nil
 		}
 		problems = append(problems, path+": "+err.Error())
+	}
+	return nil, errors.New(strings.Join(problems, "; "))
+}
+
+// underBundle is a certificate this node kept (issuing/current.pem,
+// issuing/previous.pem, then the configured issuing-cert) that one of the
+// bundle's roots signed and that it can sign with now.
+func (r *issuingRenewal) underBundle(roots []*x509.Certificate) (*x509.Certificate, error) {
+	var problems []string
+	for _, path := range []string{filepath.Join(r.dir, installedIssuingName), filepath.Join(r.dir, installedPreviousName), r.configured} {
+		if path == "" {
+			continue
+		}
+		if _, err := os.Lstat(path); errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		c, err := pemfile.ReadCert(path)
+		if err == nil && !slices.ContainsFunc(roots, func(root *x509.Certificate) bool { return signedBy(c, root) }) {
+			err = errors.New("not under a bundle root")
+		}
+		if err == nil {
+			err = r.auth.CheckNext(c)
+		}
+		if err == nil {
+			return c, nil
+		}
+		problems = append(problems, path+": "+err.Error())
+	}
+	if len(problems) == 0 {
+		return nil, errors.New("no certificate kept")
 	}
 	return nil, errors.New(strings.Join(problems, "; "))
 }

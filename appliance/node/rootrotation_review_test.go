@@ -3,6 +3,7 @@ package node_test
 import (
 	"context"
 	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -56,4 +57,68 @@ func TestAttackRetireAfterFromProposerConfigOnly(t *testing.T) {
 		t.Fatalf("retire allowed after %s, %s after the switch: node-2 signed agent SVIDs under the old root valid for %s until the switch",
 			st.RetireAfter.UTC().Format(time.RFC3339), time.Until(st.RetireAfter).Round(time.Minute), longTTL)
 	}
+}
+
+// TestRestartAfterRetireWithStaleKeptRoots: a node that stopped after it
+// applied the retire but before it rewrote roots.pem (a crash in between,
+// or a failed write, which follow only logs) starts with the roots it kept
+// before (old and new). Its switched certificate expires before its
+// configured one, so startIssuing picks the configured one, under the
+// retired root; follow() swaps certificates only in phases switched and
+// added, so the retired node went on signing under the retired root and
+// could never narrow its roots to the bundle's (SetRoots refuses a set
+// its certificate does not chain to), retrying forever.
+func TestRestartAfterRetireWithStaleKeptRoots(t *testing.T) {
+	tr := clustertest.NewTrust(t, "rs", []string{"node-1"}, nil)
+	newRootPath, newRoot := tr.NewRoot(t, "root2", "3y")
+	c := clustertest.NewClusterWith(t, tr, func(cfg *node.Config) {
+		cfg.Bundle.RefreshHint = node.Duration{Duration: time.Second}
+	}, "node-1")
+	ctx := context.Background()
+	rootPEM, err := os.ReadFile(newRootPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.LocalAdmin("node-1").RootRotate(ctx, &api.RootRotateRequest{Phase: "add", Root: rootPEM}); err != nil {
+		t.Fatalf("add: %v", err)
+	}
+	path, switched := tr.SignIssuingBy(t, "node-1", "300d", "root2", newRootPath) // the configured one is valid 1y
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r, err := c.LocalAdmin("node-1").NodeIssuingCertInstall(ctx, &api.IssuingCertRequest{PEM: b}); err != nil || !r.Staged {
+		t.Fatalf("stage: %+v %v", r, err)
+	}
+	if _, err := c.LocalAdmin("node-1").RootRotate(ctx, &api.RootRotateRequest{Phase: "switch", Force: true}); err != nil {
+		t.Fatalf("switch: %v", err)
+	}
+	clustertest.Eventually(t, 15*time.Second, "node-1's CA recorded under the new root", func() bool {
+		st, err := c.LocalAdmin("node-1").RootRotation(ctx, &api.Empty{})
+		return err == nil && len(st.NodesNotStaged) == 0
+	})
+	// roots.pem as it was before the retire.
+	kept, err := os.ReadFile(filepath.Join(c.ConfigOf("node-1").DataDir, "roots.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.LocalAdmin("node-1").RootRotate(ctx, &api.RootRotateRequest{Phase: "retire", Force: true}); err != nil {
+		t.Fatalf("retire: %v", err)
+	}
+	c.Stop("node-1")
+	if err := os.WriteFile(filepath.Join(c.ConfigOf("node-1").DataDir, "roots.pem"), kept, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c.Start("node-1")
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		a := c.Node("node-1").Authority()
+		if roots := a.Roots(); a.Issuing().Equal(switched) && len(roots) == 1 && roots[0].Equal(newRoot) {
+			return
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	a := c.Node("node-1").Authority()
+	t.Fatalf("after the restart node-1 signs with serial %x (the switched one is %x) and trusts %d roots, not the bundle's new root alone",
+		a.Issuing().SerialNumber, switched.SerialNumber, len(a.Roots()))
 }
