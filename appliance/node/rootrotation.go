@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -594,12 +595,86 @@ func (s *agentSvc) BundleAck(ctx context.Context, r *api.BundleAckRequest) (*api
 	if a.BundleAck >= rot.Sequence {
 		return &api.Empty{}, nil
 	}
+	// Calls of one agent at once (a retry racing the first, or an agent
+	// flooding) wait for the one being committed instead of each
+	// proposing a command of its own.
+	release, done, err := s.acks.enter(ctx, a.ID, rot.Sequence)
+	if err != nil {
+		return nil, status.FromContextError(err).Err()
+	}
+	if done {
+		return &api.Empty{}, nil
+	}
+	recorded := false
+	defer func() { release(recorded) }()
+	if cur, ok := s.state.Agent(a.ID); ok && cur.BundleAck >= rot.Sequence {
+		recorded = true
+		return &api.Empty{}, nil
+	}
 	if _, err := s.issuer.apply.apply(ctx, s.issuer.actor, state.CmdBundleAck, state.BundleAck{Agent: a.ID, Sequence: r.Sequence}); err != nil {
 		if refused(err) {
+			recorded = true
 			return &api.Empty{}, nil // acknowledged meanwhile (a retry, or another node)
 		}
 		s.issuer.log.Warn("bundle acknowledgement not recorded", "agent", a.ID, "sequence", r.Sequence, "err", err)
 		return nil, errNoCommit()
 	}
+	recorded = true
 	return &api.Empty{}, nil
+}
+
+// ackGate lets one acknowledgement of each agent at a time be proposed
+// through this node, and remembers the agents whose acknowledgement of
+// the rotation's current phase it committed (or saw refused), so that a
+// later call does not propose again before the replica shows it. Its
+// zero value is ready; what it holds is bounded by the agents that
+// acknowledged the current phase through this node.
+type ackGate struct {
+	mu    sync.Mutex
+	busy  map[string]chan struct{}
+	phase uint64 // the rotation sequence acked is of
+	acked map[string]bool
+}
+
+// enter waits until no acknowledgement of agent is being committed here.
+// done: one of phase was recorded already. Otherwise release must be
+// called with whether this call's was.
+func (g *ackGate) enter(ctx context.Context, agent string, phase uint64) (release func(bool), done bool, err error) {
+	for {
+		g.mu.Lock()
+		if g.phase != phase {
+			g.phase, g.acked = phase, nil
+		}
+		if g.acked[agent] {
+			g.mu.Unlock()
+			return nil, true, nil
+		}
+		wait, busy := g.busy[agent]
+		if !busy {
+			ch := make(chan struct{})
+			if g.busy == nil {
+				g.busy = map[string]chan struct{}{}
+			}
+			g.busy[agent] = ch
+			g.mu.Unlock()
+			return func(recorded bool) {
+				g.mu.Lock()
+				delete(g.busy, agent)
+				if recorded && g.phase == phase {
+					if g.acked == nil {
+						g.acked = map[string]bool{}
+					}
+					g.acked[agent] = true
+				}
+				g.mu.Unlock()
+				close(ch)
+			}, false, nil
+		}
+		g.mu.Unlock()
+		select {
+		case <-wait:
+		case <-ctx.Done():
+			return nil, false, ctx.Err()
+		}
+	}
 }

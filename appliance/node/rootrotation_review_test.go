@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -121,4 +122,44 @@ func TestRestartAfterRetireWithStaleKeptRoots(t *testing.T) {
 	a := c.Node("node-1").Authority()
 	t.Fatalf("after the restart node-1 signs with serial %x (the switched one is %x) and trusts %d roots, not the bundle's new root alone",
 		a.Issuing().SerialNumber, switched.SerialNumber, len(a.Roots()))
+}
+
+// TestAttackBundleAckFlood: an agent's acknowledgement is meant to cost
+// at most one commit per rotation phase, but the node checked the
+// replica's record before proposing and nothing held concurrent calls of
+// one agent back: an agent (compromised, or a bug) sending its
+// acknowledgement many times at once got each proposed, a raft entry
+// (fsynced on every node) apiece, all but one refused at apply.
+func TestAttackBundleAckFlood(t *testing.T) {
+	tr := clustertest.NewTrust(t, "af", []string{"node-1", "node-2", "node-3"}, nil)
+	newRootPath, _ := tr.NewRoot(t, "root2", "3y")
+	ic := newIssuerOn(t, tr, nil)
+	c := ic.c
+	ctx := context.Background()
+	rootPEM, err := os.ReadFile(newRootPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leader := c.WaitLeader(10 * time.Second)
+	st, err := c.Admin(leader).RootRotate(ctx, &api.RootRotateRequest{Phase: "add", Root: rootPEM})
+	if err != nil {
+		t.Fatalf("add: %v", err)
+	}
+	ag := ic.agent(t, "node-2")
+	time.Sleep(time.Second) // let background commands settle
+	before := c.Node(leader).State().Index()
+	const burst = 64
+	var wg sync.WaitGroup
+	for range burst {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, _ = ag.BundleAck(ctx, &api.BundleAckRequest{Sequence: st.Sequence})
+		}()
+	}
+	wg.Wait()
+	time.Sleep(time.Second)
+	if n := c.Node(leader).State().Index() - before; n > 5 {
+		t.Fatalf("%d acknowledgements sent at once made %d raft entries; want one (at most a few background ones besides)", burst, n)
+	}
 }
