@@ -140,8 +140,13 @@ func (r *issuingRenewal) follow(ctx context.Context) error {
 	}
 	// Widen first (never drop a root the current certificate needs before
 	// the swap), swap, then narrow to the bundle's.
+	// A root of the current set that is no longer valid (an old root
+	// still listed in root-certs after it expired) is not carried into
+	// the wider set: SetRoots refuses a set holding one, which would fail
+	// every follow and keep the node from ever trusting a new root.
 	cur := r.auth.Roots()
-	if wide := startRoots(cur, roots); !sameCerts(wide, cur) {
+	valid := slices.DeleteFunc(slices.Clone(cur), func(c *x509.Certificate) bool { return now.After(c.NotAfter) || now.Before(c.NotBefore) })
+	if wide := startRoots(valid, roots); !sameCerts(wide, cur) {
 		if err := r.auth.SetRoots(wide); err != nil {
 			return fmt.Errorf("trust the bundle's roots: %w", err)
 		}
