@@ -2,6 +2,7 @@ package node_test
 
 import (
 	"context"
+	"crypto/x509"
 	"os"
 	"path/filepath"
 	"sync"
@@ -161,5 +162,71 @@ func TestAttackBundleAckFlood(t *testing.T) {
 	time.Sleep(time.Second)
 	if n := c.Node(leader).State().Index() - before; n > 5 {
 		t.Fatalf("%d acknowledgements sent at once made %d raft entries; want one (at most a few background ones besides)", burst, n)
+	}
+}
+
+// TestRollbackPastAddAfterSwitchOnNode: the rollback past add after a
+// switch, on a running node: refused while the node's recorded CA is
+// still under the new root, done once the node is back under the old one
+// (it shows its CA when it swaps back), and the new root's JWT keys leave
+// the bundle with it.
+func TestRollbackPastAddAfterSwitchOnNode(t *testing.T) {
+	tr := clustertest.NewTrust(t, "rb", []string{"node-1"}, nil)
+	newRootPath, newRoot := tr.NewRoot(t, "root2", "3y")
+	c := clustertest.NewClusterWith(t, tr, func(cfg *node.Config) {
+		cfg.Bundle.RefreshHint = node.Duration{Duration: time.Second}
+	}, "node-1")
+	ctx := context.Background()
+	adm := c.LocalAdmin("node-1")
+	rootPEM, err := os.ReadFile(newRootPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := adm.RootRotate(ctx, &api.RootRotateRequest{Phase: "add", Root: rootPEM}); err != nil {
+		t.Fatalf("add: %v", err)
+	}
+	path, _ := tr.SignIssuingBy(t, "node-1", "2y", "root2", newRootPath)
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := adm.NodeIssuingCertInstall(ctx, &api.IssuingCertRequest{PEM: b}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := adm.RootRotate(ctx, &api.RootRotateRequest{Phase: "switch", Force: true}); err != nil {
+		t.Fatalf("switch: %v", err)
+	}
+	underNew := func() bool {
+		for _, r := range c.Node("node-1").State().NodeCAs() {
+			if r.Node == "node-1" {
+				return r.Root == fp(newRoot)
+			}
+		}
+		return false
+	}
+	clustertest.Eventually(t, 15*time.Second, "node-1 recorded under the new root", underNew)
+	jwtUnderNew := func() int {
+		n := 0
+		for _, k := range c.Node("node-1").State().Bundle().JWTKeys {
+			if kc, err := x509.ParseCertificate(k.CA); err == nil && kc.CheckSignatureFrom(newRoot) == nil {
+				n++
+			}
+		}
+		return n
+	}
+	clustertest.Eventually(t, 15*time.Second, "a JWT key under the new root", func() bool { return jwtUnderNew() > 0 })
+	if _, err := adm.RootRotate(ctx, &api.RootRotateRequest{Phase: "rollback"}); err != nil {
+		t.Fatalf("rollback to added: %v", err)
+	}
+	clustertest.Eventually(t, 15*time.Second, "node-1 recorded under the old root again", func() bool { return !underNew() })
+	st, err := adm.RootRotate(ctx, &api.RootRotateRequest{Phase: "rollback", Force: true})
+	if err != nil {
+		t.Fatalf("rollback past add: %v", err)
+	}
+	if st.Phase != "" || len(st.Roots) != 1 || st.Roots[0].SHA256 != fp(tr.Root) {
+		t.Fatalf("status after the rollback past add: %+v", st)
+	}
+	if n := jwtUnderNew(); n != 0 {
+		t.Fatalf("%d JWT keys under the removed root left in the bundle", n)
 	}
 }
