@@ -3,6 +3,7 @@ package state
 import (
 	"bytes"
 	"crypto/x509"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -36,7 +37,7 @@ func switchedFixture(t *testing.T) *rotationFixture {
 	return f
 }
 
-// underRoot reports whether root signed the node CA a JWT key carries.
+// jwtKeysUnder are the KIDs of the JWT keys whose CA root signed.
 func jwtKeysUnder(f *rotationFixture, root *x509.Certificate) []string {
 	var out []string
 	for _, k := range f.a.fsm.Bundle().JWTKeys {
@@ -224,5 +225,32 @@ func TestRootRotationStagedLifetimes(t *testing.T) {
 	}
 	if got := f.a.fsm.RootRotation().NewSignedUntil; !got.Equal(back.Add(7 * 24 * time.Hour)) {
 		t.Fatalf("new_signed_until %s, want the rollback + node-2's 7 days", got)
+	}
+}
+
+// BenchmarkPendingAcks10k is the cost of one PendingAcks over 10,000
+// agents: what every sigilctl ca rotate status (polled every 2 s by a
+// phase command's --wait), every RootRotate and every scrape of
+// sigil_root_rotation_agents_pending pays once any rotation was ever
+// added (the retired phase is kept until the next add).
+func BenchmarkPendingAcks10k(b *testing.B) {
+	a := &applier{fsm: newFSM(b)}
+	for i := range 10000 {
+		a.index++
+		cmd, err := NewCommand(CmdAgentUpsert, nodeActor, t0, AgentUpsert{Agent: Agent{ID: "spiffe://example.org/sigil/agent/tpm/host-" + strconv.Itoa(i),
+			AttestationType: "tpm", SerialNumber: "abcdef0123456789", ExpiresAt: t0.Add(24 * time.Hour),
+			Facts: map[string]string{"ek_hash": strings.Repeat("e", 64), "hostname": "host-" + strconv.Itoa(i)}}})
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := a.fsm.Apply(a.index, origin, cmd); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ResetTimer()
+	for range b.N {
+		if _, n := a.fsm.PendingAcks(5, t0, 0); n != 10000 {
+			b.Fatalf("%d pending", n)
+		}
 	}
 }
