@@ -30,7 +30,7 @@ func fullAgent() state.Agent {
 	return state.Agent{ID: "spiffe://example.org/sigil/agent/a1", AttestationType: "tpm",
 		Facts: map[string]string{"ek_hash": "ab12", "ak_name": "cd34"}, SerialNumber: "0a1b", ExpiresAt: convTime(2),
 		PreviousSerial: "09ff", PreviousUntil: convTime(3),
-		Banned: true, JoinedAt: convTime(0), UpdatedAt: convTime(1), Revision: 7,
+		Banned: true, JoinedAt: convTime(0), UpdatedAt: convTime(1), Revision: 7, BundleAck: 12,
 		Job: &state.JobRun{Rule: "gh", RuleRevision: 3, Run: "1-1", Key: "0123456789abcdef", SPIFFEID: "spiffe://example.org/ci/x", UID: 1000, TTL: 600}}
 }
 
