@@ -440,6 +440,9 @@ func sumMetric(t *testing.T, addr, name string) float64 {
 		if err != nil {
 			t.Fatalf("metric line %q: %v", line, err)
 		}
+		if v != 0 {
+			t.Logf("%s: %s", addr, line) // the labels say which class, when a check on the total fails
+		}
 		total += v
 	}
 	return total
