@@ -62,10 +62,13 @@ type Config struct {
 	// spreads over them instead of loading the first; "listed" starts at
 	// the first listed.
 	ServerOrder string `yaml:"server-order"`
-	// RootCert is the trust domain's root certificate.
+	// RootCert is the trust domain's root certificate: what the agent
+	// trusts until it has applied a trust bundle, whose roots it trusts
+	// from then on (cache.Cache.Roots).
 	RootCert string `yaml:"root-cert"`
-	// DataDir holds agent.key (the TPM-wrapped key blob, 0600) and
-	// agent-svid.pem.
+	// DataDir holds agent.key (the TPM-wrapped key blob, 0600),
+	// agent-svid.pem, and the bundle's roots and root CRLs (roots.pem,
+	// root-crls.pem).
 	DataDir string `yaml:"data-dir"`
 	// TPM is /dev/tpmrm0 on hosts (an swtpm socket in tests).
 	TPM string `yaml:"tpm"`
@@ -261,19 +264,22 @@ func NewInMemory(cfg Config, key crypto.Signer, log *slog.Logger) (*Agent, error
 }
 
 func (a *Agent) init() error {
-	// Root CRLs from the appliance are checked against the configured
-	// roots, never against what a node sends.
+	// Trusted until the agent keeps the roots of a bundle it applied
+	// (cache.Cache.Roots); read once: after that the kept roots are what
+	// the agent trusts.
 	roots, err := pemfile.ReadCerts(a.cfg.RootCert)
 	if err != nil {
 		return fmt.Errorf("root-cert: %w", err)
 	}
 	a.app = &appliance{a: a, idx: a.cfg.firstServer()}
 	a.revoked = make(chan struct{}, 1)
-	crlFile := ""
+	crlFile, rootsFile := "", ""
 	if !a.inMemory {
 		crlFile = filepath.Join(a.cfg.DataDir, "root-crls.pem")
+		rootsFile = filepath.Join(a.cfg.DataDir, "roots.pem")
 	}
-	opts := cache.Options{Log: a.log, Roots: roots, CRLFile: crlFile, OnRevoked: a.onRevoked}
+	opts := cache.Options{Log: a.log, Roots: roots, RootsFile: rootsFile, CRLFile: crlFile, OnRevoked: a.onRevoked,
+		OnRootsChanged: a.app.dropUntrusted}
 	if a.inMemory {
 		// A job agent's workload SVIDs end at its own expiry at the latest.
 		opts.CutAt = func() time.Time {
@@ -549,7 +555,7 @@ func unwrapStatus(err error) error {
 }
 
 func (a *Agent) dial(server string, cur *join.SVID) (*api.JoinClient, func(), error) {
-	cfg := api.DialConfig{Addr: server, RootFile: a.cfg.RootCert, Anonymous: cur == nil, VerifyChain: a.cache.CheckChain}
+	cfg := api.DialConfig{Addr: server, Roots: a.cache.Roots, Anonymous: cur == nil, VerifyChain: a.cache.CheckChain}
 	if cur != nil {
 		cfg.Certificate = func() (*tls.Certificate, error) { return cur.TLSCertificate(), nil }
 	}

@@ -1,10 +1,12 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -74,7 +76,7 @@ func (p *appliance) client() (*api.AgentClient, *grpc.ClientConn, error) {
 	if p.conn == nil {
 		srv := p.a.cfg.Servers[p.idx]
 		peer := &atomic.Pointer[[]*x509.Certificate]{}
-		conn, err := api.Dial(api.DialConfig{Addr: srv, RootFile: p.a.cfg.RootCert,
+		conn, err := api.Dial(api.DialConfig{Addr: srv, Roots: p.a.cache.Roots,
 			Certificate: func() (*tls.Certificate, error) {
 				s := p.a.SVID()
 				if s == nil {
@@ -224,6 +226,32 @@ func (p *appliance) dropRevoked() {
 	}
 }
 
+// dropUntrusted closes the connection when the chain its server presented
+// ends at a root the agent no longer trusts (a retired root): the
+// established connection is not verified again, and the next call
+// handshakes against the roots of now. It stays on the server, which
+// presents a certificate under the new root by then.
+func (p *appliance) dropUntrusted() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.conn == nil || p.peer == nil {
+		return
+	}
+	ch := p.peer.Load()
+	if ch == nil || len(*ch) == 0 {
+		return
+	}
+	root := (*ch)[len(*ch)-1]
+	if slices.ContainsFunc(p.a.cache.Roots(), func(r *x509.Certificate) bool { return bytes.Equal(r.Raw, root.Raw) }) {
+		return
+	}
+	// Info: a root rotation's retire does this on every agent.
+	p.a.log.Info("appliance server's chain ends at a root no longer trusted; reconnecting", "server", p.a.cfg.Servers[p.connIdx],
+		"root", root.Subject.String())
+	_ = p.conn.Close() // fails only when already closed
+	p.conn = nil
+}
+
 func (p *appliance) close() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -262,6 +290,12 @@ func (p *appliance) SignX509SVIDs(ctx context.Context, r *api.X509SVIDBatch) (*a
 
 func (p *appliance) SignJWTSVID(ctx context.Context, r *api.JWTSVIDRequest) (*api.JWTSVIDResult, error) {
 	return unaryCall(ctx, p, (*api.AgentClient).SignJWTSVID, r)
+}
+
+// BundleAck tells the appliance the agent applied a trust bundle (the
+// cache calls it once per bundle change).
+func (p *appliance) BundleAck(ctx context.Context, r *api.BundleAckRequest) (*api.Empty, error) {
+	return unaryCall(ctx, p, (*api.AgentClient).BundleAck, r)
 }
 
 // RunEnd ends a job agent's run (an in-memory agent joined by a job join):

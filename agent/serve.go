@@ -137,6 +137,9 @@ func (a *Agent) healthHandler(srv *workload.Server) http.Handler {
 		}
 		return 0
 	})
+	gauge("sigil_agent_bundle_acked_sequence", "The last trust bundle sequence the appliance took this agent's acknowledgement of (0: none since the agent started).", func() float64 {
+		return float64(cs.BundleAcked.Load())
+	})
 	gauge("sigil_agent_banned", "1 while the appliance refuses this agent as banned (an operator must unban it).", func() float64 {
 		if a.app.bannedReason() != "" {
 			return 1

@@ -38,6 +38,7 @@ type Appliance interface {
 	SignX509SVIDs(context.Context, *api.X509SVIDBatch) (*api.X509SVIDBatchResult, error)
 	SignJWTSVID(context.Context, *api.JWTSVIDRequest) (*api.JWTSVIDResult, error)
 	Sync(context.Context, *api.SyncRequest) (grpc.ServerStreamingClient[api.SyncUpdate], error)
+	BundleAck(context.Context, *api.BundleAckRequest) (*api.Empty, error)
 }
 
 // SVID is one workload X.509-SVID with its private key.
@@ -135,9 +136,16 @@ type Options struct {
 	MaxBackoff time.Duration
 	// MaxJWTs caps cached JWT-SVIDs (default 4096).
 	MaxJWTs int
-	// Roots are the trust domain roots the agent was configured with:
-	// root CRLs from the appliance must verify against them (crl.go).
+	// Roots are the trust domain roots the agent was configured with,
+	// trusted until it keeps the roots of an applied bundle (roots.go).
 	Roots []*x509.Certificate
+	// RootsFile keeps the roots of the last bundle applied across
+	// restarts ("": kept in memory only).
+	RootsFile string
+	// OnRootsChanged is called (outside the cache's locks) when the
+	// trusted roots changed: a connection verified against a root no
+	// longer trusted is to be left.
+	OnRootsChanged func()
 	// CRLFile persists the verified root CRLs ("": kept in memory only).
 	CRLFile string
 	// OnRevoked is called (outside the cache's locks) when a root CRL
@@ -159,6 +167,9 @@ type Stats struct {
 	JWTsSigned   atomic.Int64
 	JWTFailures  atomic.Int64
 	Connected    atomic.Bool // the sync stream is up
+	// BundleAcked is the last bundle sequence the appliance took this
+	// process's acknowledgement of (0: none yet).
+	BundleAcked atomic.Uint64
 }
 
 // Cache holds the agent's entries, bundle and workload SVIDs.
@@ -184,6 +195,15 @@ type Cache struct {
 
 	fedMu      sync.Mutex
 	fedSkipped map[[32]byte]bool // federated bundles dropped and logged (federated.go)
+
+	roots        atomic.Pointer[rootSet]
+	rootsMu      sync.Mutex // serializes root changes and their file
+	rootsSaved   bool       // the file holds the trusted roots; guarded by rootsMu
+	rootsRefused [32]byte   // the last roots refused and logged; guarded by rootsMu
+
+	ackMu   sync.Mutex
+	ackable ackTarget // the latest bundle applied with its roots kept; guarded by ackMu
+	ackKick chan struct{}
 }
 
 type jwtItem struct {
@@ -215,7 +235,9 @@ func New(app Appliance, opts Options) *Cache {
 
 		crlSkipped: map[[32]byte]bool{},
 		fedSkipped: map[[32]byte]bool{},
+		ackKick:    make(chan struct{}, 1),
 	}
+	c.loadRoots()
 	c.loadCRLs()
 	c.snap.RootCRLs = c.RootCRLs()
 	return c
@@ -262,9 +284,10 @@ func (c *Cache) wake() {
 // Run syncs and rotates until ctx ends.
 func (c *Cache) Run(ctx context.Context) {
 	var wg sync.WaitGroup
-	wg.Add(2)
+	wg.Add(3)
 	go func() { defer wg.Done(); c.syncLoop(ctx) }()
 	go func() { defer wg.Done(); c.rotateLoop(ctx) }()
+	go func() { defer wg.Done(); c.ackLoop(ctx) }()
 	wg.Wait()
 }
 
@@ -345,8 +368,11 @@ func (c *Cache) apply(u *api.SyncUpdate) error {
 	if len(b.X509Authorities()) == 0 {
 		return errors.New("bundle has no X.509 authorities")
 	}
+	// The roots before the CRLs: a CRL of a root this update adds is
+	// checked against it.
+	rootsKept := c.keepRoots(td, u.Bundle.Roots, b)
 	// A CRL the agent cannot verify is skipped, never the update: a node
-	// (or a root missing from the agent's root file) must not be able to
+	// (or a root the agent does not trust yet) must not be able to
 	// keep entries, bundle changes and the other CRLs from the agent.
 	revokedMore := c.addCRLs(u.Bundle.RootCRLs)
 	crls := c.RootCRLs()
@@ -391,6 +417,12 @@ func (c *Cache) apply(u *api.SyncUpdate) error {
 	})
 	c.log.Debug("appliance view applied", "revision", u.Revision, "entries", len(entries), "bundle_sequence", u.Bundle.Sequence, "federated", len(u.Federated))
 	c.wake()
+	// Only now, with the roots on disk and the workload streams woken
+	// with the bundle (update closed their channel), may the appliance be
+	// told that this agent applied it.
+	if rootsKept {
+		c.bundleApplied(u.Bundle.Sequence)
+	}
 	if revokedMore && c.opts.OnRevoked != nil {
 		c.opts.OnRevoked()
 	}

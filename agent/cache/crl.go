@@ -11,15 +11,15 @@ import (
 	"maps"
 	"math/big"
 	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 )
 
 // Root CRLs revoke node issuing CAs (the root ceremony signs them). The
 // appliance sends them in the sync stream; the cache checks each against
-// the roots the agent was configured with (never against the bundle the
-// node sent, so a node cannot forge one), keeps the newest CRL of each
+// the roots the agent trusts (Cache.Roots: the bundle roots it kept from
+// an earlier update or this one, else its configured ones; never against
+// a root the CRL itself brings), keeps the newest CRL of each
 // root (a node cannot roll a newer one back), persists them beside the
 // agent's identity, and refuses every chain that holds a certificate they
 // list: appliance nodes (Dial's VerifyChain), its own SVID and the
@@ -65,7 +65,7 @@ func rootFingerprint(root *x509.Certificate) string {
 	return hex.EncodeToString(sum[:])
 }
 
-// verifyCRL checks a CRL against the configured roots and returns it with
+// verifyCRL checks a CRL against the trusted roots and returns it with
 // the fingerprint of the root whose key signed it.
 func verifyCRL(der []byte, roots []*x509.Certificate) (*x509.RevocationList, string, error) {
 	if len(der) > maxRootCRL {
@@ -83,7 +83,7 @@ func verifyCRL(der []byte, roots []*x509.Certificate) (*x509.RevocationList, str
 			return crl, rootFingerprint(r), nil
 		}
 	}
-	return nil, "", fmt.Errorf("root CRL number %s issued by %q is not signed by a configured root (a forgery, or a root missing from the agent's root file)", crl.Number, crl.Issuer.String())
+	return nil, "", fmt.Errorf("root CRL number %s issued by %q is not signed by a trusted root (a forgery, or a root the agent has not kept yet)", crl.Number, crl.Issuer.String())
 }
 
 // merge returns the set with the given CRLs added (each replacing an older
@@ -169,6 +169,32 @@ func (s *crlSet) revokedSet() map[string]struct{} {
 	return s.revoked
 }
 
+// only returns the set without the CRLs of roots not among roots (s
+// itself when it has none).
+func (s *crlSet) only(roots []*x509.Certificate) *crlSet {
+	if s == nil {
+		return nil
+	}
+	keep := map[string]bool{}
+	for _, r := range roots {
+		keep[rootFingerprint(r)] = true
+	}
+	if !slices.ContainsFunc(slices.Collect(maps.Keys(s.byRoot)), func(fp string) bool { return !keep[fp] }) {
+		return s
+	}
+	next := &crlSet{byRoot: map[string]*x509.RevocationList{}, der: map[string][]byte{}, sums: map[[32]byte]bool{}, revoked: map[string]struct{}{}}
+	for fp, crl := range s.byRoot {
+		if !keep[fp] {
+			continue
+		}
+		next.byRoot[fp], next.der[fp], next.sums[sha256.Sum256(s.der[fp])] = crl, s.der[fp], true
+		for _, e := range crl.RevokedCertificateEntries {
+			next.revoked[revokedKey(crl.RawIssuer, e.SerialNumber)] = struct{}{}
+		}
+	}
+	return next
+}
+
 func (s *crlSet) ders() [][]byte {
 	if s == nil {
 		return nil
@@ -212,7 +238,7 @@ func (c *Cache) loadCRLs() {
 	}
 	var set *crlSet
 	for _, der := range ders {
-		next, _, skipped := set.merge([][]byte{der}, c.opts.Roots)
+		next, _, skipped := set.merge([][]byte{der}, c.Roots())
 		for _, sk := range skipped {
 			c.log.Error("stored root CRL ignored", "file", c.opts.CRLFile, "crl_sha256", hex.EncodeToString(sk.sum[:8]), "err", sk.err)
 		}
@@ -233,28 +259,9 @@ func (c *Cache) saveCRLs(set *crlSet) error {
 	for _, der := range set.ders() {
 		b = append(b, pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: der})...)
 	}
-	tmp := c.opts.CRLFile + ".tmp"
-	if err := os.MkdirAll(filepath.Dir(tmp), 0o700); err != nil {
-		return err
-	}
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(b); err != nil {
-		_ = f.Close() // the write error is the one to report
-		return err
-	}
 	// A revocation must survive a crash: a restarted agent must not trust
 	// the revoked node again before it syncs.
-	if err := f.Sync(); err != nil {
-		_ = f.Close() // the sync error is the one to report
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp, c.opts.CRLFile)
+	return writeSynced(c.opts.CRLFile, b)
 }
 
 // addCRLs verifies and adopts the CRLs of a sync update; it reports
@@ -265,15 +272,17 @@ func (c *Cache) addCRLs(ders [][]byte) bool {
 	if len(ders) == 0 {
 		return false
 	}
-	if len(c.opts.Roots) == 0 {
-		c.log.Warn("root CRLs received but no roots are configured to check them; ignored")
+	roots := c.Roots()
+	if len(roots) == 0 {
+		c.log.Warn("root CRLs received but no roots are trusted to check them; ignored")
 		return false
 	}
 	c.crlMu.Lock()
 	defer c.crlMu.Unlock()
 	// A CRL skipped before is skipped again without a new signature
-	// check: the roots are fixed and revocations only grow, so what did
-	// not verify or would undo a revocation stays that way.
+	// check: revocations only grow, so what did not verify or would undo
+	// a revocation stays that way until the trusted roots change
+	// (rootsChanged forgets them).
 	ders = slices.DeleteFunc(slices.Clone(ders), func(der []byte) bool { return c.crlSkipped[sha256.Sum256(der)] })
 	if len(ders) > maxCRLsPerUpdate {
 		// Not remembered as skipped: the next update may order them
@@ -282,7 +291,7 @@ func (c *Cache) addCRLs(ders [][]byte) bool {
 		ders = ders[:maxCRLsPerUpdate]
 	}
 	cur := c.crls.Load()
-	next, grew, skipped := cur.merge(ders, c.opts.Roots)
+	next, grew, skipped := cur.merge(ders, roots)
 	for _, sk := range skipped {
 		if len(c.crlSkipped) >= maxSkippedCRLs {
 			clear(c.crlSkipped)

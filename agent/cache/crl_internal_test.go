@@ -122,7 +122,7 @@ func TestRootCRLsInCache(t *testing.T) {
 			t.Fatalf("%s: revision %d", name, s.Revision)
 		}
 	}
-	if n := strings.Count(logs.String(), "not signed by a configured root"); n != 2 {
+	if n := strings.Count(logs.String(), "not signed by a trusted root"); n != 2 {
 		t.Fatalf("%d log lines for two forged CRLs sent three times each, want 2:\n%s", n, logs.String())
 	}
 	if after, _ := c.Current(); len(after.RootCRLs) != 0 || len(c.RootCRLs()) != 0 || revokedCalls != 0 || after.SVIDs["e1"] != before.SVIDs["e1"] || after.SVIDs["e2"] != before.SVIDs["e2"] {

@@ -120,6 +120,10 @@ func (f *fakeAppliance) SignJWTSVID(context.Context, *api.JWTSVIDRequest) (*api.
 	return nil, errors.New("not in this test")
 }
 
+func (f *fakeAppliance) BundleAck(context.Context, *api.BundleAckRequest) (*api.Empty, error) {
+	return &api.Empty{}, nil
+}
+
 func (f *fakeAppliance) Sync(ctx context.Context, _ *api.SyncRequest) (grpc.ServerStreamingClient[api.SyncUpdate], error) {
 	return syncStream{ctx: ctx, updates: f.updates}, nil
 }

@@ -25,6 +25,11 @@ type DialConfig struct {
 	KeyFile  string // its private key (PEM, must be 0600)
 	RootFile string // the trust domain's root certificate(s)
 	Socket   string // local admin socket; used instead of Addr when set
+	// Roots, when set, replaces RootFile: it is asked at every handshake,
+	// so a long-lived client (the agent, whose roots follow the trust
+	// bundle through a root rotation) verifies each new connection, and
+	// each reconnection of a ClientConn, against the roots of that moment.
+	Roots func() []*x509.Certificate
 	// Certificate, when set, replaces CertFile/KeyFile: for keys that live
 	// in a TPM (the agent's), whose signer is not a file.
 	Certificate func() (*tls.Certificate, error)
@@ -59,7 +64,7 @@ func ClientTLS(certFile, keyFile, rootFile string) (*tls.Config, error) {
 }
 
 func clientTLS(c DialConfig) (*tls.Config, error) {
-	if c.RootFile == "" {
+	if c.RootFile == "" && c.Roots == nil {
 		return nil, errors.New("TLS to a node needs the trust domain's root certificate (--root)")
 	}
 	var getCert func(*tls.CertificateRequestInfo) (*tls.Certificate, error)
@@ -83,11 +88,56 @@ func clientTLS(c DialConfig) (*tls.Config, error) {
 		}
 		getCert = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &cert, nil }
 	}
-	rootFile := c.RootFile
-	roots, err := ReadCerts(rootFile)
+	verify := func(cs tls.ConnectionState, bundle *x509bundle.Bundle) error {
+		td := bundle.TrustDomain()
+		raw := make([][]byte, len(cs.PeerCertificates))
+		for i, c := range cs.PeerCertificates {
+			raw[i] = c.Raw
+		}
+		id, chains, err := x509svid.ParseAndVerify(raw, bundle)
+		if err != nil {
+			return fmt.Errorf("server is not a node of %s: %w", td, err)
+		}
+		if !strings.HasPrefix(id.Path(), "/sigil/node/") {
+			return fmt.Errorf("server identity %s is not a Sigil node", id)
+		}
+		if c.VerifyChain != nil {
+			if err := c.VerifyChain(chains); err != nil {
+				return fmt.Errorf("server %s refused: %w", id, err)
+			}
+		}
+		return nil
+	}
+	cfg := &tls.Config{
+		MinVersion:           tls.VersionTLS13,
+		GetClientCertificate: getCert,
+		InsecureSkipVerify:   true, // verified in VerifyConnection by SPIFFE ID, not host name
+	}
+	if c.Roots != nil {
+		cfg.VerifyConnection = func(cs tls.ConnectionState) error {
+			bundle, err := rootBundle(c.Roots(), "the trusted roots")
+			if err != nil {
+				return err
+			}
+			return verify(cs, bundle)
+		}
+		return cfg, nil
+	}
+	roots, err := ReadCerts(c.RootFile)
 	if err != nil {
 		return nil, err
 	}
+	bundle, err := rootBundle(roots, c.RootFile)
+	if err != nil {
+		return nil, err
+	}
+	cfg.VerifyConnection = func(cs tls.ConnectionState) error { return verify(cs, bundle) }
+	return cfg, nil
+}
+
+// rootBundle is the X.509 bundle of roots, whose trust domain is the one a
+// root names in its URI SAN; name is what errors call the roots.
+func rootBundle(roots []*x509.Certificate, name string) (*x509bundle.Bundle, error) {
 	var td spiffeid.TrustDomain
 	for _, r := range roots {
 		if len(r.URIs) == 1 {
@@ -97,33 +147,12 @@ func clientTLS(c DialConfig) (*tls.Config, error) {
 		}
 	}
 	if td.IsZero() {
-		return nil, fmt.Errorf("%s: root certificate names no SPIFFE trust domain", rootFile)
+		if len(roots) == 0 {
+			return nil, fmt.Errorf("%s: no root certificate", name)
+		}
+		return nil, fmt.Errorf("%s: root certificate names no SPIFFE trust domain", name)
 	}
-	bundle := x509bundle.FromX509Authorities(td, roots)
-	return &tls.Config{
-		MinVersion:           tls.VersionTLS13,
-		GetClientCertificate: getCert,
-		InsecureSkipVerify:   true, // verified below by SPIFFE ID, not host name
-		VerifyConnection: func(cs tls.ConnectionState) error {
-			raw := make([][]byte, len(cs.PeerCertificates))
-			for i, c := range cs.PeerCertificates {
-				raw[i] = c.Raw
-			}
-			id, chains, err := x509svid.ParseAndVerify(raw, bundle)
-			if err != nil {
-				return fmt.Errorf("server is not a node of %s: %w", td, err)
-			}
-			if !strings.HasPrefix(id.Path(), "/sigil/node/") {
-				return fmt.Errorf("server identity %s is not a Sigil node", id)
-			}
-			if c.VerifyChain != nil {
-				if err := c.VerifyChain(chains); err != nil {
-					return fmt.Errorf("server %s refused: %w", id, err)
-				}
-			}
-			return nil
-		},
-	}, nil
+	return x509bundle.FromX509Authorities(td, roots), nil
 }
 
 // ReadCerts reads a file of one or more PEM certificates and nothing

@@ -61,6 +61,9 @@ type Agent struct {
 	JoinedAt        time.Time         `json:"joined_at"`
 	UpdatedAt       time.Time         `json:"updated_at"`
 	Revision        uint64            `json:"revision"`
+	// BundleAck is the highest trust bundle sequence the agent
+	// acknowledged while a root rotation waited for it.
+	BundleAck uint64 `json:"bundle_ack,omitempty"`
 	// SeenBy is the node that answered; LastSeen is when the agent last
 	// called that node (zero: not since it started), and Connected
 	// whether the agent holds a sync stream open to it now. Each node

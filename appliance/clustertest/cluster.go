@@ -293,6 +293,18 @@ func (c *Cluster) Admin(id string) *api.AdminClient {
 	return c.Client(id, c.AdminCert, c.AdminKey)
 }
 
+// LocalAdmin dials a node's local admin socket (root on the node: no
+// certificate, so no root or admin-cert-max-ttl to keep up with).
+func (c *Cluster) LocalAdmin(id string) *api.AdminClient {
+	c.T.Helper()
+	conn, err := api.Dial(api.DialConfig{Socket: c.ConfigOf(id).API.LocalSocket})
+	if err != nil {
+		c.T.Fatal(err)
+	}
+	c.T.Cleanup(func() { _ = conn.Close() }) // the test is over: nothing more goes through it
+	return api.NewAdminClient(conn)
+}
+
 // Client dials a node's API with any credential files.
 func (c *Cluster) Client(id, cert, key string) *api.AdminClient {
 	c.T.Helper()

@@ -91,14 +91,14 @@ func (g *globals) waitRotation(ctx context.Context, c *api.AdminClient, st *api.
 	for {
 		line := pendingLine(st)
 		if line != last {
-			fmt.Fprintf(g.out, "%s  %s\n", time.Now().UTC().Format(time.TimeOnly), line)
+			_, _ = fmt.Fprintf(g.out, "%s  %s\n", time.Now().UTC().Format(time.TimeOnly), line) // g.out keeps its first error for the command's end
 			last = line
 		}
 		if st.AgentsPendingCount == 0 && len(st.NodesNotStaged) == 0 {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			fmt.Fprintf(g.out, "still waiting after %s; see sigilctl ca rotate status\n", wait)
+			_, _ = fmt.Fprintf(g.out, "still waiting after %s; see sigilctl ca rotate status\n", wait) // g.out keeps its first error
 			return nil
 		}
 		select {

@@ -92,6 +92,7 @@ func apiAgent(a state.Agent) api.Agent {
 		JoinedAt:        a.JoinedAt,
 		UpdatedAt:       a.UpdatedAt,
 		Revision:        a.Revision,
+		BundleAck:       a.BundleAck,
 		Job:             apiJobRun(a.Job),
 	}
 }

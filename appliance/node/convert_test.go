@@ -30,7 +30,7 @@ func fullAgent() state.Agent {
 	return state.Agent{ID: "spiffe://example.org/sigil/agent/a1", AttestationType: "tpm",
 		Facts: map[string]string{"ek_hash": "ab12", "ak_name": "cd34"}, SerialNumber: "0a1b", ExpiresAt: convTime(2),
 		PreviousSerial: "09ff", PreviousUntil: convTime(3),
-		Banned: true, JoinedAt: convTime(0), UpdatedAt: convTime(1), Revision: 7,
+		Banned: true, JoinedAt: convTime(0), UpdatedAt: convTime(1), Revision: 7, BundleAck: 5,
 		Job: &state.JobRun{Rule: "gh", RuleRevision: 3, Run: "1-1", Key: "0123456789abcdef", SPIFFEID: "spiffe://example.org/ci/x", UID: 1000, TTL: 600}}
 }
 
@@ -124,7 +124,7 @@ func TestConvertAgentAndBundle(t *testing.T) {
 		view.SeenBy, view.LastSeen, view.Connected = "node-1", convTime(3), true
 		allSet(t, view)
 		want := api.Agent{ID: s.ID, AttestationType: "tpm", Facts: map[string]string{"ek_hash": "ab12", "ak_name": "cd34"},
-			SerialNumber: "0a1b", ExpiresAt: convTime(2), Banned: true, JoinedAt: convTime(0), UpdatedAt: convTime(1), Revision: 7,
+			SerialNumber: "0a1b", ExpiresAt: convTime(2), Banned: true, JoinedAt: convTime(0), UpdatedAt: convTime(1), Revision: 7, BundleAck: 5,
 			Job: &api.JobRun{Rule: "gh", Run: "1-1", SPIFFEID: "spiffe://example.org/ci/x", UID: 1000, TTL: 600}}
 		if !reflect.DeepEqual(got, want) {
 			t.Fatalf("got %+v\nwant %+v", got, want)

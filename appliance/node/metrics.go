@@ -181,6 +181,24 @@ func registerNodeGauges(n *Node, reg *prometheus.Registry) {
 				}
 				return time.Until(first).Seconds()
 			}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sigil_root_rotation_phase",
+			Help: "The root rotation's phase: 0 none, 1 added, 2 switched, 3 retired."},
+			func() float64 {
+				if rot := n.fsm.RootRotation(); rot != nil {
+					return float64(map[string]int{state.PhaseAdded: 1, state.PhaseSwitched: 2, state.PhaseRetired: 3}[rot.Phase])
+				}
+				return 0
+			}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sigil_root_rotation_agents_pending",
+			Help: "Agents that have not acknowledged the bundle sequence the root rotation's last phase committed (0: no rotation)."},
+			func() float64 {
+				rot := n.fsm.RootRotation()
+				if rot == nil {
+					return 0
+				}
+				_, count := n.fsm.PendingAcks(rot.Sequence, time.Now(), 0)
+				return float64(count)
+			}),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sigil_state_bytes",
 			Help: "Size of this node's state database file: entries, agents and the retained audit records, most of it the audit (-1: not readable)."},
 			func() float64 {

@@ -479,10 +479,8 @@ func (a *admin) RootRotation(ctx context.Context, _ *api.Empty) (*api.RootRotati
 
 func (a *admin) rotationStatus() *api.RootRotationStatus {
 	out := &api.RootRotationStatus{}
-	var roots []*x509.Certificate
 	for _, d := range a.state.Bundle().Roots {
 		if c, err := x509.ParseCertificate(d); err == nil {
-			roots = append(roots, c)
 			out.Roots = append(out.Roots, api.RootInfo{SHA256: rootFP(c), Subject: c.Subject.String(), NotAfter: c.NotAfter.UTC()})
 		}
 	}

@@ -360,3 +360,79 @@ func snapshotRoundTrip(t *testing.T, from, to *FSM) {
 		t.Fatal(err)
 	}
 }
+
+// TestAttackRootRotationCraftedCommands: commands a compromised node or a
+// forged log entry could carry are refused and change nothing: a node
+// (not an admin) adding a root or moving a phase; a node staging a
+// certificate naming another node; an acknowledgement for an agent that
+// does not exist; a root of another trust domain; a phase with a lifetime
+// out of bounds; a retired root added back as new.
+func TestAttackRootRotationCraftedCommands(t *testing.T) {
+	f := newRotationFixture(t)
+	ttl := RootPhase{Members: members, MaxTTL: time.Hour}
+	nodeAs := "spiffe://example.org/sigil/node/node-1"
+	state := func() string {
+		b, err := f.a.fsm.Export()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+	before := state()
+	// Another trust domain's root.
+	other := newRotationPKI(t)
+	u, _ := url.Parse("spiffe://other.test")
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(3), Subject: pkix.Name{CommonName: "other"}, NotBefore: t0.Add(-time.Hour),
+		NotAfter: t0.Add(3 * 365 * 24 * time.Hour), IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign, URIs: []*url.URL{u}}
+	otherDER, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &other.rootKey.PublicKey, other.rootKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, tc := range map[string]struct {
+		node, actor string
+		typ         string
+		payload     any
+		want        string
+	}{
+		"a node adding a root":     {"node-1", nodeAs, CmdRootAdd, RootAdd{Root: f.new.root.Raw}, "admin"},
+		"a node switching":         {"node-1", nodeAs, CmdRootSwitch, ttl, "admin"},
+		"a root of another domain": {"node-1", admin, CmdRootAdd, RootAdd{Root: otherDER}, "not a root of spiffe://example.org"},
+		"an admin acknowledging":   {"node-1", admin, CmdBundleAck, BundleAck{Agent: "spiffe://example.org/sigil/agent/join/a1", Sequence: 2}, ""},
+	} {
+		_, err := f.as(tc.node, tc.actor, t0, tc.typ, tc.payload)
+		if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v, want a refusal containing %q", name, err, tc.want)
+		}
+	}
+	if _, err := f.admin(t0, CmdRootAdd, RootAdd{Root: f.new.root.Raw}); err != nil {
+		t.Fatal(err)
+	}
+	mid := state()
+	for name, tc := range map[string]struct {
+		node    string
+		typ     string
+		payload any
+		want    string
+	}{
+		"node-2 staging node-1's certificate": {"node-2", CmdNodeCAStage, NodeCAStage{Cert: f.new.nodes["node-1"].Raw}, "not an issuing CA of node node-2"},
+		"an unknown agent's ack":              {"node-1", CmdBundleAck, BundleAck{Agent: "spiffe://example.org/sigil/agent/join/ghost", Sequence: f.a.fsm.Bundle().Sequence}, "not registered"},
+		"a switch with no lifetime":           {"node-1", CmdRootSwitch, RootPhase{Members: members}, "max_ttl"},
+		"a switch with a lifetime of years":   {"node-1", CmdRootSwitch, RootPhase{Members: members, MaxTTL: 5 * 365 * 24 * time.Hour}, "max_ttl"},
+		"a switch naming no members":          {"node-1", CmdRootSwitch, RootPhase{MaxTTL: time.Hour}, "no member"},
+	} {
+		actor := admin
+		if tc.typ == CmdBundleAck {
+			actor = "spiffe://example.org/sigil/node/" + tc.node
+		}
+		_, err := f.as(tc.node, actor, t0, tc.typ, tc.payload)
+		if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v, want a refusal containing %q", name, err, tc.want)
+		}
+	}
+	if state() != mid {
+		t.Fatal("refused rotation commands changed the state")
+	}
+	if before == mid {
+		t.Fatal("the add changed nothing: the comparisons above prove nothing")
+	}
+}
