@@ -63,8 +63,8 @@ type rotWant struct {
 	phase string // "" before any rotation
 	roots []*x509.Certificate
 	// signing is the root that new SVIDs and the nodes' TLS chains are
-	// under; other is the one they must not verify with.
-	signing, other *x509.Certificate
+	// under (and verify with, the other root alone not).
+	signing *x509.Certificate
 	// staged (phase added) are the nodes with a certificate staged under
 	// the new root.
 	staged []string
@@ -135,18 +135,18 @@ func (s *suite) rootRotation(t *testing.T, ag *agentProc) {
 	if st, err := s.admin[s.leader("")].RootRotation(ctx, &api.Empty{}); err != nil || st.Phase != "" {
 		t.Fatalf("before the rotation: %+v %v", st, err)
 	}
-	before := rotWant{roots: []*x509.Certificate{r.oldRoot}, signing: r.oldRoot, other: newRoot}
+	before := rotWant{roots: []*x509.Certificate{r.oldRoot}, signing: r.oldRoot}
 	if why := s.rotConvergedAll(r, before); why != "" {
 		t.Fatalf("before the rotation the nodes disagree: %s", why)
 	}
 	s.row(rotSc, "new root (ceremony), 3 certificates under it", fmt.Sprintf("%.16s, made in %v", certFP(newRoot), time.Since(began).Round(100*time.Millisecond)))
 
-	added := rotWant{phase: "added", roots: []*x509.Certificate{r.oldRoot, newRoot}, signing: r.oldRoot, other: newRoot}
+	added := rotWant{phase: "added", roots: []*x509.Certificate{r.oldRoot, newRoot}, signing: r.oldRoot}
 	rootPEM, err := os.ReadFile(newRootPath)
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.rotStep(t, r, ag, rotStep{name: "add", delay: 0,
+	s.rotStep(t, r, rotStep{name: "add", delay: 0,
 		call: func(ctx context.Context, c *api.AdminClient) error {
 			_, err := c.RootRotate(ctx, &api.RootRotateRequest{Phase: "add", Root: rootPEM})
 			return err
@@ -162,7 +162,7 @@ func (s *suite) rootRotation(t *testing.T, ag *agentProc) {
 	for k, id := range ids {
 		w := added
 		w.staged = slices.Clone(ids[:k+1])
-		s.rotStep(t, r, ag, rotStep{name: "stage " + id, node: id, delay: []time.Duration{3 * time.Millisecond, 0, 20 * time.Millisecond}[k],
+		s.rotStep(t, r, rotStep{name: "stage " + id, node: id, delay: []time.Duration{3 * time.Millisecond, 0, 20 * time.Millisecond}[k],
 			call: func(ctx context.Context, c *api.AdminClient) error {
 				_, err := c.NodeIssuingCertInstall(ctx, &api.IssuingCertRequest{PEM: r.stagedPEM[id]})
 				return err
@@ -173,12 +173,12 @@ func (s *suite) rootRotation(t *testing.T, ag *agentProc) {
 			want: w})
 	}
 
-	switched := rotWant{phase: "switched", roots: []*x509.Certificate{r.oldRoot, newRoot}, signing: newRoot, other: r.oldRoot}
+	switched := rotWant{phase: "switched", roots: []*x509.Certificate{r.oldRoot, newRoot}, signing: newRoot}
 	rolledBack := added
 	rolledBack.staged = ids
-	s.rotStep(t, r, ag, s.switchStep(t, r, "switch", 2*time.Millisecond, switched))
+	s.rotStep(t, r, s.switchStep(t, r, "switch", 2*time.Millisecond, switched))
 	s.ackLoadAgent(t)
-	s.rotStep(t, r, ag, rotStep{name: "rollback", delay: 8 * time.Millisecond,
+	s.rotStep(t, r, rotStep{name: "rollback", delay: 8 * time.Millisecond,
 		call: func(ctx context.Context, c *api.AdminClient) error {
 			_, err := c.RootRotate(ctx, &api.RootRotateRequest{Phase: "rollback"})
 			return err
@@ -186,7 +186,7 @@ func (s *suite) rootRotation(t *testing.T, ag *agentProc) {
 		committed: func(st *api.RootRotationStatus) bool { return st.Phase == "added" },
 		want:      rolledBack})
 	s.ackLoadAgent(t)
-	s.rotStep(t, r, ag, s.switchStep(t, r, "switch again", 40*time.Millisecond, switched))
+	s.rotStep(t, r, s.switchStep(t, r, "switch again", 40*time.Millisecond, switched))
 	s.ackLoadAgent(t)
 
 	// Before the retire, everything this process presents moves to the new
@@ -197,9 +197,9 @@ func (s *suite) rootRotation(t *testing.T, ag *agentProc) {
 	r.cred = r.newCred
 	s.redialAdmins(t, r.bothFile, r.cred)
 	s.redialAgents(t, r.bothFile)
-	retired := rotWant{phase: "retired", roots: []*x509.Certificate{newRoot}, signing: newRoot, other: r.oldRoot}
+	retired := rotWant{phase: "retired", roots: []*x509.Certificate{newRoot}, signing: newRoot}
 	r.forced = append(r.forced, "retire (what the old chain signed may be valid for 24 h: admin certificates)")
-	s.rotStep(t, r, ag, rotStep{name: "retire (forced)", delay: 5 * time.Millisecond,
+	s.rotStep(t, r, rotStep{name: "retire (forced)", delay: 5 * time.Millisecond,
 		call: func(ctx context.Context, c *api.AdminClient) error {
 			_, err := c.RootRotate(ctx, &api.RootRotateRequest{Phase: "retire", Force: true})
 			return err
@@ -278,9 +278,9 @@ func (s *suite) switchStep(t *testing.T, r *rotation, name string, delay time.Du
 // restarts the killed node, repeats the phase if it did not commit, and
 // waits for every node to be where the step wants it, with the suite's
 // load running and the agent's workload watched throughout.
-func (s *suite) rotStep(t *testing.T, r *rotation, ag *agentProc, st rotStep) {
+func (s *suite) rotStep(t *testing.T, r *rotation, st rotStep) {
 	t.Helper()
-	wl := ag.watch()
+	wl := r.ag.watch()
 	// Entry names are the prefix and a count from 1: one prefix per step,
 	// or a step's writes are refused as the same entry again.
 	r.steps++
