@@ -233,7 +233,7 @@ func TestEntryJSONWireNames(t *testing.T) {
 		v    any
 		want string
 	}{
-		{apiAgent(fullAgent()), "id attestation_type facts serial_number expires_at banned job joined_at updated_at revision"},
+		{apiAgent(fullAgent()), "id attestation_type facts serial_number expires_at banned job joined_at updated_at revision bundle_ack"},
 		{*apiAgent(fullAgent()).Job, "rule run spiffe_id uid ttl"},
 		{apiBundle(fullBundle()), "trust_domain roots jwt_keys revoked root_crls sequence"},
 		{apiBundle(fullBundle()).JWTKeys[0], "kid node ca public_key not_after"},
