@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
+	"go.yaml.in/yaml/v3"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -91,6 +92,7 @@ type rotation struct {
 	cred               [2]string // the one the admin clients dial with now
 	staged             map[string]*x509.Certificate
 	stagedPEM          map[string][]byte
+	stagedPath         map[string]string
 	forced             []string
 	notConverged, lost int
 	steps              int
@@ -106,7 +108,7 @@ func (s *suite) rootRotation(t *testing.T, ag *agentProc) {
 	}
 	defer s.logProblems(t, rotSc, logFrom)
 	r := &rotation{ag: ag, oldRoot: s.tr.Root, oldFile: s.tr.RootPath, oldCred: s.creds, cred: s.creds,
-		staged: map[string]*x509.Certificate{}, stagedPEM: map[string][]byte{}}
+		staged: map[string]*x509.Certificate{}, stagedPEM: map[string][]byte{}, stagedPath: map[string]string{}}
 	newRootPath, newRoot := s.tr.NewRoot(t, "root2", "3y")
 	r.newRoot = newRoot
 	dir := filepath.Join(s.dir, "rotation")
@@ -121,7 +123,7 @@ func (s *suite) rootRotation(t *testing.T, ag *agentProc) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		r.staged[id], r.stagedPEM[id] = c, b
+		r.staged[id], r.stagedPEM[id], r.stagedPath[id] = c, b, path
 	}
 	// An admin credential of the new chain (node-1's key under its
 	// certificate from the new root), made by this process as newSuite
@@ -225,6 +227,34 @@ func (s *suite) rootRotation(t *testing.T, ag *agentProc) {
 	s.redialAdmins(t, r.newFile, r.cred)
 	s.redialAgents(t, r.newFile)
 	s.creds = r.newCred
+
+	// The operator's last step: each node's config names its certificate
+	// under the new root and the new root. A node restarts without it (its
+	// data directory keeps both), but one whose data directory is lost, as
+	// the 1M scenario's wiped follower, would start under the retired
+	// root and be refused by its peers. One follower restarts with it.
+	for _, id := range ids {
+		s.newChainConfig(t, id, r.stagedPath[id], r.newFile)
+	}
+	leader := s.leader("")
+	f := ids[(slices.Index(ids, leader)+1)%len(ids)]
+	restarted := time.Now()
+	s.kill(f, syscall.SIGTERM)
+	s.start(f)
+	s.ready(f)
+	var why string
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(250 * time.Millisecond) {
+		if why = s.rotConvergedAll(r, retired); why == "" || time.Now().After(deadline) {
+			break
+		}
+	}
+	if why != "" {
+		t.Errorf("%s restarted with the new chain in its config: %s", f, why)
+		why = "NOT converged: " + why
+	} else {
+		why = "converged in " + time.Since(restarted).Round(100*time.Millisecond).String()
+	}
+	s.row(rotSc, "configs name the new chain; "+f+" restarted (TERM)", why)
 
 	s.row(rotSc, "phases forced", strings.Join(r.forced, "; "))
 	s.row(rotSc, "scenario wall time", time.Since(began).Round(time.Second).String())
@@ -704,4 +734,25 @@ func (s *suite) agentSVIDRoot(r *rotation) string {
 		return "old root"
 	}
 	return "neither root"
+}
+
+// newChainConfig points node id's config at its issuing certificate under
+// the new root and at that root.
+func (s *suite) newChainConfig(t *testing.T, id, issuing, root string) {
+	path := s.nodes[id].cfg
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m map[string]any
+	if err := yaml.Unmarshal(b, &m); err != nil {
+		t.Fatal(err)
+	}
+	m["issuing-cert"], m["root-certs"] = issuing, []string{root}
+	if b, err = yaml.Marshal(m); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
 }
