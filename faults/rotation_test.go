@@ -605,7 +605,8 @@ func (s *suite) redialAdmins(t *testing.T, rootFile string, cred [2]string) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { _ = conn.Close() }) // the suite is over: nothing more goes through it
+		// The suite's, not this scenario's: later scenarios use them.
+		s.t.Cleanup(func() { _ = conn.Close() }) // the suite is over: nothing more goes through it
 		s.admin[id] = api.NewAdminClient(conn)
 	}
 }
@@ -618,7 +619,8 @@ func (s *suite) redialAgents(t *testing.T, rootFile string) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { _ = conn.Close() }) // the suite is over: nothing more goes through it
+		// The suite's, not this scenario's: later scenarios use them.
+		s.t.Cleanup(func() { _ = conn.Close() }) // the suite is over: nothing more goes through it
 		s.agents[id] = api.NewAgentClient(conn)
 	}
 }
