@@ -77,9 +77,10 @@ type suite struct {
 
 	// the issuance load: an agent identity (token-joined, software key)
 	// in this process, and one connection per node.
-	agentID string
-	loadEnt string
-	agents  map[string]*api.AgentClient
+	agentID   string
+	agentSVID *join.SVID
+	loadEnt   string
+	agents    map[string]*api.AgentClient
 }
 
 func (s *suite) row(scenario, what, value string) {
@@ -125,9 +126,11 @@ func newSuite(t *testing.T) *suite {
 			"issuing-key": cfg.IssuingKey, "issuing-cert": cfg.IssuingCert, "root-certs": cfg.RootCerts,
 			"cluster": map[string]any{"bind": fmt.Sprintf("%s%d:7300", clusterNet, n),
 				"heartbeat-timeout": "500ms", "election-timeout": "500ms"},
-			"api":    map[string]any{"listen": fmt.Sprintf("%s%d:7400", apiNet, n), "local-socket": filepath.Join(s.dir, id+"-admin.sock")},
-			"http":   map[string]any{"listen": fmt.Sprintf("%s%d:7600", apiNet, n)},
-			"bundle": map[string]any{"listen": fmt.Sprintf("%s%d:7500", apiNet, n)},
+			"api":  map[string]any{"listen": fmt.Sprintf("%s%d:7400", apiNet, n), "local-socket": filepath.Join(s.dir, id+"-admin.sock")},
+			"http": map[string]any{"listen": fmt.Sprintf("%s%d:7600", apiNet, n)},
+			// A short refresh hint: an unforced root switch waits that long
+			// after the add for federated peers (there are none here).
+			"bundle": map[string]any{"listen": fmt.Sprintf("%s%d:7500", apiNet, n), "refresh-hint": "1s"},
 			"log":    map[string]any{"level": "info", "format": "json"},
 			// Above the default (1,000,000): the 1M-record scenario measures
 			// exactly that many records with no prune running.
@@ -238,7 +241,7 @@ func (s *suite) joinLoadAgent() {
 	if err != nil {
 		s.t.Fatal(err)
 	}
-	s.agentID = svid.ID
+	s.agentID, s.agentSVID = svid.ID, svid
 	for _, id := range ids {
 		conn, err := api.Dial(api.DialConfig{Addr: s.nodes[id].api, RootFile: s.tr.RootPath,
 			Certificate: func() (*tls.Certificate, error) { return svid.TLSCertificate(), nil }})
@@ -613,6 +616,15 @@ func TestFaults(t *testing.T) {
 		clustertest.Eventually(t, 90*time.Second, "the agent reconnects on its own", func() bool { return ag.fetch(2) != "" })
 		s.row(sc, "appliance down for", restarted.Sub(stopped).Round(100*time.Millisecond).String())
 		s.row(sc, "agent reconnected, new entry served after restart", time.Since(restarted).Round(100*time.Millisecond).String())
+	})
+
+	// Before the 1M scenario: a node restarted after it takes more than a
+	// minute to rebuild its state, and this one restarts eight. It leaves
+	// the cluster on the new root, the configs naming it and the suite's
+	// clients dialing with it.
+	// Alone: go test -tags faults -run 'TestFaults/root' ./faults/
+	t.Run("root rotation, leader killed in each phase", func(t *testing.T) {
+		s.rootRotation(t, ag)
 	})
 
 	// Last: every node restart after it would rebuild a 1M-record state.

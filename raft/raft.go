@@ -525,16 +525,34 @@ func (n *Node) ReadIndex(ctx context.Context) error {
 func (n *Node) leaderReadIndex(ctx context.Context) (uint64, error) {
 	term := n.r.CurrentTerm()
 	if n.leaderReady.Load() != term {
-		if err := n.r.Barrier(n.timeout(ctx)).Error(); err != nil {
+		if err := n.await(ctx, n.r.Barrier(n.timeout(ctx))); err != nil {
 			return 0, err
 		}
 		n.leaderReady.Store(term)
 	}
 	idx := n.r.CommitIndex()
-	if err := n.r.VerifyLeader().Error(); err != nil {
+	if err := n.await(ctx, n.r.VerifyLeader()); err != nil {
 		return 0, err
 	}
 	return idx, nil
+}
+
+// await is f.Error() bounded by ctx and this node's life: hashicorp's
+// Barrier and VerifyLeader futures know neither, and a VerifyLeader was
+// seen never answered (a node's Stop waited minutes for its rotation loop,
+// blocked in one, under the node package's full test load). The goroutine
+// left waiting ends with the future, if ever.
+func (n *Node) await(ctx context.Context, f hraft.Future) error {
+	done := make(chan error, 1)
+	go func() { done <- f.Error() }()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-n.ctx.Done():
+		return hraft.ErrRaftShutdown
+	}
 }
 
 // waitApplied returns once the FSM reflects every command up to idx.

@@ -97,7 +97,12 @@ func (r *issuingRenewal) rotationLoop(ctx context.Context) {
 	wait := 30 * time.Second
 	for {
 		changed := r.state.ConfigChanged()
-		if err := r.follow(ctx); err != nil {
+		if err := r.follow(ctx); errors.Is(err, errReplicaBehind) {
+			// After a start, until raft has a leader and the log is
+			// replayed: nothing is wrong yet.
+			r.log.Warn("root rotation not followed yet; retrying", "err", err, "retry_in", "5s")
+			wait = 5 * time.Second
+		} else if err != nil {
 			r.log.Error("following the root rotation failed; retrying", "err", err, "retry_in", "5s")
 			wait = 5 * time.Second
 		} else {
@@ -112,9 +117,23 @@ func (r *issuingRenewal) rotationLoop(ctx context.Context) {
 	}
 }
 
+// errReplicaBehind: follow waits for a read barrier, which failed.
+var errReplicaBehind = errors.New("the replica is not known to be current: the root rotation is followed once it is")
+
 // follow makes the authority's roots the bundle's and its issuing
 // certificate the one the rotation's phase asks for.
+//
+// Only from a replica known to be current: the state is rebuilt at every
+// start (an empty file, then raft's snapshot and log), so while it
+// replays, the replica shows each earlier phase in turn. Acting on those
+// took a node restarted after a retire back to its old-root certificate
+// (it saw "added" with its certificate under the new root: a rollback),
+// and once the replay reached "retired" nothing took it forward again:
+// it signed under a root no peer trusted any more, locked out.
 func (r *issuingRenewal) follow(ctx context.Context) error {
+	if err := r.member.readIndex(ctx); err != nil {
+		return fmt.Errorf("%w: %w", errReplicaBehind, err)
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	b := r.state.Bundle()

@@ -362,3 +362,97 @@ func TestRootRotationOnCluster(t *testing.T) {
 		t.Error("no log line of the switch")
 	}
 }
+
+// TestRootRotationRestartReplay restarts a node while the rotation is
+// switched and again after it retired. A node's replica is rebuilt at
+// every start (an empty state file, then raft's snapshot and log), so for
+// a moment it passes through every earlier phase: the node must not act
+// on those (a "rollback" to its old-root certificate), and after the
+// retire it must come back signing under the new root, trusted by its
+// peers, every time.
+func TestRootRotationRestartReplay(t *testing.T) {
+	tr := clustertest.NewTrust(t, "rrr", []string{"node-1", "node-2", "node-3"}, nil)
+	newRootPath, newRoot := tr.NewRoot(t, "root2", "3y")
+	c := clustertest.NewCluster(t, tr, "node-1", "node-2", "node-3")
+	c.ClientRoots = writeRoots(t, tr.Dir, "both-roots.pem", tr.Root, newRoot)
+	ctx := context.Background()
+	nodes := []string{"node-1", "node-2", "node-3"}
+	admin := func() *api.AdminClient { return c.Admin(c.WaitLeader(10 * time.Second)) }
+	rootPEM, err := os.ReadFile(newRootPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin().RootRotate(ctx, &api.RootRotateRequest{Phase: "add", Root: rootPEM}); err != nil {
+		t.Fatalf("add: %v", err)
+	}
+	issuing := map[string]*x509.Certificate{}
+	for _, id := range nodes {
+		path, cert := tr.SignIssuingBy(t, id, "2y", "root2", newRootPath)
+		issuing[id] = cert
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		clustertest.Eventually(t, 10*time.Second, id+" to trust the new root", func() bool {
+			return slices.ContainsFunc(c.Node(id).Authority().Roots(), newRoot.Equal)
+		})
+		if _, err := c.Admin(id).NodeIssuingCertInstall(ctx, &api.IssuingCertRequest{PEM: b}); err != nil {
+			t.Fatalf("stage on %s: %v", id, err)
+		}
+	}
+	if _, err := admin().RootRotate(ctx, &api.RootRotateRequest{Phase: "switch", Force: true}); err != nil {
+		t.Fatalf("switch: %v", err)
+	}
+	for _, id := range nodes {
+		clustertest.Eventually(t, 15*time.Second, id+" to sign under the new root", func() bool {
+			return c.Node(id).Authority().Issuing().Equal(issuing[id])
+		})
+	}
+	clustertest.Eventually(t, 30*time.Second, "every node's CA recorded under the new root", func() bool {
+		st, err := admin().RootRotation(ctx, &api.Empty{})
+		return err == nil && len(st.NodesNotStaged) == 0
+	})
+	rolledBack := func() int {
+		return strings.Count(c.Log.String(), `"msg":"issuing CA switched: the rotation rolled back`)
+	}
+	restart := func(when string) {
+		t.Helper()
+		before := rolledBack()
+		c.Stop("node-3")
+		c.Start("node-3")
+		clustertest.Eventually(t, 20*time.Second, "node-3 caught up "+when, func() bool {
+			st, err := c.Admin("node-3").RootRotation(ctx, &api.Empty{})
+			return err == nil && st.Sequence > 0 && c.Node("node-3").State().RootRotation() != nil &&
+				c.Node("node-3").State().RootRotation().Sequence == st.Sequence
+		})
+		time.Sleep(time.Second) // the loop acts on what it saw
+		if n := rolledBack() - before; n > 0 {
+			t.Errorf("node-3 restarted %s rolled back %d times on its way through the replayed log", when, n)
+		}
+		if got := c.Node("node-3").Authority().Issuing(); !got.Equal(issuing["node-3"]) {
+			t.Fatalf("node-3 restarted %s signs with serial %x (issuer %s), want the new root's %x", when, got.SerialNumber, got.Issuer, issuing["node-3"].SerialNumber)
+		}
+	}
+	restart("while switched")
+	if _, err := admin().RootRotate(ctx, &api.RootRotateRequest{Phase: "retire", Force: true}); err != nil {
+		t.Fatalf("retire: %v", err)
+	}
+	for _, id := range nodes {
+		clustertest.Eventually(t, 10*time.Second, id+" to trust the new root only", func() bool {
+			roots := c.Node(id).Authority().Roots()
+			return len(roots) == 1 && roots[0].Equal(newRoot)
+		})
+	}
+	c.ClientRoots = writeRoots(t, tr.Dir, "new-root.pem", newRoot)
+	c.RenewAdmin(t, "node-1", issuing["node-1"], []*x509.Certificate{newRoot})
+	for i := range 3 {
+		restart(fmt.Sprintf("after the retire (%d)", i+1))
+		roots := c.Node("node-3").Authority().Roots()
+		if len(roots) != 1 || !roots[0].Equal(newRoot) {
+			t.Fatalf("node-3 trusts %d roots after the restart", len(roots))
+		}
+		if _, err := c.Admin("node-3").BundleShow(ctx, &api.Empty{}); err != nil {
+			t.Fatalf("node-3 under the new root alone after a restart: %v", err)
+		}
+	}
+}
