@@ -131,9 +131,17 @@ var errReplicaBehind = errors.New("the replica is not known to be current: the r
 // and once the replay reached "retired" nothing took it forward again:
 // it signed under a root no peer trusted any more, locked out.
 func (r *issuingRenewal) follow(ctx context.Context) error {
-	if err := r.member.readIndex(ctx); err != nil {
+	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	err := r.member.readIndex(rctx)
+	cancel()
+	if err != nil {
 		return fmt.Errorf("%w: %w", errReplicaBehind, err)
 	}
+	return r.followCurrent(ctx)
+}
+
+// followCurrent is follow on a replica the caller knows is current.
+func (r *issuingRenewal) followCurrent(ctx context.Context) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	b := r.state.Bundle()

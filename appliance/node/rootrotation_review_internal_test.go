@@ -85,7 +85,7 @@ func TestFollowWithExpiredConfiguredRoot(t *testing.T) {
 	apply(2, cmd, err)
 
 	r := &issuingRenewal{dir: t.TempDir(), auth: auth, ident: ident, state: fsm, log: slog.New(slog.DiscardHandler)}
-	if err := r.follow(context.Background()); err != nil {
+	if err := r.followCurrent(context.Background()); err != nil {
 		t.Fatalf("follow: %v", err)
 	}
 	if roots := auth.Roots(); len(roots) != 2 || !slices.ContainsFunc(roots, r2.Equal) || !slices.ContainsFunc(roots, r1.Equal) {
