@@ -18,9 +18,11 @@ import (
 // Root CRLs revoke node issuing CAs (the root ceremony signs them). The
 // appliance sends them in the sync stream; the cache checks each against
 // the roots the agent trusts (Cache.Roots: the bundle roots it kept from
-// an earlier update or this one, else its configured ones; never against
-// a root the CRL itself brings), keeps the newest CRL of each
-// root (a node cannot roll a newer one back), persists them beside the
+// an earlier update or this one, else its configured ones), keeps the
+// newest CRL of each root (a node cannot roll a newer one back), holds
+// what it lists under the signing root's key, so that a CRL revokes only
+// what that key signed (a root a node slipped into the bundle revokes
+// nothing under the honest roots, whatever name it takes), persists them beside the
 // agent's identity, and refuses every chain that holds a certificate they
 // list: appliance nodes (Dial's VerifyChain), its own SVID and the
 // workload SVIDs it serves. A node can still withhold a CRL: the agent
@@ -42,22 +44,75 @@ type crlSet struct {
 	// issuer's name does not say whose CRL it is; the signature does.
 	byRoot map[string]*x509.RevocationList
 	der    map[string][]byte
+	// signer is the root whose key signed each CRL (one the agent
+	// trusted when the CRL was checked), by the same fingerprint.
+	signer map[string]*x509.Certificate
 	// sums are the SHA-256 of the CRLs held: every update carries them
 	// again, and one already held needs no new signature check.
-	sums    map[[32]byte]bool
-	revoked map[string]struct{} // issuer raw subject + serial
+	sums map[[32]byte]bool
+	// revoked holds the listed serials under the signing root's key
+	// (revokedKey), not under the issuer's name: a CRL revokes only what
+	// its own key signed. Keyed by name, a root a node slipped into the
+	// bundle with an honest root's name would revoke, with its own CRL,
+	// the honest nodes' CAs (TestAttackInjectedRootRevokesHonestNodes);
+	// two honest roots sharing a name (a re-keyed root) no longer
+	// collide either.
+	revoked map[string]struct{}
+	// issuers are the signing roots by raw subject: where has looks for
+	// the key that may have signed a certificate.
+	issuers map[string][]crlSigner
 }
 
-func revokedKey(rawIssuer []byte, serial *big.Int) string {
-	return string(rawIssuer) + "\x00" + serial.Text(16)
+// crlSigner is a root that signed a held CRL, with its key's ID.
+type crlSigner struct {
+	root *x509.Certificate
+	key  string
 }
 
+// keyID names a root's key: the SHA-256 of its SubjectPublicKeyInfo (a
+// root re-issued for the same key has the same).
+func keyID(c *x509.Certificate) string {
+	sum := sha256.Sum256(c.RawSubjectPublicKeyInfo)
+	return string(sum[:])
+}
+
+func revokedKey(key string, serial *big.Int) string {
+	return key + "\x00" + serial.Text(16)
+}
+
+// has reports whether a held CRL lists c, signed by the key that signed
+// c. The usual answer (not listed) costs map lookups; a listed serial
+// costs a signature check, which ties it to the key.
 func (s *crlSet) has(c *x509.Certificate) bool {
 	if s == nil || len(s.revoked) == 0 {
 		return false
 	}
-	_, ok := s.revoked[revokedKey(c.RawIssuer, c.SerialNumber)]
-	return ok
+	for _, sg := range s.issuers[string(c.RawIssuer)] {
+		if _, ok := s.revoked[revokedKey(sg.key, c.SerialNumber)]; ok && c.CheckSignatureFrom(sg.root) == nil {
+			return true
+		}
+	}
+	return false
+}
+
+// newCRLSet is an empty set.
+func newCRLSet() *crlSet {
+	return &crlSet{byRoot: map[string]*x509.RevocationList{}, der: map[string][]byte{}, signer: map[string]*x509.Certificate{},
+		sums: map[[32]byte]bool{}, revoked: map[string]struct{}{}, issuers: map[string][]crlSigner{}}
+}
+
+// index builds revoked and issuers from the CRLs held.
+func (s *crlSet) index() {
+	for fp, crl := range s.byRoot {
+		r := s.signer[fp]
+		k := keyID(r)
+		if !slices.ContainsFunc(s.issuers[string(r.RawSubject)], func(sg crlSigner) bool { return sg.key == k }) {
+			s.issuers[string(r.RawSubject)] = append(s.issuers[string(r.RawSubject)], crlSigner{root: r, key: k})
+		}
+		for _, e := range crl.RevokedCertificateEntries {
+			s.revoked[revokedKey(k, e.SerialNumber)] = struct{}{}
+		}
+	}
 }
 
 func rootFingerprint(root *x509.Certificate) string {
@@ -66,24 +121,24 @@ func rootFingerprint(root *x509.Certificate) string {
 }
 
 // verifyCRL checks a CRL against the trusted roots and returns it with
-// the fingerprint of the root whose key signed it.
-func verifyCRL(der []byte, roots []*x509.Certificate) (*x509.RevocationList, string, error) {
+// the root whose key signed it.
+func verifyCRL(der []byte, roots []*x509.Certificate) (*x509.RevocationList, *x509.Certificate, error) {
 	if len(der) > maxRootCRL {
-		return nil, "", fmt.Errorf("root CRL of %d bytes; at most %d", len(der), maxRootCRL)
+		return nil, nil, fmt.Errorf("root CRL of %d bytes; at most %d", len(der), maxRootCRL)
 	}
 	crl, err := x509.ParseRevocationList(der)
 	if err != nil {
-		return nil, "", fmt.Errorf("root CRL: %w", err)
+		return nil, nil, fmt.Errorf("root CRL: %w", err)
 	}
 	if crl.Number == nil || crl.Number.Sign() <= 0 {
-		return nil, "", fmt.Errorf("root CRL issued by %q has no CRL number", crl.Issuer.String())
+		return nil, nil, fmt.Errorf("root CRL issued by %q has no CRL number", crl.Issuer.String())
 	}
 	for _, r := range roots {
 		if bytes.Equal(crl.RawIssuer, r.RawSubject) && crl.CheckSignatureFrom(r) == nil {
-			return crl, rootFingerprint(r), nil
+			return crl, r, nil
 		}
 	}
-	return nil, "", fmt.Errorf("root CRL number %s issued by %q is not signed by a trusted root (a forgery, or a root the agent has not kept yet)", crl.Number, crl.Issuer.String())
+	return nil, nil, fmt.Errorf("root CRL number %s issued by %q is not signed by a trusted root (a forgery, or a root the agent has not kept yet)", crl.Number, crl.Issuer.String())
 }
 
 // merge returns the set with the given CRLs added (each replacing an older
@@ -94,10 +149,10 @@ func verifyCRL(der []byte, roots []*x509.Certificate) (*x509.RevocationList, str
 // without a word: every update carries the current ones, and a node that
 // lags (or lies) cannot roll the cache back.
 func (s *crlSet) merge(ders [][]byte, roots []*x509.Certificate) (next *crlSet, grew bool, skipped []skippedCRL) {
-	next = &crlSet{byRoot: map[string]*x509.RevocationList{}, der: map[string][]byte{}, sums: map[[32]byte]bool{}, revoked: map[string]struct{}{}}
+	next = newCRLSet()
 	if s != nil {
 		for k, v := range s.byRoot {
-			next.byRoot[k], next.der[k] = v, s.der[k]
+			next.byRoot[k], next.der[k], next.signer[k] = v, s.der[k], s.signer[k]
 		}
 		maps.Copy(next.sums, s.sums)
 	}
@@ -107,11 +162,12 @@ func (s *crlSet) merge(ders [][]byte, roots []*x509.Certificate) (next *crlSet, 
 		if next.sums[sum] {
 			continue
 		}
-		crl, fp, err := verifyCRL(der, roots)
+		crl, root, err := verifyCRL(der, roots)
 		if err != nil {
 			skipped = append(skipped, skippedCRL{sum: sum, err: err})
 			continue
 		}
+		fp := rootFingerprint(root)
 		old := next.byRoot[fp]
 		if old != nil && crl.Number.Cmp(old.Number) <= 0 {
 			continue
@@ -138,19 +194,16 @@ func (s *crlSet) merge(ders [][]byte, roots []*x509.Certificate) (next *crlSet, 
 		if old != nil {
 			delete(next.sums, sha256.Sum256(next.der[fp]))
 		}
-		next.byRoot[fp], next.der[fp], next.sums[sum] = crl, der, true
+		next.byRoot[fp], next.der[fp], next.signer[fp], next.sums[sum] = crl, der, root, true
 		changed = true
 	}
 	if !changed {
 		return s, false, skipped
 	}
-	for _, crl := range next.byRoot {
-		for _, e := range crl.RevokedCertificateEntries {
-			k := revokedKey(crl.RawIssuer, e.SerialNumber)
-			next.revoked[k] = struct{}{}
-			if _, was := s.revokedSet()[k]; !was {
-				grew = true
-			}
+	next.index()
+	for k := range next.revoked {
+		if _, was := s.revokedSet()[k]; !was {
+			grew = true
 		}
 	}
 	return next, grew, skipped
@@ -182,16 +235,14 @@ func (s *crlSet) only(roots []*x509.Certificate) *crlSet {
 	if !slices.ContainsFunc(slices.Collect(maps.Keys(s.byRoot)), func(fp string) bool { return !keep[fp] }) {
 		return s
 	}
-	next := &crlSet{byRoot: map[string]*x509.RevocationList{}, der: map[string][]byte{}, sums: map[[32]byte]bool{}, revoked: map[string]struct{}{}}
+	next := newCRLSet()
 	for fp, crl := range s.byRoot {
 		if !keep[fp] {
 			continue
 		}
-		next.byRoot[fp], next.der[fp], next.sums[sha256.Sum256(s.der[fp])] = crl, s.der[fp], true
-		for _, e := range crl.RevokedCertificateEntries {
-			next.revoked[revokedKey(crl.RawIssuer, e.SerialNumber)] = struct{}{}
-		}
+		next.byRoot[fp], next.der[fp], next.signer[fp], next.sums[sha256.Sum256(s.der[fp])] = crl, s.der[fp], s.signer[fp], true
 	}
+	next.index()
 	return next
 }
 

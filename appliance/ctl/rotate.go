@@ -60,10 +60,15 @@ func rotateCmd(g *globals) *cobra.Command {
 					if name == "rollback" || wait <= 0 {
 						return nil, nil
 					}
-					return nil, g.waitRotation(ctx, c, st, wait)
+					if err := g.waitRotation(ctx, c, st, wait); err != nil {
+						return nil, fmt.Errorf("%s committed, but waiting for the acknowledgements failed (sigilctl ca rotate status shows them): %w", name, err)
+					}
+					return nil, nil
 				}, func(w *bufio.Writer, v any) { printRotation(w, v.(*api.RootRotationStatus)) })
 			}}
-		c.Flags().DurationVar(&wait, "wait", 2*time.Minute, "how long to wait for agents' acknowledgements after the commit (0: do not wait)")
+		if name != "rollback" {
+			c.Flags().DurationVar(&wait, "wait", 2*time.Minute, "how long to wait for agents' acknowledgements (and after a switch, every node under the new root) after the commit; 0: do not wait; -o json does not wait")
+		}
 		if name != "add" {
 			c.Flags().BoolVar(&force, "force", false, "skip the waits the node checks (agents' acknowledgements, federation refresh, lifetimes); audited as forced")
 		}
@@ -94,7 +99,8 @@ func (g *globals) waitRotation(ctx context.Context, c *api.AdminClient, st *api.
 			_, _ = fmt.Fprintf(g.out, "%s  %s\n", time.Now().UTC().Format(time.TimeOnly), line) // g.out keeps its first error for the command's end
 			last = line
 		}
-		if st.AgentsPendingCount == 0 && len(st.NodesNotStaged) == 0 {
+		// Staging after an add is the operator's next step, not a wait.
+		if st.AgentsPendingCount == 0 && (st.Phase != "switched" || len(st.NodesNotStaged) == 0) {
 			return nil
 		}
 		if time.Now().After(deadline) {
@@ -128,7 +134,7 @@ func pendingLine(st *api.RootRotationStatus) string {
 		}
 		parts = append(parts, fmt.Sprintf("%d agents have not acknowledged sequence %d (%s)", st.AgentsPendingCount, st.Sequence, strings.Join(ids, ", ")))
 	}
-	if len(st.NodesNotStaged) > 0 {
+	if len(st.NodesNotStaged) > 0 && st.Phase == "switched" {
 		parts = append(parts, "nodes not yet under the new root: "+strings.Join(st.NodesNotStaged, ", "))
 	}
 	if len(parts) == 0 {

@@ -23,6 +23,9 @@ type agentSvc struct {
 	td     spiffeid.TrustDomain
 	state  syncState
 	issuer *issuer
+	// acks lets one acknowledgement of each agent at a time be proposed
+	// (rootrotation.go, BundleAck).
+	acks ackGate
 }
 
 // syncState is the replica as Sync reads it.

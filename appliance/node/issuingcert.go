@@ -198,6 +198,11 @@ func (a *admin) NodeIssuingCertInstall(ctx context.Context, r *api.IssuingCertRe
 			a.log.Warn("following the root rotation before staging failed", "err", err)
 		}
 		return a.renew.stage(ctx, cert, func(ctx context.Context, p state.NodeCAStage) error {
+			if a.rotation != nil {
+				// This node's lifetimes, which the switch waits for
+				// whichever node proposes it.
+				p.MaxTTL = a.rotation.maxSignedLife()
+			}
 			_, err := write[api.Empty](ctx, a, state.CmdNodeCAStage, p)
 			return err
 		}, func(err error) error { return refuse(codes.FailedPrecondition, err) })
@@ -332,6 +337,30 @@ func replaceKeepingPrevious(dir, staged string) error {
 	return err
 }
 
+func sameKey(a, b *x509.Certificate) bool {
+	k, ok := a.PublicKey.(interface{ Equal(crypto.PublicKey) bool })
+	return ok && k.Equal(b.PublicKey)
+}
+
+// PrefersInstalled reports whether a node whose issuing-cert is
+// configured and whose kept bundle roots (KeptRoots) are kept starts with
+// installed, the certificate in its data directory's issuing/current.pem,
+// provided installed passes ca.CheckIssuing: it is another certificate
+// for the same key that expires later, or, after a root rotation, one
+// under a kept root while configured is under none (the configured file
+// may be under a root the cluster retired: a copy under a root the bundle
+// still had when the node last ran wins whatever the expiries).
+// sigild --check-config asks it too.
+func PrefersInstalled(configured, installed *x509.Certificate, kept []*x509.Certificate) bool {
+	if installed.Equal(configured) || !sameKey(configured, installed) {
+		return false
+	}
+	underKept := func(x *x509.Certificate) bool {
+		return slices.ContainsFunc(kept, func(r *x509.Certificate) bool { return signedBy(x, r) })
+	}
+	return installed.NotAfter.After(configured.NotAfter) || len(kept) > 0 && underKept(installed) && !underKept(configured)
+}
+
 // startIssuing is the issuing certificate a node starts with: the one an
 // install kept in the data directory (InstalledIssuingDir) when it is
 // for the configured certificate's key, passes ca.CheckIssuing (this
@@ -358,16 +387,10 @@ func startIssuing(log *slog.Logger, dataDir string, td spiffeid.TrustDomain, nod
 	if c.Equal(configured) {
 		return configured // the operator copied it into issuing-cert: nothing to say
 	}
-	if k, ok := configured.PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(c.PublicKey) {
+	if !sameKey(configured, c) {
 		return ignore("it is for another key than the configured issuing-cert", args...)
 	}
-	// After a root rotation the configured file may be under a root the
-	// cluster retired: a copy under a root the bundle still had when the
-	// node last ran wins whatever the expiries.
-	underKept := func(x *x509.Certificate) bool {
-		return slices.ContainsFunc(kept, func(r *x509.Certificate) bool { return signedBy(x, r) })
-	}
-	if !c.NotAfter.After(configured.NotAfter) && !(len(kept) > 0 && underKept(c) && !underKept(configured)) {
+	if !PrefersInstalled(configured, c, kept) {
 		return ignore("it expires no later than the configured issuing-cert (stale: a newer certificate was configured)", args...)
 	}
 	if err := ca.CheckIssuing(td, nodeID, signer, c, roots, now); err != nil {

@@ -191,14 +191,7 @@ func registerNodeGauges(n *Node, reg *prometheus.Registry) {
 			}),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sigil_root_rotation_agents_pending",
 			Help: "Agents that have not acknowledged the bundle sequence the root rotation's last phase committed (0: no rotation)."},
-			func() float64 {
-				rot := n.fsm.RootRotation()
-				if rot == nil {
-					return 0
-				}
-				_, count := n.fsm.PendingAcks(rot.Sequence, time.Now(), 0)
-				return float64(count)
-			}),
+			func() float64 { return float64(n.pendingAcks.count(n.fsm)) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sigil_state_bytes",
 			Help: "Size of this node's state database file: entries, agents and the retained audit records, most of it the audit (-1: not readable)."},
 			func() float64 {

@@ -60,11 +60,14 @@ import (
 
 // Node is a running appliance node.
 type Node struct {
-	seen  seenAgents // agentseen.go
-	cfg   *Config
-	log   *slog.Logger
-	td    spiffeid.TrustDomain
-	roots []*x509.Certificate
+	// pendingAcks is the rotation's pending agents as the metric counts
+	// them (rootrotation.go).
+	pendingAcks pendingCount
+	seen        seenAgents // agentseen.go
+	cfg         *Config
+	log         *slog.Logger
+	td          spiffeid.TrustDomain
+	roots       []*x509.Certificate
 
 	ks    *pkcs11.KeyStore
 	auth  *ca.Authority

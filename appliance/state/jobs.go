@@ -336,7 +336,12 @@ func applyJobJoin(t *txn, p *JobJoin) (any, []AuditEvent, error) {
 		return nil, nil, err
 	}
 	a.JoinedAt = t.c.Time
+	// The acknowledged bundle sequence is the state's, never the
+	// command's: kept across a run's renewals (a renewed agent does not
+	// acknowledge again until its bundle changes).
+	a.BundleAck = 0
 	if old != nil {
+		a.BundleAck = old.BundleAck
 		if old.Banned {
 			return nil, nil, refuse("agent %s is banned", a.ID)
 		}

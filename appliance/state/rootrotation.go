@@ -88,8 +88,9 @@ type RootRotation struct {
 	Switched time.Time `json:"switched,omitzero"`
 	// RetireAfter (phase switched) is when everything signed under the
 	// old roots has expired: the switch's time plus the longest lifetime
-	// a node could sign for (the proposer's MaxTTL). Retire is refused
-	// before it unless forced.
+	// a node could sign for (the largest of the proposer's MaxTTL and
+	// those the nodes staged with: lifetimes are per-node settings).
+	// Retire is refused before it unless forced.
 	RetireAfter time.Time `json:"retire_after,omitzero"`
 	// NewSignedUntil (after a rollback from switched) is when what was
 	// signed under the new root has expired: rolling back further, which
@@ -106,6 +107,9 @@ type StagedCA struct {
 	Cert     []byte    `json:"cert"` // DER
 	Serial   string    `json:"serial"`
 	NotAfter time.Time `json:"not_after"`
+	// MaxTTL is the longest lifetime of anything the node signs, by its
+	// configuration when it staged (NodeCAStage.MaxTTL).
+	MaxTTL time.Duration `json:"max_ttl,omitempty"`
 }
 
 // RetiredRoot is a root a rotation retired.
@@ -123,7 +127,8 @@ type (
 	}
 	// RootPhase moves a rotation: Members are the cluster's voting
 	// members as the proposing node's raft configuration has them (the
-	// state does not know the membership); MaxTTL is the longest lifetime
+	// state does not know the membership; switch, retire and a rollback
+	// past add check them); MaxTTL is the longest lifetime
 	// of anything a node signs (SVIDs, agent and admin certificates,
 	// JWT-SVIDs); Force skips the lifetime waits and is audited.
 	RootPhase struct {
@@ -132,9 +137,13 @@ type (
 		Force   bool          `json:"force,omitempty"`
 	}
 	// NodeCAStage stages the proposing node's issuing certificate (DER)
-	// under the new root.
+	// under the new root, with the longest lifetime of anything that node
+	// signs (its own configuration: join.agent-svid-ttl and
+	// admin-cert-max-ttl differ between nodes), which the switch and a
+	// rollback from switched wait for besides the proposer's.
 	NodeCAStage struct {
-		Cert []byte `json:"cert"`
+		Cert   []byte        `json:"cert"`
+		MaxTTL time.Duration `json:"max_ttl,omitempty"`
 	}
 	// BundleAck records that Agent applied the bundle of Sequence.
 	BundleAck struct {
@@ -296,6 +305,9 @@ func applyNodeCAStage(t *txn, p *NodeCAStage) (any, []AuditEvent, error) {
 	if len(p.Cert) == 0 || len(p.Cert) > maxCACertDER {
 		return nil, nil, refuse("issuing CA certificate of %d bytes; want 1 to %d", len(p.Cert), maxCACertDER)
 	}
+	if p.MaxTTL < 0 || p.MaxTTL > maxPhaseTTL {
+		return nil, nil, refuse("%s: max_ttl %s; want at most %s", t.c.Type, p.MaxTTL, maxPhaseTTL)
+	}
 	ca, err := x509.ParseCertificate(p.Cert)
 	if err != nil {
 		return nil, nil, refuse("issuing CA certificate: %v", err)
@@ -323,11 +335,11 @@ func applyNodeCAStage(t *txn, p *NodeCAStage) (any, []AuditEvent, error) {
 	if _, revoked := set[revokedKey(ca.RawIssuer, ca.SerialNumber)]; revoked {
 		return nil, nil, refuse("node %s's certificate (serial %x) is revoked by the root's CRL", t.origin, ca.SerialNumber)
 	}
-	s := StagedCA{Node: t.origin, Cert: p.Cert, Serial: ca.SerialNumber.Text(16), NotAfter: ca.NotAfter.UTC()}
+	s := StagedCA{Node: t.origin, Cert: p.Cert, Serial: ca.SerialNumber.Text(16), NotAfter: ca.NotAfter.UTC(), MaxTTL: p.MaxTTL}
 	prev := ""
 	i, found := slices.BinarySearchFunc(rot.Staged, t.origin, func(c StagedCA, n string) int { return strings.Compare(c.Node, n) })
 	switch {
-	case found && rot.Staged[i].Serial == s.Serial && bytes.Equal(rot.Staged[i].Cert, s.Cert):
+	case found && rot.Staged[i].Serial == s.Serial && bytes.Equal(rot.Staged[i].Cert, s.Cert) && rot.Staged[i].MaxTTL == s.MaxTTL:
 		return rot, nil, nil // staged before: nothing changes
 	case found:
 		prev = rot.Staged[i].Serial
@@ -343,7 +355,7 @@ func applyNodeCAStage(t *txn, p *NodeCAStage) (any, []AuditEvent, error) {
 	}
 	return rot, []AuditEvent{{Action: t.c.Type, Target: t.origin, Detail: map[string]string{
 		"node": t.origin, "serial": s.Serial, "replaces_staged_serial": prev, "new_root": rot.New,
-		"not_after": s.NotAfter.Format(time.RFC3339)}}}, nil
+		"not_after": s.NotAfter.Format(time.RFC3339), "max_ttl": s.MaxTTL.String()}}}, nil
 }
 
 func (t *txn) rootByFingerprint(fp string) (*x509.Certificate, error) {
@@ -437,11 +449,24 @@ func applyRootSwitch(t *txn, p *RootPhase) (any, []AuditEvent, error) {
 	if len(p.Members) == 0 {
 		return nil, nil, refuse("switch names no member nodes")
 	}
+	// A staged certificate a root CRL revoked since it was staged is not
+	// valid either: its node could not sign with it (CheckNext refuses
+	// it) and would go on under the old root after the switch.
+	set, err := t.revokedSet()
+	if err != nil {
+		return nil, nil, err
+	}
 	var missing []string
 	for _, m := range p.Members {
 		s := rot.staged(m)
 		if s == nil || !t.c.Time.Before(s.NotAfter) {
 			missing = append(missing, m)
+			continue
+		}
+		if c, err := x509.ParseCertificate(s.Cert); err != nil {
+			missing = append(missing, m)
+		} else if _, revoked := set[revokedKey(c.RawIssuer, c.SerialNumber)]; revoked {
+			missing = append(missing, m+" (staged certificate revoked)")
 		}
 	}
 	if len(missing) > 0 {
@@ -452,7 +477,7 @@ func applyRootSwitch(t *txn, p *RootPhase) (any, []AuditEvent, error) {
 		return nil, nil, err
 	}
 	rot.Phase, rot.Sequence, rot.Since, rot.Switched = PhaseSwitched, seq, t.c.Time, t.c.Time
-	rot.RetireAfter = t.c.Time.Add(p.MaxTTL)
+	rot.RetireAfter = t.c.Time.Add(rot.signedLife(p))
 	rot.NewSignedUntil = time.Time{}
 	if err := putJSON(t.tx.Bucket(bMeta), keyRootRotation, rot); err != nil {
 		return nil, nil, err
@@ -460,6 +485,16 @@ func applyRootSwitch(t *txn, p *RootPhase) (any, []AuditEvent, error) {
 	return rot, []AuditEvent{{Action: t.c.Type, Detail: forcedDetail(map[string]string{
 		"new_root": rot.New, "old_roots": strings.Join(rot.Old, ","), "members": strings.Join(p.Members, ","),
 		"retire_after": rot.RetireAfter.UTC().Format(time.RFC3339), "sequence": fmt.Sprint(seq)}, p)}}, nil
+}
+
+// signedLife is the longest lifetime of anything a node may have signed:
+// the proposer's MaxTTL and every staging node's own.
+func (r *RootRotation) signedLife(p *RootPhase) time.Duration {
+	life := p.MaxTTL
+	for _, s := range r.Staged {
+		life = max(life, s.MaxTTL)
+	}
+	return life
 }
 
 func phaseNow(rot *RootRotation) string {
@@ -484,6 +519,7 @@ func applyRootRollback(t *txn, p *RootPhase) (any, []AuditEvent, error) {
 		return nil, nil, refuse("rollback: %s (a retired rotation is final)", phaseNow(rot))
 	}
 	from := rot.Phase
+	var withdrawn []string
 	switch rot.Phase {
 	case PhaseSwitched:
 		// Nodes sign under the old root again from this commit; what they
@@ -494,7 +530,7 @@ func applyRootRollback(t *txn, p *RootPhase) (any, []AuditEvent, error) {
 		}
 		rot.Phase, rot.Sequence, rot.Since = PhaseAdded, seq, t.c.Time
 		rot.Switched, rot.RetireAfter = time.Time{}, time.Time{}
-		rot.NewSignedUntil = t.c.Time.Add(p.MaxTTL)
+		rot.NewSignedUntil = t.c.Time.Add(rot.signedLife(p))
 		if err := putJSON(t.tx.Bucket(bMeta), keyRootRotation, rot); err != nil {
 			return nil, nil, err
 		}
@@ -502,6 +538,34 @@ func applyRootRollback(t *txn, p *RootPhase) (any, []AuditEvent, error) {
 		if !p.Force && t.c.Time.Before(rot.NewSignedUntil) {
 			return nil, nil, refuse("SVIDs signed under the new root %.16s may be valid until %s: removing it before then would break them (or force it)",
 				rot.New, rot.NewSignedUntil.UTC().Format(time.RFC3339))
+		}
+		// As retire waits for every member under the new root, removing
+		// the new root waits for every member back under an old one: a
+		// node still signing under it (down at the rollback from
+		// switched, or unable to swap back) would sign under a root
+		// nothing trusts, and a CRL of the new root that revoked it would
+		// go with the root. Force does not skip it.
+		if len(p.Members) == 0 {
+			return nil, nil, refuse("rollback names no member nodes")
+		}
+		recs, err := readNodeCAs(t.tx)
+		if err != nil {
+			return nil, nil, err
+		}
+		var still []string
+		for _, m := range p.Members {
+			i, found := slices.BinarySearchFunc(recs, m, func(r NodeCA, n string) int { return strings.Compare(r.Node, n) })
+			if found && recs[i].Root == rot.New {
+				still = append(still, m)
+			}
+		}
+		if len(still) > 0 {
+			return nil, nil, refuse("nodes still signing under the new root %.16s, which the rollback would remove: %s (they go back to the old root on their own; a node that cannot must be removed from the cluster first)",
+				rot.New, strings.Join(still, ", "))
+		}
+		newRoot, err := t.rootByFingerprint(rot.New)
+		if err != nil {
+			return nil, nil, err
 		}
 		roots, err := readRoots(t.tx)
 		if err != nil {
@@ -517,6 +581,11 @@ func applyRootRollback(t *txn, p *RootPhase) (any, []AuditEvent, error) {
 		if err := t.dropRootCRLs([]string{rot.New}); err != nil {
 			return nil, nil, err
 		}
+		// What the new root's CAs published (after a switch) chains to
+		// nothing trusted now, and no CRL could withdraw it any more.
+		if withdrawn, err = t.withdrawJWTKeysUnder([]*x509.Certificate{newRoot}); err != nil {
+			return nil, nil, err
+		}
 		if _, err := t.bumpBundle(); err != nil {
 			return nil, nil, err
 		}
@@ -528,8 +597,11 @@ func applyRootRollback(t *txn, p *RootPhase) (any, []AuditEvent, error) {
 	if from == PhaseSwitched {
 		to = PhaseAdded
 	}
-	return rot, []AuditEvent{{Action: t.c.Type, Detail: forcedDetail(map[string]string{
-		"new_root": rot.New, "from": from, "to": to}, p)}}, nil
+	detail := map[string]string{"new_root": rot.New, "from": from, "to": to}
+	if to == "none" {
+		detail["withdrawn_jwt_keys"] = strings.Join(withdrawn, ",")
+	}
+	return rot, []AuditEvent{{Action: t.c.Type, Detail: forcedDetail(detail, p)}}, nil
 }
 
 func applyRootRetire(t *txn, p *RootPhase) (any, []AuditEvent, error) {
@@ -780,6 +852,9 @@ func checkRootRotation(r *RootRotation) error {
 		}
 		if len(s.Cert) > maxCACertDER {
 			return fmt.Errorf("root rotation: staged certificate of node %s too large", truncate(s.Node, 64))
+		}
+		if s.Node == "" || len(s.Node) > 64 || s.MaxTTL < 0 || s.MaxTTL > maxPhaseTTL {
+			return fmt.Errorf("root rotation: staged certificate of node %s: malformed node name or max_ttl", truncate(s.Node, 64))
 		}
 		if _, err := x509.ParseCertificate(s.Cert); err != nil {
 			return fmt.Errorf("root rotation: staged certificate of node %s: %v", truncate(s.Node, 64), err)

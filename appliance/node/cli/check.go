@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -59,7 +60,7 @@ func checkConfig(ctx context.Context, cfg *node.Config) *report {
 	r.skip("the issuing certificate not checked against the root CRLs (they are in the replicated state)")
 	r.skip("the HSM key not used to sign")
 	if p := filepath.Join(node.InstalledIssuingDir(cfg.DataDir), "current.pem"); fileExists(p) {
-		r.skip("%s (the issuing certificate last installed while the node ran) not checked: at start the node uses it instead of issuing-cert when it is valid for this key and trust domain and expires later, and logs which it used", p)
+		r.skip("%s (the issuing certificate last installed while the node ran) not checked: at start the node uses it instead of issuing-cert when it is valid for this key and trust domain and expires later (or, after a root rotation, is under a root kept from the bundle and issuing-cert is not), and logs which it used", p)
 	}
 	return r
 }
@@ -113,9 +114,43 @@ func checkIssuingCert(r *report, cfg *node.Config, roots []*x509.Certificate) *x
 		pool.AddCert(root)
 	}
 	if _, err := c.Verify(x509.VerifyOptions{Roots: pool, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+		if inst, path := installedInstead(cfg, c, roots); inst != nil {
+			// After a root rotation's retire: root-certs names the new
+			// root only, issuing-cert is still the one under the old.
+			r.skip("issuing-cert %s (%s) does not chain to root-certs (%v), but the node starts with %s (serial %x, kept in data-dir by a renewal or a root rotation's switch), which does: point issuing-cert at a copy of it",
+				cfg.IssuingCert, c.Subject, err, path, inst.SerialNumber)
+			return c
+		}
 		r.bad("issuing-cert: %s (%s) does not chain to root-certs: %v", cfg.IssuingCert, c.Subject, err)
 	}
 	return c
+}
+
+// installedInstead is the certificate in data-dir the node starts with
+// instead of configured (node.PrefersInstalled), when it is this node's
+// CA and chains to root-certs or the roots kept from the bundle, as the
+// node checks it at start (the HSM signature aside).
+func installedInstead(cfg *node.Config, configured *x509.Certificate, roots []*x509.Certificate) (*x509.Certificate, string) {
+	path := filepath.Join(node.InstalledIssuingDir(cfg.DataDir), "current.pem")
+	if !fileExists(path) {
+		return nil, ""
+	}
+	inst, err := pemfile.ReadCert(path)
+	if err != nil {
+		return nil, ""
+	}
+	kept, err := node.KeptRoots(cfg.DataDir)
+	if err != nil || !node.PrefersInstalled(configured, inst, kept) || inst.Subject.CommonName != cfg.NodeID || !inst.IsCA {
+		return nil, ""
+	}
+	pool := x509.NewCertPool()
+	for _, root := range append(slices.Clone(roots), kept...) {
+		pool.AddCert(root)
+	}
+	if _, err := inst.Verify(x509.VerifyOptions{Roots: pool, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+		return nil, ""
+	}
+	return inst, path
 }
 
 // checkPINSource checks the PIN file as the key store will read it
