@@ -16,8 +16,10 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 
 	"github.com/sigil-appliance/sigil/agent"
 	"github.com/sigil-appliance/sigil/appliance/api"
@@ -216,14 +218,20 @@ func TestWorkloadAPICarriesRootCRLs(t *testing.T) {
 	defer func() { _ = conn.Close() }()
 	sctx, cancel := context.WithTimeout(metadata.AppendToOutgoingContext(ctx, "workload.spiffe.io", "true"), 30*time.Second)
 	defer cancel()
-	stream, err := workload.NewSpiffeWorkloadAPIClient(conn).FetchX509SVID(sctx, &workload.X509SVIDRequest{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r, err := stream.Recv()
-	if err != nil {
-		t.Fatal(err)
-	}
+	// The entry was just created: until the agent has synced it and has
+	// the SVID, the Workload API answers PermissionDenied.
+	var stream grpc.ServerStreamingClient[workload.X509SVIDResponse]
+	var r *workload.X509SVIDResponse
+	clustertest.Eventually(t, 20*time.Second, "the workload's first SVID", func() bool {
+		stream, err = workload.NewSpiffeWorkloadAPIClient(conn).FetchX509SVID(sctx, &workload.X509SVIDRequest{})
+		if err == nil {
+			r, err = stream.Recv()
+		}
+		if err != nil && status.Code(err) != codes.PermissionDenied {
+			t.Fatal(err)
+		}
+		return err == nil
+	})
 	if len(r.Svids) != 1 || len(r.Crl) != 0 {
 		t.Fatalf("before any CRL: %d SVIDs, %d CRLs", len(r.Svids), len(r.Crl))
 	}

@@ -59,7 +59,15 @@ func TestClusterStatusLeaderView(t *testing.T) {
 		t.Helper()
 		wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		defer cancel()
-		if _, err := c.Admin(asked).TokenCreate(wctx, &api.TokenRequest{TTL: 600}); err != nil {
+		_, err := c.Admin(asked).TokenCreate(wctx, &api.TokenRequest{TTL: 600})
+		if err != nil && strings.Contains(err.Error(), "exists") {
+			// A forwarded write retried after its first attempt committed
+			// (a loaded machine): the write went through, which is all
+			// this test needs of it.
+			t.Logf("write through %s committed on an earlier attempt: %v", asked, err)
+			err = nil
+		}
+		if err != nil {
 			t.Fatalf("write through %s: %v", asked, err)
 		}
 	}
