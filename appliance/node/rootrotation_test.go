@@ -169,7 +169,7 @@ func TestRootRotationOnCluster(t *testing.T) {
 	if st.Phase != state.PhaseAdded || st.New != fp(newRoot) || len(st.Roots) != 2 || !slices.Equal(st.NodesNotStaged, nodes) || st.AgentsPendingCount != 1 {
 		t.Fatalf("status after add: %+v", st)
 	}
-	addSeq := st.Sequence
+	addSeq, addSince := st.Sequence, st.Since
 	for _, id := range nodes {
 		clustertest.Eventually(t, 10*time.Second, id+" to trust the new root", func() bool {
 			return slices.ContainsFunc(c.Node(id).Authority().Roots(), newRoot.Equal)
@@ -220,7 +220,9 @@ func TestRootRotationOnCluster(t *testing.T) {
 	} else {
 		t.Logf("the refresh hint had passed (%s since the add on a loaded machine): its refusal not seen", since)
 	}
-	time.Sleep(time.Until(addedAt.Add(10 * time.Second)))
+	// The node counts from the add's command time (its own clock, later
+	// than addedAt): wait from that, with a margin.
+	time.Sleep(time.Until(addSince.Add(10*time.Second + 500*time.Millisecond)))
 	_, err = admin().RootRotate(ctx, &api.RootRotateRequest{Phase: "switch"})
 	wantCode(t, "switch with nodes not staged", err, codes.FailedPrecondition, "node-2, node-3")
 	for _, id := range []string{"node-2", "node-3"} {
