@@ -424,6 +424,18 @@ func (r *RootRotation) staged(node string) *StagedCA {
 	return &r.Staged[i]
 }
 
+// phaseCommand checks what every phase command needs (its version, its
+// payload's bounds) and reads the rotation it moves.
+func (t *txn) phaseCommand(p *RootPhase) (*RootRotation, error) {
+	if err := t.needRotationVersion(); err != nil {
+		return nil, err
+	}
+	if err := t.checkPhase(p); err != nil {
+		return nil, err
+	}
+	return readRootRotation(t.tx)
+}
+
 // forcedDetail adds "forced" to an audit detail when the phase was forced.
 func forcedDetail(d map[string]string, p *RootPhase) map[string]string {
 	if p.Force {
@@ -433,13 +445,7 @@ func forcedDetail(d map[string]string, p *RootPhase) map[string]string {
 }
 
 func applyRootSwitch(t *txn, p *RootPhase) (any, []AuditEvent, error) {
-	if err := t.needRotationVersion(); err != nil {
-		return nil, nil, err
-	}
-	if err := t.checkPhase(p); err != nil {
-		return nil, nil, err
-	}
-	rot, err := readRootRotation(t.tx)
+	rot, err := t.phaseCommand(p)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -505,13 +511,7 @@ func phaseNow(rot *RootRotation) string {
 }
 
 func applyRootRollback(t *txn, p *RootPhase) (any, []AuditEvent, error) {
-	if err := t.needRotationVersion(); err != nil {
-		return nil, nil, err
-	}
-	if err := t.checkPhase(p); err != nil {
-		return nil, nil, err
-	}
-	rot, err := readRootRotation(t.tx)
+	rot, err := t.phaseCommand(p)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -605,13 +605,7 @@ func applyRootRollback(t *txn, p *RootPhase) (any, []AuditEvent, error) {
 }
 
 func applyRootRetire(t *txn, p *RootPhase) (any, []AuditEvent, error) {
-	if err := t.needRotationVersion(); err != nil {
-		return nil, nil, err
-	}
-	if err := t.checkPhase(p); err != nil {
-		return nil, nil, err
-	}
-	rot, err := readRootRotation(t.tx)
+	rot, err := t.phaseCommand(p)
 	if err != nil {
 		return nil, nil, err
 	}
