@@ -10,6 +10,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"encoding/pem"
+	"fmt"
 	"io"
 	"net/http"
 	"net/url"
@@ -18,6 +19,8 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -513,4 +516,65 @@ func TestInternalFailureShownGeneric(t *testing.T) {
 			t.Errorf("no error logged with the detail of the failed %s request:\n%s", req, ic.c.Log.String())
 		}
 	}
+}
+
+// svidLoad asks a node for one X.509-SVID at a time, every so often,
+// verifying each against a bundle: requests that succeed, those that
+// fail (and the first error), and the issuing CA of the last SVID.
+type svidLoad struct {
+	ok, failed atomic.Int64
+	lastIssuer atomic.Pointer[x509.Certificate]
+	firstErr   atomic.Value
+	stop       chan struct{}
+	once       sync.Once
+	wg         sync.WaitGroup
+}
+
+func startSVIDLoad(t testing.TB, ag *api.AgentClient, entryID string, every time.Duration, bundle *x509bundle.Bundle) *svidLoad {
+	l := &svidLoad{stop: make(chan struct{})}
+	l.wg.Add(1)
+	go func() {
+		defer l.wg.Done()
+		for {
+			select {
+			case <-l.stop:
+				return
+			case <-time.After(every):
+			}
+			rctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			res, err := ag.SignX509SVIDs(rctx, &api.X509SVIDBatch{Requests: []api.X509SVIDRequest{{EntryID: entryID, CSR: csrFor(t, "")}}})
+			cancel()
+			if err == nil && res.Results[0].Error != "" {
+				err = fmt.Errorf("%s", res.Results[0].Error)
+			}
+			var chain []*x509.Certificate
+			if err == nil {
+				for _, der := range res.Results[0].Chain {
+					c, perr := x509.ParseCertificate(der)
+					if perr != nil {
+						err = perr
+						break
+					}
+					chain = append(chain, c)
+				}
+			}
+			if err == nil {
+				_, _, err = x509svid.Verify(chain, bundle)
+			}
+			if err != nil {
+				l.failed.Add(1)
+				l.firstErr.CompareAndSwap(nil, err.Error())
+				continue
+			}
+			l.ok.Add(1)
+			l.lastIssuer.Store(chain[1])
+		}
+	}()
+	return l
+}
+
+// end stops the load and waits for its last request.
+func (l *svidLoad) end() {
+	l.once.Do(func() { close(l.stop) })
+	l.wg.Wait()
 }

@@ -13,8 +13,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -48,59 +46,9 @@ func TestIssuingCertRenewalUnderLoad(t *testing.T) {
 	// The load: one request every 2ms through node-1, counting failures
 	// and keeping the issuer of the last SVID.
 	ag := ic.agent(t, "node-1")
-	var ok, failed atomic.Int64
-	var lastIssuer atomic.Pointer[x509.Certificate]
-	var firstErr atomic.Value
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-time.After(2 * time.Millisecond):
-			}
-			rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			res, err := ag.SignX509SVIDs(rctx, &api.X509SVIDBatch{Requests: []api.X509SVIDRequest{{EntryID: web.ID, CSR: csrFor(t, "")}}})
-			cancel()
-			if err == nil && res.Results[0].Error != "" {
-				err = fmt.Errorf("%s", res.Results[0].Error)
-			}
-			var chain []*x509.Certificate
-			if err == nil {
-				for _, der := range res.Results[0].Chain {
-					c, perr := x509.ParseCertificate(der)
-					if perr != nil {
-						err = perr
-						break
-					}
-					chain = append(chain, c)
-				}
-			}
-			if err == nil {
-				_, _, err = x509svid.Verify(chain, roots)
-			}
-			if err != nil {
-				failed.Add(1)
-				firstErr.CompareAndSwap(nil, err.Error())
-				continue
-			}
-			ok.Add(1)
-			lastIssuer.Store(chain[1])
-		}
-	}()
-	stopLoad := func() {
-		select {
-		case <-stop:
-		default:
-			close(stop)
-		}
-		wg.Wait()
-	}
-	t.Cleanup(stopLoad)
-	clustertest.Eventually(t, 30*time.Second, "the load to get SVIDs", func() bool { return ok.Load() >= 20 })
+	l := startSVIDLoad(t, ag, web.ID, 2*time.Millisecond, roots)
+	t.Cleanup(l.end)
+	clustertest.Eventually(t, 30*time.Second, "the load to get SVIDs", func() bool { return l.ok.Load() >= 20 })
 
 	newPath, renewed := tr.SignIssuing(t, "node-1", "1y", false)
 	pemBytes, err := os.ReadFile(newPath)
@@ -111,7 +59,7 @@ func TestIssuingCertRenewalUnderLoad(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	before := ok.Load()
+	before := l.ok.Load()
 	r, err := c.Admin("node-1").NodeIssuingCertInstall(ctx, &api.IssuingCertRequest{Node: "node-1", PEM: pemBytes})
 	if err != nil {
 		t.Fatalf("install: %v", err)
@@ -124,8 +72,8 @@ func TestIssuingCertRenewalUnderLoad(t *testing.T) {
 		t.Fatalf("node-1 signs with serial %x after the install", got.SerialNumber)
 	}
 	clustertest.Eventually(t, 30*time.Second, "SVIDs from node-1 to chain to the new certificate", func() bool {
-		last := lastIssuer.Load()
-		return ok.Load() > before+20 && last != nil && last.Equal(renewed)
+		last := l.lastIssuer.Load()
+		return l.ok.Load() > before+20 && last != nil && last.Equal(renewed)
 	})
 
 	// The peers: node-1's raft connections are dropped, so every peer
@@ -140,13 +88,13 @@ func TestIssuingCertRenewalUnderLoad(t *testing.T) {
 			t.Fatalf("write through node-1 after the install: %v", err)
 		}
 	}
-	head := ok.Load()
-	clustertest.Eventually(t, 20*time.Second, "issuance to go on after node-1's connections were reset", func() bool { return ok.Load() > head+20 })
-	stopLoad()
-	if n := failed.Load(); n != 0 {
-		t.Fatalf("%d of %d requests failed during the install; first: %v", n, n+ok.Load(), firstErr.Load())
+	head := l.ok.Load()
+	clustertest.Eventually(t, 20*time.Second, "issuance to go on after node-1's connections were reset", func() bool { return l.ok.Load() > head+20 })
+	l.end()
+	if n := l.failed.Load(); n != 0 {
+		t.Fatalf("%d of %d requests failed during the install; first: %v", n, n+l.ok.Load(), l.firstErr.Load())
 	}
-	t.Logf("%d SVIDs issued, none failed", ok.Load())
+	t.Logf("%d SVIDs issued, none failed", l.ok.Load())
 
 	// Recorded on every replica, with the expiry; audited with both serials
 	// and the admin who asked.

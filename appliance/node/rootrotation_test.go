@@ -11,13 +11,10 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
-	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -90,61 +87,11 @@ func TestRootRotationOnCluster(t *testing.T) {
 	t.Cleanup(func() { _ = conn.Close() })
 	ag := api.NewAgentClient(conn)
 	bundle := x509bundle.FromX509Authorities(tr.TrustDomain, []*x509.Certificate{tr.Root, newRoot})
-	var ok, failed atomic.Int64
-	var lastIssuer atomic.Pointer[x509.Certificate]
-	var firstErr atomic.Value
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-time.After(5 * time.Millisecond):
-			}
-			rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			res, err := ag.SignX509SVIDs(rctx, &api.X509SVIDBatch{Requests: []api.X509SVIDRequest{{EntryID: web.ID, CSR: csrFor(t, "")}}})
-			cancel()
-			if err == nil && res.Results[0].Error != "" {
-				err = fmt.Errorf("%s", res.Results[0].Error)
-			}
-			var chain []*x509.Certificate
-			if err == nil {
-				for _, der := range res.Results[0].Chain {
-					c, perr := x509.ParseCertificate(der)
-					if perr != nil {
-						err = perr
-						break
-					}
-					chain = append(chain, c)
-				}
-			}
-			if err == nil {
-				_, _, err = x509svid.Verify(chain, bundle)
-			}
-			if err != nil {
-				failed.Add(1)
-				firstErr.CompareAndSwap(nil, err.Error())
-				continue
-			}
-			ok.Add(1)
-			lastIssuer.Store(chain[1])
-		}
-	}()
-	stopLoad := func() {
-		select {
-		case <-stop:
-		default:
-			close(stop)
-		}
-		wg.Wait()
-	}
-	t.Cleanup(stopLoad)
-	clustertest.Eventually(t, 30*time.Second, "the load to get SVIDs", func() bool { return ok.Load() >= 20 })
+	l := startSVIDLoad(t, ag, web.ID, 5*time.Millisecond, bundle)
+	t.Cleanup(l.end)
+	clustertest.Eventually(t, 30*time.Second, "the load to get SVIDs", func() bool { return l.ok.Load() >= 20 })
 	servedUnder := func(root *x509.Certificate) bool {
-		last := lastIssuer.Load()
+		last := l.lastIssuer.Load()
 		return last != nil && last.CheckSignatureFrom(root) == nil
 	}
 
@@ -251,8 +198,8 @@ func TestRootRotationOnCluster(t *testing.T) {
 			return c.Node(id).Authority().Issuing().Equal(issuing[id])
 		})
 	}
-	before := ok.Load()
-	clustertest.Eventually(t, 15*time.Second, "SVIDs to chain to the new root", func() bool { return ok.Load() > before+10 && servedUnder(newRoot) })
+	before := l.ok.Load()
+	clustertest.Eventually(t, 15*time.Second, "SVIDs to chain to the new root", func() bool { return l.ok.Load() > before+10 && servedUnder(newRoot) })
 	clustertest.Eventually(t, 30*time.Second, "every node's CA recorded under the new root", func() bool {
 		st, err := admin().RootRotation(ctx, &api.Empty{})
 		return err == nil && len(st.NodesNotStaged) == 0
@@ -280,8 +227,8 @@ func TestRootRotationOnCluster(t *testing.T) {
 			return c.Node(id).Authority().Issuing().CheckSignatureFrom(tr.Root) == nil
 		})
 	}
-	before = ok.Load()
-	clustertest.Eventually(t, 15*time.Second, "SVIDs to chain to the old root again", func() bool { return ok.Load() > before+10 && servedUnder(tr.Root) })
+	before = l.ok.Load()
+	clustertest.Eventually(t, 15*time.Second, "SVIDs to chain to the old root again", func() bool { return l.ok.Load() > before+10 && servedUnder(tr.Root) })
 	if _, err := ag.BundleAck(ctx, &api.BundleAckRequest{Sequence: st.Sequence}); err != nil {
 		t.Fatal(err)
 	}
@@ -308,9 +255,9 @@ func TestRootRotationOnCluster(t *testing.T) {
 	if st, _ := admin().RootRotation(ctx, &api.Empty{}); st.RetireAfter.Before(switchedAt.Add(24 * time.Hour)) {
 		t.Fatalf("retire allowed after %s: sooner than the 24h admin certificates signed before the switch", st.RetireAfter)
 	}
-	stopLoad()
-	if failed.Load() > 0 {
-		t.Fatalf("%d of %d SVID requests failed during the rotation; first: %v", failed.Load(), ok.Load()+failed.Load(), firstErr.Load())
+	l.end()
+	if l.failed.Load() > 0 {
+		t.Fatalf("%d of %d SVID requests failed during the rotation; first: %v", l.failed.Load(), l.ok.Load()+l.failed.Load(), l.firstErr.Load())
 	}
 	if st, err = admin().RootRotate(ctx, &api.RootRotateRequest{Phase: "retire", Force: true}); err != nil {
 		t.Fatalf("forced retire: %v", err)
